@@ -1,0 +1,1 @@
+"""Built-in agents: random, scripted, human and LLM agents."""

@@ -1,0 +1,143 @@
+"""Token-level training data: ``Sample`` (one sequence) and ``TokenBatch`` (padded tensors).
+
+Alignment convention, used by engines, the gateway, algorithms and every training backend:
+per-token arrays are aligned with ``token_ids``. ``logprobs[t]`` is log p(token_ids[t] | tokens
+before t) under the behaviour policy, ``versions[t]`` the policy version that sampled token t,
+and ``loss_mask[t] == 1`` exactly for tokens the policy generated. Prompt / observation tokens
+have ``loss_mask 0``, ``logprobs 0.0`` and ``versions -1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One training sequence of one agent (a merged multi-turn conversation or a single turn).
+
+    Attributes:
+        token_ids: the exact ids the engine saw and produced (never re-tokenized).
+        loss_mask: 1 on generated tokens, 0 elsewhere; same length as ``token_ids``.
+        logprobs: behaviour log-probs of generated tokens (0.0 elsewhere).
+        versions: policy version per generated token (-1 elsewhere).
+        reward: the sequence's scalar reward (the agent's episode return unless shaped).
+        agent: the agent id (role) that produced it.
+        policy: the policy name that produced it.
+        group: the group key for group-relative advantages (task seed; role is added by the
+            algorithms).
+        meta: free-form diagnostics (episode id, turn indices, split reason...).
+    """
+
+    token_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    reward: float = 0.0
+    agent: str = ""
+    policy: str = ""
+    group: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        for name in ("loss_mask", "logprobs", "versions"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"Sample.{name} has {len(getattr(self, name))} entries but token_ids has {n}; "
+                    "every per-token array must align with token_ids"
+                )
+
+    @property
+    def num_generated(self) -> int:
+        """Number of tokens under the loss mask."""
+        return int(sum(self.loss_mask))
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch of samples as tensors, all ``[batch, seq]`` unless noted.
+
+    ``loss_weights`` is set by the algorithm so that a micro-batch's loss is
+    ``sum(per_token_loss * loss_weights)`` and micro-batch losses add up to the batch loss
+    (the aggregation mode lives in the weights). Optional fields are None when unused.
+    """
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] bool
+    loss_mask: torch.Tensor  # [B, T] float
+    old_logprobs: torch.Tensor  # [B, T] float: behaviour log-probs
+    versions: torch.Tensor  # [B, T] long
+    rewards: torch.Tensor  # [B] float
+    advantages: torch.Tensor | None = None  # [B, T]
+    prox_logprobs: torch.Tensor | None = None  # [B, T]: proximal policy (recomputed)
+    ref_logprobs: torch.Tensor | None = None  # [B, T]: reference policy
+    values: torch.Tensor | None = None  # [B, T]: critic values (PPO/GAE)
+    returns: torch.Tensor | None = None  # [B, T]
+    loss_weights: torch.Tensor | None = None  # [B, T]
+    temperature: float = 1.0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> TokenBatch:
+        """Rows ``index`` of every tensor field (a micro-batch); trims trailing padding."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        width = int(self.attention_mask[idx].sum(-1).max()) if len(idx) else 0
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v[idx]
+                if v.dim() == 2:
+                    v = v[:, :width]
+            out[f.name] = v
+        return TokenBatch(**out)
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        """A copy with every tensor on ``device``."""
+        out = {
+            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+            for f in fields(self)
+        }
+        return TokenBatch(**out)
+
+
+def collate(samples: Sequence[Sample], pad_token_id: int = 0, temperature: float = 1.0) -> TokenBatch:
+    """Right-pad ``samples`` into a ``TokenBatch`` (advantages etc. left None).
+
+    Raises:
+        ValueError: ``samples`` is empty.
+    """
+    if not samples:
+        raise ValueError("collate() got no samples; a batch needs at least one")
+    width = max(len(s) for s in samples)
+    b = len(samples)
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.bool)
+    loss_mask = torch.zeros((b, width))
+    logprobs = torch.zeros((b, width))
+    versions = torch.full((b, width), -1, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s)
+        input_ids[i, :n] = torch.tensor(s.token_ids, dtype=torch.long)
+        attention[i, :n] = True
+        loss_mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.float32)
+        logprobs[i, :n] = torch.tensor(s.logprobs, dtype=torch.float32)
+        versions[i, :n] = torch.tensor(s.versions, dtype=torch.long)
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    return TokenBatch(input_ids, attention, loss_mask, logprobs, versions, rewards,
+                      temperature=temperature)

@@ -1,0 +1,1 @@
+"""Built-in environments; importing this package registers them."""

@@ -1,0 +1,1 @@
+"""Training backends (archon, fsdp, megatron), the Trainer and weight sync."""
