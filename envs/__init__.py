@@ -1,1 +1,5 @@
 """Built-in environments; importing this package registers them."""
+
+from ..registration import register
+
+register("Countdown-v0", "areal_agents.envs.countdown:Countdown", difficulty="medium")

@@ -1,0 +1,79 @@
+"""Scripted players for the built-in envs: optimal or heuristic policies for tests and baselines.
+
+Each player reads the observation TEXT the way an LLM would (no access to env internals) and
+returns an action string; wrap it as ``ScriptedAgent(player)``. Stateless players are
+functions; players that need memory across turns are small classes whose instances are
+callable and reset themselves when they see a new task.
+
+Example:
+    >>> countdown_solver([{"role": "user", "content": "Numbers: 2 3 7. ...\\nTarget: 21"}])
+    'Answer: (3 * 7)'
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable
+from fractions import Fraction
+from typing import Any
+
+
+def _text(observation: Any) -> str:
+    """All message contents of an observation (list of messages, one message or a str)."""
+    if isinstance(observation, str):
+        return observation
+    if isinstance(observation, dict):
+        observation = [observation]
+    return "\n".join(str(m.get("content") or "") for m in observation)
+
+
+def _last(pattern: str, text: str, flags: int = 0) -> re.Match[str] | None:
+    found = list(re.finditer(pattern, text, flags))
+    return found[-1] if found else None
+
+
+# --- Countdown -------------------------------------------------------------------------------
+
+
+def solve_countdown(numbers: Iterable[int], target: int) -> str | None:
+    """An expression over ``numbers`` (each at most once) equal to ``target``, or None."""
+    goal = Fraction(target)
+    seen: set[tuple[Fraction, ...]] = set()
+
+    def search(items: list[tuple[Fraction, str]]) -> str | None:
+        for value, expr in items:
+            if value == goal:
+                return expr
+        key = tuple(sorted(v for v, _ in items))
+        if len(items) < 2 or key in seen:
+            return None
+        seen.add(key)
+        for (i, (a, ea)), (j, (b, eb)) in itertools.combinations(enumerate(items), 2):
+            rest = [it for k, it in enumerate(items) if k not in (i, j)]
+            options = [(a + b, f"({ea} + {eb})"), (a * b, f"({ea} * {eb})"),
+                       (a - b, f"({ea} - {eb})"), (b - a, f"({eb} - {ea})")]
+            if b != 0:
+                options.append((a / b, f"({ea} / {eb})"))
+            if a != 0:
+                options.append((b / a, f"({eb} / {ea})"))
+            for option in options:
+                found = search([*rest, option])
+                if found is not None:
+                    return found
+        return None
+
+    return search([(Fraction(n), str(n)) for n in numbers])
+
+
+def countdown_solver(observation: Any) -> str:
+    """Optimal Countdown player: exhaustive search over the numbers in the task text."""
+    text = _text(observation)
+    numbers = _last(r"Numbers:\s*([\d ]+)", text)
+    target = _last(r"Target:\s*(\d+)", text)
+    if numbers is None or target is None:
+        return "Answer: 0"
+    expr = solve_countdown([int(n) for n in numbers.group(1).split()], int(target.group(1)))
+    if expr is None:
+        return "Answer: 0"
+    return f"Answer: {expr}"
