@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from fractions import Fraction
 from typing import Any
 
+from ..envs._expr import ExprError, evaluate, format_number
+
 
 def _text(observation: Any) -> str:
     """All message contents of an observation (list of messages, one message or a str)."""
@@ -77,3 +79,16 @@ def countdown_solver(observation: Any) -> str:
     if expr is None:
         return "Answer: 0"
     return f"Answer: {expr}"
+
+
+# --- Arithmetic ------------------------------------------------------------------------------
+
+
+def arithmetic_solver(observation: Any) -> str:
+    """Optimal Arithmetic player: evaluates the last ``<expression> = ?`` line exactly."""
+    question = _last(r"^(.+?)\s*=\s*\?\s*$", _text(observation), re.MULTILINE)
+    try:
+        value = evaluate(question.group(1)) if question else Fraction(0)
+    except ExprError:
+        value = Fraction(0)
+    return f"Answer: {format_number(value)}"
