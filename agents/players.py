@@ -92,3 +92,29 @@ def arithmetic_solver(observation: Any) -> str:
     except ExprError:
         value = Fraction(0)
     return f"Answer: {format_number(value)}"
+
+
+# --- GuessNumber -----------------------------------------------------------------------------
+
+
+class GuessNumberBisect:
+    """Optimal GuessNumber player: bisects the range using the Higher/Lower feedback.
+
+    Stateful (remembers the range); a new task message resets it. Use one instance per
+    concurrent episode: ``ScriptedAgent(GuessNumberBisect())``.
+    """
+
+    def __init__(self) -> None:
+        self.low, self.high, self.guess = 0, 0, 0
+
+    def __call__(self, observation: Any) -> str:
+        text = _text(observation)
+        task = _last(r"number from (-?\d+) to (-?\d+)", text)
+        if task is not None and "thinking of" in text:
+            self.low, self.high = int(task.group(1)), int(task.group(2))
+        elif "Higher" in text:
+            self.low = self.guess + 1
+        elif "Lower" in text:
+            self.high = self.guess - 1
+        self.guess = (self.low + self.high) // 2
+        return str(self.guess)
