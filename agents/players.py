@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import Iterable
 from fractions import Fraction
@@ -118,3 +119,19 @@ class GuessNumberBisect:
             self.high = self.guess - 1
         self.guess = (self.low + self.high) // 2
         return str(self.guess)
+
+
+# --- Calculator ------------------------------------------------------------------------------
+
+
+def calculator_player(observation: Any) -> dict[str, Any]:
+    """Optimal Calculator player: calls the tool on the question, then answers its result."""
+    messages = [observation] if isinstance(observation, dict) else list(observation)
+    results = [m for m in messages if m.get("role") == "tool"]
+    if results and not str(results[-1].get("content", "")).startswith("error"):
+        return {"role": "assistant", "content": f"Answer: {results[-1]['content']}"}
+    question = _last(r"What is (.+)\?", _text(messages))
+    expression = question.group(1) if question else "0"
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}

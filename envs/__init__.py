@@ -5,3 +5,4 @@ from ..registration import register
 register("Countdown-v0", "areal_agents.envs.countdown:Countdown", difficulty="medium")
 register("Arithmetic-v0", "areal_agents.envs.arithmetic:Arithmetic", digits=2, operations="+-*")
 register("GuessNumber-v0", "areal_agents.envs.guess_number:GuessNumber", low=1, high=100)
+register("Calculator-v0", "areal_agents.envs.calculator:Calculator", digits=4, terms=3)
