@@ -1,0 +1,73 @@
+"""Shared helpers for the FSDP tests: a tiny seeded Qwen3 model, a batch, a PPO-style loss.
+
+Module-level functions so spawned workers can unpickle them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from areal_agents.samples import Sample, TokenBatch, collate
+
+VOCAB = 96
+
+
+def make_model(seed: int = 0, tie: bool = True) -> Qwen3ForCausalLM:
+    """A 2-layer, 64-wide Qwen3 causal LM with deterministic weights."""
+    cfg = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():  # HF zero-inits some weights; make everything non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.float()
+
+
+def make_batch(seed: int = 1, num: int = 6, temperature: float = 1.0) -> TokenBatch:
+    """Sequences of varied length with a prompt part (mask 0) and a generated part (mask 1)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(num):
+        n_prompt, n_gen = 3 + i % 3, 2 + (i * 5) % 7
+        ids = torch.randint(1, VOCAB, (n_prompt + n_gen,), generator=g).tolist()
+        lp = (-torch.rand(n_gen, generator=g) * 3 - 0.5).tolist()
+        samples.append(Sample(ids, [0] * n_prompt + [1] * n_gen, [0.0] * n_prompt + lp,
+                              [-1] * n_prompt + [0] * n_gen, reward=float(i % 2), group="g"))
+    batch = collate(samples, temperature=temperature)
+    adv = (batch.rewards - batch.rewards.mean())[:, None].expand_as(batch.loss_mask)
+    batch.advantages = adv * batch.loss_mask
+    batch.loss_weights = batch.loss_mask / batch.loss_mask.sum()
+    return batch
+
+
+def ppo_loss(logprobs, entropy, mb, clip_eps: float = 0.2):
+    """Token-level PPO clip loss with batch-global ``loss_weights`` (conforms to LossFn)."""
+    ratio = torch.exp((logprobs - mb.old_logprobs) * mb.loss_mask)
+    adv = mb.advantages
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    loss = (per_token * mb.loss_weights).sum()
+    return loss, {"entropy": (entropy * mb.loss_weights).sum().detach()}
+
+
+def make_engine(seed: int = 0, **kwargs):
+    from areal_agents.trainers.fsdp import FSDPEngine
+
+    kwargs.setdefault("lr", 1e-3)
+    return FSDPEngine(make_model(seed), **kwargs)
+
+
+def train_and_export(ckpt_dir: str | None = None, steps: int = 1, **kwargs):
+    """Worker: ``steps`` train steps on ``make_batch()``; returns (stats, exported weights)."""
+    engine = make_engine(token_budget=24, **kwargs)
+    batch = make_batch()
+    stats = [engine.train_step(batch, ppo_loss) for _ in range(steps)]
+    weights = dict(engine.export_weights())
+    if ckpt_dir is not None:
+        engine.save(ckpt_dir)
+    logprobs = engine.forward_logprobs(batch)
+    return stats, weights, logprobs

@@ -1,0 +1,60 @@
+"""2-process FSDP2 on CPU (gloo) matches a single-process run; 2 -> 1 world-size checkpoint load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import make_batch, make_engine, ppo_loss, train_and_export
+from areal_agents.trainers.launcher import DistributedEngineGroup, launch
+
+pytestmark = pytest.mark.multiprocess
+
+
+def test_two_process_fsdp_matches_single_process(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    results = launch(2, train_and_export, ckpt, 2)
+    (stats0, weights0, lp0), (stats1, weights1, lp1) = results
+    assert weights1 == {}  # only rank 0 yields exported tensors
+    torch.testing.assert_close(lp0, lp1)
+
+    torch.set_num_threads(1)
+    single_stats, single_weights, single_lp = train_and_export(None, 2)
+    for got, want in zip(stats0, single_stats, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        assert got["entropy"] == pytest.approx(want["entropy"], abs=1e-5)
+    assert stats0 == stats1  # stats are all-reduced: identical on every rank
+    assert weights0.keys() == single_weights.keys()
+    for name, w in single_weights.items():
+        torch.testing.assert_close(weights0[name], w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp0, single_lp, atol=1e-5, rtol=1e-5)
+
+    # the 2-process checkpoint loads into one process and continues like the single run
+    resumed = make_engine(token_budget=24)
+    resumed.load(ckpt)
+    assert resumed.step == 2
+    for name, w in resumed.export_weights():
+        torch.testing.assert_close(w, single_weights[name], atol=1e-5, rtol=1e-5)
+    reference = make_engine(token_budget=24)
+    batch = make_batch()
+    for _ in range(2):
+        reference.train_step(batch, ppo_loss)
+    got, want = resumed.train_step(batch, ppo_loss), reference.train_step(batch, ppo_loss)
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
+    ref_weights = dict(reference.export_weights())
+    for name, w in resumed.export_weights():
+        torch.testing.assert_close(w, ref_weights[name], atol=1e-5, rtol=1e-5)
+
+
+def test_engine_group_proxies_methods_to_all_ranks():
+    with DistributedEngineGroup(2, make_engine, token_budget=24) as group:
+        batch = make_batch()
+        before = group.call("forward_logprobs", batch)
+        torch.testing.assert_close(before[0], before[1])
+        stats = group.call("train_step", batch, ppo_loss)
+        assert stats[0] == stats[1] and stats[0]["loss"] != 0.0
+        assert group.call("step") == [1, 1]
+        exported = group.call("export_weights")
+        assert exported[1] == [] and len(exported[0]) > 0
+    single = make_engine(token_budget=24)
+    assert single.train_step(batch, ppo_loss)["loss"] == pytest.approx(stats[0]["loss"], abs=1e-6)

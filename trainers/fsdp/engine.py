@@ -1,0 +1,294 @@
+"""``FSDPEngine``: a transformers causal LM trained with FSDP2 (or plain PyTorch in one process)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from areal_agents.trainers.base import LossFn, TrainEngine
+from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
+from areal_agents.trainers.microbatch import plan_microbatches
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from areal_agents.errors import ConfigError, TrainError
+from areal_agents.samples import TokenBatch
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The unsharded tensor (a collective for a ``DTensor``: call on every rank)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class PolicyModule(nn.Module):
+    """Wraps a causal LM so one forward returns chunked ``(logprobs, entropy)`` ``[B, T]``.
+
+    Everything (backbone, final norm, LM head) runs inside this module's forward, so under
+    FSDP2 the root's parameters are unsharded while the chunked LM-head projection uses them.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    @property
+    def base(self) -> nn.Module:
+        """The transformers model (under PEFT, the model carrying the LoRA layers)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        base = self.base
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
+        head = base.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ConfigError("LM heads with a bias are not supported by the chunked log-prob path")
+        return sequence_logprobs(
+            hidden, head.weight, input_ids, attention_mask, temperature, self.chunk_size
+        )
+
+
+def _lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None):
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, (total_steps or 1) - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _load_model(model_or_path: nn.Module | str) -> nn.Module:
+    if isinstance(model_or_path, nn.Module):
+        return model_or_path
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_or_path, dtype=torch.float32)
+
+
+def _apply_lora(model: nn.Module, lora: Any) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
+    return get_peft_model(model, cfg)
+
+
+class FSDPEngine(TrainEngine):
+    """One trainable policy: a transformers causal LM, FSDP2-sharded when distributed.
+
+    With ``torch.distributed`` initialised, ``fully_shard`` wraps every decoder layer and the
+    root; every rank must call ``train_step``/``forward_logprobs``/``export_weights``/``save``/
+    ``load`` collectively with the *same full batch* (each rank trains on its share of the
+    sequences; gradients add up to the single-process gradient). Otherwise it is a plain
+    single-process model.
+
+    Args:
+        model_or_path: a ``transformers`` causal LM or a path for ``from_pretrained``.
+        lr, weight_decay, betas: AdamW hyper-parameters.
+        max_grad_norm: global grad-norm clip (``0`` disables clipping, the norm is still reported).
+        warmup_steps: linear warm-up steps; then ``lr_schedule`` ("constant" or "cosine" to 0
+            at ``total_steps``).
+        token_budget: maximum padded tokens per micro-batch.
+        gradient_checkpointing: recompute decoder layers in the backward pass.
+        lora: ``None``, a dict of ``peft.LoraConfig`` arguments, or a ``LoraConfig``.
+        mixed_precision: ``"bf16"`` (CUDA only) or ``"fp32"``; ``None`` picks bf16 on CUDA.
+        device: defaults to ``cuda:LOCAL_RANK`` when available, else CPU.
+        chunk_size: rows per chunk of the LM-head log-prob computation.
+
+    Raises:
+        ConfigError: unknown schedule, cosine without ``total_steps``, bf16 on CPU.
+
+    Example:
+        >>> engine = FSDPEngine(model, lr=1e-5)  # doctest: +SKIP
+        >>> stats = engine.train_step(batch, algo.loss)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_or_path: nn.Module | str,
+        *,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        max_grad_norm: float = 1.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        total_steps: int | None = None,
+        token_budget: int = 4096,
+        gradient_checkpointing: bool = False,
+        lora: Any = None,
+        mixed_precision: Literal["bf16", "fp32"] | None = None,
+        device: torch.device | str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
+        if lr_schedule == "cosine" and not total_steps:
+            raise ConfigError("lr_schedule='cosine' needs total_steps= (the step the LR reaches 0)")
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if mixed_precision is None:
+            mixed_precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if mixed_precision == "bf16" and self.device.type != "cuda":
+            raise ConfigError("mixed_precision='bf16' needs a CUDA device; use 'fp32' on CPU")
+        self.mixed_precision = mixed_precision
+        self.max_grad_norm = max_grad_norm
+        self.token_budget = token_budget
+        self.step = 0
+        self.version = 0
+
+        model = _load_model(model_or_path).to(self.device)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            model = _apply_lora(model, lora)
+        self.model = model
+        self.lora = lora is not None
+        self.module = PolicyModule(model, chunk_size)
+        if self.distributed:
+            self._shard()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(warmup_steps, lr_schedule, total_steps)
+        )
+
+    def _shard(self) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy()
+        if self.mixed_precision == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        base = self.module.base
+        layers = getattr(getattr(base, base.base_model_prefix), "layers", None)
+        if layers is None:
+            raise ConfigError(f"{type(base).__name__} has no decoder `layers` to shard per layer")
+        for layer in layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(self.module, mp_policy=mp)
+
+    # -- TrainEngine -------------------------------------------------------------------------
+
+    def _forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixed_precision == "bf16" and not self.distributed:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.module(mb.input_ids, mb.attention_mask, mb.temperature)
+        return self.module(mb.input_ids, mb.attention_mask, mb.temperature)
+
+    @torch.no_grad()
+    def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """``[B, T]`` float32 log-probs of ``batch.input_ids`` at ``batch.temperature`` (CPU)."""
+        self.module.eval()
+        batch = batch.to(self.device)
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        lengths = batch.attention_mask.sum(-1).tolist()
+        for idx in plan_microbatches(lengths, self.token_budget):
+            mb = batch.select(torch.tensor(idx))
+            lp, _ = self._forward(mb)
+            out[idx, : lp.shape[1]] = lp.float().cpu()
+        return out
+
+    def _local_plans(self, batch: TokenBatch) -> tuple[list[list[int]], int]:
+        """This rank's micro-batches (global row indices) and the count every rank runs."""
+        lengths = batch.attention_mask.sum(-1).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        mine = order[self.rank :: self.world_size]
+        plans = [[mine[j] for j in p] for p in plan_microbatches([lengths[i] for i in mine], self.token_budget)]
+        count = len(plans)
+        if self.distributed:
+            t = torch.tensor([count], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            count = int(t.item())
+        return plans, count
+
+    def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step on ``batch`` (see ``TrainEngine``); returns global stats.
+
+        Raises:
+            TrainError: the loss is not finite.
+        """
+        self.module.train()
+        batch = batch.to(self.device)
+        plans, count = self._local_plans(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for i in range(count):
+            # ranks with fewer micro-batches run a zero-weighted one so collectives line up
+            scale = 1.0 if i < len(plans) else 0.0
+            mb = batch.select(torch.tensor(plans[i] if i < len(plans) else [0]))
+            lp, ent = self._forward(mb)
+            loss, stats = loss_fn(lp, ent, mb)
+            (loss * (scale * self.world_size)).backward()
+            totals["loss"] += loss.detach().float() * scale
+            for k, v in stats.items():
+                totals[k] += torch.as_tensor(v, device=self.device).detach().float() * scale
+        keys = sorted(totals)
+        packed = torch.stack([totals[k] for k in keys])
+        if self.distributed:
+            dist.all_reduce(packed)
+        out = {k: float(v) for k, v in zip(keys, packed.tolist(), strict=True)}
+        if not math.isfinite(out["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainError(f"non-finite loss {out['loss']} at step {self.step}; check the batch/loss")
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
+        out["lr"] = float(self.scheduler.get_last_lr()[0])
+        out["grad_norm"] = grad_norm
+        out["num_tokens"] = float(batch.num_tokens)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        out["skipped"] = 0.0 if math.isfinite(grad_norm) else 1.0
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return out
+
+    def export_weights(
+        self, merge_lora: bool = True, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, full CPU tensor)``; collective under FSDP, rank 0 yields.
+
+        Args:
+            merge_lora: with LoRA, yield base weights with ``W + scaling * B @ A`` merged in
+                (HF names); ``False`` yields the adapter alone (PEFT adapter-file names).
+            dtype: cast floating tensors to this dtype (default: as trained).
+        """
+        from areal_agents.trainers.fsdp.export import named_full_weights
+
+        for name, t in named_full_weights(self.module.base, lora=self.lora, merge_lora=merge_lora):
+            if self.rank == 0:
+                t = t.detach().cpu()
+                yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+    def save(self, path: str) -> None:
+        from areal_agents.trainers.fsdp.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path)
+
+    def load(self, path: str) -> None:
+        from areal_agents.trainers.fsdp.checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """Names -> parameters that the optimizer updates."""
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def close(self) -> None:
+        """Drop the model and optimizer (idempotent); the process group is left alone."""
+        for attr in ("optimizer", "scheduler", "module", "model"):
+            self.__dict__.pop(attr, None)
