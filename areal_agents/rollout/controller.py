@@ -91,6 +91,9 @@ class RolloutController:
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
+        # data cursor: seeds admitted but not yet trained/filtered/failed for some policy
+        self.pending: dict[int, set[str]] = {}
+        self.skip: set[int] = set()  # seeds past the cursor already resolved (after a resume)
 
     # ---- admission loop -------------------------------------------------------------------
 
@@ -105,10 +108,14 @@ class RolloutController:
                 await self._changed.wait_for(lambda: self._stopped or self.can_admit())
                 if self._stopped:
                     return
+                while self.next_seed in self.skip:
+                    self.skip.discard(self.next_seed)
+                    self.next_seed += 1
                 seed = self.next_seed
                 self.next_seed += 1
                 for c in self.controls.values():
                     c.admit(self.group_size)
+                self.pending[seed] = set(self.controls)
             task = asyncio.create_task(self._run_group(seed))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -123,6 +130,7 @@ class RolloutController:
             for policy, control in self.controls.items():
                 control.finish("failed", self.group_size)
                 self.ledger[policy]["failed:cancelled"] += self.group_size
+            self.pending.pop(seed, None)  # never trained: a resumed run plays it again
             raise
         ok: list[dict[str, list[Sample]]] = []
         for r in results:
@@ -140,6 +148,7 @@ class RolloutController:
                     control.finish("failed", num_failed)
                     self.ledger[policy]["failed"] += num_failed
                 if not ok:
+                    self._resolve(seed, policy)
                     continue
                 samples = [s for r in ok for s in r.get(policy, [])]
                 kept, dropped = self.filter_fn(policy, samples) if samples else ([], {"no_samples": 1})
@@ -153,6 +162,7 @@ class RolloutController:
                     reason = next(iter(dropped), "empty")
                     control.finish("filtered", len(ok))
                     self.ledger[policy][f"filtered:{reason}"] += len(ok)
+                    self._resolve(seed, policy)
             self._changed.notify_all()
 
     # ---- consumer side --------------------------------------------------------------------
@@ -176,6 +186,7 @@ class RolloutController:
             out: list[Group] = []
             while sum(g.num_episodes for g in out) < num_episodes:
                 out.append(self.buffers[policy].pop(0))
+                self._resolve(out[-1].seed, policy)
             self.ledger[policy]["trained"] += sum(g.num_episodes for g in out)
             return out
 
@@ -187,6 +198,7 @@ class RolloutController:
                 self.ledger[policy]["filtered:too_stale"] += g.num_episodes
                 c.accepted -= g.num_episodes
                 c.filtered += g.num_episodes
+                self._resolve(g.seed, policy)
         if len(fresh) != len(self.buffers[policy]):
             self.buffers[policy] = fresh
             self._changed.notify_all()
@@ -206,6 +218,37 @@ class RolloutController:
         finally:
             async with self._changed:
                 self._changed.notify_all()
+
+    def _resolve(self, seed: int, policy: str) -> None:
+        left = self.pending.get(seed)
+        if left is not None:
+            left.discard(policy)
+            if not left:
+                del self.pending[seed]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data cursor: the first unresolved seed and the resolved seeds after it.
+
+        Seeds admitted but not yet trained (in flight or buffered) are *not* resolved, so a
+        run resumed from this state plays them again: no batch is lost or trained twice.
+        """
+        cursor = min([*self.pending, self.next_seed])
+        done = sorted(s for s in range(cursor, self.next_seed) if s not in self.pending)
+        return {"cursor": cursor, "done": done,
+                "ledger": {p: dict(c) for p, c in self.ledger.items()},
+                "controls": {p: c.state_dict() for p, c in self.controls.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the cursor, outcome counts and rebased staleness counters."""
+        self.next_seed = int(state["cursor"])
+        self.skip = set(state["done"])
+        self.pending.clear()
+        for p, counts in state.get("ledger", {}).items():
+            if p in self.ledger:
+                self.ledger[p] = Counter(counts)
+        for p, cs in state.get("controls", {}).items():
+            if p in self.controls:
+                self.controls[p].load_state_dict(cs)
 
     async def stop(self) -> None:
         """Stop admitting and cancel in-flight groups (their episodes count as failed)."""

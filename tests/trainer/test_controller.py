@@ -139,3 +139,31 @@ async def test_too_stale_groups_are_filtered_and_free_their_slot():
     assert ctl.ledger["p"]["filtered:too_stale"] >= 2
     c = ctl.controls["p"]
     assert c.submitted == c.running + c.accepted + c.filtered + c.failed
+
+
+async def test_cursor_state_replays_unresolved_seeds_only():
+    async def episode(seed, member):
+        await asyncio.sleep(0.001 * (seed % 3))
+        return {"p": [_sample(float(member), ctl.controls["p"].version)]}
+
+    ctl = make_controller(episode, batch=2, staleness=2, group=2)
+    runner = asyncio.create_task(ctl.run())
+    trained = []
+    for step in range(3):
+        groups = await asyncio.wait_for(ctl.take("p", 2), 5)
+        trained += [g.seed for g in groups]
+        await ctl.update_weights("p", lambda: asyncio.sleep(0), step + 1)
+    state = ctl.state_dict()
+    await ctl.stop()
+    runner.cancel()
+    assert state["controls"]["p"]["version"] == 3
+    ctl2 = make_controller(episode, batch=2, staleness=2, group=2)
+    ctl2.load_state_dict(state)
+    assert ctl2.controls["p"].capacity() == 6  # rebased: (2 + 3 + 1) * 2 - 3 * 2
+    runner = asyncio.create_task(ctl2.run())
+    groups = await asyncio.wait_for(ctl2.take("p", 6), 5)
+    await ctl2.stop()
+    runner.cancel()
+    replayed = [g.seed for g in groups]
+    assert not set(replayed) & set(trained)  # nothing trained twice
+    assert min(replayed) == min(set(range(10)) - set(trained))  # nothing skipped

@@ -1,0 +1,88 @@
+"""``Policy``: one separately parameterised LLM (trainable or frozen) and how to build it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKENDS = ("fsdp", "archon", "megatron")
+
+
+@dataclass
+class Policy:
+    """An LLM that one or several agents act with.
+
+    Args:
+        model: ``"tiny:<size>"`` (the offline tiny-model factory, seeded by ``seed`` unless the
+            spec says ``:seed=N``), a
+            checkpoint path, a ``(model, tokenizer)`` pair, or ``None`` with ``endpoint``.
+        backend: training backend, one of ``"fsdp"``, ``"archon"``, ``"megatron"``
+            (resolved through ``areal_agents.trainers.trainer.BACKENDS``).
+        lr: learning rate of this policy's own optimizer.
+        lora: ``None`` or a dict of LoRA arguments (``{"r": 8, "lora_alpha": 16}``).
+        frozen: act without training (an opponent, a judge, a fixed partner).
+        endpoint: base URL of an external OpenAI-compatible server (``model`` is then the
+            served model name, or ``None`` for the server default); always frozen.
+        sampling: chat-completion sampling arguments (``temperature``, ``max_tokens``, ...).
+        seed: seed of the tiny model's initialisation.
+        train_kwargs: extra keyword arguments for the backend's engine (``max_grad_norm``...).
+        sft_steps: steps of the format-only SFT warm start (random valid actions; 0 = off).
+        sft_lr: learning rate of the warm start.
+
+    Raises:
+        ValueError: unknown backend, or ``endpoint`` with ``frozen=False``, or no model.
+
+    Example:
+        >>> Policy(model="tiny:xs", lr=1e-3).trainable
+        True
+        >>> Policy(endpoint="http://localhost:8000/v1", model="judge", frozen=True).trainable
+        False
+    """
+
+    model: Any = "tiny:xs"
+    backend: str = "fsdp"
+    lr: float = 1e-5
+    lora: dict[str, Any] | None = None
+    frozen: bool = False
+    endpoint: str | None = None
+    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 1.0, "max_tokens": 16})
+    seed: int = 0
+    train_kwargs: dict[str, Any] = field(default_factory=dict)
+    sft_steps: int = 0
+    sft_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Policy.backend={self.backend!r}; choose one of {list(BACKENDS)}")
+        if self.endpoint is not None and not self.frozen:
+            raise ValueError(
+                f"Policy(endpoint={self.endpoint!r}) is an external server and cannot be trained;"
+                " set frozen=True"
+            )
+        if self.model is None and self.endpoint is None:
+            raise ValueError("Policy needs model= (a 'tiny:<size>', a path or (model, tokenizer))"
+                             " or endpoint= for an external server")
+        if self.lr <= 0:
+            raise ValueError(f"Policy.lr must be > 0, got {self.lr}")
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the trainer updates this policy's weights."""
+        return not self.frozen and self.endpoint is None
+
+    def load(self) -> tuple[Any, Any]:
+        """Build ``(model, tokenizer)`` (not for ``endpoint`` policies).
+
+        Raises:
+            ValueError: called on an endpoint policy.
+        """
+        if self.endpoint is not None:
+            raise ValueError("an endpoint policy has no local model to load")
+        if isinstance(self.model, tuple):
+            return self.model
+        from areal_agents.models import load, parse_tiny_spec, tiny
+
+        spec = parse_tiny_spec(str(self.model))
+        if spec is not None:
+            return tiny(spec[0], seed=spec[1] if "seed=" in str(self.model) else self.seed)
+        return load(self.model)
