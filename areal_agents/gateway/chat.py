@@ -1,0 +1,138 @@
+"""Chat templating and hermes tool-call parsing with a policy's tokenizer.
+
+Completions are decoded to text here only to *answer* the client; training data always uses
+the engine's token ids (see ``tokenization.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import uuid
+from typing import Any
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages in the shape HF chat templates expect.
+
+    Tool-call ``arguments`` arrive as JSON strings (OpenAI format); templates conventionally
+    render a dict with ``tojson``, so valid JSON strings are decoded to objects.
+    """
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("content") is None:
+            m["content"] = ""
+        elif isinstance(m["content"], list):  # content parts: keep the text parts
+            m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                fn = dict(c.get("function", {}))
+                args = fn.get("arguments")
+                if isinstance(args, str):
+                    with contextlib.suppress(json.JSONDecodeError):
+                        fn["arguments"] = json.loads(args)
+                calls.append({**c, "function": fn})
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
+def render(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict] | None,
+           add_generation_prompt: bool) -> str:
+    """The chat template's text for ``messages`` (and ``tools``).
+
+    Raises:
+        ValueError: the tokenizer has no chat template or the template rejected the messages.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the policy's tokenizer has no chat_template; use /v1/completions "
+                         "or a tokenizer with a chat template")
+    try:
+        return tokenizer.apply_chat_template(
+            template_messages(messages), tools=tools or None, tokenize=False,
+            add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja raises TemplateError and friends
+        raise ValueError(f"the chat template could not render these messages: {exc}") from exc
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` with no BOS/EOS added (special-token text maps to its id)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def decode_completion(tokenizer: Any, token_ids: list[int], stop: list[str],
+                      stop_token_ids: set[int]) -> str:
+    """The text a client sees: stop tokens at the end removed, cut at the first stop string."""
+    ids = list(token_ids)
+    while ids and ids[-1] in stop_token_ids:
+        ids.pop()
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split hermes ``<tool_call>{"name", "arguments"}</tool_call>`` blocks out of ``text``.
+
+    Returns:
+        ``(content, tool_calls)`` in OpenAI format (``arguments`` a JSON string). Content is
+        the text outside the blocks (None when empty). When any block is malformed (bad JSON,
+        no name, an unclosed ``<tool_call>``) the whole text is returned as content with no
+        tool calls: a bad call is the policy's mistake to learn from, never a server error.
+    """
+    if "<tool_call>" not in text:
+        return text, []
+    calls = []
+    for match in _TOOL_CALL.finditer(text):
+        try:
+            obj = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            return text, []
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return text, []
+        args = obj.get("arguments", obj.get("parameters", {}))
+        calls.append({
+            "id": f"call_{uuid.uuid4().hex[:16]}",
+            "type": "function",
+            "function": {"name": obj["name"],
+                         "arguments": args if isinstance(args, str) else json.dumps(args)},
+        })
+    rest = _TOOL_CALL.sub("", text)
+    if not calls or "<tool_call>" in rest or "</tool_call>" in rest:
+        return text, []
+    rest = rest.strip()
+    return (rest or None), calls
+
+
+def same_message(sent: dict[str, Any], reply: dict[str, Any]) -> bool:
+    """Whether a client's echoed assistant message equals the reply the gateway returned.
+
+    Tool calls compare by name and decoded arguments (ids and JSON spacing may change).
+    """
+    if sent.get("role") != "assistant":
+        return False
+    if (sent.get("content") or None) != (reply.get("content") or None):
+        return False
+    a, b = sent.get("tool_calls") or [], reply.get("tool_calls") or []
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        fx, fy = x.get("function", {}), y.get("function", {})
+        if fx.get("name") != fy.get("name") or _args(fx.get("arguments")) != _args(
+                fy.get("arguments")):
+            return False
+    return True
+
+
+def _args(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value

@@ -1,0 +1,216 @@
+"""``/v1/chat/completions`` and ``/v1/completions``: run the engine, answer in OpenAI format.
+
+Responses carry vLLM-named extras the SDK keeps as extra fields: ``prompt_token_ids`` on the
+response and ``token_ids`` on each choice. Streaming is served as SSE chunks once the engine
+has finished the request (the engine contract returns whole completions).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..engines.base import CompletionOutput, GenerateRequest, SamplingParams
+from ..errors import ContextLengthExceeded, EngineError
+from .chat import decode_completion, encode, parse_tool_calls
+from .errors import GatewayError, bad_request
+from .params import check_messages, check_tools, sampling_fields
+from .sessions import Session, Turn
+from .tokenization import prompt_ids_for
+
+if TYPE_CHECKING:
+    from .app import Policy
+
+DEFAULT_MAX_TOKENS = 512
+
+
+async def generate(policy: Policy, prompt_ids: list[int], fields: dict[str, Any],
+                   session: Session | None) -> tuple[list[CompletionOutput], dict[str, float]]:
+    """Run one request on a replica of ``policy``; map engine errors to HTTP errors."""
+    room = policy.max_context - len(prompt_ids)
+    max_tokens = fields["max_tokens"] or min(DEFAULT_MAX_TOKENS, room)
+    if room < 1 or max_tokens > room:
+        raise bad_request(
+            f"this request needs {len(prompt_ids)} prompt + {max(max_tokens, 1)} completion "
+            f"tokens, but the model's context is {policy.max_context}; shorten the messages "
+            "or lower max_tokens", param="messages", code="context_length_exceeded")
+    sampling = SamplingParams(
+        max_tokens=max_tokens, temperature=fields["temperature"], top_p=fields["top_p"],
+        top_k=fields["top_k"], stop=fields["stop"], stop_token_ids=sorted(policy.stop_ids),
+        seed=fields["seed"], n=fields["n"], top_logprobs=fields["top_logprobs"])
+    session_id = session.session_id if session else None
+    index, engine = policy.router.acquire(session_id)
+    start = time.time()
+    try:
+        result = await engine.generate(GenerateRequest(prompt_ids, sampling,
+                                                       session_id=session_id))
+    except ContextLengthExceeded as exc:
+        raise bad_request(str(exc), param="messages", code="context_length_exceeded") from exc
+    except EngineError as exc:
+        raise GatewayError(500, f"engine error: {exc}", code="engine_error") from exc
+    finally:
+        policy.router.release(index)
+    end = time.time()
+    return result.outputs, {"start": start, "end": end, "latency": end - start}
+
+
+def _logprob_entries(policy: Policy, out: CompletionOutput, upto: int) -> list[dict[str, Any]]:
+    entries = []
+    for i, (tok, lp) in enumerate(zip(out.token_ids[:upto], out.logprobs[:upto], strict=True)):
+        text = policy.token_text(tok)
+        tops = [{"token": policy.token_text(t), "logprob": v,
+                 "bytes": list(policy.token_text(t).encode())}
+                for t, v in (out.top_logprobs[i] if out.top_logprobs else [])]
+        entries.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
+                        "top_logprobs": tops})
+    return entries
+
+
+async def chat_completion(policy: Policy, body: dict[str, Any], session: Session | None
+                          ) -> dict[str, Any]:
+    """Serve a chat completion; record one ``Turn`` per choice when ``session`` is given.
+
+    Returns:
+        The OpenAI ``chat.completion`` object as a dict.
+
+    Raises:
+        GatewayError: 400 for bad fields or a too-long prompt, 500 for engine failures.
+    """
+    messages = check_messages(body.get("messages"))
+    tools, parse_calls = check_tools(body)
+    fields = sampling_fields(body, policy.max_n)
+    try:
+        if session is not None:
+            prompt_ids, prefix = prompt_ids_for(policy.tokenizer, session.turns, messages,
+                                                tools, policy.eos_id)
+        else:
+            from .chat import render
+
+            prompt_ids = encode(policy.tokenizer, render(policy.tokenizer, messages, tools, True))
+            prefix = None
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages") from exc
+    outputs, timing = await generate(policy, prompt_ids, fields, session)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    choices = []
+    for i, out in enumerate(outputs):
+        text = decode_completion(policy.tokenizer, out.token_ids, fields["stop"],
+                                 policy.stop_ids)
+        content, calls = parse_tool_calls(text) if parse_calls else (text, [])
+        reply: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            reply["tool_calls"] = calls
+        finish = "tool_calls" if calls else ("length" if out.finish_reason == "length"
+                                             else "stop")
+        choices.append({
+            "index": i, "message": reply, "finish_reason": finish,
+            "logprobs": ({"content": _logprob_entries(policy, out, len(out.token_ids))}
+                         if fields["logprobs"] else None),
+            "token_ids": list(out.token_ids),
+        })
+        if session is not None:
+            session.turns.append(Turn(
+                prompt_ids=list(prompt_ids), completion_ids=list(out.token_ids),
+                logprobs=list(out.logprobs), versions=list(out.versions),
+                messages=[dict(m) for m in messages], reply=reply, tools=tools,
+                finish_reason=out.finish_reason, request_id=response_id,
+                choice=i, prefix_turn=prefix, timing=dict(timing)))
+    num_completion = sum(len(o.token_ids) for o in outputs)
+    return {
+        "id": response_id, "object": "chat.completion",
+        "created": int(timing["end"]), "model": policy.name, "choices": choices,
+        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": num_completion,
+                  "total_tokens": len(prompt_ids) + num_completion},
+        "prompt_token_ids": list(prompt_ids), "session_id": session.session_id if session
+        else None,
+    }
+
+
+async def text_completion(policy: Policy, body: dict[str, Any], session: Session | None
+                          ) -> dict[str, Any]:
+    """Serve ``/v1/completions``: ``prompt`` is a string or a list of token ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        prompt_ids = encode(policy.tokenizer, prompt)
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt_ids = list(prompt)
+    else:
+        raise bad_request("'prompt' must be a string or a non-empty list of token ids "
+                          "(batched prompts are not supported; send one request each)",
+                          param="prompt")
+    fields = sampling_fields(body, policy.max_n)
+    outputs, timing = await generate(policy, prompt_ids, fields, session)
+    choices = []
+    for i, out in enumerate(outputs):
+        text = decode_completion(policy.tokenizer, out.token_ids, fields["stop"], set())
+        lp = None
+        if fields["logprobs"]:
+            toks = [policy.token_text(t) for t in out.token_ids]
+            lp = {"tokens": toks, "token_logprobs": list(out.logprobs),
+                  "top_logprobs": [{policy.token_text(t): v for t, v in tops}
+                                   for tops in (out.top_logprobs or [[]] * len(toks))],
+                  "text_offset": [sum(len(x) for x in toks[:j]) for j in range(len(toks))]}
+        choices.append({"index": i, "text": text, "logprobs": lp,
+                        "finish_reason": "length" if out.finish_reason == "length" else "stop",
+                        "token_ids": list(out.token_ids)})
+        if session is not None:
+            session.turns.append(Turn(
+                prompt_ids=list(prompt_ids), completion_ids=list(out.token_ids),
+                logprobs=list(out.logprobs), versions=list(out.versions), messages=None,
+                reply=None, tools=None, finish_reason=out.finish_reason, request_id="",
+                choice=i, timing=dict(timing)))
+    num_completion = sum(len(o.token_ids) for o in outputs)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+        "created": int(timing["end"]), "model": policy.name, "choices": choices,
+        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": num_completion,
+                  "total_tokens": len(prompt_ids) + num_completion},
+        "prompt_token_ids": list(prompt_ids),
+    }
+
+
+def chat_chunks(policy: Policy, response: dict[str, Any], include_usage: bool
+                ) -> Iterator[str]:
+    """SSE events (``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``) for a finished response."""
+    base = {"id": response["id"], "object": "chat.completion.chunk",
+            "created": response["created"], "model": response["model"]}
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
+
+    for ch in response["choices"]:
+        i, msg = ch["index"], ch["message"]
+        yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}],
+                    prompt_token_ids=response["prompt_token_ids"] if i == 0 else None)
+        entries = (ch["logprobs"] or {}).get("content") or []
+        if msg.get("tool_calls"):
+            if msg.get("content"):
+                yield event([{"index": i, "delta": {"content": msg["content"]},
+                              "logprobs": None, "finish_reason": None}])
+            calls = [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]
+            yield event([{"index": i, "delta": {"tool_calls": calls},
+                          "logprobs": {"content": entries} if entries else None,
+                          "finish_reason": None}])
+        else:
+            text, sent = msg.get("content") or "", 0
+            ids = ch["token_ids"]
+            for k in range(len(ids)):
+                upto = min(len(policy.tokenizer.decode(ids[:k + 1], skip_special_tokens=False)),
+                           len(text)) if k + 1 < len(ids) else len(text)
+                piece, sent = text[sent:upto], max(sent, upto)
+                lp = {"content": entries[k:k + 1]} if entries else None
+                if piece or lp:
+                    yield event([{"index": i, "delta": {"content": piece}, "logprobs": lp,
+                                  "finish_reason": None}])
+        yield event([{"index": i, "delta": {}, "logprobs": None,
+                      "finish_reason": ch["finish_reason"], "token_ids": ch["token_ids"]}])
+    if include_usage:
+        yield event([], usage=response["usage"])
+    yield "data: [DONE]\n\n"

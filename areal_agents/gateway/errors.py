@@ -1,0 +1,74 @@
+"""OpenAI-style error bodies: ``{"error": {"message", "type", "param", "code"}}``.
+
+The official SDK maps the status code to its exception class (400 ``BadRequestError``,
+401 ``AuthenticationError``, 403 ``PermissionDeniedError``, 404 ``NotFoundError``,
+409 ``ConflictError``, 5xx ``InternalServerError``), so every gateway failure is one of these.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    503: "service_unavailable",
+}
+
+
+class GatewayError(Exception):
+    """An error the gateway reports to the client with an HTTP status and an OpenAI body.
+
+    Attributes:
+        status: the HTTP status code.
+        message: a message naming the cause and the fix.
+        param: the offending request field, if any.
+        code: a short machine-readable code (e.g. ``"model_not_found"``).
+    """
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        """The OpenAI-format error body."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "server_error" if self.status >= 500 else
+                                   "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        """A Starlette response carrying this error."""
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    """A 400 error (invalid JSON, bad parameters, context length exceeded)."""
+    return GatewayError(400, message, param=param, code=code)
+
+
+def unauthorized(message: str) -> GatewayError:
+    """A 401 error (missing or unknown API key)."""
+    return GatewayError(401, message, code="invalid_api_key")
+
+
+def forbidden(message: str) -> GatewayError:
+    """A 403 error (a session key touching another session or an admin route)."""
+    return GatewayError(403, message, code="forbidden")
+
+
+def not_found(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    """A 404 error (unknown model or session)."""
+    return GatewayError(404, message, param=param, code=code)
