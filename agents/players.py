@@ -135,3 +135,48 @@ def calculator_player(observation: Any) -> dict[str, Any]:
     call = {"id": "call_0", "type": "function",
             "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}
     return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+# --- Signaling -------------------------------------------------------------------------------
+
+
+def _signaling_code(text: str) -> tuple[list[str], str, int]:
+    """``(sorted item names, vocabulary, message length)`` from a Signaling prompt."""
+    items = _last(r"Items: ([A-Z ]+)\.", text)
+    spec = _last(r"Send (\d+) symbol\(s\) from (\w)-(\w)", text)
+    vocab = "0123456789abcdefghijklmnopqrstuvwxyz"
+    if spec is not None:
+        vocab = vocab[vocab.index(spec.group(2)) : vocab.index(spec.group(3)) + 1]
+    return sorted(items.group(1).split()) if items else [], vocab, int(spec.group(1)) if spec else 1
+
+
+def signaling_speaker(observation: Any) -> str:
+    """Optimal speaker: the target's position among the sorted items, in base ``len(vocab)``.
+
+    Pairs with ``signaling_listener`` (a fixed shared protocol, the best a learned pair can do
+    when ``vocab_size ** message_length >= num_items``).
+    """
+    text = _text(observation)
+    items, vocab, length = _signaling_code(text)
+    target = _last(r"target: ([A-Z])", text)
+    index = items.index(target.group(1)) if target and target.group(1) in items else 0
+    digits = []
+    for _ in range(length):
+        index, digit = divmod(index, len(vocab))
+        digits.append(vocab[digit])
+    return "".join(reversed(digits))
+
+
+def signaling_listener(observation: Any) -> str:
+    """Optimal listener for ``signaling_speaker``: decodes the message to a sorted position."""
+    text = _text(observation)
+    items = _last(r"Items: ([A-Z ]+)\.", text)
+    message = _last(r"message: (\S*)", text)
+    spec = _last(r"symbols (\w)-(\w)", text)
+    names = sorted(items.group(1).split()) if items else ["A"]
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
+    vocab = alphabet[alphabet.index(spec.group(1)) : alphabet.index(spec.group(2)) + 1] if spec else "0123456789"
+    index = 0
+    for ch in message.group(1) if message else "":
+        index = index * len(vocab) + vocab.index(ch) if ch in vocab else index
+    return names[index] if index < len(names) else names[0]

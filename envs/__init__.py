@@ -6,3 +6,4 @@ register("Countdown-v0", "areal_agents.envs.countdown:Countdown", difficulty="me
 register("Arithmetic-v0", "areal_agents.envs.arithmetic:Arithmetic", digits=2, operations="+-*")
 register("GuessNumber-v0", "areal_agents.envs.guess_number:GuessNumber", low=1, high=100)
 register("Calculator-v0", "areal_agents.envs.calculator:Calculator", digits=4, terms=3)
+register("Signaling-v0", "areal_agents.envs.signaling:Signaling", num_items=4, message_length=1, rounds=1)
