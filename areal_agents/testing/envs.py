@@ -143,7 +143,8 @@ class DynamicAgentsEnv(MultiAgentEnv):
     """Agents join and leave mid-episode; the env answers after random asyncio delays.
 
     Each step asks a random non-empty subset of the live agents to act; afterwards a live
-    agent may leave (``terminations[a] = True``) and an absent one may join. Rewards go to
+    agent may leave (``terminations[a] = True``) and one that never took part may join (an
+    agent that left never returns, as PettingZoo requires). Rewards go to
     the actors (1.0 for an even-length answer) and occasionally to an agent that did not act.
     Everything but the delays comes from ``np_random`` (deterministic per seed); the delays
     use a separate RNG, and a cancelled ``step`` changes nothing.
@@ -162,6 +163,7 @@ class DynamicAgentsEnv(MultiAgentEnv):
         self.num_steps = num_steps
         self.max_delay = max_delay
         self._delays = np.random.default_rng()
+        self._seen: set[str] = set()
         self.count = 0
 
     def sample_action(self, agent: str | None = None) -> str:
@@ -179,6 +181,7 @@ class DynamicAgentsEnv(MultiAgentEnv):
         self.count = 0
         self.agents = [a for a in self.possible_agents if self.np_random.random() < 0.6]
         self.agents = self.agents or [self.possible_agents[0]]
+        self._seen = set(self.agents)
         return self._ask(), {a: {} for a in self.agents}
 
     async def step(self, actions: Any) -> Any:
@@ -199,7 +202,9 @@ class DynamicAgentsEnv(MultiAgentEnv):
             leaver = self.agents[int(self.np_random.integers(len(self.agents)))]
             self.agents = [a for a in self.agents if a != leaver]
             terms[leaver] = True
-        absent = [a for a in self.possible_agents if a not in self.agents]
+        absent = [a for a in self.possible_agents if a not in self._seen]  # no revival
         if absent and self.np_random.random() < 0.3:
-            self.agents = sorted([*self.agents, absent[int(self.np_random.integers(len(absent)))]])
+            joiner = absent[int(self.np_random.integers(len(absent)))]
+            self._seen.add(joiner)
+            self.agents = sorted([*self.agents, joiner])
         return self._ask(), rewards, terms, {}, {a: {} for a in self.agents}
