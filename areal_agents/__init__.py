@@ -60,6 +60,8 @@ _EXPORTS: dict[str, str] = {
     "EngineTimeout": "areal_agents.errors",
     "ContextLengthExceeded": "areal_agents.errors",
     "TrainError": "areal_agents.errors",
+    # training backends
+    "ArchonEngine": "areal_agents.trainers.archon",
     "ConfigError": "areal_agents.errors",
 }
 

@@ -40,3 +40,26 @@ def hf_tiny(family: str = "qwen3", seed: int = 0, tie: bool = False, **overrides
             if n.endswith("norm.weight") or n.endswith(".bias"):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if n.endswith("norm.weight") else 0.0))
     return model
+
+
+def make_batch(vocab: int = 96, lengths=(12, 9, 16, 5), seed: int = 0, temperature: float = 1.0):
+    """A right-padded ``TokenBatch`` with loss weights = mask / masked-token count."""
+    from areal_agents.samples import Sample, collate
+
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        mask = [0] * (n // 3) + [1] * (n - n // 3)
+        samples.append(Sample(ids, mask, [0.0] * n, [0] * n, reward=1.0))
+    batch = collate(samples, temperature=temperature)
+    batch.advantages = torch.randn(batch.input_ids.shape, generator=g)
+    batch.loss_weights = batch.loss_mask / batch.loss_mask.sum()
+    return batch
+
+
+def pg_loss(logprobs, entropy, mb):
+    """A policy-gradient-style LossFn: ``-sum(A * logp * w)`` plus a small entropy bonus."""
+    w = mb.loss_weights
+    loss = -(mb.advantages * logprobs * w).sum() - 0.01 * (entropy * w).sum()
+    return loss, {"entropy": (entropy * w).sum().detach()}

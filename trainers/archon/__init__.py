@@ -1,1 +1,7 @@
-"""archon backend."""
+"""Archon: the PyTorch-native training backend (plain-PyTorch models; FSDP2, TP, PP, LoRA, EP)."""
+
+from .engine import ArchonEngine, PolicyModule, build_model
+from .models import ModelArgs, Transformer
+from .parallel_dims import ParallelDims
+
+__all__ = ["ArchonEngine", "ModelArgs", "ParallelDims", "PolicyModule", "Transformer", "build_model"]

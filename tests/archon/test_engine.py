@@ -1,0 +1,110 @@
+"""ArchonEngine in one process: log-probs, a training step against a plain HF reference,
+export with HF names, HF checkpoints and DCP save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from archon_helpers import hf_tiny, make_batch, pg_loss
+from areal_agents.trainers.archon import ArchonEngine, ModelArgs
+from areal_agents.trainers.logprobs import full_logprobs
+
+from areal_agents.errors import ConfigError
+
+
+def _reference_step(hf, batch, lr):
+    """One AdamW step of the HF model on the whole batch (the semantics ArchonEngine must match)."""
+    opt = torch.optim.AdamW(hf.parameters(), lr=lr, weight_decay=0.0)
+    logits = hf(batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+    lp, ent = full_logprobs(logits, batch.input_ids, batch.attention_mask, batch.temperature)
+    loss, _ = pg_loss(lp, ent, batch)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach()), float(norm)
+
+
+def test_forward_logprobs_match_transformers():
+    hf = hf_tiny("qwen3")
+    engine = ArchonEngine(hf, token_budget=32)
+    batch = make_batch(temperature=0.7)
+    lp = engine.forward_logprobs(batch)
+    with torch.no_grad():
+        logits = hf(batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+    ref, _ = full_logprobs(logits, batch.input_ids, batch.attention_mask, 0.7)
+    assert lp.shape == batch.input_ids.shape
+    assert (lp - ref).abs().max() <= 1e-5
+    assert (lp[~batch.attention_mask] == 0).all() and (lp[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("budget", [4096, 20])
+def test_train_step_matches_reference(budget):
+    hf = hf_tiny("qwen3", seed=1)
+    engine = ArchonEngine(hf, lr=1e-2, token_budget=budget)
+    batch = make_batch()
+    stats = engine.train_step(batch, pg_loss)
+    ref_loss, ref_norm = _reference_step(hf, batch, 1e-2)
+    assert stats["loss"] == pytest.approx(ref_loss, abs=1e-5)
+    assert stats["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    assert {"loss", "grad_norm", "lr", "entropy", "num_tokens", "skipped"} <= set(stats)
+    exported = dict(engine.export_weights())
+    assert set(exported) == set(hf.state_dict()) - ({"lm_head.weight"} if hf.config.tie_word_embeddings else set())
+    for name, t in hf.state_dict().items():
+        assert (exported[name] - t).abs().max() <= 2e-5, name
+    assert engine.step == 1
+
+
+def test_save_load_resumes_identically(tmp_path):
+    args = ModelArgs(vocab_size=96, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16)
+    a = ArchonEngine(args, lr=1e-2, seed=3, warmup_steps=3)
+    batch = make_batch()
+    a.train_step(batch, pg_loss)
+    a.version = 4
+    a.save(str(tmp_path / "ckpt"))
+    b = ArchonEngine(args, lr=1e-2, seed=9, warmup_steps=3)
+    b.load(str(tmp_path / "ckpt"))
+    assert (b.step, b.version) == (1, 4)
+    sa, sb = a.train_step(batch, pg_loss), b.train_step(batch, pg_loss)
+    assert sa["loss"] == pytest.approx(sb["loss"], abs=1e-7) and sa["lr"] == sb["lr"]
+    for (n, x), (_, y) in zip(a.export_weights(), b.export_weights(), strict=True):
+        assert torch.equal(x, y), n
+    with pytest.raises(FileNotFoundError, match="not an Archon checkpoint"):
+        b.load(str(tmp_path / "missing"))
+
+
+def test_save_hf_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    engine = ArchonEngine(hf_tiny("qwen2", tie=True), lr=1e-2)
+    batch = make_batch()
+    engine.train_step(batch, pg_loss)
+    engine.save_hf(str(tmp_path))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).float().eval()
+    with torch.no_grad():
+        logits = hf(batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+    ref, _ = full_logprobs(logits, batch.input_ids, batch.attention_mask)
+    assert (engine.forward_logprobs(batch) - ref).abs().max() <= 1e-5
+
+
+def test_activation_checkpointing_and_compile_keep_results():
+    args = ModelArgs(vocab_size=96, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16)
+    batch = make_batch()
+    base = ArchonEngine(args, lr=1e-2, seed=2).train_step(batch, pg_loss)
+    for kw in ({"activation_checkpoint": "full"}, {"activation_checkpoint": "selective"},
+               {"compile": "eager"}):
+        engine = ArchonEngine(args, lr=1e-2, seed=2, **kw)
+        assert engine.train_step(batch, pg_loss)["loss"] == pytest.approx(base["loss"], abs=1e-6), kw
+        assert "model.layers.0.attention.wq.weight" not in dict(engine.model.named_parameters())
+        assert "layers.0.attention.wq.weight" in dict(engine.model.named_parameters())
+
+
+def test_config_errors():
+    args = ModelArgs(vocab_size=96, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16)
+    with pytest.raises(ConfigError, match=r"not divisible by tp\*pp=2"):
+        ArchonEngine(args, tp=2)
+    with pytest.raises(ConfigError, match="must equal the world size"):
+        ArchonEngine(args, dp_shard=2)
+    with pytest.raises(ConfigError, match="activation_checkpoint"):
+        ArchonEngine(args, activation_checkpoint="sometimes")
+    with pytest.raises(ConfigError, match="total_steps"):
+        ArchonEngine(args, lr_schedule="cosine")

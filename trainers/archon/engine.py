@@ -1,0 +1,366 @@
+"""``ArchonEngine``: a PyTorch-native Archon model as a ``TrainEngine`` (FSDP2/TP/PP/LoRA)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from areal_agents.trainers.base import LossFn, TrainEngine
+from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
+from areal_agents.trainers.microbatch import plan_microbatches
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from areal_agents.errors import ConfigError, TrainError
+from areal_agents.samples import TokenBatch
+
+from .models import ModelArgs, Transformer, archon_to_hf, from_hf
+from .parallel_dims import ParallelDims, default_device
+from .parallelize import ACMode, parallelize
+
+
+class PolicyModule(nn.Module):
+    """Runs the Archon backbone and the chunked LM-head log-probs in one forward (so the FSDP
+    root unshards the head weight exactly while it is used). Returns ``(logprobs, entropy)``
+    ``[B, T]`` aligned with ``input_ids``."""
+
+    def __init__(self, model: Transformer, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        h = model.norm(_backbone(model, input_ids))
+        weight = model.output.weight
+        if isinstance(weight, DTensor):  # replicated head: use the local copy
+            weight = weight.to_local()
+        return sequence_logprobs(h, weight, input_ids, attention_mask, temperature, self.chunk_size)
+
+
+def _backbone(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Hidden states after the last block (before the final norm)."""
+    from .models.qwen3 import rope_cos_sin
+
+    h = model.tok_embeddings(tokens)
+    cos, sin = rope_cos_sin(model.inv_freq, h.shape[1], h.dtype)
+    for layer in model.layers.values():
+        h = layer(h, cos, sin)
+    return h
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The unsharded tensor (collective for a ``DTensor``: call on every rank)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def build_model(source: Transformer | ModelArgs | nn.Module | str, seed: int = 0) -> Transformer:
+    """An Archon ``Transformer`` from itself, ``ModelArgs`` (random init with ``seed``), a
+    ``transformers`` model or a HF checkpoint directory."""
+    if isinstance(source, Transformer):
+        return source
+    if isinstance(source, ModelArgs):
+        model = Transformer(source)
+        model.init_weights(seed=seed)
+        return model
+    return from_hf(source)
+
+
+def _lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None):
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, (total_steps or 1) - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class ArchonEngine(TrainEngine):
+    """One trainable policy on the Archon backend.
+
+    Single process by default. With ``torch.distributed`` initialised, ``ParallelDims``
+    (``dp_shard * tp * pp == world size``) picks FSDP2 sharding, tensor parallelism and
+    pipeline stages; all ranks call every method collectively with the *same full batch*
+    (each data-parallel rank trains on its share of the sequences).
+
+    Args:
+        model: an Archon ``Transformer``, ``ModelArgs`` (random init), a ``transformers``
+            causal LM of a supported family, or a HF checkpoint directory.
+        lr, weight_decay, betas, max_grad_norm, warmup_steps, lr_schedule, total_steps:
+            AdamW and LR schedule (as ``FSDPEngine``).
+        token_budget: maximum padded tokens per micro-batch.
+        dp_shard, tp, pp, ep: parallel degrees (see ``ParallelDims``).
+        pp_schedule: ``"1F1B"``, ``"Interleaved1F1B"``, ``"ZBVZeroBubble"`` or
+            ``"InterleavedZeroBubble"``; ``pp_microbatches`` micro-batches per step.
+        sequence_parallel: run norms on sequence shards under TP.
+        activation_checkpoint: ``"none"``, ``"full"`` or ``"selective"``.
+        compile: ``torch.compile`` each block (``True`` = inductor, or a backend name).
+        lora: ``None``, a ``LoRAConfig`` or a dict of its fields; only adapters train.
+        fp8: float8 linear layers via torchao (CUDA only).
+        seed: initialisation seed when ``model`` is ``ModelArgs``.
+
+    Raises:
+        ConfigError: inconsistent parallel degrees or options.
+
+    Example:
+        >>> engine = ArchonEngine(ModelArgs(), lr=1e-3)  # doctest: +SKIP
+        >>> engine.train_step(batch, loss_fn)["loss"]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Transformer | ModelArgs | nn.Module | str,
+        *,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        max_grad_norm: float = 1.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        total_steps: int | None = None,
+        token_budget: int = 4096,
+        dp_shard: int = -1,
+        tp: int = 1,
+        pp: int = 1,
+        ep: int = 1,
+        pp_schedule: str = "1F1B",
+        pp_microbatches: int | None = None,
+        sequence_parallel: bool = False,
+        activation_checkpoint: ACMode = "none",
+        compile: bool | str = False,
+        lora: Any = None,
+        fp8: bool = False,
+        device: torch.device | str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        seed: int = 0,
+    ) -> None:
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
+        if lr_schedule == "cosine" and not total_steps:
+            raise ConfigError("lr_schedule='cosine' needs total_steps= (the step the LR reaches 0)")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dims = ParallelDims(dp_shard=dp_shard, tp=tp, pp=pp, ep=ep)
+        self.distributed = self.dims.world_size > 1
+        if self.distributed:
+            self.dims.build_mesh(self.device.type)
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.dp_rank = self.dims.local_rank("dp_shard")
+        self.max_grad_norm = max_grad_norm
+        self.token_budget = token_budget
+        self.step = 0
+        self.version = 0
+
+        model = build_model(model, seed).to(self.device)
+        self.args: ModelArgs = model.args
+        self.lora_config = None
+        if lora is not None:
+            from .lora import apply_lora
+
+            self.lora_config = apply_lora(model, lora)
+        if fp8:
+            from .fp8 import apply_fp8
+
+            apply_fp8(model)
+        self.model = model
+        self.module = PolicyModule(model, chunk_size)
+        self.pipeline = None
+        if self.dims.pp_enabled:
+            from .pipeline import PipelineRunner
+
+            self.pipeline = PipelineRunner(self, pp_schedule, pp_microbatches,
+                                           sequence_parallel=sequence_parallel,
+                                           activation_checkpoint=activation_checkpoint,
+                                           compile=compile)
+        else:
+            if self.dims.ep_enabled:
+                from .models.qwen3_moe import apply_ep
+
+                apply_ep(model, self.dims.build_mesh(self.device.type)["dp_shard"])
+            parallelize(model, self.module, self.dims, sequence_parallel=sequence_parallel,
+                        activation_checkpoint=activation_checkpoint, compile=compile)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameters (check the LoRA target patterns)")
+        self.optimizer = torch.optim.AdamW(
+            params, lr=lr, betas=betas, weight_decay=weight_decay,
+            foreach=False if self.dims.tp_enabled else None,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(warmup_steps, lr_schedule, total_steps)
+        )
+
+    # -- TrainEngine -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """``[B, T]`` float32 log-probs of ``batch.input_ids`` at ``batch.temperature`` (CPU)."""
+        self.module.eval()
+        batch = batch.to(self.device)
+        if self.pipeline is not None:
+            return self.pipeline.forward_logprobs(batch)
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        lengths = batch.attention_mask.sum(-1).tolist()
+        for idx in plan_microbatches(lengths, self.token_budget):
+            mb = batch.select(torch.tensor(idx))
+            lp, _ = self.module(mb.input_ids, mb.attention_mask, mb.temperature)
+            out[idx, : lp.shape[1]] = lp.float().cpu()
+        return out
+
+    def _local_plans(self, batch: TokenBatch) -> tuple[list[list[int]], int]:
+        """This data-parallel rank's micro-batches (global row indices) and the count every
+        rank runs (the maximum, so FSDP collectives line up)."""
+        lengths = batch.attention_mask.sum(-1).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        mine = order[self.dp_rank :: self.dims.dp_shard]
+        plans = [[mine[j] for j in p] for p in plan_microbatches([lengths[i] for i in mine], self.token_budget)]
+        count = len(plans)
+        if self.distributed:
+            t = torch.tensor([count], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            count = int(t.item())
+        return plans, count
+
+    def _aux_loss(self) -> torch.Tensor | None:
+        if not self.args.is_moe or self.args.router_aux_loss_coef == 0:
+            return None
+        aux = self.model.aux_loss()
+        return None if aux is None else aux * self.args.router_aux_loss_coef
+
+    def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step on ``batch`` (see ``TrainEngine``); returns global stats.
+
+        Raises:
+            TrainError: the loss is not finite.
+        """
+        self.module.train()
+        batch = batch.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.pipeline is not None:
+            out = self.pipeline.train_step(batch, loss_fn)
+        else:
+            out = self._accumulate(batch, loss_fn)
+        if not math.isfinite(out["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainError(f"non-finite loss {out['loss']} at step {self.step}; check the batch/loss")
+        grad_norm = self.clip_grad_norm()
+        out["lr"] = float(self.scheduler.get_last_lr()[0])
+        out["grad_norm"] = grad_norm
+        out["num_tokens"] = float(batch.num_tokens)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        out["skipped"] = 0.0 if math.isfinite(grad_norm) else 1.0
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return out
+
+    def _accumulate(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
+        plans, count = self._local_plans(batch)
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        n = self.dims.dp_shard
+        for i in range(count):
+            scale = 1.0 if i < len(plans) else 0.0  # padding micro-batch keeps collectives aligned
+            mb = batch.select(torch.tensor(plans[i] if i < len(plans) else [0]))
+            lp, ent = self.module(mb.input_ids, mb.attention_mask, mb.temperature)
+            loss, stats = loss_fn(lp, ent, mb)
+            aux = self._aux_loss()
+            total = loss if aux is None else loss + aux / (count * n)
+            (total * (scale * n)).backward()
+            totals["loss"] += loss.detach().float() * scale
+            if aux is not None:
+                totals["aux_loss"] += aux.detach().float() * scale / (count * n)
+            for k, v in stats.items():
+                totals[k] += torch.as_tensor(v, device=self.device).detach().float() * scale
+        keys = sorted(totals)
+        packed = torch.stack([totals[k] for k in keys])
+        if self.dims.dp_enabled:
+            dist.all_reduce(packed, group=self.dims.build_mesh()["dp_shard"].get_group())
+        return {k: float(v) for k, v in zip(keys, packed.tolist(), strict=True)}
+
+    def clip_grad_norm(self) -> float:
+        """Clip all gradients to ``max_grad_norm`` (global L2 norm over every shard, stage
+        and tensor-parallel rank); returns the norm before clipping."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        sq = torch.zeros((), device=self.device)
+        for g in grads:
+            norm = torch.linalg.vector_norm(g.float())
+            sq = sq + full_tensor(norm).pow(2)
+        if self.dims.pp_enabled:
+            dist.all_reduce(sq, group=self.dims.build_mesh()["pp"].get_group())
+        total = float(sq.sqrt())
+        if self.max_grad_norm > 0 and math.isfinite(total) and total > self.max_grad_norm:
+            coef = self.max_grad_norm / (total + 1e-6)
+            for g in grads:
+                g.mul_(coef)
+        return total
+
+    def full_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(archon_name, full tensor)`` of the model (collective; LoRA unmerged)."""
+        if self.pipeline is not None:
+            yield from self.pipeline.full_state_dict()
+            return
+        for name, t in self.model.state_dict().items():
+            yield name, full_tensor(t)
+
+    def export_weights(self, merge_lora: bool = True,
+                       dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, full CPU tensor)``; collective when distributed, rank 0 yields.
+
+        Args:
+            merge_lora: with LoRA, yield base weights with ``W + scaling * B @ A`` merged;
+                ``False`` yields only the adapter with PEFT adapter-file names.
+            dtype: cast floating tensors to this dtype (default: as trained).
+        """
+        state = self.full_state_dict()
+        if self.lora_config is not None:
+            from .lora import merged_state, peft_adapter_state
+
+            state = merged_state(state, self.lora_config) if merge_lora else peft_adapter_state(state)
+            if not merge_lora:
+                for name, t in state:
+                    if self.rank == 0:
+                        yield name, t.detach().cpu()
+                return
+        for name, t in archon_to_hf(dict(state), self.args):
+            if self.rank == 0:
+                t = t.detach().cpu()
+                yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+    def save_hf(self, path: str, max_shard_bytes: int | None = None) -> None:
+        """Write merged weights as a HF checkpoint directory (collective; rank 0 writes)."""
+        from .models import save_hf_checkpoint
+
+        tensors = list(self.export_weights(merge_lora=True))
+        if self.rank == 0:
+            save_hf_checkpoint(tensors, self.args, path, max_shard_bytes)
+        if self.distributed:
+            dist.barrier()
+
+    def save(self, path: str) -> None:
+        """DCP checkpoint of model, optimizer, scheduler, RNG, step and version (collective)."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, path)
+
+    def load(self, path: str) -> None:
+        """Restore a checkpoint written by ``save`` (same parallel layout or resharded by DCP)."""
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """Names (Archon) -> parameters that the optimizer updates."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def close(self) -> None:
+        """Drop the model and optimizer (idempotent); the process group is left alone."""
+        for attr in ("optimizer", "scheduler", "module", "model", "pipeline"):
+            self.__dict__.pop(attr, None)
