@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -180,3 +181,38 @@ def signaling_listener(observation: Any) -> str:
     for ch in message.group(1) if message else "":
         index = index * len(vocab) + vocab.index(ch) if ch in vocab else index
     return names[index] if index < len(names) else names[0]
+
+
+# --- TicTacToe -------------------------------------------------------------------------------
+
+_LINES = [(0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6)]
+
+
+@functools.cache
+def _minimax(board: str, mark: str) -> tuple[int, int]:
+    """``(score, cell)`` for ``mark`` to move: +10 - depth for a win, 0 draw, negative loss."""
+    other = "O" if mark == "X" else "X"
+    best = (-100, -1)
+    for cell in (i for i, c in enumerate(board) if c == "."):
+        after = board[:cell] + mark + board[cell + 1 :]
+        if any(after[a] == after[b] == after[c] == mark for a, b, c in _LINES):
+            score = 10
+        elif "." not in after:
+            score = 0
+        else:
+            value = -_minimax(after, other)[0]
+            score = value - (value > 0) + (value < 0)  # prefer quick wins and slow losses
+        if score > best[0]:
+            best = (score, cell)
+    return best
+
+
+def tictactoe_minimax(observation: Any) -> str:
+    """Optimal TicTacToe player (never loses): minimax over the board in the last prompt."""
+    text = _text(observation)
+    mark = _last(r"You are ([XO])", text)
+    rows = re.findall(r"^([XO.]{3})$", text, re.MULTILINE)[-3:]
+    board = "".join(rows) if len(rows) == 3 else "." * 9
+    if "." not in board:
+        return "1"
+    return str(_minimax(board, mark.group(1) if mark else "X")[1] + 1)

@@ -7,3 +7,4 @@ register("Arithmetic-v0", "areal_agents.envs.arithmetic:Arithmetic", digits=2, o
 register("GuessNumber-v0", "areal_agents.envs.guess_number:GuessNumber", low=1, high=100)
 register("Calculator-v0", "areal_agents.envs.calculator:Calculator", digits=4, terms=3)
 register("Signaling-v0", "areal_agents.envs.signaling:Signaling", num_items=4, message_length=1, rounds=1)
+register("TicTacToe-v0", "areal_agents.envs.tictactoe:TicTacToe", illegal="penalty")
