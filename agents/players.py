@@ -216,3 +216,22 @@ def tictactoe_minimax(observation: Any) -> str:
     if "." not in board:
         return "1"
     return str(_minimax(board, mark.group(1) if mark else "X")[1] + 1)
+
+
+# --- PrisonersDilemma ------------------------------------------------------------------------
+
+
+def pd_tit_for_tat(observation: Any) -> str:
+    """Tit-for-tat: cooperate first, then copy the other's last move (``none`` counts as C)."""
+    last = _last(r"Other's last move: (\w+)", _text(observation))
+    return "D" if last and last.group(1) == "D" else "C"
+
+
+def pd_always_defect(observation: Any) -> str:
+    """Always defect (the one-shot dominant strategy)."""
+    return "D"
+
+
+def pd_always_cooperate(observation: Any) -> str:
+    """Always cooperate."""
+    return "C"

@@ -8,3 +8,4 @@ register("GuessNumber-v0", "areal_agents.envs.guess_number:GuessNumber", low=1, 
 register("Calculator-v0", "areal_agents.envs.calculator:Calculator", digits=4, terms=3)
 register("Signaling-v0", "areal_agents.envs.signaling:Signaling", num_items=4, message_length=1, rounds=1)
 register("TicTacToe-v0", "areal_agents.envs.tictactoe:TicTacToe", illegal="penalty")
+register("PrisonersDilemma-v0", "areal_agents.envs.prisoners_dilemma:PrisonersDilemma", rounds=5)
