@@ -235,3 +235,40 @@ def pd_always_defect(observation: Any) -> str:
 def pd_always_cooperate(observation: Any) -> str:
     """Always cooperate."""
     return "C"
+
+
+# --- Negotiation -----------------------------------------------------------------------------
+
+
+class NegotiationFair:
+    """Heuristic Negotiation player: asks for about half its total value, conceding 1 per turn.
+
+    Accepts an offer worth at least its current threshold (``ceil(total / 2)`` minus its
+    replies so far, at least 1); otherwise proposes to keep the fewest items (most valuable to
+    it first) that reach the threshold. Stateful; a new task message resets it. Use one
+    instance per agent and concurrent episode: ``ScriptedAgent(NegotiationFair())``.
+    """
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.values: list[int] = []
+        self.total, self.turns = 0, 0
+
+    def __call__(self, observation: Any) -> str:
+        text = _text(observation)
+        intro = _last(r"Divide (.+?) with \w+\. Your values: (.+?) \(all: (\d+)\)", text)
+        if intro is not None:
+            self.counts = [int(n) for n in re.findall(r"(\d+) \w+", intro.group(1))]
+            self.values = [int(n) for n in re.findall(r"\w+ (\d+)", intro.group(2))]
+            self.total, self.turns = int(intro.group(3)), 0
+        threshold = max(1, -(-self.total // 2) - self.turns)
+        self.turns += 1
+        offer = _last(r"Offer: you get .+\(worth (\d+) to you\)", text)
+        if offer is not None and int(offer.group(1)) >= threshold:
+            return "accept"
+        keep, value = [0] * len(self.counts), 0
+        for i in sorted(range(len(self.counts)), key=lambda i: -self.values[i]):
+            while value < threshold and keep[i] < self.counts[i] and self.values[i] > 0:
+                keep[i] += 1
+                value += self.values[i]
+        return "propose: " + " ".join(map(str, keep))

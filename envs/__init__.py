@@ -9,3 +9,4 @@ register("Calculator-v0", "areal_agents.envs.calculator:Calculator", digits=4, t
 register("Signaling-v0", "areal_agents.envs.signaling:Signaling", num_items=4, message_length=1, rounds=1)
 register("TicTacToe-v0", "areal_agents.envs.tictactoe:TicTacToe", illegal="penalty")
 register("PrisonersDilemma-v0", "areal_agents.envs.prisoners_dilemma:PrisonersDilemma", rounds=5)
+register("Negotiation-v0", "areal_agents.envs.negotiation:Negotiation", num_types=3, max_turns=6)
