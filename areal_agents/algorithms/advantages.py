@@ -150,7 +150,7 @@ def ema_advantages(
 
 def broadcast_advantages(adv: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """``[N]`` per-sequence advantages -> ``[N, T]`` on generated tokens: ``adv[:, None] * mask``."""
-    return adv[:, None].to(torch.float32) * (loss_mask != 0)
+    return adv[:, None].to(device=loss_mask.device, dtype=torch.float32) * (loss_mask != 0)
 
 
 def terminal_rewards(rewards: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -165,10 +165,10 @@ def terminal_rewards(rewards: torch.Tensor, loss_mask: torch.Tensor) -> torch.Te
     """
     m = (loss_mask != 0).to(torch.long)
     t = m.shape[1]
-    last = (m * torch.arange(t)).argmax(-1)  # [B]
-    out = torch.zeros(m.shape, dtype=rewards.dtype)
+    last = (m * torch.arange(t, device=m.device)).argmax(-1)  # [B]
+    out = torch.zeros(m.shape, dtype=rewards.dtype, device=m.device)
     has = m.sum(-1) > 0
-    out[has, last[has]] = rewards[has]
+    out[has, last[has]] = rewards.to(m.device)[has]
     return out
 
 
@@ -198,7 +198,7 @@ def gae(
     r = token_rewards.to(torch.float64)
     v = values.detach().to(torch.float64)
     adv = torch.zeros_like(r)
-    next_v = torch.zeros(r.shape[0], dtype=torch.float64)
+    next_v = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
     next_a = torch.zeros_like(next_v)
     for t in range(r.shape[1] - 1, -1, -1):
         a = r[:, t] + gamma * next_v - v[:, t] + gamma * gae_lambda * next_a

@@ -169,7 +169,7 @@ class PolicyGradient:
             behave_imp_weight_mode=self.behave_imp_weight_mode,
             sequence_level=self.sequence_level,
         )  # fmt: skip
-        kl = torch.zeros((), dtype=loss.dtype)
+        kl = loss.new_zeros(())
         if self.kl_coef > 0:
             if mb.ref_logprobs is None:
                 raise ValueError(
@@ -309,9 +309,9 @@ class PPO(PolicyGradient):
     def _token_advantages(
         self, rewards: torch.Tensor, values: torch.Tensor | None, loss_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        v = torch.zeros(loss_mask.shape) if values is None else values
+        v = torch.zeros(loss_mask.shape, device=loss_mask.device) if values is None else values
         adv, ret = adv_fns.gae(
-            adv_fns.terminal_rewards(rewards.to(v.dtype), loss_mask), v, loss_mask,
+            adv_fns.terminal_rewards(rewards.to(v), loss_mask), v, loss_mask,
             gamma=self.gamma, gae_lambda=self.gae_lambda,
         )  # fmt: skip
         if self.adv_norm:

@@ -218,3 +218,70 @@ def test_decoupled_equals_standard_when_prox_is_behaviour(samples_factory):
     decoupled, st = algo(logp, ent, b2)
     assert decoupled.item() == pytest.approx(standard.item(), abs=1e-7)
     assert st["imp_weight_capped_frac"].item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import Qwen3ForCausalLM
+
+    from areal_agents.models import tiny_config
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(tiny_config("xs")).float()
+
+
+def _model_logprobs(model, batch):
+    """[B, T] log p(token t | < t) aligned with input_ids (position 0 is 0), and entropy."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp_all = torch.log_softmax(logits[:, :-1].float(), -1)
+    lp = logp_all.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    pad = torch.zeros(lp.shape[0], 1)
+    return torch.cat([pad, lp], 1), torch.cat([pad, ent], 1)
+
+
+@pytest.mark.parametrize("cls", [GRPO, GSPO, DAPO])
+def test_tiny_model_step_moves_logprobs_and_microbatch_grads_add_up(cls, tiny_model):
+    model = tiny_model
+    rows = [([3, 4, 5, 6, 7], 1.0), ([3, 4, 9, 10], 0.0), ([3, 8, 11, 12, 13, 14], 0.0)]
+    samples = [
+        Sample(
+            ids,
+            [0, 0] + [1] * (len(ids) - 2),
+            [0.0] * len(ids),
+            [-1, -1] + [0] * (len(ids) - 2),
+            reward=r,
+            group="g",
+        )
+        for ids, r in rows
+    ]
+    algo = cls(clip_eps=0.2, clip_eps_high=0.28)
+    batch = collate(samples)
+    with torch.no_grad():
+        behave, _ = _model_logprobs(model, batch)
+    batch.old_logprobs = behave * batch.loss_mask
+    batch = algo.prepare(batch, samples)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    lp, ent = _model_logprobs(model, batch)
+    loss, _ = algo(lp, ent, batch)
+    loss.backward()
+    full = [p.grad.clone() for p in params]
+    model.zero_grad()
+    for idx in ([0], [1, 2]):
+        mb = batch.select(idx)
+        lp, ent = _model_logprobs(model, mb)
+        algo(lp, ent, mb)[0].backward()
+    for g_full, p in zip(full, params, strict=True):
+        assert torch.allclose(p.grad, g_full, atol=1e-6)
+
+    # one SGD step on the full-batch gradient: the rewarded sample becomes more likely
+    with torch.no_grad():
+        for g_full, p in zip(full, params, strict=True):
+            p -= 0.5 * g_full
+        after, _ = _model_logprobs(model, batch)
+        for g_full, p in zip(full, params, strict=True):
+            p += 0.5 * g_full  # restore the shared fixture
+    gain = ((after - batch.old_logprobs) * batch.loss_mask).sum(-1)
+    assert gain[0] > 0 and gain[1] < 0 and gain[2] < 0
