@@ -63,6 +63,14 @@ _EXPORTS: dict[str, str] = {
     # training backends
     "ArchonEngine": "areal_agents.trainers.archon",
     "ConfigError": "areal_agents.errors",
+    # algorithms
+    "GRPO": "areal_agents.algorithms",
+    "DrGRPO": "areal_agents.algorithms",
+    "RLOO": "areal_agents.algorithms",
+    "ReinforcePlusPlus": "areal_agents.algorithms",
+    "PPO": "areal_agents.algorithms",
+    "DAPO": "areal_agents.algorithms",
+    "GSPO": "areal_agents.algorithms",
 }
 
 # subpackages reachable as attributes: aa.models, aa.algorithms, ...
