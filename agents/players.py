@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from fractions import Fraction
 from typing import Any
 
-from ..envs._expr import ExprError, evaluate, format_number
+from ..envs._expr import ExprError, evaluate, extract_answer, format_number
+from ..envs.countdown import check as check_countdown
 
 
 def _text(observation: Any) -> str:
@@ -272,3 +273,36 @@ class NegotiationFair:
                 keep[i] += 1
                 value += self.values[i]
         return "propose: " + " ".join(map(str, keep))
+
+
+# --- SolverJudge -----------------------------------------------------------------------------
+
+
+def solver_judge_solver(observation: Any) -> str:
+    """Optimal solver: the Countdown or Arithmetic solver, whichever the task is."""
+    text = _text(observation)
+    return countdown_solver(text) if "Target:" in text else arithmetic_solver(text)
+
+
+def solver_judge_judge(observation: Any) -> str:
+    """Exact judge: re-solves the task in the prompt and checks the solver's reply."""
+    text = _text(observation)
+    reply = _last(r"^Solver: (.*)", text, re.MULTILINE | re.DOTALL)
+    reply_text = reply.group(1) if reply else ""
+    countdown_task = _last(r"Task: Numbers: ([\d ]+)\. Target: (\d+)", text)
+    if countdown_task is not None:
+        numbers = [int(n) for n in countdown_task.group(1).split()]
+        ok = check_countdown(extract_answer(reply_text), numbers, int(countdown_task.group(2)))[0]
+    else:
+        question = _last(r"Task: (.+?) = \?", text)
+        given = _last(r"answer\s*:\s*(-?\d+)\s*\.?\s*$", reply_text, re.IGNORECASE | re.MULTILINE)
+        try:
+            ok = bool(question and given) and evaluate(question.group(1)) == int(given.group(1))
+        except ExprError:
+            ok = False
+    return "correct" if ok else "incorrect"
+
+
+def solver_judge_lenient(observation: Any) -> str:
+    """A judge that says ``correct`` to everything (a reward-hackable baseline)."""
+    return "correct"

@@ -10,3 +10,4 @@ register("Signaling-v0", "areal_agents.envs.signaling:Signaling", num_items=4, m
 register("TicTacToe-v0", "areal_agents.envs.tictactoe:TicTacToe", illegal="penalty")
 register("PrisonersDilemma-v0", "areal_agents.envs.prisoners_dilemma:PrisonersDilemma", rounds=5)
 register("Negotiation-v0", "areal_agents.envs.negotiation:Negotiation", num_types=3, max_turns=6)
+register("SolverJudge-v0", "areal_agents.envs.solver_judge:SolverJudge", task="arithmetic", digits=2)

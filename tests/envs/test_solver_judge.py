@@ -1,0 +1,80 @@
+"""SolverJudge-v0: turn order, verdict parsing, solver/judge rewards, both tasks, seeding."""
+
+from __future__ import annotations
+
+import pytest
+from areal_agents.agents.players import (
+    solver_judge_judge,
+    solver_judge_lenient,
+    solver_judge_solver,
+)
+from areal_agents.envs.solver_judge import SolverJudge, parse_verdict
+
+import areal_agents as aa
+
+
+async def _play(env: SolverJudge, solver, judge, seed: int) -> tuple[dict[str, float], dict]:
+    players = {"solver": solver, "judge": judge}
+    obs, _ = await env.reset(seed=seed)
+    returns = dict.fromkeys(env.possible_agents, 0.0)
+    while env.agents:
+        obs, rewards, _, _, infos = await env.step({a: players[a](o) for a, o in obs.items()})
+        for a, r in rewards.items():
+            returns[a] += r
+    return returns, infos
+
+
+def test_parse_verdict() -> None:
+    assert parse_verdict("Verdict: correct") == "correct"
+    assert parse_verdict("Not correct. Final: Incorrect") == "incorrect"
+    assert parse_verdict("looks fine") is None
+
+
+async def test_turns_and_prompts() -> None:
+    env = SolverJudge(task="arithmetic", digits=2)
+    obs, infos = await env.reset(seed=0)
+    assert list(obs) == ["solver"] and obs["solver"][0]["content"].endswith(f"{env.question} = ?")
+    obs, rewards, terms, _, _ = await env.step({"solver": "Answer: 5"})
+    assert list(obs) == ["judge"] and rewards == {"solver": 0.0, "judge": 0.0} and not any(terms.values())
+    assert obs["judge"][0]["content"] == (
+        f"Judge the solver's answer. Reply 'correct' or 'incorrect'.\nTask: {env.question} = ?\nSolver: Answer: 5"
+    )
+    obs, rewards, terms, _, infos = await env.step({"judge": "correct"})
+    assert obs == {} and env.agents == [] and terms == {"solver": True, "judge": True}
+    truth = env.answer == 5
+    assert rewards == {"solver": 1.0, "judge": float(truth)} and infos["judge"]["solver_correct"] is truth
+    with pytest.raises(aa.ResetNeeded):
+        await env.step({"solver": "x"})
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "countdown"])
+async def test_rewards_matrix(task: str) -> None:
+    env = SolverJudge(task=task)  # type: ignore[arg-type]
+    returns, infos = await _play(env, solver_judge_solver, solver_judge_judge, seed=1)
+    assert returns == {"solver": 1.0, "judge": 1.0} and infos["judge"]["solver_correct"]
+    returns, infos = await _play(env, lambda o: "Answer: 100000", solver_judge_judge, seed=1)
+    assert returns == {"solver": 0.0, "judge": 1.0} and not infos["judge"]["solver_correct"]
+    returns, _ = await _play(env, lambda o: "Answer: 100000", solver_judge_lenient, seed=1)
+    assert returns == {"solver": 1.0, "judge": 0.0}  # a fooled judge pays, the solver gains
+    returns, _ = await _play(env, solver_judge_solver, lambda o: "no idea", seed=1)
+    assert returns == {"solver": 0.0, "judge": 0.0}
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "countdown"])
+async def test_exact_judge_is_always_right(task: str) -> None:
+    env = aa.make("SolverJudge-v0", task=task)
+    for seed in range(8):
+        solver = solver_judge_solver if seed % 2 else (lambda o, s=seed: env.unwrapped.sample_action("solver"))
+        returns, _ = await _play(env.unwrapped, solver, solver_judge_judge, seed)
+        assert returns["judge"] == 1.0
+
+
+async def test_seeding_and_options() -> None:
+    env = SolverJudge(task="countdown")
+    a, b = (await env.reset(seed=2)), (await env.reset(seed=2))
+    assert a == b and a[1]["judge"]["task"].startswith("Numbers: ")
+    assert env.sample_action("judge") in ("correct", "incorrect")
+    with pytest.raises(ValueError, match="task must be"):
+        SolverJudge(task="chess")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="digits"):
+        SolverJudge(digits=0)
