@@ -56,8 +56,12 @@ def solve_countdown(numbers: Iterable[int], target: int) -> str | None:
         seen.add(key)
         for (i, (a, ea)), (j, (b, eb)) in itertools.combinations(enumerate(items), 2):
             rest = [it for k, it in enumerate(items) if k not in (i, j)]
-            options = [(a + b, f"({ea} + {eb})"), (a * b, f"({ea} * {eb})"),
-                       (a - b, f"({ea} - {eb})"), (b - a, f"({eb} - {ea})")]
+            options = [
+                (a + b, f"({ea} + {eb})"),
+                (a * b, f"({ea} * {eb})"),
+                (a - b, f"({ea} - {eb})"),
+                (b - a, f"({eb} - {ea})"),
+            ]
             if b != 0:
                 options.append((a / b, f"({ea} / {eb})"))
             if a != 0:
@@ -134,8 +138,11 @@ def calculator_player(observation: Any) -> dict[str, Any]:
         return {"role": "assistant", "content": f"Answer: {results[-1]['content']}"}
     question = _last(r"What is (.+)\?", _text(messages))
     expression = question.group(1) if question else "0"
-    call = {"id": "call_0", "type": "function",
-            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}
+    call = {
+        "id": "call_0",
+        "type": "function",
+        "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})},
+    }
     return {"role": "assistant", "content": None, "tool_calls": [call]}
 
 
@@ -177,7 +184,11 @@ def signaling_listener(observation: Any) -> str:
     spec = _last(r"symbols (\w)-(\w)", text)
     names = sorted(items.group(1).split()) if items else ["A"]
     alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
-    vocab = alphabet[alphabet.index(spec.group(1)) : alphabet.index(spec.group(2)) + 1] if spec else "0123456789"
+    vocab = (
+        alphabet[alphabet.index(spec.group(1)) : alphabet.index(spec.group(2)) + 1]
+        if spec
+        else "0123456789"
+    )
     index = 0
     for ch in message.group(1) if message else "":
         index = index * len(vocab) + vocab.index(ch) if ch in vocab else index

@@ -132,7 +132,9 @@ def evaluate(text: str) -> Fraction:
 
 def format_number(value: Fraction) -> str:
     """``7`` for integers, ``7/2`` otherwise."""
-    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    return (
+        str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    )
 
 
 _ANSWER = re.compile(r"answer\s*[:=]\s*(.+)", re.IGNORECASE)

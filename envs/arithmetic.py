@@ -15,7 +15,9 @@ OPERATIONS = "+-*/"
 _ANSWER = re.compile(r"answer\s*:\s*(-?\d+)\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
 
 
-def make_task(rng: np.random.Generator, digits: int = 2, operations: str = "+-*") -> tuple[str, int]:
+def make_task(
+    rng: np.random.Generator, digits: int = 2, operations: str = "+-*"
+) -> tuple[str, int]:
     """Draw ``(question, answer)``, e.g. ``("47 * 83", 3901)``; division is always exact."""
     low, high = 10 ** (digits - 1) if digits > 1 else 0, 10**digits
     a, b = (int(x) for x in rng.integers(low, high, size=2))
@@ -70,11 +72,15 @@ class Arithmetic(AgentEnv[list[Message], Message | str]):
         partial_credit: give partial reward for well-formatted wrong answers.
     """
 
-    def __init__(self, digits: int = 2, operations: str = "+-*", partial_credit: bool = False) -> None:
+    def __init__(
+        self, digits: int = 2, operations: str = "+-*", partial_credit: bool = False
+    ) -> None:
         if not 1 <= digits <= 9:
             raise ValueError(f"digits must be in 1..9, got {digits}")
         if not operations or set(operations) - set(OPERATIONS):
-            raise ValueError(f"operations must be a non-empty subset of {OPERATIONS!r}, got {operations!r}")
+            raise ValueError(
+                f"operations must be a non-empty subset of {OPERATIONS!r}, got {operations!r}"
+            )
         self.digits = digits
         self.operations = operations
         self.partial_credit = partial_credit

@@ -33,10 +33,10 @@ def run_tool_call(call: ToolCall) -> str:
     try:
         args = json.loads(call["function"]["arguments"] or "{}")
     except json.JSONDecodeError as exc:
-        return f"error: arguments are not valid JSON ({exc.msg}); send {{\"expression\": \"...\"}}"
+        return f'error: arguments are not valid JSON ({exc.msg}); send {{"expression": "..."}}'
     expression = args.get("expression") if isinstance(args, dict) else None
     if not isinstance(expression, str):
-        return "error: missing string argument 'expression'; send {\"expression\": \"...\"}"
+        return 'error: missing string argument \'expression\'; send {"expression": "..."}'
     try:
         return format_number(evaluate(expression))
     except ExprError as exc:
@@ -62,7 +62,9 @@ class Calculator(AgentEnv[list[Message], Message | str]):
 
     def __init__(self, digits: int = 4, terms: int = 3, max_turns: int = 4) -> None:
         if digits < 1 or terms < 2 or max_turns < 1:
-            raise ValueError(f"need digits >= 1, terms >= 2, max_turns >= 1; got {digits}, {terms}, {max_turns}")
+            raise ValueError(
+                f"need digits >= 1, terms >= 2, max_turns >= 1; got {digits}, {terms}, {max_turns}"
+            )
         self.digits, self.terms, self.max_turns = digits, terms, max_turns
         self.tools: list[dict[str, Any]] = [CALCULATOR_TOOL]
         self.question, self.answer, self.turns = "", 0, 0
@@ -75,9 +77,13 @@ class Calculator(AgentEnv[list[Message], Message | str]):
         if seed is not None:
             self._action_rng.seed(seed)
         rng = self.np_random
-        numbers = [int(rng.integers(10 ** (self.digits - 1), 10**self.digits)) for _ in range(self.terms)]
+        numbers = [
+            int(rng.integers(10 ** (self.digits - 1), 10**self.digits)) for _ in range(self.terms)
+        ]
         ops = [str(rng.choice(["+", "-", "*"])) for _ in range(self.terms - 1)]
-        self.question = " ".join([str(numbers[0])] + [f"{o} {n}" for o, n in zip(ops, numbers[1:], strict=True)])
+        self.question = " ".join(
+            [str(numbers[0])] + [f"{o} {n}" for o, n in zip(ops, numbers[1:], strict=True)]
+        )
         self.answer = int(evaluate(self.question))
         self.turns = 0
         task = f"Use the calculator tool, then reply 'Answer: <number>'.\nWhat is {self.question}?"
@@ -93,8 +99,16 @@ class Calculator(AgentEnv[list[Message], Message | str]):
             given = parse_answer(message["content"])
             correct = given == self.answer
             feedback = "Correct." if correct else f"Wrong: the answer is {self.answer}."
-            return [user(feedback)], float(correct), True, False, {"answer": self.answer, "given": given}
-        results = [tool_result(c["id"], run_tool_call(c), name=c["function"]["name"]) for c in calls]
+            return (
+                [user(feedback)],
+                float(correct),
+                True,
+                False,
+                {"answer": self.answer, "given": given},
+            )
+        results = [
+            tool_result(c["id"], run_tool_call(c), name=c["function"]["name"]) for c in calls
+        ]
         info = {"tool_calls": len(calls), "answer": self.answer}
         if self.turns >= self.max_turns:
             return [*results, user("Out of turns.")], 0.0, True, False, info

@@ -15,7 +15,11 @@ from ._expr import ExprError, extract_answer, parse
 
 Difficulty = Literal["easy", "medium", "hard"]
 # difficulty -> (how many numbers, largest number, most numbers the hidden solution uses)
-LEVELS: dict[str, tuple[int, int, int]] = {"easy": (3, 10, 2), "medium": (4, 25, 3), "hard": (5, 50, 4)}
+LEVELS: dict[str, tuple[int, int, int]] = {
+    "easy": (3, 10, 2),
+    "medium": (4, 25, 3),
+    "hard": (5, 50, 4),
+}
 
 
 def make_task(rng: np.random.Generator, difficulty: Difficulty = "medium") -> tuple[list[int], int]:
@@ -106,7 +110,13 @@ class Countdown(AgentEnv[list[Message], Message | str]):
         expression = extract_answer(text)
         correct, reason = check(expression, self.numbers, self.target)
         info = {"correct": correct, "reason": reason, "expression": expression}
-        return [user("Correct." if correct else f"Wrong: {reason}.")], float(correct), True, False, info
+        return (
+            [user("Correct." if correct else f"Wrong: {reason}.")],
+            float(correct),
+            True,
+            False,
+            info,
+        )
 
     def sample_action(self, agent: str | None = None) -> str:
         """A random expression over the current numbers (usually wrong)."""

@@ -70,7 +70,13 @@ class GuessNumber(AgentEnv[list[Message], Message | str]):
         else:
             feedback = "Higher." if guess < self.secret else "Lower."
         if self.guesses_left == 0:
-            return [user(f"{feedback} No guesses left; it was {self.secret}.")], 0.0, True, False, info
+            return (
+                [user(f"{feedback} No guesses left; it was {self.secret}.")],
+                0.0,
+                True,
+                False,
+                info,
+            )
         return [user(f"{feedback} Guesses left: {self.guesses_left}")], 0.0, False, False, info
 
     def sample_action(self, agent: str | None = None) -> str:

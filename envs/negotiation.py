@@ -43,13 +43,20 @@ class Negotiation(MultiAgentEnv[list[Message], Message | str]):
         max_turns: replies allowed in all.
     """
 
-    def __init__(self, num_types: int = 3, max_count: int = 3, total: int = 10, max_turns: int = 6) -> None:
+    def __init__(
+        self, num_types: int = 3, max_count: int = 3, total: int = 10, max_turns: int = 6
+    ) -> None:
         if not 1 <= num_types <= len(ITEMS) or max_count < 1 or total < 1 or max_turns < 1:
             raise ValueError(
                 f"need 1 <= num_types <= {len(ITEMS)}, max_count >= 1, total >= 1, max_turns >= 1; "
                 f"got {num_types}, {max_count}, {total}, {max_turns}"
             )
-        self.num_types, self.max_count, self.total, self.max_turns = num_types, max_count, total, max_turns
+        self.num_types, self.max_count, self.total, self.max_turns = (
+            num_types,
+            max_count,
+            total,
+            max_turns,
+        )
         self.possible_agents = list(AGENTS)
         self.agents: list[str] = []
         self.counts: list[int] = []
@@ -105,8 +112,14 @@ class Negotiation(MultiAgentEnv[list[Message], Message | str]):
         """What ``kept`` (counts per type) is worth to ``agent``."""
         return sum(k * v for k, v in zip(kept, self.values[agent], strict=True))
 
-    async def step(self, actions: Mapping[str, Message | str]) -> tuple[
-        dict[str, list[Message]], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]
+    async def step(
+        self, actions: Mapping[str, Message | str]
+    ) -> tuple[
+        dict[str, list[Message]],
+        dict[str, float],
+        dict[str, bool],
+        dict[str, bool],
+        dict[str, dict[str, Any]],
     ]:
         (agent,) = actions
         other = AGENTS[1 - AGENTS.index(agent)]
@@ -128,10 +141,18 @@ class Negotiation(MultiAgentEnv[list[Message], Message | str]):
             rest = [c - k for c, k in zip(self.counts, reply, strict=True)]
             news = f"Offer: you get {self._describe(rest)} (worth {self.share_value(other, rest)} to you)."
         else:
-            news = f"Invalid reply ({reply})." + ("" if self.offer is None else " The last offer stands.")
+            news = f"Invalid reply ({reply})." + (
+                "" if self.offer is None else " The last offer stands."
+            )
         if self.turn >= self.max_turns:
             self.agents = []
-            return {}, zeros, dict.fromkeys(AGENTS, True), flags, {a: {"deal": False} for a in AGENTS}
+            return (
+                {},
+                zeros,
+                dict.fromkeys(AGENTS, True),
+                flags,
+                {a: {"deal": False} for a in AGENTS},
+            )
         said = f"{agent.capitalize()}: {text[:120]}\n{news}"
         intro = [user(self._intro(other))] if self.turn == 1 else []
         infos = {a: {"reply": reply if isinstance(reply, str) else list(reply)} for a in AGENTS}
@@ -142,4 +163,6 @@ class Negotiation(MultiAgentEnv[list[Message], Message | str]):
         rng = self._action_rng
         if rng.random() < 0.2:
             return "accept"
-        return "propose: " + " ".join(str(rng.randint(0, c)) for c in (self.counts or [1] * self.num_types))
+        return "propose: " + " ".join(
+            str(rng.randint(0, c)) for c in (self.counts or [1] * self.num_types)
+        )

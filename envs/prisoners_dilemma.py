@@ -12,7 +12,12 @@ from ..messages import Message, parse_action, user
 
 AGENTS = ["player_0", "player_1"]
 # (my move, other's move) -> (my payoff, other's payoff)
-DEFAULT_PAYOFFS: dict[str, tuple[float, float]] = {"CC": (3, 3), "CD": (0, 5), "DC": (5, 0), "DD": (1, 1)}
+DEFAULT_PAYOFFS: dict[str, tuple[float, float]] = {
+    "CC": (3, 3),
+    "CD": (0, 5),
+    "DC": (5, 0),
+    "DD": (1, 1),
+}
 _MOVE = re.compile(r"\b(c|d|cooperate|defect)\b", re.IGNORECASE)
 
 
@@ -45,7 +50,9 @@ class PrisonersDilemma(MultiAgentEnv[list[Message], Message | str]):
         self.payoffs = {k: (float(v[0]), float(v[1])) for k, v in table.items()}
         for key, (mine, other) in self.payoffs.items():
             if self.payoffs[key[::-1]] != (other, mine):
-                raise ValueError(f"payoffs must be symmetric: {key}={table[key]} vs {key[::-1]}={table[key[::-1]]}")
+                raise ValueError(
+                    f"payoffs must be symmetric: {key}={table[key]} vs {key[::-1]}={table[key[::-1]]}"
+                )
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         self.rounds = rounds
@@ -70,8 +77,14 @@ class PrisonersDilemma(MultiAgentEnv[list[Message], Message | str]):
         first = f"{self._intro()}\nRound 1 of {self.rounds}."
         return {a: [user(first)] for a in AGENTS}, {a: {} for a in AGENTS}
 
-    async def step(self, actions: Mapping[str, Message | str]) -> tuple[
-        dict[str, list[Message]], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]
+    async def step(
+        self, actions: Mapping[str, Message | str]
+    ) -> tuple[
+        dict[str, list[Message]],
+        dict[str, float],
+        dict[str, bool],
+        dict[str, bool],
+        dict[str, dict[str, Any]],
     ]:
         moves = [parse_move(parse_action(actions[a])["content"]) for a in AGENTS]
         rewards: dict[str, float] = {}
@@ -80,17 +93,25 @@ class PrisonersDilemma(MultiAgentEnv[list[Message], Message | str]):
             rewards[agent] = 0.0 if mine is None else self.payoffs[mine + theirs][0]
         self.history.append((moves[0], moves[1]))
         self.round += 1
-        infos = {a: {"moves": dict(zip(AGENTS, moves, strict=True)), "round": self.round} for a in AGENTS}
+        infos = {
+            a: {"moves": dict(zip(AGENTS, moves, strict=True)), "round": self.round} for a in AGENTS
+        }
         done = self.round >= self.rounds
         if done:
             self.agents = []
-        obs = {} if done else {
-            a: [user(
-                f"Round {self.round + 1} of {self.rounds}. You got {rewards[a]:g}. "
-                f"Other's last move: {moves[1 - i] or 'none'}"
-            )]
-            for i, a in enumerate(AGENTS)
-        }
+        obs = (
+            {}
+            if done
+            else {
+                a: [
+                    user(
+                        f"Round {self.round + 1} of {self.rounds}. You got {rewards[a]:g}. "
+                        f"Other's last move: {moves[1 - i] or 'none'}"
+                    )
+                ]
+                for i, a in enumerate(AGENTS)
+            }
+        )
         return obs, rewards, dict.fromkeys(AGENTS, done), dict.fromkeys(AGENTS, False), infos
 
     def sample_action(self, agent: str | None = None) -> str:

@@ -47,7 +47,9 @@ class Signaling(MultiAgentEnv[list[Message], Message | str]):
         self.vocab_size = num_items if vocab_size is None else vocab_size
         self.pool_size = num_items if pool_size is None else pool_size
         if not 2 <= num_items <= self.pool_size <= 26:
-            raise ValueError(f"need 2 <= num_items <= pool_size <= 26, got {num_items}, {self.pool_size}")
+            raise ValueError(
+                f"need 2 <= num_items <= pool_size <= 26, got {num_items}, {self.pool_size}"
+            )
         if not 2 <= self.vocab_size <= 26 or message_length < 1 or rounds < 1:
             raise ValueError(
                 f"need 2 <= vocab_size <= 26, message_length >= 1, rounds >= 1; "
@@ -106,8 +108,14 @@ class Signaling(MultiAgentEnv[list[Message], Message | str]):
         positions = [int(n) for n in re.findall(r"\d+", text) if 1 <= int(n) <= self.num_items]
         return self.listener_items[positions[-1] - 1] if positions else None
 
-    async def step(self, actions: Mapping[str, Message | str]) -> tuple[
-        dict[str, list[Message]], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]
+    async def step(
+        self, actions: Mapping[str, Message | str]
+    ) -> tuple[
+        dict[str, list[Message]],
+        dict[str, float],
+        dict[str, bool],
+        dict[str, bool],
+        dict[str, dict[str, Any]],
     ]:
         zeros = dict.fromkeys(AGENTS, 0.0)
         flags = dict.fromkeys(AGENTS, False)
@@ -130,10 +138,18 @@ class Signaling(MultiAgentEnv[list[Message], Message | str]):
             self.agents = []
             return {}, rewards, dict.fromkeys(AGENTS, True), flags, infos
         self._last_result = [
-            user(f"Round {self.round}: target {self.target}, listener picked {choice or 'nothing'}.")
+            user(
+                f"Round {self.round}: target {self.target}, listener picked {choice or 'nothing'}."
+            )
         ]
         self._new_round()
-        return {"speaker": [*self._last_result, user(self._speaker_prompt)]}, rewards, flags, dict(flags), infos
+        return (
+            {"speaker": [*self._last_result, user(self._speaker_prompt)]},
+            rewards,
+            flags,
+            dict(flags),
+            infos,
+        )
 
     def sample_action(self, agent: str | None = None) -> str:
         """Speaker: random symbols; listener: a random candidate name."""

@@ -49,7 +49,12 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
             raise ValueError(f"task must be 'arithmetic' or 'countdown', got {task!r}")
         arithmetic.Arithmetic(digits=digits, operations=operations)  # validates the options
         countdown.Countdown(difficulty=difficulty)
-        self.task, self.digits, self.operations, self.difficulty = task, digits, operations, difficulty
+        self.task, self.digits, self.operations, self.difficulty = (
+            task,
+            digits,
+            operations,
+            difficulty,
+        )
         self.possible_agents = list(AGENTS)
         self.agents: list[str] = []
         self.question, self.answer = "", 0
@@ -65,7 +70,9 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
             self._action_rng.seed(seed)
         self.agents, self.solver_text = list(AGENTS), ""
         if self.task == "arithmetic":
-            self.question, self.answer = arithmetic.make_task(self.np_random, self.digits, self.operations)
+            self.question, self.answer = arithmetic.make_task(
+                self.np_random, self.digits, self.operations
+            )
             prompt, self._short = arithmetic.prompt(self.question), f"{self.question} = ?"
         else:
             self.numbers, self.answer = countdown.make_task(self.np_random, self.difficulty)
@@ -79,8 +86,14 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
             return arithmetic.score(text, self.answer)[0] == 1.0
         return countdown.check(extract_answer(text), self.numbers, self.answer)[0]
 
-    async def step(self, actions: Mapping[str, Message | str]) -> tuple[
-        dict[str, list[Message]], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]
+    async def step(
+        self, actions: Mapping[str, Message | str]
+    ) -> tuple[
+        dict[str, list[Message]],
+        dict[str, float],
+        dict[str, bool],
+        dict[str, bool],
+        dict[str, dict[str, Any]],
     ]:
         flags = dict.fromkeys(AGENTS, False)
         if "solver" in actions:
@@ -89,7 +102,13 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
                 f"Judge the solver's answer. Reply 'correct' or 'incorrect'.\nTask: {self._short}\n"
                 f"Solver: {self.solver_text[-300:]}"
             )
-            return {"judge": [user(prompt)]}, dict.fromkeys(AGENTS, 0.0), flags, dict(flags), {a: {} for a in AGENTS}
+            return (
+                {"judge": [user(prompt)]},
+                dict.fromkeys(AGENTS, 0.0),
+                flags,
+                dict(flags),
+                {a: {} for a in AGENTS},
+            )
         verdict = parse_verdict(parse_action(actions["judge"])["content"])
         truth = self.verify(self.solver_text)
         rewards = {

@@ -42,7 +42,9 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
         max_reasks: illegal replies tolerated in a row with ``"reask"``.
     """
 
-    def __init__(self, illegal: Literal["penalty", "reask"] = "penalty", max_reasks: int = 2) -> None:
+    def __init__(
+        self, illegal: Literal["penalty", "reask"] = "penalty", max_reasks: int = 2
+    ) -> None:
         if illegal not in ("penalty", "reask"):
             raise ValueError(f"illegal must be 'penalty' or 'reask', got {illegal!r}")
         if max_reasks < 0:
@@ -58,9 +60,13 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
 
     def _prompt(self, agent: str, news: str) -> Message:
         mark = agent.upper()
-        intro = "" if agent in self._started else (
-            "Tic-tac-toe. Cells are numbered 1-9 row by row. Reply with the number of an empty "
-            "cell (.). "
+        intro = (
+            ""
+            if agent in self._started
+            else (
+                "Tic-tac-toe. Cells are numbered 1-9 row by row. Reply with the number of an empty "
+                "cell (.). "
+            )
         )
         self._started.add(agent)
         return user(f"{intro}{news}You are {mark}. Board:\n{render(self.board)}")
@@ -84,10 +90,22 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
 
     def _end(self, rewards: dict[str, float], infos: dict[str, Any]) -> tuple[Any, ...]:
         self.agents = []
-        return {}, rewards, dict.fromkeys(AGENTS, True), dict.fromkeys(AGENTS, False), {a: dict(infos) for a in AGENTS}
+        return (
+            {},
+            rewards,
+            dict.fromkeys(AGENTS, True),
+            dict.fromkeys(AGENTS, False),
+            {a: dict(infos) for a in AGENTS},
+        )
 
-    async def step(self, actions: Mapping[str, Message | str]) -> tuple[
-        dict[str, list[Message]], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]
+    async def step(
+        self, actions: Mapping[str, Message | str]
+    ) -> tuple[
+        dict[str, list[Message]],
+        dict[str, float],
+        dict[str, bool],
+        dict[str, bool],
+        dict[str, dict[str, Any]],
     ]:
         agent = self.to_move
         other = AGENTS[1 - AGENTS.index(agent)]

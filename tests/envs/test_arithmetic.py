@@ -35,7 +35,10 @@ def test_score_exact_and_partial() -> None:
     assert score("Answer: 3901", 3901) == (1.0, "correct")
     assert score("Answer: 3900", 3901) == (0.0, "wrong (3900)")
     assert score("3901", 3901)[0] == 0.0
-    assert score("Answer: 3900", 3901, partial_credit=True) == (0.375, "wrong (3900), 3/4 digits right")
+    assert score("Answer: 3900", 3901, partial_credit=True) == (
+        0.375,
+        "wrong (3900), 3/4 digits right",
+    )
     assert score("Answer: 3901", 3901, partial_credit=True)[0] == 1.0
     assert score("nothing", 3901, partial_credit=True)[0] == 0.0
 
@@ -71,8 +74,11 @@ async def test_seeding() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"digits": 0}, "digits must be in 1..9"), ({"operations": "%"}, "operations must be"),
-     ({"operations": ""}, "operations must be")],
+    [
+        ({"digits": 0}, "digits must be in 1..9"),
+        ({"operations": "%"}, "operations must be"),
+        ({"operations": ""}, "operations must be"),
+    ],
 )
 def test_bad_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -13,7 +13,11 @@ from areal_agents.messages import tool_call
 
 
 def _call(name: str, arguments: dict | str, call_id: str = "c1") -> dict:
-    return {"role": "assistant", "content": None, "tool_calls": [tool_call(name, arguments, call_id)]}
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [tool_call(name, arguments, call_id)],
+    }
 
 
 def test_tool_schema() -> None:
@@ -25,12 +29,15 @@ def test_tool_schema() -> None:
 
 @pytest.mark.parametrize(
     ("name", "arguments", "result"),
-    [("calculator", {"expression": "12 * (3 + 4)"}, "84"), ("calculator", {"expression": "7 / 2"}, "7/2"),
-     ("calculator", {"expression": "1 / 0"}, "error: division by zero"),
-     ("calculator", "{not json", "error: arguments are not valid JSON"),
-     ("calculator", {"expr": "1"}, "error: missing string argument 'expression'"),
-     ("calculator", "[1, 2]", "error: missing string argument"),
-     ("search", {"q": "x"}, "error: unknown tool 'search'")],
+    [
+        ("calculator", {"expression": "12 * (3 + 4)"}, "84"),
+        ("calculator", {"expression": "7 / 2"}, "7/2"),
+        ("calculator", {"expression": "1 / 0"}, "error: division by zero"),
+        ("calculator", "{not json", "error: arguments are not valid JSON"),
+        ("calculator", {"expr": "1"}, "error: missing string argument 'expression'"),
+        ("calculator", "[1, 2]", "error: missing string argument"),
+        ("search", {"q": "x"}, "error: unknown tool 'search'"),
+    ],
 )
 def test_run_tool_call(name: str, arguments: dict | str, result: str) -> None:
     assert run_tool_call(tool_call(name, arguments)).startswith(result)
@@ -40,9 +47,18 @@ async def test_tool_round_trip_and_answer() -> None:
     env = aa.make("Calculator-v0")
     obs, info = await env.reset(seed=0)
     assert obs[0]["content"].endswith(f"What is {info['question']}?")
-    obs, reward, terminated, _, _ = await env.step(_call("calculator", {"expression": info["question"]}, "abc"))
+    obs, reward, terminated, _, _ = await env.step(
+        _call("calculator", {"expression": info["question"]}, "abc")
+    )
     assert (reward, terminated) == (0.0, False)
-    assert obs == [{"role": "tool", "content": str(info["answer"]), "tool_call_id": "abc", "name": "calculator"}]
+    assert obs == [
+        {
+            "role": "tool",
+            "content": str(info["answer"]),
+            "tool_call_id": "abc",
+            "name": "calculator",
+        }
+    ]
     obs, reward, terminated, _, _ = await env.step(f"Answer: {info['answer']}")
     assert (reward, terminated) == (1.0, True)
 
@@ -50,7 +66,11 @@ async def test_tool_round_trip_and_answer() -> None:
 async def test_bad_tool_calls_are_observations_not_crashes() -> None:
     env = Calculator(max_turns=5)
     await env.reset(seed=1)
-    two = {"role": "assistant", "content": "", "tool_calls": [tool_call("nope", {}, "a"), tool_call("calculator", "{", "b")]}
+    two = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [tool_call("nope", {}, "a"), tool_call("calculator", "{", "b")],
+    }
     obs, reward, terminated, _, info = await env.step(two)
     assert [m["tool_call_id"] for m in obs] == ["a", "b"] and info["tool_calls"] == 2
     assert all(m["role"] == "tool" and m["content"].startswith("error:") for m in obs)
@@ -61,7 +81,9 @@ async def test_wrong_answer_and_turn_budget() -> None:
     env = Calculator(max_turns=2)
     _, info = await env.reset(seed=2)
     obs, reward, terminated, *_ = await env.step("Answer: 1")
-    assert (reward, terminated) == (0.0, True) and obs[0]["content"] == f"Wrong: the answer is {info['answer']}."
+    assert (reward, terminated) == (0.0, True) and obs[0][
+        "content"
+    ] == f"Wrong: the answer is {info['answer']}."
     await env.reset(seed=2)
     await env.step(_call("calculator", {"expression": "1"}))
     obs, reward, terminated, *_ = await env.step(_call("calculator", {"expression": "2"}))
@@ -85,7 +107,9 @@ async def test_seeding_and_sample_action() -> None:
     a, b, c = (await env.reset(seed=9)), (await env.reset(seed=9)), (await env.reset(seed=10))
     assert a == b and a != c
     assert env.sample_action().startswith("Answer: ")
-    assert json.loads(calculator_player(a[0])["tool_calls"][0]["function"]["arguments"]) == {"expression": a[1]["question"]}
+    assert json.loads(calculator_player(a[0])["tool_calls"][0]["function"]["arguments"]) == {
+        "expression": a[1]["question"]
+    }
 
 
 def test_bad_options() -> None:

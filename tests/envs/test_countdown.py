@@ -15,8 +15,17 @@ import areal_agents as aa
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("1 + 2 * 3", 7), ("(1 + 2) * 3", 9), ("7 / 2", Fraction(7, 2)), ("-3 + 5", 2),
-     ("2 - 3 - 4", -5), ("8 / 4 / 2", 1), ("2 × 3 ÷ 4", Fraction(3, 2)), ("--2", 2), ("1.5 * 2", 3)],
+    [
+        ("1 + 2 * 3", 7),
+        ("(1 + 2) * 3", 9),
+        ("7 / 2", Fraction(7, 2)),
+        ("-3 + 5", 2),
+        ("2 - 3 - 4", -5),
+        ("8 / 4 / 2", 1),
+        ("2 × 3 ÷ 4", Fraction(3, 2)),
+        ("--2", 2),
+        ("1.5 * 2", 3),
+    ],
 )
 def test_parse_values(text: str, value: Fraction) -> None:
     assert parse(text).value == value
@@ -24,8 +33,16 @@ def test_parse_values(text: str, value: Fraction) -> None:
 
 @pytest.mark.parametrize(
     ("text", "error"),
-    [("", "empty"), ("1 +", "ends too early"), ("(1 + 2", "ends too early"), ("(1 + 2))", "after a complete"), ("1 / (2 - 2)", "division by zero"),
-     ("__import__('os')", "unexpected character"), ("1 2", "after a complete"), ("9" * 300, "too long")],
+    [
+        ("", "empty"),
+        ("1 +", "ends too early"),
+        ("(1 + 2", "ends too early"),
+        ("(1 + 2))", "after a complete"),
+        ("1 / (2 - 2)", "division by zero"),
+        ("__import__('os')", "unexpected character"),
+        ("1 2", "after a complete"),
+        ("9" * 300, "too long"),
+    ],
 )
 def test_parse_errors(text: str, error: str) -> None:
     with pytest.raises(ExprError, match=error):

@@ -17,7 +17,10 @@ async def test_feedback_sequence() -> None:
     low_guess = "0" if secret == 1 else "1"
     obs, reward, terminated, _, _ = await env.step(f"I guess {low_guess}")
     assert reward == 0.0 and not terminated
-    assert obs[0]["content"] in ("Higher. Guesses left: 4", "0 is out of range: the number is from 1 to 10. Guesses left: 4")
+    assert obs[0]["content"] in (
+        "Higher. Guesses left: 4",
+        "0 is out of range: the number is from 1 to 10. Guesses left: 4",
+    )
     obs, reward, terminated, _, step_info = await env.step(f"maybe 3, no: {secret}")
     assert (reward, terminated, step_info["guess"]) == (1.0, True, secret)
     assert obs[0]["content"] == f"Correct! It was {secret}."
@@ -31,7 +34,10 @@ async def test_lower_and_running_out() -> None:
     assert obs[0]["content"] == "Lower. Guesses left: 1"
     obs, reward, terminated, truncated, _ = await env.step("no number here")
     assert (reward, terminated, truncated) == (0.0, True, False)
-    assert obs[0]["content"] == f"Reply with one whole number from 1 to 100. No guesses left; it was {info['secret']}."
+    assert (
+        obs[0]["content"]
+        == f"Reply with one whole number from 1 to 100. No guesses left; it was {info['secret']}."
+    )
     with pytest.raises(aa.ResetNeeded):
         await env.step("5")
 
@@ -55,7 +61,10 @@ async def test_seeding_and_sampling() -> None:
     assert 1 <= int(env.unwrapped.sample_action()) <= 100
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"low": 5, "high": 1}, "high must be"), ({"max_guesses": 0}, "max_guesses")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"low": 5, "high": 1}, "high must be"), ({"max_guesses": 0}, "max_guesses")],
+)
 def test_bad_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         GuessNumber(**kwargs)

@@ -25,10 +25,14 @@ async def _setup(seed: int = 0) -> Negotiation:
 
 async def test_proposal_and_accept_rewards() -> None:
     env = await _setup()
-    obs, rewards, terms, _, infos = await env.step({"alice": "I want the book and balls. propose: 1 0 3"})
+    obs, rewards, terms, _, infos = await env.step(
+        {"alice": "I want the book and balls. propose: 1 0 3"}
+    )
     assert list(obs) == ["bob"] and rewards == {"alice": 0.0, "bob": 0.0} and not terms["bob"]
     assert infos["bob"]["reply"] == [1, 0, 3]
-    assert obs["bob"][0]["content"].startswith("Divide 1 book, 2 hat, 3 ball with Alice. Your values: book 1, hat 3, ball 1")
+    assert obs["bob"][0]["content"].startswith(
+        "Divide 1 book, 2 hat, 3 ball with Alice. Your values: book 1, hat 3, ball 1"
+    )
     assert obs["bob"][-1]["content"] == (
         "Alice: I want the book and balls. propose: 1 0 3\nOffer: you get 0 book, 2 hat, 0 ball (worth 6 to you)."
     )
@@ -43,7 +47,9 @@ async def test_proposal_and_accept_rewards() -> None:
 async def test_invalid_replies_waste_the_turn() -> None:
     env = await _setup()
     obs, *_ = await env.step({"alice": "accept"})
-    assert obs["bob"][-1]["content"].endswith("Invalid reply (there is no offer from the other agent to accept).")
+    assert obs["bob"][-1]["content"].endswith(
+        "Invalid reply (there is no offer from the other agent to accept)."
+    )
     obs, *_ = await env.step({"bob": "propose: 2 0 0"})
     assert "asked for more than there is (1 book, 2 hat, 3 ball)" in obs["alice"][-1]["content"]
     assert len(obs["alice"]) == 1  # alice already saw the task
@@ -56,7 +62,9 @@ async def test_cannot_accept_own_offer() -> None:
     env = await _setup()
     await env.step({"alice": "propose: 1 0 0"})
     obs, *_ = await env.step({"bob": "what?"})
-    assert obs["alice"][-1]["content"].endswith("Invalid reply (no proposal found; reply 'propose:' and 3 numbers, or 'accept'). The last offer stands.")
+    assert obs["alice"][-1]["content"].endswith(
+        "Invalid reply (no proposal found; reply 'propose:' and 3 numbers, or 'accept'). The last offer stands."
+    )
     obs, rewards, *_ = await env.step({"alice": "accept"})
     assert env.agents == ["alice", "bob"] and rewards == {"alice": 0.0, "bob": 0.0}
 
@@ -74,7 +82,10 @@ async def test_fair_players_reach_deals() -> None:
                 total[a] += r
         assert infos["alice"]["deal"]
         for a in total:
-            assert total[a] == sum(k * v for k, v in zip(infos[a]["share"], values[a], strict=True)) / 10
+            assert (
+                total[a]
+                == sum(k * v for k, v in zip(infos[a]["share"], values[a], strict=True)) / 10
+            )
         assert sum(total.values()) >= 0.8
 
 
@@ -83,7 +94,10 @@ async def test_seeding_and_sample_action() -> None:
     a, b = (await env.reset(seed=5)), (await env.reset(seed=5))
     assert a == b
     for agent in ("alice", "bob"):
-        assert sum(c * v for c, v in zip(a[1][agent]["counts"], a[1][agent]["values"], strict=True)) == 10
+        assert (
+            sum(c * v for c, v in zip(a[1][agent]["counts"], a[1][agent]["values"], strict=True))
+            == 10
+        )
     assert {env.sample_action("alice").split(":")[0] for _ in range(40)} == {"accept", "propose"}
 
 

@@ -30,14 +30,19 @@ def test_parse_move() -> None:
 async def test_payoffs_per_round() -> None:
     env = PrisonersDilemma(rounds=4)
     obs, _ = await env.reset(seed=0)
-    assert set(obs) == {"player_0", "player_1"} and obs["player_0"][0]["content"].endswith("Round 1 of 4.")
+    assert set(obs) == {"player_0", "player_1"} and obs["player_0"][0]["content"].endswith(
+        "Round 1 of 4."
+    )
     expected = [("C", "C", 3, 3), ("C", "D", 0, 5), ("D", "C", 5, 0), ("D", "D", 1, 1)]
     for i, (a, b, ra, rb) in enumerate(expected):
         obs, rewards, terms, _truncs, infos = await env.step({"player_0": a, "player_1": b})
         assert rewards == {"player_0": ra, "player_1": rb}
         assert infos["player_1"]["moves"] == {"player_0": a, "player_1": b}
         if i < 3:
-            assert obs["player_0"][0]["content"] == f"Round {i + 2} of 4. You got {ra}. Other's last move: {b}"
+            assert (
+                obs["player_0"][0]["content"]
+                == f"Round {i + 2} of 4. You got {ra}. Other's last move: {b}"
+            )
     assert obs == {} and env.agents == [] and terms == {"player_0": True, "player_1": True}
     with pytest.raises(aa.ResetNeeded):
         await env.step({"player_0": "C", "player_1": "C"})
@@ -64,11 +69,16 @@ async def test_strategies() -> None:
     env = aa.make("PrisonersDilemma-v0", rounds=10)
     assert await _play(env, pd_tit_for_tat, pd_tit_for_tat) == {"player_0": 30.0, "player_1": 30.0}
     assert await _play(env, pd_tit_for_tat, pd_always_defect) == {"player_0": 9.0, "player_1": 14.0}
-    assert await _play(env, pd_always_defect, pd_always_cooperate) == {"player_0": 50.0, "player_1": 0.0}
+    assert await _play(env, pd_always_defect, pd_always_cooperate) == {
+        "player_0": 50.0,
+        "player_1": 0.0,
+    }
 
 
 async def test_custom_payoffs_and_validation() -> None:
-    env = PrisonersDilemma(rounds=1, payoffs={"CC": [2, 2], "CD": [-1, 4], "DC": [4, -1], "DD": [0, 0]})
+    env = PrisonersDilemma(
+        rounds=1, payoffs={"CC": [2, 2], "CD": [-1, 4], "DC": [4, -1], "DD": [0, 0]}
+    )
     await env.reset(seed=0)
     _, rewards, *_ = await env.step({"player_0": "cooperate", "player_1": "defect"})
     assert rewards == {"player_0": -1.0, "player_1": 4.0}
@@ -83,5 +93,7 @@ async def test_custom_payoffs_and_validation() -> None:
 async def test_seeding_and_sample_action() -> None:
     a, b = PrisonersDilemma(), PrisonersDilemma()
     assert (await a.reset(seed=3)) == (await b.reset(seed=3))
-    assert [a.sample_action("player_0") for _ in range(8)] == [b.sample_action("player_0") for _ in range(8)]
+    assert [a.sample_action("player_0") for _ in range(8)] == [
+        b.sample_action("player_0") for _ in range(8)
+    ]
     assert {a.sample_action("player_1") for _ in range(30)} == {"C", "D"}

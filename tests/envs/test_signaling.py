@@ -9,7 +9,9 @@ from areal_agents.envs.signaling import Signaling
 import areal_agents as aa
 
 
-async def _play(env: Signaling, seed: int, speaker=signaling_speaker, listener=signaling_listener) -> dict[str, float]:
+async def _play(
+    env: Signaling, seed: int, speaker=signaling_speaker, listener=signaling_listener
+) -> dict[str, float]:
     players = {"speaker": speaker, "listener": listener}
     obs, _ = await env.reset(seed=seed)
     returns = dict.fromkeys(env.possible_agents, 0.0)
@@ -28,11 +30,16 @@ async def test_turns_prompts_and_reward() -> None:
     assert text.endswith(f"target: {env.target}") and "from 0-3" in text
     obs, rewards, terms, truncs, infos = await env.step({"speaker": "I say 2, then 3"})
     assert list(obs) == ["listener"] and rewards == {"speaker": 0.0, "listener": 0.0}
-    assert infos["listener"]["message"] == "2" and obs["listener"][0]["content"].endswith("message: 2")
+    assert infos["listener"]["message"] == "2" and obs["listener"][0]["content"].endswith(
+        "message: 2"
+    )
     assert obs["listener"][0]["content"].startswith(f"Items: {' '.join(env.listener_items)}.")
     obs, rewards, terms, truncs, infos = await env.step({"listener": env.target})
     assert obs == {} and env.agents == [] and rewards == {"speaker": 1.0, "listener": 1.0}
-    assert terms == {"speaker": True, "listener": True} and truncs == {"speaker": False, "listener": False}
+    assert terms == {"speaker": True, "listener": True} and truncs == {
+        "speaker": False,
+        "listener": False,
+    }
     with pytest.raises(aa.ResetNeeded):
         await env.step({"speaker": "1"})
 
@@ -47,7 +54,7 @@ async def test_wrong_pick_and_misuse() -> None:
     obs, *_ = await env.step({"speaker": "no symbols here"})
     assert obs["listener"][0]["content"].endswith("message: (none)")
     wrong = next(i for i in env.items if i != env.target)
-    _, rewards, *_ , infos = await env.step({"listener": f"I pick {wrong}."})
+    _, rewards, *_, infos = await env.step({"listener": f"I pick {wrong}."})
     assert rewards == {"speaker": 0.0, "listener": 0.0} and infos["speaker"]["choice"] == wrong
 
 
@@ -63,8 +70,12 @@ def test_parse_choice() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"num_items": 8, "rounds": 3}, {"num_items": 9, "vocab_size": 3, "message_length": 2},
-     {"num_items": 5, "pool_size": 26, "vocab_size": 20}],
+    [
+        {},
+        {"num_items": 8, "rounds": 3},
+        {"num_items": 9, "vocab_size": 3, "message_length": 2},
+        {"num_items": 5, "pool_size": 26, "vocab_size": 20},
+    ],
 )
 async def test_scripted_pair_is_optimal(kwargs: dict) -> None:
     env = Signaling(**kwargs)
@@ -94,8 +105,15 @@ async def test_seeding_and_sample_action() -> None:
     assert env.unwrapped.sample_action("listener") in env.unwrapped.items
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"num_items": 1}, "num_items"), ({"vocab_size": 30}, "vocab_size"),
-                                               ({"rounds": 0}, "rounds"), ({"num_items": 5, "pool_size": 4}, "pool_size")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_items": 1}, "num_items"),
+        ({"vocab_size": 30}, "vocab_size"),
+        ({"rounds": 0}, "rounds"),
+        ({"num_items": 5, "pool_size": 4}, "pool_size"),
+    ],
+)
 def test_bad_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Signaling(**kwargs)

@@ -35,14 +35,21 @@ async def test_turns_and_prompts() -> None:
     obs, infos = await env.reset(seed=0)
     assert list(obs) == ["solver"] and obs["solver"][0]["content"].endswith(f"{env.question} = ?")
     obs, rewards, terms, _, _ = await env.step({"solver": "Answer: 5"})
-    assert list(obs) == ["judge"] and rewards == {"solver": 0.0, "judge": 0.0} and not any(terms.values())
+    assert (
+        list(obs) == ["judge"]
+        and rewards == {"solver": 0.0, "judge": 0.0}
+        and not any(terms.values())
+    )
     assert obs["judge"][0]["content"] == (
         f"Judge the solver's answer. Reply 'correct' or 'incorrect'.\nTask: {env.question} = ?\nSolver: Answer: 5"
     )
     obs, rewards, terms, _, infos = await env.step({"judge": "correct"})
     assert obs == {} and env.agents == [] and terms == {"solver": True, "judge": True}
     truth = env.answer == 5
-    assert rewards == {"solver": 1.0, "judge": float(truth)} and infos["judge"]["solver_correct"] is truth
+    assert (
+        rewards == {"solver": 1.0, "judge": float(truth)}
+        and infos["judge"]["solver_correct"] is truth
+    )
     with pytest.raises(aa.ResetNeeded):
         await env.step({"solver": "x"})
 
@@ -64,7 +71,11 @@ async def test_rewards_matrix(task: str) -> None:
 async def test_exact_judge_is_always_right(task: str) -> None:
     env = aa.make("SolverJudge-v0", task=task)
     for seed in range(8):
-        solver = solver_judge_solver if seed % 2 else (lambda o, s=seed: env.unwrapped.sample_action("solver"))
+        solver = (
+            solver_judge_solver
+            if seed % 2
+            else (lambda o, s=seed: env.unwrapped.sample_action("solver"))
+        )
         returns, _ = await _play(env.unwrapped, solver, solver_judge_judge, seed)
         assert returns["judge"] == 1.0
 

@@ -31,12 +31,17 @@ def test_rules_helpers() -> None:
 async def test_win_and_observations() -> None:
     env = TicTacToe()
     obs, _ = await env.reset(seed=0)
-    assert list(obs) == ["x"] and obs["x"][0]["content"].endswith("You are X. Board:\n...\n...\n...")
+    assert list(obs) == ["x"] and obs["x"][0]["content"].endswith(
+        "You are X. Board:\n...\n...\n..."
+    )
     moves = [("x", "1"), ("o", "4"), ("x", "2"), ("o", "5")]
     for agent, move in moves:
         obs, rewards, terms, _, _ = await env.step({agent: move})
         assert rewards == {"x": 0.0, "o": 0.0} and not any(terms.values())
-    assert list(obs) == ["x"] and obs["x"][0]["content"] == "Opponent played 5. You are X. Board:\nXX.\nOO.\n..."
+    assert (
+        list(obs) == ["x"]
+        and obs["x"][0]["content"] == "Opponent played 5. You are X. Board:\nXX.\nOO.\n..."
+    )
     obs, rewards, terms, _truncs, infos = await env.step({"x": "3"})
     assert obs == {} and rewards == {"x": 1.0, "o": -1.0} and terms == {"x": True, "o": True}
     assert infos["o"]["winner"] == "x" and env.agents == []
@@ -56,7 +61,11 @@ async def test_illegal_move_penalty_ends_game() -> None:
     await env.reset(seed=0)
     await env.step({"x": "5"})
     obs, rewards, _terms, _, infos = await env.step({"o": "5"})
-    assert obs == {} and rewards == {"o": -1.0, "x": 0.0} and infos["x"]["illegal"] == "cell 5 is taken"
+    assert (
+        obs == {}
+        and rewards == {"o": -1.0, "x": 0.0}
+        and infos["x"]["illegal"] == "cell 5 is taken"
+    )
     await env.reset(seed=0)
     _, rewards, *_ = await env.step({"x": "hmm"})
     assert rewards == {"x": -1.0, "o": 0.0}
@@ -78,7 +87,10 @@ async def test_illegal_move_reask() -> None:
 
 async def test_minimax_never_loses() -> None:
     env = TicTacToe()
-    assert await _play(env, {"x": tictactoe_minimax, "o": tictactoe_minimax}) == {"x": 0.0, "o": 0.0}
+    assert await _play(env, {"x": tictactoe_minimax, "o": tictactoe_minimax}) == {
+        "x": 0.0,
+        "o": 0.0,
+    }
     for seed in range(10):
         rng = random.Random(seed)
 
@@ -87,7 +99,10 @@ async def test_minimax_never_loses() -> None:
 
         assert (await _play(env, {"x": tictactoe_minimax, "o": rand}))["x"] >= 0.0
         assert (await _play(env, {"x": rand, "o": tictactoe_minimax}))["o"] >= 0.0
-    wins = [(await _play(env, {"x": tictactoe_minimax, "o": lambda o: env.sample_action("o")}, s))["x"] for s in range(5)]
+    wins = [
+        (await _play(env, {"x": tictactoe_minimax, "o": lambda o: env.sample_action("o")}, s))["x"]
+        for s in range(5)
+    ]
     assert sum(wins) >= 3
 
 
