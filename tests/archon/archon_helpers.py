@@ -63,3 +63,68 @@ def pg_loss(logprobs, entropy, mb):
     w = mb.loss_weights
     loss = -(mb.advantages * logprobs * w).sum() - 0.01 * (entropy * w).sum()
     return loss, {"entropy": (entropy * w).sum().detach()}
+
+
+TINY_ARGS = dict(vocab_size=96, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=2)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out, fn, kwargs):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = fn(**kwargs)
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, out_dir: str, **kwargs) -> list:
+    """Run ``fn(**kwargs)`` on ``world`` gloo processes; returns each rank's return value."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(world, free_port(), out_dir, fn, kwargs), nprocs=world, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def train_once(engine_kwargs: dict, model=None, steps: int = 1, lengths=(12, 9, 16, 5, 7, 14)) -> dict:
+    """Build an ArchonEngine, take ``steps`` training steps, return stats, log-probs and the
+    exported weights (HF names; only on rank 0 when distributed)."""
+    from areal_agents.trainers.archon import ArchonEngine, ModelArgs
+
+    engine_kwargs = dict(engine_kwargs)
+    args = ModelArgs(**{**TINY_ARGS, **engine_kwargs.pop("model_args", {})})
+    # eps=1e-6: Adam's first step divides by |g|, which would amplify reduction-order noise of
+    # near-zero gradients; the larger eps keeps the comparison about the parallel maths
+    engine = ArchonEngine(model if model is not None else args, lr=1e-2, eps=1e-6, seed=0, **engine_kwargs)
+    batch = make_batch(vocab=args.vocab_size, lengths=lengths)
+    stats = [engine.train_step(batch, pg_loss) for _ in range(steps)]
+    logprobs = engine.forward_logprobs(batch)
+    weights = dict(engine.export_weights())
+    return {"stats": stats, "logprobs": logprobs, "weights": weights}
+
+
+def assert_same_run(single: dict, dist_result: dict, atol: float = 2e-5) -> None:
+    import pytest
+
+    for s, d in zip(single["stats"], dist_result["stats"], strict=True):
+        assert d["loss"] == pytest.approx(s["loss"], abs=atol)
+        assert d["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-4)
+    assert (single["logprobs"] - dist_result["logprobs"]).abs().max() <= atol * 10
+    assert set(single["weights"]) == set(dist_result["weights"])
+    for name, t in single["weights"].items():
+        assert (t - dist_result["weights"][name]).abs().max() <= atol, name

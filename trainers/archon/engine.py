@@ -94,7 +94,7 @@ class ArchonEngine(TrainEngine):
     Args:
         model: an Archon ``Transformer``, ``ModelArgs`` (random init), a ``transformers``
             causal LM of a supported family, or a HF checkpoint directory.
-        lr, weight_decay, betas, max_grad_norm, warmup_steps, lr_schedule, total_steps:
+        lr, weight_decay, betas, eps, max_grad_norm, warmup_steps, lr_schedule, total_steps:
             AdamW and LR schedule (as ``FSDPEngine``).
         token_budget: maximum padded tokens per micro-batch.
         dp_shard, tp, pp, ep: parallel degrees (see ``ParallelDims``).
@@ -122,6 +122,7 @@ class ArchonEngine(TrainEngine):
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
         max_grad_norm: float = 1.0,
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine"] = "constant",
@@ -190,7 +191,7 @@ class ArchonEngine(TrainEngine):
         if not params:
             raise ConfigError("the model has no trainable parameters (check the LoRA target patterns)")
         self.optimizer = torch.optim.AdamW(
-            params, lr=lr, betas=betas, weight_decay=weight_decay,
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             foreach=False if self.dims.tp_enabled else None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

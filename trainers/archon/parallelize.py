@@ -19,9 +19,11 @@ from areal_agents.errors import ConfigError
 ACMode = Literal["none", "full", "selective"]
 
 
-def tp_plan(sequence_parallel: bool = False) -> dict:
+def tp_plan(sequence_parallel: bool = False, qk_norm: bool = False) -> dict:
     """The per-block ``parallelize_module`` plan: q/k/v and w1/w3 column-wise, wo and w2
-    row-wise. With ``sequence_parallel`` the norms run on sequence shards (``Shard(1)``)."""
+    row-wise. With ``sequence_parallel`` the norms run on sequence shards (``Shard(1)``).
+    Qwen3's q/k norms see only the local heads, so their weights become replicated DTensors
+    with the input sharded on the head dim (their gradients are then summed over TP ranks)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -39,6 +41,9 @@ def tp_plan(sequence_parallel: bool = False) -> dict:
         "feed_forward.w3": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate()),
     }
+    if qk_norm:
+        plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     if sequence_parallel:
         to_full = PrepareModuleInput(
             input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
@@ -78,7 +83,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> None
     if args.is_moe:
         raise ConfigError("tensor parallel is not implemented for MoE blocks; use ep/dp_shard")
     for block in model.layers.values():
-        plan = tp_plan(sequence_parallel)
+        plan = tp_plan(sequence_parallel, args.qk_norm)
         if sequence_parallel:
             # the residual stream is sequence-sharded inside the block, replicated between blocks
             plan[""] = PrepareModuleInput(

@@ -1,0 +1,29 @@
+"""2-process gloo runs of ArchonEngine must equal the single-process run after a step."""
+
+from __future__ import annotations
+
+import pytest
+from archon_helpers import assert_same_run, run_distributed, train_once
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def single():
+    return train_once({})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dp_shard": 2},
+        {"tp": 2},
+        {"tp": 2, "sequence_parallel": True},
+    ],
+    ids=["fsdp2", "tp2", "tp2-sp"],
+)
+def test_two_process_equals_single(tmp_path, single, kwargs):
+    results = run_distributed(train_once, 2, str(tmp_path), engine_kwargs=kwargs)
+    assert results[1]["weights"] == {}  # only rank 0 yields exported weights
+    assert_same_run(single, results[0])
+    assert results[0]["stats"][0]["loss"] == results[1]["stats"][0]["loss"]
