@@ -50,7 +50,7 @@ def run_check_env(args: argparse.Namespace, console: Console | None = None) -> i
     try:
         report = asyncio.run(check_env(args.env_id, seed=args.seed, raise_on_failure=False))
     except RegistryError as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True)
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
         return 2
-    console.print(str(report), markup=False, highlight=False)
+    console.print(str(report), markup=False, highlight=False, soft_wrap=True)
     return 0 if report.ok else 1

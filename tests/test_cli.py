@@ -1,0 +1,67 @@
+"""The ``areal-agents`` CLI: envs table, check-env report and exit codes, command table."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from areal_agents import cli
+
+
+def test_envs_lists_ids_with_descriptions(capsys):
+    assert cli.main(["envs"]) == 0
+    out = capsys.readouterr().out
+    assert "Countdown-v0" in out and "single-agent" in out
+    assert "Reach a target" in out  # Countdown's one-line description
+
+
+def test_check_env_passes(capsys):
+    assert cli.main(["check-env", "Countdown-v0"]) == 0
+    out = capsys.readouterr().out
+    assert "check_env(Countdown-v0): PASS" in out and "ok    from_spec" in out
+
+
+def test_check_env_unknown_id_suggests(capsys):
+    assert cli.main(["check-env", "Countdwn-v0"]) == 2
+    assert "did you mean 'Countdown-v0'" in capsys.readouterr().out
+
+
+def test_check_env_failure_exits_1(monkeypatch, capsys):
+    import areal_agents as aa
+    from areal_agents.testing import GenericTestEnv
+
+    def flaky(env):
+        import random
+
+        return [{"role": "user", "content": str(random.random())}], {}
+
+    aa.register("CliFlaky-v0", lambda: GenericTestEnv(reset_fn=flaky))
+    try:
+        assert cli.main(["check-env", "CliFlaky-v0"]) == 1
+    finally:
+        dict.pop(aa.registry, "CliFlaky-v0")
+    assert "FAIL  types_and_determinism" in capsys.readouterr().out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_command_table_is_extensible(monkeypatch, capsys):
+    def add_hello(sub: argparse._SubParsersAction) -> None:
+        sub.add_parser("hello").set_defaults(func=lambda args: 7)
+
+    import sys
+    import types
+
+    mod = types.ModuleType("fake_cli_hello")
+    mod.add_parser = add_hello  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_cli_hello", mod)
+    monkeypatch.setitem(cli._COMMANDS, "hello", "fake_cli_hello:add_parser")
+    monkeypatch.setitem(cli._COMMANDS, "broken", "no_such_module_xyz:add_parser")
+    assert cli.main(["hello"]) == 7
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "unavailable" in capsys.readouterr().out
