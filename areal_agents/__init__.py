@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "spec": "areal_agents.registration",
     "registry": "areal_agents.registration",
     "check_env": "areal_agents.checker",
+    "CheckReport": "areal_agents.checker",
     "to_gymnasium": "areal_agents.adapters",
     "to_pettingzoo": "areal_agents.adapters",
     "TimeLimit": "areal_agents.wrappers",
