@@ -147,7 +147,7 @@ class PolicyGradient:
         Uses ``mb.prox_logprobs`` when set, else ``mb.old_logprobs`` as the proximal policy.
         Stats (additive over micro-batches): ``pg_loss``, ``clip_frac``, ``dual_clip_frac``,
         ``imp_weight``, ``imp_weight_capped_frac``, ``num_imp_weight_capped``,
-        ``approx_kl_prox``, ``kl``, ``entropy``, ``num_tokens``, ``weight_sum``. Ratio-like
+        ``approx_kl_prox``, ``kl``, ``entropy``, ``num_loss_tokens``, ``weight_sum``. Ratio-like
         stats are ``sum(x * w)``: means when the weights sum to 1 (token-mean,
         seq-mean-token-mean); under seq-mean-token-sum divide by the summed ``weight_sum``.
 
@@ -183,7 +183,7 @@ class PolicyGradient:
             loss = loss - self.entropy_coef * ent
         stats["kl"] = kl.detach()
         stats["entropy"] = ent.detach()
-        stats["num_tokens"] = (mb.loss_mask != 0).sum().float()
+        stats["num_loss_tokens"] = (mb.loss_mask != 0).sum().float()
         stats["weight_sum"] = w.sum().detach()
         return loss, stats
 

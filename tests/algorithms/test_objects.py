@@ -56,7 +56,7 @@ def test_grpo_end_to_end_by_hand():
     expected = -(0.25 * a * 2 - 0.5 * a)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert stats["clip_frac"].item() == 0.0
-    assert stats["num_tokens"].item() == 3.0
+    assert stats["num_loss_tokens"].item() == 3.0
     loss.backward()
     # gradient of the loss is -w*A: negative (logprob goes up) where A > 0
     assert (logp.grad[0, 1:] < 0).all() and logp.grad[1, 1] > 0
