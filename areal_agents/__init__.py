@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "Sample": "areal_agents.samples",
     "TokenBatch": "areal_agents.samples",
     "collate": "areal_agents.samples",
+    # engines
+    "LocalEngine": "areal_agents.engines.local",
     # errors
     "AgentsError": "areal_agents.errors",
     "EnvError": "areal_agents.errors",

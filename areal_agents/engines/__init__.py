@@ -14,6 +14,16 @@ __all__ = [
     "GenerateRequest",
     "GenerateResult",
     "InferenceEngine",
+    "LocalEngine",
     "SamplingParams",
     "WeightUpdate",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # LocalEngine pulls in transformers; import it only when asked for
+    if name == "LocalEngine":
+        from .local import LocalEngine
+
+        return LocalEngine
+    raise AttributeError(f"module 'areal_agents.engines' has no attribute {name!r}")

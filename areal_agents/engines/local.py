@@ -1,0 +1,359 @@
+"""LocalEngine: an embedded continuous-batching engine on a ``transformers`` causal LM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ContextLengthExceeded, EngineError
+from .base import CompletionOutput, GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from .sampling import sample
+from .scheduler import RunningBatch, prefill
+
+
+@dataclass
+class _Seq:
+    """One completion being decoded (a row of the running batch)."""
+
+    job: _Job
+    generator: torch.Generator | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Job:
+    """A request waiting or running, with the future its caller awaits."""
+
+    request: GenerateRequest
+    future: asyncio.Future
+    seqs: list[_Seq] = field(default_factory=list)
+
+
+class LocalEngine(InferenceEngine):
+    """An in-process inference engine with continuous batching and a KV cache.
+
+    A background task (started on the first ``generate``) runs decode steps of the running
+    batch in a worker thread; queued requests are prefilled and join the batch between any two
+    steps, finished completions leave it after every step.
+
+    Log-probs: ``CompletionOutput.logprobs[i]`` is the log-prob of ``token_ids[i]`` under the
+    distribution it was sampled from, i.e. after temperature, top-k and top-p filtering
+    (renormalised); greedy requests (temperature 0) report the temperature-1 log-prob of the
+    argmax. ``top_logprobs`` come from that same distribution. ``versions[i]`` is the weight
+    version whose forward pass produced token i (a completion that spans ``update_weights``
+    records both versions; its earlier KV cache is kept).
+
+    Args:
+        model_or_path: a ``PreTrainedModel``, a checkpoint directory or a spec like "tiny:s".
+        tokenizer: needed with a model object (EOS id and stop-string decoding).
+        device: "cpu", "cuda", "cuda:1", ...
+        max_batch_size: completions decoded together at most (``n`` samples count each).
+        max_queue: requests waiting for a slot at most; further ``generate`` calls wait
+            (back-pressure) until one frees, they do not fail.
+        max_context: context window (default: ``config.max_position_embeddings``).
+        dtype: parameter dtype (default: keep the model's).
+
+    Example:
+        >>> import asyncio
+        >>> from areal_agents.engines import GenerateRequest, SamplingParams
+        >>> async def main():
+        ...     async with LocalEngine("tiny") as engine:
+        ...         req = GenerateRequest([1, 20, 30], SamplingParams(max_tokens=4, temperature=0))
+        ...         return (await engine.generate(req)).outputs[0]
+        >>> len(asyncio.run(main()).token_ids) <= 4
+        True
+    """
+
+    def __init__(self, model_or_path: Any, tokenizer: Any = None, *, device: str = "cpu",
+                 max_batch_size: int = 32, max_queue: int = 1024, max_context: int | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        if isinstance(model_or_path, (str, Path)):
+            from ..models import load
+
+            model, loaded_tokenizer = load(model_or_path)
+            tokenizer = tokenizer or loaded_tokenizer
+        else:
+            model = model_or_path
+        if tokenizer is None:
+            raise ValueError("LocalEngine(model) needs tokenizer= (for EOS and stop strings); "
+                             "or pass a checkpoint path / 'tiny' spec instead of a model object")
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.device = torch.device(device)
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.version = 0
+        self.eos_token_id = tokenizer.eos_token_id
+        self._vocab_size = int(model.config.vocab_size)
+        self._waiting: deque[_Job] = deque()
+        self._running: list[_Seq] = []
+        self._batch = RunningBatch()
+        self._paused = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._step_lock: asyncio.Lock | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """Generate ``request.sampling.n`` completions of ``request.prompt_ids``.
+
+        Raises:
+            ContextLengthExceeded: ``len(prompt_ids) + max_tokens > max_context``.
+            EngineError: empty prompt, ids outside the vocabulary, engine closed, or a failed
+                forward pass (the message names the cause).
+        """
+        self._check(request)
+        self._ensure_started()
+        assert self._slots is not None and self._wake is not None
+        async with self._slots:
+            if self._closed:
+                raise EngineError("LocalEngine is closed; create a new engine")
+            job = _Job(request, self._loop.create_future())
+            self._waiting.append(job)
+            self._wake.set()
+            return await job.future
+
+    async def pause(self) -> None:
+        """Stop decoding after the current step; in-flight requests wait. Idempotent."""
+        self._paused = True
+        if self._step_lock is not None:
+            async with self._step_lock:  # the step in progress (if any) has ended
+                pass
+
+    async def resume(self) -> None:
+        """Continue decoding. Idempotent."""
+        self._paused = False
+        if self._wake is not None:
+            self._wake.set()
+
+    async def update_weights(self, update: WeightUpdate) -> None:
+        """Load HF-named tensors or a safetensors directory between two decode steps.
+
+        Raises:
+            KeyError: a tensor name the model does not have (lists close names).
+            ValueError: a shape mismatch.
+        """
+        lock = self._step_lock
+        if lock is None:
+            apply_weight_update(self.model, update)
+        else:
+            async with lock:
+                await asyncio.to_thread(apply_weight_update, self.model, update)
+        self.version = update.version if update.version is not None else self.version + 1
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._waiting) + len({id(s.job) for s in self._running})
+
+    async def close(self) -> None:
+        """Stop the background task and fail queued/running requests. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._fail_all(EngineError("LocalEngine was closed while the request was pending"))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check(self, request: GenerateRequest) -> None:
+        if self._closed:
+            raise EngineError("LocalEngine is closed; create a new engine")
+        ids, sp = request.prompt_ids, request.sampling
+        if not ids:
+            raise EngineError("empty prompt: prompt_ids must hold at least one token id")
+        if min(ids) < 0 or max(ids) >= self._vocab_size:
+            raise EngineError(f"prompt_ids outside the vocabulary [0, {self._vocab_size}): "
+                              f"min {min(ids)}, max {max(ids)}; was it tokenized for this model?")
+        if len(ids) + sp.max_tokens > self.max_context:
+            raise ContextLengthExceeded(
+                f"prompt of {len(ids)} tokens + max_tokens {sp.max_tokens} = "
+                f"{len(ids) + sp.max_tokens} exceeds the context window of {self.max_context} "
+                "tokens; shorten the prompt or lower max_tokens"
+            )
+
+    def _ensure_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is not None and self._loop is loop and not self._task.done():
+            return
+        if self._loop is not None and self._loop is not loop and (self._waiting or self._running):
+            raise EngineError("LocalEngine is busy on another event loop; use one loop per engine")
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.max_queue + self.max_batch_size)
+        self._step_lock = asyncio.Lock()
+        self._waiting.clear()
+        self._running, self._batch = [], RunningBatch()
+        self._task = loop.create_task(self._run(), name="LocalEngine.loop")
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._step_lock is not None
+        while True:
+            if self._paused or not (self._waiting or self._running):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            joining = self._admit()
+            async with self._step_lock:
+                if self._paused:
+                    self._waiting.extendleft(reversed(joining))
+                    continue
+                try:
+                    finished = await asyncio.to_thread(self._step, joining, self.version)
+                except Exception as exc:  # a failed forward fails the batch, not the engine
+                    jobs = {id(j): j for j in joining} | {id(s.job): s.job for s in self._running}
+                    self._running, self._batch = [], RunningBatch()
+                    for job in jobs.values():
+                        if not job.future.done():
+                            job.future.set_exception(EngineError(f"generation failed: {exc!r}"))
+                    continue
+            for job in finished:
+                if not job.future.done():
+                    job.future.set_result(self._result(job))
+
+    def _admit(self) -> list[_Job]:
+        """Pop waiting jobs that fit the batch (at least one when the batch is empty)."""
+        joining: list[_Job] = []
+        rows = len(self._running)
+        while self._waiting:
+            n = self._waiting[0].request.sampling.n
+            if rows and rows + n > self.max_batch_size:
+                break
+            job = self._waiting.popleft()
+            if job.future.done():  # cancelled by its caller
+                continue
+            joining.append(job)
+            rows += n
+        return joining
+
+    def _step(self, joining: list[_Job], version: int) -> list[_Job]:
+        """Prefill ``joining``, then decode one token for every row (runs in a worker thread)."""
+        for job in joining:
+            sp = job.request.sampling
+            seed = sp.seed if sp.seed is not None else random.getrandbits(62)
+            for i in range(sp.n):
+                gen = None
+                if sp.temperature > 0:
+                    gen = torch.Generator(device=self.device).manual_seed((seed * 1_000_003 + i) % 2**63)
+                job.seqs.append(_Seq(job, gen))
+            cache, mask, positions, logits = prefill(self.model, job.request.prompt_ids, sp.n,
+                                                     self.device)
+            self._append_tokens(job.seqs, logits, version)
+            self._batch.add(cache, mask, positions)
+            self._running.extend(job.seqs)
+        finished = self._drop_finished()  # e.g. max_tokens=1, or EOS as the first token
+        if self._running:
+            logits = self._batch.decode(self.model, [s.token_ids[-1] for s in self._running])
+            self._append_tokens(self._running, logits, version)
+            finished += self._drop_finished()
+        return finished
+
+    def _append_tokens(self, seqs: list[_Seq], logits: torch.Tensor, version: int) -> None:
+        sps = [s.job.request.sampling for s in seqs]
+        num_top = max(sp.top_logprobs for sp in sps)
+        out = sample(logits, [sp.temperature for sp in sps], [sp.top_k for sp in sps],
+                     [sp.top_p for sp in sps], [s.generator for s in seqs], num_top)
+        for row, (seq, sp) in enumerate(zip(seqs, sps, strict=True)):
+            token = out.token_ids[row]
+            seq.token_ids.append(token)
+            seq.logprobs.append(out.logprobs[row])
+            seq.versions.append(version)
+            if sp.top_logprobs and out.top_ids is not None and out.top_logprobs is not None:
+                seq.top.append(list(zip(out.top_ids[row][: sp.top_logprobs],
+                                        out.top_logprobs[row][: sp.top_logprobs], strict=True)))
+            stopped = token == self.eos_token_id or token in sp.stop_token_ids
+            if stopped or (sp.stop and self._hit_stop_string(seq.token_ids, sp.stop)):
+                seq.finish_reason = "stop"
+            elif len(seq.token_ids) >= sp.max_tokens:
+                seq.finish_reason = "length"
+
+    def _hit_stop_string(self, token_ids: list[int], stops: list[str]) -> bool:
+        window = max(len(s.encode()) for s in stops) + 1  # a stop string spans at most this many
+        tail = self.tokenizer.decode(token_ids[-window:], skip_special_tokens=False)
+        return any(s and s in tail for s in stops)
+
+    def _drop_finished(self) -> list[_Job]:
+        keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]
+        if len(keep) == len(self._running):
+            return []
+        done_jobs = {id(s.job): s.job for s in self._running if s.finish_reason is not None}
+        self._running = [self._running[i] for i in keep]
+        self._batch.keep(keep)
+        still = {id(s.job) for s in self._running}
+        return [job for key, job in done_jobs.items() if key not in still]
+
+    @staticmethod
+    def _result(job: _Job) -> GenerateResult:
+        outputs = [
+            CompletionOutput(token_ids=s.token_ids, logprobs=s.logprobs, versions=s.versions,
+                             finish_reason=s.finish_reason or "length",
+                             top_logprobs=s.top if job.request.sampling.top_logprobs else None)
+            for s in job.seqs
+        ]
+        return GenerateResult(job.request.request_id, list(job.request.prompt_ids), outputs)
+
+    def _fail_all(self, error: Exception) -> None:
+        jobs = list(self._waiting) + [s.job for s in self._running]
+        self._waiting.clear()
+        self._running, self._batch = [], RunningBatch()
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+
+def apply_weight_update(model: torch.nn.Module, update: WeightUpdate) -> int:
+    """Copy HF-named tensors (or a safetensors directory) into ``model``; returns the count.
+
+    All names are checked before any parameter changes.
+
+    Raises:
+        KeyError: a name the model does not have (the message suggests close names).
+        ValueError: a tensor whose shape differs from the parameter's.
+        FileNotFoundError: ``update.path`` has no ``*.safetensors`` file.
+    """
+    if update.path is not None:
+        from safetensors.torch import load_file
+
+        files = sorted(Path(update.path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {update.path!r}")
+        tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            tensors.update(load_file(str(file)))
+    else:
+        assert update.named_tensors is not None
+        tensors = dict(update.named_tensors)
+    targets = model.state_dict(keep_vars=True)
+    for name, tensor in tensors.items():
+        if name not in targets:
+            close = difflib.get_close_matches(name, list(targets), n=3)
+            raise KeyError(f"update_weights: the model has no tensor {name!r}"
+                           + (f"; did you mean {close}?" if close else ""))
+        if tuple(targets[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model "
+                             f"expects {tuple(targets[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor)
+    return len(tensors)

@@ -1,0 +1,92 @@
+"""Batched token sampling with per-row temperature, top-k, top-p and per-request generators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SampledTokens:
+    """The result of sampling one token for each row of a batch.
+
+    Attributes:
+        token_ids: ``[batch]`` sampled ids.
+        logprobs: ``[batch]`` log-prob of each sampled id under the distribution it was drawn
+            from (after temperature, top-k, top-p); greedy rows report the temperature-1 log-prob.
+        top_ids / top_logprobs: ``[batch, k]`` the k most likely ids of that same distribution
+            (None when ``k == 0``).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+
+
+def processed_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor) -> torch.Tensor:
+    """Log-probs of the sampling distribution of each row.
+
+    Args:
+        logits: ``[batch, vocab]`` float32 logits.
+        temperature: ``[batch]``; rows with 0 (greedy) use temperature 1.
+        top_k: ``[batch]`` ints, 0 disables; top_p: ``[batch]`` in (0, 1], 1 disables.
+
+    Returns:
+        ``[batch, vocab]`` log-probs; filtered-out tokens are ``-inf``.
+    """
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    scaled = logits / temp[:, None]
+    greedy = temperature == 0
+    use_k = (top_k > 0) & ~greedy
+    use_p = (top_p < 1) & ~greedy
+    if bool(use_k.any()) or bool(use_p.any()):
+        sorted_logits, _ = torch.sort(scaled, dim=-1, descending=True)
+        threshold = torch.full_like(temp, float("-inf"))
+        if bool(use_k.any()):
+            k = top_k.clamp(min=1, max=scaled.shape[-1]) - 1
+            kth = sorted_logits.gather(1, k[:, None]).squeeze(1)
+            threshold = torch.where(use_k, kth, threshold)
+        if bool(use_p.any()):
+            # restrict to the top-k set first, then keep the smallest prefix with mass >= top_p
+            ranked = torch.where(sorted_logits >= threshold[:, None], sorted_logits,
+                                 torch.full_like(sorted_logits, float("-inf")))
+            probs = torch.softmax(ranked, dim=-1)
+            mass_before = torch.cumsum(probs, dim=-1) - probs
+            keep = mass_before < top_p[:, None]
+            last_kept = keep.sum(dim=-1).clamp(min=1) - 1
+            pth = sorted_logits.gather(1, last_kept[:, None]).squeeze(1)
+            threshold = torch.where(use_p, torch.maximum(threshold, pth), threshold)
+        scaled = torch.where(scaled >= threshold[:, None], scaled,
+                             torch.full_like(scaled, float("-inf")))
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+           generators: list[torch.Generator | None], num_top: int = 0) -> SampledTokens:
+    """Sample one token per row of ``logits`` (``[batch, vocab]``).
+
+    Each row draws from its own ``torch.Generator`` so a seeded request gives the same tokens
+    whatever else shares the batch. Greedy rows (temperature 0) take the argmax.
+    """
+    logits = logits.float()
+    temp_t = torch.tensor(temperature, dtype=torch.float32, device=logits.device)
+    logp = processed_logprobs(
+        logits, temp_t, torch.tensor(top_k, device=logits.device),
+        torch.tensor(top_p, dtype=torch.float32, device=logits.device),
+    )
+    probs = logp.exp()
+    chosen = torch.argmax(logp, dim=-1).tolist()
+    for row, t in enumerate(temperature):
+        if t > 0:
+            chosen[row] = int(torch.multinomial(probs[row], 1, generator=generators[row]).item())
+    ids = torch.tensor(chosen, device=logits.device)
+    lps = logp.gather(1, ids[:, None]).squeeze(1).tolist()
+    out = SampledTokens(token_ids=chosen, logprobs=lps)
+    if num_top > 0:
+        k = min(num_top, logp.shape[-1])
+        top_vals, top_idx = torch.topk(logp, k, dim=-1)
+        out.top_ids, out.top_logprobs = top_idx.tolist(), top_vals.tolist()
+    return out

@@ -1,0 +1,121 @@
+"""The running batch of a continuously batched engine: left-padded KV cache rows that join and leave.
+
+Row ``i`` of the batch is one completion being decoded. Its cached keys/values sit right-aligned
+in ``[batch, kv_heads, length, head_dim]`` tensors (left padding, masked out by
+``attention_mask``); ``positions[i]`` is the position id of the token it feeds next.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+
+@functools.cache
+def _cache_arg(model_type: type) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad dim -2 of a ``[batch, heads, seq, dim]`` tensor with zeros to ``length``."""
+    missing = length - t.shape[-2]
+    if missing == 0:
+        return t
+    pad = t.new_zeros(*t.shape[:-2], missing, t.shape[-1])
+    return torch.cat([pad, t], dim=-2)
+
+
+class RunningBatch:
+    """KV cache, attention mask and position ids of the rows being decoded.
+
+    Attributes:
+        cache: a ``DynamicCache`` whose layers hold ``[batch, kv_heads, length, head_dim]``.
+        mask: ``[batch, length]`` long, 1 where a cached position is real.
+        positions: ``[batch]`` the position id of each row's next input token.
+    """
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def add(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append rows (``mask``: ``[rows, len]``) whose KV are in ``cache``; pads to a common length."""
+        if self.cache is None:
+            self.cache, self.mask, self.positions = cache, mask, positions
+            return
+        length = max(self.length, mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
+            mine.values = torch.cat([_left_pad(mine.values, length),
+                                     _left_pad(theirs.values, length)])
+        pad = lambda m: torch.nn.functional.pad(m, (length - m.shape[1], 0))  # noqa: E731
+        self.mask = torch.cat([pad(self.mask), pad(mask)])
+        self.positions = torch.cat([self.positions, positions])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order) and drop columns that no kept row uses."""
+        if not rows:
+            self.cache = self.mask = self.positions = None
+            return
+        assert self.cache is not None and self.mask is not None and self.positions is not None
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[..., start:, :]
+            layer.values = layer.values.index_select(0, index)[..., start:, :]
+        self.mask = mask[:, start:]
+        self.positions = self.positions.index_select(0, index)
+
+    @torch.inference_mode()
+    def decode(self, model: torch.nn.Module, input_ids: list[int]) -> torch.Tensor:
+        """Feed one token per row; returns ``[batch, vocab]`` next-token logits."""
+        assert self.cache is not None and self.mask is not None and self.positions is not None
+        device = self.mask.device
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
+        out = model(
+            input_ids=torch.tensor(input_ids, device=device)[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            use_cache=True,
+            **{_cache_arg(type(model)): self.cache},
+        )
+        self.positions = self.positions + 1
+        return out.logits[:, -1, :].float()
+
+
+@torch.inference_mode()
+def prefill(model: torch.nn.Module, prompt_ids: list[int], copies: int, device: torch.device
+            ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``prompt_ids`` through ``model`` once and repeat its cache ``copies`` times.
+
+    Returns:
+        (cache, mask ``[copies, len]``, positions ``[copies]``, last-token logits ``[copies, vocab]``).
+    """
+    ids = torch.tensor([prompt_ids], device=device)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_arg(type(model)): cache})
+    if copies > 1:
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(copies, -1, -1, -1).contiguous()
+            layer.values = layer.values.expand(copies, -1, -1, -1).contiguous()
+    n = len(prompt_ids)
+    mask = torch.ones(copies, n, dtype=torch.long, device=device)
+    positions = torch.full((copies,), n, dtype=torch.long, device=device)
+    logits = out.logits[:, -1, :].float().expand(copies, -1)
+    return cache, mask, positions, logits
