@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "ScriptedAgent": "areal_agents.agents",
     "HumanAgent": "areal_agents.agents",
     "LLMAgent": "areal_agents.agents",
+    "Gateway": "areal_agents.gateway",
     "Episode": "areal_agents.episode",
     "run_episode": "areal_agents.episode",
     # token-level data
