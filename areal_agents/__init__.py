@@ -66,6 +66,8 @@ _EXPORTS: dict[str, str] = {
     "TrainError": "areal_agents.errors",
     # training backends
     "ArchonEngine": "areal_agents.trainers.archon",
+    "FSDPEngine": "areal_agents.trainers.fsdp",
+    "SFTTrainer": "areal_agents.trainers.sft",
     "ConfigError": "areal_agents.errors",
     # algorithms
     "GRPO": "areal_agents.algorithms",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,6 +43,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes a single process' without a process group; that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier(engine: FSDPEngine) -> None:
     if engine.distributed:
         dist.barrier()
@@ -53,7 +63,8 @@ def save_checkpoint(engine: FSDPEngine, path: str) -> None:
     """
     os.makedirs(path, exist_ok=True)
     model_sd, optim_sd = get_state_dict(engine.module, engine.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     torch.save(_rng_state(), os.path.join(path, f"rng_rank{engine.rank}.pt"))
     if engine.rank == 0:
         state = {
@@ -81,7 +92,8 @@ def load_checkpoint(engine: FSDPEngine, path: str) -> None:
         )
     model_sd, optim_sd = get_state_dict(engine.module, engine.optimizer)
     state_dict = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state_dict, checkpoint_id=path)
+    with _quiet_single_process():
+        dcp.load(state_dict, checkpoint_id=path)
     set_state_dict(
         engine.module,
         engine.optimizer,
