@@ -105,7 +105,10 @@ class PolicyGradient:
         return [float(s.reward) for s in samples]
 
     def _group_advantages(self, rewards: torch.Tensor, gids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(
+            "PolicyGradient is the shared base; use GRPO, DrGRPO, RLOO, ReinforcePlusPlus, PPO, "
+            "DAPO or GSPO (or subclass it and define _group_advantages)"
+        )
 
     def advantages(self, samples: Sequence[Sample]) -> list[float]:
         """Per-sample scalar advantages (with ``baseline="ema"`` this also updates the EMA)."""
@@ -229,7 +232,14 @@ class DrGRPO(GRPO):
 
 @dataclass
 class RLOO(PolicyGradient):
-    """REINFORCE leave-one-out: ``A_i = r_i - mean of the other rewards in its group``."""
+    """REINFORCE leave-one-out: ``A_i = r_i - mean of the other rewards in its group``.
+
+    Example:
+        >>> from areal_agents.samples import Sample
+        >>> s = [Sample([1], [1], [0.0], [0], reward=r, group="g") for r in (3.0, 1.0, 2.0)]
+        >>> RLOO().advantages(s)
+        [1.5, -1.5, 0.0]
+    """
 
     def _group_advantages(self, rewards: torch.Tensor, gids: torch.Tensor) -> torch.Tensor:
         return adv_fns.rloo_advantages(rewards, gids)
@@ -256,6 +266,14 @@ class DAPO(GRPO):
         dynamic_sampling: ``filter`` drops (group, role) groups with zero reward variance.
         max_response_len, overlong_buffer_len, overlong_penalty_factor: the overlong penalty
             (off unless both lengths are set); applied in ``rewards`` before advantages/filter.
+
+    Example:
+        >>> from areal_agents.samples import Sample
+        >>> s = [Sample([1, 2], [0, 1], [0.0, -1.0], [-1, 0], reward=r, group=g)
+        ...      for g, r in (("a", 1), ("a", 1), ("b", 1), ("b", 0))]
+        >>> kept, dropped = DAPO().filter(s)
+        >>> [x.group for x in kept], dropped["zero_reward_variance"]
+        (['b', 'b'], 2)
     """
 
     clip_eps_high: float | None = 0.28

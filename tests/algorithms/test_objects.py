@@ -285,3 +285,12 @@ def test_tiny_model_step_moves_logprobs_and_microbatch_grads_add_up(cls, tiny_mo
             p += 0.5 * g_full  # restore the shared fixture
     gain = ((after - batch.old_logprobs) * batch.loss_mask).sum(-1)
     assert gain[0] > 0 and gain[1] < 0 and gain[2] < 0
+
+
+def test_base_class_names_the_concrete_algorithms():
+    from areal_agents.algorithms import PolicyGradient
+
+    s = [Sample([1], [1], [0.0], [0], reward=1.0)]
+    with pytest.raises(NotImplementedError, match="use GRPO, DrGRPO, RLOO"):
+        PolicyGradient().advantages(s)
+    assert GRPO().advantages([]) == []
