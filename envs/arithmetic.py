@@ -70,6 +70,15 @@ class Arithmetic(AgentEnv[list[Message], Message | str]):
         digits: digits per operand (1-9).
         operations: the operators to draw from, a subset of ``"+-*/"`` (division is exact).
         partial_credit: give partial reward for well-formatted wrong answers.
+
+    Example:
+        >>> import asyncio
+        >>> env = Arithmetic()
+        >>> obs, _ = asyncio.run(env.reset(seed=0))
+        >>> obs[0]["content"].splitlines()[-1]
+        '86 - 67 = ?'
+        >>> asyncio.run(env.step("Answer: 19"))[:3]
+        ([{'role': 'user', 'content': 'Correct.'}], 1.0, True)
     """
 
     def __init__(

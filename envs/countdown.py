@@ -83,6 +83,15 @@ class Countdown(AgentEnv[list[Message], Message | str]):
     Args:
         difficulty: ``"easy"`` (3 numbers <= 10), ``"medium"`` (4 numbers <= 25) or
             ``"hard"`` (5 numbers <= 50).
+
+    Example:
+        >>> import asyncio
+        >>> env = Countdown(difficulty="easy")
+        >>> obs, info = asyncio.run(env.reset(seed=0))
+        >>> obs[0]["content"].splitlines()[-1], info["numbers"]
+        ('Target: 13', [9, 7, 6])
+        >>> asyncio.run(env.step("Answer: 7 + 6"))[1]
+        1.0
     """
 
     def __init__(self, difficulty: Difficulty = "medium") -> None:

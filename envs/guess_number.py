@@ -25,6 +25,13 @@ class GuessNumber(AgentEnv[list[Message], Message | str]):
     Args:
         low, high: the inclusive range of the hidden number.
         max_guesses: guesses allowed; default: the bisection bound for the range.
+
+    Example:
+        >>> import asyncio
+        >>> env = GuessNumber()
+        >>> _ = asyncio.run(env.reset(seed=0))
+        >>> asyncio.run(env.step("50"))[:3]
+        ([{'role': 'user', 'content': 'Higher. Guesses left: 6'}], 0.0, False)
     """
 
     def __init__(self, low: int = 1, high: int = 100, max_guesses: int | None = None) -> None:

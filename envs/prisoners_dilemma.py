@@ -41,6 +41,16 @@ class PrisonersDilemma(MultiAgentEnv[list[Message], Message | str]):
         rounds: rounds per episode.
         payoffs: ``{"CC": (mine, other's), "CD": ..., "DC": ..., "DD": ...}`` from the mover's
             view; must be symmetric (``payoffs["CD"] == payoffs["DC"][::-1]``).
+
+    Example:
+        >>> import asyncio
+        >>> env = PrisonersDilemma(rounds=2)
+        >>> obs, _ = asyncio.run(env.reset(seed=0))
+        >>> sorted(obs)
+        ['player_0', 'player_1']
+        >>> obs, rewards, *_ = asyncio.run(env.step({"player_0": "C", "player_1": "defect"}))
+        >>> rewards, obs["player_0"][0]["content"]
+        ({'player_0': 0.0, 'player_1': 5.0}, "Round 2 of 2. You got 0. Other's last move: D")
     """
 
     def __init__(self, rounds: int = 5, payoffs: Mapping[str, Any] | None = None) -> None:

@@ -31,6 +31,18 @@ class Signaling(MultiAgentEnv[list[Message], Message | str]):
         message_length: symbols per message.
         rounds: rounds per episode.
         pool_size: letters the candidates are drawn from; default ``num_items``.
+
+    Example:
+        >>> import asyncio
+        >>> env = Signaling()
+        >>> obs, _ = asyncio.run(env.reset(seed=0))
+        >>> obs["speaker"][0]["content"].splitlines()[-1]
+        'target: B'
+        >>> obs, *_ = asyncio.run(env.step({"speaker": "1"}))
+        >>> obs["listener"][0]["content"].splitlines()[-1]
+        'message: 1'
+        >>> asyncio.run(env.step({"listener": "B"}))[1]
+        {'speaker': 1.0, 'listener': 1.0}
     """
 
     possible_agents = AGENTS

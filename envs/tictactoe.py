@@ -40,6 +40,17 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
     Args:
         illegal: ``"penalty"`` or ``"reask"``.
         max_reasks: illegal replies tolerated in a row with ``"reask"``.
+
+    Example:
+        >>> import asyncio
+        >>> env = TicTacToe()
+        >>> _ = asyncio.run(env.reset(seed=0))
+        >>> obs, *_ = asyncio.run(env.step({"x": "5"}))
+        >>> print(obs["o"][0]["content"].split(". ", 3)[-1])
+        Opponent played 5. You are O. Board:
+        ...
+        .X.
+        ...
     """
 
     def __init__(
