@@ -17,7 +17,7 @@ Example:
     >>> import areal_agents as aa
     >>> class Hello(aa.AgentEnv):
     ...     '''Says hello.'''
-    >>> aa.register("DocHello-v0", Hello)
+    >>> spec = aa.register("DocHello-v0", Hello)
     >>> aa.spec("DocHello-v0").description
     'Says hello.'
     >>> del aa.registry["DocHello-v0"]
