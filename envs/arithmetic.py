@@ -12,7 +12,7 @@ from ..env import AgentEnv
 from ..messages import Message, parse_action, user
 
 OPERATIONS = "+-*/"
-_ANSWER = re.compile(r"answer\s*:\s*(-?\d+)\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
+_ANSWER = re.compile(r"answer\s*:\s*(-?\d{1,40})\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 def make_task(

@@ -32,8 +32,9 @@ def run_tool_call(call: ToolCall) -> str:
         return f"error: unknown tool {name!r}; the only tool is 'calculator'"
     try:
         args = json.loads(call["function"]["arguments"] or "{}")
-    except json.JSONDecodeError as exc:
-        return f'error: arguments are not valid JSON ({exc.msg}); send {{"expression": "..."}}'
+    except (ValueError, RecursionError) as exc:  # bad JSON, huge numbers, deep nesting
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        return f'error: arguments are not valid JSON ({reason}); send {{"expression": "..."}}'
     expression = args.get("expression") if isinstance(args, dict) else None
     if not isinstance(expression, str):
         return 'error: missing string argument \'expression\'; send {"expression": "..."}'

@@ -10,7 +10,7 @@ from typing import Any
 from ..env import AgentEnv
 from ..messages import Message, parse_action, user
 
-_INT = re.compile(r"-?\d+")
+_INT = re.compile(r"(?<!\d)-?\d{1,12}(?!\d)")  # longer digit runs are no guess
 
 
 class GuessNumber(AgentEnv[list[Message], Message | str]):

@@ -101,7 +101,7 @@ class Negotiation(MultiAgentEnv[list[Message], Message | str]):
             if self.offer is None or self.offer[0] == agent:
                 return "there is no offer from the other agent to accept"
             return "accept"
-        numbers = [int(n) for n in re.findall(r"\d+", text)][-self.num_types :]
+        numbers = [int(n) for n in re.findall(r"(?<!\d)\d{1,6}(?!\d)", text)][-self.num_types :]
         if len(numbers) < self.num_types:
             return f"no proposal found; reply 'propose:' and {self.num_types} numbers, or 'accept'"
         if any(n > c for n, c in zip(numbers, self.counts, strict=True)):

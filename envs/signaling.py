@@ -117,7 +117,11 @@ class Signaling(MultiAgentEnv[list[Message], Message | str]):
         names = [w for w in re.findall(r"\b[A-Z]\b", text) if w in self.items]
         if names:
             return names[-1]
-        positions = [int(n) for n in re.findall(r"\d+", text) if 1 <= int(n) <= self.num_items]
+        positions = [
+            int(n)
+            for n in re.findall(r"(?<!\d)\d{1,3}(?!\d)", text)
+            if 1 <= int(n) <= self.num_items
+        ]
         return self.listener_items[positions[-1] - 1] if positions else None
 
     async def step(
