@@ -12,20 +12,22 @@ import contextlib
 import copy
 import dataclasses
 import html
-import math
-import numbers
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
+from .checker_rules import (
+    MAX_STEPS,
+    RuleFailed,
+    SkipCheck,
+    call_with_timeout,
+    compare,
+    describe,
+    driving_action,
+    rollout,
+)
 from .env import AgentEnv, MultiAgentEnv
 from .errors import AgentsError, EnvError, MissingAction, ResetNeeded, UnknownAgent
-from .messages import ROLES
-
-MAX_STEPS = 64  # rollout length cap for the checks
-TIMEOUT_S = 10.0  # per env call; a hang is reported, not waited on forever
 
 
 @dataclasses.dataclass
@@ -97,174 +99,17 @@ class CheckReport:
         )
 
 
-class _Failed(Exception):
-    def __init__(self, expected: str, seen: str) -> None:
-        super().__init__(expected, seen)
-        self.expected, self.seen = expected, seen
-
-
-class _Skip(Exception):
-    pass
-
-
-def _short(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _action(env: Any, agent: str | None) -> Any:
-    sampler = getattr(env, "sample_action", None)
-    return sampler(agent) if callable(sampler) else "0"
-
-
-# ---------------------------------------------------------------- type checks
-
-
-def _check_obs(obs: Any, where: str) -> None:
-    if isinstance(obs, str):
-        return
-    if not isinstance(obs, list):
-        raise _Failed(f"{where}: a list of message dicts (or a str)", _short(obs))
-    for m in obs:
-        ok = isinstance(m, Mapping) and m.get("role") in ROLES
-        ok = ok and (m.get("content") is None or isinstance(m.get("content"), str))
-        if not ok:
-            raise _Failed(
-                f"{where}: messages {{'role': one of {list(ROLES)}, 'content': str}}", _short(m)
-            )
-
-
-def _check_reward(r: Any, where: str) -> None:
-    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(float(r)):
-        raise _Failed(f"{where}: a finite float reward", _short(r))
-
-
-def _check_flag(x: Any, where: str) -> None:
-    if not isinstance(x, bool | np.bool_):
-        raise _Failed(f"{where}: a bool", _short(x))
-
-
-def _check_dict(d: Any, where: str, allowed: set[str]) -> None:
-    if not isinstance(d, Mapping):
-        raise _Failed(f"{where}: a dict keyed by agent id", _short(d))
-    extra = sorted(set(d) - allowed)
-    if extra:
-        raise _Failed(f"{where}: keys within {sorted(allowed)}", f"keys {extra}")
-
-
-def _check_reset(env: Any, result: Any) -> None:
-    if not isinstance(result, tuple) or len(result) != 2:
-        raise _Failed("reset() -> (obs, info)", _short(result))
-    obs, info = result
-    if isinstance(env, MultiAgentEnv):
-        possible = set(env.possible_agents)
-        if not set(env.agents) <= possible:
-            raise _Failed("env.agents within possible_agents", _short(env.agents))
-        _check_dict(obs, "reset obs", set(env.agents))
-        _check_dict(info, "reset infos", possible)
-        if env.agents and not obs:
-            raise _Failed("reset obs naming at least one agent to act", "{} with live agents")
-        for agent, o in obs.items():
-            _check_obs(o, f"reset obs[{agent!r}]")
-    else:
-        _check_obs(obs, "reset obs")
-        if not isinstance(info, Mapping):
-            raise _Failed("reset info: a dict", _short(info))
-
-
-def _check_step(env: Any, result: Any) -> None:
-    if not isinstance(result, tuple) or len(result) != 5:
-        raise _Failed("step() -> (obs, reward, terminated, truncated, info)", _short(result))
-    obs, reward, term, trunc, info = result
-    if isinstance(env, MultiAgentEnv):
-        possible = set(env.possible_agents)
-        _check_dict(obs, "step obs", set(env.agents))
-        for name, d in (("rewards", reward), ("terminations", term), ("truncations", trunc)):
-            _check_dict(d, f"step {name}", possible)
-        _check_dict(info, "step infos", possible)
-        for agent, r in reward.items():
-            _check_reward(r, f"rewards[{agent!r}]")
-        for agent, x in {**term, **trunc}.items():
-            _check_flag(x, f"terminations/truncations[{agent!r}]")
-        for agent, o in obs.items():
-            _check_obs(o, f"step obs[{agent!r}]")
-        if env.agents and not obs:
-            raise _Failed(
-                "step obs naming who acts next while agents are live",
-                f"{{}} with agents {env.agents}",
-            )
-    else:
-        _check_obs(obs, "step obs")
-        _check_reward(reward, "step reward")
-        _check_flag(term, "terminated")
-        _check_flag(trunc, "truncated")
-        if not isinstance(info, Mapping):
-            raise _Failed("step info: a dict", _short(info))
-
-
-# ---------------------------------------------------------------- rollouts
-
-
-async def _call(coro: Any) -> Any:
-    return await asyncio.wait_for(coro, TIMEOUT_S)
-
-
-async def _rollout(
-    env: Any, seed: int, actions: list[Any] | None = None
-) -> tuple[list[Any], list[Any], bool]:
-    """Run up to MAX_STEPS steps; returns (trace, actions used, ended)."""
-    result = await _call(env.reset(seed=seed))
-    _check_reset(env, result)
-    trace: list[Any] = [("reset", result[0])]
-    obs, used = result[0], []
-    multi = isinstance(env, MultiAgentEnv)
-    for i in range(MAX_STEPS):
-        if multi and not env.agents:
-            return trace, used, True
-        if actions is not None:
-            if i >= len(actions):
-                raise _Failed(
-                    f"the episode to end after {len(actions)} steps (as the first run)",
-                    "it went on",
-                )
-            act = actions[i]
-        else:
-            act = {a: _action(env, a) for a in obs} if multi else _action(env, None)
-        used.append(act)
-        result = await _call(env.step(act))
-        _check_step(env, result)
-        trace.append(("step", result[0], result[1], result[2], result[3]))
-        obs = result[0]
-        if not multi and (result[2] or result[3]):
-            return trace, used, True
-    if multi and not env.agents:
-        return trace, used, True
-    return trace, used, False
-
-
-def _compare(first: list[Any], second: list[Any], what: str) -> None:
-    for i, (a, b) in enumerate(zip(first, second, strict=False)):
-        if a != b:
-            raise _Failed(f"{what}: step {i} equal to the first run: {_short(a)}", _short(b))
-    if len(first) != len(second):
-        raise _Failed(f"{what}: {len(first)} transitions", f"{len(second)}")
-
-
 # ---------------------------------------------------------------- the checks
 
 
 async def _expect_error(coro: Any, error: type[Exception], what: str) -> None:
     try:
-        await _call(coro)
+        await call_with_timeout(coro)
     except error:
         return
     except Exception as exc:
-        raise _Failed(f"{what} raises {error.__name__}", _describe(exc)) from None
-    raise _Failed(f"{what} raises {error.__name__}", "no error")
+        raise RuleFailed(f"{what} raises {error.__name__}", describe(exc)) from None
+    raise RuleFailed(f"{what} raises {error.__name__}", "no error")
 
 
 async def _cancel_mid(coro: Any) -> None:
@@ -288,73 +133,73 @@ class _Checker:
     async def run(self, name: str, fn: Callable[[], Any]) -> None:
         try:
             await fn()
-        except _Failed as f:
+        except RuleFailed as f:
             self.report.failures.append(CheckFailure(name, f.expected, f.seen))
-        except _Skip as s:
+        except SkipCheck as s:
             self.report.skipped[name] = str(s)
         except (TimeoutError, Exception) as exc:
             self.report.failures.append(
-                CheckFailure(name, "no unexpected exception", _describe(exc))
+                CheckFailure(name, "no unexpected exception", describe(exc))
             )
         else:
             self.report.passed.append(name)
 
     def fresh(self) -> Any:
         if self.factory is None:
-            raise _Skip("no way to build a fresh env (no spec and not deep-copyable)")
+            raise SkipCheck("no way to build a fresh env (no spec and not deep-copyable)")
         return self.factory()
 
     async def step_before_reset(self) -> None:
         env = self.fresh()
-        act = {env.possible_agents[0]: "0"} if self.multi else _action(env, None)
+        act = {env.possible_agents[0]: "0"} if self.multi else driving_action(env, None)
         await _expect_error(env.step(act), ResetNeeded, "step() before reset()")
 
     async def types_and_determinism(self) -> None:
-        self.baseline, self.actions, self.ended = await _rollout(self.env, self.seed)
-        again, _, _ = await _rollout(self.env, self.seed, self.actions)
-        _compare(self.baseline, again, "same seed, same actions, same env")
+        self.baseline, self.actions, self.ended = await rollout(self.env, self.seed)
+        again, _, _ = await rollout(self.env, self.seed, self.actions)
+        compare(self.baseline, again, "same seed, same actions, same env")
 
     async def determinism_new_instance(self) -> None:
-        other, _, _ = await _rollout(self.fresh(), self.seed, self.actions)
-        _compare(self.baseline, other, "same seed, same actions, a new instance")
+        other, _, _ = await rollout(self.fresh(), self.seed, self.actions)
+        compare(self.baseline, other, "same seed, same actions, a new instance")
 
     async def step_after_end(self) -> None:
-        await _rollout(self.env, self.seed, self.actions)
+        await rollout(self.env, self.seed, self.actions)
         if not self.ended:
-            raise _Skip(f"the episode did not end within {MAX_STEPS} steps")
-        act = {self.env.possible_agents[0]: "0"} if self.multi else _action(self.env, None)
+            raise SkipCheck(f"the episode did not end within {MAX_STEPS} steps")
+        act = {self.env.possible_agents[0]: "0"} if self.multi else driving_action(self.env, None)
         await _expect_error(self.env.step(act), ResetNeeded, "step() after the episode ended")
 
     async def unknown_agent(self) -> None:
-        obs, _ = await _call(self.env.reset(seed=self.seed))
+        obs, _ = await call_with_timeout(self.env.reset(seed=self.seed))
         idle = [a for a in self.env.possible_agents if a not in obs] or ["__not_an_agent__"]
-        actions = {a: _action(self.env, a) for a in obs}
+        actions = {a: driving_action(self.env, a) for a in obs}
         actions[idle[0]] = "0"
         await _expect_error(
             self.env.step(actions), UnknownAgent, f"an action for {idle[0]!r} (not asked to act)"
         )
 
     async def missing_action(self) -> None:
-        obs, _ = await _call(self.env.reset(seed=self.seed))
+        obs, _ = await call_with_timeout(self.env.reset(seed=self.seed))
         await _expect_error(
             self.env.step({}), MissingAction, f"step({{}}) while {sorted(obs)} must act"
         )
 
     async def _usable_after(self, make_call: Callable[[], Any]) -> None:
         if not self.actions:
-            raise _Skip("the first rollout took no step")
-        await _call(self.env.reset(seed=self.seed))
+            raise SkipCheck("the first rollout took no step")
+        await call_with_timeout(self.env.reset(seed=self.seed))
         await _cancel_mid(make_call())
         try:
-            await _call(self.env.step(self.actions[0]))
+            await call_with_timeout(self.env.step(self.actions[0]))
         except AgentsError:
             pass  # raising a clear env error is allowed
         except Exception as exc:
-            raise _Failed(
-                "after cancellation: the env keeps working or raises an AgentsError", _describe(exc)
+            raise RuleFailed(
+                "after cancellation: the env keeps working or raises an AgentsError", describe(exc)
             ) from None
-        again, _, _ = await _rollout(self.env, self.seed, self.actions)
-        _compare(self.baseline, again, "after a cancelled call, reset(seed) then the same actions")
+        again, _, _ = await rollout(self.env, self.seed, self.actions)
+        compare(self.baseline, again, "after a cancelled call, reset(seed) then the same actions")
 
     async def cancel_step(self) -> None:
         await self._usable_after(lambda: self.env.step(self.actions[0]))
@@ -366,26 +211,26 @@ class _Checker:
         try:
             clone = pickle.loads(pickle.dumps(self.env))
         except Exception as exc:
-            raise _Failed("the env pickles and unpickles", _describe(exc)) from None
+            raise RuleFailed("the env pickles and unpickles", describe(exc)) from None
         if type(clone) is not type(self.env):
-            raise _Failed(f"unpickled type {type(self.env).__name__}", type(clone).__name__)
+            raise RuleFailed(f"unpickled type {type(self.env).__name__}", type(clone).__name__)
 
     async def from_spec(self) -> None:
         spec = self.env.spec
         if spec is None:
-            raise _Skip("env.spec is None (not made by aa.make)")
+            raise SkipCheck("env.spec is None (not made by aa.make)")
         rebuilt = spec.make()
         if type(rebuilt.unwrapped) is not type(self.env.unwrapped):
-            raise _Failed(
+            raise RuleFailed(
                 f"spec.make() builds {type(self.env.unwrapped).__name__}",
                 type(rebuilt.unwrapped).__name__,
             )
-        other, _, _ = await _rollout(rebuilt, self.seed, self.actions)
-        _compare(self.baseline, other, "the env rebuilt from its spec, same seed and actions")
+        other, _, _ = await rollout(rebuilt, self.seed, self.actions)
+        compare(self.baseline, other, "the env rebuilt from its spec, same seed and actions")
 
     async def close_twice(self) -> None:
-        await _call(self.env.close())
-        await _call(self.env.close())
+        await call_with_timeout(self.env.close())
+        await call_with_timeout(self.env.close())
 
 
 def _factory(env: Any) -> Callable[[], Any] | None:
