@@ -61,3 +61,25 @@ def test_player_on_garbage_text_still_answers() -> None:
     assert p.signaling_speaker("nothing") == "0" and p.signaling_listener("nothing") == "A"
     assert p.pd_tit_for_tat([]) == "C"
     assert p.solver_judge_judge("nothing") == "incorrect"
+
+
+async def test_fixed_opponent_seats_turn_games_into_single_agent_envs() -> None:
+    ttt = aa.FixedOpponents(
+        aa.make("TicTacToe-v0"), learner="o", opponents={"x": aa.ScriptedAgent(p.tictactoe_minimax)}
+    )
+    episode = await aa.run_episode(ttt, aa.ScriptedAgent(p.tictactoe_minimax), seed=0)
+    assert episode.status == "terminated" and episode.returns == {"agent": 0.0}
+    speaker = aa.FixedOpponents(
+        aa.make("Signaling-v0", rounds=3),
+        learner="speaker",
+        opponents={"listener": aa.ScriptedAgent(p.signaling_listener)},
+    )
+    episode = await aa.run_episode(speaker, aa.ScriptedAgent(p.signaling_speaker), seed=1)
+    assert episode.returns == {"agent": 3.0} and episode.length == 3
+    pd = aa.FixedOpponents(
+        aa.make("PrisonersDilemma-v0"),
+        learner="player_1",
+        opponents={"player_0": aa.ScriptedAgent(p.pd_tit_for_tat)},
+    )
+    episode = await aa.run_episode(pd, aa.ScriptedAgent(p.pd_always_defect), seed=0)
+    assert episode.returns == {"agent": 5.0 + 4 * 1.0}
