@@ -17,6 +17,7 @@ from collections.abc import Sequence
 _COMMANDS: dict[str, str] = {
     "envs": "areal_agents.cli_envs:add_envs_parser",
     "check-env": "areal_agents.cli_envs:add_check_env_parser",
+    "serve": "areal_agents.cli_serve:add_serve_parser",
 }
 
 

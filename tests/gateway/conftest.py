@@ -7,9 +7,6 @@ using it runs against both and must behave identically.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +15,7 @@ import pytest
 
 from areal_agents.client import async_client_for_url, client_for_url
 from areal_agents.gateway import Gateway
+from areal_agents.gateway.server import ServerThread
 from areal_agents.testing.engine import ScriptedEngine
 
 ADMIN = "admin-test-key"
@@ -28,42 +26,6 @@ def tok() -> Any:
     from areal_agents.models import tiny_tokenizer
 
     return tiny_tokenizer()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class UvicornThread:
-    """uvicorn serving ``app`` on 127.0.0.1 in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> UvicornThread:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @dataclass
@@ -106,5 +68,5 @@ def served(request: pytest.FixtureRequest, tok: Any) -> Iterator[Served]:
         if gw._portal is not None:
             gw._portal.close()
         return
-    with UvicornThread(gw.app) as server:
+    with ServerThread(gw.app) as server:
         yield Served("http", gw, engine, server.url)
