@@ -114,6 +114,7 @@ async def test_fixed_opponents_turn_based_accumulates_rewards():
     assert (reward, term, trunc) == (1.0, False, False) and len(seen) == 2
     obs, reward, term, trunc, _ = await env.step("ab")  # ends the episode
     assert (reward, term, trunc, obs) == (0.0, True, False, [])
+    assert env.opponent_returns == {"p0": 2.0} and env.opponent_samples == {"p0": []}
 
 
 async def test_fixed_opponents_simultaneous_and_rewards_between_turns():

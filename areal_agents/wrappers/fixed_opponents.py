@@ -19,7 +19,9 @@ class FixedOpponents(_Forwarding, AgentEnv):
     once); in simultaneous-move steps their actions are sent together with the learner's.
     The learner's rewards from all those env steps are summed into the reward of its step.
     The episode ends for the learner when the env ends (``agents`` empty); ``truncated`` is
-    True if the learner was ever truncated, otherwise ``terminated`` is True.
+    True if the learner was ever truncated, otherwise ``terminated`` is True. At the end each
+    opponent's ``end_episode(its return)`` is awaited: ``opponent_returns`` and
+    ``opponent_samples`` hold the results (e.g. for a frozen LLM opponent's session).
 
     Args:
         env: the multi-agent env.
@@ -62,6 +64,8 @@ class FixedOpponents(_Forwarding, AgentEnv):
         self.opponents = opponents
         self._obs: dict[str, Any] = {}
         self._pending = 0.0  # learner reward earned before its first action
+        self.opponent_returns: dict[str, float] = {}
+        self.opponent_samples: dict[str, list[Any]] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name == "sample_action":
@@ -98,6 +102,9 @@ class FixedOpponents(_Forwarding, AgentEnv):
         obs, rewards, _terms, truncs, infos = await self.env.step(actions)
         self._obs = obs
         reward += float(rewards.get(self.learner, 0.0))
+        for agent, r in rewards.items():
+            if agent in self.opponents:
+                self.opponent_returns[agent] = self.opponent_returns.get(agent, 0.0) + float(r)
         state["truncated"] = state["truncated"] or bool(truncs.get(self.learner, False))
         if self.learner in infos:
             state["info"] = infos[self.learner]
@@ -106,6 +113,8 @@ class FixedOpponents(_Forwarding, AgentEnv):
     async def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
         for agent in self.opponents.values():
             agent.reset()
+        self.opponent_returns = dict.fromkeys(self.opponents, 0.0)
+        self.opponent_samples = {}
         obs, infos = await self.env.reset(seed=seed, options=options)
         self._obs = obs
         state = {"truncated": False, "info": infos.get(self.learner, {})}
@@ -123,4 +132,8 @@ class FixedOpponents(_Forwarding, AgentEnv):
         obs, reward = await self._play_opponents(reward, state)
         done = self.learner not in self._obs
         truncated = done and state["truncated"]
+        if done:
+            for agent_id, agent in self.opponents.items():
+                ret = self.opponent_returns[agent_id]
+                self.opponent_samples[agent_id] = list(await agent.end_episode(ret))
         return obs, reward, done and not truncated, truncated, dict(state["info"])
