@@ -1,7 +1,8 @@
 """Scripted players for the built-in envs: optimal or heuristic policies for tests and baselines.
 
 Each player reads the observation TEXT the way an LLM would (no access to env internals) and
-returns an action string; wrap it as ``ScriptedAgent(player)``. Stateless players are
+returns an action (a string; an assistant message dict for tool calls); wrap it as
+``ScriptedAgent(player)``. Stateless players are
 functions; players that need memory across turns are small classes whose instances are
 callable and reset themselves when they see a new task.
 
