@@ -2,9 +2,9 @@
 
 Each player reads the observation TEXT the way an LLM would (no access to env internals) and
 returns an action (a string; an assistant message dict for tool calls); wrap it as
-``ScriptedAgent(player)``. Stateless players are
-functions; players that need memory across turns are small classes whose instances are
-callable and reset themselves when they see a new task.
+``ScriptedAgent(player)``. Stateless players are functions; players that need memory across
+turns are small classes whose instances are callable and reset themselves when they see a new
+task (use one instance per seat and concurrent episode).
 
 Example:
     >>> countdown_solver([{"role": "user", "content": "Numbers: 2 3 7. ...\\nTarget: 21"}])
