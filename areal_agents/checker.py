@@ -225,6 +225,9 @@ class _Checker:
                 f"spec.make() builds {type(self.env.unwrapped).__name__}",
                 type(rebuilt.unwrapped).__name__,
             )
+        if wrapper_chain(rebuilt) != wrapper_chain(self.env):
+            names = [t.__name__ for t in wrapper_chain(self.env)]
+            raise SkipCheck(f"the env is wrapped beyond what its spec builds ({' > '.join(names)})")
         other, _, _ = await rollout(rebuilt, self.seed, self.actions)
         compare(self.baseline, other, "the env rebuilt from its spec, same seed and actions")
 
@@ -233,9 +236,25 @@ class _Checker:
         await call_with_timeout(self.env.close())
 
 
+def wrapper_chain(env: Any) -> list[type]:
+    """The types from the outermost wrapper down to the innermost env."""
+    chain = [type(env)]
+    while isinstance(vars(env).get("env"), AgentEnv | MultiAgentEnv):
+        env = vars(env)["env"]
+        chain.append(type(env))
+    return chain
+
+
 def _factory(env: Any) -> Callable[[], Any] | None:
-    if getattr(env, "spec", None) is not None:
-        return env.spec.make
+    """Builds fresh copies of ``env``: from its spec when that rebuilds the same wrapper
+    stack, else by deep-copying a pristine copy taken now."""
+    spec = getattr(env, "spec", None)
+    if spec is not None:
+        try:
+            if wrapper_chain(spec.make()) == wrapper_chain(env):
+                return spec.make
+        except Exception:
+            pass  # the from_spec check reports it
     try:
         pristine = copy.deepcopy(env)
     except Exception:

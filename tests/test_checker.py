@@ -192,3 +192,11 @@ async def test_sample_action_is_used():
 def test_rejects_non_env():
     with pytest.raises(TypeError, match="check_env takes"):
         asyncio.run(aa.check_env(object()))  # type: ignore[arg-type]
+
+
+async def test_extra_wrappers_over_a_made_env_are_rebuilt_by_copy_not_spec():
+    env = aa.RecordEpisode(aa.make("Countdown-v0"))
+    report = await check(env)
+    assert report.ok, str(report)
+    assert "determinism_new_instance" in report.passed
+    assert report.skipped["from_spec"].startswith("the env is wrapped beyond what its spec builds")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 
 import pytest
@@ -162,3 +163,27 @@ async def test_wrappers_forward_attributes_and_close():
     assert env.np_random is inner.np_random and env.np_random_seed == 4
     await env.close()
     await env.close()
+
+
+async def test_fixed_opponents_on_builtin_games_pass_the_checkers():
+    from areal_agents.agents.players import pd_tit_for_tat, tictactoe_minimax
+    from gymnasium.utils.env_checker import check_env as gym_check_env
+
+    ttt = aa.make("TicTacToe-v0")
+    second = ttt.possible_agents[1]
+    env = aa.FixedOpponents(
+        ttt, learner=second, opponents={ttt.possible_agents[0]: aa.ScriptedAgent(tictactoe_minimax)}
+    )
+    report = await aa.check_env(env, raise_on_failure=False)
+    assert report.ok, str(report)
+    # minimax never loses: against itself the learner's return is 0 (draw)
+    episode = await aa.run_episode(env, aa.ScriptedAgent(tictactoe_minimax), seed=0)
+    assert episode.status == "terminated" and episode.returns == {"agent": 0.0}
+
+    pd = aa.make("PrisonersDilemma-v0")
+    a, b = pd.possible_agents
+    pd_env = aa.FixedOpponents(pd, learner=a, opponents={b: aa.ScriptedAgent(pd_tit_for_tat)})
+    assert (await aa.check_env(pd_env, raise_on_failure=False)).ok
+    genv = aa.to_gymnasium(pd_env)
+    await asyncio.to_thread(gym_check_env, genv, skip_render_check=True)
+    genv.close()

@@ -67,6 +67,15 @@ class FixedOpponents(_Forwarding, AgentEnv):
         self.opponent_returns: dict[str, float] = {}
         self.opponent_samples: dict[str, list[Any]] = {}
 
+    @property
+    def spec(self) -> Any:
+        """None unless set: the wrapped env's spec builds a multi-agent env, not this one."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: Any) -> None:
+        self._spec = value
+
     def __getattr__(self, name: str) -> Any:
         if name == "sample_action":
             raise AttributeError(name)
