@@ -187,6 +187,10 @@ class ArchonEngine(TrainEngine):
                 apply_ep(model, self.dims.build_mesh(self.device.type)["dp_shard"])
             parallelize(model, self.module, self.dims, sequence_parallel=sequence_parallel,
                         activation_checkpoint=activation_checkpoint, compile=compile)
+        if self.lora_config is not None:
+            from .lora import freeze_non_adapters
+
+            freeze_non_adapters(model)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters (check the LoRA target patterns)")
@@ -342,6 +346,22 @@ class ArchonEngine(TrainEngine):
         tensors = list(self.export_weights(merge_lora=True))
         if self.rank == 0:
             save_hf_checkpoint(tensors, self.args, path, max_shard_bytes)
+        if self.distributed:
+            dist.barrier()
+
+    def save_lora_adapter(self, path: str) -> None:
+        """Write the adapter in PEFT's format (collective; rank 0 writes).
+
+        Raises:
+            ConfigError: the engine has no LoRA.
+        """
+        if self.lora_config is None:
+            raise ConfigError("save_lora_adapter needs an engine built with lora=...")
+        from .lora import save_peft_adapter
+
+        tensors = list(self.export_weights(merge_lora=False))
+        if self.rank == 0:
+            save_peft_adapter(tensors, self.lora_config, path)
         if self.distributed:
             dist.barrier()
 
