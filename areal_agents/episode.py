@@ -26,7 +26,8 @@ class Episode:
     """The record of one episode.
 
     Attributes:
-        agents: the agent ids that took part (single-agent envs: ``["agent"]``).
+        agents: the agent ids that took part (single-agent envs: ``["agent"]`` unless a
+            one-entry dict named the agent).
         messages: ``{agent_id: transcript}``: each agent's observations (as messages) and its
             actions (as assistant messages), in order.
         rewards: ``{agent_id: [reward of each step that rewarded it]}``.
@@ -93,7 +94,7 @@ def _normalise_agents(env: Any, agents: Agent | Mapping[str, Agent]) -> dict[str
     if isinstance(agents, Mapping):
         if len(agents) != 1:
             raise ValueError(f"a single-agent env takes one agent, got {sorted(agents)}")
-        return {SINGLE_AGENT_ID: next(iter(agents.values()))}
+        return dict(agents)  # the caller's id names the single agent in the Episode
     return {SINGLE_AGENT_ID: agents}
 
 
@@ -124,16 +125,22 @@ class _Run:
 
 
 async def _run_single(
-    env: AgentEnv, agent: Agent, run: _Run, seed: Any, options: Any, max_steps: int | None
+    env: AgentEnv,
+    agents: dict[str, Agent],
+    run: _Run,
+    seed: Any,
+    options: Any,
+    max_steps: int | None,
 ) -> None:
+    ((agent_id, agent),) = agents.items()
     obs, info = await env.reset(seed=seed, options=options)
-    run.infos[SINGLE_AGENT_ID] = dict(info)
-    run.observe({SINGLE_AGENT_ID: obs})
+    run.infos[agent_id] = dict(info)
+    run.observe({agent_id: obs})
     while max_steps is None or run.length < max_steps:
         action = await agent.act(obs)
         obs, reward, terminated, truncated, info = await env.step(action)
-        run.record({SINGLE_AGENT_ID: action}, {SINGLE_AGENT_ID: reward}, {SINGLE_AGENT_ID: info})
-        run.observe({SINGLE_AGENT_ID: obs})
+        run.record({agent_id: action}, {agent_id: reward}, {agent_id: info})
+        run.observe({agent_id: obs})
         if terminated or truncated:
             run.truncated = bool(truncated and not terminated)
             return
@@ -184,7 +191,8 @@ async def run_episode(
 
     Args:
         env: a single- or multi-agent env (already constructed; not closed here).
-        agents: for an ``AgentEnv`` an ``Agent`` (or ``{"agent": agent}``); for a
+        agents: for an ``AgentEnv`` an ``Agent`` (its id in the ``Episode`` is ``"agent"``) or
+            a one-entry ``{agent_id: Agent}`` (the id is kept); for a
             ``MultiAgentEnv`` ``{agent_id: Agent}`` covering ``env.possible_agents``.
         seed, options: passed to ``env.reset``.
         max_steps: stop after this many steps with status ``"truncated"``.
@@ -203,7 +211,7 @@ async def run_episode(
         if isinstance(env, MultiAgentEnv):
             await _run_multi(env, by_id, run, seed, options, max_steps)
         else:
-            await _run_single(env, by_id[SINGLE_AGENT_ID], run, seed, options, max_steps)
+            await _run_single(env, by_id, run, seed, options, max_steps)
     except Exception as exc:
         if raise_errors:
             raise

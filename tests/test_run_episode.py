@@ -55,7 +55,12 @@ async def test_single_agent_episode_record():
     again = await aa.run_episode(
         GenericTestEnv(episode_length=3), {"agent": Recording("abc")}, seed=5
     )
-    assert again.messages == ep.messages
+    assert again.messages["agent"] == ep.messages["agent"]
+    named = await aa.run_episode(
+        GenericTestEnv(episode_length=3), {"solver": Recording("abc")}, seed=5
+    )
+    assert named.agents == ["solver"] and named.messages["solver"] == ep.messages["agent"]
+    assert named.returns == {"solver": 3.0} and named.samples == {"solver": ["sample-3.0"]}
     assert "<table>" in ep._repr_html_() and "terminated" in ep._repr_html_()
 
 
