@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import weakref
 from typing import Any
 
 import gymnasium
@@ -53,6 +54,8 @@ class _Loop:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # an adapter dropped without close() still releases its loop
+        weakref.finalize(self, self.loop.close)
 
     def run(self, coro: Any) -> Any:
         try:

@@ -52,6 +52,7 @@ def test_non_ascii_observations_stay_in_space():
     genv = aa.to_gymnasium(env)
     obs, _ = genv.reset(seed=0)
     assert obs in genv.observation_space and json.loads(obs)[0]["content"] == "héllo\n✓"
+    genv.close()
 
 
 def test_json_actions_carry_tool_calls():
@@ -69,6 +70,7 @@ def test_json_actions_carry_tool_calls():
     genv.reset(seed=0)
     genv.step(json.dumps(msg))
     assert seen[0]["tool_calls"][0]["function"]["name"] == "add"
+    genv.close()
 
 
 async def test_adapter_works_when_called_inside_a_running_loop():
