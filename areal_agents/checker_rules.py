@@ -96,7 +96,10 @@ def check_reset(env: Any, result: Any) -> None:
         raise RuleFailed("reset() -> (obs, info)", short(result))
     obs, info = result
     if isinstance(env, MultiAgentEnv):
-        possible = set(env.possible_agents)
+        names = env.possible_agents
+        if not names or not all(isinstance(a, str) for a in names):
+            raise RuleFailed("possible_agents: a non-empty list of str ids", short(names))
+        possible = set(names)
         if not set(env.agents) <= possible:
             raise RuleFailed("env.agents within possible_agents", short(env.agents))
         check_dict(obs, "reset obs", set(env.agents))

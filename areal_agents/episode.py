@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .agent import Agent
 from .env import AgentEnv, MultiAgentEnv
+from .errors import EnvError
 from .messages import Message
 from .wrappers.record_episode import action_message, as_messages
 
@@ -163,6 +164,11 @@ async def _run_multi(
             run.truncated = True
             return
         acting = list(obs)
+        if not acting:
+            raise EnvError(
+                f"{type(env).__name__}: agents {list(env.agents)} are live but none was asked to act "
+                "(obs is empty); the env must name who acts next or empty env.agents"
+            )
         unknown = [a for a in acting if a not in agents]
         if unknown:
             raise ValueError(f"the env asked {unknown} to act, but no agent was given for them")

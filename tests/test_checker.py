@@ -200,3 +200,13 @@ async def test_extra_wrappers_over_a_made_env_are_rebuilt_by_copy_not_spec():
     assert report.ok, str(report)
     assert "determinism_new_instance" in report.passed
     assert report.skipped["from_spec"].startswith("the env is wrapped beyond what its spec builds")
+
+
+async def test_catches_bad_possible_agents():
+    env = GenericMultiAgentEnv(["x", "y"])
+    env.possible_agents = ["x", 2]  # ids must be str
+    report = await check(env)
+    failure = next(f for f in report.failures if f.check == "types_and_determinism")
+    assert (
+        failure.expected == "possible_agents: a non-empty list of str ids" and failure.seen == "['x', 2]"
+    )

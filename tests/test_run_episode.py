@@ -118,6 +118,16 @@ async def test_failures_become_failed_status_or_raise():
     assert ep.status == "failed" and ep.error == "ValueError: env broke" and ep.length == 0
 
 
+async def test_live_agents_with_nobody_to_act_fail_clearly():
+    def step_fn(env, actions):
+        return {}, {}, {}, {}, {}  # agents stay live, nobody asked to act
+
+    env = GenericMultiAgentEnv(["x", "y"], step_fn=step_fn)
+    ep = await aa.run_episode(env, {"x": Recording(), "y": Recording()}, seed=0)
+    assert ep.status == "failed" and ep.length == 1
+    assert "live but none was asked to act" in ep.error
+
+
 async def test_agent_mapping_is_validated():
     env = GenericMultiAgentEnv(["x", "y"])
     with pytest.raises(ValueError, match=r"no agent for \['y'\]"):
