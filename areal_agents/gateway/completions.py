@@ -85,7 +85,7 @@ async def chat_completion(policy: Policy, body: dict[str, Any], session: Session
     try:
         if session is not None:
             prompt_ids, prefix = prompt_ids_for(policy.tokenizer, session.turns, messages,
-                                                tools, policy.eos_id)
+                                                tools, policy.eos_id, session.index)
         else:
             from .chat import render
 
@@ -112,7 +112,7 @@ async def chat_completion(policy: Policy, body: dict[str, Any], session: Session
             "token_ids": list(out.token_ids),
         })
         if session is not None:
-            session.turns.append(Turn(
+            session.record(Turn(
                 prompt_ids=list(prompt_ids), completion_ids=list(out.token_ids),
                 logprobs=list(out.logprobs), versions=list(out.versions),
                 messages=[dict(m) for m in messages], reply=reply, tools=tools,
@@ -160,7 +160,7 @@ async def text_completion(policy: Policy, body: dict[str, Any], session: Session
                         "finish_reason": "length" if out.finish_reason == "length" else "stop",
                         "token_ids": list(out.token_ids)})
         if session is not None:
-            session.turns.append(Turn(
+            session.record(Turn(
                 prompt_ids=list(prompt_ids), completion_ids=list(out.token_ids),
                 logprobs=list(out.logprobs), versions=list(out.versions), messages=None,
                 reply=None, tools=None, finish_reason=out.finish_reason, request_id="",

@@ -68,11 +68,20 @@ class Session:
     rewards: list[float] = field(default_factory=list)
     ended: bool = False
     created: float = field(default_factory=time.time)
+    index: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    """conversation key of (messages + reply) -> turn indices (see ``tokenization``)."""
 
     @property
     def reward(self) -> float:
         """Sum of the posted rewards (0.0 when none)."""
         return float(sum(self.rewards))
+
+    def record(self, turn: Turn) -> None:
+        """Append a turn and index it for prefix matching."""
+        from .tokenization import index_turn
+
+        self.turns.append(turn)
+        index_turn(self.index, self.turns, len(self.turns) - 1)
 
     def end(self) -> None:
         """Mark the session ended. Idempotent."""

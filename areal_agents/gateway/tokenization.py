@@ -11,6 +11,7 @@ sample, and every such split is reported with the first differing position.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,22 +20,69 @@ from .chat import encode, render, same_message
 from .sessions import Turn
 
 
+def conversation_key(messages: list[dict[str, Any]]) -> str:
+    """A canonical key of a message list: assistant tool calls compare by name and decoded
+    arguments (their ids and JSON spacing do not matter), as in ``same_message``."""
+    canon = []
+    for m in messages:
+        if m.get("role") == "assistant":
+            calls = [(c.get("function", {}).get("name"), _decoded(c.get("function", {}).get(
+                "arguments"))) for c in m.get("tool_calls") or []]
+            canon.append({"role": "assistant", "content": m.get("content") or None,
+                          "calls": calls})
+        else:
+            canon.append(m)
+    return json.dumps(canon, sort_keys=True, default=str)
+
+
+def _decoded(args: Any) -> Any:
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except json.JSONDecodeError:
+            return args
+    return args
+
+
+def index_turn(index: dict[str, list[int]], turns: list[Turn], turn_index: int) -> None:
+    """Register a chat turn under the key of its messages + reply (see ``prompt_ids_for``)."""
+    turn = turns[turn_index]
+    if turn.messages is not None and turn.reply is not None:
+        index.setdefault(conversation_key([*turn.messages, turn.reply]), []).append(turn_index)
+
+
+def _candidates(turns: list[Turn], messages: list[dict[str, Any]],
+                index: dict[str, list[int]] | None) -> list[int]:
+    if index is None:  # no index: every earlier turn, latest first
+        return list(range(len(turns) - 1, -1, -1))
+    out: list[int] = []
+    for j in range(len(messages) - 1, -1, -1):
+        if messages[j].get("role") == "assistant":
+            out.extend(reversed(index.get(conversation_key(messages[: j + 1]), [])))
+    return out
+
+
 def prompt_ids_for(tokenizer: Any, turns: list[Turn], messages: list[dict[str, Any]],
-                   tools: list[dict] | None, eos_id: int) -> tuple[list[int], int | None]:
+                   tools: list[dict] | None, eos_id: int,
+                   index: dict[str, list[int]] | None = None) -> tuple[list[int], int | None]:
     """Prompt ids for a chat request of a session.
 
-    Searches the session's turns (latest first) for one whose messages + reply are a prefix
-    of ``messages`` with the same tools, and whose rendering is a text prefix of the new
-    rendering; builds the prompt from that turn's ids plus the new suffix.
+    Looks for the latest turn whose messages + reply are a prefix of ``messages`` (via
+    ``index``, built with ``index_turn``, or by scanning every turn when it is None), with the
+    same tools, and whose rendering is a text prefix of the new rendering; builds the prompt
+    from that turn's ids plus the ids of the new suffix text.
 
     Returns:
         ``(prompt_ids, prefix_turn)``; ``prefix_turn`` is None when the prompt was tokenized
         from scratch (first turn, edited history, changed system prompt or tools).
+
+    Raises:
+        ValueError: the chat template cannot render the messages.
     """
     eos_text = tokenizer.decode([eos_id], skip_special_tokens=False)
     full = render(tokenizer, messages, tools, add_generation_prompt=True)
-    for index in range(len(turns) - 1, -1, -1):
-        turn = turns[index]
+    for i in _candidates(turns, messages, index):
+        turn = turns[i]
         if turn.messages is None or turn.reply is None or turn.tools != tools:
             continue
         k = len(turn.messages)
@@ -52,7 +100,7 @@ def prompt_ids_for(tokenizer: Any, turns: list[Turn], messages: list[dict[str, A
         generated_eos = bool(turn.completion_ids) and turn.completion_ids[-1] == eos_id
         tail = prev[cut + len(eos_text):] if generated_eos else prev[cut:]
         suffix = tail + full[len(prev):]
-        return turn.prompt_ids + turn.completion_ids + encode(tokenizer, suffix), index
+        return turn.prompt_ids + turn.completion_ids + encode(tokenizer, suffix), i
     return encode(tokenizer, full), None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from areal_agents.gateway import Gateway, Turn, turns_to_samples
+from areal_agents.gateway.tokenization import prompt_ids_for
 from areal_agents.testing.engine import ScriptedEngine
 
 SYS = {"role": "system", "content": "be brief"}
@@ -49,6 +50,9 @@ async def test_multi_turn_merges_into_one_sample(session, tok):
     rest = t3.prompt_ids[len(t2.prompt_ids) + len(t2.completion_ids):]
     assert tok.decode(rest).startswith("<|im_end|>\n<|im_start|>user\nu3")  # closes truncation
 
+    # the linear scan (no index) finds the same prefix turn and ids
+    assert prompt_ids_for(tok, sess.turns[:2], t3.messages, None, tok.eos_token_id) == (
+        t3.prompt_ids, 1)
     samples, report = sess.to_samples(reward=2.0, agent="a", group="g")
     assert report.num_splits == 0 and report.num_samples == 1
     (s,) = samples
