@@ -181,3 +181,44 @@ async def test_agent_without_gateway_returns_no_samples():
     agent = LLMAgent(OpenAIMock(["x"]).async_client(), "m")
     await agent.act("a")
     assert await agent.end_episode(1.0) == []
+
+
+async def test_tictactoe_real_tiny_models_on_two_policies():
+    """Two LocalEngine policies (different seeds): per-agent samples decode to each agent's
+    transcript, masks cover exactly the replies, and log-probs come from that agent's model."""
+    import torch
+
+    from areal_agents.engines.local import LocalEngine
+    from areal_agents.models import tiny
+
+    models = {}
+    for seed in range(10, 30):  # the first episode seed where both players get to act
+        gw = Gateway()
+        for role, model_seed in (("x", 0), ("o", 1)):
+            models[role], tok = tiny("xs", seed=model_seed)
+            gw.add_policy(f"pi_{role}", [LocalEngine(models[role], tok, max_batch_size=4)], tok)
+        agents = {r: LLMAgent.for_gateway(gw, f"pi_{r}", agent_id=r,
+                                          sampling={"max_tokens": 3, "seed": seed})
+                  for r in ("x", "o")}
+        env = aa.make("TicTacToe-v0", illegal="reask", max_reasks=4)
+        episode = await aa.run_episode(env, agents, seed=seed)
+        if episode.samples["o"]:
+            break
+    assert episode.samples["o"], "no seed in 10..29 gave the second player a move"
+    assert episode.status == "terminated"
+    for role, agent in agents.items():
+        (s,) = episode.samples[role]
+        text, transcript = tok.decode(s.token_ids), render(tok, agent.history, None)
+        # a length-truncated last reply has no generated <|im_end|>; the template adds it
+        assert transcript in (text + "\n", text + "<|im_end|>\n")
+        assert s.policy == f"pi_{role}" and s.reward == episode.returns[role]
+        replies = [m for m in agent.history if m["role"] == "assistant"]
+        assert s.num_generated == sum(
+            len(t.completion_ids) for t in gw.session(agent._session_key).turns)
+        assert len(replies) == len(gw.session(agent._session_key).turns)
+        with torch.no_grad():
+            logits = models[role](input_ids=torch.tensor([s.token_ids])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        gen = [i for i, m in enumerate(s.loss_mask) if m]
+        expected = [logp[i - 1, s.token_ids[i]].item() for i in gen]
+        assert [s.logprobs[i] for i in gen] == pytest.approx(expected, abs=1e-4)
