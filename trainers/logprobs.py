@@ -17,10 +17,12 @@ def _chunk_stats(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logp_all [n, V], logp_label [n], entropy [n])`` for one chunk, in float32."""
-    logits = (hidden.float() @ weight.float().t()) / temperature
+    logits = hidden.float() @ weight.float().t()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = -torch.linalg.vecdot(logp_all.exp(), logp_all)  # fused multiply-sum
     return logp_all, logp, entropy
 
 
@@ -36,6 +38,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             e = min(s + chunk_size, n)
             _, logp[s:e], entropy[s:e] = _chunk_stats(hidden[s:e], weight, labels[s:e], temperature)
         ctx.save_for_backward(hidden, weight, labels)
+        ctx.set_materialize_grads(False)  # an unused output (often entropy) costs nothing
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         return logp, entropy
@@ -46,26 +49,43 @@ class _ChunkedLogprobs(torch.autograd.Function):
         t, n = ctx.temperature, hidden.shape[0]
         w32 = weight.float()
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
-        if grad_logp is None:
-            grad_logp = torch.zeros(n, device=hidden.device)
-        if grad_entropy is None:
-            grad_entropy = torch.zeros(n, device=hidden.device)
+        want_w = ctx.needs_input_grad[1]
+        grad_weight = None
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             with torch.no_grad():
-                logp_all, _, ent = _chunk_stats(hidden[s:e], weight, labels[s:e], t)
+                logits = hidden[s:e].float() @ w32.t()
+                if t != 1.0:
+                    logits /= t
+                logp_all = torch.log_softmax(logits, dim=-1)
+                del logits
                 p = logp_all.exp()
-                # d logp_y / dz = onehot(y) - p ;  d H / dz = -p * (log p + H)   (z = logits / T)
-                grad_z = -p * (grad_logp[s:e, None] + grad_entropy[s:e, None] * (logp_all + ent[:, None]))
-                grad_z.scatter_add_(-1, labels[s:e, None], grad_logp[s:e, None].float())
-                grad_z /= t
-                del logp_all, p
+                # z = logits / T:  d logp_y / dz = onehot(y) - p ;  d H / dz = -p * (log p + H)
+                coef = torch.zeros(e - s, 1, device=hidden.device)
+                if grad_logp is not None:
+                    coef = coef + grad_logp[s:e, None].float()
+                if grad_entropy is not None:
+                    ent = -torch.linalg.vecdot(p, logp_all).unsqueeze(-1)
+                    g_ent = grad_entropy[s:e, None].float()
+                    logp_all.add_(ent).mul_(g_ent).add_(coef)  # g_lp + g_H * (log p + H)
+                    grad_z = logp_all.mul_(p).neg_()
+                else:
+                    grad_z = p.mul_(-coef)
+                if grad_logp is not None:
+                    grad_z.scatter_add_(-1, labels[s:e, None], grad_logp[s:e, None].float())
+                if t != 1.0:
+                    grad_z /= t
+                del p
                 if grad_hidden is not None:
                     grad_hidden[s:e] = (grad_z @ w32).to(hidden.dtype)
-                if grad_weight is not None:
+                if want_w and grad_weight is None:
+                    grad_weight = grad_z.t() @ hidden[s:e].float()
+                elif want_w:
                     grad_weight.addmm_(grad_z.t(), hidden[s:e].float())
-        if grad_weight is not None:
+        if want_w:
+            grad_weight = torch.zeros_like(w32) if grad_weight is None else grad_weight
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
 

@@ -75,3 +75,19 @@ def test_rejects_bad_arguments():
         chunked_logprobs(h, w, y, 1.0, 0)
     with pytest.raises(ValueError, match="shape mismatch"):
         chunked_logprobs(h, torch.zeros(4, 5), y)
+
+
+@pytest.mark.parametrize("use", ["logprobs", "entropy"])
+def test_grads_when_only_one_output_is_used(use):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 9, (6,), generator=g)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = chunked_logprobs(h1, w1, labels, 0.5, 4)
+    (lp if use == "logprobs" else ent).sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp2, ent2 = _reference(h2, w2, labels, 0.5)
+    (lp2 if use == "logprobs" else ent2).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-5, rtol=1e-4)
