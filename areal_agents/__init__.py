@@ -69,6 +69,9 @@ _EXPORTS: dict[str, str] = {
     "FSDPEngine": "areal_agents.trainers.fsdp",
     "SFTTrainer": "areal_agents.trainers.sft",
     "ConfigError": "areal_agents.errors",
+    # training
+    "Trainer": "areal_agents.trainers.trainer",
+    "Policy": "areal_agents.trainers.policy",
     # algorithms
     "GRPO": "areal_agents.algorithms",
     "DrGRPO": "areal_agents.algorithms",

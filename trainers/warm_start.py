@@ -45,15 +45,33 @@ def resolve_player(spec: str | Callable[..., Any] | Agent) -> Agent:
     return ScriptedAgent(spec)
 
 
+class EnvRandomAgent(Agent):
+    """Acts with ``env.sample_action(agent_id)``: random *valid* actions, no task skill."""
+
+    def __init__(self, env: Any, agent_id: str) -> None:
+        if not hasattr(env, "sample_action"):
+            raise ValueError(f"{type(env).__name__} has no sample_action(agent); give warm-start "
+                             "players explicitly")
+        self.env, self.agent_id = env, agent_id
+
+    async def act(self, observation: Any) -> Any:
+        return self.env.sample_action(self.agent_id)
+
+
 async def collect_demos(
-    make_env: Callable[[], Any], players: Mapping[str, Agent], seeds: range
+    make_env: Callable[[], Any], players: Mapping[str, Agent | str], seeds: range
 ) -> dict[str, list[list[dict[str, Any]]]]:
-    """Per agent id, one transcript per (episode, action): chat messages ending with the action."""
+    """Per agent id, one transcript per (episode, action): chat messages ending with the action.
+
+    A player ``"random"`` acts with the env's ``sample_action(agent_id)``.
+    """
     demos: dict[str, list[list[dict[str, Any]]]] = {a: [] for a in players}
     for seed in seeds:
         env = make_env()
+        agents = {a: EnvRandomAgent(env, a) if p == "random" else resolve_player(p)
+                  for a, p in players.items()}
         try:
-            episode = await run_episode(env, dict(players), seed=seed, raise_errors=True)
+            episode = await run_episode(env, agents, seed=seed, raise_errors=True)
         finally:
             await env.close()
         for agent_id, messages in episode.messages.items():

@@ -28,6 +28,10 @@ FilterFn = Callable[[str, list[Sample]], tuple[list[Sample], dict[str, int]]]
 """``filter(policy, group_samples) -> (kept, {reason: dropped_count})``."""
 
 
+class RolloutFailed(RuntimeError):
+    """Every recent episode failed: training cannot make progress."""
+
+
 @dataclass
 class Group:
     """The finished episodes of one task seed, for one policy."""
@@ -55,6 +59,8 @@ class RolloutController:
         filter_fn: per-group filter (e.g. zero reward variance); a group left empty for a
             policy is filtered for it with the first reason given.
         seed: the first task seed; seeds are consumed in order (the data cursor).
+        max_consecutive_failures: after this many failed episodes in a row, ``take`` raises
+            ``RolloutFailed`` with the last error instead of waiting forever (0 = never).
 
     Example (sketch)::
 
@@ -71,6 +77,7 @@ class RolloutController:
         group_size: int,
         filter_fn: FilterFn | None = None,
         seed: int = 0,
+        max_consecutive_failures: int = 256,
     ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -85,6 +92,8 @@ class RolloutController:
         self.group_size = group_size
         self.filter_fn = filter_fn or _keep_all
         self.next_seed = seed
+        self.max_consecutive_failures = max_consecutive_failures
+        self.consecutive_failures = 0
         self.buffers: dict[str, list[Group]] = {p: [] for p in controls}
         self.ledger: dict[str, Counter[str]] = {p: Counter() for p in controls}
         self.errors: list[BaseException] = []
@@ -139,8 +148,11 @@ class RolloutController:
                     raise r
                 log.warning("episode of seed %d failed: %r", seed, r)
                 self.errors.append(r)
+                del self.errors[:-100]  # keep the latest ones
+                self.consecutive_failures += 1
             else:
                 ok.append(r)
+                self.consecutive_failures = 0
         num_failed = len(results) - len(ok)
         async with self._changed:
             for policy, control in self.controls.items():
@@ -179,6 +191,7 @@ class RolloutController:
         """
         async with self._changed:
             while True:
+                self._check_failures()
                 self._drop_stale(policy)
                 if self.buffered(policy) >= num_episodes:
                     break
@@ -189,6 +202,14 @@ class RolloutController:
                 self._resolve(out[-1].seed, policy)
             self.ledger[policy]["trained"] += sum(g.num_episodes for g in out)
             return out
+
+    def _check_failures(self) -> None:
+        limit = self.max_consecutive_failures
+        if limit and self.consecutive_failures >= limit:
+            raise RolloutFailed(
+                f"{self.consecutive_failures} episodes failed in a row; the last error: "
+                f"{self.errors[-1]!r}. Fix the env/agent/engine error above and restart"
+            ) from self.errors[-1]
 
     def _drop_stale(self, policy: str) -> None:
         c = self.controls[policy]

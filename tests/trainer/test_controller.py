@@ -167,3 +167,19 @@ async def test_cursor_state_replays_unresolved_seeds_only():
     replayed = [g.seed for g in groups]
     assert not set(replayed) & set(trained)  # nothing trained twice
     assert min(replayed) == min(set(range(10)) - set(trained))  # nothing skipped
+
+
+async def test_all_episodes_failing_raises_instead_of_hanging():
+    from areal_agents.rollout import RolloutFailed
+
+    async def episode(seed, member):
+        raise ConnectionError("engine down")
+
+    controls = {"p": StalenessControl(2, 0, max_concurrent=16)}
+    ctl = RolloutController(episode, controls, group_size=2, max_consecutive_failures=6)
+    runner = asyncio.create_task(ctl.run())
+    with pytest.raises(RolloutFailed, match="engine down"):
+        await asyncio.wait_for(ctl.take("p", 2), 5)
+    await ctl.stop()
+    runner.cancel()
+    assert ctl.ledger["p"]["failed"] >= 6

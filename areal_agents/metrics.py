@@ -1,0 +1,164 @@
+"""Metric loggers (JSONL, TensorBoard, W&B, null) and the live ``rich`` progress bar.
+
+Every logger has ``log(step, metrics)`` and ``close()``; the trainer calls them
+unconditionally (use ``NullLogger`` to log nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Logger(Protocol):
+    """Sink of scalar metrics."""
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullLogger:
+    """Logs nothing."""
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out[k] = f
+    return out
+
+
+class JSONLLogger:
+    """One JSON object per ``log`` call: ``{"step", "time", **metrics}`` appended to ``path``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        self._t0 = time.time()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        row = {"step": step, "time": round(time.time() - self._t0, 3), **_finite(metrics)}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class TensorBoardLogger:
+    """Scalars to a TensorBoard event directory (needs ``tensorboard``)."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(log_dir))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        for k, v in _finite(metrics).items():
+            self._writer.add_scalar(k, v, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbLogger:
+    """Weights & Biases run (needs ``wandb``; raises a clear ImportError without it)."""
+
+    def __init__(self, project: str, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        try:
+            import wandb
+        except ImportError as exc:
+            raise ImportError("W&B logging needs `pip install wandb` (or drop logging.wandb)") from exc
+        self._run = wandb.init(project=project, config=dict(config or {}), **kwargs)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._run.log(_finite(metrics), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MultiLogger:
+    """Fan out to several loggers."""
+
+    def __init__(self, loggers: Iterable[Logger]) -> None:
+        self.loggers = list(loggers)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        for lg in self.loggers:
+            lg.log(step, metrics)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+
+
+def make_logger(run_dir: str | Path | None, *, tensorboard: bool = True,
+                wandb_project: str | None = None, config: Mapping[str, Any] | None = None) -> Logger:
+    """JSONL (``run_dir/metrics.jsonl``) + TensorBoard (``run_dir/tb``) + optional W&B."""
+    if run_dir is None and wandb_project is None:
+        return NullLogger()
+    loggers: list[Logger] = []
+    if run_dir is not None:
+        loggers.append(JSONLLogger(Path(run_dir) / "metrics.jsonl"))
+        if tensorboard:
+            with contextlib.suppress(ImportError):  # optional: JSONL is always written
+                loggers.append(TensorBoardLogger(Path(run_dir) / "tb"))
+    if wandb_project is not None:
+        loggers.append(WandbLogger(wandb_project, config))
+    return MultiLogger(loggers)
+
+
+class Progress:
+    """A ``rich`` progress bar over training steps showing headline metrics.
+
+    Args:
+        total: steps to run; ``headline``: metric keys shown (missing ones are skipped).
+        enabled: False makes it a no-op (tests, non-interactive runs still print nothing).
+    """
+
+    def __init__(self, total: int, headline: Iterable[str], enabled: bool = True,
+                 start: int = 0) -> None:
+        self.headline = list(headline)
+        self.enabled = enabled
+        self._bar: Any = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self._bar is None:
+            return
+        shown = [f"{k.split('/')[-2] + '/' if k.count('/') > 1 else ''}{k.split('/')[-1]}="
+                 f"{metrics[k]:.3g}" for k in self.headline if k in metrics]
+        self._bar.update(self._task, completed=step, info=" ".join(shown))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

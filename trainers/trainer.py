@@ -1,0 +1,381 @@
+"""``Trainer``: async multi-LLM RL — one TrainEngine + engine pool per trainable policy.
+
+The loop (``afit``) reads top to bottom: set up policies, start the rollout controller, then
+per step take a batch per trainable policy, compute advantages, train, push weights
+(pause -> update -> version + 1 -> resume), log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from areal_agents.agent import Agent
+from areal_agents.engines.base import WeightUpdate
+from areal_agents.errors import ConfigError
+from areal_agents.metrics import Logger, Progress, make_logger
+from areal_agents.rollout import RolloutController, StalenessControl
+from areal_agents.samples import Sample, collate
+
+from .episodes import EpisodeStats, RewardFn, play
+from .policy import Policy
+from .stats import StepStats, resolve_algorithm
+from .warm_start import collect_demos, demo_samples, sft
+
+BACKENDS: dict[str, str] = {
+    "fsdp": "areal_agents.trainers.fsdp.engine:FSDPEngine",
+    "archon": "areal_agents.trainers.archon:ArchonEngine",
+    "megatron": "areal_agents.trainers.megatron:MegatronEngine",
+}
+"""Backend name -> ``"module:factory"``; ``factory(model, lr=..., lora=..., **kw)`` is a
+``TrainEngine``. Add a backend with ``BACKENDS["name"] = "pkg.module:Factory"``."""
+
+
+def backend_factory(name: str) -> Callable[..., Any]:
+    """The engine class registered for backend ``name``.
+
+    Raises:
+        ConfigError: unknown or not importable backend (names the allowed ones).
+    """
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; allowed: {sorted(BACKENDS)}")
+    module, _, attr = BACKENDS[name].partition(":")
+    try:
+        return getattr(__import__(module, fromlist=[attr]), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"backend {name!r} is not available here ({exc}); use another of "
+                          f"{sorted(BACKENDS)}") from exc
+
+
+def resolve_policy_map(policy_map: Mapping[str, str] | Callable[[str], str],
+                       possible_agents: list[str], policies: Mapping[str, Policy],
+                       fixed: Mapping[str, Agent]) -> dict[str, str]:
+    """``{agent_id: policy}`` for every agent of the env not played by a fixed agent.
+
+    Raises:
+        ValueError: an agent is missing or unknown, or a policy name is unknown (lists both).
+    """
+    mapping = ({a: policy_map(a) for a in possible_agents if a not in fixed}
+               if callable(policy_map) else dict(policy_map))
+    unknown = sorted(set(mapping) - set(possible_agents))
+    missing = sorted(set(possible_agents) - set(mapping) - set(fixed))
+    if unknown or missing:
+        raise ValueError(f"policy_map does not fit the env: unknown agents {unknown}, missing "
+                         f"agents {missing}; env.possible_agents={possible_agents}, policy_map "
+                         f"keys={sorted(mapping)}, fixed agents={sorted(fixed)}")
+    bad = sorted({p for p in mapping.values() if p not in policies})
+    if bad:
+        raise ValueError(f"policy_map names unknown policies {bad}; policies={sorted(policies)}")
+    return mapping
+
+
+class Trainer:
+    """Train one or several separately parameterised LLMs, one per agent role, in any env.
+
+    Args:
+        env: a registered env id (``aa.make(env, **env_kwargs)``) or a zero-argument factory.
+        policies: ``{name: Policy}``.
+        policy_map: ``{agent_id: policy}`` or ``fn(agent_id) -> policy``; several agents may
+            share a policy (self-play). Agents in ``agents`` need no entry.
+        agents: fixed (scripted, random, human) agents ``{agent_id: Agent}``; never trained.
+        algorithm: an algorithm object (``aa.algorithms.GRPO()``) or a name ("grpo", "dapo"...).
+        batch_size: episodes per train step of each trainable policy (multiple of group_size).
+        group_size: episodes per task seed (the GRPO group).
+        max_staleness: versions a sample may lag; 0 is synchronous.
+        max_concurrent: episodes in flight at most (default ``2 * batch_size``).
+        eval_every, eval_seeds: greedy evaluation every k steps on these seeds (0 = never).
+        reward_fns: extra rewards ``fn(episode) -> float | {agent: float}``, sync or async.
+        checkpoint_every, run_dir, resume: checkpoints in ``run_dir/checkpoints``; ``resume``
+            continues from the latest one.
+        seed: first task seed (training seeds count up from it) and RNG seed.
+        warm_start: ``{"episodes": n, "players": {agent_id: "random" | player}}``: format-only
+            SFT for ``Policy.sft_steps`` steps before RL (None = off).
+        torch_threads: ``torch.set_num_threads`` for this process.
+        logger, progress: metrics sink (default from ``run_dir``) and the rich progress bar.
+
+    Raises:
+        ValueError / ConfigError: inconsistent arguments (the message names the field).
+
+    Example:
+        >>> trainer = aa.Trainer(env="Signaling-v0", policies={"s": aa.Policy(lr=1e-3),
+        ...     "l": aa.Policy(lr=1e-3)}, policy_map={"speaker": "s", "listener": "l"})
+        ...     # doctest: +SKIP
+        >>> trainer.fit(100)  # doctest: +SKIP
+    """
+
+    def __init__(self, *, env: str | Callable[[], Any], policies: Mapping[str, Policy],
+                 policy_map: Mapping[str, str] | Callable[[str], str],
+                 agents: Mapping[str, Agent] | None = None, algorithm: Any = "grpo",
+                 batch_size: int = 32, group_size: int = 16, max_staleness: int = 0,
+                 max_concurrent: int | None = None, eval_every: int = 0,
+                 eval_seeds: range | list[int] = range(1_000_000, 1_000_064),
+                 reward_fns: list[RewardFn] | None = None, checkpoint_every: int = 0,
+                 run_dir: str | Path | None = None, resume: bool = False, seed: int = 0,
+                 warm_start: dict[str, Any] | None = None, env_kwargs: dict[str, Any] | None = None,
+                 torch_threads: int | None = 1, logger: Logger | None = None,
+                 progress: bool = True, max_steps_per_episode: int | None = None) -> None:
+        if batch_size < 1 or group_size < 1 or batch_size % group_size:
+            raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of "
+                              f"group_size ({group_size})")
+        if (checkpoint_every or resume) and run_dir is None:
+            raise ConfigError("checkpoint_every/resume need run_dir= (where checkpoints live)")
+        self.make_env = self._env_factory(env, env_kwargs or {})
+        probe = self.make_env()
+        possible = list(getattr(probe, "possible_agents", ["agent"]))
+        self.policies = dict(policies)
+        self.fixed_agents = dict(agents or {})
+        self.policy_of = resolve_policy_map(policy_map, possible, self.policies, self.fixed_agents)
+        self.trainable = sorted({p for p in self.policy_of.values() if self.policies[p].trainable})
+        if not self.trainable:
+            raise ConfigError("no trainable policy is used by policy_map; every policy is frozen")
+        self.algorithm = resolve_algorithm(algorithm)
+        if getattr(self.algorithm, "needs_reference", False):
+            raise ConfigError("kl_coef > 0 needs reference log-probs, which this Trainer does not"
+                              " compute yet; set algorithm.kl_coef=0")
+        self.batch_size, self.group_size, self.max_staleness = batch_size, group_size, max_staleness
+        self.max_concurrent = max_concurrent or 2 * batch_size
+        self.eval_every, self.eval_seeds = eval_every, list(eval_seeds)
+        self.reward_fns = list(reward_fns or [])
+        self.checkpoint_every, self.resume, self.seed = checkpoint_every, resume, seed
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.warm_start, self.torch_threads = warm_start, torch_threads
+        self.max_steps_per_episode = max_steps_per_episode
+        self.logger = logger if logger is not None else make_logger(self.run_dir)
+        self.show_progress = progress
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.gateway: Any = None
+        self.train_engines: dict[str, Any] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self._stats = StepStats()
+
+    @staticmethod
+    def _env_factory(env: str | Callable[[], Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
+        if isinstance(env, str):
+            from areal_agents.registration import make
+
+            return lambda: make(env, **kwargs)
+        return env
+
+    # ---- setup ----------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Build models, train engines, inference engines and the gateway (idempotent)."""
+        if self.gateway is not None:
+            return
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        from areal_agents.engines.local import LocalEngine
+        from areal_agents.gateway import Gateway
+
+        random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        self.gateway = Gateway()
+        self._client = self.gateway.async_client()
+        demos: dict[str, list[Any]] = {}
+        if self.warm_start:
+            start = int(self.warm_start.get("seed", 10_000_000))
+            seeds = range(start, start + int(self.warm_start.get("episodes", 256)))
+            demos = await collect_demos(self.make_env, self.warm_start["players"], seeds)
+        for name in sorted(set(self.policy_of.values())):
+            policy = self.policies[name]
+            if policy.endpoint is not None:
+                continue
+            model, tokenizer = policy.load()
+            self.tokenizers[name] = tokenizer
+            if policy.trainable:
+                factory = backend_factory(policy.backend)
+                if policy.sft_steps and demos:
+                    await self._warm_start(name, model, tokenizer, factory, demos)
+                self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
+                                                   **policy.train_kwargs)
+            serving = copy.deepcopy(model).eval()
+            engine = LocalEngine(serving, tokenizer, max_batch_size=max(32, self.max_concurrent))
+            self.gateway.add_policy(name, [engine], tokenizer)
+        controls = {p: StalenessControl(self.batch_size, self.max_staleness, self.max_concurrent)
+                    for p in self.trainable}
+        self.controller = RolloutController(self._episode, controls, group_size=self.group_size,
+                                            filter_fn=self._filter, seed=self.seed)
+        if self.resume:
+            await self._restore()
+
+    async def _warm_start(self, name: str, model: Any, tokenizer: Any, factory: Any,
+                          demos: dict[str, list[Any]]) -> None:
+        agents = [a for a, p in self.policy_of.items() if p == name and a in demos]
+        samples = [s for a in agents for s in demo_samples(tokenizer, demos[a])]
+        if not samples:
+            return
+        policy = self.policies[name]
+        engine = factory(model, lr=policy.sft_lr)
+        losses = await asyncio.to_thread(sft, engine, samples, policy.sft_steps, 32, self.seed)
+        engine.close()
+        self.logger.log(0, {f"warm_start/{name}/nll_first": losses[0],
+                            f"warm_start/{name}/nll_last": losses[-1]})
+
+    # ---- episodes -------------------------------------------------------------------------
+
+    async def _make_agent(self, agent_id: str, policy: str, greedy: bool) -> Agent:
+        from .llm_session import make_llm_agent
+
+        return await make_llm_agent(self.gateway, self._client, self.policies[policy], policy,
+                                    agent_id, greedy)
+
+    async def _episode(self, seed: int, member: int) -> dict[str, list[Sample]]:
+        env = self.make_env()
+        try:
+            by_policy, stats = await play(
+                env, seed, policy_of=self.policy_of, fixed_agents=self.fixed_agents,
+                make_agent=self._make_agent, reward_fns=self.reward_fns,
+                max_steps=self.max_steps_per_episode)
+        finally:
+            await env.close()
+        self._stats.add_episode(stats)
+        return {p: s for p, s in by_policy.items() if p in self.trainable}
+
+    def _filter(self, policy: str, samples: list[Sample]) -> tuple[list[Sample], dict[str, int]]:
+        return self.algorithm.filter(samples)
+
+    # ---- training -------------------------------------------------------------------------
+
+    async def _train_policy(self, name: str) -> dict[str, float]:
+        t0 = time.perf_counter()
+        groups = await self.controller.take(name, self.batch_size)
+        wait = time.perf_counter() - t0
+        samples = [s for g in groups for s in g.samples]
+        engine = self.train_engines[name]
+        pad = self.tokenizers[name].pad_token_id or 0
+        batch = self.algorithm.prepare(collate(samples, pad_token_id=pad), samples)
+
+        def work() -> tuple[dict[str, float], list[tuple[str, torch.Tensor]]]:
+            if self.algorithm.needs_proximal:
+                batch.prox_logprobs = engine.forward_logprobs(batch)
+            stats = engine.train_step(batch, self.algorithm.loss)
+            return stats, list(engine.export_weights())
+
+        t1 = time.perf_counter()
+        stats, weights = await asyncio.to_thread(work)
+        t2 = time.perf_counter()
+        control = self.controller.controls[name]
+        new_version = control.version + 1
+
+        async def push() -> None:
+            await self.gateway.pause(name)
+            try:
+                update = WeightUpdate(named_tensors=iter(weights), version=new_version)
+                await self.gateway.update_weights(name, update)
+            finally:
+                await self.gateway.resume(name)
+
+        await self.controller.update_weights(name, push, new_version)
+        engine.version = new_version
+        return self._stats.train_metrics(name, samples, stats, new_version, wait=wait,
+                                         train=t2 - t1, sync=time.perf_counter() - t2)
+
+    async def afit(self, steps: int) -> list[dict[str, float]]:
+        """Train until ``self.step == steps``; returns the logged metrics of each step."""
+        await self.setup()
+        bar = Progress(steps, self._headline(), enabled=self.show_progress, start=self.step)
+        runner = asyncio.create_task(self.controller.run())
+        try:
+            while self.step < steps:
+                results = await asyncio.gather(*(self._train_policy(p) for p in self.trainable))
+                self.step += 1
+                metrics: dict[str, float] = {k: v for r in results for k, v in r.items()}
+                metrics.update(self._stats.episode_metrics())
+                metrics.update(self._stats.outcome_metrics(self.controller.counts()))
+                if self.eval_every and self.step % self.eval_every == 0:
+                    metrics.update(await self.evaluate())
+                self.logger.log(self.step, metrics)
+                self.history.append({"step": self.step, **metrics})
+                bar.update(self.step, metrics)
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    await self.save_checkpoint()
+        finally:
+            bar.close()
+            await self.controller.stop()
+            runner.cancel()
+        return self.history
+
+    def fit(self, steps: int) -> list[dict[str, float]]:
+        """Synchronous ``afit`` (runs its own event loop)."""
+        return asyncio.run(self.afit(steps))
+
+    def _headline(self) -> list[str]:
+        agents = sorted(self.policy_of)
+        return [f"train/{a}/success" for a in agents] + [f"eval/{a}/success" for a in agents]
+
+    # ---- evaluation -----------------------------------------------------------------------
+
+    async def evaluate(self, seeds: list[int] | None = None) -> dict[str, float]:
+        """Greedy episodes on held-out ``seeds``: ``eval/<agent>/{reward,success}``."""
+        await self.setup()
+        seeds = self.eval_seeds if seeds is None else seeds
+
+        async def one(seed: int) -> EpisodeStats:
+            env = self.make_env()
+            try:
+                _, stats = await play(env, seed, policy_of=self.policy_of,
+                                      fixed_agents=self.fixed_agents, make_agent=self._make_agent,
+                                      reward_fns=self.reward_fns, greedy=True,
+                                      max_steps=self.max_steps_per_episode)
+                return stats
+            finally:
+                await env.close()
+
+        results = await asyncio.gather(*(one(s) for s in seeds), return_exceptions=True)
+        return StepStats.summarise([r for r in results if isinstance(r, EpisodeStats)], "eval",
+                                   num_failed=sum(isinstance(r, BaseException) for r in results))
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    async def save_checkpoint(self) -> Path:
+        """Write engines + trainer state to ``run_dir/checkpoints/step_<n>``; returns the dir."""
+        assert self.run_dir is not None
+        ckpt = self.run_dir / "checkpoints" / f"step_{self.step}"
+        for name, engine in self.train_engines.items():
+            await asyncio.to_thread(engine.save, str(ckpt / name))
+        state = {"step": self.step, "controller": self.controller.state_dict(),
+                 "history": self.history,
+                 "algorithm": getattr(self.algorithm, "ema_baselines", {})}
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        tmp = self.run_dir / "checkpoints" / "latest.tmp"
+        tmp.write_text(ckpt.name)
+        os.replace(tmp, self.run_dir / "checkpoints" / "latest")  # atomic: only complete ones
+        return ckpt
+
+    async def _restore(self) -> None:
+        assert self.run_dir is not None
+        latest = self.run_dir / "checkpoints" / "latest"
+        if not latest.exists():
+            return  # nothing to resume: a fresh run
+        ckpt = self.run_dir / "checkpoints" / latest.read_text().strip()
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        for name, engine in self.train_engines.items():
+            await asyncio.to_thread(engine.load, str(ckpt / name))
+            version = state["controller"]["controls"][name]["version"]
+            engine.version = version
+            update = WeightUpdate(named_tensors=iter(list(engine.export_weights())), version=version)
+            await self.gateway.update_weights(name, update)
+        self.controller.load_state_dict(state["controller"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        if hasattr(self.algorithm, "ema_baselines"):
+            self.algorithm.ema_baselines = dict(state.get("algorithm", {}))
+
+    async def aclose(self) -> None:
+        """Close the gateway (and its engines) and the train engines. Idempotent."""
+        if self.gateway is not None:
+            await self.gateway.close()
+        for engine in self.train_engines.values():
+            engine.close()
+        self.train_engines.clear()
+        self.logger.close()
