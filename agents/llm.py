@@ -33,7 +33,7 @@ from areal_agents.messages import Message
 from areal_agents.wrappers.record_episode import as_messages
 
 if TYPE_CHECKING:
-    from areal_agents.gateway import Gateway, TokenizationReport
+    from areal_agents.gateway import Gateway, Session, TokenizationReport
     from areal_agents.samples import Sample
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class LLMAgent(Agent):
     Attributes:
         history: the episode's messages so far (OpenAI format).
         last_report: the ``TokenizationReport`` of the last ``end_episode`` (gateway agents).
+        last_session: the ``Session`` ended by the last ``end_episode`` (gateway agents).
     """
 
     def __init__(self, client: openai.AsyncOpenAI | None, model: str,
@@ -91,18 +92,24 @@ class LLMAgent(Agent):
         self._policy = model
         self._metadata: dict[str, Any] = {}
         self._session_key: str | None = None
+        self._keep_sessions = False
+        self.last_session: Session | None = None
 
     @classmethod
     def for_gateway(cls, gateway: Gateway, policy: str, *,
-                    metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> LLMAgent:
+                    metadata: Mapping[str, Any] | None = None, keep_sessions: bool = False,
+                    **kwargs: Any) -> LLMAgent:
         """An agent that opens a fresh recorded session of ``gateway`` for each episode.
 
         ``end_episode(return)`` ends that session and returns its samples (tokenization
-        contract) with the return as reward; ``last_report`` holds the split report.
+        contract) with the return as reward; ``last_report`` holds the split report and
+        ``last_session`` the ended ``Session``. The gateway forgets ended sessions unless
+        ``keep_sessions`` (so long runs do not accumulate them).
         """
         agent = cls(None, policy, **kwargs)
         agent._gateway = gateway
         agent._metadata = dict(metadata or {})
+        agent._keep_sessions = keep_sessions
         return agent
 
     def reset(self) -> None:
@@ -182,8 +189,8 @@ class LLMAgent(Agent):
         """End the gateway session (if any) and return its samples with ``episode_return``."""
         if self._gateway is None or self._session_key is None:
             return []
-        session = self._gateway.session(self._session_key)
-        session.end()
+        session = self._gateway.end_session(self._session_key, drop=not self._keep_sessions)
+        self.last_session = session
         samples, self.last_report = session.to_samples(
             reward=episode_return, agent=self.agent_id,
             group=str(self._metadata.get("group", "")))

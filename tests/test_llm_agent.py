@@ -214,8 +214,8 @@ async def test_tictactoe_real_tiny_models_on_two_policies():
         assert s.policy == f"pi_{role}" and s.reward == episode.returns[role]
         replies = [m for m in agent.history if m["role"] == "assistant"]
         assert s.num_generated == sum(
-            len(t.completion_ids) for t in gw.session(agent._session_key).turns)
-        assert len(replies) == len(gw.session(agent._session_key).turns)
+            len(t.completion_ids) for t in agent.last_session.turns)
+        assert len(replies) == len(agent.last_session.turns)
         with torch.no_grad():
             logits = models[role](input_ids=torch.tensor([s.token_ids])).logits[0].double()
         logp = torch.log_softmax(logits, -1)

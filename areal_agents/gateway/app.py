@@ -125,6 +125,24 @@ class Gateway:
             raise KeyError(f"no session has key or id {key[:12]!r}...")
         return self._sessions[session_id]
 
+    def end_session(self, key: str, *, drop: bool = False) -> Session:
+        """End the session with API key or id ``key`` (no more completions; its replica
+        stickiness is released). ``drop=True`` also forgets it (its key stops working), so
+        long runs do not accumulate sessions; the returned ``Session`` keeps its data.
+
+        Raises:
+            KeyError: no such session.
+        """
+        session = self.session(key)
+        session.end()
+        self.policies[session.policy].router.forget(session.session_id)
+        if drop:
+            self._sessions.pop(session.session_id, None)
+            for d in [d for d, sid in self._session_by_digest.items()
+                      if sid == session.session_id]:
+                del self._session_by_digest[d]
+        return session
+
     def _open_session(self, policy: str, metadata: dict[str, Any] | None) -> tuple[str, str]:
         if policy not in self.policies:
             raise KeyError(f"unknown policy {policy!r}; known: {sorted(self.policies)}")
@@ -318,9 +336,7 @@ class Gateway:
         return JSONResponse({"session_id": session.session_id, "rewards": session.rewards})
 
     async def _end(self, request: Request) -> Response:
-        session = self._session_for(request)
-        session.end()
-        self.policies[session.policy].router.forget(session.session_id)
+        session = self.end_session(self._session_for(request).session_id)
         return JSONResponse({"session_id": session.session_id, "ended": True,
                              "num_turns": len(session.turns)})
 

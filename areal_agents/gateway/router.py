@@ -11,8 +11,9 @@ class Router:
     """Chooses one of a policy's engine replicas for each request.
 
     A session's first request goes to the replica with the least load (the engine's
-    ``num_pending`` plus requests this router has in flight on it); later requests of the same
-    session go to the same replica so its prefix cache can be reused.
+    ``num_pending`` plus requests this router has in flight on it; ties go to the replica with
+    the fewest sessions pinned to it); later requests of the same session go to the same
+    replica so its prefix cache can be reused.
 
     Args:
         engines: the replicas (at least one).
@@ -27,6 +28,7 @@ class Router:
         self.engines = list(engines)
         self._inflight = [0] * len(self.engines)
         self._sticky: dict[str, int] = {}
+        self._pinned = [0] * len(self.engines)
 
     def load(self, index: int) -> int:
         """Current load of replica ``index``."""
@@ -36,9 +38,10 @@ class Router:
         """Index of the replica for a request of ``session_id`` (None: no stickiness)."""
         if session_id is not None and session_id in self._sticky:
             return self._sticky[session_id]
-        index = min(range(len(self.engines)), key=self.load)
+        index = min(range(len(self.engines)), key=lambda i: (self.load(i), self._pinned[i]))
         if session_id is not None:
             self._sticky[session_id] = index
+            self._pinned[index] += 1
         return index
 
     def acquire(self, session_id: str | None = None) -> tuple[int, InferenceEngine]:
@@ -53,4 +56,6 @@ class Router:
 
     def forget(self, session_id: str) -> None:
         """Drop a session's stickiness (when it ends)."""
-        self._sticky.pop(session_id, None)
+        index = self._sticky.pop(session_id, None)
+        if index is not None:
+            self._pinned[index] -= 1

@@ -112,3 +112,56 @@ async def test_in_process_api(tok):
         await gw.create_session("missing")
     with pytest.raises(ValueError, match="already registered"):
         gw.add_policy("p", engines, tok)
+
+
+async def test_pause_holds_requests_until_resume(tok):
+    import asyncio
+
+    from areal_agents.gateway import Gateway
+    from areal_agents.testing.engine import ScriptedEngine
+
+    gw = Gateway()
+    engine = ScriptedEngine(["ok"], tokenizer=tok)
+    gw.add_policy("p", [engine], tok)
+    await gw.pause("p")
+    task = asyncio.create_task(gw.async_client().chat.completions.create(
+        model="p", messages=MSGS))
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+    assert not task.done() and engine.num_pending == 1
+    await gw.resume("p")
+    assert (await task).choices[0].message.content == "ok"
+
+
+async def test_sessions_stick_to_one_replica(tok):
+    from areal_agents.gateway import Gateway
+    from areal_agents.testing.engine import ScriptedEngine
+
+    gw = Gateway()
+    engines = [ScriptedEngine(["ok"], tokenizer=tok) for _ in range(2)]
+    gw.add_policy("p", engines, tok)
+    keys = [await gw.create_session("p") for _ in range(2)]
+    for _ in range(3):
+        for key in keys:
+            await gw.async_client(key).chat.completions.create(model="p", messages=MSGS)
+    by_engine = [{r.session_id for r in e.requests} for e in engines]
+    assert all(len(ids) == 1 for ids in by_engine)  # each replica served exactly one session
+    assert by_engine[0] != by_engine[1]
+    assert [len(e.requests) for e in engines] == [3, 3]
+
+
+async def test_end_session_drop_forgets_key(tok):
+    from areal_agents.gateway import Gateway
+    from areal_agents.testing.engine import ScriptedEngine
+
+    gw = Gateway()
+    gw.add_policy("p", [ScriptedEngine(["ok"], tokenizer=tok)], tok)
+    key = await gw.create_session("p")
+    await gw.async_client(key).chat.completions.create(model="p", messages=MSGS)
+    session = gw.end_session(key, drop=True)
+    assert session.ended and len(session.turns) == 1
+    with pytest.raises(KeyError):
+        gw.session(key)
+    with pytest.raises(openai.AuthenticationError):
+        await gw.async_client(key).chat.completions.create(model="p", messages=MSGS)
+    assert gw.policies["p"].router._sticky == {}
