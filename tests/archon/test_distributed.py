@@ -28,3 +28,14 @@ def test_two_process_equals_single(tmp_path, kwargs):
     assert results[1]["weights"] == {}  # only rank 0 yields exported weights
     assert_same_run(single, results[0])
     assert results[0]["stats"][0]["loss"] == results[1]["stats"][0]["loss"]
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble", "InterleavedZeroBubble"])
+def test_pipeline_two_stages_equal_single(tmp_path, schedule):
+    model_args = {"n_layers": 4}
+    single = train_once({"model_args": model_args}, steps=2)
+    kwargs = {"pp": 2, "pp_schedule": schedule, "model_args": model_args}
+    results = run_distributed(train_once, 2, str(tmp_path), steps=2, engine_kwargs=kwargs)
+    assert_same_run(single, results[0])
+    assert results[0]["stats"][1]["loss"] == results[1]["stats"][1]["loss"]
+    assert (results[0]["logprobs"] == results[1]["logprobs"]).all()
