@@ -120,7 +120,7 @@ def test_config_errors():
 
 def test_non_finite_loss_raises_and_skips_update():
     engine = make_engine()
-    before = dict(engine.export_weights())
+    before = {n: w.clone() for n, w in engine.export_weights()}  # export may alias parameters
 
     def bad_loss(lp, ent, mb):
         return (lp * mb.loss_weights).sum() * float("nan"), {}

@@ -265,6 +265,9 @@ class FSDPEngine(TrainEngine):
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, full CPU tensor)``; collective under FSDP, rank 0 yields.
 
+        Unsharded CPU tensors may alias the live parameters (no copy): consume or copy them
+        before the next ``train_step``.
+
         Args:
             merge_lora: with LoRA, yield base weights with ``W + scaling * B @ A`` merged in
                 (HF names); ``False`` yields the adapter alone (PEFT adapter-file names).
