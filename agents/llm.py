@@ -33,6 +33,7 @@ from areal_agents.messages import Message
 from areal_agents.wrappers.record_episode import as_messages
 
 if TYPE_CHECKING:
+    from areal_agents.client import RemoteGateway
     from areal_agents.gateway import Gateway, Session, TokenizationReport
     from areal_agents.samples import Sample
 
@@ -88,7 +89,7 @@ class LLMAgent(Agent):
         self.agent_id = agent_id
         self.history: list[Message] = []
         self.last_report: TokenizationReport | None = None
-        self._gateway: Gateway | None = None
+        self._gateway: Gateway | RemoteGateway | None = None
         self._policy = model
         self._metadata: dict[str, Any] = {}
         self._session_key: str | None = None
@@ -96,10 +97,12 @@ class LLMAgent(Agent):
         self.last_session: Session | None = None
 
     @classmethod
-    def for_gateway(cls, gateway: Gateway, policy: str, *,
+    def for_gateway(cls, gateway: Gateway | RemoteGateway, policy: str, *,
                     metadata: Mapping[str, Any] | None = None, keep_sessions: bool = False,
                     **kwargs: Any) -> LLMAgent:
         """An agent that opens a fresh recorded session of ``gateway`` for each episode.
+
+        ``gateway`` is an in-process ``Gateway`` or a ``RemoteGateway`` (a served one).
 
         ``end_episode(return)`` ends that session and returns its samples (tokenization
         contract) with the return as reward; ``last_report`` holds the split report and
@@ -190,6 +193,8 @@ class LLMAgent(Agent):
         if self._gateway is None or self._session_key is None:
             return []
         session = self._gateway.end_session(self._session_key, drop=not self._keep_sessions)
+        if inspect.isawaitable(session):  # a RemoteGateway answers over HTTP
+            session = await session
         self.last_session = session
         samples, self.last_report = session.to_samples(
             reward=episode_return, agent=self.agent_id,

@@ -46,6 +46,66 @@ def _v1(base_url: str) -> str:
     return base_url if base_url.endswith("/v1") else base_url + "/v1"
 
 
+class RemoteGateway:
+    """A gateway served elsewhere (``areal-agents serve``), driven over HTTP with the admin key.
+
+    Offers the part of ``Gateway``'s in-process API that agents use (``create_session``,
+    ``async_client``, ``session``, ``end_session``), so ``LLMAgent.for_gateway`` works with
+    either.
+
+    Args:
+        base_url: the server, e.g. ``http://127.0.0.1:8000``.
+        admin_key: the server's admin key.
+    """
+
+    def __init__(self, base_url: str, admin_key: str, *, timeout: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.admin_key = admin_key
+        self.timeout = timeout
+        self._keys: dict[str, str] = {}  # api key -> session id
+
+    def _http(self, key: str) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(base_url=self.base_url, timeout=self.timeout,
+                                  headers={"Authorization": f"Bearer {key}"})
+
+    async def create_session(self, policy: str, metadata: dict[str, Any] | None = None) -> str:
+        """Open a session (``POST /rl/sessions``); returns its API key.
+
+        Raises:
+            httpx2.HTTPStatusError: the server refused (unknown policy: 404, bad key: 401).
+        """
+        async with self._http(self.admin_key) as http:
+            r = await http.post("/rl/sessions", json={"policy": policy,
+                                                      "metadata": metadata or {}})
+        r.raise_for_status()
+        body = r.json()
+        self._keys[body["api_key"]] = body["session_id"]
+        return body["api_key"]
+
+    def async_client(self, api_key: str | None = None, **kwargs: Any) -> openai.AsyncOpenAI:
+        """An ``AsyncOpenAI`` for the server with ``api_key`` (default: the admin key)."""
+        return async_client_for_url(self.base_url, api_key or self.admin_key, **kwargs)
+
+    async def fetch_session(self, key: str) -> Any:
+        """The session of API key ``key`` as a ``Session`` (``GET /rl/sessions/{id}``)."""
+        from .gateway.sessions import Session
+
+        async with self._http(key) as http:
+            r = await http.get(f"/rl/sessions/{self._keys[key]}")
+        r.raise_for_status()
+        return Session.from_dict(r.json())
+
+    async def end_session(self, key: str, *, drop: bool = False) -> Any:
+        """End the session (``POST /rl/sessions/{id}/end``) and return its ``Session``."""
+        async with self._http(key) as http:
+            r = await http.post(f"/rl/sessions/{self._keys[key]}/end")
+        r.raise_for_status()
+        session = await self.fetch_session(key)
+        if drop:
+            self._keys.pop(key, None)
+        return session
+
+
 class Portal:
     """An event loop on a daemon thread, for running async code from sync callers."""
 

@@ -105,6 +105,16 @@ class Session:
             self.turns, reward=self.reward if reward is None else reward, agent=agent,
             policy=self.policy, group=group, meta={"session_id": self.session_id})
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Session:
+        """Rebuild a session from ``to_dict()`` output (e.g. ``GET /rl/sessions/{id}``)."""
+        session = cls(policy=data["policy"], metadata=dict(data.get("metadata") or {}),
+                      session_id=data["session_id"], rewards=list(data.get("rewards") or []),
+                      ended=bool(data.get("ended")), created=float(data.get("created", 0.0)))
+        for t in data.get("turns") or []:
+            session.record(Turn(**t))
+        return session
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view (the body of ``GET /rl/sessions/{id}``)."""
         return {
