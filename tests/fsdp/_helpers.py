@@ -71,3 +71,16 @@ def train_and_export(ckpt_dir: str | None = None, steps: int = 1, **kwargs):
         engine.save(ckpt_dir)
     logprobs = engine.forward_logprobs(batch)
     return stats, weights, logprobs
+
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def train_lora_and_export(steps: int = 2):
+    """Worker: LoRA train steps; returns (losses, merged export, adapter export)."""
+    engine = make_engine(token_budget=24, lora=LORA, lr=1e-2)
+    batch = make_batch()
+    losses = [engine.train_step(batch, ppo_loss)["loss"] for _ in range(steps)]
+    merged = {n: t.clone() for n, t in engine.export_weights()}
+    adapter = {n: t.clone() for n, t in engine.export_weights(merge_lora=False)}
+    return losses, merged, adapter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import make_batch, make_engine, ppo_loss, train_and_export
+from _helpers import make_batch, make_engine, ppo_loss, train_and_export, train_lora_and_export
 from areal_agents.trainers.launcher import DistributedEngineGroup, launch
 
 pytestmark = pytest.mark.multiprocess
@@ -58,3 +58,16 @@ def test_engine_group_proxies_methods_to_all_ranks():
         assert exported[1] == [] and len(exported[0]) > 0
     single = make_engine(token_budget=24)
     assert single.train_step(batch, ppo_loss)["loss"] == pytest.approx(stats[0]["loss"], abs=1e-6)
+
+
+def test_two_process_lora_matches_single_process():
+    (losses, merged, adapter), (_, merged1, adapter1) = launch(2, train_lora_and_export, 2)
+    assert merged1 == {} and adapter1 == {}
+    torch.set_num_threads(1)
+    want_losses, want_merged, want_adapter = train_lora_and_export(2)
+    assert losses == pytest.approx(want_losses, abs=1e-6)
+    assert merged.keys() == want_merged.keys() and adapter.keys() == want_adapter.keys()
+    for name, w in want_merged.items():
+        torch.testing.assert_close(merged[name], w, atol=1e-5, rtol=1e-5)
+    for name, w in want_adapter.items():
+        torch.testing.assert_close(adapter[name], w, atol=1e-5, rtol=1e-5)

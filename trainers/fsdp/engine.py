@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -79,7 +80,9 @@ def _apply_lora(model: nn.Module, lora: Any) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     cfg = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft calls transformers' deprecated checkpointing query
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 class FSDPEngine(TrainEngine):
