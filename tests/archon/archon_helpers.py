@@ -128,3 +128,14 @@ def assert_same_run(single: dict, dist_result: dict, atol: float = 2e-5) -> None
     assert set(single["weights"]) == set(dist_result["weights"])
     for name, t in single["weights"].items():
         assert (t - dist_result["weights"][name]).abs().max() <= atol, name
+
+
+def train_moe_once(engine_kwargs: dict, steps: int = 1) -> dict:
+    """``train_once`` for the tiny Qwen3-MoE (4 experts, top-2, no aux loss: the balancing
+    loss depends on how tokens are split over ranks, the expert maths must not)."""
+    hf = hf_tiny("qwen3_moe", router_aux_loss_coef=0.0)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+    return train_once(engine_kwargs, model=hf, steps=steps)

@@ -39,3 +39,13 @@ def test_pipeline_two_stages_equal_single(tmp_path, schedule):
     assert_same_run(single, results[0])
     assert results[0]["stats"][1]["loss"] == results[1]["stats"][1]["loss"]
     assert (results[0]["logprobs"] == results[1]["logprobs"]).all()
+
+
+def test_expert_parallel_equals_single(tmp_path):
+    from archon_helpers import train_moe_once
+
+    single = train_moe_once({}, steps=2)
+    results = run_distributed(train_moe_once, 2, str(tmp_path), steps=2,
+                              engine_kwargs={"dp_shard": 2, "ep": 2})
+    assert_same_run(single, results[0])
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in results[0]["weights"]

@@ -173,6 +173,7 @@ class ArchonEngine(TrainEngine):
         self.model = model
         self.module = PolicyModule(model, chunk_size)
         self.pipeline = None
+        self.ep_params: list[nn.Parameter] = []
         if self.dims.pp_enabled:
             from .pipeline import PipelineRunner
 
@@ -184,9 +185,12 @@ class ArchonEngine(TrainEngine):
             if self.dims.ep_enabled:
                 from .models.qwen3_moe import apply_ep
 
-                apply_ep(model, self.dims.build_mesh(self.device.type)["dp_shard"])
+                if not self.args.is_moe:
+                    raise ConfigError("ep > 1 needs a MoE model (num_experts > 0)")
+                self.ep_params = apply_ep(model, self.dims.build_mesh(self.device.type)["dp_shard"])
             parallelize(model, self.module, self.dims, sequence_parallel=sequence_parallel,
-                        activation_checkpoint=activation_checkpoint, compile=compile)
+                        activation_checkpoint=activation_checkpoint, compile=compile,
+                        ignored_params=set(self.ep_params) or None)
         if self.lora_config is not None:
             from .lora import freeze_non_adapters
 
@@ -196,7 +200,7 @@ class ArchonEngine(TrainEngine):
             raise ConfigError("the model has no trainable parameters (check the LoRA target patterns)")
         self.optimizer = torch.optim.AdamW(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            foreach=False if self.dims.tp_enabled else None,
+            foreach=False if (self.dims.tp_enabled or self.dims.ep_enabled) else None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(warmup_steps, lr_schedule, total_steps)
@@ -284,6 +288,9 @@ class ArchonEngine(TrainEngine):
                 totals["aux_loss"] += aux.detach().float() * scale / (count * n)
             for k, v in stats.items():
                 totals[k] += torch.as_tensor(v, device=self.device).detach().float() * scale
+        for p in self.ep_params:  # not averaged by FSDP: every rank's tokens added n * grad
+            if p.grad is not None:
+                p.grad.div_(n)
         keys = sorted(totals)
         packed = torch.stack([totals[k] for k in keys])
         if self.dims.dp_enabled:

@@ -143,17 +143,20 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
 
 
 def apply_fsdp(model: nn.Module, root: nn.Module, dp_mesh, param_dtype: torch.dtype | None = None,
-               reshard_after_forward: bool = True) -> None:
+               reshard_after_forward: bool = True, ignored_params: set | None = None) -> None:
     """FSDP2 ``fully_shard`` on every block, then on ``root`` (embeddings, norm, head).
 
     Gradients are averaged over ``dp_mesh`` (scale micro-batch losses by its size).
+    ``ignored_params`` (expert-parallel experts) stay as they are.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored_params)
+    fully_shard(root, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                ignored_params=ignored_params)
 
 
 def parallelize(
@@ -165,6 +168,7 @@ def parallelize(
     activation_checkpoint: ACMode = "none",
     compile: bool | str = False,
     param_dtype: torch.dtype | None = None,
+    ignored_params: set | None = None,
 ) -> None:
     """Apply TP, AC, compile and FSDP2 to ``model`` (wrapped by ``root``) as ``dims`` says.
 
@@ -181,4 +185,4 @@ def parallelize(
     if compile:
         apply_compile(model, "inductor" if compile is True else compile)
     if dims.dp_enabled:
-        apply_fsdp(model, root, mesh["dp_shard"], param_dtype)
+        apply_fsdp(model, root, mesh["dp_shard"], param_dtype, ignored_params=ignored_params)

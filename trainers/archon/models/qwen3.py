@@ -167,13 +167,14 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else h
 
     def aux_loss(self) -> torch.Tensor | None:
-        """Sum of the MoE load-balancing losses of the last forward (``None`` when dense)."""
-        losses = [
-            m.feed_forward.last_aux_loss
-            for m in self.layers.values()
-            if getattr(m, "moe_enabled", False) and m.feed_forward.last_aux_loss is not None
-        ]
-        return torch.stack(losses).sum() if losses else None
+        """Load-balancing loss of the last forward, pooled over MoE layers (``None`` when dense)."""
+        logits = [m.feed_forward.last_router_logits for m in self.layers.values()
+                  if getattr(m, "moe_enabled", False) and m.feed_forward.last_router_logits is not None]
+        if not logits:
+            return None
+        from .qwen3_moe import load_balancing_loss
+
+        return load_balancing_loss(logits, self.args.num_experts, self.args.top_k)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
