@@ -12,6 +12,7 @@ import inspect
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @functools.cache
@@ -28,6 +29,41 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
         return t
     pad = t.new_zeros(*t.shape[:-2], missing, t.shape[-1])
     return torch.cat([pad, t], dim=-2)
+
+
+class BufferedLayer(DynamicLayer):
+    """A cache layer whose keys/values are views of buffers with spare room.
+
+    Appending a decode step writes in place instead of ``torch.cat``-ing the whole cache (which
+    copied every cached token at every step).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.set(keys, values)
+
+    def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64) -> None:
+        """Replace the contents with ``[batch, heads, length, dim]`` keys/values (copied)."""
+        length = keys.shape[-2]
+        self._key_buf = keys.new_empty(*keys.shape[:-2], length + spare, keys.shape[-1])
+        self._value_buf = values.new_empty(*values.shape[:-2], length + spare, values.shape[-1])
+        self._key_buf[..., :length, :] = keys
+        self._value_buf[..., :length, :] = values
+        self.keys = self._key_buf[..., :length, :]
+        self.values = self._value_buf[..., :length, :]
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        length, new = self.keys.shape[-2], key_states.shape[-2]
+        if length + new > self._key_buf.shape[-2]:
+            self.set(self.keys, self.values, spare=max(64, length))
+        self._key_buf[..., length : length + new, :] = key_states
+        self._value_buf[..., length : length + new, :] = value_states
+        self.keys = self._key_buf[..., : length + new, :]
+        self.values = self._value_buf[..., : length + new, :]
+        return self.keys, self.values
 
 
 class RunningBatch:
@@ -55,13 +91,13 @@ class RunningBatch:
     def add(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """Append rows (``mask``: ``[rows, len]``) whose KV are in ``cache``; pads to a common length."""
         if self.cache is None:
+            cache.layers = [BufferedLayer(layer.keys, layer.values) for layer in cache.layers]
             self.cache, self.mask, self.positions = cache, mask, positions
             return
         length = max(self.length, mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
-            mine.values = torch.cat([_left_pad(mine.values, length),
-                                     _left_pad(theirs.values, length)])
+            mine.set(torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)]),
+                     torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)]))
         pad = lambda m: torch.nn.functional.pad(m, (length - m.shape[1], 0))  # noqa: E731
         self.mask = torch.cat([pad(self.mask), pad(mask)])
         self.positions = torch.cat([self.positions, positions])
@@ -77,8 +113,8 @@ class RunningBatch:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else mask.shape[1]
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[..., start:, :]
-            layer.values = layer.values.index_select(0, index)[..., start:, :]
+            layer.set(layer.keys.index_select(0, index)[..., start:, :],
+                      layer.values.index_select(0, index)[..., start:, :])
         self.mask = mask[:, start:]
         self.positions = self.positions.index_select(0, index)
 
