@@ -6,6 +6,8 @@
 * ``push_local(engine, ...)`` loads them into an in-process engine (``LocalEngine``);
 * ``save_safetensors_dir(...)`` writes a sharded safetensors directory (with an HF index) for
   another process; ``WeightUpdate(path=...)`` / ``load_safetensors_dir`` read it back;
+* ``SharedWeights.write(...)`` copies them into one POSIX shared-memory block whose small,
+  picklable ``manifest`` lets another process on the host read them (``read_shared``);
 * ``sglang_update_from_disk`` / ``sglang_update_from_tensor`` / ``vllm_collective_rpc``
   build the HTTP requests for SGLang / vLLM servers (sent by the remote engine clients).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -112,6 +115,71 @@ def load_safetensors_dir(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         raise FileNotFoundError(f"no *.safetensors files in {path!r}; write them with save_safetensors_dir")
     for f in files:
         yield from load_file(os.path.join(path, f)).items()
+
+
+class SharedWeights:
+    """Weights in one ``multiprocessing.shared_memory`` block, for another local process.
+
+    The writer keeps this object alive until readers are done, then calls ``close()`` (which
+    unlinks the block). ``manifest`` is a small picklable dict (block name, and per tensor its
+    name, dtype, shape and byte offset) to send to the reader.
+
+    Example:
+        >>> shared = SharedWeights.write(engine.export_weights())  # doctest: +SKIP
+        >>> queue.put(shared.manifest)  # the reader calls dict(read_shared(manifest))
+    """
+
+    def __init__(self, block: Any, manifest: dict[str, Any]) -> None:
+        self.block = block
+        self.manifest = manifest
+
+    @classmethod
+    def write(cls, named_tensors: NamedTensors) -> SharedWeights:
+        from multiprocessing import shared_memory
+
+        items = [(n, t.detach().cpu().contiguous()) for n, t in named_tensors]
+        entries, offset = [], 0
+        for n, t in items:
+            offset = (offset + 63) // 64 * 64  # aligned views
+            entries.append((n, str(t.dtype).removeprefix("torch."), list(t.shape), offset))
+            offset += tensor_bytes(t)
+        block = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+        buf = torch.frombuffer(block.buf, dtype=torch.uint8)
+        for (_, _, _, off), (_, t) in zip(entries, items, strict=True):
+            buf[off : off + tensor_bytes(t)].copy_(t.reshape(-1).view(torch.uint8))
+        del buf
+        return cls(block, {"block": block.name, "tensors": entries})
+
+    def close(self) -> None:
+        """Release and unlink the block (idempotent)."""
+        if self.block is not None:
+            self.block.close()
+            self.block.unlink()
+            self.block = None
+
+    def __enter__(self) -> SharedWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_shared(manifest: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` copies out of a ``SharedWeights`` block (another process)."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    block = shared_memory.SharedMemory(name=manifest["block"])
+    # the writer owns the block: stop this process's tracker from unlinking it at exit
+    resource_tracker.unregister(block._name, "shared_memory")
+    try:
+        buf = torch.frombuffer(block.buf, dtype=torch.uint8)
+        for name, dtype, shape, off in manifest["tensors"]:
+            dt = getattr(torch, dtype)
+            n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+            yield name, buf[off : off + n].view(dt).reshape(shape).clone()
+        del buf
+    finally:
+        block.close()
 
 
 @dataclass(frozen=True)

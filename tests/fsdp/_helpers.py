@@ -84,3 +84,16 @@ def train_lora_and_export(steps: int = 2):
     merged = {n: t.clone() for n, t in engine.export_weights()}
     adapter = {n: t.clone() for n, t in engine.export_weights(merge_lora=False)}
     return losses, merged, adapter
+
+
+def read_shared_into_model(manifest):
+    """Worker (another process): load shared-memory weights into a fresh model."""
+    from areal_agents.trainers.weight_sync import read_shared
+
+    model = make_model(seed=55)
+    tensors = dict(read_shared(manifest))
+    model.load_state_dict(tensors, strict=False)
+    batch = make_batch()
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+    return sorted(tensors), logits

@@ -99,3 +99,32 @@ def test_vllm_requests():
     assert req.json == {"method": "update_weights_from_disk", "args": ["/ckpt/v5"],
                         "kwargs": {"version": 5}, "timeout": None}
     assert vllm_collective_rpc("reload_weights", timeout=30.0).json["timeout"] == 30.0
+
+
+def test_shared_memory_to_another_process():
+    import multiprocessing as mp
+
+    from _helpers import read_shared_into_model
+    from areal_agents.trainers.weight_sync import SharedWeights, read_shared
+
+    trainer = make_engine(lr=1e-2)
+    batch = make_batch()
+    trainer.train_step(batch, ppo_loss)
+    exported = {n: t.clone() for n, t in trainer.export_weights()}
+    exported["half"] = torch.arange(5, dtype=torch.bfloat16)  # odd size and dtype
+    with SharedWeights.write(exported.items()) as shared:
+        same_process = dict(read_shared(shared.manifest))
+        assert same_process.keys() == exported.keys()
+        for n, t in exported.items():
+            assert same_process[n].dtype == t.dtype and torch.equal(same_process[n], t)
+        del exported["half"]
+        shared2 = SharedWeights.write(exported.items())
+        with mp.get_context("spawn").Pool(1) as pool:
+            names, logits = pool.apply(read_shared_into_model, (shared2.manifest,))
+        shared2.close()
+        shared2.close()  # idempotent
+    assert names == sorted(exported)
+    with torch.no_grad():
+        want = trainer.model(input_ids=batch.input_ids,
+                             attention_mask=batch.attention_mask.long()).logits
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
