@@ -5,7 +5,8 @@ gateway's own cost: the SDK, the in-process ASGI transport, JSON, chat templatin
 parsing, session recording. Targets (issue 4): under 2 ms added at p50 in process, over 300
 requests/s on a 2-core machine.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/gateway_overhead.py [--requests 2000]``
+Run: ``OMP_NUM_THREADS=1 python benchmarks/gateway_overhead.py [--requests 2000] [--http]``
+(``--http`` adds a row through uvicorn on a local port; the in-process rows are the target).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ async def throughput(fn, n: int, concurrency: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def main(num_requests: int, concurrency: int, recorded: bool) -> None:
+async def main(num_requests: int, concurrency: int, recorded: bool,
+               over_http: bool = False) -> None:
     tok = tiny_tokenizer()
     completion = tok("Answer: 42", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     engine = ScriptedEngine([completion])
@@ -69,8 +71,23 @@ async def main(num_requests: int, concurrency: int, recorded: bool) -> None:
 
     for fn in (direct, via_gateway):  # warm-up
         await timed(fn, 50)
+    paths = [("direct engine", direct), ("gateway via SDK", via_gateway)]
+    server = None
+    if over_http:  # same gateway over a real socket (uvicorn on a background thread)
+        from areal_agents.client import async_client_for_url
+        from areal_agents.gateway.server import ServerThread
+
+        server = ServerThread(gw.app).__enter__()
+        http_client = async_client_for_url(server.url, key)
+
+        async def via_http() -> None:
+            await http_client.chat.completions.create(model="bench", messages=MESSAGES,
+                                                      max_tokens=16)
+
+        await timed(via_http, 50)
+        paths.append(("gateway over HTTP", via_http))
     rows = []
-    for name, fn in (("direct engine", direct), ("gateway via SDK", via_gateway)):
+    for name, fn in paths:
         lat = await timed(fn, num_requests)
         rps = await throughput(fn, num_requests, concurrency)
         rows.append((name, statistics.median(lat) * 1e3, pct(lat, 0.99) * 1e3, rps))
@@ -79,7 +96,9 @@ async def main(num_requests: int, concurrency: int, recorded: bool) -> None:
     print(f"{'path':<18}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>12}")
     for name, p50, p99, rps in rows:
         print(f"{name:<18}{p50:>10.3f}{p99:>10.3f}{rps:>12.0f}")
-    (_, d50, d99, drps), (_, g50, g99, grps) = rows
+    if server is not None:
+        server.__exit__()
+    (_, d50, d99, drps), (_, g50, g99, grps) = rows[:2]
     print(f"gateway adds {g50 - d50:.3f} ms at p50 ({g99 - d99:.3f} ms at p99); "
           f"throughput ratio gateway/direct = {grps / drps:.4f} "
           f"(latency ratio p50 = {g50 / d50:.1f}x)")
@@ -95,5 +114,7 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-record", action="store_true",
                         help="call with the admin key (no session recording)")
+    parser.add_argument("--http", action="store_true",
+                        help="also measure the SDK over a real local port (uvicorn thread)")
     args = parser.parse_args()
-    asyncio.run(main(args.requests, args.concurrency, not args.no_record))
+    asyncio.run(main(args.requests, args.concurrency, not args.no_record, args.http))

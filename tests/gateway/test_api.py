@@ -156,3 +156,19 @@ async def test_invalid_json_is_400(served):
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         r = await http.get("/health")
         assert r.json()["policies"]["tiny"]["versions"] == [0]
+
+
+async def test_stream_n2_and_tool_choice_none(served):
+    served.engine.script = ["ab", '<tool_call>{"name": "add", "arguments": {}}</tool_call>']
+    stream = await served.async_client().chat.completions.create(
+        model="tiny", messages=MSGS, n=2, stream=True, tools=TOOLS, tool_choice="none")
+    texts = {0: "", 1: ""}
+    finishes = {}
+    async for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            assert not ch.delta.tool_calls  # tool_choice "none": no parsing
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert texts == {0: "ab", 1: '<tool_call>{"name": "add", "arguments": {}}</tool_call>'}
+    assert finishes == {0: "stop", 1: "stop"}
