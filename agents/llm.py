@@ -196,6 +196,9 @@ class LLMAgent(Agent):
         if inspect.isawaitable(session):  # a RemoteGateway answers over HTTP
             session = await session
         self.last_session = session
+        if self.client is not None:  # the per-episode client this agent opened
+            await self.client.close()
+        self.client, self._session_key = None, None
         samples, self.last_report = session.to_samples(
             reward=episode_return, agent=self.agent_id,
             group=str(self._metadata.get("group", "")))

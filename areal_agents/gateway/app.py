@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Policy:
-    """A named policy: its engine replicas, tokenizer and limits."""
+    """A named policy: its engine replicas, tokenizer and limits.
+
+    ``stop_ids`` always stop generation (EOS and ``<|im_end|>`` when the vocabulary has it);
+    ``eos_id`` is the end-of-turn token the chat template closes assistant turns with.
+    """
 
     name: str
     router: Router
@@ -87,10 +91,12 @@ class Gateway:
         if eos is None:
             raise ValueError(f"the tokenizer of policy {name!r} has no eos_token_id; set one")
         stop_ids = {int(eos)}
+        end_of_turn = int(eos)  # the token that closes an assistant turn in the template
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
             stop_ids.add(im_end)
-        policy = Policy(name, Router(engines), tokenizer, max_n, stop_ids, int(eos))
+            end_of_turn = im_end
+        policy = Policy(name, Router(engines), tokenizer, max_n, stop_ids, end_of_turn)
         self.policies[name] = policy
         return policy
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engines.base import CompletionOutput, GenerateRequest, SamplingParams
 from ..errors import ContextLengthExceeded, EngineError
-from .chat import decode_completion, encode, parse_tool_calls
+from .chat import decode_completion, encode, parse_tool_calls, render
 from .errors import GatewayError, bad_request
 from .params import check_messages, check_tools, sampling_fields
 from .sessions import Session, Turn
@@ -87,8 +87,6 @@ async def chat_completion(policy: Policy, body: dict[str, Any], session: Session
             prompt_ids, prefix = prompt_ids_for(policy.tokenizer, session.turns, messages,
                                                 tools, policy.eos_id, session.index)
         else:
-            from .chat import render
-
             prompt_ids = encode(policy.tokenizer, render(policy.tokenizer, messages, tools, True))
             prefix = None
     except ValueError as exc:
