@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from areal_agents.gateway import Gateway, Turn, turns_to_samples
 from areal_agents.gateway.tokenization import prompt_ids_for
@@ -132,3 +134,40 @@ def test_turns_to_samples_pure():
     assert samples[0].logprobs == [0.0, 0.0, -0.5, 0.0, -0.5, -0.5]
     assert samples[1].token_ids == [1, 9, 7]
     assert [(s.turn, s.against, s.position) for s in report.splits] == [(2, 0, 1)]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3),
+                          st.lists(st.integers(5, 9), min_size=1, max_size=4)),
+                min_size=1, max_size=8))
+def test_turns_to_samples_properties(plan):
+    """Every completion token lands under the mask exactly once, with its log-prob and
+    version; the number of samples is 1 + the number of reported splits."""
+    turns, seq = [], [1, 2]
+    for k, (extend, extra, completion) in enumerate(plan):
+        prompt = (seq + [3] * extra) if extend and turns else [1, 4 + k]
+        lps = [-0.1 * (k + 1)] * len(completion)
+        turns.append(Turn(prompt, completion, lps, [k] * len(completion), None, None, None,
+                          "stop", f"r{k}"))
+        seq = prompt + completion
+    samples, report = turns_to_samples(turns)
+    assert report.num_samples == len(samples) == 1 + report.num_splits
+    assert sum(s.num_generated for s in samples) == sum(len(t.completion_ids) for t in turns)
+    for s in samples:
+        assert len(s.token_ids) == len(s.loss_mask) == len(s.logprobs) == len(s.versions)
+        pos = 0
+        for t in s.meta["turns"]:
+            turn = turns[t]
+            assert s.token_ids[: len(turn.prompt_ids)] == turn.prompt_ids
+            start = len(turn.prompt_ids)
+            end = start + len(turn.completion_ids)
+            assert s.token_ids[start:end] == turn.completion_ids
+            assert s.loss_mask[start:end] == [1] * len(turn.completion_ids)
+            assert s.versions[start:end] == turn.versions
+            assert all(m == 0 for m in s.loss_mask[pos:start])
+            pos = end
+    for split in report.splits:
+        prev = samples[split.against].token_ids
+        prompt = turns[split.turn].prompt_ids
+        assert prev[: split.position] == prompt[: split.position]
+        assert split.position == min(len(prev), len(prompt)) or \
+            prev[split.position] != prompt[split.position]
