@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import make_batch, make_engine, ppo_loss, train_and_export, train_lora_and_export
-from areal_agents.trainers.launcher import DistributedEngineGroup, launch
+from areal_agents.trainers.launcher import DistributedEngineGroup, free_port, launch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -71,3 +71,25 @@ def test_two_process_lora_matches_single_process():
         torch.testing.assert_close(merged[name], w, atol=1e-5, rtol=1e-5)
     for name, w in want_adapter.items():
         torch.testing.assert_close(adapter[name], w, atol=1e-5, rtol=1e-5)
+
+
+def test_launch_under_torchrun_uses_its_ranks(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    out = tmp_path / "out.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                    str(here / "_torchrun_worker.py"), str(out)],
+                   env=env, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    torch.set_num_threads(1)
+    (single, weights, _) = train_and_export(None, 1)
+    assert report["world_size"] == 2 and report["num_weights"] == len(weights)
+    assert report["loss"] == pytest.approx(single[0]["loss"], abs=1e-6)

@@ -159,3 +159,14 @@ async def test_export_to_local_engine_logprobs_match_trainer(temperature):
     got = trainer.forward_logprobs(replay)
     mask = replay.loss_mask.bool()
     torch.testing.assert_close(got[mask], replay.old_logprobs[mask], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_step_on_cuda():
+    engine = make_engine(device="cuda")
+    assert engine.mixed_precision == "bf16"
+    batch = make_batch()
+    first = engine.train_step(batch, ppo_loss)["loss"]
+    assert math.isfinite(first)
+    assert engine.forward_logprobs(batch).dtype == torch.float32

@@ -196,7 +196,10 @@ class FSDPEngine(TrainEngine):
 
     @torch.no_grad()
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """``[B, T]`` float32 log-probs of ``batch.input_ids`` at ``batch.temperature`` (CPU)."""
+        """``[B, T]`` float32 log-probs of ``batch.input_ids`` at ``batch.temperature`` (CPU).
+
+        Under FSDP every rank computes the whole batch (collective) and returns the same tensor.
+        """
         self.module.eval()
         batch = batch.to(self.device)
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
