@@ -255,3 +255,54 @@ async def test_engine_from_a_spec_and_needs_a_tokenizer(model_tok):
         out = (await eng.generate(_req([1, 2, 3], max_tokens=4, temperature=0))).outputs[0]
     ref = _forward_logprobs(model, [1, 2, 3], out.token_ids)
     assert out.token_ids == ref.argmax(-1).tolist()
+
+
+async def test_eos_always_stops(engine, model_tok):
+    _, tok = model_tok
+    prompt = tok.encode("Answer:")
+    free = (await engine.generate(_req(prompt, max_tokens=12, temperature=0))).outputs[0]
+    engine.eos_token_id = free.token_ids[4]
+    out = (await engine.generate(_req(prompt, max_tokens=12, temperature=0))).outputs[0]
+    first = free.token_ids.index(free.token_ids[4])
+    assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
+
+
+async def test_cancelled_requests_leave_the_batch(engine, model_tok):
+    _, tok = model_tok
+    task = asyncio.ensure_future(engine.generate(_req(tok.encode("x"), max_tokens=2000)))
+    await _wait_for_tokens(engine, 2)
+    task.cancel()
+    for _ in range(500):
+        if not engine._running:
+            break
+        await asyncio.sleep(0.002)
+    assert engine._running == [] and engine.num_pending == 0
+    out = (await engine.generate(_req([5, 6], max_tokens=3, temperature=0))).outputs[0]
+    assert len(out.token_ids) == 3
+
+
+async def test_more_samples_than_the_batch_size(model_tok):
+    model, tok = model_tok
+    async with LocalEngine(model, tok, max_batch_size=2) as eng:
+        res = await eng.generate(_req([7, 8, 9], max_tokens=5, n=5, seed=4))
+    assert len(res.outputs) == 5 and all(len(o.token_ids) == 5 for o in res.outputs)
+
+
+def test_sliding_window_models_are_refused():
+    model, tok = tiny("xs", use_sliding_window=True, sliding_window=16)
+    with pytest.raises(ValueError, match="full-attention models only"):
+        LocalEngine(model, tok)
+
+
+async def test_batched_prefill_of_unequal_prompts_is_exact(engine, model_tok):
+    model, tok = model_tok
+    prompts = [tok.encode(t) for t in ["a", "12 + 30 = ? Answer:", "X|O|X\nO|.|.\nMove:", "lower"]]
+    results = await asyncio.gather(*[
+        engine.generate(_req(p, max_tokens=15, temperature=1.0, seed=i, n=1 + i % 2))
+        for i, p in enumerate(prompts)
+    ])
+    for prompt, res in zip(prompts, results, strict=True):
+        for out in res.outputs:
+            ref = _forward_logprobs(model, prompt, out.token_ids)
+            expected = ref.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1)
+            assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-4)

@@ -18,6 +18,9 @@ from .base import CompletionOutput, GenerateRequest, GenerateResult, InferenceEn
 from .sampling import sample
 from .scheduler import RunningBatch, prefill
 
+# joining prompts are prefilled together while (rows x longest prompt) stays within this
+PREFILL_TOKEN_BUDGET = 8192
+
 
 @dataclass
 class _Seq:
@@ -100,6 +103,11 @@ class LocalEngine(InferenceEngine):
         self.version = 0
         self.eos_token_id = tokenizer.eos_token_id
         self._vocab_size = int(model.config.vocab_size)
+        text_config = model.config.get_text_config(decoder=True)
+        if getattr(text_config, "use_sliding_window", False) or "sliding_attention" in (
+                getattr(text_config, "layer_types", None) or []):
+            raise ValueError("LocalEngine supports full-attention models only; this config uses "
+                             "sliding-window attention (set use_sliding_window=False or use vLLM)")
         self._waiting: deque[_Job] = deque()
         self._running: list[_Seq] = []
         self._batch = RunningBatch()
@@ -214,6 +222,9 @@ class LocalEngine(InferenceEngine):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            for seq in self._running:  # callers that gave up (cancelled) free their rows
+                if seq.job.future.done() and seq.finish_reason is None:
+                    seq.finish_reason = "abort"
             joining = self._admit()
             async with self._step_lock:
                 if self._paused:
@@ -255,14 +266,19 @@ class LocalEngine(InferenceEngine):
             for i in range(sp.n):
                 gen = None
                 if sp.temperature > 0:
-                    gen = torch.Generator(device=self.device).manual_seed((seed * 1_000_003 + i) % 2**63)
+                    gen = torch.Generator(device=self.device)
+                    gen.manual_seed((seed * 1_000_003 + i) % 2**63)
                 job.seqs.append(_Seq(job, gen))
-            cache, mask, positions, logits = prefill(self.model, job.request.prompt_ids, sp.n,
-                                                     self.device)
-            self._append_tokens(job.seqs, logits, version)
+        for group in _prefill_groups(joining, PREFILL_TOKEN_BUDGET):
+            cache, mask, positions, logits = prefill(
+                self.model, [job.request.prompt_ids for job in group],
+                [job.request.sampling.n for job in group], self.device,
+            )
+            seqs = [seq for job in group for seq in job.seqs]
+            self._append_tokens(seqs, logits, version)
             self._batch.add(cache, mask, positions)
-            self._running.extend(job.seqs)
-        finished = self._drop_finished()  # e.g. max_tokens=1, or EOS as the first token
+            self._running.extend(seqs)
+        finished = self._drop_finished()  # aborted rows; max_tokens=1 or EOS as first token
         if self._running:
             logits = self._batch.decode(self.model, [s.token_ids[-1] for s in self._running])
             self._append_tokens(self._running, logits, version)
@@ -320,6 +336,21 @@ class LocalEngine(InferenceEngine):
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)
+
+
+def _prefill_groups(jobs: list[_Job], budget: int) -> list[list[_Job]]:
+    """Split ``jobs`` into consecutive groups whose padded prefill fits ``budget`` tokens."""
+    groups: list[list[_Job]] = []
+    width = 0
+    for job in jobs:
+        new_width = max(width, len(job.request.prompt_ids))
+        if groups and new_width * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(job)
+            width = new_width
+        else:
+            groups.append([job])
+            width = len(job.request.prompt_ids)
+    return groups
 
 
 def apply_weight_update(model: torch.nn.Module, update: WeightUpdate) -> int:

@@ -136,22 +136,37 @@ class RunningBatch:
 
 
 @torch.inference_mode()
-def prefill(model: torch.nn.Module, prompt_ids: list[int], copies: int, device: torch.device
-            ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``prompt_ids`` through ``model`` once and repeat its cache ``copies`` times.
+def prefill(model: torch.nn.Module, prompts: list[list[int]], copies: list[int],
+            device: torch.device) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``prompts`` through ``model`` in one left-padded batch; repeat row i ``copies[i]`` times.
 
     Returns:
-        (cache, mask ``[copies, len]``, positions ``[copies]``, last-token logits ``[copies, vocab]``).
+        (cache, mask ``[rows, width]``, positions ``[rows]``, last-token logits
+        ``[rows, vocab]``) with ``rows = sum(copies)``, ordered prompt by prompt.
     """
-    ids = torch.tensor([prompt_ids], device=device)
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    padded = any(len(p) < width for p in prompts)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_arg(type(model)): cache})
-    if copies > 1:
+    out = model(
+        input_ids=ids,
+        attention_mask=mask if padded else None,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+        **{_cache_arg(type(model)): cache},
+    )
+    index = torch.repeat_interleave(torch.arange(len(prompts), device=device),
+                                    torch.tensor(copies, device=device))
+    if len(index) != len(prompts) or padded:
         for layer in cache.layers:
-            layer.keys = layer.keys.expand(copies, -1, -1, -1).contiguous()
-            layer.values = layer.values.expand(copies, -1, -1, -1).contiguous()
-    n = len(prompt_ids)
-    mask = torch.ones(copies, n, dtype=torch.long, device=device)
-    positions = torch.full((copies,), n, dtype=torch.long, device=device)
-    logits = out.logits[:, -1, :].float().expand(copies, -1)
-    return cache, mask, positions, logits
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    logits = out.logits[:, -1, :].float().index_select(0, index)
+    return cache, mask.index_select(0, index), lengths.index_select(0, index), logits
