@@ -168,3 +168,17 @@ def test_bf16_autocast_step_on_cuda():
     first = engine.train_step(batch, ppo_loss)["loss"]
     assert math.isfinite(first)
     assert engine.forward_logprobs(batch).dtype == torch.float32
+
+
+def test_loads_checkpoint_directories_and_tiny_specs(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    from_dir, from_obj = FSDPEngine(str(tmp_path / "ckpt")), FSDPEngine(make_model())
+    batch = make_batch()
+    torch.testing.assert_close(from_dir.forward_logprobs(batch), from_obj.forward_logprobs(batch))
+    assert from_obj.tokenizer is None
+    tiny = FSDPEngine("tiny:xs")
+    ids = tiny.tokenizer("hello world, hello agents")["input_ids"]
+    lp = tiny.forward_logprobs(collate([Sample(ids, [1] * len(ids), [0.0] * len(ids),
+                                               [0] * len(ids))]))
+    assert lp.shape == (1, len(ids)) and lp[0, 0] == 0 and (lp[0, 1:] < 0).all()

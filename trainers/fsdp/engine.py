@@ -68,12 +68,14 @@ def _lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None):
     return fn
 
 
-def _load_model(model_or_path: nn.Module | str) -> nn.Module:
+def _load_model(model_or_path: nn.Module | str) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer or None)`` from a model, an HF checkpoint dir or a "tiny:..." spec."""
     if isinstance(model_or_path, nn.Module):
-        return model_or_path
-    from transformers import AutoModelForCausalLM
+        return model_or_path, None
+    from areal_agents.models import load
 
-    return AutoModelForCausalLM.from_pretrained(model_or_path, dtype=torch.float32)
+    model, tokenizer = load(model_or_path, dtype=torch.float32)
+    return model, tokenizer
 
 
 def _apply_lora(model: nn.Module, lora: Any) -> nn.Module:
@@ -95,7 +97,8 @@ class FSDPEngine(TrainEngine):
     single-process model.
 
     Args:
-        model_or_path: a ``transformers`` causal LM or a path for ``from_pretrained``.
+        model_or_path: a ``transformers`` causal LM, an HF checkpoint directory or a tiny-model
+            spec such as ``"tiny:s"`` (``areal_agents.models.load``; sets ``self.tokenizer``).
         lr, weight_decay, betas: AdamW hyper-parameters.
         max_grad_norm: global grad-norm clip (``0`` disables clipping, the norm is still reported).
         warmup_steps: linear warm-up steps; then ``lr_schedule`` ("constant" or "cosine" to 0
@@ -153,7 +156,8 @@ class FSDPEngine(TrainEngine):
         self.step = 0
         self.version = 0
 
-        model = _load_model(model_or_path).to(self.device)
+        model, self.tokenizer = _load_model(model_or_path)
+        model = model.to(self.device)
         if gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
