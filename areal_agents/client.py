@@ -124,6 +124,8 @@ class Portal:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()
 
 
 class SyncASGITransport(httpx2.BaseTransport):

@@ -7,8 +7,8 @@ using it runs against both and must behave identically.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -36,16 +36,29 @@ class Served:
     gw: Gateway
     engine: ScriptedEngine
     base_url: str | None = None
+    opened: list[Any] = field(default_factory=list)
 
     def async_client(self, key: str = ADMIN) -> Any:
         if self.base_url is None:
-            return self.gw.async_client(key)
-        return async_client_for_url(self.base_url, key)
+            client = self.gw.async_client(key)
+        else:
+            client = async_client_for_url(self.base_url, key)
+        self.opened.append(client)
+        return client
 
     def client(self, key: str = ADMIN) -> Any:
         if self.base_url is None:
-            return self.gw.client(key)
-        return client_for_url(self.base_url, key)
+            client = self.gw.client(key)
+        else:
+            client = client_for_url(self.base_url, key)
+        self.opened.append(client)
+        return client
+
+    async def aclose(self) -> None:
+        for client in self.opened:
+            result = client.close()
+            if hasattr(result, "__await__"):
+                await result
 
     def http(self, key: str | None = ADMIN) -> Any:
         """A raw httpx2 client (for invalid JSON and /rl routes)."""
@@ -59,14 +72,17 @@ class Served:
 
 
 @pytest.fixture(params=["asgi", "http"])
-def served(request: pytest.FixtureRequest, tok: Any) -> Iterator[Served]:
+async def served(request: pytest.FixtureRequest, tok: Any) -> AsyncIterator[Served]:
     gw = Gateway(admin_key=ADMIN)
     engine = ScriptedEngine(["hello world"], tokenizer=tok, max_context=512)
     gw.add_policy("tiny", [engine], tok, max_n=4)
     if request.param == "asgi":
-        yield Served("asgi", gw, engine)
-        if gw._portal is not None:
-            gw._portal.close()
+        served = Served("asgi", gw, engine)
+        yield served
+        await served.aclose()
+        await gw.close()
         return
     with ServerThread(gw.app) as server:
-        yield Served("http", gw, engine, server.url)
+        served = Served("http", gw, engine, server.url)
+        yield served
+        await served.aclose()

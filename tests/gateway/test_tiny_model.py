@@ -23,21 +23,33 @@ MSGS = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
 @pytest.fixture(params=["asgi", "http"])
-def live(request):
+async def live(request):
     from areal_agents.client import async_client_for_url, client_for_url
 
     model, tok = tiny("xs", seed=0)
     engine = LocalEngine(model, tok, max_batch_size=8)
     gw = Gateway(admin_key="k")
     gw.add_policy("tiny", [engine], tok)
+    opened = []
+
+    def track(factory):
+        def make(key="k"):
+            opened.append(factory(key))
+            return opened[-1]
+        return make
+
     if request.param == "asgi":
-        yield gw, engine, tok, gw.async_client, gw.client
-        if gw._portal is not None:
-            gw._portal.close()
-        return
-    with ServerThread(gw.app) as server:
-        yield (gw, engine, tok, lambda key="k": async_client_for_url(server.url, key),
-               lambda key="k": client_for_url(server.url, key))
+        yield gw, engine, tok, track(gw.async_client), track(gw.client)
+    else:
+        with ServerThread(gw.app) as server:
+            yield (gw, engine, tok, track(lambda key: async_client_for_url(server.url, key)),
+                   track(lambda key: client_for_url(server.url, key)))
+    for client in opened:
+        result = client.close()
+        if hasattr(result, "__await__"):
+            await result
+    if gw._portal is not None:
+        gw._portal.close()
 
 
 def forward_logprobs(model, prompt, completion):
@@ -142,3 +154,4 @@ def test_cli_serve_subprocess(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        proc.stderr.close()
