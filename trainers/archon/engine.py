@@ -302,9 +302,26 @@ class ArchonEngine(TrainEngine):
         and tensor-parallel rank); returns the norm before clipping."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         sq = torch.zeros((), device=self.device)
+        # one all-reduce per set of sharded mesh dims instead of one per parameter
+        sharded: dict[tuple, tuple[list, torch.Tensor]] = {}
         for g in grads:
-            norm = torch.linalg.vector_norm(g.float())
-            sq = sq + full_tensor(norm).pow(2)
+            if not isinstance(g, DTensor):
+                sq = sq + g.float().pow(2).sum()
+            elif any(pl.is_partial() for pl in g.placements):
+                sq = sq + full_tensor(torch.linalg.vector_norm(g.float())).pow(2)
+            else:
+                dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+                local = g.to_local().float().pow(2).sum()
+                if not dims:
+                    sq = sq + local
+                    continue
+                groups, acc = sharded.get((id(g.device_mesh), dims), ([g.device_mesh.get_group(i) for i in dims], 0.0))
+                sharded[(id(g.device_mesh), dims)] = (groups, acc + local)
+        for groups, acc in sharded.values():
+            acc = acc.clone()
+            for group in groups:
+                dist.all_reduce(acc, group=group)
+            sq = sq + acc
         if self.dims.pp_enabled:
             dist.all_reduce(sq, group=self.dims.build_mesh()["pp"].get_group())
         total = float(sq.sqrt())
