@@ -171,3 +171,24 @@ def test_turns_to_samples_properties(plan):
         assert prev[: split.position] == prompt[: split.position]
         assert split.position == min(len(prev), len(prompt)) or \
             prev[split.position] != prompt[split.position]
+
+
+async def test_merges_when_eos_is_not_the_end_of_turn_token():
+    """Base-model tokenizers: EOS is <|endoftext|>, turns still end with <|im_end|>."""
+    from areal_agents.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.eos_token = "<|endoftext|>"
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id != im_end
+    gw = Gateway()
+    gw.add_policy("p", [ScriptedEngine(["hi"], tokenizer=tok, eos_id=im_end)], tok)
+    assert gw.policies["p"].stop_ids == {tok.eos_token_id, im_end}
+    key = await gw.create_session("p")
+    client = gw.async_client(key)
+    msgs = [{"role": "user", "content": "a"}]
+    _, a1 = await chat(client, msgs)
+    assert a1["content"] == "hi"
+    await chat(client, [*msgs, a1, {"role": "user", "content": "b"}])
+    assert gw.session(key).turns[1].prefix_turn == 0
+    assert gw.session(key).to_samples()[1].num_splits == 0
