@@ -90,3 +90,15 @@ def test_unknown_family_is_rejected():
         ModelArgs.from_hf_config(tf.GPT2Config())
     with pytest.raises(FileNotFoundError, match="not a directory"):
         from_hf("/nonexistent-dir-for-archon-test")
+
+
+def test_tiny_factory_parity():
+    from areal_agents.models import tiny
+
+    hf, _ = tiny("xs", seed=0)
+    hf = hf.float().eval()
+    model = from_hf(hf).eval()
+    assert model.args.tie_embeddings
+    ids = _tokens(hf.config.vocab_size, shape=(2, 33))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-5
