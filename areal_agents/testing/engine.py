@@ -48,9 +48,14 @@ class ScriptedEngine(InferenceEngine):
     ``requests`` records every request seen. Log-probs come from ``fake_logprob``.
     """
 
-    def __init__(self, script: Sequence[Script] | Callable[[GenerateRequest, int], Script]
-                 = ((1,),), tokenizer: Any = None, eos_id: int | None = None,
-                 latency: float = 0.0, max_context: int = 4096) -> None:
+    def __init__(
+        self,
+        script: Sequence[Script] | Callable[[GenerateRequest, int], Script] = ((1,),),
+        tokenizer: Any = None,
+        eos_id: int | None = None,
+        latency: float = 0.0,
+        max_context: int = 4096,
+    ) -> None:
         self.script = script
         self.tokenizer = tokenizer
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
@@ -81,7 +86,8 @@ class ScriptedEngine(InferenceEngine):
         if len(request.prompt_ids) + sp.max_tokens > self.max_context:
             raise ContextLengthExceeded(
                 f"prompt of {len(request.prompt_ids)} tokens + max_tokens {sp.max_tokens} "
-                f"exceeds the context of {self.max_context}")
+                f"exceeds the context of {self.max_context}"
+            )
         self._pending += 1
         try:
             self.requests.append(request)
@@ -109,8 +115,10 @@ class ScriptedEngine(InferenceEngine):
         lps = [fake_logprob(t, start + k) for k, t in enumerate(ids)]
         tops = None
         if sp.top_logprobs:
-            tops = [[(t, lp)] + [(t + j, lp - j) for j in range(1, sp.top_logprobs)]
-                    for t, lp in zip(ids, lps, strict=True)]
+            tops = [
+                [(t, lp)] + [(t + j, lp - j) for j in range(1, sp.top_logprobs)]
+                for t, lp in zip(ids, lps, strict=True)
+            ]
         return CompletionOutput(ids, lps, [self.version] * len(ids), finish, tops)  # type: ignore[arg-type]
 
     async def pause(self) -> None:
