@@ -71,3 +71,18 @@ def test_lora_errors():
         ArchonEngine(hf_tiny("qwen3"), lora=LoRAConfig(rank=0))
     with pytest.raises(ConfigError, match="needs an engine built with lora"):
         ArchonEngine(hf_tiny("qwen3")).save_lora_adapter("/tmp/never-written")
+
+
+def test_peft_style_options_are_accepted():
+    from areal_agents.trainers.archon.lora import lora_config
+    from peft import LoraConfig
+
+    cfg = lora_config({"r": 2, "lora_alpha": 4, "lora_dropout": 0.1, "task_type": "CAUSAL_LM",
+                       "target_modules": ["q_proj"]})
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.scaling) == (2, 4, 0.1, 2.0)
+    peft_cfg = lora_config(LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]))
+    assert (peft_cfg.rank, peft_cfg.alpha, peft_cfg.target_modules) == (4, 8, ["v_proj"])
+    with pytest.raises(ConfigError, match="unknown LoRA option 'rnk'"):
+        lora_config({"rnk": 2})
+    engine = ArchonEngine(hf_tiny("qwen3"), lora={"r": 2, "lora_alpha": 4, "target_modules": ["o_proj"]})
+    assert set(engine.trainable_parameters()) == {f"layers.{i}.attention.wo.lora_{k}" for i in (0, 1) for k in "AB"}

@@ -63,6 +63,33 @@ class LoRAConfig:
         return False
 
 
+_PEFT_KEYS = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+_PEFT_IGNORED = {"task_type", "bias", "inference_mode", "fan_in_fan_out", "peft_type"}
+
+
+def lora_config(config: Any) -> LoRAConfig:
+    """A ``LoRAConfig`` from itself, a dict of its fields, PEFT-style keys (``r``,
+    ``lora_alpha``, ``lora_dropout``, ``target_modules``) or a ``peft.LoraConfig``.
+
+    Raises:
+        ConfigError: an unknown key.
+    """
+    if isinstance(config, LoRAConfig):
+        return config
+    if not isinstance(config, dict):  # peft.LoraConfig
+        config = {k: getattr(config, k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+    kw: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in _PEFT_IGNORED:
+            continue
+        name = _PEFT_KEYS.get(key, key)
+        if name not in LoRAConfig.__dataclass_fields__:
+            raise ConfigError(f"unknown LoRA option {key!r}; use rank/alpha/dropout/target_modules/seed "
+                              "(or PEFT's r/lora_alpha/lora_dropout)")
+        kw[name] = sorted(value) if name == "target_modules" and isinstance(value, set) else value
+    return LoRAConfig(**kw)
+
+
 class LoRALinear(nn.Linear):
     """``nn.Linear`` with a low-rank adapter (created by ``apply_lora``, not directly)."""
 
@@ -86,7 +113,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | dict[str, Any]) -> LoRACon
     Raises:
         ConfigError: bad rank, or no module matches ``target_modules``.
     """
-    cfg = config if isinstance(config, LoRAConfig) else LoRAConfig(**dict(config))
+    cfg = config if isinstance(config, LoRAConfig) else lora_config(config)
     if cfg.rank < 1:
         raise ConfigError(f"LoRA rank must be >= 1 (got {cfg.rank})")
     for p in model.parameters():
