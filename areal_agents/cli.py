@@ -18,6 +18,9 @@ _COMMANDS: dict[str, str] = {
     "envs": "areal_agents.cli_envs:add_envs_parser",
     "check-env": "areal_agents.cli_envs:add_check_env_parser",
     "serve": "areal_agents.cli_serve:add_serve_parser",
+    "train": "areal_agents.cli_train:add_train_parser",
+    "eval": "areal_agents.cli_train:add_eval_parser",
+    "plot": "areal_agents.cli_train:add_plot_parser",
 }
 
 

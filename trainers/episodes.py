@@ -93,7 +93,7 @@ async def play(
     Raises:
         EpisodeFailed: the episode's status is ``failed`` (message carries its error).
     """
-    agents: dict[str, Agent] = {}
+    agents: dict[str, Agent] = dict(fixed_agents)
     for agent_id, policy in policy_of.items():
         if agent_id in fixed_agents:
             agents[agent_id] = fixed_agents[agent_id]

@@ -1,0 +1,170 @@
+"""Typed run configs: pydantic models mirroring ``Trainer``'s keyword arguments.
+
+Load YAML with ``key.sub=value`` overrides (values parsed as YAML scalars)::
+
+    cfg = load_config("examples/signaling/two_llms.yaml", ["trainer.batch_size=64"])
+    trainer = cfg.build()
+
+Validation errors are ``ConfigError`` naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PolicyConfig(_Strict):
+    """One LLM (see ``areal_agents.Policy``)."""
+
+    model: str | None = Field("tiny:xs", description="'tiny:<size>[:seed=N]', a checkpoint path, "
+                              "or the served model name with endpoint")
+    backend: Literal["fsdp", "archon", "megatron"] = Field("fsdp", description="training backend")
+    lr: float = Field(1e-5, gt=0, description="learning rate of this policy's optimizer")
+    lora: dict[str, Any] | None = Field(None, description="LoRA arguments, e.g. {r: 8}")
+    frozen: bool = Field(False, description="act without training")
+    endpoint: str | None = Field(None, description="external OpenAI-compatible base URL (frozen)")
+    sampling: dict[str, Any] = Field(default_factory=lambda: {"temperature": 1.0, "max_tokens": 16},
+                                     description="chat-completion sampling arguments")
+    seed: int = Field(0, description="tiny-model initialisation seed")
+    train_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                         description="extra backend engine arguments")
+    sft_steps: int = Field(0, ge=0, description="format-only SFT warm-start steps")
+    sft_lr: float = Field(1e-3, gt=0, description="warm-start learning rate")
+
+
+class AlgorithmConfig(_Strict):
+    """The RL algorithm: a name plus the object's fields (``clip_eps``, ``kl_coef``...)."""
+
+    name: Literal["grpo", "drgrpo", "dapo", "rloo", "reinforce++", "gspo", "ppo"] = Field(
+        "grpo", description="algorithm object")
+    params: dict[str, Any] = Field(default_factory=dict, description="fields of the object")
+
+
+class TrainerConfig(_Strict):
+    """Rollout and loop settings (see ``areal_agents.Trainer``)."""
+
+    batch_size: int = Field(32, ge=1, description="episodes per train step per policy")
+    group_size: int = Field(16, ge=1, description="episodes per task seed (GRPO group)")
+    max_staleness: int = Field(0, ge=0, description="versions a sample may lag (0: synchronous)")
+    max_concurrent: int | None = Field(None, ge=1, description="episodes in flight at most")
+    steps: int = Field(100, ge=1, description="train steps of `train`")
+    eval_every: int = Field(0, ge=0, description="greedy eval every k steps (0: never)")
+    eval_seeds: list[int] = Field(default_factory=lambda: list(range(1_000_000, 1_000_064)),
+                                  description="held-out task seeds")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every k steps (0: never)")
+    seed: int = Field(0, description="first task seed and RNG seed")
+    torch_threads: int | None = Field(1, ge=1, description="torch.set_num_threads")
+    warm_start: dict[str, Any] | None = Field(
+        None, description="{episodes: n, players: {agent: 'random' | player}}")
+    max_steps_per_episode: int | None = Field(None, ge=1, description="episode step cap")
+
+
+class LoggingConfig(_Strict):
+    """Where metrics go."""
+
+    tensorboard: bool = Field(True, description="also write TensorBoard events to run_dir/tb")
+    wandb_project: str | None = Field(None, description="W&B project (needs wandb installed)")
+    progress: bool = Field(True, description="show the rich progress bar")
+
+
+class RunConfig(_Strict):
+    """A whole training run."""
+
+    env: str = Field(..., description="registered env id, e.g. Signaling-v0")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of make()")
+    policies: dict[str, PolicyConfig] = Field(..., description="policy name -> policy")
+    policy_map: dict[str, str] = Field(..., description="agent id -> policy name")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    run_dir: str = Field("runs/run", description="metrics, plots and checkpoints")
+
+    def build(self, resume: bool = False) -> Any:
+        """The ``Trainer`` this config describes."""
+        from areal_agents.metrics import make_logger
+        from areal_agents.trainers.policy import Policy
+        from areal_agents.trainers.stats import resolve_algorithm
+        from areal_agents.trainers.trainer import Trainer
+
+        t = self.trainer
+        return Trainer(
+            env=self.env, env_kwargs=self.env_kwargs,
+            policies={n: Policy(**p.model_dump()) for n, p in self.policies.items()},
+            policy_map=self.policy_map,
+            algorithm=resolve_algorithm(self.algorithm.name, **self.algorithm.params),
+            batch_size=t.batch_size, group_size=t.group_size, max_staleness=t.max_staleness,
+            max_concurrent=t.max_concurrent, eval_every=t.eval_every, eval_seeds=t.eval_seeds,
+            checkpoint_every=t.checkpoint_every, run_dir=self.run_dir, resume=resume, seed=t.seed,
+            warm_start=t.warm_start, torch_threads=t.torch_threads,
+            max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
+            logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,
+                               wandb_project=self.logging.wandb_project,
+                               config=self.model_dump()),
+        )  # fmt: skip
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries in nested dict ``data`` (values parsed as YAML).
+
+    Raises:
+        ConfigError: an override without ``=``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, _, raw = item.partition("=")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(x) for x in err["loc"])
+        allowed = err.get("ctx", {}).get("expected")
+        hint = f" (allowed: {allowed})" if allowed else ""
+        if err["type"] == "extra_forbidden":
+            hint = " (unknown field; check its spelling)"
+        lines.append(f"{field}: {err['msg']}{hint}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a config dict.
+
+    Raises:
+        ConfigError: a field is missing or invalid (names the field and allowed values).
+    """
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML ``path``, apply ``key.sub=value`` overrides, validate.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: invalid YAML content or fields.
+    """
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return parse_config(apply_overrides(data, list(overrides or [])))
