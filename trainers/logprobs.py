@@ -13,17 +13,24 @@ import torch
 DEFAULT_CHUNK_SIZE = 1024
 
 
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``hidden @ weight.T / temperature`` in float32 (``[n, V]``)."""
+    logits = hidden.float() @ weight.float().t()
+    if temperature != 1.0:
+        logits /= temperature
+    return logits
+
+
 def _chunk_stats(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp_all [n, V], logp_label [n], entropy [n])`` for one chunk, in float32."""
-    logits = hidden.float() @ weight.float().t()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
+    """``(logsumexp [n], logp_label [n], entropy [n])`` for one chunk, in float32."""
+    logp_all = _chunk_logits(hidden, weight, temperature)
+    lse = torch.logsumexp(logp_all, dim=-1)
+    logp_all -= lse[:, None]  # in place: log-softmax without another [n, V] buffer
     logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     entropy = -torch.linalg.vecdot(logp_all.exp(), logp_all)  # fused multiply-sum
-    return logp_all, logp, entropy
+    return lse, logp, entropy
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -34,10 +41,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            _, logp[s:e], entropy[s:e] = _chunk_stats(hidden[s:e], weight, labels[s:e], temperature)
-        ctx.save_for_backward(hidden, weight, labels)
+            lse[s:e], logp[s:e], entropy[s:e] = _chunk_stats(hidden[s:e], weight, labels[s:e], temperature)
+        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.set_materialize_grads(False)  # an unused output (often entropy) costs nothing
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -45,7 +53,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):  # type: ignore[override]
-        hidden, weight, labels = ctx.saved_tensors
+        hidden, weight, labels, lse, entropy = ctx.saved_tensors
         t, n = ctx.temperature, hidden.shape[0]
         w32 = weight.float()
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -56,18 +64,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             with torch.no_grad():
-                logits = hidden[s:e].float() @ w32.t()
-                if t != 1.0:
-                    logits /= t
-                logp_all = torch.log_softmax(logits, dim=-1)
-                del logits
+                logp_all = _chunk_logits(hidden[s:e], w32, t)
+                logp_all -= lse[s:e, None]  # the forward's log-normaliser: no softmax again
                 p = logp_all.exp()
                 # z = logits / T:  d logp_y / dz = onehot(y) - p ;  d H / dz = -p * (log p + H)
                 coef = torch.zeros(e - s, 1, device=hidden.device)
                 if grad_logp is not None:
                     coef = coef + grad_logp[s:e, None].float()
                 if grad_entropy is not None:
-                    ent = -torch.linalg.vecdot(p, logp_all).unsqueeze(-1)
+                    ent = entropy[s:e, None]
                     g_ent = grad_entropy[s:e, None].float()
                     logp_all.add_(ent).mul_(g_ent).add_(coef)  # g_lp + g_H * (log p + H)
                     grad_z = logp_all.mul_(p).neg_()
