@@ -131,7 +131,6 @@ class Gateway:
         """
         session = self.session(key)
         session.end()
-        self.policies[session.policy].router.forget(session.session_id)
         if drop:
             self._sessions.pop(session.session_id, None)
             for d in [d for d, sid in self._session_by_digest.items()
@@ -142,7 +141,9 @@ class Gateway:
     def _open_session(self, policy: str, metadata: dict[str, Any] | None) -> tuple[str, str]:
         if policy not in self.policies:
             raise KeyError(f"unknown policy {policy!r}; known: {sorted(self.policies)}")
-        session = Session(policy=policy, metadata=dict(metadata or {}))
+        router = self.policies[policy].router
+        session = Session(policy=policy, metadata=dict(metadata or {}),
+                          on_end=lambda s: router.forget(s.session_id))
         key = new_secret("aa-sess")
         self._sessions[session.session_id] = session
         self._session_by_digest[digest(key)] = session.session_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,6 +71,8 @@ class Session:
     created: float = field(default_factory=time.time)
     index: dict[str, list[int]] = field(default_factory=dict, repr=False)
     """conversation key of (messages + reply) -> turn indices (see ``tokenization``)."""
+    on_end: Callable[[Session], None] | None = field(default=None, repr=False, compare=False)
+    """called once by ``end()`` (the gateway releases the session's replica stickiness)."""
 
     @property
     def reward(self) -> float:
@@ -84,7 +87,9 @@ class Session:
         index_turn(self.index, self.turns, len(self.turns) - 1)
 
     def end(self) -> None:
-        """Mark the session ended. Idempotent."""
+        """Mark the session ended (it rejects new completions). Idempotent."""
+        if not self.ended and self.on_end is not None:
+            self.on_end(self)
         self.ended = True
 
     def to_samples(self, reward: float | None = None, agent: str = "", group: str = "",

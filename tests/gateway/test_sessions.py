@@ -165,3 +165,8 @@ async def test_end_session_drop_forgets_key(tok):
     with pytest.raises(openai.AuthenticationError):
         await gw.async_client(key).chat.completions.create(model="p", messages=MSGS)
     assert gw.policies["p"].router._sticky == {}
+    key2 = await gw.create_session("p")
+    await gw.async_client(key2).chat.completions.create(model="p", messages=MSGS)
+    assert len(gw.policies["p"].router._sticky) == 1
+    gw.session(key2).end()  # ending the Session object directly also releases stickiness
+    assert gw.policies["p"].router._sticky == {}
