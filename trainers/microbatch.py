@@ -23,8 +23,12 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[in
         token_budget: maximum padded tokens (``rows * longest``) per micro-batch.
 
     Returns:
-        Lists of indices into ``lengths`` covering each index exactly once, longest first;
-        within a micro-batch the indices are in ascending length order reversed (longest first).
+        Lists of indices into ``lengths`` covering each index exactly once; micro-batches and
+        the indices inside each are ordered longest first (ties by index).
+
+    Example:
+        >>> plan_microbatches([5, 17, 3, 9], token_budget=20)
+        [[1], [3, 0], [2]]
 
     Raises:
         ValueError: ``token_budget`` < 1.

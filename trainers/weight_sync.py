@@ -126,7 +126,7 @@ class SharedWeights:
 
     Example:
         >>> shared = SharedWeights.write(engine.export_weights())  # doctest: +SKIP
-        >>> queue.put(shared.manifest)  # the reader calls dict(read_shared(manifest))
+        >>> queue.put(shared.manifest)  # doctest: +SKIP
     """
 
     def __init__(self, block: Any, manifest: dict[str, Any]) -> None:
