@@ -153,6 +153,8 @@ class Trainer:
         self.show_progress = progress
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.trained_seeds: list[list[int]] = []  # per step: task seeds of the groups trained
+        self._step_seeds: list[int] = []
         self.gateway: Any = None
         self.train_engines: dict[str, Any] = {}
         self.tokenizers: dict[str, Any] = {}
@@ -251,6 +253,7 @@ class Trainer:
         groups = await self.controller.take(name, self.batch_size)
         wait = time.perf_counter() - t0
         samples = [s for g in groups for s in g.samples]
+        self._step_seeds.extend(g.seed for g in groups)
         engine = self.train_engines[name]
         pad = self.tokenizers[name].pad_token_id or 0
         batch = self.algorithm.prepare(collate(samples, pad_token_id=pad), samples)
@@ -287,8 +290,10 @@ class Trainer:
         runner = asyncio.create_task(self.controller.run())
         try:
             while self.step < steps:
+                self._step_seeds = []
                 results = await asyncio.gather(*(self._train_policy(p) for p in self.trainable))
                 self.step += 1
+                self.trained_seeds.append(sorted(set(self._step_seeds)))
                 metrics: dict[str, float] = {k: v for r in results for k, v in r.items()}
                 metrics.update(self._stats.episode_metrics())
                 metrics.update(self._stats.outcome_metrics(self.controller.counts()))
@@ -344,7 +349,7 @@ class Trainer:
         for name, engine in self.train_engines.items():
             await asyncio.to_thread(engine.save, str(ckpt / name))
         state = {"step": self.step, "controller": self.controller.state_dict(),
-                 "history": self.history,
+                 "history": self.history, "trained_seeds": self.trained_seeds,
                  "algorithm": getattr(self.algorithm, "ema_baselines", {})}
         (ckpt / "trainer_state.json").write_text(json.dumps(state))
         tmp = self.run_dir / "checkpoints" / "latest.tmp"
@@ -368,6 +373,7 @@ class Trainer:
         self.controller.load_state_dict(state["controller"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.trained_seeds = list(state.get("trained_seeds", []))
         if hasattr(self.algorithm, "ema_baselines"):
             self.algorithm.ema_baselines = dict(state.get("algorithm", {}))
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from areal_agents.trainers.policy import Policy
+from areal_agents.trainers.trainer import backend_factory, resolve_policy_map
 
 from areal_agents.config import apply_overrides, load_config, parse_config
 from areal_agents.errors import ConfigError
-from areal_agents.trainers.policy import Policy
-from areal_agents.trainers.trainer import backend_factory, resolve_policy_map
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "signaling" / "two_llms.yaml"
 
@@ -31,7 +31,7 @@ def test_errors_name_field_and_allowed_values():
         parse_config({**base, "trainer": {"batch_sise": 3}})
     with pytest.raises(ConfigError, match=r"algorithm\.name.*'grpo'"):
         parse_config({**base, "algorithm": {"name": "sgd"}})
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         apply_overrides({}, ["trainer.steps"])
 
 
