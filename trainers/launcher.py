@@ -180,20 +180,26 @@ class DistributedEngineGroup:
             p.start()
             self._conns.append(parent)
             self._procs.append(p)
-        self._gather()
+        try:
+            self._gather()
+        except TrainError:
+            self.close()
+            raise
 
     def _gather(self) -> list[Any]:
-        out = []
-        for rank, conn in enumerate(self._conns):
-            ok, value = _recv(conn)
+        """Every rank's reply; raises ``TrainError`` (first failing rank's traceback) if any failed."""
+        replies = [_recv(conn) for conn in self._conns]
+        for rank, (ok, value) in enumerate(replies):
             if not ok:
-                self.close()
                 raise TrainError(f"engine rank {rank} failed:\n{value}")
-            out.append(value)
-        return out
+        return [value for _, value in replies]
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Call ``engine.method(*args, **kwargs)`` on every rank; results ordered by rank."""
+        """Call ``engine.method(*args, **kwargs)`` on every rank; results ordered by rank.
+
+        Raises:
+            TrainError: the method raised on some rank (the workers stay usable).
+        """
         for conn in self._conns:
             _send(conn, (method, args, kwargs))
         return self._gather()

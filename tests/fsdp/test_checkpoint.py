@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import make_batch, make_engine, ppo_loss
 
 from areal_agents.errors import TrainError
+
+from ._helpers import make_batch, make_engine, ppo_loss
 
 HERE = Path(__file__).parent
 

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import make_batch, make_engine, ppo_loss, train_and_export, train_lora_and_export
 from areal_agents.trainers.launcher import DistributedEngineGroup, free_port, launch
+
+from areal_agents.errors import TrainError
+
+from ._helpers import (
+    make_batch,
+    make_engine,
+    nan_loss,
+    ppo_loss,
+    train_and_export,
+    train_lora_and_export,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -54,6 +64,9 @@ def test_engine_group_proxies_methods_to_all_ranks():
         stats = group.call("train_step", batch, ppo_loss)
         assert stats[0] == stats[1] and stats[0]["loss"] != 0.0
         assert group.call("step") == [1, 1]
+        with pytest.raises(TrainError, match=r"rank 0 failed:(.|\n)*non-finite loss"):
+            group.train_step(batch, nan_loss)
+        assert group.call("step") == [1, 1]  # workers survive a failed call
         exported = group.call("export_weights")
         assert exported[1] == [] and len(exported[0]) > 0
     single = make_engine(token_budget=24)

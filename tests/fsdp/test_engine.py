@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from _helpers import make_batch, make_engine, make_model, ppo_loss
 from areal_agents.trainers.fsdp import FSDPEngine
 from areal_agents.trainers.logprobs import full_logprobs
 from areal_agents.trainers.weight_sync import push_local
@@ -15,6 +14,8 @@ from areal_agents.engines.base import GenerateRequest, SamplingParams
 from areal_agents.engines.local import LocalEngine
 from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import Sample, collate
+
+from ._helpers import make_batch, make_engine, make_model, ppo_loss
 
 
 def test_forward_logprobs_equals_full_softmax_reference():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import make_batch
 from areal_agents.trainers.microbatch import padding_waste, plan_microbatches, split_batch
+
+from ._helpers import make_batch
 
 
 def test_plan_covers_each_index_once_within_budget():

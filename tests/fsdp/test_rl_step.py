@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from _helpers import make_engine, make_model
 from areal_agents.trainers.weight_sync import push_local
 
 from areal_agents.algorithms import GRPO
 from areal_agents.engines.base import GenerateRequest, SamplingParams
 from areal_agents.engines.local import LocalEngine
 from areal_agents.samples import Sample, collate
+
+from ._helpers import make_engine, make_model
 
 
 class _Tokenizer:

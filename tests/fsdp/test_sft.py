@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import make_engine
 from areal_agents.trainers.sft import SFTTrainer, nll_loss, token_mean_weights
 
 from areal_agents.samples import Sample, collate
+
+from ._helpers import make_engine
 
 
 def _demos():

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from _helpers import make_batch, make_engine, make_model, ppo_loss
 from areal_agents.trainers.weight_sync import (
     INDEX_FILE,
     buckets,
@@ -21,6 +20,8 @@ from areal_agents.trainers.weight_sync import (
 )
 
 from areal_agents.engines.base import WeightUpdate
+
+from ._helpers import make_batch, make_engine, make_model, ppo_loss
 
 
 def _named(*sizes):
@@ -104,8 +105,9 @@ def test_vllm_requests():
 def test_shared_memory_to_another_process():
     import multiprocessing as mp
 
-    from _helpers import read_shared_into_model
     from areal_agents.trainers.weight_sync import SharedWeights, read_shared
+
+    from ._helpers import read_shared_into_model
 
     trainer = make_engine(lr=1e-2)
     batch = make_batch()
