@@ -139,3 +139,21 @@ def train_moe_once(engine_kwargs: dict, steps: int = 1) -> dict:
             if n.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
     return train_once(engine_kwargs, model=hf, steps=steps)
+
+
+def save_then_resume(engine_kwargs: dict, path: str) -> dict:
+    """Train a step, save (DCP), resume in a differently initialised engine, train one more
+    step in both; returns both second-step losses and the max weight difference."""
+    from areal_agents.trainers.archon import ArchonEngine, ModelArgs
+
+    args = ModelArgs(**TINY_ARGS)
+    a = ArchonEngine(args, lr=1e-2, eps=1e-6, seed=0, **engine_kwargs)
+    batch = make_batch(lengths=(12, 9, 16, 5, 7, 14))
+    a.train_step(batch, pg_loss)
+    a.save(path)
+    b = ArchonEngine(args, lr=1e-2, eps=1e-6, seed=1, **engine_kwargs)
+    b.load(path)
+    la, lb = a.train_step(batch, pg_loss)["loss"], b.train_step(batch, pg_loss)["loss"]
+    wa, wb = dict(a.export_weights()), dict(b.export_weights())
+    diff = max(((wa[k] - wb[k]).abs().max().item() for k in wa), default=0.0)
+    return {"losses": (la, lb), "diff": diff, "step": b.step, "n": len(wa)}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from archon_helpers import assert_same_run, run_distributed, train_once
+
+from .archon_helpers import assert_same_run, run_distributed, train_once
 
 pytestmark = pytest.mark.multiprocess
 
@@ -42,10 +43,21 @@ def test_pipeline_two_stages_equal_single(tmp_path, schedule):
 
 
 def test_expert_parallel_equals_single(tmp_path):
-    from archon_helpers import train_moe_once
+    from .archon_helpers import train_moe_once
 
     single = train_moe_once({}, steps=2)
     results = run_distributed(train_moe_once, 2, str(tmp_path), steps=2,
                               engine_kwargs={"dp_shard": 2, "ep": 2})
     assert_same_run(single, results[0])
     assert "model.layers.0.mlp.experts.3.gate_proj.weight" in results[0]["weights"]
+
+
+def test_fsdp_checkpoint_resume(tmp_path):
+    from .archon_helpers import save_then_resume
+
+    results = run_distributed(save_then_resume, 2, str(tmp_path), engine_kwargs={"dp_shard": 2},
+                              path=str(tmp_path / "ckpt"))
+    la, lb = results[0]["losses"]
+    assert la == lb and results[0]["step"] == 2
+    assert results[0]["n"] > 0 and results[0]["diff"] == 0.0
+    assert (tmp_path / "ckpt" / "meta.pt").exists() and (tmp_path / "ckpt" / "rng_1.pt").exists()

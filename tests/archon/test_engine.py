@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archon_helpers import hf_tiny, make_batch, pg_loss
 from areal_agents.trainers.archon import ArchonEngine, ModelArgs
 from areal_agents.trainers.logprobs import full_logprobs
 
 from areal_agents.errors import ConfigError
+
+from .archon_helpers import hf_tiny, make_batch, pg_loss
 
 
 def _reference_step(hf, batch, lr):

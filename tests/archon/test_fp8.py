@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archon_helpers import TINY_ARGS, make_batch, pg_loss
 from areal_agents.trainers.archon import ArchonEngine, ModelArgs
 from areal_agents.trainers.archon.fp8 import _eligible, fp8_supported
 
 from areal_agents.errors import ConfigError
+
+from .archon_helpers import TINY_ARGS, make_batch, pg_loss
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")

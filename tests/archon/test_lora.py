@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archon_helpers import hf_tiny, make_batch, pg_loss
 from areal_agents.trainers.archon import ArchonEngine
 from areal_agents.trainers.archon.lora import LoRAConfig
 from areal_agents.trainers.logprobs import full_logprobs
 
 from areal_agents.errors import ConfigError
+
+from .archon_helpers import hf_tiny, make_batch, pg_loss
 
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "wv", "layers.1.feed_forward.w*"]}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archon_helpers import hf_tiny
 from areal_agents.trainers.archon.models import (
     ModelArgs,
     Transformer,
@@ -13,6 +12,8 @@ from areal_agents.trainers.archon.models import (
     save_hf_checkpoint,
     to_hf_state_dict,
 )
+
+from .archon_helpers import hf_tiny
 
 FAMILIES = [("qwen3", False), ("qwen3", True), ("qwen2", False), ("llama", False)]
 

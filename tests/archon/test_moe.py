@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archon_helpers import hf_tiny, make_batch, pg_loss
 from areal_agents.trainers.archon import ArchonEngine
 from areal_agents.trainers.archon.models import from_hf, save_hf_checkpoint, to_hf_state_dict
+
+from .archon_helpers import hf_tiny, make_batch, pg_loss
 
 
 @pytest.mark.parametrize("norm_topk", [True, False])
