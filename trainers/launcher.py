@@ -17,6 +17,7 @@ import contextlib
 import os
 import pickle
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -114,8 +115,6 @@ def launch(num_processes: int, fn: Callable[..., Any], *args: Any, threads: int 
 
 def _get(queue: Any, procs: list, timeout: float) -> Any:
     """Next queue item; fails fast if a worker died without reporting."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not queue.empty():

@@ -102,3 +102,12 @@ def read_shared_into_model(manifest):
 def nan_loss(logprobs, entropy, mb):
     """A LossFn whose loss is NaN (train_step must refuse it)."""
     return (logprobs * mb.loss_weights).sum() * float("nan"), {}
+
+
+def rank_and_world(fail_on_rank: int = -1):
+    """Worker: ``(rank, world size, torch threads)``; raises on ``fail_on_rank``."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == fail_on_rank:
+        raise ValueError(f"boom on rank {fail_on_rank}")
+    return dist.get_rank(), dist.get_world_size(), torch.get_num_threads()

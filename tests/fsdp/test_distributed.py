@@ -13,6 +13,7 @@ from ._helpers import (
     make_engine,
     nan_loss,
     ppo_loss,
+    rank_and_world,
     train_and_export,
     train_lora_and_export,
 )
@@ -106,3 +107,9 @@ def test_launch_under_torchrun_uses_its_ranks(tmp_path):
     (single, weights, _) = train_and_export(None, 1)
     assert report["world_size"] == 2 and report["num_weights"] == len(weights)
     assert report["loss"] == pytest.approx(single[0]["loss"], abs=1e-6)
+
+
+def test_launch_reports_ranks_threads_and_worker_errors():
+    assert launch(2, rank_and_world) == [(0, 2, 1), (1, 2, 1)]
+    with pytest.raises(TrainError, match=r"rank 1 failed:(.|\n)*boom on rank 1"):
+        launch(2, rank_and_world, 1)
