@@ -111,3 +111,11 @@ def rank_and_world(fail_on_rank: int = -1):
     if dist.get_rank() == fail_on_rank:
         raise ValueError(f"boom on rank {fail_on_rank}")
     return dist.get_rank(), dist.get_world_size(), torch.get_num_threads()
+
+
+def train_uneven():
+    """Worker: 3 sequences, budget 12 -> rank 0 runs 2 micro-batches, rank 1 one (+1 dummy)."""
+    engine = make_engine(token_budget=12)
+    batch = make_batch(num=3)
+    stats = engine.train_step(batch, ppo_loss)
+    return stats, {n: t.clone() for n, t in engine.export_weights()}

@@ -16,6 +16,7 @@ from ._helpers import (
     rank_and_world,
     train_and_export,
     train_lora_and_export,
+    train_uneven,
 )
 
 pytestmark = pytest.mark.multiprocess
@@ -113,3 +114,14 @@ def test_launch_reports_ranks_threads_and_worker_errors():
     assert launch(2, rank_and_world) == [(0, 2, 1), (1, 2, 1)]
     with pytest.raises(TrainError, match=r"rank 1 failed:(.|\n)*boom on rank 1"):
         launch(2, rank_and_world, 1)
+
+
+def test_uneven_microbatch_counts_across_ranks_match_single_process():
+    (stats, weights), (stats1, _) = launch(2, train_uneven)
+    torch.set_num_threads(1)
+    want_stats, want_weights = train_uneven()
+    assert stats == stats1
+    assert stats["loss"] == pytest.approx(want_stats["loss"], abs=1e-6)
+    assert stats["entropy"] == pytest.approx(want_stats["entropy"], abs=1e-5)
+    for name, w in want_weights.items():
+        torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=1e-5)
