@@ -183,3 +183,21 @@ def test_loads_checkpoint_directories_and_tiny_specs(tmp_path):
     lp = tiny.forward_logprobs(collate([Sample(ids, [1] * len(ids), [0.0] * len(ids),
                                                [0] * len(ids))]))
     assert lp.shape == (1, len(ids)) and lp[0, 0] == 0 and (lp[0, 1:] < 0).all()
+
+
+def test_export_tracks_updates_after_steps_and_loads(tmp_path):
+    engine = make_engine(lr=1e-2)
+    before = {n: w.clone() for n, w in engine.export_weights()}
+    batch = make_batch()
+    engine.train_step(batch, ppo_loss)
+    engine.save(str(tmp_path / "c"))
+    params = dict(engine.model.named_parameters())
+    after = dict(engine.export_weights())
+    assert any(not torch.equal(after[n], before[n]) for n in after)
+    for n, w in after.items():
+        assert torch.equal(w, params[n].detach()), n
+    other = make_engine(lr=1e-2)
+    stale = {n: w.clone() for n, w in other.export_weights()}
+    other.load(str(tmp_path / "c"))
+    for n, w in other.export_weights():
+        assert torch.equal(w, after[n]) and (n not in before or torch.equal(stale[n], before[n]))

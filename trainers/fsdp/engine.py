@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -155,6 +155,7 @@ class FSDPEngine(TrainEngine):
         self.token_budget = token_budget
         self.step = 0
         self.version = 0
+        self._export_views: list[tuple[str, torch.Tensor]] | None = None
 
         model, self.tokenizer = _load_model(model_or_path)
         model = model.to(self.device)
@@ -285,7 +286,14 @@ class FSDPEngine(TrainEngine):
         """
         from areal_agents.trainers.fsdp.export import named_full_weights
 
-        for name, t in named_full_weights(self.module.base, lora=self.lora, merge_lora=merge_lora):
+        if not self.distributed and not self.lora:
+            # plain parameters: the (name, detached view) list never changes, walk modules once
+            if self._export_views is None:
+                self._export_views = list(named_full_weights(self.module.base))
+            named: Iterable[tuple[str, torch.Tensor]] = self._export_views
+        else:
+            named = named_full_weights(self.module.base, lora=self.lora, merge_lora=merge_lora)
+        for name, t in named:
             if self.rank == 0:
                 t = t.detach().cpu()
                 yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
