@@ -99,10 +99,11 @@ def test_launch_under_torchrun_uses_its_ranks(tmp_path):
     out = tmp_path / "out.json"
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                     str(here / "_torchrun_worker.py"), str(out)],
-                   env=env, check=True, capture_output=True, timeout=300)
+                   env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     torch.set_num_threads(1)
     (single, weights, _) = train_and_export(None, 1)
