@@ -40,6 +40,8 @@ class PolicyConfig(_Strict):
                                          description="extra backend engine arguments")
     sft_steps: int = Field(0, ge=0, description="format-only SFT warm-start steps")
     sft_lr: float = Field(1e-3, gt=0, description="warm-start learning rate")
+    api: Literal["chat", "completions"] = Field(
+        "chat", description="chat template, or raw-text prompts ending in the observation")
 
 
 class AlgorithmConfig(_Strict):

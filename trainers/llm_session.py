@@ -12,6 +12,20 @@ from areal_agents.samples import Sample
 from .policy import Policy
 
 
+def raw_prompt(messages: list[dict[str, Any]]) -> str:
+    """The ``/v1/completions`` prompt of a conversation: contents joined by newlines, with the
+    last observation's final token last (no chat-template suffix after it). Assistant turns
+    are appended verbatim so each prompt extends the previous prompt + completion."""
+    text = ""
+    for m in messages:
+        content = str(m.get("content") or "")
+        if m.get("role") == "assistant":
+            text += content
+        else:
+            text += ("\n" if text else "") + content
+    return text
+
+
 class SessionAgent(Agent):
     """Chats through the official ``openai`` SDK under one recorded session.
 
@@ -21,9 +35,10 @@ class SessionAgent(Agent):
     """
 
     def __init__(self, client: Any, model: str, sampling: dict[str, Any],
-                 gateway: Any = None, key: str | None = None, agent_id: str = "") -> None:
+                 gateway: Any = None, key: str | None = None, agent_id: str = "",
+                 api: str = "chat") -> None:
         self.client, self.model, self.sampling = client, model, sampling
-        self.gateway, self.key, self.agent_id = gateway, key, agent_id
+        self.gateway, self.key, self.agent_id, self.api = gateway, key, agent_id, api
         self.history: list[dict[str, Any]] = []
         self.report: Any = None
 
@@ -34,9 +49,15 @@ class SessionAgent(Agent):
         new = observation if isinstance(observation, list) else [observation]
         self.history.extend(m if isinstance(m, dict) else {"role": "user", "content": str(m)}
                             for m in new)
-        reply = await self.client.chat.completions.create(
-            model=self.model, messages=self.history, **self.sampling)
-        message = {"role": "assistant", "content": reply.choices[0].message.content or ""}
+        if self.api == "completions":
+            reply = await self.client.completions.create(
+                model=self.model, prompt=raw_prompt(self.history), **self.sampling)
+            content = reply.choices[0].text or ""
+        else:
+            reply = await self.client.chat.completions.create(
+                model=self.model, messages=self.history, **self.sampling)
+            content = reply.choices[0].message.content or ""
+        message = {"role": "assistant", "content": content}
         self.history.append(message)
         return parse_action(message)
 
@@ -67,4 +88,5 @@ async def make_llm_agent(gateway: Any, client: Any, policy: Policy, name: str, a
                                     api_key=os.environ.get("OPENAI_API_KEY", "none"))
         return SessionAgent(client, str(policy.model or "default"), sampling)
     key = await gateway.create_session(name, {"agent": agent_id})
-    return SessionAgent(client.with_options(api_key=key), name, sampling, gateway, key, agent_id)
+    return SessionAgent(client.with_options(api_key=key), name, sampling, gateway, key, agent_id,
+                        api=policy.api)

@@ -28,6 +28,8 @@ class Policy:
         train_kwargs: extra keyword arguments for the backend's engine (``max_grad_norm``...).
         sft_steps: steps of the format-only SFT warm start (random valid actions; 0 = off).
         sft_lr: learning rate of the warm start.
+        api: ``"chat"`` (chat template) or ``"completions"`` (raw text prompt whose last token
+            is the observation's last token: small models condition on it far more easily).
 
     Raises:
         ValueError: unknown backend, or ``endpoint`` with ``frozen=False``, or no model.
@@ -50,6 +52,7 @@ class Policy:
     train_kwargs: dict[str, Any] = field(default_factory=dict)
     sft_steps: int = 0
     sft_lr: float = 1e-3
+    api: str = "chat"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -62,6 +65,8 @@ class Policy:
         if self.model is None and self.endpoint is None:
             raise ValueError("Policy needs model= (a 'tiny:<size>', a path or (model, tokenizer))"
                              " or endpoint= for an external server")
+        if self.api not in ("chat", "completions"):
+            raise ValueError(f"Policy.api={self.api!r}; choose 'chat' or 'completions'")
         if self.lr <= 0:
             raise ValueError(f"Policy.lr must be > 0, got {self.lr}")
 

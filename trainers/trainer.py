@@ -213,7 +213,8 @@ class Trainer:
     async def _warm_start(self, name: str, model: Any, tokenizer: Any, factory: Any,
                           demos: dict[str, list[Any]]) -> None:
         agents = [a for a, p in self.policy_of.items() if p == name and a in demos]
-        samples = [s for a in agents for s in demo_samples(tokenizer, demos[a])]
+        api = self.policies[name].api
+        samples = [s for a in agents for s in demo_samples(tokenizer, demos[a], api)]
         if not samples:
             return
         policy = self.policies[name]

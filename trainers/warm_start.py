@@ -83,12 +83,19 @@ async def collect_demos(
     return demos
 
 
-def demo_samples(tokenizer: Any, transcripts: list[list[dict[str, Any]]]) -> list[Sample]:
-    """Tokenize transcripts: the last assistant message (plus EOS) is under the loss mask."""
+def demo_samples(tokenizer: Any, transcripts: list[list[dict[str, Any]]],
+                 api: str = "chat") -> list[Sample]:
+    """Tokenize transcripts as the gateway does for ``api`` ("chat": chat template;
+    "completions": ``raw_prompt``): the last assistant message (plus EOS) is under the loss mask.
+    """
+    from .llm_session import raw_prompt
+
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     out = []
     for messages in transcripts:
-        prompt = encode(tokenizer, render(tokenizer, messages[:-1], None, True))
+        text = (raw_prompt(messages[:-1]) if api == "completions"
+                else render(tokenizer, messages[:-1], None, True))
+        prompt = encode(tokenizer, text)
         completion = [*encode(tokenizer, str(messages[-1].get("content") or "")), eos]
         ids = prompt + completion
         n, k = len(ids), len(completion)

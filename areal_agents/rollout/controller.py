@@ -112,6 +112,7 @@ class RolloutController:
 
     async def run(self) -> None:
         """Admit groups forever (until ``stop``); cancel-safe."""
+        self._stopped = False
         while not self._stopped:
             async with self._changed:
                 await self._changed.wait_for(lambda: self._stopped or self.can_admit())
