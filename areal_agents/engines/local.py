@@ -207,6 +207,9 @@ class LocalEngine(InferenceEngine):
             return
         if self._loop is not None and self._loop is not loop and (self._waiting or self._running):
             raise EngineError("LocalEngine is busy on another event loop; use one loop per engine")
+        if self._task is not None and self._task.done() and self._loop is loop:
+            # the scheduler died (a bug or a cancelled task): fail what it held, then restart
+            self._fail_all(EngineError("LocalEngine's scheduler stopped; the request was dropped"))
         self._loop = loop
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.max_queue + self.max_batch_size)
