@@ -306,3 +306,19 @@ async def test_batched_prefill_of_unequal_prompts_is_exact(engine, model_tok):
             ref = _forward_logprobs(model, prompt, out.token_ids)
             expected = ref.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1)
             assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_cuda_greedy_matches_a_direct_forward():
+    model, tok = tiny("xs", seed=0)
+    async with LocalEngine(model, tok, device="cuda") as eng:
+        prompts = [[1, 20, 30], [5, 6, 7, 8, 9]]
+        results = await asyncio.gather(*[eng.generate(_req(p, max_tokens=8, temperature=0))
+                                         for p in prompts])
+        sampled = await eng.generate(_req(prompts[0], max_tokens=8, seed=1))
+    model.cpu()
+    for prompt, res in zip(prompts, results, strict=True):
+        out = res.outputs[0]
+        assert out.token_ids == _forward_logprobs(model, prompt, out.token_ids).argmax(-1).tolist()
+    assert len(sampled.outputs[0].token_ids) == 8
