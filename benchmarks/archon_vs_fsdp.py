@@ -100,6 +100,7 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, opts: dict
             torch.save(sec, out)
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # gloo threads may abort in C++ teardown after the work is done
 
 
 def run_distributed(backend: str, opts: dict, world: int = 2) -> float:

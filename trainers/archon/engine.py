@@ -19,6 +19,7 @@ from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import TokenBatch
 
 from .models import ModelArgs, Transformer, archon_to_hf, from_hf
+from .optim import clip_grads, full_tensor, lr_lambda
 from .parallel_dims import ParallelDims, default_device
 from .parallelize import ACMode, parallelize
 
@@ -54,11 +55,6 @@ def _backbone(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The unsharded tensor (collective for a ``DTensor``: call on every rank)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def build_model(source: Transformer | ModelArgs | nn.Module | str, seed: int = 0) -> Transformer:
     """An Archon ``Transformer`` from itself, ``ModelArgs`` (random init with ``seed``), a
     ``transformers`` model or a HF checkpoint directory."""
@@ -69,18 +65,6 @@ def build_model(source: Transformer | ModelArgs | nn.Module | str, seed: int = 0
         model.init_weights(seed=seed)
         return model
     return from_hf(source)
-
-
-def _lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None):
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, (total_steps or 1) - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
 
 
 class ArchonEngine(TrainEngine):
@@ -203,7 +187,7 @@ class ArchonEngine(TrainEngine):
             foreach=False if (self.dims.tp_enabled or self.dims.ep_enabled) else None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(warmup_steps, lr_schedule, total_steps)
+            self.optimizer, lr_lambda(warmup_steps, lr_schedule, total_steps)
         )
 
     # -- TrainEngine -------------------------------------------------------------------------
@@ -301,35 +285,8 @@ class ArchonEngine(TrainEngine):
         """Clip all gradients to ``max_grad_norm`` (global L2 norm over every shard, stage
         and tensor-parallel rank); returns the norm before clipping."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        sq = torch.zeros((), device=self.device)
-        # one all-reduce per set of sharded mesh dims instead of one per parameter
-        sharded: dict[tuple, tuple[list, torch.Tensor]] = {}
-        for g in grads:
-            if not isinstance(g, DTensor):
-                sq = sq + g.float().pow(2).sum()
-            elif any(pl.is_partial() for pl in g.placements):
-                sq = sq + full_tensor(torch.linalg.vector_norm(g.float())).pow(2)
-            else:
-                dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
-                local = g.to_local().float().pow(2).sum()
-                if not dims:
-                    sq = sq + local
-                    continue
-                groups, acc = sharded.get((id(g.device_mesh), dims), ([g.device_mesh.get_group(i) for i in dims], 0.0))
-                sharded[(id(g.device_mesh), dims)] = (groups, acc + local)
-        for groups, acc in sharded.values():
-            acc = acc.clone()
-            for group in groups:
-                dist.all_reduce(acc, group=group)
-            sq = sq + acc
-        if self.dims.pp_enabled:
-            dist.all_reduce(sq, group=self.dims.build_mesh()["pp"].get_group())
-        total = float(sq.sqrt())
-        if self.max_grad_norm > 0 and math.isfinite(total) and total > self.max_grad_norm:
-            coef = self.max_grad_norm / (total + 1e-6)
-            for g in grads:
-                g.mul_(coef)
-        return total
+        pp_group = self.dims.build_mesh()["pp"].get_group() if self.dims.pp_enabled else None
+        return clip_grads(grads, self.max_grad_norm, self.device, pp_group)
 
     def full_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(archon_name, full tensor)`` of the model (collective; LoRA unmerged)."""

@@ -83,20 +83,16 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> None
     if args.is_moe:
         raise ConfigError("tensor parallel is not implemented for MoE blocks; use ep/dp_shard")
     for block in model.layers.values():
-        plan = tp_plan(sequence_parallel, args.qk_norm)
         if sequence_parallel:
             # the residual stream is sequence-sharded inside the block, replicated between blocks
-            plan[""] = PrepareModuleInput(
+            parallelize_module(block, tp_mesh, PrepareModuleInput(
                 input_layouts=(Replicate(), None, None),
                 desired_input_layouts=(Shard(1), None, None),
                 use_local_output=True,
-            )
-            parallelize_module(block, tp_mesh, plan.pop(""))
-            parallelize_module(
-                block, tp_mesh,
-                PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate()),
-            )
-        parallelize_module(block, tp_mesh, plan)
+            ))
+            parallelize_module(block, tp_mesh, PrepareModuleOutput(
+                output_layouts=Shard(1), desired_output_layouts=Replicate()))
+        parallelize_module(block, tp_mesh, tp_plan(sequence_parallel, args.qk_norm))
 
 
 def _selective_policy():

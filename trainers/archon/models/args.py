@@ -48,7 +48,6 @@ class ModelArgs:
     router_aux_loss_coef: float = 0.001
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_moe(self) -> bool:

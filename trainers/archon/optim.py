@@ -1,0 +1,74 @@
+"""Optimizer helpers for Archon: LR schedules and the global grad-norm over sharded gradients."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The unsharded tensor (collective for a ``DTensor``: call on every rank)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None):
+    """Multiplier of the base LR at each step: linear warm-up, then constant or cosine to 0."""
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, (total_steps or 1) - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def global_grad_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squared gradient entries over every shard of every (D)Tensor.
+
+    Plain tensors and replicated DTensors count locally; sharded DTensors are summed over the
+    groups of their sharded mesh dims with one all-reduce per (mesh, dims) set; ``Partial``
+    gradients (e.g. head-sharded q/k norms under TP) are reduced by DTensor itself.
+    """
+    sq = torch.zeros((), device=device)
+    sharded: dict[tuple, tuple[list, torch.Tensor]] = {}
+    for g in grads:
+        if not isinstance(g, DTensor):
+            sq = sq + g.float().pow(2).sum()
+        elif any(pl.is_partial() for pl in g.placements):
+            sq = sq + full_tensor(torch.linalg.vector_norm(g.float())).pow(2)
+        else:
+            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            local = g.to_local().float().pow(2).sum()
+            if not dims:
+                sq = sq + local
+                continue
+            key = (id(g.device_mesh), dims)
+            groups, acc = sharded.get(key, ([g.device_mesh.get_group(i) for i in dims], 0.0))
+            sharded[key] = (groups, acc + local)
+    for groups, acc in sharded.values():
+        acc = acc.clone()
+        for group in groups:
+            dist.all_reduce(acc, group=group)
+        sq = sq + acc
+    return sq
+
+
+def clip_grads(grads: list[torch.Tensor], max_norm: float, device: torch.device, pp_group=None) -> float:
+    """Scale ``grads`` in place so their global L2 norm is at most ``max_norm`` (``<= 0``:
+    no clipping). ``pp_group`` adds the other pipeline stages' gradients. Returns the norm
+    before clipping (``inf``/``nan`` when a gradient is not finite; nothing is scaled then)."""
+    sq = global_grad_sq(grads, device)
+    if pp_group is not None:
+        dist.all_reduce(sq, group=pp_group)
+    total = float(sq.sqrt())
+    if max_norm > 0 and math.isfinite(total) and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+    return total
