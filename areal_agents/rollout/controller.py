@@ -286,7 +286,8 @@ class RolloutController:
         """Per policy: submitted/running/accepted/filtered/failed/version + ledger outcomes."""
         out: dict[str, dict[str, int]] = {}
         for p, c in self.controls.items():
-            row = {k: int(v) for k, v in c.state_dict().items() if k != "paused"}
+            row = {k: int(getattr(c, k)) for k in
+                   ("version", "submitted", "running", "accepted", "filtered", "failed")}
             row.update({f"outcome/{k}": v for k, v in self.ledger[p].items()})
             row["buffered"] = self.buffered(p)
             out[p] = row
