@@ -167,8 +167,8 @@ class MultiAgentEnv(_Seeding, Generic[ObsT, ActT]):
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
     spec: EnvSpec | None = None
     render_mode: str | None = None
-    possible_agents: list[str] = []
-    agents: list[str] = []
+    possible_agents: list[str] = []  # noqa: RUF012 - subclasses assign their own lists
+    agents: list[str] = []  # noqa: RUF012
 
     _needs_reset: bool = True
     _to_act: frozenset[str] = frozenset()

@@ -18,7 +18,7 @@ def _sample(n_prompt, n_gen, reward=1.0):
 
 
 def test_misaligned_sample_is_rejected_with_the_field_named():
-    with pytest.raises(ValueError, match="Sample.logprobs has 1 entries but token_ids has 2"):
+    with pytest.raises(ValueError, match=r"Sample\.logprobs has 1 entries but token_ids has 2"):
         aa.Sample(token_ids=[1, 2], loss_mask=[0, 1], logprobs=[0.0], versions=[-1, 0])
 
 
