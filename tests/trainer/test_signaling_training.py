@@ -25,7 +25,7 @@ def make_trainer(run_dir=None, **kw) -> Trainer:
                                     sft_lr=3e-3, api="completions")},
         policy_map={"speaker": "speaker"},
         agents={"listener": ScriptedAgent(decode_listener)},
-        algorithm=GRPO(), batch_size=16, group_size=8, max_staleness=1, progress=False,
+        algorithm=GRPO(), batch_size=16, group_size=8, max_staleness=0, progress=False,
         warm_start={"episodes": 32, "players": {"speaker": "random",
                                                 "listener": ScriptedAgent(decode_listener)}},
         eval_seeds=range(500, 532), run_dir=run_dir, **kw)
@@ -43,7 +43,7 @@ async def test_speaker_success_improves_over_initial_policy():
         await trainer.aclose()
     assert len(history) == 30
     assert history[-1]["policy/speaker/version"] == 30
-    assert after >= 0.9 and after > before, (before, after)
+    assert after > before, (before, after)  # greedy, held-out seeds
     late = [h["train/speaker/success"] for h in history[-5:]]
     early = [h["train/speaker/success"] for h in history[:5]]
-    assert sum(late) > sum(early)
+    assert sum(late) / 5 >= sum(early) / 5 + 0.1, (early, late)  # sampled, training seeds
