@@ -90,7 +90,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Plot ``train|eval/<agent>/{reward,success}`` over steps and wall time; returns the PNG.
+    """Plot ``train|eval/<agent>/{reward,success}`` over steps and wall time (train curves as a
+    20-step rolling mean); returns the PNG.
 
     Raises:
         FileNotFoundError: no metrics in ``run_dir``.
@@ -109,6 +110,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for key in keys:
         pts = [(r["step"], r.get("time", 0.0), r[key]) for r in rows if key in r]
         steps, times, values = zip(*pts, strict=True)
+        if key.startswith("train/"):  # per-step batches are noisy: rolling mean of 20 steps
+            values = tuple(sum(values[max(0, i - 19): i + 1]) / len(values[max(0, i - 19): i + 1])
+                           for i in range(len(values)))
         style = "--" if key.startswith("eval/") else "-"
         axes[0].plot(steps, values, style, label=key)
         axes[1].plot(times, values, style, label=key)
