@@ -30,7 +30,8 @@ class SessionAgent(Agent):
     """Chats through the official ``openai`` SDK under one recorded session.
 
     ``end_episode(return)`` turns the session's recorded turns into training samples by the
-    gateway's tokenization contract (exact ids, nothing re-tokenized) and ends the session;
+    gateway's tokenization contract (exact ids, nothing re-tokenized) and ends and drops the
+    session (the gateway keeps no finished sessions);
     with ``gateway=None`` (an external endpoint) it returns ``[]``.
     """
 
@@ -64,9 +65,10 @@ class SessionAgent(Agent):
     async def end_episode(self, episode_return: float) -> list[Sample]:
         if self.gateway is None or self.key is None:
             return []
-        session = self.gateway.session(self.key)
+        # drop=True: the gateway forgets the finished session, so long runs do not accumulate
+        # sessions; the returned Session still holds its turns.
+        session = self.gateway.end_session(self.key, drop=True)
         samples, self.report = session.to_samples(reward=episode_return, agent=self.agent_id)
-        session.end()
         return samples
 
 

@@ -183,3 +183,23 @@ async def test_all_episodes_failing_raises_instead_of_hanging():
     await ctl.stop()
     runner.cancel()
     assert ctl.ledger["p"]["failed"] >= 6
+
+
+async def test_finished_training_sessions_are_dropped_from_the_gateway():
+    """Each episode's sessions are forgotten once their samples are taken (no growth)."""
+    from areal_agents.trainers.llm_session import make_llm_agent
+    from areal_agents.trainers.policy import Policy
+
+    import areal_agents as aa
+    from areal_agents.testing.engine import ScriptedEngine
+
+    _model, tokenizer = aa.models.tiny("xs", seed=0)
+    gateway = aa.Gateway()
+    gateway.add_policy("p", [ScriptedEngine(["hello"], tokenizer=tokenizer)], tokenizer)
+    client = gateway.async_client()
+    agent = await make_llm_agent(gateway, client, Policy(model="tiny:xs"), "p", "speaker")
+    await agent.act([{"role": "user", "content": "hi"}])
+    samples = await agent.end_episode(1.0)
+    assert len(samples) == 1 and samples[0].reward == 1.0
+    assert sum(samples[0].loss_mask) >= 1
+    assert gateway._sessions == {}
