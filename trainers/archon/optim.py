@@ -8,24 +8,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..schedules import lr_lambda
+
+__all__ = ["full_tensor", "global_grad_sq", "lr_lambda"]
+
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The unsharded tensor (collective for a ``DTensor``: call on every rank)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None):
-    """Multiplier of the base LR at each step: linear warm-up, then constant or cosine to 0."""
-
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, (total_steps or 1) - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
 
 
 def global_grad_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
 from areal_agents.trainers.microbatch import plan_microbatches
+from areal_agents.trainers.schedules import lr_lambda
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -54,18 +55,6 @@ class PolicyModule(nn.Module):
         return sequence_logprobs(
             hidden, head.weight, input_ids, attention_mask, temperature, self.chunk_size
         )
-
-
-def _lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None):
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, (total_steps or 1) - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
 
 
 def _load_model(model_or_path: nn.Module | str) -> tuple[nn.Module, Any]:
@@ -174,7 +163,7 @@ class FSDPEngine(TrainEngine):
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(warmup_steps, lr_schedule, total_steps)
+            self.optimizer, lr_lambda(warmup_steps, lr_schedule, total_steps)
         )
 
     def _shard(self) -> None:
