@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from areal_agents.samples import Sample
@@ -40,13 +40,13 @@ class StepStats:
     """Accumulates episode stats between steps and formats every metric of a step."""
 
     def __init__(self) -> None:
-        self.episodes: list[EpisodeStats] = []
+        self.by_seed: dict[int, list[EpisodeStats]] = {}
         self.t0 = time.perf_counter()
         self.last = self.t0
         self.num_episodes = 0
 
     def add_episode(self, stats: EpisodeStats) -> None:
-        self.episodes.append(stats)
+        self.by_seed.setdefault(stats.seed, []).append(stats)
 
     @staticmethod
     def summarise(episodes: list[EpisodeStats], prefix: str, num_failed: int = 0) -> dict[str, float]:
@@ -65,9 +65,14 @@ class StepStats:
             out[f"{prefix}/failed"] = float(num_failed)
         return out
 
-    def episode_metrics(self) -> dict[str, float]:
-        """Metrics of the episodes finished since the last call, plus throughput and time."""
-        eps, self.episodes = self.episodes, []
+    def episode_metrics(self, pending: Collection[int] = ()) -> dict[str, float]:
+        """Metrics of the finished episodes whose task seed is not in ``pending`` (the groups
+        trained or filtered since the last call; pass the controller's unresolved seeds), plus
+        throughput and time. Episodes of still-pending groups wait for a later call, so a
+        step's ``train/*`` metrics describe its own batch whatever the scheduling.
+        """
+        done = [s for s in self.by_seed if s not in pending]
+        eps = [e for s in sorted(done) for e in self.by_seed.pop(s)]
         now = time.perf_counter()
         self.num_episodes += len(eps)
         out = self.summarise(eps, "train") if eps else {}

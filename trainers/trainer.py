@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
-import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +24,14 @@ from areal_agents.metrics import Logger, Progress, make_logger
 from areal_agents.rollout import RolloutController, StalenessControl
 from areal_agents.samples import Sample, collate
 
+from .checkpointing import (
+    latest_checkpoint,
+    load_reference,
+    reference_path,
+    restore_checkpoint,
+    save_checkpoint,
+    save_reference,
+)
 from .episodes import EpisodeStats, RewardFn, play
 from .policy import Policy
 from .stats import StepStats, resolve_algorithm
@@ -138,9 +144,6 @@ class Trainer:
         if not self.trainable:
             raise ConfigError("no trainable policy is used by policy_map; every policy is frozen")
         self.algorithm = resolve_algorithm(algorithm)
-        if getattr(self.algorithm, "needs_reference", False):
-            raise ConfigError("kl_coef > 0 needs reference log-probs, which this Trainer does not"
-                              " compute yet; set algorithm.kl_coef=0")
         self.batch_size, self.group_size, self.max_staleness = batch_size, group_size, max_staleness
         self.max_concurrent = max_concurrent or 2 * batch_size
         self.eval_every, self.eval_seeds = eval_every, list(eval_seeds)
@@ -157,6 +160,7 @@ class Trainer:
         self._step_seeds: list[int] = []
         self.gateway: Any = None
         self.train_engines: dict[str, Any] = {}
+        self.ref_engines: dict[str, Any] = {}  # frozen KL references (algorithm.needs_reference)
         self.tokenizers: dict[str, Any] = {}
         self._stats = StepStats()
 
@@ -171,7 +175,12 @@ class Trainer:
     # ---- setup ----------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        """Build models, train engines, inference engines and the gateway (idempotent)."""
+        """Build models, train engines, KL references, inference engines and the gateway, then
+        restore the latest checkpoint when ``resume`` (idempotent).
+
+        A resumed run skips the SFT warm start (the checkpoint holds the trained weights and
+        ``checkpoints/reference`` the KL references).
+        """
         if self.gateway is not None:
             return
         if self.torch_threads:
@@ -181,10 +190,11 @@ class Trainer:
 
         random.seed(self.seed)
         torch.manual_seed(self.seed)
+        ckpt = latest_checkpoint(self.run_dir) if self.resume and self.run_dir else None
         self.gateway = Gateway()
         self._client = self.gateway.async_client()
         demos: dict[str, list[Any]] = {}
-        if self.warm_start:
+        if self.warm_start and ckpt is None:
             start = int(self.warm_start.get("seed", 10_000_000))
             seeds = range(start, start + int(self.warm_start.get("episodes", 256)))
             demos = await collect_demos(self.make_env, self.warm_start["players"], seeds)
@@ -198,6 +208,8 @@ class Trainer:
                 factory = backend_factory(policy.backend)
                 if policy.sft_steps and demos:
                     await self._warm_start(name, model, tokenizer, factory, demos)
+                if getattr(self.algorithm, "needs_reference", False):
+                    self.ref_engines[name] = self._reference(name, model, factory, resumed=ckpt)
                 self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
                                                    **policy.train_kwargs)
             serving = copy.deepcopy(model).eval()
@@ -207,8 +219,28 @@ class Trainer:
                     for p in self.trainable}
         self.controller = RolloutController(self._episode, controls, group_size=self.group_size,
                                             filter_fn=self._filter, seed=self.seed)
-        if self.resume:
-            await self._restore()
+        if ckpt is not None:
+            await restore_checkpoint(self, ckpt)
+
+    def _reference(self, name: str, model: Any, factory: Any, resumed: Path | None) -> Any:
+        """A frozen engine holding policy ``name``'s KL reference: the initial weights (after
+        the warm start), or on resume the copy saved in ``checkpoints/reference``.
+
+        Raises:
+            ConfigError: resuming with a KL penalty from a run that saved no reference.
+        """
+        ref = copy.deepcopy(model)
+        if resumed is not None:
+            assert self.run_dir is not None
+            if not load_reference(self.run_dir, name, ref):
+                raise ConfigError(
+                    f"resuming with kl_coef > 0 but {reference_path(self.run_dir, name)} does not"
+                    " exist (the run was started without a KL penalty); start a new run_dir or "
+                    "set algorithm.kl_coef=0")
+        elif self.run_dir is not None:
+            save_reference(self.run_dir, name, ref)
+        policy = self.policies[name]
+        return factory(ref, lr=policy.lr, **policy.train_kwargs)
 
     async def _warm_start(self, name: str, model: Any, tokenizer: Any, factory: Any,
                           demos: dict[str, list[Any]]) -> None:
@@ -226,18 +258,26 @@ class Trainer:
 
     # ---- episodes -------------------------------------------------------------------------
 
-    async def _make_agent(self, agent_id: str, policy: str, greedy: bool) -> Agent:
+    async def _make_agent(self, agent_id: str, policy: str, greedy: bool,
+                          seed_key: str | None = None) -> Agent:
         from .llm_session import make_llm_agent
 
         return await make_llm_agent(self.gateway, self._client, self.policies[policy], policy,
-                                    agent_id, greedy)
+                                    agent_id, greedy, seed_key=seed_key)
 
     async def _episode(self, seed: int, member: int) -> dict[str, list[Sample]]:
+        """One training episode; agent ``a`` samples with seeds keyed by ``(self.seed, seed,
+        member, a)`` so a replayed episode (after a resume) draws the same tokens."""
+
+        async def make_agent(agent_id: str, policy: str, greedy: bool) -> Agent:
+            key = f"{self.seed}/{seed}/{member}/{agent_id}"
+            return await self._make_agent(agent_id, policy, greedy, seed_key=key)
+
         env = self.make_env()
         try:
             by_policy, stats = await play(
                 env, seed, policy_of=self.policy_of, fixed_agents=self.fixed_agents,
-                make_agent=self._make_agent, reward_fns=self.reward_fns,
+                make_agent=make_agent, reward_fns=self.reward_fns,
                 max_steps=self.max_steps_per_episode)
         finally:
             await env.close()
@@ -252,6 +292,7 @@ class Trainer:
     async def _train_policy(self, name: str) -> dict[str, float]:
         t0 = time.perf_counter()
         groups = await self.controller.take(name, self.batch_size)
+        groups.sort(key=lambda g: g.seed)  # the batch's row order does not depend on timing
         wait = time.perf_counter() - t0
         samples = [s for g in groups for s in g.samples]
         self._step_seeds.extend(g.seed for g in groups)
@@ -262,6 +303,8 @@ class Trainer:
         def work() -> tuple[dict[str, float], list[tuple[str, torch.Tensor]]]:
             if self.algorithm.needs_proximal:
                 batch.prox_logprobs = engine.forward_logprobs(batch)
+            if getattr(self.algorithm, "needs_reference", False):
+                batch.ref_logprobs = self.ref_engines[name].forward_logprobs(batch)
             stats = engine.train_step(batch, self.algorithm.loss)
             return stats, list(engine.export_weights())
 
@@ -296,7 +339,7 @@ class Trainer:
                 self.step += 1
                 self.trained_seeds.append(sorted(set(self._step_seeds)))
                 metrics: dict[str, float] = {k: v for r in results for k, v in r.items()}
-                metrics.update(self._stats.episode_metrics())
+                metrics.update(self._stats.episode_metrics(pending=set(self.controller.pending)))
                 metrics.update(self._stats.outcome_metrics(self.controller.counts()))
                 if self.eval_every and self.step % self.eval_every == 0:
                     metrics.update(await self.evaluate())
@@ -344,39 +387,9 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
 
     async def save_checkpoint(self) -> Path:
-        """Write engines + trainer state to ``run_dir/checkpoints/step_<n>``; returns the dir."""
-        assert self.run_dir is not None
-        ckpt = self.run_dir / "checkpoints" / f"step_{self.step}"
-        for name, engine in self.train_engines.items():
-            await asyncio.to_thread(engine.save, str(ckpt / name))
-        state = {"step": self.step, "controller": self.controller.state_dict(),
-                 "history": self.history, "trained_seeds": self.trained_seeds,
-                 "algorithm": getattr(self.algorithm, "ema_baselines", {})}
-        (ckpt / "trainer_state.json").write_text(json.dumps(state))
-        tmp = self.run_dir / "checkpoints" / "latest.tmp"
-        tmp.write_text(ckpt.name)
-        os.replace(tmp, self.run_dir / "checkpoints" / "latest")  # atomic: only complete ones
-        return ckpt
-
-    async def _restore(self) -> None:
-        assert self.run_dir is not None
-        latest = self.run_dir / "checkpoints" / "latest"
-        if not latest.exists():
-            return  # nothing to resume: a fresh run
-        ckpt = self.run_dir / "checkpoints" / latest.read_text().strip()
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        for name, engine in self.train_engines.items():
-            await asyncio.to_thread(engine.load, str(ckpt / name))
-            version = state["controller"]["controls"][name]["version"]
-            engine.version = version
-            update = WeightUpdate(named_tensors=iter(list(engine.export_weights())), version=version)
-            await self.gateway.update_weights(name, update)
-        self.controller.load_state_dict(state["controller"])
-        self.step = int(state["step"])
-        self.history = list(state.get("history", []))
-        self.trained_seeds = list(state.get("trained_seeds", []))
-        if hasattr(self.algorithm, "ema_baselines"):
-            self.algorithm.ema_baselines = dict(state.get("algorithm", {}))
+        """Write engines + trainer state to ``run_dir/checkpoints/step_<n>``; returns the dir
+        (see ``areal_agents.trainers.checkpointing`` for the layout and atomicity)."""
+        return await save_checkpoint(self)
 
     async def aclose(self) -> None:
         """Close the gateway (and its engines) and the train engines. Idempotent."""
@@ -384,5 +397,8 @@ class Trainer:
             await self.gateway.close()
         for engine in self.train_engines.values():
             engine.close()
+        for engine in self.ref_engines.values():
+            engine.close()
         self.train_engines.clear()
+        self.ref_engines.clear()
         self.logger.close()
