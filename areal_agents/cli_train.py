@@ -40,7 +40,8 @@ def train(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     import yaml
 
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(exclude={"resume"}), sort_keys=False))
     trainer = cfg.build(resume=args.resume)
 
     async def run() -> list[dict[str, float]]:

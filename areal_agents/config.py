@@ -90,9 +90,12 @@ class RunConfig(_Strict):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     run_dir: str = Field("runs/run", description="metrics, plots and checkpoints")
+    resume: bool = Field(False, description="continue from run_dir's latest checkpoint (a fresh "
+                         "run when there is none); same as `train --resume`")
 
     def build(self, resume: bool = False) -> Any:
-        """The ``Trainer`` this config describes."""
+        """The ``Trainer`` this config describes (``resume`` or ``self.resume`` continues from
+        ``run_dir``'s latest checkpoint)."""
         from areal_agents.metrics import make_logger
         from areal_agents.trainers.policy import Policy
         from areal_agents.trainers.stats import resolve_algorithm
@@ -106,7 +109,8 @@ class RunConfig(_Strict):
             algorithm=resolve_algorithm(self.algorithm.name, **self.algorithm.params),
             batch_size=t.batch_size, group_size=t.group_size, max_staleness=t.max_staleness,
             max_concurrent=t.max_concurrent, eval_every=t.eval_every, eval_seeds=t.eval_seeds,
-            checkpoint_every=t.checkpoint_every, run_dir=self.run_dir, resume=resume, seed=t.seed,
+            checkpoint_every=t.checkpoint_every, run_dir=self.run_dir,
+            resume=resume or self.resume, seed=t.seed,
             warm_start=t.warm_start, torch_threads=t.torch_threads,
             max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
             logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from areal_agents.agents import ScriptedAgent
+from areal_agents.trainers.checkpointing import latest_checkpoint
 from areal_agents.trainers.policy import Policy
 from areal_agents.trainers.trainer import Trainer
+
+from areal_agents.errors import TrainError
 
 
 def listener(observation):
@@ -56,3 +60,41 @@ async def test_killed_run_resumes_without_losing_or_repeating_batches(tmp_path):
     assert second.trained_seeds[:2] == first.trained_seeds
     assert max(trained) < 4 * 4  # the cursor replays unfinished seeds instead of skipping
     assert second.history[-1]["policy/speaker/version"] == 4
+
+
+async def test_a_checkpoint_interrupted_mid_save_is_never_picked_up(tmp_path):
+    first = make(tmp_path)
+    try:
+        await first.afit(2)
+        engine = first.train_engines["speaker"]
+        save = engine.save
+
+        def dies_mid_save(path):  # the engine's files are half written when the process dies
+            save(path)
+            raise KeyboardInterrupt("killed while saving")
+
+        engine.save = dies_mid_save
+        with pytest.raises(KeyboardInterrupt):
+            await first.afit(3)
+    finally:
+        await first.aclose()
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step_2"
+    assert (root / "step_3.partial" / "speaker").is_dir() and not (root / "step_3").exists()
+
+    second = make(tmp_path, resume=True)
+    try:
+        await second.setup()
+        assert second.step == 2 and second.train_engines["speaker"].version == 2
+        await second.afit(3)
+    finally:
+        await second.aclose()
+    assert (root / "latest").read_text() == "step_3"
+    assert (root / "step_3" / "trainer_state.json").exists()
+    assert not (root / "step_3.partial").exists()  # the stale partial save was replaced
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # the interrupted run's step-3 row is dropped
+
+    (root / "latest").write_text("step_9")
+    with pytest.raises(TrainError, match=r"step_9, which has no trainer_state\.json"):
+        latest_checkpoint(tmp_path)
