@@ -75,7 +75,10 @@ class LoggingConfig(_Strict):
     """Where metrics go."""
 
     tensorboard: bool = Field(True, description="also write TensorBoard events to run_dir/tb")
-    wandb_project: str | None = Field(None, description="W&B project (needs wandb installed)")
+    wandb_project: str | None = Field(None, description="W&B project: also log to Weights & "
+                                      "Biases (needs `pip install wandb`); None = off")
+    wandb_name: str | None = Field(None, description="W&B run name (default: run_dir's name)")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user)")
     progress: bool = Field(True, description="show the rich progress bar")
 
 
@@ -115,6 +118,8 @@ class RunConfig(_Strict):
             max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
             logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,
                                wandb_project=self.logging.wandb_project,
+                               wandb_name=self.logging.wandb_name,
+                               wandb_entity=self.logging.wandb_entity,
                                config=self.model_dump()),
         )  # fmt: skip
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,14 +83,35 @@ class TensorBoardLogger:
 
 
 class WandbLogger:
-    """Weights & Biases run (needs ``wandb``; raises a clear ImportError without it)."""
+    """Weights & Biases run: ``wandb.init(project, name, config, ...)``, ``run.log(metrics,
+    step=step)`` per call, ``run.finish()`` on close.
 
-    def __init__(self, project: str, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    With ``run_dir`` the W&B run id is kept in ``run_dir/wandb_run_id`` and reused (with
+    ``resume="allow"``), so a resumed training continues the same W&B run.
+
+    Raises:
+        ImportError: ``wandb`` is not installed (the message says ``pip install wandb``).
+    """
+
+    def __init__(self, project: str, config: Mapping[str, Any] | None = None, *,
+                 name: str | None = None, run_dir: str | Path | None = None,
+                 **kwargs: Any) -> None:
         try:
             import wandb
         except ImportError as exc:
-            raise ImportError("W&B logging needs `pip install wandb` (or drop logging.wandb)") from exc
-        self._run = wandb.init(project=project, config=dict(config or {}), **kwargs)
+            raise ImportError("W&B logging was asked for (logging.wandb_project) but wandb is not"
+                              " installed: `pip install wandb`, or unset logging.wandb_project"
+                              ) from exc
+        if run_dir is not None:
+            id_file = Path(run_dir) / "wandb_run_id"
+            if id_file.exists():
+                run_id = id_file.read_text().strip()
+            else:
+                run_id = uuid.uuid4().hex[:16]
+                id_file.parent.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(run_id)
+            kwargs = {"id": run_id, "resume": "allow", "dir": str(run_dir), **kwargs}
+        self._run = wandb.init(project=project, name=name, config=dict(config or {}), **kwargs)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self._run.log(_finite(metrics), step=step)
@@ -114,8 +136,16 @@ class MultiLogger:
 
 
 def make_logger(run_dir: str | Path | None, *, tensorboard: bool = True,
-                wandb_project: str | None = None, config: Mapping[str, Any] | None = None) -> Logger:
-    """JSONL (``run_dir/metrics.jsonl``) + TensorBoard (``run_dir/tb``) + optional W&B."""
+                wandb_project: str | None = None, config: Mapping[str, Any] | None = None,
+                wandb_name: str | None = None, wandb_entity: str | None = None) -> Logger:
+    """JSONL (``run_dir/metrics.jsonl``) + TensorBoard (``run_dir/tb``) + optional W&B.
+
+    W&B is used when ``wandb_project`` is set: run ``wandb_name`` (default: ``run_dir``'s
+    name) in ``wandb_entity``, with ``config`` as the run config.
+
+    Raises:
+        ImportError: W&B asked for but ``wandb`` is not installed (says ``pip install wandb``).
+    """
     if run_dir is None and wandb_project is None:
         return NullLogger()
     loggers: list[Logger] = []
@@ -125,7 +155,14 @@ def make_logger(run_dir: str | Path | None, *, tensorboard: bool = True,
             with contextlib.suppress(ImportError):  # optional: JSONL is always written
                 loggers.append(TensorBoardLogger(Path(run_dir) / "tb"))
     if wandb_project is not None:
-        loggers.append(WandbLogger(wandb_project, config))
+        name = wandb_name or (Path(run_dir).name if run_dir is not None else None)
+        extra = {"entity": wandb_entity} if wandb_entity else {}
+        try:
+            loggers.append(WandbLogger(wandb_project, config, name=name, run_dir=run_dir, **extra))
+        except BaseException:
+            for lg in loggers:
+                lg.close()
+            raise
     return MultiLogger(loggers)
 
 
