@@ -251,7 +251,9 @@ class Trainer:
             return
         policy = self.policies[name]
         engine = factory(model, lr=policy.sft_lr)
-        losses = await asyncio.to_thread(sft, engine, samples, policy.sft_steps, 32, self.seed)
+        pad = tokenizer.pad_token_id or 0
+        losses = await asyncio.to_thread(sft, engine, samples, policy.sft_steps, 32, self.seed,
+                                         pad)
         engine.close()
         self.logger.log(0, {f"warm_start/{name}/nll_first": losses[0],
                             f"warm_start/{name}/nll_last": losses[-1]})

@@ -8,18 +8,19 @@ with the policy's chat template exactly as the gateway renders them.
 from __future__ import annotations
 
 import importlib
+import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from areal_agents.agents import ScriptedAgent
 
 from areal_agents.agent import Agent
 from areal_agents.episode import run_episode
 from areal_agents.gateway.chat import encode, render
-from areal_agents.samples import Sample, TokenBatch, collate
+from areal_agents.samples import Sample
 
 from .base import TrainEngine
+from .sft import SFTTrainer
 
 
 def resolve_player(spec: str | Callable[..., Any] | Agent) -> Agent:
@@ -103,28 +104,25 @@ def demo_samples(tokenizer: Any, transcripts: list[list[dict[str, Any]]],
     return out
 
 
-def nll_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
-    """``LossFn``: token-mean negative log-likelihood with batch-global ``loss_weights``."""
-    assert mb.loss_weights is not None
-    loss = -(logprobs * mb.loss_weights).sum()
-    return loss, {"nll": loss.detach()}
-
-
 def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int = 32,
-        seed: int = 0) -> list[float]:
-    """``steps`` SFT steps on random mini-batches of ``samples``; the loss of each step.
+        seed: int = 0, pad_token_id: int = 0) -> list[float]:
+    """``steps`` SFT steps of ``min(batch_size, len(samples))`` samples each with
+    ``SFTTrainer``'s loop (token-mean NLL); samples are drawn in shuffled passes (seeded), so
+    every demonstration is seen once before any is repeated. Returns each step's loss.
 
     Raises:
-        ValueError: no samples.
+        ValueError: no samples (or none with a target token).
     """
     if not samples:
         raise ValueError("warm start has no demonstrations; check the demo players act")
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(len(samples), (min(batch_size, len(samples)),), generator=gen)
-        rows = [samples[i] for i in idx.tolist()]
-        batch = collate(rows)
-        batch.loss_weights = batch.loss_mask / batch.loss_mask.sum().clamp(min=1)
-        losses.append(float(engine.train_step(batch, nll_loss)["loss"]))
-    return losses
+    rng = random.Random(seed)
+    k = min(batch_size, len(samples))
+    schedule: list[Sample] = []
+    order: list[int] = []
+    while len(schedule) < steps * k:
+        if not order:
+            order = list(range(len(samples)))
+            rng.shuffle(order)
+        schedule.append(samples[order.pop()])
+    trainer = SFTTrainer(engine, batch_size=k, pad_token_id=pad_token_id, seed=seed)
+    return [float(h["loss"]) for h in trainer.fit(schedule, epochs=1, shuffle=False)]
