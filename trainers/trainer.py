@@ -36,52 +36,9 @@ from .episodes import EpisodeStats, RewardFn, play
 from .policy import Policy
 from .stats import StepStats, resolve_algorithm
 from .warm_start import collect_demos, demo_samples, sft
+from .wiring import BACKENDS, backend_factory, resolve_policy_map
 
-BACKENDS: dict[str, str] = {
-    "fsdp": "areal_agents.trainers.fsdp.engine:FSDPEngine",
-    "archon": "areal_agents.trainers.archon:ArchonEngine",
-    "megatron": "areal_agents.trainers.megatron:MegatronEngine",
-}
-"""Backend name -> ``"module:factory"``; ``factory(model, lr=..., lora=..., **kw)`` is a
-``TrainEngine``. Add a backend with ``BACKENDS["name"] = "pkg.module:Factory"``."""
-
-
-def backend_factory(name: str) -> Callable[..., Any]:
-    """The engine class registered for backend ``name``.
-
-    Raises:
-        ConfigError: unknown or not importable backend (names the allowed ones).
-    """
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}; allowed: {sorted(BACKENDS)}")
-    module, _, attr = BACKENDS[name].partition(":")
-    try:
-        return getattr(__import__(module, fromlist=[attr]), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"backend {name!r} is not available here ({exc}); use another of "
-                          f"{sorted(BACKENDS)}") from exc
-
-
-def resolve_policy_map(policy_map: Mapping[str, str] | Callable[[str], str],
-                       possible_agents: list[str], policies: Mapping[str, Policy],
-                       fixed: Mapping[str, Agent]) -> dict[str, str]:
-    """``{agent_id: policy}`` for every agent of the env not played by a fixed agent.
-
-    Raises:
-        ValueError: an agent is missing or unknown, or a policy name is unknown (lists both).
-    """
-    mapping = ({a: policy_map(a) for a in possible_agents if a not in fixed}
-               if callable(policy_map) else dict(policy_map))
-    unknown = sorted(set(mapping) - set(possible_agents))
-    missing = sorted(set(possible_agents) - set(mapping) - set(fixed))
-    if unknown or missing:
-        raise ValueError(f"policy_map does not fit the env: unknown agents {unknown}, missing "
-                         f"agents {missing}; env.possible_agents={possible_agents}, policy_map "
-                         f"keys={sorted(mapping)}, fixed agents={sorted(fixed)}")
-    bad = sorted({p for p in mapping.values() if p not in policies})
-    if bad:
-        raise ValueError(f"policy_map names unknown policies {bad}; policies={sorted(policies)}")
-    return mapping
+__all__ = ["BACKENDS", "Trainer", "backend_factory", "resolve_policy_map"]
 
 
 class Trainer:
@@ -94,14 +51,21 @@ class Trainer:
             share a policy (self-play). Agents in ``agents`` need no entry.
         agents: fixed (scripted, random, human) agents ``{agent_id: Agent}``; never trained.
         algorithm: an algorithm object (``aa.algorithms.GRPO()``) or a name ("grpo", "dapo"...).
+            With ``kl_coef > 0`` (``needs_reference``) each trainable policy keeps a frozen
+            reference engine — its initial weights, after the warm start — whose log-probs
+            set ``batch.ref_logprobs``; logged as ``policy/<name>/kl``. The reference is saved
+            once to ``run_dir/checkpoints/reference/<name>.pt`` and reloaded on resume.
         batch_size: episodes per train step of each trainable policy (multiple of group_size).
         group_size: episodes per task seed (the GRPO group).
         max_staleness: versions a sample may lag; 0 is synchronous.
         max_concurrent: episodes in flight at most (default ``2 * batch_size``).
         eval_every, eval_seeds: greedy evaluation every k steps on these seeds (0 = never).
         reward_fns: extra rewards ``fn(episode) -> float | {agent: float}``, sync or async.
-        checkpoint_every, run_dir, resume: checkpoints in ``run_dir/checkpoints``; ``resume``
-            continues from the latest one.
+        checkpoint_every, run_dir, resume: checkpoints in ``run_dir/checkpoints`` (layout:
+            ``areal_agents.trainers.checkpointing``); ``resume`` continues from the latest
+            complete one (a fresh run when there is none), skipping the warm start. With
+            ``max_staleness=0`` a resumed run reproduces the uninterrupted run's batches and
+            metrics: each episode samples with seeds keyed by (seed, task seed, member, agent).
         seed: first task seed (training seeds count up from it) and RNG seed.
         warm_start: ``{"episodes": n, "players": {agent_id: "random" | player}}``: format-only
             SFT for ``Policy.sft_steps`` steps before RL (None = off).
