@@ -4,6 +4,18 @@ The controller knows nothing about envs, gateways or models: it calls ``run_epis
 member)`` (an async function returning that episode's samples per policy) and hands finished
 groups to per-policy buffers. Every admitted episode ends, for each trainable policy, in
 exactly one of ``trained``, ``filtered:<reason>`` or ``failed`` (see ``ledger``).
+
+Scheduling (what keeps the engines busy under the staleness rule):
+
+- episodes are admitted one at a time (a group's members in order, then the next seed) while
+  every policy has ``capacity() >= 1``, not a whole group at once;
+- an episode done generating is ``release``d at once: its concurrency slot goes to a new
+  episode while its group waits for its slowest member (``max_concurrent`` bounds the
+  episodes *generating*);
+- a group that can no longer be trained within ``max_staleness`` versions (a long-tail
+  straggler still generating when the last version that may train it has taken its batch) is
+  cancelled at once as ``filtered:too_stale``, freeing its engine slots and staleness budget
+  instead of holding them until it ends only to be dropped.
 """
 
 from __future__ import annotations
@@ -12,12 +24,14 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from areal_agents.samples import Sample
 
-from .staleness import StalenessControl
+from .groups import Group, GroupRun, Signal
+from .staleness import Outcome, StalenessControl
+
+__all__ = ["EpisodeFn", "FilterFn", "Group", "RolloutController", "RolloutFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +46,6 @@ class RolloutFailed(RuntimeError):
     """Every recent episode failed: training cannot make progress."""
 
 
-@dataclass
-class Group:
-    """The finished episodes of one task seed, for one policy."""
-
-    seed: int
-    policy: str
-    samples: list[Sample]
-    num_episodes: int
-    min_version: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
 def _keep_all(policy: str, samples: list[Sample]) -> tuple[list[Sample], dict[str, int]]:
     return samples, {}
 
@@ -55,12 +57,16 @@ class RolloutController:
         run_episode: ``async (seed, member) -> {policy: samples}``; exceptions mark the episode
             failed (logged with the exception, counted, never retried).
         controls: one ``StalenessControl`` per trainable policy (units: episodes).
-        group_size: episodes per task seed (>= 1); admitted together.
+        group_size: episodes per task seed (>= 1).
         filter_fn: per-group filter (e.g. zero reward variance); a group left empty for a
             policy is filtered for it with the first reason given.
         seed: the first task seed; seeds are consumed in order (the data cursor).
         max_consecutive_failures: after this many failed episodes in a row, ``take`` raises
             ``RolloutFailed`` with the last error instead of waiting forever (0 = never).
+
+    Each policy is assumed to ``take`` one batch per version (take, train, ``update_weights``),
+    as the Trainer does: after a ``take`` at version v, a group first admitted at a version
+    older than ``v + 1 - max_staleness`` can no longer be trained and is cancelled.
 
     Example (sketch)::
 
@@ -81,12 +87,6 @@ class RolloutController:
     ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
-        for name, c in controls.items():
-            if c.max_concurrent < group_size:
-                raise ValueError(
-                    f"policy {name!r}: max_concurrent={c.max_concurrent} < group_size="
-                    f"{group_size}; a group could never be admitted — raise max_concurrent"
-                )
         self.run_episode = run_episode
         self.controls = controls
         self.group_size = group_size
@@ -97,86 +97,136 @@ class RolloutController:
         self.buffers: dict[str, list[Group]] = {p: [] for p in controls}
         self.ledger: dict[str, Counter[str]] = {p: Counter() for p in controls}
         self.errors: list[BaseException] = []
-        self._changed = asyncio.Condition()
+        self._changed = Signal()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._groups: dict[int, GroupRun] = {}  # admitted, not yet ended
+        self._open: GroupRun | None = None  # the group whose members are being admitted
+        self._taken: dict[str, int] = {p: -1 for p in controls}  # version of the last take
         self._stopped = False
+        self.cancel_stale_in_flight = True  # False: let doomed groups finish (then drop them)
         # data cursor: seeds admitted but not yet trained/filtered/failed for some policy
         self.pending: dict[int, set[str]] = {}
         self.skip: set[int] = set()  # seeds past the cursor already resolved (after a resume)
 
-    # ---- admission loop -------------------------------------------------------------------
+    # ---- admission ------------------------------------------------------------------------
 
     def can_admit(self) -> bool:
-        """Every trainable policy has room for a whole group."""
-        return all(c.capacity() >= self.group_size for c in self.controls.values())
+        """Every trainable policy has room for one more episode."""
+        return all(c.capacity() >= 1 for c in self.controls.values())
 
     async def run(self) -> None:
-        """Admit groups forever (until ``stop``); cancel-safe."""
+        """Admit episodes until ``stop``; cancel-safe."""
         self._stopped = False
         while not self._stopped:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self._stopped or self.can_admit())
-                if self._stopped:
-                    return
-                while self.next_seed in self.skip:
-                    self.skip.discard(self.next_seed)
-                    self.next_seed += 1
-                seed = self.next_seed
-                self.next_seed += 1
+            await self._changed.wait_for(lambda: self._stopped or self.can_admit())
+            while not self._stopped and self.can_admit():
+                group = self._open
+                if group is None or group.fully_admitted:
+                    group = self._open = self._new_group()
+                member = group.admitted
+                group.admitted += 1
                 for c in self.controls.values():
-                    c.admit(self.group_size)
-                self.pending[seed] = set(self.controls)
-            task = asyncio.create_task(self._run_group(seed))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+                    c.admit(1)
+                task = asyncio.create_task(self._run_member(group, member))
+                group.tasks[member] = task
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            await asyncio.sleep(0)  # let the new episodes start
 
-    async def _run_group(self, seed: int) -> None:
+    def _new_group(self) -> GroupRun:
+        while self.next_seed in self.skip:
+            self.skip.discard(self.next_seed)
+            self.next_seed += 1
+        group = GroupRun(self.next_seed, self.group_size,
+                         {p: c.version for p, c in self.controls.items()})
+        self.next_seed += 1
+        self.pending[group.seed] = set(self.controls)
+        self._groups[group.seed] = group
+        return group
+
+    async def _run_member(self, group: GroupRun, member: int) -> None:
+        result: dict[str, list[Sample]] | BaseException
         try:
-            results = await asyncio.gather(
-                *(self.run_episode(seed, m) for m in range(self.group_size)),
-                return_exceptions=True,
-            )
-        except asyncio.CancelledError:
-            for policy, control in self.controls.items():
-                control.finish("failed", self.group_size)
-                self.ledger[policy]["failed:cancelled"] += self.group_size
-            self.pending.pop(seed, None)  # never trained: a resumed run plays it again
+            result = await self.run_episode(group.seed, member)
+            self.consecutive_failures = 0
+        except asyncio.CancelledError as e:
+            if member in group.tasks:  # cancelled from outside: a failed episode
+                self._member_done(group, member, e)
             raise
-        ok: list[dict[str, list[Sample]]] = []
-        for r in results:
-            if isinstance(r, BaseException):
-                if isinstance(r, asyncio.CancelledError):
-                    raise r
-                log.warning("episode of seed %d failed: %r", seed, r)
-                self.errors.append(r)
-                del self.errors[:-100]  # keep the latest ones
-                self.consecutive_failures += 1
+        except Exception as e:  # recorded, counted; take() raises after too many
+            log.warning("episode %d of seed %d failed: %r", member, group.seed, e)
+            self.errors.append(e)
+            del self.errors[:-100]  # keep the latest ones
+            self.consecutive_failures += 1
+            result = e
+        if member in group.tasks:  # else its group was cancelled and already accounted
+            self._member_done(group, member, result)
+
+    def _member_done(self, group: GroupRun, member: int, result: Any) -> None:
+        del group.tasks[member]
+        for control in self.controls.values():
+            control.release(1)  # its concurrency slot is free now
+        group.results[member] = result
+        group.done += 1
+        if group.finished:
+            self._end_group(group)
+        self._changed.notify()
+
+    def _end_group(self, group: GroupRun) -> None:
+        del self._groups[group.seed]
+        seed = group.seed
+        ok = [r for r in group.results if not isinstance(r, BaseException)]
+        num_failed = len(group.results) - len(ok)
+        for policy, control in self.controls.items():
+            if num_failed:
+                control.finish("failed", num_failed, released=True)
+                self.ledger[policy]["failed"] += num_failed
+            if not ok:
+                self._resolve(seed, policy)
+                continue
+            samples = [s for r in ok for s in r.get(policy, [])]
+            kept, dropped = self.filter_fn(policy, samples) if samples else ([], {"no_samples": 1})
+            if kept:
+                control.finish("accepted", len(ok), released=True)
+                versions = [v for s in kept for v in s.versions if v >= 0]
+                self.buffers[policy].append(
+                    Group(seed, policy, kept, len(ok), min([*versions, group.versions[policy]]))
+                )
             else:
-                ok.append(r)
-                self.consecutive_failures = 0
-        num_failed = len(results) - len(ok)
-        async with self._changed:
-            for policy, control in self.controls.items():
-                if num_failed:
-                    control.finish("failed", num_failed)
-                    self.ledger[policy]["failed"] += num_failed
-                if not ok:
-                    self._resolve(seed, policy)
-                    continue
-                samples = [s for r in ok for s in r.get(policy, [])]
-                kept, dropped = self.filter_fn(policy, samples) if samples else ([], {"no_samples": 1})
-                if kept:
-                    control.finish("accepted", len(ok))
-                    versions = [v for s in kept for v in s.versions if v >= 0]
-                    self.buffers[policy].append(
-                        Group(seed, policy, kept, len(ok), min(versions, default=control.version))
-                    )
-                else:
-                    reason = next(iter(dropped), "empty")
-                    control.finish("filtered", len(ok))
-                    self.ledger[policy][f"filtered:{reason}"] += len(ok)
-                    self._resolve(seed, policy)
-            self._changed.notify_all()
+                reason = next(iter(dropped), "empty")
+                control.finish("filtered", len(ok), released=True)
+                self.ledger[policy][f"filtered:{reason}"] += len(ok)
+                self._resolve(seed, policy)
+
+    def _cancel_group(self, group: GroupRun, outcome: Outcome, reason: str) -> None:
+        """End an unfinished group now: its generating and waiting episodes become ``reason``."""
+        running = len(group.tasks)
+        for policy, control in self.controls.items():
+            control.finish(outcome, running)
+            control.finish(outcome, group.done, released=True)
+            self.ledger[policy][reason] += running + group.done
+        for task in group.tasks.values():
+            task.cancel()
+        group.tasks.clear()
+        del self._groups[group.seed]
+        if self._open is group:
+            self._open = None  # its members not yet admitted never will be
+        self._changed.notify()
+
+    def _next_train_version(self, policy: str) -> int:
+        version = self.controls[policy].version
+        return version + 1 if self._taken[policy] >= version else version
+
+    def _cancel_doomed(self) -> None:
+        """Cancel in-flight groups too stale for every policy's next training step."""
+        if not self.cancel_stale_in_flight:
+            return
+        for group in list(self._groups.values()):
+            if all(group.versions[p] + c.max_staleness < self._next_train_version(p)
+                   for p, c in self.controls.items()):
+                self._cancel_group(group, "filtered", "filtered:too_stale")
+                for policy in self.controls:
+                    self._resolve(group.seed, policy)
 
     # ---- consumer side --------------------------------------------------------------------
 
@@ -187,22 +237,32 @@ class RolloutController:
     async def take(self, policy: str, num_episodes: int) -> list[Group]:
         """Wait for and remove the oldest groups holding >= ``num_episodes`` episodes.
 
-        Groups older than the policy's ``max_staleness`` are dropped as ``filtered:too_stale``
-        (admission control makes this rare: only a ``max_staleness`` lowered on resume).
+        Groups whose ``min_version`` (oldest admission or token version) is more than the
+        policy's ``max_staleness`` versions behind are dropped as ``filtered:too_stale``, so no
+        sample is ever trained staler than that. This happens to long-tail stragglers (a group
+        whose slowest member generates across more than ``max_staleness`` train steps) and
+        after a ``max_staleness`` lowered on resume. After taking, groups (in flight or
+        buffered) that the next version could no longer train are dropped at once.
+
+        Raises:
+            RolloutFailed: ``max_consecutive_failures`` episodes failed in a row.
         """
-        async with self._changed:
-            while True:
-                self._check_failures()
-                self._drop_stale(policy)
-                if self.buffered(policy) >= num_episodes:
-                    break
-                await self._changed.wait()
-            out: list[Group] = []
-            while sum(g.num_episodes for g in out) < num_episodes:
-                out.append(self.buffers[policy].pop(0))
-                self._resolve(out[-1].seed, policy)
-            self.ledger[policy]["trained"] += sum(g.num_episodes for g in out)
-            return out
+
+        def ready() -> bool:
+            self._check_failures()
+            self._drop_stale(policy)
+            return self.buffered(policy) >= num_episodes
+
+        await self._changed.wait_for(ready)
+        out: list[Group] = []
+        while sum(g.num_episodes for g in out) < num_episodes:
+            out.append(self.buffers[policy].pop(0))
+            self._resolve(out[-1].seed, policy)
+        self.ledger[policy]["trained"] += sum(g.num_episodes for g in out)
+        self._taken[policy] = self.controls[policy].version
+        self._drop_stale(policy, self._next_train_version(policy))
+        self._cancel_doomed()
+        return out
 
     def _check_failures(self) -> None:
         limit = self.max_consecutive_failures
@@ -212,9 +272,11 @@ class RolloutController:
                 f"{self.errors[-1]!r}. Fix the env/agent/engine error above and restart"
             ) from self.errors[-1]
 
-    def _drop_stale(self, policy: str) -> None:
+    def _drop_stale(self, policy: str, version: int | None = None) -> None:
+        """Drop buffered groups older than ``max_staleness`` at ``version`` (default: now)."""
         c = self.controls[policy]
-        fresh = [g for g in self.buffers[policy] if c.version - g.min_version <= c.max_staleness]
+        version = c.version if version is None else version
+        fresh = [g for g in self.buffers[policy] if version - g.min_version <= c.max_staleness]
         for g in self.buffers[policy]:
             if g not in fresh:  # it was accepted; now it is filtered, and its slot is free
                 self.ledger[policy]["filtered:too_stale"] += g.num_episodes
@@ -223,7 +285,7 @@ class RolloutController:
                 self._resolve(g.seed, policy)
         if len(fresh) != len(self.buffers[policy]):
             self.buffers[policy] = fresh
-            self._changed.notify_all()
+            self._changed.notify()
 
     async def update_weights(
         self, policy: str, apply: Callable[[], Awaitable[None]], new_version: int
@@ -238,8 +300,8 @@ class RolloutController:
             with control.updating(new_version):
                 await apply()
         finally:
-            async with self._changed:
-                self._changed.notify_all()
+            self._cancel_doomed()
+            self._changed.notify()
 
     def _resolve(self, seed: int, policy: str) -> None:
         left = self.pending.get(seed)
@@ -265,6 +327,8 @@ class RolloutController:
         self.next_seed = int(state["cursor"])
         self.skip = set(state["done"])
         self.pending.clear()
+        self._groups.clear()
+        self._open = None
         for p, counts in state.get("ledger", {}).items():
             if p in self.ledger:
                 self.ledger[p] = Counter(counts)
@@ -273,21 +337,28 @@ class RolloutController:
                 self.controls[p].load_state_dict(cs)
 
     async def stop(self) -> None:
-        """Stop admitting and cancel in-flight groups (their episodes count as failed)."""
+        """Stop admitting and cancel unfinished groups: their episodes (generating, or done and
+        waiting for the group) count as ``failed:cancelled`` and their seeds are dropped from
+        ``pending``; buffered groups stay buffered."""
         self._stopped = True
-        async with self._changed:
-            self._changed.notify_all()
+        for group in list(self._groups.values()):
+            self._cancel_group(group, "failed", "failed:cancelled")
+            self.pending.pop(group.seed, None)  # never trained: a resumed run plays it again
+        self._open = None
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._changed.notify()
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Per policy: submitted/running/accepted/filtered/failed/version + ledger outcomes."""
+        """Per policy: version/submitted/running/waiting/accepted/filtered/failed counters,
+        ``outcome/<name>`` ledger entries and ``buffered``."""
         out: dict[str, dict[str, int]] = {}
         for p, c in self.controls.items():
             row = {k: int(getattr(c, k)) for k in
-                   ("version", "submitted", "running", "accepted", "filtered", "failed")}
+                   ("version", "submitted", "running", "waiting", "accepted", "filtered",
+                    "failed")}
             row.update({f"outcome/{k}": v for k, v in self.ledger[p].items()})
             row["buffered"] = self.buffered(p)
             out[p] = row

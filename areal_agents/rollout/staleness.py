@@ -1,16 +1,20 @@
 """Per-policy staleness control: AReaL's admission rule as a small pure state machine.
 
 Units are *episodes* of one policy (each admitted episode yields that policy's samples for one
-train-batch slot). For a policy at weight ``version`` with ``running`` episodes in flight and
-``accepted`` episodes accepted into its buffer so far (cumulative since the last rebase)::
+train-batch slot). For a policy at weight ``version`` with ``running`` episodes generating,
+``waiting`` episodes done generating but waiting for the rest of their group, and ``accepted``
+episodes accepted into its buffer so far (cumulative since the last rebase)::
 
     capacity = min(max_concurrent - running,
-                   (max_staleness + version + 1) * batch_size - (accepted + running))
+                   (max_staleness + version + 1) * batch_size - (accepted + running + waiting))
 
-A new episode is admitted only while ``capacity > 0`` and the policy is not paused, so every
-admitted episode is trained within ``max_staleness`` versions of the one it started under;
-``max_staleness=0`` is synchronous training. Filtered and failed episodes release their slot
-without counting as accepted, so a batch whose samples are all filtered never deadlocks.
+A new episode is admitted only while ``capacity > 0`` and the policy is not paused, so at most
+``max_staleness`` batches are generated ahead of training; ``max_staleness=0`` is synchronous
+training. An episode that finished generating is ``release``d: it frees its concurrency slot at
+once (the engine can start another) but keeps its staleness slot until its group ends.
+Filtered and failed episodes free both without counting as accepted, so a batch whose
+samples are all filtered never deadlocks. (Episodes that outlive ``max_staleness`` versions
+anyway, e.g. a long-tail straggler, are dropped by the controller at training time.)
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class StalenessControl:
     max_concurrent: int = 64
     version: int = 0
     running: int = 0
+    waiting: int = 0
     accepted: int = 0
     submitted: int = 0
     filtered: int = 0
@@ -67,7 +72,7 @@ class StalenessControl:
             return 0
         by_concurrency = self.max_concurrent - self.running
         by_staleness = (self.max_staleness + self.version + 1) * self.batch_size - (
-            self.accepted + self.running
+            self.accepted + self.running + self.waiting
         )
         return max(0, min(by_concurrency, by_staleness))
 
@@ -85,18 +90,31 @@ class StalenessControl:
         self.running += n
         self.submitted += n
 
-    def finish(self, outcome: Outcome, n: int = 1) -> None:
-        """Record ``n`` running episodes ending as ``outcome``.
+    def release(self, n: int = 1) -> None:
+        """Record ``n`` running episodes done generating (``running`` -> ``waiting``).
 
         Raises:
-            RuntimeError: more episodes finished than are running.
-            ValueError: unknown ``outcome``.
+            RuntimeError: more episodes released than are running.
         """
         if n > self.running:
-            raise RuntimeError(f"finish({outcome!r}, {n}) but only {self.running} running")
+            raise RuntimeError(f"release({n}) but only {self.running} running")
+        self.running -= n
+        self.waiting += n
+
+    def finish(self, outcome: Outcome, n: int = 1, *, released: bool = False) -> None:
+        """Record ``n`` episodes ending as ``outcome``: ``waiting`` ones if ``released``,
+        else ``running`` ones.
+
+        Raises:
+            RuntimeError: more episodes finished than are running (or waiting).
+            ValueError: unknown ``outcome``.
+        """
+        source = "waiting" if released else "running"
+        if n > getattr(self, source):
+            raise RuntimeError(f"finish({outcome!r}, {n}) but only {getattr(self, source)} {source}")
         if outcome not in ("accepted", "filtered", "failed"):
             raise ValueError(f"outcome must be 'accepted', 'filtered' or 'failed', got {outcome!r}")
-        self.running -= n
+        setattr(self, source, getattr(self, source) - n)
         setattr(self, outcome, getattr(self, outcome) + n)
 
     def set_version(self, version: int) -> None:
@@ -130,12 +148,14 @@ class StalenessControl:
     def rebase(self, version: int, trained_episodes: int | None = None) -> None:
         """Restart the counters after resuming from a checkpoint at ``version``.
 
-        In-flight and buffered episodes of the killed run are gone, so ``running`` is 0 and
+        In-flight and buffered episodes of the killed run are gone, so ``running`` and
+        ``waiting`` are 0 and
         ``accepted`` becomes the episodes already trained (``version * batch_size`` unless
         given), which makes ``capacity()`` the same as right after that version's update.
         """
         self.version = version
         self.running = 0
+        self.waiting = 0
         self.paused = False
         self.accepted = version * self.batch_size if trained_episodes is None else trained_episodes
 

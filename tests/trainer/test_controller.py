@@ -9,6 +9,7 @@ import pytest
 
 from areal_agents.rollout import RolloutController, StalenessControl
 from areal_agents.samples import Sample
+from areal_agents.testing.sim import SimEngine, run_virtual
 
 
 def _sample(reward: float, version: int, policy: str = "p") -> Sample:
@@ -113,10 +114,30 @@ async def test_failed_update_keeps_admitting():
     runner.cancel()
 
 
-async def test_max_concurrent_below_group_size_is_rejected():
-    with pytest.raises(ValueError, match="max_concurrent=2 < group_size=4"):
-        RolloutController(lambda s, m: None, {"p": StalenessControl(4, max_concurrent=2)},
-                          group_size=4)
+def test_max_concurrent_below_group_size_admits_members_one_by_one():
+    """A group larger than max_concurrent still runs: its members are admitted as slots free."""
+    live, peak = 0, 0
+
+    async def episode(seed, member):
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        await asyncio.sleep(1.0 + member)
+        live -= 1
+        return {"p": [_sample(float(member), 0)]}
+
+    async def main():
+        ctl = RolloutController(episode, {"p": StalenessControl(4, max_concurrent=2)},
+                                group_size=4)
+        runner = asyncio.create_task(ctl.run())
+        groups = await ctl.take("p", 4)
+        await ctl.stop()
+        runner.cancel()
+        return groups
+
+    groups = run_virtual(main())
+    assert [g.seed for g in groups] == [0] and groups[0].num_episodes == 4
+    assert peak == 2
 
 
 async def test_too_stale_groups_are_filtered_and_free_their_slot():
@@ -141,30 +162,39 @@ async def test_too_stale_groups_are_filtered_and_free_their_slot():
     assert c.submitted == c.running + c.accepted + c.filtered + c.failed
 
 
-async def test_cursor_state_replays_unresolved_seeds_only():
+def test_cursor_state_replays_unresolved_seeds_only():
     async def episode(seed, member):
         await asyncio.sleep(0.001 * (seed % 3))
         return {"p": [_sample(float(member), ctl.controls["p"].version)]}
 
+    async def first_run():
+        runner = asyncio.create_task(ctl.run())
+        trained = []
+        for step in range(3):
+            groups = await ctl.take("p", 2)
+            trained.extend(g.seed for g in groups)
+            await asyncio.sleep(0.01)  # the train step: longer than any episode
+            await ctl.update_weights("p", lambda: asyncio.sleep(0), step + 1)
+        state = ctl.state_dict()
+        await ctl.stop()
+        runner.cancel()
+        return trained, state
+
+    async def resumed():
+        runner = asyncio.create_task(ctl2.run())
+        groups = await ctl2.take("p", 6)
+        await ctl2.stop()
+        runner.cancel()
+        return groups
+
     ctl = make_controller(episode, batch=2, staleness=2, group=2)
-    runner = asyncio.create_task(ctl.run())
-    trained = []
-    for step in range(3):
-        groups = await asyncio.wait_for(ctl.take("p", 2), 5)
-        trained += [g.seed for g in groups]
-        await ctl.update_weights("p", lambda: asyncio.sleep(0), step + 1)
-    state = ctl.state_dict()
-    await ctl.stop()
-    runner.cancel()
+    trained, state = run_virtual(first_run())
     assert state["controls"]["p"]["version"] == 3
+    assert ctl.ledger["p"]["filtered:too_stale"] == 0
     ctl2 = make_controller(episode, batch=2, staleness=2, group=2)
     ctl2.load_state_dict(state)
     assert ctl2.controls["p"].capacity() == 6  # rebased: (2 + 3 + 1) * 2 - 3 * 2
-    runner = asyncio.create_task(ctl2.run())
-    groups = await asyncio.wait_for(ctl2.take("p", 6), 5)
-    await ctl2.stop()
-    runner.cancel()
-    replayed = [g.seed for g in groups]
+    replayed = [g.seed for g in run_virtual(resumed())]
     assert not set(replayed) & set(trained)  # nothing trained twice
     assert min(replayed) == min(set(range(10)) - set(trained))  # nothing skipped
 
@@ -203,3 +233,107 @@ async def test_finished_training_sessions_are_dropped_from_the_gateway():
     assert len(samples) == 1 and samples[0].reward == 1.0
     assert sum(samples[0].loss_mask) >= 1
     assert gateway._sessions == {}
+
+
+def test_finished_episodes_free_their_slot_while_the_group_waits():
+    """A straggler holds one engine slot, not its whole group's: later seeds keep starting."""
+    started: list[tuple[int, int, float]] = []
+
+    async def episode(seed, member):
+        started.append((seed, member, asyncio.get_running_loop().time()))
+        await asyncio.sleep(100.0 if (seed, member) == (0, 0) else 1.0)
+        return {"p": [_sample(float(member), 0)]}
+
+    async def main():
+        controls = {"p": StalenessControl(8, max_staleness=0, max_concurrent=4)}
+        ctl = RolloutController(episode, controls, group_size=4)
+        runner = asyncio.create_task(ctl.run())
+        groups = await ctl.take("p", 4)  # seed 1 is done long before the straggler
+        now = asyncio.get_running_loop().time()
+        await ctl.stop()
+        runner.cancel()
+        return groups, ctl.counts()["p"], now
+
+    groups, counts, now = run_virtual(main())
+    assert [g.seed for g in groups] == [1] and now == 3.0
+    # seed 0's three short members end at t=1: their slots start seed 1 (the 4th slot frees at 2)
+    assert [(s, m, t) for s, m, t in started if s == 1] == [(1, 0, 1.0), (1, 1, 1.0),
+                                                            (1, 2, 1.0), (1, 3, 2.0)]
+    # synchronous training cannot use seed 0 after this step: cancelled, not awaited
+    assert counts["outcome/filtered:too_stale"] == 4 and counts["outcome/trained"] == 4
+    assert counts["running"] == counts["waiting"] == 0
+
+
+def test_doomed_in_flight_group_is_cancelled_as_too_stale():
+    """A group that can no longer be trained within max_staleness stops generating at once."""
+    cancelled: list[int] = []
+
+    async def episode(seed, member):
+        try:
+            await asyncio.sleep(1000.0 if seed == 0 else 1.0)
+        except asyncio.CancelledError:
+            cancelled.append(seed)
+            raise
+        return {"p": [_sample(float(member), ctl.controls["p"].version)]}
+
+    async def main():
+        lags = []
+        runner = asyncio.create_task(ctl.run())
+        for step in range(6):
+            groups = await ctl.take("p", 2)
+            lags += [step - g.min_version for g in groups]
+            await asyncio.sleep(0.5)
+            await ctl.update_weights("p", lambda: asyncio.sleep(0), step + 1)
+        elapsed = asyncio.get_running_loop().time()
+        before_stop = list(cancelled)
+        await ctl.stop()
+        runner.cancel()
+        return lags, elapsed, before_stop
+
+    ctl = make_controller(episode, batch=2, staleness=1, group=2)
+    lags, elapsed, before_stop = run_virtual(main())
+    assert before_stop == [0, 0]  # both members of the straggling seed, nothing else
+    assert ctl.ledger["p"]["filtered:too_stale"] == 2
+    assert 0 not in ctl.pending  # resolved: a resumed run does not replay it
+    assert max(lags) <= 1 and elapsed < 20  # never waited for the straggler
+    c = ctl.controls["p"]
+    assert c.submitted == c.running + c.waiting + c.accepted + c.filtered + c.failed
+    assert ctl.ledger["p"]["trained"] == 12
+
+
+def _sim_throughput(max_staleness: int, steps: int = 60) -> tuple[float, int]:
+    """Trained samples per simulated second on a long-tail engine; also the worst lag."""
+
+    async def main():
+        engine = SimEngine(slots=64, token_latency=0.0005, seed=0)
+
+        async def episode(seed, member):
+            _, first, _last = await engine.generate()
+            return {"p": [_sample(0.0, first)]}
+
+        ctl = make_controller(episode, batch=32, staleness=max_staleness, group=8)
+        ctl.controls["p"].max_concurrent = 64
+        runner = asyncio.create_task(ctl.run())
+        loop = asyncio.get_running_loop()
+        worst = 0
+        for step in range(steps):
+            groups = await ctl.take("p", 32)
+            worst = max([worst, *(step - g.min_version for g in groups)])
+            await asyncio.sleep(0.05)
+            engine.update_weights(step + 1)
+            await ctl.update_weights("p", lambda: asyncio.sleep(0), step + 1)
+        rate = steps * 32 / loop.time()
+        await ctl.stop()
+        runner.cancel()
+        return rate, worst
+
+    return run_virtual(main())
+
+
+def test_async_beats_sync_on_a_simulated_long_tail_engine():
+    """Deterministic (simulated clock): staleness 2 trains > 3x the samples/s of staleness 0."""
+    sync, sync_lag = _sim_throughput(0)
+    asyn, async_lag = _sim_throughput(2)
+    assert sync_lag == 0 and async_lag <= 2
+    assert asyn > 3.0 * sync, (sync, asyn)
+    assert asyn > 0.6 * 640, asyn  # 640 = 32 samples per 50 ms train step

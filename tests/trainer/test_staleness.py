@@ -48,6 +48,29 @@ def test_admit_beyond_capacity_and_bad_args_raise():
         StalenessControl(batch_size=1, version=3).set_version(2)
 
 
+def test_release_frees_concurrency_but_keeps_the_staleness_slot():
+    s = StalenessControl(batch_size=4, max_staleness=0, max_concurrent=2)
+    s.admit(2)
+    assert s.capacity() == 0  # concurrency bound
+    s.release(1)
+    assert (s.running, s.waiting) == (1, 1)
+    assert s.capacity() == 1  # one engine slot free; staleness allows 4 - 2 = 2
+    s.admit(1)
+    s.release(2)
+    assert s.capacity() == 1  # staleness: 4 - (0 accepted + 0 running + 3 waiting)
+    s.finish("accepted", 2, released=True)
+    s.finish("filtered", 1, released=True)
+    assert (s.waiting, s.accepted, s.filtered) == (0, 2, 1)
+    assert s.capacity() == 2  # the filtered one freed its staleness slot
+    with pytest.raises(RuntimeError, match="only 0 waiting"):
+        s.finish("accepted", 1, released=True)
+    with pytest.raises(RuntimeError, match=r"release\(1\) but only 0 running"):
+        s.release(1)
+    s.running, s.waiting = 5, 7
+    s.rebase(1)
+    assert (s.running, s.waiting, s.accepted) == (0, 0, 4)
+
+
 def test_failed_update_resumes_and_keeps_version():
     s = StalenessControl(batch_size=2)
     with pytest.raises(OSError, match="disk full"), s.updating(1):
@@ -89,6 +112,17 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.s.finish(outcome)  # type: ignore[arg-type]
         self.buffer += outcome == "accepted"
 
+    @precondition(lambda self: self.s.running > 0)
+    @rule()
+    def release(self) -> None:
+        self.s.release()
+
+    @precondition(lambda self: self.s.waiting > 0)
+    @rule(outcome=st.sampled_from(["accepted", "filtered", "failed"]))
+    def finish_released(self, outcome: str) -> None:
+        self.s.finish(outcome, released=True)  # type: ignore[arg-type]
+        self.buffer += outcome == "accepted"
+
     @precondition(lambda self: self.buffer >= 3)
     @rule(fail=st.booleans())
     def train_and_update(self, fail: bool) -> None:
@@ -120,15 +154,17 @@ class AdmissionMachine(RuleBasedStateMachine):
     def bounds_hold(self) -> None:
         s = self.s
         assert 0 <= s.running <= s.max_concurrent
-        assert s.submitted == s.running + s.accepted + s.filtered + s.failed
+        assert s.waiting >= 0
+        assert s.submitted == s.running + s.waiting + s.accepted + s.filtered + s.failed
         # staleness bound: nothing admitted beyond what max_staleness versions can train
-        assert s.accepted + s.running <= (s.max_staleness + s.version + 1) * s.batch_size
+        assert s.accepted + s.running + s.waiting <= (
+            (s.max_staleness + s.version + 1) * s.batch_size)
 
     @invariant()
     def no_deadlock(self) -> None:
-        """When nothing runs and the buffer cannot fill a batch, admission is possible again."""
+        """When nothing runs or waits and the buffer cannot fill a batch, admission is possible."""
         s = self.s
-        if not s.paused and s.running == 0 and self.buffer < s.batch_size:
+        if not s.paused and s.running == s.waiting == 0 and self.buffer < s.batch_size:
             assert s.capacity() > 0
 
 
