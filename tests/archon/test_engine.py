@@ -95,8 +95,28 @@ def test_activation_checkpointing_and_compile_keep_results():
                {"compile": "eager"}):
         engine = ArchonEngine(args, lr=1e-2, seed=2, **kw)
         assert engine.train_step(batch, pg_loss)["loss"] == pytest.approx(base["loss"], abs=1e-6), kw
-        assert "model.layers.0.attention.wq.weight" not in dict(engine.model.named_parameters())
-        assert "layers.0.attention.wq.weight" in dict(engine.model.named_parameters())
+        assert "model.layers.0.attention.wqkv.weight" not in dict(engine.model.named_parameters())
+        assert "layers.0.attention.wqkv.weight" in dict(engine.model.named_parameters())
+
+
+@pytest.mark.parametrize("kw", [{"pack": False}, {"fused_projections": False},
+                                {"pack": False, "fused_projections": False}])
+def test_packing_and_fusion_do_not_change_results(kw):
+    """Packed/fused (the defaults) and padded/unfused runs give the same log-probs, loss,
+    gradient norm and updated weights."""
+    hf = hf_tiny("qwen3", seed=4)
+    batch = make_batch(lengths=(12, 3, 16, 7))
+    a, b = ArchonEngine(hf, lr=1e-2), ArchonEngine(hf, lr=1e-2, **kw)
+    assert a.module.pack and a.args.fused_projections
+    assert b.module.pack == kw.get("pack", True)
+    assert (a.forward_logprobs(batch) - b.forward_logprobs(batch)).abs().max() <= 1e-6
+    sa, sb = a.train_step(batch, pg_loss), b.train_step(batch, pg_loss)
+    assert sa["loss"] == pytest.approx(sb["loss"], abs=1e-6)
+    assert sa["grad_norm"] == pytest.approx(sb["grad_norm"], rel=1e-5)
+    wa, wb = dict(a.export_weights()), dict(b.export_weights())
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= 1e-6, name
 
 
 def test_config_errors():
@@ -109,3 +129,5 @@ def test_config_errors():
         ArchonEngine(args, activation_checkpoint="sometimes")
     with pytest.raises(ConfigError, match="total_steps"):
         ArchonEngine(args, lr_schedule="cosine")
+    with pytest.raises(ConfigError, match="fused_projections=True cannot be combined"):
+        ArchonEngine(args, fused_projections=True, lora={"rank": 2})

@@ -32,4 +32,4 @@ def test_fp8_training_step_on_cuda():
     engine = ArchonEngine(args, fp8=True, device="cuda", lr=1e-3)
     stats = engine.train_step(make_batch(), pg_loss)
     assert torch.isfinite(torch.tensor(stats["loss"]))
-    assert type(engine.model.layers["0"].attention.wq).__name__ == "Float8Linear"
+    assert type(engine.model.layers["0"].attention.wqkv).__name__ == "Float8Linear"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -18,7 +19,8 @@ from torch.distributed.tensor import DTensor
 from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import TokenBatch
 
-from .models import ModelArgs, Transformer, archon_to_hf, from_hf
+from .models import ModelArgs, Transformer, archon_to_hf, from_hf, relayout
+from .models.qwen3 import Packing
 from .optim import clip_grads, full_tensor, lr_lambda
 from .parallel_dims import ParallelDims, default_device
 from .parallelize import ACMode, parallelize
@@ -27,17 +29,25 @@ from .parallelize import ACMode, parallelize
 class PolicyModule(nn.Module):
     """Runs the Archon backbone and the chunked LM-head log-probs in one forward (so the FSDP
     root unshards the head weight exactly while it is used). Returns ``(logprobs, entropy)``
-    ``[B, T]`` aligned with ``input_ids``."""
+    ``[B, T]`` aligned with ``input_ids``.
 
-    def __init__(self, model: Transformer, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    With ``pack`` the backbone runs on the real tokens only (``[n, dim]``, no padding rows in
+    the matmuls, norms and MLPs); attention scatters them to ``[B, T]`` for the causal SDPA.
+    """
+
+    def __init__(self, model: Transformer, chunk_size: int = DEFAULT_CHUNK_SIZE, pack: bool = True) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.pack = pack
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
-        h = model.norm(_backbone(model, input_ids))
+        if self.pack:
+            h = _packed_backbone(model, input_ids, attention_mask)
+        else:
+            h = model.norm(_backbone(model, input_ids))
         weight = model.output.weight
         if isinstance(weight, DTensor):  # replicated head: use the local copy
             weight = weight.to_local()
@@ -45,26 +55,40 @@ class PolicyModule(nn.Module):
 
 
 def _backbone(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Hidden states after the last block (before the final norm)."""
-    from .models.qwen3 import rope_cos_sin
-
+    """Hidden states ``[B, T, dim]`` after the last block (before the final norm)."""
     h = model.tok_embeddings(tokens)
-    cos, sin = rope_cos_sin(model.inv_freq, h.shape[1], h.dtype)
+    cos, sin = model.rope_table(h.shape[1], h.dtype)
+    cos, sin = cos[: h.shape[1]], sin[: h.shape[1]]
     for layer in model.layers.values():
         h = layer(h, cos, sin)
     return h
 
 
-def build_model(source: Transformer | ModelArgs | nn.Module | str, seed: int = 0) -> Transformer:
+def _packed_backbone(model: Transformer, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states ``[B, T, dim]`` (zeros at padding) computed on the real
+    tokens only."""
+    packing = Packing.from_mask(attention_mask)
+    h = model.tok_embeddings(tokens.reshape(-1).index_select(0, packing.index))  # [n, dim]
+    cos, sin = model.rope_table(packing.seqlen, h.dtype)
+    pos = packing.positions()
+    cos, sin = cos[pos], sin[pos]
+    for layer in model.layers.values():
+        h = layer(h, cos, sin, packing)
+    return packing.unpack(model.norm(h))
+
+
+def build_model(source: Transformer | ModelArgs | nn.Module | str, seed: int = 0,
+                fused: bool = True) -> Transformer:
     """An Archon ``Transformer`` from itself, ``ModelArgs`` (random init with ``seed``), a
-    ``transformers`` model or a HF checkpoint directory."""
+    ``transformers`` model or a HF checkpoint directory, with fused (``wqkv``/``w13``) or
+    unfused projections as ``fused`` asks (weights are converted when needed)."""
     if isinstance(source, Transformer):
-        return source
+        return relayout(source, fused)
     if isinstance(source, ModelArgs):
-        model = Transformer(source)
+        model = Transformer(replace(source, fused_projections=fused))
         model.init_weights(seed=seed)
         return model
-    return from_hf(source)
+    return from_hf(source, fused=fused)
 
 
 class ArchonEngine(TrainEngine):
@@ -87,6 +111,14 @@ class ArchonEngine(TrainEngine):
         sequence_parallel: run norms on sequence shards under TP.
         activation_checkpoint: ``"none"``, ``"full"`` or ``"selective"``.
         compile: ``torch.compile`` each block (``True`` = inductor, or a backend name).
+        pack: run the backbone on the real tokens only (no padding rows); ignored under TP
+            and PP (their layouts need ``[B, T]`` activations).
+        reshard_after_forward: FSDP2 re-gathers block weights for backward (``True``, least
+            memory) or keeps them unsharded from forward to backward (``False``, half the
+            all-gathers; what torchtitan does for small models and PP).
+        fused_projections: one ``wqkv`` and one ``w13`` matmul per block; ``None`` fuses
+            unless TP or LoRA is used (they need the per-projection layout). HF names and
+            checkpoints are the same either way; DCP checkpoints follow the layout.
         lora: ``None``, a ``LoRAConfig`` or a dict of its fields; only adapters train.
         fp8: float8 linear layers via torchao (CUDA only).
         seed: initialisation seed when ``model`` is ``ModelArgs``.
@@ -121,6 +153,9 @@ class ArchonEngine(TrainEngine):
         sequence_parallel: bool = False,
         activation_checkpoint: ACMode = "none",
         compile: bool | str = False,
+        pack: bool = True,
+        reshard_after_forward: bool = True,
+        fused_projections: bool | None = None,
         lora: Any = None,
         fp8: bool = False,
         device: torch.device | str | None = None,
@@ -143,7 +178,12 @@ class ArchonEngine(TrainEngine):
         self.step = 0
         self.version = 0
 
-        model = build_model(model, seed).to(self.device)
+        if fused_projections is None:
+            fused_projections = not self.dims.tp_enabled and lora is None
+        elif fused_projections and (self.dims.tp_enabled or lora is not None):
+            raise ConfigError("fused_projections=True cannot be combined with tp > 1 or LoRA "
+                              "(they shard/adapt q, k, v and gate/up separately); leave it None")
+        model = build_model(model, seed, fused_projections).to(self.device)
         self.args: ModelArgs = model.args
         self.lora_config = None
         if lora is not None:
@@ -155,7 +195,7 @@ class ArchonEngine(TrainEngine):
 
             apply_fp8(model)
         self.model = model
-        self.module = PolicyModule(model, chunk_size)
+        self.module = PolicyModule(model, chunk_size, pack=pack and not self.dims.tp_enabled)
         self.pipeline = None
         self.ep_params: list[nn.Parameter] = []
         if self.dims.pp_enabled:
@@ -174,7 +214,8 @@ class ArchonEngine(TrainEngine):
                 self.ep_params = apply_ep(model, self.dims.build_mesh(self.device.type)["dp_shard"])
             parallelize(model, self.module, self.dims, sequence_parallel=sequence_parallel,
                         activation_checkpoint=activation_checkpoint, compile=compile,
-                        ignored_params=set(self.ep_params) or None)
+                        ignored_params=set(self.ep_params) or None,
+                        reshard_after_forward=reshard_after_forward)
         if self.lora_config is not None:
             from .lora import freeze_non_adapters
 
@@ -182,9 +223,11 @@ class ArchonEngine(TrainEngine):
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters (check the LoRA target patterns)")
+        # fused AdamW (one kernel for all tensors) unless DTensors of mixed meshes (TP/EP)
+        mixed = self.dims.tp_enabled or self.dims.ep_enabled
         self.optimizer = torch.optim.AdamW(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            foreach=False if (self.dims.tp_enabled or self.dims.ep_enabled) else None,
+            foreach=False if mixed else None, fused=None if mixed else True,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(warmup_steps, lr_schedule, total_steps)

@@ -165,6 +165,7 @@ def parallelize(
     compile: bool | str = False,
     param_dtype: torch.dtype | None = None,
     ignored_params: set | None = None,
+    reshard_after_forward: bool = True,
 ) -> None:
     """Apply TP, AC, compile and FSDP2 to ``model`` (wrapped by ``root``) as ``dims`` says.
 
@@ -173,6 +174,9 @@ def parallelize(
         root: the module whose forward runs ``model`` (FSDP root; may be ``model``).
         dims: a ``ParallelDims`` (its mesh must already be buildable).
         compile: ``True`` for inductor or a backend name.
+        reshard_after_forward: FSDP2 frees the unsharded block weights after forward and
+            all-gathers them again for backward; ``False`` keeps them (one all-gather per
+            block per step instead of two, at the memory of the unsharded weights).
     """
     mesh = dims.build_mesh(next(model.parameters()).device.type) if dims.world_size > 1 else None
     if dims.tp_enabled:
@@ -181,4 +185,5 @@ def parallelize(
     if compile:
         apply_compile(model, "inductor" if compile is True else compile)
     if dims.dp_enabled:
-        apply_fsdp(model, root, mesh["dp_shard"], param_dtype, ignored_params=ignored_params)
+        apply_fsdp(model, root, mesh["dp_shard"], param_dtype, ignored_params=ignored_params,
+                   reshard_after_forward=reshard_after_forward)

@@ -5,11 +5,14 @@ from .qwen3 import Transformer
 from .state_dict import (
     archon_to_hf,
     from_hf,
+    fuse_state,
     hf_to_archon,
     load_hf_checkpoint,
     read_hf_state_dict,
+    relayout,
     save_hf_checkpoint,
     to_hf_state_dict,
+    unfuse_state,
 )
 
 __all__ = [
@@ -17,9 +20,12 @@ __all__ = [
     "Transformer",
     "archon_to_hf",
     "from_hf",
+    "fuse_state",
     "hf_to_archon",
     "load_hf_checkpoint",
     "read_hf_state_dict",
+    "relayout",
     "save_hf_checkpoint",
     "to_hf_state_dict",
+    "unfuse_state",
 ]

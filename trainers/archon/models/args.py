@@ -40,6 +40,9 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     tie_embeddings: bool = False
+    # layout, not architecture: one wqkv / w13 matmul instead of wq,wk,wv / w1,w3 (HF
+    # checkpoints are converted either way; TP and LoRA use the unfused layout)
+    fused_projections: bool = True
     # MoE
     num_experts: int = 0
     top_k: int = 2

@@ -9,6 +9,7 @@ Plain PyTorch with no parallelism inside: sharding, pipelining and LoRA are appl
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +55,11 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of shape ``[seq, head_dim]`` for positions ``0..seq_len-1``."""
+    """``cos, sin`` of shape ``[seq, 1, head_dim]`` for positions ``0..seq_len-1`` (they
+    broadcast over the heads of ``[..., seq, heads, head_dim]`` activations)."""
     pos = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq.float())
-    emb = torch.cat((freqs, freqs), dim=-1)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -67,48 +69,105 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[b, heads, seq, head_dim]`` by ``cos/sin`` ``[seq, head_dim]``."""
+    """Rotate ``x`` ``[..., tokens, heads, head_dim]`` by ``cos/sin`` ``[tokens, 1, head_dim]``."""
     return x * cos + _rotate_half(x) * sin
+
+
+class Packing(NamedTuple):
+    """Where the real tokens of a right-padded ``[batch, seqlen]`` batch sit: ``index`` ``[n]``
+    flat positions (``row * seqlen + col``). Packed activations are ``[n, dim]``; only attention
+    scatters them back to ``[batch, seqlen, ...]`` (the causal mask then keeps each sequence's
+    tokens apart and off the padding)."""
+
+    index: torch.Tensor
+    batch: int
+    seqlen: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> Packing:
+        b, t = attention_mask.shape
+        return cls(attention_mask.reshape(-1).nonzero().squeeze(1), b, t)
+
+    def positions(self) -> torch.Tensor:
+        """``[n]`` position of each packed token inside its sequence."""
+        return self.index % self.seqlen
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, *rest]`` -> ``[batch, seqlen, *rest]`` with zeros at padded positions."""
+        full = x.new_zeros(self.batch * self.seqlen, *x.shape[1:]).index_copy(0, self.index, x)
+        return full.view(self.batch, self.seqlen, *x.shape[1:])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, seqlen, *rest]`` -> ``[n, *rest]`` (the real tokens)."""
+        return x.reshape(self.batch * self.seqlen, *x.shape[2:]).index_select(0, self.index)
 
 
 class Attention(nn.Module):
     """Grouped-query causal self-attention. Head counts are inferred from the (possibly
-    tensor-parallel, hence local) projection widths, so TP needs no change here."""
+    tensor-parallel, hence local) projection widths, so TP needs no change here.
+
+    With ``args.fused_projections`` q, k and v come from one ``wqkv`` matmul (rows
+    ``[q; k; v]``); otherwise from ``wq``/``wk``/``wv`` (the layout tensor parallelism and LoRA
+    use). The HF converters split and merge the fused weight.
+    """
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.fused = args.fused_projections
+        if self.fused:
+            self.wqkv = nn.Linear(args.dim, q_out + 2 * kv_out, bias=args.qkv_bias)
+            self.split = (q_out, kv_out, kv_out)
+        else:
+            self.wq = nn.Linear(args.dim, q_out, bias=args.qkv_bias)
+            self.wk = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
+            self.wv = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
+        self.wo = nn.Linear(q_out, args.dim, bias=args.o_bias)
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.wq(x).view(b, t, -1, self.head_dim)
-        k = self.wk(x).view(b, t, -1, self.head_dim)
-        v = self.wv(x).view(b, t, -1, self.head_dim)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                packing: Packing | None = None) -> torch.Tensor:
+        """``x`` ``[b, t, dim]`` (``cos/sin`` ``[t, 1, head_dim]``) or packed ``[n, dim]``
+        (``cos/sin`` ``[n, 1, head_dim]``, ``packing`` given); returns the same layout."""
+        if self.fused:
+            q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = (z.unflatten(-1, (-1, self.head_dim)) for z in (q, k, v))  # [..., heads, hd]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [b, heads, t, head_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if packing is not None:
+            q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [b, heads, t, head_dim]
         # Right-padded batches only: a causal mask already keeps real tokens off the padding.
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        out = out.transpose(1, 2)  # [b, t, heads, head_dim]
+        out = packing.pack(out) if packing is not None else out
+        return self.wo(out.flatten(-2))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)`` (HF gate/down/up)."""
+    """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)`` (HF gate/down/up). With ``fused`` one ``w13``
+    matmul gives ``[gate; up]`` (rows ``[w1; w3]``)."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, fused: bool = False) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.fused = fused
+        if fused:
+            self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
+            self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        else:
+            self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+            self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+            self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -126,10 +185,12 @@ class TransformerBlock(nn.Module):
 
             self.feed_forward: nn.Module = MoE(args)
         else:
-            self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+            self.feed_forward = FeedForward(args.dim, args.hidden_dim, args.fused_projections)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                packing: Packing | None = None) -> torch.Tensor:
+        rest = (cos, sin) if packing is None else (cos, sin, packing)  # TP input plans count args
+        h = x + self.attention(self.attention_norm(x), *rest)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -156,15 +217,27 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos, sin = rope_cos_sin(self.inv_freq, h.shape[1], h.dtype)
+        cos, sin = self.rope_table(h.shape[1], h.dtype)
+        cos, sin = cos[: h.shape[1]], sin[: h.shape[1]]
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
+
+    def rope_table(self, seqlen: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` ``[>= seqlen, 1, head_dim]`` computed once and cached (regrown only for
+        a longer sequence; the same values as ``rope_cos_sin``). Index it by position."""
+        table = self._rope_table
+        if (table is None or table[0].shape[0] < seqlen or table[0].dtype != dtype
+                or table[0].device != self.inv_freq.device):
+            n = max(seqlen, min(self.args.max_seq_len, 4096))
+            table = self._rope_table = rope_cos_sin(self.inv_freq, n, dtype)
+        return table
 
     def aux_loss(self) -> torch.Tensor | None:
         """Load-balancing loss of the last forward, pooled over MoE layers (``None`` when dense)."""
@@ -178,12 +251,29 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
-        """Normal(0, std) weights, zero biases, unit norms (deterministic with ``seed``)."""
+        """Normal(0, std) weights, zero biases, unit norms (deterministic with ``seed``).
+
+        Values are drawn in the unfused layout's order and then fused, so a seed gives the
+        same model whether or not ``args.fused_projections`` is set."""
+        from dataclasses import replace
+
+        from .state_dict import fuse_state
+
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
+        with torch.device("meta"):
+            ref = Transformer(replace(self.args, fused_projections=False))
+        state = {}
+        for name, p in ref.named_parameters():
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                state[name] = torch.ones(p.shape)
             elif name.endswith("bias"):
-                p.zero_()
+                state[name] = torch.zeros(p.shape)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                state[name] = torch.randn(p.shape, generator=gen) * std
+        if self.args.tie_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        state = fuse_state(state) if self.args.fused_projections else state
+        own = dict(self.named_parameters(remove_duplicate=False))
+        for name, value in state.items():
+            if name in own:
+                own[name].copy_(value)
