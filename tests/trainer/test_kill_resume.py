@@ -25,13 +25,13 @@ CONFIG = {
     "env_kwargs": {"num_items": 2, "pool_size": 2},
     "policies": {
         name: {"model": "tiny:xs", "seed": seed, "lr": 3e-3, "api": "completions",
-               "sampling": {"temperature": 1.0, "max_tokens": 1}, "sft_steps": 10}
+               "sampling": {"temperature": 1.0, "max_tokens": 1}, "sft_steps": 30}
         for name, seed in (("speaker", 0), ("listener", 1))},
     "policy_map": {"speaker": "speaker", "listener": "listener"},
     "algorithm": {"name": "grpo", "params": {"kl_coef": 0.05}},
     "trainer": {"batch_size": 8, "group_size": 4, "max_staleness": 0, "steps": STEPS,
                 "checkpoint_every": 1, "seed": 3, "torch_threads": 1,
-                "warm_start": {"episodes": 8, "players": {"speaker": "random",
+                "warm_start": {"episodes": 16, "players": {"speaker": "random",
                                                           "listener": "random"}}},
     "logging": {"tensorboard": False, "progress": False},
 }
