@@ -42,6 +42,9 @@ class PolicyConfig(_Strict):
     sft_lr: float = Field(1e-3, gt=0, description="warm-start learning rate")
     api: Literal["chat", "completions"] = Field(
         "chat", description="chat template, or raw-text prompts ending in the observation")
+    ref_model: str | None = Field(
+        None, description="KL reference (kl_coef > 0) as 'tiny:<size>[:seed=N]' or a path; "
+        "None: the policy's initial weights after the warm start")
 
 
 class AlgorithmConfig(_Strict):

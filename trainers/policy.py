@@ -30,6 +30,9 @@ class Policy:
         sft_lr: learning rate of the warm start.
         api: ``"chat"`` (chat template) or ``"completions"`` (raw text prompt whose last token
             is the observation's last token: small models condition on it far more easily).
+        ref_model: the KL reference when the algorithm has ``kl_coef > 0``, in the forms of
+            ``model`` (same tokenizer); ``None`` = this policy's initial weights (after the
+            warm start).
 
     Raises:
         ValueError: unknown backend, or ``endpoint`` with ``frozen=False``, or no model.
@@ -53,6 +56,7 @@ class Policy:
     sft_steps: int = 0
     sft_lr: float = 1e-3
     api: str = "chat"
+    ref_model: Any = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -75,19 +79,21 @@ class Policy:
         """Whether the trainer updates this policy's weights."""
         return not self.frozen and self.endpoint is None
 
-    def load(self) -> tuple[Any, Any]:
-        """Build ``(model, tokenizer)`` (not for ``endpoint`` policies).
+    def load(self, model: Any = None) -> tuple[Any, Any]:
+        """Build ``(model, tokenizer)`` of ``self.model`` (or of ``model``, given in the same
+        forms, e.g. ``self.ref_model``); not for ``endpoint`` policies.
 
         Raises:
             ValueError: called on an endpoint policy.
         """
         if self.endpoint is not None:
             raise ValueError("an endpoint policy has no local model to load")
-        if isinstance(self.model, tuple):
-            return self.model
+        model = self.model if model is None else model
+        if isinstance(model, tuple):
+            return model
         from areal_agents.models import load, parse_tiny_spec, tiny
 
-        spec = parse_tiny_spec(str(self.model))
+        spec = parse_tiny_spec(str(model))
         if spec is not None:
-            return tiny(spec[0], seed=spec[1] if "seed=" in str(self.model) else self.seed)
-        return load(self.model)
+            return tiny(spec[0], seed=spec[1] if "seed=" in str(model) else self.seed)
+        return load(model)

@@ -187,13 +187,18 @@ class Trainer:
             await restore_checkpoint(self, ckpt)
 
     def _reference(self, name: str, model: Any, factory: Any, resumed: Path | None) -> Any:
-        """A frozen engine holding policy ``name``'s KL reference: the initial weights (after
-        the warm start), or on resume the copy saved in ``checkpoints/reference``.
+        """A frozen engine holding policy ``name``'s KL reference: ``Policy.ref_model``, else
+        the initial weights (after the warm start); on resume the copy saved in
+        ``checkpoints/reference``.
 
         Raises:
             ConfigError: resuming with a KL penalty from a run that saved no reference.
         """
-        ref = copy.deepcopy(model)
+        policy = self.policies[name]
+        ref = copy.deepcopy(model) if policy.ref_model is None else policy.load(policy.ref_model)[0]
+        if ref.get_input_embeddings().weight.shape != model.get_input_embeddings().weight.shape:
+            raise ConfigError(f"policies.{name}.ref_model={policy.ref_model!r} has another "
+                              "vocabulary/width than the policy; the KL needs the same tokenizer")
         if resumed is not None:
             assert self.run_dir is not None
             if not load_reference(self.run_dir, name, ref):
@@ -203,7 +208,6 @@ class Trainer:
                     "set algorithm.kl_coef=0")
         elif self.run_dir is not None:
             save_reference(self.run_dir, name, ref)
-        policy = self.policies[name]
         return factory(ref, lr=policy.lr, **policy.train_kwargs)
 
     async def _warm_start(self, name: str, model: Any, tokenizer: Any, factory: Any,

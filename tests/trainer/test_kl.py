@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from areal_agents.agents import ScriptedAgent
 from areal_agents.trainers.checkpointing import reference_path
@@ -10,6 +11,8 @@ from areal_agents.trainers.trainer import Trainer
 
 from areal_agents.algorithms import GRPO
 from areal_agents.config import parse_config
+from areal_agents.errors import ConfigError
+from areal_agents.models import tiny
 
 
 def listener(observation):
@@ -93,3 +96,33 @@ async def test_config_with_kl_coef_runs(tmp_path):
         assert abs(history[0][f"policy/{p}/kl"]) < 1e-6
         assert history[1][f"policy/{p}/kl"] >= 0  # k2 >= 0 (> 0 needs reward variance)
         assert reference_path(tmp_path, p).exists()
+
+
+async def test_policy_ref_model_is_the_reference(tmp_path):
+    def trainer(ref_model, run_dir):
+        return Trainer(
+            env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2},
+            policies={"speaker": Policy(lr=1e-3, ref_model=ref_model, api="completions",
+                                        sampling={"temperature": 1.0, "max_tokens": 1})},
+            policy_map={"speaker": "speaker"}, agents={"listener": ScriptedAgent(listener)},
+            algorithm=GRPO(kl_coef=0.1), batch_size=4, group_size=2, run_dir=run_dir,
+            progress=False)
+
+    first = trainer("tiny:xs:seed=5", tmp_path / "a")
+    try:
+        history = await first.afit(1)
+        ref = weights(first.ref_engines["speaker"])
+    finally:
+        await first.aclose()
+    expected, _ = tiny("xs", seed=5)
+    for name, t in expected.state_dict().items():
+        if name in ref:
+            torch.testing.assert_close(ref[name], t, rtol=0, atol=0)
+    assert history[0]["policy/speaker/kl"] > 1e-3  # another model than the policy's seed-0 init
+
+    wrong = trainer("tiny:s", tmp_path / "b")
+    try:
+        with pytest.raises(ConfigError, match=r"policies\.speaker\.ref_model='tiny:s'.*tokenizer"):
+            await wrong.setup()
+    finally:
+        await wrong.aclose()
