@@ -1,0 +1,93 @@
+"""Shared pieces of the megatron tests: tiny HF models, a GRPO batch, spawned-worker functions.
+
+Module-level functions so spawned workers can unpickle them. Nothing here imports megatron.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from areal_agents.samples import Sample, TokenBatch, collate
+
+
+def hf_model(family: str = "qwen3", seed: int = 0, tie: bool | None = None):
+    """A random tiny float32 ``transformers`` causal LM with non-trivial norms and biases.
+
+    ``"qwen3"`` is the tiny factory's ``tiny("xs")`` (tied, q/k norm); ``"qwen2"`` (QKV bias)
+    and ``"llama"`` are 2-layer, 64-wide, untied unless ``tie``.
+    """
+    import transformers as tf
+
+    if family == "qwen3":
+        from areal_agents.models import tiny
+
+        model, _ = tiny("xs", seed=seed, **({} if tie is None else {"tie_word_embeddings": tie}))
+    else:
+        common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=bool(tie), rms_norm_eps=1e-5)
+        torch.manual_seed(seed)
+        if family == "qwen2":
+            model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+        elif family == "llama":
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(head_dim=16, **common))
+        else:
+            raise ValueError(family)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: make parity cover them
+        for n, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.1 if "norm" in n or n.endswith("bias") else 0.02))
+    return model.float().eval()
+
+
+def samples(vocab: int, num: int = 8, seed: int = 1) -> list[Sample]:
+    """``num`` sequences of varied length (prompt mask 0, completion mask 1) in 2 groups."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(num):
+        n_prompt, n_gen = 3 + i % 3, 2 + (i * 5) % 7
+        ids = torch.randint(1, vocab, (n_prompt + n_gen,), generator=g).tolist()
+        out.append(Sample(ids, [0] * n_prompt + [1] * n_gen, [0.0] * (n_prompt + n_gen),
+                          [-1] * n_prompt + [0] * n_gen, reward=float((i * 7) % 3),
+                          group=f"g{i % 2}"))
+    return out
+
+
+def grpo_batch(model, num: int = 8, temperature: float = 1.0) -> TokenBatch:
+    """A GRPO-prepared batch whose behaviour log-probs are ``model``'s own (ratio 1)."""
+    from areal_agents.trainers.logprobs import full_logprobs
+
+    from areal_agents.algorithms import GRPO
+
+    s = samples(model.config.vocab_size, num)
+    batch = collate(s, temperature=temperature)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+    old, _ = full_logprobs(logits, batch.input_ids, batch.attention_mask, temperature)
+    batch.old_logprobs = old * batch.loss_mask
+    return GRPO().prepare(batch, s)
+
+
+def grpo_loss(logprobs, entropy, mb):
+    """The shared GRPO loss (module-level, so workers can unpickle it)."""
+    from areal_agents.algorithms import GRPO
+
+    return GRPO().loss(logprobs, entropy, mb)
+
+
+def train_megatron(tensor_parallel: int = 1, steps: int = 2, ckpt: str | None = None,
+                   family: str = "qwen3"):
+    """Worker: ``steps`` GRPO steps; returns (stats per step, HF export, log-probs after)."""
+    from areal_agents.trainers.megatron import MegatronEngine
+
+    model = hf_model(family)
+    batch = grpo_batch(model)
+    engine = MegatronEngine(copy.deepcopy(model), lr=1e-3, token_budget=24,
+                            tensor_parallel=tensor_parallel)
+    stats = [engine.train_step(batch, grpo_loss) for _ in range(steps)]
+    weights = {n: t.clone() for n, t in engine.export_weights()}
+    if ckpt is not None:
+        engine.save(ckpt)
+    return stats, weights, engine.forward_logprobs(batch)

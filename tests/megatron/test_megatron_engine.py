@@ -1,0 +1,153 @@
+"""MegatronEngine on CPU (gloo): parity with transformers and FSDPEngine, export, checkpoints.
+
+Needs megatron-core (skipped without it; the normal test environment never installs it).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from areal_agents.trainers.logprobs import full_logprobs
+from areal_agents.trainers.megatron import MegatronEngine
+from megatron_helpers import grpo_batch, grpo_loss, hf_model
+
+from areal_agents.errors import ConfigError, TrainError
+
+
+@pytest.mark.parametrize(("family", "tie"), [("qwen3", None), ("qwen3", False), ("qwen2", False),
+                                             ("llama", False), ("llama", True)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_transformers(family, tie, temperature):
+    model = hf_model(family, tie=tie)
+    batch = grpo_batch(model, temperature=temperature)
+    engine = MegatronEngine(copy.deepcopy(model), token_budget=24)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+    want, _ = full_logprobs(logits, batch.input_ids, batch.attention_mask, temperature)
+    got = engine.forward_logprobs(batch)
+    assert got.shape == batch.input_ids.shape
+    assert (got[batch.attention_mask.bool()][1:] != 0).any()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_train_step_equals_fsdp_and_lowers_loss():
+    from areal_agents.trainers.fsdp import FSDPEngine
+
+    model = hf_model("qwen3")
+    batch = grpo_batch(model)
+    mega = MegatronEngine(copy.deepcopy(model), lr=1e-3, token_budget=24)
+    fsdp = FSDPEngine(copy.deepcopy(model), lr=1e-3, token_budget=24)
+    losses = []
+    for _ in range(3):
+        got, want = mega.train_step(batch, grpo_loss), fsdp.train_step(batch, grpo_loss)
+        assert got.keys() == want.keys()
+        for key in ("loss", "pg_loss", "entropy", "clip_frac"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], abs=2e-6), key
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        assert got["lr"] == want["lr"] and got["num_tokens"] == want["num_tokens"]
+        losses.append(got["loss"])
+    assert losses[2] < losses[0] - 1e-3, losses
+    assert mega.step == 3
+    exported, reference = dict(mega.export_weights()), dict(fsdp.export_weights())
+    assert exported.keys() == reference.keys()
+    for name, w in reference.items():
+        torch.testing.assert_close(exported[name], w, atol=2e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(mega.forward_logprobs(batch), fsdp.forward_logprobs(batch),
+                               atol=2e-5, rtol=0)
+
+
+def test_nan_loss_is_refused():
+    model = hf_model("qwen3")
+    engine = MegatronEngine(copy.deepcopy(model), lr=1e-3)
+
+    def nan_loss(logprobs, entropy, mb):
+        return (logprobs * mb.loss_weights).sum() * float("nan"), {}
+
+    with pytest.raises(TrainError, match="non-finite loss"):
+        engine.train_step(grpo_batch(model), nan_loss)
+    assert engine.step == 0
+
+
+async def test_export_into_local_engine_gives_same_logprobs(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from areal_agents.engines.base import GenerateRequest, SamplingParams, WeightUpdate
+    from areal_agents.engines.local import LocalEngine
+    from areal_agents.models import tiny
+    from areal_agents.samples import Sample, collate
+
+    model = hf_model("qwen3")
+    _, tok = tiny("xs")
+    trainer = MegatronEngine(copy.deepcopy(model), lr=1e-2)
+    trainer.train_step(grpo_batch(model), grpo_loss)
+    serving = hf_model("qwen3", seed=5)  # other weights until the push
+    engine = LocalEngine(serving, tok)
+    try:
+        await engine.update_weights(WeightUpdate(named_tensors=trainer.export_weights(), version=1))
+        prompt = tok("Guess 42: higher", add_special_tokens=False)["input_ids"]
+        out = (await engine.generate(GenerateRequest(
+            prompt, SamplingParams(max_tokens=8, temperature=0.8, seed=3)))).outputs[0]
+    finally:
+        await engine.close()
+    assert set(out.versions) == {1}
+    ids = prompt + out.token_ids
+    batch = collate([Sample(ids, [0] * len(prompt) + [1] * len(out.token_ids),
+                            [0.0] * len(ids), [0] * len(ids))], temperature=0.8)
+    got = trainer.forward_logprobs(batch)[0, len(prompt):]
+    torch.testing.assert_close(got, torch.tensor(out.logprobs), atol=2e-5, rtol=0)
+
+    trainer.save_hf(str(tmp_path))  # a transformers-loadable checkpoint
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).float().eval()
+    with torch.no_grad():
+        logits = loaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+    want, _ = full_logprobs(logits, batch.input_ids, batch.attention_mask, 0.8)
+    torch.testing.assert_close(trainer.forward_logprobs(batch), want, atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = hf_model("qwen3")
+    batch = grpo_batch(model)
+    original = MegatronEngine(copy.deepcopy(model), lr=1e-3, warmup_steps=3, token_budget=24)
+    original.train_step(batch, grpo_loss)
+    original.version = 4
+    original.save(str(tmp_path))
+    resumed = MegatronEngine(copy.deepcopy(hf_model("qwen3", seed=9)), lr=1e-3, warmup_steps=3,
+                             token_budget=24)
+    resumed.load(str(tmp_path))
+    assert (resumed.step, resumed.version) == (1, 4)
+    for (name, a), (_, b) in zip(original.export_weights(), resumed.export_weights(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    # optimizer moments, LR schedule (warm-up) and step continue exactly
+    got, want = resumed.train_step(batch, grpo_loss), original.train_step(batch, grpo_loss)
+    assert got == want
+    for (name, a), (_, b) in zip(original.export_weights(), resumed.export_weights(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_load_refuses_incomplete_checkpoint(tmp_path):
+    engine = MegatronEngine(hf_model("qwen3"))
+    with pytest.raises(TrainError, match="no complete checkpoint"):
+        engine.load(str(tmp_path))
+
+
+def test_unsupported_options_raise_config_errors():
+    with pytest.raises(ConfigError, match="LoRA"):
+        MegatronEngine(hf_model("qwen3"), lora={"r": 4})
+    with pytest.raises(ConfigError, match="tensor parallel size 3 must divide"):
+        MegatronEngine(hf_model("qwen3"), tensor_parallel=3)
+    with pytest.raises(ConfigError, match="tensor_parallel=2 must divide the world size 1"):
+        MegatronEngine(hf_model("qwen3"), tensor_parallel=2)
+    with pytest.raises(ConfigError, match="cosine"):
+        MegatronEngine(hf_model("qwen3"), lr_schedule="cosine")
+
+
+def test_trainer_backend_table_resolves_megatron():
+    from areal_agents.trainers.trainer import backend_factory
+
+    assert backend_factory("megatron") is MegatronEngine

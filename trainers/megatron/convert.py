@@ -1,0 +1,246 @@
+"""HF ⇄ megatron-core ``GPTModel`` state dicts, and tensor-parallel (TP) sharding rules.
+
+Pure PyTorch (no megatron import), so the layout math is tested without megatron-core.
+
+Three layouts of the same weights:
+
+* **HF**: ``transformers`` names (``model.layers.0.self_attention.q_proj.weight``, ...).
+* **Megatron full**: megatron-core ``GPTModel`` names with TP=1 shapes. Q, K and V are fused in
+  ``linear_qkv`` *grouped by KV head*: for each query group ``g`` the rows are the ``heads /
+  kv_heads`` query heads of ``g``, then ``g``'s key head, then its value head (biases alike).
+  ``linear_fc1`` is ``cat(gate_proj, up_proj)``. The embedding (and untied output layer) rows
+  are padded with zeros to ``padded_vocab`` so they split evenly over TP ranks.
+* **Megatron shard**: one TP rank's slice. ``linear_qkv``, the embedding and the output layer
+  are split along dim 0 (whole query groups, vocab rows), ``linear_proj`` and ``linear_fc2``
+  along dim 1; ``linear_fc1`` is ``cat(gate_r, up_r)`` — rank ``r``'s share of each half; norms
+  are replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from areal_agents.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture fields the conversion and the megatron model need.
+
+    Attributes:
+        padded_vocab: ``vocab_size`` rounded up to a multiple of the TP size.
+        qkv_bias: Q/K/V projections carry a bias (Qwen2, Llama with ``attention_bias``).
+        qk_norm: per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    """
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    padded_vocab: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ConfigError(
+            f"RoPE scaling {kind!r} is not supported by the megatron backend yet; use a model "
+            "without rope_scaling, or backend='archon'/'fsdp'"
+        )
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ConfigError("the HF config has no rope_theta (nor rope_parameters['rope_theta'])")
+    return float(theta)
+
+
+def spec_from_hf_config(config: Any, tp_size: int = 1) -> ModelSpec:
+    """A ``ModelSpec`` from a ``transformers`` Qwen2 / Qwen3 / Llama config.
+
+    Raises:
+        ConfigError: another ``model_type``, RoPE scaling, MLP biases, sliding-window
+            attention, or head counts that do not split over ``tp_size`` ranks.
+    """
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model_type {kind!r} is not supported by the megatron backend; supported: "
+            f"{list(SUPPORTED_MODEL_TYPES)} (use backend='fsdp' for any other HF model)"
+        )
+    if getattr(config, "mlp_bias", False):
+        raise ConfigError("MLP biases (mlp_bias=True) are not supported by the megatron backend")
+    if getattr(config, "use_sliding_window", False):
+        raise ConfigError("sliding-window attention is not supported by the megatron backend")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if kv_heads % tp_size or heads % tp_size:
+        raise ConfigError(
+            f"tensor parallel size {tp_size} must divide the attention heads ({heads}) and the "
+            f"key/value heads ({kv_heads})"
+        )
+    if config.intermediate_size % tp_size:
+        raise ConfigError(f"tp={tp_size} must divide intermediate_size={config.intermediate_size}")
+    qkv_bias = kind == "qwen2" or bool(getattr(config, "attention_bias", False))
+    if getattr(config, "attention_bias", False) and kind == "qwen3":
+        raise ConfigError("Qwen3 with attention_bias=True (biased o_proj) is not supported")
+    vocab = config.vocab_size
+    return ModelSpec(
+        model_type=kind,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn_hidden_size=config.intermediate_size,
+        vocab_size=vocab,
+        padded_vocab=-(-vocab // tp_size) * tp_size,
+        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        qk_norm=kind == "qwen3",
+        norm_eps=float(config.rms_norm_eps),
+        rope_theta=_rope_theta(config),
+        max_position_embeddings=config.max_position_embeddings,
+    )
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    pad = t.new_zeros((rows - t.shape[0], *t.shape[1:]))
+    return torch.cat([t, pad], 0)
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """``linear_qkv`` rows (weights ``[*, hidden]`` or biases ``[*]``) from HF q, k, v."""
+    g, d = spec.num_kv_heads, spec.head_dim
+    r = spec.num_heads // g
+    rest = q.shape[1:]
+    parts = [q.reshape(g, r * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)]
+    return torch.cat(parts, 1).reshape(g * (r + 2) * d, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``fuse_qkv``: HF ``(q, k, v)`` from ``linear_qkv`` rows."""
+    g, d = spec.num_kv_heads, spec.head_dim
+    r = spec.num_heads // g
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(g, (r + 2) * d, *rest)
+    q, k, v = torch.split(grouped, [r * d, d, d], 1)
+    return q.reshape(g * r * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest)
+
+
+_LAYER_NAMES = {  # HF suffix -> megatron suffix (one-to-one tensors of a decoder layer)
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+_QK_NORM_NAMES = {  # Qwen3 only
+    "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+    "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
+}
+
+
+def _layer_names(spec: ModelSpec) -> dict[str, str]:
+    return {**_LAYER_NAMES, **_QK_NORM_NAMES} if spec.qk_norm else _LAYER_NAMES
+
+
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """HF state dict -> megatron *full* (TP=1 layout) state dict.
+
+    Raises:
+        KeyError: a tensor the architecture needs is missing from ``hf``.
+    """
+    out = {"embedding.word_embeddings.weight": _pad_rows(hf["model.embed_tokens.weight"], spec.padded_vocab),
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    if not spec.tie_embeddings:
+        out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], spec.padded_vocab)
+    for i in range(spec.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for hf_name, mc_name in _layer_names(spec).items():
+            out[dst + mc_name] = hf[src + hf_name]
+        attn = src + "self_attn."
+        out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"], spec)
+        if spec.qkv_bias:
+            out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(
+                hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"], spec)
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], 0)
+    return out
+
+
+def megatron_to_hf(mc: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Megatron *full* state dict -> HF state dict (vocab padding removed).
+
+    A tied model gets no ``lm_head.weight`` (``transformers`` ties it to the embedding).
+    """
+    v = spec.vocab_size
+    out = {"model.embed_tokens.weight": mc["embedding.word_embeddings.weight"][:v],
+           "model.norm.weight": mc["decoder.final_layernorm.weight"]}
+    if not spec.tie_embeddings:
+        out["lm_head.weight"] = mc["output_layer.weight"][:v]
+    for i in range(spec.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        for hf_name, mc_name in _layer_names(spec).items():
+            out[dst + hf_name] = mc[src + mc_name]
+        attn = dst + "self_attn."
+        q, k, vv = split_qkv(mc[src + "self_attention.linear_qkv.weight"], spec)
+        out.update({attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": vv})
+        if spec.qkv_bias:
+            q, k, vv = split_qkv(mc[src + "self_attention.linear_qkv.bias"], spec)
+            out.update({attn + "q_proj.bias": q, attn + "k_proj.bias": k, attn + "v_proj.bias": vv})
+        gate, up = mc[src + "mlp.linear_fc1.weight"].chunk(2, 0)
+        out[dst + "mlp.gate_proj.weight"] = gate
+        out[dst + "mlp.up_proj.weight"] = up
+    return out
+
+
+def tp_split_dim(name: str) -> int | None:
+    """The dim a megatron tensor is split along over TP ranks (``None``: replicated)."""
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight",
+                      "word_embeddings.weight", "output_layer.weight")):
+        return 0
+    return None
+
+
+def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """TP rank ``tp_rank``'s slice of the megatron *full* tensor ``name`` (a view when possible)."""
+    dim = tp_split_dim(name)
+    if dim is None or tp_size == 1:
+        return full
+    if name.endswith("linear_fc1.weight"):
+        gate, up = full.chunk(2, 0)
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], 0)
+    return full.chunk(tp_size, dim)[tp_rank]
+
+
+def unshard(name: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The megatron *full* tensor from every TP rank's slice (inverse of ``shard``)."""
+    dim = tp_split_dim(name)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    if name.endswith("linear_fc1.weight"):
+        halves = [s.chunk(2, 0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+    return torch.cat(list(shards), dim)

@@ -1,0 +1,323 @@
+"""``MegatronEngine``: a Qwen2 / Qwen3 / Llama policy trained as a megatron-core ``GPTModel``."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from areal_agents.trainers.base import LossFn, TrainEngine
+from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
+from areal_agents.trainers.megatron.availability import quiet_megatron, require_megatron
+from areal_agents.trainers.megatron.convert import (
+    hf_to_megatron,
+    megatron_to_hf,
+    shard,
+    spec_from_hf_config,
+    tp_split_dim,
+    unshard,
+)
+from areal_agents.trainers.microbatch import plan_microbatches
+from areal_agents.trainers.schedules import lr_lambda
+from torch import nn
+
+from areal_agents.errors import ConfigError, TrainError
+from areal_agents.samples import TokenBatch
+
+
+def _load_hf(model_or_path: nn.Module | str) -> tuple[nn.Module, Any]:
+    """``(transformers model, tokenizer or None)`` from a model, a checkpoint dir or "tiny:..."."""
+    if isinstance(model_or_path, nn.Module):
+        return model_or_path, None
+    from areal_agents.models import load
+
+    return load(model_or_path, dtype=torch.float32)
+
+
+class MegatronEngine(TrainEngine):
+    """One trainable policy on megatron-core: a ``GPTModel`` converted from a HF causal LM.
+
+    The HF weights are converted to megatron's layout (fused QKV grouped by KV head, fused
+    gate/up ``linear_fc1``; see ``convert.py``) and split over ``tensor_parallel`` ranks with
+    megatron's ``parallel_state``. Log-probs use the shared chunked math
+    (``trainers/logprobs.py``) on the LM-head weight gathered over the TP group. The
+    optimizer is ``torch.optim.AdamW`` on each rank's shards; gradients are summed over the
+    data-parallel group (``world_size / tensor_parallel`` ranks, each training its share of the
+    sequences) and the q/k-norm gradients over the TP group, as megatron's
+    ``finalize_model_grads`` does; the clip norm counts TP-duplicated parameters once.
+
+    With ``torch.distributed`` initialised every rank must call every method collectively with
+    the *same full batch*; without it a one-process gloo group is started. Float32 only.
+
+    Args:
+        model_or_path: a ``transformers`` Qwen2 / Qwen3 / Llama causal LM, a checkpoint
+            directory or a tiny spec such as ``"tiny:xs"`` (sets ``self.tokenizer``).
+        lr, weight_decay, betas, max_grad_norm, warmup_steps, lr_schedule, total_steps,
+        token_budget, chunk_size: as for ``FSDPEngine``.
+        tensor_parallel: TP size (divides the world size, the heads and the KV heads).
+        lora: must be ``None`` (LoRA is not implemented on this backend).
+        device: default ``cuda:<current>`` when available, else CPU.
+
+    Raises:
+        MegatronNotInstalled: megatron-core is missing (a ``ConfigError`` naming the install).
+        ConfigError: unsupported architecture or options (see ``spec_from_hf_config``).
+    """
+
+    def __init__(
+        self,
+        model_or_path: nn.Module | str,
+        *,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        max_grad_norm: float = 1.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        total_steps: int | None = None,
+        token_budget: int = 4096,
+        tensor_parallel: int = 1,
+        lora: Any = None,
+        device: torch.device | str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        require_megatron()
+        if lora is not None:
+            raise ConfigError("LoRA is not supported by the megatron backend; use backend='archon' or 'fsdp'")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
+        if lr_schedule == "cosine" and not total_steps:
+            raise ConfigError("lr_schedule='cosine' needs total_steps= (the step the LR reaches 0)")
+        from areal_agents.trainers.megatron import model as mc
+        from megatron.core import parallel_state as ps
+
+        self._mc, self._ps = mc, ps
+        hf, self.tokenizer = _load_hf(model_or_path)
+        self.hf_config = hf.config
+        self.spec = spec_from_hf_config(hf.config, tensor_parallel)  # validate before any group
+        mc.init_parallel(tensor_parallel)
+        self.tp, self.tp_rank = tensor_parallel, ps.get_tensor_model_parallel_rank()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.dp_group = ps.get_data_parallel_group()
+        self.rank = dist.get_rank()
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.max_grad_norm, self.token_budget, self.chunk_size = max_grad_norm, token_budget, chunk_size
+        self.step = 0
+        self.version = 0
+
+        with quiet_megatron():
+            self.model = mc.build_gpt(self.spec, mc.transformer_config(self.spec, tensor_parallel))
+        self._mark_tp_attributes()
+        self.load_full_state({k: v.detach() for k, v in hf_to_megatron(hf.state_dict(), self.spec).items()})
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas,
+                                           weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(warmup_steps, lr_schedule, total_steps))
+
+    # -- layout helpers ----------------------------------------------------------------------
+
+    def named_shards(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(megatron name, this rank's parameter)`` in a fixed order."""
+        yield from self.model.named_parameters()
+
+    def _mark_tp_attributes(self) -> None:
+        """Set megatron's ``tensor_model_parallel`` / ``partition_dim`` on split parameters.
+
+        megatron sets them only inside its weight initialisers, which
+        ``perform_initialization=False`` skips (the weights come from the HF checkpoint).
+        """
+        for name, p in self.named_shards():
+            dim = tp_split_dim(name)
+            p.tensor_model_parallel = dim is not None
+            p.partition_dim = -1 if dim is None else dim
+            p.partition_stride = 1
+
+    def _gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The megatron *full* tensor of ``name`` from every TP rank's ``local`` (collective)."""
+        if self.tp == 1 or tp_split_dim(name) is None:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.tp)]
+        dist.all_gather(parts, local.contiguous(), group=self.tp_group)
+        return unshard(name, parts)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Megatron *full* (TP=1 layout) parameters, detached (collective over TP)."""
+        return {n: self._gather_full(n, p.detach()) for n, p in self.named_shards()}
+
+    @torch.no_grad()
+    def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
+        """Copy megatron *full* tensors into this rank's shards.
+
+        Raises:
+            KeyError: a parameter is missing from ``full``.
+        """
+        for name, p in self.named_shards():
+            p.copy_(shard(name, full[name], self.tp_rank, self.tp))
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        with quiet_megatron():
+            hidden = self._mc.hidden_states(self.model, mb.input_ids)
+        weight = self._mc.output_weight(self.model, self.spec.vocab_size)
+        return sequence_logprobs(hidden, weight, mb.input_ids, mb.attention_mask, mb.temperature,
+                                 self.chunk_size)
+
+    @torch.no_grad()
+    def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """``[B, T]`` float32 CPU log-probs of ``batch.input_ids`` at ``batch.temperature``.
+
+        Collective: every rank computes the whole batch and returns the same tensor.
+        """
+        self.model.eval()
+        batch = batch.to(self.device)
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for idx in plan_microbatches(batch.attention_mask.sum(-1).tolist(), self.token_budget):
+            lp, _ = self._forward(batch.select(torch.tensor(idx)))
+            out[idx, : lp.shape[1]] = lp.float().cpu()
+        return out
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _local_plans(self, batch: TokenBatch) -> tuple[list[list[int]], int]:
+        """This data-parallel rank's micro-batches and the count every rank runs."""
+        lengths = batch.attention_mask.sum(-1).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        mine = order[self.dp_rank :: self.dp]
+        plans = [[mine[j] for j in p] for p in plan_microbatches([lengths[i] for i in mine], self.token_budget)]
+        count = torch.tensor([len(plans)], device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return plans, int(count.item())
+
+    def _finalize_grads(self) -> None:
+        """Sum q/k-norm grads over TP (each rank saw its heads only) and all grads over DP."""
+        if self.tp > 1 and self.spec.qk_norm:
+            for name, p in self.named_shards():
+                if ("q_layernorm" in name or "k_layernorm" in name) and p.grad is not None:
+                    dist.all_reduce(p.grad, group=self.tp_group)
+        if self.dp > 1:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.dp_group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def _clip_grads(self) -> float:
+        """Global grad-norm (TP duplicates counted once), then clip like ``clip_grad_norm_``."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        own = [p.grad for n, p in self.named_shards()
+               if p.grad is not None and (tp_split_dim(n) is not None or self.tp_rank == 0)]
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for g in own:
+            sq += g.float().pow(2).sum()
+        if self.tp > 1:
+            dist.all_reduce(sq, group=self.tp_group)
+        norm = float(sq.sqrt())
+        if self.max_grad_norm > 0 and math.isfinite(norm):
+            coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
+        return norm
+
+    def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step on ``batch`` (see ``TrainEngine``); returns global stats.
+
+        Raises:
+            TrainError: the loss is not finite.
+        """
+        self.model.train()
+        batch = batch.to(self.device)
+        plans, count = self._local_plans(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for i in range(count):
+            # DP ranks with fewer micro-batches run a zero-weighted one so collectives line up
+            scale = 1.0 if i < len(plans) else 0.0
+            mb = batch.select(torch.tensor(plans[i] if i < len(plans) else [0]))
+            lp, ent = self._forward(mb)
+            loss, stats = loss_fn(lp, ent, mb)
+            (loss * scale).backward()
+            totals["loss"] += loss.detach().float() * scale
+            for k, v in stats.items():
+                totals[k] += torch.as_tensor(v, device=self.device).detach().float() * scale
+        keys = sorted(totals)
+        packed = torch.stack([totals[k] for k in keys])
+        if self.dp > 1:
+            dist.all_reduce(packed, group=self.dp_group)
+        out = {k: float(v) for k, v in zip(keys, packed.tolist(), strict=True)}
+        if not math.isfinite(out["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainError(f"non-finite loss {out['loss']} at step {self.step}; check the batch/loss")
+        self._finalize_grads()
+        grad_norm = self._clip_grads()
+        out["lr"] = float(self.scheduler.get_last_lr()[0])
+        out["grad_norm"] = grad_norm
+        out["num_tokens"] = float(batch.num_tokens)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        out["skipped"] = 0.0 if math.isfinite(grad_norm) else 1.0
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return out
+
+    # -- weights and checkpoints -------------------------------------------------------------
+
+    def export_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, full CPU tensor)``; collective over TP, global rank 0 yields.
+
+        Tensors may alias the live parameters at TP=1: consume or copy them before the next
+        ``train_step``. A tied model yields no ``lm_head.weight`` (as ``FSDPEngine``).
+        """
+        hf = megatron_to_hf(self.full_state(), self.spec)
+        if self.rank != 0:
+            return
+        for name, t in hf.items():
+            t = t.cpu()
+            yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+    def save(self, path: str) -> None:
+        """Checkpoint model, optimizer, scheduler, RNG, step and version (collective)."""
+        from areal_agents.trainers.megatron.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path)
+
+    def load(self, path: str) -> None:
+        """Restore ``save``'s checkpoint, also one written at another TP size (collective)."""
+        from areal_agents.trainers.megatron.checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
+
+    def save_hf(self, path: str) -> None:
+        """Write a ``transformers``-loadable checkpoint (config + safetensors) at ``path``.
+
+        Collective; rank 0 writes.
+        """
+        from safetensors.torch import save_file
+
+        weights = {n: t.contiguous().clone() for n, t in self.export_weights()}
+        if self.rank == 0:
+            import os
+
+            os.makedirs(path, exist_ok=True)
+            self.hf_config.save_pretrained(path)
+            save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        dist.barrier()
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """Megatron names -> this rank's parameters that the optimizer updates."""
+        return dict(self.named_shards())
+
+    def close(self) -> None:
+        """Drop the model and optimizer (idempotent); process groups are left alone."""
+        for attr in ("optimizer", "scheduler", "model"):
+            self.__dict__.pop(attr, None)
