@@ -1,13 +1,45 @@
 """Async (max_staleness=2) vs synchronous (max_staleness=0) RL on the same workload.
 
-(a) simulated: episodes whose generation time follows a long-tail (log-normal) token count
-    times a per-token latency, on an engine with a fixed number of slots; a train step takes a
-    fixed time. Isolates scheduling: the same RolloutController and staleness rule as training.
-(b) tiny model: the real Trainer on Signaling-v0 (two tiny LLMs, GRPO), a few steps each.
+(a) simulated engine (isolates scheduling): 64 slots decoding at 0.5 ms/token, output lengths
+    log-normal ``int(exp(N(4, 1))) + 1`` tokens (capped at 2000; mean 90.4, long tail), groups of
+    8 episodes, batches of 32, a 50 ms train step; the real ``RolloutController`` and staleness
+    rule. The policy is a learnable contextual bandit (16 contexts x 8 arms, group-relative
+    policy gradient with the decoupled-PPO clipped ratio, so stale samples really learn less).
+    Runs on a simulated clock by default (deterministic, load-independent); ``--wall`` also
+    runs it on the real clock.
+(b) the real tiny model: the ``Trainer`` on Signaling-v0 (2 items): a tiny LLM speaker (GRPO,
+    format-only SFT warm start) learns a code a scripted listener decodes.
 
-Prints samples/s of both, the ratio, and for (a) the ideal throughput the engine allows.
+Every trained group is checked: no sample is trained more than ``max_staleness`` versions old.
 
-    python benchmarks/async_vs_sync.py [--steps 40] [--skip-model]
+Figures (2026-11-25; (b) and ``--wall`` taken on 2 CPU cores shared with 5 other jobs: noisy):
+
+(a) simulated clock, 200 steps = 6400 trained samples per setting, mean of 3 seeds:
+    sync  (max_staleness=0): 110.4 samples/s (17% of ideal)
+    async (max_staleness=2): 420.7 samples/s (66% of ideal); ratio 3.81x (target >= 2.5x: met)
+    ideal = min(engine bound 64 slots x 2000 tok/s / 90.4 mean tokens = 1416/s,
+                train bound 32 samples / 0.05 s = 640/s) = 640 samples/s.
+    Before this change's controller fixes, seed 0: 363.6 samples/s (57%); after: 414.8 (65%).
+    85% of ideal is not reachable at max_staleness=2 here: under the AReaL rule at most
+    (2+1) x 32 = 96 episodes are admitted and not yet in an applied update; each holds its slot
+    from admission to its batch's weight update, >= E[slowest of its group of 8] = 278.9 tokens
+    x 0.5 ms + 50 ms train = 189.5 ms, so by Little's law X <= 96 / 0.1895 s = 507 samples/s
+    (79% of ideal) even with no loss; and 24% of generated episodes belong to groups whose
+    straggler outlives 2 versions, which the staleness rule must drop (cancelled in flight).
+    max_staleness=4 on the same workload: 624.2 samples/s (98% of ideal).
+    Reward at equal samples (bandit success, sampled): 1600 samples sync 0.223 / async 0.221
+    (-0.001); 3200: 0.446 / 0.443 (-0.003); 6400: 0.853 / 0.847 (-0.006).
+    Real clock (--wall, seed 0, under load): sync 111.4, async 406.9 samples/s, 3.65x.
+(b) tiny model, 24 steps = 384 samples per setting, median of 2 runs, under load:
+    sync 56.3 samples/s (53.1, 59.4), async 58.1 (54.8, 61.3): 1.03x. The step is train-bound
+    on CPU (sync: 68 ms waiting for rollouts + 202 ms training; async: 6 ms + 244 ms, training
+    slowed by generation sharing the 2 loaded cores), so overlap can hide at most the 68 ms.
+    Reward at equal samples (384): train success over the last 5 steps sync 0.99, async 0.82
+    (-0.16); greedy eval on 32 held-out seeds sync 1.00, async 1.00.
+
+    python benchmarks/async_vs_sync.py              # (a) and (b), about 3 minutes
+    python benchmarks/async_vs_sync.py --quick      # fewer steps, about 1 minute
+    python benchmarks/async_vs_sync.py --skip-model --wall
 """
 
 from __future__ import annotations
@@ -15,96 +47,213 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from areal_agents.rollout import RolloutController, StalenessControl
 from areal_agents.samples import Sample
+from areal_agents.testing.sim import SimBandit, SimEngine, run_virtual
 
 
-async def simulated(max_staleness: int, *, steps: int, batch: int = 32, group: int = 8,
-                    slots: int = 64, token_latency: float = 0.0005, train_time: float = 0.05,
-                    seed: int = 0) -> tuple[float, float]:
-    """Samples/s of a run; also returns the mean episode generation time."""
-    rng = random.Random(seed)
-    engine_slots = asyncio.Semaphore(slots)
-    version = {"v": 0}
-    gen_times: list[float] = []
+@dataclass
+class SimConfig:
+    """Workload (a): engine, lengths, batch/group and train time."""
+
+    slots: int = 64
+    token_latency: float = 0.0005
+    mu: float = 4.0
+    sigma: float = 1.0
+    max_tokens: int = 2000
+    batch: int = 32
+    group: int = 8
+    train_time: float = 0.05
+
+    def engine(self, seed: int = 0) -> SimEngine:
+        return SimEngine(self.slots, self.token_latency, self.mu, self.sigma, self.max_tokens,
+                         seed=seed)
+
+
+async def simulated(cfg: SimConfig, max_staleness: int, steps: int, seed: int = 0,
+                    checkpoints: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Train ``steps`` batches; samples/s, utilisation, drops and bandit success."""
+    loop = asyncio.get_running_loop()
+    engine, policy = cfg.engine(seed), SimBandit(seed=seed)
 
     async def episode(task_seed: int, member: int) -> dict[str, list[Sample]]:
-        num_tokens = min(int(rng.lognormvariate(4.0, 1.0)) + 1, 2000)  # median 55, long tail
-        async with engine_slots:
-            v = version["v"]
-            t = num_tokens * token_latency
-            gen_times.append(t)
-            await asyncio.sleep(t)
-        return {"p": [Sample([1, 2], [0, 1], [0.0, -1.0], [-1, v], reward=float(member % 2),
-                             group=str(task_seed))]}
+        _, first, last = await engine.generate()
+        arm, reward = policy.act(task_seed, first)
+        meta = {"context": task_seed % policy.contexts, "arm": arm, "version": first}
+        return {"p": [Sample([1, 2, 3], [0, 1, 1], [0.0, -1.0, -1.0], [-1, first, last],
+                             reward=reward, group=str(task_seed), meta=meta)]}
 
-    controls = {"p": StalenessControl(batch, max_staleness, max_concurrent=slots)}
-    ctl = RolloutController(episode, controls, group_size=group)
+    control = StalenessControl(cfg.batch, max_staleness, max_concurrent=cfg.slots)
+    ctl = RolloutController(episode, {"p": control}, group_size=cfg.group)
     runner = asyncio.create_task(ctl.run())
-    start = time.perf_counter()
+    start, success, rewards = loop.time(), {}, []
     for step in range(steps):
-        await ctl.take("p", batch)
-        await asyncio.sleep(train_time)  # the train step (the trainer runs it in a thread)
-        version["v"] = step + 1
+        groups = await ctl.take("p", cfg.batch)
+        samples = [s for g in groups for s in g.samples]
+        for s in samples:  # the staleness rule, checked on every trained token
+            lag = step - min(v for v in s.versions if v >= 0)
+            assert lag <= max_staleness, f"sample {lag} versions old > {max_staleness}"
+        await asyncio.sleep(cfg.train_time)  # the train step
+        policy.train(samples)
+        rewards.append(statistics.fmean(s.reward for s in samples))
+        engine.update_weights(step + 1)
         await ctl.update_weights("p", lambda: asyncio.sleep(0), step + 1)
-    elapsed = time.perf_counter() - start
+        if step + 1 in checkpoints:
+            success[(step + 1) * cfg.batch] = policy.success()
+    elapsed = loop.time() - start
     await ctl.stop()
     runner.cancel()
-    return steps * batch / elapsed, sum(gen_times) / len(gen_times)
+    return {"rate": steps * cfg.batch / elapsed, "engine_util": engine.busy / (cfg.slots * elapsed),
+            "train_util": steps * cfg.train_time / elapsed, "generated": engine.generated,
+            "too_stale": ctl.ledger["p"]["filtered:too_stale"], "success": success,
+            "reward_last5": statistics.fmean(rewards[-5:])}
 
 
-def tiny_model(max_staleness: int, steps: int) -> float:
-    """Samples/s of the real Trainer on Signaling-v0 (no warm start; throughput only)."""
+def expected_max_tokens(cfg: SimConfig, group: int, draws: int = 100_000) -> float:
+    """E[the longest of ``group`` output lengths] (Monte Carlo, fixed seed)."""
+    rng, eng = random.Random(7), cfg.engine()
+    return statistics.fmean(max(eng._length(rng) for _ in range(group))
+                            for _ in range(draws // group))
+
+
+def _mean_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {k: statistics.fmean(r[k] for r in runs) for k in runs[0] if k != "success"}
+    out["success"] = {n: statistics.fmean(r["success"][n] for r in runs) for n in runs[0]["success"]}
+    return out
+
+
+def report_simulated(cfg: SimConfig, steps: int, wall: bool, seeds: int) -> None:
+    mean_tokens = cfg.engine().mean_tokens()
+    engine_bound = cfg.slots * (1 / cfg.token_latency) / mean_tokens
+    train_bound = cfg.batch / cfg.train_time
+    ideal = min(engine_bound, train_bound)
+    checkpoints = (steps // 4, steps // 2, steps)
+    runs = {s: [run_virtual(simulated(cfg, s, steps, seed=k, checkpoints=checkpoints))
+                for k in range(seeds)] for s in (0, 2)}
+    sync, asyn = (_mean_runs(runs[s]) for s in (0, 2))
+    print(f"(a) simulated engine: {cfg.slots} slots x {1 / cfg.token_latency:.0f} tok/s, lengths "
+          f"int(exp(N({cfg.mu}, {cfg.sigma}))) + 1 <= {cfg.max_tokens}, group {cfg.group}, "
+          f"batch {cfg.batch}, train step {cfg.train_time * 1e3:.0f} ms; simulated clock, "
+          f"{steps} steps, mean of {seeds} seeds")
+    print(f"    ideal: mean output length {mean_tokens:.1f} tokens -> engine bound = slots x "
+          f"tok/s / mean = {cfg.slots} x {1 / cfg.token_latency:.0f} / {mean_tokens:.1f} = "
+          f"{engine_bound:.0f}/s; train bound = batch / train time = {cfg.batch} / "
+          f"{cfg.train_time} = {train_bound:.0f}/s; ideal = min = {ideal:.0f} samples/s")
+    for name, s, r in (("sync ", 0, sync), ("async", 2, asyn)):
+        print(f"    {name} (max_staleness={s}): {r['rate']:7.1f} samples/s = "
+              f"{r['rate'] / ideal:4.0%} of ideal | engine busy {r['engine_util']:.0%}, "
+              f"trainer busy {r['train_util']:.0%}, dropped too stale {r['too_stale']:.0f} of "
+              f"{r['generated']:.0f} generated")
+    print(f"    ratio async/sync: {asyn['rate'] / sync['rate']:.2f}x (target >= 2.5x); async at "
+          f"{asyn['rate'] / ideal:.0%} of ideal (target >= 85%)")
+    longest = expected_max_tokens(cfg, cfg.group)
+    hold = longest * cfg.token_latency + cfg.train_time
+    slots = 3 * cfg.batch
+    print(f"    AReaL-rule ceiling at max_staleness=2: {slots} admission slots, each held from "
+          f"admission to its batch's weight update >= E[longest of {cfg.group}] "
+          f"{longest:.1f} tok x {cfg.token_latency * 1e3:g} ms + {cfg.train_time * 1e3:.0f} ms "
+          f"= {hold * 1e3:.1f} ms -> <= {slots / hold:.0f} samples/s "
+          f"({min(slots / hold, ideal) / ideal:.0%} of ideal), before too-stale drops")
+    more = _mean_runs([run_virtual(simulated(cfg, 4, steps, seed=k)) for k in range(seeds)])
+    print(f"    (max_staleness=4 on the same workload: {more['rate']:.1f} samples/s = "
+          f"{more['rate'] / ideal:.0%} of ideal)")
+    for samples in sorted(sync["success"]):
+        a, b = sync["success"][samples], asyn["success"][samples]
+        print(f"    reward at equal samples ({samples} trained): bandit success sync {a:.3f}, "
+              f"async {b:.3f}, difference {b - a:+.3f}")
+    if wall:
+        walls = {s: asyncio.run(simulated(cfg, s, steps)) for s in (0, 2)}
+        print(f"    real clock (under load): sync {walls[0]['rate']:.1f}, async "
+              f"{walls[2]['rate']:.1f} samples/s, {walls[2]['rate'] / walls[0]['rate']:.2f}x")
+
+
+def tiny_model(max_staleness: int, steps: int) -> dict[str, float]:
+    """The real Trainer: samples/s after setup, train success late, greedy eval success."""
+    from areal_agents.agents import ScriptedAgent
     from areal_agents.trainers.policy import Policy
     from areal_agents.trainers.trainer import Trainer
 
-    sampling = {"temperature": 1.0, "max_tokens": 4}
-    trainer = Trainer(env="Signaling-v0",
-                      policies={"speaker": Policy(lr=1e-3, sampling=sampling),
-                                "listener": Policy(lr=1e-3, seed=1, sampling=sampling)},
-                      policy_map={"speaker": "speaker", "listener": "listener"},
-                      batch_size=32, group_size=16, max_staleness=max_staleness, progress=False)
+    def decode(observation: Any) -> str:  # reads "message: d", picks the d-th letter
+        text = observation[-1]["content"] if isinstance(observation, list) else str(observation)
+        message = text.rsplit("message:", 1)[-1].strip()
+        return chr(ord("A") + int(message)) if message.isdigit() else "A"
 
-    async def run() -> float:
+    batch = 16
+    trainer = Trainer(
+        env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2},
+        policies={"speaker": Policy(lr=3e-3, seed=0, sampling={"temperature": 1.0,
+                                    "max_tokens": 1}, sft_steps=60, sft_lr=3e-3,
+                                    api="completions")},
+        policy_map={"speaker": "speaker"}, agents={"listener": ScriptedAgent(decode)},
+        batch_size=batch, group_size=8, max_staleness=max_staleness, progress=False,
+        warm_start={"episodes": 32, "players": {"speaker": "random",
+                                                "listener": ScriptedAgent(decode)}},
+        eval_seeds=range(500, 532))
+
+    async def run() -> dict[str, float]:
         await trainer.setup()
-        await trainer.afit(1)  # warm-up (first forward passes, thread pools)
         start = time.perf_counter()
-        await trainer.afit(1 + steps)
+        history = await trainer.afit(steps)
         elapsed = time.perf_counter() - start
+        evaluation = await trainer.evaluate()
         await trainer.aclose()
-        return steps * 32 / elapsed
+        lags = [int(k.rsplit("/", 1)[1]) for h in history for k, v in h.items()
+                if k.startswith("policy/speaker/staleness/") and v > 0]
+        assert max(lags) <= max_staleness, f"trained a sample {max(lags)} versions old"
+        late = statistics.fmean(h["train/speaker/success"] for h in history[-5:])
+        split = {k: 1e3 * statistics.fmean(h[f"policy/speaker/time/{k}"] for h in history)
+                 for k in ("wait_rollout", "train", "weight_sync")}
+        return {"rate": steps * batch / elapsed, "late": late,
+                "eval": evaluation["eval/speaker/success"], **split,
+                "too_stale": history[-1].get("outcomes/speaker/outcome/filtered:too_stale", 0.0)}
 
     return asyncio.run(run())
 
 
+def report_model(steps: int, repeats: int) -> None:
+    runs: dict[int, list[dict[str, float]]] = {0: [], 2: []}
+    for _ in range(repeats):  # interleaved, so both settings see similar load
+        for s in (0, 2):
+            runs[s].append(tiny_model(s, steps))
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
+    print(f"(b) tiny model, Signaling-v0 speaker + scripted listener, batch 16, {steps} steps "
+          f"= {steps * 16} samples each, median of {repeats} run(s), under load")
+    for name, s in (("sync ", 0), ("async", 2)):
+        rates = ", ".join(f"{r['rate']:.1f}" for r in runs[s])
+        print(f"    {name} (max_staleness={s}): {med[s]['rate']:7.1f} samples/s ({rates}) | per "
+              f"step: wait for rollouts {med[s]['wait_rollout']:.0f} ms, train "
+              f"{med[s]['train']:.0f} ms, weight sync {med[s]['weight_sync']:.0f} ms; "
+              f"{med[s]['too_stale']:.0f} episodes dropped too stale")
+    print(f"    ratio async/sync: {med[2]['rate'] / med[0]['rate']:.2f}x")
+    print(f"    reward at equal samples ({steps * 16}): train success (last 5 steps) sync "
+          f"{med[0]['late']:.2f}, async {med[2]['late']:.2f}, difference "
+          f"{med[2]['late'] - med[0]['late']:+.2f}; greedy eval success sync "
+          f"{med[0]['eval']:.2f}, async {med[2]['eval']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--model-steps", type=int, default=8)
-    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--steps", type=int, default=200, help="(a) train steps per setting")
+    parser.add_argument("--seeds", type=int, default=3, help="(a) runs per setting")
+    parser.add_argument("--model-steps", type=int, default=24, help="(b) train steps")
+    parser.add_argument("--repeats", type=int, default=2, help="(b) runs per setting")
+    parser.add_argument("--quick", action="store_true", help="(a) 80 steps, (b) 1 run")
+    parser.add_argument("--wall", action="store_true", help="(a) also on the real clock")
+    parser.add_argument("--skip-model", action="store_true", help="only (a)")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.seeds, args.repeats = 80, 1, 1
+    import torch
 
-    sync, mean_gen = asyncio.run(simulated(0, steps=args.steps))
-    asyn, _ = asyncio.run(simulated(2, steps=args.steps))
-    slots, batch, train_time = 64, 32, 0.05
-    ideal = min(slots / mean_gen, batch / train_time)
-    print("(a) simulated long-tail engine (log-normal lengths, 64 slots, 0.5 ms/token, "
-          "50 ms train step)")
-    print(f"    sync  (max_staleness=0): {sync:8.1f} samples/s")
-    print(f"    async (max_staleness=2): {asyn:8.1f} samples/s")
-    print(f"    ratio async/sync: {asyn / sync:.2f}x   (target >= 2.5x)")
-    print(f"    ideal (engine slots / mean episode time, train bound): {ideal:8.1f} samples/s; "
-          f"async reaches {asyn / ideal:.0%} of it")
-    if args.skip_model:
-        return
-    m_sync = tiny_model(0, args.model_steps)
-    m_async = tiny_model(2, args.model_steps)
-    print("(b) tiny model, Signaling-v0, two policies, batch 32")
-    print(f"    sync  (max_staleness=0): {m_sync:8.1f} samples/s")
-    print(f"    async (max_staleness=2): {m_async:8.1f} samples/s")
-    print(f"    ratio async/sync: {m_async / m_sync:.2f}x")
+    torch.set_num_threads(1)
+    report_simulated(SimConfig(), args.steps, args.wall, args.seeds)
+    if not args.skip_model:
+        report_model(args.model_steps, args.repeats)
 
 
 if __name__ == "__main__":
