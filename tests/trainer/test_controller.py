@@ -49,7 +49,7 @@ async def test_groups_share_a_seed_and_outcomes_add_up():
     counts = ctl.counts()["p"]
     assert counts["failed"] >= 1 and any(isinstance(e, RuntimeError) for e in ctl.errors)
     for c in ctl.controls.values():
-        assert c.submitted == c.running + c.accepted + c.filtered + c.failed
+        assert c.submitted == c.running + c.waiting + c.accepted + c.filtered + c.failed
 
 
 async def test_all_filtered_never_deadlocks_and_names_reason():
@@ -159,7 +159,7 @@ async def test_too_stale_groups_are_filtered_and_free_their_slot():
     runner.cancel()
     assert ctl.ledger["p"]["filtered:too_stale"] >= 2
     c = ctl.controls["p"]
-    assert c.submitted == c.running + c.accepted + c.filtered + c.failed
+    assert c.submitted == c.running + c.waiting + c.accepted + c.filtered + c.failed
 
 
 def test_cursor_state_replays_unresolved_seeds_only():
@@ -337,3 +337,26 @@ def test_async_beats_sync_on_a_simulated_long_tail_engine():
     assert sync_lag == 0 and async_lag <= 2
     assert asyn > 3.0 * sync, (sync, asyn)
     assert asyn > 0.6 * 640, asyn  # 640 = 32 samples per 50 ms train step
+
+
+def test_stop_fails_unfinished_groups_and_keeps_counters_balanced():
+    """Generating and done-but-waiting members of unfinished groups all end failed:cancelled."""
+
+    async def episode(seed, member):
+        await asyncio.sleep(50.0 if member == 0 else 1.0)
+        return {"p": [_sample(float(member), 0)]}
+
+    async def main():
+        ctl = make_controller(episode, batch=4, staleness=1, group=2)  # 8 admitted: 4 groups
+        runner = asyncio.create_task(ctl.run())
+        await asyncio.sleep(2.0)  # members 1 done (waiting), members 0 generating
+        before = ctl.counts()["p"]
+        await ctl.stop()
+        runner.cancel()
+        return ctl, before
+
+    ctl, before = run_virtual(main())
+    assert (before["running"], before["waiting"], before["submitted"]) == (4, 4, 8)
+    c = ctl.controls["p"]
+    assert (c.running, c.waiting, c.failed) == (0, 0, 8)
+    assert ctl.ledger["p"]["failed:cancelled"] == 8
