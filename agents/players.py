@@ -231,6 +231,34 @@ def tictactoe_minimax(observation: Any) -> str:
     return str(_minimax(board, mark.group(1) if mark else "X")[1] + 1)
 
 
+def _read_board(observation: Any) -> tuple[str, str]:
+    """``(board, mark)`` from the last TicTacToe prompt (empty board and ``X`` if unreadable)."""
+    text = _text(observation)
+    mark = _last(r"You are ([XO])", text)
+    rows = re.findall(r"^([XO.]{3})$", text, re.MULTILINE)[-3:]
+    return ("".join(rows) if len(rows) == 3 else "." * 9), (mark.group(1) if mark else "X")
+
+
+def tictactoe_heuristic(observation: Any) -> str:
+    """Heuristic TicTacToe player (beatable, no look-ahead): complete a line of its own, else
+    block the opponent's, else take the centre, else the first free corner, else the first
+    free cell. Deterministic."""
+    board, mark = _read_board(observation)
+    other = "O" if mark == "X" else "X"
+    empty = [i for i, c in enumerate(board) if c == "."]
+    if not empty:
+        return "1"
+    for who in (mark, other):
+        for a, b, c in _LINES:
+            line = [board[a], board[b], board[c]]
+            if line.count(who) == 2 and line.count(".") == 1:
+                return str((a, b, c)[line.index(".")] + 1)
+    for cell in (4, 0, 2, 6, 8):
+        if board[cell] == ".":
+            return str(cell + 1)
+    return str(empty[0] + 1)
+
+
 # --- PrisonersDilemma ------------------------------------------------------------------------
 
 

@@ -40,6 +40,11 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
     Args:
         illegal: ``"penalty"`` or ``"reask"``.
         max_reasks: illegal replies tolerated in a row with ``"reask"``.
+        opening_moves: up to this many random moves (0-4; the count is uniform in
+            ``0..opening_moves``, the cells uniform among the empty ones, both drawn from the
+            generator seeded by ``reset(seed=...)``) are made before the first prompt, so that
+            deterministic (greedy, scripted) players meet varied positions across seeds; the
+            player to move then gets the first prompt. 0 (default) always starts empty.
 
     Example:
         >>> import asyncio
@@ -54,13 +59,20 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
     """
 
     def __init__(
-        self, illegal: Literal["penalty", "reask"] = "penalty", max_reasks: int = 2
+        self,
+        illegal: Literal["penalty", "reask"] = "penalty",
+        max_reasks: int = 2,
+        opening_moves: int = 0,
     ) -> None:
         if illegal not in ("penalty", "reask"):
             raise ValueError(f"illegal must be 'penalty' or 'reask', got {illegal!r}")
         if max_reasks < 0:
             raise ValueError(f"max_reasks must be >= 0, got {max_reasks}")
+        if not 0 <= opening_moves <= 4:
+            raise ValueError(f"opening_moves must be in 0..4 (no line can be completed), got "
+                             f"{opening_moves}")
         self.illegal, self.max_reasks = illegal, max_reasks
+        self.opening_moves = opening_moves
         self.possible_agents = list(AGENTS)
         self.agents: list[str] = []
         self.board = "." * 9
@@ -91,7 +103,17 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
         self.agents = list(AGENTS)
         self.board, self.to_move, self.reasks = "." * 9, "x", 0
         self._started = set()
-        return {"x": [self._prompt("x", "")]}, {a: {} for a in AGENTS}
+        news = ""
+        if self.opening_moves:
+            for _ in range(int(self.np_random.integers(self.opening_moves + 1))):
+                empty = [i for i, c in enumerate(self.board) if c == "."]
+                cell = empty[int(self.np_random.integers(len(empty)))]
+                mark = self.to_move.upper()
+                self.board = self.board[:cell] + mark + self.board[cell + 1 :]
+                self.to_move = AGENTS[1 - AGENTS.index(self.to_move)]
+                news = f"Opponent played {cell + 1}. "
+        first = self.to_move
+        return {first: [self._prompt(first, news)]}, {a: {} for a in AGENTS}
 
     @staticmethod
     def parse_move(text: str | None) -> int | None:
