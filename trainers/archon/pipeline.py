@@ -78,6 +78,43 @@ class StageModule(nn.Module):
         return self.norm(h) if self.norm is not None else h
 
 
+class _HeadOnce(torch.autograd.Function):
+    """The shared chunked log-prob head (``sequence_logprobs``) as one autograd node whose
+    backward computes the hidden and the LM-head weight gradients together exactly once.
+
+    Zero-bubble schedules split backward into an input pass and a later weight pass that
+    re-runs, from the saved output gradients, every node joining the weights to the stage
+    input. Built-in ops compute only the gradient each pass needs, but the head's custom
+    backward always does its whole (logits recompute + two matmuls) work, so it would run
+    twice. Here the second call with the same output gradients returns the cached result.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, input_ids, attention_mask, temperature):  # type: ignore[override]
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(hidden.requires_grad)
+            w = weight.detach().requires_grad_(weight.requires_grad)
+            lp, ent = sequence_logprobs(h, w, input_ids, attention_mask, temperature)
+        ctx.inner = (h, w, lp, ent)
+        ctx.cache = None
+        ctx.set_materialize_grads(False)
+        return lp.detach(), ent.detach()
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):  # type: ignore[override]
+        key = tuple(None if g is None else (g.data_ptr(), g._version) for g in (grad_lp, grad_ent))
+        if ctx.cache is None or ctx.cache[0] != key:
+            h, w, lp, ent = ctx.inner
+            pairs = [(o, g) for o, g in ((lp, grad_lp), (ent, grad_ent)) if g is not None]
+            wants = [t for t in (h, w) if t.requires_grad]
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wants, [g for _, g in pairs],
+                                             allow_unused=True)
+                         if pairs and wants else ())
+            ctx.cache = (key, tuple(next(grads, None) if t.requires_grad else None for t in (h, w)))
+        gh, gw = ctx.cache[1]
+        return gh, gw, None, None, None
+
+
 def _rows(batch: TokenBatch, idx: torch.Tensor) -> TokenBatch:
     """Rows ``idx`` of every tensor field, keeping the full padded width."""
     out = {}
@@ -179,7 +216,7 @@ class PipelineRunner:
         ctx = self._ctx
         mb = _rows(ctx["batch"], idx)
         weight = self.model.output.weight
-        lp, ent = sequence_logprobs(hidden, weight, mb.input_ids, mb.attention_mask, mb.temperature)
+        lp, ent = _HeadOnce.apply(hidden, weight, mb.input_ids, mb.attention_mask, mb.temperature)
         loss, stats = ctx["loss_fn"](lp, ent, mb)
         # keyed by micro-batch: a schedule may evaluate the loss of a micro-batch more than once
         ctx["per_mb"][int(idx[0])] = {"loss": float(loss.detach()),
