@@ -72,6 +72,9 @@ class TrainerConfig(_Strict):
     warm_start: dict[str, Any] | None = Field(
         None, description="{episodes: n, players: {agent: 'random' | player}}")
     max_steps_per_episode: int | None = Field(None, ge=1, description="episode step cap")
+    generation_batch_size: int | None = Field(
+        None, ge=1, description="rows per inference batch (default max(32, max_concurrent)); 1 "
+        "makes generation bitwise reproducible")
 
 
 class LoggingConfig(_Strict):
@@ -119,6 +122,7 @@ class RunConfig(_Strict):
             resume=resume or self.resume, seed=t.seed,
             warm_start=t.warm_start, torch_threads=t.torch_threads,
             max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
+            generation_batch_size=t.generation_batch_size,
             logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,
                                wandb_project=self.logging.wandb_project,
                                wandb_name=self.logging.wandb_name,

@@ -70,6 +70,10 @@ class Trainer:
         warm_start: ``{"episodes": n, "players": {agent_id: "random" | player}}``: format-only
             SFT for ``Policy.sft_steps`` steps before RL (None = off).
         torch_threads: ``torch.set_num_threads`` for this process.
+        generation_batch_size: rows per batch of each policy's in-process inference engine
+            (default ``max(32, max_concurrent)``). Batched CPU kernels round differently for
+            different batch shapes, so behaviour log-probs of two runs differ by ~1e-7 (Adam
+            then amplifies it); ``1`` makes generation bitwise reproducible (slower).
         logger, progress: metrics sink (default from ``run_dir``) and the rich progress bar.
 
     Raises:
@@ -92,7 +96,8 @@ class Trainer:
                  run_dir: str | Path | None = None, resume: bool = False, seed: int = 0,
                  warm_start: dict[str, Any] | None = None, env_kwargs: dict[str, Any] | None = None,
                  torch_threads: int | None = 1, logger: Logger | None = None,
-                 progress: bool = True, max_steps_per_episode: int | None = None) -> None:
+                 progress: bool = True, max_steps_per_episode: int | None = None,
+                 generation_batch_size: int | None = None) -> None:
         if batch_size < 1 or group_size < 1 or batch_size % group_size:
             raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of "
                               f"group_size ({group_size})")
@@ -110,6 +115,9 @@ class Trainer:
         self.algorithm = resolve_algorithm(algorithm)
         self.batch_size, self.group_size, self.max_staleness = batch_size, group_size, max_staleness
         self.max_concurrent = max_concurrent or 2 * batch_size
+        if generation_batch_size is not None and generation_batch_size < 1:
+            raise ConfigError(f"generation_batch_size must be >= 1, got {generation_batch_size}")
+        self.generation_batch_size = generation_batch_size or max(32, self.max_concurrent)
         self.eval_every, self.eval_seeds = eval_every, list(eval_seeds)
         self.reward_fns = list(reward_fns or [])
         self.checkpoint_every, self.resume, self.seed = checkpoint_every, resume, seed
@@ -177,7 +185,7 @@ class Trainer:
                 self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
                                                    **policy.train_kwargs)
             serving = copy.deepcopy(model).eval()
-            engine = LocalEngine(serving, tokenizer, max_batch_size=max(32, self.max_concurrent))
+            engine = LocalEngine(serving, tokenizer, max_batch_size=self.generation_batch_size)
             self.gateway.add_policy(name, [engine], tokenizer)
         controls = {p: StalenessControl(self.batch_size, self.max_staleness, self.max_concurrent)
                     for p in self.trainable}

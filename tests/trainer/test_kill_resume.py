@@ -2,13 +2,15 @@
 
 Two tiny LLMs (speaker, listener) with a format-only warm start (so rewards vary and the
 policies move) and a KL penalty (so the frozen references must be restored too);
-``max_staleness=0`` and fixed seeds make the run deterministic.
+``max_staleness=0``, fixed seeds (per-turn sampling seeds) and batch-invariant generation
+(``generation_batch_size=1``) make the run bitwise deterministic, so the metrics must be equal.
+With batched generation two uninterrupted runs already differ: behaviour log-probs by ~1e-7
+(CPU kernels round differently per batch shape), which Adam amplifies to ~1e-4 within 5 steps.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -30,7 +32,7 @@ CONFIG = {
     "policy_map": {"speaker": "speaker", "listener": "listener"},
     "algorithm": {"name": "grpo", "params": {"kl_coef": 0.05}},
     "trainer": {"batch_size": 8, "group_size": 4, "max_staleness": 0, "steps": STEPS,
-                "checkpoint_every": 1, "seed": 3, "torch_threads": 1,
+                "checkpoint_every": 1, "seed": 3, "torch_threads": 1, "generation_batch_size": 1,
                 "warm_start": {"episodes": 16, "players": {"speaker": "random",
                                                           "listener": "random"}}},
     "logging": {"tensorboard": False, "progress": False},
@@ -104,5 +106,4 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     for step in want:
         assert set(got[step]) == set(want[step]), step
         for key, value in want[step].items():
-            assert math.isclose(got[step][key], value, rel_tol=1e-5, abs_tol=1e-6), (
-                step, key, got[step][key], value)
+            assert got[step][key] == value, (step, key, got[step][key], value)  # bitwise
