@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from areal_agents.agents import ScriptedAgent
@@ -86,6 +88,10 @@ async def test_a_checkpoint_interrupted_mid_save_is_never_picked_up(tmp_path):
     try:
         await second.setup()
         assert second.step == 2 and second.train_engines["speaker"].version == 2
+        saved = torch.load(root / "step_2" / "rng.pt", weights_only=False)
+        assert torch.equal(torch.get_rng_state(), saved["torch"])  # restored last, after the
+        assert random.getstate() == saved["python"]  # engines and the warm start
+        assert np.array_equal(np.random.get_state()[1], saved["numpy"][1])
         await second.afit(3)
     finally:
         await second.aclose()
