@@ -227,8 +227,9 @@ def pp_account(sides: dict, opts: dict) -> None:
         span = simulate(logs, owner, latency)
         base = base or span
         per_rank = " + ".join(f"{sum(a[3] for a in acts) * 1e3:.0f}" for acts in logs)
-        kinds = "/".join(sorted({a[0] for acts in logs for a in acts}))
-        print(f"    {name:<34} compute {per_rank} ms [{kinds}]   simulated step "
+        kinds = " ".join(f"{k}={sum(a[3] for acts in logs for a in acts if a[0] == k) * 1e3:.0f}"
+                         for k in "FBIW" if any(a[0] == k for acts in logs for a in acts))
+        print(f"    {name:<34} compute {per_rank} ms ({kinds})   simulated step "
               f"{span * 1e3:7.1f} ms   ratio {span / base:.2f}")
 
 
@@ -269,7 +270,7 @@ def main() -> None:
     opts = dict(size=a.size, batch=a.batch, seq=a.seq, budget=a.batch * a.seq)
     batch = make_batch(engine_vocab(), a.batch, a.seq)
     tokens = batch.num_tokens
-    print(f"tiny('{a.size}'), batch {a.batch} x <= {a.seq} tokens ({tokens} real of "
+    print(f"tiny('{a.pp_size if a.only_pp else a.size}'), batch {a.batch} x <= {a.seq} tokens ({tokens} real of "
           f"{batch.input_ids.numel()} padded), median of {a.rounds} alternating rounds, "
           f"1 thread per process, {os.cpu_count()} CPUs")
     target = "Archon/FSDP tokens/s >= 1.2x"

@@ -9,19 +9,21 @@ from .archon_helpers import assert_same_run, run_distributed, train_once
 pytestmark = pytest.mark.multiprocess
 
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["wq", "wv", "w2"]}
-PARALLEL_KEYS = {"dp_shard", "tp", "pp", "ep", "sequence_parallel", "pp_schedule", "pp_microbatches"}
+PARALLEL_KEYS = {"dp_shard", "tp", "pp", "ep", "sequence_parallel", "pp_schedule", "pp_microbatches",
+                 "pp_stage_layers", "reshard_after_forward"}
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
         {"dp_shard": 2},
+        {"dp_shard": 2, "reshard_after_forward": False, "compile": "eager"},
         {"tp": 2},
         {"tp": 2, "sequence_parallel": True},
         {"dp_shard": 2, "lora": LORA},
         {"tp": 2, "lora": LORA},
     ],
-    ids=["fsdp2", "tp2", "tp2-sp", "fsdp2-lora", "tp2-lora"],
+    ids=["fsdp2", "fsdp2-noreshard-compile", "tp2", "tp2-sp", "fsdp2-lora", "tp2-lora"],
 )
 def test_two_process_equals_single(tmp_path, kwargs):
     single = train_once({k: v for k, v in kwargs.items() if k not in PARALLEL_KEYS})
@@ -40,6 +42,16 @@ def test_pipeline_two_stages_equal_single(tmp_path, schedule):
     assert_same_run(single, results[0])
     assert results[0]["stats"][1]["loss"] == results[1]["stats"][1]["loss"]
     assert (results[0]["logprobs"] == results[1]["logprobs"]).all()
+
+
+def test_zbv_uneven_stage_layers_equal_single(tmp_path):
+    """A V split with a last stage holding only the final norm and the LM-head loss."""
+    model_args = {"n_layers": 4}
+    single = train_once({"model_args": model_args})
+    kwargs = {"pp": 2, "pp_schedule": "ZBVZeroBubble", "pp_microbatches": 4,
+              "pp_stage_layers": [1, 2, 1, 0], "model_args": model_args}
+    results = run_distributed(train_once, 2, str(tmp_path), engine_kwargs=kwargs)
+    assert_same_run(single, results[0])
 
 
 def test_expert_parallel_equals_single(tmp_path):

@@ -131,3 +131,49 @@ def test_config_errors():
         ArchonEngine(args, lr_schedule="cosine")
     with pytest.raises(ConfigError, match="fused_projections=True cannot be combined"):
         ArchonEngine(args, fused_projections=True, lora={"rank": 2})
+
+
+def test_pipeline_layer_split_counts():
+    from areal_agents.trainers.archon.pipeline import layer_split
+
+    assert layer_split(5, 2) == [range(0, 3), range(3, 5)]
+    assert layer_split(4, 4, [1, 2, 1, 0]) == [range(0, 1), range(1, 3), range(3, 4), range(4, 4)]
+    with pytest.raises(ConfigError, match="sum to n_layers=4"):
+        layer_split(4, 4, [1, 1, 1, 0])
+    with pytest.raises(ConfigError, match="cannot fill"):
+        layer_split(1, 2)
+
+
+def test_pipeline_head_backward_runs_once_under_split_backward(monkeypatch):
+    """Zero-bubble split backward (input pass, then weight pass) through the pipeline's LM-head
+    node: the shared head backward runs once and the gradients equal a plain backward."""
+    from areal_agents.trainers import logprobs
+    from areal_agents.trainers.archon.pipeline import _HeadOnce
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    calls = []
+    orig = logprobs._ChunkedLogprobs.backward
+    monkeypatch.setattr(logprobs._ChunkedLogprobs, "backward",
+                        staticmethod(lambda ctx, *g: (calls.append(1), orig(ctx, *g))[1]))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    proj = torch.nn.Linear(8, 8)
+    head = torch.nn.Parameter(torch.randn(11, 8, generator=g))
+    ids = torch.randint(0, 11, (2, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    lp, ent = _HeadOnce.apply(proj(x), head, ids, mask, 0.7)
+    loss = -(lp.sum() + 0.1 * ent.sum())
+    weights = [proj.weight, proj.bias, head]
+    _, groups = stage_backward_input([loss], None, [x], iter(weights))
+    assert head.grad is None and proj.weight.grad is None  # input pass: no weight grads yet
+    stage_backward_weight(iter(weights), groups)
+    assert len(calls) == 1
+    x2 = x.detach().requires_grad_()
+    proj2 = torch.nn.Linear(8, 8)
+    proj2.load_state_dict(proj.state_dict())
+    head2 = head.detach().clone().requires_grad_()
+    lp2, ent2 = logprobs.sequence_logprobs(proj2(x2), head2, ids, mask, 0.7)
+    (-(lp2.sum() + 0.1 * ent2.sum())).backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+    assert torch.allclose(head.grad, head2.grad, atol=1e-6)
+    assert torch.allclose(proj.weight.grad, proj2.weight.grad, atol=1e-6)

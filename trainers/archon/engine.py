@@ -107,7 +107,9 @@ class ArchonEngine(TrainEngine):
         token_budget: maximum padded tokens per micro-batch.
         dp_shard, tp, pp, ep: parallel degrees (see ``ParallelDims``).
         pp_schedule: ``"1F1B"``, ``"Interleaved1F1B"``, ``"ZBVZeroBubble"`` or
-            ``"InterleavedZeroBubble"``; ``pp_microbatches`` micro-batches per step.
+            ``"InterleavedZeroBubble"``; ``pp_microbatches`` micro-batches per step;
+            ``pp_stage_layers`` layers per stage in stage order (default: even split) to balance
+            the last stage's extra LM-head/loss work.
         sequence_parallel: run norms on sequence shards under TP.
         activation_checkpoint: ``"none"``, ``"full"`` or ``"selective"``.
         compile: ``torch.compile`` each block (``True`` = inductor, or a backend name).
@@ -150,6 +152,7 @@ class ArchonEngine(TrainEngine):
         ep: int = 1,
         pp_schedule: str = "1F1B",
         pp_microbatches: int | None = None,
+        pp_stage_layers: list[int] | None = None,
         sequence_parallel: bool = False,
         activation_checkpoint: ACMode = "none",
         compile: bool | str = False,
@@ -204,7 +207,7 @@ class ArchonEngine(TrainEngine):
             self.pipeline = PipelineRunner(self, pp_schedule, pp_microbatches,
                                            sequence_parallel=sequence_parallel,
                                            activation_checkpoint=activation_checkpoint,
-                                           compile=compile)
+                                           compile=compile, stage_layers=pp_stage_layers)
         else:
             if self.dims.ep_enabled:
                 from .models.qwen3_moe import apply_ep

@@ -41,12 +41,20 @@ def stage_ids(schedule: str, pp_rank: int, pp: int) -> list[int]:
     return [pp_rank, pp_rank + pp]
 
 
-def layer_split(n_layers: int, n_stages: int) -> list[range]:
-    """Contiguous layer ranges per stage, as even as possible (earlier stages get extras).
+def layer_split(n_layers: int, n_stages: int, counts: list[int] | None = None) -> list[range]:
+    """Contiguous layer ranges per stage: ``counts[s]`` layers for stage ``s`` when given (a
+    stage may hold none, e.g. a last stage with only the norm and LM-head loss), else as
+    even as possible (earlier stages get extras).
 
     Raises:
-        ConfigError: fewer layers than stages.
+        ConfigError: fewer layers than stages, or ``counts`` of the wrong length/sum.
     """
+    if counts is not None:
+        if len(counts) != n_stages or sum(counts) != n_layers or min(counts) < 0:
+            raise ConfigError(f"pp_stage_layers={counts} must list {n_stages} non-negative layer "
+                              f"counts (one per stage) that sum to n_layers={n_layers}")
+        starts = [sum(counts[:s]) for s in range(n_stages)]
+        return [range(a, a + c) for a, c in zip(starts, counts, strict=True)]
     if n_layers < n_stages:
         raise ConfigError(f"{n_layers} layers cannot fill {n_stages} pipeline stages; use fewer stages")
     base, extra = divmod(n_layers, n_stages)
@@ -151,7 +159,7 @@ class PipelineRunner:
 
     def __init__(self, engine, schedule: str, n_microbatches: int | None = None, *,
                  sequence_parallel: bool = False, activation_checkpoint: str = "none",
-                 compile: bool | str = False) -> None:
+                 compile: bool | str = False, stage_layers: list[int] | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown pp_schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
         dims, args = engine.dims, engine.args
@@ -171,7 +179,7 @@ class PipelineRunner:
         self.n_microbatches = n_microbatches or self.n_stages
         self.device = engine.device
         self.dim = args.dim
-        ranges = layer_split(args.n_layers, self.n_stages)
+        ranges = layer_split(args.n_layers, self.n_stages, stage_layers)
         keep = {i for s in self.stage_ids for i in ranges[s]}
         rank_model = copy.deepcopy(engine.model)  # TODO(perf): build on meta for large models
         for i in list(rank_model.layers.keys()):
