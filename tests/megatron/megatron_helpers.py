@@ -91,3 +91,31 @@ def train_megatron(tensor_parallel: int = 1, steps: int = 2, ckpt: str | None = 
     if ckpt is not None:
         engine.save(ckpt)
     return stats, weights, engine.forward_logprobs(batch)
+
+
+def vocab_parallel_case(vocab: int = 95, padded: int = 96, temperature: float = 0.7):
+    """Worker: vocab-parallel log-probs of a fixed random case on this rank's weight rows.
+
+    Returns ``(logp, entropy, grad_hidden, grad_weight_rows)`` after backpropagating
+    ``sum(a * logp) + sum(b * entropy)``; also runs single-process (one rank, all rows).
+    """
+    import torch.distributed as dist
+    from areal_agents.trainers.megatron.vocab_parallel import vocab_parallel_sequence_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 16, generator=g)
+    weight = torch.randn(padded, 16, generator=g)
+    weight[vocab:] = 0  # TP padding rows
+    ids = torch.randint(0, vocab, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    a, b = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rows = padded // size
+    hidden.requires_grad_(True)
+    shard = weight[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+    group = dist.group.WORLD if dist.is_initialized() else None
+    lp, ent = vocab_parallel_sequence_logprobs(hidden, shard, ids, mask, temperature, 4,
+                                               rank * rows, vocab, group)
+    ((a * lp).sum() + (b * ent).sum()).backward()
+    return lp.detach(), ent.detach(), hidden.grad, shard.grad

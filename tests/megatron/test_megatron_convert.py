@@ -105,3 +105,32 @@ def test_unsupported_configs_name_the_problem():
     cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
     with pytest.raises(ConfigError, match="RoPE scaling 'yarn'"):
         spec_from_hf_config(cfg)
+
+
+@pytest.mark.multiprocess
+def test_vocab_parallel_logprobs_match_the_shared_chunked_math():
+    """2 gloo ranks, each with half the (padded) vocab rows: log-probs, entropy and gradients
+    equal ``sequence_logprobs`` on the full weight (pure torch.distributed, no megatron)."""
+    from areal_agents.trainers.launcher import launch
+    from areal_agents.trainers.logprobs import sequence_logprobs
+    from megatron_helpers import vocab_parallel_case
+
+    r0, r1 = launch(2, vocab_parallel_case)
+    g = torch.Generator().manual_seed(0)  # the worker's case, rebuilt
+    hidden = torch.randn(3, 7, 16, generator=g).requires_grad_(True)
+    weight = torch.randn(96, 16, generator=g)
+    ids = torch.randint(0, 95, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    a, b = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    w = weight[:95].clone().requires_grad_(True)
+    lp, ent = sequence_logprobs(hidden, w, ids, mask, 0.7, 4)
+    ((a * lp).sum() + (b * ent).sum()).backward()
+    for got in (r0, r1):  # identical on both ranks
+        torch.testing.assert_close(got[0], lp.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], ent.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[2], hidden.grad, atol=1e-5, rtol=1e-5)
+    grad_rows = torch.cat([r0[3], r1[3]])
+    torch.testing.assert_close(grad_rows[:95], w.grad, atol=1e-5, rtol=1e-5)
+    assert torch.all(grad_rows[95:] == 0)  # padding rows get no gradient
+    assert (lp != 0).sum() == mask[:, 1:].sum()

@@ -20,6 +20,7 @@ from areal_agents.trainers.megatron.convert import (
     tp_split_dim,
     unshard,
 )
+from areal_agents.trainers.megatron.vocab_parallel import vocab_parallel_sequence_logprobs
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import lr_lambda
 from torch import nn
@@ -43,7 +44,8 @@ class MegatronEngine(TrainEngine):
     The HF weights are converted to megatron's layout (fused QKV grouped by KV head, fused
     gate/up ``linear_fc1``; see ``convert.py``) and split over ``tensor_parallel`` ranks with
     megatron's ``parallel_state``. Log-probs use the shared chunked math
-    (``trainers/logprobs.py``) on the LM-head weight gathered over the TP group. The
+    (``trainers/logprobs.py``) at TP=1 and its vocab-parallel counterpart
+    (``vocab_parallel.py``: each rank computes its vocab columns, no gathered weight) at TP>1. The
     optimizer is ``torch.optim.AdamW`` on each rank's shards; gradients are summed over the
     data-parallel group (``world_size / tensor_parallel`` ranks, each training its share of the
     sequences) and the q/k-norm gradients over the TP group, as megatron's
@@ -165,9 +167,14 @@ class MegatronEngine(TrainEngine):
     def _forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         with quiet_megatron():
             hidden = self._mc.hidden_states(self.model, mb.input_ids)
-        weight = self._mc.output_weight(self.model, self.spec.vocab_size)
-        return sequence_logprobs(hidden, weight, mb.input_ids, mb.attention_mask, mb.temperature,
-                                 self.chunk_size)
+        weight = self._mc.lm_head_shard(self.model)
+        if self.tp == 1:
+            return sequence_logprobs(hidden, weight[: self.spec.vocab_size], mb.input_ids,
+                                     mb.attention_mask, mb.temperature, self.chunk_size)
+        return vocab_parallel_sequence_logprobs(
+            hidden, weight, mb.input_ids, mb.attention_mask, mb.temperature, self.chunk_size,
+            vocab_start=self.tp_rank * weight.shape[0], vocab_size=self.spec.vocab_size,
+            group=self.tp_group)
 
     @torch.no_grad()
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:

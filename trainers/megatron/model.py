@@ -69,8 +69,9 @@ class SDPACoreAttention(MegatronModule):
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: Any,
                  attention_type: str, attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
-                 pg_collection: Any = None) -> None:
+                 softmax_scale: float | None = None, **unused: Any) -> None:
+        # unused: cp_comm_type and the process-group argument, named ``model_comm_pgs`` in
+        # megatron-core 0.14 and ``pg_collection`` in 0.15+ (TP needs no group here)
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ConfigError("context parallelism needs TransformerEngine attention")
@@ -158,30 +159,9 @@ def hidden_states(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
     return hidden.transpose(0, 1)
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 over the TP group; backward keeps this rank's rows of the grad.
-
-    Every TP rank computes the same loss from the gathered tensor, so each rank's gradient of
-    the full tensor is already complete: slicing (not summing) is the right backward.
-    """
-
-    @staticmethod
-    def forward(ctx, shard, group):  # type: ignore[override]
-        size = dist.get_world_size(group)
-        ctx.rank, ctx.rows = dist.get_rank(group), shard.shape[0]
-        parts = [torch.empty_like(shard) for _ in range(size)]
-        dist.all_gather(parts, shard.contiguous(), group=group)
-        return torch.cat(parts, 0)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
-
-
-def output_weight(model: GPTModel, vocab_size: int) -> torch.Tensor:
-    """The full ``[vocab, hidden]`` LM-head weight (gathered over TP, padding dropped)."""
-    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
-        else model.output_layer.weight
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        weight = _GatherRows.apply(weight, ps.get_tensor_model_parallel_group())
-    return weight[:vocab_size]
+def lm_head_shard(model: GPTModel) -> torch.Tensor:
+    """This TP rank's ``[padded_vocab / tp, hidden]`` rows of the LM-head weight (the
+    embedding's when tied)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
