@@ -14,6 +14,7 @@ pytest.importorskip("megatron.core")
 
 from areal_agents.trainers.logprobs import full_logprobs
 from areal_agents.trainers.megatron import MegatronEngine
+from areal_agents.trainers.microbatch import plan_microbatches
 from megatron_helpers import grpo_batch, grpo_loss, hf_model
 
 from areal_agents.errors import ConfigError, TrainError
@@ -60,6 +61,24 @@ def test_train_step_equals_fsdp_and_lowers_loss():
         torch.testing.assert_close(exported[name], w, atol=2e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(mega.forward_logprobs(batch), fsdp.forward_logprobs(batch),
                                atol=2e-5, rtol=0)
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    model = hf_model("qwen3")
+    batch = grpo_batch(model)
+    plain = MegatronEngine(copy.deepcopy(model), lr=1e-3, token_budget=24)
+    recomputed = MegatronEngine(copy.deepcopy(model), lr=1e-3, token_budget=24,
+                                activation_checkpointing=True)
+    calls = []
+    layer = recomputed.model.decoder.layers[0]
+    inner = layer.mlp.forward
+    layer.mlp.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    got, want = recomputed.train_step(batch, grpo_loss), plain.train_step(batch, grpo_loss)
+    micro_batches = len(plan_microbatches(batch.attention_mask.sum(-1).tolist(), 24))
+    assert micro_batches > 1 and len(calls) == 2 * micro_batches  # each runs again in backward
+    assert got == want
+    for (name, a), (_, b) in zip(recomputed.export_weights(), plain.export_weights(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
 def test_nan_loss_is_refused():

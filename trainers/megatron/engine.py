@@ -60,6 +60,7 @@ class MegatronEngine(TrainEngine):
         lr, weight_decay, betas, max_grad_norm, warmup_steps, lr_schedule, total_steps,
         token_budget, chunk_size: as for ``FSDPEngine``.
         tensor_parallel: TP size (divides the world size, the heads and the KV heads).
+        activation_checkpointing: recompute each decoder layer in the backward pass.
         lora: must be ``None`` (LoRA is not implemented on this backend).
         device: default ``cuda:<current>`` when available, else CPU.
 
@@ -81,6 +82,7 @@ class MegatronEngine(TrainEngine):
         total_steps: int | None = None,
         token_budget: int = 4096,
         tensor_parallel: int = 1,
+        activation_checkpointing: bool = False,
         lora: Any = None,
         device: torch.device | str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -114,6 +116,8 @@ class MegatronEngine(TrainEngine):
 
         with quiet_megatron():
             self.model = mc.build_gpt(self.spec, mc.transformer_config(self.spec, tensor_parallel))
+        if activation_checkpointing:
+            mc.checkpoint_layers(self.model)
         self._mark_tp_attributes()
         self.load_full_state({k: v.detach() for k, v in hf_to_megatron(hf.state_dict(), self.spec).items()})
         self.model.to(self.device)

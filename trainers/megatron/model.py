@@ -159,6 +159,31 @@ def hidden_states(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
     return hidden.transpose(0, 1)
 
 
+def checkpoint_layers(model: GPTModel) -> None:
+    """Recompute every decoder layer in the backward pass (``torch.utils.checkpoint``).
+
+    megatron's own ``recompute_granularity`` needs CUDA: ``tensor_parallel.random.
+    CheckpointFunction.forward`` saves CUDA RNG states (``_get_cuda_rng_state``). PyTorch's
+    non-reentrant checkpoint saves the device's RNG state itself and runs anywhere; each
+    layer's ``forward`` is wrapped in place, so parameter names do not change.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.decoder.layers:
+        forward = layer.forward
+
+        def quiet(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+            with quiet_megatron():  # the recompute runs again in backward, outside the engine
+                return _forward(*args, **kwargs)
+
+        def run(*args: Any, _quiet: Any = quiet, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _quiet(*args, **kwargs)
+            return checkpoint(_quiet, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = run
+
+
 def lm_head_shard(model: GPTModel) -> torch.Tensor:
     """This TP rank's ``[padded_vocab / tp, hidden]`` rows of the LM-head weight (the
     embedding's when tied)."""
