@@ -67,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     # training backends
     "ArchonEngine": "areal_agents.trainers.archon",
     "FSDPEngine": "areal_agents.trainers.fsdp",
+    "MegatronEngine": "areal_agents.trainers.megatron",  # needs the [megatron] extra to construct
     "SFTTrainer": "areal_agents.trainers.sft",
     "ConfigError": "areal_agents.errors",
     # training
