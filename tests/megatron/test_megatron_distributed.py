@@ -68,3 +68,12 @@ def test_dp2_equals_single_process():
     assert rank0[0] == rank1[0]  # stats are all-reduced over the data-parallel group
     torch.set_num_threads(1)
     _assert_same_run(rank0, train_megatron(1, 2))
+
+
+@pytest.mark.slow
+def test_tp2_dp2_on_four_processes_equals_single_process():
+    ranks = launch(4, train_megatron, 2, 2, None, "qwen2")
+    assert all(r[0] == ranks[0][0] for r in ranks)  # stats reduced over DP, equal over TP
+    assert [len(r[1]) for r in ranks[1:]] == [0, 0, 0]  # only global rank 0 exports
+    torch.set_num_threads(1)
+    _assert_same_run(ranks[0], train_megatron(1, 2, None, "qwen2"))
