@@ -129,6 +129,8 @@ def test_config_errors():
         ArchonEngine(args, activation_checkpoint="sometimes")
     with pytest.raises(ConfigError, match="total_steps"):
         ArchonEngine(args, lr_schedule="cosine")
+    with pytest.raises(ConfigError, match="compile cannot be used with pp_schedule='ZBVZeroBubble'"):
+        ArchonEngine(args, pp=2, pp_schedule="ZBVZeroBubble", compile=True)
     with pytest.raises(ConfigError, match="fused_projections=True cannot be combined"):
         ArchonEngine(args, fused_projections=True, lora={"rank": 2})
 

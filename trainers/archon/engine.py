@@ -117,7 +117,7 @@ class ArchonEngine(TrainEngine):
             and PP (their layouts need ``[B, T]`` activations).
         reshard_after_forward: FSDP2 re-gathers block weights for backward (``True``, least
             memory) or keeps them unsharded from forward to backward (``False``, half the
-            all-gathers; what torchtitan does for small models and PP).
+            all-gathers); ``None`` (default, as torchtitan) reshards all blocks but the last.
         fused_projections: one ``wqkv`` and one ``w13`` matmul per block; ``None`` fuses
             unless TP or LoRA is used (they need the per-projection layout). HF names and
             checkpoints are the same either way; DCP checkpoints follow the layout.
@@ -157,7 +157,7 @@ class ArchonEngine(TrainEngine):
         activation_checkpoint: ACMode = "none",
         compile: bool | str = False,
         pack: bool = True,
-        reshard_after_forward: bool = True,
+        reshard_after_forward: bool | None = None,
         fused_projections: bool | None = None,
         lora: Any = None,
         fp8: bool = False,
@@ -169,6 +169,10 @@ class ArchonEngine(TrainEngine):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
         if lr_schedule == "cosine" and not total_steps:
             raise ConfigError("lr_schedule='cosine' needs total_steps= (the step the LR reaches 0)")
+        if pp > 1 and compile and "ZeroBubble" in pp_schedule:
+            raise ConfigError(f"compile cannot be used with pp_schedule={pp_schedule!r}: its split "
+                              "backward (input, then weight gradients) needs the eager autograd "
+                              "graph; compile with 1F1B/Interleaved1F1B or drop compile")
         self.device = torch.device(device) if device is not None else default_device()
         self.dims = ParallelDims(dp_shard=dp_shard, tp=tp, pp=pp, ep=ep)
         self.distributed = self.dims.world_size > 1

@@ -139,7 +139,7 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
 
 
 def apply_fsdp(model: nn.Module, root: nn.Module, dp_mesh, param_dtype: torch.dtype | None = None,
-               reshard_after_forward: bool = True, ignored_params: set | None = None) -> None:
+               reshard_after_forward: bool | None = None, ignored_params: set | None = None) -> None:
     """FSDP2 ``fully_shard`` on every block, then on ``root`` (embeddings, norm, head).
 
     Gradients are averaged over ``dp_mesh`` (scale micro-batch losses by its size).
@@ -148,10 +148,13 @@ def apply_fsdp(model: nn.Module, root: nn.Module, dp_mesh, param_dtype: torch.dt
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
-    for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # None: reshard every block but the last, whose backward starts right after forward
+        reshard = (i < len(blocks) - 1) if reshard_after_forward is None else reshard_after_forward
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard,
                     ignored_params=ignored_params)
-    fully_shard(root, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+    fully_shard(root, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward is not False,
                 ignored_params=ignored_params)
 
 
@@ -165,7 +168,7 @@ def parallelize(
     compile: bool | str = False,
     param_dtype: torch.dtype | None = None,
     ignored_params: set | None = None,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: bool | None = None,
 ) -> None:
     """Apply TP, AC, compile and FSDP2 to ``model`` (wrapped by ``root``) as ``dims`` says.
 
@@ -176,7 +179,8 @@ def parallelize(
         compile: ``True`` for inductor or a backend name.
         reshard_after_forward: FSDP2 frees the unsharded block weights after forward and
             all-gathers them again for backward; ``False`` keeps them (one all-gather per
-            block per step instead of two, at the memory of the unsharded weights).
+            block per step instead of two, at the memory of the unsharded weights); ``None``
+            reshards all blocks but the last (its backward starts right after forward).
     """
     mesh = dims.build_mesh(next(model.parameters()).device.type) if dims.world_size > 1 else None
     if dims.tp_enabled:
