@@ -39,6 +39,7 @@ class VsScripted(MultiAgentEnv[list[dict[str, Any]], Any]):
         opponents: names from ``PLAYERS`` (the pool; one is drawn uniformly per episode).
         seats: the seats the player may take (one is drawn uniformly per episode).
         opening_moves: random opening moves before play (0-2; see ``TicTacToe``).
+        illegal, max_reasks: ``TicTacToe``'s illegal-move rule (default: re-ask twice).
 
     Infos at the end carry ``seat``, ``opponent`` and ``outcome`` ("win", "draw", "loss").
     Rewards are the player's TicTacToe rewards (+1 win, 0 draw, -1 loss or illegal move).
@@ -51,7 +52,8 @@ class VsScripted(MultiAgentEnv[list[dict[str, Any]], Any]):
     possible_agents = ["player"]  # noqa: RUF012
 
     def __init__(self, opponents: Sequence[str] = (RANDOM, "heuristic"),
-                 seats: Sequence[str] = SEATS, opening_moves: int = 0) -> None:
+                 seats: Sequence[str] = SEATS, opening_moves: int = 0,
+                 illegal: str = "reask", max_reasks: int = 2) -> None:
         unknown = sorted(set(opponents) - set(PLAYERS))
         if unknown or not opponents:
             raise ValueError(f"unknown opponents {unknown or list(opponents)}; choose from "
@@ -61,7 +63,8 @@ class VsScripted(MultiAgentEnv[list[dict[str, Any]], Any]):
         if not 0 <= opening_moves <= 2:
             raise ValueError(f"opening_moves must be in 0..2, got {opening_moves}")
         self.opponents, self.seats = list(opponents), list(seats)
-        self.game = TicTacToe(opening_moves=opening_moves)
+        self.game = TicTacToe(illegal=illegal, max_reasks=max_reasks,  # type: ignore[arg-type]
+                              opening_moves=opening_moves)
         self.agents: list[str] = []
         self.seat, self.opponent = "x", self.opponents[0]
 

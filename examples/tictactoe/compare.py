@@ -38,6 +38,10 @@ from arena import SEATS, VsScripted, evaluate_vs
 
 VARIANTS = ("selfplay", "separate", "pool")
 OPENING_MOVES = 2
+GAME = {"illegal": "reask", "max_reasks": 2}
+"""TicTacToe rules in training and evaluation: an illegal move is re-asked twice, the third in a
+row loses (so a policy's seat-mate almost always gets to act, and games teach more than legality)."""
+POOL = ("random", "heuristic")
 
 
 def make_policy(seed: int, model: str, sft_steps: int, lr: float) -> Policy:
@@ -46,10 +50,12 @@ def make_policy(seed: int, model: str, sft_steps: int, lr: float) -> Policy:
                   sft_lr=3e-3, sampling={"temperature": 1.0, "max_tokens": 1})
 
 
-def build(variant: str, *, model: str = "tiny:xs", sft_steps: int = 100, lr: float = 1e-3,
-          batch_size: int = 32, group_size: int = 8, warm_episodes: int = 128,
-          run_dir: str | Path | None = None, seed: int = 0) -> Trainer:
-    """The ``Trainer`` of one variant (not set up yet).
+def build(variant: str, *, model: str = "tiny:xs", sft_steps: int = 60, lr: float = 1e-3,
+          batch_size: int = 16, group_size: int = 4, warm_episodes: int = 128,
+          warm_player: str = "tictactoe_heuristic", run_dir: str | Path | None = None,
+          seed: int = 0) -> Trainer:
+    """The ``Trainer`` of one variant (not set up yet). ``warm_player`` plays every seat of the
+    warm-start demonstrations (a name in ``areal_agents.agents.players`` or ``"random"``).
 
     Raises:
         ValueError: unknown variant.
@@ -62,18 +68,20 @@ def build(variant: str, *, model: str = "tiny:xs", sft_steps: int = 100, lr: flo
         return make_policy(s, model, sft_steps, lr)
 
     warm = {"episodes": warm_episodes}
+    both = {"x": warm_player, "o": warm_player}
+    game = {"opening_moves": OPENING_MOVES, **GAME}
     if variant == "selfplay":
-        return Trainer(env="TicTacToe-v0", env_kwargs={"opening_moves": OPENING_MOVES},
+        return Trainer(env="TicTacToe-v0", env_kwargs=game,
                        policies={"shared": pol(0)}, policy_map={"x": "shared", "o": "shared"},
-                       warm_start={**warm, "players": {"x": "random", "o": "random"}}, **common)
+                       warm_start={**warm, "players": both}, **common)
     if variant == "separate":
-        return Trainer(env="TicTacToe-v0", env_kwargs={"opening_moves": OPENING_MOVES},
+        return Trainer(env="TicTacToe-v0", env_kwargs=game,
                        policies={"px": pol(0), "po": pol(1)}, policy_map={"x": "px", "o": "po"},
-                       warm_start={**warm, "players": {"x": "random", "o": "random"}}, **common)
+                       warm_start={**warm, "players": both}, **common)
     if variant == "pool":
-        return Trainer(env=lambda: VsScripted(("random", "heuristic"), SEATS, OPENING_MOVES),
+        return Trainer(env=lambda: VsScripted(POOL, SEATS, OPENING_MOVES),
                        policies={"vs_pool": pol(0)}, policy_map={"player": "vs_pool"},
-                       warm_start={**warm, "players": {"player": "random"}}, **common)
+                       warm_start={**warm, "players": {"player": warm_player}}, **common)
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
@@ -142,11 +150,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=40, help="GRPO steps per variant")
+    parser.add_argument("--steps", type=int, default=30, help="GRPO steps per variant")
     parser.add_argument("--model", default="tiny:xs")
-    parser.add_argument("--sft-steps", type=int, default=100)
+    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--warm-player", default="tictactoe_heuristic",
+                        help="demonstration player of the warm start (or 'random')")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-games", type=int, default=32, help="per policy, seat, opponent")
+    parser.add_argument("--eval-games", type=int, default=24, help="per policy, seat, opponent")
     parser.add_argument("--opponents", default="heuristic,random")
     parser.add_argument("--no-before", action="store_true", help="skip the post-SFT evaluation")
     parser.add_argument("--run-dir", default="runs/tictactoe_compare")
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(run_variant(
             variant, args.steps, opponents=args.opponents.split(","), seeds=seeds,
             before=not args.no_before, model=args.model, sft_steps=args.sft_steps,
-            lr=args.lr, run_dir=args.run_dir))
+            lr=args.lr, warm_player=args.warm_player, run_dir=args.run_dir))
         sec = result["seconds"]
         print(f"{variant}: train engines {result['train_engines']}; "
               + ", ".join(f"{k} {v:.0f}s" for k, v in sec.items()), flush=True)

@@ -1,0 +1,144 @@
+"""examples/tictactoe: the VsScripted arena, greedy W/D/L evaluation, and the three variants."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from areal_agents.agents import ScriptedAgent
+from areal_agents.agents.players import tictactoe_heuristic, tictactoe_minimax
+from areal_agents.envs.tictactoe import TicTacToe
+
+from areal_agents.episode import run_episode
+
+from ._load import load_example
+
+arena = load_example("tictactoe", "arena")
+compare = load_example("tictactoe", "compare")
+
+
+# ---- env pieces (no model) -------------------------------------------------------------------
+
+
+async def test_opening_moves_vary_the_start_and_are_seeded():
+    starts = set()
+    for seed in range(20):
+        env = TicTacToe(opening_moves=2)
+        obs, _ = await env.reset(seed=seed)
+        again, _ = await TicTacToe(opening_moves=2).reset(seed=seed)
+        assert obs == again  # same seed, same opening
+        ((first, _),) = obs.items()
+        assert first == ("x" if env.board.count("X") == env.board.count("O") else "o")
+        assert env.board.count(".") >= 7
+        starts.add(env.board)
+    assert len(starts) >= 8 and "." * 9 in starts
+    assert (await TicTacToe().reset(seed=3))[0]["x"][0]["content"].endswith("...\n...\n...")
+    with pytest.raises(ValueError, match=r"opening_moves must be in 0\.\.4"):
+        TicTacToe(opening_moves=5)
+
+
+def test_heuristic_wins_then_blocks_then_takes_the_centre():
+    assert tictactoe_heuristic("You are X. Board:\nXX.\nOO.\n...") == "3"  # win first
+    assert tictactoe_heuristic("You are X. Board:\nX..\nOO.\n..X") == "6"  # block
+    assert tictactoe_heuristic("You are O. Board:\nX..\n...\n...") == "5"  # centre
+
+
+async def play_vs(player, opponents, seats, seeds, opening_moves=2):
+    outcomes = []
+    for seed in seeds:
+        env = arena.VsScripted(opponents, seats, opening_moves=opening_moves)
+        episode = await run_episode(env, {"player": ScriptedAgent(player)}, seed=seed)
+        info = episode.infos["player"]
+        assert episode.status == "terminated"
+        assert episode.returns["player"] == {"win": 1.0, "draw": 0.0, "loss": -1.0}[info["outcome"]]
+        outcomes.append((info["seat"], info["opponent"], info["outcome"]))
+    return outcomes
+
+
+async def test_vs_scripted_draws_seat_and_opponent_per_seed():
+    pool = ("random", "heuristic")
+    for opening_moves in (0, 2):
+        outcomes = await play_vs(tictactoe_minimax, pool, arena.SEATS, range(40), opening_moves)
+        assert {(s, o) for s, o, _ in outcomes} == {(s, o) for s in "xo" for o in pool}
+        assert any(outcome == "win" for *_, outcome in outcomes)
+        assert outcomes == await play_vs(tictactoe_minimax, pool, arena.SEATS, range(40),
+                                         opening_moves)  # seeded
+    # from the empty board minimax never loses (random openings may hand it a lost position)
+    outcomes = await play_vs(tictactoe_minimax, pool, arena.SEATS, range(40), 0)
+    assert all(outcome != "loss" for *_, outcome in outcomes)
+
+
+async def test_vs_scripted_illegal_move_is_a_loss_and_minimax_beats_nothing():
+    (outcome,) = await play_vs(lambda obs: "no move", ("minimax",), ("o",), [0])
+    assert outcome == ("o", "minimax", "loss")
+    outcomes = await play_vs(tictactoe_minimax, ("minimax",), ("x",), range(5), 0)
+    assert {o for *_, o in outcomes} <= {"draw", "win"}
+    with pytest.raises(ValueError, match="unknown opponents"):
+        arena.VsScripted(("nobody",))
+    with pytest.raises(ValueError, match="seats"):
+        arena.VsScripted(seats=("z",))
+
+
+# ---- the variants (tiny model, a few steps) ---------------------------------------------------
+
+# enough warm start that the first mover rarely loses by three illegal moves in a row before
+# its seat-mate acts (a group where a policy never acts gives it no samples)
+SMALL = dict(sft_steps=15, warm_episodes=16, batch_size=8, group_size=4)
+SEEDS = [3_000_000, 3_000_001, 3_000_002]
+
+
+def check_rows(rows, policies, opponents, when):
+    keys = {(r["policy"], r["seat"], r["opponent"]) for r in rows if r["when"] == when}
+    assert keys == {(p, s, o) for p in policies for s in "xo" for o in opponents}
+    for r in rows:
+        assert r["games"] == len(SEEDS)
+        for k in ("win", "draw", "loss", "illegal"):
+            assert 0.0 <= r[k] <= 1.0 and (r[k] * len(SEEDS)).is_integer()
+        assert r["win"] + r["draw"] + r["loss"] == pytest.approx(1.0)  # per policy and seat
+        assert r["illegal"] <= r["loss"]
+
+
+async def test_selfplay_shares_one_parameter_set():
+    result = await compare.run_variant("selfplay", 2, opponents=["heuristic"], seeds=SEEDS,
+                                       before=True, **SMALL)
+    assert result["train_engines"] == ["shared"] and list(result["parameters"]) == ["shared"]
+    assert result["policy_of"] == {"x": "shared", "o": "shared"}
+    check_rows(result["rows"], ["shared"], ["heuristic"], "sft")
+    check_rows(result["rows"], ["shared"], ["heuristic"], "rl2")
+    assert all(r["trained_seat"] for r in result["rows"])
+    last = result["history"][-1]
+    assert last["policy/shared/version"] == 2.0  # one engine, one update per step
+    assert {"train/x/reward", "train/o/reward"} <= set(last)  # both seats feed it
+    assert not any(k.startswith(("policy/px/", "policy/po/")) for k in last)
+
+
+async def test_separate_has_two_parameter_sets_and_pool_trains_both_seats():
+    result = await compare.run_variant("separate", 1, opponents=["random"], seeds=SEEDS,
+                                       before=False, **SMALL)
+    assert result["train_engines"] == ["po", "px"]
+    assert result["policy_of"] == {"x": "px", "o": "po"}
+    params = result["parameters"]
+    assert set(params) == {"po", "px"} and params["po"] == params["px"] > 0
+    check_rows(result["rows"], ["po", "px"], ["random"], "rl1")
+    trained = {(r["policy"], r["seat"]) for r in result["rows"] if r["trained_seat"]}
+    assert trained == {("px", "x"), ("po", "o")}
+    last = result["history"][-1]
+    assert last["policy/px/version"] == last["policy/po/version"] == 1.0
+
+    pool = await compare.run_variant("pool", 1, opponents=["heuristic"], seeds=SEEDS,
+                                     before=False, **SMALL)
+    assert pool["train_engines"] == ["vs_pool"] and pool["policy_of"] == {"player": "vs_pool"}
+    check_rows(pool["rows"], ["vs_pool"], ["heuristic"], "rl1")
+    assert all(r["trained_seat"] for r in pool["rows"])
+
+
+def test_table_and_errors():
+    row = {"variant": "pool", "when": "rl1", "policy": "vs_pool", "seat": "o",
+           "trained_seat": False, "opponent": "heuristic", "win": 0.25, "draw": 0.25,
+           "loss": 0.5, "illegal": 0.5, "games": 4.0}
+    text = compare.format_table([row])
+    assert "O*" in text and "   25    25    50      50  4" in text
+    with pytest.raises(ValueError, match="unknown variant"):
+        compare.build("nope")
+    with pytest.raises(ValueError, match="at least one seed"):
+        asyncio.run(arena.evaluate_vs(None, "p", "random", "x", []))
