@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from areal_agents.trainers.megatron.convert import (
     fuse_qkv,
     hf_to_megatron,
+    megatron_names,
     megatron_to_hf,
     shard,
     spec_from_hf_config,
@@ -32,6 +33,26 @@ def test_hf_megatron_round_trip_is_exact(family, tie):
     assert back.keys() == hf.keys()
     for name, t in hf.items():
         assert torch.equal(back[name], t), name
+
+
+def test_lazy_safetensors_checkpoint_reads_sharded_directories(tmp_path):
+    from areal_agents.trainers.megatron.hf_io import SafetensorsCheckpoint, read_hf_directory
+
+    model = hf_model("qwen2")
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    lazy = SafetensorsCheckpoint(tmp_path)
+    assert len({str(f) for f in lazy._files.values()}) > 1  # really sharded
+    want = model.state_dict()
+    assert set(lazy) == set(want)
+    for name, t in want.items():
+        assert torch.equal(lazy[name], t), name
+    spec = spec_from_hf_config(model.config)
+    converted = hf_to_megatron(lazy, spec)
+    assert list(converted) == megatron_names(spec)
+    config, _, tokenizer = read_hf_directory(tmp_path)
+    assert config.model_type == "qwen2" and tokenizer is None
+    with pytest.raises(FileNotFoundError, match=r"config\.json missing"):
+        read_hf_directory(tmp_path / "nowhere")
 
 
 def test_fused_qkv_rows_follow_megatrons_grouped_layout():

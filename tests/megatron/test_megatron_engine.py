@@ -14,6 +14,7 @@ pytest.importorskip("megatron.core")
 
 from areal_agents.trainers.logprobs import full_logprobs
 from areal_agents.trainers.megatron import MegatronEngine
+from areal_agents.trainers.megatron.convert import megatron_names
 from areal_agents.trainers.microbatch import plan_microbatches
 from megatron_helpers import grpo_batch, grpo_loss, hf_model
 
@@ -27,6 +28,7 @@ def test_logprobs_match_transformers(family, tie, temperature):
     model = hf_model(family, tie=tie)
     batch = grpo_batch(model, temperature=temperature)
     engine = MegatronEngine(copy.deepcopy(model), token_budget=24)
+    assert [n for n, _ in engine.named_shards()] == megatron_names(engine.spec)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
     want, _ = full_logprobs(logits, batch.input_ids, batch.attention_mask, temperature)
@@ -34,6 +36,24 @@ def test_logprobs_match_transformers(family, tie, temperature):
     assert got.shape == batch.input_ids.shape
     assert (got[batch.attention_mask.bool()][1:] != 0).any()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shard_size", [None, "200KB"])
+def test_engine_from_checkpoint_directory_equals_engine_from_model(tmp_path, shard_size):
+    from areal_agents.models import tiny_tokenizer
+
+    model = hf_model("qwen3")
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard_size} if shard_size else {}))
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (shard_size is not None)
+    from_dir = MegatronEngine(str(tmp_path))
+    from_model = MegatronEngine(copy.deepcopy(model))
+    assert from_dir.tokenizer is not None and from_dir.tokenizer.eos_token == "<|im_end|>"
+    assert from_model.tokenizer is None
+    for (name, a), (_, b) in zip(from_dir.export_weights(), from_model.export_weights(), strict=True):
+        assert torch.equal(a, b), name
+    batch = grpo_batch(model)
+    assert torch.equal(from_dir.forward_logprobs(batch), from_model.forward_logprobs(batch))
 
 
 def test_train_step_equals_fsdp_and_lowers_loss():

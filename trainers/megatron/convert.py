@@ -163,29 +163,56 @@ def _layer_names(spec: ModelSpec) -> dict[str, str]:
     return {**_LAYER_NAMES, **_QK_NORM_NAMES} if spec.qk_norm else _LAYER_NAMES
 
 
+def megatron_tensor(name: str, hf: Mapping[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
+    """One megatron *full* tensor, built from the HF tensors it needs (read lazily from ``hf``).
+
+    Raises:
+        KeyError: ``name`` is not a megatron tensor of ``spec``, or ``hf`` lacks a source.
+    """
+    if name == "embedding.word_embeddings.weight":
+        return _pad_rows(hf["model.embed_tokens.weight"], spec.padded_vocab)
+    if name == "output_layer.weight" and not spec.tie_embeddings:
+        return _pad_rows(hf["lm_head.weight"], spec.padded_vocab)
+    if name == "decoder.final_layernorm.weight":
+        return hf["model.norm.weight"]
+    layer, _, suffix = name.removeprefix("decoder.layers.").partition(".")
+    if not name.startswith("decoder.layers.") or not layer.isdigit() or int(layer) >= spec.num_layers:
+        raise KeyError(f"{name!r} is not a megatron tensor of this model")
+    src = f"model.layers.{layer}."
+    hf_name = {mc: h for h, mc in _layer_names(spec).items()}.get(suffix)
+    if hf_name is not None:
+        return hf[src + hf_name]
+    kind = suffix.rpartition(".")[2]  # weight | bias
+    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias") and (
+            kind == "weight" or spec.qkv_bias):
+        return fuse_qkv(*(hf[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"), spec)
+    if suffix == "mlp.linear_fc1.weight":
+        return torch.cat([hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], 0)
+    raise KeyError(f"{name!r} is not a megatron tensor of this model")
+
+
+def megatron_names(spec: ModelSpec) -> list[str]:
+    """Every megatron *full* tensor name of ``spec``, in ``GPTModel`` parameter order."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(spec.num_layers):
+        p = f"decoder.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "self_attention.linear_proj.weight",
+                  p + "self_attention.linear_qkv.weight"]
+        names += [p + "self_attention.linear_qkv.bias"] if spec.qkv_bias else []
+        names += [p + "self_attention.q_layernorm.weight",
+                  p + "self_attention.k_layernorm.weight"] if spec.qk_norm else []
+        names += [p + "pre_mlp_layernorm.weight", p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+    names.append("decoder.final_layernorm.weight")
+    return names + ([] if spec.tie_embeddings else ["output_layer.weight"])
+
+
 def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """HF state dict -> megatron *full* (TP=1 layout) state dict.
 
     Raises:
         KeyError: a tensor the architecture needs is missing from ``hf``.
     """
-    out = {"embedding.word_embeddings.weight": _pad_rows(hf["model.embed_tokens.weight"], spec.padded_vocab),
-           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    if not spec.tie_embeddings:
-        out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], spec.padded_vocab)
-    for i in range(spec.num_layers):
-        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for hf_name, mc_name in _layer_names(spec).items():
-            out[dst + mc_name] = hf[src + hf_name]
-        attn = src + "self_attn."
-        out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"], spec)
-        if spec.qkv_bias:
-            out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(
-                hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"], spec)
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], 0)
-    return out
+    return {name: megatron_tensor(name, hf, spec) for name in megatron_names(spec)}
 
 
 def megatron_to_hf(mc: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:

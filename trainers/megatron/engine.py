@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -13,7 +13,8 @@ from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
 from areal_agents.trainers.megatron.availability import quiet_megatron, require_megatron
 from areal_agents.trainers.megatron.convert import (
-    hf_to_megatron,
+    megatron_names,
+    megatron_tensor,
     megatron_to_hf,
     shard,
     spec_from_hf_config,
@@ -29,13 +30,21 @@ from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import TokenBatch
 
 
-def _load_hf(model_or_path: nn.Module | str) -> tuple[nn.Module, Any]:
-    """``(transformers model, tokenizer or None)`` from a model, a checkpoint dir or "tiny:..."."""
-    if isinstance(model_or_path, nn.Module):
-        return model_or_path, None
-    from areal_agents.models import load
+def _hf_source(model_or_path: nn.Module | str) -> tuple[Any, Mapping[str, torch.Tensor], Any]:
+    """``(HF config, name -> tensor, tokenizer or None)`` of a model, a spec or a directory.
 
-    return load(model_or_path, dtype=torch.float32)
+    A checkpoint directory is read lazily (``hf_io``): no ``transformers`` model is built.
+    """
+    if isinstance(model_or_path, nn.Module):
+        return model_or_path.config, model_or_path.state_dict(), None
+    from areal_agents.models import load, parse_tiny_spec
+
+    if parse_tiny_spec(str(model_or_path)) is not None:
+        model, tokenizer = load(model_or_path, dtype=torch.float32)
+        return model.config, model.state_dict(), tokenizer
+    from areal_agents.trainers.megatron.hf_io import read_hf_directory
+
+    return read_hf_directory(model_or_path)
 
 
 class MegatronEngine(TrainEngine):
@@ -55,8 +64,9 @@ class MegatronEngine(TrainEngine):
     the *same full batch*; without it a one-process gloo group is started. Float32 only.
 
     Args:
-        model_or_path: a ``transformers`` Qwen2 / Qwen3 / Llama causal LM, a checkpoint
-            directory or a tiny spec such as ``"tiny:xs"`` (sets ``self.tokenizer``).
+        model_or_path: a ``transformers`` Qwen2 / Qwen3 / Llama causal LM, a HF checkpoint
+            directory (safetensors, read tensor by tensor; sets ``self.tokenizer``) or a tiny
+            spec such as ``"tiny:xs"``.
         lr, weight_decay, betas, max_grad_norm, warmup_steps, lr_schedule, total_steps,
         token_budget, chunk_size: as for ``FSDPEngine``.
         tensor_parallel: TP size (divides the world size, the heads and the KV heads).
@@ -98,9 +108,8 @@ class MegatronEngine(TrainEngine):
         from megatron.core import parallel_state as ps
 
         self._mc, self._ps = mc, ps
-        hf, self.tokenizer = _load_hf(model_or_path)
-        self.hf_config = hf.config
-        self.spec = spec_from_hf_config(hf.config, tensor_parallel)  # validate before any group
+        self.hf_config, hf_tensors, self.tokenizer = _hf_source(model_or_path)
+        self.spec = spec_from_hf_config(self.hf_config, tensor_parallel)  # before any group
         mc.init_parallel(tensor_parallel)
         self.tp, self.tp_rank = tensor_parallel, ps.get_tensor_model_parallel_rank()
         self.tp_group = ps.get_tensor_model_parallel_group()
@@ -119,7 +128,17 @@ class MegatronEngine(TrainEngine):
         if activation_checkpointing:
             mc.checkpoint_layers(self.model)
         self._mark_tp_attributes()
-        self.load_full_state({k: v.detach() for k, v in hf_to_megatron(hf.state_dict(), self.spec).items()})
+        names = [n for n, _ in self.named_shards()]
+        if names != megatron_names(self.spec):
+            raise ConfigError(
+                f"megatron-core built parameters {names[:4]}... that differ from the layout this "
+                f"backend converts ({megatron_names(self.spec)[:4]}...); supported: megatron-core "
+                ">=0.12,<0.17"
+            )
+        with torch.no_grad():  # one HF-derived tensor at a time, sliced to this rank
+            for name, p in self.named_shards():
+                p.copy_(shard(name, megatron_tensor(name, hf_tensors, self.spec), self.tp_rank, self.tp))
+        del hf_tensors
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas,
                                            weight_decay=weight_decay)
