@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -21,6 +21,8 @@ from areal_agents.trainers.megatron.convert import (
     tp_split_dim,
     unshard,
 )
+from areal_agents.trainers.megatron.grads import clip_grads, finalize_grads
+from areal_agents.trainers.megatron.hf_io import hf_source
 from areal_agents.trainers.megatron.vocab_parallel import vocab_parallel_sequence_logprobs
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import lr_lambda
@@ -28,23 +30,6 @@ from torch import nn
 
 from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import TokenBatch
-
-
-def _hf_source(model_or_path: nn.Module | str) -> tuple[Any, Mapping[str, torch.Tensor], Any]:
-    """``(HF config, name -> tensor, tokenizer or None)`` of a model, a spec or a directory.
-
-    A checkpoint directory is read lazily (``hf_io``): no ``transformers`` model is built.
-    """
-    if isinstance(model_or_path, nn.Module):
-        return model_or_path.config, model_or_path.state_dict(), None
-    from areal_agents.models import load, parse_tiny_spec
-
-    if parse_tiny_spec(str(model_or_path)) is not None:
-        model, tokenizer = load(model_or_path, dtype=torch.float32)
-        return model.config, model.state_dict(), tokenizer
-    from areal_agents.trainers.megatron.hf_io import read_hf_directory
-
-    return read_hf_directory(model_or_path)
 
 
 class MegatronEngine(TrainEngine):
@@ -108,7 +93,7 @@ class MegatronEngine(TrainEngine):
         from megatron.core import parallel_state as ps
 
         self._mc, self._ps = mc, ps
-        self.hf_config, hf_tensors, self.tokenizer = _hf_source(model_or_path)
+        self.hf_config, hf_tensors, self.tokenizer = hf_source(model_or_path)
         self.spec = spec_from_hf_config(self.hf_config, tensor_parallel)  # before any group
         mc.init_parallel(tensor_parallel)
         self.tp, self.tp_rank = tensor_parallel, ps.get_tensor_model_parallel_rank()
@@ -225,39 +210,6 @@ class MegatronEngine(TrainEngine):
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return plans, int(count.item())
 
-    def _finalize_grads(self) -> None:
-        """Sum q/k-norm grads over TP (each rank saw its heads only) and all grads over DP."""
-        if self.tp > 1 and self.spec.qk_norm:
-            for name, p in self.named_shards():
-                if ("q_layernorm" in name or "k_layernorm" in name) and p.grad is not None:
-                    dist.all_reduce(p.grad, group=self.tp_group)
-        if self.dp > 1:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.dp_group)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-
-    def _clip_grads(self) -> float:
-        """Global grad-norm (TP duplicates counted once), then clip like ``clip_grad_norm_``."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        own = [p.grad for n, p in self.named_shards()
-               if p.grad is not None and (tp_split_dim(n) is not None or self.tp_rank == 0)]
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in own:
-            sq += g.float().pow(2).sum()
-        if self.tp > 1:
-            dist.all_reduce(sq, group=self.tp_group)
-        norm = float(sq.sqrt())
-        if self.max_grad_norm > 0 and math.isfinite(norm):
-            coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
-            if coef < 1.0:
-                for g in grads:
-                    g.mul_(coef)
-        return norm
-
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on ``batch`` (see ``TrainEngine``); returns global stats.
 
@@ -287,8 +239,11 @@ class MegatronEngine(TrainEngine):
         if not math.isfinite(out["loss"]):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainError(f"non-finite loss {out['loss']} at step {self.step}; check the batch/loss")
-        self._finalize_grads()
-        grad_norm = self._clip_grads()
+        named = list(self.named_shards())
+        finalize_grads(named, self.tp_group if self.tp > 1 and self.spec.qk_norm else None,
+                       self.dp_group if self.dp > 1 else None)
+        grad_norm = clip_grads(named, self.max_grad_norm, self.tp_rank,
+                               self.tp_group if self.tp > 1 else None)
         out["lr"] = float(self.scheduler.get_last_lr()[0])
         out["grad_norm"] = grad_norm
         out["num_tokens"] = float(batch.num_tokens)

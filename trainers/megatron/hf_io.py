@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -79,3 +80,18 @@ def read_hf_directory(path: str | Path) -> tuple[Any, SafetensorsCheckpoint, Any
     if any((path / f).exists() for f in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path)
     return config, tensors, tokenizer
+
+
+def hf_source(model_or_path: nn.Module | str) -> tuple[Any, Mapping[str, torch.Tensor], Any]:
+    """``(HF config, name -> tensor, tokenizer or None)`` of a model, a spec or a directory.
+
+    A checkpoint directory is read lazily (``read_hf_directory``): no model is built.
+    """
+    if isinstance(model_or_path, nn.Module):
+        return model_or_path.config, model_or_path.state_dict(), None
+    from areal_agents.models import load, parse_tiny_spec
+
+    if parse_tiny_spec(str(model_or_path)) is not None:
+        model, tokenizer = load(model_or_path, dtype=torch.float32)
+        return model.config, model.state_dict(), tokenizer
+    return read_hf_directory(model_or_path)
