@@ -11,7 +11,7 @@ tokens/s and the ratio; the process CPU time (summed over ranks) is printed too 
 far less disturbed by other jobs. The load average is printed so readers can judge the noise.
 
     python benchmarks/archon_vs_fsdp.py [--size xs] [--rounds 12] [--batch 16] [--seq 128]
-        [--pp-size xs] [--pp-layers 4] [--pp-microbatches 2 4 8] [--skip-pp] [--skip-compile]
+        [--pp-size xs] [--pp-layers 6] [--pp-microbatches 2 4 8] [--skip-pp] [--skip-compile]
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def main() -> None:
     p.add_argument("--skip-pp", action="store_true")
     p.add_argument("--only-pp", action="store_true")
     p.add_argument("--pp-size", default="xs")
-    p.add_argument("--pp-layers", type=int, default=4)
+    p.add_argument("--pp-layers", type=int, default=6)
     p.add_argument("--pp-microbatches", type=int, nargs="+", default=[2, 4, 8])
     a = p.parse_args()
     torch.set_num_threads(1)
