@@ -15,8 +15,9 @@ from areal_agents.samples import Sample, TokenBatch, collate
 def hf_model(family: str = "qwen3", seed: int = 0, tie: bool | None = None):
     """A random tiny float32 ``transformers`` causal LM with non-trivial norms and biases.
 
-    ``"qwen3"`` is the tiny factory's ``tiny("xs")`` (tied, q/k norm); ``"qwen2"`` (QKV bias)
-    and ``"llama"`` are 2-layer, 64-wide, untied unless ``tie``.
+    ``"qwen3"`` is the tiny factory's ``tiny("xs")`` (tied, q/k norm); ``"qwen2"`` (QKV bias),
+    ``"llama"`` and ``"llama3"`` (Llama-3.1 RoPE scaling) are 2-layer, 64-wide, untied unless
+    ``tie``.
     """
     import transformers as tf
 
@@ -33,6 +34,11 @@ def hf_model(family: str = "qwen3", seed: int = 0, tie: bool | None = None):
             model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
         elif family == "llama":
             model = tf.LlamaForCausalLM(tf.LlamaConfig(head_dim=16, **common))
+        elif family == "llama3":  # Llama-3.1 RoPE scaling (the constants megatron supports)
+            rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(head_dim=16, rope_parameters=rope, **common))
         else:
             raise ValueError(family)
     g = torch.Generator().manual_seed(seed + 1)

@@ -126,6 +126,12 @@ def test_unsupported_configs_name_the_problem():
     cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
     with pytest.raises(ConfigError, match="RoPE scaling 'yarn'"):
         spec_from_hf_config(cfg)
+    cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(ConfigError, match="supports 'llama3' with"):
+        spec_from_hf_config(cfg)
+    cfg.rope_parameters["original_max_position_embeddings"] = 8192
+    assert spec_from_hf_config(cfg).rope_scaling_factor == 8.0
 
 
 @pytest.mark.multiprocess

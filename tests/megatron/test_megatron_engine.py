@@ -22,7 +22,8 @@ from areal_agents.errors import ConfigError, TrainError
 
 
 @pytest.mark.parametrize(("family", "tie"), [("qwen3", None), ("qwen3", False), ("qwen2", False),
-                                             ("llama", False), ("llama", True)])
+                                             ("llama", False), ("llama", True),
+                                             ("llama3", False)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_transformers(family, tie, temperature):
     model = hf_model(family, tie=tie)
@@ -36,6 +37,19 @@ def test_logprobs_match_transformers(family, tie, temperature):
     assert got.shape == batch.input_ids.shape
     assert (got[batch.attention_mask.bool()][1:] != 0).any()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama3"])
+def test_rope_angles_match_transformers_at_long_positions(family):
+    """Up to 2x the original context, where Llama-3 scaling changes most frequencies."""
+    model = hf_model(family)
+    engine = MegatronEngine(copy.deepcopy(model))
+    from areal_agents.trainers.megatron.model import rotary_table  # after megatron's import
+    positions = torch.arange(0, 16384, 7)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    angles = rotary_table(engine.model, 16384)[positions[0], 0, 0]
+    torch.testing.assert_close(angles.cos(), cos[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(angles.sin(), sin[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("shard_size", [None, "200KB"])

@@ -37,6 +37,7 @@ class ModelSpec:
         padded_vocab: ``vocab_size`` rounded up to a multiple of the TP size.
         qkv_bias: Q/K/V projections carry a bias (Qwen2, Llama with ``attention_bias``).
         qk_norm: per-head RMSNorm of queries and keys before RoPE (Qwen3).
+        rope_scaling_factor: Llama-3 RoPE scaling factor (``None``: no scaling).
     """
 
     model_type: str
@@ -54,21 +55,31 @@ class ModelSpec:
     norm_eps: float
     rope_theta: float
     max_position_embeddings: int
+    rope_scaling_factor: float | None = None
 
 
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ConfigError(
-            f"RoPE scaling {kind!r} is not supported by the megatron backend yet; use a model "
-            "without rope_scaling, or backend='archon'/'fsdp'"
-        )
+# megatron-core's RotaryEmbedding hard-codes these Llama-3 scaling constants (only the factor
+# is a parameter); HF configs with other values cannot be expressed.
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope(config: Any) -> tuple[float, float | None]:
+    """``(rope_theta, llama3 scaling factor or None)`` of a HF config."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update(getattr(config, "rope_scaling", None) or {})
+    kind = params.get("rope_type") or params.get("type") or "default"
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise ConfigError("the HF config has no rope_theta (nor rope_parameters['rope_theta'])")
-    return float(theta)
+    if kind == "default":
+        return float(theta), None
+    if kind == "llama3" and all(float(params.get(k, -1)) == v for k, v in _LLAMA3_FIXED.items()):
+        return float(theta), float(params["factor"])
+    raise ConfigError(
+        f"RoPE scaling {kind!r} with {params} is not supported by the megatron backend: "
+        f"megatron-core supports 'llama3' with {_LLAMA3_FIXED} only; use backend='archon' "
+        "or 'fsdp'"
+    )
 
 
 def spec_from_hf_config(config: Any, tp_size: int = 1) -> ModelSpec:
@@ -102,6 +113,7 @@ def spec_from_hf_config(config: Any, tp_size: int = 1) -> ModelSpec:
     if getattr(config, "attention_bias", False) and kind == "qwen3":
         raise ConfigError("Qwen3 with attention_bias=True (biased o_proj) is not supported")
     vocab = config.vocab_size
+    theta, scaling = _rope(config)
     return ModelSpec(
         model_type=kind,
         num_layers=config.num_hidden_layers,
@@ -116,8 +128,9 @@ def spec_from_hf_config(config: Any, tp_size: int = 1) -> ModelSpec:
         qkv_bias=qkv_bias,
         qk_norm=kind == "qwen3",
         norm_eps=float(config.rms_norm_eps),
-        rope_theta=_rope_theta(config),
+        rope_theta=theta,
         max_position_embeddings=config.max_position_embeddings,
+        rope_scaling_factor=scaling,
     )
 
 

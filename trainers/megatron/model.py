@@ -130,8 +130,10 @@ def build_gpt(spec: ModelSpec, config: TransformerConfig) -> GPTModel:
         config, layer_spec, vocab_size=spec.padded_vocab,
         max_sequence_length=spec.max_position_embeddings,
         share_embeddings_and_output_weights=spec.tie_embeddings,
-        position_embedding_type="rope", rotary_base=int(spec.rope_theta)
-        if float(spec.rope_theta).is_integer() else spec.rope_theta,
+        position_embedding_type="rope",
+        rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
+        rope_scaling=spec.rope_scaling_factor is not None,
+        rope_scaling_factor=spec.rope_scaling_factor or 8.0,
     )
 
 
