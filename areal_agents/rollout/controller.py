@@ -63,6 +63,12 @@ class RolloutController:
         seed: the first task seed; seeds are consumed in order (the data cursor).
         max_consecutive_failures: after this many failed episodes in a row, ``take`` raises
             ``RolloutFailed`` with the last error instead of waiting forever (0 = never).
+        partial_groups: 0 (default): a group is trained only once all its episodes ended.
+            k >= 1: at the last ``take`` that may still train an in-flight group, its episodes
+            still generating are cancelled (``filtered:straggler``) and the group is trained
+            with the members already done if there are >= k of them (else it stays in flight
+            and is cancelled as too stale). Trades the long tail for throughput, so it biases
+            training toward shorter outputs — compare generated vs trained lengths.
 
     Each policy is assumed to ``take`` one batch per version (take, train, ``update_weights``),
     as the Trainer does: after a ``take`` at version v, a group first admitted at a version
@@ -84,9 +90,14 @@ class RolloutController:
         filter_fn: FilterFn | None = None,
         seed: int = 0,
         max_consecutive_failures: int = 256,
+        partial_groups: int = 0,
     ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if not 0 <= partial_groups <= group_size:
+            raise ValueError(f"partial_groups must be in 0..group_size={group_size} (0 = off), "
+                             f"got {partial_groups}")
+        self.partial_groups = partial_groups
         self.run_episode = run_episode
         self.controls = controls
         self.group_size = group_size
@@ -175,8 +186,8 @@ class RolloutController:
     def _end_group(self, group: GroupRun) -> None:
         del self._groups[group.seed]
         seed = group.seed
-        ok = [r for r in group.results if not isinstance(r, BaseException)]
-        num_failed = len(group.results) - len(ok)
+        ok = [r for r in group.results if r is not None and not isinstance(r, BaseException)]
+        num_failed = sum(isinstance(r, BaseException) for r in group.results)
         for policy, control in self.controls.items():
             if num_failed:
                 control.finish("failed", num_failed, released=True)
@@ -213,6 +224,28 @@ class RolloutController:
             self._open = None  # its members not yet admitted never will be
         self._changed.notify()
 
+    def _truncate_last_chance(self) -> None:
+        """Train in-flight groups the coming step is the last to accept without their stragglers
+        (``partial_groups``)."""
+        for group in list(self._groups.values()):
+            if not all(group.versions[p] + c.max_staleness <= self._next_train_version(p)
+                       for p, c in self.controls.items()):
+                continue
+            done_ok = sum(r is not None and not isinstance(r, BaseException) for r in group.results)
+            if done_ok < self.partial_groups:
+                continue
+            running = len(group.tasks)
+            for policy, control in self.controls.items():
+                control.finish("filtered", running)
+                self.ledger[policy]["filtered:straggler"] += running
+            for task in group.tasks.values():
+                task.cancel()
+            group.tasks.clear()
+            if self._open is group:
+                self._open = None
+            self._end_group(group)
+            self._changed.notify()
+
     def _next_train_version(self, policy: str) -> int:
         version = self.controls[policy].version
         return version + 1 if self._taken[policy] >= version else version
@@ -237,6 +270,11 @@ class RolloutController:
     async def take(self, policy: str, num_episodes: int) -> list[Group]:
         """Wait for and remove the oldest groups holding >= ``num_episodes`` episodes.
 
+        Fewer (but >= 1) are returned only when the batch cannot fill before a weight update:
+        nothing is generating and the staleness budget admits nothing (e.g. synchronous
+        training after episodes failed, so whole groups cannot add up to the batch). The
+        episodes taken are reported to the policy's ``StalenessControl.consume``.
+
         Groups whose ``min_version`` (oldest admission or token version) is more than the
         policy's ``max_staleness`` versions behind are dropped as ``filtered:too_stale``, so no
         sample is ever trained staler than that. This happens to long-tail stragglers (a group
@@ -251,18 +289,28 @@ class RolloutController:
         def ready() -> bool:
             self._check_failures()
             self._drop_stale(policy)
-            return self.buffered(policy) >= num_episodes
+            if self.partial_groups:
+                self._truncate_last_chance()
+            have = self.buffered(policy)
+            return have >= num_episodes or (have > 0 and self._stalled())
 
         await self._changed.wait_for(ready)
         out: list[Group] = []
-        while sum(g.num_episodes for g in out) < num_episodes:
+        self.buffers[policy].sort(key=lambda g: g.min_version)  # oldest data first (stable)
+        while self.buffers[policy] and sum(g.num_episodes for g in out) < num_episodes:
             out.append(self.buffers[policy].pop(0))
             self._resolve(out[-1].seed, policy)
-        self.ledger[policy]["trained"] += sum(g.num_episodes for g in out)
+        taken = sum(g.num_episodes for g in out)
+        self.ledger[policy]["trained"] += taken
+        self.controls[policy].consume(taken)
         self._taken[policy] = self.controls[policy].version
         self._drop_stale(policy, self._next_train_version(policy))
         self._cancel_doomed()
         return out
+
+    def _stalled(self) -> bool:
+        """Nothing generates and nothing can be admitted before a weight update."""
+        return not self.can_admit() and all(c.running == 0 for c in self.controls.values())
 
     def _check_failures(self) -> None:
         limit = self.max_consecutive_failures

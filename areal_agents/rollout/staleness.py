@@ -6,7 +6,12 @@ train-batch slot). For a policy at weight ``version`` with ``running`` episodes 
 episodes accepted into its buffer so far (cumulative since the last rebase)::
 
     capacity = min(max_concurrent - running,
-                   (max_staleness + version + 1) * batch_size - (accepted + running + waiting))
+                   (max_staleness + version + 1) * batch_size + overshoot
+                   - (accepted + running + waiting))
+
+``overshoot`` (0 unless ``consume`` is used) credits the episodes a step trained beyond
+``batch_size`` (a batch of whole groups may exceed it when groups lost members): without it
+every such step would shrink the admission budget for good, down to a deadlock.
 
 A new episode is admitted only while ``capacity > 0`` and the policy is not paused, so at most
 ``max_staleness`` batches are generated ahead of training; ``max_staleness=0`` is synchronous
@@ -57,6 +62,8 @@ class StalenessControl:
     filtered: int = 0
     failed: int = 0
     paused: bool = False
+    overshoot: int = 0
+    consumed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -71,7 +78,7 @@ class StalenessControl:
         if self.paused:
             return 0
         by_concurrency = self.max_concurrent - self.running
-        by_staleness = (self.max_staleness + self.version + 1) * self.batch_size - (
+        by_staleness = (self.max_staleness + self.version + 1) * self.batch_size + self.overshoot - (
             self.accepted + self.running + self.waiting
         )
         return max(0, min(by_concurrency, by_staleness))
@@ -117,10 +124,21 @@ class StalenessControl:
         setattr(self, source, getattr(self, source) - n)
         setattr(self, outcome, getattr(self, outcome) + n)
 
+    def consume(self, n: int) -> None:
+        """Record ``n`` accepted episodes taken for the step whose update comes next."""
+        self.consumed += n
+
     def set_version(self, version: int) -> None:
-        """The policy's weights moved to ``version`` (>= the current one)."""
+        """The policy's weights moved to ``version`` (>= the current one).
+
+        If episodes were ``consume``d for it, the ones beyond ``batch_size`` per version
+        (or short of it) are credited to ``overshoot``.
+        """
         if version < self.version:
             raise ValueError(f"version may not go backwards: {self.version} -> {version}")
+        if self.consumed:
+            self.overshoot += self.consumed - (version - self.version) * self.batch_size
+            self.consumed = 0
         self.version = version
 
     def pause(self) -> None:
@@ -157,6 +175,7 @@ class StalenessControl:
         self.running = 0
         self.waiting = 0
         self.paused = False
+        self.overshoot = self.consumed = 0
         self.accepted = version * self.batch_size if trained_episodes is None else trained_episodes
 
     def state_dict(self) -> dict[str, int | bool]:

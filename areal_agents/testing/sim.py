@@ -86,6 +86,8 @@ class SimEngine:
     Attributes:
         busy: slot-seconds spent decoding so far (utilisation = busy / (slots * elapsed)).
         generated: requests completed.
+        requested, requested_tokens: requests received and their drawn lengths (including
+            requests cancelled before they completed): the unbiased length distribution.
     """
 
     def __init__(self, slots: int = 64, token_latency: float = 0.0005, mu: float = 4.0,
@@ -98,6 +100,7 @@ class SimEngine:
         self.version = 0
         self.busy = 0.0
         self.generated = 0
+        self.requested = self.requested_tokens = 0
         self._sem = asyncio.Semaphore(slots)
 
     def mean_tokens(self, draws: int = 200_000) -> float:
@@ -116,6 +119,8 @@ class SimEngine:
     async def generate(self) -> tuple[int, int, int]:
         """Decode one request; returns ``(num_tokens, first_version, last_version)``."""
         num_tokens = self._length(self.rng)
+        self.requested += 1
+        self.requested_tokens += num_tokens
         async with self._sem:
             first = self.version
             seconds = num_tokens * self.token_latency

@@ -360,3 +360,60 @@ def test_stop_fails_unfinished_groups_and_keeps_counters_balanced():
     c = ctl.controls["p"]
     assert (c.running, c.waiting, c.failed) == (0, 0, 8)
     assert ctl.ledger["p"]["failed:cancelled"] == 8
+
+
+def test_failed_members_neither_deadlock_sync_training_nor_shrink_the_budget():
+    """Groups that lost members cannot add up to the batch: a short batch, then full ones."""
+
+    async def episode(seed, member):
+        await asyncio.sleep(1.0)
+        if seed == 0 and member == 0:
+            raise RuntimeError("env crashed")
+        return {"p": [_sample(float(member), ctl.controls["p"].version)]}
+
+    async def main():
+        runner = asyncio.create_task(ctl.run())
+        sizes = []
+        for step in range(4):
+            groups = await ctl.take("p", 4)
+            sizes.append(sum(g.num_episodes for g in groups))
+            await ctl.update_weights("p", lambda: asyncio.sleep(0), step + 1)
+        capacity = ctl.controls["p"].capacity()
+        await ctl.stop()
+        runner.cancel()
+        return sizes, capacity
+
+    ctl = make_controller(episode, batch=4, staleness=0, group=2)
+    sizes, capacity = run_virtual(main())
+    assert sizes == [3, 4, 4, 4]  # seed 0 lost a member; the budget allowed no replacement group
+    assert capacity == 4  # one batch: the short step neither leaked nor over-credited budget
+    c = ctl.controls["p"]
+    assert c.failed == 1 and c.submitted == c.running + c.waiting + c.accepted + c.filtered + 1
+
+
+def test_partial_groups_train_without_stragglers_at_the_last_chance():
+    async def episode(seed, member):
+        version = ctl.controls["p"].version
+        await asyncio.sleep(100.0 if (seed, member) == (0, 1) else 1.0)
+        return {"p": [_sample(float(member), version)]}
+
+    async def main():
+        lags = []
+        runner = asyncio.create_task(ctl.run())
+        for step in range(3):
+            groups = await ctl.take("p", 4)
+            lags += [(g.seed, g.num_episodes, step - g.min_version) for g in groups]
+            await asyncio.sleep(2.0)
+            await ctl.update_weights("p", lambda: asyncio.sleep(0), step + 1)
+        await ctl.stop()
+        runner.cancel()
+        return lags
+
+    controls = {"p": StalenessControl(4, max_staleness=1, max_concurrent=16)}
+    ctl = RolloutController(episode, controls, group_size=4, partial_groups=2)
+    lags = run_virtual(main())
+    assert (0, 3, 1) in lags  # seed 0 trained at the last version allowed, without member 1
+    assert all(lag <= 1 for _, _, lag in lags)
+    assert ctl.ledger["p"]["filtered:straggler"] == 1
+    with pytest.raises(ValueError, match=r"partial_groups must be in 0\.\.group_size=4"):
+        RolloutController(episode, controls, group_size=4, partial_groups=5)

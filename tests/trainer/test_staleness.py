@@ -170,3 +170,21 @@ class AdmissionMachine(RuleBasedStateMachine):
 
 TestAdmissionMachine = AdmissionMachine.TestCase
 TestAdmissionMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_consumed_beyond_a_batch_is_credited_not_leaked():
+    s = StalenessControl(batch_size=4, max_staleness=1, max_concurrent=100)
+    s.admit(8)
+    s.finish("accepted", 7)
+    s.finish("failed", 1)
+    s.consume(7)  # whole groups of 4 + 3 episodes: one more than the batch
+    with s.updating(1):
+        pass
+    assert s.overshoot == 3 and s.consumed == 0
+    assert s.capacity() == 8  # (1 + 1 + 1) * 4 + 3 - 7: as if exactly 4 per version
+    s.consume(3)  # a short step (the batch could not fill)
+    s.set_version(2)
+    assert s.overshoot == 2 and s.capacity() == (1 + 2 + 1) * 4 + 2 - 7
+    plain = StalenessControl(batch_size=4, max_staleness=1)
+    plain.set_version(3)  # without consume: AReaL's rule unchanged
+    assert plain.overshoot == 0 and plain.capacity() == (1 + 3 + 1) * 4
