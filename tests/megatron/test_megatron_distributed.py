@@ -66,6 +66,7 @@ def test_dp2_equals_single_process():
     rank0, rank1 = launch(2, train_megatron, 1, 2)
     assert rank1[1] == {}
     assert rank0[0] == rank1[0]  # stats are all-reduced over the data-parallel group
+    torch.testing.assert_close(rank0[2], rank1[2], atol=0, rtol=0)  # log-probs: shares summed
     torch.set_num_threads(1)
     _assert_same_run(rank0, train_megatron(1, 2))
 

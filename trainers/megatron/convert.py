@@ -228,30 +228,46 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str,
     return {name: megatron_tensor(name, hf, spec) for name in megatron_names(spec)}
 
 
+def hf_tensors(name: str, full: torch.Tensor, spec: ModelSpec) -> list[tuple[str, torch.Tensor]]:
+    """The HF ``(name, tensor)`` pairs held by one megatron *full* tensor (views, no copies).
+
+    Inverse of ``megatron_tensor``: ``linear_qkv`` gives q/k/v, ``linear_fc1`` gate/up, the
+    embedding and output layer lose their vocab padding.
+
+    Raises:
+        KeyError: ``name`` is not a megatron tensor of ``spec``.
+    """
+    v = spec.vocab_size
+    if name == "embedding.word_embeddings.weight":
+        return [("model.embed_tokens.weight", full[:v])]
+    if name == "output_layer.weight" and not spec.tie_embeddings:
+        return [("lm_head.weight", full[:v])]
+    if name == "decoder.final_layernorm.weight":
+        return [("model.norm.weight", full)]
+    layer, _, suffix = name.removeprefix("decoder.layers.").partition(".")
+    if not name.startswith("decoder.layers.") or not layer.isdigit() or int(layer) >= spec.num_layers:
+        raise KeyError(f"{name!r} is not a megatron tensor of this model")
+    dst = f"model.layers.{layer}."
+    hf_name = {mc: h for h, mc in _layer_names(spec).items()}.get(suffix)
+    if hf_name is not None:
+        return [(dst + hf_name, full)]
+    kind = suffix.rpartition(".")[2]
+    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias") and (
+            kind == "weight" or spec.qkv_bias):
+        q, k, vv = split_qkv(full, spec)
+        return [(f"{dst}self_attn.{p}_proj.{kind}", t) for p, t in zip("qkv", (q, k, vv), strict=True)]
+    if suffix == "mlp.linear_fc1.weight":
+        gate, up = full.chunk(2, 0)
+        return [(dst + "mlp.gate_proj.weight", gate), (dst + "mlp.up_proj.weight", up)]
+    raise KeyError(f"{name!r} is not a megatron tensor of this model")
+
+
 def megatron_to_hf(mc: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Megatron *full* state dict -> HF state dict (vocab padding removed).
 
     A tied model gets no ``lm_head.weight`` (``transformers`` ties it to the embedding).
     """
-    v = spec.vocab_size
-    out = {"model.embed_tokens.weight": mc["embedding.word_embeddings.weight"][:v],
-           "model.norm.weight": mc["decoder.final_layernorm.weight"]}
-    if not spec.tie_embeddings:
-        out["lm_head.weight"] = mc["output_layer.weight"][:v]
-    for i in range(spec.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for hf_name, mc_name in _layer_names(spec).items():
-            out[dst + hf_name] = mc[src + mc_name]
-        attn = dst + "self_attn."
-        q, k, vv = split_qkv(mc[src + "self_attention.linear_qkv.weight"], spec)
-        out.update({attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": vv})
-        if spec.qkv_bias:
-            q, k, vv = split_qkv(mc[src + "self_attention.linear_qkv.bias"], spec)
-            out.update({attn + "q_proj.bias": q, attn + "k_proj.bias": k, attn + "v_proj.bias": vv})
-        gate, up = mc[src + "mlp.linear_fc1.weight"].chunk(2, 0)
-        out[dst + "mlp.gate_proj.weight"] = gate
-        out[dst + "mlp.up_proj.weight"] = up
-    return out
+    return {hf: t for name in megatron_names(spec) for hf, t in hf_tensors(name, mc[name], spec)}
 
 
 def tp_split_dim(name: str) -> int | None:

@@ -13,9 +13,9 @@ from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
 from areal_agents.trainers.megatron.availability import quiet_megatron, require_megatron
 from areal_agents.trainers.megatron.convert import (
+    hf_tensors,
     megatron_names,
     megatron_tensor,
-    megatron_to_hf,
     shard,
     spec_from_hf_config,
     tp_split_dim,
@@ -93,7 +93,7 @@ class MegatronEngine(TrainEngine):
         from megatron.core import parallel_state as ps
 
         self._mc, self._ps = mc, ps
-        self.hf_config, hf_tensors, self.tokenizer = hf_source(model_or_path)
+        self.hf_config, source, self.tokenizer = hf_source(model_or_path)
         self.spec = spec_from_hf_config(self.hf_config, tensor_parallel)  # before any group
         mc.init_parallel(tensor_parallel)
         self.tp, self.tp_rank = tensor_parallel, ps.get_tensor_model_parallel_rank()
@@ -122,8 +122,8 @@ class MegatronEngine(TrainEngine):
             )
         with torch.no_grad():  # one HF-derived tensor at a time, sliced to this rank
             for name, p in self.named_shards():
-                p.copy_(shard(name, megatron_tensor(name, hf_tensors, self.spec), self.tp_rank, self.tp))
-        del hf_tensors
+                p.copy_(shard(name, megatron_tensor(name, source, self.spec), self.tp_rank, self.tp))
+        del source
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas,
                                            weight_decay=weight_decay)
@@ -188,24 +188,31 @@ class MegatronEngine(TrainEngine):
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """``[B, T]`` float32 CPU log-probs of ``batch.input_ids`` at ``batch.temperature``.
 
-        Collective: every rank computes the whole batch and returns the same tensor.
+        Collective: each data-parallel rank computes its share of the sequences (the same
+        split as ``train_step``), the shares are summed over the DP group, and every rank
+        returns the whole ``[B, T]`` tensor.
         """
         self.model.eval()
         batch = batch.to(self.device)
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        for idx in plan_microbatches(batch.attention_mask.sum(-1).tolist(), self.token_budget):
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
+        for idx in self._local_plans(batch, sync=False)[0]:
             lp, _ = self._forward(batch.select(torch.tensor(idx)))
-            out[idx, : lp.shape[1]] = lp.float().cpu()
-        return out
+            out[idx, : lp.shape[1]] = lp.float()
+        if self.dp > 1:
+            dist.all_reduce(out, group=self.dp_group)
+        return out.cpu()
 
     # -- training ----------------------------------------------------------------------------
 
-    def _local_plans(self, batch: TokenBatch) -> tuple[list[list[int]], int]:
-        """This data-parallel rank's micro-batches and the count every rank runs."""
+    def _local_plans(self, batch: TokenBatch, sync: bool = True) -> tuple[list[list[int]], int]:
+        """This data-parallel rank's micro-batches (global row indices) and, with ``sync``, the
+        count every rank runs (a collective; else this rank's own count)."""
         lengths = batch.attention_mask.sum(-1).tolist()
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         mine = order[self.dp_rank :: self.dp]
         plans = [[mine[j] for j in p] for p in plan_microbatches([lengths[i] for i in mine], self.token_budget)]
+        if not sync:
+            return plans, len(plans)
         count = torch.tensor([len(plans)], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return plans, int(count.item())
@@ -260,15 +267,18 @@ class MegatronEngine(TrainEngine):
     def export_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, full CPU tensor)``; collective over TP, global rank 0 yields.
 
-        Tensors may alias the live parameters at TP=1: consume or copy them before the next
-        ``train_step``. A tied model yields no ``lm_head.weight`` (as ``FSDPEngine``).
+        Streams parameter by parameter (peak extra memory: one gathered tensor); every rank
+        must drain the generator (the gathers happen as it advances). Tensors may alias the
+        live parameters at TP=1: consume or copy them before the next ``train_step``. A tied
+        model yields no ``lm_head.weight`` (as ``FSDPEngine``).
         """
-        hf = megatron_to_hf(self.full_state(), self.spec)
-        if self.rank != 0:
-            return
-        for name, t in hf.items():
-            t = t.cpu()
-            yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+        for name, p in self.named_shards():
+            full = self._gather_full(name, p.detach())
+            if self.rank != 0:
+                continue
+            for hf_name, t in hf_tensors(name, full, self.spec):
+                t = t.cpu()
+                yield hf_name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
     def save(self, path: str) -> None:
         """Checkpoint model, optimizer, scheduler, RNG, step and version (collective)."""
