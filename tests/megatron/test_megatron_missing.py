@@ -42,6 +42,15 @@ def test_unsupported_megatron_version_is_refused(monkeypatch):
     monkeypatch.setattr(availability, "megatron_version", lambda: "0.16.1")
     availability.require_megatron()  # in range: no error
 
+    def api_mismatch(name):
+        if name.startswith("megatron"):
+            return sys.modules[name]
+        raise ImportError("cannot import name 'GPTModel' from 'megatron.core.models.gpt'")
+
+    monkeypatch.setattr(availability.importlib, "import_module", api_mismatch)
+    with pytest.raises(MegatronNotInstalled, match=r"0\.16\.1 is installed but lacks an API .*GPTModel"):
+        availability.require_megatron()
+
 
 def test_package_import_does_not_import_megatron():
     code = ("import sys, areal_agents.trainers.megatron as m; "

@@ -74,7 +74,6 @@ def require_megatron() -> None:
     try:
         with quiet_megatron():
             importlib.import_module("megatron.core")
-            importlib.import_module("areal_agents.trainers.megatron.model")
     except ImportError as exc:
         raise MegatronNotInstalled(
             f"backend='megatron' needs megatron-core, which is not importable ({exc}). "
@@ -86,3 +85,11 @@ def require_megatron() -> None:
             f"megatron-core {version} is installed; the megatron backend supports >=0.12,<0.17. "
             f"Install a supported version with: {INSTALL_HINT}"
         )
+    try:
+        with quiet_megatron():
+            importlib.import_module("areal_agents.trainers.megatron.model")
+    except ImportError as exc:  # importable, but not the API this backend was written for
+        raise MegatronNotInstalled(
+            f"megatron-core {version} is installed but lacks an API the megatron backend uses "
+            f"({exc}). Install a supported version with: {INSTALL_HINT}"
+        ) from exc
