@@ -12,30 +12,36 @@
 
 Every trained group is checked: no sample is trained more than ``max_staleness`` versions old.
 
-Figures (2026-11-25; (b) and ``--wall`` taken on 2 CPU cores shared with 5 other jobs: noisy):
+Figures (2026-11-25; (b) and ``--wall`` taken on 2 CPU cores shared with 5 other jobs, load
+average ~10: noisy):
 
 (a) simulated clock, 200 steps = 6400 trained samples per setting, mean of 3 seeds:
     sync  (max_staleness=0): 110.4 samples/s (17% of ideal)
-    async (max_staleness=2): 420.7 samples/s (66% of ideal); ratio 3.81x (target >= 2.5x: met)
+    async (max_staleness=2): 419.9 samples/s (66% of ideal); ratio 3.80x (target >= 2.5x: met)
     ideal = min(engine bound 64 slots x 2000 tok/s / 90.4 mean tokens = 1416/s,
                 train bound 32 samples / 0.05 s = 640/s) = 640 samples/s.
-    Before this change's controller fixes, seed 0: 363.6 samples/s (57%); after: 414.8 (65%).
+    Controller before this benchmark's fixes, seed 0: 363.6 samples/s (57%); now 413.8 (65%).
     85% of ideal is not reachable at max_staleness=2 here: under the AReaL rule at most
     (2+1) x 32 = 96 episodes are admitted and not yet in an applied update; each holds its slot
     from admission to its batch's weight update, >= E[slowest of its group of 8] = 278.9 tokens
     x 0.5 ms + 50 ms train = 189.5 ms, so by Little's law X <= 96 / 0.1895 s = 507 samples/s
-    (79% of ideal) even with no loss; and 24% of generated episodes belong to groups whose
+    (79% of ideal) even with no loss; and 23% of generated episodes belong to groups whose
     straggler outlives 2 versions, which the staleness rule must drop (cancelled in flight).
-    max_staleness=4 on the same workload: 624.2 samples/s (98% of ideal).
-    Reward at equal samples (bandit success, sampled): 1600 samples sync 0.223 / async 0.221
-    (-0.001); 3200: 0.446 / 0.443 (-0.003); 6400: 0.853 / 0.847 (-0.006).
-    Real clock (--wall, seed 0, under load): sync 111.4, async 406.9 samples/s, 3.65x.
-(b) tiny model, 24 steps = 384 samples per setting, median of 2 runs, under load:
-    sync 56.3 samples/s (53.1, 59.4), async 58.1 (54.8, 61.3): 1.03x. The step is train-bound
-    on CPU (sync: 68 ms waiting for rollouts + 202 ms training; async: 6 ms + 244 ms, training
-    slowed by generation sharing the 2 loaded cores), so overlap can hide at most the 68 ms.
+    max_staleness=4: 628.8 samples/s (98%). max_staleness=2 with partial_groups=4 (a group's
+    stragglers are cut at its last trainable step): 509.9 samples/s (80%).
+    Length bias (mean tokens generated vs trained): sync 89.0 / 89.0, async 89.9 / 75.7,
+    partial groups 89.9 / 69.7: dropping too-stale groups favours short outputs.
+    Reward at equal samples (bandit success, sampled): 1600 samples sync 0.223 / async 0.219
+    (-0.004); 3200: 0.446 / 0.440 (-0.005); 6400: 0.853 / 0.850 (-0.003).
+    Real clock (--wall, seed 0, under load): sync 111.6, async 408.7 samples/s, 3.66x.
+(b) tiny model, 24 steps = 384 samples per setting, 2 runs each (median):
+    sync 69.2 samples/s (76.5, 62.0), async 60.2 (73.2, 47.2): 0.87x; an earlier run of the
+    same command: 56.3 vs 58.1, 1.03x. The step is train-bound on CPU (sync: ~61 ms waiting
+    for rollouts + 158 ms training; async: 21 ms + 241 ms, training slowed by generation sharing
+    the 2 loaded cores), so overlap could hide at most the rollout wait: no async gain here.
     Reward at equal samples (384): train success over the last 5 steps sync 0.99, async 0.82
-    (-0.16); greedy eval on 32 held-out seeds sync 1.00, async 1.00.
+    (-0.16, async trains on samples up to 2 versions old); greedy eval on 32 held-out seeds
+    sync 1.00, async 1.00.
 
     python benchmarks/async_vs_sync.py              # (a) and (b), about 3 minutes
     python benchmarks/async_vs_sync.py --quick      # fewer steps, about 1 minute
@@ -76,25 +82,28 @@ class SimConfig:
 
 
 async def simulated(cfg: SimConfig, max_staleness: int, steps: int, seed: int = 0,
-                    checkpoints: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Train ``steps`` batches; samples/s, utilisation, drops and bandit success."""
+                    checkpoints: tuple[int, ...] = (), partial_groups: int = 0) -> dict[str, Any]:
+    """Train ``steps`` batches; samples/s, utilisation, drops, lengths and bandit success."""
     loop = asyncio.get_running_loop()
     engine, policy = cfg.engine(seed), SimBandit(seed=seed)
 
     async def episode(task_seed: int, member: int) -> dict[str, list[Sample]]:
-        _, first, last = await engine.generate()
+        num_tokens, first, last = await engine.generate()
         arm, reward = policy.act(task_seed, first)
-        meta = {"context": task_seed % policy.contexts, "arm": arm, "version": first}
+        meta = {"context": task_seed % policy.contexts, "arm": arm, "version": first,
+                "tokens": num_tokens}
         return {"p": [Sample([1, 2, 3], [0, 1, 1], [0.0, -1.0, -1.0], [-1, first, last],
                              reward=reward, group=str(task_seed), meta=meta)]}
 
     control = StalenessControl(cfg.batch, max_staleness, max_concurrent=cfg.slots)
-    ctl = RolloutController(episode, {"p": control}, group_size=cfg.group)
+    ctl = RolloutController(episode, {"p": control}, group_size=cfg.group,
+                            partial_groups=partial_groups)
     runner = asyncio.create_task(ctl.run())
-    start, success, rewards = loop.time(), {}, []
+    start, success, rewards, lengths = loop.time(), {}, [], []
     for step in range(steps):
         groups = await ctl.take("p", cfg.batch)
         samples = [s for g in groups for s in g.samples]
+        lengths += [s.meta["tokens"] for s in samples]
         for s in samples:  # the staleness rule, checked on every trained token
             lag = step - min(v for v in s.versions if v >= 0)
             assert lag <= max_staleness, f"sample {lag} versions old > {max_staleness}"
@@ -108,10 +117,13 @@ async def simulated(cfg: SimConfig, max_staleness: int, steps: int, seed: int = 
     elapsed = loop.time() - start
     await ctl.stop()
     runner.cancel()
-    return {"rate": steps * cfg.batch / elapsed, "engine_util": engine.busy / (cfg.slots * elapsed),
+    return {"rate": len(lengths) / elapsed, "engine_util": engine.busy / (cfg.slots * elapsed),
             "train_util": steps * cfg.train_time / elapsed, "generated": engine.generated,
             "too_stale": ctl.ledger["p"]["filtered:too_stale"], "success": success,
-            "reward_last5": statistics.fmean(rewards[-5:])}
+            "reward_last5": statistics.fmean(rewards[-5:]),
+            "trained_tokens": statistics.fmean(lengths),
+            "requested_tokens": engine.requested_tokens / engine.requested,
+            "stragglers": ctl.ledger["p"]["filtered:straggler"]}
 
 
 def expected_max_tokens(cfg: SimConfig, group: int, draws: int = 100_000) -> float:
@@ -162,6 +174,14 @@ def report_simulated(cfg: SimConfig, steps: int, wall: bool, seeds: int) -> None
     more = _mean_runs([run_virtual(simulated(cfg, 4, steps, seed=k)) for k in range(seeds)])
     print(f"    (max_staleness=4 on the same workload: {more['rate']:.1f} samples/s = "
           f"{more['rate'] / ideal:.0%} of ideal)")
+    part = _mean_runs([run_virtual(simulated(cfg, 2, steps, seed=k, partial_groups=cfg.group // 2))
+                       for k in range(seeds)])
+    print(f"    (max_staleness=2, partial_groups={cfg.group // 2}: a group's members still "
+          f"generating at its last trainable step are cancelled: {part['rate']:.1f} samples/s = "
+          f"{part['rate'] / ideal:.0%} of ideal, {part['stragglers']:.0f} stragglers cut)")
+    print("    mean output length, generated vs trained (a length bias shows as a gap): "
+          + "; ".join(f"{name} {r['requested_tokens']:.1f} vs {r['trained_tokens']:.1f}"
+                      for name, r in (("sync", sync), ("async", asyn), ("partial", part))))
     for samples in sorted(sync["success"]):
         a, b = sync["success"][samples], asyn["success"][samples]
         print(f"    reward at equal samples ({samples} trained): bandit success sync {a:.3f}, "
