@@ -18,6 +18,14 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _sum_sq(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squared entries of plain tensors (one fused ``_foreach_norm`` call)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm([t.float() for t in tensors])
+    return torch.stack(norms).pow(2).sum()
+
+
 def global_grad_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum of squared gradient entries over every shard of every (D)Tensor.
 
@@ -26,23 +34,24 @@ def global_grad_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Ten
     gradients (e.g. head-sharded q/k norms under TP) are reduced by DTensor itself.
     """
     sq = torch.zeros((), device=device)
-    sharded: dict[tuple, tuple[list, torch.Tensor]] = {}
+    local: list[torch.Tensor] = []
+    sharded: dict[tuple, tuple[list, list[torch.Tensor]]] = {}
     for g in grads:
         if not isinstance(g, DTensor):
-            sq = sq + g.float().pow(2).sum()
+            local.append(g)
         elif any(pl.is_partial() for pl in g.placements):
             sq = sq + full_tensor(torch.linalg.vector_norm(g.float())).pow(2)
         else:
             dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
-            local = g.to_local().float().pow(2).sum()
             if not dims:
-                sq = sq + local
+                local.append(g.to_local())
                 continue
             key = (id(g.device_mesh), dims)
-            groups, acc = sharded.get(key, ([g.device_mesh.get_group(i) for i in dims], 0.0))
-            sharded[key] = (groups, acc + local)
-    for groups, acc in sharded.values():
-        acc = acc.clone()
+            groups, parts = sharded.setdefault(key, ([g.device_mesh.get_group(i) for i in dims], []))
+            parts.append(g.to_local())
+    sq = sq + _sum_sq(local, device)
+    for groups, parts in sharded.values():
+        acc = _sum_sq(parts, device)
         for group in groups:
             dist.all_reduce(acc, group=group)
         sq = sq + acc
@@ -59,6 +68,9 @@ def clip_grads(grads: list[torch.Tensor], max_norm: float, device: torch.device,
     total = float(sq.sqrt())
     if max_norm > 0 and math.isfinite(total) and total > max_norm:
         coef = max_norm / (total + 1e-6)
-        for g in grads:
-            g.mul_(coef)
+        if any(isinstance(g, DTensor) for g in grads):
+            for g in grads:
+                g.mul_(coef)
+        else:
+            torch._foreach_mul_(grads, coef)
     return total
