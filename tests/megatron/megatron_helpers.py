@@ -76,6 +76,11 @@ def grpo_batch(model, num: int = 8, temperature: float = 1.0) -> TokenBatch:
     return GRPO().prepare(batch, s)
 
 
+def dp_cases():
+    """Worker: DP runs with uneven micro-batch counts per rank, and with a rank without rows."""
+    return [train_megatron(1, 2, None, "qwen3", 5, 12), train_megatron(1, 1, None, "qwen3", 1)]
+
+
 def grpo_loss(logprobs, entropy, mb):
     """The shared GRPO loss (module-level, so workers can unpickle it)."""
     from areal_agents.algorithms import GRPO
@@ -84,13 +89,14 @@ def grpo_loss(logprobs, entropy, mb):
 
 
 def train_megatron(tensor_parallel: int = 1, steps: int = 2, ckpt: str | None = None,
-                   family: str = "qwen3"):
-    """Worker: ``steps`` GRPO steps; returns (stats per step, HF export, log-probs after)."""
+                   family: str = "qwen3", num: int = 8, token_budget: int = 24):
+    """Worker: ``steps`` GRPO steps on ``num`` sequences; returns (stats per step, HF export,
+    log-probs after)."""
     from areal_agents.trainers.megatron import MegatronEngine
 
     model = hf_model(family)
-    batch = grpo_batch(model)
-    engine = MegatronEngine(copy.deepcopy(model), lr=1e-3, token_budget=24,
+    batch = grpo_batch(model, num)
+    engine = MegatronEngine(copy.deepcopy(model), lr=1e-3, token_budget=token_budget,
                             tensor_parallel=tensor_parallel)
     stats = [engine.train_step(batch, grpo_loss) for _ in range(steps)]
     weights = {n: t.clone() for n, t in engine.export_weights()}

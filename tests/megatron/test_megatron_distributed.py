@@ -11,7 +11,7 @@ pytest.importorskip("megatron.core")
 
 from areal_agents.trainers.launcher import launch
 from areal_agents.trainers.megatron import MegatronEngine
-from megatron_helpers import grpo_batch, grpo_loss, hf_model, train_megatron
+from megatron_helpers import dp_cases, grpo_batch, grpo_loss, hf_model, train_megatron
 
 pytestmark = pytest.mark.multiprocess
 
@@ -69,6 +69,20 @@ def test_dp2_equals_single_process():
     torch.testing.assert_close(rank0[2], rank1[2], atol=0, rtol=0)  # log-probs: shares summed
     torch.set_num_threads(1)
     _assert_same_run(rank0, train_megatron(1, 2))
+
+
+def test_dp2_with_uneven_and_empty_ranks_equals_single_process():
+    from areal_agents.trainers.microbatch import plan_microbatches
+
+    lengths = grpo_batch(hf_model("qwen3"), 5).attention_mask.sum(-1).tolist()
+    order = sorted(range(5), key=lambda i: (-lengths[i], i))
+    counts = [len(plan_microbatches([lengths[i] for i in order[r::2]], 12)) for r in range(2)]
+    assert counts[0] != counts[1]  # the ranks run different numbers of micro-batches
+    rank0, rank1 = launch(2, dp_cases)
+    torch.set_num_threads(1)
+    _assert_same_run(rank0[0], train_megatron(1, 2, None, "qwen3", 5, 12))
+    _assert_same_run(rank0[1], train_megatron(1, 1, None, "qwen3", 1))  # rank 1 had no row
+    assert rank0[1][0] == rank1[1][0]
 
 
 @pytest.mark.slow

@@ -195,7 +195,7 @@ class MegatronEngine(TrainEngine):
         self.model.eval()
         batch = batch.to(self.device)
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
-        for idx in self._local_plans(batch, sync=False)[0]:
+        for idx in self._local_plans(batch):
             lp, _ = self._forward(batch.select(torch.tensor(idx)))
             out[idx, : lp.shape[1]] = lp.float()
         if self.dp > 1:
@@ -204,18 +204,13 @@ class MegatronEngine(TrainEngine):
 
     # -- training ----------------------------------------------------------------------------
 
-    def _local_plans(self, batch: TokenBatch, sync: bool = True) -> tuple[list[list[int]], int]:
-        """This data-parallel rank's micro-batches (global row indices) and, with ``sync``, the
-        count every rank runs (a collective; else this rank's own count)."""
+    def _local_plans(self, batch: TokenBatch) -> list[list[int]]:
+        """This data-parallel rank's micro-batches (global row indices): every ``dp``-th
+        sequence by length, packed under ``token_budget``."""
         lengths = batch.attention_mask.sum(-1).tolist()
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         mine = order[self.dp_rank :: self.dp]
-        plans = [[mine[j] for j in p] for p in plan_microbatches([lengths[i] for i in mine], self.token_budget)]
-        if not sync:
-            return plans, len(plans)
-        count = torch.tensor([len(plans)], device=self.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return plans, int(count.item())
+        return [[mine[j] for j in p] for p in plan_microbatches([lengths[i] for i in mine], self.token_budget)]
 
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on ``batch`` (see ``TrainEngine``); returns global stats.
@@ -225,13 +220,15 @@ class MegatronEngine(TrainEngine):
         """
         self.model.train()
         batch = batch.to(self.device)
-        plans, count = self._local_plans(batch)
+        plans = self._local_plans(batch)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for i in range(count):
-            # DP ranks with fewer micro-batches run a zero-weighted one so collectives line up
-            scale = 1.0 if i < len(plans) else 0.0
-            mb = batch.select(torch.tensor(plans[i] if i < len(plans) else [0]))
+        # Forward/backward only talk within the TP group (same plans), so DP ranks may run
+        # different micro-batch counts; a rank without rows runs one zero-weighted micro-batch
+        # so that its stats and gradients exist for the DP reductions.
+        for i in range(max(1, len(plans))):
+            scale = 1.0 if plans else 0.0
+            mb = batch.select(torch.tensor(plans[i] if plans else [0]))
             lp, ent = self._forward(mb)
             loss, stats = loss_fn(lp, ent, mb)
             (loss * scale).backward()
