@@ -17,7 +17,7 @@ and scripted players meet varied positions across seeds.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python examples/tictactoe/compare.py [--steps 40] [--variants selfplay,pool]
+    OMP_NUM_THREADS=1 python examples/tictactoe/compare.py [--steps 30] [--variants selfplay,pool]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def make_policy(seed: int, model: str, sft_steps: int, lr: float) -> Policy:
                   sft_lr=3e-3, sampling={"temperature": 1.0, "max_tokens": 1})
 
 
-def build(variant: str, *, model: str = "tiny:xs", sft_steps: int = 60, lr: float = 1e-3,
+def build(variant: str, *, model: str = "tiny:xs", sft_steps: int = 80, lr: float = 3e-4,
           batch_size: int = 16, group_size: int = 4, warm_episodes: int = 128,
           warm_player: str = "tictactoe_heuristic", run_dir: str | Path | None = None,
           seed: int = 0) -> Trainer:
@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=30, help="GRPO steps per variant")
     parser.add_argument("--model", default="tiny:xs")
-    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=80)
     parser.add_argument("--warm-player", default="tictactoe_heuristic",
                         help="demonstration player of the warm start (or 'random')")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--eval-games", type=int, default=24, help="per policy, seat, opponent")
     parser.add_argument("--opponents", default="heuristic,random")
     parser.add_argument("--no-before", action="store_true", help="skip the post-SFT evaluation")

@@ -84,7 +84,7 @@ async def test_vs_scripted_illegal_move_is_a_loss_and_minimax_beats_nothing():
 # enough warm start that the first mover rarely loses by three illegal moves in a row before
 # its seat-mate acts (a group where a policy never acts gives it no samples)
 SMALL = dict(sft_steps=15, warm_episodes=16, batch_size=8, group_size=4)
-SEEDS = [3_000_000, 3_000_001, 3_000_002]
+SEEDS = [3_000_000, 3_000_001]
 
 
 def check_rows(rows, policies, opponents, when):
@@ -112,7 +112,7 @@ async def test_selfplay_shares_one_parameter_set():
     assert not any(k.startswith(("policy/px/", "policy/po/")) for k in last)
 
 
-async def test_separate_has_two_parameter_sets_and_pool_trains_both_seats():
+async def test_separate_has_two_parameter_sets():
     result = await compare.run_variant("separate", 1, opponents=["random"], seeds=SEEDS,
                                        before=False, **SMALL)
     assert result["train_engines"] == ["po", "px"]
@@ -125,6 +125,8 @@ async def test_separate_has_two_parameter_sets_and_pool_trains_both_seats():
     last = result["history"][-1]
     assert last["policy/px/version"] == last["policy/po/version"] == 1.0
 
+
+async def test_pool_trains_one_policy_in_both_seats():
     pool = await compare.run_variant("pool", 1, opponents=["heuristic"], seeds=SEEDS,
                                      before=False, **SMALL)
     assert pool["train_engines"] == ["vs_pool"] and pool["policy_of"] == {"player": "vs_pool"}
