@@ -24,18 +24,12 @@ from areal_agents.metrics import Logger, Progress, make_logger
 from areal_agents.rollout import RolloutController, StalenessControl
 from areal_agents.samples import Sample, collate
 
-from .checkpointing import (
-    latest_checkpoint,
-    load_reference,
-    reference_path,
-    restore_checkpoint,
-    save_checkpoint,
-    save_reference,
-)
+from .checkpointing import latest_checkpoint, restore_checkpoint, save_checkpoint
 from .episodes import EpisodeStats, RewardFn, play
 from .policy import Policy
+from .reference import build_reference
 from .stats import StepStats, resolve_algorithm
-from .warm_start import collect_demos, demo_samples, sft
+from .warm_start import collect_demos, warm_start_policy
 from .wiring import BACKENDS, backend_factory, resolve_policy_map
 
 __all__ = ["BACKENDS", "Trainer", "backend_factory", "resolve_policy_map"]
@@ -181,7 +175,8 @@ class Trainer:
                 if policy.sft_steps and demos:
                     await self._warm_start(name, model, tokenizer, factory, demos)
                 if getattr(self.algorithm, "needs_reference", False):
-                    self.ref_engines[name] = self._reference(name, model, factory, resumed=ckpt)
+                    self.ref_engines[name] = build_reference(
+                        name, policy, model, factory, self.run_dir, resumed=ckpt is not None)
                 self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
                                                    **policy.train_kwargs)
             serving = copy.deepcopy(model).eval()
@@ -194,45 +189,14 @@ class Trainer:
         if ckpt is not None:
             await restore_checkpoint(self, ckpt)
 
-    def _reference(self, name: str, model: Any, factory: Any, resumed: Path | None) -> Any:
-        """A frozen engine holding policy ``name``'s KL reference: ``Policy.ref_model``, else
-        the initial weights (after the warm start); on resume the copy saved in
-        ``checkpoints/reference``.
-
-        Raises:
-            ConfigError: resuming with a KL penalty from a run that saved no reference.
-        """
-        policy = self.policies[name]
-        ref = copy.deepcopy(model) if policy.ref_model is None else policy.load(policy.ref_model)[0]
-        if ref.get_input_embeddings().weight.shape != model.get_input_embeddings().weight.shape:
-            raise ConfigError(f"policies.{name}.ref_model={policy.ref_model!r} has another "
-                              "vocabulary/width than the policy; the KL needs the same tokenizer")
-        if resumed is not None:
-            assert self.run_dir is not None
-            if not load_reference(self.run_dir, name, ref):
-                raise ConfigError(
-                    f"resuming with kl_coef > 0 but {reference_path(self.run_dir, name)} does not"
-                    " exist (the run was started without a KL penalty); start a new run_dir or "
-                    "set algorithm.kl_coef=0")
-        elif self.run_dir is not None:
-            save_reference(self.run_dir, name, ref)
-        return factory(ref, lr=policy.lr, **policy.train_kwargs)
-
     async def _warm_start(self, name: str, model: Any, tokenizer: Any, factory: Any,
                           demos: dict[str, list[Any]]) -> None:
-        agents = [a for a, p in self.policy_of.items() if p == name and a in demos]
-        api = self.policies[name].api
-        samples = [s for a in agents for s in demo_samples(tokenizer, demos[a], api)]
-        if not samples:
-            return
-        policy = self.policies[name]
-        engine = factory(model, lr=policy.sft_lr)
-        pad = tokenizer.pad_token_id or 0
-        losses = await asyncio.to_thread(sft, engine, samples, policy.sft_steps, 32, self.seed,
-                                         pad)
-        engine.close()
-        self.logger.log(0, {f"warm_start/{name}/nll_first": losses[0],
-                            f"warm_start/{name}/nll_last": losses[-1]})
+        transcripts = [t for a, p in self.policy_of.items() if p == name for t in demos.get(a, [])]
+        losses = await warm_start_policy(self.policies[name], model, tokenizer, factory,
+                                         transcripts, self.seed)
+        if losses:
+            self.logger.log(0, {f"warm_start/{name}/nll_first": losses[0],
+                                f"warm_start/{name}/nll_last": losses[-1]})
 
     # ---- episodes -------------------------------------------------------------------------
 

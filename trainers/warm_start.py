@@ -7,6 +7,7 @@ with the policy's chat template exactly as the gateway renders them.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import random
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from areal_agents.gateway.chat import encode, render
 from areal_agents.samples import Sample
 
 from .base import TrainEngine
+from .policy import Policy
 from .sft import SFTTrainer
 
 
@@ -126,3 +128,21 @@ def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int 
         schedule.append(samples[order.pop()])
     trainer = SFTTrainer(engine, batch_size=k, pad_token_id=pad_token_id, seed=seed)
     return [float(h["loss"]) for h in trainer.fit(schedule, epochs=1, shuffle=False)]
+
+
+async def warm_start_policy(policy: Policy, model: Any, tokenizer: Any,
+                            factory: Callable[..., TrainEngine],
+                            transcripts: list[list[dict[str, Any]]], seed: int = 0
+                            ) -> list[float]:
+    """Fit ``model`` in place to ``transcripts`` (tokenized for ``policy.api``) for
+    ``policy.sft_steps`` steps at ``policy.sft_lr`` on a temporary ``factory`` engine, in a
+    worker thread; returns the step losses (``[]`` without transcripts or steps)."""
+    samples = demo_samples(tokenizer, transcripts, policy.api)
+    if not samples or not policy.sft_steps:
+        return []
+    engine = factory(model, lr=policy.sft_lr)
+    try:
+        return await asyncio.to_thread(sft, engine, samples, policy.sft_steps, 32, seed,
+                                       tokenizer.pad_token_id or 0)
+    finally:
+        engine.close()
