@@ -5,90 +5,25 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from areal_agents.trainers.base import LossFn, TrainEngine
-from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
+from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE
 from areal_agents.trainers.microbatch import plan_microbatches
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import TokenBatch
 
-from .models import ModelArgs, Transformer, archon_to_hf, from_hf, relayout
-from .models.qwen3 import Packing
+from .models import ModelArgs, Transformer, archon_to_hf
 from .optim import clip_grads, full_tensor, lr_lambda
 from .parallel_dims import ParallelDims, default_device
 from .parallelize import ACMode, parallelize
+from .policy import PolicyModule, build_model
 
-
-class PolicyModule(nn.Module):
-    """Runs the Archon backbone and the chunked LM-head log-probs in one forward (so the FSDP
-    root unshards the head weight exactly while it is used). Returns ``(logprobs, entropy)``
-    ``[B, T]`` aligned with ``input_ids``.
-
-    With ``pack`` the backbone runs on the real tokens only (``[n, dim]``, no padding rows in
-    the matmuls, norms and MLPs); attention scatters them to ``[B, T]`` for the causal SDPA.
-    """
-
-    def __init__(self, model: Transformer, chunk_size: int = DEFAULT_CHUNK_SIZE, pack: bool = True) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-        self.pack = pack
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.model
-        if self.pack:
-            h = _packed_backbone(model, input_ids, attention_mask)
-        else:
-            h = model.norm(_backbone(model, input_ids))
-        weight = model.output.weight
-        if isinstance(weight, DTensor):  # replicated head: use the local copy
-            weight = weight.to_local()
-        return sequence_logprobs(h, weight, input_ids, attention_mask, temperature, self.chunk_size)
-
-
-def _backbone(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Hidden states ``[B, T, dim]`` after the last block (before the final norm)."""
-    h = model.tok_embeddings(tokens)
-    cos, sin = model.rope_table(h.shape[1], h.dtype)
-    cos, sin = cos[: h.shape[1]], sin[: h.shape[1]]
-    for layer in model.layers.values():
-        h = layer(h, cos, sin)
-    return h
-
-
-def _packed_backbone(model: Transformer, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final-normed hidden states ``[B, T, dim]`` (zeros at padding) computed on the real
-    tokens only."""
-    packing = Packing.from_mask(attention_mask)
-    h = model.tok_embeddings(tokens.reshape(-1).index_select(0, packing.index))  # [n, dim]
-    cos, sin = model.rope_table(packing.seqlen, h.dtype)
-    pos = packing.positions()
-    cos, sin = cos[pos], sin[pos]
-    for layer in model.layers.values():
-        h = layer(h, cos, sin, packing)
-    return packing.unpack(model.norm(h))
-
-
-def build_model(source: Transformer | ModelArgs | nn.Module | str, seed: int = 0,
-                fused: bool = True) -> Transformer:
-    """An Archon ``Transformer`` from itself, ``ModelArgs`` (random init with ``seed``), a
-    ``transformers`` model or a HF checkpoint directory, with fused (``wqkv``/``w13``) or
-    unfused projections as ``fused`` asks (weights are converted when needed)."""
-    if isinstance(source, Transformer):
-        return relayout(source, fused)
-    if isinstance(source, ModelArgs):
-        model = Transformer(replace(source, fused_projections=fused))
-        model.init_weights(seed=seed)
-        return model
-    return from_hf(source, fused=fused)
+__all__ = ["ArchonEngine", "PolicyModule", "build_model"]
 
 
 class ArchonEngine(TrainEngine):

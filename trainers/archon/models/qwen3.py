@@ -257,7 +257,7 @@ class Transformer(nn.Module):
         same model whether or not ``args.fused_projections`` is set."""
         from dataclasses import replace
 
-        from .state_dict import fuse_state
+        from .layout import fuse_state
 
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.device("meta"):
