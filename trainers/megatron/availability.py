@@ -6,8 +6,6 @@ import importlib
 import importlib.metadata
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from areal_agents.errors import ConfigError
 
@@ -36,22 +34,22 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-_EXPECTED_WARNINGS = (  # megatron-core 0.16 on the local (no Apex / TransformerEngine) path
+_EXPECTED_WARNINGS = (  # megatron-core 0.12-0.16 on the local (no Apex / TransformerEngine) path
     ".*(Apex|Transformer Engine).*",  # the local spec is meant to run without them
     ".*custom_layers.transformer_engine.*",  # megatron's own import of its deprecated module
+    ".*[Ee]ncoder.specific pipeline parallelism.*",  # 0.13 announces a removal at import
     ".*scope is deprecated.*",  # a TransformerConfig default megatron deprecates itself
     ".*MLP requires ffn_hidden_size.*",  # megatron's GPT spec builds MLP without it
     ".*tp_group is None.*",  # megatron's RowParallelLinear passes tp_group=None each forward
+    ".*CUDA_DEVICE_MAX_CONNECTIONS.*",  # a GPU tuning hint printed on every TP>1 forward
 )
 
 
-@contextmanager
-def quiet_megatron() -> Iterator[None]:
-    """Mute the warnings megatron-core emits by itself on the path this backend uses."""
-    with warnings.catch_warnings():
-        for pattern in _EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
-        yield
+def mute_megatron_warnings() -> None:
+    """Ignore the warnings above when megatron-core itself emits them (process-wide filters
+    restricted to ``megatron.*`` modules; other code's warnings are untouched). Idempotent."""
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, module=r"megatron\.")
 
 
 def megatron_version() -> str | None:
@@ -65,15 +63,16 @@ def megatron_version() -> str | None:
 def require_megatron() -> None:
     """Import ``megatron.core`` or raise ``MegatronNotInstalled`` naming the fix.
 
-    megatron-core warns that Transformer Engine and Apex are missing on import; that is
-    expected here (the engine uses megatron's local, pure-PyTorch layers) and muted.
+    megatron-core warns that Transformer Engine and Apex are missing and prints deprecation
+    notes about its own code; on this path they are expected and muted
+    (``mute_megatron_warnings``).
 
     Raises:
         MegatronNotInstalled: not importable, or a version outside ``[0.12, 0.17)``.
     """
+    mute_megatron_warnings()
     try:
-        with quiet_megatron():
-            importlib.import_module("megatron.core")
+        importlib.import_module("megatron.core")
     except ImportError as exc:
         raise MegatronNotInstalled(
             f"backend='megatron' needs megatron-core, which is not importable ({exc}). "
@@ -86,8 +85,7 @@ def require_megatron() -> None:
             f"Install a supported version with: {INSTALL_HINT}"
         )
     try:
-        with quiet_megatron():
-            importlib.import_module("areal_agents.trainers.megatron.model")
+        importlib.import_module("areal_agents.trainers.megatron.model")
     except ImportError as exc:  # importable, but not the API this backend was written for
         raise MegatronNotInstalled(
             f"megatron-core {version} is installed but lacks an API the megatron backend uses "

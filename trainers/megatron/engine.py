@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
-from areal_agents.trainers.megatron.availability import quiet_megatron, require_megatron
+from areal_agents.trainers.megatron.availability import require_megatron
 from areal_agents.trainers.megatron.convert import (
     hf_tensors,
     megatron_names,
@@ -108,8 +108,7 @@ class MegatronEngine(TrainEngine):
         self.step = 0
         self.version = 0
 
-        with quiet_megatron():
-            self.model = mc.build_gpt(self.spec, mc.transformer_config(self.spec, tensor_parallel))
+        self.model = mc.build_gpt(self.spec, mc.transformer_config(self.spec, tensor_parallel))
         if activation_checkpointing:
             mc.checkpoint_layers(self.model)
         self._mark_tp_attributes()
@@ -173,8 +172,7 @@ class MegatronEngine(TrainEngine):
     # -- forward -----------------------------------------------------------------------------
 
     def _forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        with quiet_megatron():
-            hidden = self._mc.hidden_states(self.model, mb.input_ids)
+        hidden = self._mc.hidden_states(self.model, mb.input_ids)
         weight = self._mc.lm_head_shard(self.model)
         if self.tp == 1:
             return sequence_logprobs(hidden, weight[: self.spec.vocab_size], mb.input_ids,

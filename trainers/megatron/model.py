@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from areal_agents.trainers.megatron.availability import quiet_megatron
 from areal_agents.trainers.megatron.convert import ModelSpec
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
@@ -116,15 +115,13 @@ def transformer_config(spec: ModelSpec, tp: int, dtype: torch.dtype = torch.floa
         use_cpu_initialization=True, perform_initialization=False,
     )
     fields.update(overrides)
-    with quiet_megatron():
-        return TransformerConfig(**fields)
+    return TransformerConfig(**fields)
 
 
 def build_gpt(spec: ModelSpec, config: TransformerConfig) -> GPTModel:
     """A megatron ``GPTModel`` (local layer spec, SDPA core attention) for ``spec``; weights
     are uninitialised (load them with ``load_state_dict``)."""
-    with quiet_megatron():
-        layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
     layer_spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return GPTModel(
         config, layer_spec, vocab_size=spec.padded_vocab,
@@ -174,14 +171,10 @@ def checkpoint_layers(model: GPTModel) -> None:
     for layer in model.decoder.layers:
         forward = layer.forward
 
-        def quiet(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
-            with quiet_megatron():  # the recompute runs again in backward, outside the engine
-                return _forward(*args, **kwargs)
-
-        def run(*args: Any, _quiet: Any = quiet, **kwargs: Any) -> Any:
+        def run(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
-                return _quiet(*args, **kwargs)
-            return checkpoint(_quiet, *args, use_reentrant=False, **kwargs)
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
         layer.forward = run
 
