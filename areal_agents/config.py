@@ -67,6 +67,8 @@ class TrainerConfig(_Strict):
     eval_seeds: list[int] = Field(default_factory=lambda: list(range(1_000_000, 1_000_064)),
                                   description="held-out task seeds")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every k steps (0: never)")
+    keep_checkpoints: int | None = Field(None, ge=1, description="keep the newest k "
+                                         "checkpoints (None: all)")
     seed: int = Field(0, description="first task seed and RNG seed")
     torch_threads: int | None = Field(1, ge=1, description="torch.set_num_threads")
     warm_start: dict[str, Any] | None = Field(
@@ -123,6 +125,7 @@ class RunConfig(_Strict):
             warm_start=t.warm_start, torch_threads=t.torch_threads,
             max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
             generation_batch_size=t.generation_batch_size,
+            keep_checkpoints=t.keep_checkpoints,
             logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,
                                wandb_project=self.logging.wandb_project,
                                wandb_name=self.logging.wandb_name,

@@ -107,7 +107,21 @@ async def save_checkpoint(trainer: Trainer) -> Path:
         shutil.rmtree(final)
     os.replace(partial, final)
     _write_atomic(root / "latest", lambda p: p.write_text(final.name))
+    if trainer.keep_checkpoints:
+        prune_checkpoints(root, trainer.keep_checkpoints)
     return final
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete complete ``step_<n>`` checkpoints but the newest ``keep`` (never the one
+    ``latest`` names); returns the deleted directories."""
+    latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    doomed = [p for p in steps[:-keep] if p.name != latest] if keep > 0 else []
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed
 
 
 async def restore_checkpoint(trainer: Trainer, ckpt: Path) -> None:

@@ -55,11 +55,13 @@ class Trainer:
         max_concurrent: episodes in flight at most (default ``2 * batch_size``).
         eval_every, eval_seeds: greedy evaluation every k steps on these seeds (0 = never).
         reward_fns: extra rewards ``fn(episode) -> float | {agent: float}``, sync or async.
-        checkpoint_every, run_dir, resume: checkpoints in ``run_dir/checkpoints`` (layout:
-            ``areal_agents.trainers.checkpointing``); ``resume`` continues from the latest
-            complete one (a fresh run when there is none), skipping the warm start. With
-            ``max_staleness=0`` a resumed run reproduces the uninterrupted run's batches and
-            metrics: each episode samples with seeds keyed by (seed, task seed, member, agent).
+        checkpoint_every, run_dir, resume, keep_checkpoints: checkpoints in
+            ``run_dir/checkpoints`` (layout: ``areal_agents.trainers.checkpointing``);
+            ``resume`` continues from the latest complete one (a fresh run when there is
+            none), skipping the warm start; ``keep_checkpoints`` keeps only the newest k
+            (None: all). With ``max_staleness=0`` a resumed run reproduces the uninterrupted
+            run's batches and metrics: each episode samples with seeds keyed by (seed, task
+            seed, member, agent); bitwise with ``generation_batch_size=1``.
         seed: first task seed (training seeds count up from it) and RNG seed.
         warm_start: ``{"episodes": n, "players": {agent_id: "random" | player}}``: format-only
             SFT for ``Policy.sft_steps`` steps before RL (None = off).
@@ -91,7 +93,8 @@ class Trainer:
                  warm_start: dict[str, Any] | None = None, env_kwargs: dict[str, Any] | None = None,
                  torch_threads: int | None = 1, logger: Logger | None = None,
                  progress: bool = True, max_steps_per_episode: int | None = None,
-                 generation_batch_size: int | None = None) -> None:
+                 generation_batch_size: int | None = None,
+                 keep_checkpoints: int | None = None) -> None:
         if batch_size < 1 or group_size < 1 or batch_size % group_size:
             raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of "
                               f"group_size ({group_size})")
@@ -115,6 +118,10 @@ class Trainer:
         self.eval_every, self.eval_seeds = eval_every, list(eval_seeds)
         self.reward_fns = list(reward_fns or [])
         self.checkpoint_every, self.resume, self.seed = checkpoint_every, resume, seed
+        if keep_checkpoints is not None and keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1 (or None: keep all), got "
+                              f"{keep_checkpoints}")
+        self.keep_checkpoints = keep_checkpoints
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.warm_start, self.torch_threads = warm_start, torch_threads
         self.max_steps_per_episode = max_steps_per_episode

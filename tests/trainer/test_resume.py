@@ -13,20 +13,20 @@ from areal_agents.trainers.checkpointing import latest_checkpoint
 from areal_agents.trainers.policy import Policy
 from areal_agents.trainers.trainer import Trainer
 
-from areal_agents.errors import TrainError
+from areal_agents.errors import ConfigError, TrainError
 
 
 def listener(observation):
     return "A"
 
 
-def make(run_dir, resume=False, staleness=0):
+def make(run_dir, resume=False, staleness=0, keep=None):
     return Trainer(
         env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2},
         policies={"speaker": Policy(lr=1e-3, sampling={"temperature": 1.0, "max_tokens": 1})},
         policy_map={"speaker": "speaker"}, agents={"listener": ScriptedAgent(listener)},
         batch_size=4, group_size=2, max_staleness=staleness, checkpoint_every=1,
-        run_dir=run_dir, resume=resume, progress=False)
+        run_dir=run_dir, resume=resume, progress=False, keep_checkpoints=keep)
 
 
 async def test_killed_run_resumes_without_losing_or_repeating_batches(tmp_path):
@@ -104,3 +104,16 @@ async def test_a_checkpoint_interrupted_mid_save_is_never_picked_up(tmp_path):
     (root / "latest").write_text("step_9")
     with pytest.raises(TrainError, match=r"step_9, which has no trainer_state\.json"):
         latest_checkpoint(tmp_path)
+
+
+async def test_keep_checkpoints_keeps_the_newest(tmp_path):
+    trainer = make(tmp_path, keep=2)
+    try:
+        await trainer.afit(3)
+    finally:
+        await trainer.aclose()
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_2", "step_3"]
+    assert (root / "latest").read_text() == "step_3"
+    with pytest.raises(ConfigError, match="keep_checkpoints must be >= 1"):
+        make(tmp_path, keep=0)
