@@ -1,39 +1,59 @@
 """Async (max_staleness=2) vs synchronous (max_staleness=0) RL on the same workload.
 
-(a) simulated engine (isolates scheduling): 64 slots decoding at 0.5 ms/token, output lengths
-    log-normal ``int(exp(N(4, 1))) + 1`` tokens (capped at 2000; mean 90.4, long tail), groups of
-    8 episodes, batches of 32, a 50 ms train step; the real ``RolloutController`` and staleness
-    rule. The policy is a learnable contextual bandit (16 contexts x 8 arms, group-relative
-    policy gradient with the decoupled-PPO clipped ratio, so stale samples really learn less).
-    Runs on a simulated clock by default (deterministic, load-independent); ``--wall`` also
-    runs it on the real clock.
+(a) simulated engine (isolates scheduling): ``slots`` concurrent sequences decoding at 0.5 ms
+    per token, output lengths log-normal ``int(exp(N(4, 1))) + 1`` tokens (capped at 2000; mean
+    90.4, long tail: median 55, 99th percentile ~570), groups of 8 episodes, batches of 32, a 50 ms
+    train step; the real ``RolloutController`` and staleness rule. The policy is a learnable
+    contextual bandit (16 contexts x 8 arms, group-relative policy gradient with the
+    decoupled-PPO clipped ratio, so stale samples really learn less). Two regimes:
+    - GENERATION-BOUND (the headline, the regime async RL is for): 16 slots, engine bound
+      16 x 2000 / 90.4 = 354 samples/s < train bound 32 / 0.05 s = 640/s, so the ideal is the
+      engine bound (every slot always decoding a sample that gets trained);
+    - TRAIN-BOUND (second table): 64 slots, engine bound 1416/s > train bound 640/s = ideal.
+    Runs on a simulated clock by default (exact, deterministic, load-independent); ``--wall``
+    also runs it on the real clock.
 (b) the real tiny model: the ``Trainer`` on Signaling-v0 (2 items): a tiny LLM speaker (GRPO,
     format-only SFT warm start) learns a code a scripted listener decodes.
 
 Every trained group is checked: no sample is trained more than ``max_staleness`` versions old.
 
 Figures (2026-11-25; (b) and ``--wall`` taken on 2 CPU cores shared with 5 other jobs, load
-average ~10: noisy):
+average ~10: noisy). (a) simulated clock, 200 steps = 6400 trained samples per setting, mean
+of 3 seeds:
 
-(a) simulated clock, 200 steps = 6400 trained samples per setting, mean of 3 seeds:
+(a) GENERATION-BOUND, 16 slots; ideal = engine bound = 354 samples/s:
+    sync  (max_staleness=0): 105.3 samples/s (30% of ideal; slots idle 71% waiting for the
+                             tail: a step is >= max(E[longest of 32] 496 tok, 32 x 90.4 / 16)
+                             x 0.5 ms + 50 ms = 298 ms, so sync <= 107/s)
+    async (max_staleness=2): 312.4 samples/s (88% of ideal); ratio 2.97x.
+    Targets (>= 2.5x; within 15% of ideal): both met in samples/s. In tokens async trains 77%
+    of the engine's token capacity: slots are 1% idle but 22% of slot time goes to episodes
+    that are not trained (1208 of 7484 episodes dropped too stale: groups whose straggler
+    outlives the ~2-step, ~361-token window), and the trained samples are shorter than the
+    generated ones (79.4 vs 89.9 tokens mean), which is why samples/s (88%) exceeds tokens (77%).
+    Reward at equal samples (bandit success, sampled): 1600 samples sync 0.220 / async 0.229
+    (+0.008); 3200: 0.444 / 0.455 (+0.012); 6400: 0.850 / 0.854 (+0.003).
+    max_staleness=4: 348.9 samples/s (99%). max_staleness=2 with partial_groups=4: 362.9
+    (102% of the samples/s ideal only through length bias: 82% of token capacity, trained
+    length 71.9). Sensitivity: the same engine bound from 32 slots x 1000 tok/s (the tail lasts
+    twice as many train steps): sync 60.4, async 233.5 samples/s, 3.87x, async at 66% of ideal.
+
+(a') TRAIN-BOUND, 64 slots; ideal = train bound = 640 samples/s:
     sync  (max_staleness=0): 110.4 samples/s (17% of ideal)
-    async (max_staleness=2): 419.9 samples/s (66% of ideal); ratio 3.80x (target >= 2.5x: met)
-    ideal = min(engine bound 64 slots x 2000 tok/s / 90.4 mean tokens = 1416/s,
-                train bound 32 samples / 0.05 s = 640/s) = 640 samples/s.
-    Controller before this benchmark's fixes, seed 0: 363.6 samples/s (57%); now 413.8 (65%).
+    async (max_staleness=2): 419.9 samples/s (66% of ideal); ratio 3.80x.
     85% of ideal is not reachable at max_staleness=2 here: under the AReaL rule at most
     (2+1) x 32 = 96 episodes are admitted and not yet in an applied update; each holds its slot
-    from admission to its batch's weight update, >= E[slowest of its group of 8] = 278.9 tokens
+    from admission to its batch's weight update >= E[slowest of its group of 8] = 278.9 tokens
     x 0.5 ms + 50 ms train = 189.5 ms, so by Little's law X <= 96 / 0.1895 s = 507 samples/s
-    (79% of ideal) even with no loss; and 23% of generated episodes belong to groups whose
-    straggler outlives 2 versions, which the staleness rule must drop (cancelled in flight).
+    (79% of ideal) even with no loss; and 1843 of 8036 generated episodes belong to groups
+    whose straggler outlives 2 versions, which the staleness rule must drop.
     max_staleness=4: 628.8 samples/s (98%). max_staleness=2 with partial_groups=4 (a group's
     stragglers are cut at its last trainable step): 509.9 samples/s (80%).
     Length bias (mean tokens generated vs trained): sync 89.0 / 89.0, async 89.9 / 75.7,
     partial groups 89.9 / 69.7: dropping too-stale groups favours short outputs.
-    Reward at equal samples (bandit success, sampled): 1600 samples sync 0.223 / async 0.219
-    (-0.004); 3200: 0.446 / 0.440 (-0.005); 6400: 0.853 / 0.850 (-0.003).
-    Real clock (--wall, seed 0, under load): sync 111.6, async 408.7 samples/s, 3.66x.
+    Reward at equal samples: 1600 samples sync 0.223 / async 0.219 (-0.004); 3200: 0.446 /
+    0.440 (-0.005); 6400: 0.853 / 0.850 (-0.003).
+    Real clock (--wall, seed 0, under load, earlier run): sync 111.6, async 408.7 samples/s, 3.66x.
 (b) tiny model, 24 steps = 384 samples per setting, 2 runs each (median):
     sync 69.2 samples/s (76.5, 62.0), async 60.2 (73.2, 47.2): 0.87x; an earlier run of the
     same command: 56.3 vs 58.1, 1.03x. The step is train-bound on CPU (sync: ~61 ms waiting
@@ -43,8 +63,8 @@ average ~10: noisy):
     (-0.16, async trains on samples up to 2 versions old); greedy eval on 32 held-out seeds
     sync 1.00, async 1.00.
 
-    python benchmarks/async_vs_sync.py              # (a) and (b), about 3 minutes
-    python benchmarks/async_vs_sync.py --quick      # fewer steps, about 1 minute
+    python benchmarks/async_vs_sync.py              # (a), (a') and (b), about 3 minutes
+    python benchmarks/async_vs_sync.py --quick      # fewer steps, 1 run each, under a minute
     python benchmarks/async_vs_sync.py --skip-model --wall
 """
 
@@ -79,6 +99,12 @@ class SimConfig:
     def engine(self, seed: int = 0) -> SimEngine:
         return SimEngine(self.slots, self.token_latency, self.mu, self.sigma, self.max_tokens,
                          seed=seed)
+
+
+# Generation-bound (the headline): 16 slots -> engine bound 354/s < train bound 640/s.
+GENERATION_BOUND = SimConfig(slots=16)
+# Train-bound: 64 slots -> engine bound 1416/s > train bound 640/s.
+TRAIN_BOUND = SimConfig(slots=64)
 
 
 async def simulated(cfg: SimConfig, max_staleness: int, steps: int, seed: int = 0,
@@ -117,7 +143,11 @@ async def simulated(cfg: SimConfig, max_staleness: int, steps: int, seed: int = 
     elapsed = loop.time() - start
     await ctl.stop()
     runner.cancel()
-    return {"rate": len(lengths) / elapsed, "engine_util": engine.busy / (cfg.slots * elapsed),
+    slot_time = cfg.slots * elapsed
+    useful = sum(lengths) * cfg.token_latency / slot_time
+    used = (engine.busy + engine.cancelled_busy) / slot_time
+    return {"rate": len(lengths) / elapsed, "useful": useful, "wasted": max(0.0, used - useful),
+            "idle": 1 - used,
             "train_util": steps * cfg.train_time / elapsed, "generated": engine.generated,
             "too_stale": ctl.ledger["p"]["filtered:too_stale"], "success": success,
             "reward_last5": statistics.fmean(rewards[-5:]),
@@ -126,70 +156,132 @@ async def simulated(cfg: SimConfig, max_staleness: int, steps: int, seed: int = 
             "stragglers": ctl.ledger["p"]["filtered:straggler"]}
 
 
-def expected_max_tokens(cfg: SimConfig, group: int, draws: int = 100_000) -> float:
-    """E[the longest of ``group`` output lengths] (Monte Carlo, fixed seed)."""
+def expected_max_tokens(cfg: SimConfig, n: int, draws: int = 100_000) -> float:
+    """E[the longest of ``n`` output lengths] (Monte Carlo, fixed seed)."""
     rng, eng = random.Random(7), cfg.engine()
-    return statistics.fmean(max(eng._length(rng) for _ in range(group))
-                            for _ in range(draws // group))
+    return statistics.fmean(max(eng._length(rng) for _ in range(n)) for _ in range(draws // n))
 
 
 def _mean_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: statistics.fmean(r[k] for r in runs) for k in runs[0] if k != "success"}
-    out["success"] = {n: statistics.fmean(r["success"][n] for r in runs) for n in runs[0]["success"]}
+    out["success"] = {n: statistics.fmean(r["success"][n] for r in runs)
+                      for n in runs[0]["success"]}
     return out
 
 
-def report_simulated(cfg: SimConfig, steps: int, wall: bool, seeds: int) -> None:
+def _runs(cfg: SimConfig, staleness: int, steps: int, seeds: int, **kw: Any) -> dict[str, Any]:
+    return _mean_runs([run_virtual(simulated(cfg, staleness, steps, seed=k, **kw))
+                       for k in range(seeds)])
+
+
+def _bounds(cfg: SimConfig) -> tuple[float, float, float]:
+    """(mean output tokens, engine bound, train bound) in samples/s."""
     mean_tokens = cfg.engine().mean_tokens()
-    engine_bound = cfg.slots * (1 / cfg.token_latency) / mean_tokens
-    train_bound = cfg.batch / cfg.train_time
+    return mean_tokens, cfg.slots / cfg.token_latency / mean_tokens, cfg.batch / cfg.train_time
+
+
+def _table(title: str, cfg: SimConfig, steps: int, seeds: int) -> tuple[dict, dict, float]:
+    """Print the workload, the ideal's derivation, sync vs async; return (sync, async, ideal)."""
+    mean_tokens, engine_bound, train_bound = _bounds(cfg)
     ideal = min(engine_bound, train_bound)
     checkpoints = (steps // 4, steps // 2, steps)
-    runs = {s: [run_virtual(simulated(cfg, s, steps, seed=k, checkpoints=checkpoints))
-                for k in range(seeds)] for s in (0, 2)}
-    sync, asyn = (_mean_runs(runs[s]) for s in (0, 2))
-    print(f"(a) simulated engine: {cfg.slots} slots x {1 / cfg.token_latency:.0f} tok/s, lengths "
-          f"int(exp(N({cfg.mu}, {cfg.sigma}))) + 1 <= {cfg.max_tokens}, group {cfg.group}, "
-          f"batch {cfg.batch}, train step {cfg.train_time * 1e3:.0f} ms; simulated clock, "
-          f"{steps} steps, mean of {seeds} seeds")
-    print(f"    ideal: mean output length {mean_tokens:.1f} tokens -> engine bound = slots x "
-          f"tok/s / mean = {cfg.slots} x {1 / cfg.token_latency:.0f} / {mean_tokens:.1f} = "
-          f"{engine_bound:.0f}/s; train bound = batch / train time = {cfg.batch} / "
-          f"{cfg.train_time} = {train_bound:.0f}/s; ideal = min = {ideal:.0f} samples/s")
+    sync, asyn = (_runs(cfg, s, steps, seeds, checkpoints=checkpoints) for s in (0, 2))
+    rate = 1 / cfg.token_latency
+    print(f"{title}: {cfg.slots} slots x {rate:.0f} tok/s each, lengths int(exp(N({cfg.mu}, "
+          f"{cfg.sigma}))) + 1 <= {cfg.max_tokens} tokens, group {cfg.group}, batch {cfg.batch}, "
+          f"train step {cfg.train_time * 1e3:.0f} ms; simulated clock, {steps} steps, mean of "
+          f"{seeds} seed(s)")
+    bound = "engine" if engine_bound < train_bound else "train"
+    print(f"    ideal: mean output length {mean_tokens:.1f} tokens -> engine bound = slots x tok/s "
+          f"/ mean = {cfg.slots} x {rate:.0f} / {mean_tokens:.1f} = {engine_bound:.0f}/s; train "
+          f"bound = batch / train time = {cfg.batch} / {cfg.train_time} = {train_bound:.0f}/s; "
+          f"ideal = min = {ideal:.0f} samples/s ({bound} bound)")
     for name, s, r in (("sync ", 0, sync), ("async", 2, asyn)):
-        print(f"    {name} (max_staleness={s}): {r['rate']:7.1f} samples/s = "
-              f"{r['rate'] / ideal:4.0%} of ideal | engine busy {r['engine_util']:.0%}, "
-              f"trainer busy {r['train_util']:.0%}, dropped too stale {r['too_stale']:.0f} of "
-              f"{r['generated']:.0f} generated")
-    print(f"    ratio async/sync: {asyn['rate'] / sync['rate']:.2f}x (target >= 2.5x); async at "
-          f"{asyn['rate'] / ideal:.0%} of ideal (target >= 85%)")
-    longest = expected_max_tokens(cfg, cfg.group)
-    hold = longest * cfg.token_latency + cfg.train_time
-    slots = 3 * cfg.batch
-    print(f"    AReaL-rule ceiling at max_staleness=2: {slots} admission slots, each held from "
-          f"admission to its batch's weight update >= E[longest of {cfg.group}] "
-          f"{longest:.1f} tok x {cfg.token_latency * 1e3:g} ms + {cfg.train_time * 1e3:.0f} ms "
-          f"= {hold * 1e3:.1f} ms -> <= {slots / hold:.0f} samples/s "
-          f"({min(slots / hold, ideal) / ideal:.0%} of ideal), before too-stale drops")
-    more = _mean_runs([run_virtual(simulated(cfg, 4, steps, seed=k)) for k in range(seeds)])
-    print(f"    (max_staleness=4 on the same workload: {more['rate']:.1f} samples/s = "
-          f"{more['rate'] / ideal:.0%} of ideal)")
-    part = _mean_runs([run_virtual(simulated(cfg, 2, steps, seed=k, partial_groups=cfg.group // 2))
-                       for k in range(seeds)])
-    print(f"    (max_staleness=2, partial_groups={cfg.group // 2}: a group's members still "
-          f"generating at its last trainable step are cancelled: {part['rate']:.1f} samples/s = "
-          f"{part['rate'] / ideal:.0%} of ideal, {part['stragglers']:.0f} stragglers cut)")
+        print(f"    {name} (max_staleness={s}): {r['rate']:6.1f} samples/s = "
+              f"{r['rate'] / ideal:4.0%} of ideal | engine slot time: trained {r['useful']:.0%}, "
+              f"generated but not trained (dropped, cancelled or left in the buffer) "
+              f"{r['wasted']:.0%}, idle {r['idle']:.0%}; trainer busy {r['train_util']:.0%}; "
+              f"{r['too_stale']:.0f} of {r['generated']:.0f} episodes "
+              f"dropped too stale")
+    ratio, share = asyn["rate"] / sync["rate"], asyn["rate"] / ideal
+    verdict = {True: "met", False: "NOT met"}
+    print(f"    ratio async/sync: {ratio:.2f}x (target >= 2.5x: {verdict[ratio >= 2.5]}); async "
+          f"at {share:.0%} of ideal (target >= 85%: {verdict[share >= 0.85]})")
+    print(f"    in tokens (trained samples are shorter when long groups are dropped): async "
+          f"trains {asyn['useful']:.0%} of the engine's token capacity, sync {sync['useful']:.0%}")
+    return sync, asyn, ideal
+
+
+def _reward_and_lengths(sync: dict, asyn: dict, extra: tuple[tuple[str, dict], ...] = ()) -> None:
     print("    mean output length, generated vs trained (a length bias shows as a gap): "
           + "; ".join(f"{name} {r['requested_tokens']:.1f} vs {r['trained_tokens']:.1f}"
-                      for name, r in (("sync", sync), ("async", asyn), ("partial", part))))
+                      for name, r in (("sync", sync), ("async", asyn), *extra)))
     for samples in sorted(sync["success"]):
         a, b = sync["success"][samples], asyn["success"][samples]
         print(f"    reward at equal samples ({samples} trained): bandit success sync {a:.3f}, "
               f"async {b:.3f}, difference {b - a:+.3f}")
-    if wall:
-        walls = {s: asyncio.run(simulated(cfg, s, steps)) for s in (0, 2)}
-        print(f"    real clock (under load): sync {walls[0]['rate']:.1f}, async "
-              f"{walls[2]['rate']:.1f} samples/s, {walls[2]['rate'] / walls[0]['rate']:.2f}x")
+
+
+def report_generation_bound(cfg: SimConfig, steps: int, seeds: int) -> None:
+    """The headline: engine slots are the bottleneck, sync idles them waiting for the tail."""
+    title = "(a) GENERATION-BOUND simulated engine (headline)"
+    sync, asyn, ideal = _table(title, cfg, steps, seeds)
+    longest = expected_max_tokens(cfg, cfg.batch)
+    mean_tokens = cfg.engine().mean_tokens()
+    wave = max(longest, cfg.batch * mean_tokens / cfg.slots) * cfg.token_latency
+    print(f"    sync ceiling: a step generates {cfg.batch} episodes on {cfg.slots} slots, then "
+          f"trains; on average it lasts >= max(E[longest of {cfg.batch}] {longest:.0f} tok, "
+          f"{cfg.batch} x {mean_tokens:.1f} / {cfg.slots} tok) x {cfg.token_latency * 1e3:g} ms + "
+          f"{cfg.train_time * 1e3:.0f} ms = {(wave + cfg.train_time) * 1e3:.0f} ms -> <= "
+          f"{cfg.batch / (wave + cfg.train_time):.0f} samples/s in the long run (a short run may "
+          f"beat it by luck in the tail)")
+    window = 2 * cfg.batch / ideal / cfg.token_latency
+    print(f"    async losses: a group is trainable only if its straggler finishes within ~2 "
+          f"steps of {cfg.batch / ideal * 1e3:.0f} ms at the ideal rate = {window:.0f} tokens; "
+          f"longer stragglers get their whole group dropped too stale")
+    _reward_and_lengths(sync, asyn)
+    more = _runs(cfg, 4, steps, seeds)
+    print(f"    (max_staleness=4 on the same workload: {more['rate']:.1f} samples/s = "
+          f"{more['rate'] / ideal:.0%} of ideal)")
+    part = _runs(cfg, 2, steps, seeds, partial_groups=cfg.group // 2)
+    print(f"    (max_staleness=2, partial_groups={cfg.group // 2}: {part['rate']:.1f} samples/s = "
+          f"{part['rate'] / ideal:.0%} of ideal, but only {part['useful']:.0%} of the token "
+          f"capacity trained: cutting stragglers biases trained length to "
+          f"{part['trained_tokens']:.1f} tokens)")
+    slow = SimConfig(slots=cfg.slots * 2, token_latency=cfg.token_latency * 2)
+    rates = {s: _runs(slow, s, steps, seeds)["rate"] for s in (0, 2)}
+    print(f"    (sensitivity, same engine bound with {slow.slots} slots x "
+          f"{1 / slow.token_latency:.0f} tok/s, i.e. the tail lasts twice as many train steps: "
+          f"sync {rates[0]:.1f}, async {rates[2]:.1f} samples/s, {rates[2] / rates[0]:.2f}x, "
+          f"async at {rates[2] / ideal:.0%} of ideal)")
+
+
+def report_train_bound(cfg: SimConfig, steps: int, seeds: int) -> None:
+    """The second table: the train step is the bottleneck; the AReaL rule caps throughput."""
+    sync, asyn, ideal = _table("(a') TRAIN-BOUND simulated engine", cfg, steps, seeds)
+    longest = expected_max_tokens(cfg, cfg.group)
+    hold = longest * cfg.token_latency + cfg.train_time
+    slots = 3 * cfg.batch
+    print(f"    AReaL-rule ceiling at max_staleness=2: at most (2+1) x {cfg.batch} = {slots} "
+          f"episodes admitted and not yet in an applied update; each is held from admission to "
+          f"its batch's weight update >= E[longest of {cfg.group}] {longest:.1f} tok x "
+          f"{cfg.token_latency * 1e3:g} ms + {cfg.train_time * 1e3:.0f} ms = {hold * 1e3:.1f} ms "
+          f"-> by Little's law <= {slots / hold:.0f} samples/s "
+          f"({min(slots / hold, ideal) / ideal:.0%} of ideal), before too-stale drops")
+    more = _runs(cfg, 4, steps, seeds)
+    print(f"    (max_staleness=4 on the same workload: {more['rate']:.1f} samples/s = "
+          f"{more['rate'] / ideal:.0%} of ideal)")
+    part = _runs(cfg, 2, steps, seeds, partial_groups=cfg.group // 2)
+    print(f"    (max_staleness=2, partial_groups={cfg.group // 2}: a group's members still "
+          f"generating at its last trainable step are cancelled: {part['rate']:.1f} samples/s = "
+          f"{part['rate'] / ideal:.0%} of ideal, {part['stragglers']:.0f} stragglers cut)")
+    _reward_and_lengths(sync, asyn, (("partial", part),))
+
+
+def report_wall(cfg: SimConfig, steps: int) -> None:
+    walls = {s: asyncio.run(simulated(cfg, s, steps)) for s in (0, 2)}
+    print(f"    real clock, {cfg.slots} slots (under load): sync {walls[0]['rate']:.1f}, async "
+          f"{walls[2]['rate']:.1f} samples/s, {walls[2]['rate'] / walls[0]['rate']:.2f}x")
 
 
 def tiny_model(max_staleness: int, steps: int) -> dict[str, float]:
@@ -271,7 +363,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    report_simulated(SimConfig(), args.steps, args.wall, args.seeds)
+    report_generation_bound(GENERATION_BOUND, args.steps, args.seeds)
+    report_train_bound(TRAIN_BOUND, args.steps, args.seeds)
+    if args.wall:
+        for cfg in (GENERATION_BOUND, TRAIN_BOUND):
+            report_wall(cfg, args.steps)
     if not args.skip_model:
         report_model(args.model_steps, args.repeats)
 

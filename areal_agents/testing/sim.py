@@ -84,7 +84,9 @@ class SimEngine:
     (interruptible generation), so a result records the version at its first and last token.
 
     Attributes:
-        busy: slot-seconds spent decoding so far (utilisation = busy / (slots * elapsed)).
+        busy: slot-seconds spent decoding requests that completed (utilisation =
+            (busy + cancelled_busy) / (slots * elapsed)).
+        cancelled_busy: slot-seconds spent on requests cancelled mid-decode (wasted work).
         generated: requests completed.
         requested, requested_tokens: requests received and their drawn lengths (including
             requests cancelled before they completed): the unbiased length distribution.
@@ -98,7 +100,7 @@ class SimEngine:
         self.mu, self.sigma = mu, sigma
         self.rng = random.Random(seed)
         self.version = 0
-        self.busy = 0.0
+        self.busy = self.cancelled_busy = 0.0
         self.generated = 0
         self.requested = self.requested_tokens = 0
         self._sem = asyncio.Semaphore(slots)
@@ -124,7 +126,12 @@ class SimEngine:
         async with self._sem:
             first = self.version
             seconds = num_tokens * self.token_latency
-            await asyncio.sleep(seconds)
+            start = asyncio.get_running_loop().time()
+            try:
+                await asyncio.sleep(seconds)
+            except asyncio.CancelledError:
+                self.cancelled_busy += asyncio.get_running_loop().time() - start
+                raise
             self.busy += seconds
             self.generated += 1
             return num_tokens, first, self.version
