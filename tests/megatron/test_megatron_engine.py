@@ -87,7 +87,9 @@ def test_train_step_equals_fsdp_and_lowers_loss():
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
         assert got["lr"] == want["lr"] and got["num_tokens"] == want["num_tokens"]
         losses.append(got["loss"])
-    assert losses[2] < losses[0] - 1e-3, losses
+    # one step lowers the loss on the batch (then the PPO clip flattens it: ratios left the
+    # trust region, so later steps keep it constant)
+    assert losses[1] < losses[0] - 1e-3 and losses[2] <= losses[1] + 1e-7, losses
     assert mega.step == 3
     exported, reference = dict(mega.export_weights()), dict(fsdp.export_weights())
     assert exported.keys() == reference.keys()
