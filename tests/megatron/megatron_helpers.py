@@ -131,3 +131,10 @@ def vocab_parallel_case(vocab: int = 95, padded: int = 96, temperature: float = 
                                                rank * rows, vocab, group)
     ((a * lp).sum() + (b * ent).sum()).backward()
     return lp.detach(), ent.detach(), hidden.grad, shard.grad
+
+
+def make_engine(tensor_parallel: int = 1, family: str = "qwen3"):
+    """A MegatronEngine on ``hf_model(family)`` (factory for ``DistributedEngineGroup``)."""
+    from areal_agents.trainers.megatron import MegatronEngine
+
+    return MegatronEngine(hf_model(family), lr=1e-3, token_budget=24, tensor_parallel=tensor_parallel)

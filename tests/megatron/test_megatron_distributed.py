@@ -11,7 +11,7 @@ pytest.importorskip("megatron.core")
 
 from areal_agents.trainers.launcher import launch
 from areal_agents.trainers.megatron import MegatronEngine
-from megatron_helpers import dp_cases, grpo_batch, grpo_loss, hf_model, train_megatron
+from megatron_helpers import dp_cases, grpo_batch, grpo_loss, hf_model, make_engine, train_megatron
 
 pytestmark = pytest.mark.multiprocess
 
@@ -92,3 +92,15 @@ def test_tp2_dp2_on_four_processes_equals_single_process():
     assert [len(r[1]) for r in ranks[1:]] == [0, 0, 0]  # only global rank 0 exports
     torch.set_num_threads(1)
     _assert_same_run(ranks[0], train_megatron(1, 2, None, "qwen2"))
+
+
+def test_distributed_engine_group_drives_a_tp2_engine():
+    from areal_agents.trainers.launcher import DistributedEngineGroup
+
+    batch = grpo_batch(hf_model("qwen3"))
+    with DistributedEngineGroup(2, make_engine, 2) as group:
+        stats = group.train_step(batch, grpo_loss)
+        weights = dict(group.export_weights())  # every rank drains its generator
+        logprobs = group.forward_logprobs(batch)
+    torch.set_num_threads(1)
+    _assert_same_run(([stats], weights, logprobs), train_megatron(1, 1))
