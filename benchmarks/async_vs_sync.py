@@ -8,7 +8,9 @@
     decoupled-PPO clipped ratio, so stale samples really learn less). Two regimes:
     - GENERATION-BOUND (the headline, the regime async RL is for): 16 slots, engine bound
       16 x 2000 / 90.4 = 354 samples/s < train bound 32 / 0.05 s = 640/s, so the ideal is the
-      engine bound (every slot always decoding a sample that gets trained);
+      engine bound (every slot always decoding a sample that gets trained). The slot count is
+      the only parameter changed from the train-bound workload (fixed before measuring); the
+      other way to the same engine bound, 32 slots at half the token rate, is reported too;
     - TRAIN-BOUND (second table): 64 slots, engine bound 1416/s > train bound 640/s = ideal.
     Runs on a simulated clock by default (exact, deterministic, load-independent); ``--wall``
     also runs it on the real clock.
@@ -53,12 +55,14 @@ of 3 seeds:
     partial groups 89.9 / 69.7: dropping too-stale groups favours short outputs.
     Reward at equal samples: 1600 samples sync 0.223 / async 0.219 (-0.004); 3200: 0.446 /
     0.440 (-0.005); 6400: 0.853 / 0.850 (-0.003).
-    Real clock (--wall, seed 0, under load, earlier run): sync 111.6, async 408.7 samples/s, 3.66x.
+(a), (a') on the real clock (--wall, seed 0, under load): 16 slots sync 101.8, async 291.9
+    samples/s, 2.87x; 64 slots sync 111.9, async 405.0, 3.62x.
 (b) tiny model, 24 steps = 384 samples per setting, 2 runs each (median):
-    sync 69.2 samples/s (76.5, 62.0), async 60.2 (73.2, 47.2): 0.87x; an earlier run of the
-    same command: 56.3 vs 58.1, 1.03x. The step is train-bound on CPU (sync: ~61 ms waiting
-    for rollouts + 158 ms training; async: 21 ms + 241 ms, training slowed by generation sharing
-    the 2 loaded cores), so overlap could hide at most the rollout wait: no async gain here.
+    sync 96.2 samples/s (75.4, 117.1), async 106.1 (99.3, 112.9): 1.10x; earlier runs of the
+    same command: 69.2 vs 60.2 (0.87x), 56.3 vs 58.1 (1.03x). The step is train-bound on CPU
+    (sync: ~50 ms waiting for rollouts + 114 ms training; async: 3 ms + 138 ms, training slowed
+    by generation sharing the 2 loaded cores), so overlap can hide at most the rollout wait: no
+    real async gain here.
     Reward at equal samples (384): train success over the last 5 steps sync 0.99, async 0.82
     (-0.16, async trains on samples up to 2 versions old); greedy eval on 32 held-out seeds
     sync 1.00, async 1.00.
