@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip evaluating the untrained model")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     cfg = load_config(args.config, args.overrides)
     result = asyncio.run(run(cfg, baseline=not args.no_baseline))
     n, sec = result["eval_seeds"], result["seconds"]
