@@ -45,6 +45,9 @@ class PolicyConfig(_Strict):
     ref_model: str | None = Field(
         None, description="KL reference (kl_coef > 0) as 'tiny:<size>[:seed=N]' or a path; "
         "None: the policy's initial weights after the warm start")
+    algorithm_params: dict[str, Any] = Field(
+        default_factory=dict, description="this policy's overrides of algorithm.params (e.g. "
+        "{kl_coef: 0.05} for one role only)")
 
 
 class AlgorithmConfig(_Strict):

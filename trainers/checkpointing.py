@@ -100,7 +100,10 @@ async def save_checkpoint(trainer: Trainer) -> Path:
         await asyncio.to_thread(engine.save, str(partial / name))
     state = {"step": trainer.step, "controller": trainer.controller.state_dict(),
              "history": trainer.history, "trained_seeds": trainer.trained_seeds,
-             "algorithm": {"ema_baselines": dict(getattr(trainer.algorithm, "ema_baselines", {}))}}
+             "algorithm": {"ema_baselines": dict(getattr(trainer.algorithm, "ema_baselines", {})),
+                           "per_policy": {n: dict(getattr(a, "ema_baselines", {}))
+                                          for n, a in trainer.algorithms.items()
+                                          if a is not trainer.algorithm}}}
     (partial / STATE).write_text(json.dumps(state))
     torch.save(rng_state(), partial / RNG)
     if final.exists():  # written by a run killed before it could update `latest`
@@ -143,6 +146,9 @@ async def restore_checkpoint(trainer: Trainer, ckpt: Path) -> None:
         # older checkpoints stored the EMA dict itself
         trainer.algorithm.ema_baselines = dict(algo.get("ema_baselines", algo)
                                                if isinstance(algo, dict) else {})
+    for name, ema in (algo.get("per_policy", {}) if isinstance(algo, dict) else {}).items():
+        if name in trainer.algorithms and trainer.algorithms[name] is not trainer.algorithm:
+            trainer.algorithms[name].ema_baselines = dict(ema)
     if (ckpt / RNG).exists():
         set_rng_state(torch.load(ckpt / RNG, weights_only=False))
     if trainer.run_dir is not None:

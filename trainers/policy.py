@@ -33,6 +33,9 @@ class Policy:
         ref_model: the KL reference when the algorithm has ``kl_coef > 0``, in the forms of
             ``model`` (same tokenizer); ``None`` = this policy's initial weights (after the
             warm start).
+        algorithm_params: this policy's overrides of the trainer's algorithm fields (e.g.
+            ``{"kl_coef": 0.05}`` for one role only); the policy then has its own algorithm
+            object (and its own EMA baselines).
 
     Raises:
         ValueError: unknown backend, or ``endpoint`` with ``frozen=False``, or no model.
@@ -57,6 +60,7 @@ class Policy:
     sft_lr: float = 1e-3
     api: str = "chat"
     ref_model: Any = None
+    algorithm_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

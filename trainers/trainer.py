@@ -30,7 +30,7 @@ from .policy import Policy
 from .reference import build_reference
 from .stats import StepStats, resolve_algorithm
 from .warm_start import collect_demos, warm_start_policy
-from .wiring import BACKENDS, backend_factory, resolve_policy_map
+from .wiring import BACKENDS, backend_factory, policy_algorithm, resolve_policy_map
 
 __all__ = ["BACKENDS", "Trainer", "backend_factory", "resolve_policy_map"]
 
@@ -110,6 +110,8 @@ class Trainer:
         if not self.trainable:
             raise ConfigError("no trainable policy is used by policy_map; every policy is frozen")
         self.algorithm = resolve_algorithm(algorithm)
+        self.algorithms = {p: policy_algorithm(self.algorithm, self.policies[p], p)
+                           for p in self.trainable}  # per-policy overrides (own objects)
         self.batch_size, self.group_size, self.max_staleness = batch_size, group_size, max_staleness
         self.max_concurrent = max_concurrent or 2 * batch_size
         if generation_batch_size is not None and generation_batch_size < 1:
@@ -181,7 +183,7 @@ class Trainer:
                 factory = backend_factory(policy.backend)
                 if policy.sft_steps and demos:
                     await self._warm_start(name, model, tokenizer, factory, demos)
-                if getattr(self.algorithm, "needs_reference", False):
+                if getattr(self.algorithms[name], "needs_reference", False):
                     self.ref_engines[name] = build_reference(
                         name, policy, model, factory, self.run_dir, resumed=ckpt is not None)
                 self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
@@ -234,7 +236,7 @@ class Trainer:
         return {p: s for p, s in by_policy.items() if p in self.trainable}
 
     def _filter(self, policy: str, samples: list[Sample]) -> tuple[list[Sample], dict[str, int]]:
-        return self.algorithm.filter(samples)
+        return self.algorithms[policy].filter(samples)
 
     # ---- training -------------------------------------------------------------------------
 
@@ -247,14 +249,15 @@ class Trainer:
         self._step_seeds.extend(g.seed for g in groups)
         engine = self.train_engines[name]
         pad = self.tokenizers[name].pad_token_id or 0
-        batch = self.algorithm.prepare(collate(samples, pad_token_id=pad), samples)
+        algorithm = self.algorithms[name]
+        batch = algorithm.prepare(collate(samples, pad_token_id=pad), samples)
 
         def work() -> tuple[dict[str, float], list[tuple[str, torch.Tensor]]]:
-            if self.algorithm.needs_proximal:
+            if algorithm.needs_proximal:
                 batch.prox_logprobs = engine.forward_logprobs(batch)
-            if getattr(self.algorithm, "needs_reference", False):
+            if getattr(algorithm, "needs_reference", False):
                 batch.ref_logprobs = self.ref_engines[name].forward_logprobs(batch)
-            stats = engine.train_step(batch, self.algorithm.loss)
+            stats = engine.train_step(batch, algorithm.loss)
             return stats, list(engine.export_weights())
 
         t1 = time.perf_counter()

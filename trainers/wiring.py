@@ -55,3 +55,22 @@ def resolve_policy_map(policy_map: Mapping[str, str] | Callable[[str], str],
     if bad:
         raise ValueError(f"policy_map names unknown policies {bad}; policies={sorted(policies)}")
     return mapping
+
+
+def policy_algorithm(base: Any, policy: Policy, name: str) -> Any:
+    """``base`` itself, or a copy with ``policy.algorithm_params`` applied (own state).
+
+    Raises:
+        ConfigError: an override names a field the algorithm does not have (lists them).
+    """
+    if not policy.algorithm_params:
+        return base
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(base) if f.init}
+    unknown = sorted(set(policy.algorithm_params) - fields)
+    if unknown:
+        raise ConfigError(f"policies.{name}.algorithm_params names unknown fields {unknown}; "
+                          f"{type(base).__name__} has {sorted(fields)}")
+    return dataclasses.replace(base, **policy.algorithm_params,
+                               ema_baselines=dict(getattr(base, "ema_baselines", {})))
