@@ -1,8 +1,9 @@
 """TicTacToe: self-play (one shared policy) vs separate parameters vs a scripted opponent pool.
 
-Three ways to train tiny LLMs on ``TicTacToe-v0`` with GRPO, each after the same format-only
-SFT warm start (random legal moves), then a greedy win/draw/loss table against scripted
-players (``heuristic``: win/block/centre/corner; ``random``) on held-out seeds, in both seats:
+Three ways to train tiny LLMs on ``TicTacToe-v0`` with GRPO, each after the same short SFT
+warm start on games of the scripted ``tictactoe_heuristic`` (``--warm-player random`` for a
+format-only one), then a greedy win/draw/loss table against scripted players (``heuristic``:
+win/block/centre/corner; ``random``) on held-out seeds, in both seats:
 
 * ``selfplay``: one policy ``shared`` plays X and O (``policy_map={"x": "shared", "o": "shared"}``;
   one parameter set, one train engine, samples of both seats in one batch).
@@ -13,7 +14,8 @@ players (``heuristic``: win/block/centre/corner; ``random``) on held-out seeds, 
   Trainer's ``agents=`` fixes one scripted agent per seat for a whole run, not a pool).
 
 Every game starts from up to two random opening moves (``opening_moves=2``) so that greedy
-and scripted players meet varied positions across seeds.
+and scripted players meet varied positions across seeds; illegal moves are re-asked twice.
+Results (table rows, train engines, timings) go to ``RUN_DIR/wdl.json``.
 
 Usage::
 
