@@ -15,11 +15,11 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "signaling" / "two_llms.yaml"
 
 
 def test_example_config_loads_with_overrides():
-    cfg = load_config(EXAMPLE, ["trainer.batch_size=64", "policies.speaker.lr=0.01",
+    cfg = load_config(EXAMPLE, ["trainer.batch_size=128", "policies.speaker.lr=0.01",
                                 "algorithm.params.clip_eps=0.1"])
-    assert cfg.trainer.batch_size == 64
+    assert cfg.trainer.batch_size == 128
     assert cfg.policies["speaker"].lr == 0.01 and cfg.policies["listener"].lr == 1e-3
-    assert cfg.algorithm.params == {"clip_eps": 0.1}
+    assert cfg.algorithm.params == {"clip_eps": 0.1, "kl_coef": 0.05}  # override merges
     assert cfg.policy_map == {"speaker": "speaker", "listener": "listener"}
 
 
