@@ -53,7 +53,8 @@ class Trainer:
         group_size: episodes per task seed (the GRPO group).
         max_staleness: versions a sample may lag; 0 is synchronous.
         max_concurrent: episodes in flight at most (default ``2 * batch_size``).
-        eval_every, eval_seeds: greedy evaluation every k steps on these seeds (0 = never).
+        eval_every, eval_seeds: greedy evaluation every k steps on these seeds, and once before
+            the first step of a fresh run (logged as step 0; 0 = never).
         reward_fns: extra rewards ``fn(episode) -> float | {agent: float}``, sync or async.
         checkpoint_every, run_dir, resume, keep_checkpoints: checkpoints in
             ``run_dir/checkpoints`` (layout: ``areal_agents.trainers.checkpointing``);
@@ -282,6 +283,9 @@ class Trainer:
     async def afit(self, steps: int) -> list[dict[str, float]]:
         """Train until ``self.step == steps``; returns the logged metrics of each step."""
         await self.setup()
+        if self.eval_every and self.step == 0 and steps > 0:
+            # the starting point (after any warm start), logged as step 0 before rollouts begin
+            self.logger.log(0, await self.evaluate())
         bar = Progress(steps, self._headline(), enabled=self.show_progress, start=self.step)
         runner = asyncio.create_task(self.controller.run())
         try:

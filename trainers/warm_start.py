@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from areal_agents.agents import ScriptedAgent
 
 from areal_agents.agent import Agent
@@ -142,7 +143,28 @@ async def warm_start_policy(policy: Policy, model: Any, tokenizer: Any,
         return []
     engine = factory(model, lr=policy.sft_lr)
     try:
-        return await asyncio.to_thread(sft, engine, samples, policy.sft_steps, 32, seed,
-                                       tokenizer.pad_token_id or 0)
+        losses = await asyncio.to_thread(sft, engine, samples, policy.sft_steps, 32, seed,
+                                         tokenizer.pad_token_id or 0)
+        # engines that train their own copy (Archon, Megatron) hand the weights back here
+        copy_weights_into(model, engine.export_weights())
+        return losses
     finally:
         engine.close()
+
+
+@torch.no_grad()
+def copy_weights_into(model: Any, named_tensors: Any) -> None:
+    """Copy HF-named tensors into ``model`` (tied weights once). A no-op in effect when
+    ``model`` is the engine's own module (FSDPEngine trains it in place).
+
+    Raises:
+        KeyError: a name ``model`` does not have (names it).
+    """
+    params = model.state_dict(keep_vars=True)  # tied weights appear under both names
+    for name, tensor in named_tensors:
+        if name not in params:
+            raise KeyError(f"warm start: the engine exported {name!r}, which the model does not "
+                           "have; the backend's export names must be Hugging Face names")
+        target = params[name]
+        if target.data_ptr() != tensor.data_ptr():
+            target.copy_(tensor.to(target.dtype))
