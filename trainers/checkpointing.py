@@ -21,40 +21,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from areal_agents.engines.base import WeightUpdate
 from areal_agents.errors import TrainError
+
+from .rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
 STATE = "trainer_state.json"
 RNG = "rng.pt"
-
-
-def rng_state() -> dict[str, Any]:
-    """The process's python, numpy and torch (and CUDA) RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore states from ``rng_state()``."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:

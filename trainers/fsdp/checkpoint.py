@@ -9,12 +9,10 @@ rank 0's.
 from __future__ import annotations
 
 import os
-import random
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -22,25 +20,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from areal_agents.errors import TrainError
 
+from ..rng import rng_state, set_rng_state
+
 if TYPE_CHECKING:
     from areal_agents.trainers.fsdp.engine import FSDPEngine
 
 TRAINER_STATE = "trainer_state.pt"
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextmanager
@@ -65,7 +50,7 @@ def save_checkpoint(engine: FSDPEngine, path: str) -> None:
     model_sd, optim_sd = get_state_dict(engine.module, engine.optimizer)
     with _quiet_single_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    torch.save(_rng_state(), os.path.join(path, f"rng_rank{engine.rank}.pt"))
+    torch.save(rng_state(), os.path.join(path, f"rng_rank{engine.rank}.pt"))
     if engine.rank == 0:
         state = {
             "step": engine.step,
@@ -107,5 +92,5 @@ def load_checkpoint(engine: FSDPEngine, path: str) -> None:
     rng_file = os.path.join(path, f"rng_rank{engine.rank}.pt")
     if not os.path.exists(rng_file):
         rng_file = os.path.join(path, "rng_rank0.pt")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(torch.load(rng_file, weights_only=False))
     _barrier(engine)

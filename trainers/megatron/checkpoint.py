@@ -11,11 +11,9 @@ hyper-parameters, TP size; written last by rank 0, its presence marks a complete
 from __future__ import annotations
 
 import os
-import random
 import warnings
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -23,26 +21,13 @@ from areal_agents.trainers.megatron.convert import shard
 
 from areal_agents.errors import TrainError
 
+from ..rng import rng_state, set_rng_state
+
 if TYPE_CHECKING:
     from areal_agents.trainers.megatron.engine import MegatronEngine
 
 TRAINER_STATE = "trainer_state.pt"
 _MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _has_optimizer_state(engine: MegatronEngine) -> bool:
@@ -70,7 +55,7 @@ def save_checkpoint(engine: MegatronEngine, path: str) -> None:
     with warnings.catch_warnings():  # one process: DCP warns it "assumes a single process"
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=path)
-    torch.save(_rng_state(), os.path.join(path, f"rng_rank{engine.rank}.pt"))
+    torch.save(rng_state(), os.path.join(path, f"rng_rank{engine.rank}.pt"))
     dist.barrier()
     if engine.rank == 0:
         trainer = {
@@ -120,5 +105,5 @@ def load_checkpoint(engine: MegatronEngine, path: str) -> None:
     rng_file = os.path.join(path, f"rng_rank{engine.rank}.pt")
     if not os.path.exists(rng_file):
         rng_file = os.path.join(path, "rng_rank0.pt")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(torch.load(rng_file, weights_only=False))
     dist.barrier()
