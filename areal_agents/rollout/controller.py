@@ -31,7 +31,7 @@ from areal_agents.samples import Sample
 from .groups import Group, GroupRun, Signal
 from .staleness import Outcome, StalenessControl
 
-__all__ = ["EpisodeFn", "FilterFn", "Group", "RolloutController", "RolloutFailed"]
+__all__ = ["AllFiltered", "EpisodeFn", "FilterFn", "Group", "RolloutController", "RolloutFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ FilterFn = Callable[[str, list[Sample]], tuple[list[Sample], dict[str, int]]]
 
 class RolloutFailed(RuntimeError):
     """Every recent episode failed: training cannot make progress."""
+
+
+class AllFiltered(RolloutFailed):
+    """Every recent group was filtered for a policy (e.g. zero reward variance): its batch
+    would never fill."""
 
 
 def _keep_all(policy: str, samples: list[Sample]) -> tuple[list[Sample], dict[str, int]]:
@@ -63,6 +68,9 @@ class RolloutController:
         seed: the first task seed; seeds are consumed in order (the data cursor).
         max_consecutive_failures: after this many failed episodes in a row, ``take`` raises
             ``RolloutFailed`` with the last error instead of waiting forever (0 = never).
+        max_consecutive_filtered: after this many groups in a row filtered for a policy (none
+            kept), ``take(policy)`` raises ``AllFiltered`` with the reasons counted instead of
+            generating forever (0 = never).
         partial_groups: 0 (default): a group is trained only once all its episodes ended.
             k >= 1: at the last ``take`` that may still train an in-flight group, its episodes
             still generating are cancelled (``filtered:straggler``) and the group is trained
@@ -91,6 +99,7 @@ class RolloutController:
         seed: int = 0,
         max_consecutive_failures: int = 256,
         partial_groups: int = 0,
+        max_consecutive_filtered: int = 512,
     ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -105,6 +114,8 @@ class RolloutController:
         self.next_seed = seed
         self.max_consecutive_failures = max_consecutive_failures
         self.consecutive_failures = 0
+        self.max_consecutive_filtered = max_consecutive_filtered
+        self.consecutive_filtered: Counter[str] = Counter()  # per policy, in groups
         self.buffers: dict[str, list[Group]] = {p: [] for p in controls}
         self.ledger: dict[str, Counter[str]] = {p: Counter() for p in controls}
         self.errors: list[BaseException] = []
@@ -198,6 +209,7 @@ class RolloutController:
             samples = [s for r in ok for s in r.get(policy, [])]
             kept, dropped = self.filter_fn(policy, samples) if samples else ([], {"no_samples": 1})
             if kept:
+                self.consecutive_filtered[policy] = 0
                 control.finish("accepted", len(ok), released=True)
                 versions = [v for s in kept for v in s.versions if v >= 0]
                 self.buffers[policy].append(
@@ -205,6 +217,7 @@ class RolloutController:
                 )
             else:
                 reason = next(iter(dropped), "empty")
+                self.consecutive_filtered[policy] += 1
                 control.finish("filtered", len(ok), released=True)
                 self.ledger[policy][f"filtered:{reason}"] += len(ok)
                 self._resolve(seed, policy)
@@ -288,6 +301,7 @@ class RolloutController:
 
         def ready() -> bool:
             self._check_failures()
+            self._check_filtered(policy)
             self._drop_stale(policy)
             if self.partial_groups:
                 self._truncate_last_chance()
@@ -311,6 +325,16 @@ class RolloutController:
     def _stalled(self) -> bool:
         """Nothing generates and nothing can be admitted before a weight update."""
         return not self.can_admit() and all(c.running == 0 for c in self.controls.values())
+
+    def _check_filtered(self, policy: str) -> None:
+        limit, n = self.max_consecutive_filtered, self.consecutive_filtered[policy]
+        if limit and n >= limit:
+            reasons = {k: v for k, v in self.ledger[policy].items() if k.startswith("filtered:")}
+            raise AllFiltered(
+                f"the last {n} groups were all filtered for policy {policy!r} (episodes so far: "
+                f"{reasons}); its batch cannot fill. If the reason is zero reward variance the "
+                "task is solved or unsolvable at this group size: stop, make the task harder or "
+                "easier, or use an algorithm that keeps such groups (e.g. GRPO instead of DAPO)")
 
     def _check_failures(self) -> None:
         limit = self.max_consecutive_failures

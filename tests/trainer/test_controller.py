@@ -417,3 +417,44 @@ def test_partial_groups_train_without_stragglers_at_the_last_chance():
     assert ctl.ledger["p"]["filtered:straggler"] == 1
     with pytest.raises(ValueError, match=r"partial_groups must be in 0\.\.group_size=4"):
         RolloutController(episode, controls, group_size=4, partial_groups=5)
+
+
+async def test_every_group_filtered_raises_with_the_reasons_instead_of_spinning():
+    """AReaL#588: a batch that can never fill (every group filtered) must not wait forever."""
+    from areal_agents.rollout import AllFiltered
+
+    async def episode(seed, member):
+        return {"p": [_sample(1.0, 0)]}
+
+    def drop_all(policy, samples):
+        return [], {"zero_variance": len(samples)}
+
+    controls = {"p": StalenessControl(4, 0, max_concurrent=16)}
+    ctl = RolloutController(episode, controls, group_size=2, filter_fn=drop_all,
+                            max_consecutive_filtered=5)
+    runner = asyncio.create_task(ctl.run())
+    with pytest.raises(AllFiltered, match=r"last \d+ groups.*'filtered:zero_variance'.*GRPO"):
+        await asyncio.wait_for(ctl.take("p", 4), 5)
+    await ctl.stop()
+    runner.cancel()
+    assert ctl.consecutive_filtered["p"] >= 5
+    assert ctl.ledger["p"]["filtered:zero_variance"] >= 10  # counted, not silently dropped
+
+
+async def test_a_kept_group_resets_the_filtered_streak():
+    async def episode(seed, member):
+        return {"p": [_sample(float(seed), 0)]}  # the reward carries the task seed
+
+    def keep_every_third(policy, samples):
+        keep = int(samples[0].reward) % 3 == 0
+        return (samples, {}) if keep else ([], {"zero_variance": len(samples)})
+
+    controls = {"p": StalenessControl(6, 0, max_concurrent=16)}
+    ctl = RolloutController(episode, controls, group_size=2, filter_fn=keep_every_third,
+                            max_consecutive_filtered=3)
+    runner = asyncio.create_task(ctl.run())
+    # seeds 1, 2, 4, 5 are filtered: 4 in all, but never 3 in a row, so the batch fills
+    groups = await asyncio.wait_for(ctl.take("p", 6), 5)
+    await ctl.stop()
+    runner.cancel()
+    assert sorted(g.seed for g in groups) == [0, 3, 6]
