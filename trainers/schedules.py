@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 
 def lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None) -> Callable[[int], float]:
@@ -22,3 +23,21 @@ def lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None) -> Call
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
+
+
+def apply_update(optimizer: Any, scheduler: Any, grad_norm: float, num_tokens: int,
+                 out: dict[str, float]) -> dict[str, float]:
+    """Finish a train step after backward and clipping, the same on every backend: record
+    ``lr`` (before the schedule advances), ``grad_norm``, ``num_tokens`` and ``skipped`` (1.0 when
+    the gradient norm is not finite: the optimizer step is skipped, the schedule still
+    advances), then zero the gradients. Returns ``out``."""
+    out["lr"] = float(scheduler.get_last_lr()[0])
+    out["grad_norm"] = grad_norm
+    out["num_tokens"] = float(num_tokens)
+    finite = math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    out["skipped"] = 0.0 if finite else 1.0
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE
 from areal_agents.trainers.microbatch import plan_microbatches
+from areal_agents.trainers.schedules import apply_update
 from torch import nn
 
 from areal_agents.errors import ConfigError, TrainError
@@ -229,14 +230,7 @@ class ArchonEngine(TrainEngine):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainError(f"non-finite loss {out['loss']} at step {self.step}; check the batch/loss")
         grad_norm = self.clip_grad_norm()
-        out["lr"] = float(self.scheduler.get_last_lr()[0])
-        out["grad_norm"] = grad_norm
-        out["num_tokens"] = float(batch.num_tokens)
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-        out["skipped"] = 0.0 if math.isfinite(grad_norm) else 1.0
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_update(self.optimizer, self.scheduler, grad_norm, batch.num_tokens, out)
         self.step += 1
         return out
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
 from areal_agents.trainers.microbatch import plan_microbatches
-from areal_agents.trainers.schedules import lr_lambda
+from areal_agents.trainers.schedules import apply_update, lr_lambda
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -249,14 +249,7 @@ class FSDPEngine(TrainEngine):
         params = [p for p in self.module.parameters() if p.requires_grad]
         clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
-        out["lr"] = float(self.scheduler.get_last_lr()[0])
-        out["grad_norm"] = grad_norm
-        out["num_tokens"] = float(batch.num_tokens)
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-        out["skipped"] = 0.0 if math.isfinite(grad_norm) else 1.0
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_update(self.optimizer, self.scheduler, grad_norm, batch.num_tokens, out)
         self.step += 1
         return out
 

@@ -25,7 +25,7 @@ from areal_agents.trainers.megatron.grads import clip_grads, finalize_grads
 from areal_agents.trainers.megatron.hf_io import hf_source
 from areal_agents.trainers.megatron.vocab_parallel import vocab_parallel_sequence_logprobs
 from areal_agents.trainers.microbatch import plan_microbatches
-from areal_agents.trainers.schedules import lr_lambda
+from areal_agents.trainers.schedules import apply_update, lr_lambda
 from torch import nn
 
 from areal_agents.errors import ConfigError, TrainError
@@ -246,14 +246,7 @@ class MegatronEngine(TrainEngine):
                        self.dp_group if self.dp > 1 else None)
         grad_norm = clip_grads(named, self.max_grad_norm, self.tp_rank,
                                self.tp_group if self.tp > 1 else None)
-        out["lr"] = float(self.scheduler.get_last_lr()[0])
-        out["grad_norm"] = grad_norm
-        out["num_tokens"] = float(batch.num_tokens)
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-        out["skipped"] = 0.0 if math.isfinite(grad_norm) else 1.0
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_update(self.optimizer, self.scheduler, grad_norm, batch.num_tokens, out)
         self.step += 1
         return out
 
