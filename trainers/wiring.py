@@ -67,7 +67,11 @@ def policy_algorithm(base: Any, policy: Policy, name: str) -> Any:
         return base
     import dataclasses
 
-    fields = {f.name for f in dataclasses.fields(base) if f.init}
+    if not dataclasses.is_dataclass(base):
+        raise ConfigError(f"policies.{name}.algorithm_params needs a dataclass algorithm (as in "
+                          f"areal_agents.algorithms); {type(base).__name__} is not one: give "
+                          "this policy's settings to the algorithm object itself")
+    fields = {f.name for f in dataclasses.fields(base) if f.init} - {"ema_baselines"}
     unknown = sorted(set(policy.algorithm_params) - fields)
     if unknown:
         raise ConfigError(f"policies.{name}.algorithm_params names unknown fields {unknown}; "
