@@ -80,6 +80,9 @@ class TrainerConfig(_Strict):
     generation_batch_size: int | None = Field(
         None, ge=1, description="rows per inference batch (default max(32, max_concurrent)); 1 "
         "makes generation bitwise reproducible")
+    partial_groups: int = Field(0, ge=0, description="0: train whole groups only; k >= 1: train "
+                                "a group with its >= k finished members when its stragglers "
+                                "would make it too stale (throughput vs a bias to short outputs)")
 
 
 class LoggingConfig(_Strict):
@@ -128,6 +131,7 @@ class RunConfig(_Strict):
             warm_start=t.warm_start, torch_threads=t.torch_threads,
             max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
             generation_batch_size=t.generation_batch_size,
+            partial_groups=t.partial_groups,
             keep_checkpoints=t.keep_checkpoints,
             logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,
                                wandb_project=self.logging.wandb_project,

@@ -57,3 +57,20 @@ async def test_only_the_overridden_policy_trains_with_a_reference():
     assert len(history) == 2 and history[-1]["policy/s/version"] == 2
     assert all(abs(h.get("policy/l/kl", 0.0)) == 0.0 for h in history)
     assert all("policy/s/kl" in h for h in history)
+
+
+async def test_partial_groups_reaches_the_controller_and_is_validated(tmp_path):
+    data = apply_overrides({"env": "Signaling-v0", "env_kwargs": {"num_items": 2, "pool_size": 2},
+                            "policies": {"s": {"api": "completions"}, "l": {"api": "completions"}},
+                            "policy_map": {"speaker": "s", "listener": "l"},
+                            "trainer": {"batch_size": 8, "group_size": 4},
+                            "run_dir": str(tmp_path), "logging": {"progress": False}},
+                           ["trainer.partial_groups=2"])
+    trainer = parse_config(data).build()
+    try:
+        await trainer.setup()
+        assert trainer.controller.partial_groups == 2
+    finally:
+        await trainer.aclose()
+    with pytest.raises(ConfigError, match=r"partial_groups must be in 0\.\.group_size=4"):
+        make({}, partial_groups=5)
