@@ -9,6 +9,7 @@ unchanged.
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -28,6 +29,7 @@ class _Seeding:
 
     _np_random: np.random.Generator | None = None
     _np_random_seed: int | None = None
+    _action_rng: random.Random | None = None
 
     @property
     def np_random(self) -> np.random.Generator:
@@ -36,6 +38,14 @@ class _Seeding:
             self._seed(None)
         assert self._np_random is not None
         return self._np_random
+
+    @property
+    def action_rng(self) -> random.Random:
+        """A ``random.Random`` for ``sample_action``, kept apart from ``np_random`` so sampling
+        actions never changes the episode; reseeded by ``reset(seed=...)``."""
+        if self._action_rng is None:
+            self._action_rng = random.Random()
+        return self._action_rng
 
     @property
     def np_random_seed(self) -> int | None:
@@ -47,6 +57,8 @@ class _Seeding:
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         self._np_random = np.random.default_rng(seed)
         self._np_random_seed = seed
+        if seed is not None:
+            self.action_rng.seed(seed)
 
 
 class AgentEnv(_Seeding, Generic[ObsT, ActT]):

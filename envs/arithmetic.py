@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from typing import Any
 
@@ -94,14 +93,11 @@ class Arithmetic(AgentEnv[list[Message], Message | str]):
         self.operations = operations
         self.partial_credit = partial_credit
         self.question, self.answer = "", 0
-        self._action_rng = random.Random()
 
     async def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[list[Message], dict[str, Any]]:
         await super().reset(seed=seed)
-        if seed is not None:
-            self._action_rng.seed(seed)
         self.question, self.answer = make_task(self.np_random, self.digits, self.operations)
         return [user(prompt(self.question))], {"question": self.question, "answer": self.answer}
 
@@ -115,4 +111,4 @@ class Arithmetic(AgentEnv[list[Message], Message | str]):
     def sample_action(self, agent: str | None = None) -> str:
         """``Answer: <random integer of a plausible size>``."""
         scale = 10 ** (2 * self.digits)
-        return f"Answer: {self._action_rng.randint(-scale // 10, scale)}"
+        return f"Answer: {self.action_rng.randint(-scale // 10, scale)}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 from ..env import AgentEnv
@@ -69,14 +68,11 @@ class Calculator(AgentEnv[list[Message], Message | str]):
         self.digits, self.terms, self.max_turns = digits, terms, max_turns
         self.tools: list[dict[str, Any]] = [CALCULATOR_TOOL]
         self.question, self.answer, self.turns = "", 0, 0
-        self._action_rng = random.Random()
 
     async def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[list[Message], dict[str, Any]]:
         await super().reset(seed=seed)
-        if seed is not None:
-            self._action_rng.seed(seed)
         rng = self.np_random
         numbers = [
             int(rng.integers(10 ** (self.digits - 1), 10**self.digits)) for _ in range(self.terms)
@@ -117,4 +113,4 @@ class Calculator(AgentEnv[list[Message], Message | str]):
 
     def sample_action(self, agent: str | None = None) -> str:
         """A random final answer (text actions cannot carry tool calls)."""
-        return f"Answer: {self._action_rng.randint(-(10 ** (2 * self.digits)), 10 ** (2 * self.digits))}"
+        return f"Answer: {self.action_rng.randint(-(10 ** (2 * self.digits)), 10 ** (2 * self.digits))}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from fractions import Fraction
 from typing import Any, Literal
@@ -100,14 +99,11 @@ class Countdown(AgentEnv[list[Message], Message | str]):
         self.difficulty = difficulty
         self.numbers: list[int] = []
         self.target = 0
-        self._action_rng = random.Random()
 
     async def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[list[Message], dict[str, Any]]:
         await super().reset(seed=seed)
-        if seed is not None:
-            self._action_rng.seed(seed)
         self.numbers, self.target = make_task(self.np_random, self.difficulty)
         info = {"numbers": list(self.numbers), "target": self.target}
         return [user(prompt(self.numbers, self.target))], info
@@ -129,7 +125,7 @@ class Countdown(AgentEnv[list[Message], Message | str]):
 
     def sample_action(self, agent: str | None = None) -> str:
         """A random expression over the current numbers (usually wrong)."""
-        rng = self._action_rng
+        rng = self.action_rng
         nums = [str(n) for n in (self.numbers or [1, 2])]
         rng.shuffle(nums)
         expr = nums[0]

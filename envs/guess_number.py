@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import re
 from typing import Any
 
@@ -44,14 +43,11 @@ class GuessNumber(AgentEnv[list[Message], Message | str]):
         self.low, self.high = low, high
         self.secret = low
         self.guesses_left = 0
-        self._action_rng = random.Random()
 
     async def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[list[Message], dict[str, Any]]:
         await super().reset(seed=seed)
-        if seed is not None:
-            self._action_rng.seed(seed)
         self.secret = int(self.np_random.integers(self.low, self.high + 1))
         self.guesses_left = self.max_guesses
         task = (
@@ -88,4 +84,4 @@ class GuessNumber(AgentEnv[list[Message], Message | str]):
 
     def sample_action(self, agent: str | None = None) -> str:
         """A random number in the range."""
-        return str(self._action_rng.randint(self.low, self.high))
+        return str(self.action_rng.randint(self.low, self.high))

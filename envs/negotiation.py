@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
-import random
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -63,7 +62,6 @@ class Negotiation(MultiAgentEnv[list[Message], Message | str]):
         self.values: dict[str, list[int]] = {}
         self.offer: tuple[str, list[int]] | None = None  # (proposer, what the proposer keeps)
         self.turn = 0
-        self._action_rng = random.Random()
 
     def _describe(self, numbers: list[int]) -> str:
         return ", ".join(f"{n} {ITEMS[i]}" for i, n in enumerate(numbers))
@@ -81,8 +79,6 @@ class Negotiation(MultiAgentEnv[list[Message], Message | str]):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, list[Message]], dict[str, dict[str, Any]]]:
         await super().reset(seed=seed)
-        if seed is not None:
-            self._action_rng.seed(seed)
         rng = self.np_random
         while True:  # redraw counts that no valuation fits (e.g. 3 3 3 for a total of 10)
             self.counts = [int(c) for c in rng.integers(1, self.max_count + 1, size=self.num_types)]
@@ -160,7 +156,7 @@ class Negotiation(MultiAgentEnv[list[Message], Message | str]):
 
     def sample_action(self, agent: str | None = None) -> str:
         """``accept`` (one time in five) or a random proposal within the counts."""
-        rng = self._action_rng
+        rng = self.action_rng
         if rng.random() < 0.2:
             return "accept"
         return "propose: " + " ".join(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -70,7 +69,6 @@ class PrisonersDilemma(MultiAgentEnv[list[Message], Message | str]):
         self.agents: list[str] = []
         self.round = 0
         self.history: list[tuple[str | None, str | None]] = []
-        self._action_rng = random.Random()
 
     def _intro(self) -> str:
         p = self.payoffs
@@ -81,8 +79,6 @@ class PrisonersDilemma(MultiAgentEnv[list[Message], Message | str]):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, list[Message]], dict[str, dict[str, Any]]]:
         await super().reset(seed=seed)
-        if seed is not None:
-            self._action_rng.seed(seed)
         self.agents, self.round, self.history = list(AGENTS), 0, []
         first = f"{self._intro()}\nRound 1 of {self.rounds}."
         return {a: [user(first)] for a in AGENTS}, {a: {} for a in AGENTS}
@@ -126,4 +122,4 @@ class PrisonersDilemma(MultiAgentEnv[list[Message], Message | str]):
 
     def sample_action(self, agent: str | None = None) -> str:
         """``"C"`` or ``"D"`` at random."""
-        return self._action_rng.choice(["C", "D"])
+        return self.action_rng.choice(["C", "D"])

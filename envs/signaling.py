@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 import string
 from collections.abc import Mapping
@@ -78,7 +77,6 @@ class Signaling(MultiAgentEnv[list[Message], Message | str]):
         self.target = ""
         self.message = ""
         self._last_result: list[Message] = []
-        self._action_rng = random.Random()
 
     def _new_round(self) -> None:
         rng = self.np_random
@@ -96,8 +94,6 @@ class Signaling(MultiAgentEnv[list[Message], Message | str]):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, list[Message]], dict[str, dict[str, Any]]]:
         await super().reset(seed=seed)
-        if seed is not None:
-            self._action_rng.seed(seed)
         self.agents = list(AGENTS)
         self.round = 0
         self._last_result = []
@@ -169,7 +165,7 @@ class Signaling(MultiAgentEnv[list[Message], Message | str]):
 
     def sample_action(self, agent: str | None = None) -> str:
         """Speaker: random symbols; listener: a random candidate name."""
-        rng = self._action_rng
+        rng = self.action_rng
         if agent == "speaker":
             return "".join(rng.choice(self.vocab) for _ in range(self.message_length))
         return rng.choice(self.listener_items or ["A"])

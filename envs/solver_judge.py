@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -60,14 +59,11 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
         self.question, self.answer = "", 0
         self.numbers: list[int] = []
         self.solver_text = ""
-        self._action_rng = random.Random()
 
     async def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, list[Message]], dict[str, dict[str, Any]]]:
         await super().reset(seed=seed)
-        if seed is not None:
-            self._action_rng.seed(seed)
         self.agents, self.solver_text = list(AGENTS), ""
         if self.task == "arithmetic":
             self.question, self.answer = arithmetic.make_task(
@@ -121,7 +117,7 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
 
     def sample_action(self, agent: str | None = None) -> str:
         """Solver: a random number or expression; judge: ``correct``/``incorrect``."""
-        rng = self._action_rng
+        rng = self.action_rng
         if agent == "judge":
             return rng.choice(["correct", "incorrect"])
         if self.task == "countdown" and self.numbers:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -79,7 +78,6 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
         self.to_move = "x"
         self.reasks = 0
         self._started: set[str] = set()
-        self._action_rng = random.Random()
 
     def _prompt(self, agent: str, news: str) -> Message:
         mark = agent.upper()
@@ -98,8 +96,6 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, list[Message]], dict[str, dict[str, Any]]]:
         await super().reset(seed=seed)
-        if seed is not None:
-            self._action_rng.seed(seed)
         self.agents = list(AGENTS)
         self.board, self.to_move, self.reasks = "." * 9, "x", 0
         self._started = set()
@@ -168,4 +164,4 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
     def sample_action(self, agent: str | None = None) -> str:
         """A random empty cell (1-9)."""
         empty = [str(i + 1) for i, c in enumerate(self.board) if c == "."]
-        return self._action_rng.choice(empty or ["1"])
+        return self.action_rng.choice(empty or ["1"])

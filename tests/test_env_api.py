@@ -95,3 +95,18 @@ async def test_async_context_manager_and_repr():
     assert "Countdown-v0" in repr(made)
     await made.close()
     await made.close()
+
+
+async def test_action_rng_is_reseeded_by_reset_seed_only():
+    """``action_rng`` (for ``sample_action``) restarts with ``reset(seed=s)`` on both env kinds
+    and is left alone by ``reset()`` without a seed; it is separate from ``np_random``."""
+    for env in (GenericTestEnv(), GenericMultiAgentEnv()):
+        await env.reset(seed=7)
+        first = [env.action_rng.random() for _ in range(3)]
+        await env.reset(seed=7)
+        assert [env.action_rng.random() for _ in range(3)] == first
+        await env.reset()
+        assert env.action_rng.random() != first[0]  # continues the stream, not reseeded
+        np_state = env.np_random.bit_generator.state
+        env.action_rng.random()
+        assert env.np_random.bit_generator.state == np_state
