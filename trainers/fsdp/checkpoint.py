@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from areal_agents.errors import TrainError
 
-from ..rng import rng_state, set_rng_state
+from ..rng import load_rank_rng, save_rank_rng
 
 if TYPE_CHECKING:
     from areal_agents.trainers.fsdp.engine import FSDPEngine
@@ -50,7 +50,7 @@ def save_checkpoint(engine: FSDPEngine, path: str) -> None:
     model_sd, optim_sd = get_state_dict(engine.module, engine.optimizer)
     with _quiet_single_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    torch.save(rng_state(), os.path.join(path, f"rng_rank{engine.rank}.pt"))
+    save_rank_rng(path, engine.rank)
     if engine.rank == 0:
         state = {
             "step": engine.step,
@@ -89,8 +89,5 @@ def load_checkpoint(engine: FSDPEngine, path: str) -> None:
     engine.step = int(trainer["step"])
     engine.version = int(trainer["version"])
     engine.scheduler.load_state_dict(trainer["scheduler"])
-    rng_file = os.path.join(path, f"rng_rank{engine.rank}.pt")
-    if not os.path.exists(rng_file):
-        rng_file = os.path.join(path, "rng_rank0.pt")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    load_rank_rng(path, engine.rank)
     _barrier(engine)

@@ -21,7 +21,7 @@ from areal_agents.trainers.megatron.convert import shard
 
 from areal_agents.errors import TrainError
 
-from ..rng import rng_state, set_rng_state
+from ..rng import load_rank_rng, save_rank_rng
 
 if TYPE_CHECKING:
     from areal_agents.trainers.megatron.engine import MegatronEngine
@@ -55,7 +55,7 @@ def save_checkpoint(engine: MegatronEngine, path: str) -> None:
     with warnings.catch_warnings():  # one process: DCP warns it "assumes a single process"
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=path)
-    torch.save(rng_state(), os.path.join(path, f"rng_rank{engine.rank}.pt"))
+    save_rank_rng(path, engine.rank)
     dist.barrier()
     if engine.rank == 0:
         trainer = {
@@ -102,8 +102,5 @@ def load_checkpoint(engine: MegatronEngine, path: str) -> None:
     engine.scheduler.load_state_dict(trainer["scheduler"])
     engine.step = int(trainer["step"])
     engine.version = int(trainer["version"])
-    rng_file = os.path.join(path, f"rng_rank{engine.rank}.pt")
-    if not os.path.exists(rng_file):
-        rng_file = os.path.join(path, "rng_rank0.pt")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    load_rank_rng(path, engine.rank)
     dist.barrier()
