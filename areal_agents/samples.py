@@ -67,7 +67,10 @@ class TokenBatch:
 
     ``loss_weights`` is set by the algorithm so that a micro-batch's loss is
     ``sum(per_token_loss * loss_weights)`` and micro-batch losses add up to the batch loss
-    (the aggregation mode lives in the weights). Optional fields are None when unused.
+    (the aggregation mode lives in the weights). ``stat_weights`` (set by the algorithm too) are
+    the batch-global token-mean weights ``loss_mask / N``: every logged ratio-like statistic is
+    ``sum(x * stat_weights)``, a plain per-token mean whatever the loss aggregation, and adds up
+    over micro-batches the same way. Optional fields are None when unused.
     """
 
     input_ids: torch.Tensor  # [B, T] long
@@ -82,6 +85,7 @@ class TokenBatch:
     values: torch.Tensor | None = None  # [B, T]: critic values (PPO/GAE)
     returns: torch.Tensor | None = None  # [B, T]
     loss_weights: torch.Tensor | None = None  # [B, T]
+    stat_weights: torch.Tensor | None = None  # [B, T]: loss_mask / generated tokens of the batch
     temperature: float = 1.0
 
     @property
