@@ -187,6 +187,7 @@ class Trainer:
                 continue
             model, tokenizer = policy.load()
             self.tokenizers[name] = tokenizer
+            serving = None
             if policy.trainable:
                 factory = backend_factory(policy.backend)
                 if policy.sft_steps and demos:
@@ -194,9 +195,12 @@ class Trainer:
                 if getattr(self.algorithms[name], "needs_reference", False):
                     self.ref_engines[name] = build_reference(
                         name, policy, model, factory, self.run_dir, resumed=ckpt is not None)
+                # copied before the engine is built: PEFT LoRA rewraps `model` in place, and
+                # the served copy must keep the plain HF names that export_weights yields
+                serving = copy.deepcopy(model)
                 self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
                                                    **policy.train_kwargs)
-            serving = copy.deepcopy(model).eval()
+            serving = (copy.deepcopy(model) if serving is None else serving).eval()
             engine = LocalEngine(serving, tokenizer, max_batch_size=self.generation_batch_size)
             self.gateway.add_policy(name, [engine], tokenizer)
         controls = {p: StalenessControl(self.batch_size, self.max_staleness, self.max_concurrent)
