@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -28,7 +28,8 @@ class PolicyConfig(_Strict):
 
     model: str | None = Field("tiny:xs", description="'tiny:<size>[:seed=N]', a checkpoint path, "
                               "or the served model name with endpoint")
-    backend: Literal["fsdp", "archon", "megatron"] = Field("fsdp", description="training backend")
+    backend: str = Field("fsdp", description="training backend: fsdp, archon, megatron or one "
+                         "added with areal_agents.trainers.backends.register_backend")
     lr: float = Field(1e-5, gt=0, description="learning rate of this policy's optimizer")
     lora: dict[str, Any] | None = Field(None, description="LoRA arguments, e.g. {r: 8}")
     frozen: bool = Field(False, description="act without training")
@@ -48,6 +49,13 @@ class PolicyConfig(_Strict):
     algorithm_params: dict[str, Any] = Field(
         default_factory=dict, description="this policy's overrides of algorithm.params (e.g. "
         "{kl_coef: 0.05} for one role only)")
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, value: str) -> str:
+        from areal_agents.trainers.backends import check_backend
+
+        return check_backend(value)
 
 
 class AlgorithmConfig(_Strict):

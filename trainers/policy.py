@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKENDS = ("fsdp", "archon", "megatron")
+from .backends import check_backend
 
 
 @dataclass
@@ -16,8 +16,8 @@ class Policy:
         model: ``"tiny:<size>"`` (the offline tiny-model factory, seeded by ``seed`` unless the
             spec says ``:seed=N``), a
             checkpoint path, a ``(model, tokenizer)`` pair, or ``None`` with ``endpoint``.
-        backend: training backend, one of ``"fsdp"``, ``"archon"``, ``"megatron"``
-            (resolved through ``areal_agents.trainers.trainer.BACKENDS``).
+        backend: training backend: ``"fsdp"``, ``"archon"``, ``"megatron"`` or a name added
+            with ``areal_agents.trainers.backends.register_backend``.
         lr: learning rate of this policy's own optimizer.
         lora: ``None`` or a dict of LoRA arguments (``{"r": 8, "lora_alpha": 16}``).
         frozen: act without training (an opponent, a judge, a fixed partner).
@@ -38,7 +38,8 @@ class Policy:
             object (and its own EMA baselines).
 
     Raises:
-        ValueError: unknown backend, or ``endpoint`` with ``frozen=False``, or no model.
+        ConfigError: unknown backend (a ``ValueError``; lists the registered ones).
+        ValueError: ``endpoint`` with ``frozen=False``, or no model.
 
     Example:
         >>> Policy(model="tiny:xs", lr=1e-3).trainable
@@ -63,8 +64,7 @@ class Policy:
     algorithm_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"Policy.backend={self.backend!r}; choose one of {list(BACKENDS)}")
+        check_backend(self.backend, "Policy.backend")
         if self.endpoint is not None and not self.frozen:
             raise ValueError(
                 f"Policy(endpoint={self.endpoint!r}) is an external server and cannot be trained;"

@@ -1,4 +1,7 @@
-"""How a ``Trainer`` is wired: training backends by name and the agent -> policy map."""
+"""How a ``Trainer`` is wired: the agent -> policy map and per-policy algorithm objects.
+
+The backend registry lives in ``backends.py`` (re-exported here).
+"""
 
 from __future__ import annotations
 
@@ -8,31 +11,11 @@ from typing import Any
 from areal_agents.agent import Agent
 from areal_agents.errors import ConfigError
 
+from .backends import BACKENDS, backend_factory, register_backend
 from .policy import Policy
 
-BACKENDS: dict[str, str] = {
-    "fsdp": "areal_agents.trainers.fsdp.engine:FSDPEngine",
-    "archon": "areal_agents.trainers.archon:ArchonEngine",
-    "megatron": "areal_agents.trainers.megatron:MegatronEngine",
-}
-"""Backend name -> ``"module:factory"``; ``factory(model, lr=..., lora=..., **kw)`` is a
-``TrainEngine``. Add a backend with ``BACKENDS["name"] = "pkg.module:Factory"``."""
-
-
-def backend_factory(name: str) -> Callable[..., Any]:
-    """The engine class registered for backend ``name``.
-
-    Raises:
-        ConfigError: unknown or not importable backend (names the allowed ones).
-    """
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}; allowed: {sorted(BACKENDS)}")
-    module, _, attr = BACKENDS[name].partition(":")
-    try:
-        return getattr(__import__(module, fromlist=[attr]), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"backend {name!r} is not available here ({exc}); use another of "
-                          f"{sorted(BACKENDS)}") from exc
+__all__ = ["BACKENDS", "backend_factory", "policy_algorithm", "register_backend",
+           "resolve_policy_map"]
 
 
 def resolve_policy_map(policy_map: Mapping[str, str] | Callable[[str], str],
