@@ -1,4 +1,22 @@
-"""Batched token sampling with per-row temperature, top-k, top-p and per-request generators."""
+"""Batched token sampling with per-row temperature, top-k, top-p and per-request generators.
+
+This module is the one home of the log-prob definition used everywhere (engines, gateway
+samples, trainers): **the log-prob of a token is taken under the distribution it was sampled
+from** -- vLLM's ``logprobs_mode="processed_logprobs"`` convention. Per row:
+
+1. divide the logits by the temperature (greedy rows, temperature 0, use temperature 1 and no
+   filtering, so they report temperature-1 log-probs);
+2. top-k keeps the k largest scaled logits (0 disables it);
+3. top-p keeps, *within the top-k set* (renormalised), the smallest prefix by descending
+   probability whose mass reaches ``top_p`` (1 disables it); ties at a cut-off are kept;
+4. ``log_softmax`` over the kept tokens; filtered tokens are ``-inf``.
+
+``keep_threshold`` states steps 2-3 as one number per row (a token is kept iff its scaled logit
+is ``>= threshold``), so the trainers' chunked log-prob head (``trainers/logprobs.py``) applies
+exactly this rule without materialising a second copy of it. AReaL, by contrast, recomputes
+training log-probs with temperature only (no top-k/top-p), which differs from the behaviour
+log-probs whenever filtering is on.
+"""
 
 from __future__ import annotations
 
@@ -25,42 +43,66 @@ class SampledTokens:
     top_logprobs: list[list[float]] | None = None
 
 
+def effective_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """``temperature`` with greedy rows (0) replaced by 1 (their log-probs are temperature-1)."""
+    return torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+
+
+def keep_threshold(scaled: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest scaled logit that stays in the sampling set (steps 2-3 above).
+
+    Args:
+        scaled: ``[batch, vocab]`` float32 logits already divided by
+            ``effective_temperature(temperature)``.
+        temperature: ``[batch]`` raw temperatures (0 = greedy: nothing is filtered).
+        top_k: ``[batch]`` ints, 0 disables; top_p: ``[batch]`` in (0, 1], 1 disables.
+
+    Returns:
+        ``[batch]`` thresholds: token v of row b is kept iff ``scaled[b, v] >= threshold[b]``;
+        ``-inf`` where the row filters nothing.
+    """
+    greedy = temperature == 0
+    use_k = (top_k > 0) & ~greedy
+    use_p = (top_p < 1) & ~greedy
+    threshold = torch.full(scaled.shape[:1], float("-inf"), dtype=scaled.dtype,
+                           device=scaled.device)
+    if not (bool(use_k.any()) or bool(use_p.any())):
+        return threshold
+    sorted_logits, _ = torch.sort(scaled, dim=-1, descending=True)
+    if bool(use_k.any()):
+        k = top_k.clamp(min=1, max=scaled.shape[-1]) - 1
+        kth = sorted_logits.gather(1, k[:, None]).squeeze(1)
+        threshold = torch.where(use_k, kth, threshold)
+    if bool(use_p.any()):
+        # restrict to the top-k set first, then keep the smallest prefix with mass >= top_p
+        ranked = torch.where(sorted_logits >= threshold[:, None], sorted_logits,
+                             torch.full_like(sorted_logits, float("-inf")))
+        probs = torch.softmax(ranked, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        keep = mass_before < top_p[:, None]
+        last_kept = keep.sum(dim=-1).clamp(min=1) - 1
+        pth = sorted_logits.gather(1, last_kept[:, None]).squeeze(1)
+        threshold = torch.where(use_p, torch.maximum(threshold, pth), threshold)
+    return threshold
+
+
 def processed_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                        top_p: torch.Tensor) -> torch.Tensor:
-    """Log-probs of the sampling distribution of each row.
+    """Log-probs of the sampling distribution of each row (the module's definition).
 
     Args:
         logits: ``[batch, vocab]`` float32 logits.
-        temperature: ``[batch]``; rows with 0 (greedy) use temperature 1.
+        temperature: ``[batch]``; rows with 0 (greedy) use temperature 1 and no filtering.
         top_k: ``[batch]`` ints, 0 disables; top_p: ``[batch]`` in (0, 1], 1 disables.
 
     Returns:
         ``[batch, vocab]`` log-probs; filtered-out tokens are ``-inf``.
     """
-    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    scaled = logits / temp[:, None]
-    greedy = temperature == 0
-    use_k = (top_k > 0) & ~greedy
-    use_p = (top_p < 1) & ~greedy
-    if bool(use_k.any()) or bool(use_p.any()):
-        sorted_logits, _ = torch.sort(scaled, dim=-1, descending=True)
-        threshold = torch.full_like(temp, float("-inf"))
-        if bool(use_k.any()):
-            k = top_k.clamp(min=1, max=scaled.shape[-1]) - 1
-            kth = sorted_logits.gather(1, k[:, None]).squeeze(1)
-            threshold = torch.where(use_k, kth, threshold)
-        if bool(use_p.any()):
-            # restrict to the top-k set first, then keep the smallest prefix with mass >= top_p
-            ranked = torch.where(sorted_logits >= threshold[:, None], sorted_logits,
-                                 torch.full_like(sorted_logits, float("-inf")))
-            probs = torch.softmax(ranked, dim=-1)
-            mass_before = torch.cumsum(probs, dim=-1) - probs
-            keep = mass_before < top_p[:, None]
-            last_kept = keep.sum(dim=-1).clamp(min=1) - 1
-            pth = sorted_logits.gather(1, last_kept[:, None]).squeeze(1)
-            threshold = torch.where(use_p, torch.maximum(threshold, pth), threshold)
-        scaled = torch.where(scaled >= threshold[:, None], scaled,
-                             torch.full_like(scaled, float("-inf")))
+    scaled = logits / effective_temperature(temperature)[:, None]
+    threshold = keep_threshold(scaled, temperature, top_k, top_p)
+    scaled = torch.where(scaled >= threshold[:, None], scaled,
+                         torch.full_like(scaled, float("-inf")))
     return torch.log_softmax(scaled, dim=-1)
 
 
