@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .human import HumanAgent
-from .random_agent import RandomAgent
-from .scripted import ScriptedAgent
+from areal_agents.agents.human import HumanAgent
+from areal_agents.agents.random_agent import RandomAgent
+from areal_agents.agents.scripted import ScriptedAgent
 
 _LAZY = {"LLMAgent": "areal_agents.agents.llm"}
 

@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from fractions import Fraction
 from typing import Any
 
-from ..envs._expr import ExprError, evaluate, extract_answer, format_number
-from ..envs.countdown import check as check_countdown
+from areal_agents.envs._expr import ExprError, evaluate, extract_answer, format_number
+from areal_agents.envs.countdown import check as check_countdown
 
 
 def _text(observation: Any) -> str:

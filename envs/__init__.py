@@ -1,6 +1,6 @@
 """Built-in environments; importing this package registers them."""
 
-from ..registration import register
+from areal_agents.registration import register
 
 register("Countdown-v0", "areal_agents.envs.countdown:Countdown", difficulty="medium")
 register("Arithmetic-v0", "areal_agents.envs.arithmetic:Arithmetic", digits=2, operations="+-*")

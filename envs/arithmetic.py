@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..env import AgentEnv
-from ..messages import Message, parse_action, user
+from areal_agents.env import AgentEnv
+from areal_agents.messages import Message, parse_action, user
 
 OPERATIONS = "+-*/"
 _ANSWER = re.compile(r"answer\s*:\s*(-?\d{1,40})\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)

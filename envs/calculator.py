@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..env import AgentEnv
-from ..messages import Message, ToolCall, parse_action, tool_result, user
-from ._expr import ExprError, evaluate, format_number
-from .arithmetic import parse_answer
+from areal_agents.env import AgentEnv
+from areal_agents.envs._expr import ExprError, evaluate, format_number
+from areal_agents.envs.arithmetic import parse_answer
+from areal_agents.messages import Message, ToolCall, parse_action, tool_result, user
 
 CALCULATOR_TOOL: dict[str, Any] = {
     "type": "function",

@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..env import AgentEnv
-from ..messages import Message, parse_action, user
-from ._expr import ExprError, extract_answer, parse
+from areal_agents.env import AgentEnv
+from areal_agents.envs._expr import ExprError, extract_answer, parse
+from areal_agents.messages import Message, parse_action, user
 
 Difficulty = Literal["easy", "medium", "hard"]
 # difficulty -> (how many numbers, largest number, most numbers the hidden solution uses)

@@ -6,8 +6,8 @@ import math
 import re
 from typing import Any
 
-from ..env import AgentEnv
-from ..messages import Message, parse_action, user
+from areal_agents.env import AgentEnv
+from areal_agents.messages import Message, parse_action, user
 
 _INT = re.compile(r"(?<!\d)-?\d{1,12}(?!\d)")  # longer digit runs are no guess
 

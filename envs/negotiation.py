@@ -9,8 +9,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..env import MultiAgentEnv
-from ..messages import Message, parse_action, user
+from areal_agents.env import MultiAgentEnv
+from areal_agents.messages import Message, parse_action, user
 
 AGENTS = ["alice", "bob"]
 ITEMS = ["book", "hat", "ball", "pen", "cup"]

@@ -6,8 +6,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..env import MultiAgentEnv
-from ..messages import Message, parse_action, user
+from areal_agents.env import MultiAgentEnv
+from areal_agents.messages import Message, parse_action, user
 
 AGENTS = ["player_0", "player_1"]
 # (my move, other's move) -> (my payoff, other's payoff)

@@ -6,10 +6,10 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from ..env import MultiAgentEnv
-from ..messages import Message, parse_action, user
-from . import arithmetic, countdown
-from ._expr import extract_answer
+from areal_agents.env import MultiAgentEnv
+from areal_agents.envs import arithmetic, countdown
+from areal_agents.envs._expr import extract_answer
+from areal_agents.messages import Message, parse_action, user
 
 AGENTS = ["solver", "judge"]
 _VERDICT = re.compile(r"\b(incorrect|correct)\b", re.IGNORECASE)

@@ -6,8 +6,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from ..env import MultiAgentEnv
-from ..messages import Message, parse_action, user
+from areal_agents.env import MultiAgentEnv
+from areal_agents.messages import Message, parse_action, user
 
 AGENTS = ["x", "o"]
 LINES = [(0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6)]
