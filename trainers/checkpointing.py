@@ -1,4 +1,4 @@
-"""Trainer checkpoints: engines, data cursor, history, algorithm state, RNG and KL references.
+"""Trainer checkpoints on disk: files only — the state itself comes from ``state_dict()``s.
 
 Layout of ``run_dir/checkpoints/``::
 
@@ -6,8 +6,9 @@ Layout of ``run_dir/checkpoints/``::
         <policy>/             renamed once every file is in place)
             ...               the policy's ``TrainEngine.save`` (weights, optimizer, LR
                               schedule, engine step and version)
-        trainer_state.json    step, controller state (cursor, versions, counts), history,
-                              trained seeds per step, algorithm state (EMA baselines)
+        trainer_state.json    ``Trainer.state_dict()`` (a ``TrainerState``): step, controller
+                              state (cursor, versions, outcome ledger), history, trained seeds
+                              per step, each policy's algorithm state (EMA baselines)
         rng.pt                python / numpy / torch (and CUDA) RNG states
     reference/<policy>.pt     frozen KL reference weights (``state_dict``), written once
     latest                    name of the newest complete checkpoint, replaced atomically
@@ -22,21 +23,54 @@ import asyncio
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
 
 import torch
 
-from areal_agents.engines.base import WeightUpdate
 from areal_agents.errors import TrainError
+from areal_agents.rollout.controller import ControllerState
 
 from .rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
-    from .trainer import Trainer
+    from .base import TrainEngine
 
 STATE = "trainer_state.json"
 RNG = "rng.pt"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """An object whose learned state a checkpoint keeps (e.g. an algorithm's EMA baselines)."""
+
+    def state_dict(self) -> Mapping[str, Any]:
+        """The state, JSON-serialisable."""
+        ...
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore what ``state_dict`` returned."""
+        ...
+
+
+class TrainerState(TypedDict):
+    """``Trainer.state_dict()``, stored as ``trainer_state.json``.
+
+    Attributes:
+        step: train steps done.
+        controller: ``RolloutController.state_dict()``.
+        history: the logged metrics of each step.
+        trained_seeds: per step, the task seeds of the groups trained.
+        algorithms: per trainable policy, its algorithm object's ``state_dict()`` (policies
+            sharing one object repeat it).
+    """
+
+    step: int
+    controller: ControllerState
+    history: list[dict[str, float]]
+    trained_seeds: list[list[int]]
+    algorithms: dict[str, dict[str, Any]]
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -66,35 +100,65 @@ def _write_atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-async def save_checkpoint(trainer: Trainer) -> Path:
-    """Write ``trainer``'s state to ``run_dir/checkpoints/step_<step>``; returns the directory.
+async def save_checkpoint(run_dir: str | Path, state: TrainerState,
+                          engines: Mapping[str, TrainEngine], *,
+                          keep: int | None = None) -> Path:
+    """Write ``state``, each engine's ``save`` and the RNG states to
+    ``run_dir/checkpoints/step_<state["step"]>``; returns that directory.
 
     Every file goes to ``step_<n>.partial/`` first; the directory is renamed when complete and
-    only then ``latest`` is replaced (atomic rename), so a kill mid-save is harmless.
+    only then ``latest`` is replaced (atomic rename), so a kill mid-save is harmless. With
+    ``keep``, only the newest ``keep`` checkpoints stay.
     """
-    assert trainer.run_dir is not None
-    root = checkpoints_dir(trainer.run_dir)
-    final = root / f"step_{trainer.step}"
-    partial = root / f"step_{trainer.step}.partial"
+    root = checkpoints_dir(run_dir)
+    final = root / f"step_{state['step']}"
+    partial = root / f"step_{state['step']}.partial"
     shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
     partial.mkdir(parents=True)
-    for name, engine in trainer.train_engines.items():
+    for name, engine in engines.items():
         await asyncio.to_thread(engine.save, str(partial / name))
-    state = {"step": trainer.step, "controller": trainer.controller.state_dict(),
-             "history": trainer.history, "trained_seeds": trainer.trained_seeds,
-             "algorithm": {"ema_baselines": dict(getattr(trainer.algorithm, "ema_baselines", {})),
-                           "per_policy": {n: dict(getattr(a, "ema_baselines", {}))
-                                          for n, a in trainer.algorithms.items()
-                                          if a is not trainer.algorithm}}}
     (partial / STATE).write_text(json.dumps(state))
     torch.save(rng_state(), partial / RNG)
     if final.exists():  # written by a run killed before it could update `latest`
         shutil.rmtree(final)
     os.replace(partial, final)
     _write_atomic(root / "latest", lambda p: p.write_text(final.name))
-    if trainer.keep_checkpoints:
-        prune_checkpoints(root, trainer.keep_checkpoints)
+    if keep:
+        prune_checkpoints(root, keep)
     return final
+
+
+async def load_checkpoint(ckpt: Path, engines: Mapping[str, TrainEngine]) -> TrainerState:
+    """Load each engine's files from checkpoint ``ckpt``; return its ``TrainerState``.
+
+    States written before ``algorithms`` existed (an ``algorithm`` entry holding the shared
+    EMA baselines and ``per_policy`` overrides, or the bare EMA dict) are converted, with one
+    entry per policy in ``engines``. The RNG states are restored separately
+    (``restore_rng``), last.
+    """
+    state = json.loads((ckpt / STATE).read_text())
+    for name, engine in engines.items():
+        await asyncio.to_thread(engine.load, str(ckpt / name))
+    if "algorithms" not in state:
+        state["algorithms"] = _legacy_algorithms(state.pop("algorithm", {}), list(engines))
+    return state
+
+
+def _legacy_algorithms(algo: Any, policies: list[str]) -> dict[str, dict[str, Any]]:
+    algo = algo if isinstance(algo, dict) else {}
+    if "ema_baselines" in algo or "per_policy" in algo:
+        shared, own = algo.get("ema_baselines", {}), algo.get("per_policy", {})
+    else:  # the oldest form: the shared EMA dict itself
+        shared, own = algo, {}
+    return {p: {"ema_baselines": dict(own.get(p, shared))} for p in policies}
+
+
+def restore_rng(ckpt: Path) -> bool:
+    """Restore the RNG states saved in ``ckpt``; False when it has none."""
+    if not (ckpt / RNG).exists():
+        return False
+    set_rng_state(torch.load(ckpt / RNG, weights_only=False))
+    return True
 
 
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:
@@ -107,34 +171,6 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     for p in doomed:
         shutil.rmtree(p)
     return doomed
-
-
-async def restore_checkpoint(trainer: Trainer, ckpt: Path) -> None:
-    """Load checkpoint ``ckpt`` into a set-up ``trainer``: engines, pushed serving weights,
-    versions, controller cursor, history, algorithm state and RNG states (restored last)."""
-    state = json.loads((ckpt / STATE).read_text())
-    for name, engine in trainer.train_engines.items():
-        await asyncio.to_thread(engine.load, str(ckpt / name))
-        version = int(state["controller"]["controls"][name]["version"])
-        engine.version = version
-        update = WeightUpdate(named_tensors=iter(list(engine.export_weights())), version=version)
-        await trainer.gateway.update_weights(name, update)
-    trainer.controller.load_state_dict(state["controller"])
-    trainer.step = int(state["step"])
-    trainer.history = list(state.get("history", []))
-    trainer.trained_seeds = [list(s) for s in state.get("trained_seeds", [])]
-    algo = state.get("algorithm", {})
-    if hasattr(trainer.algorithm, "ema_baselines"):
-        # older checkpoints stored the EMA dict itself
-        trainer.algorithm.ema_baselines = dict(algo.get("ema_baselines", algo)
-                                               if isinstance(algo, dict) else {})
-    for name, ema in (algo.get("per_policy", {}) if isinstance(algo, dict) else {}).items():
-        if name in trainer.algorithms and trainer.algorithms[name] is not trainer.algorithm:
-            trainer.algorithms[name].ema_baselines = dict(ema)
-    if (ckpt / RNG).exists():
-        set_rng_state(torch.load(ckpt / RNG, weights_only=False))
-    if trainer.run_dir is not None:
-        truncate_metrics(Path(trainer.run_dir) / "metrics.jsonl", trainer.step)
 
 
 def truncate_metrics(path: Path, step: int) -> int:

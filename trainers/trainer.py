@@ -24,7 +24,15 @@ from areal_agents.metrics import Logger, Progress, make_logger
 from areal_agents.rollout import RolloutController, StalenessControl
 from areal_agents.samples import Sample, collate
 
-from .checkpointing import latest_checkpoint, restore_checkpoint, save_checkpoint
+from .checkpointing import (
+    Stateful,
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    truncate_metrics,
+)
 from .episodes import EpisodeStats, RewardFn, play
 from .policy import Policy
 from .reference import build_reference
@@ -209,7 +217,7 @@ class Trainer:
                                             filter_fn=self._filter, seed=self.seed,
                                             partial_groups=self.partial_groups)
         if ckpt is not None:
-            await restore_checkpoint(self, ckpt)
+            await self.restore_checkpoint(ckpt)
 
     async def _warm_start(self, name: str, model: Any, tokenizer: Any, factory: Any,
                           demos: dict[str, list[Any]]) -> None:
@@ -354,10 +362,47 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
 
+    def state_dict(self) -> TrainerState:
+        """Everything but the engines' weights a resumed run needs (JSON-ready): step,
+        controller state, history, trained seeds and each policy's algorithm state."""
+        return {"step": self.step, "controller": self.controller.state_dict(),
+                "history": list(self.history),
+                "trained_seeds": [list(s) for s in self.trained_seeds],
+                "algorithms": {p: dict(a.state_dict()) for p, a in self.algorithms.items()
+                               if isinstance(a, Stateful)}}
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        """Restore ``state_dict()`` output into a set-up trainer; each train engine's version
+        becomes its policy's restored version."""
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.trained_seeds = [list(s) for s in state.get("trained_seeds", [])]
+        self.controller.load_state_dict(state["controller"])
+        for name, algo_state in state.get("algorithms", {}).items():
+            algorithm = self.algorithms.get(name)
+            if isinstance(algorithm, Stateful):
+                algorithm.load_state_dict(algo_state)
+        for name, engine in self.train_engines.items():
+            engine.version = self.controller.controls[name].version
+
     async def save_checkpoint(self) -> Path:
-        """Write engines + trainer state to ``run_dir/checkpoints/step_<n>``; returns the dir
-        (see ``areal_agents.trainers.checkpointing`` for the layout and atomicity)."""
-        return await save_checkpoint(self)
+        """Write engines + ``state_dict()`` to ``run_dir/checkpoints/step_<n>``; returns the
+        dir (see ``areal_agents.trainers.checkpointing`` for the layout and atomicity)."""
+        assert self.run_dir is not None
+        return await save_checkpoint(self.run_dir, self.state_dict(), self.train_engines,
+                                     keep=self.keep_checkpoints)
+
+    async def restore_checkpoint(self, ckpt: Path) -> None:
+        """Load checkpoint ``ckpt`` into the set-up trainer: engines, state, the served
+        weights, RNG states (last) and ``metrics.jsonl`` cut back to the restored step."""
+        self.load_state_dict(await load_checkpoint(ckpt, self.train_engines))
+        for name, engine in self.train_engines.items():
+            update = WeightUpdate(named_tensors=iter(list(engine.export_weights())),
+                                  version=engine.version)
+            await self.gateway.update_weights(name, update)
+        restore_rng(ckpt)
+        if self.run_dir is not None:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     async def aclose(self) -> None:
         """Close the gateway (and its engines) and the train engines. Idempotent."""

@@ -121,6 +121,23 @@ class PolicyGradient:
             adv = self._group_advantages(r, adv_fns.group_ids(samples))
         return adv.tolist()
 
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """The state learned while training (JSON-ready): ``{"ema_baselines": {agent: b}}``."""
+        return {"ema_baselines": dict(self.ema_baselines)}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        """Restore what ``state_dict`` returned (a missing entry means empty).
+
+        Raises:
+            ValueError: ``state`` has keys ``state_dict`` never writes.
+        """
+        unknown = sorted(set(state) - {"ema_baselines"})
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: unknown keys {unknown}; "
+                             "expected only 'ema_baselines'")
+        self.ema_baselines = {str(a): float(b)
+                              for a, b in state.get("ema_baselines", {}).items()}
+
     def filter(self, samples: Sequence[Sample]) -> tuple[list[Sample], dict[str, int]]:
         """Samples to train on and counts of dropped ones by reason (this one keeps all)."""
         return list(samples), {}

@@ -3,7 +3,14 @@
 The controller knows nothing about envs, gateways or models: it calls ``run_episode(seed,
 member)`` (an async function returning that episode's samples per policy) and hands finished
 groups to per-policy buffers. Every admitted episode ends, for each trainable policy, in
-exactly one of ``trained``, ``filtered:<reason>`` or ``failed`` (see ``ledger``).
+exactly one of ``trained``, ``filtered:<reason>``, ``failed[:cancelled]`` or
+``cancelled_by_restart`` (see ``ledger``), so at any moment, per policy::
+
+    submitted == sum(ledger[policy].values()) + unresolved(policy)
+
+with ``unresolved`` the episodes generating, waiting for their group, or buffered.
+``cancelled_by_restart`` counts the episodes that were unresolved when the checkpoint a run
+resumed from was written: they died with the old process (their seeds are played again).
 
 Scheduling (what keeps the engines busy under the staleness rule):
 
@@ -24,14 +31,15 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from areal_agents.samples import Sample
 
 from .groups import Group, GroupRun, Signal
 from .staleness import Outcome, StalenessControl
 
-__all__ = ["AllFiltered", "EpisodeFn", "FilterFn", "Group", "RolloutController", "RolloutFailed"]
+__all__ = ["AllFiltered", "ControllerState", "EpisodeFn", "FilterFn", "Group", "RolloutController",
+           "RolloutFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,25 @@ EpisodeFn = Callable[[int, int], Awaitable[dict[str, list[Sample]]]]
 
 FilterFn = Callable[[str, list[Sample]], tuple[list[Sample], dict[str, int]]]
 """``filter(policy, group_samples) -> (kept, {reason: dropped_count})``."""
+
+
+class ControllerState(TypedDict):
+    """``RolloutController.state_dict()``: JSON-ready.
+
+    Attributes:
+        cursor: the first seed not resolved for every policy (a resumed run starts there).
+        done: seeds after ``cursor`` already resolved for every policy (skipped on resume).
+        ledger: per policy, episodes by outcome (``trained``, ``filtered:<reason>``...).
+        controls: per policy, ``StalenessControl.state_dict()``.
+        unresolved: per policy, episodes generating, waiting or buffered at save time; a run
+            resumed from this state counts them ``cancelled_by_restart``.
+    """
+
+    cursor: int
+    done: list[int]
+    ledger: dict[str, dict[str, int]]
+    controls: dict[str, dict[str, int | bool]]
+    unresolved: NotRequired[dict[str, int]]  # absent in states saved before it existed
 
 
 class RolloutFailed(RuntimeError):
@@ -382,8 +409,15 @@ class RolloutController:
             if not left:
                 del self.pending[seed]
 
-    def state_dict(self) -> dict[str, Any]:
-        """The data cursor: the first unresolved seed and the resolved seeds after it.
+    def unresolved(self, policy: str) -> int:
+        """``policy``'s episodes without an outcome yet: generating, waiting for their group,
+        or buffered (accepted, not yet taken)."""
+        c = self.controls[policy]
+        return c.running + c.waiting + self.buffered(policy)
+
+    def state_dict(self) -> ControllerState:
+        """The data cursor (the first unresolved seed and the resolved seeds after it), the
+        outcome ledger, the staleness counters and the episodes still unresolved.
 
         Seeds admitted but not yet trained (in flight or buffered) are *not* resolved, so a
         run resumed from this state plays them again: no batch is lost or trained twice.
@@ -392,10 +426,17 @@ class RolloutController:
         done = sorted(s for s in range(cursor, self.next_seed) if s not in self.pending)
         return {"cursor": cursor, "done": done,
                 "ledger": {p: dict(c) for p, c in self.ledger.items()},
-                "controls": {p: c.state_dict() for p, c in self.controls.items()}}
+                "controls": {p: c.state_dict() for p, c in self.controls.items()},
+                "unresolved": {p: self.unresolved(p) for p in self.controls}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the cursor, outcome counts and rebased staleness counters."""
+    def load_state_dict(self, state: ControllerState) -> None:
+        """Restore the cursor, outcome ledger and rebased staleness counters; nothing is in
+        flight afterwards.
+
+        The episodes unresolved at save time are added to ``ledger[p]["cancelled_by_restart"]``
+        (for states written before ``unresolved`` was saved: ``submitted`` minus the ledger's
+        total), which keeps ``submitted == sum(ledger) + unresolved`` true after the resume.
+        """
         self.next_seed = int(state["cursor"])
         self.skip = set(state["done"])
         self.pending.clear()
@@ -407,6 +448,14 @@ class RolloutController:
         for p, cs in state.get("controls", {}).items():
             if p in self.controls:
                 self.controls[p].load_state_dict(cs)
+        saved = state.get("unresolved")
+        for p in state.get("controls", {}):
+            if p not in self.controls:
+                continue
+            lost = (int(saved.get(p, 0)) if saved is not None else
+                    max(0, self.controls[p].submitted - sum(self.ledger[p].values())))
+            if lost:
+                self.ledger[p]["cancelled_by_restart"] += lost
 
     async def stop(self) -> None:
         """Stop admitting and cancel unfinished groups: their episodes (generating, or done and
