@@ -4,11 +4,10 @@ from areal_agents.algorithms.objects import (
     DAPO,
     GRPO,
     GSPO,
-    PPO,
     RLOO,
     DrGRPO,
     PolicyGradient,
-    ReinforcePlusPlus,
 )
+from areal_agents.algorithms.token_level import PPO, ReinforcePlusPlus
 
 __all__ = ["DAPO", "GRPO", "GSPO", "PPO", "RLOO", "DrGRPO", "PolicyGradient", "ReinforcePlusPlus"]

@@ -1,5 +1,5 @@
-"""Advantage estimators: group-relative (GRPO, Dr.GRPO, RLOO), batch-normalised (REINFORCE++),
-per-role EMA baselines and GAE (PPO). Pure functions on tensors; ``group_ids`` come from
+"""Advantage estimators: group-relative (GRPO, Dr.GRPO, RLOO), batch-normalised (REINFORCE++,
+also with discounted token-level returns), per-role EMA baselines and GAE (PPO). Pure functions on tensors; ``group_ids`` come from
 :func:`group_ids`, which keys samples by ``(sample.group, sample.agent)`` so each agent role of
 a multi-agent episode is compared only with the same role in the same task group.
 """
@@ -107,6 +107,62 @@ def reinforce_pp_advantages(
     if std == 0:
         return torch.zeros_like(rewards)
     return ((x - x.mean()) / (std + eps)).to(rewards.dtype)
+
+
+def reinforce_pp_token_advantages(
+    rewards: torch.Tensor,
+    loss_mask: torch.Tensor,
+    gids: torch.Tensor | None = None,
+    *,
+    token_penalty: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """REINFORCE++ with token-level discounted returns, whitened with sequence statistics.
+
+    Token rewards are ``rewards[b]`` on row b's last generated token minus ``token_penalty``
+    (e.g. ``kl_coef * KL``, verl's KL in the reward); ``G[b, t]`` is their discounted return
+    over generated tokens (observation tokens are skipped, as in :func:`gae`). With
+    ``x_b = G[b, first generated token]`` (``rewards[b]`` for a row without generated tokens),
+    ``c_b`` the mean of ``x`` over sample b's group (0 without ``gids``), and ``mu``, ``sigma``
+    the mean and unbiased std of ``x - c`` over the rows::
+
+        A[b, t] = (G[b, t] - c_b - mu) / (sigma + eps)
+
+    With ``gamma=1`` and no penalty every token of a row gets
+    :func:`reinforce_pp_advantages` of the rewards. Fewer than two rows or zero spread give 0.
+
+    Args:
+        rewards: ``[B]``. loss_mask: ``[B, T]``. gids: optional ``[B]`` long group ids.
+        token_penalty: optional ``[B, T]`` subtracted from the token rewards.
+        gamma: discount per generated token, in ``(0, 1]``.
+
+    Returns:
+        ``[B, T]`` float64 advantages, 0 off the mask.
+
+    Example:
+        >>> m = torch.tensor([[1, 1], [0, 1]])  # G = [[0.5, 1], [., 0]]; x = [0.5, 0]
+        >>> reinforce_pp_token_advantages(torch.tensor([1.0, 0.0]), m, gamma=0.5)
+        tensor([[ 0.7071,  2.1213],
+                [ 0.0000, -0.7071]], dtype=torch.float64)
+    """
+    m = loss_mask != 0
+    r = rewards.to(torch.float64)
+    token_rewards = terminal_rewards(r, loss_mask)
+    if token_penalty is not None:
+        token_rewards = token_rewards - torch.where(m, token_penalty.to(torch.float64), 0.0)
+    ret, _ = gae(token_rewards, torch.zeros_like(token_rewards), loss_mask, gamma=gamma,
+                 gae_lambda=1.0)  # with zero values and lambda 1, GAE is the discounted return
+    first = m.to(torch.long).argmax(-1)  # [B]
+    x = torch.where(m.any(-1), ret.gather(1, first[:, None])[:, 0], r)
+    c = torch.zeros_like(x)
+    if gids is not None:
+        _check(rewards, gids)
+        c = _group_stats(x, gids)[1]
+    if x.numel() < 2 or (x - c).std() == 0:
+        return torch.zeros_like(ret)
+    mu, sigma = (x - c).mean(), (x - c).std()
+    return torch.where(m, (ret - c[:, None] - mu) / (sigma + eps), 0.0)
 
 
 def ema_advantages(

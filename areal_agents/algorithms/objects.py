@@ -19,17 +19,13 @@ from areal_agents.algorithms.aggregation import (
     AGGREGATIONS,
     Aggregation,
     loss_weights,
+    stat_weights,
     weighted_sum,
 )
 from areal_agents.algorithms.filtering import drop_zero_variance_groups, shaped_rewards
-from areal_agents.algorithms.losses import (
-    CapMode,
-    KLEstimator,
-    kl_penalty,
-    ppo_policy_loss,
-    value_loss,
-)
-from areal_agents.samples import Sample, TokenBatch, collate
+from areal_agents.algorithms.kl import KLEstimator, reward_kl
+from areal_agents.algorithms.losses import CapMode, kl_penalty, ppo_policy_loss
+from areal_agents.samples import Sample, TokenBatch
 
 
 @dataclass
@@ -41,11 +37,20 @@ class PolicyGradient:
         clip_eps_high: ε_high (clip-higher, DAPO); ``None`` means ``clip_eps``.
         dual_clip_c: dual-clip bound ``c > 1`` for negative advantages; ``None`` disables it.
         kl_coef: β of the KL penalty to the reference policy (0 disables it).
-        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+        kl_estimator: ``"k1"``, ``"k2"``, ``"k3"`` (clamped) or ``"abs"``, or verl's names
+            ``"kl"``, ``"mse"``, ``"low_var_kl"`` (see :mod:`areal_agents.algorithms.kl`).
+        kl_in_reward: put the KL penalty in the reward instead of the loss (verl's
+            ``use_kl_in_reward``): ``prepare`` subtracts ``kl_coef * KL`` per token (from
+            ``batch.ref_logprobs`` and the proximal, else behaviour, log-probs) before the
+            advantages; sequence-level estimators see ``r - kl_coef * sum_t KL_t``. The loss
+            then has no KL term (``kl`` is still logged).
         entropy_coef: entropy bonus coefficient (subtracted from the loss).
         behave_imp_weight_cap: cap on π_prox/π_behave; ``None`` disables it.
         behave_imp_weight_mode: ``"mask"`` drops tokens above the cap, ``"clamp"`` clamps them.
         aggregation: how token losses are combined (see ``aggregation.loss_weights``).
+        loss_norm_len: the constant length ``L`` of ``"seq-mean-token-sum-norm"`` (Dr.GRPO's
+            ``MAX_TOKENS``; set it to the generation budget). ``None`` uses each batch's longest
+            generated row, which is not constant across batches.
         decoupled: use the decoupled objective (trainer recomputes proximal log-probs).
         baseline: ``"group"`` (per (group, agent) statistics) or ``"ema"`` (per-role moving
             average, for self-play without groups; the object keeps the state).
@@ -57,10 +62,12 @@ class PolicyGradient:
     dual_clip_c: float | None = None
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = "k3"
+    kl_in_reward: bool = False
     entropy_coef: float = 0.0
     behave_imp_weight_cap: float | None = 5.0
     behave_imp_weight_mode: CapMode = "mask"
     aggregation: Aggregation = "token-mean"
+    loss_norm_len: int | None = None
     decoupled: bool = True
     baseline: Literal["group", "ema"] = "group"
     ema_decay: float = 0.9
@@ -76,8 +83,12 @@ class PolicyGradient:
             )
         if self.kl_estimator not in get_args(KLEstimator):
             raise ValueError(
-                f"{name}.kl_estimator={self.kl_estimator!r}; choose 'k1', 'k2' or 'k3'"
+                f"{name}.kl_estimator={self.kl_estimator!r}; choose one of "
+                f"{get_args(KLEstimator)}"
             )
+        if self.loss_norm_len is not None and self.loss_norm_len < 1:
+            raise ValueError(f"{name}.loss_norm_len must be >= 1 (or None), got "
+                             f"{self.loss_norm_len}")
         if self.behave_imp_weight_mode not in get_args(CapMode):
             raise ValueError(f"{name}.behave_imp_weight_mode must be 'mask' or 'clamp'")
         if self.baseline not in ("group", "ema"):
@@ -96,8 +107,15 @@ class PolicyGradient:
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the trainer must set ``batch.ref_logprobs`` (a KL penalty is on)."""
+        """Whether the trainer must set ``batch.ref_logprobs`` (a KL penalty is on); with
+        ``kl_in_reward`` before ``prepare``."""
         return self.kl_coef > 0
+
+    @property
+    def group_relative(self) -> bool:
+        """Whether advantages compare samples of one (task group, role) group with each other,
+        so that a group of one gets ``A = 0`` (see :func:`check_group_size`)."""
+        return self.baseline == "group"
 
     # -- data side ---------------------------------------------------------------------------
     def rewards(self, samples: Sequence[Sample]) -> list[float]:
@@ -110,16 +128,47 @@ class PolicyGradient:
             "DAPO or GSPO (or subclass it and define _group_advantages)"
         )
 
-    def advantages(self, samples: Sequence[Sample]) -> list[float]:
-        """Per-sample scalar advantages (with ``baseline="ema"`` this also updates the EMA)."""
-        r = torch.tensor(self.rewards(samples), dtype=torch.float64)
+    def _scalar_advantages(self, rewards: torch.Tensor, samples: Sequence[Sample]) -> torch.Tensor:
+        """``[N]`` advantages of ``[N]`` float64 rewards (updates the EMA with ``baseline="ema"``)."""
         if self.baseline == "ema":
-            adv, self.ema_baselines = adv_fns.ema_advantages(
-                r, [s.agent for s in samples], self.ema_baselines, decay=self.ema_decay
+            roles = [s.agent for s in samples]
+            adv, new = adv_fns.ema_advantages(rewards, roles, self.ema_baselines,
+                                              decay=self.ema_decay)
+            # only this batch's roles: policies sharing this object may prepare concurrently
+            self.ema_baselines.update({role: new[role] for role in roles})
+            return adv
+        return self._group_advantages(rewards, adv_fns.group_ids(samples))
+
+    def advantages(self, samples: Sequence[Sample]) -> list[float]:
+        """Per-sample scalar advantages (with ``baseline="ema"`` this also updates the EMA).
+
+        ``kl_in_reward`` is not applied here (it needs reference log-probs): see ``prepare``.
+        """
+        r = torch.tensor(self.rewards(samples), dtype=torch.float64)
+        return self._scalar_advantages(r, samples).tolist()
+
+    def _reward_kl(self, batch: TokenBatch) -> torch.Tensor | None:
+        """``[B, T]`` per-token KL to subtract from the reward (``kl_in_reward``), else None."""
+        if not (self.kl_in_reward and self.kl_coef > 0):
+            return None
+        if batch.ref_logprobs is None:
+            raise ValueError(
+                f"{type(self).__name__}.kl_in_reward needs batch.ref_logprobs before prepare(); "
+                "compute reference log-probs first (needs_reference is True) or set "
+                "kl_in_reward=False"
             )
-        else:
-            adv = self._group_advantages(r, adv_fns.group_ids(samples))
-        return adv.tolist()
+        logp = batch.prox_logprobs if batch.prox_logprobs is not None else batch.old_logprobs
+        return reward_kl(logp, batch.ref_logprobs, batch.loss_mask, self.kl_estimator)
+
+    def _batch_advantages(self, batch: TokenBatch, samples: Sequence[Sample]) -> torch.Tensor:
+        """``[B, T]`` advantages: scalar per sample (rewards minus ``kl_coef`` times the
+        sequence's summed KL with ``kl_in_reward``), broadcast over generated tokens."""
+        r = torch.tensor(self.rewards(samples), dtype=torch.float64)
+        kl = self._reward_kl(batch)
+        if kl is not None:
+            r = r - self.kl_coef * kl.sum(-1)
+        adv = self._scalar_advantages(r, samples).float()
+        return adv_fns.broadcast_advantages(adv, batch.loss_mask)
 
     def state_dict(self) -> dict[str, dict[str, float]]:
         """The state learned while training (JSON-ready): ``{"ema_baselines": {agent: b}}``."""
@@ -143,52 +192,70 @@ class PolicyGradient:
         return list(samples), {}
 
     def prepare(self, batch: TokenBatch, samples: Sequence[Sample]) -> TokenBatch:
-        """A copy of ``batch`` with ``advantages`` ``[B, T]`` and ``loss_weights`` ``[B, T]`` set.
+        """A copy of ``batch`` with ``advantages``, ``loss_weights`` (the aggregation) and
+        ``stat_weights`` (token mean, for logged statistics) set, all ``[B, T]``.
 
-        ``samples`` must be the samples ``batch`` was collated from, in order.
+        ``samples`` must be the samples ``batch`` was collated from, in order. With
+        ``kl_in_reward`` (and ``kl_coef > 0``) ``batch.ref_logprobs`` must already be set, and
+        ``batch.prox_logprobs`` too when ``needs_proximal`` (else the behaviour log-probs are
+        used).
 
         Raises:
-            ValueError: ``len(samples) != batch.batch_size``.
+            ValueError: ``len(samples) != batch.batch_size``, or ``kl_in_reward`` without
+                ``batch.ref_logprobs``.
         """
         _check_rows(batch, samples)
-        adv = torch.tensor(self.advantages(samples), dtype=torch.float32)
         return replace(
             batch,
-            advantages=adv_fns.broadcast_advantages(adv, batch.loss_mask),
-            loss_weights=loss_weights(batch.loss_mask, self.aggregation),
+            advantages=self._batch_advantages(batch, samples),
+            loss_weights=loss_weights(batch.loss_mask, self.aggregation, self.loss_norm_len),
+            stat_weights=stat_weights(batch.loss_mask),
         )
 
     # -- loss side ---------------------------------------------------------------------------
+    def _policy_loss(
+        self, logprobs: torch.Tensor, prox: torch.Tensor, mb: TokenBatch, w: torch.Tensor,
+        sw: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The policy-gradient term and its stats (PPO clip; CISPO and SAPO override this)."""
+        assert mb.advantages is not None
+        return ppo_policy_loss(
+            logprobs, prox, mb.old_logprobs, mb.advantages, mb.loss_mask, w,
+            clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
+            dual_clip_c=self.dual_clip_c, behave_imp_weight_cap=self.behave_imp_weight_cap,
+            behave_imp_weight_mode=self.behave_imp_weight_mode,
+            sequence_level=self.sequence_level, stat_weights=sw,
+        )  # fmt: skip
+
     def loss(
         self, logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``LossFn``: this micro-batch's share of ``pg + β·KL − c_ent·H``.
 
         Uses ``mb.prox_logprobs`` when set, else ``mb.old_logprobs`` as the proximal policy.
-        Stats (additive over micro-batches): ``pg_loss``, ``clip_frac``, ``dual_clip_frac``,
-        ``imp_weight``, ``imp_weight_capped_frac``, ``num_imp_weight_capped``,
-        ``approx_kl_prox``, ``kl``, ``entropy``, ``num_loss_tokens``, ``weight_sum``. Ratio-like
-        stats are ``sum(x * w)``: means when the weights sum to 1 (token-mean,
-        seq-mean-token-mean); under seq-mean-token-sum divide by the summed ``weight_sum``.
+        The loss is weighted by ``mb.loss_weights`` (the aggregation); the KL term is left out
+        with ``kl_in_reward`` (``prepare`` put it in the advantages). Stats (0-d, additive over
+        micro-batches): ``pg_loss`` (the policy term), ``num_loss_tokens``, ``weight_sum`` (sum
+        of loss weights), ``num_imp_weight_capped`` and, as plain per-token means under
+        ``mb.stat_weights`` whatever the aggregation, every ratio-like statistic: ``kl``,
+        ``entropy``, ``imp_weight``, ``imp_weight_capped_frac``, ``approx_kl_prox`` and the
+        policy loss's own (``clip_frac``, ``dual_clip_frac`` for the PPO clip).
 
         Raises:
             ValueError: ``prepare`` was not applied, or a KL penalty is on without
                 ``mb.ref_logprobs``.
         """
-        if mb.advantages is None or mb.loss_weights is None:
+        if mb.advantages is None or mb.loss_weights is None or mb.stat_weights is None:
             raise ValueError(
-                f"micro-batch has no advantages/loss_weights; call {type(self).__name__}.prepare("
-                "batch, samples) on the full batch before splitting it"
+                f"micro-batch has no advantages/loss_weights/stat_weights; call "
+                f"{type(self).__name__}.prepare(batch, samples) on the full batch before "
+                "splitting it"
             )
         prox = mb.prox_logprobs if mb.prox_logprobs is not None else mb.old_logprobs
-        w = torch.where(mb.loss_mask != 0, mb.loss_weights, 0.0)
-        loss, stats = ppo_policy_loss(
-            logprobs, prox, mb.old_logprobs, mb.advantages, mb.loss_mask, w,
-            clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
-            dual_clip_c=self.dual_clip_c, behave_imp_weight_cap=self.behave_imp_weight_cap,
-            behave_imp_weight_mode=self.behave_imp_weight_mode,
-            sequence_level=self.sequence_level,
-        )  # fmt: skip
+        m = mb.loss_mask != 0
+        w = torch.where(m, mb.loss_weights, 0.0)
+        sw = torch.where(m, mb.stat_weights, 0.0)
+        loss, stats = self._policy_loss(logprobs, prox, mb, w, sw)
         kl = loss.new_zeros(())
         if self.kl_coef > 0:
             if mb.ref_logprobs is None:
@@ -196,14 +263,15 @@ class PolicyGradient:
                     f"{type(self).__name__}.kl_coef={self.kl_coef} needs mb.ref_logprobs; compute "
                     "reference log-probs (needs_reference is True) or set kl_coef=0"
                 )
-            kl = weighted_sum(kl_penalty(logprobs, mb.ref_logprobs, self.kl_estimator), w)
-            loss = loss + self.kl_coef * kl
-        ent = weighted_sum(entropy, w)
+            kl_tok = kl_penalty(logprobs, mb.ref_logprobs, self.kl_estimator)
+            if not self.kl_in_reward:
+                loss = loss + self.kl_coef * weighted_sum(kl_tok, w)
+            kl = weighted_sum(kl_tok.detach(), sw)
         if self.entropy_coef:
-            loss = loss - self.entropy_coef * ent
+            loss = loss - self.entropy_coef * weighted_sum(entropy, w)
         stats["kl"] = kl.detach()
-        stats["entropy"] = ent.detach()
-        stats["num_loss_tokens"] = (mb.loss_mask != 0).sum().float()
+        stats["entropy"] = weighted_sum(entropy.detach(), sw)
+        stats["num_loss_tokens"] = m.sum().float()
         stats["weight_sum"] = w.sum().detach()
         return loss, stats
 
@@ -263,19 +331,6 @@ class RLOO(PolicyGradient):
 
 
 @dataclass
-class ReinforcePlusPlus(PolicyGradient):
-    """REINFORCE++: rewards normalised over the whole batch (optionally group-centred first)."""
-
-    group_baseline: bool = False
-    eps: float = 1e-6
-
-    def _group_advantages(self, rewards: torch.Tensor, gids: torch.Tensor) -> torch.Tensor:
-        return adv_fns.reinforce_pp_advantages(
-            rewards, gids if self.group_baseline else None, eps=self.eps
-        )
-
-
-@dataclass
 class DAPO(GRPO):
     """DAPO: clip-higher, token-mean, dynamic sampling and the soft overlong penalty.
 
@@ -321,79 +376,3 @@ class GSPO(GRPO):
     clip_eps: float = 3e-4
     clip_eps_high: float | None = 4e-4
     sequence_level: ClassVar[bool] = True
-
-
-@dataclass
-class PPO(PolicyGradient):
-    """PPO with a critic: GAE advantages per token, returns for the clipped value loss.
-
-    ``prepare`` reads critic values from ``batch.values`` (``[B, T]``, the critic's estimate
-    before each token; zeros if unset, i.e. discounted returns) and sets ``advantages`` and
-    ``returns``. ``value_loss`` is separate from ``loss`` because ``LossFn`` carries no values.
-
-    Attributes:
-        gamma, gae_lambda: GAE discount and λ. adv_norm: whiten advantages over the batch.
-        value_clip_eps: value-loss clip (``None`` disables clipping).
-    """
-
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    adv_norm: bool = True
-    value_clip_eps: float | None = 0.2
-
-    def _token_advantages(
-        self, rewards: torch.Tensor, values: torch.Tensor | None, loss_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        v = torch.zeros(loss_mask.shape, device=loss_mask.device) if values is None else values
-        adv, ret = adv_fns.gae(
-            adv_fns.terminal_rewards(rewards.to(v), loss_mask), v, loss_mask,
-            gamma=self.gamma, gae_lambda=self.gae_lambda,
-        )  # fmt: skip
-        if self.adv_norm:
-            adv = adv_fns.masked_whiten(adv, loss_mask)
-        return adv, ret
-
-    def advantages(  # type: ignore[override]
-        self, samples: Sequence[Sample], values: Sequence[Sequence[float]] | None = None
-    ) -> list[list[float]]:
-        """Per-token GAE advantages, one list per sample aligned with its ``token_ids``.
-
-        ``values[i][t]`` is the critic value for sample i token t (zeros when omitted).
-        """
-
-        batch = collate(samples)
-        v = None
-        if values is not None:
-            v = torch.zeros(batch.loss_mask.shape)
-            for i, row in enumerate(values):
-                v[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-        r = torch.tensor(self.rewards(samples))
-        adv, _ = self._token_advantages(r, v, batch.loss_mask)
-        return [adv[i, : len(s)].tolist() for i, s in enumerate(samples)]
-
-    def prepare(self, batch: TokenBatch, samples: Sequence[Sample]) -> TokenBatch:
-        """Sets ``advantages``, ``returns`` and ``loss_weights`` (all ``[B, T]``)."""
-        _check_rows(batch, samples)
-        r = torch.tensor(self.rewards(samples))
-        adv, ret = self._token_advantages(r, batch.values, batch.loss_mask)
-        return replace(
-            batch, advantages=adv.float(), returns=ret.float(),
-            loss_weights=loss_weights(batch.loss_mask, self.aggregation),
-        )  # fmt: skip
-
-    def value_loss(
-        self, values: torch.Tensor, mb: TokenBatch
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped value loss of new critic ``values`` ``[b, t]`` vs ``mb.returns``, clipped
-        around ``mb.values``; additive over micro-batches like ``loss``.
-
-        Raises:
-            ValueError: ``prepare`` was not applied.
-        """
-        if mb.returns is None or mb.loss_weights is None:
-            raise ValueError("micro-batch has no returns; call PPO.prepare(batch, samples) first")
-        old = mb.values if mb.values is not None else torch.zeros_like(values)
-        return value_loss(
-            values, old, mb.returns, mb.loss_mask, mb.loss_weights,
-            value_clip_eps=self.value_clip_eps,
-        )  # fmt: skip

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from areal_agents.algorithms.aggregation import AGGREGATIONS, loss_weights, weighted_sum
+from areal_agents.algorithms.aggregation import (
+    AGGREGATIONS,
+    loss_weights,
+    stat_weights,
+    weighted_sum,
+)
 
 MASK = torch.tensor([[0, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
 
@@ -19,6 +24,10 @@ def test_weights_by_hand():
     expected = torch.tensor([[0, 1 / 6, 1 / 6, 1 / 6], [0, 1 / 2, 0, 0], [0, 0, 0, 0]])
     assert torch.allclose(sm, expected)
     assert tm.dtype == torch.float32
+    # Dr.GRPO's constant normaliser: sum / (2 sequences * L); L defaults to the longest row (3)
+    assert torch.allclose(loss_weights(MASK, "seq-mean-token-sum-norm"), MASK / 6.0)
+    assert torch.allclose(loss_weights(MASK, "seq-mean-token-sum-norm", norm_len=8), MASK / 16.0)
+    assert torch.equal(stat_weights(MASK), tm)
 
 
 def _reference(values, mask, mode):
@@ -35,6 +44,8 @@ def _reference(values, mask, mode):
         return sum(flat) / len(flat)
     if mode == "seq-mean-token-sum":
         return sum(sum(r) for r in rows) / len(rows)
+    if mode == "seq-mean-token-sum-norm":
+        return sum(sum(r) for r in rows) / (len(rows) * max(len(r) for r in rows))
     return sum(sum(r) / len(r) for r in rows) / len(rows)
 
 
@@ -66,3 +77,5 @@ def test_errors():
         loss_weights(MASK, "mean")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"loss_mask must be \[batch, seq\]"):
         loss_weights(torch.ones(3), "token-mean")
+    with pytest.raises(ValueError, match=r"norm_len must be >= 1 \(or None: the longest row\), got 0"):
+        loss_weights(MASK, "seq-mean-token-sum-norm", norm_len=0)
