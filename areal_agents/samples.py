@@ -5,6 +5,11 @@ per-token arrays are aligned with ``token_ids``. ``logprobs[t]`` is log p(token_
 before t) under the behaviour policy, ``versions[t]`` the policy version that sampled token t,
 and ``loss_mask[t] == 1`` exactly for tokens the policy generated. Prompt / observation tokens
 have ``loss_mask 0``, ``logprobs 0.0`` and ``versions -1``.
+
+Log-prob definition: behaviour log-probs are taken under the distribution the token was drawn
+from (temperature, then top-k, then top-p; ``areal_agents.engines.sampling``). Each ``Sample``
+carries those parameters (``SamplingDistribution``) and ``collate`` puts them per row into the
+``TokenBatch``, so every training backend recomputes log-probs under the same definition.
 """
 
 from __future__ import annotations
@@ -14,6 +19,50 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class SamplingDistribution:
+    """The sampling parameters that define a sample's log-probs.
+
+    Log-probs follow vLLM's ``processed_logprobs`` convention: the log-prob of a token under the
+    distribution it was actually sampled from -- logits divided by ``temperature``, then
+    ``top_k``, then ``top_p`` over the kept set, renormalised (see
+    ``areal_agents.engines.sampling``). AReaL recomputes training log-probs with temperature
+    only; here the trainer applies all three, so on-policy importance ratios are exactly 1.
+
+    Greedy decoding (``temperature == 0``) reports temperature-1 log-probs with no filtering;
+    ``top_k``/``top_p`` are normalised to their disabled values for it.
+
+    Attributes:
+        temperature: >= 0; 0 means greedy.
+        top_k: keep the k most likely tokens; 0 disables it.
+        top_p: nucleus mass in (0, 1]; 1 disables it.
+
+    Example:
+        >>> SamplingDistribution(temperature=0.7, top_p=0.9)
+        SamplingDistribution(temperature=0.7, top_k=0, top_p=0.9)
+        >>> SamplingDistribution(temperature=0, top_k=5)  # greedy: nothing is filtered
+        SamplingDistribution(temperature=0.0, top_k=0, top_p=1.0)
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingDistribution.temperature must be >= 0 (0 = greedy), "
+                             f"got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingDistribution.top_k must be >= 0 (0 disables it), "
+                             f"got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingDistribution.top_p must be in (0, 1], got {self.top_p}")
+        greedy = self.temperature == 0
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_k", 0 if greedy else int(self.top_k))
+        object.__setattr__(self, "top_p", 1.0 if greedy else float(self.top_p))
 
 
 @dataclass
@@ -31,6 +80,9 @@ class Sample:
         group: the group key for group-relative advantages (task seed; role is added by the
             algorithms).
         meta: free-form diagnostics (episode id, turn indices, split reason...).
+        sampling: the parameters the generated tokens were sampled with (they define
+            ``logprobs``); None when not recorded (demonstrations, hand-built samples):
+            ``collate`` then uses its ``temperature`` argument.
     """
 
     token_ids: list[int]
@@ -42,6 +94,7 @@ class Sample:
     policy: str = ""
     group: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    sampling: SamplingDistribution | None = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -71,6 +124,10 @@ class TokenBatch:
     the batch-global token-mean weights ``loss_mask / N``: every logged ratio-like statistic is
     ``sum(x * stat_weights)``, a plain per-token mean whatever the loss aggregation, and adds up
     over micro-batches the same way. Optional fields are None when unused.
+
+    ``temperature``/``top_k``/``top_p`` are the per-row sampling parameters that define
+    ``old_logprobs`` (``SamplingDistribution``); every backend recomputes log-probs under them.
+    None means temperature 1 and no filtering for every row.
     """
 
     input_ids: torch.Tensor  # [B, T] long
@@ -86,7 +143,9 @@ class TokenBatch:
     returns: torch.Tensor | None = None  # [B, T]
     loss_weights: torch.Tensor | None = None  # [B, T]
     stat_weights: torch.Tensor | None = None  # [B, T]: loss_mask / generated tokens of the batch
-    temperature: float = 1.0
+    temperature: torch.Tensor | None = None  # [B] float: each row's sampling temperature
+    top_k: torch.Tensor | None = None  # [B] long: each row's top-k (0 = off)
+    top_p: torch.Tensor | None = None  # [B] float: each row's top-p (1 = off)
 
     @property
     def batch_size(self) -> int:
@@ -120,11 +179,22 @@ class TokenBatch:
         return TokenBatch(**out)
 
 
-def collate(samples: Sequence[Sample], pad_token_id: int = 0, temperature: float = 1.0) -> TokenBatch:
+def collate(samples: Sequence[Sample], pad_token_id: int = 0,
+            temperature: float | None = None) -> TokenBatch:
     """Right-pad ``samples`` into a ``TokenBatch`` (advantages etc. left None).
 
+    Each row's ``temperature``/``top_k``/``top_p`` come from its sample's ``sampling``. Samples
+    without recorded params (``sampling is None``) use ``temperature`` (default 1.0) and no
+    top-k/top-p.
+
+    Args:
+        samples: the sequences, in row order.
+        pad_token_id: the id written into padding positions.
+        temperature: the sampling temperature of samples that record none.
+
     Raises:
-        ValueError: ``samples`` is empty.
+        ValueError: ``samples`` is empty, or ``temperature`` is given and contradicts a
+            sample's recorded temperature.
     """
     if not samples:
         raise ValueError("collate() got no samples; a batch needs at least one")
@@ -135,6 +205,8 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, temperature: float
     loss_mask = torch.zeros((b, width))
     logprobs = torch.zeros((b, width))
     versions = torch.full((b, width), -1, dtype=torch.long)
+    fallback = SamplingDistribution(1.0 if temperature is None else temperature)
+    params = []
     for i, s in enumerate(samples):
         n = len(s)
         input_ids[i, :n] = torch.tensor(s.token_ids, dtype=torch.long)
@@ -142,6 +214,17 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, temperature: float
         loss_mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.float32)
         logprobs[i, :n] = torch.tensor(s.logprobs, dtype=torch.float32)
         versions[i, :n] = torch.tensor(s.versions, dtype=torch.long)
+        if (s.sampling is not None and temperature is not None
+                and s.sampling.temperature != fallback.temperature):
+            raise ValueError(
+                f"collate(temperature={temperature}) but sample {i} was sampled at temperature "
+                f"{s.sampling.temperature}; drop the temperature argument (recorded samples "
+                "carry their own sampling parameters)")
+        params.append(s.sampling or fallback)
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-    return TokenBatch(input_ids, attention, loss_mask, logprobs, versions, rewards,
-                      temperature=temperature)
+    return TokenBatch(
+        input_ids, attention, loss_mask, logprobs, versions, rewards,
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+        top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
+        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+    )

@@ -1,72 +1,181 @@
 """Chunked token log-probs and entropy from hidden states and the LM head (shared by backends).
 
+Definition: log-probs and entropy are those of the distribution each token was *sampled from*,
+exactly as the inference engine reports them (``areal_agents.engines.sampling``, vLLM's
+``processed_logprobs`` convention): per row, logits divided by the row's temperature (greedy
+rows: 1), then top-k, then top-p over the top-k set, renormalised over the kept tokens. AReaL
+recomputes with temperature only, which is only right without top-k/top-p.
+
+The kept set is a constant of the forward pass (no gradient flows through the cut-off), and the
+label is always added to it: an on-policy generated token was drawn from the kept set, so this
+changes nothing for it, while prompt tokens and tokens the current weights would have filtered
+out get a finite log-prob (renormalised over kept set + label) instead of ``-inf``.
+
 The full ``[tokens, vocab]`` log-softmax is never materialised: logits are computed
 ``chunk_size`` rows at a time, reduced to one log-prob and one entropy per row, and recomputed
-chunk by chunk in the backward pass (a custom autograd function). Temperature is applied exactly
-as the inference engines apply it: ``log_softmax(logits / T)``, in float32.
+chunk by chunk in the backward pass (a custom autograd function), in float32. Rows that filter
+also sort their chunk's logits once in the forward (the per-row cut-off is saved, not the mask).
 """
 
 from __future__ import annotations
 
 import torch
 
+from areal_agents.engines.sampling import effective_temperature, keep_threshold
+from areal_agents.samples import TokenBatch
+
 DEFAULT_CHUNK_SIZE = 1024
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``hidden @ weight.T / temperature`` in float32 (``[n, V]``)."""
+class RowSampling:
+    """Per-row sampling parameters of the log-prob head: ``temperature [n]`` float32,
+    ``top_k [n]`` long, ``top_p [n]`` float32 (rows are sequences or token rows, as the
+    function taking it says).
+
+    A plain class on purpose: FSDP2's mixed precision casts every floating tensor it finds in a
+    module's forward arguments (through tuples, dicts and dataclasses) to the parameter dtype,
+    which would round the temperatures to bf16; it leaves other objects alone.
+
+    Example:
+        >>> RowSampling.uniform(2, 0.5).temperature
+        tensor([0.5000, 0.5000])
+    """
+
+    __slots__ = ("temperature", "top_k", "top_p")
+
+    def __init__(self, temperature: torch.Tensor, top_k: torch.Tensor | None = None,
+                 top_p: torch.Tensor | None = None) -> None:
+        temperature = torch.as_tensor(temperature, dtype=torch.float32)
+        if temperature.dim() != 1:
+            raise ValueError(f"RowSampling.temperature must be 1-D [rows] "
+                             f"(got shape {tuple(temperature.shape)})")
+        if bool((temperature < 0).any()):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature.tolist()}")
+        self.temperature = temperature
+        self.top_k = (torch.zeros_like(temperature, dtype=torch.long) if top_k is None
+                      else torch.as_tensor(top_k, dtype=torch.long, device=temperature.device))
+        self.top_p = (torch.ones_like(temperature) if top_p is None
+                      else torch.as_tensor(top_p, dtype=torch.float32, device=temperature.device))
+        if self.top_k.shape != temperature.shape or self.top_p.shape != temperature.shape:
+            raise ValueError(f"temperature, top_k and top_p need one entry per row (got shapes "
+                             f"{tuple(temperature.shape)}, {tuple(self.top_k.shape)}, "
+                             f"{tuple(self.top_p.shape)})")
+
+    @classmethod
+    def uniform(cls, n: int, temperature: float = 1.0,
+                device: torch.device | str | None = None) -> RowSampling:
+        """``n`` rows at ``temperature`` with no top-k/top-p."""
+        return cls(torch.full((n,), float(temperature), dtype=torch.float32, device=device))
+
+    @classmethod
+    def of(cls, batch: TokenBatch) -> RowSampling:
+        """The per-sequence parameters of ``batch`` (temperature 1, no filtering when unset)."""
+        if batch.temperature is None:
+            return cls.uniform(batch.batch_size, 1.0, batch.input_ids.device)
+        return cls(batch.temperature, batch.top_k, batch.top_p)
+
+    def to(self, device: torch.device | str) -> RowSampling:
+        return RowSampling(self.temperature.to(device), self.top_k.to(device),
+                           self.top_p.to(device))
+
+    def __getitem__(self, index: torch.Tensor | slice) -> RowSampling:
+        return RowSampling(self.temperature[index], self.top_k[index], self.top_p[index])
+
+    def __len__(self) -> int:
+        return int(self.temperature.shape[0])
+
+    @property
+    def filters(self) -> bool:
+        """Whether any non-greedy row uses top-k or top-p."""
+        active = self.temperature > 0
+        return bool((((self.top_k > 0) | (self.top_p < 1)) & active).any())
+
+    def expand(self, keep: torch.Tensor) -> RowSampling:
+        """Per-sequence ``[B]`` params repeated for the ``True`` entries of ``keep [B, T]``."""
+        b, t = keep.shape
+        return RowSampling(*(x[:, None].expand(b, t)[keep] for x in
+                             (self.temperature, self.top_k, self.top_p)))
+
+
+def as_row_sampling(sampling: RowSampling | torch.Tensor | float, n: int,
+                    device: torch.device) -> RowSampling:
+    """``sampling`` as a ``RowSampling`` of ``n`` rows on ``device`` (a float or a ``[n]``
+    tensor is a temperature with no top-k/top-p)."""
+    if isinstance(sampling, RowSampling):
+        out = sampling
+    elif isinstance(sampling, torch.Tensor):
+        out = RowSampling(sampling)
+    else:
+        out = RowSampling.uniform(n, float(sampling))
+    if len(out) != n:
+        raise ValueError(f"sampling parameters have {len(out)} rows but the input has {n}")
+    return out.to(device)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T / temp[:, None]`` in float32 (``[n, V]``)."""
     logits = hidden.float() @ weight.float().t()
-    if temperature != 1.0:
-        logits /= temperature
+    logits /= temp[:, None]
     return logits
 
 
-def _chunk_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logsumexp [n], logp_label [n], entropy [n])`` for one chunk, in float32."""
-    logp_all = _chunk_logits(hidden, weight, temperature)
-    lse = torch.logsumexp(logp_all, dim=-1)
-    logp_all -= lse[:, None]  # in place: log-softmax without another [n, V] buffer
-    logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    entropy = -torch.linalg.vecdot(logp_all.exp(), logp_all)  # fused multiply-sum
-    return lse, logp, entropy
+def _dropped(logits: torch.Tensor, threshold: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[n, V]`` bool: tokens outside the kept set (the label is always kept)."""
+    drop = logits < threshold[:, None]
+    drop.scatter_(1, labels[:, None], False)
+    return drop
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
     """Forward and backward of ``(logp, entropy)`` chunk by chunk; see ``chunked_logprobs``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size):  # type: ignore[override]
-        n = hidden.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden, weight, labels, temperature, top_k, top_p, chunk_size):  # type: ignore[override]
+        n, dev = hidden.shape[0], hidden.device
+        temp = effective_temperature(temperature)
+        filters = RowSampling(temperature, top_k, top_p).filters
+        logp, entropy, lse = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(3))
+        threshold = torch.full((n,), float("-inf"), device=dev) if filters else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            lse[s:e], logp[s:e], entropy[s:e] = _chunk_stats(hidden[s:e], weight, labels[s:e], temperature)
-        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
+            logits = _chunk_logits(hidden[s:e], weight, temp[s:e])
+            drop = None
+            if threshold is not None:
+                threshold[s:e] = keep_threshold(logits, temperature[s:e], top_k[s:e], top_p[s:e])
+                drop = _dropped(logits, threshold[s:e], labels[s:e])
+                logits.masked_fill_(drop, float("-inf"))
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            logits -= lse[s:e, None]  # in place: log-softmax without another [n, V] buffer
+            logp[s:e] = logits.gather(-1, labels[s:e, None]).squeeze(-1)
+            p = logits.exp()
+            if drop is not None:
+                logits.masked_fill_(drop, 0.0)  # p = 0 there: avoid 0 * -inf
+            entropy[s:e] = -torch.linalg.vecdot(p, logits)  # fused multiply-sum
+        ctx.save_for_backward(hidden, weight, labels, temp, threshold, lse, entropy)
         ctx.set_materialize_grads(False)  # an unused output (often entropy) costs nothing
-        ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):  # type: ignore[override]
-        hidden, weight, labels, lse, entropy = ctx.saved_tensors
-        t, n = ctx.temperature, hidden.shape[0]
+        hidden, weight, labels, temp, threshold, lse, entropy = ctx.saved_tensors
+        n = hidden.shape[0]
+        none = (None,) * 5
+        if grad_logp is None and grad_entropy is None:
+            return None, None, *none
         w32 = weight.float()
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         want_w = ctx.needs_input_grad[1]
         grad_weight = None
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             with torch.no_grad():
-                logp_all = _chunk_logits(hidden[s:e], w32, t)
+                logp_all = _chunk_logits(hidden[s:e], w32, temp[s:e])
+                drop = None if threshold is None else _dropped(logp_all, threshold[s:e], labels[s:e])
                 logp_all -= lse[s:e, None]  # the forward's log-normaliser: no softmax again
                 p = logp_all.exp()
+                if drop is not None:
+                    p.masked_fill_(drop, 0.0)  # the kept set is a constant: no gradient outside
                 # z = logits / T:  d logp_y / dz = onehot(y) - p ;  d H / dz = -p * (log p + H)
                 coef = torch.zeros(e - s, 1, device=hidden.device)
                 if grad_logp is not None:
@@ -80,8 +189,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                     grad_z = p.mul_(-coef)
                 if grad_logp is not None:
                     grad_z.scatter_add_(-1, labels[s:e, None], grad_logp[s:e, None].float())
-                if t != 1.0:
-                    grad_z /= t
+                grad_z /= temp[s:e, None]
                 del p
                 if grad_hidden is not None:
                     grad_hidden[s:e] = (grad_z @ w32).to(hidden.dtype)
@@ -92,23 +200,25 @@ class _ChunkedLogprobs(torch.autograd.Function):
         if want_w:
             grad_weight = torch.zeros_like(w32) if grad_weight is None else grad_weight
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, *none
 
 
 def chunked_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 1.0,
+    sampling: RowSampling | torch.Tensor | float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of ``labels`` and entropy under ``log_softmax(hidden @ weight.T / temperature)``.
+    """Log-prob of ``labels`` and entropy under the sampling distribution of each row.
 
     Args:
         hidden: ``[n, hidden]`` final hidden states (any float dtype).
         weight: ``[vocab, hidden]`` LM-head weight (no bias).
         labels: ``[n]`` long, the token each row predicts.
-        temperature: the sampling temperature (> 0).
+        sampling: per-row ``RowSampling`` (``[n]`` entries), or one temperature for every row
+            (a float, or a ``[n]`` tensor) with no top-k/top-p. Temperature 0 (greedy) means
+            temperature 1 and no filtering, as the engines report it.
         chunk_size: rows per chunk; peak extra memory is ``O(chunk_size * vocab)``.
 
     Returns:
@@ -116,10 +226,8 @@ def chunked_logprobs(
         ``weight``.
 
     Raises:
-        ValueError: non-positive temperature or chunk size, or mismatched shapes.
+        ValueError: negative temperature, non-positive chunk size, or mismatched shapes.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); greedy has no log-probs")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0 (got {chunk_size})")
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
@@ -127,7 +235,9 @@ def chunked_logprobs(
             f"shape mismatch: hidden {tuple(hidden.shape)} must be [n, h], labels "
             f"{tuple(labels.shape)} [n], weight {tuple(weight.shape)} [vocab, h]"
         )
-    return _ChunkedLogprobs.apply(hidden, weight, labels.long(), float(temperature), chunk_size)
+    rows = as_row_sampling(sampling, hidden.shape[0], hidden.device)
+    return _ChunkedLogprobs.apply(hidden, weight, labels.long(), rows.temperature, rows.top_k,
+                                  rows.top_p, chunk_size)
 
 
 def sequence_logprobs(
@@ -135,19 +245,23 @@ def sequence_logprobs(
     weight: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    temperature: float = 1.0,
+    sampling: RowSampling | torch.Tensor | float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropy aligned with ``input_ids`` (``areal_agents.samples``).
 
-    ``out[b, t]`` is log p(input_ids[b, t] | input_ids[b, :t]); position 0 and padded positions
-    are 0. Only real tokens are pushed through the LM head.
+    ``out[b, t]`` is log p(input_ids[b, t] | input_ids[b, :t]) under sequence b's sampling
+    distribution; position 0 and padded positions are 0. Only real tokens are pushed through
+    the LM head.
 
     Args:
         hidden: ``[B, T, h]`` final hidden states.
         weight: ``[vocab, h]`` LM-head weight.
         input_ids: ``[B, T]`` long.
         attention_mask: ``[B, T]`` bool/int, right padded.
+        sampling: per-sequence ``RowSampling`` (``[B]``, e.g. ``RowSampling.of(batch)``), or
+            one temperature (float, or ``[B]`` tensor) with no top-k/top-p.
+        chunk_size: rows per chunk of the LM-head computation.
 
     Returns:
         ``(logprobs [B, T], entropy [B, T])`` float32.
@@ -156,7 +270,8 @@ def sequence_logprobs(
     keep = attention_mask[:, 1:].bool()  # [B, T-1]: positions 1.. that are real tokens
     rows = hidden[:, :-1][keep]  # [n, h]
     labels = input_ids[:, 1:][keep]
-    logp, ent = chunked_logprobs(rows, weight, labels, temperature, chunk_size)
+    per_row = as_row_sampling(sampling, b, hidden.device).expand(keep)
+    logp, ent = chunked_logprobs(rows, weight, labels, per_row, chunk_size)
     out_lp = torch.zeros(b, t, dtype=torch.float32, device=hidden.device)
     out_ent = torch.zeros(b, t, dtype=torch.float32, device=hidden.device)
     index = keep.nonzero(as_tuple=True)
@@ -166,12 +281,25 @@ def sequence_logprobs(
 
 
 def full_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    sampling: RowSampling | torch.Tensor | float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference (unchunked) version of ``sequence_logprobs`` from ``[B, T, vocab]`` logits."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)[:, :-1]
-    lp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1)
+    """Reference (unchunked, plain autograd) version of ``sequence_logprobs`` from
+    ``[B, T, vocab]`` logits, written directly from the definition in the module docstring."""
+    b, t, v = logits.shape
+    rows = as_row_sampling(sampling, b, logits.device)
+    temp = effective_temperature(rows.temperature)[:, None, None]
+    scaled = (logits.float() / temp)[:, :-1]  # [B, T-1, V]
+    labels = input_ids[:, 1:]
+    per_pos = rows.expand(torch.ones(b, t - 1, dtype=torch.bool, device=logits.device))
+    flat = scaled.reshape(-1, v)
+    with torch.no_grad():
+        threshold = keep_threshold(flat.detach(), per_pos.temperature, per_pos.top_k, per_pos.top_p)
+        drop = _dropped(flat.detach(), threshold, labels.reshape(-1))
+    logp_all = torch.log_softmax(flat.masked_fill(drop, float("-inf")), dim=-1)
+    lp = logp_all.gather(-1, labels.reshape(-1, 1)).reshape(b, t - 1)
+    ent = -(logp_all.exp() * logp_all.masked_fill(drop, 0.0)).sum(-1).reshape(b, t - 1)
     mask = attention_mask[:, 1:].float()
     zero = torch.zeros_like(input_ids[:, :1], dtype=torch.float32)
     return torch.cat([zero, lp * mask], 1), torch.cat([zero, ent * mask], 1)
+

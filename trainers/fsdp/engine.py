@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from areal_agents.trainers.base import LossFn, TrainEngine
-from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
-from areal_agents.trainers.microbatch import plan_microbatches
-from areal_agents.trainers.schedules import apply_update, lr_lambda
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from areal_agents.errors import ConfigError, TrainError
+from areal_agents.errors import ConfigError
 from areal_agents.samples import TokenBatch
+from areal_agents.trainers.base import LossFn, TrainEngine
+from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling, sequence_logprobs
+from areal_agents.trainers.microbatch import plan_microbatches
+from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule, lr_lambda
+from areal_agents.trainers.step import (
+    accumulate_microbatches,
+    plan_rank_microbatches,
+    run_train_step,
+)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -27,7 +30,9 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 class PolicyModule(nn.Module):
-    """Wraps a causal LM so one forward returns chunked ``(logprobs, entropy)`` ``[B, T]``.
+    """Wraps a causal LM so one forward returns chunked ``(logprobs, entropy)`` ``[B, T]``
+    under each sequence's sampling distribution (``sampling``: a ``RowSampling`` of ``[B]``
+    rows, or one temperature; see ``trainers/logprobs.py``).
 
     Everything (backbone, final norm, LM head) runs inside this module's forward, so under
     FSDP2 the root's parameters are unsharded while the chunked LM-head projection uses them.
@@ -44,7 +49,8 @@ class PolicyModule(nn.Module):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        sampling: RowSampling | float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.base
         backbone = getattr(base, base.base_model_prefix)
@@ -53,7 +59,7 @@ class PolicyModule(nn.Module):
         if getattr(head, "bias", None) is not None:
             raise ConfigError("LM heads with a bias are not supported by the chunked log-prob path")
         return sequence_logprobs(
-            hidden, head.weight, input_ids, attention_mask, temperature, self.chunk_size
+            hidden, head.weight, input_ids, attention_mask, sampling, self.chunk_size
         )
 
 
@@ -116,7 +122,7 @@ class FSDPEngine(TrainEngine):
         betas: tuple[float, float] = (0.9, 0.999),
         max_grad_norm: float = 1.0,
         warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_schedule: LRSchedule = "constant",
         total_steps: int | None = None,
         token_budget: int = 4096,
         gradient_checkpointing: bool = False,
@@ -125,10 +131,7 @@ class FSDPEngine(TrainEngine):
         device: torch.device | str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        if lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
-        if lr_schedule == "cosine" and not total_steps:
-            raise ConfigError("lr_schedule='cosine' needs total_steps= (the step the LR reaches 0)")
+        check_lr_schedule(lr_schedule, total_steps)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -183,14 +186,16 @@ class FSDPEngine(TrainEngine):
     # -- TrainEngine -------------------------------------------------------------------------
 
     def _forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        sampling = RowSampling.of(mb)  # per-row temperature/top-k/top-p (not cast by FSDP)
         if self.mixed_precision == "bf16" and not self.distributed:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.module(mb.input_ids, mb.attention_mask, mb.temperature)
-        return self.module(mb.input_ids, mb.attention_mask, mb.temperature)
+                return self.module(mb.input_ids, mb.attention_mask, sampling)
+        return self.module(mb.input_ids, mb.attention_mask, sampling)
 
     @torch.no_grad()
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """``[B, T]`` float32 log-probs of ``batch.input_ids`` at ``batch.temperature`` (CPU).
+        """``[B, T]`` float32 log-probs of ``batch.input_ids`` (CPU) under each row's sampling
+        params (``batch.temperature``/``top_k``/``top_p``; see ``TrainEngine``).
 
         Under FSDP every rank computes the whole batch (collective) and returns the same tensor.
         """
@@ -204,54 +209,35 @@ class FSDPEngine(TrainEngine):
             out[idx, : lp.shape[1]] = lp.float().cpu()
         return out
 
-    def _local_plans(self, batch: TokenBatch) -> tuple[list[list[int]], int]:
-        """This rank's micro-batches (global row indices) and the count every rank runs."""
-        lengths = batch.attention_mask.sum(-1).tolist()
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        mine = order[self.rank :: self.world_size]
-        plans = [[mine[j] for j in p] for p in plan_microbatches([lengths[i] for i in mine], self.token_budget)]
-        count = len(plans)
-        if self.distributed:
-            t = torch.tensor([count], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            count = int(t.item())
-        return plans, count
-
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step on ``batch`` (see ``TrainEngine``); returns global stats.
+        """One optimizer step on ``batch`` (see ``TrainEngine``; the loop is
+        ``trainers/step.py``); returns global stats.
 
         Raises:
             TrainError: the loss is not finite.
         """
         self.module.train()
         batch = batch.to(self.device)
-        plans, count = self._local_plans(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for i in range(count):
-            # ranks with fewer micro-batches run a zero-weighted one so collectives line up
-            scale = 1.0 if i < len(plans) else 0.0
-            mb = batch.select(torch.tensor(plans[i] if i < len(plans) else [0]))
-            lp, ent = self._forward(mb)
-            loss, stats = loss_fn(lp, ent, mb)
-            (loss * (scale * self.world_size)).backward()
-            totals["loss"] += loss.detach().float() * scale
-            for k, v in stats.items():
-                totals[k] += torch.as_tensor(v, device=self.device).detach().float() * scale
-        keys = sorted(totals)
-        packed = torch.stack([totals[k] for k in keys])
-        if self.distributed:
-            dist.all_reduce(packed)
-        out = {k: float(v) for k, v in zip(keys, packed.tolist(), strict=True)}
-        if not math.isfinite(out["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainError(f"non-finite loss {out['loss']} at step {self.step}; check the batch/loss")
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
-        apply_update(self.optimizer, self.scheduler, grad_norm, batch.num_tokens, out)
+        group = dist.group.WORLD if self.distributed else None
+        slots = plan_rank_microbatches(batch.attention_mask.sum(-1).tolist(), self.rank,
+                                       self.world_size, self.token_budget, group=group,
+                                       device=self.device)
+        out = run_train_step(
+            # FSDP averages gradients over ranks: scale each rank's share back to a sum
+            lambda: accumulate_microbatches(batch, slots, self._forward, loss_fn,
+                                            grad_scale=self.world_size, group=group,
+                                            device=self.device),
+            optimizer=self.optimizer, scheduler=self.scheduler,
+            clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens, step=self.step)
         self.step += 1
         return out
+
+    def clip_grad_norm(self) -> float:
+        """Clip the gradients to ``max_grad_norm`` (global L2 norm; ``0`` only reports it);
+        returns the norm before clipping (collective under FSDP)."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
 
     def export_weights(
         self, merge_lora: bool = True, dtype: torch.dtype | None = None
