@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engines.base import CompletionOutput, GenerateRequest, SamplingParams
 from ..errors import ContextLengthExceeded, EngineError
+from ..samples import SamplingDistribution
 from .chat import decode_completion, encode, parse_tool_calls, render
 from .errors import GatewayError, bad_request
 from .params import check_messages, check_tools, sampling_fields
@@ -55,6 +56,11 @@ async def generate(policy: Policy, prompt_ids: list[int], fields: dict[str, Any]
         policy.router.release(index)
     end = time.time()
     return result.outputs, {"start": start, "end": end, "latency": end - start}
+
+
+def _distribution(fields: dict[str, Any]) -> SamplingDistribution:
+    """The sampling parameters that define a completion's recorded log-probs."""
+    return SamplingDistribution(fields["temperature"], fields["top_k"], fields["top_p"])
 
 
 def _logprob_entries(policy: Policy, out: CompletionOutput, upto: int) -> list[dict[str, Any]]:
@@ -115,7 +121,8 @@ async def chat_completion(policy: Policy, body: dict[str, Any], session: Session
                 logprobs=list(out.logprobs), versions=list(out.versions),
                 messages=[dict(m) for m in messages], reply=reply, tools=tools,
                 finish_reason=out.finish_reason, request_id=response_id,
-                choice=i, prefix_turn=prefix, timing=dict(timing)))
+                choice=i, prefix_turn=prefix, timing=dict(timing),
+                sampling=_distribution(fields)))
     num_completion = sum(len(o.token_ids) for o in outputs)
     return {
         "id": response_id, "object": "chat.completion",
@@ -162,7 +169,7 @@ async def text_completion(policy: Policy, body: dict[str, Any], session: Session
                 prompt_ids=list(prompt_ids), completion_ids=list(out.token_ids),
                 logprobs=list(out.logprobs), versions=list(out.versions), messages=None,
                 reply=None, tools=None, finish_reason=out.finish_reason, request_id="",
-                choice=i, timing=dict(timing)))
+                choice=i, timing=dict(timing), sampling=_distribution(fields)))
     num_completion = sum(len(o.token_ids) for o in outputs)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..samples import Sample
+from ..samples import Sample, SamplingDistribution
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Turn:
         prefix_turn: index of the turn whose prompt+completion this prompt extends (None when
             the prompt was tokenized from scratch).
         timing: ``{"start", "end", "latency"}`` wall-clock seconds.
+        sampling: the request's temperature/top-k/top-p, which define ``logprobs``.
     """
 
     prompt_ids: list[int]
@@ -42,6 +43,11 @@ class Turn:
     choice: int = 0
     prefix_turn: int | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    sampling: SamplingDistribution = field(default_factory=SamplingDistribution)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):  # from ``to_dict()`` / JSON
+            self.sampling = SamplingDistribution(**self.sampling)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""

@@ -6,7 +6,9 @@ completion ids + the ids of only the new template text (rendered suffix). Any te
 completion did not generate itself (e.g. the ``"\\n"`` ChatML puts after ``<|im_end|>``, or
 the whole ``<|im_end|>\\n`` after a length-truncated reply) is part of that suffix, with loss
 mask 0. Turns whose prompt ids extend an earlier sample merge into it; others start a new
-sample, and every such split is reported with the first differing position.
+sample, and every such split is reported with the first differing position. A turn sampled
+with other parameters (temperature, top-k, top-p) than the sample it extends also starts a new
+sample: a sample's log-probs have one definition (``Sample.sampling``).
 """
 
 from __future__ import annotations
@@ -149,7 +151,10 @@ def turns_to_samples(turns: list[Turn], *, reward: float = 0.0, agent: str = "",
     A turn extends the latest sample whose ``token_ids`` are a prefix of the turn's prompt
     ids: the new prompt tokens are appended with mask 0, log-prob 0.0, version -1, then the
     completion with mask 1 and its log-probs and versions. A turn extending no sample starts a
-    new one; if earlier samples exist, the split is recorded against the latest sample.
+    new one; if earlier samples exist, the split is recorded against the latest sample. A turn
+    whose sampling parameters (``Turn.sampling``) differ from those of the sample it extends
+    is split the same way (recorded against that sample, at its length), so every sample's
+    log-probs are taken under one distribution, its ``sampling``.
 
     Returns:
         ``(samples, report)``; each sample's ``meta["turns"]`` lists its turn indices.
@@ -157,22 +162,30 @@ def turns_to_samples(turns: list[Turn], *, reward: float = 0.0, agent: str = "",
     samples: list[Sample] = []
     report = TokenizationReport(num_turns=len(turns))
     for t, turn in enumerate(turns):
-        target = None
-        for s in reversed(samples):
+        target, split = None, None
+        for i in range(len(samples) - 1, -1, -1):
+            s = samples[i]
             n = len(s.token_ids)
             if len(turn.prompt_ids) >= n and turn.prompt_ids[:n] == s.token_ids:
-                target = s
+                if s.sampling == turn.sampling:
+                    target = s
+                else:
+                    split = Split(t, i, n, f"sampling params differ from the sequence it "
+                                  f"extends ({turn.sampling} vs {s.sampling})")
                 break
         if target is None:
-            if samples:
+            if split is None and samples:
                 last = samples[-1]
                 pos = _first_difference(last.token_ids, turn.prompt_ids)
                 reason = ("prompt is shorter than the previous sequence"
                           if pos == len(turn.prompt_ids) else "prompt differs from the "
                           "previous sequence (history edited, new system prompt, or a branch)")
-                report.splits.append(Split(t, len(samples) - 1, pos, reason))
+                split = Split(t, len(samples) - 1, pos, reason)
+            if split is not None:
+                report.splits.append(split)
             target = Sample([], [], [], [], reward=reward, agent=agent, policy=policy,
-                            group=group, meta={**(meta or {}), "turns": []})
+                            group=group, meta={**(meta or {}), "turns": []},
+                            sampling=turn.sampling)
             samples.append(target)
         new = turn.prompt_ids[len(target.token_ids):]
         target.token_ids.extend(new + turn.completion_ids)
