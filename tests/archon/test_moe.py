@@ -45,5 +45,6 @@ def test_moe_engine_trains_with_aux_loss():
     stats = engine.train_step(batch, pg_loss)
     assert stats["aux_loss"] > 0 and torch.isfinite(torch.tensor(stats["grad_norm"]))
     assert not torch.equal(before, engine.model.layers["0"].feed_forward.router.weight)
-    names = dict(engine.export_weights())
-    assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in dict(
+        engine.export_weights(experts="per_expert"))  # checkpoint / vLLM names
+    assert "model.layers.1.mlp.experts.gate_up_proj" in dict(engine.export_weights())  # served

@@ -19,6 +19,7 @@ from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import TokenBatch
 
 from .models import ModelArgs, Transformer, archon_to_hf
+from .models.state_dict import ExpertLayout, serving_expert_layout
 from .optim import clip_grads, full_tensor, lr_lambda
 from .parallel_dims import ParallelDims, default_device
 from .parallelize import ACMode, parallelize
@@ -275,14 +276,17 @@ class ArchonEngine(TrainEngine):
         for name, t in self.model.state_dict().items():
             yield name, full_tensor(t)
 
-    def export_weights(self, merge_lora: bool = True,
-                       dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def export_weights(self, merge_lora: bool = True, dtype: torch.dtype | None = None,
+                       experts: ExpertLayout | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, full CPU tensor)``; collective when distributed, rank 0 yields.
 
         Args:
             merge_lora: with LoRA, yield base weights with ``W + scaling * B @ A`` merged;
                 ``False`` yields only the adapter with PEFT adapter-file names.
             dtype: cast floating tensors to this dtype (default: as trained).
+            experts: MoE expert layout (``archon.models.state_dict``); ``None`` is that of the
+                installed ``transformers``' in-memory models (the served ``state_dict``
+                names); ``"per_expert"`` for checkpoint files and vLLM/SGLang loaders.
         """
         state = self.full_state_dict()
         if self.lora_config is not None:
@@ -294,16 +298,18 @@ class ArchonEngine(TrainEngine):
                     if self.rank == 0:
                         yield name, t.detach().cpu()
                 return
-        for name, t in archon_to_hf(dict(state), self.args):
+        layout = serving_expert_layout() if experts is None else experts
+        for name, t in archon_to_hf(dict(state), self.args, layout):
             if self.rank == 0:
                 t = t.detach().cpu()
                 yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
     def save_hf(self, path: str, max_shard_bytes: int | None = None) -> None:
-        """Write merged weights as a HF checkpoint directory (collective; rank 0 writes)."""
+        """Write merged weights as a HF checkpoint directory (collective; rank 0 writes);
+        MoE experts one tensor per expert, as published checkpoints and vLLM/SGLang expect."""
         from .models import save_hf_checkpoint
 
-        tensors = list(self.export_weights(merge_lora=True))
+        tensors = list(self.export_weights(merge_lora=True, experts="per_expert"))
         if self.rank == 0:
             save_hf_checkpoint(tensors, self.args, path, max_shard_bytes)
         if self.distributed:

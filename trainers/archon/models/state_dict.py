@@ -1,4 +1,16 @@
-"""HF ⇄ Archon state-dict conversion and HF checkpoint directories (safetensors)."""
+"""HF ⇄ Archon state-dict conversion and HF checkpoint directories (safetensors).
+
+Qwen3-MoE experts have two HF layouts (``ExpertLayout``):
+
+* ``"per_expert"``: ``mlp.experts.{e}.{gate,up,down}_proj.weight``, one tensor per expert. The
+  layout of published checkpoints, of vLLM's and SGLang's weight loaders, and of
+  ``transformers`` < 5 in memory. ``save_hf_checkpoint`` / ``to_hf_state_dict`` write it
+  (``transformers`` >= 5 converts it to its fused layout when loading).
+* ``"fused"``: ``mlp.experts.gate_up_proj [E, 2I, D]`` (gate rows, then up rows) and
+  ``mlp.experts.down_proj [E, D, I]``: ``transformers`` >= 5's in-memory ``state_dict`` names,
+  hence what an in-process push into a served ``transformers`` model must use
+  (``serving_expert_layout()``).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +18,18 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Literal
 
 import torch
 
 from .args import ModelArgs
 from .layout import fuse_state, relayout, unfuse_state
 
-__all__ = ["archon_to_hf", "from_hf", "fuse_state", "hf_to_archon", "load_hf_checkpoint",
-           "read_hf_state_dict", "relayout", "save_hf_checkpoint", "to_hf_state_dict", "unfuse_state"]
+__all__ = ["ExpertLayout", "archon_to_hf", "from_hf", "fuse_state", "hf_to_archon",
+           "load_hf_checkpoint", "read_hf_state_dict", "relayout", "save_hf_checkpoint",
+           "serving_expert_layout", "to_hf_state_dict", "unfuse_state"]
+
+ExpertLayout = Literal["fused", "per_expert"]
 
 # (archon regex, HF template) for everything that maps one-to-one; {0} is the layer index.
 _LAYER_MAP = [
@@ -47,16 +63,30 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|down_proj|up_proj)\.weight$")
 
 
-def archon_to_hf(state: Mapping[str, torch.Tensor], args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)`` for an Archon state dict (experts split per expert as on disk;
-    fused ``wqkv``/``w13`` split into HF's q/k/v and gate/up projections).
+def serving_expert_layout() -> ExpertLayout:
+    """The MoE expert layout of the installed ``transformers``' in-memory models: ``"fused"``
+    from version 5 (``Qwen3MoeExperts``), ``"per_expert"`` before (a ``ModuleList`` of MLPs)."""
+    import transformers
+
+    return "fused" if int(transformers.__version__.split(".")[0]) >= 5 else "per_expert"
+
+
+def archon_to_hf(state: Mapping[str, torch.Tensor], args: ModelArgs,
+                 experts: ExpertLayout = "per_expert") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` for an Archon state dict (fused ``wqkv``/``w13`` split into
+    HF's q/k/v and gate/up projections; MoE experts in the ``experts`` layout, see the module
+    docstring: per expert as on disk, or fused as ``transformers`` >= 5 holds them).
 
     The tied ``lm_head.weight`` is omitted when ``args.tie_embeddings``.
 
     Raises:
         KeyError: a key has no HF counterpart.
+        ValueError: an unknown ``experts`` layout.
     """
+    if experts not in ("fused", "per_expert"):
+        raise ValueError(f"experts={experts!r}; choose 'fused' or 'per_expert'")
     top = dict(_TOP_MAP)
+    gate_or_up: dict[str, dict[str, torch.Tensor]] = {}  # fused: w1/w3 wait for each other
     for name, t in unfuse_state(state).items():
         if name in top:
             if name == "output.weight" and args.tie_embeddings:
@@ -69,12 +99,25 @@ def archon_to_hf(state: Mapping[str, torch.Tensor], args: ModelArgs) -> Iterator
         layer, rest = m.groups()
         if rest.startswith("feed_forward.experts."):
             kind = rest.split(".")[2]
-            for e in range(t.shape[0]):
-                yield f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT[kind]}.weight", t[e]
+            prefix = f"model.layers.{layer}.mlp.experts"
+            if experts == "per_expert":
+                for e in range(t.shape[0]):
+                    yield f"{prefix}.{e}.{_EXPERT[kind]}.weight", t[e]
+            elif kind == "w2":
+                yield f"{prefix}.down_proj", t  # [E, D, I]
+            else:
+                pair = gate_or_up.setdefault(layer, {})
+                pair[kind] = t
+                if len(pair) == 2:
+                    yield f"{prefix}.gate_up_proj", torch.cat([pair["w1"], pair["w3"]], dim=1)
+                    del gate_or_up[layer]
             continue
         if rest not in _A2H:
             raise KeyError(f"no HF name for Archon parameter {name!r}")
         yield f"model.layers.{layer}.{_A2H[rest]}", t
+    if gate_or_up:
+        raise KeyError(f"MoE layers {sorted(gate_or_up)} have only one of experts.w1/w3; "
+                       "the fused gate_up_proj needs both")
 
 
 def hf_to_archon(state: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
