@@ -7,7 +7,13 @@ from areal_agents.algorithms.objects import (
     RLOO,
     DrGRPO,
     PolicyGradient,
+    check_group_size,
 )
+from areal_agents.algorithms.registry import ALGORITHMS, resolve
+from areal_agents.algorithms.soft_clip import CISPO, SAPO
 from areal_agents.algorithms.token_level import PPO, ReinforcePlusPlus
 
-__all__ = ["DAPO", "GRPO", "GSPO", "PPO", "RLOO", "DrGRPO", "PolicyGradient", "ReinforcePlusPlus"]
+__all__ = [
+    "ALGORITHMS", "CISPO", "DAPO", "GRPO", "GSPO", "PPO", "RLOO", "SAPO", "DrGRPO",
+    "PolicyGradient", "ReinforcePlusPlus", "check_group_size", "resolve",
+]

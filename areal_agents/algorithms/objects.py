@@ -25,6 +25,7 @@ from areal_agents.algorithms.aggregation import (
 from areal_agents.algorithms.filtering import drop_zero_variance_groups, shaped_rewards
 from areal_agents.algorithms.kl import KLEstimator, reward_kl
 from areal_agents.algorithms.losses import CapMode, kl_penalty, ppo_policy_loss
+from areal_agents.errors import ConfigError
 from areal_agents.samples import Sample, TokenBatch
 
 
@@ -283,6 +284,32 @@ def _check_rows(batch: TokenBatch, samples: Sequence[Sample]) -> None:
         raise ValueError(
             f"prepare() got {len(samples)} samples for a batch of {batch.batch_size} rows; pass "
             "the samples the batch was collated from (after filter())"
+        )
+
+
+def check_group_size(algorithm: object, group_size: int) -> None:
+    """Refuse a group-relative estimator with groups of one, which silently makes every
+    advantage 0 (nothing is learnt).
+
+    Objects without a ``group_relative`` flag (user-defined algorithms) are not checked.
+
+    Raises:
+        ConfigError: ``algorithm.group_relative`` and ``group_size < 2`` (names the fixes).
+
+    Example:
+        >>> check_group_size(GRPO(baseline="ema"), 1)  # per-role moving average: fine
+        >>> check_group_size(GRPO(), 1)
+        Traceback (most recent call last):
+        ...
+        areal_agents.errors.ConfigError: GRPO compares each episode with the others of its ...
+    """
+    if getattr(algorithm, "group_relative", False) and group_size < 2:
+        name = type(algorithm).__name__
+        raise ConfigError(
+            f"{name} compares each episode with the others of its task group, so "
+            f"group_size={group_size} makes every advantage 0; set group_size >= 2, or "
+            f"{name}(baseline='ema') (per-role moving-average baseline), or use "
+            "ReinforcePlusPlus (batch-normalised, group_baseline=False)"
         )
 
 
