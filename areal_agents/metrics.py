@@ -6,14 +6,16 @@ unconditionally (use ``NullLogger`` to log nothing).
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import math
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+_log = logging.getLogger(__name__)
 
 
 class Logger(Protocol):
@@ -66,9 +68,16 @@ class JSONLLogger:
 
 
 class TensorBoardLogger:
-    """Scalars to a TensorBoard event directory (needs ``tensorboard``)."""
+    """Scalars to a TensorBoard event directory.
+
+    Raises:
+        ModuleNotFoundError: ``tensorboard`` is not installed (names the extra to install).
+    """
 
     def __init__(self, log_dir: str | Path) -> None:
+        from areal_agents.extras import require
+
+        require("tensorboard", "tensorboard", "TensorBoard logging (logging.tensorboard)")
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(str(log_dir))
@@ -140,6 +149,9 @@ def make_logger(run_dir: str | Path | None, *, tensorboard: bool = True,
                 wandb_name: str | None = None, wandb_entity: str | None = None) -> Logger:
     """JSONL (``run_dir/metrics.jsonl``) + TensorBoard (``run_dir/tb``) + optional W&B.
 
+    Without ``tensorboard`` installed, one warning line names the extra to install and the
+    run goes on with JSONL (and W&B).
+
     W&B is used when ``wandb_project`` is set: run ``wandb_name`` (default: ``run_dir``'s
     name) in ``wandb_entity``, with ``config`` as the run config.
 
@@ -152,8 +164,11 @@ def make_logger(run_dir: str | Path | None, *, tensorboard: bool = True,
     if run_dir is not None:
         loggers.append(JSONLLogger(Path(run_dir) / "metrics.jsonl"))
         if tensorboard:
-            with contextlib.suppress(ImportError):  # optional: JSONL is always written
+            try:
                 loggers.append(TensorBoardLogger(Path(run_dir) / "tb"))
+            except ModuleNotFoundError as exc:  # optional: JSONL is always written
+                _log.warning("%s; or set logging.tensorboard: false. Metrics still go to %s",
+                             exc, Path(run_dir) / "metrics.jsonl")
     if wandb_project is not None:
         name = wandb_name or (Path(run_dir).name if run_dir is not None else None)
         extra = {"entity": wandb_entity} if wandb_entity else {}

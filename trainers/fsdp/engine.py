@@ -74,6 +74,9 @@ def _load_model(model_or_path: nn.Module | str) -> tuple[nn.Module, Any]:
 
 
 def _apply_lora(model: nn.Module, lora: Any) -> nn.Module:
+    from areal_agents.extras import require
+
+    require("peft", "lora", "LoRA on the FSDP backend (Policy.lora)")
     from peft import LoraConfig, get_peft_model
 
     cfg = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
