@@ -105,11 +105,14 @@ def train_megatron(tensor_parallel: int = 1, steps: int = 2, ckpt: str | None = 
     return stats, weights, engine.forward_logprobs(batch)
 
 
-def vocab_parallel_case(vocab: int = 95, padded: int = 96, temperature: float = 0.7):
+def vocab_parallel_case(vocab: int = 95, padded: int = 96, temperature: float = 0.7,
+                        sampling: tuple | None = None):
     """Worker: vocab-parallel log-probs of a fixed random case on this rank's weight rows.
 
-    Returns ``(logp, entropy, grad_hidden, grad_weight_rows)`` after backpropagating
-    ``sum(a * logp) + sum(b * entropy)``; also runs single-process (one rank, all rows).
+    ``sampling``: ``(temperature, top_k, top_p)`` lists, one entry per sequence, instead of
+    ``temperature``. Returns ``(logp, entropy, grad_hidden, grad_weight_rows)`` after
+    backpropagating ``sum(a * logp) + sum(b * entropy)``; also runs single-process (one rank,
+    all rows).
     """
     import torch.distributed as dist
     from areal_agents.trainers.megatron.vocab_parallel import vocab_parallel_sequence_logprobs
@@ -127,6 +130,10 @@ def vocab_parallel_case(vocab: int = 95, padded: int = 96, temperature: float = 
     hidden.requires_grad_(True)
     shard = weight[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
     group = dist.group.WORLD if dist.is_initialized() else None
+    if sampling is not None:
+        from areal_agents.trainers.logprobs import RowSampling
+
+        temperature = RowSampling(*(torch.tensor(x) for x in sampling))
     lp, ent = vocab_parallel_sequence_logprobs(hidden, shard, ids, mask, temperature, 4,
                                                rank * rows, vocab, group)
     ((a * lp).sum() + (b * ent).sum()).backward()

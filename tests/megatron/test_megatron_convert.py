@@ -135,14 +135,17 @@ def test_unsupported_configs_name_the_problem():
 
 
 @pytest.mark.multiprocess
-def test_vocab_parallel_logprobs_match_the_shared_chunked_math():
+@pytest.mark.parametrize("sampling", [None, ([0.5, 1.3, 0.0], [5, 0, 3], [1.0, 0.9, 0.5])],
+                         ids=["temperature", "per-row-top-k-top-p"])
+def test_vocab_parallel_logprobs_match_the_shared_chunked_math(sampling):
     """2 gloo ranks, each with half the (padded) vocab rows: log-probs, entropy and gradients
-    equal ``sequence_logprobs`` on the full weight (pure torch.distributed, no megatron)."""
+    equal ``sequence_logprobs`` on the full weight (pure torch.distributed, no megatron), also
+    with per-row temperature/top-k/top-p (the cut-off needs the whole vocabulary)."""
     from areal_agents.trainers.launcher import launch
-    from areal_agents.trainers.logprobs import sequence_logprobs
+    from areal_agents.trainers.logprobs import RowSampling, sequence_logprobs
     from megatron_helpers import vocab_parallel_case
 
-    r0, r1 = launch(2, vocab_parallel_case)
+    r0, r1 = launch(2, vocab_parallel_case, 95, 96, 0.7, sampling)
     g = torch.Generator().manual_seed(0)  # the worker's case, rebuilt
     hidden = torch.randn(3, 7, 16, generator=g).requires_grad_(True)
     weight = torch.randn(96, 16, generator=g)
@@ -151,7 +154,8 @@ def test_vocab_parallel_logprobs_match_the_shared_chunked_math():
     mask[1, 4:] = False
     a, b = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
     w = weight[:95].clone().requires_grad_(True)
-    lp, ent = sequence_logprobs(hidden, w, ids, mask, 0.7, 4)
+    rows = 0.7 if sampling is None else RowSampling(*(torch.tensor(x) for x in sampling))
+    lp, ent = sequence_logprobs(hidden, w, ids, mask, rows, 4)
     ((a * lp).sum() + (b * ent).sum()).backward()
     for got in (r0, r1):  # identical on both ranks
         torch.testing.assert_close(got[0], lp.detach(), atol=1e-5, rtol=1e-5)

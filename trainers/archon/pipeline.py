@@ -17,12 +17,12 @@ from dataclasses import fields
 
 import torch
 import torch.distributed as dist
-from areal_agents.trainers.base import LossFn
-from areal_agents.trainers.logprobs import sequence_logprobs
 from torch import nn
 
 from areal_agents.errors import ConfigError
 from areal_agents.samples import TokenBatch
+from areal_agents.trainers.base import LossFn
+from areal_agents.trainers.logprobs import RowSampling, sequence_logprobs
 
 from .models.qwen3 import rope_cos_sin
 from .parallelize import apply_ac, apply_compile
@@ -98,11 +98,11 @@ class _HeadOnce(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, input_ids, attention_mask, temperature):  # type: ignore[override]
+    def forward(ctx, hidden, weight, input_ids, attention_mask, sampling):  # type: ignore[override]
         with torch.enable_grad():
             h = hidden.detach().requires_grad_(hidden.requires_grad)
             w = weight.detach().requires_grad_(weight.requires_grad)
-            lp, ent = sequence_logprobs(h, w, input_ids, attention_mask, temperature)
+            lp, ent = sequence_logprobs(h, w, input_ids, attention_mask, sampling)
         ctx.inner = (h, w, lp, ent)
         ctx.cache = None
         ctx.set_materialize_grads(False)
@@ -224,7 +224,8 @@ class PipelineRunner:
         ctx = self._ctx
         mb = _rows(ctx["batch"], idx)
         weight = self.model.output.weight
-        lp, ent = _HeadOnce.apply(hidden, weight, mb.input_ids, mb.attention_mask, mb.temperature)
+        lp, ent = _HeadOnce.apply(hidden, weight, mb.input_ids, mb.attention_mask,
+                                  RowSampling.of(mb))
         loss, stats = ctx["loss_fn"](lp, ent, mb)
         # keyed by micro-batch: a schedule may evaluate the loss of a micro-batch more than once
         ctx["per_mb"][int(idx[0])] = {"loss": float(loss.detach()),
@@ -272,7 +273,7 @@ class PipelineRunner:
                 dist.send(h.contiguous(), dst=dist.get_global_rank(self.group, self._owner(s + 1)), group=self.group)
         if self.has_last:
             out, _ = sequence_logprobs(h, self.model.output.weight, batch.input_ids,
-                                       batch.attention_mask, batch.temperature)
+                                       batch.attention_mask, RowSampling.of(batch))
         dist.broadcast(out, src=self.last_stage_rank, group=self.group)
         return out.cpu()
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
 from torch import nn
 from torch.distributed.tensor import DTensor
+
+from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling, sequence_logprobs
 
 from .models import ModelArgs, Transformer, from_hf, relayout
 from .models.qwen3 import Packing
@@ -17,7 +18,8 @@ from .models.qwen3 import Packing
 class PolicyModule(nn.Module):
     """Runs the Archon backbone and the chunked LM-head log-probs in one forward (so the FSDP
     root unshards the head weight exactly while it is used). Returns ``(logprobs, entropy)``
-    ``[B, T]`` aligned with ``input_ids``.
+    ``[B, T]`` aligned with ``input_ids``, under each sequence's sampling distribution
+    (``sampling``: ``RowSampling.of(batch)``, or one temperature; ``trainers/logprobs.py``).
 
     With ``pack`` the backbone runs on the real tokens only (``[n, dim]``, no padding rows in
     the matmuls, norms and MLPs); attention scatters them to ``[B, T]`` for the causal SDPA.
@@ -30,7 +32,7 @@ class PolicyModule(nn.Module):
         self.pack = pack
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                sampling: RowSampling | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         if self.pack:
             h = _packed_backbone(model, input_ids, attention_mask)
@@ -39,7 +41,7 @@ class PolicyModule(nn.Module):
         weight = model.output.weight
         if isinstance(weight, DTensor):  # replicated head: use the local copy
             weight = weight.to_local()
-        return sequence_logprobs(h, weight, input_ids, attention_mask, temperature, self.chunk_size)
+        return sequence_logprobs(h, weight, input_ids, attention_mask, sampling, self.chunk_size)
 
 
 def _backbone(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,12 @@ backward recomputes each chunk; the hidden-state gradient is all-reduced once ov
 Rows of the shard at or past ``vocab_size`` (TP padding) are excluded from the softmax.
 Pure ``torch.distributed``; hidden states and labels must be identical on every rank of
 ``group`` (megatron's replicated activations without sequence parallelism).
+
+Log-probs follow the same definition as ``trainers/logprobs.py`` (per-row temperature, then
+top-k, then top-p, the label always kept; ``areal_agents.engines.sampling.keep_threshold``).
+The top-k/top-p cut-off needs the whole vocabulary, so chunks with filtering rows all-gather
+their ``[chunk, vocab]`` logits once to compute it (peak memory as at TP=1); rows without
+filtering never do.
 """
 
 from __future__ import annotations
@@ -16,23 +22,56 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from areal_agents.engines.sampling import effective_temperature, keep_threshold
+from areal_agents.trainers.logprobs import RowSampling, as_row_sampling
+
+
+def _thresholds(z: torch.Tensor, rows: RowSampling, vocab_size: int,
+                group: dist.ProcessGroup) -> torch.Tensor:
+    """``[c]`` keep thresholds of one chunk from every rank's ``[c, V_r]`` scaled logits
+    (padding columns ``-inf``); a collective over ``group``."""
+    parts = [torch.empty_like(z) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, z.contiguous(), group=group)
+    full = torch.cat(parts, dim=1)[:, :vocab_size]
+    return keep_threshold(full, rows.temperature, rows.top_k, rows.top_p)
+
+
+def _dropped(z: torch.Tensor, threshold: torch.Tensor, local: torch.Tensor,
+             inside: torch.Tensor) -> torch.Tensor:
+    """``[c, V_r]`` bool: local columns outside the kept set (the label is always kept)."""
+    drop = z < threshold[:, None]
+    if drop.shape[1]:
+        drop[torch.arange(len(local), device=z.device)[inside], local[inside]] = False
+    return drop
+
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, vocab_start, vocab_size, group):  # type: ignore[override]
+    def forward(ctx, hidden, weight, labels, temperature, top_k, top_p, chunk_size, vocab_start,  # type: ignore[override]
+                vocab_size, group):
         n, dev = hidden.shape[0], hidden.device
         valid = max(0, min(weight.shape[0], vocab_size - vocab_start))  # real rows here
-        w = weight[:valid].float()
+        w = weight.float()
         local = labels - vocab_start
         inside = (local >= 0) & (local < valid)
         local = local.clamp(0, max(valid - 1, 0))
+        rows = RowSampling(temperature, top_k, top_p)
+        temp = effective_temperature(temperature)
+        threshold = torch.full((n,), float("-inf"), device=dev) if rows.filters else None
         logp, entropy, lse = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(3))
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = hidden[s:e].float() @ w.t() / temperature  # [c, valid]
-            m = z.max(-1).values if valid else torch.full((e - s,), -torch.inf, device=dev)
+            z = hidden[s:e].float() @ w.t() / temp[s:e, None]  # [c, V_r]
+            z[:, valid:] = -torch.inf  # TP padding rows are not in the vocabulary
+            kept = z
+            if threshold is not None:
+                threshold[s:e] = _thresholds(z, rows[s:e], vocab_size, group)
+                kept = z.masked_fill(_dropped(z, threshold[s:e], local[s:e], inside[s:e]), -torch.inf)
+            z = z[:, :valid]
+            kept = kept[:, :valid]
+            m = kept.max(-1).values if valid else torch.full((e - s,), -torch.inf, device=dev)
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            ez = torch.exp(z - m[:, None])
+            ez = torch.exp(kept - m[:, None])  # 0 outside the kept set
             label_z = z.gather(-1, local[s:e, None]).squeeze(-1) if valid else torch.zeros(e - s, device=dev)
             packed = torch.stack([ez.sum(-1), (ez * z).sum(-1), label_z * inside[s:e]])
             dist.all_reduce(packed, group=group)
@@ -40,17 +79,17 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             lse[s:e] = m + sum_exp.log()
             logp[s:e] = label_logit - lse[s:e]
             entropy[s:e] = lse[s:e] - sum_ez / sum_exp  # H = lse - E_p[z]
-        ctx.save_for_backward(hidden, weight, local, inside, lse, entropy)
+        ctx.save_for_backward(hidden, weight, local, inside, temp, threshold, lse, entropy)
         ctx.set_materialize_grads(False)
-        ctx.args = (temperature, chunk_size, valid, group)
+        ctx.args = (chunk_size, valid, group)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):  # type: ignore[override]
-        hidden, weight, local, inside, lse, entropy = ctx.saved_tensors
-        temperature, chunk_size, valid, group = ctx.args
+        hidden, weight, local, inside, temp, threshold, lse, entropy = ctx.saved_tensors
+        chunk_size, valid, group = ctx.args
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 8
+            return (None,) * 10
         n, dev = hidden.shape[0], hidden.device
         w = weight[:valid].float()
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)
@@ -58,8 +97,11 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = hidden[s:e].float()
-            logp_all = h @ w.t() / temperature - lse[s:e, None]
+            z = h @ w.t() / temp[s:e, None]
+            logp_all = z - lse[s:e, None]
             p = logp_all.exp()
+            if threshold is not None:  # the kept set is a constant: no gradient outside it
+                p.masked_fill_(_dropped(z, threshold[s:e], local[s:e], inside[s:e]), 0.0)
             # z = logits / T:  d logp_y / dz = onehot(y) - p ;  d H / dz = -p * (log p + H)
             coef = torch.zeros(e - s, 1, device=dev)
             if grad_logp is not None:
@@ -70,14 +112,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             if grad_logp is not None and valid:
                 hit = grad_logp[s:e].float() * inside[s:e]
                 grad_z.scatter_add_(-1, local[s:e, None], hit[:, None])
-            grad_z /= temperature
+            grad_z /= temp[s:e, None]
             grad_hidden[s:e] = grad_z @ w
             grad_w += grad_z.t() @ h
         dist.all_reduce(grad_hidden, group=group)  # every rank's vocab columns contribute
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
         grad_weight[:valid] = grad_w
-        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None,
-                None, None)
+        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), *(None,) * 8)
 
 
 def vocab_parallel_sequence_logprobs(
@@ -85,7 +126,7 @@ def vocab_parallel_sequence_logprobs(
     weight_shard: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    temperature: float,
+    sampling: RowSampling | torch.Tensor | float,
     chunk_size: int,
     vocab_start: int,
     vocab_size: int,
@@ -95,8 +136,10 @@ def vocab_parallel_sequence_logprobs(
 
     Args:
         hidden: ``[B, T, h]`` final hidden states, identical on every rank of ``group``.
-        weight_shard: ``[V_r, h]`` this rank's rows of the (padded) LM-head weight.
+        weight_shard: ``[V_r, h]`` this rank's rows of the (padded) LM-head weight; every rank
+            holds the same number of rows, rank r starting at ``r * V_r``.
         input_ids, attention_mask: ``[B, T]``, right padded, identical on every rank.
+        sampling: per-sequence ``RowSampling`` (``[B]``), or one temperature for every row.
         vocab_start: the vocab id of ``weight_shard``'s first row.
         vocab_size: the real vocabulary size (rows at or past it are padding).
 
@@ -105,17 +148,17 @@ def vocab_parallel_sequence_logprobs(
         (position 0 and padding are 0), the same on every rank.
 
     Raises:
-        ValueError: non-positive temperature or chunk size.
+        ValueError: negative temperature or non-positive chunk size.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); greedy has no log-probs")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0 (got {chunk_size})")
     b, t = input_ids.shape
     keep = attention_mask[:, 1:].bool()
     rows, labels = hidden[:, :-1][keep], input_ids[:, 1:][keep].long()
-    logp, ent = _VocabParallelLogprobs.apply(rows, weight_shard, labels, float(temperature),
-                                             chunk_size, vocab_start, vocab_size, group)
+    per_row = as_row_sampling(sampling, b, hidden.device).expand(keep)
+    logp, ent = _VocabParallelLogprobs.apply(
+        rows, weight_shard, labels, per_row.temperature, per_row.top_k, per_row.top_p,
+        chunk_size, vocab_start, vocab_size, group)
     index = keep.nonzero(as_tuple=True)
     positions = (index[0], index[1] + 1)
     out_lp = torch.zeros(b, t, dtype=torch.float32, device=hidden.device).index_put(positions, logp)
