@@ -69,6 +69,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     resume = target.is_dir()
+    if resume and (problem := untrained_run_dir(target)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     config_path = target / "config.yaml" if resume else target
     overrides = list(args.overrides) + ([f"run_dir={target}"] if resume else [])
     cfg = load_config(config_path, overrides)
@@ -85,6 +88,27 @@ def evaluate(args: argparse.Namespace) -> int:
 
     print(json.dumps({k: round(v, 4) for k, v in asyncio.run(run()).items()}, indent=1))
     return 0
+
+
+def untrained_run_dir(run_dir: Path) -> str | None:
+    """Why ``eval RUN_DIR`` would not evaluate trained weights (``None`` when it would): no
+    ``config.yaml``, or no complete checkpoint (a resume would silently start untrained)."""
+    from areal_agents.errors import TrainError
+    from areal_agents.trainers.checkpointing import latest_checkpoint
+
+    if not (run_dir / "config.yaml").exists():
+        return (f"{run_dir} is not a run directory (no config.yaml); pass the run_dir that "
+                "`areal-agents train` wrote, or a YAML config")
+    try:
+        if latest_checkpoint(run_dir) is not None:
+            return None
+    except TrainError as exc:
+        return str(exc)
+    return (f"{run_dir} has no saved weights ({run_dir / 'checkpoints' / 'latest'} is missing), "
+            "so eval would score the untrained starting model; finish training it with "
+            f"`areal-agents train {run_dir / 'config.yaml'} --resume` (a run saves its final "
+            "weights), or evaluate the starting model on purpose with "
+            f"`areal-agents eval {run_dir / 'config.yaml'}`")
 
 
 def plot(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from areal_agents.agent import Agent
+from areal_agents.algorithms import check_group_size
 from areal_agents.engines.base import WeightUpdate
 from areal_agents.errors import ConfigError
 from areal_agents.metrics import Logger, Progress, make_logger
@@ -65,7 +66,9 @@ class Trainer:
             the first step of a fresh run (logged as step 0; 0 = never).
         reward_fns: extra rewards ``fn(episode) -> float | {agent: float}``, sync or async.
         checkpoint_every, run_dir, resume, keep_checkpoints: checkpoints in
-            ``run_dir/checkpoints`` (layout: ``areal_agents.trainers.checkpointing``);
+            ``run_dir/checkpoints`` (layout: ``areal_agents.trainers.checkpointing``) every
+            ``checkpoint_every`` steps (0 = none) and, with ``run_dir``, always at the end of
+            ``afit`` (the final weights; skipped when that step was just saved);
             ``resume`` continues from the latest complete one (a fresh run when there is
             none), skipping the warm start; ``keep_checkpoints`` keeps only the newest k
             (None: all). With ``max_staleness=0`` a resumed run reproduces the uninterrupted
@@ -124,6 +127,8 @@ class Trainer:
         self.algorithm = resolve_algorithm(algorithm)
         self.algorithms = {p: policy_algorithm(self.algorithm, self.policies[p], p)
                            for p in self.trainable}  # per-policy overrides (own objects)
+        for algo in self.algorithms.values():  # groups of one would zero every advantage
+            check_group_size(algo, group_size)
         self.batch_size, self.group_size, self.max_staleness = batch_size, group_size, max_staleness
         self.max_concurrent = max_concurrent or 2 * batch_size
         if generation_batch_size is not None and generation_batch_size < 1:
@@ -271,14 +276,15 @@ class Trainer:
         engine = self.train_engines[name]
         pad = self.tokenizers[name].pad_token_id or 0
         algorithm = self.algorithms[name]
-        batch = algorithm.prepare(collate(samples, pad_token_id=pad), samples)
+        batch = collate(samples, pad_token_id=pad)
 
         def work() -> tuple[dict[str, float], list[tuple[str, torch.Tensor]]]:
             if algorithm.needs_proximal:
                 batch.prox_logprobs = engine.forward_logprobs(batch)
             if getattr(algorithm, "needs_reference", False):
                 batch.ref_logprobs = self.ref_engines[name].forward_logprobs(batch)
-            stats = engine.train_step(batch, algorithm.loss)
+            # prepare after the log-probs: with kl_in_reward it reads batch.ref_logprobs
+            stats = engine.train_step(algorithm.prepare(batch, samples), algorithm.loss)
             return stats, list(engine.export_weights())
 
         t1 = time.perf_counter()
@@ -308,6 +314,7 @@ class Trainer:
             self.logger.log(0, await self.evaluate())
         bar = Progress(steps, self._headline(), enabled=self.show_progress, start=self.step)
         runner = asyncio.create_task(self.controller.run())
+        start, saved_at = self.step, None
         try:
             while self.step < steps:
                 self._step_seeds = []
@@ -324,6 +331,9 @@ class Trainer:
                 bar.update(self.step, metrics)
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     await self.save_checkpoint()
+                    saved_at = self.step
+            if self.run_dir is not None and self.step > start and saved_at != self.step:
+                await self.save_checkpoint()  # the final weights, for `eval RUN_DIR` and resume
         finally:
             bar.close()
             await self.controller.stop()
