@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
+
+from areal_agents.errors import ConfigError
+
+LRSchedule = Literal["constant", "cosine"]
+"""After the linear warm-up: ``"constant"`` (1.0) or ``"cosine"`` decay to 0 at ``total_steps``."""
 
 
-def lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None) -> Callable[[int], float]:
+def check_lr_schedule(lr_schedule: str, total_steps: int | None) -> None:
+    """Validate an engine's LR-schedule arguments (every backend's constructor calls this).
+
+    Raises:
+        ConfigError: ``lr_schedule`` is not an ``LRSchedule``, or ``"cosine"`` lacks
+            ``total_steps``.
+    """
+    if lr_schedule not in get_args(LRSchedule):
+        raise ConfigError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
+    if lr_schedule == "cosine" and not total_steps:
+        raise ConfigError("lr_schedule='cosine' needs total_steps= (the step the LR reaches 0)")
+
+
+def lr_lambda(warmup_steps: int, schedule: LRSchedule, total_steps: int | None) -> Callable[[int], float]:
     """Multiplier of the base LR at each step (for ``torch.optim.lr_scheduler.LambdaLR``).
 
     Linear warm-up over ``warmup_steps``, then ``"constant"`` (1.0) or ``"cosine"`` decay to 0
