@@ -81,6 +81,8 @@ _EXPORTS: dict[str, str] = {
     "PPO": "areal_agents.algorithms",
     "DAPO": "areal_agents.algorithms",
     "GSPO": "areal_agents.algorithms",
+    "CISPO": "areal_agents.algorithms",
+    "SAPO": "areal_agents.algorithms",
 }
 
 # subpackages reachable as attributes: aa.models, aa.algorithms, ...

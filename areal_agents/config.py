@@ -61,9 +61,16 @@ class PolicyConfig(_Strict):
 class AlgorithmConfig(_Strict):
     """The RL algorithm: a name plus the object's fields (``clip_eps``, ``kl_coef``...)."""
 
-    name: Literal["grpo", "drgrpo", "dapo", "rloo", "reinforce++", "gspo", "ppo"] = Field(
-        "grpo", description="algorithm object")
+    name: str = Field("grpo", description="algorithm object: a name in "
+                      "areal_agents.algorithms.ALGORITHMS (grpo, dapo, ppo, cispo...)")
     params: dict[str, Any] = Field(default_factory=dict, description="fields of the object")
+
+    @field_validator("name")
+    @classmethod
+    def _registered_algorithm(cls, value: str) -> str:
+        from areal_agents.algorithms.registry import check_algorithm
+
+        return check_algorithm(value)
 
 
 class TrainerConfig(_Strict):

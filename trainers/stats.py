@@ -5,31 +5,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Collection, Mapping
-from typing import Any
 
+from areal_agents.algorithms.registry import resolve as resolve_algorithm
 from areal_agents.samples import Sample
 
 from .episodes import EpisodeStats
 
-ALGORITHMS = ("grpo", "drgrpo", "dapo", "rloo", "reinforce++", "gspo", "ppo")
-
-
-def resolve_algorithm(algorithm: Any, **kwargs: Any) -> Any:
-    """An algorithm object from an object (returned as is) or a name in ``ALGORITHMS``.
-
-    Raises:
-        ValueError: unknown name (lists the allowed ones).
-    """
-    if not isinstance(algorithm, str):
-        return algorithm
-    from areal_agents import algorithms as A
-
-    table = {"grpo": A.GRPO, "drgrpo": A.DrGRPO, "dapo": A.DAPO, "rloo": A.RLOO,
-             "reinforce++": A.ReinforcePlusPlus, "gspo": A.GSPO, "ppo": A.PPO}
-    key = algorithm.lower()
-    if key not in table:
-        raise ValueError(f"unknown algorithm {algorithm!r}; allowed: {list(ALGORITHMS)}")
-    return table[key](**kwargs)
+# resolve_algorithm: algorithm names live in one table, areal_agents.algorithms.registry
+__all__ = ["StepStats", "resolve_algorithm"]
 
 
 def _mean(xs: list[float]) -> float:

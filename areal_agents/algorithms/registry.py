@@ -22,6 +22,17 @@ ALGORITHMS: dict[str, type[PolicyGradient]] = {
 }
 
 
+def check_algorithm(name: str) -> str:
+    """``name`` if it is in ``ALGORITHMS`` (exact spelling, as configs write it).
+
+    Raises:
+        ValueError: unknown name (lists the allowed ones).
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {list(ALGORITHMS)}")
+    return name
+
+
 def resolve(algorithm: Any, **kwargs: Any) -> Any:
     """An algorithm object from an object (returned as is) or a name in ``ALGORITHMS``
     (case-insensitive), built with ``kwargs``.
