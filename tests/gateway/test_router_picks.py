@@ -3,6 +3,8 @@ the pick key (load first, pinned sessions second) and pinned-session bookkeeping
 
 from __future__ import annotations
 
+import pytest
+
 from areal_agents.gateway.router import Router
 from areal_agents.testing.engine import ScriptedEngine
 
@@ -62,3 +64,46 @@ def test_sticky_session_ignores_load():
     engines[0].queued = 10
     assert router.pick("s") == 0
     assert router.pick(None) == 1
+
+
+def test_in_flight_counts_add_up_per_replica():
+    router = Router([QueuedEngine(), QueuedEngine()])
+    for _ in range(3):
+        assert router.acquire("s")[0] == 0  # sticky: all three on replica 0
+    assert (router.load(0), router.load(1)) == (3, 0)
+    router.release(0)
+    assert router.load(0) == 2
+    router.release(0)
+    router.release(0)
+    assert router.load(0) == 0
+
+
+def test_pins_count_every_session_and_forget_removes_exactly_one():
+    router = Router([QueuedEngine(), QueuedEngine()])
+    assert [router.pick(s) for s in ("a", "b", "c", "d", "e")] == [0, 1, 0, 1, 0]
+    router.forget("e")
+    router.forget("c")  # pins now 1 and 2
+    assert router.pick("f") == 0
+    router.forget("b")
+    router.forget("d")
+    router.forget("a")
+    router.forget("f")  # no pins left anywhere
+    assert router.pick("g") == 0
+    router.forget("g")
+    assert router.pick("h") == 0
+
+
+def test_forget_unpins_a_single_session():
+    router = Router([QueuedEngine(), QueuedEngine()])
+    assert (router.pick("a"), router.pick("b")) == (0, 1)
+    router.forget("b")
+    assert router.pick("c") == 1  # replica 1 has no pinned session left
+    router.forget("never-seen")  # unknown sessions are ignored
+    router.forget("b")  # already forgotten
+    assert router.pick("d") == 0
+
+
+def test_empty_router_message():
+    with pytest.raises(ValueError) as info:
+        Router([])
+    assert str(info.value) == "a policy needs at least one engine replica; got an empty list"
