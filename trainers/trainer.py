@@ -38,7 +38,7 @@ from .episodes import EpisodeStats, RewardFn, play
 from .policy import Policy
 from .reference import build_reference
 from .stats import StepStats, resolve_algorithm
-from .warm_start import collect_demos, warm_start_policy
+from .warm_start import Demos, collect_demos, warm_start_policy
 from .wiring import BACKENDS, backend_factory, policy_algorithm, resolve_policy_map
 
 __all__ = ["BACKENDS", "Trainer", "backend_factory", "resolve_policy_map"]
@@ -76,7 +76,9 @@ class Trainer:
             seed, member, agent); bitwise with ``generation_batch_size=1``.
         seed: first task seed (training seeds count up from it) and RNG seed.
         warm_start: ``{"episodes": n, "players": {agent_id: "random" | player}}``: format-only
-            SFT for ``Policy.sft_steps`` steps before RL (None = off).
+            SFT for ``Policy.sft_steps`` steps before RL (None = off). A demo episode whose
+            env or player raises is skipped and counted (``warm_start/<policy>/failed_episodes``);
+            fewer than ``"min_episodes"`` finished ones (default ``n / 2``) is a ``TrainError``.
         torch_threads: ``torch.set_num_threads`` for this process.
         generation_batch_size: rows per batch of each policy's in-process inference engine
             (default ``max(32, max_concurrent)``). Batched CPU kernels round differently for
@@ -189,11 +191,12 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir) if self.resume and self.run_dir else None
         self.gateway = Gateway()
         self._client = self.gateway.async_client()
-        demos: dict[str, list[Any]] = {}
+        demos: Demos | None = None
         if self.warm_start and ckpt is None:
             start = int(self.warm_start.get("seed", 10_000_000))
             seeds = range(start, start + int(self.warm_start.get("episodes", 256)))
-            demos = await collect_demos(self.make_env, self.warm_start["players"], seeds)
+            demos = await collect_demos(self.make_env, self.warm_start["players"], seeds,
+                                        min_episodes=self.warm_start.get("min_episodes"))
         for name in sorted(set(self.policy_of.values())):
             policy = self.policies[name]
             if policy.endpoint is not None:
@@ -203,7 +206,7 @@ class Trainer:
             serving = None
             if policy.trainable:
                 factory = backend_factory(policy.backend)
-                if policy.sft_steps and demos:
+                if policy.sft_steps and demos is not None:
                     await self._warm_start(name, model, tokenizer, factory, demos)
                 if getattr(self.algorithms[name], "needs_reference", False):
                     self.ref_engines[name] = build_reference(
@@ -225,13 +228,16 @@ class Trainer:
             await self.restore_checkpoint(ckpt)
 
     async def _warm_start(self, name: str, model: Any, tokenizer: Any, factory: Any,
-                          demos: dict[str, list[Any]]) -> None:
-        transcripts = [t for a, p in self.policy_of.items() if p == name for t in demos.get(a, [])]
+                          demos: Demos) -> None:
+        transcripts = [t for a, p in self.policy_of.items() if p == name
+                       for t in demos.transcripts.get(a, [])]
         losses = await warm_start_policy(self.policies[name], model, tokenizer, factory,
                                          transcripts, self.seed)
+        metrics = {f"warm_start/{name}/failed_episodes": float(demos.num_failed)}
         if losses:
-            self.logger.log(0, {f"warm_start/{name}/nll_first": losses[0],
-                                f"warm_start/{name}/nll_last": losses[-1]})
+            metrics.update({f"warm_start/{name}/nll_first": losses[0],
+                            f"warm_start/{name}/nll_last": losses[-1]})
+        self.logger.log(0, metrics)
 
     # ---- episodes -------------------------------------------------------------------------
 

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
+import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from areal_agents.agents import ScriptedAgent
 
 from areal_agents.agent import Agent
+from areal_agents.agents import ScriptedAgent
 from areal_agents.episode import run_episode
+from areal_agents.errors import TrainError
 from areal_agents.gateway.chat import encode, render
 from areal_agents.samples import Sample
 
 from .base import TrainEngine
 from .policy import Policy
 from .sft import SFTTrainer
+
+log = logging.getLogger(__name__)
 
 
 def resolve_player(spec: str | Callable[..., Any] | Agent) -> Agent:
@@ -62,28 +68,71 @@ class EnvRandomAgent(Agent):
         return self.env.sample_action(self.agent_id)
 
 
-async def collect_demos(
-    make_env: Callable[[], Any], players: Mapping[str, Agent | str], seeds: range
-) -> dict[str, list[list[dict[str, Any]]]]:
-    """Per agent id, one transcript per (episode, action): chat messages ending with the action.
+Transcript = list[dict[str, Any]]
+"""Chat messages of one episode up to and including one of the agent's actions."""
 
-    A player ``"random"`` acts with the env's ``sample_action(agent_id)``.
+
+@dataclass
+class Demos:
+    """The demonstrations ``collect_demos`` gathered.
+
+    Attributes:
+        transcripts: per agent id, one transcript per (finished episode, action of the agent).
+        num_episodes: episodes that finished; their transcripts are kept.
+        num_failed: episodes whose env or player raised; skipped (logged, no transcripts).
     """
-    demos: dict[str, list[list[dict[str, Any]]]] = {a: [] for a in players}
+
+    transcripts: dict[str, list[Transcript]] = field(default_factory=dict)
+    num_episodes: int = 0
+    num_failed: int = 0
+
+
+async def collect_demos(
+    make_env: Callable[[], Any], players: Mapping[str, Agent | str], seeds: Sequence[int],
+    *, min_episodes: int | None = None,
+) -> Demos:
+    """Play one demonstration episode per seed; keep the finished ones.
+
+    A player ``"random"`` acts with the env's ``sample_action(agent_id)``. An episode whose env
+    or player raises is counted in ``num_failed`` and skipped, as the RL phase counts and skips
+    a failed episode; collection fails only when too few episodes finish.
+
+    Args:
+        min_episodes: finished episodes needed (default: half of ``seeds``, rounded up).
+
+    Raises:
+        TrainError: fewer than ``min_episodes`` episodes finished (the message gives the
+            counts and the last error).
+    """
+    needed = math.ceil(len(seeds) / 2) if min_episodes is None else min_episodes
+    demos = Demos({a: [] for a in players})
+    last_error = ""
     for seed in seeds:
         env = make_env()
         agents = {a: EnvRandomAgent(env, a) if p == "random" else resolve_player(p)
                   for a, p in players.items()}
         try:
-            episode = await run_episode(env, agents, seed=seed, raise_errors=True)
+            episode = await run_episode(env, agents, seed=seed)
         finally:
             await env.close()
+        if episode.status == "failed":
+            demos.num_failed += 1
+            last_error = episode.error or ""
+            log.warning("warm start: demo episode seed=%d failed and is skipped: %s", seed,
+                        last_error)
+            continue
+        demos.num_episodes += 1
         for agent_id, messages in episode.messages.items():
-            if agent_id not in demos:
+            if agent_id not in demos.transcripts:
                 continue
             for i, m in enumerate(messages):
                 if m.get("role") == "assistant":
-                    demos[agent_id].append([dict(x) for x in messages[: i + 1]])
+                    demos.transcripts[agent_id].append([dict(x) for x in messages[: i + 1]])
+    if demos.num_episodes < needed:
+        raise TrainError(
+            f"warm start: {demos.num_episodes} of {len(seeds)} demo episodes finished "
+            f"({demos.num_failed} failed; the last error: {last_error}), {needed} are needed; "
+            "fix the env or the demo players, or lower warm_start.min_episodes")
     return demos
 
 

@@ -44,10 +44,12 @@ def test_sft_runs_exact_steps_and_sees_every_demo_before_repeating():
 async def test_random_demos_lower_the_nll_of_valid_actions():
     demos = await collect_demos(lambda: make("Signaling-v0", num_items=2, pool_size=2),
                                 {"speaker": "random", "listener": "random"}, range(8))
-    assert len(demos["speaker"]) == 8 and demos["speaker"][0][-1]["role"] == "assistant"
+    speaker = demos.transcripts["speaker"]
+    assert len(speaker) == 8 and speaker[0][-1]["role"] == "assistant"
+    assert (demos.num_episodes, demos.num_failed) == (8, 0)
     model, tokenizer = tiny("xs", seed=0)
-    samples = demo_samples(tokenizer, demos["speaker"], api="completions")
-    prompt = tokenizer(raw_prompt(demos["speaker"][0][:-1]))["input_ids"]
+    samples = demo_samples(tokenizer, demos.transcripts["speaker"], api="completions")
+    prompt = tokenizer(raw_prompt(demos.transcripts["speaker"][0][:-1]))["input_ids"]
     assert samples[0].token_ids[: len(prompt)] == prompt  # the gateway's raw-text prompt
     assert sum(samples[0].loss_mask) >= 2  # the message and EOS are targets
     losses = sft(FSDPEngine(model, lr=3e-3), samples, steps=15, batch_size=8, seed=0)
