@@ -84,13 +84,15 @@ class TrainerConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="greedy eval every k steps (0: never)")
     eval_seeds: list[int] = Field(default_factory=lambda: list(range(1_000_000, 1_000_064)),
                                   description="held-out task seeds")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every k steps (0: never)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every k steps (0: only the "
+                                  "final weights, which every run saves)")
     keep_checkpoints: int | None = Field(None, ge=1, description="keep the newest k "
                                          "checkpoints (None: all)")
     seed: int = Field(0, description="first task seed and RNG seed")
     torch_threads: int | None = Field(1, ge=1, description="torch.set_num_threads")
     warm_start: dict[str, Any] | None = Field(
-        None, description="{episodes: n, players: {agent: 'random' | player}}")
+        None, description="{episodes: n, players: {agent: 'random' | player}, min_episodes: k}; "
+        "failed demo episodes are skipped, fewer than k (default n/2) finished is an error")
     max_steps_per_episode: int | None = Field(None, ge=1, description="episode step cap")
     generation_batch_size: int | None = Field(
         None, ge=1, description="rows per inference batch (default max(32, max_concurrent)); 1 "
