@@ -3,7 +3,10 @@
 Every object offers ``advantages(samples)``, ``filter(samples)``, ``prepare(batch, samples)``,
 ``loss(logprobs, entropy, micro_batch)`` (a ``LossFn``; the object itself is callable as one)
 and the flags ``needs_proximal`` / ``needs_reference`` telling the trainer which extra
-log-probs to compute before the update.
+log-probs to compute before ``prepare`` and the update, and ``group_relative`` (groups of one
+are refused by :func:`check_group_size`). This module holds the shared base and the estimators
+with one scalar advantage per sequence; REINFORCE++ and PPO live in ``token_level``, CISPO and
+SAPO in ``soft_clip``, the name table in ``registry``.
 """
 
 from __future__ import annotations
@@ -398,7 +401,13 @@ class DAPO(GRPO):
 
 @dataclass
 class GSPO(GRPO):
-    """GSPO: sequence-level (length-normalised) importance ratio with a tight clip."""
+    """GSPO: sequence-level (length-normalised) importance ratio with a tight clip.
+
+    Deliberate difference from verl: verl's GSPO loss always aggregates with
+    ``seq-mean-token-mean`` whatever ``loss_agg_mode`` says; here GSPO honours ``aggregation``
+    like every algorithm (its default, inherited from GRPO, is ``seq-mean-token-mean``, so the
+    defaults agree).
+    """
 
     clip_eps: float = 3e-4
     clip_eps_high: float | None = 4e-4
