@@ -12,8 +12,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, TokenBatch], tuple[torch.Tensor, 
 """``loss_fn(logprobs, entropy, micro_batch) -> (loss, stats)``.
 
 ``logprobs`` and ``entropy`` are ``[b, t]`` for the micro-batch, aligned with its
-``input_ids`` (position 0 is 0; see ``areal_agents.samples``), computed at
-``micro_batch.temperature``. ``loss`` is this micro-batch's *share* of the batch loss (the
+``input_ids`` (position 0 is 0; see ``areal_agents.samples``), computed under each row's
+sampling distribution: ``micro_batch.temperature``, then ``top_k``, then ``top_p`` over the kept
+set, renormalised (the engines' definition of ``old_logprobs``, ``trainers/logprobs.py``), so
+on-policy ratios are exactly 1. ``loss`` is this micro-batch's *share* of the batch loss (the
 algorithm normalises with batch-global ``loss_weights``), so micro-batch losses add up to the
 batch loss; ``stats`` add up the same way.
 """
@@ -23,9 +25,11 @@ class TrainEngine:
     """One trainable policy on one backend.
 
     Contract:
-        * ``forward_logprobs(batch)`` -> ``[B, T]`` log-probs of ``batch.input_ids`` at
-          ``batch.temperature`` (no grad), aligned as in ``areal_agents.samples``; padded
-          positions are 0.
+        * ``forward_logprobs(batch)`` -> ``[B, T]`` log-probs of ``batch.input_ids`` (no grad)
+          under each row's sampling params (``batch.temperature``, ``top_k``, ``top_p``, per
+          row; greedy rows at temperature 1; see ``trainers/logprobs.py``), aligned as in
+          ``areal_agents.samples``; padded positions are 0. ``train_step`` gives ``loss_fn``
+          log-probs under the same definition.
         * ``train_step(batch, loss_fn)`` splits the batch into micro-batches by a token
           budget, accumulates gradients, clips the grad norm, takes one optimizer and LR
           step, and returns stats (``loss``, ``grad_norm``, ``lr``, plus ``loss_fn``'s stats).

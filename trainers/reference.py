@@ -19,6 +19,10 @@ def build_reference(name: str, policy: Policy, model: Any, factory: Callable[...
     holding policy ``name``'s KL reference: ``policy.ref_model`` if set, else a copy of
     ``model`` (the policy's initial weights, after the warm start).
 
+    Its ``forward_logprobs(batch)`` uses the batch's per-row sampling params, the same
+    definition as the policy's log-probs (``TrainEngine``), so the KL compares the two
+    policies' sampling distributions.
+
     A fresh run saves the reference once to ``run_dir/checkpoints/reference/<name>.pt``; a
     resumed run (``resumed``) loads it from there, so it never depends on re-running the warm
     start.
