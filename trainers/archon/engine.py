@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from areal_agents.trainers.base import LossFn, TrainEngine
-from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE
+from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import apply_update
 from torch import nn
@@ -179,9 +179,14 @@ class ArchonEngine(TrainEngine):
 
     # -- TrainEngine -------------------------------------------------------------------------
 
+    def _forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs, entropy)`` ``[b, t]`` under each row's sampling params."""
+        return self.module(mb.input_ids, mb.attention_mask, RowSampling.of(mb))
+
     @torch.no_grad()
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """``[B, T]`` float32 log-probs of ``batch.input_ids`` at ``batch.temperature`` (CPU)."""
+        """``[B, T]`` float32 log-probs of ``batch.input_ids`` (CPU) under each row's sampling
+        params (``batch.temperature``/``top_k``/``top_p``; see ``TrainEngine``)."""
         self.module.eval()
         batch = batch.to(self.device)
         if self.pipeline is not None:
@@ -190,7 +195,7 @@ class ArchonEngine(TrainEngine):
         lengths = batch.attention_mask.sum(-1).tolist()
         for idx in plan_microbatches(lengths, self.token_budget):
             mb = batch.select(torch.tensor(idx))
-            lp, _ = self.module(mb.input_ids, mb.attention_mask, mb.temperature)
+            lp, _ = self._forward(mb)
             out[idx, : lp.shape[1]] = lp.float().cpu()
         return out
 
@@ -242,7 +247,7 @@ class ArchonEngine(TrainEngine):
         for i in range(count):
             scale = 1.0 if i < len(plans) else 0.0  # padding micro-batch keeps collectives aligned
             mb = batch.select(torch.tensor(plans[i] if i < len(plans) else [0]))
-            lp, ent = self.module(mb.input_ids, mb.attention_mask, mb.temperature)
+            lp, ent = self._forward(mb)
             loss, stats = loss_fn(lp, ent, mb)
             aux = self._aux_loss()
             total = loss if aux is None else loss + aux / (count * n)

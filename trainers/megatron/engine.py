@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from areal_agents.trainers.base import LossFn, TrainEngine
-from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, sequence_logprobs
+from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling, sequence_logprobs
 from areal_agents.trainers.megatron.availability import require_megatron
 from areal_agents.trainers.megatron.convert import (
     hf_tensors,
@@ -172,19 +172,22 @@ class MegatronEngine(TrainEngine):
     # -- forward -----------------------------------------------------------------------------
 
     def _forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs, entropy)`` ``[b, t]`` under each row's sampling params."""
+        sampling = RowSampling.of(mb)
         hidden = self._mc.hidden_states(self.model, mb.input_ids)
         weight = self._mc.lm_head_shard(self.model)
         if self.tp == 1:
             return sequence_logprobs(hidden, weight[: self.spec.vocab_size], mb.input_ids,
-                                     mb.attention_mask, mb.temperature, self.chunk_size)
+                                     mb.attention_mask, sampling, self.chunk_size)
         return vocab_parallel_sequence_logprobs(
-            hidden, weight, mb.input_ids, mb.attention_mask, mb.temperature, self.chunk_size,
+            hidden, weight, mb.input_ids, mb.attention_mask, sampling, self.chunk_size,
             vocab_start=self.tp_rank * weight.shape[0], vocab_size=self.spec.vocab_size,
             group=self.tp_group)
 
     @torch.no_grad()
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """``[B, T]`` float32 CPU log-probs of ``batch.input_ids`` at ``batch.temperature``.
+        """``[B, T]`` float32 CPU log-probs of ``batch.input_ids`` under each row's sampling
+        params (``batch.temperature``/``top_k``/``top_p``; see ``TrainEngine``).
 
         Collective: each data-parallel rank computes its share of the sequences (the same
         split as ``train_step``), the shares are summed over the DP group, and every rank
