@@ -1,14 +1,7 @@
 """RL algorithms: pure advantage/loss/aggregation/filtering functions and one object each."""
 
-from areal_agents.algorithms.objects import (
-    DAPO,
-    GRPO,
-    GSPO,
-    RLOO,
-    DrGRPO,
-    PolicyGradient,
-    check_group_size,
-)
+from areal_agents.algorithms.group_relative import DAPO, GRPO, GSPO, RLOO, DrGRPO
+from areal_agents.algorithms.objects import PolicyGradient, check_group_size
 from areal_agents.algorithms.registry import ALGORITHMS, resolve
 from areal_agents.algorithms.soft_clip import CISPO, SAPO
 from areal_agents.algorithms.token_level import PPO, ReinforcePlusPlus

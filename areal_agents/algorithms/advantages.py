@@ -1,7 +1,8 @@
 """Advantage estimators: group-relative (GRPO, Dr.GRPO, RLOO), batch-normalised (REINFORCE++,
-also with discounted token-level returns), per-role EMA baselines and GAE (PPO). Pure functions on tensors; ``group_ids`` come from
-:func:`group_ids`, which keys samples by ``(sample.group, sample.agent)`` so each agent role of
-a multi-agent episode is compared only with the same role in the same task group.
+also with discounted token-level returns), per-role EMA baselines and GAE (PPO). Pure
+functions on tensors; ``group_ids`` come from :func:`group_ids`, which keys samples by
+``(sample.group, sample.agent)`` so each agent role of a multi-agent episode is compared only
+with the same role in the same task group.
 """
 
 from __future__ import annotations

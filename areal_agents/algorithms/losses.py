@@ -119,16 +119,16 @@ def importance_ratios(
     """
     m = loss_mask != 0
     log_ratio = torch.where(m, logp - prox.detach(), 0.0)
-    cap = {"cap": behave_imp_weight_cap, "mode": behave_imp_weight_mode}
+    cap, mode = behave_imp_weight_cap, behave_imp_weight_mode
     if not sequence_level:
-        u, capped = behave_importance_weight(prox, behave, loss_mask, **cap)  # type: ignore[arg-type]
+        u, capped = behave_importance_weight(prox, behave, loss_mask, cap=cap, mode=mode)
         return log_ratio, torch.exp(log_ratio), u, capped
     n_b = m.sum(-1, keepdim=True).clamp(min=1)
     seq_log_ratio = (log_ratio.sum(-1, keepdim=True) / n_b).detach()
     ratio = torch.exp(seq_log_ratio) * torch.exp(logp - logp.detach())
     seq_u = torch.exp(torch.where(m, prox - behave, 0.0).sum(-1, keepdim=True) / n_b)
     u_prox = behave + torch.log(seq_u).expand_as(behave)  # row-constant log weight
-    u, capped = behave_importance_weight(u_prox, behave, loss_mask, **cap)  # type: ignore[arg-type]
+    u, capped = behave_importance_weight(u_prox, behave, loss_mask, cap=cap, mode=mode)
     return log_ratio, ratio, u, capped
 
 

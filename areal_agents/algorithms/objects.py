@@ -4,9 +4,9 @@ Every object offers ``advantages(samples)``, ``filter(samples)``, ``prepare(batc
 ``loss(logprobs, entropy, micro_batch)`` (a ``LossFn``; the object itself is callable as one)
 and the flags ``needs_proximal`` / ``needs_reference`` telling the trainer which extra
 log-probs to compute before ``prepare`` and the update, and ``group_relative`` (groups of one
-are refused by :func:`check_group_size`). This module holds the shared base and the estimators
-with one scalar advantage per sequence; REINFORCE++ and PPO live in ``token_level``, CISPO and
-SAPO in ``soft_clip``, the name table in ``registry``.
+are refused by :func:`check_group_size`). This module holds the shared base; the estimators
+with one scalar advantage per sequence live in ``group_relative``, REINFORCE++ and PPO in
+``token_level``, CISPO and SAPO in ``soft_clip``, the name table in ``registry``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from areal_agents.algorithms.aggregation import (
     stat_weights,
     weighted_sum,
 )
-from areal_agents.algorithms.filtering import drop_zero_variance_groups, shaped_rewards
 from areal_agents.algorithms.kl import KLEstimator, reward_kl
 from areal_agents.algorithms.losses import CapMode, kl_penalty, ppo_policy_loss
 from areal_agents.errors import ConfigError
@@ -132,8 +131,10 @@ class PolicyGradient:
             "DAPO or GSPO (or subclass it and define _group_advantages)"
         )
 
-    def _scalar_advantages(self, rewards: torch.Tensor, samples: Sequence[Sample]) -> torch.Tensor:
-        """``[N]`` advantages of ``[N]`` float64 rewards (updates the EMA with ``baseline="ema"``)."""
+    def _scalar_advantages(
+        self, rewards: torch.Tensor, samples: Sequence[Sample]
+    ) -> torch.Tensor:
+        """``[N]`` advantages of ``[N]`` float64 rewards (updates the EMA, ``baseline="ema"``)."""
         if self.baseline == "ema":
             roles = [s.agent for s in samples]
             adv, new = adv_fns.ema_advantages(rewards, roles, self.ema_baselines,
@@ -300,6 +301,7 @@ def check_group_size(algorithm: object, group_size: int) -> None:
         ConfigError: ``algorithm.group_relative`` and ``group_size < 2`` (names the fixes).
 
     Example:
+        >>> from areal_agents.algorithms import GRPO
         >>> check_group_size(GRPO(baseline="ema"), 1)  # per-role moving average: fine
         >>> check_group_size(GRPO(), 1)
         Traceback (most recent call last):
@@ -314,101 +316,3 @@ def check_group_size(algorithm: object, group_size: int) -> None:
             f"{name}(baseline='ema') (per-role moving-average baseline), or use "
             "ReinforcePlusPlus (batch-normalised, group_baseline=False)"
         )
-
-
-@dataclass
-class GRPO(PolicyGradient):
-    """Group-relative policy optimisation: ``A = (r - mean_g) / (std_g + eps)`` per (group, role).
-
-    Example:
-        >>> from areal_agents.samples import Sample
-        >>> s = [Sample([1, 2], [0, 1], [0.0, -1.0], [-1, 0], reward=r, group="g") for r in (1, 0)]
-        >>> [round(a, 3) for a in GRPO().advantages(s)]
-        [0.707, -0.707]
-    """
-
-    std_normalize: bool = True
-    eps: float = 1e-6
-    aggregation: Aggregation = "seq-mean-token-mean"
-
-    def _group_advantages(self, rewards: torch.Tensor, gids: torch.Tensor) -> torch.Tensor:
-        return adv_fns.grpo_advantages(
-            rewards, gids, std_normalize=self.std_normalize, eps=self.eps
-        )
-
-
-@dataclass
-class DrGRPO(GRPO):
-    """Dr.GRPO: group mean baseline without std normalisation, token sums (no length norm)."""
-
-    std_normalize: bool = False
-    aggregation: Aggregation = "seq-mean-token-sum"
-
-
-@dataclass
-class RLOO(PolicyGradient):
-    """REINFORCE leave-one-out: ``A_i = r_i - mean of the other rewards in its group``.
-
-    Example:
-        >>> from areal_agents.samples import Sample
-        >>> s = [Sample([1], [1], [0.0], [0], reward=r, group="g") for r in (3.0, 1.0, 2.0)]
-        >>> RLOO().advantages(s)
-        [1.5, -1.5, 0.0]
-    """
-
-    def _group_advantages(self, rewards: torch.Tensor, gids: torch.Tensor) -> torch.Tensor:
-        return adv_fns.rloo_advantages(rewards, gids)
-
-
-@dataclass
-class DAPO(GRPO):
-    """DAPO: clip-higher, token-mean, dynamic sampling and the soft overlong penalty.
-
-    Attributes:
-        dynamic_sampling: ``filter`` drops (group, role) groups with zero reward variance.
-        max_response_len, overlong_buffer_len, overlong_penalty_factor: the overlong penalty
-            (off unless both lengths are set); applied in ``rewards`` before advantages/filter.
-
-    Example:
-        >>> from areal_agents.samples import Sample
-        >>> s = [Sample([1, 2], [0, 1], [0.0, -1.0], [-1, 0], reward=r, group=g)
-        ...      for g, r in (("a", 1), ("a", 1), ("b", 1), ("b", 0))]
-        >>> kept, dropped = DAPO().filter(s)
-        >>> [x.group for x in kept], dropped["zero_reward_variance"]
-        (['b', 'b'], 2)
-    """
-
-    clip_eps_high: float | None = 0.28
-    aggregation: Aggregation = "token-mean"
-    dynamic_sampling: bool = True
-    max_response_len: int | None = None
-    overlong_buffer_len: int | None = None
-    overlong_penalty_factor: float = 1.0
-
-    def rewards(self, samples: Sequence[Sample]) -> list[float]:
-        return shaped_rewards(
-            samples,
-            max_response_len=self.max_response_len,
-            overlong_buffer_len=self.overlong_buffer_len,
-            penalty_factor=self.overlong_penalty_factor,
-        )
-
-    def filter(self, samples: Sequence[Sample]) -> tuple[list[Sample], dict[str, int]]:
-        if not self.dynamic_sampling:
-            return list(samples), {}
-        return drop_zero_variance_groups(samples, self.rewards(samples))
-
-
-@dataclass
-class GSPO(GRPO):
-    """GSPO: sequence-level (length-normalised) importance ratio with a tight clip.
-
-    Deliberate difference from verl: verl's GSPO loss always aggregates with
-    ``seq-mean-token-mean`` whatever ``loss_agg_mode`` says; here GSPO honours ``aggregation``
-    like every algorithm (its default, inherited from GRPO, is ``seq-mean-token-mean``, so the
-    defaults agree).
-    """
-
-    clip_eps: float = 3e-4
-    clip_eps_high: float | None = 4e-4
-    sequence_level: ClassVar[bool] = True

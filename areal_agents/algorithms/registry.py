@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from areal_agents.algorithms.objects import DAPO, GRPO, GSPO, RLOO, DrGRPO, PolicyGradient
+from areal_agents.algorithms.group_relative import DAPO, GRPO, GSPO, RLOO, DrGRPO
+from areal_agents.algorithms.objects import PolicyGradient
 from areal_agents.algorithms.soft_clip import CISPO, SAPO
 from areal_agents.algorithms.token_level import PPO, ReinforcePlusPlus
 

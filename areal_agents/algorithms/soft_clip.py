@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from areal_agents.algorithms.aggregation import Aggregation, weighted_sum
+from areal_agents.algorithms.group_relative import GRPO
 from areal_agents.algorithms.losses import CapMode, importance_ratios, ratio_stats
-from areal_agents.algorithms.objects import GRPO
 from areal_agents.samples import TokenBatch
 
 
