@@ -24,7 +24,8 @@ class ReinforcePlusPlus(PolicyGradient):
     ``c_b`` the (group, role) mean with ``group_baseline`` (REINFORCE++-baseline) and ``mu``,
     ``sigma`` the batch mean and std of the sequences' returns (see
     ``advantages.reinforce_pp_token_advantages``). With ``gamma=1`` and no KL in the reward a
-    sequence has one advantage, ``(r - c - mu) / (sigma + eps)``.
+    sequence has one advantage, ``(r - c - mu) / (sigma + eps)``: that is what the per-sample
+    ``advantages(samples)`` returns (``gamma`` and ``kl_in_reward`` need ``prepare``).
 
     Deliberate difference from verl: verl whitens the token-level returns over all generated
     tokens of the batch, so long responses dominate the mean and std; here ``mu`` and ``sigma``
