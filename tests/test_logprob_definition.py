@@ -171,3 +171,37 @@ def test_collate_temperature_argument():
 def test_sampling_distribution_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingDistribution(**kwargs)
+
+
+def archon_filtered_run(engine_kwargs: dict) -> dict:
+    """Worker: one Archon step and the log-probs after it on a batch whose rows use per-row
+    temperature/top-k/top-p (module level so spawned ranks can unpickle it)."""
+    from archon.archon_helpers import TINY_ARGS, make_batch, pg_loss
+
+    from areal_agents.trainers.archon import ArchonEngine, ModelArgs
+
+    engine = ArchonEngine(ModelArgs(**{**TINY_ARGS, "n_layers": 4}), lr=1e-2, eps=1e-6, seed=0,
+                          **engine_kwargs)
+    batch = make_batch(vocab=TINY_ARGS["vocab_size"], lengths=(12, 9, 16, 5, 7, 14))
+    batch.temperature = torch.tensor([0.5, 1.3, 0.0, 1.0, 0.7, 1.3])
+    batch.top_k = torch.tensor([5, 0, 3, 0, 8, 5])
+    batch.top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.8, 0.9])
+    before = engine.forward_logprobs(batch)
+    stats = engine.train_step(batch, pg_loss)
+    return {"before": before, "loss": stats["loss"], "after": engine.forward_logprobs(batch)}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kwargs", [{"pp": 2, "pp_schedule": "1F1B"}, {"tp": 2}],
+                         ids=["pp2", "tp2"])
+def test_archon_parallel_forward_uses_per_row_sampling(tmp_path, kwargs):
+    """Pipeline stages (the last stage's head) and tensor parallelism see the same per-row
+    sampling params as one process: equal log-probs and loss."""
+    from archon.archon_helpers import run_distributed
+
+    single = archon_filtered_run({})
+    ranks = run_distributed(archon_filtered_run, 2, str(tmp_path), engine_kwargs=kwargs)
+    for got in ranks:
+        assert (got["before"] - single["before"]).abs().max() < 1e-5
+        assert got["loss"] == pytest.approx(single["loss"], abs=2e-5)
+        assert (got["after"] - single["after"]).abs().max() < 2e-4
