@@ -169,7 +169,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_weight = None
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
-            with torch.no_grad():
+            # float32 also when backward() runs under autocast
+            with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
                 logp_all = _chunk_logits(hidden[s:e], w32, temp[s:e])
                 drop = None if threshold is None else _dropped(logp_all, threshold[s:e], labels[s:e])
                 logp_all -= lse[s:e, None]  # the forward's log-normaliser: no softmax again
@@ -236,8 +237,10 @@ def chunked_logprobs(
             f"{tuple(labels.shape)} [n], weight {tuple(weight.shape)} [vocab, h]"
         )
     rows = as_row_sampling(sampling, hidden.shape[0], hidden.device)
-    return _ChunkedLogprobs.apply(hidden, weight, labels.long(), rows.temperature, rows.top_k,
-                                  rows.top_p, chunk_size)
+    # float32 even under an enclosing bf16 autocast (it would move every log-prob by ~1e-2)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedLogprobs.apply(hidden, weight, labels.long(), rows.temperature,
+                                      rows.top_k, rows.top_p, chunk_size)
 
 
 def sequence_logprobs(

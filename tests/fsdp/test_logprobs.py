@@ -198,3 +198,21 @@ def test_sequence_logprobs_per_row_sampling_matches_full_reference():
     kept = [*torch.topk(hidden[0, 1] @ weight.t() / 0.5, 5).indices.tolist(), int(ids[0, 2])]
     z = (hidden[0, 1] @ weight.t() / 0.5)[kept]
     assert lp[0, 2].item() == pytest.approx(torch.log_softmax(z, 0)[-1].item(), abs=1e-5)
+
+
+def test_head_stays_float32_under_autocast():
+    """The LM-head matmul ignores an enclosing bf16 autocast (the FSDP engine's on CUDA)."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(12, 32, generator=g)
+    weight = torch.randn(50, 32, generator=g)
+    labels = torch.randint(0, 50, (12,), generator=g)
+    rows = RowSampling(torch.full((12,), 0.7), torch.full((12,), 10), torch.full((12,), 0.9))
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    want, want_ent = chunked_logprobs(h1, weight, labels, rows, 5)
+    (want.sum() + want_ent.sum()).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_ent = chunked_logprobs(h2, weight, labels, rows, 5)
+        (got.sum() + got_ent.sum()).backward()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_ent, want_ent, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h2.grad, h1.grad, atol=1e-6, rtol=0)
