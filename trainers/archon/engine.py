@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any, Literal
+from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from areal_agents.errors import ConfigError
+from areal_agents.samples import TokenBatch
 from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling
 from areal_agents.trainers.microbatch import plan_microbatches
-from areal_agents.trainers.schedules import apply_update
-from torch import nn
-
-from areal_agents.errors import ConfigError, TrainError
-from areal_agents.samples import TokenBatch
+from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule
+from areal_agents.trainers.step import (
+    accumulate_microbatches,
+    plan_rank_microbatches,
+    run_train_step,
+)
 
 from .models import ModelArgs, Transformer, archon_to_hf
 from .models.state_dict import ExpertLayout, serving_expert_layout
@@ -80,7 +84,7 @@ class ArchonEngine(TrainEngine):
         eps: float = 1e-8,
         max_grad_norm: float = 1.0,
         warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_schedule: LRSchedule = "constant",
         total_steps: int | None = None,
         token_budget: int = 4096,
         dp_shard: int = -1,
@@ -102,10 +106,7 @@ class ArchonEngine(TrainEngine):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         seed: int = 0,
     ) -> None:
-        if lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
-        if lr_schedule == "cosine" and not total_steps:
-            raise ConfigError("lr_schedule='cosine' needs total_steps= (the step the LR reaches 0)")
+        check_lr_schedule(lr_schedule, total_steps)
         if pp > 1 and compile and "ZeroBubble" in pp_schedule:
             raise ConfigError(f"compile cannot be used with pp_schedule={pp_schedule!r}: its split "
                               "backward (input, then weight gradients) needs the eager autograd "
@@ -199,72 +200,49 @@ class ArchonEngine(TrainEngine):
             out[idx, : lp.shape[1]] = lp.float().cpu()
         return out
 
-    def _local_plans(self, batch: TokenBatch) -> tuple[list[list[int]], int]:
-        """This data-parallel rank's micro-batches (global row indices) and the count every
-        rank runs (the maximum, so FSDP collectives line up)."""
-        lengths = batch.attention_mask.sum(-1).tolist()
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        mine = order[self.dp_rank :: self.dims.dp_shard]
-        plans = [[mine[j] for j in p] for p in plan_microbatches([lengths[i] for i in mine], self.token_budget)]
-        count = len(plans)
-        if self.distributed:
-            t = torch.tensor([count], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            count = int(t.item())
-        return plans, count
-
-    def _aux_loss(self) -> torch.Tensor | None:
+    def _aux_loss(self, num_slots: int) -> torch.Tensor | None:
+        """The MoE load-balancing loss of the last forward, weighted and divided by the
+        micro-batch slots of all data-parallel ranks (``None`` for dense models)."""
         if not self.args.is_moe or self.args.router_aux_loss_coef == 0:
             return None
         aux = self.model.aux_loss()
-        return None if aux is None else aux * self.args.router_aux_loss_coef
+        return None if aux is None else aux * self.args.router_aux_loss_coef / num_slots
 
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step on ``batch`` (see ``TrainEngine``); returns global stats.
+        """One optimizer step on ``batch`` (see ``TrainEngine``; the loop is
+        ``trainers/step.py``, the pipeline schedule replaces its accumulation); returns
+        global stats.
 
         Raises:
             TrainError: the loss is not finite.
         """
         self.module.train()
         batch = batch.to(self.device)
-        self.optimizer.zero_grad(set_to_none=True)
         if self.pipeline is not None:
-            out = self.pipeline.train_step(batch, loss_fn)
+            accumulate = partial(self.pipeline.train_step, batch, loss_fn)
         else:
-            out = self._accumulate(batch, loss_fn)
-        if not math.isfinite(out["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainError(f"non-finite loss {out['loss']} at step {self.step}; check the batch/loss")
-        grad_norm = self.clip_grad_norm()
-        apply_update(self.optimizer, self.scheduler, grad_norm, batch.num_tokens, out)
+            accumulate = partial(self._accumulate, batch, loss_fn)
+        out = run_train_step(accumulate, optimizer=self.optimizer, scheduler=self.scheduler,
+                             clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens,
+                             step=self.step)
         self.step += 1
         return out
 
     def _accumulate(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
-        plans, count = self._local_plans(batch)
-        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         n = self.dims.dp_shard
-        for i in range(count):
-            scale = 1.0 if i < len(plans) else 0.0  # padding micro-batch keeps collectives aligned
-            mb = batch.select(torch.tensor(plans[i] if i < len(plans) else [0]))
-            lp, ent = self._forward(mb)
-            loss, stats = loss_fn(lp, ent, mb)
-            aux = self._aux_loss()
-            total = loss if aux is None else loss + aux / (count * n)
-            (total * (scale * n)).backward()
-            totals["loss"] += loss.detach().float() * scale
-            if aux is not None:
-                totals["aux_loss"] += aux.detach().float() * scale / (count * n)
-            for k, v in stats.items():
-                totals[k] += torch.as_tensor(v, device=self.device).detach().float() * scale
+        slots = plan_rank_microbatches(batch.attention_mask.sum(-1).tolist(), self.dp_rank, n,
+                                       self.token_budget,
+                                       group=dist.group.WORLD if self.distributed else None,
+                                       device=self.device)
+        out = accumulate_microbatches(
+            batch, slots, self._forward,
+            loss_fn, grad_scale=n, aux_loss=partial(self._aux_loss, len(slots) * n),
+            group=self.dims.build_mesh()["dp_shard"].get_group() if self.dims.dp_enabled else None,
+            device=self.device)
         for p in self.ep_params:  # not averaged by FSDP: every rank's tokens added n * grad
             if p.grad is not None:
                 p.grad.div_(n)
-        keys = sorted(totals)
-        packed = torch.stack([totals[k] for k in keys])
-        if self.dims.dp_enabled:
-            dist.all_reduce(packed, group=self.dims.build_mesh()["dp_shard"].get_group())
-        return {k: float(v) for k, v in zip(keys, packed.tolist(), strict=True)}
+        return out
 
     def clip_grad_norm(self) -> float:
         """Clip all gradients to ``max_grad_norm`` (global L2 norm over every shard, stage

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from areal_agents.errors import ConfigError
+from areal_agents.samples import TokenBatch
 from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling, sequence_logprobs
 from areal_agents.trainers.megatron.availability import require_megatron
@@ -24,12 +26,13 @@ from areal_agents.trainers.megatron.convert import (
 from areal_agents.trainers.megatron.grads import clip_grads, finalize_grads
 from areal_agents.trainers.megatron.hf_io import hf_source
 from areal_agents.trainers.megatron.vocab_parallel import vocab_parallel_sequence_logprobs
-from areal_agents.trainers.microbatch import plan_microbatches
-from areal_agents.trainers.schedules import apply_update, lr_lambda
-from torch import nn
-
-from areal_agents.errors import ConfigError, TrainError
-from areal_agents.samples import TokenBatch
+from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule, lr_lambda
+from areal_agents.trainers.step import (
+    accumulate_microbatches,
+    plan_rank_microbatches,
+    rank_microbatches,
+    run_train_step,
+)
 
 
 class MegatronEngine(TrainEngine):
@@ -73,7 +76,7 @@ class MegatronEngine(TrainEngine):
         betas: tuple[float, float] = (0.9, 0.999),
         max_grad_norm: float = 1.0,
         warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_schedule: LRSchedule = "constant",
         total_steps: int | None = None,
         token_budget: int = 4096,
         tensor_parallel: int = 1,
@@ -85,12 +88,10 @@ class MegatronEngine(TrainEngine):
         require_megatron()
         if lora is not None:
             raise ConfigError("LoRA is not supported by the megatron backend; use backend='archon' or 'fsdp'")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
-        if lr_schedule == "cosine" and not total_steps:
-            raise ConfigError("lr_schedule='cosine' needs total_steps= (the step the LR reaches 0)")
-        from areal_agents.trainers.megatron import model as mc
+        check_lr_schedule(lr_schedule, total_steps)
         from megatron.core import parallel_state as ps
+
+        from areal_agents.trainers.megatron import model as mc
 
         self._mc, self._ps = mc, ps
         self.hf_config, source, self.tokenizer = hf_source(model_or_path)
@@ -208,50 +209,42 @@ class MegatronEngine(TrainEngine):
     def _local_plans(self, batch: TokenBatch) -> list[list[int]]:
         """This data-parallel rank's micro-batches (global row indices): every ``dp``-th
         sequence by length, packed under ``token_budget``."""
-        lengths = batch.attention_mask.sum(-1).tolist()
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        mine = order[self.dp_rank :: self.dp]
-        return [[mine[j] for j in p] for p in plan_microbatches([lengths[i] for i in mine], self.token_budget)]
+        return rank_microbatches(batch.attention_mask.sum(-1).tolist(), self.dp_rank, self.dp,
+                                 self.token_budget)
 
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step on ``batch`` (see ``TrainEngine``); returns global stats.
+        """One optimizer step on ``batch`` (see ``TrainEngine``; the loop is
+        ``trainers/step.py``); returns global stats.
 
         Raises:
             TrainError: the loss is not finite.
         """
         self.model.train()
         batch = batch.to(self.device)
-        plans = self._local_plans(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         # Forward/backward only talk within the TP group (same plans), so DP ranks may run
-        # different micro-batch counts; a rank without rows runs one zero-weighted micro-batch
-        # so that its stats and gradients exist for the DP reductions.
-        for i in range(max(1, len(plans))):
-            scale = 1.0 if plans else 0.0
-            mb = batch.select(torch.tensor(plans[i] if plans else [0]))
-            lp, ent = self._forward(mb)
-            loss, stats = loss_fn(lp, ent, mb)
-            (loss * scale).backward()
-            totals["loss"] += loss.detach().float() * scale
-            for k, v in stats.items():
-                totals[k] += torch.as_tensor(v, device=self.device).detach().float() * scale
-        keys = sorted(totals)
-        packed = torch.stack([totals[k] for k in keys])
-        if self.dp > 1:
-            dist.all_reduce(packed, group=self.dp_group)
-        out = {k: float(v) for k, v in zip(keys, packed.tolist(), strict=True)}
-        if not math.isfinite(out["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainError(f"non-finite loss {out['loss']} at step {self.step}; check the batch/loss")
+        # different micro-batch counts (no count reduction: group=None); a rank without rows
+        # still runs one zero-weighted micro-batch, so its stats and gradients exist for the
+        # DP reductions. Gradients are summed over DP (``finalize_grads``): no grad_scale.
+        slots = plan_rank_microbatches(batch.attention_mask.sum(-1).tolist(), self.dp_rank,
+                                       self.dp, self.token_budget)
+        out = run_train_step(
+            lambda: accumulate_microbatches(batch, slots, self._forward, loss_fn,
+                                            group=self.dp_group if self.dp > 1 else None,
+                                            device=self.device),
+            optimizer=self.optimizer, scheduler=self.scheduler,
+            clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens, step=self.step)
+        self.step += 1
+        return out
+
+    def clip_grad_norm(self) -> float:
+        """Reduce the gradients as megatron's ``finalize_model_grads`` does (q/k norms over
+        TP, everything over DP), then clip them to ``max_grad_norm``; returns the norm before
+        clipping (collective)."""
         named = list(self.named_shards())
         finalize_grads(named, self.tp_group if self.tp > 1 and self.spec.qk_norm else None,
                        self.dp_group if self.dp > 1 else None)
-        grad_norm = clip_grads(named, self.max_grad_norm, self.tp_rank,
-                               self.tp_group if self.tp > 1 else None)
-        apply_update(self.optimizer, self.scheduler, grad_norm, batch.num_tokens, out)
-        self.step += 1
-        return out
+        return clip_grads(named, self.max_grad_norm, self.tp_rank,
+                          self.tp_group if self.tp > 1 else None)
 
     # -- weights and checkpoints -------------------------------------------------------------
 
