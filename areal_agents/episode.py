@@ -38,7 +38,9 @@ class Episode:
         error: ``"ExceptionType: message"`` when ``status == "failed"``, else None.
         seed: the seed given to ``reset``.
         infos: ``{agent_id: last info dict}``.
-        samples: ``{agent_id: samples from agent.end_episode(return)}``.
+        samples: ``{agent_id: samples from agent.end_episode(return)}``: what agents that
+            record their own session return (``LLMAgent.for_gateway``); ``[]`` for others.
+            The Trainer does not use it: it takes each LLM agent's samples from the gateway.
     """
 
     agents: list[str]

@@ -1,4 +1,9 @@
-"""One training or evaluation episode: agents per policy, rewards, samples and statistics."""
+"""One training or evaluation episode: a seat per LLM agent, rewards, samples and statistics.
+
+The sample path: each LLM agent acts on its own recorded gateway session (a ``Seat``); when
+the episode is over ``play`` takes every session's samples from the gateway, with the agent,
+policy, group and reward set once. Agents only act.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ from areal_agents.agent import Agent
 from areal_agents.episode import Episode, run_episode
 from areal_agents.samples import Sample
 
+from .llm_session import Seat
+
 RewardFn = Callable[[Episode], "float | dict[str, float] | Awaitable[float | dict[str, float]]"]
 """``reward_fn(episode) -> float (added to every agent) | {agent_id: float}``, sync or async."""
 
-AgentFactory = Callable[[str, str, bool], Awaitable[Agent]]
-"""``make_agent(agent_id, policy_name, greedy) -> Agent`` (an LLM agent on its own session)."""
+SeatFactory = Callable[[str, str, bool], Awaitable[Seat]]
+"""``open_seat(agent_id, policy_name, greedy) -> Seat`` (an LLM agent on its own session)."""
 
 
 class EpisodeFailed(RuntimeError):
@@ -78,7 +85,7 @@ async def play(
     *,
     policy_of: Mapping[str, str],
     fixed_agents: Mapping[str, Agent],
-    make_agent: AgentFactory,
+    open_seat: SeatFactory,
     reward_fns: list[RewardFn],
     greedy: bool = False,
     max_steps: int | None = None,
@@ -86,35 +93,37 @@ async def play(
     """Run one episode of ``env`` at ``seed``; samples per *policy* and the episode's stats.
 
     Agents in ``fixed_agents`` (scripted, random...) are used as given; every other agent id
-    acts with a fresh agent from ``make_agent`` for its policy. Each sample's ``reward`` is the
-    agent's env return plus the reward functions', ``group`` is the seed, ``agent``/``policy``
-    name who produced it.
+    acts on a fresh seat from ``open_seat`` for its policy. After the episode each seat's
+    session becomes samples (``Seat.take_samples``) whose ``reward`` is the agent's env return
+    plus the reward functions', ``group`` the seed and ``agent``/``policy`` who produced them.
+    Every seat's session is closed, whatever happens (failure, cancellation).
 
     Raises:
         EpisodeFailed: the episode's status is ``failed`` (message carries its error).
     """
     agents: dict[str, Agent] = dict(fixed_agents)
-    for agent_id, policy in policy_of.items():
-        if agent_id in fixed_agents:
-            agents[agent_id] = fixed_agents[agent_id]
-        else:
-            agents[agent_id] = await make_agent(agent_id, policy, greedy)
-    episode = await run_episode(env, agents, seed=seed, max_steps=max_steps)
-    if episode.status == "failed":
-        raise EpisodeFailed(f"episode seed={seed} failed: {episode.error}")
-    rewards = await apply_reward_fns(episode, reward_fns)
+    seats: dict[str, Seat] = {}
+    try:
+        for agent_id, policy in policy_of.items():
+            if agent_id not in fixed_agents:
+                seats[agent_id] = await open_seat(agent_id, policy, greedy)
+                agents[agent_id] = seats[agent_id].agent
+        episode = await run_episode(env, agents, seed=seed, max_steps=max_steps)
+        if episode.status == "failed":
+            raise EpisodeFailed(f"episode seed={seed} failed: {episode.error}")
+        rewards = await apply_reward_fns(episode, reward_fns)
+        samples = {a: seat.take_samples(reward=rewards.get(a, 0.0), group=str(seed))
+                   for a, seat in seats.items()}
+    finally:
+        for seat in seats.values():
+            seat.close()
     episode_id = uuid.uuid4().hex[:12]
     by_policy: dict[str, list[Sample]] = {}
     gen_lengths: dict[str, list[int]] = {}
-    for agent_id, samples in episode.samples.items():
-        if agent_id in fixed_agents:
-            continue
-        policy = policy_of[agent_id]
-        for s in samples:
-            s.reward = rewards.get(agent_id, 0.0)
-            s.agent, s.policy, s.group = agent_id, policy, str(seed)
+    for agent_id, agent_samples in samples.items():
+        for s in agent_samples:
             s.meta["episode"] = episode_id
-            by_policy.setdefault(policy, []).append(s)
+            by_policy.setdefault(seats[agent_id].policy, []).append(s)
             gen_lengths.setdefault(agent_id, []).append(s.num_generated)
     stats = EpisodeStats(
         seed=seed,

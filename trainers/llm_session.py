@@ -1,18 +1,26 @@
-"""LLM agents for training: ``LLMAgent`` on one recorded gateway session per agent per episode,
-plus raw-text (``/v1/completions``) prompts and reproducible per-turn sampling seeds."""
+"""The trainer's LLM seats: one recorded gateway session per LLM agent per episode, the agent
+acting on it (``SessionAgent``: raw-text prompts, reproducible per-turn sampling seeds), and
+the session -> samples step the trainer runs itself once the episode is over."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from areal_agents.agents.llm import LLMAgent
-
 from areal_agents.messages import Message
-from areal_agents.samples import Sample
 
 from .policy import Policy
+
+if TYPE_CHECKING:
+    from areal_agents.agent import Agent
+    from areal_agents.gateway import Gateway, TokenizationReport
+    from areal_agents.samples import Sample
+
+log = logging.getLogger(__name__)
 
 
 def raw_prompt(messages: list[dict[str, Any]]) -> str:
@@ -37,25 +45,21 @@ def turn_seed(key: str, turn: int) -> int:
 
 
 class SessionAgent(LLMAgent):
-    """``LLMAgent`` for the trainer: a session opened up front on a shared client.
+    """``LLMAgent`` for the trainer: it only acts, on a session the trainer opened.
 
-    Differences from ``LLMAgent.for_gateway``: the session ``key`` is created by the caller
-    and requests go through ``client`` (the trainer's shared in-process client, with the
-    session's API key) which ``end_episode`` does not close; ``api="completions"`` sends
-    ``raw_prompt(history)`` to ``/v1/completions``; with ``seed_key`` turn ``t`` samples with
-    seed ``turn_seed(seed_key, t)`` (reproducible rollouts whatever the scheduling).
-    ``end_episode`` ends and drops the session and returns its samples (exact ids); with
-    ``gateway=None`` (an external endpoint) it returns ``[]``.
+    Requests go through ``client`` (the trainer's shared in-process client, with the session's
+    API key; never closed here); ``api="completions"`` sends ``raw_prompt(history)`` to
+    ``/v1/completions``; with ``seed_key`` turn ``t`` samples with seed
+    ``turn_seed(seed_key, t)`` (reproducible rollouts whatever the scheduling). It knows
+    nothing of its session: ``end_episode`` returns ``[]`` and the trainer takes the samples
+    from the gateway (``Seat.take_samples``).
     """
 
-    def __init__(self, client: Any, model: str, sampling: dict[str, Any],
-                 gateway: Any = None, key: str | None = None, agent_id: str = "",
+    def __init__(self, client: Any, model: str, sampling: dict[str, Any], agent_id: str = "",
                  api: str = "chat", seed_key: str | None = None) -> None:
         super().__init__(client, model, sampling=sampling, agent_id=agent_id)
-        self._gateway, self._session_key = gateway, key
         self.api, self.seed_key = api, seed_key
         self.turn = 0
-        self.report: Any = None
 
     def reset(self) -> None:
         self.history, self.last_report, self.turn = [], None, 0
@@ -70,22 +74,60 @@ class SessionAgent(LLMAgent):
             model=self.model, prompt=raw_prompt(self.history), **self.sampling)
         return {"role": "assistant", "content": reply.choices[0].text or ""}
 
-    async def end_episode(self, episode_return: float) -> list[Sample]:
-        self.client = None  # shared with other sessions: LLMAgent must not close it
-        samples = await super().end_episode(episode_return)
-        self.report = self.last_report
+
+@dataclass
+class Seat:
+    """One LLM agent's place in one episode: the agent that acts and the recorded gateway
+    session (``key``) its completions go to. The trainer, not the agent, turns the session
+    into samples.
+
+    Attributes:
+        agent_id, policy: who acts, with which policy.
+        agent: the acting agent (any ``Agent`` using the session's key).
+        gateway, key: the session's gateway and API key; None for an ``endpoint`` policy
+            (nothing is recorded) and once the session is closed.
+        report: the ``TokenizationReport`` of ``take_samples`` (None before).
+    """
+
+    agent_id: str
+    policy: str
+    agent: Agent
+    gateway: Gateway | None = None
+    key: str | None = None
+    report: TokenizationReport | None = None
+
+    def take_samples(self, *, reward: float, group: str) -> list[Sample]:
+        """End and forget the session; return its samples (the exact ids the engine saw and
+        generated, by the tokenization contract) with ``agent``, ``policy``, ``group`` and
+        ``reward`` set. ``[]`` without a session."""
+        if self.gateway is None or self.key is None:
+            return []
+        session = self.gateway.end_session(self.key, drop=True)
+        self.key = None
+        samples, self.report = session.to_samples(reward=reward, agent=self.agent_id,
+                                                  group=group)
+        if self.report.num_splits:
+            log.info("agent %s: %d tokenization split(s): %s", self.agent_id,
+                     self.report.num_splits, self.report.splits)
         return samples
 
+    def close(self) -> None:
+        """End and forget the session without taking samples (an episode that failed or was
+        cancelled). Idempotent."""
+        if self.gateway is not None and self.key is not None:
+            self.gateway.end_session(self.key, drop=True)
+        self.key = None
 
-async def make_llm_agent(gateway: Any, client: Any, policy: Policy, name: str, agent_id: str,
-                         greedy: bool = False, seed_key: str | None = None) -> SessionAgent:
-    """A ``SessionAgent`` for ``agent_id`` acting with policy ``name``.
+
+async def open_seat(gateway: Gateway, client: Any, policy: Policy, name: str, agent_id: str,
+                    greedy: bool = False, seed_key: str | None = None) -> Seat:
+    """A ``Seat`` for ``agent_id`` acting with policy ``name``.
 
     In-process policies get a fresh recorded session on ``gateway`` (``client`` is the shared
-    ``gateway.async_client()``; each session uses it with its own API key); ``endpoint``
+    ``gateway.async_client()``; the agent uses it with the session's API key); ``endpoint``
     policies talk to the external server (key from ``OPENAI_API_KEY``) and record nothing.
     ``greedy`` sets temperature 0; ``seed_key`` (e.g. ``"<task seed>/<member>/<agent>"``)
-    makes sampling reproducible.
+    makes sampling reproducible. Call ``take_samples`` or ``close`` when the episode is over.
     """
     sampling = dict(policy.sampling)
     if greedy:
@@ -95,7 +137,10 @@ async def make_llm_agent(gateway: Any, client: Any, policy: Policy, name: str, a
 
         client = openai.AsyncOpenAI(base_url=policy.endpoint,
                                     api_key=os.environ.get("OPENAI_API_KEY", "none"))
-        return SessionAgent(client, str(policy.model or "default"), sampling, api=policy.api)
+        agent = SessionAgent(client, str(policy.model or "default"), sampling, agent_id,
+                             api=policy.api)
+        return Seat(agent_id, name, agent)
     key = await gateway.create_session(name, {"agent": agent_id})
-    return SessionAgent(client.with_options(api_key=key), name, sampling, gateway, key, agent_id,
-                        api=policy.api, seed_key=seed_key)
+    agent = SessionAgent(client.with_options(api_key=key), name, sampling, agent_id,
+                         api=policy.api, seed_key=seed_key)
+    return Seat(agent_id, name, agent, gateway, key)

@@ -35,6 +35,7 @@ from .checkpointing import (
     truncate_metrics,
 )
 from .episodes import EpisodeStats, RewardFn, play
+from .llm_session import Seat, open_seat
 from .policy import Policy
 from .reference import build_reference
 from .stats import StepStats, resolve_algorithm
@@ -241,26 +242,24 @@ class Trainer:
 
     # ---- episodes -------------------------------------------------------------------------
 
-    async def _make_agent(self, agent_id: str, policy: str, greedy: bool,
-                          seed_key: str | None = None) -> Agent:
-        from .llm_session import make_llm_agent
-
-        return await make_llm_agent(self.gateway, self._client, self.policies[policy], policy,
-                                    agent_id, greedy, seed_key=seed_key)
+    async def _open_seat(self, agent_id: str, policy: str, greedy: bool,
+                         seed_key: str | None = None) -> Seat:
+        return await open_seat(self.gateway, self._client, self.policies[policy], policy,
+                               agent_id, greedy, seed_key=seed_key)
 
     async def _episode(self, seed: int, member: int) -> dict[str, list[Sample]]:
         """One training episode; agent ``a`` samples with seeds keyed by ``(self.seed, seed,
         member, a)`` so a replayed episode (after a resume) draws the same tokens."""
 
-        async def make_agent(agent_id: str, policy: str, greedy: bool) -> Agent:
+        async def seat(agent_id: str, policy: str, greedy: bool) -> Seat:
             key = f"{self.seed}/{seed}/{member}/{agent_id}"
-            return await self._make_agent(agent_id, policy, greedy, seed_key=key)
+            return await self._open_seat(agent_id, policy, greedy, seed_key=key)
 
         env = self.make_env()
         try:
             by_policy, stats = await play(
                 env, seed, policy_of=self.policy_of, fixed_agents=self.fixed_agents,
-                make_agent=make_agent, reward_fns=self.reward_fns,
+                open_seat=seat, reward_fns=self.reward_fns,
                 max_steps=self.max_steps_per_episode)
         finally:
             await env.close()
@@ -365,7 +364,7 @@ class Trainer:
             env = self.make_env()
             try:
                 _, stats = await play(env, seed, policy_of=self.policy_of,
-                                      fixed_agents=self.fixed_agents, make_agent=self._make_agent,
+                                      fixed_agents=self.fixed_agents, open_seat=self._open_seat,
                                       reward_fns=self.reward_fns, greedy=True,
                                       max_steps=self.max_steps_per_episode)
                 return stats

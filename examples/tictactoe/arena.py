@@ -134,7 +134,7 @@ async def evaluate_vs(trainer: Any, policy: str, opponent: str, seat: str, seeds
         ValueError: no seeds, or an unknown policy/opponent/seat.
         RuntimeError: an episode failed (the env's or the agent's error).
     """
-    from areal_agents.trainers.llm_session import make_llm_agent
+    from areal_agents.trainers.llm_session import open_seat
 
     if not seeds:
         raise ValueError("evaluate_vs needs at least one seed")
@@ -145,9 +145,12 @@ async def evaluate_vs(trainer: Any, policy: str, opponent: str, seat: str, seeds
 
     async def one(seed: int) -> dict[str, Any]:
         env = VsScripted([opponent], [seat], opening_moves)
-        agent = await make_llm_agent(trainer.gateway, client, trainer.policies[policy], policy,
-                                     "player", greedy=True)
-        episode = await run_episode(env, {"player": agent}, seed=seed)
+        player = await open_seat(trainer.gateway, client, trainer.policies[policy], policy,
+                                 "player", greedy=True)
+        try:
+            episode = await run_episode(env, {"player": player.agent}, seed=seed)
+        finally:
+            player.close()  # not trained on: the session is dropped
         if episode.status == "failed":
             raise RuntimeError(f"eval episode seed={seed} failed: {episode.error}")
         return episode.infos["player"]

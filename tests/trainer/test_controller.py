@@ -217,7 +217,7 @@ async def test_all_episodes_failing_raises_instead_of_hanging():
 
 async def test_finished_training_sessions_are_dropped_from_the_gateway():
     """Each episode's sessions are forgotten once their samples are taken (no growth)."""
-    from areal_agents.trainers.llm_session import make_llm_agent
+    from areal_agents.trainers.llm_session import open_seat
     from areal_agents.trainers.policy import Policy
 
     import areal_agents as aa
@@ -227,9 +227,9 @@ async def test_finished_training_sessions_are_dropped_from_the_gateway():
     gateway = aa.Gateway()
     gateway.add_policy("p", [ScriptedEngine(["hello"], tokenizer=tokenizer)], tokenizer)
     client = gateway.async_client()
-    agent = await make_llm_agent(gateway, client, Policy(model="tiny:xs"), "p", "speaker")
-    await agent.act([{"role": "user", "content": "hi"}])
-    samples = await agent.end_episode(1.0)
+    seat = await open_seat(gateway, client, Policy(model="tiny:xs"), "p", "speaker")
+    await seat.agent.act([{"role": "user", "content": "hi"}])
+    samples = seat.take_samples(reward=1.0, group="0")
     assert len(samples) == 1 and samples[0].reward == 1.0
     assert sum(samples[0].loss_mask) >= 1
     assert gateway._sessions == {}

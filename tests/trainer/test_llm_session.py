@@ -1,9 +1,10 @@
-"""The trainer's SessionAgent (an LLMAgent): recorded sessions, raw-text prompts, per-turn seeds."""
+"""The trainer's seats: SessionAgent (an LLMAgent) on a recorded session, raw-text prompts,
+per-turn seeds; the samples are taken from the gateway, not from the agent."""
 
 from __future__ import annotations
 
 from areal_agents.agents.llm import LLMAgent
-from areal_agents.trainers.llm_session import make_llm_agent, raw_prompt, turn_seed
+from areal_agents.trainers.llm_session import open_seat, raw_prompt, turn_seed
 from areal_agents.trainers.policy import Policy
 
 import areal_agents as aa
@@ -24,7 +25,8 @@ async def test_session_agent_seeds_each_turn_and_records_exact_samples():
     gateway.add_policy("p", [engine], tokenizer)
     client = gateway.async_client()
     policy = Policy(api="completions", sampling={"temperature": 1.0, "max_tokens": 1})
-    agent = await make_llm_agent(gateway, client, policy, "p", "speaker", seed_key="0/7/1/speaker")
+    seat = await open_seat(gateway, client, policy, "p", "speaker", seed_key="0/7/1/speaker")
+    agent = seat.agent
     assert isinstance(agent, LLMAgent)
     agent.reset()  # run_episode resets agents: the session opened up front stays
     first = await agent.act([{"role": "user", "content": "target: A"}])
@@ -34,13 +36,17 @@ async def test_session_agent_seeds_each_turn_and_records_exact_samples():
                                                           turn_seed("0/7/1/speaker", 1)]
     prompt = tokenizer(raw_prompt(agent.history[:-1]))["input_ids"]
     assert engine.requests[1].prompt_ids == prompt  # raw text, no chat template
-    samples = await agent.end_episode(1.0)
+    assert await agent.end_episode(1.0) == []  # the agent only acts: the session stays open
+    samples = seat.take_samples(reward=1.0, group="7")
     assert samples and samples[-1].token_ids[: len(prompt)] == prompt
-    assert samples[-1].reward == 1.0 and samples[-1].agent == "speaker"
-    assert gateway._sessions == {}
-    greedy = await make_llm_agent(gateway, client, policy, "p", "speaker", greedy=True,
-                                  seed_key="0/7/1/speaker")
-    await greedy.act("hi")  # the shared client still works: end_episode did not close it
+    assert (samples[-1].reward, samples[-1].agent, samples[-1].policy, samples[-1].group) == (
+        1.0, "speaker", "p", "7")
+    assert gateway._sessions == {} and seat.take_samples(reward=1.0, group="7") == []
+    greedy = await open_seat(gateway, client, policy, "p", "speaker", greedy=True,
+                             seed_key="0/7/1/speaker")
+    await greedy.agent.act("hi")  # the shared client still works: nothing closed it
     assert engine.requests[-1].sampling.temperature == 0 and engine.requests[-1].sampling.seed is None
-    await greedy.end_episode(0.0)
+    greedy.close()
+    greedy.close()  # idempotent
+    assert gateway._sessions == {}
     await gateway.close()
