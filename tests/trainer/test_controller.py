@@ -217,11 +217,10 @@ async def test_all_episodes_failing_raises_instead_of_hanging():
 
 async def test_finished_training_sessions_are_dropped_from_the_gateway():
     """Each episode's sessions are forgotten once their samples are taken (no growth)."""
-    from areal_agents.trainers.llm_session import open_seat
-    from areal_agents.trainers.policy import Policy
-
     import areal_agents as aa
     from areal_agents.testing.engine import ScriptedEngine
+    from areal_agents.trainers.llm_session import open_seat
+    from areal_agents.trainers.policy import Policy
 
     _model, tokenizer = aa.models.tiny("xs", seed=0)
     gateway = aa.Gateway()

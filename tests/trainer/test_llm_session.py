@@ -3,12 +3,11 @@ per-turn seeds; the samples are taken from the gateway, not from the agent."""
 
 from __future__ import annotations
 
+import areal_agents as aa
 from areal_agents.agents.llm import LLMAgent
+from areal_agents.testing.engine import ScriptedEngine
 from areal_agents.trainers.llm_session import open_seat, raw_prompt, turn_seed
 from areal_agents.trainers.policy import Policy
-
-import areal_agents as aa
-from areal_agents.testing.engine import ScriptedEngine
 
 
 def test_turn_seed_is_stable_and_distinct():
