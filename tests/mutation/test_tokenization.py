@@ -142,6 +142,19 @@ def test_request_ending_with_the_reply_extends_it(tok, use_index):
     assert extends(tok, ids, t0, messages)
 
 
+def test_index_prefers_the_turn_with_the_longest_history(tok):
+    """Turn 2 re-asked turn 0's question and got the same reply; the request continues turn
+    1's longer conversation, so the prompt must keep turn 1's generated ids (the reply "b"
+    would otherwise be re-tokenized from text)."""
+    t0 = record(tok, [user("q")], "a")
+    t1 = record(tok, [user("q"), assistant("a"), user("more")], "b")
+    t2 = record(tok, [user("q")], "a")
+    messages = [user("q"), assistant("a"), user("more"), assistant("b"), user("again")]
+    ids, prefix = ids_and_prefix(tok, [t0, t1, t2], messages, use_index=True)
+    assert prefix == 1
+    assert extends(tok, ids, t1, messages)
+
+
 def test_reasking_the_same_messages_starts_afresh(tok):
     t0 = record(tok, [user("q")], "a")
     ids, prefix = ids_and_prefix(tok, [t0], [user("q")])
@@ -187,6 +200,8 @@ def test_sample_defaults_and_report_counts():
 
 
 def test_a_turn_can_extend_an_older_sample():
+    samples, _ = turns_to_samples([turn([1, 2], [3]), turn([1, 9], [7]), turn([1, 2, 3, 4], [5])])
+    assert [s.meta["turns"] for s in samples] == [[0, 2], [1]]
     turns = [turn([1, 2], [3]), turn([1, 9], [7]), turn([1, 5], [8]), turn([1, 2, 3, 4], [5])]
     samples, report = turns_to_samples(turns)
     assert [s.meta["turns"] for s in samples] == [[0, 3], [1], [2]]
