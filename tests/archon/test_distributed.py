@@ -6,7 +6,7 @@ import pytest
 
 from .archon_helpers import assert_same_run, run_distributed, train_once
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["wq", "wv", "w2"]}
 PARALLEL_KEYS = {"dp_shard", "tp", "pp", "ep", "sequence_parallel", "pp_schedule", "pp_microbatches",

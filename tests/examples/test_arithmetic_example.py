@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from areal_agents.config import load_config
 
 from ._load import EXAMPLES, load_example
@@ -21,6 +23,7 @@ def test_config_is_valid_and_uses_the_scripted_solver():
     assert cfg.trainer.steps % cfg.trainer.eval_every == 0  # the last step is evaluated
 
 
+@pytest.mark.slow
 async def test_short_run_measures_untrained_sft_and_rl_accuracy(tmp_path):
     run = load_example("arithmetic", "run")
     cfg = load_config(CONFIG, [

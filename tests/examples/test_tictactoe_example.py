@@ -98,6 +98,7 @@ def check_rows(rows, policies, opponents, when):
         assert r["illegal"] <= r["loss"]
 
 
+@pytest.mark.slow
 async def test_selfplay_shares_one_parameter_set():
     result = await compare.run_variant("selfplay", 2, opponents=["heuristic"], seeds=SEEDS,
                                        before=True, **SMALL)
@@ -112,6 +113,7 @@ async def test_selfplay_shares_one_parameter_set():
     assert not any(k.startswith(("policy/px/", "policy/po/")) for k in last)
 
 
+@pytest.mark.slow
 async def test_separate_has_two_parameter_sets():
     result = await compare.run_variant("separate", 1, opponents=["random"], seeds=SEEDS,
                                        before=False, **SMALL)
@@ -126,6 +128,7 @@ async def test_separate_has_two_parameter_sets():
     assert last["policy/px/version"] == last["policy/po/version"] == 1.0
 
 
+@pytest.mark.slow
 async def test_pool_trains_one_policy_in_both_seats():
     pool = await compare.run_variant("pool", 1, opponents=["heuristic"], seeds=SEEDS,
                                      before=False, **SMALL)

@@ -19,6 +19,7 @@ from ._helpers import make_batch, make_engine, ppo_loss
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     ckpt, k = str(tmp_path / "step3"), 3
     env = dict(os.environ, OMP_NUM_THREADS="1",

@@ -19,7 +19,7 @@ from ._helpers import (
     train_uneven,
 )
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def test_two_process_fsdp_matches_single_process(tmp_path):

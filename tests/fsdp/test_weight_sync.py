@@ -102,6 +102,7 @@ def test_vllm_requests():
     assert vllm_collective_rpc("reload_weights", timeout=30.0).json["timeout"] == 30.0
 
 
+@pytest.mark.slow
 def test_shared_memory_to_another_process():
     import multiprocessing as mp
 

@@ -134,6 +134,7 @@ def test_unsupported_configs_name_the_problem():
     assert spec_from_hf_config(cfg).rope_scaling_factor == 8.0
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("sampling", [None, ([0.5, 1.3, 0.0], [5, 0, 3], [1.0, 0.9, 0.5])],
                          ids=["temperature", "per-row-top-k-top-p"])

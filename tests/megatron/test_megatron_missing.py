@@ -52,6 +52,7 @@ def test_unsupported_megatron_version_is_refused(monkeypatch):
         availability.require_megatron()
 
 
+@pytest.mark.slow
 def test_package_import_does_not_import_megatron():
     code = ("import sys, areal_agents.trainers.megatron as m; "
             "from areal_agents.trainers.trainer import backend_factory; "

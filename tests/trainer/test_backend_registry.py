@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+
+from areal_agents.config import parse_config
+from areal_agents.errors import ConfigError
 from areal_agents.trainers import backends
 from areal_agents.trainers.backends import backend_factory, check_backend, register_backend
 from areal_agents.trainers.fsdp.engine import FSDPEngine
 from areal_agents.trainers.policy import Policy
-
-from areal_agents.config import parse_config
-from areal_agents.errors import ConfigError
 
 
 class MineEngine(FSDPEngine):
