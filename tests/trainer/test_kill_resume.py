@@ -107,3 +107,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert set(got[step]) == set(want[step]), step
         for key, value in want[step].items():
             assert got[step][key] == value, (step, key, got[step][key], value)  # bitwise
+    # (c) the outcome ledger adds up: the episodes the kill cut off are cancelled_by_restart
+    last = json.loads((killed_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for policy in ("speaker", "listener"):
+        prefix = f"outcomes/{policy}/"
+        outcomes = sum(v for k, v in last.items() if k.startswith(prefix + "outcome/"))
+        unsettled = sum(last[prefix + k] for k in ("running", "waiting", "buffered"))
+        assert last[prefix + "submitted"] == outcomes + unsettled, (policy, last)
