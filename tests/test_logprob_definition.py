@@ -191,6 +191,7 @@ def archon_filtered_run(engine_kwargs: dict) -> dict:
     return {"before": before, "loss": stats["loss"], "after": engine.forward_logprobs(batch)}
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("kwargs", [{"pp": 2, "pp_schedule": "1F1B"}, {"tp": 2}],
                          ids=["pp2", "tp2"])
