@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="staging directory (default build/mutation)")
     parser.add_argument("--diffs", action="store_true", help="print each survivor's diff")
     parser.add_argument("--json", type=Path, help="also write the statuses to this JSON file")
+    parser.add_argument("--no-run", action="store_true",
+                        help="report the last run's results from the staging directory")
     args = parser.parse_args(argv)
     if args.list:
         for name, group in GROUPS.items():
@@ -217,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     names = args.module or list(GROUPS)
     results: dict[str, dict[str, str]] = {}
     for name in names:
+        if args.no_run:
+            saved = args.workdir / name / "statuses.json"
+            if not saved.exists():
+                raise SystemExit(f"no results for {name!r} in {saved.parent}; run it first")
+            results[name] = json.loads(saved.read_text())
+            continue
         print(f"== {name}: mutating {len(GROUPS[name].files)} file(s)", flush=True)
         results[name] = run_group(name, GROUPS[name], args.workdir, args.max_children)
         print(table({name: results[name]}).splitlines()[-1], flush=True)

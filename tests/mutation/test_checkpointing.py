@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ class FileEngine:
 
 def state(step: int, **extra: Any) -> dict[str, Any]:
     return {"step": step, "controller": {"cursor": step}, "history": [], "trained_seeds": [],
-            "algorithms": {"p": {"ema_baselines": {}}}, **extra}
+            "algorithms": {"p": {"ema_baselines": {"task": 0.5}}}, **extra}
 
 
 async def test_layout_and_stale_directories(tmp_path):
@@ -51,6 +52,7 @@ async def test_layout_and_stale_directories(tmp_path):
     (root / "step_3.partial" / "junk").write_text("from a killed save")
     (root / "step_3").mkdir()
     (root / "step_3" / "junk").write_text("renamed, but latest was never written")
+    (root / "latest.tmp").write_text("step_2")  # killed while replacing latest
     out = await save_checkpoint(tmp_path, state(3), {"p": FileEngine(1.5), "q": FileEngine(2)})
     assert out == root / "step_3"
     assert sorted(p.name for p in out.iterdir()) == ["p", "q", "rng.pt", "trainer_state.json"]
@@ -70,6 +72,8 @@ async def test_load_restores_engines_and_returns_the_state(tmp_path):
 @pytest.mark.parametrize(("algorithm", "expected"), [
     ({"ema_baselines": {"k": 0.5}, "per_policy": {"b": {"k": 0.9}}},
      {"a": {"ema_baselines": {"k": 0.5}}, "b": {"ema_baselines": {"k": 0.9}}}),
+    ({"ema_baselines": {"k": 0.5}},
+     {"a": {"ema_baselines": {"k": 0.5}}, "b": {"ema_baselines": {"k": 0.5}}}),
     ({"per_policy": {"b": {"k": 0.9}}},
      {"a": {"ema_baselines": {}}, "b": {"ema_baselines": {"k": 0.9}}}),
     ({"k": 0.25}, {"a": {"ema_baselines": {"k": 0.25}}, "b": {"ema_baselines": {"k": 0.25}}}),
@@ -117,6 +121,7 @@ def test_prune_orders_steps_numerically_and_spares_latest(tmp_path):
 def test_prune_without_latest_and_with_keep_zero(tmp_path):
     make_steps(tmp_path, 1, 2, 3)
     assert prune_checkpoints(tmp_path, 0) == []
+    assert prune_checkpoints(tmp_path, -1) == []  # keep <= 0: nothing is deleted
     assert [p.name for p in prune_checkpoints(tmp_path, 1)] == ["step_1", "step_2"]
     assert [p.name for p in tmp_path.glob("step_*")] == ["step_3"]
 
@@ -150,6 +155,9 @@ async def test_restore_rng(tmp_path):
 def test_truncate_metrics(tmp_path):
     path = tmp_path / "metrics.jsonl"
     assert truncate_metrics(path, 3) == 0 and not path.exists()
+    path.write_text('{"note": "no step"}\n{"step": 1}\n')
+    assert truncate_metrics(path, 0) == 1  # a row without a step counts as step 0
+    assert path.read_text() == '{"note": "no step"}\n'
     rows = [{"step": 0}, {"step": 1}, {"note": "no step"}, {"step": 2}, {"step": 3}, {"step": 4}]
     text = "".join(json.dumps(r) + "\n" for r in rows) + "\n"
     path.write_text(text)
@@ -175,3 +183,39 @@ def test_reference_round_trip_and_mismatch(tmp_path):
         f"reference {path} does not fit policy 'p': missing ['0.weight', '0.bias'], "
         "unexpected ['weight', 'bias']; was the policy's model changed? delete the file to "
         "re-derive it")
+
+
+def test_references_of_several_policies_and_a_second_save(tmp_path):
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    save_reference(tmp_path, "a", a)
+    save_reference(tmp_path, "b", b)
+    save_reference(tmp_path, "a", b)  # rewritten (a re-derived reference)
+    loaded = torch.nn.Linear(2, 2)
+    assert load_reference(tmp_path, "a", loaded)
+    torch.testing.assert_close(loaded.weight, b.weight)
+
+
+def test_reference_with_only_missing_keys_or_many_keys_is_rejected(tmp_path):
+    save_reference(tmp_path, "p", torch.nn.Linear(2, 2))
+    wider = torch.nn.Linear(2, 2)
+    wider.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(TrainError, match=r"missing \['extra'\], unexpected \[\];"):
+        load_reference(tmp_path, "p", wider)
+    save_reference(tmp_path, "deep", torch.nn.Sequential(*(torch.nn.Linear(1, 1)
+                                                            for _ in range(4))))
+    flat = torch.nn.ModuleDict({f"m{i}": torch.nn.Linear(1, 1) for i in range(4)})
+    with pytest.raises(TrainError) as info:
+        load_reference(tmp_path, "deep", flat)
+    assert ("missing ['m0.weight', 'm0.bias', 'm1.weight', 'm1.bias', 'm2.weight'], unexpected "
+            "['0.weight', '0.bias', '1.weight', '1.bias', '2.weight'];") in str(info.value)
+
+
+class NotATensor:
+    """Anything but tensors in a reference file must not be unpickled."""
+
+
+def test_reference_files_load_weights_only(tmp_path):
+    path = save_reference(tmp_path, "p", torch.nn.Linear(2, 2))
+    torch.save({"weight": NotATensor()}, path)
+    with pytest.raises(pickle.UnpicklingError, match=r"Weights only load failed"):
+        load_reference(tmp_path, "p", torch.nn.Linear(2, 2))
