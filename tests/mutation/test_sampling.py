@@ -135,3 +135,41 @@ def test_top_logprobs():
     assert out.top_logprobs[0] == pytest.approx([math.log(0.5), math.log(0.3)], rel=1e-5)
     out = sample(logits, [0.0], [0], [1.0], [None], num_top=9)  # more than the vocabulary
     assert out.top_ids == [[0, 1, 2, 3]]
+
+
+def test_unsorted_rows_are_sorted_before_the_cut_off():
+    shuffled = [PROBS[i] for i in (2, 0, 3, 1)]  # 0.15, 0.5, 0.05, 0.3
+    scaled = logits_of(shuffled, list(reversed(shuffled)))
+    out = threshold(scaled, [1.0, 1.0], [2, 0], [1.0, 0.7])
+    assert out == pytest.approx([math.log(0.3), math.log(0.3)])
+    out = threshold(scaled, [1.0, 1.0], [0, 3], [0.99, 1.0])
+    assert out == pytest.approx([math.log(0.05), math.log(0.15)])
+
+
+def test_a_token_whose_preceding_mass_equals_top_p_is_not_kept():
+    scaled = logits_of([0.6, 0.3, 0.1])
+    probs = torch.softmax(scaled, dim=-1)
+    top_p = (torch.cumsum(probs, dim=-1) - probs)[0, 1].item()  # the first token's mass
+    (t,) = threshold(scaled, [1.0], [0], [top_p])
+    assert t == pytest.approx(scaled[0, 0].item())
+
+
+def test_threshold_has_the_logits_dtype():
+    scaled = logits_of(PROBS).double()
+    out = keep_threshold(scaled, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]))
+    assert out.dtype == torch.float64
+    out = keep_threshold(scaled, torch.tensor([1.0]), torch.tensor([2]), torch.tensor([1.0]))
+    assert out.dtype == torch.float64 and out.item() == pytest.approx(math.log(0.3))
+
+
+def test_greedy_rows_never_draw():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 0.1, 0.0, 0.05]])  # nearly flat: a draw would rarely be 1
+    picks = {sample(logits, [0.0], [0], [1.0], [None]).token_ids[0] for _ in range(30)}
+    assert picks == {1}
+
+
+def test_one_top_logprob():
+    out = sample(logits_of(PROBS), [0.0], [0], [1.0], [None], num_top=1)
+    assert out.top_ids == [[0]]
+    assert out.top_logprobs[0] == pytest.approx([math.log(0.5)], rel=1e-5)
