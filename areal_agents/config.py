@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
+from .trainers.placement import InferencePlacement, TrainPlacement, check_train_placement
 
 
 class _Strict(BaseModel):
@@ -49,6 +57,13 @@ class PolicyConfig(_Strict):
     algorithm_params: dict[str, Any] = Field(
         default_factory=dict, description="this policy's overrides of algorithm.params (e.g. "
         "{kl_coef: 0.05} for one role only)")
+    train: TrainPlacement = Field(
+        default_factory=TrainPlacement, description="where the train engine runs: {world_size, "
+        "dp, tp, pp, ep, device, threads}; world_size 1 (default) trains in this process")
+    inference: InferencePlacement = Field(
+        default_factory=InferencePlacement, description="how the policy is served: a kind "
+        "(in_process, server, vllm, sglang) or {kind, replicas, device, transport, server_args, "
+        "python, urls}")
 
     @field_validator("backend")
     @classmethod
@@ -56,6 +71,22 @@ class PolicyConfig(_Strict):
         from areal_agents.trainers.backends import check_backend
 
         return check_backend(value)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_placement(cls, value: Any) -> TrainPlacement:
+        return TrainPlacement.of(value)  # unknown fields are errors, as everywhere in the config
+
+    @field_validator("inference", mode="before")
+    @classmethod
+    def _inference_placement(cls, value: Any) -> InferencePlacement:
+        return InferencePlacement.of(value)  # "vllm" is InferencePlacement(kind="vllm")
+
+    @model_validator(mode="after")
+    def _placement_fits_backend(self) -> PolicyConfig:
+        check_train_placement(self.backend, self.train,
+                              trainable=not self.frozen and self.endpoint is None)
+        return self
 
 
 class AlgorithmConfig(_Strict):

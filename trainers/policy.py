@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backends import check_backend
+from .placement import InferencePlacement, TrainPlacement, check_train_placement
 
 
 @dataclass
@@ -36,9 +37,15 @@ class Policy:
         algorithm_params: this policy's overrides of the trainer's algorithm fields (e.g.
             ``{"kl_coef": 0.05}`` for one role only); the policy then has its own algorithm
             object (and its own EMA baselines).
+        train: where the train engine runs: a ``TrainPlacement`` or a dict of its fields
+            (``{"world_size": 2}``: FSDP2 over two worker processes); the default trains in
+            the controller's process.
+        inference: how the policy is served: an ``InferencePlacement``, a dict of its fields,
+            or a kind name (``"vllm"``); the default is an in-process ``LocalEngine``.
 
     Raises:
-        ConfigError: unknown backend (a ``ValueError``; lists the registered ones).
+        ConfigError: unknown backend (a ``ValueError``; lists the registered ones), or a
+            ``train``/``inference`` placement the backend cannot run (names the fix).
         ValueError: ``endpoint`` with ``frozen=False``, or no model.
 
     Example:
@@ -62,9 +69,15 @@ class Policy:
     api: str = "chat"
     ref_model: Any = None
     algorithm_params: dict[str, Any] = field(default_factory=dict)
+    train: TrainPlacement = field(default_factory=TrainPlacement)
+    inference: InferencePlacement = field(default_factory=InferencePlacement)
 
     def __post_init__(self) -> None:
         check_backend(self.backend, "Policy.backend")
+        self.train = TrainPlacement.of(self.train)
+        self.inference = InferencePlacement.of(self.inference)
+        check_train_placement(self.backend, self.train,
+                              trainable=not self.frozen and self.endpoint is None)
         if self.endpoint is not None and not self.frozen:
             raise ValueError(
                 f"Policy(endpoint={self.endpoint!r}) is an external server and cannot be trained;"

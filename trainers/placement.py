@@ -1,0 +1,294 @@
+"""Where a policy trains and serves: ``TrainPlacement``, ``InferencePlacement`` and their checks.
+
+``TrainPlacement`` lays a policy's train engine out over ``world_size`` worker processes
+(``world_size=1``, the default, trains in the controller's own process); ``InferencePlacement``
+says how its inference engines run and how trained weights reach them. Both are frozen, typed
+values; impossible layouts raise ``ConfigError`` naming the fix.
+
+Rank layout (outer to inner, as Archon's ``ParallelDims`` and megatron-core order them)::
+
+    rank = pp_index * (dp * tp) + dp_index * tp + tp_index
+
+so the ``tp`` ranks of one tensor-parallel group are neighbours and share one data-parallel
+index (they need the same rows of a batch), and pipeline stages are outermost.
+
+Which degrees each backend implements is one table, ``PARALLELISM``; ``check_train_placement``
+holds a placement against it.
+
+Example:
+    >>> TrainPlacement(world_size=4, tp=2).dp
+    2
+    >>> [TrainPlacement(world_size=4, tp=2).dp_rank(r) for r in range(4)]
+    [0, 0, 1, 1]
+    >>> check_train_placement("fsdp", TrainPlacement(world_size=2, tp=2))
+    Traceback (most recent call last):
+    ...
+    areal_agents.errors.ConfigError: Policy.train: fsdp supports only data parallelism (dp); use backend='archon' for tp=2
+    >>> InferencePlacement.of("vllm").kind
+    'vllm'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args
+
+from areal_agents.errors import ConfigError
+
+__all__ = ["PARALLELISM", "InferencePlacement", "TrainPlacement", "check_train_placement",
+           "engine_parallel_kwargs"]
+
+Device = Literal["cpu", "cuda"]
+InferenceKind = Literal["in_process", "server", "vllm", "sglang"]
+Transport = Literal["tensors", "shm", "disk", "nccl"]
+
+PARALLELISM: dict[str, frozenset[str]] = {
+    "fsdp": frozenset({"dp"}),  # FSDP2 over all world_size ranks
+    "archon": frozenset({"dp", "tp", "pp", "ep"}),
+    "megatron": frozenset({"dp", "tp"}),
+}
+"""Backend -> the parallel degrees it implements beyond one process. A backend missing here
+(e.g. one added with ``register_backend``) trains in one process only; add its entry to train
+it on several."""
+
+_ENGINE_KWARGS: dict[str, dict[str, str]] = {
+    "archon": {"dp": "dp_shard", "tp": "tp", "pp": "pp", "ep": "ep"},
+    "megatron": {"tp": "tensor_parallel"},
+}
+"""Backend -> placement degree -> the engine's keyword argument (the other degrees follow from
+the process group: FSDP shards over all ranks, megatron's dp is ``world_size / tp``)."""
+
+
+def _positive(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{owner}.{name} must be an integer >= 1, got {value!r}")
+
+
+def _choice(owner: str, name: str, value: Any, allowed: Any) -> None:
+    choices = get_args(allowed)
+    if value is not None and value not in choices:
+        raise ConfigError(f"{owner}.{name}={value!r}; choose one of {list(choices)} (or omit it)")
+
+
+def _coerce(cls: type, value: Any, owner: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"{owner}: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+    raise ConfigError(f"{owner} must be a {cls.__name__} or a dict of its fields, got "
+                      f"{type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class TrainPlacement:
+    """How one policy's train engine is laid out over processes.
+
+    Args:
+        world_size: training processes; ``1`` trains in the controller's process (the
+            default: no workers, no copies), ``> 1`` spawns that many worker processes.
+        dp: data-parallel degree; ``None`` derives ``world_size // (tp * pp)``.
+        tp: tensor-parallel degree (heads and MLP columns split; archon, megatron).
+        pp: pipeline-parallel degree (layers split into stages; archon).
+        ep: expert-parallel degree of MoE experts (archon; 1 or ``dp``).
+        device: ``"cpu"`` or ``"cuda"`` (rank ``r`` uses ``cuda:r % device_count``); ``None``
+            picks cuda when available, else cpu.
+        threads: torch (OMP) threads of each worker rank.
+
+    Raises:
+        ConfigError: a degree < 1, or ``dp * tp * pp != world_size``.
+
+    Example:
+        >>> TrainPlacement(world_size=2)
+        TrainPlacement(world_size=2, dp=2, tp=1, pp=1, ep=1, device=None, threads=1)
+    """
+
+    world_size: int = 1
+    dp: int | None = None
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    device: Device | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        owner = "Policy.train"
+        for name in ("world_size", "tp", "pp", "ep", "threads"):
+            _positive(owner, name, getattr(self, name))
+        _choice(owner, "device", self.device, Device)
+        model_parallel = self.tp * self.pp
+        if self.dp is None:
+            if self.world_size % model_parallel:
+                raise ConfigError(f"{owner}: world_size={self.world_size} is not divisible by "
+                                  f"tp*pp={model_parallel}; set world_size to a multiple of it")
+            object.__setattr__(self, "dp", self.world_size // model_parallel)
+        _positive(owner, "dp", self.dp)
+        if self.dp * model_parallel != self.world_size:
+            raise ConfigError(f"{owner}: dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = "
+                              f"{self.dp * model_parallel} must equal world_size="
+                              f"{self.world_size}; set world_size={self.dp * model_parallel} or "
+                              "leave dp unset (derived)")
+
+    @classmethod
+    def of(cls, value: TrainPlacement | dict[str, Any]) -> TrainPlacement:
+        """``value`` as a ``TrainPlacement`` (a dict gives its fields).
+
+        Raises:
+            ConfigError: unknown fields, a wrong type, or an impossible layout.
+        """
+        return _coerce(cls, value, "Policy.train")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the engine runs in worker processes (``world_size > 1``)."""
+        return self.world_size > 1
+
+    def resolved_device(self) -> str:
+        """``device``, or ``"cuda"`` when CUDA is available and ``"cpu"`` otherwise."""
+        if self.device is not None:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel index of global ``rank`` (see the module's rank layout).
+
+        Raises:
+            ValueError: ``rank`` outside ``[0, world_size)``.
+        """
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
+        assert self.dp is not None  # derived in __post_init__
+        return (rank // self.tp) % self.dp
+
+
+def check_train_placement(backend: str, train: TrainPlacement, *, trainable: bool = True) -> None:
+    """Refuse a layout that ``backend`` cannot run (``PARALLELISM``).
+
+    Args:
+        backend: the policy's training backend.
+        train: its placement.
+        trainable: ``False`` for frozen and endpoint policies, which have no train engine.
+
+    Raises:
+        ConfigError: a frozen policy with ``world_size > 1``, a degree the backend does not
+            implement, or archon's ``ep`` other than 1 or ``dp``; the message names the fix.
+    """
+    if not train.distributed:
+        return
+    if not trainable:
+        raise ConfigError(f"Policy.train: world_size={train.world_size} but the policy is frozen "
+                          "(no train engine); remove train or set frozen=False")
+    supported = PARALLELISM.get(backend)
+    if supported is None:
+        raise ConfigError(f"Policy.train: backend {backend!r} has no multi-process support "
+                          f"registered; use world_size=1, one of {sorted(PARALLELISM)}, or add "
+                          f"its degrees to areal_agents.trainers.placement.PARALLELISM")
+    wanted = {d: getattr(train, d) for d in ("dp", "tp", "pp", "ep") if getattr(train, d) > 1}
+    missing = {d: n for d, n in wanted.items() if d not in supported}
+    if missing:
+        names = ", ".join(sorted(supported))
+        fix = [b for b, dims in PARALLELISM.items() if set(missing) <= dims]
+        use = f"use backend={fix[0]!r} for " if fix else "no backend supports "
+        only = "only data parallelism (dp)" if supported == {"dp"} else names
+        raise ConfigError(f"Policy.train: {backend} supports {only}; {use}"
+                          + ", ".join(f"{d}={n}" for d, n in missing.items()))
+    if train.ep > 1 and train.ep != train.dp:
+        raise ConfigError(f"Policy.train: ep={train.ep} must be 1 or dp={train.dp} (experts are "
+                          "split over the data-parallel ranks)")
+
+
+def engine_parallel_kwargs(backend: str, train: TrainPlacement) -> dict[str, int]:
+    """The engine keyword arguments that realise ``train`` on ``backend`` (e.g. archon's
+    ``dp_shard``/``tp``/``pp``/``ep``; none for fsdp, which shards over every rank)."""
+    names = _ENGINE_KWARGS.get(backend, {})
+    return {arg: getattr(train, degree) for degree, arg in names.items()}
+
+
+_AUTO_TRANSPORT: dict[str, Transport] = {"in_process": "tensors", "server": "shm",
+                                          "vllm": "disk", "sglang": "disk"}
+_TRANSPORTS: dict[str, tuple[str, ...]] = {"in_process": ("tensors",),
+                                           "server": ("shm", "disk", "nccl"),
+                                           "vllm": ("disk", "nccl"), "sglang": ("disk", "nccl")}
+
+
+@dataclass(frozen=True)
+class InferencePlacement:
+    """How one policy's inference engines run and how trained weights reach them.
+
+    Args:
+        kind: ``"in_process"`` (a ``LocalEngine`` in the controller, the default),
+            ``"server"`` (our own inference server process), ``"vllm"`` or ``"sglang"``.
+        replicas: engines behind the policy's router (with ``urls``: one per URL).
+        device: ``"cpu"`` or ``"cuda"``; ``None`` picks cuda when available.
+        transport: how weights move: ``"tensors"`` (in process), ``"shm"`` (shared memory,
+            same host), ``"disk"`` (safetensors files) or ``"nccl"`` (GPU only); ``None``
+            picks ``tensors`` in process, ``shm`` for a server, ``disk`` for vllm/sglang.
+        server_args: extra arguments of the launched servers.
+        python: the interpreter of the server's own venv (default: this one).
+        urls: attach to these running servers instead of launching any.
+
+    Raises:
+        ConfigError: unknown kind/transport/device, a transport the kind cannot use,
+            ``nccl`` on CPU, server options on ``in_process``, or ``replicas`` != ``len(urls)``.
+
+    Example:
+        >>> InferencePlacement(kind="server").resolved_transport()
+        'shm'
+        >>> InferencePlacement(urls=("http://h:8000",))
+        Traceback (most recent call last):
+        ...
+        areal_agents.errors.ConfigError: Policy.inference: urls, server_args and python are for kind='server', 'vllm' or 'sglang', not 'in_process'
+    """
+
+    kind: InferenceKind = "in_process"
+    replicas: int = 1
+    device: Device | None = None
+    transport: Transport | None = None
+    server_args: dict[str, Any] = field(default_factory=dict, hash=False)
+    python: str | None = None
+    urls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        owner = "Policy.inference"
+        _choice(owner, "kind", self.kind, InferenceKind)
+        _choice(owner, "device", self.device, Device)
+        _choice(owner, "transport", self.transport, Transport)
+        _positive(owner, "replicas", self.replicas)
+        object.__setattr__(self, "urls", tuple(self.urls))
+        object.__setattr__(self, "server_args", dict(self.server_args))
+        if self.kind == "in_process" and (self.urls or self.server_args or self.python):
+            raise ConfigError(f"{owner}: urls, server_args and python are for kind='server', "
+                              "'vllm' or 'sglang', not 'in_process'")
+        if self.urls and self.replicas not in (1, len(self.urls)):
+            raise ConfigError(f"{owner}: replicas={self.replicas} but {len(self.urls)} urls; "
+                              "with urls there is one replica per URL (drop replicas)")
+        if self.urls:
+            object.__setattr__(self, "replicas", len(self.urls))
+        allowed = _TRANSPORTS[self.kind]
+        if self.transport is not None and self.transport not in allowed:
+            raise ConfigError(f"{owner}: kind={self.kind!r} cannot use transport="
+                              f"{self.transport!r}; choose one of {list(allowed)} (or omit it)")
+        if self.transport == "nccl" and self.device == "cpu":
+            raise ConfigError(f"{owner}: transport='nccl' needs device='cuda'; use 'shm' or "
+                              "'disk' on CPU")
+
+    @classmethod
+    def of(cls, value: InferencePlacement | dict[str, Any] | str) -> InferencePlacement:
+        """``value`` as an ``InferencePlacement``: a kind name (``"vllm"``) is the shorthand
+        for ``InferencePlacement(kind="vllm")``; a dict gives its fields.
+
+        Raises:
+            ConfigError: unknown kind or fields, or an invalid combination.
+        """
+        if isinstance(value, str):
+            return cls(kind=value)  # type: ignore[arg-type]  # checked in __post_init__
+        return _coerce(cls, value, "Policy.inference")
+
+    def resolved_transport(self) -> Transport:
+        """``transport``, or the automatic choice for ``kind`` (see the class docstring)."""
+        return self.transport if self.transport is not None else _AUTO_TRANSPORT[self.kind]
