@@ -158,3 +158,13 @@ def test_missing_peft_names_the_lora_extra(monkeypatch):
             'LoRA on the FSDP backend (Policy.lora) needs peft, which is not installed: '
             'pip install "areal-agents[lora]"')):
         FSDPEngine(model, lr=1e-3, lora={"r": 4})
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    commands = [line for line in readme if line.startswith("python -m venv .venv ")
+                and line.endswith("&& pytest -q")]
+    assert len(commands) == 1
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert any(line.startswith(commands[0] + " ||") for line in ci)
+    assert "set -euo pipefail" in ci and "ruff check . || failed+=(\"ruff\")" in ci
