@@ -47,7 +47,7 @@ class Group:
     """A set of source files mutated together and the test files run against each mutant.
 
     Attributes:
-        files: source files, as paths in the repository.
+        files: source files, or folders (every ``.py`` file in them), as repository paths.
         tests: test files (or node ids), as paths in the repository.
     """
 
@@ -66,13 +66,11 @@ GROUPS: dict[str, Group] = {
                            "tests/mutation/test_tokenization.py")),
     "sampling": Group(("areal_agents/engines/sampling.py",),
                       ("tests/mutation/test_sampling.py",)),
-    "algorithms": Group(tuple(f"areal_agents/algorithms/{n}.py" for n in (
-        "advantages", "aggregation", "filtering", "kl", "losses", "objects", "registry",
-        "soft_clip", "token_level")), ("tests/algorithms", "tests/mutation/test_algorithms.py")),
-    "rollout": Group(("areal_agents/rollout/controller.py", "areal_agents/rollout/groups.py",
-                      "areal_agents/rollout/staleness.py"),
+    "algorithms": Group(("areal_agents/algorithms/",),
+                        ("tests/algorithms", "tests/mutation/test_algorithms.py")),
+    "rollout": Group(("areal_agents/rollout/",),
                      ("tests/trainer/test_staleness.py", "tests/trainer/test_controller.py",
-                      "tests/mutation/test_rollout.py")),
+                      "tests/trainer/test_ledger_resume.py", "tests/mutation/test_rollout.py")),
     "checkpointing": Group(("trainers/checkpointing.py",),
                            ("tests/trainer/test_checkpoint_atomic.py",
                             "tests/mutation/test_checkpointing.py")),
@@ -114,7 +112,8 @@ def stage_pyproject(group: Group, dirs: dict[str, str]) -> str:
     text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)
     settings = {**shared,
                 "source_paths": ["areal_agents"],
-                "only_mutate": [staged_path(f, dirs) for f in group.files],
+                "only_mutate": [staged_path(f, dirs) + ("*" if f.endswith("/") else "")
+                                for f in group.files],
                 "pytest_add_cli_args_test_selection": list(group.tests)}
     lines = ["", "[tool.mutmut]"] + [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
     return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
