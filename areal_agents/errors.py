@@ -10,7 +10,9 @@
     ├── RegistryError            unknown or duplicate environment id
     ├── EngineError              an inference engine failed a request
     │   ├── EngineTimeout        a request did not finish in time
-    │   └── ContextLengthExceeded  a prompt does not fit the model's context
+    │   ├── EngineUnavailable    the engine is gone (its server died); use another replica
+    │   ├── ContextLengthExceeded  a prompt does not fit the model's context
+    │   └── WeightSyncError      a weight transfer failed or was aborted
     ├── TrainError               a training backend failed
     └── ConfigError              a configuration value is invalid
 
@@ -56,8 +58,17 @@ class EngineTimeout(EngineError):
     """A request to an inference engine did not finish in time."""
 
 
+class EngineUnavailable(EngineError):
+    """An inference engine can serve no more requests (e.g. its server process died); the
+    gateway drops the replica (and restarts it when it can)."""
+
+
 class ContextLengthExceeded(EngineError, ValueError):
     """A prompt (plus ``max_tokens``) does not fit the model's context window."""
+
+
+class WeightSyncError(EngineError):
+    """A weight transfer to an engine failed or was aborted (the receiver discards it)."""
 
 
 class TrainError(AgentsError):

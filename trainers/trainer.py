@@ -212,11 +212,17 @@ class Trainer:
                 if getattr(self.algorithms[name], "needs_reference", False):
                     self.ref_engines[name] = build_reference(
                         name, policy, model, factory, self.run_dir, resumed=ckpt is not None)
-                # copied before the engine is built: PEFT LoRA rewraps `model` in place, and
-                # the served copy must keep the plain HF names that export_weights yields
-                serving = copy.deepcopy(model)
-                self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
-                                                   **policy.train_kwargs)
+                if policy.train.distributed:  # the workers unpickle their own copies of `model`
+                    self.train_engines[name] = WorkerGroupEngine(
+                        model, policy.train, backend=policy.backend, factory=factory,
+                        lr=policy.lr, lora=policy.lora, **policy.train_kwargs)
+                    serving = model
+                else:
+                    # copied before the engine is built: PEFT LoRA rewraps `model` in place,
+                    # and the served copy must keep the plain HF names export_weights yields
+                    serving = copy.deepcopy(model)
+                    self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
+                                                       **policy.train_kwargs)
             serving = (copy.deepcopy(model) if serving is None else serving).eval()
             engine = LocalEngine(serving, tokenizer, max_batch_size=self.generation_batch_size)
             self.gateway.add_policy(name, [engine], tokenizer)
@@ -298,13 +304,9 @@ class Trainer:
         control = self.controller.controls[name]
         new_version = control.version + 1
 
-        async def push() -> None:
-            await self.gateway.pause(name)
-            try:
-                update = WeightUpdate(named_tensors=iter(weights), version=new_version)
-                await self.gateway.update_weights(name, update)
-            finally:
-                await self.gateway.resume(name)
+        async def push() -> None:  # pause all -> update all -> resume all (also on failure)
+            update = WeightUpdate(named_tensors=iter(weights), version=new_version)
+            await self.gateway.push_weights(name, update)
 
         await self.controller.update_weights(name, push, new_version)
         engine.version = new_version

@@ -15,9 +15,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ..engines.base import InferenceEngine, WeightUpdate
+from ..errors import EngineError, EngineUnavailable
 from .auth import digest, new_secret
 from .router import Router
 from .routes import build_app
@@ -47,6 +48,59 @@ class Policy:
 
     def token_text(self, token_id: int) -> str:
         return _token_text(self.tokenizer, token_id)
+
+    def replica_failed(self, index: int, error: BaseException) -> None:
+        """Drop replica ``index`` from routing (its engine is gone); an engine that can
+        ``restart()`` is restarted in the background and routed to again once it is back."""
+        if index in self.router.dead:
+            return
+        log.warning("policy %r: dropping engine replica %d: %s", self.name, index, error)
+        self.router.mark_dead(index)
+        engine = self.router.engines[index]
+        if isinstance(engine, Restartable) and engine.num_restarts < engine.restart_limit:
+            task = asyncio.get_running_loop().create_task(self._restart(index))
+            _RESTARTS.add(task)
+            task.add_done_callback(_RESTARTS.discard)
+
+    async def _restart(self, index: int) -> None:
+        engine = self.router.engines[index]
+        try:
+            assert isinstance(engine, Restartable)
+            await engine.restart()
+        except Exception as exc:
+            log.error("policy %r: engine replica %d could not be restarted: %s", self.name,
+                      index, exc)
+            return
+        log.warning("policy %r: engine replica %d restarted at version %d", self.name, index,
+                    engine.version)
+        self.router.revive(index)
+
+
+_RESTARTS: set[asyncio.Task[None]] = set()  # strong references to running restarts
+
+
+@runtime_checkable
+class Restartable(Protocol):
+    """An engine that can relaunch its dead server (e.g. ``RemoteEngine`` with a
+    ``restart_limit``); while dead, ``update_weights`` keeps the weights for the restart."""
+
+    restart_limit: int
+    num_restarts: int
+
+    async def restart(self) -> None: ...
+
+    async def update_weights(self, update: WeightUpdate) -> None: ...
+
+
+async def _keep_for_restart(p: Policy, index: int, engine: Restartable,
+                            update: WeightUpdate) -> None:
+    """Hand an update to a dead replica that may restart (it loads it then)."""
+    if not engine.restart_limit:
+        return
+    try:
+        await engine.update_weights(update)
+    except EngineError as exc:
+        log.warning("policy %r: dead replica %d did not keep the update: %s", p.name, index, exc)
 
 
 @lru_cache(maxsize=65536)
@@ -157,33 +211,94 @@ class Gateway:
         return [self.policies[policy]]
 
     async def pause(self, policy: str | None = None) -> None:
-        """Pause every replica of ``policy`` (None: all policies)."""
-        await asyncio.gather(*(e.pause() for p in self._policies(policy)
-                               for e in p.router.engines))
+        """Pause every live replica of ``policy`` (None: all policies); a replica found dead
+        is dropped."""
+        await self._each_live(policy, lambda e: e.pause())
 
     async def resume(self, policy: str | None = None) -> None:
-        """Resume every replica of ``policy`` (None: all policies)."""
-        await asyncio.gather(*(e.resume() for p in self._policies(policy)
-                               for e in p.router.engines))
+        """Resume every live replica of ``policy`` (None: all policies); a replica found dead
+        is dropped."""
+        await self._each_live(policy, lambda e: e.resume())
+
+    async def _each_live(self, policy: str | None, call: Any) -> None:
+        async def one(p: Policy, index: int) -> None:
+            try:
+                await call(p.router.engines[index])
+            except EngineUnavailable as exc:
+                p.replica_failed(index, exc)
+
+        await asyncio.gather(*(one(p, i) for p in self._policies(policy)
+                               for i in range(len(p.router.engines)) if i not in p.router.dead))
+
+    async def push_weights(self, policy: str, update: WeightUpdate) -> None:
+        """Pause all replicas of ``policy`` -> update all -> resume all, resuming even when the
+        update fails (the error then propagates; no replica is left paused).
+
+        Raises:
+            KeyError: unknown policy.
+            EngineError: a live replica refused the update.
+        """
+        await self.pause(policy)
+        try:
+            await self.update_weights(policy, update)
+        finally:
+            await self.resume(policy)
+
+    async def add_replica(self, policy: str, engine: InferenceEngine,
+                          weights: WeightUpdate | None = None) -> int:
+        """Add a replica to ``policy`` (a late joiner); returns its index.
+
+        It takes traffic only after it holds the policy's current version: ``weights`` (the
+        current weights) are loaded into it first, at that version.
+
+        Raises:
+            KeyError: unknown policy.
+            ValueError: the engine is behind the policy's version and ``weights`` is None.
+        """
+        p = self._policies(policy)[0]
+        live = p.router.live_engines()
+        current = max((e.version for e in live), default=engine.version)
+        if weights is not None:
+            await engine.update_weights(WeightUpdate(named_tensors=weights.named_tensors,
+                                                     path=weights.path, version=current))
+        if engine.version != current:
+            raise ValueError(f"the new replica of {policy!r} holds version {engine.version}, the "
+                             f"policy is at {current}: pass weights= (the current weights)")
+        return p.router.add(engine)
 
     async def update_weights(self, policy: str, update: WeightUpdate) -> None:
-        """Load ``update`` into every replica of ``policy`` (in order; they end on one version).
+        """Load ``update`` into every live replica of ``policy`` (in order; they end on one
+        version). A replica found dead is dropped; dead replicas that will restart keep the
+        update for then.
 
         In-process ``named_tensors`` are materialised once and handed to each replica.
+
+        Raises:
+            KeyError: unknown policy.
+            EngineError: a live replica refused the update.
         """
-        engines = self.policies[policy].router.engines if policy in self.policies else None
-        if engines is None:
-            raise KeyError(f"unknown policy {policy!r}; known: {sorted(self.policies)}")
-        if update.named_tensors is not None and len(engines) > 1:
-            tensors = list(update.named_tensors)
-            target = update.version if update.version is not None else engines[0].version + 1
-            for e in engines:
-                await e.update_weights(WeightUpdate(named_tensors=iter(tensors), version=target))
-            return
-        if update.path is not None and update.version is None and len(engines) > 1:
-            update = WeightUpdate(path=update.path, version=engines[0].version + 1)
-        for e in engines:
-            await e.update_weights(update)
+        p = self._policies(policy)[0]
+        live = p.router.live_engines()
+        target = (update.version if update.version is not None
+                  else max([e.version for e in live] or [0]) + 1)
+        tensors = list(update.named_tensors) if update.named_tensors is not None else None
+
+        def fresh() -> WeightUpdate:
+            if tensors is not None:
+                return WeightUpdate(named_tensors=iter(tensors), version=target)
+            return WeightUpdate(path=update.path, version=target)
+
+        for index, engine in enumerate(list(p.router.engines)):
+            if index in p.router.dead:
+                if isinstance(engine, Restartable):
+                    await _keep_for_restart(p, index, engine, fresh())
+                continue
+            try:
+                await engine.update_weights(fresh())
+            except EngineUnavailable as exc:
+                p.replica_failed(index, exc)
+                if isinstance(engine, Restartable):
+                    await _keep_for_restart(p, index, engine, fresh())
 
     def async_client(self, api_key: str | None = None, **kwargs: Any) -> Any:
         """An ``openai.AsyncOpenAI`` talking to this gateway in process (ASGI, no sockets).

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..engines.base import CompletionOutput, GenerateRequest, SamplingParams
-from ..errors import ContextLengthExceeded, EngineError
+from ..errors import ContextLengthExceeded, EngineError, EngineUnavailable
 from ..samples import SamplingDistribution
 from .chat import decode_completion, encode, parse_tool_calls, render
 from .errors import GatewayError, bad_request
@@ -43,13 +43,20 @@ async def generate(policy: Policy, prompt_ids: list[int], fields: dict[str, Any]
         top_k=fields["top_k"], stop=fields["stop"], stop_token_ids=sorted(policy.stop_ids),
         seed=fields["seed"], n=fields["n"], top_logprobs=fields["top_logprobs"])
     session_id = session.session_id if session else None
-    index, engine = policy.router.acquire(session_id)
+    try:
+        index, engine = policy.router.acquire(session_id)
+    except EngineUnavailable as exc:  # every replica is dead
+        raise GatewayError(503, str(exc), code="engine_unavailable") from exc
     start = time.time()
     try:
         result = await engine.generate(GenerateRequest(prompt_ids, sampling,
                                                        session_id=session_id))
     except ContextLengthExceeded as exc:
         raise bad_request(str(exc), param="messages", code="context_length_exceeded") from exc
+    except EngineUnavailable as exc:  # the replica is gone: route around it from now on
+        policy.replica_failed(index, exc)
+        raise GatewayError(503, f"engine replica unavailable: {exc}",
+                           code="engine_unavailable") from exc
     except EngineError as exc:
         raise GatewayError(500, f"engine error: {exc}", code="engine_error") from exc
     finally:

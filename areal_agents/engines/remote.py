@@ -1,0 +1,359 @@
+"""``RemoteEngine``: an engine server (``engines/service.py``) as an ``InferenceEngine``.
+
+Launch a server that this engine owns (``RemoteEngine.launch(model_dir)``: its own process
+group via ``ServerProcess``, a random token, 127.0.0.1) or attach to a running one
+(``RemoteEngine.attach(url, token=...)``). The server is a ``LocalEngine``, so token ids,
+per-token log-probs and versions are exactly those of an in-process ``LocalEngine`` on the
+same weights.
+
+A server that dies makes every request fail with ``EngineUnavailable`` (the gateway then drops
+the replica). With ``restart_limit > 0`` a launched engine can ``restart()`` its server: the
+new process loads the model and the weights of the last update (every update of such an
+engine goes through a safetensors directory it keeps), and takes the same version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx2
+
+from ..errors import ContextLengthExceeded, EngineError, EngineTimeout, EngineUnavailable
+from .base import GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from .server_process import ServerProcess, free_port
+from .service import TOKEN_ENV, request_to_json, result_from_json
+
+WeightTransport = Literal["shm", "disk"]
+
+
+class RemoteEngine(InferenceEngine):
+    """An engine server reached over HTTP (token ids in; ids, log-probs, versions out).
+
+    Build one with ``await RemoteEngine.launch(model_dir)`` or ``await RemoteEngine.attach(url,
+    token=...)``; the constructor checks nothing.
+
+    Args:
+        url: base URL, e.g. ``"http://127.0.0.1:8123"``.
+        token: the server's bearer token.
+        max_context: the server's context window.
+        version: the weight version the server holds.
+        timeout_s: seconds one request may take (a whole generation included).
+        transport: how ``update_weights(named_tensors=...)`` ships tensors: ``"shm"``
+            (one POSIX shared-memory block, same host) or ``"disk"`` (a safetensors dir).
+        http_transport: an ``httpx2`` transport (tests pass ``httpx2.ASGITransport``).
+        server: the ``ServerProcess`` this engine owns (stopped by ``close``).
+        launch_args: how ``restart`` relaunches the server (set by ``launch``).
+        restart_limit: how many times ``restart`` may relaunch the server (0: never).
+
+    Example:
+        >>> async def main():  # doctest: +SKIP
+        ...     async with await RemoteEngine.launch("runs/x/serving/listener") as engine:
+        ...         out = await engine.generate(GenerateRequest([1, 2], SamplingParams(max_tokens=4)))
+        ...         return out.outputs[0].token_ids
+    """
+
+    def __init__(self, url: str, *, token: str, max_context: int, version: int = 0,
+                 timeout_s: float = 600.0, transport: WeightTransport = "shm",
+                 http_transport: httpx2.AsyncBaseTransport | None = None,
+                 server: ServerProcess | None = None, launch_args: dict[str, Any] | None = None,
+                 restart_limit: int = 0) -> None:
+        if transport not in ("shm", "disk"):
+            raise ValueError(f"transport={transport!r}; choose 'shm' or 'disk'")
+        self.url = url.rstrip("/")
+        self.token = token
+        self.max_context = max_context
+        self.version = version
+        self.timeout_s = timeout_s
+        self.transport: WeightTransport = "disk" if restart_limit else transport
+        self.server = server
+        self.launch_args = launch_args
+        self.restart_limit = restart_limit
+        self.num_restarts = 0
+        self._http_transport = http_transport
+        self._http = self._client()
+        self._pending = 0
+        self._closed = False
+        self._lock = asyncio.Lock()  # weight updates and restarts, one at a time
+        self._weights_dir: Path | None = None  # the last update's tensors (restartable engines)
+
+    def _client(self) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(base_url=self.url, transport=self._http_transport,
+                                  timeout=self.timeout_s,
+                                  headers={"Authorization": f"Bearer {self.token}"})
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    async def launch(cls, model_dir: str | Path, *, threads: int = 1, max_batch_size: int = 32,
+                     python: str | None = None, log_path: str | Path | None = None,
+                     startup_timeout_s: float = 300.0, timeout_s: float = 600.0,
+                     transport: WeightTransport = "shm", restart_limit: int = 0,
+                     weights: str | Path | None = None, version: int = 0,
+                     progress: Callable[[str], None] | None = None) -> RemoteEngine:
+        """Start ``python -m areal_agents.engines.service`` on a free port and attach.
+
+        Args:
+            model_dir: model and tokenizer saved with ``save_pretrained``.
+            threads: ``OMP_NUM_THREADS`` and torch threads of the server.
+            max_batch_size: the server engine's rows per decode step.
+            python: the interpreter (default: this one).
+            log_path: the server's log (default: a new temporary directory).
+            startup_timeout_s: seconds to wait for ``GET /health``.
+            weights, version: a safetensors dir loaded at start, and the version it is.
+            transport, restart_limit, timeout_s: see the class.
+
+        Raises:
+            EngineError: the server exited during start-up (with its last log lines).
+            EngineTimeout: not healthy within ``startup_timeout_s`` (the server is stopped).
+        """
+        args = {"model_dir": str(model_dir), "threads": threads, "max_batch_size": max_batch_size,
+                "python": python or sys.executable, "startup_timeout_s": startup_timeout_s,
+                "log_path": str(log_path or Path(tempfile.mkdtemp(prefix="engine-")) / "server.log"),
+                "progress": progress}
+        server, url, token = await _start_server(args, weights, version)
+        try:
+            engine = await cls.attach(url, token=token, timeout_s=timeout_s, server=server,
+                                      transport=transport, restart_limit=restart_limit)
+        except BaseException:
+            server.stop()
+            raise
+        engine.launch_args = args
+        return engine
+
+    @classmethod
+    async def attach(cls, url: str, *, token: str, timeout_s: float = 600.0,
+                     transport: WeightTransport = "shm",
+                     http_transport: httpx2.AsyncBaseTransport | None = None,
+                     server: ServerProcess | None = None, restart_limit: int = 0) -> RemoteEngine:
+        """An engine for the running server at ``url`` (version and context read from it).
+
+        Raises:
+            EngineError: the server cannot be reached or refuses the token.
+        """
+        engine = cls(url, token=token, max_context=0, timeout_s=timeout_s, transport=transport,
+                     http_transport=http_transport, server=server, restart_limit=restart_limit)
+        try:
+            state = await engine._request("GET", "/version")
+        except BaseException:
+            await engine._http.aclose()
+            raise
+        engine.version, engine.max_context = int(state["version"]), int(state["max_context"])
+        return engine
+
+    # -- InferenceEngine ----------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """False once a launched server has exited (an attached one is assumed alive)."""
+        return not self._closed and (self.server is None or self.server.running)
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """Generate on the server.
+
+        Raises:
+            ContextLengthExceeded: ``len(prompt_ids) + max_tokens > max_context``.
+            EngineUnavailable: the server died (or was never reachable).
+            EngineTimeout: no answer within ``timeout_s``.
+            EngineError: the server refused the request (its message).
+        """
+        if self._closed:
+            raise EngineError("RemoteEngine is closed; create a new engine")
+        sp = request.sampling
+        if len(request.prompt_ids) + sp.max_tokens > self.max_context:
+            raise ContextLengthExceeded(
+                f"prompt of {len(request.prompt_ids)} tokens + max_tokens {sp.max_tokens} = "
+                f"{len(request.prompt_ids) + sp.max_tokens} exceeds the context window of "
+                f"{self.max_context} tokens; shorten the prompt or lower max_tokens")
+        self._pending += 1
+        try:
+            data = await self._request("POST", "/generate", request_to_json(request))
+        finally:
+            self._pending -= 1
+        return result_from_json(data)
+
+    async def pause(self) -> None:
+        """``POST /pause``: the server stops decoding; in-flight requests wait. Idempotent."""
+        await self._request("POST", "/pause")
+
+    async def resume(self) -> None:
+        """``POST /resume``. Idempotent."""
+        await self._request("POST", "/resume")
+
+    async def update_weights(self, update: WeightUpdate) -> None:
+        """Load new weights on the server and take the new version.
+
+        ``path`` updates send the directory (the server must read the same file system);
+        ``named_tensors`` go by shared memory or through a safetensors dir (``transport``).
+        A restartable engine keeps that dir, and while its server is dead an update only
+        replaces it (``restart`` loads it).
+
+        Raises:
+            EngineUnavailable: the server died (not restartable).
+            EngineError: the server refused the update (a name or shape it does not know).
+        """
+        from areal_agents.trainers.weight_sync import SharedWeights, save_safetensors_dir
+
+        async with self._lock:
+            target = update.version if update.version is not None else self.version + 1
+            if self.restart_limit:
+                path = await self._keep_weights(update, target)
+                if self.server is not None and not self.server.running:
+                    self.version = target  # restart() loads these weights
+                    return
+                body = {"path": path, "version": target}
+                await self._request("POST", "/update_weights/disk", body)
+            elif update.path is not None:
+                await self._request("POST", "/update_weights/disk",
+                                    {"path": str(Path(update.path).resolve()), "version": target})
+            elif self.transport == "shm":
+                assert update.named_tensors is not None
+                shared = await asyncio.to_thread(SharedWeights.write, update.named_tensors)
+                try:
+                    await self._request("POST", "/update_weights/shared",
+                                        {"manifest": shared.manifest, "version": target})
+                finally:
+                    shared.close()
+            else:
+                assert update.named_tensors is not None
+                folder = tempfile.mkdtemp(prefix="engine-weights-")
+                try:
+                    await asyncio.to_thread(save_safetensors_dir, _untied(update.named_tensors),
+                                            folder)
+                    await self._request("POST", "/update_weights/disk",
+                                        {"path": folder, "version": target})
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+            self.version = target
+
+    async def _keep_weights(self, update: WeightUpdate, version: int) -> str:
+        """Write (or copy) the update into this engine's own safetensors dir; returns it."""
+        from areal_agents.trainers.weight_sync import load_safetensors_dir, save_safetensors_dir
+
+        if self._weights_dir is None:
+            self._weights_dir = Path(tempfile.mkdtemp(prefix="engine-latest-"))
+        tensors = (update.named_tensors if update.named_tensors is not None
+                   else load_safetensors_dir(str(update.path)))
+        folder = str(self._weights_dir / "latest")
+        await asyncio.to_thread(save_safetensors_dir, _untied(tensors), folder)
+        return folder
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending
+
+    async def restart(self) -> None:
+        """Relaunch a dead server with the last update's weights and this engine's version.
+
+        Raises:
+            EngineError: not launched here, or ``restart_limit`` restarts already used.
+        """
+        async with self._lock:
+            if self.launch_args is None:
+                raise EngineError(f"the engine server at {self.url} was attached, not launched "
+                                  "here; it cannot be restarted")
+            if self.num_restarts >= self.restart_limit:
+                raise EngineError(f"the engine server was restarted {self.num_restarts} times "
+                                  f"already (restart_limit={self.restart_limit})")
+            self.num_restarts += 1
+            if self.server is not None:
+                await asyncio.to_thread(self.server.stop)
+            weights = self._weights_dir / "latest" if self._weights_dir else None
+            args = {**self.launch_args,
+                    "log_path": f"{self.launch_args['log_path']}.restart{self.num_restarts}"}
+            self.server, url, self.token = await _start_server(
+                args, weights if weights and weights.exists() else None, self.version)
+            await self._http.aclose()
+            self.url = url
+            self._http = self._client()
+
+    async def close(self) -> None:
+        """Close the HTTP client and stop a launched server. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._http.aclose()
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+        if self._weights_dir is not None:
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def _request(self, method: str, path: str,
+                       body: dict[str, Any] | None = None) -> dict[str, Any]:
+        what = f"{method} {path}"
+        try:
+            response = await self._http.request(method, path, json=body)
+        except httpx2.TimeoutException as exc:
+            raise EngineTimeout(f"the engine server at {self.url} did not answer {what} within "
+                                f"{self.timeout_s:.0f} s; raise timeout_s or check the server"
+                                f"{self._log_hint()}") from exc
+        except httpx2.TransportError as exc:
+            raise EngineUnavailable(f"the engine server at {self.url} is unreachable ({what}: "
+                                    f"{type(exc).__name__}: {exc}){self._log_hint()}") from exc
+        if response.status_code >= 400:
+            error = _error(response)
+            if error.get("type") == "context_length_exceeded":
+                raise ContextLengthExceeded(error.get("message", ""))
+            raise EngineError(f"the engine server answered {what} with HTTP "
+                              f"{response.status_code}: {error.get('message')}{self._log_hint()}")
+        return response.json()
+
+    def _log_hint(self) -> str:
+        if self.server is None:
+            return ""
+        state = "running" if self.server.running else f"exited ({self.server.proc.returncode})"
+        return (f". The server process is {state}; its last log lines ({self.server.log_path}):"
+                f"\n{self.server.log_tail(15)}")
+
+
+async def _start_server(args: dict[str, Any], weights: str | Path | None,
+                        version: int) -> tuple[ServerProcess, str, str]:
+    """Start an engine server from ``launch``'s arguments; wait until it is healthy."""
+    port, token = free_port(), secrets.token_urlsafe(32)
+    argv = [args["python"], "-m", "areal_agents.engines.service", "--model", args["model_dir"],
+            "--port", str(port), "--threads", str(args["threads"]),
+            "--max-batch-size", str(args["max_batch_size"]), "--version", str(version)]
+    argv += ["--weights", str(weights)] if weights is not None else []
+    env = {TOKEN_ENV: token, "OMP_NUM_THREADS": str(args["threads"]),
+           "MKL_NUM_THREADS": str(args["threads"])}
+    server = ServerProcess(argv, args["log_path"], env=env, name="engine server", grace_s=5.0)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx2.AsyncClient() as probe:
+            await server.wait_healthy(
+                probe, f"{url}/health", timeout_s=args["startup_timeout_s"],
+                progress=args["progress"] or partial(print, file=sys.stderr, flush=True))
+    except BaseException:
+        server.stop()
+        raise
+    return server, url, token
+
+
+def _untied(named_tensors: Any) -> list[tuple[str, Any]]:
+    """Detached CPU copies; tensors sharing storage (tied weights) are cloned for safetensors."""
+    out, seen = [], set()
+    for name, tensor in named_tensors:
+        t = tensor.detach().cpu().contiguous()
+        if t.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out.append((name, t))
+    return out
+
+
+def _error(response: httpx2.Response) -> dict[str, Any]:
+    with contextlib.suppress(ValueError):
+        body = response.json()
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            return body["error"]
+    return {"message": response.text[:500] or response.reason_phrase}

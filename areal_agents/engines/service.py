@@ -1,0 +1,223 @@
+"""A ``LocalEngine`` served in its own process: a small token-in / token-out HTTP protocol.
+
+Endpoints (JSON bodies; every one but ``GET /health`` needs ``Authorization: Bearer <token>``,
+the server's random token, read from ``$AREAL_AGENTS_ENGINE_TOKEN``; there is no default)::
+
+    GET  /health                    {"status": "ok"}
+    GET  /version                   {"version": int, "max_context": int, "num_pending": int}
+    POST /generate                  GenerateRequest -> GenerateResult (see *_to_json below)
+    POST /pause, /resume            {"version": int}
+    POST /update_weights/disk       {"path": DIR, "version": int | null} -> {"version": int}
+    POST /update_weights/shared     {"manifest": SharedWeights.manifest, "version": ...}
+
+Errors answer ``{"error": {"type": ..., "message": ...}}``: 400 ``context_length_exceeded``,
+400 ``invalid_request``, 401 ``unauthorized``, 500 ``engine_error``.
+
+Run one with (``RemoteEngine.launch`` does this)::
+
+    AREAL_AGENTS_ENGINE_TOKEN=... python -m areal_agents.engines.service --model DIR --port P
+
+``DIR`` holds a model and tokenizer saved with ``save_pretrained``. The server binds
+127.0.0.1 only and sets ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` to ``--threads``
+(default 1) before loading the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from ..errors import ContextLengthExceeded, EngineError
+from .base import CompletionOutput, GenerateRequest, GenerateResult, SamplingParams, WeightUpdate
+
+TOKEN_ENV = "AREAL_AGENTS_ENGINE_TOKEN"
+HOST = "127.0.0.1"
+
+# ---- the protocol: JSON forms of requests and results -------------------------------------
+
+
+def request_to_json(request: GenerateRequest) -> dict[str, Any]:
+    """The JSON body of ``POST /generate`` for ``request``."""
+    return asdict(request)
+
+
+def request_from_json(body: Any) -> GenerateRequest:
+    """Parse a ``POST /generate`` body.
+
+    Raises:
+        ValueError: a missing or mistyped field (the message names it).
+    """
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object with prompt_ids and sampling")
+    ids = body.get("prompt_ids")
+    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        raise ValueError("prompt_ids must be a list of integer token ids")
+    sampling = body.get("sampling") or {}
+    if not isinstance(sampling, dict):
+        raise ValueError("sampling must be an object of SamplingParams fields")
+    try:
+        params = SamplingParams(**sampling)
+    except TypeError as exc:
+        raise ValueError(f"sampling: {exc}") from exc
+    extra: dict[str, Any] = {}
+    if body.get("request_id") is not None:
+        extra["request_id"] = str(body["request_id"])
+    return GenerateRequest(ids, params, session_id=body.get("session_id"), **extra)
+
+
+def result_to_json(result: GenerateResult) -> dict[str, Any]:
+    """The JSON answer of ``POST /generate``."""
+    return asdict(result)
+
+
+def result_from_json(data: dict[str, Any]) -> GenerateResult:
+    """Parse a ``POST /generate`` answer (``top_logprobs`` pairs become tuples again)."""
+    outputs = []
+    for out in data["outputs"]:
+        top = out.get("top_logprobs")
+        outputs.append(CompletionOutput(
+            token_ids=[int(t) for t in out["token_ids"]],
+            logprobs=[float(x) for x in out["logprobs"]],
+            versions=[int(v) for v in out["versions"]], finish_reason=out["finish_reason"],
+            top_logprobs=None if top is None else [[(int(t), float(lp)) for t, lp in row]
+                                                   for row in top]))
+    return GenerateResult(str(data["request_id"]), [int(t) for t in data["prompt_ids"]], outputs)
+
+
+# ---- the server -------------------------------------------------------------------------------
+
+
+def build_app(engine: Any, token: str) -> Any:
+    """The Starlette app serving ``engine`` (a ``LocalEngine``) under bearer ``token``.
+
+    Raises:
+        ValueError: ``token`` is empty (there is no default secret).
+    """
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    if not token:
+        raise ValueError(f"the engine server needs a non-empty token (set ${TOKEN_ENV})")
+
+    def error(status: int, kind: str, message: str) -> JSONResponse:
+        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
+
+    def authorized(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+
+    def endpoint(fn: Any) -> Any:
+        async def handler(request: Request) -> JSONResponse:
+            if not authorized(request):
+                return error(401, "unauthorized", "missing or wrong bearer token")
+            try:
+                body = await request.json() if request.method == "POST" else None
+            except ValueError as exc:
+                return error(400, "invalid_request", f"the body is not JSON: {exc}")
+            try:
+                return JSONResponse(await fn(body))
+            except ContextLengthExceeded as exc:
+                return error(400, "context_length_exceeded", str(exc))
+            except (ValueError, KeyError, FileNotFoundError) as exc:
+                return error(400, "invalid_request", str(exc))
+            except EngineError as exc:
+                return error(500, "engine_error", str(exc))
+            except Exception as exc:  # any other failure: say what it was
+                return error(500, "engine_error", f"{type(exc).__name__}: {exc}")
+        return handler
+
+    def state() -> dict[str, int]:
+        return {"version": engine.version, "max_context": engine.max_context,
+                "num_pending": engine.num_pending}
+
+    async def generate(body: Any) -> dict[str, Any]:
+        return result_to_json(await engine.generate(request_from_json(body)))
+
+    async def pause(body: Any) -> dict[str, int]:
+        await engine.pause()
+        return state()
+
+    async def resume(body: Any) -> dict[str, int]:
+        await engine.resume()
+        return state()
+
+    async def version(body: Any) -> dict[str, int]:
+        return state()
+
+    async def update_disk(body: Any) -> dict[str, int]:
+        path = body.get("path") if isinstance(body, dict) else None
+        if not isinstance(path, str):
+            raise ValueError("'path' (a directory of *.safetensors files) is required")
+        await engine.update_weights(WeightUpdate(path=path, version=body.get("version")))
+        return state()
+
+    async def update_shared(body: Any) -> dict[str, int]:
+        from areal_agents.trainers.weight_sync import read_shared
+
+        manifest = body.get("manifest") if isinstance(body, dict) else None
+        if not isinstance(manifest, dict) or "block" not in manifest:
+            raise ValueError("'manifest' (SharedWeights.manifest) is required")
+        tensors = list(read_shared(manifest))
+        await engine.update_weights(WeightUpdate(named_tensors=tensors,
+                                                 version=body.get("version")))
+        return state()
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[
+        Route("/health", health, methods=["GET"]),
+        Route("/version", endpoint(version), methods=["GET"]),
+        Route("/generate", endpoint(generate), methods=["POST"]),
+        Route("/pause", endpoint(pause), methods=["POST"]),
+        Route("/resume", endpoint(resume), methods=["POST"]),
+        Route("/update_weights/disk", endpoint(update_disk), methods=["POST"]),
+        Route("/update_weights/shared", endpoint(update_shared), methods=["POST"]),
+    ])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m areal_agents.engines.service",
+                                     description="Serve a LocalEngine over HTTP on 127.0.0.1.")
+    parser.add_argument("--model", required=True, help="model + tokenizer dir (save_pretrained)")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1, help="OMP / torch threads")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--weights", default=None,
+                        help="a safetensors dir loaded over the model's weights at start")
+    parser.add_argument("--version", type=int, default=0, help="the initial weight version")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Load the model, then serve until SIGTERM."""
+    args = parse_args(argv)
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        sys.exit(f"set ${TOKEN_ENV} to a random secret (RemoteEngine.launch does); there is no "
+                 "default token")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch creates its thread pool
+    import torch
+    import uvicorn
+
+    from .local import LocalEngine, apply_weight_update
+
+    torch.set_num_threads(args.threads)
+    engine = LocalEngine(args.model, max_batch_size=args.max_batch_size)
+    if args.weights:
+        apply_weight_update(engine.model, WeightUpdate(path=args.weights))
+    engine.version = args.version
+    print(f"engine server: {args.model} (version {engine.version}) on {HOST}:{args.port}",
+          flush=True)
+    uvicorn.run(build_app(engine, token), host=HOST, port=args.port, log_level="warning",
+                lifespan="off")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Building a policy's inference engines from its ``InferencePlacement``.
+
+=============  =================================================================================
+``in_process``  one ``LocalEngine`` on the served copy of the model (the default; the fastest
+                on a laptop)
+``server``      ``replicas`` engine servers (``python -m areal_agents.engines.service``), each
+                a ``LocalEngine`` in its own process, reached by ``RemoteEngine``; the model
+                and tokenizer are saved with ``save_pretrained`` to
+                ``run_dir/serving/<policy>`` and loaded by every server. With ``urls`` the
+                engines attach to running servers instead (token: ``server_args["token"]``
+                or ``$AREAL_AGENTS_ENGINE_TOKEN``).
+``vllm``        ``replicas`` vLLM servers (``VLLMEngine.launch``) on the model saved as above;
+                ``python`` is the interpreter of the vLLM venv
+=============  =================================================================================
+
+``server_args`` are keyword arguments of the engine's ``launch``: for ``server``
+(``RemoteEngine.launch``) ``threads`` (OMP/torch threads per server, default 1),
+``max_batch_size``, ``restart_limit`` (restarts of a server that died, default 0),
+``startup_timeout_s`` and ``timeout_s``; for ``vllm`` those of ``VLLMEngine.launch``
+(``dtype``, ``max_model_len``, ``kv_cache_gib``, ``server_args`` (a list of CLI flags)...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from areal_agents.engines.base import InferenceEngine
+from areal_agents.errors import ConfigError
+
+from .placement import InferencePlacement
+
+__all__ = ["LAUNCH_ARGS", "build_engines"]
+
+LAUNCH_ARGS = ("threads", "max_batch_size", "restart_limit", "startup_timeout_s", "timeout_s")
+"""The ``server_args`` a ``server`` placement accepts (``RemoteEngine.launch`` arguments)."""
+
+
+async def build_engines(name: str, placement: InferencePlacement, model: Any,
+                                  tokenizer: Any, run_dir: str | Path | None, *,
+                                  max_batch_size: int = 32) -> list[InferenceEngine]:
+    """The replicas serving policy ``name``, ready for ``Gateway.add_policy``.
+
+    Args:
+        name: the policy's name (names its serving directory).
+        placement: how to serve it.
+        model: the served copy of the model (``in_process`` serves this very object).
+        tokenizer: its tokenizer.
+        run_dir: where ``server`` replicas load the model from (``serving/<name>``; a
+            temporary directory when None).
+        max_batch_size: rows per decode step (``server_args["max_batch_size"]`` overrides).
+
+    Raises:
+        ConfigError: a kind or transport not served here, or unknown ``server_args``.
+        EngineError: a server did not start (with its log tail); started ones are stopped.
+    """
+    if placement.kind == "in_process":
+        from areal_agents.engines.local import LocalEngine
+
+        return [LocalEngine(model, tokenizer, max_batch_size=max_batch_size)]
+    if placement.kind == "vllm":
+        return await _launch_vllm(name, placement, model, tokenizer, run_dir)
+    if placement.kind != "server":
+        raise ConfigError(f"Policy.inference.kind={placement.kind!r} is not built by "
+                          "areal_agents.trainers.serving yet; use 'in_process', 'server' or "
+                          "'vllm'")
+    transport = placement.resolved_transport()
+    if transport not in ("shm", "disk"):
+        raise ConfigError(f"Policy.inference: kind='server' moves weights by 'shm' or 'disk', "
+                          f"not {transport!r}")
+    unknown = sorted(set(placement.server_args) - {*LAUNCH_ARGS, "token"})
+    if unknown:
+        raise ConfigError(f"Policy.inference.server_args: unknown {unknown}; a server placement "
+                          f"takes {list(LAUNCH_ARGS)} (and 'token' with urls)")
+    kwargs = {"max_batch_size": max_batch_size, "transport": transport,
+              **{k: v for k, v in placement.server_args.items() if k != "token"}}
+    if placement.urls:
+        return await _attach_all(placement, kwargs)
+    model_dir = _save_model(name, model, tokenizer, run_dir)
+    return await _launch_all(model_dir, placement, kwargs)
+
+
+def _save_model(name: str, model: Any, tokenizer: Any, run_dir: str | Path | None) -> Path:
+    """``save_pretrained`` the model and tokenizer where the servers load them."""
+    root = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="serving-"))
+    model_dir = root / "serving" / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+async def _launch_all(model_dir: Path, placement: InferencePlacement,
+                      kwargs: dict[str, Any]) -> list[InferenceEngine]:
+    from areal_agents.engines.remote import RemoteEngine
+
+    logs = model_dir / "logs"
+
+    async def one(index: int) -> RemoteEngine:
+        return await RemoteEngine.launch(model_dir, python=placement.python,
+                                         log_path=logs / f"replica{index}.log", **kwargs)
+
+    results = await asyncio.gather(*(one(i) for i in range(placement.replicas)),
+                                   return_exceptions=True)
+    engines = [r for r in results if isinstance(r, RemoteEngine)]
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        for engine in engines:
+            await engine.close()
+        raise failure
+    return list(engines)
+
+
+async def _attach_all(placement: InferencePlacement,
+                      kwargs: dict[str, Any]) -> list[InferenceEngine]:
+    from areal_agents.engines.remote import RemoteEngine
+    from areal_agents.engines.service import TOKEN_ENV
+
+    token = placement.server_args.get("token") or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise ConfigError(f"Policy.inference.urls: the servers' token is needed; set "
+                          f"server_args.token or ${TOKEN_ENV}")
+    attach = {k: kwargs[k] for k in ("timeout_s", "transport") if k in kwargs}
+    return [await RemoteEngine.attach(url, token=token, **attach) for url in placement.urls]
+
+
+async def _launch_vllm(name: str, placement: InferencePlacement, model: Any, tokenizer: Any,
+                       run_dir: str | Path | None) -> list[InferenceEngine]:
+    from areal_agents.engines.vllm import VLLMEngine
+
+    if placement.urls:
+        return [await VLLMEngine.attach(url) for url in placement.urls]
+    model_dir = _save_model(name, model, tokenizer, run_dir)
+    engines: list[InferenceEngine] = []
+    try:
+        for index in range(placement.replicas):  # one at a time: each start is heavy
+            engines.append(await VLLMEngine.launch(
+                model_dir, python=placement.python,
+                log_path=model_dir / "logs" / f"vllm{index}.log", **placement.server_args))
+    except BaseException:
+        for engine in engines:
+            await engine.close()
+        raise
+    return engines
