@@ -16,6 +16,7 @@ __all__ = [
     "InferenceEngine",
     "LocalEngine",
     "SamplingParams",
+    "VLLMEngine",
     "WeightUpdate",
 ]
 
@@ -26,4 +27,8 @@ def __getattr__(name: str) -> object:
         from .local import LocalEngine
 
         return LocalEngine
+    if name == "VLLMEngine":
+        from .vllm import VLLMEngine
+
+        return VLLMEngine
     raise AttributeError(f"module 'areal_agents.engines' has no attribute {name!r}")
