@@ -38,6 +38,7 @@ from .episodes import EpisodeStats, RewardFn, play
 from .llm_session import Seat, open_seat
 from .policy import Policy
 from .reference import build_reference
+from .serving import build_engines
 from .stats import StepStats, resolve_algorithm
 from .warm_start import Demos, collect_demos, warm_start_policy
 from .wiring import BACKENDS, backend_factory, policy_algorithm, resolve_policy_map
@@ -184,7 +185,6 @@ class Trainer:
             return
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        from areal_agents.engines.local import LocalEngine
         from areal_agents.gateway import Gateway
 
         random.seed(self.seed)
@@ -224,8 +224,9 @@ class Trainer:
                     self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
                                                        **policy.train_kwargs)
             serving = (copy.deepcopy(model) if serving is None else serving).eval()
-            engine = LocalEngine(serving, tokenizer, max_batch_size=self.generation_batch_size)
-            self.gateway.add_policy(name, [engine], tokenizer)
+            engines = await build_engines(name, policy.inference, serving, tokenizer,
+                                          self.run_dir, max_batch_size=self.generation_batch_size)
+            self.gateway.add_policy(name, engines, tokenizer)
         controls = {p: StalenessControl(self.batch_size, self.max_staleness, self.max_concurrent)
                     for p in self.trainable}
         self.controller = RolloutController(self._episode, controls, group_size=self.group_size,
