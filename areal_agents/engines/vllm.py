@@ -28,12 +28,11 @@ one when an update happens meanwhile; staleness is then over-, never under-estim
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -419,59 +418,6 @@ class VLLMEngine(InferenceEngine):
         state = "running" if self.server.running else f"exited ({self.server.proc.returncode})"
         return (f". The server process is {state}; its last log lines ({self.server.log_path}):"
                 f"\n{self.server.log_tail(15)}")
-
-
-def vllm_flags(args: Mapping[str, Any]) -> list[str]:
-    """vLLM command-line flags for ``args``; ``True`` is a bare flag, ``False`` its ``--no-``.
-
-    Example:
-        >>> vllm_flags({"max_num_seqs": 16, "enable_prefix_caching": False, "enable_lora": True})
-        ['--max-num-seqs', '16', '--no-enable-prefix-caching', '--enable-lora']
-    """
-    flags: list[str] = []
-    for key, value in args.items():
-        flag = key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            flags += [f"--{flag}", str(value)]
-    return flags
-
-
-async def launch_replicas(model_dir: str | Path, *, replicas: int = 1, python: str | None = None,
-                          server_args: Mapping[str, Any] | None = None,
-                          log_dir: str | Path | None = None) -> list[VLLMEngine]:
-    """Start ``replicas`` vLLM servers on ``model_dir`` (together) and attach to each.
-
-    Args:
-        model_dir: the HF model directory every server loads.
-        replicas: how many servers.
-        python: the vLLM venv's interpreter (default ``$AREAL_AGENTS_VLLM_PYTHON``).
-        server_args: ``VLLMEngine.launch`` keyword arguments (``max_model_len``, ``dtype``,
-            ``kv_cache_gib``, ``startup_timeout_s``, ...) and, for every other key, a vLLM
-            flag (``vllm_flags``: ``{"max_num_seqs": 16}`` -> ``--max-num-seqs 16``).
-        log_dir: where ``server-<i>.log`` go (default: temporary directories).
-
-    Raises:
-        EngineError / EngineTimeout / ConfigError: as ``VLLMEngine.launch``; servers that did
-            start are stopped first.
-    """
-    launch_params = set(inspect.signature(VLLMEngine.launch).parameters) - {"cls", "model",
-                                                                             "python", "log_path"}
-    args = dict(server_args or {})
-    kwargs = {k: args.pop(k) for k in list(args) if k in launch_params}
-    kwargs["server_args"] = [*vllm_flags(args), *kwargs.get("server_args", ())]
-    results = await asyncio.gather(*(
-        VLLMEngine.launch(model_dir, python=python, **kwargs,
-                          log_path=Path(log_dir) / f"server-{i}.log" if log_dir else None)
-        for i in range(replicas)), return_exceptions=True)
-    engines = [r for r in results if isinstance(r, VLLMEngine)]
-    failure = next((r for r in results if isinstance(r, BaseException)), None)
-    if failure is not None:
-        for engine in engines:
-            await engine.close()
-        raise failure
-    return engines
 
 
 def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:
