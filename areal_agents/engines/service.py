@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import json
 import os
 import sys
 from dataclasses import asdict
@@ -117,7 +118,8 @@ def build_app(engine: Any, token: str) -> Any:
             if not authorized(request):
                 return error(401, "unauthorized", "missing or wrong bearer token")
             try:
-                body = await request.json() if request.method == "POST" else None
+                raw = await request.body()
+                body = json.loads(raw) if raw else {}
             except ValueError as exc:
                 return error(400, "invalid_request", f"the body is not JSON: {exc}")
             try:
