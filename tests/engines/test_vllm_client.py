@@ -407,3 +407,31 @@ async def test_close_stops_a_launched_server_once(tmp_path):
     assert not server.running and server.proc.returncode == -15  # SIGTERM, not SIGKILL
     await engine.close()
 
+
+
+OWNER = """
+import signal, sys, time
+from areal_agents.engines.server_process import ServerProcess
+server = ServerProcess([sys.executable, "-c", "import time; time.sleep(600)"], sys.argv[1])
+print(server.pid, flush=True)
+if sys.argv[2] == "interrupt":
+    raise KeyboardInterrupt  # Ctrl-C: the interpreter exits through its atexit hooks
+time.sleep(600)  # killed with SIGKILL: no Python cleanup runs at all
+"""
+
+
+@pytest.mark.parametrize("how", ["interrupt", "sigkill"])
+def test_a_server_never_outlives_its_owner(tmp_path, how):
+    import signal
+    import subprocess
+
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path / "log"), how],
+                             stdout=subprocess.PIPE, text=True)
+    server_pid = int(owner.stdout.readline())
+    if how == "sigkill":
+        owner.send_signal(signal.SIGKILL)
+    owner.wait(timeout=60)
+    deadline = time.monotonic() + 20
+    while not _gone(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(server_pid)
