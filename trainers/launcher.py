@@ -19,7 +19,8 @@ import pickle
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
 import torch
@@ -36,16 +37,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _init(rank: int, world_size: int, port: int, threads: int) -> None:
+def _init(rank: int, world_size: int, port: int, threads: int, device: str | None = None) -> None:
+    """Join the process group: NCCL on ``device="cuda"`` (rank ``r`` on ``cuda:r % count``),
+    gloo on ``"cpu"``; ``None`` picks cuda when available."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(threads),
     )
     torch.set_num_threads(threads)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    if cuda:
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
 
 
 def _run(rank: int, world_size: int, port: int, threads: int, queue: Any, fn: Callable, args: tuple) -> None:
@@ -128,21 +131,30 @@ def _get(queue: Any, procs: list, timeout: float) -> Any:
     raise TrainError(f"workers gave no result within {timeout} s")
 
 
-def _serve(rank: int, world_size: int, port: int, threads: int, conn: Any,
+def _serve(rank: int, world_size: int, port: int, threads: int, device: str | None, conn: Any,
            factory: Callable, args: tuple, kwargs: dict) -> None:
+    """A worker: build the engine, then answer ``(method, args, kwargs, stream)`` messages
+    until ``None``. Replies are ``(ok, value)``; a streamed call sends ``(True, (True, item))``
+    per item (rank 0 only; other ranks drain the generator, whose steps are collectives) and
+    ``(True, (False, None))`` at its end."""
     try:
-        _init(rank, world_size, port, threads)
+        _init(rank, world_size, port, threads, device)
         engine = factory(*args, **kwargs)
         _send(conn, (True, None))
         while True:
             msg = _recv(conn)
             if msg is None:
                 break
-            method, m_args, m_kwargs = msg
+            method, m_args, m_kwargs, stream = msg
             try:
                 target = getattr(engine, method)
                 value = target(*m_args, **m_kwargs) if callable(target) else target
-                if method == "export_weights" or hasattr(value, "__next__"):
+                if stream:
+                    for item in value:
+                        if rank == 0:
+                            _send(conn, (True, (True, item)))
+                    value = (False, None)
+                elif method == "export_weights" or hasattr(value, "__next__"):
                     value = list(value)  # generators are collectives: drain on every rank
                 _send(conn, (True, value))
             except Exception:
@@ -162,62 +174,212 @@ class DistributedEngineGroup:
     Attribute access proxies to rank 0's result: ``group.train_step(batch, loss)`` returns
     rank 0's stats. Use as a context manager or call ``close()``.
 
+    A call never hangs: a rank that raises makes the call a ``TrainError`` carrying its
+    traceback (the others are given ``grace`` seconds to answer, since they may wait for it in
+    a collective; if they do not, the group is stopped), a worker that dies or gives no reply
+    within ``timeout`` seconds stops the group too. After a stop every call is a ``TrainError``.
+
+    Args:
+        num_processes: ranks (worker processes).
+        factory: ``factory(*args, **kwargs)`` builds the engine on each rank (picklable).
+        threads: torch (OMP) threads per rank.
+        device: ``"cuda"`` (NCCL, one GPU per rank), ``"cpu"`` (gloo) or ``None`` (cuda when
+            available).
+        timeout: seconds a call may take.
+        grace: seconds the other ranks get to answer once a rank failed.
+        start_timeout: seconds the workers may take to start and build their engines.
+
     Example:
         >>> with DistributedEngineGroup(2, make_engine) as group:  # doctest: +SKIP
         ...     stats = group.train_step(batch, loss_fn)
     """
 
     def __init__(self, num_processes: int, factory: Callable[..., Any], *args: Any,
-                 threads: int = 1, **kwargs: Any) -> None:
+                 threads: int = 1, device: str | None = None, timeout: float = 3600.0,
+                 grace: float = 10.0, start_timeout: float = 600.0, **kwargs: Any) -> None:
         ctx = mp.get_context("spawn")
         port = free_port()
+        self.timeout, self.grace = timeout, grace
         self._conns, self._procs = [], []
+        self._stopped: str | None = None
+        self._dead: set[int] = set()
         for r in range(num_processes):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_serve, daemon=True,
-                            args=(r, num_processes, port, threads, child, factory, args, kwargs))
+            p = ctx.Process(target=_serve, daemon=True, args=(
+                r, num_processes, port, threads, device, child, factory, args, kwargs))
             p.start()
+            child.close()  # the parent keeps only its end: a dead worker then reads as EOF
             self._conns.append(parent)
             self._procs.append(p)
         try:
-            self._gather()
+            self._gather("__init__", range(num_processes), timeout=start_timeout)
         except TrainError:
             self.close()
             raise
 
-    def _gather(self) -> list[Any]:
-        """Every rank's reply; raises ``TrainError`` (first failing rank's traceback) if any failed."""
-        replies = [_recv(conn) for conn in self._conns]
-        for rank, (ok, value) in enumerate(replies):
-            if not ok:
-                raise TrainError(f"engine rank {rank} failed:\n{value}")
-        return [value for _, value in replies]
+    @property
+    def num_processes(self) -> int:
+        return len(self._procs)
+
+    def _reply(self, rank: int) -> tuple[bool, Any] | None:
+        """Rank ``rank``'s reply if one is ready, a failure if its worker died, else None."""
+        conn, proc = self._conns[rank], self._procs[rank]
+        exited = proc.exitcode is not None  # read before polling: a reply sent before the
+        try:                                # exit is then always seen
+            if conn.poll():
+                return _recv(conn)
+        except (EOFError, OSError):
+            exited = True
+        if not exited:
+            return None
+        proc.join(timeout=1)
+        self._dead.add(rank)
+        return False, f"worker process exited (exit code {proc.exitcode}) without a reply"
+
+    def _gather(self, method: str, ranks: Any = None, timeout: float | None = None) -> list[Any]:
+        """The replies of ``ranks`` (all by default; waiting at most ``timeout``, default
+        ``self.timeout``), ordered by rank.
+
+        Raises:
+            TrainError: some rank failed (the lowest failing rank's traceback), died, or timed
+                out; the group is stopped unless every rank answered and none died.
+        """
+        pending = set(range(self.num_processes) if ranks is None else ranks)
+        replies: dict[int, tuple[bool, Any]] = {}
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while pending:
+            waitables = [self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending]
+            mp_wait(waitables, timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            for r in sorted(pending):
+                reply = self._reply(r)
+                if reply is not None:
+                    replies[r] = reply
+                    pending.discard(r)
+            if any(not ok for ok, _ in replies.values()):
+                deadline = min(deadline, time.monotonic() + self.grace)
+            if pending and time.monotonic() >= deadline:
+                break
+        # a dead worker first: the others' errors are then mostly the broken collective
+        failed = sorted((r for r, (ok, _) in replies.items() if not ok),
+                        key=lambda r: (r not in self._dead, r))
+        if pending or self._dead:
+            self._stop(f"ranks {sorted(pending | self._dead)} stopped answering {method}")
+        if failed:
+            also = "".join(f"\n(rank {r} failed too: {str(replies[r][1]).strip().splitlines()[-1]})"
+                           for r in failed[1:])
+            note = (f"\n(ranks {sorted(pending)} did not answer within {self.grace} s; the "
+                    "worker group was stopped)") if pending else ""
+            raise TrainError(f"engine rank {failed[0]} failed:\n{replies[failed[0]][1]}{also}"
+                             f"{note}")
+        if pending:
+            raise TrainError(f"engine ranks {sorted(pending)} gave no reply to {method} within "
+                             f"{self.timeout if timeout is None else timeout} s; the worker group "
+                             "was stopped")
+        return [replies[r][1] for r in sorted(replies)]
+
+    def _check_running(self) -> None:
+        if self._stopped is not None:
+            raise TrainError(f"the worker group was stopped ({self._stopped}); build a new one")
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call ``engine.method(*args, **kwargs)`` on every rank; results ordered by rank.
 
         Raises:
-            TrainError: the method raised on some rank (the workers stay usable).
+            TrainError: the method raised on some rank (the workers stay usable when every
+                rank answered), a worker died, or the call timed out (the group is stopped).
         """
+        return self.call_each(method, [(args, kwargs)] * self.num_processes)
+
+    def call_each(self, method: str, per_rank: list[tuple[tuple, dict]]) -> list[Any]:
+        """Call ``engine.method(*args_r, **kwargs_r)`` on rank ``r`` with ``per_rank[r]``
+        (e.g. each data-parallel rank its own rows); results ordered by rank.
+
+        Raises:
+            ValueError: ``len(per_rank)`` is not the number of ranks.
+            TrainError: as ``call``.
+        """
+        self._check_running()
+        if len(per_rank) != self.num_processes:
+            raise ValueError(f"per_rank has {len(per_rank)} entries for {self.num_processes} ranks")
+        encoded: dict[tuple[int, int], bytes] = {}  # ranks given the same objects share a pickle
+        for conn, (args, kwargs) in zip(self._conns, per_rank, strict=True):
+            key = id(args), id(kwargs)
+            if key not in encoded:
+                encoded[key] = _dumps((method, args, kwargs, False))
+            self._write(conn, encoded[key], method)
+        return self._gather(method)
+
+    def stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """Iterate the generator ``engine.method(...)`` on every rank and yield rank 0's
+        items one message at a time (for ``export_weights``: one tensor in flight, not a
+        model copy). Abandoning the iterator drains the rest.
+
+        Raises:
+            TrainError: as ``call``.
+        """
+        self._check_running()
+        data = _dumps((method, args, kwargs, True))
         for conn in self._conns:
-            _send(conn, (method, args, kwargs))
-        return self._gather()
+            self._write(conn, data, method)
+        rank0_done = rank0_failed = False
+        try:
+            while True:
+                try:
+                    more, item = self._gather(method, [0])[0]
+                except TrainError:
+                    rank0_done = rank0_failed = True
+                    raise
+                if not more:
+                    rank0_done = True
+                    break
+                yield item
+        finally:
+            if self._stopped is None and not rank0_done:  # abandoned: drain rank 0's items
+                while self._gather(method, [0])[0][0]:
+                    pass
+            if self._stopped is None and self.num_processes > 1:
+                if rank0_failed:  # the others may wait for rank 0 in a collective: grace only
+                    with contextlib.suppress(TrainError):
+                        self._gather(method, range(1, self.num_processes), timeout=self.grace)
+                else:
+                    self._gather(method, range(1, self.num_processes))
+
+    def _write(self, conn: Any, data: bytes, method: str) -> None:
+        try:
+            conn.send_bytes(data)
+        except (BrokenPipeError, OSError) as exc:
+            self._stop(f"a worker's pipe closed during {method}")
+            raise TrainError(f"a training worker is gone ({exc}); the worker group was "
+                             "stopped") from exc
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_"):
             raise AttributeError(name)
         return lambda *a, **k: self.call(name, *a, **k)[0]
 
+    def _stop(self, reason: str) -> None:
+        """Kill every worker now (they may be stuck in a collective with a failed rank)."""
+        self._stopped = reason
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(timeout=10)
+
     def close(self) -> None:
         """Stop the workers (idempotent)."""
-        for conn in self._conns:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                _send(conn, None)
+        if self._stopped is None:
+            for conn in self._conns:
+                with contextlib.suppress(OSError, BrokenPipeError):
+                    _send(conn, None)
         for p in self._procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+        for conn in self._conns:
+            conn.close()
         self._conns, self._procs = [], []
+        self._stopped = self._stopped or "closed"
 
     def __enter__(self) -> DistributedEngineGroup:
         return self

@@ -42,6 +42,7 @@ from .serving import build_engines
 from .stats import StepStats, resolve_algorithm
 from .warm_start import Demos, collect_demos, warm_start_policy
 from .wiring import BACKENDS, backend_factory, policy_algorithm, resolve_policy_map
+from .worker_group import WorkerGroupEngine
 
 __all__ = ["BACKENDS", "Trainer", "backend_factory", "resolve_policy_map"]
 

@@ -1,0 +1,177 @@
+"""Worker groups: row shards (pure), picklable losses, and ``WorkerGroupEngine`` /
+``DistributedEngineGroup`` against one process, failures, deaths and timeouts."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from fsdp._helpers import make_batch, make_model, ppo_loss
+
+from areal_agents.algorithms.registry import ALGORITHMS, resolve
+from areal_agents.errors import TrainError
+from areal_agents.samples import TokenBatch
+from areal_agents.trainers.launcher import DistributedEngineGroup
+from areal_agents.trainers.placement import TrainPlacement
+from areal_agents.trainers.step import rank_microbatches
+from areal_agents.trainers.worker_group import WorkerGroupEngine, shard_batch, shard_rows
+
+
+def _assert_same_rows(got: TokenBatch, want: TokenBatch) -> None:
+    for name, value in vars(want).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(getattr(got, name), value), name
+        else:
+            assert getattr(got, name) == value, name
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shard_rows_are_the_planners_rows_for_any_budget(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 17))]
+    dp = rng.randint(1, 4)
+    for dp_rank in range(dp):
+        rows = shard_rows(lengths, dp_rank, dp)
+        for budget in (1, 16, 64, 10_000):
+            planned = {i for mb in rank_microbatches(lengths, dp_rank, dp, budget) for i in mb}
+            assert planned | {0} == set(rows)
+
+
+def test_shard_rows_errors():
+    with pytest.raises(ValueError, match=r"dp_rank must be in \[0, dp=2\), got 2"):
+        shard_rows([3, 4], 2, 2)
+    with pytest.raises(ValueError, match="a train step needs at least one sequence"):
+        shard_rows([], 0, 1)
+
+
+@pytest.mark.parametrize("dp", [2, 3])
+def test_expanded_shard_gives_every_micro_batch_bit_for_bit(dp):
+    batch = make_batch(num=7, temperature=0.7)
+    batch.stat_weights = batch.loss_weights
+    lengths = batch.attention_mask.sum(-1).tolist()
+    for dp_rank in range(dp):
+        shard = shard_batch(batch, dp_rank, dp)
+        assert shard.batch.batch_size == len(shard.rows) < batch.batch_size
+        full = shard.expand()
+        assert full.input_ids.shape == batch.input_ids.shape
+        assert full.num_tokens == batch.num_tokens
+        assert full.attention_mask.sum(-1).tolist() == lengths
+        for mb in [*rank_microbatches(lengths, dp_rank, dp, 24), [0]]:  # [0]: the filler
+            _assert_same_rows(full.select(mb), batch.select(mb))
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_loss_pickles(name):
+    loss = pickle.loads(pickle.dumps(resolve(name).loss))
+    assert type(loss.__self__).__name__ == type(resolve(name)).__name__
+
+
+# ---- multi-process ------------------------------------------------------------------------------
+
+class Worker:
+    """A model-free engine for the group's failure paths (module level: workers unpickle it)."""
+
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    def boom(self, rank: int) -> int:
+        if dist.get_rank() == rank:
+            raise RuntimeError(f"boom on rank {rank}")
+        dist.barrier()  # the other ranks wait for the failed one in a collective
+        return 0
+
+    def die(self, rank: int) -> None:
+        if dist.get_rank() == rank:
+            os._exit(3)
+        dist.barrier()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def items(self, n: int):
+        for i in range(n):
+            dist.barrier()  # each step is a collective, as in export_weights
+            yield i * 10 + dist.get_rank()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_group_failures_never_hang():
+    group = DistributedEngineGroup(2, Worker, grace=2.0, timeout=30.0)
+    try:
+        assert group.call("rank") == [0, 1]
+        assert list(group.stream("items", 3)) == [0, 10, 20]  # rank 0's items only
+        stream = group.stream("items", 4)
+        assert next(stream) == 0
+        stream.close()  # abandoned: the rest is drained, the group stays usable
+        assert group.call_each("rank", [((), {}), ((), {})]) == [0, 1]
+        t0 = time.monotonic()
+        with pytest.raises(TrainError) as info:
+            group.call("boom", 1)
+        assert time.monotonic() - t0 < 25
+        message = str(info.value)
+        assert message.startswith("engine rank 1 failed:\nTraceback (most recent call last):")
+        assert "RuntimeError: boom on rank 1" in message
+        assert message.endswith("(ranks [0] did not answer within 2.0 s; the worker group was "
+                                "stopped)")
+        with pytest.raises(TrainError, match=r"the worker group was stopped \(ranks \[0\] stopped "
+                                             r"answering boom\); build a new one"):
+            group.call("rank")
+    finally:
+        group.close()
+        group.close()
+
+    group = DistributedEngineGroup(2, Worker, grace=2.0, timeout=2.0)
+    try:
+        with pytest.raises(TrainError, match=r"^engine rank 1 failed:\nworker process exited \(exit "
+                                             r"code 3\) without a reply"):
+            group.call("die", 1)
+    finally:
+        group.close()
+
+    group = DistributedEngineGroup(2, Worker, grace=2.0, timeout=2.0)
+    try:
+        with pytest.raises(TrainError, match=r"^engine ranks \[0, 1\] gave no reply to sleep within "
+                                             r"2.0 s; the worker group was stopped$"):
+            group.call("sleep", 60)
+    finally:
+        group.close()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_worker_group_engine_matches_one_process(tmp_path):
+    from areal_agents.trainers.fsdp.engine import FSDPEngine
+
+    torch.set_num_threads(1)
+    batch = make_batch(num=7)
+    engine = WorkerGroupEngine(make_model(), TrainPlacement(world_size=2), lr=1e-3,
+                               token_budget=24)
+    try:
+        got = [engine.train_step(batch, ppo_loss) for _ in range(2)]
+        weights = dict(engine.export_weights())
+        logprobs = engine.forward_logprobs(batch)
+        engine.version = 5
+        engine.save(str(tmp_path / "ckpt"))
+        engine.step, engine.version = 0, 0
+        engine.load(str(tmp_path / "ckpt"))
+        assert (engine.step, engine.version) == (2, 5)
+    finally:
+        engine.close()
+        engine.close()
+    single = FSDPEngine(make_model(), lr=1e-3, token_budget=24)
+    want = [single.train_step(batch, ppo_loss) for _ in range(2)]
+    for g, w in zip(got, want, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], abs=1e-6)
+        assert g["entropy"] == pytest.approx(w["entropy"], abs=1e-5)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5)
+    want_weights = dict(single.export_weights())
+    assert weights.keys() == want_weights.keys()
+    for name, w in want_weights.items():
+        torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logprobs, single.forward_logprobs(batch), atol=1e-5, rtol=1e-5)
