@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -298,6 +299,9 @@ class RemoteEngine(InferenceEngine):
                                 f"{self.timeout_s:.0f} s; raise timeout_s or check the server"
                                 f"{self._log_hint()}") from exc
         except httpx2.TransportError as exc:
+            if self.server is not None:  # a dying server: let it exit so the message says so
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    await asyncio.to_thread(self.server.proc.wait, 1.0)
             raise EngineUnavailable(f"the engine server at {self.url} is unreachable ({what}: "
                                     f"{type(exc).__name__}: {exc}){self._log_hint()}") from exc
         if response.status_code >= 400:
