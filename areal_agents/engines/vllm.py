@@ -39,7 +39,13 @@ from typing import Any, Literal
 
 import httpx2
 
-from ..errors import ConfigError, ContextLengthExceeded, EngineError, EngineTimeout
+from ..errors import (
+    ConfigError,
+    ContextLengthExceeded,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+)
 from .base import CompletionOutput, GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
 from .server_process import ServerProcess, free_port
 
@@ -201,7 +207,8 @@ class VLLMEngine(InferenceEngine):
         Raises:
             ContextLengthExceeded: ``len(prompt_ids) + max_tokens > max_context``.
             EngineTimeout: no answer within ``timeout_s``.
-            EngineError: empty prompt, engine closed, server unreachable or refusing.
+            EngineUnavailable: the server refuses connections or its process has exited.
+            EngineError: empty prompt, engine closed, the server failed the request.
         """
         self._check(request)
         sent_at_version = self.version
@@ -396,9 +403,13 @@ class VLLMEngine(InferenceEngine):
                                 f"{self.timeout_s:.0f} s; raise timeout_s or check the server"
                                 f"{self._log_hint()}") from exc
         except httpx2.TransportError as exc:
-            raise EngineError(f"cannot reach the vLLM server at {self.url} ({what}: "
-                              f"{type(exc).__name__}: {exc}); is it running?"
-                              f"{self._log_hint()}") from exc
+            # refused, or our server process is gone: the gateway drops this replica
+            gone = isinstance(exc, httpx2.ConnectError) or (
+                self.server is not None and not self.server.running)
+            error = EngineUnavailable if gone else EngineError
+            raise error(f"cannot reach the vLLM server at {self.url} ({what}: "
+                        f"{type(exc).__name__}: {exc}); is it running?"
+                        f"{self._log_hint()}") from exc
         return self._json(response, what)
 
     def _json(self, response: httpx2.Response, what: str) -> dict[str, Any]:

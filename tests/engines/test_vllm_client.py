@@ -22,7 +22,13 @@ from safetensors.torch import load_file
 from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
 from areal_agents.engines.server_process import ServerProcess
 from areal_agents.engines.vllm import VLLMEngine
-from areal_agents.errors import ConfigError, ContextLengthExceeded, EngineError, EngineTimeout
+from areal_agents.errors import (
+    ConfigError,
+    ContextLengthExceeded,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+)
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "vllm_0.32_responses.json").read_text())
 URL = "http://vllm.test"
@@ -246,13 +252,17 @@ async def test_a_server_that_is_down_or_slow_raises_engine_errors():
     fake = FakeVLLM()
     engine = await attached(fake)
     fake.responses["POST /inference/v1/generate"] = httpx2.ConnectError("Connection refused")
-    with pytest.raises(EngineError, match="cannot reach the vLLM server at http://vllm.test "
+    with pytest.raises(EngineUnavailable, match="cannot reach the vLLM server at http://vllm.test "
                        r"\(POST /inference/v1/generate: ConnectError: Connection refused\); "
                        "is it running\\?"):
         await engine.generate(GenerateRequest([1, 2], SamplingParams(max_tokens=2)))
     fake.responses["POST /pause"] = httpx2.ReadTimeout("timed out")
     with pytest.raises(EngineTimeout, match="did not answer POST /pause within 600 s"):
         await engine.pause()
+    fake.responses["POST /resume"] = httpx2.ReadError("reset by peer")  # server still up
+    with pytest.raises(EngineError, match="ReadError: reset by peer") as caught:
+        await engine.resume()
+    assert not isinstance(caught.value, EngineUnavailable)
     await engine.close()
     with pytest.raises(EngineError, match="VLLMEngine is closed"):
         await engine.generate(GenerateRequest([1, 2], SamplingParams(max_tokens=2)))
@@ -435,3 +445,19 @@ def test_a_server_never_outlives_its_owner(tmp_path, how):
     while not _gone(server_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gone(server_pid)
+
+
+async def test_a_dead_launched_server_makes_the_engine_unavailable_with_its_log(tmp_path):
+    server = ServerProcess([sys.executable, "-c", "print('CUDA out of memory'); exit(3)"],
+                           tmp_path / "log")
+    server.proc.wait(timeout=30)
+
+    def broken(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.RemoteProtocolError("Server disconnected without sending a response")
+
+    engine = VLLMEngine(URL, model="m", max_context=64, server=server,
+                        transport=httpx2.MockTransport(broken))
+    with pytest.raises(EngineUnavailable, match=r"(?s)The server process is exited \(3\).*"
+                       r"CUDA out of memory"):
+        await engine.generate(GenerateRequest([1, 2], SamplingParams(max_tokens=2)))
+    await engine.close()
