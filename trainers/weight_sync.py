@@ -8,6 +8,9 @@
   another process; ``WeightUpdate(path=...)`` / ``load_safetensors_dir`` read it back;
 * ``SharedWeights.write(...)`` copies them into one POSIX shared-memory block whose small,
   picklable ``manifest`` lets another process on the host read them (``read_shared``);
+* ``weight_transport`` streams them to engines in bounded buckets (tensors, shared memory,
+  safetensors directory, process group); ``Gateway.push_weights`` runs the pause -> update ->
+  resume protocol over a policy's replicas;
 * ``sglang_update_from_disk`` / ``sglang_update_from_tensor`` / ``vllm_collective_rpc``
   build the HTTP requests for SGLang / vLLM servers (sent by the remote engine clients).
 """
@@ -20,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,21 +74,40 @@ def save_safetensors_dir(
 ) -> str:
     """Write ``model-XXXXX-of-YYYYY.safetensors`` shards plus an HF index into ``path``.
 
-    The directory is written next to ``path`` and renamed into place, so a reader never sees
-    a half-written update. An existing ``path`` is replaced.
+    The directory is written to ``<path>.partial`` and renamed into place, so a reader never
+    sees a half-written update (a stale ``.partial`` of a crashed writer is removed first). An
+    existing ``path`` is replaced. Each shard holds at most ``bucket_bytes`` of tensor data (a
+    larger tensor gets a shard of its own).
 
     Returns:
         ``path``.
     """
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".weights-", dir=parent)
+    final_path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(final_path), exist_ok=True)
+    tmp = final_path + ".partial"
+    if os.path.exists(tmp):  # left by a writer that crashed
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        _write_shards(named_tensors, tmp, bucket_bytes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final_path):
+        shutil.rmtree(final_path)
+    os.rename(tmp, final_path)
+    return path
+
+
+def _write_shards(named_tensors: NamedTensors, directory: str, bucket_bytes: int) -> None:
+    """One ``model-XXXXX-of-YYYYY.safetensors`` file per bucket, plus the HF index."""
     shard_names: list[str] = []
     weight_map: dict[str, str] = {}
     total = 0
     for i, bucket in enumerate(buckets(named_tensors, bucket_bytes)):
         fname = f"shard-{i:05d}.safetensors"
-        save_file({n: t.detach().cpu().contiguous() for n, t in bucket}, os.path.join(tmp, fname))
+        save_file({n: t.detach().cpu().contiguous() for n, t in bucket},
+                  os.path.join(directory, fname))
         shard_names.append(fname)
         for n, t in bucket:
             weight_map[n] = fname
@@ -94,14 +115,11 @@ def save_safetensors_dir(
     k = len(shard_names)
     final = {f: f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i, f in enumerate(shard_names)}
     for old, new in final.items():
-        os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
-    index = {"metadata": {"total_size": total}, "weight_map": {n: final[f] for n, f in weight_map.items()}}
-    with open(os.path.join(tmp, INDEX_FILE), "w") as fh:
+        os.rename(os.path.join(directory, old), os.path.join(directory, new))
+    index = {"metadata": {"total_size": total},
+             "weight_map": {n: final[f] for n, f in weight_map.items()}}
+    with open(os.path.join(directory, INDEX_FILE), "w") as fh:
         json.dump(index, fh, indent=1)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.rename(tmp, path)
-    return path
 
 
 def load_safetensors_dir(path: str) -> Iterator[tuple[str, torch.Tensor]]:

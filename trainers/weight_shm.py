@@ -1,0 +1,260 @@
+"""``SharedMemoryTransport``: weights through one reusable shared-memory block, bucket by bucket.
+
+Block layout (one ``multiprocessing.shared_memory`` block, created by the sender)::
+
+    [ header: 64 x int64 ][ meta: meta_bytes (JSON of the bucket) ][ data: bucket_bytes ]
+      0 epoch (one per update: the manifest carries it)
+      1 published (buckets written so far)      2 state (0 streaming, 1 end, 2 aborted)
+      3 meta length                             8 + r  reader r's acknowledged bucket count
+                                                       (-1: reader r stopped early)
+
+The handshake: the sender writes bucket ``k`` only after every reader has acknowledged bucket
+``k - 1`` (copied it out); a reader copies bucket ``k`` and acknowledges it before yielding its
+tensors. So the block is rewritten in place and a push needs at most the block plus one copied
+bucket per reader of extra memory. Both sides poll the header (short sleeps, bounded by a
+timeout): no locks or pipes, so a reader may be any process on the host that knows the
+manifest (e.g. an engine server that got it over HTTP). The data is written before the
+counter that publishes it (x86 and ARM64 keep this order across the function calls here).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from areal_agents.errors import WeightSyncError
+
+HEADER_WORDS = 64
+_EPOCH, _PUBLISHED, _STATE, _META_LEN, _ACK = 0, 1, 2, 3, 8
+_STREAMING, _END, _ABORTED = 0, 1, 2
+MAX_READERS = HEADER_WORDS - _ACK
+ALIGN = 64
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _wait(cond: Any, timeout: float, what: str) -> Any:
+    """Poll ``cond()`` until it returns a true value (returned), sleeping 20 us .. 1 ms.
+
+    Raises:
+        WeightSyncError: still false after ``timeout`` seconds.
+    """
+    deadline, pause = time.monotonic() + timeout, 2e-5
+    while not (result := cond()):
+        if time.monotonic() > deadline:
+            raise WeightSyncError(f"shared-memory weight transfer: {what} within {timeout} s")
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+    return result
+
+
+def _poll(header: torch.Tensor, copied: int) -> tuple[int] | None:
+    """``(state,)`` once bucket ``copied + 1`` is published or the stream ended, else None."""
+    state = int(header[_STATE])  # read before the counter: see the module docstring
+    return (state,) if state != _STREAMING or int(header[_PUBLISHED]) > copied else None
+
+
+class SharedMemoryTransport:
+    """Weights for engines on the same host through one block of ``bucket_bytes``.
+
+    Call ``manifest(reader)`` once per update and reader (it starts a new update), hand it to
+    the receiver (``receive(manifest)`` in any local process), then ``send``. The block is
+    reused across updates; ``close()`` unlinks it.
+
+    Args:
+        bucket_bytes: the data area; every tensor must fit (``ValueError`` names the one that
+            does not and the size to ask for).
+        num_readers: receivers of each update (e.g. replicas on this host); the sender waits
+            for all of them before rewriting the block.
+        meta_bytes: room for one bucket's JSON metadata (a bucket is closed early if full).
+        timeout: seconds either side waits for the other.
+
+    Example:
+        >>> import threading, torch
+        >>> from areal_agents.trainers.weight_transport import receive
+        >>> with SharedMemoryTransport(bucket_bytes=64) as shm:
+        ...     manifest = shm.manifest()
+        ...     sender = threading.Thread(target=shm.send, args=([("w", torch.ones(4))],))
+        ...     sender.start()
+        ...     got = [(n, t.tolist()) for n, t in receive(manifest)]
+        ...     sender.join()
+        >>> got
+        [('w', [1.0, 1.0, 1.0, 1.0])]
+    """
+
+    kind = "shm"
+
+    def __init__(self, bucket_bytes: int = 256 * 2**20, *, num_readers: int = 1,
+                 meta_bytes: int = 2**20, timeout: float = 600.0) -> None:
+        from multiprocessing import shared_memory
+
+        if bucket_bytes < 1 or not 1 <= num_readers <= MAX_READERS:
+            raise ValueError(f"need bucket_bytes >= 1 and 1 <= num_readers <= {MAX_READERS} "
+                             f"(got {bucket_bytes}, {num_readers})")
+        self.bucket_bytes, self.num_readers = bucket_bytes, num_readers
+        self.meta_bytes, self.timeout = meta_bytes, timeout
+        self._data_offset = (HEADER_WORDS * 8 + meta_bytes + ALIGN - 1) // ALIGN * ALIGN
+        self.block: Any = shared_memory.SharedMemory(create=True,
+                                                     size=self._data_offset + bucket_bytes)
+        self._views(self.block)
+        self._epoch = 0
+
+    def _views(self, block: Any) -> None:
+        buf = torch.frombuffer(block.buf, dtype=torch.uint8)
+        self._header = buf[: HEADER_WORDS * 8].view(torch.int64)
+        self._meta = buf[HEADER_WORDS * 8 : HEADER_WORDS * 8 + self.meta_bytes]
+        self._data = buf[self._data_offset :]
+
+    def manifest(self, reader: int = 0) -> dict[str, Any]:
+        """Start a new update (when ``reader == 0``) and describe it for receiver ``reader``."""
+        if not 0 <= reader < self.num_readers:
+            raise ValueError(f"reader must be in [0, {self.num_readers}) (got {reader})")
+        if reader == 0:
+            self._epoch += 1
+            self._header.zero_()
+            self._header[_EPOCH] = self._epoch
+        return {"kind": self.kind, "block": self.block.name, "pid": os.getpid(),
+                "epoch": self._epoch, "reader": reader, "meta_bytes": self.meta_bytes,
+                "data_offset": self._data_offset, "bucket_bytes": self.bucket_bytes}
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Write the tensors bucket by bucket (blocking); returns the bytes sent.
+
+        Raises:
+            WeightSyncError: a reader stopped early or did not keep up within the timeout
+                (the stream is marked aborted).
+            ValueError: a tensor larger than ``bucket_bytes``.
+        """
+        h, total, published = self._header, 0, 0
+        try:
+            for entries, tensors in self._buckets(named_tensors):
+                self._wait_readers(published)
+                meta = json.dumps(entries).encode()
+                self._meta[: len(meta)].copy_(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
+                for (_, _, _, off), t in zip(entries, tensors, strict=True):
+                    n = _nbytes(t)
+                    self._data[off : off + n].copy_(t.reshape(-1).view(torch.uint8))
+                    total += n
+                h[_META_LEN] = len(meta)
+                published += 1
+                h[_PUBLISHED] = published
+            self._wait_readers(published)
+            h[_STATE] = _END
+        except BaseException:
+            h[_STATE] = _ABORTED
+            raise
+        return total
+
+    def _buckets(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[Any]:
+        entries: list[Any] = []
+        tensors: list[torch.Tensor] = []
+        offset = meta = 0
+        for name, t in named_tensors:
+            t = t.detach().cpu().contiguous()
+            n = _nbytes(t)
+            if n > self.bucket_bytes:
+                raise ValueError(f"tensor {name!r} has {n} bytes, more than the shared-memory "
+                                 f"bucket of {self.bucket_bytes}; use bucket_bytes >= {n}")
+            entry_meta = len(name.encode()) + 40 + 12 * t.dim()
+            if entries and (offset + n > self.bucket_bytes or meta + entry_meta > self.meta_bytes):
+                yield entries, tensors
+                entries, tensors, offset, meta = [], [], 0, 0
+            entries.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offset))
+            tensors.append(t)
+            offset = (offset + n + ALIGN - 1) // ALIGN * ALIGN
+            meta += entry_meta
+        if entries:
+            yield entries, tensors
+
+    def _wait_readers(self, published: int) -> None:
+        acks = self._header[_ACK : _ACK + self.num_readers]
+
+        def done() -> bool:
+            if bool((acks < 0).any()):
+                raise WeightSyncError("a receiver stopped before the update was complete")
+            return bool((acks >= published).all())
+
+        _wait(done, self.timeout, f"the receivers did not copy bucket {published}")
+
+    def close(self) -> None:
+        """Unlink the block (idempotent)."""
+        if self.block is not None:
+            del self._header, self._meta, self._data
+            self.block.close()
+            self.block.unlink()
+            self.block = None
+
+    def __enter__(self) -> SharedMemoryTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def receive(self, manifest: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        return receive_shared(manifest, timeout=self.timeout)
+
+
+def receive_shared(manifest: dict[str, Any], *, timeout: float = 600.0,
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Receiver side: yield copies of the tensors of one update, in order.
+
+    Raises:
+        WeightSyncError: the sender aborted, the block is gone, the manifest belongs to an older
+            update, or nothing arrived within ``timeout`` seconds.
+    """
+    from multiprocessing import resource_tracker, shared_memory
+
+    try:
+        block = shared_memory.SharedMemory(name=manifest["block"])
+    except FileNotFoundError:
+        raise WeightSyncError(f"no shared-memory block {manifest['block']!r}; the sender closed "
+                              "it, or runs on another host (use the disk transport)") from None
+    if manifest["pid"] != os.getpid():  # the sender owns the block: do not unlink it at exit
+        resource_tracker.unregister(block._name, "shared_memory")  # type: ignore[attr-defined]
+    return _read(block, manifest, timeout)
+
+
+def _read(block: Any, manifest: dict[str, Any], timeout: float,
+          ) -> Iterator[tuple[str, torch.Tensor]]:
+    buf = torch.frombuffer(block.buf, dtype=torch.uint8)
+    header = buf[: HEADER_WORDS * 8].view(torch.int64)
+    meta_area = buf[HEADER_WORDS * 8 : HEADER_WORDS * 8 + manifest["meta_bytes"]]
+    data = buf[manifest["data_offset"] :]
+    ack = _ACK + manifest["reader"]
+    done, copied = False, 0
+    try:
+        if int(header[_EPOCH]) != manifest["epoch"]:
+            raise WeightSyncError(f"stale shared-memory manifest (update {manifest['epoch']}, "
+                                  f"the block holds update {int(header[_EPOCH])})")
+        while True:
+            (state,) = _wait(functools.partial(_poll, header, copied), timeout,
+                             f"no bucket {copied + 1} arrived")
+            if state == _ABORTED:
+                raise WeightSyncError("the sender aborted the update; discard what was received")
+            if int(header[_PUBLISHED]) == copied:  # state is END and everything is read
+                done = True
+                return
+            entries = json.loads(bytes(meta_area[: int(header[_META_LEN])].numpy()))
+            bucket = []
+            for name, dtype, shape, off in entries:
+                dt = getattr(torch, dtype)
+                n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+                bucket.append((name, data[off : off + n].view(dt).reshape(shape).clone()))
+            copied += 1
+            header[ack] = copied
+            yield from bucket
+            del bucket
+    finally:
+        if not done:
+            header[ack] = -1
+        del buf, header, meta_area, data
+        block.close()
