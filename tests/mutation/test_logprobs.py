@@ -160,3 +160,60 @@ def test_full_logprobs_masks_padding():
                                         RowSampling([1.0, 0.5], [0, 2], [1.0, 1.0]), 1)
     torch.testing.assert_close(out_lp, lp)
     torch.testing.assert_close(out_ent, ent)
+
+
+def test_inputs_are_converted_to_the_documented_dtypes():
+    rows = RowSampling(torch.tensor([0.5, 1.0], dtype=torch.float64),
+                       torch.tensor([2.0, 0.0]), torch.tensor([0.9, 1.0], dtype=torch.float64))
+    assert (rows.temperature.dtype, rows.top_k.dtype, rows.top_p.dtype) == (
+        torch.float32, torch.long, torch.float32)
+    assert rows.top_k.tolist() == [2, 0]
+
+
+def test_of_a_batch_keeps_top_p():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    batch = TokenBatch(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       loss_mask=torch.zeros_like(ids), old_logprobs=torch.zeros(2, 3),
+                       versions=torch.zeros_like(ids), rewards=torch.zeros(2),
+                       temperature=torch.tensor([1.0, 1.0]), top_k=torch.tensor([0, 0]),
+                       top_p=torch.tensor([0.5, 1.0]))
+    rows = RowSampling.of(batch)
+    assert rows.top_p.tolist() == [0.5, 1.0] and rows.filters
+
+
+@pytest.mark.parametrize(("top_k", "top_p", "expected"), [
+    (0, 0.7, 0.3 / 0.8),  # top-p alone keeps 0.5 and 0.3
+    (2, 0.99, 0.3 / 0.8),  # top-k 2 with a top-p that keeps both
+    (0, 1.0, 0.3),
+])
+def test_filtering_rows_are_detected_for_every_parameter(top_k, top_p, expected):
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    lp, _ = chunked_logprobs(torch.ones(1, 1), logits[:, None], torch.tensor([1]),
+                             RowSampling([1.0], [top_k], [top_p]))
+    assert lp.item() == pytest.approx(torch.tensor(expected).log().item(), abs=1e-6)
+
+
+def test_default_sampling_is_temperature_1():
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(2, 3, 4, generator=g), torch.randn(7, 4, generator=g)
+    ids = torch.randint(0, 7, (2, 3), generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    lp, ent = chunked_logprobs(hidden[0], weight, ids[0])
+    ref_lp, ref_ent = chunked_logprobs(hidden[0], weight, ids[0], 1.0)
+    torch.testing.assert_close((lp, ent), (ref_lp, ref_ent))
+    seq = sequence_logprobs(hidden, weight, ids, mask)
+    torch.testing.assert_close(seq, sequence_logprobs(hidden, weight, ids, mask, 1.0))
+    full = full_logprobs(hidden @ weight.t(), ids, mask)
+    torch.testing.assert_close(full, full_logprobs(hidden @ weight.t(), ids, mask, 1.0))
+    manual = torch.log_softmax(hidden[0, 0] @ weight.t(), -1)[ids[0, 1]]
+    assert seq[0][0, 1].item() == pytest.approx(manual.item(), abs=1e-5)
+    assert full[0][0, 1].item() == pytest.approx(manual.item(), abs=1e-5)
+
+
+def test_no_rows_gives_zero_weight_gradient():
+    weight = torch.randn(5, 3, requires_grad=True)
+    hidden = torch.zeros(0, 3, requires_grad=True)
+    lp, ent = chunked_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long))
+    assert lp.shape == ent.shape == (0,)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.equal(weight.grad, torch.zeros(5, 3))
