@@ -6,7 +6,7 @@ data, packed into one flat byte buffer::
 
     src:        broadcast_object_list(["bucket", [(name, dtype, shape, offset), ...], nbytes])
                 broadcast(buffer[:nbytes])                     ... per bucket ...
-                broadcast_object_list(["end", total_bytes])    (or ["abort", reason])
+                broadcast_object_list(["end", total_bytes, 0])   (or ["abort", reason, 0])
     receivers:  the same calls; slice, copy out and yield each tensor
 
 The code only uses ``torch.distributed`` collectives, so the same transport runs on gloo
@@ -67,6 +67,7 @@ class NCCLTransport:
         return self._buffer[:nbytes]
 
     def _object(self, obj: list[Any]) -> list[Any]:
+        """Broadcast a 3-item message (every rank must pass a list of the same length)."""
         dist.broadcast_object_list(obj, src=self.src, group=self.group,
                                    device=self.device if self.device.type == "cuda" else None)
         return obj
@@ -98,9 +99,9 @@ class NCCLTransport:
                 dist.broadcast(buf, src=self.src, group=self.group)
                 total += sum(tensor_bytes(t) for _, t in bucket)
         except BaseException as exc:
-            self._object(["abort", repr(exc)])
+            self._object(["abort", repr(exc), 0])
             raise
-        self._object(["end", total])
+        self._object(["end", total, 0])
         return total
 
     def receive(self, manifest: dict[str, Any] | None = None,
