@@ -34,6 +34,7 @@ from .server_process import ServerProcess, free_port
 from .service import TOKEN_ENV, request_to_json, result_from_json
 
 WeightTransport = Literal["shm", "disk"]
+_SHM_ACK = 8  # header word of reader 0's acknowledged buckets in a SharedMemoryTransport block
 
 
 class RemoteEngine(InferenceEngine):
@@ -85,6 +86,7 @@ class RemoteEngine(InferenceEngine):
         self._closed = False
         self._lock = asyncio.Lock()  # weight updates and restarts, one at a time
         self._weights_dir: Path | None = None  # the last update's tensors (restartable engines)
+        self._shm: Any = None  # the SharedMemoryTransport of "shm" updates (made on first use)
 
     def _client(self) -> httpx2.AsyncClient:
         return httpx2.AsyncClient(base_url=self.url, transport=self._http_transport,
@@ -201,7 +203,7 @@ class RemoteEngine(InferenceEngine):
             EngineUnavailable: the server died (not restartable).
             EngineError: the server refused the update (a name or shape it does not know).
         """
-        from areal_agents.trainers.weight_sync import SharedWeights, save_safetensors_dir
+        from areal_agents.trainers.weight_sync import save_safetensors_dir
 
         async with self._lock:
             target = update.version if update.version is not None else self.version + 1
@@ -217,12 +219,7 @@ class RemoteEngine(InferenceEngine):
                                     {"path": str(Path(update.path).resolve()), "version": target})
             elif self.transport == "shm":
                 assert update.named_tensors is not None
-                shared = await asyncio.to_thread(SharedWeights.write, update.named_tensors)
-                try:
-                    await self._request("POST", "/update_weights/shared",
-                                        {"manifest": shared.manifest, "version": target})
-                finally:
-                    shared.close()
+                await self._stream_shared(update.named_tensors, target)
             else:
                 assert update.named_tensors is not None
                 folder = tempfile.mkdtemp(prefix="engine-weights-")
@@ -234,6 +231,36 @@ class RemoteEngine(InferenceEngine):
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
             self.version = target
+
+    async def _stream_shared(self, named_tensors: Any, version: int) -> None:
+        """Send tensors through a ``SharedMemoryTransport`` while the server reads them."""
+        from areal_agents.trainers.weight_shm import SharedMemoryTransport
+        from areal_agents.trainers.weight_sync import DEFAULT_BUCKET_BYTES, tensor_bytes
+
+        tensors = list(named_tensors)
+        largest = max((tensor_bytes(t) for _, t in tensors), default=1)
+        if self._shm is None or self._shm.bucket_bytes < largest:
+            if self._shm is not None:
+                self._shm.close()
+            self._shm = SharedMemoryTransport(max(DEFAULT_BUCKET_BYTES, largest),
+                                              timeout=self.timeout_s)
+        shm = self._shm
+        manifest = shm.manifest()
+        sending = asyncio.ensure_future(asyncio.to_thread(shm.send, tensors))
+        try:
+            await self._request("POST", "/update_weights/stream",
+                                {"manifest": manifest, "version": version})
+        except BaseException:
+            # the reader is gone (or never started): mark reader 0 "stopped early" in the
+            # block's header (the transport's documented signal) so the sender raises instead
+            # of waiting out its timeout, then drop the block
+            shm._header[_SHM_ACK] = -1
+            with contextlib.suppress(Exception):
+                await sending
+            self._shm = None
+            shm.close()
+            raise
+        await sending
 
     async def _keep_weights(self, update: WeightUpdate, version: int) -> str:
         """Write (or copy) the update into this engine's own safetensors dir; returns it."""
@@ -286,6 +313,8 @@ class RemoteEngine(InferenceEngine):
             await asyncio.to_thread(self.server.stop)
         if self._weights_dir is not None:
             shutil.rmtree(self._weights_dir, ignore_errors=True)
+        if self._shm is not None:
+            self._shm.close()
 
     # -- requests -----------------------------------------------------------------------------
 

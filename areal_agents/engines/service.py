@@ -8,7 +8,11 @@ the server's random token, read from ``$AREAL_AGENTS_ENGINE_TOKEN``; there is no
     POST /generate                  GenerateRequest -> GenerateResult (see *_to_json below)
     POST /pause, /resume            {"version": int}
     POST /update_weights/disk       {"path": DIR, "version": int | null} -> {"version": int}
-    POST /update_weights/shared     {"manifest": SharedWeights.manifest, "version": ...}
+    POST /update_weights/stream     {"manifest": transport.manifest(), "version": ...}
+
+``/update_weights/stream`` takes the manifest of any transport of
+``areal_agents.trainers.weight_transport`` that another process can read (``shm``, ``disk``);
+the server reads the stream (``receive(manifest)``) while the sender writes it.
 
 Errors answer ``{"error": {"type": ..., "message": ...}}``: 400 ``context_length_exceeded``,
 400 ``invalid_request``, 401 ``unauthorized``, 500 ``engine_error``.
@@ -25,6 +29,7 @@ Run one with (``RemoteEngine.launch`` does this)::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import json
 import os
@@ -159,13 +164,14 @@ def build_app(engine: Any, token: str) -> Any:
         await engine.update_weights(WeightUpdate(path=path, version=body.get("version")))
         return state()
 
-    async def update_shared(body: Any) -> dict[str, int]:
-        from areal_agents.trainers.weight_sync import read_shared
+    async def update_stream(body: Any) -> dict[str, int]:
+        from areal_agents.trainers.weight_transport import receive
 
         manifest = body.get("manifest") if isinstance(body, dict) else None
-        if not isinstance(manifest, dict) or "block" not in manifest:
-            raise ValueError("'manifest' (SharedWeights.manifest) is required")
-        tensors = list(read_shared(manifest))
+        if not isinstance(manifest, dict) or "kind" not in manifest:
+            raise ValueError("'manifest' (a weight transport's manifest()) is required")
+        # read the whole stream off the event loop (the sender waits on every bucket), then load
+        tensors = await asyncio.to_thread(lambda: list(receive(manifest)))
         await engine.update_weights(WeightUpdate(named_tensors=tensors,
                                                  version=body.get("version")))
         return state()
@@ -180,7 +186,7 @@ def build_app(engine: Any, token: str) -> Any:
         Route("/pause", endpoint(pause), methods=["POST"]),
         Route("/resume", endpoint(resume), methods=["POST"]),
         Route("/update_weights/disk", endpoint(update_disk), methods=["POST"]),
-        Route("/update_weights/shared", endpoint(update_shared), methods=["POST"]),
+        Route("/update_weights/stream", endpoint(update_stream), methods=["POST"]),
     ])
 
 

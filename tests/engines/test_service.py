@@ -133,6 +133,33 @@ async def test_weight_update_over_http_bumps_the_version_and_changes_outputs(ser
     assert fresh.outputs[0] == after
 
 
+async def test_a_shared_memory_stream_update_loads_the_same_weights(served):
+    engine, remote = served
+    remote.transport = "shm"
+    other, _ = tiny("xs", seed=1)
+    await remote.update_weights(WeightUpdate(named_tensors=iter(list(
+        other.state_dict().items())), version=5))
+    assert remote.version == engine.version == 5
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], tensor), name
+    await remote.update_weights(WeightUpdate(named_tensors=iter(list(  # the block is reused
+        tiny("xs", seed=2)[0].state_dict().items()))))
+    assert engine.version == 6
+    await remote.close()  # unlinks the block
+
+
+async def test_a_stream_update_to_a_dead_server_fails_without_waiting_for_the_reader():
+    def refuse(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ConnectError("connection refused", request=request)
+
+    remote = RemoteEngine("http://127.0.0.1:9", token=TOKEN, max_context=64, transport="shm",
+                          http_transport=httpx2.MockTransport(refuse))
+    with pytest.raises(EngineUnavailable, match="POST /update_weights/stream"):
+        await remote.update_weights(WeightUpdate(named_tensors=iter([("w", torch.ones(4))])))
+    assert remote.version == 0
+    await remote.close()
+
+
 async def test_pause_holds_in_flight_requests_and_an_update_meanwhile_shows_in_versions(
         served, model_tok):
     engine, remote = served
