@@ -227,8 +227,14 @@ class Gateway:
             except EngineUnavailable as exc:
                 p.replica_failed(index, exc)
 
-        await asyncio.gather(*(one(p, i) for p in self._policies(policy)
-                               for i in range(len(p.router.engines)) if i not in p.router.dead))
+        # every call finishes before an error propagates: a pause still in flight would
+        # otherwise land after push_weights' resume and leave that replica paused
+        results = await asyncio.gather(*(one(p, i) for p in self._policies(policy)
+                                         for i in range(len(p.router.engines))
+                                         if i not in p.router.dead), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def push_weights(self, policy: str, update: WeightUpdate) -> None:
         """Pause all replicas of ``policy`` -> update all -> resume all, resuming even when the
@@ -238,8 +244,8 @@ class Gateway:
             KeyError: unknown policy.
             EngineError: a live replica refused the update.
         """
-        await self.pause(policy)
-        try:
+        try:  # a failed pause too: the replicas already paused must resume
+            await self.pause(policy)
             await self.update_weights(policy, update)
         finally:
             await self.resume(policy)
