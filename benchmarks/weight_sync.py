@@ -1,28 +1,182 @@
-"""Export + load into a LocalEngine against a raw ``copy_`` of the state dict.
+"""Weight sync, measured against raw copies of the same bytes in the same run.
 
-For Qwen3 models of about 1M, 10M and 50M parameters: the time of
-``push_local(LocalEngine, FSDPEngine.export_weights())`` (HF-named export, name and shape
-checks, copy into the engine's model) against a bare ``target[name].copy_(source[name])`` loop
-over the state dict, plus the safetensors-directory route (write + ``WeightUpdate(path=...)``)
-for reference. Prints seconds of each and the ratio export+load / raw (target <= 2x).
+Part ``transports`` (issue 12): a Qwen3-0.6B-shaped state (hidden 1024, 28 layers, 16 heads /
+8 KV heads of dim 128, intermediate 3072, vocab 151936, tied embeddings; random bf16 tensors,
+no download; ~1.19 GB) pushed through each transport into a preallocated copy of the state
+(the receiver copies each tensor as it arrives, as a streaming engine does):
 
-Run: ``OMP_NUM_THREADS=2 python benchmarks/weight_sync.py [--repeats 5]``
+* ``tensor`` (in process, zero copy) and ``shm`` (one shared-memory block, bucket by bucket)
+  against a raw ``target[name].copy_(source[name])`` loop;
+* ``disk`` (sharded safetensors dir written, then read back) against writing the same bytes
+  to one raw file and reading them back (both through the page cache; no fsync);
+* ``nccl`` needs two CUDA devices and is printed as skipped without them.
+
+Each row prints seconds, GB/s, the ratio transport / raw, and the peak extra memory of the
+push (resident-set samples every ~1 ms, minus the level before it) against the bound of two
+buckets. Part ``models``: ``push_local(LocalEngine, FSDPEngine.export_weights())`` vs a raw
+``copy_`` for Qwen3 models of ~1M, 10M and 50M parameters (target <= 2x).
+
+Run: ``OMP_NUM_THREADS=2 python benchmarks/weight_sync.py [--part transports|models|all]
+[--repeats 3] [--bucket-mb 320]`` (the bucket must hold the 297 MiB embedding for shm).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterable
 
 import torch
-from areal_agents.trainers.fsdp import FSDPEngine
-from areal_agents.trainers.weight_sync import push_local, save_safetensors_dir
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from areal_agents.engines.base import WeightUpdate
 from areal_agents.engines.local import LocalEngine
+from areal_agents.trainers.fsdp import FSDPEngine
+from areal_agents.trainers.weight_shm import SharedMemoryTransport
+from areal_agents.trainers.weight_sync import push_local, save_safetensors_dir
+from areal_agents.trainers.weight_transport import DiskTransport, TensorTransport, receive
+
+QWEN3_0_6B = {"hidden": 1024, "layers": 28, "heads": 16, "kv_heads": 8, "head_dim": 128,
+              "intermediate": 3072, "vocab": 151936}
+
+
+def qwen3_shapes(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                 intermediate: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """HF names and shapes of a Qwen3 causal LM with tied embeddings (no ``lm_head``)."""
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
+                (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+                (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+                (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
+                (p + "self_attn.q_norm.weight", (head_dim,)),
+                (p + "self_attn.k_norm.weight", (head_dim,)),
+                (p + "mlp.gate_proj.weight", (intermediate, hidden)),
+                (p + "mlp.up_proj.weight", (intermediate, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, intermediate)),
+                (p + "input_layernorm.weight", (hidden,)),
+                (p + "post_attention_layernorm.weight", (hidden,))]
+    return [*out, ("model.norm.weight", (hidden,))]
+
+
+def random_state(shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in shapes}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the resident set every ~1 ms in a thread; ``extra`` = peak - level at entry."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        self.extra = self.peak - self.base
+
+
+def push(transport: object, source: dict[str, torch.Tensor],
+         target: dict[str, torch.Tensor]) -> None:
+    """Send in a thread (disk: first), receive here, copying each tensor into ``target``."""
+    manifest = transport.manifest()  # type: ignore[attr-defined]
+    sender = threading.Thread(target=transport.send, args=(iter(source.items()),))  # type: ignore[attr-defined]
+    sender.start()
+    if manifest["kind"] == "disk":
+        sender.join()
+    for name, tensor in receive(manifest):
+        target[name].copy_(tensor)
+        del tensor
+    sender.join()
+
+
+def raw_copy(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
+    for name, tensor in source.items():
+        target[name].copy_(tensor)
+
+
+def raw_file(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], path: str) -> None:
+    """Write every tensor's bytes to one file, then read them back into ``target``."""
+    with open(path, "wb") as fh:
+        for tensor in source.values():
+            fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    with open(path, "rb") as fh:
+        for name in source:
+            fh.readinto(target[name].reshape(-1).view(torch.uint8).numpy().data)
+
+
+def best_of(repeats: int, fns: Iterable[Callable[[], object]]) -> list[float]:
+    """Best time of each fn over ``repeats`` interleaved rounds (fair on a shared machine)."""
+    fns = list(fns)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [min(t) for t in times]
+
+
+def bench_transports(repeats: int, bucket_bytes: int) -> None:
+    source = random_state(qwen3_shapes(**QWEN3_0_6B))
+    target = {n: torch.empty_like(t) for n, t in source.items()}
+    total = sum(t.numel() * t.element_size() for t in source.values())
+    largest = max(t.numel() * t.element_size() for t in source.values())
+    print(f"state: Qwen3-0.6B shapes, {sum(t.numel() for t in source.values()):,} bf16 params, "
+          f"{total / 1e9:.3f} GB; bucket {bucket_bytes / 2**20:.0f} MiB (largest tensor "
+          f"{largest / 2**20:.0f} MiB); load {os.getloadavg()[0]:.2f}, "
+          f"torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        shm = SharedMemoryTransport(bucket_bytes)
+        rows = {
+            "tensor": (lambda: push(TensorTransport(bucket_bytes), source, target), "raw copy_"),
+            "shm": (lambda: push(shm, source, target), "raw copy_"),
+            "disk": (lambda: push(DiskTransport(f"{tmp}/w", bucket_bytes), source, target),
+                     "raw file"),
+        }
+        t_copy, t_file, *t_rows = best_of(
+            repeats, [lambda: raw_copy(source, target),
+                      lambda: raw_file(source, target, f"{tmp}/raw.bin")]
+            + [fn for fn, _ in rows.values()])
+        print(f"{'transport':>9} {'s':>7} {'GB/s':>6} {'raw':>9} {'raw s':>7} {'raw GB/s':>8} "
+              f"{'ratio':>6} {'peak extra MiB':>14} {'<= 2 buckets':>12}")
+        for (kind, (fn, raw_name)), t in zip(rows.items(), t_rows, strict=True):
+            for v in target.values():
+                v.zero_()
+            with PeakRSS() as mem:
+                fn()
+            for name, tensor in source.items():  # the push really landed
+                assert torch.equal(target[name], tensor), (kind, name)
+            raw = t_copy if raw_name == "raw copy_" else t_file
+            print(f"{kind:>9} {t:>7.3f} {total / t / 1e9:>6.2f} {raw_name:>9} {raw:>7.3f} "
+                  f"{total / raw / 1e9:>8.2f} {t / raw:>5.2f}x {mem.extra / 2**20:>14.0f} "
+                  f"{mem.extra <= 2 * bucket_bytes!s:>12}")
+        shm.close()
+    if torch.cuda.device_count() >= 2:
+        print("     nccl skipped: run tests/trainer/test_weight_transport_gloo.py -m cuda "
+              "(the 2-GPU benchmark is not written)")
+    else:
+        print(f"     nccl skipped: needs 2 CUDA devices ({torch.cuda.device_count()} here)")
+
 
 SIZES = {  # name -> (hidden, layers, vocab)
     "1M": (128, 2, 4096),
@@ -42,17 +196,6 @@ def build(hidden: int, layers: int, vocab: int, seed: int) -> Qwen3ForCausalLM:
                       tie_word_embeddings=False)
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(cfg).float()
-
-
-def interleaved_min(repeats: int, *fns) -> list[float]:
-    """Best time of each fn over ``repeats`` interleaved rounds (fair on a shared machine)."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t)
-    return [min(t) for t in times]
 
 
 def measure(name: str, repeats: int) -> tuple[int, float, float, float]:
@@ -85,9 +228,9 @@ def measure(name: str, repeats: int) -> tuple[int, float, float, float]:
             path = save_safetensors_dir(trainer.export_weights(), f"{tmp}/w")
             loop.run_until_complete(engine.update_weights(WeightUpdate(path=path)))
 
-        t_raw, _ = interleaved_min(repeats, raw, sync)
+        t_raw, _ = best_of(repeats, [raw, sync])
         t_sync = min(pushes)
-        (t_disk,) = interleaved_min(2, disk)
+        (t_disk,) = best_of(2, [disk])
     loop.run_until_complete(engine.close())
     loop.close()
     for k, v in engine.model.state_dict().items():  # the push really landed
@@ -98,13 +241,22 @@ def measure(name: str, repeats: int) -> tuple[int, float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--part", choices=["transports", "models", "all"], default="all")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bucket-mb", type=int, default=320)
     ap.add_argument("--sizes", default="1M,10M,50M")
     args = ap.parse_args()
+    if args.part in ("transports", "all"):
+        bench_transports(args.repeats, args.bucket_mb * 2**20)
+    if args.part in ("models", "all"):
+        bench_models(args.sizes.split(","), args.repeats)
+
+
+def bench_models(sizes: list[str], repeats: int) -> None:
     print(f"{'model':>6} {'params':>12} {'raw copy_ ms':>13} {'export+load ms':>15} {'ratio':>7} "
           f"{'via disk ms':>12}")
-    for name in args.sizes.split(","):
-        num_params, t_raw, t_sync, t_disk = measure(name, args.repeats)
+    for name in sizes:
+        num_params, t_raw, t_sync, t_disk = measure(name, repeats)
         print(f"{name:>6} {num_params:>12,} {t_raw * 1e3:>13.3f} {t_sync * 1e3:>15.3f} "
               f"{t_sync / t_raw:>6.2f}x {t_disk * 1e3:>12.1f}")
     print("target: export+load / raw <= 2x")
