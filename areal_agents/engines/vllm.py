@@ -14,6 +14,11 @@ Endpoints used (vLLM 0.32, ``VLLM_SERVER_DEV_MODE=1``):
   safetensors on a file system the server reads), then ``POST /reset_prefix_cache`` (cached
   prefixes hold keys/values of the old weights) and a new version label.
 
+Tied embeddings: vLLM 0.32's in-place reload unties ``lm_head`` from ``embed_tokens`` (the
+head keeps its old values unless ``lm_head.weight`` is in the files). HF exports and
+``save_pretrained`` omit that name for tied models, so for a model whose config ties them the
+engine adds ``lm_head.weight`` (a copy of ``model.embed_tokens.weight``) to every update.
+
 Log-probs: ``launch`` starts the server with ``--logprobs-mode processed_logprobs``, vLLM's
 name for this project's definition (``areal_agents.engines.sampling``: after temperature,
 top-k and top-p). A server attached by URL must have been started with it too.
@@ -28,6 +33,7 @@ one when an update happens meanwhile; staleness is then over-, never under-estim
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -52,6 +58,7 @@ from .server_process import ServerProcess, free_port
 VLLM_PYTHON_ENV = "AREAL_AGENTS_VLLM_PYTHON"
 Endpoint = Literal["generate", "completions"]
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"  # the tied pair (HF names)
 
 
 class VLLMEngine(InferenceEngine):
@@ -72,6 +79,8 @@ class VLLMEngine(InferenceEngine):
         server: the ``ServerProcess`` this engine owns (stopped by ``close``).
         weights_dir: where ``update_weights(named_tensors=...)`` writes safetensors; the server
             must read the same path (default: a temporary directory removed by ``close``).
+        tie_word_embeddings: the model ties ``lm_head`` to ``embed_tokens`` (updates then
+            always carry ``lm_head.weight``; see the module docstring).
 
     Example:
         >>> async def main():  # doctest: +SKIP
@@ -83,7 +92,8 @@ class VLLMEngine(InferenceEngine):
     def __init__(self, url: str, *, model: str, max_context: int, endpoint: Endpoint = "generate",
                  version: int = 0, timeout_s: float = 600.0,
                  transport: httpx2.AsyncBaseTransport | None = None,
-                 server: ServerProcess | None = None, weights_dir: str | Path | None = None) -> None:
+                 server: ServerProcess | None = None, weights_dir: str | Path | None = None,
+                 tie_word_embeddings: bool = False) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.max_context = max_context
@@ -98,6 +108,7 @@ class VLLMEngine(InferenceEngine):
         self._paused = False
         self._closed = False
         self._update_lock = asyncio.Lock()
+        self.tie_word_embeddings = tie_word_embeddings
 
     # -- construction -------------------------------------------------------------------------
 
@@ -151,7 +162,8 @@ class VLLMEngine(InferenceEngine):
                 await server.wait_healthy(
                     probe, f"{url}/health", timeout_s=startup_timeout_s,
                     progress=progress or partial(print, file=sys.stderr, flush=True))
-            return await cls.attach(url, timeout_s=timeout_s, server=server)
+            return await cls.attach(url, timeout_s=timeout_s, server=server,
+                                    tie_word_embeddings=ties_embeddings(model))
         except BaseException:
             server.stop()
             raise
@@ -160,12 +172,15 @@ class VLLMEngine(InferenceEngine):
     async def attach(cls, url: str, *, model: str | None = None, timeout_s: float = 600.0,
                      transport: httpx2.AsyncBaseTransport | None = None,
                      server: ServerProcess | None = None,
-                     weights_dir: str | Path | None = None) -> VLLMEngine:
+                     weights_dir: str | Path | None = None,
+                     tie_word_embeddings: bool | None = None) -> VLLMEngine:
         """An engine for the running server at ``url`` (not stopped by ``close``).
 
         Reads the model name and context from ``/v1/models``, picks ``/inference/v1/generate``
         when the server enables it, and takes the version from the server's weight label (a
         label that is not an integer, like vLLM's initial ``"default"``, is set to ``"0"``).
+        ``tie_word_embeddings=None`` reads it from the served model's ``config.json`` when that
+        directory exists on this machine (else False).
 
         Raises:
             EngineError: the server cannot be reached, serves no (or not that) model, or runs
@@ -178,6 +193,8 @@ class VLLMEngine(InferenceEngine):
         except BaseException:
             await engine._http.aclose()
             raise
+        engine.tie_word_embeddings = (ties_embeddings(engine.model) if tie_word_embeddings is None
+                                      else tie_word_embeddings)
         return engine
 
     async def _discover(self, model: str | None) -> None:
@@ -259,6 +276,8 @@ class VLLMEngine(InferenceEngine):
             target = update.version if update.version is not None else self.version + 1
             if update.path is not None:
                 path, written = os.path.abspath(update.path), None
+                if self.tie_word_embeddings and _missing_head(path):
+                    path = written = await asyncio.to_thread(self._tie_head, path, f"v{target}")
             else:
                 assert update.named_tensors is not None
                 path = written = await asyncio.to_thread(
@@ -379,10 +398,7 @@ class VLLMEngine(InferenceEngine):
     def _write_tensors(self, named_tensors: Iterable[tuple[str, Any]], name: str) -> str:
         from safetensors.torch import save_file
 
-        if self._weights_dir is None:
-            self._weights_dir = Path(tempfile.mkdtemp(prefix="vllm-weights-"))
-        folder = self._weights_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self._new_folder(name)
         tensors, seen = {}, set()
         for tensor_name, tensor in named_tensors:
             t = tensor.detach().cpu().contiguous()
@@ -390,8 +406,32 @@ class VLLMEngine(InferenceEngine):
                 t = t.clone()
             seen.add(t.data_ptr())
             tensors[tensor_name] = t
+        if self.tie_word_embeddings and EMBED in tensors and HEAD not in tensors:
+            tensors[HEAD] = tensors[EMBED].clone()
         save_file(tensors, str(folder / "model.safetensors"))
         return str(folder)
+
+    def _tie_head(self, path: str, name: str) -> str:
+        """A directory linking ``path``'s safetensors plus ``lm_head.weight`` (a copy of the
+        embedding) when ``path`` updates the embedding of a tied model."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        folder = self._new_folder(name)
+        for file in sorted(Path(path).glob("*.safetensors")):
+            (folder / file.name).symlink_to(file)
+            with safe_open(str(file), "pt") as reader:
+                if EMBED in reader.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    save_file({HEAD: reader.get_tensor(EMBED)},
+                              str(folder / "tied-lm-head.safetensors"))
+        return str(folder)
+
+    def _new_folder(self, name: str) -> Path:
+        if self._weights_dir is None:
+            self._weights_dir = Path(tempfile.mkdtemp(prefix="vllm-weights-"))
+        folder = self._weights_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
                        params: dict[str, str] | None = None) -> dict[str, Any]:
@@ -429,6 +469,28 @@ class VLLMEngine(InferenceEngine):
         state = "running" if self.server.running else f"exited ({self.server.proc.returncode})"
         return (f". The server process is {state}; its last log lines ({self.server.log_path}):"
                 f"\n{self.server.log_tail(15)}")
+
+
+def ties_embeddings(model_dir: str | Path) -> bool:
+    """Whether the HF model in ``model_dir`` ties ``lm_head`` to the input embedding
+    (``tie_word_embeddings`` of ``config.json`` or its ``text_config``; False when unknown)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def _missing_head(path: str) -> bool:
+    """Whether the safetensors in ``path`` hold the embedding but not ``lm_head.weight``."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for file in Path(path).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as reader:
+            names.update(reader.keys())
+    return EMBED in names and HEAD not in names
 
 
 def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -90,6 +90,7 @@ class FakeVLLM:
 
 
 async def attached(fake: FakeVLLM, **kwargs: object) -> VLLMEngine:
+    kwargs.setdefault("tie_word_embeddings", False)  # the recorded model dir is not here
     return await VLLMEngine.attach(URL, transport=httpx2.MockTransport(fake), **kwargs)
 
 
@@ -314,6 +315,58 @@ async def test_update_weights_pauses_reloads_relabels_and_resumes():
     assert torch.equal(fake.saved_weights["lm_head.weight"], tied)
     assert not Path(calls[1][3]["kwargs"]["weights_path"]).exists()  # removed once loaded
     await engine.close()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+async def test_tied_models_always_send_the_head(tied):
+    """vLLM 0.32's reload leaves lm_head at its old values unless lm_head.weight is sent."""
+    fake = FakeVLLM()
+    engine = await attached(fake, tie_word_embeddings=tied)
+    embed, norm = torch.randn(4, 3), torch.ones(3)
+    await engine.update_weights(WeightUpdate(named_tensors=[  # what export_weights yields
+        ("model.embed_tokens.weight", embed), ("model.norm.weight", norm)]))
+    expected = ["model.embed_tokens.weight", "model.norm.weight"]
+    assert sorted(fake.saved_weights) == (["lm_head.weight", *expected] if tied else expected)
+    if tied:
+        assert torch.equal(fake.saved_weights["lm_head.weight"], embed)
+    await engine.close()
+
+
+async def test_a_tied_models_update_from_a_directory_gets_the_head_too(tmp_path):
+    from safetensors.torch import save_file
+
+    embed = torch.randn(4, 3)
+    save_file({"model.embed_tokens.weight": embed}, str(tmp_path / "model.safetensors"))
+    fake = FakeVLLM()
+    engine = await attached(fake, tie_word_embeddings=True)
+    await engine.update_weights(WeightUpdate(path=str(tmp_path)))
+    sent = Path(fake.calls[-4][3]["kwargs"]["weights_path"])
+    assert fake.calls[-4][1] == "/collective_rpc" and sent != tmp_path and not sent.exists()
+    assert torch.equal(fake.saved_weights["lm_head.weight"], embed)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # left as it was
+    await engine.close()
+
+
+async def test_attach_reads_tying_from_the_served_models_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"tie_word_embeddings": true}')
+    models = copy.deepcopy(RECORDED["GET /v1/models"])
+    models["data"][0]["id"] = str(tmp_path)
+    engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(
+        FakeVLLM(**{"GET /v1/models": models})))
+    assert engine.tie_word_embeddings and engine.model == str(tmp_path)
+    await engine.close()
+
+
+def test_ties_embeddings_reads_the_model_config(tmp_path):
+    from areal_agents.engines.vllm import ties_embeddings
+
+    assert not ties_embeddings(tmp_path)  # no config.json
+    (tmp_path / "config.json").write_text('{"tie_word_embeddings": true}')
+    assert ties_embeddings(tmp_path)
+    (tmp_path / "config.json").write_text('{"text_config": {"tie_word_embeddings": true}}')
+    assert ties_embeddings(tmp_path)
+    (tmp_path / "config.json").write_text('{"tie_word_embeddings": false}')
+    assert not ties_embeddings(tmp_path)
 
 
 async def test_update_from_a_path_while_paused_leaves_the_server_paused(tmp_path):
