@@ -15,11 +15,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from ..engines.base import InferenceEngine, WeightUpdate
-from ..errors import EngineError, EngineUnavailable
+from ..errors import EngineUnavailable
 from .auth import digest, new_secret
+from .replicas import drop_replica, keep_for_restart
 from .router import Router
 from .routes import build_app
 from .sessions import Session
@@ -50,57 +51,9 @@ class Policy:
         return _token_text(self.tokenizer, token_id)
 
     def replica_failed(self, index: int, error: BaseException) -> None:
-        """Drop replica ``index`` from routing (its engine is gone); an engine that can
-        ``restart()`` is restarted in the background and routed to again once it is back."""
-        if index in self.router.dead:
-            return
-        log.warning("policy %r: dropping engine replica %d: %s", self.name, index, error)
-        self.router.mark_dead(index)
-        engine = self.router.engines[index]
-        if isinstance(engine, Restartable) and engine.num_restarts < engine.restart_limit:
-            task = asyncio.get_running_loop().create_task(self._restart(index))
-            _RESTARTS.add(task)
-            task.add_done_callback(_RESTARTS.discard)
-
-    async def _restart(self, index: int) -> None:
-        engine = self.router.engines[index]
-        try:
-            assert isinstance(engine, Restartable)
-            await engine.restart()
-        except Exception as exc:
-            log.error("policy %r: engine replica %d could not be restarted: %s", self.name,
-                      index, exc)
-            return
-        log.warning("policy %r: engine replica %d restarted at version %d", self.name, index,
-                    engine.version)
-        self.router.revive(index)
-
-
-_RESTARTS: set[asyncio.Task[None]] = set()  # strong references to running restarts
-
-
-@runtime_checkable
-class Restartable(Protocol):
-    """An engine that can relaunch its dead server (e.g. ``RemoteEngine`` with a
-    ``restart_limit``); while dead, ``update_weights`` keeps the weights for the restart."""
-
-    restart_limit: int
-    num_restarts: int
-
-    async def restart(self) -> None: ...
-
-    async def update_weights(self, update: WeightUpdate) -> None: ...
-
-
-async def _keep_for_restart(p: Policy, index: int, engine: Restartable,
-                            update: WeightUpdate) -> None:
-    """Hand an update to a dead replica that may restart (it loads it then)."""
-    if not engine.restart_limit:
-        return
-    try:
-        await engine.update_weights(update)
-    except EngineError as exc:
-        log.warning("policy %r: dead replica %d did not keep the update: %s", p.name, index, exc)
+        """Drop replica ``index`` from routing (its engine is gone); see
+        ``areal_agents.gateway.replicas`` for restarts."""
+        drop_replica(self.name, self.router, index, error)
 
 
 @lru_cache(maxsize=65536)
@@ -296,15 +249,13 @@ class Gateway:
 
         for index, engine in enumerate(list(p.router.engines)):
             if index in p.router.dead:
-                if isinstance(engine, Restartable):
-                    await _keep_for_restart(p, index, engine, fresh())
+                await keep_for_restart(p.name, index, engine, fresh())
                 continue
             try:
                 await engine.update_weights(fresh())
             except EngineUnavailable as exc:
                 p.replica_failed(index, exc)
-                if isinstance(engine, Restartable):
-                    await _keep_for_restart(p, index, engine, fresh())
+                await keep_for_restart(p.name, index, engine, fresh())
 
     def async_client(self, api_key: str | None = None, **kwargs: Any) -> Any:
         """An ``openai.AsyncOpenAI`` talking to this gateway in process (ASGI, no sockets).
