@@ -282,9 +282,12 @@ class RemoteEngine(InferenceEngine):
         """Relaunch a dead server with the last update's weights and this engine's version.
 
         Raises:
-            EngineError: not launched here, or ``restart_limit`` restarts already used.
+            EngineError: closed (also when ``close`` comes while the new server starts: it is
+                stopped), not launched here, or ``restart_limit`` restarts already used.
         """
         async with self._lock:
+            if self._closed:
+                raise EngineError("RemoteEngine is closed; create a new engine")
             if self.launch_args is None:
                 raise EngineError(f"the engine server at {self.url} was attached, not launched "
                                   "here; it cannot be restarted")
@@ -297,8 +300,12 @@ class RemoteEngine(InferenceEngine):
             weights = self._weights_dir / "latest" if self._weights_dir else None
             args = {**self.launch_args,
                     "log_path": f"{self.launch_args['log_path']}.restart{self.num_restarts}"}
-            self.server, url, self.token = await _start_server(
+            server, url, token = await _start_server(
                 args, weights if weights and weights.exists() else None, self.version)
+            if self._closed:  # closed while the new server was starting: leave no orphan
+                await asyncio.to_thread(server.stop)
+                raise EngineError("RemoteEngine was closed while its server restarted")
+            self.server, self.token = server, token
             await self._http.aclose()
             self.url = url
             self._http = self._client()

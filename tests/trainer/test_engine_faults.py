@@ -204,10 +204,14 @@ def _kill_when_busy(trainer: Any, policy: str) -> asyncio.Task[int]:
 
 @pytest.mark.slow
 def test_killing_an_engine_server_mid_run_the_run_continues_and_the_ledger_adds_up(tmp_path):
+    """Two listener servers, one SIGKILLed while busy: its in-flight episodes fail with the
+    cause, the run goes on with the other, the ledger adds up; restarted (restart_limit=1),
+    the killed one comes back on the current version and takes traffic again."""
     from areal_agents.trainers.policy import Policy
     from areal_agents.trainers.trainer import Trainer
 
-    server = {"kind": "server", "replicas": 2, "server_args": {"max_batch_size": 8}}
+    server = {"kind": "server", "replicas": 2,
+              "server_args": {"max_batch_size": 8, "restart_limit": 1}}
     policies = {
         "speaker": Policy(model="tiny:xs", seed=0, lr=1e-3, api="completions",
                           sampling={"temperature": 1.0, "max_tokens": 1}),
@@ -219,30 +223,45 @@ def test_killing_an_engine_server_mid_run_the_run_continues_and_the_ledger_adds_
                                                      "listener": "listener"},
                       batch_size=8, group_size=4, max_staleness=1, run_dir=tmp_path,
                       progress=False, seed=0)
+    served_after: list[int] = []
 
-    async def run() -> tuple[list[dict[str, float]], int]:
+    async def run() -> tuple[list[dict[str, float]], int, dict[str, dict[str, int]]]:
         await trainer.setup()
+        router = trainer.gateway.policies["listener"].router
         killer = _kill_when_busy(trainer, "listener")
         try:
             history = await trainer.afit(4)
-            return history, await killer
+            killed = await killer
+            counts = trainer.controller.counts()
+            while router.dead:  # the restart runs in the background (one server start)
+                await asyncio.sleep(0.2)
+            generate = router.engines[0].generate
+
+            async def counted(request: GenerateRequest) -> GenerateResult:
+                served_after.append(router.engines[0].version)
+                return await generate(request)
+
+            router.engines[0].generate = counted
+            await trainer.afit(6)
+            return history, killed, counts
         finally:
             killer.cancel()
             await trainer.aclose()  # stops the servers (in this loop: their clients live here)
 
-    history, killed = asyncio.run(run())
-    router = trainer.gateway.policies["listener"].router
-    assert router.dead == {0} and router.engines[1].version == 4
-    assert not router.engines[0].server.running and not router.engines[1].server.running
-    assert trainer.step == 4 and len(history) == 4
-    counts = trainer.controller.counts()
+    history, killed, counts = asyncio.run(run())
+    assert trainer.step == 4 + 2 and len(history) == 6
     for policy in ("speaker", "listener"):
-        c = counts[policy]
+        c = counts[policy]  # after the first 4 steps
         outcomes = sum(v for k, v in c.items() if k.startswith("outcome/"))
-        assert c["submitted"] == outcomes + trainer.controller.unresolved(policy)
+        assert c["submitted"] == outcomes + c["running"] + c["waiting"] + c["buffered"]
         assert c["outcome/trained"] == 32
         assert c["outcome/failed"] >= 1  # the episodes in flight on the killed server
     causes = [repr(e) for e in trainer.controller.errors]
     assert causes and all("engine replica unavailable" in c for c in causes)
     assert f"The server process is exited (-{signal.SIGKILL.value})" in causes[0]
-    assert killed == router.engines[0].server.pid
+    router = trainer.gateway.policies["listener"].router
+    restarted = router.engines[0]
+    assert restarted.num_restarts == 1 and restarted.server.pid != killed
+    assert [e.version for e in router.engines] == [6, 6]
+    assert served_after and min(served_after) >= 4  # it takes traffic, on current versions
+    assert not any(e.server.running for e in router.engines)
