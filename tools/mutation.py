@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"no results for {name!r} in {saved.parent}; run it first")
             results[name] = json.loads(saved.read_text())
             continue
-        print(f"== {name}: mutating {len(GROUPS[name].files)} file(s)", flush=True)
+        print(f"== {name}: mutating {', '.join(GROUPS[name].files)}", flush=True)
         results[name] = run_group(name, GROUPS[name], args.workdir, args.max_children)
         print(table({name: results[name]}).splitlines()[-1], flush=True)
     print()
