@@ -79,6 +79,21 @@ async def test_seeded_sampling_repeats_and_n_gives_distinct_samples(engine):
         assert all(len(t) == 3 and t[0][1] >= t[1][1] >= t[2][1] for t in out.top_logprobs)
 
 
+async def test_stop_token_ids_and_stop_strings_end_like_local_engine(engine, models):
+    (model, tokenizer), _ = models
+    ref = await _local_greedy(model, tokenizer, PROMPT[:3], max_tokens=16)
+    target = ref.token_ids[3]
+    text = tokenizer.decode([target])
+    stops = [SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[target]),
+             SamplingParams(max_tokens=16, temperature=0, stop=[text])]
+    async with LocalEngine(copy.deepcopy(model), tokenizer) as local:
+        for sp in stops:
+            want = (await local.generate(GenerateRequest(PROMPT[:3], sp))).outputs[0]
+            got = (await engine.generate(GenerateRequest(PROMPT[:3], sp))).outputs[0]
+            assert got.token_ids == want.token_ids and target in got.token_ids
+            assert (got.finish_reason, want.finish_reason) == ("stop", "stop")
+
+
 async def _record(engine, tokenizer, combos) -> list:
     """Two-turn chats through the gateway (chat template, sessions) served by ``engine``."""
     gateway = Gateway()
@@ -118,17 +133,35 @@ async def test_behaviour_logprobs_match_the_trainers_recompute(engine, models, c
     assert gap < 1e-3, gap
 
 
+def _exported(model) -> list:
+    """What ``export_weights`` yields for a tied model: no ``lm_head.weight``."""
+    return [(k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"]
+
+
 async def test_weight_update_changes_greedy_output_and_bumps_the_version(engine, models):
     (model, tokenizer), (other, _) = models
+    assert engine.tie_word_embeddings  # the tiny models tie lm_head to the embedding
     before, version = await _greedy(engine, PROMPT), engine.version
     expected = await _local_greedy(other, tokenizer, PROMPT)
     assert expected.token_ids != before.token_ids  # the two weight sets disagree
-    await engine.update_weights(WeightUpdate(named_tensors=iter(other.state_dict().items())))
+    await engine.update_weights(WeightUpdate(named_tensors=iter(_exported(other))))
     after = await _greedy(engine, PROMPT)
     assert engine.version == version + 1 and after.versions == [version + 1] * 12
     assert after.token_ids == expected.token_ids
-    await engine.update_weights(WeightUpdate(named_tensors=iter(model.state_dict().items())))
+    assert max(abs(a - b) for a, b in zip(after.logprobs, expected.logprobs, strict=True)) < 1e-3
+    await engine.update_weights(WeightUpdate(named_tensors=iter(_exported(model))))
     assert (await _greedy(engine, PROMPT)).token_ids == before.token_ids
+
+
+async def test_weight_update_from_a_saved_model_directory(engine, models, tmp_path):
+    (model, tokenizer), (other, _) = models
+    other.save_pretrained(tmp_path)  # a tied model's files hold no lm_head.weight
+    expected = await _local_greedy(other, tokenizer, PROMPT)
+    await engine.update_weights(WeightUpdate(path=str(tmp_path)))
+    after = await _greedy(engine, PROMPT)
+    assert after.token_ids == expected.token_ids
+    assert max(abs(a - b) for a, b in zip(after.logprobs, expected.logprobs, strict=True)) < 1e-3
+    await engine.update_weights(WeightUpdate(named_tensors=iter(_exported(model))))
 
 
 async def test_requests_in_flight_wait_while_paused_and_span_an_update(engine, models):
@@ -141,7 +174,7 @@ async def test_requests_in_flight_wait_while_paused_and_span_an_update(engine, m
     await engine.pause()
     await asyncio.sleep(1.0)
     assert not any(t.done() for t in tasks)  # frozen, not failed
-    await engine.update_weights(WeightUpdate(named_tensors=iter(other.state_dict().items())))
+    await engine.update_weights(WeightUpdate(named_tensors=iter(_exported(other))))
     await asyncio.sleep(0.5)
     assert not any(t.done() for t in tasks) and engine.version == version + 1
     await engine.resume()
@@ -152,7 +185,7 @@ async def test_requests_in_flight_wait_while_paused_and_span_an_update(engine, m
         assert out.versions == sorted(out.versions)
     spanning = [o for o in outputs if o.finish_reason == "length"]
     assert spanning and all(set(o.versions) == {version, version + 1} for o in spanning)
-    await engine.update_weights(WeightUpdate(named_tensors=iter(model.state_dict().items())))
+    await engine.update_weights(WeightUpdate(named_tensors=iter(_exported(model))))
 
 
 async def test_tokens_are_exact_integers_in_the_vocabulary(engine, models):
