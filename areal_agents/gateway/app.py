@@ -42,6 +42,7 @@ class Policy:
     max_n: int = 8
     stop_ids: set[int] = field(default_factory=set)
     eos_id: int = -1
+    paused: bool = False  # between Gateway.pause and resume: a revived replica is paused too
 
     @property
     def max_context(self) -> int:
@@ -53,7 +54,7 @@ class Policy:
     def replica_failed(self, index: int, error: BaseException) -> None:
         """Drop replica ``index`` from routing (its engine is gone); see
         ``areal_agents.gateway.replicas`` for restarts."""
-        drop_replica(self.name, self.router, index, error)
+        drop_replica(self.name, self.router, index, error, paused=lambda: self.paused)
 
 
 @lru_cache(maxsize=65536)
@@ -166,11 +167,15 @@ class Gateway:
     async def pause(self, policy: str | None = None) -> None:
         """Pause every live replica of ``policy`` (None: all policies); a replica found dead
         is dropped."""
+        for p in self._policies(policy):
+            p.paused = True
         await self._each_live(policy, lambda e: e.pause())
 
     async def resume(self, policy: str | None = None) -> None:
         """Resume every live replica of ``policy`` (None: all policies); a replica found dead
         is dropped."""
+        for p in self._policies(policy):
+            p.paused = False
         await self._each_live(policy, lambda e: e.resume())
 
     async def _each_live(self, policy: str | None, call: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from ..engines.base import WeightUpdate
@@ -33,26 +34,41 @@ class Restartable(Protocol):
 
     async def restart(self) -> None: ...
 
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
     async def update_weights(self, update: WeightUpdate) -> None: ...
 
 
-def drop_replica(name: str, router: Router, index: int, error: BaseException) -> None:
+def drop_replica(name: str, router: Router, index: int, error: BaseException, *,
+                 paused: Callable[[], bool] = lambda: False) -> None:
     """Mark replica ``index`` of policy ``name`` dead (idempotent); restart it in the
-    background when it is ``Restartable`` with restarts left (needs a running event loop)."""
+    background when it is ``Restartable`` with restarts left (needs a running event loop).
+
+    ``paused()`` says whether the policy's replicas are paused (a weight push in progress):
+    a replica that comes back then is paused before it is routed to, and the push's resume
+    resumes it with the others."""
     if index in router.dead:
         return
     log.warning("policy %r: dropping engine replica %d: %s", name, index, error)
     router.mark_dead(index)
     engine = router.engines[index]
     if isinstance(engine, Restartable) and engine.num_restarts < engine.restart_limit:
-        task = asyncio.get_running_loop().create_task(_restart(name, router, index, engine))
+        task = asyncio.get_running_loop().create_task(
+            _restart(name, router, index, engine, paused))
         _RESTARTS.add(task)
         task.add_done_callback(_RESTARTS.discard)
 
 
-async def _restart(name: str, router: Router, index: int, engine: Restartable) -> None:
+async def _restart(name: str, router: Router, index: int, engine: Restartable,
+                   paused: Callable[[], bool]) -> None:
     try:
         await engine.restart()
+        engine_paused = False
+        while engine_paused != paused():  # a push may begin or end during each call
+            engine_paused = paused()
+            await (engine.pause() if engine_paused else engine.resume())
     except Exception as exc:
         log.error("policy %r: engine replica %d could not be restarted: %s", name, index, exc)
         return

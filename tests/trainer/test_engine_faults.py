@@ -148,6 +148,31 @@ async def test_a_restartable_replica_keeps_updates_while_dead_and_is_revived(tok
     assert gw.policies["p"].router.dead == {0} and engines[0].num_restarts == 1
 
 
+async def test_a_replica_revived_during_a_push_is_paused_with_the_others(tok):
+    engines = [MortalEngine(restart_limit=1, script=["ok"], tokenizer=tok),
+               MortalEngine(script=["ok"], tokenizer=tok)]
+    gw = Gateway()
+    gw.add_policy("p", engines, tok)
+    router = gw.policies["p"].router
+    engines[0].dead = True
+    restart = engines[0].restart
+
+    async def slow_restart() -> None:
+        await asyncio.sleep(0.05)
+        await restart()
+
+    engines[0].restart = slow_restart  # type: ignore[method-assign]
+    await gw.pause("p")  # a push begins; replica 0 is found dead and restarts meanwhile
+    assert router.dead == {0} and engines[1].paused
+    for _ in range(100):
+        if not router.dead:
+            break
+        await asyncio.sleep(0.01)
+    assert router.dead == set() and engines[0].paused  # not generating mid-push
+    await gw.resume("p")
+    assert [e.paused for e in engines] == [False, False]
+
+
 async def test_a_failed_update_resumes_every_replica_and_raises(tok):
     """AReaL#1160: a weight update that fails must not leave the engines paused."""
     engines = [MortalEngine(script=["ok"], tokenizer=tok),
