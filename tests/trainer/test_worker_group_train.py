@@ -32,6 +32,13 @@ def _policy_metrics(rows: list[dict], key: str) -> list[float]:
     return [row[f"policy/speaker/{key}"] for row in rows if f"policy/speaker/{key}" in row]
 
 
+def _shards(run_dir: Path) -> list[str]:
+    """The DCP shard files of the speaker's last checkpoint (one per rank)."""
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None
+    return sorted(p.name for p in (ckpt / "speaker").glob("__*.distcp"))
+
+
 @pytest.mark.parametrize("yaml", ["fsdp_2proc.yaml", "archon_tp2.yaml"])
 def test_two_process_run_matches_one_process(yaml, tmp_path):
     workers = _train(yaml, tmp_path / "workers")
@@ -43,7 +50,9 @@ def test_two_process_run_matches_one_process(yaml, tmp_path):
     assert _policy_metrics(workers, "reward") == _policy_metrics(single, "reward")
     assert _policy_metrics(workers, "grad_norm") == pytest.approx(
         _policy_metrics(single, "grad_norm"), rel=1e-3)
-    assert latest_checkpoint(tmp_path / "workers").name == "step_3"  # saved by the workers
+    # the speaker really trained on two ranks: each wrote its DCP shard file
+    assert _shards(tmp_path / "workers") == ["__0_0.distcp", "__1_0.distcp"]
+    assert _shards(tmp_path / "single") == ["__0_0.distcp"]
     assert multiprocessing.active_children() == []  # aclose stopped them
 
 
