@@ -6,15 +6,21 @@ produces exactly its target length) with the same batch size, in one process wit
 done, so short requests waste decode slots; the engine refills freed slots at every step.
 Throughput counts each request's own completion tokens only.
 
+With ``--vllm-python`` (or ``$AREAL_AGENTS_VLLM_PYTHON``) a third column serves the same
+requests from a vLLM server (``VLLMEngine``, ``--max-num-seqs`` = batch size, float32) over HTTP;
+its start-up is not timed. Run it on a quiet machine: vLLM's engine core pins one core.
+
 Usage: python benchmarks/engine_throughput.py [--requests 48] [--batch-size 16] [--size s]
-       [--threads 2] [--repeats 2]
+       [--threads 2] [--repeats 2] [--vllm-python .venv-vllm/bin/python]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,6 +86,38 @@ async def run_engine(model, tok, requests, batch_size: int) -> tuple[float, int,
     return seconds, sum(len(c) for c in completions), completions
 
 
+async def run_vllm(python: str, model, tok, requests, batch_size: int,
+                   repeats: int) -> tuple[float, int, list[list[int]]]:
+    """The same requests on a vLLM server; best of ``repeats`` timed runs."""
+    from areal_agents.engines.vllm import VLLMEngine
+
+    class NoEOS(VLLMEngine):  # same exact lengths as the other sides
+        @staticmethod
+        def _sampling(request):
+            return {**VLLMEngine._sampling(request), "ignore_eos": True}
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        engine = await NoEOS.launch(folder, python=python, max_model_len=1024,
+                                    server_args=["--max-num-seqs", str(batch_size)])
+        try:
+            await engine.generate(GenerateRequest([5, 6, 7], SamplingParams(max_tokens=2,
+                                                                            temperature=0)))
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                results = await asyncio.gather(*[
+                    engine.generate(GenerateRequest(p, SamplingParams(max_tokens=n,
+                                                                      temperature=0)))
+                    for p, n in requests])
+                best = min(best, time.perf_counter() - start)
+        finally:
+            await engine.close()
+    completions = [r.outputs[0].token_ids for r in results]
+    return best, sum(len(c) for c in completions), completions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48)
@@ -87,6 +125,8 @@ def main() -> None:
     parser.add_argument("--size", default="s")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs per side (best is kept)")
+    parser.add_argument("--vllm-python", default=os.environ.get("AREAL_AGENTS_VLLM_PYTHON"),
+                        help="a python with vLLM: adds a vLLM-server column")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = tiny(args.size, seed=0)
@@ -113,6 +153,13 @@ def main() -> None:
     print(f"LocalEngine (continuous)       : {e_tok} tokens in {e_sec:.2f} s = {e_tok / e_sec:8.1f} tok/s")
     print(f"ratio engine / static: {(e_tok / e_sec) / (s_tok / s_sec):.2f}x "
           f"(identical greedy completions: {same}/{len(requests)})")
+    if args.vllm_python:
+        v_sec, v_tok, v_out = asyncio.run(run_vllm(args.vllm_python, model, tok, requests,
+                                                   args.batch_size, args.repeats))
+        same = sum(a == b for a, b in zip(v_out, e_out, strict=True))
+        print(f"vLLM server (HTTP)             : {v_tok} tokens in {v_sec:.2f} s = "
+              f"{v_tok / v_sec:8.1f} tok/s ({(v_tok / v_sec) / (e_tok / e_sec):.2f}x LocalEngine; "
+              f"identical greedy completions: {same}/{len(requests)})")
 
 
 if __name__ == "__main__":
