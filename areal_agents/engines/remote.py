@@ -224,8 +224,8 @@ class RemoteEngine(InferenceEngine):
                 assert update.named_tensors is not None
                 folder = tempfile.mkdtemp(prefix="engine-weights-")
                 try:
-                    await asyncio.to_thread(save_safetensors_dir, _untied(update.named_tensors),
-                                            folder)
+                    tensors = update.named_tensors
+                    await asyncio.to_thread(lambda: save_safetensors_dir(_untied(tensors), folder))
                     await self._request("POST", "/update_weights/disk",
                                         {"path": folder, "version": target})
                 finally:
@@ -271,7 +271,7 @@ class RemoteEngine(InferenceEngine):
         tensors = (update.named_tensors if update.named_tensors is not None
                    else load_safetensors_dir(str(update.path)))
         folder = str(self._weights_dir / "latest")
-        await asyncio.to_thread(save_safetensors_dir, _untied(tensors), folder)
+        await asyncio.to_thread(lambda: save_safetensors_dir(_untied(tensors), folder))
         return folder
 
     @property
