@@ -3,6 +3,7 @@ engine's), so each engine checkpoint records the version its weights are."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from areal_agents.agents import ScriptedAgent
@@ -11,6 +12,7 @@ from areal_agents.trainers.policy import Policy
 from areal_agents.trainers.trainer import Trainer
 
 
+@pytest.mark.slow  # two train steps of a tiny model (~15 s on 2 cores)
 async def test_fresh_run_engine_versions_follow_the_controller(tmp_path):
     trainer = Trainer(
         env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2},
