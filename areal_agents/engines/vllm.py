@@ -14,10 +14,8 @@ Endpoints used (vLLM 0.32, ``VLLM_SERVER_DEV_MODE=1``):
   safetensors on a file system the server reads), then ``POST /reset_prefix_cache`` (cached
   prefixes hold keys/values of the old weights) and a new version label.
 
-Tied embeddings: vLLM 0.32's in-place reload unties ``lm_head`` from ``embed_tokens`` (the
-head keeps its old values unless ``lm_head.weight`` is in the files). HF exports and
-``save_pretrained`` omit that name for tied models, so for a model whose config ties them the
-engine adds ``lm_head.weight`` (a copy of ``model.embed_tokens.weight``) to every update.
+Tied embeddings: updates of a tied model always carry ``lm_head.weight`` (vLLM 0.32's
+reload would leave the old head otherwise; ``vllm_weights``).
 
 Log-probs: ``launch`` starts the server with ``--logprobs-mode processed_logprobs``, vLLM's
 name for this project's definition (``areal_agents.engines.sampling``: after temperature,
@@ -33,7 +31,6 @@ one when an update happens meanwhile; staleness is then over-, never under-estim
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import sys
@@ -52,13 +49,13 @@ from ..errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from .base import CompletionOutput, GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from . import vllm_protocol as protocol
+from .base import GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
 from .server_process import ServerProcess, free_port
+from .vllm_weights import missing_head, ties_embeddings, with_head, write_tensors
 
 VLLM_PYTHON_ENV = "AREAL_AGENTS_VLLM_PYTHON"
 Endpoint = Literal["generate", "completions"]
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"  # the tied pair (HF names)
 
 
 class VLLMEngine(InferenceEngine):
@@ -231,15 +228,18 @@ class VLLMEngine(InferenceEngine):
         sent_at_version = self.version
         self._pending += 1
         try:
+            sampling = self._sampling(request)
             if self.endpoint == "generate":
                 data = await self._request("POST", "/inference/v1/generate",
-                                           self._generate_body(request))
-                outputs = [self._parse_choice(c, request) for c in _choices(data)]
+                                           protocol.generate_body(request, self.model, sampling))
+                outputs = [protocol.parse_generate_choice(c, request.sampling.top_logprobs,
+                                                          self.version)
+                           for c in protocol.choices(data)]
             else:
-                data = await self._request("POST", "/v1/completions",
-                                           self._completions_body(request))
-                outputs = [self._parse_completion(c, request, sent_at_version)
-                           for c in _choices(data)]
+                data = await self._request("POST", "/v1/completions", protocol.completions_body(
+                    request, self.model, sampling))
+                outputs = [protocol.parse_completions_choice(c, sent_at_version)
+                           for c in protocol.choices(data)]
         finally:
             self._pending -= 1
         return GenerateResult(request.request_id, list(request.prompt_ids), outputs)
@@ -274,14 +274,15 @@ class VLLMEngine(InferenceEngine):
         """
         async with self._update_lock:
             target = update.version if update.version is not None else self.version + 1
+            folder = self._new_folder(f"v{target}")
             if update.path is not None:
                 path, written = os.path.abspath(update.path), None
-                if self.tie_word_embeddings and _missing_head(path):
-                    path = written = await asyncio.to_thread(self._tie_head, path, f"v{target}")
+                if self.tie_word_embeddings and await asyncio.to_thread(missing_head, path):
+                    path = written = await asyncio.to_thread(with_head, path, folder)
             else:
                 assert update.named_tensors is not None
                 path = written = await asyncio.to_thread(
-                    self._write_tensors, update.named_tensors, f"v{target}")
+                    write_tensors, update.named_tensors, folder, tied=self.tie_word_embeddings)
             paused_here = not self._paused
             if paused_here:
                 await self.pause()
@@ -330,108 +331,13 @@ class VLLMEngine(InferenceEngine):
 
     @staticmethod
     def _sampling(request: GenerateRequest) -> dict[str, Any]:
-        sp = request.sampling
-        greedy = sp.temperature == 0  # our greedy ignores top-k/top-p (temperature-1 log-probs)
-        return {
-            "n": sp.n, "max_tokens": sp.max_tokens, "temperature": sp.temperature,
-            "top_p": 1.0 if greedy else sp.top_p, "top_k": 0 if greedy else sp.top_k,
-            "seed": sp.seed, "stop": list(sp.stop), "stop_token_ids": list(sp.stop_token_ids),
-            # vLLM lists the sampled token first, then the best others: one more than asked
-            "logprobs": sp.top_logprobs + 1 if sp.top_logprobs else 0,
-        }
-
-    def _generate_body(self, request: GenerateRequest) -> dict[str, Any]:
-        return {"token_ids": list(request.prompt_ids), "request_id": request.request_id,
-                "model": self.model, "sampling_params": self._sampling(request)}
-
-    def _completions_body(self, request: GenerateRequest) -> dict[str, Any]:
-        return {"model": self.model, "prompt": list(request.prompt_ids),
-                "request_id": request.request_id, "return_token_ids": True,
-                **self._sampling(request)}
-
-    def _parse_choice(self, choice: dict[str, Any], request: GenerateRequest) -> CompletionOutput:
-        """One ``/inference/v1/generate`` choice (log-probs carry token ids)."""
-        token_ids = [int(t) for t in choice.get("token_ids") or []]
-        content = (choice.get("logprobs") or {}).get("content") or []
-        if len(content) != len(token_ids):
-            raise EngineError(f"vLLM returned {len(token_ids)} tokens but {len(content)} "
-                              "log-probs; is the server a vLLM with this API (0.32)?")
-        num_top = request.sampling.top_logprobs
-        top = None
-        if num_top:
-            top = [[(int(e["token_id"]), float(e["logprob"])) for e in sorted(
-                (e for e in entry.get("top_logprobs") or [] if 1 <= e.get("rank", 0) <= num_top),
-                key=lambda e: e["rank"])] for entry in content]
-        return CompletionOutput(
-            token_ids=token_ids, logprobs=[float(e["logprob"]) for e in content],
-            versions=self._versions(choice.get("weight_versions"), len(token_ids)),
-            finish_reason=_finish_reason(choice), top_logprobs=top)
-
-    def _parse_completion(self, choice: dict[str, Any], request: GenerateRequest,
-                          version: int) -> CompletionOutput:
-        """One ``/v1/completions`` choice (top log-probs are keyed by text: not returned)."""
-        token_ids = [int(t) for t in choice.get("token_ids") or []]
-        logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
-        if len(logprobs) != len(token_ids):
-            raise EngineError(f"vLLM returned {len(token_ids)} tokens but {len(logprobs)} "
-                              "log-probs; was return_token_ids ignored (vLLM < 0.10)?")
-        return CompletionOutput(token_ids=token_ids, logprobs=[float(x) for x in logprobs],
-                                versions=[version] * len(token_ids),
-                                finish_reason=_finish_reason(choice))
-
-    def _versions(self, spans: list[dict[str, Any]] | None, num_tokens: int) -> list[int]:
-        """Per-token versions from vLLM's ``[{version, start, end}]`` label spans."""
-        if not spans:
-            return [self.version] * num_tokens
-        versions: list[int] = []
-        for span in spans:
-            label = str(span["version"])
-            if not label.lstrip("-").isdigit():
-                raise EngineError(f"vLLM labelled tokens with weight version {label!r}, not an "
-                                  "integer; only this engine should set the server's label")
-            versions += [int(label)] * (int(span["end"]) - int(span["start"]))
-        if len(versions) != num_tokens:
-            raise EngineError(f"vLLM's weight-version spans cover {len(versions)} tokens of "
-                              f"{num_tokens}")
-        return versions
-
-    def _write_tensors(self, named_tensors: Iterable[tuple[str, Any]], name: str) -> str:
-        from safetensors.torch import save_file
-
-        folder = self._new_folder(name)
-        tensors, seen = {}, set()
-        for tensor_name, tensor in named_tensors:
-            t = tensor.detach().cpu().contiguous()
-            if t.data_ptr() in seen:  # tied weights share storage; safetensors refuses that
-                t = t.clone()
-            seen.add(t.data_ptr())
-            tensors[tensor_name] = t
-        if self.tie_word_embeddings and EMBED in tensors and HEAD not in tensors:
-            tensors[HEAD] = tensors[EMBED].clone()
-        save_file(tensors, str(folder / "model.safetensors"))
-        return str(folder)
-
-    def _tie_head(self, path: str, name: str) -> str:
-        """A directory linking ``path``'s safetensors plus ``lm_head.weight`` (a copy of the
-        embedding) when ``path`` updates the embedding of a tied model."""
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
-        folder = self._new_folder(name)
-        for file in sorted(Path(path).glob("*.safetensors")):
-            (folder / file.name).symlink_to(file)
-            with safe_open(str(file), "pt") as reader:
-                if EMBED in reader.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                    save_file({HEAD: reader.get_tensor(EMBED)},
-                              str(folder / "tied-lm-head.safetensors"))
-        return str(folder)
+        return protocol.sampling_params(request.sampling)
 
     def _new_folder(self, name: str) -> Path:
+        """``name`` inside this engine's weights directory (created on first use)."""
         if self._weights_dir is None:
             self._weights_dir = Path(tempfile.mkdtemp(prefix="vllm-weights-"))
-        folder = self._weights_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        return self._weights_dir / name
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
                        params: dict[str, str] | None = None) -> dict[str, Any]:
@@ -454,7 +360,7 @@ class VLLMEngine(InferenceEngine):
 
     def _json(self, response: httpx2.Response, what: str) -> dict[str, Any]:
         if response.status_code >= 400:
-            message = _error_message(response)
+            message = protocol.error_message(response)
             if response.status_code == 400 and "max_model_len" in message:
                 raise ContextLengthExceeded(f"vLLM refused {what}: {message}")
             raise EngineError(f"vLLM answered {what} with HTTP {response.status_code}: {message}")
@@ -469,49 +375,3 @@ class VLLMEngine(InferenceEngine):
         state = "running" if self.server.running else f"exited ({self.server.proc.returncode})"
         return (f". The server process is {state}; its last log lines ({self.server.log_path}):"
                 f"\n{self.server.log_tail(15)}")
-
-
-def ties_embeddings(model_dir: str | Path) -> bool:
-    """Whether the HF model in ``model_dir`` ties ``lm_head`` to the input embedding
-    (``tie_word_embeddings`` of ``config.json`` or its ``text_config``; False when unknown)."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    text = config.get("text_config") or {}
-    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-
-
-def _missing_head(path: str) -> bool:
-    """Whether the safetensors in ``path`` hold the embedding but not ``lm_head.weight``."""
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for file in Path(path).glob("*.safetensors"):
-        with safe_open(str(file), "pt") as reader:
-            names.update(reader.keys())
-    return EMBED in names and HEAD not in names
-
-
-def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:
-    return sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
-
-
-def _finish_reason(choice: dict[str, Any]) -> Any:
-    reason = choice.get("finish_reason")
-    if reason not in _FINISH:
-        raise EngineError(f"vLLM finished a completion with reason {reason!r} "
-                          f"(stop_reason {choice.get('stop_reason')!r})")
-    return _FINISH[reason]
-
-
-def _error_message(response: httpx2.Response) -> str:
-    """The message of a vLLM / FastAPI error body (OpenAI shape, dev-endpoint shape, detail)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:500] or response.reason_phrase
-    error = body.get("error", body.get("detail")) if isinstance(body, dict) else body
-    if isinstance(error, dict):
-        error = error.get("message", error)
-    return str(error)

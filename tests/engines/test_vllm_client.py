@@ -358,7 +358,7 @@ async def test_attach_reads_tying_from_the_served_models_config(tmp_path):
 
 
 def test_ties_embeddings_reads_the_model_config(tmp_path):
-    from areal_agents.engines.vllm import ties_embeddings
+    from areal_agents.engines.vllm_weights import ties_embeddings
 
     assert not ties_embeddings(tmp_path)  # no config.json
     (tmp_path / "config.json").write_text('{"tie_word_embeddings": true}')
