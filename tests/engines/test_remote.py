@@ -58,21 +58,20 @@ def _seed_weights(seed: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def test_greedy_ids_and_logprobs_equal_an_in_process_local_engine(remote, model_dir, loop):
+    """Bitwise, against a LocalEngine on the model loaded from the same directory (the
+    in-memory tiny model differs from its reloaded copy by ~5e-7 in log-probs, in process)."""
     torch.set_num_threads(1)
-    model, tok = tiny("xs", seed=0)
+    _, tok = tiny("xs", seed=0)
     prompt = tok.encode("12 + 30 = ? Answer:")
 
     async def both() -> tuple[Any, Any]:
-        async with LocalEngine(model, tok) as local:
+        async with LocalEngine(str(model_dir)) as local:
             req = _req(prompt, max_tokens=16, temperature=0)
             return (await remote.generate(req)).outputs[0], (await local.generate(req)).outputs[0]
 
     via_server, in_process = loop.run_until_complete(both())
-    assert via_server.token_ids == in_process.token_ids
-    assert via_server.versions == in_process.versions == [0] * 16
-    assert via_server.finish_reason == in_process.finish_reason
-    assert torch.allclose(torch.tensor(via_server.logprobs), torch.tensor(in_process.logprobs),
-                          atol=1e-5, rtol=0)
+    assert via_server == in_process  # ids, log-probs, versions, finish reason
+    assert via_server.versions == [0] * 16
 
 
 def test_a_shared_memory_update_changes_outputs_and_bumps_the_version(remote, loop):
