@@ -104,23 +104,42 @@ def build_app(engine: Any, token: str) -> Any:
         ValueError: ``token`` is empty (there is no default secret).
     """
     from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
     from starlette.routing import Route
 
     if not token:
         raise ValueError(f"the engine server needs a non-empty token (set ${TOKEN_ENV})")
+    service = _Service(engine, token)
+    return Starlette(routes=[
+        Route("/health", service.health, methods=["GET"]),
+        Route("/version", service.endpoint(service.version), methods=["GET"]),
+        Route("/generate", service.endpoint(service.generate), methods=["POST"]),
+        Route("/pause", service.endpoint(service.pause), methods=["POST"]),
+        Route("/resume", service.endpoint(service.resume), methods=["POST"]),
+        Route("/update_weights/disk", service.endpoint(service.update_disk), methods=["POST"]),
+        Route("/update_weights/stream", service.endpoint(service.update_stream),
+              methods=["POST"]),
+    ])
 
-    def error(status: int, kind: str, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
 
-    def authorized(request: Request) -> bool:
-        header = request.headers.get("authorization", "")
-        return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+class _Service:
+    """The endpoints: each takes the parsed JSON body and returns the JSON answer."""
 
-    def endpoint(fn: Any) -> Any:
+    def __init__(self, engine: Any, token: str) -> None:
+        self.engine = engine
+        self.expected = f"Bearer {token}".encode()
+
+    def endpoint(self, fn: Any) -> Any:
+        """Wrap ``fn(body)``: check the token, parse the body, map errors to answers."""
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+
+        def error(status: int, kind: str, message: str) -> JSONResponse:
+            return JSONResponse({"error": {"type": kind, "message": message}},
+                                status_code=status)
+
         async def handler(request: Request) -> JSONResponse:
-            if not authorized(request):
+            header = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(header, self.expected):
                 return error(401, "unauthorized", "missing or wrong bearer token")
             try:
                 raw = await request.body()
@@ -137,34 +156,40 @@ def build_app(engine: Any, token: str) -> Any:
                 return error(500, "engine_error", str(exc))
             except Exception as exc:  # any other failure: say what it was
                 return error(500, "engine_error", f"{type(exc).__name__}: {exc}")
+
         return handler
 
-    def state() -> dict[str, int]:
-        return {"version": engine.version, "max_context": engine.max_context,
-                "num_pending": engine.num_pending}
+    def state(self) -> dict[str, int]:
+        return {"version": self.engine.version, "max_context": self.engine.max_context,
+                "num_pending": self.engine.num_pending}
 
-    async def generate(body: Any) -> dict[str, Any]:
-        return result_to_json(await engine.generate(request_from_json(body)))
+    async def health(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
 
-    async def pause(body: Any) -> dict[str, int]:
-        await engine.pause()
-        return state()
+        return JSONResponse({"status": "ok"})
 
-    async def resume(body: Any) -> dict[str, int]:
-        await engine.resume()
-        return state()
+    async def version(self, body: Any) -> dict[str, int]:
+        return self.state()
 
-    async def version(body: Any) -> dict[str, int]:
-        return state()
+    async def generate(self, body: Any) -> dict[str, Any]:
+        return result_to_json(await self.engine.generate(request_from_json(body)))
 
-    async def update_disk(body: Any) -> dict[str, int]:
+    async def pause(self, body: Any) -> dict[str, int]:
+        await self.engine.pause()
+        return self.state()
+
+    async def resume(self, body: Any) -> dict[str, int]:
+        await self.engine.resume()
+        return self.state()
+
+    async def update_disk(self, body: Any) -> dict[str, int]:
         path = body.get("path") if isinstance(body, dict) else None
         if not isinstance(path, str):
             raise ValueError("'path' (a directory of *.safetensors files) is required")
-        await engine.update_weights(WeightUpdate(path=path, version=body.get("version")))
-        return state()
+        await self.engine.update_weights(WeightUpdate(path=path, version=body.get("version")))
+        return self.state()
 
-    async def update_stream(body: Any) -> dict[str, int]:
+    async def update_stream(self, body: Any) -> dict[str, int]:
         from areal_agents.trainers.weight_transport import receive
 
         manifest = body.get("manifest") if isinstance(body, dict) else None
@@ -172,22 +197,9 @@ def build_app(engine: Any, token: str) -> Any:
             raise ValueError("'manifest' (a weight transport's manifest()) is required")
         # read the whole stream off the event loop (the sender waits on every bucket), then load
         tensors = await asyncio.to_thread(lambda: list(receive(manifest)))
-        await engine.update_weights(WeightUpdate(named_tensors=tensors,
-                                                 version=body.get("version")))
-        return state()
-
-    async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    return Starlette(routes=[
-        Route("/health", health, methods=["GET"]),
-        Route("/version", endpoint(version), methods=["GET"]),
-        Route("/generate", endpoint(generate), methods=["POST"]),
-        Route("/pause", endpoint(pause), methods=["POST"]),
-        Route("/resume", endpoint(resume), methods=["POST"]),
-        Route("/update_weights/disk", endpoint(update_disk), methods=["POST"]),
-        Route("/update_weights/stream", endpoint(update_stream), methods=["POST"]),
-    ])
+        await self.engine.update_weights(WeightUpdate(named_tensors=tensors,
+                                                      version=body.get("version")))
+        return self.state()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -91,6 +91,29 @@ async def test_health_is_open_and_everything_else_needs_the_token(served):
     assert engine.num_pending == 0 and not engine._paused
 
 
+async def test_bad_control_bodies_are_answered_400_naming_the_field(served):
+    engine, _ = served
+    transport = httpx2.ASGITransport(app=build_app(engine, TOKEN))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx2.AsyncClient(transport=transport, base_url="http://engine",
+                                  headers=auth) as http:
+        for path, body, message in [
+            ("/update_weights/disk", {}, "'path' (a directory of *.safetensors files) is "
+                                         "required"),
+            ("/update_weights/stream", {"manifest": {}}, "'manifest' (a weight transport's "
+                                                         "manifest()) is required"),
+            ("/generate", {"prompt_ids": [1], "sampling": {"top_k": -1}},
+             "top_k must be >= 0 (0 disables it), got -1"),
+        ]:
+            response = await http.post(path, json=body)
+            assert response.status_code == 400
+            assert response.json() == {"error": {"type": "invalid_request", "message": message}}
+        response = await http.post("/pause", content=b"{not json")
+        assert response.status_code == 400 and response.json()["error"]["message"].startswith(
+            "the body is not JSON: ")
+    assert engine.version == 0
+
+
 async def test_remote_engine_gives_the_local_engines_exact_ids_logprobs_and_versions(
         served, model_tok):
     engine, remote = served
