@@ -131,6 +131,10 @@ async def _launch_vllm(name: str, placement: InferencePlacement, model: Any, tok
                        run_dir: str | Path | None) -> list[InferenceEngine]:
     from areal_agents.engines.vllm import VLLMEngine
 
+    if placement.resolved_transport() != "disk":
+        raise ConfigError(f"Policy.inference: kind='vllm' loads weights from safetensors files "
+                          f"only (transport 'disk'), not {placement.transport!r}; vLLM's NCCL "
+                          "weight transfer is not wired in yet")
     if placement.urls:
         return [await VLLMEngine.attach(url) for url in placement.urls]
     model_dir = _save_model(name, model, tokenizer, run_dir)

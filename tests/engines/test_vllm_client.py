@@ -514,3 +514,14 @@ async def test_a_dead_launched_server_makes_the_engine_unavailable_with_its_log(
                        r"CUDA out of memory"):
         await engine.generate(GenerateRequest([1, 2], SamplingParams(max_tokens=2)))
     await engine.close()
+
+
+async def test_a_vllm_placement_with_nccl_is_refused_before_anything_starts(tmp_path):
+    from areal_agents.trainers.placement import InferencePlacement
+    from areal_agents.trainers.serving import build_engines
+
+    placement = InferencePlacement(kind="vllm", transport="nccl", python=sys.executable)
+    with pytest.raises(ConfigError, match="kind='vllm' loads weights from safetensors files "
+                       "only \\(transport 'disk'\\), not 'nccl'"):
+        await build_engines("p", placement, None, None, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing saved, no server started
