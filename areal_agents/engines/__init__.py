@@ -15,6 +15,7 @@ __all__ = [
     "GenerateResult",
     "InferenceEngine",
     "LocalEngine",
+    "RemoteEngine",
     "SamplingParams",
     "VLLMEngine",
     "WeightUpdate",
@@ -27,6 +28,10 @@ def __getattr__(name: str) -> object:
         from .local import LocalEngine
 
         return LocalEngine
+    if name == "RemoteEngine":
+        from .remote import RemoteEngine
+
+        return RemoteEngine
     if name == "VLLMEngine":
         from .vllm import VLLMEngine
 
