@@ -3,7 +3,10 @@
 ``launch(n, fn, *args)`` spawns ``n`` workers (``torch.multiprocessing`` spawn, gloo on CPU /
 NCCL on GPU, ``MASTER_ADDR=127.0.0.1`` and a free port, one torch thread each), runs
 ``fn(*args)`` on every rank and returns the per-rank results. ``DistributedEngineGroup`` keeps
-the workers alive around one engine per rank and calls its methods on all ranks at once.
+the workers alive around one engine per rank and calls its methods on all ranks at once
+(``call``), with per-rank arguments (``call_each``) or streaming a generator's items from rank 0
+(``stream``); its calls end in a result or a ``TrainError`` (a rank's traceback, a dead worker,
+a timeout), never in a hang. ``trainers/worker_group.WorkerGroupEngine`` builds on it.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) ``launch`` runs ``fn`` in the current process
 instead (initialising the process group if needed) and returns ``[result]``.

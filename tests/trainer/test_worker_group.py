@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import threading
 import time
 
 import pytest
@@ -79,6 +80,9 @@ class Worker:
     def rank(self) -> int:
         return dist.get_rank()
 
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
     def boom(self, rank: int) -> int:
         if dist.get_rank() == rank:
             raise RuntimeError(f"boom on rank {rank}")
@@ -102,9 +106,17 @@ class Worker:
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_group_failures_never_hang():
-    group = DistributedEngineGroup(2, Worker, grace=2.0, timeout=30.0)
+    group = DistributedEngineGroup(2, Worker, threads=2, grace=2.0, timeout=30.0)
     try:
         assert group.call("rank") == [0, 1]
+        assert group.call("threads") == [2, 2]
+        # a blocking call releases the GIL: this thread keeps running while another waits
+        waiting = threading.Thread(target=group.call, args=("sleep", 1.0))
+        ticks = 0
+        waiting.start()
+        while waiting.is_alive():
+            ticks += 1
+        assert ticks > 10_000
         assert list(group.stream("items", 3)) == [0, 10, 20]  # rank 0's items only
         stream = group.stream("items", 4)
         assert next(stream) == 0
