@@ -185,6 +185,12 @@ class SharedMemoryTransport:
 
         _wait(done, self.timeout, f"the receivers did not copy bucket {published}")
 
+    def cancel(self) -> None:
+        """Stop the update in flight from outside (e.g. the receiving process failed before it
+        read anything): mark every reader stopped, so ``send`` raises ``WeightSyncError``."""
+        if self.block is not None:
+            self._header[_ACK : _ACK + self.num_readers] = -1
+
     def close(self) -> None:
         """Unlink the block (idempotent)."""
         if self.block is not None:

@@ -10,10 +10,10 @@ Every transport has a sender side (``send``) and a receiver side (``receive(mani
         end marker ────────────────────────────────►  (iterator ends)
 
 ==========================  =================================================================
-``TensorTransport``         in process; the tensors themselves (no copy), bucket by bucket
-``SharedMemoryTransport``   same host; one reusable shared-memory block of ``bucket_bytes``
-``DiskTransport``           a safetensors directory (HF names), what vLLM/SGLang load
-``NCCLTransport``           a process group (NCCL on GPU, gloo on CPU); see ``weight_nccl``
+``TensorTransport``         ``tensors``: in process, the tensors themselves (no copy)
+``SharedMemoryTransport``   ``shm``: same host, one reusable shared-memory block
+``DiskTransport``           ``disk``: a safetensors directory (HF names), what vLLM loads
+``NCCLTransport``           ``nccl``: a process group (NCCL on GPU, gloo on CPU)
 ==========================  =================================================================
 
 Contract (all transports):
@@ -34,7 +34,7 @@ Contract (all transports):
 
 Example:
     >>> import torch
-    >>> transport = TensorTransport(bucket_bytes=8)
+    >>> transport = TensorTransport(bucket_bytes=64)  # one bucket: send, then receive
     >>> manifest = transport.manifest()
     >>> transport.send([("a", torch.ones(2)), ("b", torch.zeros(3))])
     20
@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import queue
 import threading
@@ -55,6 +56,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import load_file
 
 from areal_agents.engines.base import InferenceEngine, WeightUpdate
 from areal_agents.errors import WeightSyncError
@@ -62,6 +64,7 @@ from areal_agents.errors import WeightSyncError
 from .weight_shm import SharedMemoryTransport, receive_shared
 from .weight_sync import (
     DEFAULT_BUCKET_BYTES,
+    INDEX_FILE,
     buckets,
     load_safetensors_dir,
     save_safetensors_dir,
@@ -89,8 +92,8 @@ class WeightTransport(Protocol):
     bucket_bytes: int
 
     def manifest(self) -> Manifest:
-        """A small picklable (JSON-ready except ``"tensor"``) description for the receiver,
-        valid before ``send`` starts; ``manifest["kind"]`` names the transport."""
+        """A small JSON-ready description for the receiver, valid before ``send`` starts;
+        ``manifest["kind"]`` names the transport."""
         ...
 
     def send(self, named_tensors: Iterable[NamedTensor]) -> int:
@@ -128,7 +131,7 @@ class TensorTransport:
         timeout: seconds either side waits for the other before raising ``WeightSyncError``.
     """
 
-    kind = "tensor"
+    kind = "tensors"
 
     def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: float = 600.0) -> None:
         self.bucket_bytes, self.timeout = bucket_bytes, timeout
@@ -246,7 +249,7 @@ class DiskTransport:
 
 
 def receive(manifest: Manifest, *, timeout: float = 600.0) -> Iterator[NamedTensor]:
-    """The receiver side of a ``tensor``, ``shm`` or ``disk`` transport (the kind is read from
+    """The receiver side of a ``tensors``, ``shm`` or ``disk`` transport (the kind is read from
     ``manifest["kind"]``); yields ``(name, tensor)`` in the sender's order.
 
     An ``nccl`` stream needs its process group: use ``NCCLTransport.receive``.
@@ -257,7 +260,7 @@ def receive(manifest: Manifest, *, timeout: float = 600.0) -> Iterator[NamedTens
         ValueError: an unknown ``kind``.
     """
     kind = manifest.get("kind")
-    if kind == "tensor":
+    if kind == "tensors":
         return _receive_tensors(manifest, timeout)
     if kind == "shm":
         return receive_shared(manifest, timeout=timeout)
@@ -265,8 +268,8 @@ def receive(manifest: Manifest, *, timeout: float = 600.0) -> Iterator[NamedTens
         if not os.path.isdir(manifest["path"]):
             raise WeightSyncError(f"no weight directory at {manifest['path']!r}; was it sent "
                                   "(DiskTransport.send) and is it on this host's filesystem?")
-        return load_safetensors_dir(manifest["path"])
-    raise ValueError(f"unknown transport kind {kind!r}; expected one of tensor, shm, disk "
+        return _read_dir(manifest["path"])
+    raise ValueError(f"unknown transport kind {kind!r}; expected one of tensors, shm, disk "
                      "(nccl: NCCLTransport.receive)")
 
 
@@ -276,7 +279,7 @@ async def push_to_engine(engine: InferenceEngine, transport: WeightTransport,
     """Send ``named_tensors`` through ``transport`` into ``engine.update_weights``; returns the
     bytes sent.
 
-    A streaming transport (tensor, shm) sends from a worker thread while the engine consumes
+    A streaming transport (tensors, shm) sends from a worker thread while the engine consumes
     the receiver's iterator; a disk transport writes the directory first and hands the engine
     ``WeightUpdate(path=...)`` (an engine server then reads it itself). Pausing and resuming
     the engines is the caller's (``Gateway.push_weights``).
@@ -302,3 +305,21 @@ async def push_to_engine(engine: InferenceEngine, transport: WeightTransport,
         raise
     getattr(received, "close", lambda: None)()  # an engine that stopped reading early
     return await sending
+
+
+def _read_dir(path: str) -> Iterator[NamedTensor]:
+    """The tensors of a safetensors directory in the sender's order (the HF index lists them
+    so; a file stores its tensors sorted), one file in memory at a time."""
+    index_path = os.path.join(path, INDEX_FILE)
+    if not os.path.exists(index_path):  # not written by DiskTransport: file order
+        yield from load_safetensors_dir(path)
+        return
+    with open(index_path) as fh:
+        weight_map: dict[str, str] = json.load(fh)["weight_map"]
+    names_by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        names_by_file.setdefault(file, []).append(name)
+    for file, names in names_by_file.items():
+        tensors = load_file(os.path.join(path, file))
+        for name in names:
+            yield name, tensors.pop(name)

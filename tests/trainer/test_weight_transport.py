@@ -1,4 +1,4 @@
-"""Weight transports (tensor, shm, disk): order, dtypes, bucket bounds, failures."""
+"""Weight transports (tensors, shm, disk): order, dtypes, bucket bounds, failures."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def weights() -> list[tuple[str, torch.Tensor]]:
 
 
 def transports(tmp_path: os.PathLike[str], bucket_bytes: int) -> dict[str, object]:
-    return {"tensor": TensorTransport(bucket_bytes, timeout=10),
+    return {"tensors": TensorTransport(bucket_bytes, timeout=10),
             "shm": SharedMemoryTransport(bucket_bytes, timeout=10),
             "disk": DiskTransport(os.path.join(tmp_path, "w"), bucket_bytes)}
 
@@ -62,7 +62,7 @@ def run(transport, named, manifest=None) -> list[tuple[str, torch.Tensor]]:
             raise errors[0]
 
 
-@pytest.mark.parametrize("kind", ["tensor", "shm", "disk"])
+@pytest.mark.parametrize("kind", ["tensors", "shm", "disk"])
 def test_round_trip_keeps_order_dtype_shape_values(tmp_path, kind):
     transport = transports(tmp_path, 64)[kind]
     sent = weights()
@@ -72,8 +72,6 @@ def test_round_trip_keeps_order_dtype_shape_values(tmp_path, kind):
     finally:
         transport.close()
     for received in (got, got_again):
-        if kind == "disk":  # safetensors files are read back in file order, names sorted within
-            received = sorted(received, key=lambda nt: [n for n, _ in sent].index(nt[0]))
         assert [n for n, _ in received] == [n for n, _ in sent]
         for (_, a), (_, b) in zip(sent, received, strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
@@ -120,7 +118,7 @@ def failing_source(n: int) -> Iterator[tuple[str, torch.Tensor]]:
     raise RuntimeError("export failed")
 
 
-@pytest.mark.parametrize("kind", ["tensor", "shm"])
+@pytest.mark.parametrize("kind", ["tensors", "shm"])
 def test_sender_failure_raises_on_both_sides(tmp_path, kind):
     transport = transports(tmp_path, 64)[kind]
     manifest = transport.manifest()
@@ -141,10 +139,10 @@ def test_sender_failure_raises_on_both_sides(tmp_path, kind):
     sender.join()
     transport.close()
     assert [type(e) for e in errors] == [RuntimeError]
-    assert len(received) < 3 or kind == "tensor"  # shm: never the bucket in the making
+    assert len(received) < 3 or kind == "tensors"  # shm: never the bucket in the making
 
 
-@pytest.mark.parametrize("kind", ["tensor", "shm"])
+@pytest.mark.parametrize("kind", ["tensors", "shm"])
 def test_receiver_stopping_early_makes_the_sender_raise(tmp_path, kind):
     transport = transports(tmp_path, 64)[kind]
     manifest = transport.manifest()
@@ -165,7 +163,7 @@ def test_receiver_stopping_early_makes_the_sender_raise(tmp_path, kind):
     transport.close()
     assert not sender.is_alive()
     assert [str(e) for e in errors] == [
-        "the receiver stopped before the update was complete" if kind == "tensor"
+        "the receiver stopped before the update was complete" if kind == "tensors"
         else "a receiver stopped before the update was complete"]
 
 
@@ -192,7 +190,7 @@ def test_receive_errors_name_the_problem(tmp_path):
     with pytest.raises(WeightSyncError, match="no weight directory at"):
         receive({"kind": "disk", "path": str(tmp_path / "missing")})
     with pytest.raises(WeightSyncError, match="in-process tensors cannot cross processes"):
-        receive({"kind": "tensor", "channel": "nope"})
+        receive({"kind": "tensors", "channel": "nope"})
     shm = SharedMemoryTransport(bucket_bytes=64)
     manifest = shm.manifest()
     shm.close()
@@ -200,7 +198,7 @@ def test_receive_errors_name_the_problem(tmp_path):
         receive(manifest)
 
 
-@pytest.mark.parametrize("kind", ["tensor", "shm", "disk"])
+@pytest.mark.parametrize("kind", ["tensors", "shm", "disk"])
 async def test_push_to_engine_loads_and_sets_the_version(tmp_path, kind):
     seen: list[str] = []
 
@@ -222,7 +220,7 @@ async def test_push_to_engine_loads_and_sets_the_version(tmp_path, kind):
     assert sent == sum(t.numel() * t.element_size() for _, t in weights())
 
 
-@pytest.mark.parametrize("kind", ["tensor", "shm"])
+@pytest.mark.parametrize("kind", ["tensors", "shm"])
 async def test_push_to_engine_engine_error_stops_the_sender(tmp_path, kind):
     class Broken(ScriptedEngine):
         async def update_weights(self, update):
@@ -233,3 +231,22 @@ async def test_push_to_engine_engine_error_stops_the_sender(tmp_path, kind):
     with pytest.raises(KeyError, match="no tensor 'x'"):
         await push_to_engine(Broken(), transport, weights(), version=1)
     transport.close()
+
+
+def test_shm_cancel_stops_a_sender_whose_receiver_never_came():
+    errors: list[BaseException] = []
+    with SharedMemoryTransport(bucket_bytes=64, timeout=60) as shm:
+        shm.manifest()
+
+        def send() -> None:
+            try:
+                shm.send((f"t{i}", torch.zeros(16)) for i in range(4))
+            except BaseException as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        shm.cancel()
+        sender.join(timeout=20)
+        assert not sender.is_alive()
+    assert [str(e) for e in errors] == ["a receiver stopped before the update was complete"]
