@@ -23,10 +23,10 @@ completions); ``tool_choice`` other than ``"none"`` is not enforced (no constrai
 ``/v1/completions`` takes one prompt per request and does not stream.
 """
 
-from .app import Gateway, Policy
+from .app import Gateway, ServedPolicy
 from .errors import GatewayError
 from .sessions import Session, Turn
 from .tokenization import Split, TokenizationReport, turns_to_samples
 
-__all__ = ["Gateway", "GatewayError", "Policy", "Session", "Split", "TokenizationReport",
+__all__ = ["Gateway", "GatewayError", "ServedPolicy", "Session", "Split", "TokenizationReport",
            "Turn", "turns_to_samples"]

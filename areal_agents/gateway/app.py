@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Policy:
-    """A named policy: its engine replicas, tokenizer and limits.
+class ServedPolicy:
+    """A policy as the gateway serves it: its engine replicas, tokenizer and limits (the
+    gateway's record; the trainable model spec is ``areal_agents.Policy``).
 
     ``stop_ids`` always stop generation (EOS and ``<|im_end|>`` when the vocabulary has it);
     ``eos_id`` is the end-of-turn token the chat template closes assistant turns with.
@@ -72,14 +73,14 @@ class Gateway:
     Attributes:
         app: the ASGI app (serve with uvicorn, or use in process via ``async_client``).
         admin_key: the admin secret.
-        policies: policy name -> ``Policy``.
+        policies: policy name -> ``ServedPolicy``.
     """
 
     def __init__(self, admin_key: str | None = None) -> None:
         if admin_key is not None and not admin_key:
             raise ValueError("admin_key must be a non-empty string or None (random)")
         self.admin_key = admin_key or new_secret("aa-admin")
-        self.policies: dict[str, Policy] = {}
+        self.policies: dict[str, ServedPolicy] = {}
         self._sessions: dict[str, Session] = {}
         self._session_by_digest: dict[str, str] = {}
         self._portal: Any = None
@@ -87,7 +88,7 @@ class Gateway:
 
     # ---- in-process API ---------------------------------------------------------------
     def add_policy(self, name: str, engines: Sequence[InferenceEngine], tokenizer: Any, *,
-                   max_n: int = 8) -> Policy:
+                   max_n: int = 8) -> ServedPolicy:
         """Serve ``engines`` (replicas of one model) as the model named ``name``.
 
         Raises:
@@ -104,7 +105,7 @@ class Gateway:
         if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
             stop_ids.add(im_end)
             end_of_turn = im_end
-        policy = Policy(name, Router(engines), tokenizer, max_n, stop_ids, end_of_turn)
+        policy = ServedPolicy(name, Router(engines), tokenizer, max_n, stop_ids, end_of_turn)
         self.policies[name] = policy
         return policy
 
@@ -157,7 +158,7 @@ class Gateway:
         self._session_by_digest[digest(key)] = session.session_id
         return session.session_id, key
 
-    def _policies(self, policy: str | None) -> list[Policy]:
+    def _policies(self, policy: str | None) -> list[ServedPolicy]:
         if policy is None:
             return list(self.policies.values())
         if policy not in self.policies:
@@ -179,7 +180,7 @@ class Gateway:
         await self._each_live(policy, lambda e: e.resume())
 
     async def _each_live(self, policy: str | None, call: Any) -> None:
-        async def one(p: Policy, index: int) -> None:
+        async def one(p: ServedPolicy, index: int) -> None:
             try:
                 await call(p.router.engines[index])
             except EngineUnavailable as exc:

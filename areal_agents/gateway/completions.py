@@ -23,12 +23,12 @@ from .sessions import Session, Turn
 from .tokenization import prompt_ids_for
 
 if TYPE_CHECKING:
-    from .app import Policy
+    from .app import ServedPolicy
 
 DEFAULT_MAX_TOKENS = 512
 
 
-async def generate(policy: Policy, prompt_ids: list[int], fields: dict[str, Any],
+async def generate(policy: ServedPolicy, prompt_ids: list[int], fields: dict[str, Any],
                    session: Session | None) -> tuple[list[CompletionOutput], dict[str, float]]:
     """Run one request on a replica of ``policy``; map engine errors to HTTP errors."""
     room = policy.max_context - len(prompt_ids)
@@ -70,7 +70,8 @@ def _distribution(fields: dict[str, Any]) -> SamplingDistribution:
     return SamplingDistribution(fields["temperature"], fields["top_k"], fields["top_p"])
 
 
-def _logprob_entries(policy: Policy, out: CompletionOutput, upto: int) -> list[dict[str, Any]]:
+def _logprob_entries(policy: ServedPolicy, out: CompletionOutput,
+                     upto: int) -> list[dict[str, Any]]:
     entries = []
     for i, (tok, lp) in enumerate(zip(out.token_ids[:upto], out.logprobs[:upto], strict=True)):
         text = policy.token_text(tok)
@@ -82,7 +83,7 @@ def _logprob_entries(policy: Policy, out: CompletionOutput, upto: int) -> list[d
     return entries
 
 
-async def chat_completion(policy: Policy, body: dict[str, Any], session: Session | None
+async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: Session | None
                           ) -> dict[str, Any]:
     """Serve a chat completion; record one ``Turn`` per choice when ``session`` is given.
 
@@ -141,7 +142,7 @@ async def chat_completion(policy: Policy, body: dict[str, Any], session: Session
     }
 
 
-async def text_completion(policy: Policy, body: dict[str, Any], session: Session | None
+async def text_completion(policy: ServedPolicy, body: dict[str, Any], session: Session | None
                           ) -> dict[str, Any]:
     """Serve ``/v1/completions``: ``prompt`` is a string or a list of token ids."""
     prompt = body.get("prompt")
@@ -187,7 +188,7 @@ async def text_completion(policy: Policy, body: dict[str, Any], session: Session
     }
 
 
-def chat_chunks(policy: Policy, response: dict[str, Any], include_usage: bool
+def chat_chunks(policy: ServedPolicy, response: dict[str, Any], include_usage: bool
                 ) -> Iterator[str]:
     """SSE events (``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``) for a finished response."""
     base = {"id": response["id"], "object": "chat.completion.chunk",

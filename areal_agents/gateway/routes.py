@@ -23,7 +23,7 @@ from .errors import GatewayError, bad_request, forbidden, not_found
 from .sessions import Session
 
 if TYPE_CHECKING:
-    from .app import Gateway, Policy
+    from .app import Gateway, ServedPolicy
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class GatewayRoutes:
             raise not_found(f"no session {session_id!r}", code="session_not_found")
         return self.gw._sessions[session_id]
 
-    def _policy(self, body: dict[str, Any]) -> Policy:
+    def _policy(self, body: dict[str, Any]) -> ServedPolicy:
         model = body.get("model")
         if not isinstance(model, str):
             raise bad_request("'model' is required: the name of a policy", param="model")
@@ -95,7 +95,7 @@ class GatewayRoutes:
             for name in self.gw.policies]})
 
     async def _completion_context(self, request: Request
-                                  ) -> tuple[Policy, dict[str, Any], Session | None]:
+                                  ) -> tuple[ServedPolicy, dict[str, Any], Session | None]:
         principal = self._principal(request)
         body = await _json_body(request)
         policy = self._policy(body)

@@ -27,9 +27,9 @@ from .models.state_dict import ExpertLayout, serving_expert_layout
 from .optim import clip_grads, full_tensor, lr_lambda
 from .parallel_dims import ParallelDims, default_device
 from .parallelize import ACMode, parallelize
-from .policy import PolicyModule, build_model
+from .policy import ArchonPolicyModule, build_model
 
-__all__ = ["ArchonEngine", "PolicyModule", "build_model"]
+__all__ = ["ArchonEngine", "ArchonPolicyModule", "build_model"]
 
 
 class ArchonEngine(TrainEngine):
@@ -140,7 +140,7 @@ class ArchonEngine(TrainEngine):
 
             apply_fp8(model)
         self.model = model
-        self.module = PolicyModule(model, chunk_size, pack=pack and not self.dims.tp_enabled)
+        self.module = ArchonPolicyModule(model, chunk_size, pack=pack and not self.dims.tp_enabled)
         self.pipeline = None
         self.ep_params: list[nn.Parameter] = []
         if self.dims.pp_enabled:

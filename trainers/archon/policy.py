@@ -1,5 +1,5 @@
-"""``PolicyModule``: an Archon backbone plus the shared chunked LM-head log-probs in one forward,
-with the padding-free (packed) path; ``build_model`` for every supported model source."""
+"""``ArchonPolicyModule``: an Archon backbone plus the shared chunked LM-head log-probs in one
+forward, with the padding-free (packed) path; ``build_model`` for every supported model source."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .models import ModelArgs, Transformer, from_hf, relayout
 from .models.qwen3 import Packing
 
 
-class PolicyModule(nn.Module):
+class ArchonPolicyModule(nn.Module):
     """Runs the Archon backbone and the chunked LM-head log-probs in one forward (so the FSDP
     root unshards the head weight exactly while it is used). Returns ``(logprobs, entropy)``
     ``[B, T]`` aligned with ``input_ids``, under each sequence's sampling distribution

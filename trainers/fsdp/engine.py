@@ -29,7 +29,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class PolicyModule(nn.Module):
+class FSDPPolicyModule(nn.Module):
     """Wraps a causal LM so one forward returns chunked ``(logprobs, entropy)`` ``[B, T]``
     under each sequence's sampling distribution (``sampling``: a ``RowSampling`` of ``[B]``
     rows, or one temperature; see ``trainers/logprobs.py``).
@@ -163,7 +163,7 @@ class FSDPEngine(TrainEngine):
             model = _apply_lora(model, lora)
         self.model = model
         self.lora = lora is not None
-        self.module = PolicyModule(model, chunk_size)
+        self.module = FSDPPolicyModule(model, chunk_size)
         if self.distributed:
             self._shard()
         params = [p for p in self.module.parameters() if p.requires_grad]
