@@ -34,7 +34,6 @@ from .server_process import ServerProcess, free_port
 from .service import TOKEN_ENV, request_to_json, result_from_json
 
 WeightTransport = Literal["shm", "disk"]
-_SHM_ACK = 8  # header word of reader 0's acknowledged buckets in a SharedMemoryTransport block
 
 
 class RemoteEngine(InferenceEngine):
@@ -251,10 +250,7 @@ class RemoteEngine(InferenceEngine):
             await self._request("POST", "/update_weights/stream",
                                 {"manifest": manifest, "version": version})
         except BaseException:
-            # the reader is gone (or never started): mark reader 0 "stopped early" in the
-            # block's header (the transport's documented signal) so the sender raises instead
-            # of waiting out its timeout, then drop the block
-            shm._header[_SHM_ACK] = -1
+            shm.cancel()  # the reader is gone (or never started): the sender raises at once
             with contextlib.suppress(Exception):
                 await sending
             self._shm = None
