@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from areal_agents.errors import ConfigError
 from areal_agents.samples import TokenBatch
 
 from .backends import backend_factory
@@ -139,6 +140,13 @@ class _RankEngine:
         self.engine.close()
 
 
+def _check_gpus(world_size: int) -> None:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < world_size:
+        raise ConfigError(f"Policy.train: device='cuda' with world_size={world_size} needs one "
+                          f"GPU per rank, {count} visible; lower world_size or use device='cpu'")
+
+
 def _build_rank_engine(factory: Callable[..., Any], model_bytes: bytes,
                        kwargs: dict[str, Any]) -> _RankEngine:
     return _RankEngine(factory, model_bytes, kwargs)
@@ -164,7 +172,8 @@ class WorkerGroupEngine(TrainEngine):
         grace: seconds the other ranks get to answer once a rank failed.
 
     Raises:
-        ConfigError: the backend cannot run ``placement``.
+        ConfigError: the backend cannot run ``placement``, or ``device="cuda"`` with fewer
+            visible GPUs than ranks.
         TrainError: a rank failed to build its engine (its traceback), or any later call
             failed on some rank; a group that stopped answering is stopped for good.
 
@@ -186,6 +195,8 @@ class WorkerGroupEngine(TrainEngine):
         device = placement.resolved_device()
         if device == "cpu":
             kwargs.setdefault("device", "cpu")
+        else:
+            _check_gpus(placement.world_size)
         self._group = DistributedEngineGroup(
             placement.world_size, _build_rank_engine, factory or backend_factory(backend),
             pickle.dumps(model), kwargs, threads=placement.threads, device=device,

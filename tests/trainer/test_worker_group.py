@@ -15,7 +15,7 @@ import torch.distributed as dist
 from fsdp._helpers import make_batch, make_model, ppo_loss
 
 from areal_agents.algorithms.registry import ALGORITHMS, resolve
-from areal_agents.errors import TrainError
+from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import TokenBatch
 from areal_agents.trainers.launcher import DistributedEngineGroup
 from areal_agents.trainers.placement import TrainPlacement
@@ -70,6 +70,15 @@ def test_expanded_shard_gives_every_micro_batch_bit_for_bit(dp):
 def test_every_algorithm_loss_pickles(name):
     loss = pickle.loads(pickle.dumps(resolve(name).loss))
     assert type(loss.__self__).__name__ == type(resolve(name)).__name__
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs fewer than 2 GPUs")
+def test_cuda_placement_needs_a_gpu_per_rank():
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError) as info:
+        WorkerGroupEngine(make_model(), TrainPlacement(world_size=2, device="cuda"))
+    assert str(info.value) == (f"Policy.train: device='cuda' with world_size=2 needs one GPU per "
+                               f"rank, {count} visible; lower world_size or use device='cpu'")
 
 
 # ---- multi-process ------------------------------------------------------------------------------
