@@ -74,6 +74,25 @@ def tok() -> Any:
     return tiny_tokenizer()
 
 
+def test_router_skips_dead_replicas_and_reroutes_their_sessions():
+    from areal_agents.gateway.router import Router
+
+    router = Router([ScriptedEngine(), ScriptedEngine(), ScriptedEngine()])
+    assert [router.pick(s) for s in ("a", "b", "c", "d")] == [0, 1, 2, 0]
+    router.mark_dead(0)
+    assert router.live_engines() == router.engines[1:]
+    assert [router.pick(s) for s in ("a", "d", "b")] == [1, 2, 1]
+    router.mark_dead(1)
+    router.mark_dead(2)
+    with pytest.raises(EngineUnavailable, match="all 3 engine replicas of this policy are dead"):
+        router.pick("e")
+    router.revive(1)
+    assert router.pick("e") == 1
+    late = ScriptedEngine()
+    assert router.add(late) == 3 and router.pick(None) == 3  # idle and nothing pinned
+    assert router.engines[3] is late and router.load(3) == 0
+
+
 async def _chat(gw: Gateway, key: str) -> Any:
     client = gw.async_client(key)
     try:
