@@ -290,6 +290,9 @@ async def push_to_engine(engine: InferenceEngine, transport: WeightTransport,
             is stopped first.
     """
     manifest = transport.manifest()
+    if manifest["kind"] == "nccl":
+        raise ValueError("push_to_engine runs both sides in this process; with nccl the engine's "
+                         "ranks call NCCLTransport.receive() while rank src calls send()")
     if manifest["kind"] == "disk":
         sent = await asyncio.to_thread(transport.send, named_tensors)
         await engine.update_weights(WeightUpdate(path=manifest["path"], version=version))
