@@ -5,8 +5,9 @@ Part ``transports`` (issue 12): a Qwen3-0.6B-shaped state (hidden 1024, 28 layer
 no download; ~1.19 GB) pushed through each transport into a preallocated copy of the state
 (the receiver copies each tensor as it arrives, as a streaming engine does):
 
-* ``tensor`` (in process, zero copy) and ``shm`` (one shared-memory block, bucket by bucket)
-  against a raw ``target[name].copy_(source[name])`` loop;
+* ``tensor`` (in process, zero copy), ``shm`` (one shared-memory block, bucket by bucket;
+  the receiver yields copies) and ``shm view`` (the receiver yields views into the block,
+  ``borrow=True``) against a raw ``target[name].copy_(source[name])`` loop;
 * ``disk`` (sharded safetensors dir written, then read back) against writing the same bytes
   to one raw file and reading them back (both through the page cache; no fsync);
 * ``nccl`` needs two CUDA devices and is printed as skipped without them.
@@ -96,14 +97,14 @@ class PeakRSS:
 
 
 def push(transport: object, source: dict[str, torch.Tensor],
-         target: dict[str, torch.Tensor]) -> None:
+         target: dict[str, torch.Tensor], borrow: bool = False) -> None:
     """Send in a thread (disk: first), receive here, copying each tensor into ``target``."""
     manifest = transport.manifest()  # type: ignore[attr-defined]
     sender = threading.Thread(target=transport.send, args=(iter(source.items()),))  # type: ignore[attr-defined]
     sender.start()
     if manifest["kind"] == "disk":
         sender.join()
-    for name, tensor in receive(manifest):
+    for name, tensor in receive(manifest, borrow=borrow):
         target[name].copy_(tensor)
         del tensor
     sender.join()
@@ -150,6 +151,7 @@ def bench_transports(repeats: int, bucket_bytes: int) -> None:
         rows = {
             "tensor": (lambda: push(TensorTransport(bucket_bytes), source, target), "raw copy_"),
             "shm": (lambda: push(shm, source, target), "raw copy_"),
+            "shm view": (lambda: push(shm, source, target, borrow=True), "raw copy_"),
             "disk": (lambda: push(DiskTransport(f"{tmp}/w", bucket_bytes), source, target),
                      "raw file"),
         }

@@ -10,8 +10,10 @@ Block layout (one ``multiprocessing.shared_memory`` block, created by the sender
 
 The handshake: the sender writes bucket ``k`` only after every reader has acknowledged bucket
 ``k - 1`` (copied it out); a reader copies bucket ``k`` and acknowledges it before yielding its
-tensors. So the block is rewritten in place and a push needs at most the block plus one copied
-bucket per reader of extra memory. Both sides poll the header (short sleeps, bounded by a
+tensors (with ``borrow=True`` it yields views into the block and acknowledges when asked for
+the tensor after the bucket's last). So the block is rewritten in place and a push needs at
+most the block plus one copied bucket per reader of extra memory (borrowing: the block). Both
+sides poll the header (short sleeps, bounded by a
 timeout): no locks or pipes, so a reader may be any process on the host that knows the
 manifest (e.g. an engine server that got it over HTTP). The data is written before the
 counter that publishes it (x86 and ARM64 keep this order across the function calls here).
@@ -19,6 +21,7 @@ counter that publishes it (x86 and ARM64 keep this order across the function cal
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -209,9 +212,17 @@ class SharedMemoryTransport:
         return receive_shared(manifest, timeout=self.timeout)
 
 
-def receive_shared(manifest: dict[str, Any], *, timeout: float = 600.0,
+def receive_shared(manifest: dict[str, Any], *, timeout: float = 600.0, borrow: bool = False,
                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Receiver side: yield copies of the tensors of one update, in order.
+    """Receiver side: yield the tensors of one update, in order.
+
+    Args:
+        manifest: ``SharedMemoryTransport.manifest(reader)``.
+        timeout: seconds to wait for each bucket.
+        borrow: yield views into the block instead of copies: no allocation and one copy less,
+            for a consumer that copies each tensor into its model before asking for the next
+            (a view is valid only until then; keep none). The block is released for the next
+            bucket when the consumer asks for the tensor after a bucket's last one.
 
     Raises:
         WeightSyncError: the sender aborted, the block is gone, the manifest belongs to an older
@@ -226,10 +237,10 @@ def receive_shared(manifest: dict[str, Any], *, timeout: float = 600.0,
                               "it, or runs on another host (use the disk transport)") from None
     if manifest["pid"] != os.getpid():  # the sender owns the block: do not unlink it at exit
         resource_tracker.unregister(block._name, "shared_memory")  # type: ignore[attr-defined]
-    return _read(block, manifest, timeout)
+    return _read(block, manifest, timeout, borrow)
 
 
-def _read(block: Any, manifest: dict[str, Any], timeout: float,
+def _read(block: Any, manifest: dict[str, Any], timeout: float, borrow: bool,
           ) -> Iterator[tuple[str, torch.Tensor]]:
     buf = torch.frombuffer(block.buf, dtype=torch.uint8)
     header = buf[: HEADER_WORDS * 8].view(torch.int64)
@@ -250,17 +261,27 @@ def _read(block: Any, manifest: dict[str, Any], timeout: float,
                 done = True
                 return
             entries = json.loads(bytes(meta_area[: int(header[_META_LEN])].numpy()))
-            bucket = []
-            for name, dtype, shape, off in entries:
-                dt = getattr(torch, dtype)
-                n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-                bucket.append((name, data[off : off + n].view(dt).reshape(shape).clone()))
+            views = [(name, _view(data, dtype, shape, off)) for name, dtype, shape, off in entries]
+            if borrow:
+                yield from views
+                del views
+            else:
+                bucket = [(name, view.clone()) for name, view in views]
+                del views
             copied += 1
-            header[ack] = copied
-            yield from bucket
-            del bucket
+            header[ack] = copied  # the sender may rewrite the block from now on
+            if not borrow:
+                yield from bucket
+                del bucket
     finally:
         if not done:
             header[ack] = -1
         del buf, header, meta_area, data
-        block.close()
+        with contextlib.suppress(BufferError):  # a borrowed view kept by the consumer
+            block.close()
+
+
+def _view(data: torch.Tensor, dtype: str, shape: list[int], offset: int) -> torch.Tensor:
+    dt = getattr(torch, dtype)
+    n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+    return data[offset : offset + n].view(dt).reshape(shape)

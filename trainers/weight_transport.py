@@ -248,11 +248,14 @@ class DiskTransport:
         """Nothing to release (the directory stays for engines that load it later)."""
 
 
-def receive(manifest: Manifest, *, timeout: float = 600.0) -> Iterator[NamedTensor]:
+def receive(manifest: Manifest, *, timeout: float = 600.0,
+            borrow: bool = False) -> Iterator[NamedTensor]:
     """The receiver side of a ``tensors``, ``shm`` or ``disk`` transport (the kind is read from
     ``manifest["kind"]``); yields ``(name, tensor)`` in the sender's order.
 
-    An ``nccl`` stream needs its process group: use ``NCCLTransport.receive``.
+    An ``nccl`` stream needs its process group: use ``NCCLTransport.receive``. ``borrow``
+    (shm only) yields views into the shared block, valid until the next tensor is asked for
+    (see ``receive_shared``); other kinds ignore it (``tensors`` never copies).
 
     Raises:
         WeightSyncError: the sender aborted, nothing arrived within ``timeout`` seconds, or the
@@ -263,7 +266,7 @@ def receive(manifest: Manifest, *, timeout: float = 600.0) -> Iterator[NamedTens
     if kind == "tensors":
         return _receive_tensors(manifest, timeout)
     if kind == "shm":
-        return receive_shared(manifest, timeout=timeout)
+        return receive_shared(manifest, timeout=timeout, borrow=borrow)
     if kind == "disk":
         if not os.path.isdir(manifest["path"]):
             raise WeightSyncError(f"no weight directory at {manifest['path']!r}; was it sent "

@@ -84,7 +84,8 @@ def test_tensor_transport_is_zero_copy():
     assert all(a.data_ptr() == b.data_ptr() for (_, a), (_, b) in zip(sent, got, strict=True))
 
 
-def test_shm_buckets_are_bounded_and_copied_one_at_a_time():
+@pytest.mark.parametrize("borrow", [False, True])
+def test_shm_buckets_are_bounded_and_copied_one_at_a_time(borrow):
     # 6 tensors of 16 floats = 64 bytes each; a 128-byte block holds two per bucket
     sent = [(f"t{i}", torch.full((16,), float(i))) for i in range(6)]
     with SharedMemoryTransport(bucket_bytes=128, timeout=10) as shm:
@@ -93,13 +94,23 @@ def test_shm_buckets_are_bounded_and_copied_one_at_a_time():
         sender = threading.Thread(target=shm.send, args=(sent,))
         sender.start()
         published = []
-        for name, t in receive(manifest, timeout=10):
+        for name, t in receive(manifest, timeout=10, borrow=borrow):
+            for _ in range(100):  # give the sender every chance to run ahead (it must not)
+                threading.Event().wait(0.0001)
             published.append((name, int(header[1])))  # buckets published when it was yielded
-            assert torch.equal(t, dict(sent)[name])
+            assert torch.equal(t, dict(sent)[name])  # (a borrowed view still holds it)
+            del t
         sender.join()
         del header
-    # the sender never runs ahead of the receiver by more than the bucket it is reading
-    assert published == [("t0", 1), ("t1", 1), ("t2", 2), ("t3", 2), ("t4", 3), ("t5", 3)]
+    # tensor t_i is in bucket i // 2 + 1. Copies: the block may already hold the next bucket
+    # (the current one was copied out), never the one after. Borrowed views: the sender waits
+    # until the consumer has moved past the bucket's last view.
+    buckets = [i // 2 + 1 for i in range(6)]
+    assert [name for name, _ in published] == [f"t{i}" for i in range(6)]
+    if borrow:
+        assert [p for _, p in published] == buckets
+    else:
+        assert all(b <= p <= b + 1 for (_, p), b in zip(published, buckets, strict=True))
 
 
 def test_shm_refuses_a_tensor_larger_than_the_block():
