@@ -10,7 +10,9 @@ no download; ~1.19 GB) pushed through each transport into a preallocated copy of
   ``borrow=True``) against a raw ``target[name].copy_(source[name])`` loop;
 * ``disk`` (sharded safetensors dir written, then read back) against writing the same bytes
   to one raw file and reading them back (both through the page cache; no fsync);
-* ``nccl`` needs two CUDA devices and is printed as skipped without them.
+* ``nccl`` (two processes, ``cuda:0`` -> ``cuda:1``) against rank 0 copying the same tensors
+  to ``cuda:1``; it needs two CUDA devices and is printed as skipped without them
+  (``--group-on-gloo`` runs the same two-process code on CPU, as a check of the code).
 
 Each row prints seconds, GB/s, the ratio transport / raw, and the peak extra memory of the
 push (resident-set samples every ~1 ms, minus the level before it) against the bound of two
@@ -137,7 +139,7 @@ def best_of(repeats: int, fns: Iterable[Callable[[], object]]) -> list[float]:
     return [min(t) for t in times]
 
 
-def bench_transports(repeats: int, bucket_bytes: int) -> None:
+def bench_transports(repeats: int, bucket_bytes: int, group_backend: str | None = None) -> None:
     source = random_state(qwen3_shapes(**QWEN3_0_6B))
     target = {n: torch.empty_like(t) for n, t in source.items()}
     total = sum(t.numel() * t.element_size() for t in source.values())
@@ -173,11 +175,80 @@ def bench_transports(repeats: int, bucket_bytes: int) -> None:
                   f"{total / raw / 1e9:>8.2f} {t / raw:>5.2f}x {mem.extra / 2**20:>14.0f} "
                   f"{mem.extra <= 2 * bucket_bytes!s:>12}")
         shm.close()
-    if torch.cuda.device_count() >= 2:
-        print("     nccl skipped: run tests/trainer/test_weight_transport_gloo.py -m cuda "
-              "(the 2-GPU benchmark is not written)")
+    if torch.cuda.device_count() >= 2 or group_backend == "gloo":
+        bench_group(group_backend or "nccl", repeats, bucket_bytes)
     else:
         print(f"     nccl skipped: needs 2 CUDA devices ({torch.cuda.device_count()} here)")
+
+
+def bench_group(backend: str, repeats: int, bucket_bytes: int,
+                spec: dict[str, int] | None = None) -> None:
+    """``NCCLTransport`` between two processes (``cuda:0`` -> ``cuda:1`` on NCCL; CPU on gloo)
+    vs rank 0 copying the same tensors to the other device (``copy_``)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_group_worker, args=(f"{tmp}/init", backend, repeats, bucket_bytes, tmp,
+                                      spec or QWEN3_0_6B), nprocs=2)
+        sender = torch.load(f"{tmp}/rank0.pt")
+        receiver = torch.load(f"{tmp}/rank1.pt")
+    t, raw, total = min(receiver["times"]), min(sender["raw"]), sender["total"]
+    assert receiver["equal"], "the received state differs from the sent one"
+    extra = receiver.get("extra")
+    memory = f"{extra / 2**20:>14.0f} {extra <= 2 * bucket_bytes!s:>12}" if extra else "-"
+    name = "nccl" if backend == "nccl" else "gloo"
+    print(f"{name:>9} {t:>7.3f} {total / t / 1e9:>6.2f} {'raw copy_':>9} {raw:>7.3f} "
+          f"{total / raw / 1e9:>8.2f} {t / raw:>5.2f}x {memory}")
+
+
+def _group_worker(rank: int, init_file: str, backend: str, repeats: int, bucket_bytes: int,
+                  out_dir: str, spec: dict[str, int]) -> None:
+    import torch.distributed as dist
+
+    from areal_agents.trainers.weight_nccl import NCCLTransport
+
+    cuda = backend == "nccl"
+    device = f"cuda:{rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    state = {n: t.to(device) for n, t in random_state(qwen3_shapes(**spec)).items()}
+    target = {n: torch.empty_like(t) for n, t in state.items()}
+    transport = NCCLTransport(src=0, bucket_bytes=bucket_bytes, device=device)
+    log: dict[str, object] = {"times": [], "raw": [],
+                              "total": sum(t.numel() * t.element_size() for t in state.values())}
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if cuda else 0
+        dist.barrier()
+        start = time.perf_counter()
+        if rank == 0:
+            transport.send(state.items())
+        else:
+            for name, tensor in transport.receive():
+                target[name].copy_(tensor)
+                del tensor
+        sync()
+        log["times"].append(time.perf_counter() - start)  # type: ignore[union-attr]
+        if cuda and rank == 1:
+            log["extra"] = torch.cuda.max_memory_allocated() - before
+    if rank == 0:  # the raw baseline: the same bytes copied to the other device
+        other = {n: torch.empty_like(t, device="cuda:1" if cuda else "cpu")
+                 for n, t in state.items()}
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            for name, tensor in state.items():
+                other[name].copy_(tensor)
+            sync()
+            log["raw"].append(time.perf_counter() - start)  # type: ignore[union-attr]
+    else:
+        log["equal"] = all(torch.equal(target[n], state[n]) for n in state)
+    torch.save(log, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 SIZES = {  # name -> (hidden, layers, vocab)
@@ -247,9 +318,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=320)
     ap.add_argument("--sizes", default="1M,10M,50M")
+    ap.add_argument("--group-on-gloo", action="store_true",
+                    help="run the nccl row's two-process code on gloo/CPU (a check, not NCCL)")
     args = ap.parse_args()
     if args.part in ("transports", "all"):
-        bench_transports(args.repeats, args.bucket_mb * 2**20)
+        bench_transports(args.repeats, args.bucket_mb * 2**20,
+                         "gloo" if args.group_on_gloo else None)
     if args.part in ("models", "all"):
         bench_models(args.sizes.split(","), args.repeats)
 
