@@ -16,11 +16,11 @@ import asyncio
 import time
 
 import numpy as np
+
+import areal_agents as aa
 from areal_agents.agents.players import solve_countdown
 from areal_agents.envs._expr import extract_answer
 from areal_agents.envs.countdown import check, make_task, prompt
-
-import areal_agents as aa
 
 
 def countdown_answers(num_episodes: int, difficulty: str = "medium") -> list[str]:

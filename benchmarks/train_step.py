@@ -26,11 +26,11 @@ import threading
 import time
 
 import torch
-from areal_agents.trainers.fsdp import FSDPEngine
-from areal_agents.trainers.logprobs import chunked_logprobs
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from areal_agents.samples import TokenBatch
+from areal_agents.trainers.fsdp import FSDPEngine
+from areal_agents.trainers.logprobs import chunked_logprobs
 
 
 def build_model(vocab: int, hidden: int, layers: int, seed: int = 0) -> Qwen3ForCausalLM:

@@ -8,9 +8,9 @@ import json
 import httpx2
 import openai
 import pytest
-from areal_agents.agents.llm import LLMAgent
 
 import areal_agents as aa
+from areal_agents.agents.llm import LLMAgent
 from areal_agents.gateway import Gateway
 from areal_agents.testing.engine import ScriptedEngine
 from areal_agents.testing.openai_mock import OpenAIMock

@@ -166,8 +166,9 @@ async def test_wrappers_forward_attributes_and_close():
 
 
 async def test_fixed_opponents_on_builtin_games_pass_the_checkers():
-    from areal_agents.agents.players import pd_tit_for_tat, tictactoe_minimax
     from gymnasium.utils.env_checker import check_env as gym_check_env
+
+    from areal_agents.agents.players import pd_tit_for_tat, tictactoe_minimax
 
     ttt = aa.make("TicTacToe-v0")
     second = ttt.possible_agents[1]

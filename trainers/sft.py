@@ -6,9 +6,9 @@ import random
 from collections.abc import Callable, Sequence
 
 import torch
-from areal_agents.trainers.base import TrainEngine
 
 from areal_agents.samples import Sample, TokenBatch, collate
+from areal_agents.trainers.base import TrainEngine
 
 
 def nll_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

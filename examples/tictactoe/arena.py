@@ -16,9 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from areal_agents.agents.players import tictactoe_heuristic, tictactoe_minimax
-from areal_agents.envs.tictactoe import TicTacToe
-
 from areal_agents.env import MultiAgentEnv
+from areal_agents.envs.tictactoe import TicTacToe
 from areal_agents.episode import run_episode
 
 Player = Callable[[Any], str]

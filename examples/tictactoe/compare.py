@@ -34,9 +34,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from arena import SEATS, VsScripted, evaluate_vs
+
 from areal_agents.trainers.policy import Policy
 from areal_agents.trainers.trainer import Trainer
-from arena import SEATS, VsScripted, evaluate_vs
 
 VARIANTS = ("selfplay", "separate", "pool")
 OPENING_MOVES = 2

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from areal_agents.trainers.archon import ArchonEngine, ModelArgs
-from areal_agents.trainers.logprobs import full_logprobs
 
 from areal_agents.errors import ConfigError
+from areal_agents.trainers.archon import ArchonEngine, ModelArgs
+from areal_agents.trainers.logprobs import full_logprobs
 
 from .archon_helpers import hf_tiny, make_batch, pg_loss
 
@@ -149,9 +149,10 @@ def test_pipeline_layer_split_counts():
 def test_pipeline_head_backward_runs_once_under_split_backward(monkeypatch):
     """Zero-bubble split backward (input pass, then weight pass) through the pipeline's LM-head
     node: the shared head backward runs once and the gradients equal a plain backward."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
     from areal_agents.trainers import logprobs
     from areal_agents.trainers.archon.pipeline import _HeadOnce
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
     calls = []
     orig = logprobs._ChunkedLogprobs.backward

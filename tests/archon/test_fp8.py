@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from areal_agents.trainers.archon import ArchonEngine, ModelArgs
-from areal_agents.trainers.archon.fp8 import _eligible, fp8_supported
 
 from areal_agents.errors import ConfigError
+from areal_agents.trainers.archon import ArchonEngine, ModelArgs
+from areal_agents.trainers.archon.fp8 import _eligible, fp8_supported
 
 from .archon_helpers import TINY_ARGS, make_batch, pg_loss
 

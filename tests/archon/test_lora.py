@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from areal_agents.errors import ConfigError
 from areal_agents.trainers.archon import ArchonEngine
 from areal_agents.trainers.archon.lora import LoRAConfig
 from areal_agents.trainers.logprobs import full_logprobs
-
-from areal_agents.errors import ConfigError
 
 from .archon_helpers import hf_tiny, make_batch, pg_loss
 
@@ -75,8 +75,9 @@ def test_lora_errors():
 
 
 def test_peft_style_options_are_accepted():
-    from areal_agents.trainers.archon.lora import lora_config
     from peft import LoraConfig
+
+    from areal_agents.trainers.archon.lora import lora_config
 
     cfg = lora_config({"r": 2, "lora_alpha": 4, "lora_dropout": 0.1, "task_type": "CAUSAL_LM",
                        "target_modules": ["q_proj"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from areal_agents.trainers.archon.models import (
     ModelArgs,
     Transformer,

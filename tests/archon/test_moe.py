@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from areal_agents.trainers.archon import ArchonEngine
 from areal_agents.trainers.archon.models import from_hf, save_hf_checkpoint, to_hf_state_dict
 

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from areal_agents.trainers.archon import ArchonEngine
 
 from areal_agents.engines.base import GenerateRequest, SamplingParams, WeightUpdate
 from areal_agents.samples import Sample, collate
+from areal_agents.trainers.archon import ArchonEngine
 
 from .archon_helpers import make_batch, pg_loss
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from areal_agents.agents.players import arithmetic_solver
-from areal_agents.envs.arithmetic import Arithmetic, make_task, parse_answer, score
 
 import areal_agents as aa
+from areal_agents.agents.players import arithmetic_solver
+from areal_agents.envs.arithmetic import Arithmetic, make_task, parse_answer, score
 
 
 def test_make_task_shapes() -> None:

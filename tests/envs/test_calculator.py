@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from areal_agents.agents.players import calculator_player
-from areal_agents.envs.calculator import CALCULATOR_TOOL, Calculator, run_tool_call
 
 import areal_agents as aa
+from areal_agents.agents.players import calculator_player
+from areal_agents.envs.calculator import CALCULATOR_TOOL, Calculator, run_tool_call
 from areal_agents.messages import tool_call
 
 

@@ -6,11 +6,11 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+
+import areal_agents as aa
 from areal_agents.agents.players import countdown_solver, solve_countdown
 from areal_agents.envs._expr import ExprError, extract_answer, parse
 from areal_agents.envs.countdown import LEVELS, Countdown, check, make_task
-
-import areal_agents as aa
 
 
 @pytest.mark.parametrize(

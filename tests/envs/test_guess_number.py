@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from areal_agents.agents.players import GuessNumberBisect
-from areal_agents.envs.guess_number import GuessNumber
 
 import areal_agents as aa
+from areal_agents.agents.players import GuessNumberBisect
+from areal_agents.envs.guess_number import GuessNumber
 
 
 async def test_feedback_sequence() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from areal_agents.agents.players import NegotiationFair
-from areal_agents.envs.negotiation import Negotiation, valuations
 
 import areal_agents as aa
+from areal_agents.agents.players import NegotiationFair
+from areal_agents.envs.negotiation import Negotiation, valuations
 
 
 def test_valuations_are_exact() -> None:

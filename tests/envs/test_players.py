@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from areal_agents.agents import players as p
 
 import areal_agents as aa
+from areal_agents.agents import players as p
 
 
 def _agents(env_id: str) -> dict[str, aa.Agent] | aa.Agent:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from areal_agents.agents.players import pd_always_cooperate, pd_always_defect, pd_tit_for_tat
-from areal_agents.envs.prisoners_dilemma import PrisonersDilemma, parse_move
 
 import areal_agents as aa
+from areal_agents.agents.players import pd_always_cooperate, pd_always_defect, pd_tit_for_tat
+from areal_agents.envs.prisoners_dilemma import PrisonersDilemma, parse_move
 
 
 async def _play(env: PrisonersDilemma, p0, p1, seed: int = 0) -> dict[str, float]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from areal_agents.agents.players import signaling_listener, signaling_speaker
-from areal_agents.envs.signaling import Signaling
 
 import areal_agents as aa
+from areal_agents.agents.players import signaling_listener, signaling_speaker
+from areal_agents.envs.signaling import Signaling
 
 
 async def _play(

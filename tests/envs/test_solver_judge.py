@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
+
+import areal_agents as aa
 from areal_agents.agents.players import (
     solver_judge_judge,
     solver_judge_lenient,
     solver_judge_solver,
 )
 from areal_agents.envs.solver_judge import SolverJudge, parse_verdict
-
-import areal_agents as aa
 
 
 async def _play(env: SolverJudge, solver, judge, seed: int) -> tuple[dict[str, float], dict]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from areal_agents.agents.players import tictactoe_minimax
-from areal_agents.envs.tictactoe import TicTacToe, render, winner
 
 import areal_agents as aa
+from areal_agents.agents.players import tictactoe_minimax
+from areal_agents.envs.tictactoe import TicTacToe, render, winner
 
 
 async def _play(env: TicTacToe, players: dict, seed: int = 0) -> dict[str, float]:

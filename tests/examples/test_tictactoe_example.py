@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from areal_agents.agents import ScriptedAgent
 from areal_agents.agents.players import tictactoe_heuristic, tictactoe_minimax
 from areal_agents.envs.tictactoe import TicTacToe
-
 from areal_agents.episode import run_episode
 
 from ._load import load_example

@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 from _helpers import train_and_export
+
 from areal_agents.trainers.launcher import launch
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from areal_agents.trainers.launcher import DistributedEngineGroup, free_port, launch
 
 from areal_agents.errors import TrainError
+from areal_agents.trainers.launcher import DistributedEngineGroup, free_port, launch
 
 from ._helpers import (
     make_batch,

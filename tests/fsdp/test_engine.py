@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from areal_agents.trainers.fsdp import FSDPEngine
-from areal_agents.trainers.logprobs import full_logprobs
-from areal_agents.trainers.weight_sync import push_local
 
 from areal_agents.engines.base import GenerateRequest, SamplingParams
 from areal_agents.engines.local import LocalEngine
 from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import Sample, collate
+from areal_agents.trainers.fsdp import FSDPEngine
+from areal_agents.trainers.logprobs import full_logprobs
+from areal_agents.trainers.weight_sync import push_local
 
 from ._helpers import make_batch, make_engine, make_model, ppo_loss
 

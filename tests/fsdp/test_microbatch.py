@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from areal_agents.trainers.microbatch import padding_waste, plan_microbatches, split_batch
 
 from ._helpers import make_batch

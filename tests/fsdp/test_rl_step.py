@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from areal_agents.trainers.weight_sync import push_local
 
 from areal_agents.algorithms import GRPO
 from areal_agents.engines.base import GenerateRequest, SamplingParams
 from areal_agents.engines.local import LocalEngine
 from areal_agents.samples import Sample, collate
+from areal_agents.trainers.weight_sync import push_local
 
 from ._helpers import make_engine, make_model
 

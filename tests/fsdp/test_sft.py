@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from areal_agents.trainers.sft import SFTTrainer, nll_loss, token_mean_weights
 
 from areal_agents.samples import Sample, collate
+from areal_agents.trainers.sft import SFTTrainer, nll_loss, token_mean_weights
 
 from ._helpers import make_engine
 

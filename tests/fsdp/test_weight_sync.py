@@ -7,6 +7,8 @@ import os
 
 import pytest
 import torch
+
+from areal_agents.engines.base import WeightUpdate
 from areal_agents.trainers.weight_sync import (
     INDEX_FILE,
     buckets,
@@ -18,8 +20,6 @@ from areal_agents.trainers.weight_sync import (
     vllm_collective_rpc,
     vllm_update_from_disk,
 )
-
-from areal_agents.engines.base import WeightUpdate
 
 from ._helpers import make_batch, make_engine, make_model, ppo_loss
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from areal_agents.agents.llm import LLMAgent
-
 import areal_agents as aa
+from areal_agents.agents.llm import LLMAgent
 from areal_agents.client import RemoteGateway
 from areal_agents.gateway import Gateway
 from areal_agents.gateway.server import ServerThread

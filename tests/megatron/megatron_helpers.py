@@ -63,9 +63,8 @@ def samples(vocab: int, num: int = 8, seed: int = 1) -> list[Sample]:
 
 def grpo_batch(model, num: int = 8, temperature: float = 1.0) -> TokenBatch:
     """A GRPO-prepared batch whose behaviour log-probs are ``model``'s own (ratio 1)."""
-    from areal_agents.trainers.logprobs import full_logprobs
-
     from areal_agents.algorithms import GRPO
+    from areal_agents.trainers.logprobs import full_logprobs
 
     s = samples(model.config.vocab_size, num)
     batch = collate(s, temperature=temperature)
@@ -115,6 +114,7 @@ def vocab_parallel_case(vocab: int = 95, padded: int = 96, temperature: float = 
     all rows).
     """
     import torch.distributed as dist
+
     from areal_agents.trainers.megatron.vocab_parallel import vocab_parallel_sequence_logprobs
 
     g = torch.Generator().manual_seed(0)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron_helpers import hf_model
+
+from areal_agents.errors import ConfigError
 from areal_agents.trainers.megatron.convert import (
     fuse_qkv,
     hf_to_megatron,
@@ -16,9 +19,6 @@ from areal_agents.trainers.megatron.convert import (
     tp_split_dim,
     unshard,
 )
-from megatron_helpers import hf_model
-
-from areal_agents.errors import ConfigError
 
 
 @pytest.mark.parametrize(("family", "tie"), [("qwen3", None), ("qwen2", False), ("llama", True)])
@@ -142,9 +142,10 @@ def test_vocab_parallel_logprobs_match_the_shared_chunked_math(sampling):
     """2 gloo ranks, each with half the (padded) vocab rows: log-probs, entropy and gradients
     equal ``sequence_logprobs`` on the full weight (pure torch.distributed, no megatron), also
     with per-row temperature/top-k/top-p (the cut-off needs the whole vocabulary)."""
+    from megatron_helpers import vocab_parallel_case
+
     from areal_agents.trainers.launcher import launch
     from areal_agents.trainers.logprobs import RowSampling, sequence_logprobs
-    from megatron_helpers import vocab_parallel_case
 
     r0, r1 = launch(2, vocab_parallel_case, 95, 96, 0.7, sampling)
     g = torch.Generator().manual_seed(0)  # the worker's case, rebuilt

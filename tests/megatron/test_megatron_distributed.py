@@ -9,9 +9,10 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from megatron_helpers import dp_cases, grpo_batch, grpo_loss, hf_model, make_engine, train_megatron
+
 from areal_agents.trainers.launcher import launch
 from areal_agents.trainers.megatron import MegatronEngine
-from megatron_helpers import dp_cases, grpo_batch, grpo_loss, hf_model, make_engine, train_megatron
 
 pytestmark = pytest.mark.multiprocess
 

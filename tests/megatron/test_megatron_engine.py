@@ -12,13 +12,13 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from megatron_helpers import grpo_batch, grpo_loss, hf_model
+
+from areal_agents.errors import ConfigError, TrainError
 from areal_agents.trainers.logprobs import full_logprobs
 from areal_agents.trainers.megatron import MegatronEngine
 from areal_agents.trainers.megatron.convert import megatron_names
 from areal_agents.trainers.microbatch import plan_microbatches
-from megatron_helpers import grpo_batch, grpo_loss, hf_model
-
-from areal_agents.errors import ConfigError, TrainError
 
 
 @pytest.mark.parametrize(("family", "tie"), [("qwen3", None), ("qwen3", False), ("qwen2", False),

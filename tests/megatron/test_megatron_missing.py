@@ -7,10 +7,10 @@ import sys
 import types
 
 import pytest
-from areal_agents.trainers.megatron import MegatronEngine, MegatronNotInstalled, availability
 from megatron_helpers import hf_model
 
 from areal_agents.errors import ConfigError
+from areal_agents.trainers.megatron import MegatronEngine, MegatronNotInstalled, availability
 
 
 def _hide_megatron(monkeypatch):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from areal_agents.trainers.policy import Policy
-from areal_agents.trainers.trainer import backend_factory, resolve_policy_map
 
 from areal_agents.config import apply_overrides, load_config, parse_config
 from areal_agents.errors import ConfigError
+from areal_agents.trainers.policy import Policy
+from areal_agents.trainers.trainer import backend_factory, resolve_policy_map
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "signaling" / "two_llms.yaml"
 

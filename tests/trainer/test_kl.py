@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from areal_agents.agents import ScriptedAgent
-from areal_agents.trainers.checkpointing import reference_path
-from areal_agents.trainers.policy import Policy
-from areal_agents.trainers.trainer import Trainer
 
+from areal_agents.agents import ScriptedAgent
 from areal_agents.algorithms import GRPO
 from areal_agents.config import parse_config
 from areal_agents.errors import ConfigError
 from areal_agents.models import tiny
+from areal_agents.trainers.checkpointing import reference_path
+from areal_agents.trainers.policy import Policy
+from areal_agents.trainers.trainer import Trainer
 
 
 def listener(observation):

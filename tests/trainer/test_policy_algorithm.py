@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from areal_agents.trainers.policy import Policy
-from areal_agents.trainers.trainer import Trainer
 
 from areal_agents.algorithms import GRPO
 from areal_agents.config import apply_overrides, parse_config
 from areal_agents.errors import ConfigError
+from areal_agents.trainers.policy import Policy
+from areal_agents.trainers.trainer import Trainer
 
 SAMPLING = {"temperature": 1.0, "max_tokens": 1}
 

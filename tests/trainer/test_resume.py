@@ -8,12 +8,12 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from areal_agents.agents import ScriptedAgent
+from areal_agents.errors import ConfigError, TrainError
 from areal_agents.trainers.checkpointing import latest_checkpoint
 from areal_agents.trainers.policy import Policy
 from areal_agents.trainers.trainer import Trainer
-
-from areal_agents.errors import ConfigError, TrainError
 
 
 def listener(observation):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+
 from areal_agents.agents import ScriptedAgent
+from areal_agents.algorithms import GRPO
 from areal_agents.trainers.policy import Policy
 from areal_agents.trainers.trainer import Trainer
-
-from areal_agents.algorithms import GRPO
 
 
 def decode_listener(observation):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from areal_agents.trainers.fsdp.engine import FSDPEngine
-from areal_agents.trainers.llm_session import raw_prompt
-from areal_agents.trainers.warm_start import collect_demos, demo_samples, sft
 
 from areal_agents.models import tiny
 from areal_agents.registration import make
 from areal_agents.samples import Sample
+from areal_agents.trainers.fsdp.engine import FSDPEngine
+from areal_agents.trainers.llm_session import raw_prompt
+from areal_agents.trainers.warm_start import collect_demos, demo_samples, sft
 
 
 class RecordingEngine:

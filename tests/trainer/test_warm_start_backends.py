@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from areal_agents.models import tiny
 from areal_agents.trainers.archon import ArchonEngine
 from areal_agents.trainers.fsdp.engine import FSDPEngine
 from areal_agents.trainers.policy import Policy
 from areal_agents.trainers.warm_start import copy_weights_into, warm_start_policy
-
-from areal_agents.models import tiny
 
 TRANSCRIPTS = [[{"role": "user", "content": f"target: {c}"}, {"role": "assistant", "content": d}]
                for c, d in zip("ABCDABCD", "01230123", strict=True)]

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from areal_agents.trainers.megatron.convert import shard
 
 from areal_agents.errors import TrainError
+from areal_agents.trainers.megatron.convert import shard
 
 from ..rng import load_rank_rng, save_rank_rng
 

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from areal_agents.trainers.megatron.convert import tp_split_dim
 from torch import nn
+
+from areal_agents.trainers.megatron.convert import tp_split_dim
 
 
 def finalize_grads(named: Sequence[tuple[str, nn.Parameter]], tp_group: dist.ProcessGroup | None,

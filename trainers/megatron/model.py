@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from areal_agents.trainers.megatron.convert import ModelSpec
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -29,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from areal_agents.errors import ConfigError
+from areal_agents.trainers.megatron.convert import ModelSpec
 
 
 def init_parallel(tp: int) -> None:
