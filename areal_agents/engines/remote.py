@@ -247,8 +247,8 @@ class RemoteEngine(InferenceEngine):
         manifest = shm.manifest()
         sending = asyncio.ensure_future(asyncio.to_thread(shm.send, tensors))
         try:
-            await self._request("POST", "/update_weights/stream",
-                                {"manifest": manifest, "version": version})
+            await self._request("POST", "/update_weights/stream",  # the stream is not rewound
+                                {"manifest": manifest, "version": version}, retry=False)
         except BaseException:
             shm.cancel()  # the reader is gone (or never started): the sender raises at once
             with contextlib.suppress(Exception):
@@ -321,21 +321,36 @@ class RemoteEngine(InferenceEngine):
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def _request(self, method: str, path: str,
-                       body: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                       retry: bool = True) -> dict[str, Any]:
+        """One request; a transport error is retried once (``retry``) while the server runs: a
+        pooled keep-alive connection the server just closed fails that way, and a retried
+        request is harmless (generation is recomputed; control calls are idempotent).
+
+        Raises:
+            EngineUnavailable: a launched server exited, or an attached one refuses connections.
+            EngineTimeout / EngineError: no answer in time / any other failure.
+        """
         what = f"{method} {path}"
-        try:
-            response = await self._http.request(method, path, json=body)
-        except httpx2.TimeoutException as exc:
-            raise EngineTimeout(f"the engine server at {self.url} did not answer {what} within "
-                                f"{self.timeout_s:.0f} s; raise timeout_s or check the server"
-                                f"{self._log_hint()}") from exc
-        except httpx2.TransportError as exc:
-            if self.server is not None:  # a dying server: let it exit so the message says so
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    await asyncio.to_thread(self.server.proc.wait, 1.0)
-            raise EngineUnavailable(f"the engine server at {self.url} is unreachable ({what}: "
-                                    f"{type(exc).__name__}: {exc}){self._log_hint()}") from exc
+        for attempt in range(2 if retry else 1):
+            try:
+                response = await self._http.request(method, path, json=body)
+                break
+            except httpx2.TimeoutException as exc:
+                raise EngineTimeout(f"the engine server at {self.url} did not answer {what} "
+                                    f"within {self.timeout_s:.0f} s; raise timeout_s or check "
+                                    f"the server{self._log_hint()}") from exc
+            except httpx2.TransportError as exc:
+                if self.server is not None:  # a dying server: let it exit so we can tell
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        await asyncio.to_thread(self.server.proc.wait, 1.0)
+                gone = (not self.server.running if self.server is not None
+                        else isinstance(exc, httpx2.ConnectError))
+                if not gone and attempt == 0 and retry:
+                    continue
+                kind = EngineUnavailable if gone else EngineError
+                raise kind(f"the engine server at {self.url} is unreachable ({what}: "
+                           f"{type(exc).__name__}: {exc}){self._log_hint()}") from exc
         if response.status_code >= 400:
             error = _error(response)
             if error.get("type") == "context_length_exceeded":

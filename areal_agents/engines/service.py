@@ -235,8 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     engine.version = args.version
     print(f"engine server: {args.model} (version {engine.version}) on {HOST}:{args.port}",
           flush=True)
+    # keep idle connections longer than the client does (httpx: 5 s), so the client never
+    # reuses one the server is closing
     uvicorn.run(build_app(engine, token), host=HOST, port=args.port, log_level="warning",
-                lifespan="off")
+                lifespan="off", timeout_keep_alive=75)
 
 
 if __name__ == "__main__":

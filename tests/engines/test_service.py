@@ -171,6 +171,30 @@ async def test_a_shared_memory_stream_update_loads_the_same_weights(served):
     await remote.close()  # unlinks the block
 
 
+async def test_a_dropped_keep_alive_connection_is_retried_once_not_a_dead_server(served):
+    """A pooled connection the server closed fails with ReadError; the run lost its only
+    replica to this before (all later episodes failed)."""
+    engine, _ = served
+    app_transport = httpx2.ASGITransport(app=build_app(engine, TOKEN))
+    failures: list[type[Exception]] = [httpx2.RemoteProtocolError]
+
+    async def flaky(request: httpx2.Request) -> httpx2.Response:
+        if failures and request.url.path == "/generate":
+            raise failures.pop(0)("connection closed", request=request)
+        return await app_transport.handle_async_request(request)
+
+    remote = await RemoteEngine.attach("http://engine", token=TOKEN,
+                                       http_transport=httpx2.MockTransport(flaky))
+    out = await remote.generate(_req([1, 2, 3], max_tokens=2))  # fails, then a retry
+    assert len(out.outputs[0].token_ids) == 2 and failures == []
+    failures[:] = [httpx2.ReadError, httpx2.ReadError]
+    with pytest.raises(EngineError) as info:  # twice: an error, but not "unavailable"
+        await remote.generate(_req([1, 2, 3], max_tokens=2))
+    assert not isinstance(info.value, EngineUnavailable)
+    assert "is unreachable (POST /generate: ReadError: connection closed)" in str(info.value)
+    await remote.close()
+
+
 async def test_a_stream_update_to_a_dead_server_fails_without_waiting_for_the_reader():
     def refuse(request: httpx2.Request) -> httpx2.Response:
         raise httpx2.ConnectError("connection refused", request=request)
