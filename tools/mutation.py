@@ -75,7 +75,8 @@ GROUPS: dict[str, Group] = {
                          "tests/mutation/test_algorithms_functions.py")),
     "rollout": Group(("areal_agents/rollout/",),
                      ("tests/trainer/test_staleness.py", "tests/trainer/test_controller.py",
-                      "tests/trainer/test_ledger_resume.py", "tests/mutation/test_rollout.py"),
+                      "tests/trainer/test_ledger_resume.py", "tests/mutation/test_rollout.py",
+                      "tests/mutation/test_rollout_state.py"),
                      # A mutant that stalls the controller (a wait that never ends) uses no CPU,
                      # so only mutmut's wall-clock limit, (estimated test time + constant) *
                      # multiplier, ends it: 2 s + 2x instead of the shared 5 s + 5x.
