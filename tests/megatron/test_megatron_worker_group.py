@@ -26,6 +26,19 @@ def _losses(run_dir: Path, *overrides: str) -> list[dict[str, float]]:
             for row in rows if "policy/speaker/loss" in row]
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_process_group():
+    """Earlier in-process Megatron tests leave a 1-rank gloo group (and Megatron's model-parallel
+    state) initialised in this process; the listener's in-process FSDP engine would then shard
+    itself as if distributed (DTensor parameters) and its warm start would fail."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def test_megatron_tp2_run_matches_one_process(tmp_path):
     workers = _losses(tmp_path / "workers", "policies.speaker.train={world_size: 2, tp: 2}")
     single = _losses(tmp_path / "single", "policies.speaker.train={world_size: 1}")
