@@ -184,7 +184,10 @@ async def test_requests_in_flight_wait_while_paused_and_span_an_update(engine, m
         assert len(out.versions) == len(out.token_ids) == len(out.logprobs)
         assert out.versions == sorted(out.versions)
     spanning = [o for o in outputs if o.finish_reason == "length"]
-    assert spanning and all(set(o.versions) == {version, version + 1} for o in spanning)
+    # every token is of the old or the new weights; at least one request spans the update (one
+    # still waiting in vLLM's queue at the pause, on a busy machine, has new-version tokens only)
+    assert all(set(o.versions) <= {version, version + 1} for o in outputs)
+    assert any(set(o.versions) == {version, version + 1} for o in spanning)
     await engine.update_weights(WeightUpdate(named_tensors=iter(_exported(model))))
 
 
