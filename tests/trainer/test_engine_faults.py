@@ -298,7 +298,9 @@ def test_killing_an_engine_server_mid_run_the_run_continues_and_the_ledger_adds_
         c = counts[policy]  # after the first 4 steps
         outcomes = sum(v for k, v in c.items() if k.startswith("outcome/"))
         assert c["submitted"] == outcomes + c["running"] + c["waiting"] + c["buffered"]
-        assert c["outcome/trained"] == 32
+        # each step takes whole groups until >= 8 episodes; a group that lost members on the
+        # killed server holds < 4, so a step may train up to 8 + 3 episodes
+        assert 4 * 8 <= c["outcome/trained"] <= 4 * (8 + 3)
         assert c["outcome/failed"] >= 1  # the episodes in flight on the killed server
     causes = [repr(e) for e in trainer.controller.errors]
     assert causes and all("engine replica unavailable" in c for c in causes)
