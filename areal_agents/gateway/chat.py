@@ -1,4 +1,4 @@
-"""Chat templating and hermes tool-call parsing with a policy's tokenizer.
+"""Chat templating with a policy's tokenizer (tool-call parsing: ``tool_parsing.py``).
 
 Completions are decoded to text here only to *answer* the client; training data always uses
 the engine's token ids (see ``tokenization.py``).
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
-import uuid
 from typing import Any
 
-_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+from .tool_parsing import hermes
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,7 +75,9 @@ def decode_completion(tokenizer: Any, token_ids: list[int], stop: list[str],
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """Split hermes ``<tool_call>{"name", "arguments"}</tool_call>`` blocks out of ``text``.
+    """Split hermes ``<tool_call>{"name", "arguments"}</tool_call>`` blocks out of ``text``
+    (``tool_parsing.hermes``; other families and the per-policy choice are in
+    ``tool_parsing``).
 
     Returns:
         ``(content, tool_calls)`` in OpenAI format (``arguments`` a JSON string). Content is
@@ -85,28 +85,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         no name, an unclosed ``<tool_call>``) the whole text is returned as content with no
         tool calls: a bad call is the policy's mistake to learn from, never a server error.
     """
-    if "<tool_call>" not in text:
-        return text, []
-    calls = []
-    for match in _TOOL_CALL.finditer(text):
-        try:
-            obj = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            return text, []
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            return text, []
-        args = obj.get("arguments", obj.get("parameters", {}))
-        calls.append({
-            "id": f"call_{uuid.uuid4().hex[:16]}",
-            "type": "function",
-            "function": {"name": obj["name"],
-                         "arguments": args if isinstance(args, str) else json.dumps(args)},
-        })
-    rest = _TOOL_CALL.sub("", text)
-    if not calls or "<tool_call>" in rest or "</tool_call>" in rest:
-        return text, []
-    rest = rest.strip()
-    return (rest or None), calls
+    return hermes(text)
 
 
 def same_message(sent: dict[str, Any], reply: dict[str, Any]) -> bool:
