@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -28,15 +27,16 @@ from typing import Any, Literal
 
 import httpx2
 
-from ..errors import ContextLengthExceeded, EngineError, EngineTimeout, EngineUnavailable
-from .base import GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from ..errors import ContextLengthExceeded, EngineError
+from .base import GenerateRequest, GenerateResult, WeightUpdate
+from .http_engine import HTTPEngine
 from .server_process import ServerProcess, free_port
 from .service import TOKEN_ENV, request_to_json, result_from_json
 
 WeightTransport = Literal["shm", "disk"]
 
 
-class RemoteEngine(InferenceEngine):
+class RemoteEngine(HTTPEngine):
     """An engine server reached over HTTP (token ids in; ids, log-probs, versions out).
 
     Build one with ``await RemoteEngine.launch(model_dir)`` or ``await RemoteEngine.attach(url,
@@ -62,6 +62,9 @@ class RemoteEngine(InferenceEngine):
         ...         return out.outputs[0].token_ids
     """
 
+    server_name = "engine server"
+    retry_transport_errors = True  # generation is recomputed; control calls are idempotent
+
     def __init__(self, url: str, *, token: str, max_context: int, version: int = 0,
                  timeout_s: float = 600.0, transport: WeightTransport = "shm",
                  http_transport: httpx2.AsyncBaseTransport | None = None,
@@ -69,28 +72,18 @@ class RemoteEngine(InferenceEngine):
                  restart_limit: int = 0) -> None:
         if transport not in ("shm", "disk"):
             raise ValueError(f"transport={transport!r}; choose 'shm' or 'disk'")
-        self.url = url.rstrip("/")
+        super().__init__(url, timeout_s=timeout_s, server=server, transport=http_transport,
+                         headers=_auth(token))
         self.token = token
         self.max_context = max_context
         self.version = version
-        self.timeout_s = timeout_s
         self.transport: WeightTransport = "disk" if restart_limit else transport
-        self.server = server
         self.launch_args = launch_args
         self.restart_limit = restart_limit
         self.num_restarts = 0
-        self._http_transport = http_transport
-        self._http = self._client()
-        self._pending = 0
-        self._closed = False
         self._lock = asyncio.Lock()  # weight updates and restarts, one at a time
         self._weights_dir: Path | None = None  # the last update's tensors (restartable engines)
         self._shm: Any = None  # the SharedMemoryTransport of "shm" updates (made on first use)
-
-    def _client(self) -> httpx2.AsyncClient:
-        return httpx2.AsyncClient(base_url=self.url, transport=self._http_transport,
-                                  timeout=self.timeout_s,
-                                  headers={"Authorization": f"Bearer {self.token}"})
 
     # -- construction -------------------------------------------------------------------------
 
@@ -153,11 +146,6 @@ class RemoteEngine(InferenceEngine):
 
     # -- InferenceEngine ----------------------------------------------------------------------
 
-    @property
-    def alive(self) -> bool:
-        """False once a launched server has exited (an attached one is assumed alive)."""
-        return not self._closed and (self.server is None or self.server.running)
-
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """Generate on the server.
 
@@ -167,14 +155,7 @@ class RemoteEngine(InferenceEngine):
             EngineTimeout: no answer within ``timeout_s``.
             EngineError: the server refused the request (its message).
         """
-        if self._closed:
-            raise EngineError("RemoteEngine is closed; create a new engine")
-        sp = request.sampling
-        if len(request.prompt_ids) + sp.max_tokens > self.max_context:
-            raise ContextLengthExceeded(
-                f"prompt of {len(request.prompt_ids)} tokens + max_tokens {sp.max_tokens} = "
-                f"{len(request.prompt_ids) + sp.max_tokens} exceeds the context window of "
-                f"{self.max_context} tokens; shorten the prompt or lower max_tokens")
+        self._check_request(request)
         self._pending += 1
         try:
             data = await self._request("POST", "/generate", request_to_json(request))
@@ -270,10 +251,6 @@ class RemoteEngine(InferenceEngine):
         await asyncio.to_thread(lambda: save_safetensors_dir(_untied(tensors), folder))
         return folder
 
-    @property
-    def num_pending(self) -> int:
-        return self._pending
-
     async def restart(self) -> None:
         """Relaunch a dead server with the last update's weights and this engine's version.
 
@@ -302,69 +279,20 @@ class RemoteEngine(InferenceEngine):
                 await asyncio.to_thread(server.stop)
                 raise EngineError("RemoteEngine was closed while its server restarted")
             self.server, self.token = server, token
-            await self._http.aclose()
-            self.url = url
-            self._http = self._client()
+            await self._reconnect(url, _auth(token))
 
-    async def close(self) -> None:
-        """Close the HTTP client and stop a launched server. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._http.aclose()
-        if self.server is not None:
-            await asyncio.to_thread(self.server.stop)
+    async def _release(self) -> None:
+        """Remove the kept weights and the shared-memory block (after ``close``)."""
         if self._weights_dir is not None:
             shutil.rmtree(self._weights_dir, ignore_errors=True)
         if self._shm is not None:
             self._shm.close()
 
-    # -- requests -----------------------------------------------------------------------------
-
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-                       retry: bool = True) -> dict[str, Any]:
-        """One request; a transport error is retried once (``retry``) while the server runs: a
-        pooled keep-alive connection the server just closed fails that way, and a retried
-        request is harmless (generation is recomputed; control calls are idempotent).
-
-        Raises:
-            EngineUnavailable: a launched server exited, or an attached one refuses connections.
-            EngineTimeout / EngineError: no answer in time / any other failure.
-        """
-        what = f"{method} {path}"
-        for attempt in range(2 if retry else 1):
-            try:
-                response = await self._http.request(method, path, json=body)
-                break
-            except httpx2.TimeoutException as exc:
-                raise EngineTimeout(f"the engine server at {self.url} did not answer {what} "
-                                    f"within {self.timeout_s:.0f} s; raise timeout_s or check "
-                                    f"the server{self._log_hint()}") from exc
-            except httpx2.TransportError as exc:
-                if self.server is not None:  # a dying server: let it exit so we can tell
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        await asyncio.to_thread(self.server.proc.wait, 1.0)
-                gone = (not self.server.running if self.server is not None
-                        else isinstance(exc, httpx2.ConnectError))
-                if not gone and attempt == 0 and retry:
-                    continue
-                kind = EngineUnavailable if gone else EngineError
-                raise kind(f"the engine server at {self.url} is unreachable ({what}: "
-                           f"{type(exc).__name__}: {exc}){self._log_hint()}") from exc
-        if response.status_code >= 400:
-            error = _error(response)
-            if error.get("type") == "context_length_exceeded":
-                raise ContextLengthExceeded(error.get("message", ""))
-            raise EngineError(f"the engine server answered {what} with HTTP "
-                              f"{response.status_code}: {error.get('message')}{self._log_hint()}")
-        return response.json()
-
-    def _log_hint(self) -> str:
-        if self.server is None:
-            return ""
-        state = "running" if self.server.running else f"exited ({self.server.proc.returncode})"
-        return (f". The server process is {state}; its last log lines ({self.server.log_path}):"
-                f"\n{self.server.log_tail(15)}")
+    def _http_error(self, response: httpx2.Response, what: str) -> Exception:
+        error = _error(response)
+        if error.get("type") == "context_length_exceeded":
+            return ContextLengthExceeded(error.get("message", ""))
+        return super()._http_error(response, what)
 
 
 async def _start_server(args: dict[str, Any], weights: str | Path | None,
@@ -388,6 +316,10 @@ async def _start_server(args: dict[str, Any], weights: str | Path | None,
         server.stop()
         raise
     return server, url, token
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _untied(named_tensors: Any) -> list[tuple[str, Any]]:

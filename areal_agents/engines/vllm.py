@@ -42,15 +42,10 @@ from typing import Any, Literal
 
 import httpx2
 
-from ..errors import (
-    ConfigError,
-    ContextLengthExceeded,
-    EngineError,
-    EngineTimeout,
-    EngineUnavailable,
-)
+from ..errors import ConfigError, ContextLengthExceeded, EngineError
 from . import vllm_protocol as protocol
-from .base import GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from .base import GenerateRequest, GenerateResult, WeightUpdate
+from .http_engine import HTTPEngine, error_message
 from .server_process import ServerProcess, free_port
 from .vllm_weights import missing_head, ties_embeddings, with_head, write_tensors
 
@@ -58,7 +53,7 @@ VLLM_PYTHON_ENV = "AREAL_AGENTS_VLLM_PYTHON"
 Endpoint = Literal["generate", "completions"]
 
 
-class VLLMEngine(InferenceEngine):
+class VLLMEngine(HTTPEngine):
     """A vLLM server as an inference engine (token ids in; ids, log-probs, versions out).
 
     Build one with ``await VLLMEngine.launch(model_dir)`` (starts and owns a server) or
@@ -86,24 +81,21 @@ class VLLMEngine(InferenceEngine):
         ...         return out.outputs[0].token_ids
     """
 
+    server_name = "vLLM server"
+
     def __init__(self, url: str, *, model: str, max_context: int, endpoint: Endpoint = "generate",
                  version: int = 0, timeout_s: float = 600.0,
                  transport: httpx2.AsyncBaseTransport | None = None,
                  server: ServerProcess | None = None, weights_dir: str | Path | None = None,
                  tie_word_embeddings: bool = False) -> None:
-        self.url = url.rstrip("/")
+        super().__init__(url, timeout_s=timeout_s, server=server, transport=transport)
         self.model = model
         self.max_context = max_context
         self.endpoint = endpoint
         self.version = version
-        self.timeout_s = timeout_s
-        self.server = server
-        self._http = httpx2.AsyncClient(base_url=self.url, transport=transport, timeout=timeout_s)
         self._own_weights_dir = weights_dir is None
         self._weights_dir = Path(weights_dir) if weights_dir else None
-        self._pending = 0
         self._paused = False
-        self._closed = False
         self._update_lock = asyncio.Lock()
         self.tie_word_embeddings = tie_word_embeddings
 
@@ -207,7 +199,7 @@ class VLLMEngine(InferenceEngine):
         if info.status_code == 404:
             raise EngineError(f"the vLLM server at {self.url} has no /weight_info: start it with "
                               "VLLM_SERVER_DEV_MODE=1 (pause, resume and weight updates need it)")
-        label = str(self._json(info, "GET /weight_info").get("weight_version"))
+        label = str(self._decode(info, "GET /weight_info").get("weight_version"))
         if label.lstrip("-").isdigit():
             self.version = int(label)
         else:
@@ -224,7 +216,7 @@ class VLLMEngine(InferenceEngine):
             EngineUnavailable: the server refuses connections or its process has exited.
             EngineError: empty prompt, engine closed, the server failed the request.
         """
-        self._check(request)
+        self._check_request(request)
         sent_at_version = self.version
         self._pending += 1
         try:
@@ -300,34 +292,12 @@ class VLLMEngine(InferenceEngine):
                 if written is not None:
                     shutil.rmtree(written, ignore_errors=True)
 
-    @property
-    def num_pending(self) -> int:
-        return self._pending
-
-    async def close(self) -> None:
-        """Close the HTTP client, stop a launched server, remove own weight files. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._http.aclose()
-        if self.server is not None:
-            await asyncio.to_thread(self.server.stop)
+    async def _release(self) -> None:
+        """Remove this engine's own weight files (``close`` stops client and server first)."""
         if self._own_weights_dir and self._weights_dir is not None:
             shutil.rmtree(self._weights_dir, ignore_errors=True)
 
     # -- requests and responses ---------------------------------------------------------------
-
-    def _check(self, request: GenerateRequest) -> None:
-        if self._closed:
-            raise EngineError("VLLMEngine is closed; create a new engine")
-        ids, sp = request.prompt_ids, request.sampling
-        if not ids:
-            raise EngineError("empty prompt: prompt_ids must hold at least one token id")
-        if len(ids) + sp.max_tokens > self.max_context:
-            raise ContextLengthExceeded(
-                f"prompt of {len(ids)} tokens + max_tokens {sp.max_tokens} = "
-                f"{len(ids) + sp.max_tokens} exceeds the context window of {self.max_context} "
-                "tokens; shorten the prompt or lower max_tokens")
 
     @staticmethod
     def _sampling(request: GenerateRequest) -> dict[str, Any]:
@@ -339,39 +309,8 @@ class VLLMEngine(InferenceEngine):
             self._weights_dir = Path(tempfile.mkdtemp(prefix="vllm-weights-"))
         return self._weights_dir / name
 
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-                       params: dict[str, str] | None = None) -> dict[str, Any]:
-        what = f"{method} {path}"
-        try:
-            response = await self._http.request(method, path, json=body, params=params)
-        except httpx2.TimeoutException as exc:
-            raise EngineTimeout(f"the vLLM server at {self.url} did not answer {what} within "
-                                f"{self.timeout_s:.0f} s; raise timeout_s or check the server"
-                                f"{self._log_hint()}") from exc
-        except httpx2.TransportError as exc:
-            # refused, or our server process is gone: the gateway drops this replica
-            gone = isinstance(exc, httpx2.ConnectError) or (
-                self.server is not None and not self.server.running)
-            error = EngineUnavailable if gone else EngineError
-            raise error(f"cannot reach the vLLM server at {self.url} ({what}: "
-                        f"{type(exc).__name__}: {exc}); is it running?"
-                        f"{self._log_hint()}") from exc
-        return self._json(response, what)
-
-    def _json(self, response: httpx2.Response, what: str) -> dict[str, Any]:
-        if response.status_code >= 400:
-            message = protocol.error_message(response)
-            if response.status_code == 400 and "max_model_len" in message:
-                raise ContextLengthExceeded(f"vLLM refused {what}: {message}")
-            raise EngineError(f"vLLM answered {what} with HTTP {response.status_code}: {message}")
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise EngineError(f"vLLM answered {what} with non-JSON: {response.text[:200]!r}") from exc
-
-    def _log_hint(self) -> str:
-        if self.server is None:
-            return ""
-        state = "running" if self.server.running else f"exited ({self.server.proc.returncode})"
-        return (f". The server process is {state}; its last log lines ({self.server.log_path}):"
-                f"\n{self.server.log_tail(15)}")
+    def _http_error(self, response: httpx2.Response, what: str) -> Exception:
+        message = error_message(response)
+        if response.status_code == 400 and "max_model_len" in message:
+            return ContextLengthExceeded(f"vLLM refused {what}: {message}")
+        return super()._http_error(response, what)
