@@ -19,7 +19,7 @@ import torch
 
 from areal_agents.agent import Agent
 from areal_agents.algorithms import check_group_size
-from areal_agents.engines.base import WeightUpdate
+from areal_agents.engines.base import InferenceEngine
 from areal_agents.errors import ConfigError
 from areal_agents.metrics import Logger, Progress, make_logger
 from areal_agents.rollout import RolloutController, StalenessControl
@@ -37,10 +37,12 @@ from .checkpointing import (
 from .episodes import EpisodeStats, RewardFn, play
 from .llm_session import Seat, open_seat
 from .policy import Policy
+from .proximal import exact_behaviour, proximal_logprobs
 from .reference import build_reference
 from .serving import build_engines
 from .stats import StepStats, resolve_algorithm
 from .warm_start import Demos, collect_demos, warm_start_policy
+from .weight_push import WeightPush
 from .wiring import BACKENDS, backend_factory, policy_algorithm, resolve_policy_map
 from .worker_group import WorkerGroupEngine
 
@@ -163,6 +165,7 @@ class Trainer:
         self.train_engines: dict[str, Any] = {}
         self.ref_engines: dict[str, Any] = {}  # frozen KL references (algorithm.needs_reference)
         self.tokenizers: dict[str, Any] = {}
+        self.weight_pushes: dict[str, WeightPush] = {}  # per trainable policy (weight_push.py)
         self._stats = StepStats()
 
     @staticmethod
@@ -225,9 +228,12 @@ class Trainer:
                     self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
                                                        **policy.train_kwargs)
             serving = (copy.deepcopy(model) if serving is None else serving).eval()
+            if policy.trainable:
+                weights_dir = self.run_dir / "weights" / name if self.run_dir else None
+                self.weight_pushes[name] = WeightPush(policy.inference, weights_dir)
             engines = await build_engines(name, policy.inference, serving, tokenizer,
                                           self.run_dir, max_batch_size=self.generation_batch_size)
-            self.gateway.add_policy(name, engines, tokenizer)
+            self.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser)
         controls = {p: StalenessControl(self.batch_size, self.max_staleness, self.max_concurrent)
                     for p in self.trainable}
         self.controller = RolloutController(self._episode, controls, group_size=self.group_size,
@@ -291,23 +297,33 @@ class Trainer:
         algorithm = self.algorithms[name]
         batch = collate(samples, pad_token_id=pad)
 
-        def work() -> tuple[dict[str, float], list[tuple[str, torch.Tensor]]]:
+        # the proximal recompute is skipped for on-policy batches of exact engines (proximal.py)
+        exact = exact_behaviour(self.gateway.policies[name].router.engines, engine)
+
+        def work() -> dict[str, float]:
+            skipped = False
             if algorithm.needs_proximal:
-                batch.prox_logprobs = engine.forward_logprobs(batch)
+                batch.prox_logprobs, skipped = proximal_logprobs(batch, samples, engine,
+                                                                 exact=exact)
             if getattr(algorithm, "needs_reference", False):
                 batch.ref_logprobs = self.ref_engines[name].forward_logprobs(batch)
             # prepare after the log-probs: with kl_in_reward it reads batch.ref_logprobs
             stats = engine.train_step(algorithm.prepare(batch, samples), algorithm.loss)
-            return stats, list(engine.export_weights())
+            if algorithm.needs_proximal:
+                stats["prox_recompute_skipped"] = float(skipped)
+            return stats
 
         t1 = time.perf_counter()
-        stats, weights = await asyncio.to_thread(work)
+        stats = await asyncio.to_thread(work)
         t2 = time.perf_counter()
         control = self.controller.controls[name]
         new_version = control.version + 1
 
+        # streamed bucket by bucket from the train engine (a disk update is written first,
+        # while the replicas still serve); weight_push.py
+        update = await self.weight_pushes[name].update(engine.export_weights, new_version)
+
         async def push() -> None:  # pause all -> update all -> resume all (also on failure)
-            update = WeightUpdate(named_tensors=iter(weights), version=new_version)
             await self.gateway.push_weights(name, update)
 
         await self.controller.update_weights(name, push, new_version)
@@ -416,17 +432,35 @@ class Trainer:
         weights, RNG states (last) and ``metrics.jsonl`` cut back to the restored step."""
         self.load_state_dict(await load_checkpoint(ckpt, self.train_engines))
         for name, engine in self.train_engines.items():
-            update = WeightUpdate(named_tensors=iter(list(engine.export_weights())),
-                                  version=engine.version)
+            update = await self.weight_pushes[name].update(engine.export_weights, engine.version)
             await self.gateway.update_weights(name, update)
         restore_rng(ckpt)
         if self.run_dir is not None:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
 
+    async def add_replica(self, policy: str, engine: InferenceEngine) -> int:
+        """Serve ``engine`` as one more replica of trainable ``policy`` (a late joiner or a
+        replacement); returns its index. It receives the current weights and version through
+        the policy's transport before it takes traffic (``Gateway.add_replica``). Call it
+        between steps: a push in flight does not wait for it.
+
+        Raises:
+            KeyError: ``policy`` is not a trainable policy of this run.
+        """
+        await self.setup()
+        if policy not in self.train_engines:
+            raise KeyError(f"{policy!r} is not a trainable policy; trainable: "
+                           f"{sorted(self.train_engines)}")
+        train = self.train_engines[policy]
+        update = await self.weight_pushes[policy].update(train.export_weights, train.version)
+        return await self.gateway.add_replica(policy, engine, weights=update)
+
     async def aclose(self) -> None:
         """Close the gateway (and its engines) and the train engines. Idempotent."""
         if self.gateway is not None:
             await self.gateway.close()
+        for push in self.weight_pushes.values():
+            push.close()
         for engine in self.train_engines.values():
             engine.close()
         for engine in self.ref_engines.values():

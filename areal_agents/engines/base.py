@@ -126,6 +126,10 @@ class InferenceEngine:
         * ``update_weights`` loads new weights and sets ``version`` (to ``update.version`` or
           ``version + 1``).
         * ``num_pending`` is the load used for least-loaded routing.
+        * ``exact_logprobs`` declares that its log-probs are float32 computations of the
+          ``SamplingDistribution`` definition, equal to a float32 train engine's up to rounding
+          (then the trainer may skip the proximal recompute; ``trainers/proximal.py``). False
+          unless an engine knows it (bf16 weights, unknown servers: False).
 
     Raises (from ``generate``):
         ContextLengthExceeded: prompt + max_tokens beyond the context window.
@@ -134,6 +138,7 @@ class InferenceEngine:
 
     version: int = 0
     max_context: int = 2048
+    exact_logprobs: bool = False
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         raise NotImplementedError

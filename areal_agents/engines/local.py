@@ -66,7 +66,8 @@ class LocalEngine(InferenceEngine):
         max_queue: requests waiting for a slot at most; further ``generate`` calls wait
             (back-pressure) until one frees, they do not fail.
         max_context: context window (default: ``config.max_position_embeddings``).
-        dtype: parameter dtype (default: keep the model's).
+        dtype: parameter dtype (default: keep the model's). With float32 parameters
+            ``exact_logprobs`` is True (the trainer may then skip the proximal recompute).
 
     Example:
         >>> import asyncio
@@ -96,6 +97,9 @@ class LocalEngine(InferenceEngine):
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=dtype).eval()
+        # float32 weights: log-probs equal a float32 train engine's up to rounding
+        self.exact_logprobs = all(p.dtype == torch.float32 for p in self.model.parameters()
+                                  if p.is_floating_point())
         self.tokenizer = tokenizer
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
