@@ -35,8 +35,8 @@ from typing import Any, Literal, get_args
 
 from areal_agents.errors import ConfigError
 
-__all__ = ["PARALLELISM", "InferencePlacement", "TrainPlacement", "check_train_placement",
-           "engine_parallel_kwargs"]
+__all__ = ["PARALLELISM", "TRANSPORTS", "InferencePlacement", "TrainPlacement",
+           "check_train_placement", "engine_parallel_kwargs"]
 
 Device = Literal["cpu", "cuda"]
 InferenceKind = Literal["in_process", "server", "vllm", "sglang"]
@@ -209,11 +209,14 @@ def engine_parallel_kwargs(backend: str, train: TrainPlacement) -> dict[str, int
     return {arg: getattr(train, degree) for degree, arg in names.items()}
 
 
-_AUTO_TRANSPORT: dict[str, Transport] = {"in_process": "tensors", "server": "shm",
-                                          "vllm": "disk", "sglang": "disk"}
-_TRANSPORTS: dict[str, tuple[str, ...]] = {"in_process": ("tensors",),
-                                           "server": ("shm", "disk", "nccl"),
-                                           "vllm": ("disk", "nccl"), "sglang": ("disk", "nccl")}
+TRANSPORTS: dict[str, tuple[Transport, ...]] = {
+    "in_process": ("tensors", "disk"),
+    "server": ("shm", "disk", "nccl"),
+    "vllm": ("disk", "nccl"),
+    "sglang": ("disk", "nccl"),
+}
+"""Inference kind -> the weight transports it can use, the automatic choice first (the one
+table of how trained weights reach an engine; ``trainers/weight_push.py`` carries them out)."""
 
 
 @dataclass(frozen=True)
@@ -227,14 +230,18 @@ class InferencePlacement:
         device: ``"cpu"`` or ``"cuda"``; ``None`` picks cuda when available.
         transport: how weights move: ``"tensors"`` (in process), ``"shm"`` (shared memory,
             same host), ``"disk"`` (safetensors files) or ``"nccl"`` (GPU only); ``None``
-            picks ``tensors`` in process, ``shm`` for a server, ``disk`` for vllm/sglang.
+            picks the first of the kind's ``TRANSPORTS``: ``tensors`` in process, ``shm``
+            for a server, ``disk`` for vllm/sglang.
+        bucket_mb: the most tensor data (MiB) one transfer of a weight push carries; a push
+            holds at most two buckets of extra memory on the sending side.
         server_args: extra arguments of the launched servers.
         python: the interpreter of the server's own venv (default: this one).
         urls: attach to these running servers instead of launching any.
 
     Raises:
         ConfigError: unknown kind/transport/device, a transport the kind cannot use,
-            ``nccl`` on CPU, server options on ``in_process``, or ``replicas`` != ``len(urls)``.
+            ``nccl`` on CPU, server options on ``in_process``, ``replicas`` != ``len(urls)``,
+            or ``bucket_mb`` not a positive number.
 
     Example:
         >>> InferencePlacement(kind="server").resolved_transport()
@@ -249,6 +256,7 @@ class InferencePlacement:
     replicas: int = 1
     device: Device | None = None
     transport: Transport | None = None
+    bucket_mb: float = 256.0
     server_args: dict[str, Any] = field(default_factory=dict, hash=False)
     python: str | None = None
     urls: tuple[str, ...] = ()
@@ -259,6 +267,10 @@ class InferencePlacement:
         _choice(owner, "device", self.device, Device)
         _choice(owner, "transport", self.transport, Transport)
         _positive(owner, "replicas", self.replicas)
+        if (isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float))
+                or not self.bucket_mb > 0):
+            raise ConfigError(f"{owner}.bucket_mb must be a number > 0 (MiB per weight "
+                              f"transfer), got {self.bucket_mb!r}")
         object.__setattr__(self, "urls", tuple(self.urls))
         object.__setattr__(self, "server_args", dict(self.server_args))
         if self.kind == "in_process" and (self.urls or self.server_args or self.python):
@@ -269,7 +281,7 @@ class InferencePlacement:
                               "with urls there is one replica per URL (drop replicas)")
         if self.urls:
             object.__setattr__(self, "replicas", len(self.urls))
-        allowed = _TRANSPORTS[self.kind]
+        allowed = TRANSPORTS[self.kind]
         if self.transport is not None and self.transport not in allowed:
             raise ConfigError(f"{owner}: kind={self.kind!r} cannot use transport="
                               f"{self.transport!r}; choose one of {list(allowed)} (or omit it)")
@@ -291,4 +303,26 @@ class InferencePlacement:
 
     def resolved_transport(self) -> Transport:
         """``transport``, or the automatic choice for ``kind`` (see the class docstring)."""
-        return self.transport if self.transport is not None else _AUTO_TRANSPORT[self.kind]
+        return self.transport if self.transport is not None else TRANSPORTS[self.kind][0]
+
+    @property
+    def bucket_bytes(self) -> int:
+        """``bucket_mb`` in bytes (at least 1)."""
+        return max(1, int(self.bucket_mb * 2**20))
+
+    def resolved_device(self) -> str:
+        """The device of in-process and server engines: ``device``, or ``"cuda"`` when CUDA
+        is available and ``"cpu"`` otherwise.
+
+        Raises:
+            ConfigError: ``device="cuda"`` on a host where CUDA is not available.
+        """
+        import torch
+
+        if self.device is None:
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("Policy.inference: device='cuda' but CUDA is not available on "
+                              "this host (torch.cuda.is_available() is False); use "
+                              "device='cpu' or omit device")
+        return self.device

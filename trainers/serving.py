@@ -1,8 +1,8 @@
 """Building a policy's inference engines from its ``InferencePlacement``.
 
 =============  =================================================================================
-``in_process``  one ``LocalEngine`` on the served copy of the model (the default; the fastest
-                on a laptop)
+``in_process``  one ``LocalEngine`` on the served copy of the model, on ``device`` (the
+                default; the fastest on a laptop)
 ``server``      ``replicas`` engine servers (``python -m areal_agents.engines.service``), each
                 a ``LocalEngine`` in its own process, reached by ``RemoteEngine``; the model
                 and tokenizer are saved with ``save_pretrained`` to
@@ -12,6 +12,11 @@
 ``vllm``        ``replicas`` vLLM servers (``VLLMEngine.launch``) on the model saved as above;
                 ``python`` is the interpreter of the vLLM venv
 =============  =================================================================================
+
+How trained weights reach the engines (the transport and ``bucket_mb``) is
+``trainers/weight_push.py``'s; a ``server`` replica streams ``shm`` updates through a block of
+``bucket_mb``. ``server`` replicas run on the CPU (``device="cuda"`` is refused: the engine
+server has no device option yet).
 
 ``server_args`` are keyword arguments of the engine's ``launch``: for ``server``
 (``RemoteEngine.launch``) ``threads`` (OMP/torch threads per server, default 1),
@@ -54,13 +59,15 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
         max_batch_size: rows per decode step (``server_args["max_batch_size"]`` overrides).
 
     Raises:
-        ConfigError: a kind or transport not served here, or unknown ``server_args``.
+        ConfigError: a kind or transport not served here, unknown ``server_args``, or
+            ``device="cuda"`` where CUDA is not available (or for ``server``).
         EngineError: a server did not start (with its log tail); started ones are stopped.
     """
     if placement.kind == "in_process":
         from areal_agents.engines.local import LocalEngine
 
-        return [LocalEngine(model, tokenizer, max_batch_size=max_batch_size)]
+        return [LocalEngine(model, tokenizer, device=placement.resolved_device(),
+                            max_batch_size=max_batch_size)]
     if placement.kind == "vllm":
         return await _launch_vllm(name, placement, model, tokenizer, run_dir)
     if placement.kind != "server":
@@ -71,6 +78,10 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
     if transport not in ("shm", "disk"):
         raise ConfigError(f"Policy.inference: kind='server' moves weights by 'shm' or 'disk', "
                           f"not {transport!r}")
+    if placement.device == "cuda":
+        raise ConfigError("Policy.inference: kind='server' engines run on the CPU (the engine "
+                          "server has no device option yet); use kind='in_process' or 'vllm' "
+                          "for device='cuda', or omit device")
     unknown = sorted(set(placement.server_args) - {*LAUNCH_ARGS, "token"})
     if unknown:
         raise ConfigError(f"Policy.inference.server_args: unknown {unknown}; a server placement "

@@ -17,6 +17,12 @@ sides poll the header (short sleeps, bounded by a
 timeout): no locks or pipes, so a reader may be any process on the host that knows the
 manifest (e.g. an engine server that got it over HTTP). The data is written before the
 counter that publishes it (x86 and ARM64 keep this order across the function calls here).
+
+A bucket's metadata lists ``(name, dtype, shape, offset, nbytes, start)`` per entry: bytes
+``[start, start + nbytes)`` of the tensor sit at ``offset`` in the data area. A tensor that fits
+the block travels whole (``start == 0``, ``nbytes`` its size); a larger one travels in pieces,
+one bucket each, and the receiver assembles it before yielding it (a fresh tensor, also when
+borrowing).
 """
 
 from __future__ import annotations
@@ -74,8 +80,7 @@ class SharedMemoryTransport:
     reused across updates; ``close()`` unlinks it.
 
     Args:
-        bucket_bytes: the data area; every tensor must fit (``ValueError`` names the one that
-            does not and the size to ask for).
+        bucket_bytes: the data area; a larger tensor is sent in pieces of this size.
         num_readers: receivers of each update (e.g. replicas on this host); the sender waits
             for all of them before rewriting the block.
         meta_bytes: room for one bucket's JSON metadata (a bucket is closed early if full).
@@ -132,51 +137,41 @@ class SharedMemoryTransport:
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Write the tensors bucket by bucket (blocking); returns the bytes sent.
 
+        Each tensor is copied into the block as it arrives and then dropped, so the sender
+        holds the block and the one tensor its source just yielded (two buckets at most when
+        no tensor is larger than a bucket).
+
         Raises:
             WeightSyncError: a reader stopped early or did not keep up within the timeout
                 (the stream is marked aborted).
-            ValueError: a tensor larger than ``bucket_bytes``.
         """
-        h, total, published = self._header, 0, 0
+        bucket = _Bucket(self)
         try:
-            for entries, tensors in self._buckets(named_tensors):
-                self._wait_readers(published)
-                meta = json.dumps(entries).encode()
-                self._meta[: len(meta)].copy_(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
-                for (_, _, _, off), t in zip(entries, tensors, strict=True):
-                    n = _nbytes(t)
-                    self._data[off : off + n].copy_(t.reshape(-1).view(torch.uint8))
-                    total += n
-                h[_META_LEN] = len(meta)
-                published += 1
-                h[_PUBLISHED] = published
-            self._wait_readers(published)
-            h[_STATE] = _END
+            for name, t in named_tensors:
+                t = t.detach().cpu().contiguous()
+                n = _nbytes(t)
+                dtype, shape = str(t.dtype).removeprefix("torch."), list(t.shape)
+                entry_meta = len(name.encode()) + 60 + 12 * len(shape)
+                if bucket.entries and (bucket.offset + n > self.bucket_bytes
+                                       or bucket.meta + entry_meta > self.meta_bytes):
+                    bucket.publish()
+                flat = t.reshape(-1).view(torch.uint8)
+                del t
+                if n > self.bucket_bytes:  # in pieces, one bucket each
+                    for start in range(0, n, self.bucket_bytes):
+                        bucket.add(name, dtype, shape, flat, start, entry_meta)
+                        bucket.publish()
+                else:
+                    bucket.add(name, dtype, shape, flat, 0, entry_meta)
+                del flat  # not held while the source makes the next tensor
+            if bucket.entries:
+                bucket.publish()
+            self._wait_readers(bucket.published)
+            self._header[_STATE] = _END
         except BaseException:
-            h[_STATE] = _ABORTED
+            self._header[_STATE] = _ABORTED
             raise
-        return total
-
-    def _buckets(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[Any]:
-        entries: list[Any] = []
-        tensors: list[torch.Tensor] = []
-        offset = meta = 0
-        for name, t in named_tensors:
-            t = t.detach().cpu().contiguous()
-            n = _nbytes(t)
-            if n > self.bucket_bytes:
-                raise ValueError(f"tensor {name!r} has {n} bytes, more than the shared-memory "
-                                 f"bucket of {self.bucket_bytes}; use bucket_bytes >= {n}")
-            entry_meta = len(name.encode()) + 40 + 12 * t.dim()
-            if entries and (offset + n > self.bucket_bytes or meta + entry_meta > self.meta_bytes):
-                yield entries, tensors
-                entries, tensors, offset, meta = [], [], 0, 0
-            entries.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offset))
-            tensors.append(t)
-            offset = (offset + n + ALIGN - 1) // ALIGN * ALIGN
-            meta += entry_meta
-        if entries:
-            yield entries, tensors
+        return bucket.total
 
     def _wait_readers(self, published: int) -> None:
         acks = self._header[_ACK : _ACK + self.num_readers]
@@ -210,6 +205,38 @@ class SharedMemoryTransport:
 
     def receive(self, manifest: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
         return receive_shared(manifest, timeout=self.timeout)
+
+
+class _Bucket:
+    """The bucket being filled in ``transport``'s block (sender side)."""
+
+    def __init__(self, transport: SharedMemoryTransport) -> None:
+        self.transport = transport
+        self.entries: list[Any] = []
+        self.offset = self.meta = self.published = self.total = 0
+
+    def add(self, name: str, dtype: str, shape: list[int], flat: torch.Tensor, start: int,
+            entry_meta: int) -> None:
+        """Copy bytes ``[start, start + bucket_bytes)`` of ``flat`` (a tensor's bytes) in."""
+        t = self.transport
+        if not self.entries:  # the block is free once every reader copied the last bucket
+            t._wait_readers(self.published)
+        n = min(flat.numel() - start, t.bucket_bytes)
+        t._data[self.offset : self.offset + n].copy_(flat[start : start + n])
+        self.entries.append((name, dtype, shape, self.offset, n, start))
+        self.offset = (self.offset + n + ALIGN - 1) // ALIGN * ALIGN
+        self.meta += entry_meta
+        self.total += n
+
+    def publish(self) -> None:
+        """Write the metadata and publish the bucket; the next ``add`` starts a new one."""
+        t = self.transport
+        meta = json.dumps(self.entries).encode()
+        t._meta[: len(meta)].copy_(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
+        t._header[_META_LEN] = len(meta)
+        self.published += 1
+        t._header[_PUBLISHED] = self.published
+        self.entries, self.offset, self.meta = [], 0, 0
 
 
 def receive_shared(manifest: dict[str, Any], *, timeout: float = 600.0, borrow: bool = False,
@@ -248,6 +275,7 @@ def _read(block: Any, manifest: dict[str, Any], timeout: float, borrow: bool,
     data = buf[manifest["data_offset"] :]
     ack = _ACK + manifest["reader"]
     done, copied = False, 0
+    pending: torch.Tensor | None = None  # the bytes of a tensor arriving in pieces
     try:
         if int(header[_EPOCH]) != manifest["epoch"]:
             raise WeightSyncError(f"stale shared-memory manifest (update {manifest['epoch']}, "
@@ -261,7 +289,7 @@ def _read(block: Any, manifest: dict[str, Any], timeout: float, borrow: bool,
                 done = True
                 return
             entries = json.loads(bytes(meta_area[: int(header[_META_LEN])].numpy()))
-            views = [(name, _view(data, dtype, shape, off)) for name, dtype, shape, off in entries]
+            views, pending = _unpack(data, entries, pending)
             if borrow:
                 yield from views
                 del views
@@ -279,6 +307,30 @@ def _read(block: Any, manifest: dict[str, Any], timeout: float, borrow: bool,
         del buf, header, meta_area, data
         with contextlib.suppress(BufferError):  # a borrowed view kept by the consumer
             block.close()
+
+
+def _unpack(data: torch.Tensor, entries: list[Any], pending: torch.Tensor | None,
+            ) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor | None]:
+    """The bucket's whole tensors as views into ``data``, plus a tensor whose last piece this
+    bucket holds (assembled in ``pending``, the bytes of the pieces so far)."""
+    out = []
+    for name, dtype, shape, off, n, start in entries:
+        total = _size(dtype, shape)
+        if start == 0 and n == total:
+            out.append((name, _view(data, dtype, shape, off)))
+            continue
+        if start == 0:
+            pending = torch.empty(total, dtype=torch.uint8)
+        assert pending is not None and pending.numel() == total, "pieces out of order"
+        pending[start : start + n].copy_(data[off : off + n])
+        if start + n == total:
+            out.append((name, pending.view(getattr(torch, dtype)).reshape(shape)))
+            pending = None
+    return out, pending
+
+
+def _size(dtype: str, shape: list[int]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def _view(data: torch.Tensor, dtype: str, shape: list[int], offset: int) -> torch.Tensor:

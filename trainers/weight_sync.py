@@ -112,6 +112,7 @@ def _write_shards(named_tensors: NamedTensors, directory: str, bucket_bytes: int
         for n, t in bucket:
             weight_map[n] = fname
             total += tensor_bytes(t)
+        del bucket, t  # written: not held while the next bucket fills (two buckets at most)
     k = len(shard_names)
     final = {f: f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i, f in enumerate(shard_names)}
     for old, new in final.items():

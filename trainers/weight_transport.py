@@ -23,8 +23,8 @@ Contract (all transports):
     * Bucket bound: at most ``bucket_bytes`` of tensor data is in flight at once; with a
       consumer that copies each tensor into its model as it comes, a push needs at most two
       buckets of extra memory (shared memory: the block + the receiver's copy of one bucket).
-      ``SharedMemoryTransport`` refuses a tensor larger than ``bucket_bytes`` (raise it); the
-      others send such a tensor as a bucket of its own.
+      A tensor larger than ``bucket_bytes`` goes as a bucket of its own
+      (``SharedMemoryTransport``: in pieces of ``bucket_bytes``, assembled by the receiver).
     * Failure: the sender raises (``WeightSyncError``, or the error of its tensor source) and
       marks the stream aborted; the receiver then raises ``WeightSyncError`` instead of ending,
       so an update is complete only when the receiver's iterator ends normally. Tensors yielded
@@ -150,6 +150,7 @@ class TensorTransport:
             for bucket in buckets(named_tensors, self.bucket_bytes):
                 self._put([(n, t.detach()) for n, t in bucket])
                 total += sum(tensor_bytes(t) for _, t in bucket)
+                del bucket  # handed over: not held while the next one fills
         except WeightSyncError:
             raise
         except BaseException as exc:

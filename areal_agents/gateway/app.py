@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -236,7 +236,9 @@ class Gateway:
         version). A replica found dead is dropped; dead replicas that will restart keep the
         update for then.
 
-        In-process ``named_tensors`` are materialised once and handed to each replica.
+        ``named_tensors`` that are an ``Iterator`` (consumed once) are materialised once and
+        handed to each replica; any other iterable (a list, the Trainer's re-iterable export)
+        is iterated once per replica, so nothing holds a copy of the whole update.
 
         Raises:
             KeyError: unknown policy.
@@ -246,11 +248,13 @@ class Gateway:
         live = p.router.live_engines()
         target = (update.version if update.version is not None
                   else max([e.version for e in live] or [0]) + 1)
-        tensors = list(update.named_tensors) if update.named_tensors is not None else None
+        tensors = update.named_tensors
+        if isinstance(tensors, Iterator):
+            tensors = list(tensors)
 
         def fresh() -> WeightUpdate:
             if tensors is not None:
-                return WeightUpdate(named_tensors=iter(tensors), version=target)
+                return WeightUpdate(named_tensors=tensors, version=target)
             return WeightUpdate(path=update.path, version=target)
 
         for index, engine in enumerate(list(p.router.engines)):

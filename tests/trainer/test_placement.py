@@ -134,7 +134,7 @@ def test_urls_set_the_replicas():
     ({"kind": "vlm"}, "Policy.inference.kind='vlm'; choose one of ['in_process', 'server', "
                       "'vllm', 'sglang'] (or omit it)"),
     ({"transport": "shm"}, "Policy.inference: kind='in_process' cannot use transport='shm'; "
-                           "choose one of ['tensors'] (or omit it)"),
+                           "choose one of ['tensors', 'disk'] (or omit it)"),
     ({"kind": "vllm", "transport": "shm"}, "Policy.inference: kind='vllm' cannot use "
                                            "transport='shm'; choose one of ['disk', 'nccl'] "
                                            "(or omit it)"),
