@@ -64,6 +64,9 @@ class PolicyConfig(_Strict):
         default_factory=InferencePlacement, description="how the policy is served: a kind "
         "(in_process, server, vllm, sglang) or {kind, replicas, device, transport, server_args, "
         "python, urls}")
+    tool_parser: str = Field(
+        "auto", description="how tool calls are read from replies: auto, hermes, llama3_json, "
+        "mistral, gpt_oss or response_template (areal_agents.gateway.tool_parsing)")
 
     @field_validator("backend")
     @classmethod
@@ -71,6 +74,13 @@ class PolicyConfig(_Strict):
         from areal_agents.trainers.backends import check_backend
 
         return check_backend(value)
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _known_tool_parser(cls, value: str) -> str:
+        from areal_agents.gateway.tool_parsing import check_tool_parser
+
+        return check_tool_parser(value)
 
     @field_validator("train", mode="before")
     @classmethod

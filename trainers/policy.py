@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from areal_agents.gateway.tool_parsing import check_tool_parser
+
 from .backends import check_backend
 from .placement import InferencePlacement, TrainPlacement, check_train_placement
 
@@ -42,10 +44,15 @@ class Policy:
             the controller's process.
         inference: how the policy is served: an ``InferencePlacement``, a dict of its fields,
             or a kind name (``"vllm"``); the default is an in-process ``LocalEngine``.
+        tool_parser: how the gateway reads tool calls from this policy's replies: ``"auto"``
+            (the tokenizer's response schema, else the family its vocabulary shows, else
+            hermes), ``"hermes"``, ``"llama3_json"``, ``"mistral"``, ``"gpt_oss"`` or
+            ``"response_template"`` (see ``areal_agents.gateway.tool_parsing``).
 
     Raises:
         ConfigError: unknown backend (a ``ValueError``; lists the registered ones), or a
-            ``train``/``inference`` placement the backend cannot run (names the fix).
+            ``train``/``inference`` placement the backend cannot run (names the fix), or an
+            unknown ``tool_parser`` (lists the choices).
         ValueError: ``endpoint`` with ``frozen=False``, or no model.
 
     Example:
@@ -71,9 +78,11 @@ class Policy:
     algorithm_params: dict[str, Any] = field(default_factory=dict)
     train: TrainPlacement = field(default_factory=TrainPlacement)
     inference: InferencePlacement = field(default_factory=InferencePlacement)
+    tool_parser: str = "auto"
 
     def __post_init__(self) -> None:
         check_backend(self.backend, "Policy.backend")
+        check_tool_parser(self.tool_parser, "Policy.tool_parser")
         self.train = TrainPlacement.of(self.train)
         self.inference = InferencePlacement.of(self.inference)
         check_train_placement(self.backend, self.train,

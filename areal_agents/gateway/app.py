@@ -24,6 +24,7 @@ from .replicas import drop_replica, keep_for_restart
 from .router import Router
 from .routes import build_app
 from .sessions import Session
+from .tool_parsing import ToolParser, hermes, tool_parser_for
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class ServedPolicy:
     stop_ids: set[int] = field(default_factory=set)
     eos_id: int = -1
     paused: bool = False  # between Gateway.pause and resume: a revived replica is paused too
+    tool_parser: ToolParser = hermes  # completion text -> (content, tool_calls); tool_parsing
 
     @property
     def max_context(self) -> int:
@@ -88,12 +90,18 @@ class Gateway:
 
     # ---- in-process API ---------------------------------------------------------------
     def add_policy(self, name: str, engines: Sequence[InferenceEngine], tokenizer: Any, *,
-                   max_n: int = 8) -> ServedPolicy:
+                   max_n: int = 8, tool_parser: str = "auto") -> ServedPolicy:
         """Serve ``engines`` (replicas of one model) as the model named ``name``.
+
+        ``tool_parser`` names how tool calls are read from its replies (``"auto"``,
+        ``"hermes"``, ``"llama3_json"``, ``"mistral"``, ``"gpt_oss"``,
+        ``"response_template"``; see ``areal_agents.gateway.tool_parsing``).
 
         Raises:
             ValueError: the name is taken, ``engines`` is empty, or the tokenizer has no EOS.
+            ConfigError: an unknown ``tool_parser`` (lists the choices).
         """
+        parse_tools = tool_parser_for(tool_parser, tokenizer)
         if name in self.policies:
             raise ValueError(f"policy {name!r} is already registered; pick another name")
         eos = tokenizer.eos_token_id
@@ -105,7 +113,8 @@ class Gateway:
         if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
             stop_ids.add(im_end)
             end_of_turn = im_end
-        policy = ServedPolicy(name, Router(engines), tokenizer, max_n, stop_ids, end_of_turn)
+        policy = ServedPolicy(name, Router(engines), tokenizer, max_n, stop_ids, end_of_turn,
+                              tool_parser=parse_tools)
         self.policies[name] = policy
         return policy
 

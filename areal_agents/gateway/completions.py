@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..engines.base import CompletionOutput, GenerateRequest, SamplingParams
 from ..errors import ContextLengthExceeded, EngineError, EngineUnavailable
 from ..samples import SamplingDistribution
-from .chat import decode_completion, encode, parse_tool_calls, render
+from .chat import decode_completion, encode, render
 from .errors import GatewayError, bad_request
 from .params import check_messages, check_tools, sampling_fields
 from .sessions import Session, Turn
@@ -111,7 +111,7 @@ async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: S
     for i, out in enumerate(outputs):
         text = decode_completion(policy.tokenizer, out.token_ids, fields["stop"],
                                  policy.stop_ids)
-        content, calls = parse_tool_calls(text) if parse_calls else (text, [])
+        content, calls = policy.tool_parser(text) if parse_calls else (text, [])
         reply: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             reply["tool_calls"] = calls
