@@ -104,8 +104,8 @@ def _write_shards(named_tensors: NamedTensors, directory: str, bucket_bytes: int
     shard_names: list[str] = []
     weight_map: dict[str, str] = {}
     total = 0
-    for i, bucket in enumerate(buckets(named_tensors, bucket_bytes)):
-        fname = f"shard-{i:05d}.safetensors"
+    for bucket in buckets(named_tensors, bucket_bytes):  # (enumerate's tuple would keep it)
+        fname = f"shard-{len(shard_names):05d}.safetensors"
         save_file({n: t.detach().cpu().contiguous() for n, t in bucket},
                   os.path.join(directory, fname))
         shard_names.append(fname)
