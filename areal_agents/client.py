@@ -96,11 +96,15 @@ class RemoteGateway:
         return Session.from_dict(r.json())
 
     async def end_session(self, key: str, *, drop: bool = False) -> Any:
-        """End the session (``POST /rl/sessions/{id}/end``) and return its ``Session``."""
+        """End the session (``POST /rl/sessions/{id}/end``) and return its ``Session`` (its
+        final record comes with the answer); ``drop`` makes the server forget it."""
+        from .gateway.sessions import Session
+
         async with self._http(key) as http:
-            r = await http.post(f"/rl/sessions/{self._keys[key]}/end")
+            r = await http.post(f"/rl/sessions/{self._keys[key]}/end",
+                                json={"drop": drop, "return_session": True})
         r.raise_for_status()
-        session = await self.fetch_session(key)
+        session = Session.from_dict(r.json()["session"])
         if drop:
             self._keys.pop(key, None)
         return session

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -23,7 +25,7 @@ from .auth import digest, new_secret
 from .replicas import drop_replica, keep_for_restart
 from .router import Router
 from .routes import build_app
-from .sessions import Session
+from .sessions import EndedSessions, Session, SessionLedger
 from .tool_parsing import ToolParser, hermes, tool_parser_for
 
 log = logging.getLogger(__name__)
@@ -71,20 +73,42 @@ class Gateway:
     Args:
         admin_key: the admin secret; None generates a random one (read it from
             ``gateway.admin_key``). There is never a default key.
+        max_body_bytes: the largest request body accepted; larger ones answer 413.
+        tokenize_workers: threads that render chat templates and tokenize prompts, off the
+            event loop (a huge prompt must not stall ``/health`` and every other request).
+        session_sink: called with each session a client ends over HTTP, before the gateway
+            forgets it (the consumer of external episodes keeps what it trains on here);
+            None: ended sessions are dropped, only the ``ledger`` counts them.
+        ended_memory: how many sessions ended over HTTP are remembered (id and key digest
+            only) so late calls answer 409 "ended" rather than 401/404.
 
     Attributes:
         app: the ASGI app (serve with uvicorn, or use in process via ``async_client``).
         admin_key: the admin secret.
         policies: policy name -> ``ServedPolicy``.
+        ledger: counts of sessions opened and ended and of abandoned completions.
     """
 
-    def __init__(self, admin_key: str | None = None) -> None:
+    def __init__(self, admin_key: str | None = None, *, max_body_bytes: int = 4 << 20,
+                 tokenize_workers: int = 2,
+                 session_sink: Callable[[Session], None] | None = None,
+                 ended_memory: int = 4096) -> None:
         if admin_key is not None and not admin_key:
             raise ValueError("admin_key must be a non-empty string or None (random)")
+        if max_body_bytes < 1 or tokenize_workers < 1:
+            raise ValueError(f"max_body_bytes ({max_body_bytes}) and tokenize_workers "
+                             f"({tokenize_workers}) must be >= 1")
         self.admin_key = admin_key or new_secret("aa-admin")
+        self.max_body_bytes = max_body_bytes
+        self.session_sink = session_sink
         self.policies: dict[str, ServedPolicy] = {}
+        self.ledger = SessionLedger()
         self._sessions: dict[str, Session] = {}
         self._session_by_digest: dict[str, str] = {}
+        self._digest_by_session: dict[str, str] = {}
+        self._ended = EndedSessions(ended_memory)
+        self._tokenize_workers = tokenize_workers
+        self._tokenize_pool: ThreadPoolExecutor | None = None
         self._portal: Any = None
         self.app = build_app(self)
 
@@ -148,13 +172,42 @@ class Gateway:
             KeyError: no such session.
         """
         session = self.session(key)
+        if not session.ended:
+            self.ledger.ended += 1
         session.end()
         if drop:
-            self._sessions.pop(session.session_id, None)
-            for d in [d for d, sid in self._session_by_digest.items()
-                      if sid == session.session_id]:
-                del self._session_by_digest[d]
+            self._forget(session.session_id)
         return session
+
+    def _end_over_http(self, session: Session, drop: bool) -> None:
+        """``POST /rl/sessions/{id}/end``: end, hand to ``session_sink``, and (``drop``)
+        forget the session, remembering only its id and key digest in ``_ended``."""
+        first = not session.ended
+        self.end_session(session.session_id)
+        if first and self.session_sink is not None:
+            self.session_sink(session)
+        if drop:
+            digest_ = self._forget(session.session_id)
+            self._ended.add(session.session_id, [digest_] if digest_ else [])
+
+    def _forget(self, session_id: str) -> str | None:
+        """Drop a session and its key; returns the key's digest."""
+        self._sessions.pop(session_id, None)
+        digest_ = self._digest_by_session.pop(session_id, None)
+        if digest_ is not None:
+            self._session_by_digest.pop(digest_, None)
+        return digest_
+
+    def _key_table(self) -> Mapping[str, str]:
+        """Key digest -> session id, live sessions first, then recently ended ones."""
+        return ChainMap(self._session_by_digest, self._ended.by_digest)
+
+    def _tokenizer_pool(self) -> ThreadPoolExecutor:
+        """The threads that tokenize prompts (started on first use, stopped by ``close``)."""
+        if self._tokenize_pool is None:
+            self._tokenize_pool = ThreadPoolExecutor(self._tokenize_workers,
+                                                     thread_name_prefix="aa-tokenize")
+        return self._tokenize_pool
 
     def _open_session(self, policy: str, metadata: dict[str, Any] | None) -> tuple[str, str]:
         if policy not in self.policies:
@@ -165,6 +218,8 @@ class Gateway:
         key = new_secret("aa-sess")
         self._sessions[session.session_id] = session
         self._session_by_digest[digest(key)] = session.session_id
+        self._digest_by_session[session.session_id] = digest(key)
+        self.ledger.opened += 1
         return session.session_id, key
 
     def _policies(self, policy: str | None) -> list[ServedPolicy]:
@@ -298,10 +353,13 @@ class Gateway:
         return sync_client_for_app(self.app, api_key or self.admin_key, self._portal, **kwargs)
 
     async def close(self) -> None:
-        """Close the sync portal and every engine. Idempotent."""
+        """Close the sync portal, the tokenizer threads and every engine. Idempotent."""
         if self._portal is not None:
             self._portal.close()
             self._portal = None
+        if self._tokenize_pool is not None:
+            self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+            self._tokenize_pool = None
         for p in self.policies.values():
             for e in p.router.engines:
                 await e.close()

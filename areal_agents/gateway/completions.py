@@ -3,6 +3,10 @@
 Responses carry vLLM-named extras the SDK keeps as extra fields: ``prompt_token_ids`` on the
 response and ``token_ids`` on each choice. Streaming is served as SSE chunks once the engine
 has finished the request (the engine contract returns whole completions).
+
+Chat templates are rendered and prompts tokenized on ``offload`` (the gateway's tokenizer
+threads), never on the event loop. Nothing is recorded here: each function returns the turns
+of a session request, which the caller records once the response was delivered.
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..engines.base import CompletionOutput, GenerateRequest, SamplingParams
 from ..errors import ContextLengthExceeded, EngineError, EngineUnavailable
@@ -26,6 +30,15 @@ if TYPE_CHECKING:
     from .app import ServedPolicy
 
 DEFAULT_MAX_TOKENS = 512
+
+T = TypeVar("T")
+Offload = Callable[[Callable[[], T]], Awaitable[T]]
+"""Runs a blocking call off the event loop (``Gateway``: its tokenizer threads)."""
+
+
+async def inline(fn: Callable[[], T]) -> T:
+    """An ``Offload`` that runs ``fn`` right here (for callers without threads)."""
+    return fn()
 
 
 async def generate(policy: ServedPolicy, prompt_ids: list[int], fields: dict[str, Any],
@@ -83,12 +96,25 @@ def _logprob_entries(policy: ServedPolicy, out: CompletionOutput,
     return entries
 
 
-async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: Session | None
-                          ) -> dict[str, Any]:
-    """Serve a chat completion; record one ``Turn`` per choice when ``session`` is given.
+def _chat_prompt(policy: ServedPolicy, messages: list[dict[str, Any]],
+                 tools: list[dict] | None, session: Session | None
+                 ) -> tuple[list[int], int | None]:
+    """Prompt ids (and the prefix turn) of a chat request: blocking, run on a tokenizer
+    thread, so it reads snapshots of the session's turns and index."""
+    if session is None:
+        return encode(policy.tokenizer, render(policy.tokenizer, messages, tools, True)), None
+    index = {k: list(v) for k, v in session.index.items()}
+    return prompt_ids_for(policy.tokenizer, list(session.turns), messages, tools,
+                          policy.eos_id, index)
+
+
+async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: Session | None,
+                          offload: Offload = inline) -> tuple[dict[str, Any], list[Turn]]:
+    """Serve a chat completion.
 
     Returns:
-        The OpenAI ``chat.completion`` object as a dict.
+        ``(response, turns)``: the OpenAI ``chat.completion`` object as a dict, and one
+        ``Turn`` per choice to record in ``session`` once delivered (``[]`` without one).
 
     Raises:
         GatewayError: 400 for bad fields or a too-long prompt, 500 for engine failures.
@@ -97,15 +123,12 @@ async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: S
     tools, parse_calls = check_tools(body)
     fields = sampling_fields(body, policy.max_n)
     try:
-        if session is not None:
-            prompt_ids, prefix = prompt_ids_for(policy.tokenizer, session.turns, messages,
-                                                tools, policy.eos_id, session.index)
-        else:
-            prompt_ids = encode(policy.tokenizer, render(policy.tokenizer, messages, tools, True))
-            prefix = None
+        prompt_ids, prefix = await offload(
+            lambda: _chat_prompt(policy, messages, tools, session))
     except ValueError as exc:
         raise bad_request(str(exc), param="messages") from exc
     outputs, timing = await generate(policy, prompt_ids, fields, session)
+    turns = []
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     choices = []
     for i, out in enumerate(outputs):
@@ -124,7 +147,7 @@ async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: S
             "token_ids": list(out.token_ids),
         })
         if session is not None:
-            session.record(Turn(
+            turns.append(Turn(
                 prompt_ids=list(prompt_ids), completion_ids=list(out.token_ids),
                 logprobs=list(out.logprobs), versions=list(out.versions),
                 messages=[dict(m) for m in messages], reply=reply, tools=tools,
@@ -139,17 +162,39 @@ async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: S
                   "total_tokens": len(prompt_ids) + num_completion},
         "prompt_token_ids": list(prompt_ids), "session_id": session.session_id if session
         else None,
-    }
+    }, turns
 
 
-async def text_completion(policy: ServedPolicy, body: dict[str, Any], session: Session | None
-                          ) -> dict[str, Any]:
-    """Serve ``/v1/completions``: ``prompt`` is a string or a list of token ids."""
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> list[int]:
+    """``prompt_ids`` if non-empty and inside the vocabulary ``[0, vocab_size)``.
+
+    Raises:
+        GatewayError: 400 naming the problem and the fix.
+    """
+    if not prompt_ids:
+        raise bad_request("'prompt' is empty: it must hold at least one token (a non-empty "
+                          "string or list of token ids)", param="prompt", code="empty_prompt")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"'prompt' has {len(bad)} token id(s) outside the vocabulary "
+                          f"[0, {vocab_size}), e.g. {bad[0]}; tokenize with this model's "
+                          "tokenizer (or send the prompt as a string)", param="prompt",
+                          code="invalid_token_ids")
+    return prompt_ids
+
+
+async def text_completion(policy: ServedPolicy, body: dict[str, Any], session: Session | None,
+                          offload: Offload = inline) -> tuple[dict[str, Any], list[Turn]]:
+    """Serve ``/v1/completions``: ``prompt`` is a string or a list of token ids.
+
+    Returns:
+        ``(response, turns)`` as ``chat_completion``.
+    """
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        prompt_ids = encode(policy.tokenizer, prompt)
+        prompt_ids = await offload(lambda: encode(policy.tokenizer, prompt))
     elif isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompt_ids = list(prompt)
@@ -157,9 +202,11 @@ async def text_completion(policy: ServedPolicy, body: dict[str, Any], session: S
         raise bad_request("'prompt' must be a string or a non-empty list of token ids "
                           "(batched prompts are not supported; send one request each)",
                           param="prompt")
+    check_prompt_ids(prompt_ids, len(policy.tokenizer))
     fields = sampling_fields(body, policy.max_n)
     outputs, timing = await generate(policy, prompt_ids, fields, session)
-    choices = []
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    choices, turns = [], []
     for i, out in enumerate(outputs):
         text = decode_completion(policy.tokenizer, out.token_ids, fields["stop"], set())
         lp = None
@@ -173,19 +220,20 @@ async def text_completion(policy: ServedPolicy, body: dict[str, Any], session: S
                         "finish_reason": "length" if out.finish_reason == "length" else "stop",
                         "token_ids": list(out.token_ids)})
         if session is not None:
-            session.record(Turn(
+            turns.append(Turn(
                 prompt_ids=list(prompt_ids), completion_ids=list(out.token_ids),
                 logprobs=list(out.logprobs), versions=list(out.versions), messages=None,
-                reply=None, tools=None, finish_reason=out.finish_reason, request_id="",
-                choice=i, timing=dict(timing), sampling=_distribution(fields)))
+                reply=None, tools=None, finish_reason=out.finish_reason,
+                request_id=response_id, choice=i, timing=dict(timing),
+                sampling=_distribution(fields)))
     num_completion = sum(len(o.token_ids) for o in outputs)
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+        "id": response_id, "object": "text_completion",
         "created": int(timing["end"]), "model": policy.name, "choices": choices,
         "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": num_completion,
                   "total_tokens": len(prompt_ids) + num_completion},
         "prompt_token_ids": list(prompt_ids),
-    }
+    }, turns
 
 
 def chat_chunks(policy: ServedPolicy, response: dict[str, Any], include_usage: bool

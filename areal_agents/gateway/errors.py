@@ -3,6 +3,8 @@
 The official SDK maps the status code to its exception class (400 ``BadRequestError``,
 401 ``AuthenticationError``, 403 ``PermissionDeniedError``, 404 ``NotFoundError``,
 409 ``ConflictError``, 5xx ``InternalServerError``), so every gateway failure is one of these.
+Client mistakes (4xx other than 408/429) carry ``x-should-retry: false``: the SDK would
+otherwise retry a 409 (and any 5xx), repeating a request that cannot succeed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     409: "conflict_error",
+    413: "invalid_request_error",
     503: "service_unavailable",
 }
 
@@ -49,9 +53,12 @@ class GatewayError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
-        """A Starlette response carrying this error."""
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        """A Starlette response carrying this error (plus ``headers``)."""
+        extra = dict(headers or {})
+        if 400 <= self.status < 500 and self.status not in (408, 429):
+            extra.setdefault("x-should-retry", "false")
+        return JSONResponse(self.body(), status_code=self.status, headers=extra)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
@@ -70,5 +77,10 @@ def forbidden(message: str) -> GatewayError:
 
 
 def not_found(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
-    """A 404 error (unknown model or session)."""
+    """A 404 error (unknown model, session, turn or route)."""
     return GatewayError(404, message, param=param, code=code)
+
+
+def conflict(message: str, code: str) -> GatewayError:
+    """A 409 error (a request the session's state forbids, e.g. a reward after ``end``)."""
+    return GatewayError(409, message, code=code)

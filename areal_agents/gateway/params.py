@@ -78,6 +78,28 @@ def sampling_fields(body: dict[str, Any], max_n: int) -> dict[str, Any]:
     }
 
 
+def stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``(stream, include_usage)`` of a completion body.
+
+    Raises:
+        GatewayError: 400 when ``stream`` is not a boolean or ``stream_options`` is not an
+            object like ``{"include_usage": true}``.
+    """
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request(f"'stream' must be a boolean, got {stream!r}", param="stream")
+    if options is None:
+        return bool(stream), False
+    if not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object such as {\"include_usage\": "
+                          f"true}}, got {options!r}", param="stream_options")
+    usage = options.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise bad_request(f"'stream_options.include_usage' must be a boolean, got {usage!r}",
+                          param="stream_options")
+    return bool(stream), bool(usage)
+
+
 def check_messages(messages: Any) -> list[dict[str, Any]]:
     """Validate ``messages``: a non-empty list of ``{"role", "content"?...}`` dicts.
 

@@ -1,26 +1,34 @@
-"""The gateway's HTTP routes: OpenAI endpoints, ``/rl/sessions`` and ``/admin``.
+"""The gateway's HTTP routes: OpenAI endpoints, ``/rl/sessions``, ``/admin`` and the OpenAPI
+document.
 
-Every handler answers errors in OpenAI format (``errors.GatewayError``); unexpected
-exceptions become 500s with the cause named, and are logged with their trace.
+Every answer that is not a success is an OpenAI-format JSON error (``errors.GatewayError``):
+client mistakes are 4xx naming the problem and the fix, unknown routes 404 and wrong methods
+405; unexpected exceptions become 500s with the cause named, logged with their trace. Request
+bodies are capped (``Gateway.max_body_bytes``, 413). Completions of a session are recorded
+only once delivered (``delivery``).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engines.base import WeightUpdate
 from .auth import Principal, authenticate, bearer_token
 from .completions import chat_chunks, chat_completion, text_completion
-from .errors import GatewayError, bad_request, forbidden, not_found
-from .sessions import Session
+from .delivery import Delivery, parse_json_object, read_body
+from .errors import GatewayError, bad_request, conflict, forbidden, not_found
+from .openapi import openapi_document
+from .params import stream_fields
+from .sessions import Session, Turn
 
 if TYPE_CHECKING:
     from .app import Gateway, ServedPolicy
@@ -32,7 +40,31 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 def build_app(gateway: Gateway) -> Starlette:
     """The Starlette app serving ``gateway``."""
-    return Starlette(routes=GatewayRoutes(gateway).routes())
+    routes = [*GatewayRoutes(gateway).routes(),
+              Route("/openapi.json", _wrap(_openapi), methods=["GET"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+async def _openapi(request: Request) -> Response:
+    """The OpenAPI document of this app's routes (no key needed)."""
+    return JSONResponse(openapi_document(request.app.router.routes))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (no route) and 405 (wrong method) as OpenAI-format JSON."""
+    assert isinstance(exc, HTTPException)
+    method, path = request.method, request.url.path
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return GatewayError(405, f"{method} is not allowed on {path}; use {allowed}",
+                            code="method_not_allowed").response(dict(exc.headers or {}))
+    if exc.status_code == 404:
+        hint = (" The Responses API is not served: use /v1/chat/completions (OpenAI Agents "
+                "SDK: set_default_openai_api('chat_completions'))." if path.startswith(
+                    "/v1/responses") else "")
+        return not_found(f"no route {method} {path}; GET /openapi.json lists the gateway's "
+                         f"routes.{hint}", code="route_not_found").response()
+    return GatewayError(exc.status_code, str(exc.detail)).response(dict(exc.headers or {}))
 
 
 class GatewayRoutes:
@@ -43,7 +75,7 @@ class GatewayRoutes:
 
     def _principal(self, request: Request) -> Principal:
         return authenticate(bearer_token(request.headers.get("authorization")), self.gw.admin_key,
-                            self.gw._session_by_digest)
+                            self.gw._key_table())
 
     def _require_admin(self, request: Request) -> None:
         if self._principal(request).kind != "admin":
@@ -54,18 +86,28 @@ class GatewayRoutes:
         session_id = request.path_params["session_id"]
         if principal.kind == "session" and principal.session_id != session_id:
             raise forbidden("a session key may only read or write its own session")
+        if session_id in self.gw._ended:
+            raise _ended(session_id)
         if session_id not in self.gw._sessions:
             raise not_found(f"no session {session_id!r}", code="session_not_found")
         return self.gw._sessions[session_id]
 
-    def _policy(self, body: dict[str, Any]) -> ServedPolicy:
-        model = body.get("model")
-        if not isinstance(model, str):
-            raise bad_request("'model' is required: the name of a policy", param="model")
-        if model not in self.gw.policies:
-            raise not_found(f"the model {model!r} does not exist; served policies: "
-                            f"{sorted(self.gw.policies)}", param="model", code="model_not_found")
-        return self.gw.policies[model]
+    async def _body(self, request: Request, empty_ok: bool = False) -> dict[str, Any]:
+        raw = await read_body(request, self.gw.max_body_bytes)
+        if not raw and empty_ok:
+            return {}
+        return parse_json_object(raw)
+
+    def _policy_name(self, value: Any, param: str, required: bool = True) -> str | None:
+        if value is None and not required:
+            return None
+        if not isinstance(value, str):
+            raise bad_request(f"'{param}' must be the name of a served policy (a string), got "
+                              f"{value!r}; served: {sorted(self.gw.policies)}", param=param)
+        if value not in self.gw.policies:
+            raise not_found(f"the model {value!r} does not exist; served policies: "
+                            f"{sorted(self.gw.policies)}", param=param, code="model_not_found")
+        return value
 
     def routes(self) -> list[Route]:
         return [
@@ -86,7 +128,8 @@ class GatewayRoutes:
         return JSONResponse({"status": "ok", "policies": {
             p.name: {"replicas": len(p.router.engines),
                      "versions": [e.version for e in p.router.engines]}
-            for p in self.gw.policies.values()}})
+            for p in self.gw.policies.values()},
+            "sessions": {"live": len(self.gw._sessions), **self.gw.ledger.to_dict()}})
 
     async def _models(self, request: Request) -> Response:
         self._principal(request)
@@ -97,46 +140,66 @@ class GatewayRoutes:
     async def _completion_context(self, request: Request
                                   ) -> tuple[ServedPolicy, dict[str, Any], Session | None]:
         principal = self._principal(request)
-        body = await _json_body(request)
-        policy = self._policy(body)
+        body = await self._body(request)
+        model = body.get("model")
+        if model is None:
+            raise bad_request("'model' is required: the name of a policy", param="model")
+        policy = self.gw.policies[self._policy_name(model, "model")]  # type: ignore[index]
         session = None
         if principal.kind == "session":
-            session = self.gw._sessions[principal.session_id]  # type: ignore[index]
-            if session.ended:
-                raise GatewayError(409, f"session {session.session_id} has ended; open a new "
-                                   "one with POST /rl/sessions", code="session_ended")
+            session = self.gw._sessions.get(principal.session_id)  # type: ignore[arg-type]
+            if session is None or session.ended:
+                raise _ended(principal.session_id, "open a new one with POST /rl/sessions")
             if session.policy != policy.name:
                 raise bad_request(f"this session was opened for policy {session.policy!r}, "
                                   f"not {policy.name!r}", param="model")
         return policy, body, session
 
-    async def _chat(self, request: Request) -> Response:
+    async def _serve(self, request: Request, produce: Callable[..., Awaitable[Any]]
+                     ) -> Response:
+        """Run ``produce`` while watching the connection; record its turns once delivered."""
         policy, body, session = await self._completion_context(request)
-        response = await chat_completion(policy, body, session)
-        if body.get("stream"):
-            opts = body.get("stream_options") or {}
-            return StreamingResponse(chat_chunks(policy, response, bool(opts.get(
-                "include_usage"))), media_type="text/event-stream")
-        return JSONResponse(response)
-
-    async def _completions(self, request: Request) -> Response:
-        policy, body, session = await self._completion_context(request)
-        if body.get("stream"):
+        stream, include_usage = stream_fields(body)
+        if stream and produce is text_completion:
             raise bad_request("streaming is supported on /v1/chat/completions only",
                               param="stream")
-        return JSONResponse(await text_completion(policy, body, session))
+        delivery = Delivery(request.receive)
+        try:
+            result = await delivery.run(produce(policy, body, session, self._offload))
+        except BaseException:
+            delivery.close()
+            raise
+        if result is None:  # the client went away while the engine generated
+            delivery.close()
+            self.gw.ledger.abandoned += 1
+            return Response(status_code=499)
+        response, turns = result
+        inner: Response = (StreamingResponse(chat_chunks(policy, response, include_usage),
+                                             media_type="text/event-stream") if stream
+                           else JSONResponse(response))
+        return delivery.respond(inner, lambda: _record(session, turns), self._abandon)
+
+    def _abandon(self) -> None:
+        self.gw.ledger.abandoned += 1
+
+    async def _offload(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.gw._tokenizer_pool(), fn)
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._serve(request, chat_completion)
+
+    async def _completions(self, request: Request) -> Response:
+        return await self._serve(request, text_completion)
 
     async def _create_session(self, request: Request) -> Response:
         self._require_admin(request)
-        body = await _json_body(request)
-        policy = body.get("policy", body.get("model"))
-        if policy not in self.gw.policies:
-            raise not_found(f"unknown policy {policy!r}; served: {sorted(self.gw.policies)}",
-                            param="policy", code="model_not_found")
+        body = await self._body(request)
+        param = "policy" if "policy" in body else "model"
+        policy = self._policy_name(body.get(param), param)
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise bad_request("'metadata' must be an object", param="metadata")
-        session_id, key = self.gw._open_session(policy, metadata)
+        session_id, key = self.gw._open_session(policy, metadata)  # type: ignore[arg-type]
         return JSONResponse({"session_id": session_id, "api_key": key})
 
     async def _get_session(self, request: Request) -> Response:
@@ -144,61 +207,105 @@ class GatewayRoutes:
 
     async def _reward(self, request: Request) -> Response:
         session = self._session_for(request)
-        body = await _json_body(request)
+        body = await self._body(request)
+        if session.ended:
+            raise _ended(session.session_id, "post rewards before POST /rl/sessions/{id}/end")
         reward = body.get("reward")
         if isinstance(reward, bool) or not isinstance(reward, int | float):
             raise bad_request(f"'reward' must be a number, got {reward!r}", param="reward")
-        session.rewards.append(float(reward))
-        return JSONResponse({"session_id": session.session_id, "rewards": session.rewards})
+        turn = _turn_of(session, body)
+        try:
+            session.add_reward(float(reward), turn)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="reward", code="invalid_reward") from exc
+        return JSONResponse({"session_id": session.session_id, "rewards": session.rewards,
+                             "turn_rewards": session.to_dict()["turn_rewards"]})
 
     async def _end(self, request: Request) -> Response:
-        session = self.gw.end_session(self._session_for(request).session_id)
-        return JSONResponse({"session_id": session.session_id, "ended": True,
-                             "num_turns": len(session.turns)})
+        session = self._session_for(request)
+        body = await self._body(request, empty_ok=True)
+        drop, give = body.get("drop", True), body.get("return_session", False)
+        for name, value in (("drop", drop), ("return_session", give)):
+            if not isinstance(value, bool):
+                raise bad_request(f"'{name}' must be a boolean, got {value!r}", param=name)
+        record = session.to_dict() if give else None
+        self.gw._end_over_http(session, drop)
+        answer = {"session_id": session.session_id, "ended": True,
+                  "num_turns": len(session.turns)}
+        if record is not None:
+            answer["session"] = {**record, "ended": True}
+        return JSONResponse(answer)
 
     async def _admin_pause(self, request: Request) -> Response:
         self._require_admin(request)
-        policy = (await _json_body(request, empty_ok=True)).get("policy")
-        await _known(self.gw.pause, policy)
+        body = await self._body(request, empty_ok=True)
+        policy = self._policy_name(body.get("policy"), "policy", required=False)
+        await self.gw.pause(policy)
         return JSONResponse({"paused": policy or sorted(self.gw.policies)})
 
     async def _admin_resume(self, request: Request) -> Response:
         self._require_admin(request)
-        policy = (await _json_body(request, empty_ok=True)).get("policy")
-        await _known(self.gw.resume, policy)
+        body = await self._body(request, empty_ok=True)
+        policy = self._policy_name(body.get("policy"), "policy", required=False)
+        await self.gw.resume(policy)
         return JSONResponse({"resumed": policy or sorted(self.gw.policies)})
 
     async def _admin_update(self, request: Request) -> Response:
         self._require_admin(request)
-        body = await _json_body(request)
-        policy, path = body.get("policy"), body.get("path")
-        if not isinstance(path, str):
+        body = await self._body(request)
+        policy = self._policy_name(body.get("policy"), "policy")
+        path, version = body.get("path"), body.get("version")
+        if not isinstance(path, str) or not path:
             raise bad_request("'path' (a directory of *.safetensors) is required", param="path")
-        version = body.get("version")
-        await _known(self.gw.update_weights, policy, WeightUpdate(path=path, version=version))
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise bad_request(f"'version' must be an integer or null, got {version!r}",
+                              param="version")
+        try:
+            await self.gw.update_weights(policy, WeightUpdate(path=path, version=version))
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:  # no weights
+            raise bad_request(f"could not load weights from {path!r}: {exc}; pass a directory "
+                              "of *.safetensors the engine can read", param="path",
+                              code="invalid_weights_path") from exc
         return JSONResponse({"policy": policy, "versions": [
-            e.version for e in self.gw.policies[policy].router.engines]})
+            e.version for e in self.gw.policies[policy].router.engines]})  # type: ignore[index]
 
 
-async def _known(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
-    try:
-        await fn(*args)
-    except KeyError as exc:
-        raise not_found(str(exc.args[0]), param="policy", code="model_not_found") from exc
+def _record(session: Session | None, turns: list[Turn]) -> None:
+    for turn in turns:
+        session.record(turn)  # type: ignore[union-attr]
 
 
-async def _json_body(request: Request, empty_ok: bool = False) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw and empty_ok:
-        return {}
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}",
-                          code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", code="invalid_json")
-    return body
+def _ended(session_id: str | None, fix: str = "open a new one with POST /rl/sessions"
+           ) -> GatewayError:
+    return conflict(f"session {session_id} has ended; {fix}", code="session_ended")
+
+
+def _turn_of(session: Session, body: dict[str, Any]) -> int | None:
+    """The turn a reward names: ``turn`` (an index) or ``completion_id`` (+ ``choice``)."""
+    turn, completion_id = body.get("turn"), body.get("completion_id")
+    if turn is not None and completion_id is not None:
+        raise bad_request("name the turn with 'turn' or with 'completion_id', not both",
+                          param="turn")
+    if completion_id is not None:
+        choice = body.get("choice", 0)
+        if not isinstance(completion_id, str) or isinstance(choice, bool) or not isinstance(
+                choice, int):
+            raise bad_request("'completion_id' must be the 'id' of a completion (a string) and "
+                              "'choice' an integer", param="completion_id")
+        try:
+            return session.find_turn(completion_id, choice)
+        except KeyError as exc:
+            raise not_found(str(exc.args[0]), param="completion_id",
+                            code="turn_not_found") from exc
+    if turn is None:
+        return None
+    if isinstance(turn, bool) or not isinstance(turn, int):
+        raise bad_request(f"'turn' must be a turn index (an integer), got {turn!r}",
+                          param="turn")
+    if not 0 <= turn < len(session.turns):
+        raise not_found(f"session {session.session_id} has {len(session.turns)} turn(s); "
+                        f"there is no turn {turn}", param="turn", code="turn_not_found")
+    return turn
 
 
 def _wrap(handler: Handler) -> Handler:
@@ -207,11 +314,11 @@ def _wrap(handler: Handler) -> Handler:
             return await handler(request)
         except GatewayError as exc:
             return exc.response()
+        except ClientDisconnect:  # gone while sending its body: nobody reads an answer
+            return Response(status_code=499)
         except Exception as exc:  # answer in OpenAI format, log the trace
             log.exception("gateway: unhandled error on %s", request.url.path)
             return GatewayError(500, f"internal error: {type(exc).__name__}: {exc}",
                                 code="internal_error").response()
 
     return endpoint
-
-

@@ -1,9 +1,12 @@
-"""Recorded sessions: every completion made with a session's key, token by token."""
+"""Recorded sessions: every completion delivered to a session's key, token by token; the
+gateway's ledger of sessions; and the bounded memory of ended ones."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -62,8 +65,11 @@ class Session:
         session_id: the public id (used in ``/rl/sessions/{id}`` paths).
         policy: the policy (model) the session was opened for.
         metadata: free-form client data given at creation.
-        turns: recorded completions, in order.
-        rewards: rewards posted to the session, in order.
+        turns: recorded completions, in order (only completions delivered to the client; a
+            request the client gave up on is counted in ``SessionLedger.abandoned`` instead).
+        rewards: rewards posted to the session, in order; their sum is the session's reward.
+        turn_rewards: turn index -> the sum of the rewards posted for that turn (those are in
+            ``rewards`` too).
         ended: whether ``POST /rl/sessions/{id}/end`` (or ``end()``) was called; an ended
             session rejects new completions.
     """
@@ -73,6 +79,7 @@ class Session:
     session_id: str = field(default_factory=lambda: f"sess_{uuid.uuid4().hex}")
     turns: list[Turn] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    turn_rewards: dict[int, float] = field(default_factory=dict)
     ended: bool = False
     created: float = field(default_factory=time.time)
     index: dict[str, list[int]] = field(default_factory=dict, repr=False)
@@ -91,6 +98,35 @@ class Session:
 
         self.turns.append(turn)
         index_turn(self.index, self.turns, len(self.turns) - 1)
+
+    def find_turn(self, completion_id: str, choice: int = 0) -> int:
+        """The index of the turn recorded for choice ``choice`` of response ``completion_id``
+        (the ``id`` of a chat or text completion).
+
+        Raises:
+            KeyError: no such turn in this session.
+        """
+        for i, turn in enumerate(self.turns):
+            if turn.request_id == completion_id and turn.choice == choice:
+                return i
+        raise KeyError(f"session {self.session_id} has no turn for completion "
+                       f"{completion_id!r} choice {choice}")
+
+    def add_reward(self, value: float, turn: int | None = None) -> None:
+        """Post a reward to the session, or to one of its turns.
+
+        Raises:
+            ValueError: ``value`` is NaN or infinite.
+            IndexError: ``turn`` names no recorded turn.
+        """
+        if not math.isfinite(value):
+            raise ValueError(f"a reward must be a finite number, got {value!r}")
+        if turn is not None:
+            if not 0 <= turn < len(self.turns):
+                raise IndexError(f"session {self.session_id} has {len(self.turns)} turn(s) "
+                                 f"(0..{len(self.turns) - 1}); there is no turn {turn}")
+            self.turn_rewards[turn] = self.turn_rewards.get(turn, 0.0) + float(value)
+        self.rewards.append(float(value))
 
     def end(self) -> None:
         """Mark the session ended (it rejects new completions). Idempotent."""
@@ -121,6 +157,8 @@ class Session:
         """Rebuild a session from ``to_dict()`` output (e.g. ``GET /rl/sessions/{id}``)."""
         session = cls(policy=data["policy"], metadata=dict(data.get("metadata") or {}),
                       session_id=data["session_id"], rewards=list(data.get("rewards") or []),
+                      turn_rewards={int(k): float(v) for k, v in
+                                    (data.get("turn_rewards") or {}).items()},
                       ended=bool(data.get("ended")), created=float(data.get("created", 0.0)))
         for t in data.get("turns") or []:
             session.record(Turn(**t))
@@ -131,5 +169,59 @@ class Session:
         return {
             "session_id": self.session_id, "policy": self.policy, "metadata": self.metadata,
             "turns": [t.to_dict() for t in self.turns], "rewards": list(self.rewards),
+            "turn_rewards": {str(k): v for k, v in sorted(self.turn_rewards.items())},
             "ended": self.ended, "created": self.created,
         }
+
+
+@dataclass
+class SessionLedger:
+    """What happened to a gateway's sessions, as counts (no session data: bounded memory).
+
+    Attributes:
+        opened: sessions opened.
+        ended: sessions ended (over HTTP or in process).
+        abandoned: completion requests the client gave up on (disconnect, timeout) before the
+            completion was delivered; they are never recorded, so never trained on.
+    """
+
+    opened: int = 0
+    ended: int = 0
+    abandoned: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """The counts as a JSON object."""
+        return asdict(self)
+
+
+class EndedSessions:
+    """The ids and key digests of the last ``capacity`` sessions ended over HTTP.
+
+    A late call with an ended session's key or id then answers 409 "session has ended"
+    instead of 401/404, while memory stays bounded (about 300 bytes per remembered session).
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self._digests: OrderedDict[str, list[str]] = OrderedDict()  # session id -> digests
+        self.by_digest: dict[str, str] = {}  # key digest -> session id
+
+    def add(self, session_id: str, digests: list[str]) -> None:
+        """Remember ``session_id`` (and its key digests), forgetting the oldest beyond capacity."""
+        if self.capacity == 0:
+            return
+        self._digests[session_id] = list(digests)
+        for d in digests:
+            self.by_digest[d] = session_id
+        while len(self._digests) > self.capacity:
+            _, old = self._digests.popitem(last=False)
+            for d in old:
+                self.by_digest.pop(d, None)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._digests
+
+    def __len__(self) -> int:
+        return len(self._digests)

@@ -19,7 +19,7 @@ async def test_episode_through_served_gateway(tok):
     with ServerThread(gw.app) as server:
         remote = RemoteGateway(server.url, "remote-admin")
         agent = LLMAgent.for_gateway(remote, "p", tools=env.tools, agent_id="solo",
-                                     metadata={"group": "g7"})
+                                     metadata={"group": "g7"}, keep_sessions=True)
         episode = await aa.run_episode(env, agent, seed=1)
     assert episode.length == 2 and episode.error is None
     (s,) = episode.samples["agent"]

@@ -1,0 +1,143 @@
+"""What reaches the client: capped request bodies, disconnect watching, delivered responses.
+
+A completion is recorded in its session only once the response was sent whole to a client
+that was still connected (``Delivery``). A client that gives up first (its timeout fired, it
+disconnected) never saw the completion and its SDK may retry: recording it would add a turn
+the agent never knew about, so it is counted as *abandoned* instead and its generation is
+cancelled when it is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from .errors import GatewayError, bad_request
+
+T = TypeVar("T")
+
+BODY_LIMIT_SETTING = "Gateway(max_body_bytes=...) / areal-agents serve --max-body-bytes"
+
+
+def too_large(size: int, limit: int) -> GatewayError:
+    """The 413 error for a body of ``size`` bytes (at least) over ``limit``."""
+    return GatewayError(413, f"the request body is {size} bytes or more, over the gateway's "
+                        f"limit of {limit} bytes ({limit / (1 << 20):.1f} MiB); send a smaller "
+                        f"request or raise the limit with {BODY_LIMIT_SETTING}",
+                        code="request_too_large")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it exceeds ``limit`` bytes (the declared
+    ``Content-Length`` is checked before anything is read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range (JSON has no infinite numbers)")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (JSON has no NaN or Infinity); send a finite number")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object body; NaN, Infinity and out-of-range numbers are refused (they
+    could be stored but never served back as JSON).
+
+    Raises:
+        GatewayError: 400 ``invalid_json``.
+    """
+    try:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}",
+                          code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+class Delivery:
+    """Watches one request's connection from after its body was read until its response was
+    sent: ``disconnected`` turns True when the client goes away before that."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.disconnected = False
+        self.sent = False
+        self._watch = asyncio.ensure_future(self._until_disconnect(receive))
+
+    async def _until_disconnect(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.sent:
+                    self.disconnected = True
+                return
+
+    async def run(self, work: Awaitable[T]) -> T | None:
+        """Await ``work``; None (``work`` cancelled) when the client disconnects first."""
+        task = asyncio.ensure_future(work)
+        await asyncio.wait({task, self._watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+
+    def respond(self, response: Response, on_delivered: Callable[[], None],
+                on_abandoned: Callable[[], None]) -> Response:
+        """``response`` wrapped to call ``on_delivered`` once it was sent whole to a connected
+        client, else ``on_abandoned``."""
+        return _Delivered(self, response, on_delivered, on_abandoned)
+
+    def close(self) -> None:
+        """Stop watching."""
+        self._watch.cancel()
+
+
+class _Delivered(Response):
+    def __init__(self, delivery: Delivery, inner: Response, on_delivered: Callable[[], None],
+                 on_abandoned: Callable[[], None]) -> None:
+        self.delivery, self.inner = delivery, inner
+        self.on_delivered, self.on_abandoned = on_delivered, on_abandoned
+        self.status_code, self.background = inner.status_code, None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        delivery = self.delivery
+
+        async def tracked(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                delivery.sent = True
+
+        try:
+            await self.inner(scope, receive, tracked)
+        except BaseException:
+            self.on_abandoned()
+            raise
+        finally:
+            delivery.close()
+        if delivery.sent and not delivery.disconnected:
+            self.on_delivered()
+        else:
+            self.on_abandoned()
