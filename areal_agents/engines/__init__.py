@@ -16,6 +16,7 @@ __all__ = [
     "InferenceEngine",
     "LocalEngine",
     "RemoteEngine",
+    "SGLangEngine",
     "SamplingParams",
     "VLLMEngine",
     "WeightUpdate",
@@ -32,6 +33,10 @@ def __getattr__(name: str) -> object:
         from .remote import RemoteEngine
 
         return RemoteEngine
+    if name == "SGLangEngine":
+        from .sglang import SGLangEngine
+
+        return SGLangEngine
     if name == "VLLMEngine":
         from .vllm import VLLMEngine
 

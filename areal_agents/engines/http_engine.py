@@ -155,9 +155,12 @@ class HTTPEngine(InferenceEngine):
         return self._decode(response, what)
 
     def _decode(self, response: httpx2.Response, what: str) -> Any:
-        """The JSON body of ``response`` (an HTTP error raises ``_http_error``'s exception)."""
+        """The JSON body of ``response``; None when empty (e.g. SGLang's ``/abort_request``).
+        An HTTP error raises ``_http_error``'s exception."""
         if response.status_code >= 400:
             raise self._http_error(response, what)
+        if not response.content:
+            return None
         try:
             return response.json()
         except ValueError as exc:
