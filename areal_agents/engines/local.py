@@ -15,8 +15,9 @@ import torch
 
 from ..errors import ContextLengthExceeded, EngineError
 from .base import CompletionOutput, GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from .prefix_cache import PrefillCounts, PrefixCache
 from .sampling import sample
-from .scheduler import RunningBatch, prefill
+from .scheduler import RunningBatch, prefill, prefill_cached
 
 # joining prompts are prefilled together while (rows x longest prompt) stays within this
 PREFILL_TOKEN_BUDGET = 8192
@@ -58,6 +59,12 @@ class LocalEngine(InferenceEngine):
     version whose forward pass produced token i (a completion that spans ``update_weights``
     records both versions; its earlier KV cache is kept).
 
+    Prefix caching: when a completion of a session (``GenerateRequest.session_id``) finishes,
+    its keys/values are kept, and the session's next request computes only the part of its
+    prompt after the longest common prefix (``areal_agents.engines.prefix_cache``; dropped on
+    every weight update). ``prefill_counts`` counts prompt tokens computed and reused. Outputs
+    with and without it agree up to float32 rounding of the reused keys/values.
+
     Args:
         model_or_path: a ``PreTrainedModel``, a checkpoint directory or a spec like "tiny:s".
         tokenizer: needed with a model object (EOS id and stop-string decoding).
@@ -66,6 +73,7 @@ class LocalEngine(InferenceEngine):
         max_queue: requests waiting for a slot at most; further ``generate`` calls wait
             (back-pressure) until one frees, they do not fail.
         max_context: context window (default: ``config.max_position_embeddings``).
+        prefix_cache_tokens: tokens the prefix cache holds over all sessions (0 disables it).
         dtype: parameter dtype (default: keep the model's). With float32 parameters
             ``exact_logprobs`` is True (the trainer may then skip the proximal recompute).
 
@@ -82,7 +90,7 @@ class LocalEngine(InferenceEngine):
 
     def __init__(self, model_or_path: Any, tokenizer: Any = None, *, device: str = "cpu",
                  max_batch_size: int = 32, max_queue: int = 1024, max_context: int | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, prefix_cache_tokens: int = 16384) -> None:
         if isinstance(model_or_path, (str, Path)):
             from ..models import load
 
@@ -115,6 +123,8 @@ class LocalEngine(InferenceEngine):
         self._waiting: deque[_Job] = deque()
         self._running: list[_Seq] = []
         self._batch = RunningBatch()
+        self._prefix_cache = PrefixCache(prefix_cache_tokens)
+        self.prefill_counts = PrefillCounts()
         self._paused = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,7 +180,9 @@ class LocalEngine(InferenceEngine):
         else:
             async with lock:
                 await asyncio.to_thread(apply_weight_update, self.model, update)
+        # no await since the lock was released: no step runs before the cache is dropped
         self.version = update.version if update.version is not None else self.version + 1
+        self._prefix_cache.clear()
 
     @property
     def num_pending(self) -> int:
@@ -276,21 +288,38 @@ class LocalEngine(InferenceEngine):
                     gen = torch.Generator(device=self.device)
                     gen.manual_seed((seed * 1_000_003 + i) % 2**63)
                 job.seqs.append(_Seq(job, gen))
-        for group in _prefill_groups(joining, PREFILL_TOKEN_BUDGET):
-            cache, mask, positions, logits = prefill(
+        misses = []
+        for job in joining:
+            prompt = job.request.prompt_ids
+            reuse, entry = self._prefix_cache.get(job.request.session_id, prompt, version)
+            if entry is None:
+                misses.append(job)
+                continue
+            self.prefill_counts.reused += reuse
+            self.prefill_counts.computed += len(prompt) - reuse
+            self._join(job.seqs, version, *prefill_cached(
+                self.model, [k[..., :reuse, :] for k in entry.keys],
+                [v[..., :reuse, :] for v in entry.values], prompt[reuse:],
+                job.request.sampling.n, self.device))
+        for group in _prefill_groups(misses, PREFILL_TOKEN_BUDGET):
+            self.prefill_counts.computed += sum(len(job.request.prompt_ids) for job in group)
+            self._join([seq for job in group for seq in job.seqs], version, *prefill(
                 self.model, [job.request.prompt_ids for job in group],
                 [job.request.sampling.n for job in group], self.device,
-            )
-            seqs = [seq for job in group for seq in job.seqs]
-            self._append_tokens(seqs, logits, version)
-            self._batch.add(cache, mask, positions)
-            self._running.extend(seqs)
-        finished = self._drop_finished()  # aborted rows; max_tokens=1 or EOS as first token
+            ))
+        finished = self._drop_finished(version)  # aborted rows; max_tokens=1 or EOS first
         if self._running:
             logits = self._batch.decode(self.model, [s.token_ids[-1] for s in self._running])
             self._append_tokens(self._running, logits, version)
-            finished += self._drop_finished()
+            finished += self._drop_finished(version)
         return finished
+
+    def _join(self, seqs: list[_Seq], version: int, cache: Any, mask: torch.Tensor,
+              positions: torch.Tensor, logits: torch.Tensor) -> None:
+        """Sample the first token of prefilled ``seqs`` and add their rows to the batch."""
+        self._append_tokens(seqs, logits, version)
+        self._batch.add(cache, mask, positions)
+        self._running.extend(seqs)
 
     def _append_tokens(self, seqs: list[_Seq], logits: torch.Tensor, version: int) -> None:
         sps = [s.job.request.sampling for s in seqs]
@@ -316,15 +345,30 @@ class LocalEngine(InferenceEngine):
         tail = self.tokenizer.decode(token_ids[-window:], skip_special_tokens=False)
         return any(s and s in tail for s in stops)
 
-    def _drop_finished(self) -> list[_Job]:
+    def _drop_finished(self, version: int) -> list[_Job]:
         keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]
         if len(keep) == len(self._running):
             return []
+        for row, seq in enumerate(self._running):
+            if seq.finish_reason is not None:
+                self._remember(row, seq, version)
         done_jobs = {id(s.job): s.job for s in self._running if s.finish_reason is not None}
         self._running = [self._running[i] for i in keep]
         self._batch.keep(keep)
         still = {id(s.job) for s in self._running}
         return [job for key, job in done_jobs.items() if key not in still]
+
+    def _remember(self, row: int, seq: _Seq, version: int) -> None:
+        """Put finished row ``row``'s keys/values in the prefix cache when its session may
+        reuse them: not aborted, every token computed at ``version``."""
+        request = seq.job.request
+        fed = list(request.prompt_ids) + seq.token_ids[:-1]  # the last token was never fed
+        if (request.session_id is None or len(fed) > self._prefix_cache.max_tokens
+                or seq.finish_reason == "abort" or any(v != version for v in seq.versions)):
+            return
+        keys, values = self._batch.row_kv(row)
+        assert keys[0].shape[-2] == len(fed), "cached row length != prompt + fed tokens"
+        self._prefix_cache.put(request.session_id, fed, keys, values, version)
 
     @staticmethod
     def _result(job: _Job) -> GenerateResult:

@@ -1,5 +1,8 @@
 """The running batch of a continuously batched engine: left-padded KV cache rows that join and leave.
 
+``prefill`` computes whole prompts; ``prefill_cached`` computes a prompt's suffix after keys and
+values reused from ``PrefixCache`` (``areal_agents.engines.prefix_cache``).
+
 Row ``i`` of the batch is one completion being decoded. Its cached keys/values sit right-aligned
 in ``[batch, kv_heads, length, head_dim]`` tensors (left padding, masked out by
 ``attention_mask``); ``positions[i]`` is the position id of the token it feeds next.
@@ -118,6 +121,16 @@ class RunningBatch:
         self.mask = mask[:, start:]
         self.positions = self.positions.index_select(0, index)
 
+    def row_kv(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of row ``row``'s real (unpadded) keys and values, per layer
+        ``[1, kv_heads, length, head_dim]`` (its cached positions are the last ``length``)."""
+        assert self.cache is not None and self.mask is not None
+        length = int(self.mask[row].sum())
+        keys = [layer.keys[row : row + 1, :, -length:, :].clone() for layer in self.cache.layers]
+        values = [layer.values[row : row + 1, :, -length:, :].clone()
+                  for layer in self.cache.layers]
+        return keys, values
+
     @torch.inference_mode()
     def decode(self, model: torch.nn.Module, input_ids: list[int]) -> torch.Tensor:
         """Feed one token per row; returns ``[batch, vocab]`` next-token logits."""
@@ -170,3 +183,34 @@ def prefill(model: torch.nn.Module, prompts: list[list[int]], copies: list[int],
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     logits = out.logits[:, -1, :].float().index_select(0, index)
     return cache, mask.index_select(0, index), lengths.index_select(0, index), logits
+
+
+@torch.inference_mode()
+def prefill_cached(model: torch.nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor],
+                   suffix: list[int], copies: int,
+                   device: torch.device) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``suffix`` after a cached prefix whose per-layer ``keys``/``values`` are
+    ``[1, kv_heads, reuse, head_dim]`` (positions ``0..reuse-1``); ``copies`` rows.
+
+    Returns:
+        as ``prefill``: (cache, mask ``[copies, reuse + len(suffix)]``, positions
+        ``[copies]``, last-token logits ``[copies, vocab]``).
+    """
+    reuse = keys[0].shape[-2]
+    cache = DynamicCache(config=model.config)
+    cache.layers = [BufferedLayer(k, v) for k, v in zip(keys, values, strict=True)]
+    out = model(
+        input_ids=torch.tensor([suffix], device=device),
+        position_ids=torch.arange(reuse, reuse + len(suffix), device=device)[None],
+        use_cache=True,
+        logits_to_keep=1,
+        **{_cache_arg(type(model)): cache},
+    )
+    length = reuse + len(suffix)
+    index = torch.zeros(copies, dtype=torch.long, device=device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)
+        layer.values = layer.values.index_select(0, index)
+    mask = torch.ones(copies, length, dtype=torch.long, device=device)
+    positions = torch.full((copies,), length, device=device)
+    return cache, mask, positions, out.logits[:, -1, :].float().index_select(0, index)
