@@ -76,11 +76,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+# one torch/OMP thread for this (the trainer's) process unless the caller chose; set before
+# torch is imported, since OpenMP reads it once. Engine servers get --server-threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from areal_agents.rollout import RolloutController, StalenessControl
 from areal_agents.samples import Sample
@@ -288,8 +294,27 @@ def report_wall(cfg: SimConfig, steps: int) -> None:
           f"{walls[2]['rate']:.1f} samples/s, {walls[2]['rate'] / walls[0]['rate']:.2f}x")
 
 
-def tiny_model(max_staleness: int, steps: int) -> dict[str, float]:
-    """The real Trainer: samples/s after setup, train success late, greedy eval success."""
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_pids(trainer: Any) -> list[int]:
+    """Process ids of the engine servers behind the trainer's gateway (none in process)."""
+    engines = [e for p in trainer.gateway.policies.values() for e in p.router.engines]
+    return [e.server.proc.pid for e in engines if getattr(e, "server", None) is not None]
+
+
+def tiny_model(max_staleness: int, steps: int, inference: str = "server",
+               server_threads: int = 1, trainer_threads: int = 1) -> dict[str, float]:
+    """The real Trainer: samples/s after setup, where a step's time goes, train success late,
+    greedy eval success. ``inference="server"`` serves the speaker from an engine server in
+    its own process (``server_threads`` torch threads) and the trainer keeps
+    ``trainer_threads``; ``"in_process"`` serves it from a ``LocalEngine`` in this process."""
     from areal_agents.agents import ScriptedAgent
     from areal_agents.trainers.policy import Policy
     from areal_agents.trainers.trainer import Trainer
@@ -299,23 +324,29 @@ def tiny_model(max_staleness: int, steps: int) -> dict[str, float]:
         message = text.rsplit("message:", 1)[-1].strip()
         return chr(ord("A") + int(message)) if message.isdigit() else "A"
 
+    placement: dict[str, Any] = {"kind": inference}
+    if inference == "server":
+        placement["server_args"] = {"threads": server_threads}
     batch = 16
     trainer = Trainer(
         env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2},
         policies={"speaker": Policy(lr=3e-3, seed=0, sampling={"temperature": 1.0,
                                     "max_tokens": 1}, sft_steps=60, sft_lr=3e-3,
-                                    api="completions")},
+                                    api="completions", inference=placement)},
         policy_map={"speaker": "speaker"}, agents={"listener": ScriptedAgent(decode)},
         batch_size=batch, group_size=8, max_staleness=max_staleness, progress=False,
         warm_start={"episodes": 32, "players": {"speaker": "random",
                                                 "listener": ScriptedAgent(decode)}},
-        eval_seeds=range(500, 532))
+        eval_seeds=range(500, 532), torch_threads=trainer_threads)
 
     async def run() -> dict[str, float]:
         await trainer.setup()
-        start = time.perf_counter()
+        pids = _server_pids(trainer)
+        server_cpu0 = [_cpu_seconds(pid) for pid in pids]
+        start, cpu0 = time.perf_counter(), time.process_time()
         history = await trainer.afit(steps)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        server_cpu = [_cpu_seconds(pid) for pid in pids]
         evaluation = await trainer.evaluate()
         await trainer.aclose()
         lags = [int(k.rsplit("/", 1)[1]) for h in history for k, v in h.items()
@@ -324,32 +355,57 @@ def tiny_model(max_staleness: int, steps: int) -> dict[str, float]:
         late = statistics.fmean(h["train/speaker/success"] for h in history[-5:])
         split = {k: 1e3 * statistics.fmean(h[f"policy/speaker/time/{k}"] for h in history)
                  for k in ("wait_rollout", "train", "weight_sync")}
-        return {"rate": steps * batch / elapsed, "late": late,
+        step_ms = 1e3 * elapsed / steps
+        busy = [b - a for a, b in zip(server_cpu0, server_cpu, strict=True)
+                if a is not None and b is not None]
+        return {"rate": steps * batch / elapsed, "step": step_ms, "late": late,
                 "eval": evaluation["eval/speaker/success"], **split,
+                "other": step_ms - sum(split.values()), "trainer_cpu": cpu / elapsed,
+                "server_cpu": sum(busy) / elapsed if busy else float("nan"),
                 "too_stale": history[-1].get("outcomes/speaker/outcome/filtered:too_stale", 0.0)}
 
     return asyncio.run(run())
 
 
-def report_model(steps: int, repeats: int) -> None:
-    runs: dict[int, list[dict[str, float]]] = {0: [], 2: []}
+def report_model(steps: int, repeats: int, inference: str, staleness: int,
+                 server_threads: int, trainer_threads: int) -> float:
+    """Sync vs async on the real tiny model, interleaved; prints the split; returns the ratio."""
+    runs: dict[int, list[dict[str, float]]] = {0: [], staleness: []}
     for _ in range(repeats):  # interleaved, so both settings see similar load
-        for s in (0, 2):
-            runs[s].append(tiny_model(s, steps))
+        for s in runs:
+            runs[s].append(tiny_model(s, steps, inference, server_threads, trainer_threads))
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
-    print(f"(b) tiny model, Signaling-v0 speaker + scripted listener, batch 16, {steps} steps "
-          f"= {steps * 16} samples each, median of {repeats} run(s), under load")
-    for name, s in (("sync ", 0), ("async", 2)):
+    where = (f"speaker served by an engine server in its own process ({server_threads} torch "
+             f"thread(s)), trainer {trainer_threads} thread(s)" if inference == "server" else
+             f"speaker served in process (LocalEngine), {trainer_threads} torch thread(s)")
+    print(f"(b) tiny model (tiny:xs), Signaling-v0 speaker + scripted listener, batch 16, "
+          f"{steps} steps = {steps * 16} samples each, median of {repeats} run(s); {where}")
+    for name, s in (("sync ", 0), ("async", staleness)):
+        m = med[s]
         rates = ", ".join(f"{r['rate']:.1f}" for r in runs[s])
-        print(f"    {name} (max_staleness={s}): {med[s]['rate']:7.1f} samples/s ({rates}) | per "
-              f"step: wait for rollouts {med[s]['wait_rollout']:.0f} ms, train "
-              f"{med[s]['train']:.0f} ms, weight sync {med[s]['weight_sync']:.0f} ms; "
-              f"{med[s]['too_stale']:.0f} episodes dropped too stale")
-    print(f"    ratio async/sync: {med[2]['rate'] / med[0]['rate']:.2f}x")
+        server = ("" if inference != "server" else
+                  f"; engine server busy {m['server_cpu']:.0%} of a core (idle the rest)")
+        print(f"    {name} (max_staleness={s}): {m['rate']:6.1f} samples/s ({rates}), "
+              f"{m['step']:.0f} ms/step = wait for rollouts {m['wait_rollout']:.0f} + train "
+              f"{m['train']:.0f} + weight push {m['weight_sync']:.0f} + other {m['other']:.0f} "
+              f"ms | trainer process CPU {m['trainer_cpu']:.0%} of a core{server}; "
+              f"{m['too_stale']:.0f} episodes dropped too stale")
+    ratio = med[staleness]["rate"] / med[0]["rate"]
+    print(f"    ratio async/sync: {ratio:.2f}x (target >= 1.5x: "
+          f"{'met' if ratio >= 1.5 else 'NOT met'})")
     print(f"    reward at equal samples ({steps * 16}): train success (last 5 steps) sync "
-          f"{med[0]['late']:.2f}, async {med[2]['late']:.2f}, difference "
-          f"{med[2]['late'] - med[0]['late']:+.2f}; greedy eval success sync "
-          f"{med[0]['eval']:.2f}, async {med[2]['eval']:.2f}")
+          f"{med[0]['late']:.2f}, async {med[staleness]['late']:.2f}, difference "
+          f"{med[staleness]['late'] - med[0]['late']:+.2f}; greedy eval success sync "
+          f"{med[0]['eval']:.2f}, async {med[staleness]['eval']:.2f}")
+    return ratio
+
+
+def _caveats(server_threads: int, trainer_threads: int) -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"machine: {os.cpu_count()} cores, load average (1, 5, 15 min) {load}; trainer "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} torch threads "
+            f"{trainer_threads}, engine server {server_threads} thread(s); other jobs share "
+            f"the cores, so compare ratios, not absolute rates")
 
 
 def main() -> None:
@@ -358,22 +414,36 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="(a) runs per setting")
     parser.add_argument("--model-steps", type=int, default=24, help="(b) train steps")
     parser.add_argument("--repeats", type=int, default=2, help="(b) runs per setting")
+    parser.add_argument("--inference", choices=("server", "in_process", "both"),
+                        default="server", help="(b) where the speaker's engine runs")
+    parser.add_argument("--staleness", type=int, default=2, help="(b) the async max_staleness")
+    parser.add_argument("--server-threads", type=int, default=1, help="(b) engine server threads")
+    parser.add_argument("--trainer-threads", type=int, default=1, help="(b) trainer threads")
     parser.add_argument("--quick", action="store_true", help="(a) 80 steps, (b) 1 run")
     parser.add_argument("--wall", action="store_true", help="(a) also on the real clock")
     parser.add_argument("--skip-model", action="store_true", help="only (a)")
+    parser.add_argument("--only-model", action="store_true", help="only (b)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.seeds, args.repeats = 80, 1, 1
+    if args.staleness < 1:
+        parser.error("--staleness is the async run's max_staleness; it must be >= 1")
     import torch
 
-    torch.set_num_threads(1)
-    report_generation_bound(GENERATION_BOUND, args.steps, args.seeds)
-    report_train_bound(TRAIN_BOUND, args.steps, args.seeds)
-    if args.wall:
-        for cfg in (GENERATION_BOUND, TRAIN_BOUND):
-            report_wall(cfg, args.steps)
+    torch.set_num_threads(args.trainer_threads)
+    if not args.only_model:
+        report_generation_bound(GENERATION_BOUND, args.steps, args.seeds)
+        report_train_bound(TRAIN_BOUND, args.steps, args.seeds)
+        if args.wall:
+            for cfg in (GENERATION_BOUND, TRAIN_BOUND):
+                report_wall(cfg, args.steps)
     if not args.skip_model:
-        report_model(args.model_steps, args.repeats)
+        kinds = ("server", "in_process") if args.inference == "both" else (args.inference,)
+        print(f"    before: {_caveats(args.server_threads, args.trainer_threads)}")
+        for kind in kinds:
+            report_model(args.model_steps, args.repeats, kind, args.staleness,
+                         args.server_threads, args.trainer_threads)
+        print(f"    after: {_caveats(args.server_threads, args.trainer_threads)}")
 
 
 if __name__ == "__main__":
