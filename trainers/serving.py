@@ -11,6 +11,8 @@
                 or ``$AREAL_AGENTS_ENGINE_TOKEN``).
 ``vllm``        ``replicas`` vLLM servers (``VLLMEngine.launch``) on the model saved as above;
                 ``python`` is the interpreter of the vLLM venv
+``sglang``      the same with SGLang servers (``SGLangEngine.launch``; GPU); ``python`` is the
+                interpreter of the SGLang venv
 =============  =================================================================================
 
 How trained weights reach the engines (the transport and ``bucket_mb``) is
@@ -22,7 +24,10 @@ server has no device option yet).
 (``RemoteEngine.launch``) ``threads`` (OMP/torch threads per server, default 1),
 ``max_batch_size``, ``restart_limit`` (restarts of a server that died, default 0),
 ``startup_timeout_s`` and ``timeout_s``; for ``vllm`` those of ``VLLMEngine.launch``
-(``dtype``, ``max_model_len``, ``kv_cache_gib``, ``server_args`` (a list of CLI flags)...).
+(``dtype``, ``max_model_len``, ``kv_cache_gib``, ``server_args`` (a list of CLI flags)...);
+for ``sglang`` those of ``SGLangEngine.launch`` (``dtype``, ``context_length``,
+``mem_fraction_static``, ``server_args``, ``top_p_window``...). Both take weights as
+safetensors directories only (transport ``disk``).
 """
 
 from __future__ import annotations
@@ -68,12 +73,12 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
 
         return [LocalEngine(model, tokenizer, device=placement.resolved_device(),
                             max_batch_size=max_batch_size)]
-    if placement.kind == "vllm":
-        return await _launch_vllm(name, placement, model, tokenizer, run_dir)
+    if placement.kind in ("vllm", "sglang"):
+        return await _launch_http_servers(name, placement, model, tokenizer, run_dir)
     if placement.kind != "server":
         raise ConfigError(f"Policy.inference.kind={placement.kind!r} is not built by "
-                          "areal_agents.trainers.serving yet; use 'in_process', 'server' or "
-                          "'vllm'")
+                          "areal_agents.trainers.serving yet; use 'in_process', 'server', "
+                          "'vllm' or 'sglang'")
     transport = placement.resolved_transport()
     if transport not in ("shm", "disk"):
         raise ConfigError(f"Policy.inference: kind='server' moves weights by 'shm' or 'disk', "
@@ -138,23 +143,30 @@ async def _attach_all(placement: InferencePlacement,
     return [await RemoteEngine.attach(url, token=token, **attach) for url in placement.urls]
 
 
-async def _launch_vllm(name: str, placement: InferencePlacement, model: Any, tokenizer: Any,
-                       run_dir: str | Path | None) -> list[InferenceEngine]:
-    from areal_agents.engines.vllm import VLLMEngine
-
+async def _launch_http_servers(name: str, placement: InferencePlacement, model: Any,
+                              tokenizer: Any,
+                              run_dir: str | Path | None) -> list[InferenceEngine]:
+    """``vllm`` / ``sglang`` replicas: attach to ``urls`` or launch servers one at a time."""
+    if placement.kind == "vllm":
+        from areal_agents.engines.vllm import VLLMEngine as Engine
+    else:
+        from areal_agents.engines.sglang import SGLangEngine as Engine  # type: ignore[assignment]
+    label = {"vllm": "vLLM", "sglang": "SGLang"}[placement.kind]
     if placement.resolved_transport() != "disk":
-        raise ConfigError(f"Policy.inference: kind='vllm' loads weights from safetensors files "
-                          f"only (transport 'disk'), not {placement.transport!r}; vLLM's NCCL "
-                          "weight transfer is not wired in yet")
+        raise ConfigError(f"Policy.inference: kind={placement.kind!r} loads weights from "
+                          f"safetensors files only (transport 'disk'), not "
+                          f"{placement.transport!r}; {label}'s NCCL weight transfer is not wired "
+                          "into the weight push yet")
     if placement.urls:
-        return [await VLLMEngine.attach(url) for url in placement.urls]
+        return [await Engine.attach(url) for url in placement.urls]
     model_dir = _save_model(name, model, tokenizer, run_dir)
     engines: list[InferenceEngine] = []
     try:
         for index in range(placement.replicas):  # one at a time: each start is heavy
-            engines.append(await VLLMEngine.launch(
+            engines.append(await Engine.launch(
                 model_dir, python=placement.python,
-                log_path=model_dir / "logs" / f"vllm{index}.log", **placement.server_args))
+                log_path=model_dir / "logs" / f"{placement.kind}{index}.log",
+                **placement.server_args))
     except BaseException:
         for engine in engines:
             await engine.close()

@@ -509,3 +509,33 @@ async def test_close_stops_a_launched_server_and_removes_own_weight_files(tmp_pa
         assert server.running and own is not None and own.exists()
     assert not server.running and server.proc.returncode == -15 and not own.exists()
     await engine.close()  # idempotent
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+
+async def test_an_sglang_placement_with_nccl_is_refused_before_anything_starts(tmp_path):
+    from areal_agents.trainers.placement import InferencePlacement
+    from areal_agents.trainers.serving import build_engines
+
+    placement = InferencePlacement(kind="sglang", transport="nccl", python=sys.executable)
+    with pytest.raises(ConfigError, match="kind='sglang' loads weights from safetensors files "
+                       "only \\(transport 'disk'\\), not 'nccl'; SGLang's NCCL"):
+        await build_engines("p", placement, None, None, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing saved, no server started
+
+
+async def test_an_sglang_placement_launches_sglang_on_the_saved_model(tmp_path):
+    from areal_agents.models import tiny
+    from areal_agents.trainers.placement import InferencePlacement
+    from areal_agents.trainers.serving import build_engines
+
+    model, tokenizer = tiny("xs", seed=0)
+    placement = InferencePlacement.of({"kind": "sglang", "python": sys.executable,
+                                       "server_args": {"context_length": 256}})
+    with pytest.raises(EngineError, match="No module named 'sglang'"):  # no SGLang here
+        await build_engines("listener", placement, model, tokenizer, tmp_path)
+    served = tmp_path / "serving" / "listener"
+    assert (served / "config.json").exists()
+    log = (served / "logs" / "sglang0.log").read_text()
+    assert "No module named 'sglang'" in log
