@@ -20,6 +20,9 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="LocalEngine replicas of the model")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--tool-parser", default="auto",
+                   help="how tool calls are read from replies: auto, hermes, llama3_json, "
+                        "mistral, gpt_oss or response_template (docs/custom_env.md#tool-calls)")
     p.add_argument("--admin-key", default=None,
                    help="admin secret (default: $AREAL_AGENTS_ADMIN_KEY, else a random one "
                         "printed at start)")
@@ -27,20 +30,24 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def build_gateway(model: str, policy: str | None = None, replicas: int = 1,
-                  max_batch_size: int = 32, admin_key: str | None = None) -> Any:
-    """A ``Gateway`` serving ``replicas`` LocalEngines of ``model`` as ``policy``."""
+                  max_batch_size: int = 32, admin_key: str | None = None,
+                  tool_parser: str = "auto") -> Any:
+    """A ``Gateway`` serving ``replicas`` LocalEngines of ``model`` as ``policy``, reading
+    tool calls with ``tool_parser`` (``areal_agents.gateway.tool_parsing``)."""
     from .engines.local import LocalEngine
     from .gateway import Gateway
+    from .gateway.tool_parsing import check_tool_parser
     from .models import load
 
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    check_tool_parser(tool_parser, "--tool-parser")
     gw = Gateway(admin_key=admin_key)
     engines, tokenizer = [], None
     for _ in range(replicas):
         m, tokenizer = load(model)
         engines.append(LocalEngine(m, tokenizer, max_batch_size=max_batch_size))
-    gw.add_policy(policy or model, engines, tokenizer)
+    gw.add_policy(policy or model, engines, tokenizer, tool_parser=tool_parser)
     return gw
 
 
@@ -48,8 +55,15 @@ def serve(args: argparse.Namespace) -> int:
     """Build the gateway and run uvicorn until interrupted."""
     import uvicorn
 
+    from .errors import ConfigError
+
     admin_key = args.admin_key or os.environ.get("AREAL_AGENTS_ADMIN_KEY") or None
-    gw = build_gateway(args.model, args.policy, args.replicas, args.max_batch_size, admin_key)
+    try:
+        gw = build_gateway(args.model, args.policy, args.replicas, args.max_batch_size,
+                           admin_key, args.tool_parser)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if admin_key is None:
         print(f"admin key: {gw.admin_key}", file=sys.stderr, flush=True)
     print(f"serving policy {next(iter(gw.policies))!r} on http://{args.host}:{args.port}/v1",

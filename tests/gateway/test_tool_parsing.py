@@ -375,3 +375,15 @@ async def test_trainer_serves_each_policy_with_its_parser(tmp_path):
         assert trainer.gateway.policies["l"].tool_parser is hermes
     finally:
         await trainer.aclose()
+
+
+def test_serve_cli_selects_a_parser_and_rejects_unknown_names(capsys):
+    from areal_agents.cli import main
+    from areal_agents.cli_serve import build_gateway
+
+    assert build_gateway("tiny", tool_parser="llama3_json").policies["tiny"].tool_parser is (
+        llama3_json)
+    assert main(["serve", "--model", "tiny", "--tool-parser", "pythonic"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --tool-parser='pythonic': unknown tool-call parser; choose one of ['auto', "
+        "'hermes', 'llama3_json', 'mistral', 'gpt_oss', 'response_template']\n")
