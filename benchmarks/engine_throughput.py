@@ -10,8 +10,15 @@ With ``--vllm-python`` (or ``$AREAL_AGENTS_VLLM_PYTHON``) a third column serves 
 requests from a vLLM server (``VLLMEngine``, ``--max-num-seqs`` = batch size, float32) over HTTP;
 its start-up is not timed. Run it on a quiet machine: vLLM's engine core pins one core.
 
+A second workload (``--workload multi-turn`` or ``both``, the default) measures LocalEngine's
+prefix cache: ``--sessions`` conversations of ``--turns`` turns, in lockstep, each turn
+re-sending the whole history (system prompt, then per turn a user message and the previous
+completion); it prints the prompt tokens computed per turn and tokens/s with and without the
+cache (``prefix_cache_tokens=0``), and whether the completions are identical.
+
 Usage: python benchmarks/engine_throughput.py [--requests 48] [--batch-size 16] [--size s]
        [--threads 2] [--repeats 2] [--vllm-python .venv-vllm/bin/python]
+       [--workload both|long-tail|multi-turn] [--sessions 16] [--turns 4]
 """
 
 from __future__ import annotations
@@ -86,6 +93,71 @@ async def run_engine(model, tok, requests, batch_size: int) -> tuple[float, int,
     return seconds, sum(len(c) for c in completions), completions
 
 
+def multi_turn_workload(num_sessions: int, turns: int,
+                        seed: int = 0) -> list[tuple[list[int], list[tuple[list[int], int]]]]:
+    """Per session: a 64-128-token system prompt and per turn (user message of 16-48 tokens,
+    completion length 16-48)."""
+    rng = random.Random(seed)
+    ids = lambda lo, hi: [rng.randrange(5, 1000) for _ in range(rng.randint(lo, hi))]  # noqa: E731
+    return [(ids(64, 128), [(ids(16, 48), rng.randint(16, 48)) for _ in range(turns)])
+            for _ in range(num_sessions)]
+
+
+async def run_multi_turn(model, tok, sessions, batch_size: int,
+                         cache_tokens: int) -> tuple[float, int, list[tuple[int, int]], list]:
+    """All sessions in lockstep, turn by turn; returns (seconds, completion tokens, per turn
+    (prompt tokens sent, prompt tokens computed), completions)."""
+    async with LocalEngine(model, tok, max_batch_size=batch_size,
+                           prefix_cache_tokens=cache_tokens) as engine:
+        engine.eos_token_id = None  # exact lengths, as in the long-tail workload
+        await engine.generate(GenerateRequest([5, 6, 7], SamplingParams(max_tokens=2,
+                                                                        temperature=0)))
+        histories = [list(system) for system, _ in sessions]
+        per_turn, completions = [], []
+        start = time.perf_counter()
+        for turn in range(len(sessions[0][1])):
+            requests = []
+            for i, (_, turns) in enumerate(sessions):
+                histories[i] += turns[turn][0]
+                requests.append(GenerateRequest(list(histories[i]), SamplingParams(
+                    max_tokens=turns[turn][1], temperature=0), session_id=f"session-{i}"))
+            computed = engine.prefill_counts.computed
+            results = await asyncio.gather(*(engine.generate(r) for r in requests))
+            per_turn.append((sum(len(r.prompt_ids) for r in requests),
+                             engine.prefill_counts.computed - computed))
+            for i, result in enumerate(results):
+                histories[i] += result.outputs[0].token_ids
+                completions.append(result.outputs[0].token_ids)
+        seconds = time.perf_counter() - start
+    return seconds, sum(len(c) for c in completions), per_turn, completions
+
+
+def report_multi_turn(model, tok, args: argparse.Namespace) -> None:
+    """The multi-turn workload with and without LocalEngine's prefix cache."""
+    sessions = multi_turn_workload(args.sessions, args.turns)
+    print(f"\nmulti-turn: {args.sessions} sessions x {args.turns} turns in lockstep, each turn "
+          "re-sends the whole history (greedy, EOS ignored)")
+    best = {0: float("inf"), 16384: float("inf")}
+    runs = {}
+    for _ in range(args.repeats):  # alternate the sides, keep each side's best run
+        for cache_tokens in best:
+            runs[cache_tokens] = asyncio.run(run_multi_turn(model, tok, sessions,
+                                                            args.batch_size, cache_tokens))
+            best[cache_tokens] = min(best[cache_tokens], runs[cache_tokens][0])
+    print("turn  prompt tokens  computed without cache  computed with cache")
+    for turn, ((sent, plain), (_, cached)) in enumerate(zip(runs[0][2], runs[16384][2],
+                                                            strict=True), 1):
+        print(f"{turn:4d}  {sent:13d}  {plain:22d}  {cached:19d}")
+    for cache_tokens, label in ((0, "without prefix cache"), (16384, "with prefix cache   ")):
+        tokens = runs[cache_tokens][1]
+        print(f"LocalEngine {label}: {tokens} tokens in {best[cache_tokens]:.2f} s = "
+              f"{tokens / best[cache_tokens]:8.1f} tok/s")
+    same = sum(a == b for a, b in zip(runs[0][3], runs[16384][3], strict=True))
+    print(f"ratio with / without: {best[0] / best[16384]:.2f}x (identical greedy completions: "
+          f"{same}/{len(runs[0][3])}; the cache saves prefill work only, so the gain grows "
+          "with history length and model size)")
+
+
 async def run_vllm(python: str, model, tok, requests, batch_size: int,
                    repeats: int) -> tuple[float, int, list[list[int]]]:
     """The same requests on a vLLM server; best of ``repeats`` timed runs."""
@@ -127,10 +199,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per side (best is kept)")
     parser.add_argument("--vllm-python", default=os.environ.get("AREAL_AGENTS_VLLM_PYTHON"),
                         help="a python with vLLM: adds a vLLM-server column")
+    parser.add_argument("--workload", choices=("both", "long-tail", "multi-turn"), default="both")
+    parser.add_argument("--sessions", type=int, default=16, help="multi-turn conversations")
+    parser.add_argument("--turns", type=int, default=4, help="turns per conversation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = tiny(args.size, seed=0)
     model.generation_config.eos_token_id = None
+    if args.workload == "multi-turn":
+        report_multi_turn(model, tok, args)
+        return
     requests = workload(args.requests)
     lengths = sorted(n for _, n in requests)
     print(f"tiny {args.size!r}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
@@ -160,6 +238,8 @@ def main() -> None:
         print(f"vLLM server (HTTP)             : {v_tok} tokens in {v_sec:.2f} s = "
               f"{v_tok / v_sec:8.1f} tok/s ({(v_tok / v_sec) / (e_tok / e_sec):.2f}x LocalEngine; "
               f"identical greedy completions: {same}/{len(requests)})")
+    if args.workload == "both":
+        report_multi_turn(model, tok, args)
 
 
 if __name__ == "__main__":
