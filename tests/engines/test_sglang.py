@@ -539,3 +539,14 @@ async def test_an_sglang_placement_launches_sglang_on_the_saved_model(tmp_path):
     assert (served / "config.json").exists()
     log = (served / "logs" / "sglang0.log").read_text()
     assert "No module named 'sglang'" in log
+
+
+def test_the_sglang_example_yaml_serves_the_listener_with_launch_arguments():
+    import inspect
+
+    from areal_agents.config import load_config
+
+    example = Path(__file__).parents[2] / "examples" / "signaling" / "listener_sglang.yaml"
+    placement = load_config(example, []).policies["listener"].inference
+    assert (placement.kind, placement.resolved_transport()) == ("sglang", "disk")
+    assert set(placement.server_args) <= set(inspect.signature(SGLangEngine.launch).parameters)
