@@ -164,6 +164,27 @@ def test_auto_uses_the_tokenizers_response_template(schema_tok):
     assert parse("no call") == ("no call", [])
 
 
+async def test_response_template_calls_through_the_gateway(schema_tok):
+    gw = Gateway()
+    script = ['<think>hm</think>Sure.\n<tool_call>{"name": "add", "arguments": {"a": 1}}'
+              "</tool_call>", "3"]
+    gw.add_policy("p", [ScriptedEngine(script, tokenizer=schema_tok)], schema_tok)  # auto
+    key = await gw.create_session("p")
+    client = gw.async_client(key)
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "add"}]
+    r = await client.chat.completions.create(model="p", messages=msgs, tools=TOOLS)
+    reply = r.choices[0].message
+    assert (reply.content, reply.tool_calls[0].function.name,
+            reply.tool_calls[0].function.arguments) == ("Sure.", "add", '{"a": 1}')
+    msgs += [reply.model_dump(exclude_none=True, exclude={"refusal"}),
+             {"role": "tool", "tool_call_id": reply.tool_calls[0].id, "content": "1"}]
+    await client.chat.completions.create(model="p", messages=msgs, tools=TOOLS)
+    samples, report = gw.session(key).to_samples()  # the generated think text stays in the ids
+    assert report.num_splits == 0 and len(samples) == 1
+    assert "<think>hm</think>Sure." in schema_tok.decode(samples[0].token_ids)
+    await gw.close()
+
+
 def test_response_template_needs_a_schema_with_tool_calls(tok):
     with pytest.raises(ConfigError, match=r"^tool_parser='response_template' needs a tokenizer "
                        r"whose response_template has a 'tool_calls' field; pick another "
