@@ -92,6 +92,7 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
         raise ConfigError(f"Policy.inference.server_args: unknown {unknown}; a server placement "
                           f"takes {list(LAUNCH_ARGS)} (and 'token' with urls)")
     kwargs = {"max_batch_size": max_batch_size, "transport": transport,
+              "bucket_bytes": placement.bucket_bytes,
               **{k: v for k, v in placement.server_args.items() if k != "token"}}
     if placement.urls:
         return await _attach_all(placement, kwargs)
@@ -139,7 +140,7 @@ async def _attach_all(placement: InferencePlacement,
     if not token:
         raise ConfigError(f"Policy.inference.urls: the servers' token is needed; set "
                           f"server_args.token or ${TOKEN_ENV}")
-    attach = {k: kwargs[k] for k in ("timeout_s", "transport") if k in kwargs}
+    attach = {k: kwargs[k] for k in ("timeout_s", "transport", "bucket_bytes") if k in kwargs}
     return [await RemoteEngine.attach(url, token=token, **attach) for url in placement.urls]
 
 

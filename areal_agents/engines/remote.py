@@ -20,7 +20,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +50,8 @@ class RemoteEngine(HTTPEngine):
         timeout_s: seconds one request may take (a whole generation included).
         transport: how ``update_weights(named_tensors=...)`` ships tensors: ``"shm"``
             (one POSIX shared-memory block, same host) or ``"disk"`` (a safetensors dir).
+        bucket_bytes: the shared-memory block of ``shm`` updates (a larger tensor crosses it
+            in pieces); None: 256 MiB.
         http_transport: an ``httpx2`` transport (tests pass ``httpx2.ASGITransport``).
         server: the ``ServerProcess`` this engine owns (stopped by ``close``).
         launch_args: how ``restart`` relaunches the server (set by ``launch``).
@@ -69,7 +71,7 @@ class RemoteEngine(HTTPEngine):
                  timeout_s: float = 600.0, transport: WeightTransport = "shm",
                  http_transport: httpx2.AsyncBaseTransport | None = None,
                  server: ServerProcess | None = None, launch_args: dict[str, Any] | None = None,
-                 restart_limit: int = 0) -> None:
+                 restart_limit: int = 0, bucket_bytes: int | None = None) -> None:
         if transport not in ("shm", "disk"):
             raise ValueError(f"transport={transport!r}; choose 'shm' or 'disk'")
         super().__init__(url, timeout_s=timeout_s, server=server, transport=http_transport,
@@ -78,6 +80,7 @@ class RemoteEngine(HTTPEngine):
         self.max_context = max_context
         self.version = version
         self.transport: WeightTransport = "disk" if restart_limit else transport
+        self.bucket_bytes = bucket_bytes
         self.launch_args = launch_args
         self.restart_limit = restart_limit
         self.num_restarts = 0
@@ -93,7 +96,8 @@ class RemoteEngine(HTTPEngine):
                      startup_timeout_s: float = 300.0, timeout_s: float = 600.0,
                      transport: WeightTransport = "shm", restart_limit: int = 0,
                      weights: str | Path | None = None, version: int = 0,
-                     progress: Callable[[str], None] | None = None) -> RemoteEngine:
+                     progress: Callable[[str], None] | None = None,
+                     bucket_bytes: int | None = None) -> RemoteEngine:
         """Start ``python -m areal_agents.engines.service`` on a free port and attach.
 
         Args:
@@ -104,7 +108,7 @@ class RemoteEngine(HTTPEngine):
             log_path: the server's log (default: a new temporary directory).
             startup_timeout_s: seconds to wait for ``GET /health``.
             weights, version: a safetensors dir loaded at start, and the version it is.
-            transport, restart_limit, timeout_s: see the class.
+            transport, restart_limit, timeout_s, bucket_bytes: see the class.
 
         Raises:
             EngineError: the server exited during start-up (with its last log lines).
@@ -117,7 +121,8 @@ class RemoteEngine(HTTPEngine):
         server, url, token = await _start_server(args, weights, version)
         try:
             engine = await cls.attach(url, token=token, timeout_s=timeout_s, server=server,
-                                      transport=transport, restart_limit=restart_limit)
+                                      transport=transport, restart_limit=restart_limit,
+                                      bucket_bytes=bucket_bytes)
         except BaseException:
             server.stop()
             raise
@@ -128,14 +133,16 @@ class RemoteEngine(HTTPEngine):
     async def attach(cls, url: str, *, token: str, timeout_s: float = 600.0,
                      transport: WeightTransport = "shm",
                      http_transport: httpx2.AsyncBaseTransport | None = None,
-                     server: ServerProcess | None = None, restart_limit: int = 0) -> RemoteEngine:
+                     server: ServerProcess | None = None, restart_limit: int = 0,
+                     bucket_bytes: int | None = None) -> RemoteEngine:
         """An engine for the running server at ``url`` (version and context read from it).
 
         Raises:
             EngineError: the server cannot be reached or refuses the token.
         """
         engine = cls(url, token=token, max_context=0, timeout_s=timeout_s, transport=transport,
-                     http_transport=http_transport, server=server, restart_limit=restart_limit)
+                     http_transport=http_transport, server=server, restart_limit=restart_limit,
+                     bucket_bytes=bucket_bytes)
         try:
             state = await engine._request("GET", "/version")
         except BaseException:
@@ -213,20 +220,17 @@ class RemoteEngine(HTTPEngine):
             self.version = target
 
     async def _stream_shared(self, named_tensors: Any, version: int) -> None:
-        """Send tensors through a ``SharedMemoryTransport`` while the server reads them."""
+        """Stream tensors through a ``SharedMemoryTransport`` (one block of ``bucket_bytes``,
+        reused) while the server reads them; the tensors are not gathered first."""
         from areal_agents.trainers.weight_shm import SharedMemoryTransport
-        from areal_agents.trainers.weight_sync import DEFAULT_BUCKET_BYTES, tensor_bytes
+        from areal_agents.trainers.weight_sync import DEFAULT_BUCKET_BYTES
 
-        tensors = list(named_tensors)
-        largest = max((tensor_bytes(t) for _, t in tensors), default=1)
-        if self._shm is None or self._shm.bucket_bytes < largest:
-            if self._shm is not None:
-                self._shm.close()
-            self._shm = SharedMemoryTransport(max(DEFAULT_BUCKET_BYTES, largest),
+        if self._shm is None:
+            self._shm = SharedMemoryTransport(self.bucket_bytes or DEFAULT_BUCKET_BYTES,
                                               timeout=self.timeout_s)
         shm = self._shm
         manifest = shm.manifest()
-        sending = asyncio.ensure_future(asyncio.to_thread(shm.send, tensors))
+        sending = asyncio.ensure_future(asyncio.to_thread(shm.send, named_tensors))
         try:
             await self._request("POST", "/update_weights/stream",  # the stream is not rewound
                                 {"manifest": manifest, "version": version}, retry=False)
@@ -322,16 +326,16 @@ def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _untied(named_tensors: Any) -> list[tuple[str, Any]]:
-    """Detached CPU copies; tensors sharing storage (tied weights) are cloned for safetensors."""
-    out, seen = [], set()
+def _untied(named_tensors: Any) -> Iterator[tuple[str, Any]]:
+    """Detached CPU tensors, one at a time; one sharing storage with an earlier one (tied
+    weights) is cloned for safetensors."""
+    seen = set()
     for name, tensor in named_tensors:
         t = tensor.detach().cpu().contiguous()
         if t.data_ptr() in seen:
             t = t.clone()
         seen.add(t.data_ptr())
-        out.append((name, t))
-    return out
+        yield name, t
 
 
 def _error(response: httpx2.Response) -> dict[str, Any]:

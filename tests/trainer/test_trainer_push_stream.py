@@ -131,6 +131,45 @@ async def test_gateway_iterates_an_export_once_per_replica_without_materialising
     assert held.peak == 64
 
 
+async def test_server_replicas_stream_an_export_through_their_shm_blocks():
+    # fails on the old RemoteEngine: it listed the tensors first (all 2.6 MB alive) and sized
+    # its block by the largest tensor, not the placement's bucket
+    import httpx2
+
+    from areal_agents.engines.remote import RemoteEngine
+    from areal_agents.engines.service import build_app
+
+    torch.set_num_threads(1)
+    source, tok = tiny("xs", seed=1)
+    held = HeldBytes()
+    placement = InferencePlacement(kind="server", bucket_mb=0.125)  # 128 KiB < the embedding
+    servers, replicas = [], []
+    for _ in range(2):
+        servers.append(LocalEngine(tiny("xs", seed=0)[0], tok))
+        transport = httpx2.ASGITransport(app=build_app(servers[-1], "t"))
+        replicas.append(await RemoteEngine.attach(
+            "http://engine", token="t", http_transport=transport, transport="shm",
+            bucket_bytes=placement.bucket_bytes))
+    gw = Gateway()
+    gw.add_policy("p", replicas, tok)
+    try:
+        def export():
+            return ((n, held.copy(t)) for n, t in source.state_dict().items())
+
+        update = await WeightPush(placement).update(export, version=1)
+        await gw.push_weights("p", update)
+        assert [r.version for r in replicas] == [1, 1]
+        assert [s.version for s in servers] == [1, 1]
+        for server in servers:
+            for name, t in source.state_dict().items():
+                torch.testing.assert_close(server.model.state_dict()[name], t)
+        assert held.peak == 2**19  # one exported tensor at a time: the largest
+    finally:
+        await gw.close()
+        for server in servers:
+            await server.close()
+
+
 # ---- placement and WeightPush -----------------------------------------------------------------
 
 def test_bucket_mb_is_validated_and_chooses_the_bucket():
