@@ -160,6 +160,10 @@ async def _launch_http_servers(name: str, placement: InferencePlacement, model: 
                           "into the weight push yet")
     if placement.urls:
         return [await Engine.attach(url) for url in placement.urls]
+    if not (placement.python or os.environ.get(Engine.python_env)):
+        raise ConfigError(f"Policy.inference: kind={placement.kind!r} launches {label} servers "
+                          f"and needs python (the interpreter of a venv with {label}) or "
+                          f"${Engine.python_env}; see docs/inference_servers.md")
     model_dir = _save_model(name, model, tokenizer, run_dir)
     engines: list[InferenceEngine] = []
     try:

@@ -83,6 +83,7 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
     """
 
     server_name = "SGLang server"
+    python_env = SGLANG_PYTHON_ENV  # where launch finds the SGLang venv's interpreter
 
     def __init__(self, url: str, *, max_context: int, version: int = 0, timeout_s: float = 600.0,
                  transport: httpx2.AsyncBaseTransport | None = None,

@@ -82,6 +82,7 @@ class VLLMEngine(HTTPEngine):
     """
 
     server_name = "vLLM server"
+    python_env = VLLM_PYTHON_ENV  # where launch finds the vLLM venv's interpreter
 
     def __init__(self, url: str, *, model: str, max_context: int, endpoint: Endpoint = "generate",
                  version: int = 0, timeout_s: float = 600.0,

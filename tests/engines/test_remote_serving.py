@@ -38,8 +38,9 @@ async def test_in_process_serves_the_model_object_itself(model_tok):
     (InferencePlacement(kind="server", transport="nccl", device="cuda"),
      "Policy.inference: kind='server' moves weights by 'shm' or 'disk', not 'nccl'"),
     (InferencePlacement(kind="sglang"),
-     "Policy.inference.kind='sglang' is not built by areal_agents.trainers.serving yet; use "
-     "'in_process', 'server' or 'vllm'"),
+     "Policy.inference: kind='sglang' launches SGLang servers and needs python (the "
+     "interpreter of a venv with SGLang) or $AREAL_AGENTS_SGLANG_PYTHON; see "
+     "docs/inference_servers.md"),
     (InferencePlacement(kind="server", urls=("http://127.0.0.1:9",)),
      f"Policy.inference.urls: the servers' token is needed; set server_args.token or "
      f"${TOKEN_ENV}"),
@@ -47,6 +48,7 @@ async def test_in_process_serves_the_model_object_itself(model_tok):
 async def test_unservable_placements_name_the_fix(model_tok, placement, message, monkeypatch,
                                                   tmp_path):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv("AREAL_AGENTS_SGLANG_PYTHON", raising=False)
     model, tok = model_tok
     with pytest.raises(ConfigError) as info:
         await build_engines("p", placement, model, tok, tmp_path)

@@ -550,3 +550,17 @@ def test_the_sglang_example_yaml_serves_the_listener_with_launch_arguments():
     placement = load_config(example, []).policies["listener"].inference
     assert (placement.kind, placement.resolved_transport()) == ("sglang", "disk")
     assert set(placement.server_args) <= set(inspect.signature(SGLangEngine.launch).parameters)
+
+
+@pytest.mark.parametrize(("kind", "env"), [("sglang", "AREAL_AGENTS_SGLANG_PYTHON"),
+                                           ("vllm", "AREAL_AGENTS_VLLM_PYTHON")])
+async def test_a_server_placement_without_an_interpreter_is_refused_before_saving(
+        kind, env, monkeypatch, tmp_path):
+    from areal_agents.trainers.placement import InferencePlacement
+    from areal_agents.trainers.serving import build_engines
+
+    monkeypatch.delenv(env, raising=False)
+    with pytest.raises(ConfigError, match=rf"kind='{kind}' launches .* needs python .* "
+                       rf"or \${env}"):
+        await build_engines("p", InferencePlacement(kind=kind), object(), object(), tmp_path)
+    assert not any(tmp_path.iterdir())  # the model was not saved for a server that cannot start
