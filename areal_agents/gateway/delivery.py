@@ -28,10 +28,10 @@ BODY_LIMIT_SETTING = "Gateway(max_body_bytes=...) / areal-agents serve --max-bod
 
 def too_large(size: int, limit: int) -> GatewayError:
     """The 413 error for a body of ``size`` bytes (at least) over ``limit``."""
+    mib = f" ({limit / (1 << 20):g} MiB)" if limit >= 1 << 20 else ""
     return GatewayError(413, f"the request body is {size} bytes or more, over the gateway's "
-                        f"limit of {limit} bytes ({limit / (1 << 20):.1f} MiB); send a smaller "
-                        f"request or raise the limit with {BODY_LIMIT_SETTING}",
-                        code="request_too_large")
+                        f"limit of {limit} bytes{mib}; send a smaller request or raise the "
+                        f"limit with {BODY_LIMIT_SETTING}", code="request_too_large")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
