@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ContextLengthExceeded, EngineError
 from .base import CompletionOutput, GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
-from .prefix_cache import PrefillCounts, PrefixCache
+from .prefix_cache import CachedPrefix, PrefillCounts, PrefixCache
 from .sampling import sample
 from .scheduler import RunningBatch, prefill, prefill_cached
 
@@ -288,19 +288,23 @@ class LocalEngine(InferenceEngine):
                     gen = torch.Generator(device=self.device)
                     gen.manual_seed((seed * 1_000_003 + i) % 2**63)
                 job.seqs.append(_Seq(job, gen))
-        misses = []
+        hits: dict[int, tuple[int, CachedPrefix]] = {}  # id(job) -> (reusable tokens, entry)
         for job in joining:
-            prompt = job.request.prompt_ids
-            reuse, entry = self._prefix_cache.get(job.request.session_id, prompt, version)
-            if entry is None:
-                misses.append(job)
-                continue
-            self.prefill_counts.reused += reuse
-            self.prefill_counts.computed += len(prompt) - reuse
-            self._join(job.seqs, version, *prefill_cached(
-                self.model, [k[..., :reuse, :] for k in entry.keys],
-                [v[..., :reuse, :] for v in entry.values], prompt[reuse:],
-                job.request.sampling.n, self.device))
+            reuse, entry = self._prefix_cache.get(job.request.session_id,
+                                                  job.request.prompt_ids, version)
+            if entry is not None:
+                hits[id(job)] = (reuse, entry)
+        # every row of a cached prefill computes the longest uncached suffix's length of tokens:
+        # a prompt shorter than that is prefilled from scratch
+        width = max((len(j.request.prompt_ids) - hits[id(j)][0] for j in joining
+                     if id(j) in hits), default=0)
+        for job in joining:
+            if id(job) in hits and len(job.request.prompt_ids) < width:
+                del hits[id(job)]
+        misses = [job for job in joining if id(job) not in hits]
+        for group in _prefill_groups([j for j in joining if id(j) in hits], PREFILL_TOKEN_BUDGET):
+            self._join([seq for job in group for seq in job.seqs], version,
+                       *self._prefill_hits(group, [hits[id(job)] for job in group]))
         for group in _prefill_groups(misses, PREFILL_TOKEN_BUDGET):
             self.prefill_counts.computed += sum(len(job.request.prompt_ids) for job in group)
             self._join([seq for job in group for seq in job.seqs], version, *prefill(
@@ -313,6 +317,23 @@ class LocalEngine(InferenceEngine):
             self._append_tokens(self._running, logits, version)
             finished += self._drop_finished(version)
         return finished
+
+    def _prefill_hits(self, jobs: list[_Job], hits: list[tuple[int, CachedPrefix]]) -> tuple:
+        """Prefill ``jobs`` after their cached prefixes in one batch: every row computes as many
+        tokens as the longest uncached suffix (a row with a shorter one recomputes a few cached
+        tokens), so no row has padding between its prefix and its suffix."""
+        prompts = [job.request.prompt_ids for job in jobs]
+        width = max(len(p) - reuse for p, (reuse, _) in zip(prompts, hits, strict=True))
+        prefixes, suffixes = [], []
+        for prompt, (_, entry) in zip(prompts, hits, strict=True):
+            reuse = len(prompt) - width  # in [0, reusable tokens] (see _step)
+            prefixes.append(([k[..., :reuse, :] for k in entry.keys],
+                             [v[..., :reuse, :] for v in entry.values]))
+            suffixes.append(list(prompt[reuse:]))
+            self.prefill_counts.reused += reuse
+            self.prefill_counts.computed += len(prompt) - reuse
+        return prefill_cached(self.model, prefixes, suffixes,
+                              [job.request.sampling.n for job in jobs], self.device)
 
     def _join(self, seqs: list[_Seq], version: int, cache: Any, mask: torch.Tensor,
               positions: torch.Tensor, logits: torch.Tensor) -> None:

@@ -186,31 +186,45 @@ def prefill(model: torch.nn.Module, prompts: list[list[int]], copies: list[int],
 
 
 @torch.inference_mode()
-def prefill_cached(model: torch.nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor],
-                   suffix: list[int], copies: int,
+def prefill_cached(model: torch.nn.Module, prefixes: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
+                   suffixes: list[list[int]], copies: list[int],
                    device: torch.device) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``suffix`` after a cached prefix whose per-layer ``keys``/``values`` are
-    ``[1, kv_heads, reuse, head_dim]`` (positions ``0..reuse-1``); ``copies`` rows.
+    """Run each of ``suffixes`` (all of one length) after its cached prefix, in one batch.
+
+    Row ``i``'s prefix is per-layer ``(keys, values)`` of ``[1, kv_heads, p_i, head_dim]`` at
+    positions ``0..p_i-1`` (``p_i`` may be 0); prefixes are left-padded to the longest, so
+    every row is ``[padding | prefix | suffix]``, contiguous as ``RunningBatch`` expects.
 
     Returns:
-        as ``prefill``: (cache, mask ``[copies, reuse + len(suffix)]``, positions
-        ``[copies]``, last-token logits ``[copies, vocab]``).
+        as ``prefill``: (cache, mask ``[rows, width]``, positions ``[rows]``, last-token
+        logits ``[rows, vocab]``) with ``rows = sum(copies)``, ordered prompt by prompt.
     """
-    reuse = keys[0].shape[-2]
+    width = len(suffixes[0])
+    if any(len(s) != width for s in suffixes):
+        raise ValueError("prefill_cached: every suffix must have the same length")
+    lengths = torch.tensor([keys[0].shape[-2] for keys, _ in prefixes], device=device)
+    past = int(lengths.max())
     cache = DynamicCache(config=model.config)
-    cache.layers = [BufferedLayer(k, v) for k, v in zip(keys, values, strict=True)]
+    cache.layers = [
+        BufferedLayer(torch.cat([_left_pad(keys[layer], past) for keys, _ in prefixes]),
+                      torch.cat([_left_pad(values[layer], past) for _, values in prefixes]))
+        for layer in range(len(prefixes[0][0]))
+    ]
+    columns = torch.arange(past, device=device)
+    mask = torch.cat([(columns[None, :] >= past - lengths[:, None]).long(),
+                      torch.ones(len(prefixes), width, dtype=torch.long, device=device)], dim=1)
     out = model(
-        input_ids=torch.tensor([suffix], device=device),
-        position_ids=torch.arange(reuse, reuse + len(suffix), device=device)[None],
+        input_ids=torch.tensor(suffixes, device=device),
+        attention_mask=mask,
+        position_ids=lengths[:, None] + torch.arange(width, device=device)[None, :],
         use_cache=True,
         logits_to_keep=1,
         **{_cache_arg(type(model)): cache},
     )
-    length = reuse + len(suffix)
-    index = torch.zeros(copies, dtype=torch.long, device=device)
+    index = torch.repeat_interleave(torch.arange(len(prefixes), device=device),
+                                    torch.tensor(copies, device=device))
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, index)
         layer.values = layer.values.index_select(0, index)
-    mask = torch.ones(copies, length, dtype=torch.long, device=device)
-    positions = torch.full((copies,), length, device=device)
-    return cache, mask, positions, out.logits[:, -1, :].float().index_select(0, index)
+    logits = out.logits[:, -1, :].float().index_select(0, index)
+    return cache, mask.index_select(0, index), (lengths + width).index_select(0, index), logits

@@ -27,17 +27,18 @@ def _kv(length: int) -> list[torch.Tensor]:
 
 
 async def _conversation(engine: LocalEngine, *, turns: int, temperature: float,
-                        session: str | None = "s1", n: int = 1):
+                        session: str | None = "s1", n: int = 1,
+                        first: list[int] | None = None, user: list[int] = USER):
     """Per turn: (prompt length, outputs, prompt tokens computed, reused) of one session that
-    re-sends its whole history each turn."""
-    prompt, record = list(range(10, 60)), []
+    re-sends its whole history each turn, then ``user``."""
+    prompt, record = list(range(10, 60)) if first is None else first, []
     for turn in range(turns):
         before = (engine.prefill_counts.computed, engine.prefill_counts.reused)
         sp = SamplingParams(max_tokens=8, temperature=temperature, seed=7 + turn, n=n)
         result = await engine.generate(GenerateRequest(prompt, sp, session_id=session))
         record.append((len(prompt), result.outputs, engine.prefill_counts.computed - before[0],
                        engine.prefill_counts.reused - before[1]))
-        prompt = prompt + result.outputs[0].token_ids + USER
+        prompt = prompt + result.outputs[0].token_ids + user
     return record
 
 
@@ -92,6 +93,27 @@ async def test_interleaved_sessions_each_reuse_their_own_history(model_tok):
     # (the counts are the engine's: each session reused its own turn-1 history once)
     assert engine.prefill_counts.reused == sum(c[0][0] + len(c[0][1][0].token_ids) - 1
                                                for c in cached)
+
+
+async def test_sessions_with_uneven_suffixes_prefill_together(model_tok):
+    """Turn 2 of three sessions joins one step: new messages of 2 and 30 tokens (the short one
+    recomputes cached tokens to match) and a history shorter than 30 (prefilled from scratch)."""
+    model, tok = model_tok
+    shapes = {"a": (list(range(10, 60)), [3, 4]), "b": (list(range(20, 70)), list(range(100, 130))),
+              "c": ([8, 9], [5, 6])}
+
+    async def run(engine: LocalEngine):
+        return await asyncio.gather(*(_conversation(engine, turns=2, temperature=1.0, session=s,
+                                                    first=first, user=user)
+                                      for s, (first, user) in shapes.items()))
+
+    async with LocalEngine(model, tok, prefix_cache_tokens=0) as plain:
+        uncached = await run(plain)
+    async with LocalEngine(model, tok) as engine:
+        cached = await run(engine)
+    for c, u in zip(cached, uncached, strict=True):
+        _assert_same_outputs(c, u)
+    assert engine.prefill_counts.reused > 0
 
 
 async def test_requests_without_a_session_do_not_use_the_cache(model_tok):
