@@ -115,7 +115,8 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
                      env: dict[str, str] | None = None, log_path: str | Path | None = None,
                      startup_timeout_s: float = 900.0, timeout_s: float = 600.0,
                      progress: Callable[[str], None] | None = None,
-                     **kwargs: Any) -> SGLangEngine:
+                     top_p_window: int = 128,
+                     weights_dir: str | Path | None = None) -> SGLangEngine:
         """Start ``python -m sglang.launch_server`` on ``127.0.0.1`` and attach.
 
         Args:
@@ -129,7 +130,7 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
             log_path: the server's log (default: a file in a new temporary directory).
             startup_timeout_s: seconds to wait for ``GET /health``.
             progress: receives a line every 15 s while waiting (default: stderr).
-            **kwargs: ``attach`` arguments (``top_p_window``, ``weights_dir``).
+            top_p_window, weights_dir, timeout_s: see the class.
 
         Raises:
             ConfigError: no ``python`` and no ``$AREAL_AGENTS_SGLANG_PYTHON``.
@@ -156,7 +157,8 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
                 await server.wait_healthy(
                     probe, f"{url}/health", timeout_s=startup_timeout_s,
                     progress=progress or partial(print, file=sys.stderr, flush=True))
-            return await cls.attach(url, timeout_s=timeout_s, server=server, **kwargs)
+            return await cls.attach(url, timeout_s=timeout_s, server=server,
+                                    top_p_window=top_p_window, weights_dir=weights_dir)
         except BaseException:
             server.stop()
             raise
