@@ -321,7 +321,7 @@ class Trainer:
 
         # streamed bucket by bucket from the train engine (a disk update is written first,
         # while the replicas still serve); weight_push.py
-        update = await self.weight_pushes[name].update(engine.export_weights, new_version)
+        update = await self.weight_pushes[name].update(engine, new_version)
 
         async def push() -> None:  # pause all -> update all -> resume all (also on failure)
             await self.gateway.push_weights(name, update)
@@ -432,7 +432,7 @@ class Trainer:
         weights, RNG states (last) and ``metrics.jsonl`` cut back to the restored step."""
         self.load_state_dict(await load_checkpoint(ckpt, self.train_engines))
         for name, engine in self.train_engines.items():
-            update = await self.weight_pushes[name].update(engine.export_weights, engine.version)
+            update = await self.weight_pushes[name].update(engine, engine.version)
             await self.gateway.update_weights(name, update)
         restore_rng(ckpt)
         if self.run_dir is not None:
@@ -452,7 +452,7 @@ class Trainer:
             raise KeyError(f"{policy!r} is not a trainable policy; trainable: "
                            f"{sorted(self.train_engines)}")
         train = self.train_engines[policy]
-        update = await self.weight_pushes[policy].update(train.export_weights, train.version)
+        update = await self.weight_pushes[policy].update(train, train.version)
         return await self.gateway.add_replica(policy, engine, weights=update)
 
     async def aclose(self) -> None:

@@ -11,13 +11,16 @@ failed update resumes and raises)::
     shm        named_tensors=ExportedWeights(...)    RemoteEngine streams the export through its
                                                      shared-memory block of ``bucket_bytes``
     disk       path=<dir> (written once, one         loads the safetensors directory
-               bucket-sized shard at a time)
+               bucket-sized shard at a time; by the
+               worker group's rank 0 itself)
 
 ``ExportedWeights`` is re-iterable, not a list: each iteration calls ``export_weights()`` again
 (the gateway iterates it once per replica), so the sending side holds at most the bucket being
 sent and the tensor being exported (two buckets) whatever the model size. A one-process FSDP
 engine exports views of its parameters (no copy at all); a worker group streams rank 0's
-tensors one pipe message each (``worker_group.py``), so the controller never holds the model.
+tensors one pipe message each (``worker_group.py``), so the controller never holds the model;
+for a ``disk`` update its rank 0 writes the directory itself (``WritesWeights``) and no tensor
+reaches the controller at all.
 
 What a receiver holds is the receiver's business: ``LocalEngine`` stages a whole update before
 copying it in (an update is all or nothing), an engine server does so in its own process.
@@ -25,8 +28,10 @@ copying it in (an update is all or nothing), an engine server does so in its own
 Example:
     >>> import torch
     >>> from areal_agents.trainers.placement import InferencePlacement
-    >>> push = WeightPush(InferencePlacement())
-    >>> update = asyncio.run(push.update(lambda: iter([("w", torch.ones(2))]), version=3))
+    >>> class Engine:
+    ...     def export_weights(self):
+    ...         yield "w", torch.ones(2)
+    >>> update = asyncio.run(WeightPush(InferencePlacement()).update(Engine(), version=3))
     >>> [(n, t.tolist()) for n, t in update.named_tensors], update.version
     ([('w', [1.0, 1.0])], 3)
 """
@@ -39,6 +44,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -48,10 +54,27 @@ from areal_agents.errors import ConfigError
 from .placement import InferencePlacement
 from .weight_transport import DiskTransport
 
-__all__ = ["ExportedWeights", "WeightPush"]
+__all__ = ["ExportedWeights", "WeightPush", "WeightSource", "WritesWeights"]
 
 NamedTensor = tuple[str, torch.Tensor]
 Export = Callable[[], Iterable[NamedTensor]]
+
+
+class WeightSource(Protocol):
+    """What a push reads: a ``TrainEngine``'s ``export_weights()``."""
+
+    def export_weights(self) -> Iterable[NamedTensor]: ...
+
+
+@runtime_checkable
+class WritesWeights(Protocol):
+    """A train engine that writes its own safetensors directory (``WorkerGroupEngine``: rank
+    0 writes it, so no tensor crosses to the controller)."""
+
+    def write_weights(self, path: str, bucket_bytes: int) -> int:
+        """Write ``export_weights()`` to ``path`` like ``DiskTransport(path, bucket_bytes)``;
+        returns the bytes written."""
+        ...
 
 
 class ExportedWeights:
@@ -96,22 +119,27 @@ class WeightPush:
         self.directory = (Path(tempfile.mkdtemp(prefix="weights-")) / "latest" if self._temporary
                           else Path(directory or "."))
 
-    async def update(self, export: Export, version: int) -> WeightUpdate:
-        """The update that brings a replica to the weights ``export()`` yields, at ``version``.
+    async def update(self, source: WeightSource, version: int) -> WeightUpdate:
+        """The update that brings a replica to ``source``'s exported weights, at ``version``.
 
         A ``disk`` update is written here (in a worker thread, one bucket-sized shard at a
-        time) before it is returned, so the replicas keep serving while it is written; the
-        other transports stream when the replicas iterate the update.
+        time; by ``source.write_weights`` when it ``WritesWeights``) before it is returned, so
+        the replicas keep serving while it is written; the other transports stream when the
+        replicas iterate the update.
 
         Raises:
-            Exception: whatever ``export`` raises while a ``disk`` update is written (no
+            Exception: whatever the export raises while a ``disk`` update is written (no
                 directory is left half-written).
         """
         if self.transport == "disk":
-            transport = DiskTransport(self.directory, self.bucket_bytes)
-            await asyncio.to_thread(transport.send, export())
-            return WeightUpdate(path=str(self.directory), version=version)
-        return WeightUpdate(named_tensors=ExportedWeights(export), version=version)
+            path = str(self.directory)
+            if isinstance(source, WritesWeights):
+                await asyncio.to_thread(source.write_weights, path, self.bucket_bytes)
+            else:
+                transport = DiskTransport(path, self.bucket_bytes)
+                await asyncio.to_thread(transport.send, source.export_weights())
+            return WeightUpdate(path=path, version=version)
+        return WeightUpdate(named_tensors=ExportedWeights(source.export_weights), version=version)
 
     def close(self) -> None:
         """Remove the temporary update directory, if this push made one (idempotent)."""

@@ -9,6 +9,8 @@ What crosses the pipes per call::
                       rows); rank 0's [B, T] log-probs come back
     export_weights    rank 0's (name, tensor) pairs, one message each (a generator: one
                       tensor in flight; the other ranks drain their collective generators)
+    write_weights     a path: rank 0 writes the safetensors dir of a disk weight push
+                      itself (no tensor crosses the pipes)
     save / load       a path; every rank writes/reads its DCP shards
 
 Row sharding keeps the engines' "same full batch on every rank" contract without sending the
@@ -128,6 +130,18 @@ class _RankEngine:
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.engine.export_weights()
 
+    def write_weights(self, path: str, bucket_bytes: int) -> int:
+        import torch.distributed as dist
+
+        from .weight_transport import DiskTransport
+
+        tensors = self.engine.export_weights()  # collective: every rank walks it
+        if dist.get_rank() != 0:
+            for _ in tensors:
+                pass
+            return 0
+        return DiskTransport(path, bucket_bytes).send(tensors)
+
     def save(self, path: str, version: int) -> None:
         self.engine.version = version  # the controller owns the version; DCP records it
         self.engine.save(path)
@@ -224,6 +238,12 @@ class WorkerGroupEngine(TrainEngine):
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Rank 0's ``(hf_name, full CPU tensor)`` pairs, streamed one message each."""
         yield from self._group.stream("export_weights")
+
+    def write_weights(self, path: str, bucket_bytes: int) -> int:
+        """Rank 0 writes ``export_weights()`` to the safetensors dir ``path`` (a
+        ``DiskTransport`` of ``bucket_bytes`` shards); returns the bytes written. The weight
+        push's disk path (``weight_push.WritesWeights``): no tensor reaches the controller."""
+        return self._group.call("write_weights", path, bucket_bytes)[0]
 
     def save(self, path: str) -> None:
         """Every rank writes its shards of model, optimizer, RNG, step and ``version``."""

@@ -153,10 +153,11 @@ async def test_server_replicas_stream_an_export_through_their_shm_blocks():
     gw = Gateway()
     gw.add_policy("p", replicas, tok)
     try:
-        def export():
-            return ((n, held.copy(t)) for n, t in source.state_dict().items())
+        class Engine:
+            def export_weights(self):
+                return ((n, held.copy(t)) for n, t in source.state_dict().items())
 
-        update = await WeightPush(placement).update(export, version=1)
+        update = await WeightPush(placement).update(Engine(), version=1)
         await gw.push_weights("p", update)
         assert [r.version for r in replicas] == [1, 1]
         assert [s.version for s in servers] == [1, 1]
@@ -240,7 +241,6 @@ def probe_backend():
     BACKENDS.pop("probe", None)
 
 
-@pytest.mark.slow  # one train step of a tiny model
 async def test_trainer_push_holds_at_most_two_buckets_and_a_late_replica_catches_up(
         tmp_path, probe_backend):
     # fails on the old Trainer: list(engine.export_weights()) held all 2.6 MB at once
@@ -281,3 +281,35 @@ async def test_trainer_push_holds_at_most_two_buckets_and_a_late_replica_catches
             await trainer.add_replica("listener", late)
     finally:
         await trainer.aclose()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+async def test_a_worker_groups_rank_0_writes_the_disk_update_itself(tmp_path):
+    # fails on the old code: WorkerGroupEngine had no write_weights, every tensor of a push
+    # crossed the pipes to the controller
+    from fsdp._helpers import make_model
+
+    from areal_agents.trainers.placement import TrainPlacement
+    from areal_agents.trainers.worker_group import WorkerGroupEngine
+
+    torch.set_num_threads(1)
+    engine = WorkerGroupEngine(make_model(), TrainPlacement(world_size=2), lr=1e-3)
+    try:
+        want = dict(engine.export_weights())
+
+        def no_export():
+            raise AssertionError("the push exported through the controller")
+
+        engine.export_weights = no_export  # type: ignore[method-assign]
+        push = WeightPush(InferencePlacement(transport="disk", bucket_mb=0.01),
+                          tmp_path / "w")
+        update = await push.update(engine, version=4)
+        assert (update.path, update.version) == (str(tmp_path / "w"), 4)
+        got = list(receive(DiskTransport(tmp_path / "w").manifest()))
+        assert [n for n, _ in got] == list(want)
+        for name, t in got:
+            assert torch.equal(t, want[name])
+        assert len(list((tmp_path / "w").glob("*.safetensors"))) > 2  # several shards
+    finally:
+        engine.close()
