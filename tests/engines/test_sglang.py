@@ -564,3 +564,18 @@ async def test_a_server_placement_without_an_interpreter_is_refused_before_savin
                        rf"or \${env}"):
         await build_engines("p", InferencePlacement(kind=kind), object(), object(), tmp_path)
     assert not any(tmp_path.iterdir())  # the model was not saved for a server that cannot start
+
+
+def test_serialized_tensors_are_base64_of_a_forking_pickler_dump():
+    """The format SGLang's MultiprocessingSerializer reads (b64decode, then loads); CPU
+    tensors load back in this process (across processes only CUDA IPC handles work)."""
+    import base64
+    import pickle
+
+    from areal_agents.engines.sglang_weights import serialize_tensors
+
+    text = serialize_tensors([("w", torch.arange(4.0)), ("b", torch.ones(2, 2))])
+    loaded = pickle.loads(base64.b64decode(text))
+    assert [name for name, _ in loaded] == ["w", "b"]
+    assert torch.equal(loaded[0][1], torch.arange(4.0)) and torch.equal(loaded[1][1],
+                                                                        torch.ones(2, 2))
