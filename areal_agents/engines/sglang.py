@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -272,10 +273,9 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
                                                 version=update.version)
             return
         assert update.named_tensors is not None
-        target = update.version if update.version is not None else self.version + 1
-        folder = await self._write(update.named_tensors, f"v{target}")
-        try:
-            await self.update_weights_from_disk(folder, version=target)
+        folder = await self._write(update.named_tensors, uuid.uuid4().hex)
+        try:  # the version is taken under the update lock (concurrent updates get distinct ones)
+            await self.update_weights_from_disk(folder, version=update.version)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -579,3 +579,15 @@ def test_serialized_tensors_are_base64_of_a_forking_pickler_dump():
     assert [name for name, _ in loaded] == ["w", "b"]
     assert torch.equal(loaded[0][1], torch.arange(4.0)) and torch.equal(loaded[1][1],
                                                                         torch.ones(2, 2))
+
+
+async def test_concurrent_updates_take_distinct_versions_in_order():
+    fake = FakeSGLang()
+    engine = await attached(fake)
+    tensors = [("w", torch.ones(1))]
+    await asyncio.gather(*(engine.update_weights(WeightUpdate(named_tensors=list(tensors)))
+                           for _ in range(2)))
+    sent = [body["weight_version"] for _, path, body in fake.calls
+            if path == "/update_weights_from_disk"]
+    assert sent == ["4", "5"] and engine.version == 5 and fake.label == "5"
+    await engine.close()
