@@ -186,6 +186,29 @@ def test_bucket_mb_is_validated_and_chooses_the_bucket():
         "disk", 64 * 2**20)
 
 
+@pytest.mark.parametrize(("inference", "message"), [
+    ({"kind": "server", "transport": "shm", "bucket_mb": 64}, None),
+    ({"transport": "shm"}, "policies.a.inference: Value error, Policy.inference: "
+                           "kind='in_process' cannot use transport='shm'; choose one of "
+                           "['tensors', 'disk'] (or omit it)"),
+    ({"bucket_mb": 0}, "policies.a.inference: Value error, Policy.inference.bucket_mb must be "
+                       "a number > 0 (MiB per weight transfer), got 0"),
+])
+def test_yaml_selects_the_transport_and_bucket(inference, message):
+    from areal_agents.config import parse_config
+
+    run = {"env": "Signaling-v0", "policies": {"a": {"inference": inference}},
+           "policy_map": {"speaker": "a"}}
+    if message is not None:
+        with pytest.raises(ConfigError) as info:
+            parse_config(run)
+        assert str(info.value) == f"invalid config:\n  {message}"
+        return
+    policy = Policy(**parse_config(run).policies["a"].model_dump())
+    assert policy.inference == InferencePlacement(kind="server", transport="shm", bucket_mb=64)
+    assert WeightPush(policy.inference).bucket_bytes == 64 * 2**20
+
+
 def test_cuda_device_is_refused_where_cuda_is_missing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert InferencePlacement().resolved_device() == "cpu"
