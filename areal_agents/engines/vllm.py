@@ -106,7 +106,8 @@ class VLLMEngine(HTTPEngine):
     async def launch(cls, model: str | Path, *, python: str | None = None, port: int | None = None,
                      dtype: str = "float32", max_model_len: int | None = None,
                      kv_cache_gib: int = 1, enforce_eager: bool = True,
-                     server_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                     chunked_prefill: bool = False, server_args: Sequence[str] = (),
+                     env: dict[str, str] | None = None,
                      log_path: str | Path | None = None, startup_timeout_s: float = 900.0,
                      timeout_s: float = 600.0,
                      progress: Callable[[str], None] | None = None) -> VLLMEngine:
@@ -119,6 +120,11 @@ class VLLMEngine(HTTPEngine):
             dtype, max_model_len: vLLM's ``--dtype`` / ``--max-model-len``.
             kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache on a CPU build).
             enforce_eager: ``--enforce-eager`` (no CUDA graphs: faster start; turn off on GPUs).
+            chunked_prefill: vLLM's chunked prefill (off: ``--no-enable-chunked-prefill``).
+                Off by default because vllm-cpu 0.32's engine core dies (``RuntimeError: CPU
+                Generator does not use offset``) when the prefill of a request with a seed is
+                split over steps, i.e. when more than ``max_num_batched_tokens`` (2048) prompt
+                tokens arrive at once; turn it on on GPUs.
             server_args: more command-line arguments (``["--max-num-seqs", "16"]``).
             env: more environment variables for the server.
             log_path: the server's log (default: a file in a new temporary directory).
@@ -141,6 +147,7 @@ class VLLMEngine(HTTPEngine):
                 "--generation-config", "vllm"]  # no sampling defaults from the model's config
         argv += ["--max-model-len", str(max_model_len)] if max_model_len else []
         argv += ["--enforce-eager"] if enforce_eager else []
+        argv += [] if chunked_prefill else ["--no-enable-chunked-prefill"]
         argv += list(server_args)
         server_env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
                       **(env or {})}

