@@ -288,19 +288,7 @@ class LocalEngine(InferenceEngine):
                     gen = torch.Generator(device=self.device)
                     gen.manual_seed((seed * 1_000_003 + i) % 2**63)
                 job.seqs.append(_Seq(job, gen))
-        hits: dict[int, tuple[int, CachedPrefix]] = {}  # id(job) -> (reusable tokens, entry)
-        for job in joining:
-            reuse, entry = self._prefix_cache.get(job.request.session_id,
-                                                  job.request.prompt_ids, version)
-            if entry is not None:
-                hits[id(job)] = (reuse, entry)
-        # every row of a cached prefill computes the longest uncached suffix's length of tokens:
-        # a prompt shorter than that is prefilled from scratch
-        width = max((len(j.request.prompt_ids) - hits[id(j)][0] for j in joining
-                     if id(j) in hits), default=0)
-        for job in joining:
-            if id(job) in hits and len(job.request.prompt_ids) < width:
-                del hits[id(job)]
+        hits = self._cache_hits(joining, version)
         misses = [job for job in joining if id(job) not in hits]
         for group in _prefill_groups([j for j in joining if id(j) in hits], PREFILL_TOKEN_BUDGET):
             self._join([seq for job in group for seq in job.seqs], version,
@@ -317,6 +305,20 @@ class LocalEngine(InferenceEngine):
             self._append_tokens(self._running, logits, version)
             finished += self._drop_finished(version)
         return finished
+
+    def _cache_hits(self, joining: list[_Job],
+                    version: int) -> dict[int, tuple[int, CachedPrefix]]:
+        """``id(job) -> (reusable tokens, entry)`` for the jobs prefilled after a cached prefix.
+
+        Every row of a cached prefill computes as many tokens as the longest uncached suffix,
+        so a prompt shorter than that is left out (prefilled from scratch).
+        """
+        found = [(job, *self._prefix_cache.get(job.request.session_id, job.request.prompt_ids,
+                                               version)) for job in joining]
+        hits = [(job, reuse, entry) for job, reuse, entry in found if entry is not None]
+        width = max((len(job.request.prompt_ids) - reuse for job, reuse, _ in hits), default=0)
+        return {id(job): (reuse, entry) for job, reuse, entry in hits
+                if len(job.request.prompt_ids) >= width}
 
     def _prefill_hits(self, jobs: list[_Job], hits: list[tuple[int, CachedPrefix]]) -> tuple:
         """Prefill ``jobs`` after their cached prefixes in one batch: every row computes as many
