@@ -1,4 +1,27 @@
-"""``areal-agents serve``: an OpenAI-compatible gateway over LocalEngine(s) on a local port."""
+"""``areal-agents serve``: an OpenAI-compatible gateway over LocalEngine(s) on a local port.
+
+Every completion made with a *session key* is recorded token by token for RL; calls with the
+admin key are served but not recorded. Keys: the admin key (--admin-key, else
+$AREAL_AGENTS_ADMIN_KEY, else a random one printed at start) opens sessions and drives
+/admin; a session key (one per episode) is what the agent uses as its OpenAI API key.
+
+The proxy flow, one episode (BASE is http://HOST:PORT):
+  1. open a session (admin key):
+       curl -s BASE/rl/sessions -H "Authorization: Bearer $ADMIN" \\
+         -d '{"policy": "POLICY", "metadata": {"task": "t1"}}'
+       -> {"session_id": "sess_...", "api_key": "aa-sess-..."}
+  2. chat with the session key as the API key (any OpenAI client, base_url BASE/v1):
+       curl -s BASE/v1/chat/completions -H "Authorization: Bearer $SESSION_KEY" \\
+         -d '{"model": "POLICY", "messages": [{"role": "user", "content": "hi"}]}'
+  3. post a finite reward (to the session; or to one turn: "turn": i / "completion_id": id):
+       curl -s BASE/rl/sessions/$SESSION_ID/reward -H "Authorization: Bearer $SESSION_KEY" \\
+         -d '{"reward": 1.0}'
+  4. end it; the gateway then forgets it (its key answers 409 "ended"):
+       curl -s -X POST BASE/rl/sessions/$SESSION_ID/end \\
+         -H "Authorization: Bearer $SESSION_KEY"
+Only completions delivered to the client are recorded; GET BASE/openapi.json lists every
+route, GET BASE/health the policies and session counts.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +33,9 @@ from typing import Any
 
 def add_serve_parser(sub: Any) -> None:
     """Register ``serve`` on the CLI's subparsers."""
-    p = sub.add_parser("serve", help="serve a model behind the OpenAI-compatible gateway",
-                       description=__doc__)
+    p = sub.add_parser("serve", help="serve a model behind the OpenAI-compatible gateway "
+                       "(sessions record episodes for RL)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="checkpoint directory or tiny spec ('tiny', 'tiny:s:seed=3')")
     p.add_argument("--policy", default=None, help="model name clients use (default: --model)")
@@ -26,15 +50,37 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--admin-key", default=None,
                    help="admin secret (default: $AREAL_AGENTS_ADMIN_KEY, else a random one "
                         "printed at start)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest request body accepted; larger ones answer 413 (default 4 MiB)")
     p.set_defaults(func=serve)
+
+
+def banner(gw: Any, host: str, port: int, show_key: bool) -> str:
+    """The startup text: where the gateway serves, the keys and the proxy flow."""
+    base = f"http://{host}:{port}"
+    policies = ", ".join(repr(p) for p in gw.policies)
+    lines = [f"areal-agents gateway: policy {policies} on {base}/v1 (OpenAI-compatible)"]
+    if show_key:
+        lines.append(f"admin key: {gw.admin_key}")
+    lines += [
+        "keys: the admin key opens sessions and drives /admin (its calls are not recorded);",
+        "      each session key is one episode's OpenAI API key (its calls are recorded)",
+        f"flow: POST {base}/rl/sessions {{\"policy\": ...}} (admin key) -> session_id, api_key",
+        f"      -> POST {base}/v1/chat/completions with the session key",
+        f"      -> POST {base}/rl/sessions/<session_id>/reward {{\"reward\": 1.0}}",
+        f"      -> POST {base}/rl/sessions/<session_id>/end (the gateway then forgets it)",
+        f"routes: GET {base}/openapi.json; `areal-agents serve --help` shows curl examples",
+    ]
+    return "\n".join(lines)
 
 
 def build_gateway(model: str, policy: str | None = None, replicas: int = 1,
                   max_batch_size: int = 32, admin_key: str | None = None,
-                  tool_parser: str = "auto") -> Any:
+                  tool_parser: str = "auto", max_body_bytes: int = 4 << 20) -> Any:
     """A ``Gateway`` serving ``replicas`` LocalEngines of ``model`` as ``policy``, reading
     tool calls with ``tool_parser`` (``areal_agents.gateway.tool_parsing``)."""
     from .engines.local import LocalEngine
+    from .errors import ConfigError
     from .gateway import Gateway
     from .gateway.tool_parsing import check_tool_parser
     from .models import load
@@ -42,7 +88,9 @@ def build_gateway(model: str, policy: str | None = None, replicas: int = 1,
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     check_tool_parser(tool_parser, "--tool-parser")
-    gw = Gateway(admin_key=admin_key)
+    if max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+    gw = Gateway(admin_key=admin_key, max_body_bytes=max_body_bytes)
     engines, tokenizer = [], None
     for _ in range(replicas):
         m, tokenizer = load(model)
@@ -60,13 +108,11 @@ def serve(args: argparse.Namespace) -> int:
     admin_key = args.admin_key or os.environ.get("AREAL_AGENTS_ADMIN_KEY") or None
     try:
         gw = build_gateway(args.model, args.policy, args.replicas, args.max_batch_size,
-                           admin_key, args.tool_parser)
+                           admin_key, args.tool_parser, args.max_body_bytes)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if admin_key is None:
-        print(f"admin key: {gw.admin_key}", file=sys.stderr, flush=True)
-    print(f"serving policy {next(iter(gw.policies))!r} on http://{args.host}:{args.port}/v1",
-          file=sys.stderr, flush=True)
+    print(banner(gw, args.host, args.port, show_key=admin_key is None), file=sys.stderr,
+          flush=True)
     uvicorn.run(gw.app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -219,7 +219,8 @@ class GatewayRoutes:
         except ValueError as exc:
             raise bad_request(str(exc), param="reward", code="invalid_reward") from exc
         return JSONResponse({"session_id": session.session_id, "rewards": session.rewards,
-                             "turn_rewards": session.to_dict()["turn_rewards"]})
+                             "turn_rewards": {str(k): v for k, v in
+                                              sorted(session.turn_rewards.items())}})
 
     async def _end(self, request: Request) -> Response:
         session = self._session_for(request)

@@ -243,3 +243,32 @@ def _http(gw: Gateway):
 
     return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw.app),
                               base_url="http://gateway", headers={"Authorization": "Bearer k"})
+
+
+def test_serve_help_explains_sessions_keys_and_the_flow(capsys):
+    from areal_agents.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for phrase in ("session key", "admin key", "POST /rl/sessions", "/v1/chat/completions",
+                   "/reward", "/end", '{"reward": 1.0}', "--max-body-bytes", "openapi.json"):
+        assert phrase.replace("POST ", "") in text, phrase
+    assert text.index("/rl/sessions") < text.index("/v1/chat/completions") < text.index(
+        "/reward") < text.index("/end")
+
+
+def test_startup_banner_shows_keys_and_the_flow(tok):
+    from areal_agents.cli_serve import banner
+
+    gw = Gateway(admin_key="secret-admin")
+    gw.add_policy("tiny", [ScriptedEngine(["ok"], tokenizer=tok)], tok)
+    text = banner(gw, "127.0.0.1", 8123, show_key=True)
+    assert "policy 'tiny' on http://127.0.0.1:8123/v1" in text
+    assert "admin key: secret-admin" in text
+    flow = [line for line in text.splitlines() if "->" in line or line.startswith("flow")]
+    assert [s for line in flow for s in ("/rl/sessions {", "/v1/chat/completions", "/reward",
+                                         "/end") if s in line] == [
+        "/rl/sessions {", "/v1/chat/completions", "/reward", "/end"]
+    assert "secret-admin" not in banner(gw, "127.0.0.1", 8123, show_key=False)
