@@ -173,3 +173,40 @@ def test_one_top_logprob():
     out = sample(logits_of(PROBS), [0.0], [0], [1.0], [None], num_top=1)
     assert out.top_ids == [[0]]
     assert out.top_logprobs[0] == pytest.approx([math.log(0.5)], rel=1e-5)
+
+
+@pytest.fixture
+def float64_default():
+    """torch's default float dtype set to float64 for one test (a user's global setting)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def test_sample_computes_in_float32_whatever_the_default_dtype(float64_default):
+    """The engine's log-probs must equal the float32 computation the trainers repeat, bit for
+    bit, even when torch's default dtype is float64 (temperature and top_p tensors are built
+    from Python floats)."""
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.7], [1.0, 0.1, -0.4, 0.9]], dtype=torch.float32)
+    out = sample(logits, [0.7, 1.3], [0, 3], [0.9, 1.0], [torch.Generator().manual_seed(0)] * 2)
+    reference = processed_logprobs(logits, torch.tensor([0.7, 1.3], dtype=torch.float32),
+                                   torch.tensor([0, 3]),
+                                   torch.tensor([0.9, 1.0], dtype=torch.float32))
+    expected = reference.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1).tolist()
+    assert out.logprobs == expected  # exact: a float64 temperature would change the low bits
+
+
+def test_top_p_is_compared_in_float32_whatever_the_default_dtype(float64_default):
+    """A top_p a quarter ulp above the second token's float32 preceding mass rounds to that
+    mass in float32, so the mass does not lie below it and only the first token is kept.
+    (Compared in float64 it would keep two.)"""
+    logits = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float32)
+    probs = torch.softmax(logits, dim=-1)
+    mass = (torch.cumsum(probs, dim=-1) - probs)[0, 1]  # float32: the second token's preceding
+    top_p = mass.item() + (torch.nextafter(mass, torch.tensor(1.0, dtype=torch.float32))
+                           - mass).item() / 4
+    assert torch.tensor(top_p, dtype=torch.float32) == mass
+    out = sample(logits, [1.0], [0], [top_p], [torch.Generator().manual_seed(0)], num_top=2)
+    assert out.token_ids == [0] and out.logprobs == [0.0]
+    assert out.top_logprobs == [[0.0, NEG_INF]]
