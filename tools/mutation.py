@@ -5,6 +5,7 @@ Usage::
     python tools/mutation.py                      # every module group
     python tools/mutation.py --module router      # one group (repeatable)
     python tools/mutation.py --list               # the groups, their files and tests
+    python tools/mutation.py --module rollout --survivors   # re-run only the last survivors
 
 Each group's files are mutated and only that group's fast test files run against each mutant,
 so a group takes minutes. The script prints a table of killed / survived / timeout / other and
@@ -21,6 +22,11 @@ pyproject whose ``[tool.mutmut]`` section names the group's files and tests, and
 there. The repository itself is never modified. Shared mutmut settings (timeouts, isolation)
 come from ``[tool.mutmut]`` in pyproject.toml.
 
+``--survivors`` re-runs only the mutants the group's last run did not kill (with the current
+tests) and merges the result into that run's statuses; it refuses when a mutated source file
+differs from its staged copy of that run (mutant names would no longer match). Each run also writes ``run.json`` (date,
+seconds, load average, mutants checked) next to ``statuses.json``.
+
 Kill rate = (killed + timeout) / (all mutants checked); a mutant with no covering test, a
 suspicious or a segfaulting one counts as not killed.
 """
@@ -34,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from collections import Counter
 from dataclasses import dataclass
@@ -76,7 +83,8 @@ GROUPS: dict[str, Group] = {
     "rollout": Group(("areal_agents/rollout/",),
                      ("tests/trainer/test_staleness.py", "tests/trainer/test_controller.py",
                       "tests/trainer/test_ledger_resume.py", "tests/mutation/test_rollout.py",
-                      "tests/mutation/test_rollout_state.py"),
+                      "tests/mutation/test_rollout_state.py",
+                      "tests/mutation/test_rollout_controller.py"),
                      # A mutant that stalls the controller (a wait that never ends) uses no CPU,
                      # so only mutmut's wall-clock limit, (estimated test time + constant) *
                      # multiplier, ends it: 2 s + 2x instead of the shared 5 s + 5x.
@@ -86,6 +94,13 @@ GROUPS: dict[str, Group] = {
                             "tests/mutation/test_checkpointing.py")),
     "logprobs": Group(("trainers/logprobs.py",),
                       ("tests/fsdp/test_logprobs.py", "tests/mutation/test_logprobs.py")),
+    "weight_transports": Group(("trainers/weight_transport.py", "trainers/weight_shm.py"),
+                               ("tests/trainer/test_weight_transport.py",
+                                "tests/trainer/test_trainer_push_stream.py"),
+                               # a mutant that breaks the shared-memory handshake makes both
+                               # sides wait (polling): only the wall-clock limit ends it
+                               settings=(("timeout_multiplier", 2.0),
+                                         ("timeout_constant", 5.0))),
 }
 
 KILLED = ("killed", "timeout")
@@ -147,16 +162,56 @@ def stage(name: str, group: Group, workdir: Path) -> Path:
     return target
 
 
-def run_group(name: str, group: Group, workdir: Path, max_children: int) -> dict[str, str]:
-    """Run mutmut for one group; returns mutant name -> status."""
+def source_files(group: Group) -> list[str]:
+    """The group's source files as repository paths (folders expanded)."""
+    out: list[str] = []
+    for entry in group.files:
+        path = ROOT / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        out += [str(f.relative_to(ROOT)) for f in files]
+    return out
+
+
+def changed_since_staged(group: Group, target: Path) -> list[str]:
+    """Source files that differ from their copies in the staged run at ``target``."""
+    dirs = package_dirs()
+    return [f for f in source_files(group)
+            if not (target / staged_path(f, dirs)).exists()
+            or (target / staged_path(f, dirs)).read_bytes() != (ROOT / f).read_bytes()]
+
+
+def run_group(name: str, group: Group, workdir: Path, max_children: int,
+              survivors_only: bool = False) -> dict[str, str]:
+    """Run mutmut for one group; returns mutant name -> status.
+
+    With ``survivors_only``, only the mutants not killed in the last saved run are tested again
+    and the result is merged into that run's statuses.
+    """
+    previous: dict[str, str] = {}
+    names: list[str] = []
+    if survivors_only:
+        saved = workdir / name / "statuses.json"
+        if not saved.exists():
+            raise SystemExit(f"no saved run for {name!r} in {saved.parent}; run it without "
+                             "--survivors first")
+        changed = changed_since_staged(group, workdir / name)
+        if changed:
+            raise SystemExit(f"{changed} changed since the saved run of {name!r}: mutant names "
+                             "may no longer match; run the group in full")
+        previous = json.loads(saved.read_text())
+        names = sorted(m for m, status in previous.items() if status not in KILLED)
+        if not names:
+            return previous
     target = stage(name, group, workdir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     log = target / "mutmut.log"
+    started, load = time.time(), os.getloadavg()[0]
     with log.open("w") as out:
         proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
-                               str(max_children)], cwd=target, env=env, stdout=out,
+                               str(max_children), *names], cwd=target, env=env, stdout=out,
                               stderr=subprocess.STDOUT, check=False)
+    seconds = time.time() - started
     results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],
                              cwd=target, env=env, capture_output=True, text=True, check=False)
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", results.stdout, flags=re.M))
@@ -164,7 +219,14 @@ def run_group(name: str, group: Group, workdir: Path, max_children: int) -> dict
         tail = log.read_text()[-3000:]
         raise SystemExit(f"mutmut failed for group {name!r} (exit {proc.returncode}); the "
                          f"log is {log}:\n{tail}")
+    if survivors_only:
+        statuses = {**previous, **{m: statuses.get(m, "not checked") for m in names}}
     (target / "statuses.json").write_text(json.dumps(statuses, indent=1, sort_keys=True))
+    (target / "run.json").write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "seconds": round(seconds), "load_average": round(max(load, os.getloadavg()[0]), 1),
+        "checked": len(names) if survivors_only else len(statuses),
+        "survivors_only": survivors_only}, indent=1))
     return statuses
 
 
@@ -220,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the statuses to this JSON file")
     parser.add_argument("--no-run", action="store_true",
                         help="report the last run's results from the staging directory")
+    parser.add_argument("--survivors", action="store_true",
+                        help="re-run only the mutants the last run did not kill, and merge")
     args = parser.parse_args(argv)
     if args.list:
         for name, group in GROUPS.items():
@@ -235,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = json.loads(saved.read_text())
             continue
         print(f"== {name}: mutating {', '.join(GROUPS[name].files)}", flush=True)
-        results[name] = run_group(name, GROUPS[name], args.workdir, args.max_children)
+        results[name] = run_group(name, GROUPS[name], args.workdir, args.max_children,
+                                  survivors_only=args.survivors)
         print(table({name: results[name]}).splitlines()[-1], flush=True)
     print()
     print(table(results))
