@@ -269,6 +269,42 @@ def show(group: str, mutant: str, workdir: Path) -> str:
     return out.stdout.strip()
 
 
+_LINES_SCRIPT = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+for name in json.load(sys.stdin):
+    diff = get_diff_for_mutant(name, path=name.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    lines = diff.splitlines()[2:]
+    old = [x[1:].strip() for x in lines if x.startswith("-")]
+    new = [x[1:].strip() for x in lines if x.startswith("+")]
+    print(json.dumps([name, " / ".join(old), " / ".join(new)]))
+"""
+
+
+def function_of(mutant: str) -> tuple[str, str]:
+    """``(file name, function)`` of a mutant name, e.g. ``("controller.py",
+    "RolloutController.take")`` for ``...controller.xǁRolloutControllerǁtake__mutmut_8``."""
+    module, _, generated = mutant.rpartition(".")
+    generated = re.sub(r"__mutmut_\d+$", "", generated)
+    parts = generated.split("ǁ")
+    function = ".".join(p for p in parts[1:] if p) if parts[0] == "x" else generated[2:]
+    return module.rpartition(".")[2] + ".py", function
+
+
+def survivor_lines(group: str, mutants: list[str], workdir: Path) -> list[str]:
+    """One markdown line per mutant: file, function and the changed source (old -> new)."""
+    if not mutants:
+        return []
+    out = subprocess.run([sys.executable, "-c", _LINES_SCRIPT], cwd=workdir / group,
+                         input=json.dumps(mutants), capture_output=True, text=True, check=True)
+    rows = []
+    for line in out.stdout.splitlines():
+        name, old, new = json.loads(line)
+        file, function = function_of(name)
+        rows.append(f"- `{file}` `{function}`: `{old}` -> `{new}`")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", choices=sorted(GROUPS),
@@ -279,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "mutation",
                         help="staging directory (default build/mutation)")
     parser.add_argument("--diffs", action="store_true", help="print each survivor's diff")
+    parser.add_argument("--lines", action="store_true",
+                        help="print each survivor as one markdown line (function, old -> new)")
     parser.add_argument("--json", type=Path, help="also write the statuses to this JSON file")
     parser.add_argument("--no-run", action="store_true",
                         help="report the last run's results from the staging directory")
@@ -305,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     left = survivors(results)
-    if left:
+    if left and args.lines:
+        for name in results:
+            rows = survivor_lines(name, [m for g, m, _ in left if g == name], args.workdir)
+            print(f"\n{name} ({len(rows)}):\n" + "\n".join(rows) if rows else "", end="")
+        print()
+    elif left:
         print(f"\n{len(left)} not killed:")
         for group, mutant, status in left:
             print(f"  [{group}] {mutant}: {status}")
