@@ -15,7 +15,10 @@ Rules:
     * requests without a ``session_id`` neither use nor fill the cache.
 
 Reused keys/values equal recomputed ones up to float32 rounding (a decode step and a prefill
-multiply differently shaped matrices), the same noise as a change of batch composition.
+multiply differently shaped matrices), the same noise as a change of batch composition: token
+ids stay the same, log-probs move by ~1e-7. Which requests hit depends only on each session's
+own history -- so a replayed run hits the same way -- except when the budget evicts entries,
+whose order depends on when sessions finish.
 """
 
 from __future__ import annotations
