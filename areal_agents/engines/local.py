@@ -45,6 +45,24 @@ class _Job:
     seqs: list[_Seq] = field(default_factory=list)
 
 
+@dataclass
+class _Hit:
+    """A joining job whose prompt's first ``reuse`` tokens are cached in ``entry``."""
+
+    job: _Job
+    reuse: int
+    entry: CachedPrefix
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.job.request.prompt_ids
+
+    @property
+    def suffix(self) -> int:
+        """Prompt tokens after the reusable prefix."""
+        return len(self.prompt) - self.reuse
+
+
 class LocalEngine(InferenceEngine):
     """An in-process inference engine with continuous batching and a KV cache.
 
@@ -288,11 +306,10 @@ class LocalEngine(InferenceEngine):
                     gen = torch.Generator(device=self.device)
                     gen.manual_seed((seed * 1_000_003 + i) % 2**63)
                 job.seqs.append(_Seq(job, gen))
-        hits = self._cache_hits(joining, version)
-        misses = [job for job in joining if id(job) not in hits]
-        for group in _prefill_groups([j for j in joining if id(j) in hits], PREFILL_TOKEN_BUDGET):
-            self._join([seq for job in group for seq in job.seqs], version,
-                       *self._prefill_hits(group, [hits[id(job)] for job in group]))
+        hit_groups, misses = self._plan_cached_prefills(joining, version)
+        for hits in hit_groups:
+            self._join([seq for hit in hits for seq in hit.job.seqs], version,
+                       *self._prefill_hits(hits))
         for group in _prefill_groups(misses, PREFILL_TOKEN_BUDGET):
             self.prefill_counts.computed += sum(len(job.request.prompt_ids) for job in group)
             self._join([seq for job in group for seq in job.seqs], version, *prefill(
@@ -306,36 +323,53 @@ class LocalEngine(InferenceEngine):
             finished += self._drop_finished(version)
         return finished
 
-    def _cache_hits(self, joining: list[_Job],
-                    version: int) -> dict[int, tuple[int, CachedPrefix]]:
-        """``id(job) -> (reusable tokens, entry)`` for the jobs prefilled after a cached prefix.
+    def _plan_cached_prefills(self, joining: list[_Job],
+                              version: int) -> tuple[list[list[_Hit]], list[_Job]]:
+        """Split ``joining`` into groups prefilled after their cached prefixes and jobs
+        prefilled from scratch (no usable cache entry).
 
-        Every row of a cached prefill computes as many tokens as the longest uncached suffix,
-        so a prompt shorter than that is left out (prefilled from scratch).
+        Every row of a group computes as many tokens as the group's longest uncached suffix (a
+        shorter one recomputes a few cached tokens), so groups gather suffixes of similar
+        length: the longest at most twice the shortest plus 16, within the prefill budget. A
+        prompt shorter than its group's longest suffix is prefilled from scratch.
         """
-        found = [(job, *self._prefix_cache.get(job.request.session_id, job.request.prompt_ids,
-                                               version)) for job in joining]
-        hits = [(job, reuse, entry) for job, reuse, entry in found if entry is not None]
-        width = max((len(job.request.prompt_ids) - reuse for job, reuse, _ in hits), default=0)
-        return {id(job): (reuse, entry) for job, reuse, entry in hits
-                if len(job.request.prompt_ids) >= width}
+        hits, misses = [], []
+        for job in joining:
+            prompt = job.request.prompt_ids
+            reuse, entry = self._prefix_cache.get(job.request.session_id, prompt, version)
+            if entry is None:
+                misses.append(job)
+            else:
+                hits.append(_Hit(job, reuse, entry))
+        groups: list[list[_Hit]] = []
+        for hit in sorted(hits, key=lambda h: h.suffix):  # stable: ties keep arrival order
+            group = groups[-1] if groups else []
+            longest = max([len(h.prompt) for h in group] + [len(hit.prompt)])
+            if (group and hit.suffix <= 2 * group[0].suffix + 16
+                    and longest * (len(group) + 1) <= PREFILL_TOKEN_BUDGET):
+                group.append(hit)
+            else:
+                groups.append([hit])
+        planned = []
+        for group in groups:
+            width = group[-1].suffix
+            misses += [h.job for h in group if len(h.prompt) < width]
+            planned.append([h for h in group if len(h.prompt) >= width])
+        return planned, misses
 
-    def _prefill_hits(self, jobs: list[_Job], hits: list[tuple[int, CachedPrefix]]) -> tuple:
-        """Prefill ``jobs`` after their cached prefixes in one batch: every row computes as many
-        tokens as the longest uncached suffix (a row with a shorter one recomputes a few cached
-        tokens), so no row has padding between its prefix and its suffix."""
-        prompts = [job.request.prompt_ids for job in jobs]
-        width = max(len(p) - reuse for p, (reuse, _) in zip(prompts, hits, strict=True))
+    def _prefill_hits(self, hits: list[_Hit]) -> tuple:
+        """Prefill a group of ``_plan_cached_prefills`` in one batch (``prefill_cached``)."""
+        width = max(hit.suffix for hit in hits)
         prefixes, suffixes = [], []
-        for prompt, (_, entry) in zip(prompts, hits, strict=True):
-            reuse = len(prompt) - width  # in [0, reusable tokens] (see _step)
-            prefixes.append(([k[..., :reuse, :] for k in entry.keys],
-                             [v[..., :reuse, :] for v in entry.values]))
-            suffixes.append(list(prompt[reuse:]))
+        for hit in hits:
+            reuse = len(hit.prompt) - width  # in [0, hit.reuse]: see _plan_cached_prefills
+            prefixes.append(([k[..., :reuse, :] for k in hit.entry.keys],
+                             [v[..., :reuse, :] for v in hit.entry.values]))
+            suffixes.append(list(hit.prompt[reuse:]))
             self.prefill_counts.reused += reuse
-            self.prefill_counts.computed += len(prompt) - reuse
+            self.prefill_counts.computed += len(hit.prompt) - reuse
         return prefill_cached(self.model, prefixes, suffixes,
-                              [job.request.sampling.n for job in jobs], self.device)
+                              [hit.job.request.sampling.n for hit in hits], self.device)
 
     def _join(self, seqs: list[_Seq], version: int, cache: Any, mask: torch.Tensor,
               positions: torch.Tensor, logits: torch.Tensor) -> None:

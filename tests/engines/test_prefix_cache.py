@@ -95,12 +95,13 @@ async def test_interleaved_sessions_each_reuse_their_own_history(model_tok):
                                                for c in cached)
 
 
-async def test_sessions_with_uneven_suffixes_prefill_together(model_tok):
-    """Turn 2 of three sessions joins one step: new messages of 2 and 30 tokens (the short one
-    recomputes cached tokens to match) and a history shorter than 30 (prefilled from scratch)."""
+async def test_sessions_with_uneven_suffixes_prefill_together(model_tok, monkeypatch):
+    """Turn 2 of three sessions joins one step with 2, 20 and 5 uncached tokens: the first two
+    prefill together (the first recomputes 18 cached tokens), the third's whole prompt (14
+    tokens) is shorter than 20, so it is prefilled from scratch."""
     model, tok = model_tok
-    shapes = {"a": (list(range(10, 60)), [3, 4]), "b": (list(range(20, 70)), list(range(100, 130))),
-              "c": ([8, 9], [5, 6])}
+    shapes = {"x": (list(range(10, 60)), [3]), "y": (list(range(20, 70)), list(range(100, 119))),
+              "z": ([8, 9], [5, 6, 7, 4])}
 
     async def run(engine: LocalEngine):
         return await asyncio.gather(*(_conversation(engine, turns=2, temperature=1.0, session=s,
@@ -109,11 +110,22 @@ async def test_sessions_with_uneven_suffixes_prefill_together(model_tok):
 
     async with LocalEngine(model, tok, prefix_cache_tokens=0) as plain:
         uncached = await run(plain)
+    plans = []
+    plan = LocalEngine._plan_cached_prefills
+
+    def spy(self, joining, version):
+        groups, misses = plan(self, joining, version)
+        plans.append(([[h.suffix for h in g] for g in groups], [len(j.request.prompt_ids)
+                                                                for j in misses]))
+        return groups, misses
+
+    monkeypatch.setattr(LocalEngine, "_plan_cached_prefills", spy)
     async with LocalEngine(model, tok) as engine:
         cached = await run(engine)
     for c, u in zip(cached, uncached, strict=True):
         _assert_same_outputs(c, u)
-    assert engine.prefill_counts.reused > 0
+    assert all(len(c[0][1][0].token_ids) == 8 for c in cached)  # no early EOS: shapes hold
+    assert ([[2, 20]], [14]) in plans
 
 
 async def test_requests_without_a_session_do_not_use_the_cache(model_tok):
