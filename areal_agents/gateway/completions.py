@@ -98,14 +98,16 @@ def _logprob_entries(policy: ServedPolicy, out: CompletionOutput,
 
 def _chat_prompt(policy: ServedPolicy, messages: list[dict[str, Any]],
                  tools: list[dict] | None, session: Session | None
-                 ) -> tuple[list[int], int | None]:
-    """Prompt ids (and the prefix turn) of a chat request: blocking, run on a tokenizer
-    thread, so it reads snapshots of the session's turns and index."""
+                 ) -> Callable[[], tuple[list[int], int | None]]:
+    """A blocking call (for a tokenizer thread) computing the prompt ids and prefix turn of a
+    chat request. It reads snapshots of the session's turns and index, taken here on the
+    event loop: the loop records new turns while the thread works."""
     if session is None:
-        return encode(policy.tokenizer, render(policy.tokenizer, messages, tools, True)), None
-    index = {k: list(v) for k, v in session.index.items()}
-    return prompt_ids_for(policy.tokenizer, list(session.turns), messages, tools,
-                          policy.eos_id, index)
+        return lambda: (encode(policy.tokenizer, render(policy.tokenizer, messages, tools,
+                                                         True)), None)
+    turns, index = list(session.turns), {k: list(v) for k, v in session.index.items()}
+    return lambda: prompt_ids_for(policy.tokenizer, turns, messages, tools, policy.eos_id,
+                                  index)
 
 
 async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: Session | None,
@@ -123,8 +125,7 @@ async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: S
     tools, parse_calls = check_tools(body)
     fields = sampling_fields(body, policy.max_n)
     try:
-        prompt_ids, prefix = await offload(
-            lambda: _chat_prompt(policy, messages, tools, session))
+        prompt_ids, prefix = await offload(_chat_prompt(policy, messages, tools, session))
     except ValueError as exc:
         raise bad_request(str(exc), param="messages") from exc
     outputs, timing = await generate(policy, prompt_ids, fields, session)
