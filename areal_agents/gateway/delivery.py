@@ -116,11 +116,20 @@ class Delivery:
 
 
 class _Delivered(Response):
+    """Settles right after the last body chunk was written, before the event loop can run
+    anything else: a client's next request never finds its previous turn unrecorded."""
+
     def __init__(self, delivery: Delivery, inner: Response, on_delivered: Callable[[], None],
                  on_abandoned: Callable[[], None]) -> None:
         self.delivery, self.inner = delivery, inner
         self.on_delivered, self.on_abandoned = on_delivered, on_abandoned
         self.status_code, self.background = inner.status_code, None
+        self.settled = False
+
+    def _settle(self, delivered: bool) -> None:
+        if not self.settled:
+            self.settled = True
+            (self.on_delivered if delivered else self.on_abandoned)()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         delivery = self.delivery
@@ -129,15 +138,10 @@ class _Delivered(Response):
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 delivery.sent = True
+                self._settle(delivered=not delivery.disconnected)
 
         try:
             await self.inner(scope, receive, tracked)
-        except BaseException:
-            self.on_abandoned()
-            raise
         finally:
             delivery.close()
-        if delivery.sent and not delivery.disconnected:
-            self.on_delivered()
-        else:
-            self.on_abandoned()
+            self._settle(delivered=False)  # no-op once the last chunk was sent

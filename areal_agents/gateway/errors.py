@@ -9,7 +9,9 @@ otherwise retry a 409 (and any 5xx), repeating a request that cannot succeed.
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 _TYPES = {
     400: "invalid_request_error",
@@ -84,3 +86,21 @@ def not_found(message: str, param: str | None = None, code: str | None = None) -
 def conflict(message: str, code: str) -> GatewayError:
     """A 409 error (a request the session's state forbids, e.g. a reward after ``end``)."""
     return GatewayError(409, message, code=code)
+
+
+async def route_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (no route) and 405 (wrong method) as OpenAI-format JSON (the
+    app's ``HTTPException`` handler)."""
+    assert isinstance(exc, HTTPException)
+    method, path, headers = request.method, request.url.path, dict(exc.headers or {})
+    if exc.status_code == 405:
+        return GatewayError(405, f"{method} is not allowed on {path}; use "
+                            f"{headers.get('Allow', '')}", code="method_not_allowed"
+                            ).response(headers)
+    if exc.status_code == 404:
+        hint = (" The Responses API is not served: use /v1/chat/completions (OpenAI Agents "
+                "SDK: set_default_openai_api('chat_completions'))." if path.startswith(
+                    "/v1/responses") else "")
+        return not_found(f"no route {method} {path}; GET /openapi.json lists the gateway's "
+                         f"routes.{hint}", code="route_not_found").response()
+    return GatewayError(exc.status_code, str(exc.detail)).response(headers)

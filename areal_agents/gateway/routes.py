@@ -25,7 +25,7 @@ from ..engines.base import WeightUpdate
 from .auth import Principal, authenticate, bearer_token
 from .completions import chat_chunks, chat_completion, text_completion
 from .delivery import Delivery, parse_json_object, read_body
-from .errors import GatewayError, bad_request, conflict, forbidden, not_found
+from .errors import GatewayError, bad_request, conflict, forbidden, not_found, route_error
 from .openapi import openapi_document
 from .params import stream_fields
 from .sessions import Session, Turn
@@ -42,29 +42,12 @@ def build_app(gateway: Gateway) -> Starlette:
     """The Starlette app serving ``gateway``."""
     routes = [*GatewayRoutes(gateway).routes(),
               Route("/openapi.json", _wrap(_openapi), methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: route_error})
 
 
 async def _openapi(request: Request) -> Response:
     """The OpenAPI document of this app's routes (no key needed)."""
     return JSONResponse(openapi_document(request.app.router.routes))
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404 (no route) and 405 (wrong method) as OpenAI-format JSON."""
-    assert isinstance(exc, HTTPException)
-    method, path = request.method, request.url.path
-    if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
-        return GatewayError(405, f"{method} is not allowed on {path}; use {allowed}",
-                            code="method_not_allowed").response(dict(exc.headers or {}))
-    if exc.status_code == 404:
-        hint = (" The Responses API is not served: use /v1/chat/completions (OpenAI Agents "
-                "SDK: set_default_openai_api('chat_completions'))." if path.startswith(
-                    "/v1/responses") else "")
-        return not_found(f"no route {method} {path}; GET /openapi.json lists the gateway's "
-                         f"routes.{hint}", code="route_not_found").response()
-    return GatewayError(exc.status_code, str(exc.detail)).response(dict(exc.headers or {}))
 
 
 class GatewayRoutes:
@@ -98,9 +81,11 @@ class GatewayRoutes:
             return {}
         return parse_json_object(raw)
 
-    def _policy_name(self, value: Any, param: str, required: bool = True) -> str | None:
-        if value is None and not required:
-            return None
+    def _optional_policy(self, value: Any, param: str) -> str | None:
+        return None if value is None else self._policy_name(value, param)
+
+    def _policy_name(self, value: Any, param: str) -> str:
+        """``value`` if it names a served policy; else 400 (not a string) or 404."""
         if not isinstance(value, str):
             raise bad_request(f"'{param}' must be the name of a served policy (a string), got "
                               f"{value!r}; served: {sorted(self.gw.policies)}", param=param)
@@ -144,10 +129,10 @@ class GatewayRoutes:
         model = body.get("model")
         if model is None:
             raise bad_request("'model' is required: the name of a policy", param="model")
-        policy = self.gw.policies[self._policy_name(model, "model")]  # type: ignore[index]
+        policy = self.gw.policies[self._policy_name(model, "model")]
         session = None
         if principal.kind == "session":
-            session = self.gw._sessions.get(principal.session_id)  # type: ignore[arg-type]
+            session = self.gw._sessions.get(principal.session_id or "")
             if session is None or session.ended:
                 raise _ended(principal.session_id, "open a new one with POST /rl/sessions")
             if session.policy != policy.name:
@@ -199,7 +184,7 @@ class GatewayRoutes:
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise bad_request("'metadata' must be an object", param="metadata")
-        session_id, key = self.gw._open_session(policy, metadata)  # type: ignore[arg-type]
+        session_id, key = self.gw._open_session(policy, metadata)
         return JSONResponse({"session_id": session_id, "api_key": key})
 
     async def _get_session(self, request: Request) -> Response:
@@ -240,14 +225,14 @@ class GatewayRoutes:
     async def _admin_pause(self, request: Request) -> Response:
         self._require_admin(request)
         body = await self._body(request, empty_ok=True)
-        policy = self._policy_name(body.get("policy"), "policy", required=False)
+        policy = self._optional_policy(body.get("policy"), "policy")
         await self.gw.pause(policy)
         return JSONResponse({"paused": policy or sorted(self.gw.policies)})
 
     async def _admin_resume(self, request: Request) -> Response:
         self._require_admin(request)
         body = await self._body(request, empty_ok=True)
-        policy = self._policy_name(body.get("policy"), "policy", required=False)
+        policy = self._optional_policy(body.get("policy"), "policy")
         await self.gw.resume(policy)
         return JSONResponse({"resumed": policy or sorted(self.gw.policies)})
 
@@ -268,12 +253,13 @@ class GatewayRoutes:
                               "of *.safetensors the engine can read", param="path",
                               code="invalid_weights_path") from exc
         return JSONResponse({"policy": policy, "versions": [
-            e.version for e in self.gw.policies[policy].router.engines]})  # type: ignore[index]
+            e.version for e in self.gw.policies[policy].router.engines]})
 
 
 def _record(session: Session | None, turns: list[Turn]) -> None:
-    for turn in turns:
-        session.record(turn)  # type: ignore[union-attr]
+    if session is not None:
+        for turn in turns:
+            session.record(turn)
 
 
 def _ended(session_id: str | None, fix: str = "open a new one with POST /rl/sessions"
