@@ -154,7 +154,8 @@ class TensorTransport:
         except WeightSyncError:
             raise
         except BaseException as exc:
-            self._put(exc, deadline=time.monotonic() + 1.0)
+            with contextlib.suppress(WeightSyncError):  # no receiver: still raise exc itself
+                self._put(exc, deadline=time.monotonic() + 1.0)
             raise
         self._put(_END)
         return total

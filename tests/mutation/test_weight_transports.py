@@ -1,0 +1,164 @@
+"""Weight-transport details the mutation run found untested: manifests, the in-process
+channel's timeouts and messages on both sides, closing, the nccl refusal, and push_to_engine
+with a receiver that is not a generator or an engine that stops reading early."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from areal_agents.errors import WeightSyncError
+from areal_agents.testing.engine import ScriptedEngine
+from areal_agents.trainers.weight_shm import SharedMemoryTransport
+from areal_agents.trainers.weight_transport import (
+    DiskTransport,
+    TensorTransport,
+    push_to_engine,
+    receive,
+)
+
+
+def four_byte_tensors(n: int) -> list[tuple[str, torch.Tensor]]:
+    return [(f"t{i}", torch.full((1,), float(i))) for i in range(n)]
+
+
+def test_manifests_name_their_fields(tmp_path):
+    a, b = TensorTransport(bucket_bytes=64), TensorTransport(bucket_bytes=64)
+    manifest = a.manifest()
+    assert manifest == {"kind": "tensors", "channel": manifest["channel"], "bucket_bytes": 64}
+    assert isinstance(manifest["channel"], str) and manifest["channel"] != b.manifest()["channel"]
+    assert (a.timeout, a.bucket_bytes) == (600.0, 64)
+    assert DiskTransport(tmp_path / "w", bucket_bytes=32).manifest() == {
+        "kind": "disk", "path": str(tmp_path / "w"), "bucket_bytes": 32}
+    a.close()
+    b.close()
+
+
+def test_a_sender_whose_receiver_never_comes_raises_after_its_timeout():
+    transport = TensorTransport(bucket_bytes=4, timeout=0.2)  # one tensor per bucket
+    transport.manifest()
+    with pytest.raises(WeightSyncError) as info:
+        transport.send(four_byte_tensors(3))  # 2 fit the queue (a bucket + the end marker)
+    assert str(info.value) == ("the receiver took no bucket within 0.2 s; is receive(manifest) "
+                               "being iterated in another thread?")
+    transport.close()
+
+
+def test_a_failing_source_without_a_receiver_raises_its_own_error():
+    """The queue is full and nobody reads: the sender waits at most a second to hand over the
+    abort marker (not its 600 s timeout), then raises the source's error (it raised a
+    misleading "the receiver took no bucket within 600.0 s" before)."""
+
+    def source() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from four_byte_tensors(3)  # buckets 1 and 2 fill the queue; 3 is pending
+        raise RuntimeError("export failed")
+
+    transport = TensorTransport(bucket_bytes=4)  # timeout 600 s
+    transport.manifest()
+    with pytest.raises(RuntimeError) as info:
+        transport.send(source())
+    assert str(info.value) == "export failed"
+    transport.close()
+
+
+def test_a_receiver_whose_sender_never_comes_raises_after_its_timeout():
+    transport = TensorTransport(bucket_bytes=4, timeout=0.2)
+    stream = transport.receive(transport.manifest())
+    with pytest.raises(WeightSyncError) as info:
+        next(stream)
+    assert str(info.value) == "no bucket arrived within 0.2 s"
+    transport.close()
+
+
+def test_a_closed_channel_is_gone_and_close_is_idempotent():
+    transport = TensorTransport(bucket_bytes=4)
+    manifest = transport.manifest()
+    transport.close()
+    transport.close()
+    with pytest.raises(WeightSyncError) as info:
+        receive(manifest)
+    assert str(info.value) == (f"no TensorTransport channel {manifest['channel']!r} in this "
+                               "process; in-process tensors cannot cross processes (use shm)")
+
+
+class _Fake:
+    """A transport of another kind: the manifest says ``kind``; ``receive`` returns a plain
+    iterator (no ``close``)."""
+
+    bucket_bytes = 64
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.sent = kind, []
+
+    def manifest(self):
+        return {"kind": self.kind}
+
+    def send(self, named_tensors):
+        self.sent = list(named_tensors)
+        return 4 * len(self.sent)
+
+    def receive(self, manifest):
+        return iter(four_byte_tensors(2))
+
+    def close(self):
+        pass
+
+
+class _Reader(ScriptedEngine):
+    def __init__(self, stop_after: int | None = None) -> None:
+        super().__init__(["x"])
+        self.stop_after, self.names = stop_after, []
+
+    async def update_weights(self, update):
+        for name, _ in update.named_tensors:
+            self.names.append(name)
+            if len(self.names) == self.stop_after:
+                return  # stops reading early, without an error
+        self.version = update.version
+
+
+async def test_push_to_engine_refuses_nccl_with_the_reason():
+    with pytest.raises(ValueError) as info:
+        await push_to_engine(_Reader(), _Fake("nccl"), four_byte_tensors(2))
+    assert str(info.value) == ("push_to_engine runs both sides in this process; with nccl the "
+                               "engine's ranks call NCCLTransport.receive() while rank src calls "
+                               "send()")
+
+
+async def test_push_to_engine_takes_a_receiver_that_is_a_plain_iterator():
+    engine, transport = _Reader(), _Fake("custom")
+    assert await push_to_engine(engine, transport, four_byte_tensors(2), version=4) == 8
+    assert (engine.names, engine.version) == (["t0", "t1"], 4)
+
+
+@pytest.mark.parametrize("kind", ["tensors", "shm"])
+async def test_an_engine_that_stops_reading_early_makes_the_push_fail(kind):
+    transport = (TensorTransport(bucket_bytes=4) if kind == "tensors"
+                 else SharedMemoryTransport(bucket_bytes=4))
+    engine = _Reader(stop_after=1)
+    with pytest.raises(WeightSyncError) as info:
+        await push_to_engine(engine, transport, four_byte_tensors(6), version=1)
+    transport.close()
+    assert "stopped before the update was complete" in str(info.value)
+    assert engine.names == ["t0"] and engine.version != 1
+
+
+def test_shm_round_trip_with_two_readers_in_threads():
+    shm = SharedMemoryTransport(bucket_bytes=8, num_readers=2, timeout=30)
+    manifests = [shm.manifest(0), shm.manifest(1)]
+    got: list[list[str]] = [[], []]
+
+    def read(r: int) -> None:
+        got[r] = [n for n, _ in receive(manifests[r], timeout=30)]
+
+    readers = [threading.Thread(target=read, args=(r,)) for r in (0, 1)]
+    for t in readers:
+        t.start()
+    assert shm.send(four_byte_tensors(5)) == 20
+    for t in readers:
+        t.join()
+    shm.close()
+    assert got == [["t0", "t1", "t2", "t3", "t4"]] * 2
