@@ -38,10 +38,16 @@ from .episodes import EpisodeStats, RewardFn, play
 from .llm_session import Seat, open_seat
 from .policy import Policy
 from .proximal import exact_behaviour, proximal_logprobs
-from .reference import build_reference
+from .reference import ReferenceSpec, build_reference
 from .serving import build_engines
 from .stats import StepStats, resolve_algorithm
-from .warm_start import Demos, collect_demos, warm_start_policy
+from .warm_start import (
+    Demos,
+    collect_demos,
+    copy_weights_into,
+    warm_start_plan,
+    warm_start_policy,
+)
 from .weight_push import WeightPush
 from .wiring import BACKENDS, backend_factory, policy_algorithm, resolve_policy_map
 from .worker_group import WorkerGroupEngine
@@ -211,17 +217,18 @@ class Trainer:
             serving = None
             if policy.trainable:
                 factory = backend_factory(policy.backend)
-                if policy.sft_steps and demos is not None:
-                    await self._warm_start(name, model, tokenizer, factory, demos)
-                if getattr(self.algorithms[name], "needs_reference", False):
-                    self.ref_engines[name] = build_reference(
-                        name, policy, model, factory, self.run_dir, resumed=ckpt is not None)
-                if policy.train.distributed:  # the workers unpickle their own copies of `model`
-                    self.train_engines[name] = WorkerGroupEngine(
-                        model, policy.train, backend=policy.backend, factory=factory,
-                        lr=policy.lr, lora=policy.lora, **policy.train_kwargs)
+                reference = (ReferenceSpec.of(name, policy, self.run_dir, ckpt is not None)
+                             if getattr(self.algorithms[name], "needs_reference", False) else None)
+                if policy.train.distributed:  # the ranks warm start and hold the reference
+                    self.train_engines[name] = await self._worker_group(
+                        name, model, tokenizer, factory, demos, reference)
                     serving = model
                 else:
+                    if policy.sft_steps and demos is not None:
+                        await self._warm_start(name, model, tokenizer, factory, demos)
+                    if reference is not None:
+                        self.ref_engines[name] = build_reference(
+                            name, policy, model, factory, self.run_dir, resumed=ckpt is not None)
                     # copied before the engine is built: PEFT LoRA rewraps `model` in place,
                     # and the served copy must keep the plain HF names export_weights yields
                     serving = copy.deepcopy(model)
@@ -242,12 +249,39 @@ class Trainer:
         if ckpt is not None:
             await self.restore_checkpoint(ckpt)
 
+    def _transcripts(self, name: str, demos: Demos) -> list[list[dict[str, Any]]]:
+        return [t for a, p in self.policy_of.items() if p == name
+                for t in demos.transcripts.get(a, [])]
+
     async def _warm_start(self, name: str, model: Any, tokenizer: Any, factory: Any,
                           demos: Demos) -> None:
-        transcripts = [t for a, p in self.policy_of.items() if p == name
-                       for t in demos.transcripts.get(a, [])]
         losses = await warm_start_policy(self.policies[name], model, tokenizer, factory,
-                                         transcripts, self.seed)
+                                         self._transcripts(name, demos), self.seed)
+        self._log_warm_start(name, demos, losses)
+
+    async def _worker_group(self, name: str, model: Any, tokenizer: Any, factory: Any,
+                            demos: Demos | None, reference: ReferenceSpec | None
+                            ) -> WorkerGroupEngine:
+        """Policy ``name``'s worker group; its ranks run the warm start and hold the KL
+        reference (nothing of either in this process). The warm-started weights then stream
+        from rank 0 into ``model``, the copy the inference engines are built from."""
+        policy = self.policies[name]
+        demos = demos if policy.sft_steps else None
+        plan = (None if demos is None else
+                warm_start_plan(policy, tokenizer, self._transcripts(name, demos), self.seed))
+        engine = await asyncio.to_thread(  # the workers unpickle their own copies of `model`
+            WorkerGroupEngine, model, policy.train, backend=policy.backend, factory=factory,
+            lr=policy.lr, lora=policy.lora, warm_start=plan, reference=reference,
+            **policy.train_kwargs)
+        if engine.reference is not None:
+            self.ref_engines[name] = engine.reference
+        if demos is not None:
+            self._log_warm_start(name, demos, engine.warm_start_losses)
+        if plan is not None:
+            copy_weights_into(model, engine.export_weights())
+        return engine
+
+    def _log_warm_start(self, name: str, demos: Demos, losses: list[float]) -> None:
         metrics = {f"warm_start/{name}/failed_episodes": float(demos.num_failed)}
         if losses:
             metrics.update({f"warm_start/{name}/nll_first": losses[0],

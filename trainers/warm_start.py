@@ -180,20 +180,58 @@ def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int 
     return [float(h["loss"]) for h in trainer.fit(schedule, epochs=1, shuffle=False)]
 
 
+@dataclass
+class WarmStartPlan:
+    """An SFT warm start ready to run on any ``TrainEngine`` (``run``), e.g. on the ranks of a
+    worker group (``WorkerGroupEngine(warm_start=...)``: each rank trains on its rows).
+
+    Attributes:
+        samples: the tokenized demonstrations (``demo_samples``).
+        steps: SFT steps (``Policy.sft_steps``).
+        lr: the warm start's learning rate (``Policy.sft_lr``).
+        seed: the shuffling seed.
+        pad_token_id: padding id of the batches.
+        batch_size: samples per step at most.
+    """
+
+    samples: list[Sample]
+    steps: int
+    lr: float
+    seed: int = 0
+    pad_token_id: int = 0
+    batch_size: int = 32
+
+    def run(self, engine: TrainEngine) -> list[float]:
+        """``sft`` on ``engine`` (built at ``lr``); returns each step's loss."""
+        return sft(engine, self.samples, self.steps, self.batch_size, self.seed,
+                   self.pad_token_id)
+
+
+def warm_start_plan(policy: Policy, tokenizer: Any, transcripts: list[list[dict[str, Any]]],
+                    seed: int = 0) -> WarmStartPlan | None:
+    """The warm start of ``policy`` on ``transcripts`` (tokenized for ``policy.api``), or
+    ``None`` when there is nothing to do (no transcripts or ``sft_steps=0``)."""
+    samples = demo_samples(tokenizer, transcripts, policy.api)
+    if not samples or not policy.sft_steps:
+        return None
+    return WarmStartPlan(samples, policy.sft_steps, policy.sft_lr, seed,
+                         tokenizer.pad_token_id or 0)
+
+
 async def warm_start_policy(policy: Policy, model: Any, tokenizer: Any,
                             factory: Callable[..., TrainEngine],
                             transcripts: list[list[dict[str, Any]]], seed: int = 0
                             ) -> list[float]:
-    """Fit ``model`` in place to ``transcripts`` (tokenized for ``policy.api``) for
-    ``policy.sft_steps`` steps at ``policy.sft_lr`` on a temporary ``factory`` engine, in a
-    worker thread; returns the step losses (``[]`` without transcripts or steps)."""
-    samples = demo_samples(tokenizer, transcripts, policy.api)
-    if not samples or not policy.sft_steps:
+    """Fit ``model`` in place to ``transcripts`` (``warm_start_plan``) for
+    ``policy.sft_steps`` steps at ``policy.sft_lr`` on a temporary ``factory`` engine in this
+    process, in a worker thread; returns the step losses (``[]`` without transcripts or
+    steps). A worker-group policy warms up on its ranks instead (``WorkerGroupEngine``)."""
+    plan = warm_start_plan(policy, tokenizer, transcripts, seed)
+    if plan is None:
         return []
-    engine = factory(model, lr=policy.sft_lr)
+    engine = factory(model, lr=plan.lr)
     try:
-        losses = await asyncio.to_thread(sft, engine, samples, policy.sft_steps, 32, seed,
-                                         tokenizer.pad_token_id or 0)
+        losses = await asyncio.to_thread(plan.run, engine)
         # engines that train their own copy (Archon, Megatron) hand the weights back here
         copy_weights_into(model, engine.export_weights())
         return losses

@@ -12,6 +12,15 @@ What crosses the pipes per call::
     write_weights     a path: rank 0 writes the safetensors dir of a disk weight push
                       itself (no tensor crosses the pipes)
     save / load       a path; every rank writes/reads its DCP shards
+    ref_logprobs      as forward_logprobs, on the frozen KL reference the ranks hold
+    warm start        the SFT steps are train_steps (each rank its rows) on a temporary engine;
+                      then rank 0's weights are broadcast and every rank builds the policy's
+                      engine (and reference) from them
+
+Nothing large lives in the controller: the ranks build the KL reference themselves
+(``ReferenceSpec``: a copy of their model, or ``ref_model`` loaded on the rank; rank 0 saves
+it once for resumes) and run the SFT warm start (``WarmStartPlan``), so neither the
+reference nor a warm-start engine exists in the controller.
 
 Row sharding keeps the engines' "same full batch on every rank" contract without sending the
 full batch: ``RowShard.expand`` rebuilds a batch of the full shape whose rows this rank never
@@ -28,7 +37,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,7 +49,11 @@ from .base import LossFn, TrainEngine
 from .launcher import DistributedEngineGroup
 from .placement import TrainPlacement, check_train_placement, engine_parallel_kwargs
 
-__all__ = ["RowShard", "WorkerGroupEngine", "shard_batch", "shard_rows"]
+if TYPE_CHECKING:
+    from .reference import ReferenceSpec
+    from .warm_start import WarmStartPlan
+
+__all__ = ["GroupReference", "RowShard", "WorkerGroupEngine", "shard_batch", "shard_rows"]
 
 _ONES = {"temperature", "top_p"}  # placeholder rows sample like defaults (never trained on)
 
@@ -114,11 +127,50 @@ def shard_batch(batch: TokenBatch, dp_rank: int, dp: int) -> RowShard:
 
 
 class _RankEngine:
-    """The engine of one worker rank, as the controller drives it."""
+    """The engines of one worker rank, as the controller drives them: the policy's engine
+    and, with a ``ReferenceSpec``, its frozen KL reference. With ``warm_kwargs`` the rank
+    first trains a temporary warm-start engine (``finish_warm_start`` then builds the others
+    from its weights)."""
 
-    def __init__(self, factory: Callable[..., Any], model_bytes: bytes,
-                 kwargs: dict[str, Any]) -> None:
-        self.engine = factory(pickle.loads(model_bytes), **kwargs)
+    def __init__(self, factory: Callable[..., Any], model_bytes: bytes, kwargs: dict[str, Any],
+                 warm_kwargs: dict[str, Any] | None = None,
+                 reference: ReferenceSpec | None = None) -> None:
+        self._factory, self._kwargs, self._reference_spec = factory, kwargs, reference
+        self.reference: Any = None
+        self._model_bytes: bytes | None = None
+        if warm_kwargs is None:
+            self._start(pickle.loads(model_bytes))
+        else:  # kept until finish_warm_start: the skeleton the trained weights go into
+            self._model_bytes = model_bytes
+            self.engine = factory(pickle.loads(model_bytes), **warm_kwargs)
+
+    def _start(self, model: Any) -> None:
+        """Build the reference (a copy of ``model`` unless ``ref_model``) and the engine."""
+        import torch.distributed as dist
+
+        if self._reference_spec is not None:
+            from .reference import reference_model
+
+            ref = reference_model(self._reference_spec, model, save=dist.get_rank() == 0)
+            self.reference = self._factory(ref, **{**self._kwargs, "lora": None})
+        self.engine = self._factory(model, **self._kwargs)
+
+    def finish_warm_start(self) -> None:
+        """Every rank: the warm-start engine's weights (rank 0's export, broadcast) go into a
+        fresh copy of the model, from which the reference and the policy's engine are built
+        (fresh optimizer, step 0)."""
+        from .warm_start import copy_weights_into
+
+        assert self._model_bytes is not None, "finish_warm_start without a warm start"
+        model = pickle.loads(self._model_bytes)
+        self._model_bytes = None
+        copy_weights_into(model, self.engine.export_weights())  # collective; rank 0 yields
+        _broadcast_from_rank0(model)
+        self.engine.close()
+        self._start(model)
+
+    def ref_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        return self.reference.forward_logprobs(batch)
 
     def train_step(self, data: RowShard | TokenBatch, loss_fn: LossFn) -> dict[str, float]:
         batch = data.expand() if isinstance(data, RowShard) else data
@@ -152,6 +204,22 @@ class _RankEngine:
 
     def close(self) -> None:
         self.engine.close()
+        if self.reference is not None:
+            self.reference.close()
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(model: Any) -> None:
+    """Give every rank rank 0's ``model.state_dict()`` values (in place; through the GPU
+    under NCCL)."""
+    import torch.distributed as dist
+
+    cuda = dist.get_backend() == "nccl"
+    for tensor in model.state_dict().values():
+        buffer = tensor.cuda() if cuda else tensor
+        dist.broadcast(buffer, src=0)
+        if cuda:
+            tensor.copy_(buffer)
 
 
 def _check_gpus(world_size: int) -> None:
@@ -161,9 +229,26 @@ def _check_gpus(world_size: int) -> None:
                           f"GPU per rank, {count} visible; lower world_size or use device='cpu'")
 
 
-def _build_rank_engine(factory: Callable[..., Any], model_bytes: bytes,
-                       kwargs: dict[str, Any]) -> _RankEngine:
-    return _RankEngine(factory, model_bytes, kwargs)
+def _build_rank_engine(factory: Callable[..., Any], model_bytes: bytes, kwargs: dict[str, Any],
+                       warm_kwargs: dict[str, Any] | None,
+                       reference: ReferenceSpec | None) -> _RankEngine:
+    return _RankEngine(factory, model_bytes, kwargs, warm_kwargs, reference)
+
+
+class GroupReference:
+    """A worker group's frozen KL reference, held by its ranks (sharded like the policy):
+    ``forward_logprobs`` runs there and only the ``[B, T]`` log-probs come back. Built by
+    ``WorkerGroupEngine(reference=...)``; closes with the group."""
+
+    def __init__(self, group: DistributedEngineGroup) -> None:
+        self._group = group
+
+    def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """``[B, T]`` reference log-probs (every rank gets the full batch; rank 0's result)."""
+        return self._group.call("ref_logprobs", batch)[0]
+
+    def close(self) -> None:
+        """Nothing to do: the ranks' reference is dropped by ``WorkerGroupEngine.close``."""
 
 
 class WorkerGroupEngine(TrainEngine):
@@ -182,14 +267,20 @@ class WorkerGroupEngine(TrainEngine):
         factory: the engine factory (default: the registry's, ``backend_factory(backend)``);
             must be picklable by reference (a module-level class or function).
         lr, lora, **train_kwargs: the backend engine's arguments, as in one process.
+        warm_start: an SFT warm start run on the ranks before RL (each rank trains on its
+            rows; the losses are ``warm_start_losses``), on a temporary engine built as the
+            one-process warm start builds it (``lr=warm_start.lr``, no LoRA or train_kwargs).
+        reference: the KL reference the ranks build and hold (``reference``: a
+            ``GroupReference``), from the weights after the warm start.
         timeout: seconds one call may take before the group is stopped (``TrainError``).
         grace: seconds the other ranks get to answer once a rank failed.
 
     Raises:
         ConfigError: the backend cannot run ``placement``, or ``device="cuda"`` with fewer
             visible GPUs than ranks.
-        TrainError: a rank failed to build its engine (its traceback), or any later call
-            failed on some rank; a group that stopped answering is stopped for good.
+        TrainError: a rank failed to build its engines or to warm start (its traceback; the
+            workers are stopped), or any later call failed on some rank; a group that stopped
+            answering is stopped for good.
 
     Example:
         >>> engine = WorkerGroupEngine("tiny:xs", TrainPlacement(world_size=2), lr=1e-3)
@@ -199,22 +290,35 @@ class WorkerGroupEngine(TrainEngine):
 
     def __init__(self, model: Any, placement: TrainPlacement, *, backend: str = "fsdp",
                  factory: Callable[..., Any] | None = None, lr: float = 1e-5, lora: Any = None,
-                 timeout: float = 3600.0, grace: float = 10.0, **train_kwargs: Any) -> None:
+                 timeout: float = 3600.0, grace: float = 10.0,
+                 warm_start: WarmStartPlan | None = None, reference: ReferenceSpec | None = None,
+                 **train_kwargs: Any) -> None:
         check_train_placement(backend, placement)
         self.placement = placement
         self.step = 0
         self.version = 0
-        kwargs = {"lr": lr, "lora": lora, **engine_parallel_kwargs(backend, placement),
-                  **train_kwargs}
+        layout: dict[str, Any] = dict(engine_parallel_kwargs(backend, placement))
         device = placement.resolved_device()
         if device == "cpu":
-            kwargs.setdefault("device", "cpu")
+            layout["device"] = "cpu"
         else:
             _check_gpus(placement.world_size)
+        kwargs = {"lr": lr, "lora": lora, **layout, **train_kwargs}
+        warm_kwargs = None if warm_start is None else {"lr": warm_start.lr, **layout}
         self._group = DistributedEngineGroup(
             placement.world_size, _build_rank_engine, factory or backend_factory(backend),
-            pickle.dumps(model), kwargs, threads=placement.threads, device=device,
-            timeout=timeout, grace=grace)
+            pickle.dumps(model), kwargs, warm_kwargs, reference, threads=placement.threads,
+            device=device, timeout=timeout, grace=grace)
+        self.reference = None if reference is None else GroupReference(self._group)
+        self.warm_start_losses: list[float] = []
+        if warm_start is not None:
+            try:
+                self.warm_start_losses = warm_start.run(self)
+                self._group.call("finish_warm_start")
+            except BaseException:
+                self.close()
+                raise
+            self.step = 0
 
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step; each data-parallel rank receives only its rows (``RowShard``);
