@@ -162,3 +162,117 @@ def test_shm_round_trip_with_two_readers_in_threads():
         t.join()
     shm.close()
     assert got == [["t0", "t1", "t2", "t3", "t4"]] * 2
+
+
+# ---- shared memory --------------------------------------------------------------------------
+
+
+def shm_round_trip(shm: SharedMemoryTransport, named, manifest=None, receiver=None):
+    """Send in a thread; return what ``receiver`` (default ``receive``) yields, as copies
+    taken when each tensor is yielded and the tensors themselves."""
+    manifest = manifest or shm.manifest()
+    stream = (receiver or receive)(manifest)
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            shm.send(named)
+        except BaseException as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    got = [(n, t.clone(), t) for n, t in stream]
+    sender.join()
+    if errors:
+        raise errors[0]
+    return got
+
+
+def test_shm_manifest_epochs_and_reader_bounds():
+    with SharedMemoryTransport(bucket_bytes=64, num_readers=2) as shm:
+        first, second = shm.manifest(0), shm.manifest(1)
+        assert first == {"kind": "shm", "block": shm.block.name, "pid": first["pid"],
+                         "epoch": 1, "reader": 0, "meta_bytes": 2**20,
+                         "data_offset": first["data_offset"], "bucket_bytes": 64}
+        assert (second["epoch"], second["reader"]) == (1, 1)
+        assert [shm.manifest(0)["epoch"] for _ in range(2)] == [2, 3]
+        with pytest.raises(ValueError) as info:
+            shm.manifest(2)
+        assert str(info.value) == "reader must be in [0, 2) (got 2)"
+        with pytest.raises(WeightSyncError) as info:
+            next(receive(first))
+        assert str(info.value) == ("stale shared-memory manifest (update 1, the block holds "
+                                   "update 3)")
+
+
+def test_shm_timeouts_name_what_was_missing():
+    with SharedMemoryTransport(bucket_bytes=4, timeout=0.2) as shm:
+        manifest = shm.manifest()
+        with pytest.raises(WeightSyncError) as info:
+            next(shm.receive(manifest))  # the transport's own timeout, not 600 s
+        assert str(info.value) == ("shared-memory weight transfer: no bucket 1 arrived within "
+                                   "0.2 s")
+    with SharedMemoryTransport(bucket_bytes=4, timeout=0.2) as shm:
+        shm.manifest()
+        with pytest.raises(WeightSyncError) as info:
+            shm.send(four_byte_tensors(2))  # nobody copies bucket 1
+        assert str(info.value) == ("shared-memory weight transfer: the receivers did not copy "
+                                   "bucket 1 within 0.2 s")
+
+
+def test_shm_receiver_of_an_aborted_update_says_so():
+    def source():
+        yield from four_byte_tensors(1)
+        raise RuntimeError("export failed")
+
+    with SharedMemoryTransport(bucket_bytes=64, timeout=10) as shm:
+        with pytest.raises(WeightSyncError) as info:
+            shm_round_trip(shm, source())
+        assert str(info.value) == "the sender aborted the update; discard what was received"
+
+
+def test_shm_close_twice_and_one_byte_tensors_do_not_overlap():
+    shm = SharedMemoryTransport(bucket_bytes=256, timeout=10)
+    sent = [(f"b{i}", torch.tensor([i + 1], dtype=torch.uint8)) for i in range(3)]
+    got = shm_round_trip(shm, sent)
+    assert [(n, c.tolist()) for n, c, _ in got] == [("b0", [1]), ("b1", [2]), ("b2", [3])]
+    shm.close()
+    shm.close()
+
+
+def test_shm_transport_receive_copies_by_default():
+    """``SharedMemoryTransport.receive`` yields copies: a tensor keeps its values after later
+    buckets are written over the block."""
+    with SharedMemoryTransport(bucket_bytes=4, timeout=10) as shm:
+        got = shm_round_trip(shm, four_byte_tensors(3), receiver=shm.receive)
+    assert [t.tolist() for _, _, t in got] == [[0.0], [1.0], [2.0]]
+
+
+def test_shm_borrowed_tensors_are_views_of_the_block_and_may_be_kept():
+    with SharedMemoryTransport(bucket_bytes=256, timeout=10) as shm:
+        manifest = shm.manifest()
+        got = shm_round_trip(shm, four_byte_tensors(3), manifest,
+                             receiver=lambda m: receive(m, borrow=True))
+        # one storage: the receiver's mapping of the block (not a fresh tensor each)
+        assert len({t.untyped_storage().data_ptr() for _, _, t in got}) == 1
+        assert [c.tolist() for _, c, _ in got] == [[0.0], [1.0], [2.0]]
+        del got  # views kept past the stream's end: the receiver did not raise
+
+
+def test_shm_metadata_bound_closes_buckets_early():
+    """With little room for metadata, buckets close before the data area is full: every
+    entry's JSON still fits (4-d shapes and long names need more than short ones)."""
+    sent = [(f"layer.{i}." + "x" * 40, torch.full((1, 1, 1, 1), float(i))) for i in range(12)]
+    with SharedMemoryTransport(bucket_bytes=4096, meta_bytes=300, timeout=10) as shm:
+        got = shm_round_trip(shm, sent)
+    assert [(n, c.flatten().tolist()) for n, c, _ in got] == [
+        (n, t.flatten().tolist()) for n, t in sent]
+
+
+def test_shm_long_metadata_is_read_whole():
+    """One bucket of 64 tensors with long names: its JSON is far longer than the header."""
+    sent = [(f"model.layers.{i}." + "w" * 200, torch.full((1,), float(i))) for i in range(64)]
+    with SharedMemoryTransport(bucket_bytes=64 * 64, timeout=10) as shm:
+        got = shm_round_trip(shm, sent)
+    assert [(n, c.tolist()) for n, c, _ in got] == [(n, t.tolist()) for n, t in sent]
