@@ -12,8 +12,9 @@ Rank layout (outer to inner, as Archon's ``ParallelDims`` and megatron-core orde
 so the ``tp`` ranks of one tensor-parallel group are neighbours and share one data-parallel
 index (they need the same rows of a batch), and pipeline stages are outermost.
 
-Which degrees each backend implements is one table, ``PARALLELISM``; ``check_train_placement``
-holds a placement against it.
+Which degrees each backend implements is one table, ``PARALLELISM`` (with ``ALONE``: degrees a
+backend runs only with every other degree 1); ``check_train_placement`` holds a placement
+against them.
 
 Example:
     >>> TrainPlacement(world_size=4, tp=2).dp
@@ -35,12 +36,12 @@ from typing import Any, Literal, get_args
 
 from areal_agents.errors import ConfigError
 
-__all__ = ["PARALLELISM", "TRANSPORTS", "InferencePlacement", "TrainPlacement",
+__all__ = ["ALONE", "PARALLELISM", "TRANSPORTS", "InferencePlacement", "TrainPlacement",
            "check_train_placement", "engine_parallel_kwargs"]
 
 Device = Literal["cpu", "cuda"]
 InferenceKind = Literal["in_process", "server", "vllm", "sglang"]
-Transport = Literal["tensors", "shm", "disk", "nccl"]
+Transport = Literal["tensors", "shm", "disk", "gloo", "nccl"]
 
 PARALLELISM: dict[str, frozenset[str]] = {
     "fsdp": frozenset({"dp"}),  # FSDP2 over all world_size ranks
@@ -50,6 +51,11 @@ PARALLELISM: dict[str, frozenset[str]] = {
 """Backend -> the parallel degrees it implements beyond one process. A backend missing here
 (e.g. one added with ``register_backend``) trains in one process only; add its entry to train
 it on several."""
+
+ALONE: dict[str, frozenset[str]] = {
+    "archon": frozenset({"pp"}),  # its pipeline runs dense models with dp = tp = ep = 1
+}
+"""Backend -> the degrees of ``PARALLELISM`` it runs only when every other degree is 1."""
 
 _ENGINE_KWARGS: dict[str, dict[str, str]] = {
     "archon": {"dp": "dp_shard", "tp": "tp", "pp": "pp", "ep": "ep"},
@@ -197,6 +203,13 @@ def check_train_placement(backend: str, train: TrainPlacement, *, trainable: boo
         only = "only data parallelism (dp)" if supported == {"dp"} else names
         raise ConfigError(f"Policy.train: {backend} supports {only}; {use}"
                           + ", ".join(f"{d}={n}" for d, n in missing.items()))
+    alone = sorted(set(wanted) & ALONE.get(backend, frozenset()))
+    if alone and len(wanted) > 1:
+        others = ", ".join(sorted(supported - set(alone)))
+        got = ", ".join(f"{d}={n}" for d, n in wanted.items())
+        raise ConfigError(f"Policy.train: {backend} runs {alone[0]} only alone (got {got}); "
+                          f"supported layouts: {others} combined, or {alone[0]} alone; set world_size="
+                          f"{wanted[alone[0]]} with only {alone[0]}, or {alone[0]}=1")
     if train.ep > 1 and train.ep != train.dp:
         raise ConfigError(f"Policy.train: ep={train.ep} must be 1 or dp={train.dp} (experts are "
                           "split over the data-parallel ranks)")
@@ -211,12 +224,15 @@ def engine_parallel_kwargs(backend: str, train: TrainPlacement) -> dict[str, int
 
 TRANSPORTS: dict[str, tuple[Transport, ...]] = {
     "in_process": ("tensors", "disk"),
-    "server": ("shm", "disk", "nccl"),
+    "server": ("shm", "disk", "gloo"),
     "vllm": ("disk", "nccl"),
     "sglang": ("disk", "nccl"),
 }
 """Inference kind -> the weight transports it can use, the automatic choice first (the one
-table of how trained weights reach an engine; ``trainers/weight_push.py`` carries them out)."""
+table of how trained weights reach an engine; ``trainers/weight_push.py`` carries them out).
+``gloo`` and ``nccl`` are one code path (a broadcast over a weight-update process group,
+``trainers/weight_nccl.py``) on CPU and CUDA tensors; the engine server runs on the CPU, so it
+takes ``gloo``."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +245,8 @@ class InferencePlacement:
         replicas: engines behind the policy's router (with ``urls``: one per URL).
         device: ``"cpu"`` or ``"cuda"``; ``None`` picks cuda when available.
         transport: how weights move: ``"tensors"`` (in process), ``"shm"`` (shared memory,
-            same host), ``"disk"`` (safetensors files) or ``"nccl"`` (GPU only); ``None``
+            same host), ``"disk"`` (safetensors files), ``"gloo"`` (a process-group
+            broadcast on CPU) or ``"nccl"`` (the same on GPU); ``None``
             picks the first of the kind's ``TRANSPORTS``: ``tensors`` in process, ``shm``
             for a server, ``disk`` for vllm/sglang.
         bucket_mb: the most tensor data (MiB) one transfer of a weight push carries; a push
@@ -286,8 +303,9 @@ class InferencePlacement:
             raise ConfigError(f"{owner}: kind={self.kind!r} cannot use transport="
                               f"{self.transport!r}; choose one of {list(allowed)} (or omit it)")
         if self.transport == "nccl" and self.device == "cpu":
-            raise ConfigError(f"{owner}: transport='nccl' needs device='cuda'; use 'shm' or "
-                              "'disk' on CPU")
+            cpu = [t for t in allowed if t != "nccl"]
+            raise ConfigError(f"{owner}: transport='nccl' needs device='cuda'; use one of "
+                              f"{cpu} on CPU")
 
     @classmethod
     def of(cls, value: InferencePlacement | dict[str, Any] | str) -> InferencePlacement:

@@ -17,8 +17,9 @@
 
 How trained weights reach the engines (the transport and ``bucket_mb``) is
 ``trainers/weight_push.py``'s; a ``server`` replica streams ``shm`` updates through a block of
-``bucket_mb``. ``server`` replicas run on the CPU (``device="cuda"`` is refused: the engine
-server has no device option yet).
+``bucket_mb`` and ``gloo`` updates over a process group it joins with the controller.
+``server`` replicas run on the CPU (``device="cuda"`` is refused: the engine server has no
+device option yet).
 
 ``server_args`` are keyword arguments of the engine's ``launch``: for ``server``
 (``RemoteEngine.launch``) ``threads`` (OMP/torch threads per server, default 1),
@@ -80,9 +81,9 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
                           "areal_agents.trainers.serving yet; use 'in_process', 'server', "
                           "'vllm' or 'sglang'")
     transport = placement.resolved_transport()
-    if transport not in ("shm", "disk"):
-        raise ConfigError(f"Policy.inference: kind='server' moves weights by 'shm' or 'disk', "
-                          f"not {transport!r}")
+    if transport not in ("shm", "disk", "gloo"):
+        raise ConfigError(f"Policy.inference: kind='server' moves weights by 'shm', 'disk' or "
+                          f"'gloo', not {transport!r}")
     if placement.device == "cuda":
         raise ConfigError("Policy.inference: kind='server' engines run on the CPU (the engine "
                           "server has no device option yet); use kind='in_process' or 'vllm' "

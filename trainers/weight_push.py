@@ -10,6 +10,11 @@ failed update resumes and raises)::
     tensors    named_tensors=ExportedWeights(...)    iterates a fresh export (in process)
     shm        named_tensors=ExportedWeights(...)    RemoteEngine streams the export through its
                                                      shared-memory block of ``bucket_bytes``
+    gloo       named_tensors=ExportedWeights(...)    RemoteEngine broadcasts the export over the
+    (nccl)                                           weight-update group it and its server join
+                                                     (``engines/weights_group.py``), buckets of
+                                                     ``bucket_bytes``; ``nccl`` is the same on
+                                                     CUDA tensors
     disk       path=<dir> (written once, one         loads the safetensors directory
                bucket-sized shard at a time; by the
                worker group's rank 0 itself)
@@ -49,7 +54,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from areal_agents.engines.base import WeightUpdate
-from areal_agents.errors import ConfigError
 
 from .placement import InferencePlacement
 from .weight_transport import DiskTransport
@@ -103,17 +107,11 @@ class WeightPush:
         directory: where a ``disk`` transport writes each update (replaced each time, renamed
             into place so a reader never sees half of one; None: a temporary directory that
             ``close`` removes); unused by the other transports.
-
-    Raises:
-        ConfigError: a transport the Trainer does not carry out here (``nccl``).
     """
 
     def __init__(self, placement: InferencePlacement,
                  directory: str | os.PathLike[str] | None = None) -> None:
         self.transport = placement.resolved_transport()
-        if self.transport == "nccl":
-            raise ConfigError("Policy.inference: transport='nccl' is not wired to engines yet "
-                              "(NCCLTransport is tested on gloo only); use 'shm' or 'disk'")
         self.bucket_bytes = placement.bucket_bytes
         self._temporary = directory is None and self.transport == "disk"
         self.directory = (Path(tempfile.mkdtemp(prefix="weights-")) / "latest" if self._temporary

@@ -28,12 +28,14 @@ from typing import Any, Literal
 import httpx2
 
 from ..errors import ContextLengthExceeded, EngineError
+from . import weights_group
 from .base import GenerateRequest, GenerateResult, WeightUpdate
 from .http_engine import HTTPEngine
 from .server_process import ServerProcess, free_port
 from .service import TOKEN_ENV, request_to_json, result_from_json
 
-WeightTransport = Literal["shm", "disk"]
+WeightTransport = Literal["shm", "disk", "gloo", "nccl"]
+_TRANSPORTS = ("shm", "disk", "gloo", "nccl")
 
 
 class RemoteEngine(HTTPEngine):
@@ -49,7 +51,11 @@ class RemoteEngine(HTTPEngine):
         version: the weight version the server holds.
         timeout_s: seconds one request may take (a whole generation included).
         transport: how ``update_weights(named_tensors=...)`` ships tensors: ``"shm"``
-            (one POSIX shared-memory block, same host) or ``"disk"`` (a safetensors dir).
+            (one POSIX shared-memory block, same host), ``"disk"`` (a safetensors dir), or a
+            broadcast over a weight-update process group that this engine (rank 0, the
+            sender) and its server (rank 1) join on the first update: ``"gloo"`` (CPU) or
+            ``"nccl"`` (GPU); the group's timeout is ``timeout_s`` and a failed broadcast
+            drops it (the next update joins a new one).
         bucket_bytes: the shared-memory block of ``shm`` updates (a larger tensor crosses it
             in pieces); None: 256 MiB.
         http_transport: an ``httpx2`` transport (tests pass ``httpx2.ASGITransport``).
@@ -72,8 +78,8 @@ class RemoteEngine(HTTPEngine):
                  http_transport: httpx2.AsyncBaseTransport | None = None,
                  server: ServerProcess | None = None, launch_args: dict[str, Any] | None = None,
                  restart_limit: int = 0, bucket_bytes: int | None = None) -> None:
-        if transport not in ("shm", "disk"):
-            raise ValueError(f"transport={transport!r}; choose 'shm' or 'disk'")
+        if transport not in _TRANSPORTS:
+            raise ValueError(f"transport={transport!r}; choose one of {list(_TRANSPORTS)}")
         super().__init__(url, timeout_s=timeout_s, server=server, transport=http_transport,
                          headers=_auth(token))
         self.token = token
@@ -87,6 +93,7 @@ class RemoteEngine(HTTPEngine):
         self._lock = asyncio.Lock()  # weight updates and restarts, one at a time
         self._weights_dir: Path | None = None  # the last update's tensors (restartable engines)
         self._shm: Any = None  # the SharedMemoryTransport of "shm" updates (made on first use)
+        self._group: Any = None  # the NCCLTransport of "gloo"/"nccl" updates (joined on use)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -188,6 +195,8 @@ class RemoteEngine(HTTPEngine):
 
         Raises:
             EngineUnavailable: the server died (not restartable).
+            WeightSyncError: a ``gloo``/``nccl`` broadcast failed or timed out (the server
+                keeps its weights and version).
             EngineError: the server refused the update (a name or shape it does not know).
         """
         from areal_agents.trainers.weight_sync import save_safetensors_dir
@@ -207,6 +216,9 @@ class RemoteEngine(HTTPEngine):
             elif self.transport == "shm":
                 assert update.named_tensors is not None
                 await self._stream_shared(update.named_tensors, target)
+            elif self.transport in ("gloo", "nccl"):
+                assert update.named_tensors is not None
+                await self._broadcast(update.named_tensors, target)
             else:
                 assert update.named_tensors is not None
                 folder = tempfile.mkdtemp(prefix="engine-weights-")
@@ -242,6 +254,23 @@ class RemoteEngine(HTTPEngine):
             shm.close()
             raise
         await sending
+
+    async def _broadcast(self, named_tensors: Any, version: int) -> None:
+        """Broadcast the tensors over the weight-update group while the server receives them
+        (``POST /update_weights/group``); joins the group first when there is none."""
+        if self._group is None:
+            self._group = await weights_group.join(self._post, self.transport, self.bucket_bytes,
+                                                   self.timeout_s)
+        group = self._group
+        try:
+            await weights_group.broadcast(self._post, group, named_tensors, version)
+        except BaseException:
+            self._group = None  # failed: both sides join a new group on the next update
+            raise
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        """``POST path`` once (a weight-group call is not repeated after a transport error)."""
+        return await self._request("POST", path, body, retry=False)
 
     async def _keep_weights(self, update: WeightUpdate, version: int) -> str:
         """Write (or copy) the update into this engine's own safetensors dir; returns it."""
@@ -283,6 +312,7 @@ class RemoteEngine(HTTPEngine):
                 await asyncio.to_thread(server.stop)
                 raise EngineError("RemoteEngine was closed while its server restarted")
             self.server, self.token = server, token
+            self._group = None  # the new server has not joined it
             await self._reconnect(url, _auth(token))
 
     async def _release(self) -> None:
@@ -291,6 +321,7 @@ class RemoteEngine(HTTPEngine):
             shutil.rmtree(self._weights_dir, ignore_errors=True)
         if self._shm is not None:
             self._shm.close()
+        self._group = None
 
     def _http_error(self, response: httpx2.Response, what: str) -> Exception:
         error = _error(response)

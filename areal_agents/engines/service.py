@@ -9,10 +9,21 @@ the server's random token, read from ``$AREAL_AGENTS_ENGINE_TOKEN``; there is no
     POST /pause, /resume            {"version": int}
     POST /update_weights/disk       {"path": DIR, "version": int | null} -> {"version": int}
     POST /update_weights/stream     {"manifest": transport.manifest(), "version": ...}
+    POST /weights_group/join        {"host", "port", "rank", "world_size", "backend",
+                                     "timeout_s", "bucket_bytes"} -> {"version": int, ...}
+    POST /update_weights/group      {"version": int | null} -> {"version": int}
 
 ``/update_weights/stream`` takes the manifest of any transport of
 ``areal_agents.trainers.weight_transport`` that another process can read (``shm``, ``disk``);
 the server reads the stream (``receive(manifest)``) while the sender writes it.
+
+``/weights_group/join`` makes the server a rank of a standalone weight-update process group
+(``trainers.weight_nccl.join_group``: gloo on CPU, NCCL on GPU; it answers once every rank has
+joined, so the client joins concurrently). ``/update_weights/group`` receives one update by
+``NCCLTransport.receive`` while the client broadcasts it, then loads it (all or nothing) and
+takes the version. A failed receive (the sender aborted, a peer died, the group timed out)
+answers 500 and leaves the server's weights and version as they were; after a failed
+broadcast the group is dropped and must be joined again.
 
 Errors answer ``{"error": {"type": ..., "message": ...}}``: 400 ``context_length_exceeded``,
 400 ``invalid_request``, 401 ``unauthorized``, 500 ``engine_error``.
@@ -118,6 +129,9 @@ def build_app(engine: Any, token: str) -> Any:
         Route("/update_weights/disk", service.endpoint(service.update_disk), methods=["POST"]),
         Route("/update_weights/stream", service.endpoint(service.update_stream),
               methods=["POST"]),
+        Route("/weights_group/join", service.endpoint(service.join_group), methods=["POST"]),
+        Route("/update_weights/group", service.endpoint(service.update_group),
+              methods=["POST"]),
     ])
 
 
@@ -127,6 +141,7 @@ class _Service:
     def __init__(self, engine: Any, token: str) -> None:
         self.engine = engine
         self.expected = f"Bearer {token}".encode()
+        self.weights_group: Any = None  # the NCCLTransport of /weights_group/join
 
     def endpoint(self, fn: Any) -> Any:
         """Wrap ``fn(body)``: check the token, parse the body, map errors to answers."""
@@ -199,6 +214,39 @@ class _Service:
         tensors = await asyncio.to_thread(lambda: list(receive(manifest)))
         await self.engine.update_weights(WeightUpdate(named_tensors=tensors,
                                                       version=body.get("version")))
+        return self.state()
+
+
+    async def join_group(self, body: Any) -> dict[str, int]:
+        from areal_agents.trainers.weight_nccl import NCCLTransport, join_group
+
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        missing = [k for k in ("host", "port", "rank", "world_size") if k not in body]
+        if missing:
+            raise ValueError(f"/weights_group/join needs {missing}")
+        backend = body.get("backend", "gloo")
+        self.weights_group = None  # a new group replaces the old one
+        group = await asyncio.to_thread(
+            join_group, str(body["host"]), int(body["port"]), int(body["rank"]),
+            int(body["world_size"]), backend=backend,
+            timeout_s=float(body.get("timeout_s", 120.0)))
+        self.weights_group = NCCLTransport(
+            group, src=int(body.get("src", 0)), device="cuda" if backend == "nccl" else "cpu",
+            bucket_bytes=int(body.get("bucket_bytes", 256 * 2**20)))
+        return self.state()
+
+    async def update_group(self, body: Any) -> dict[str, int]:
+        group = self.weights_group
+        if group is None:
+            raise ValueError("no weight-update group: POST /weights_group/join first")
+        try:  # receive the whole update off the event loop (the sender waits on each bucket)
+            tensors = await asyncio.to_thread(lambda: list(group.receive()))
+        finally:
+            if group.broken:
+                self.weights_group = None
+        version = body.get("version") if isinstance(body, dict) else None
+        await self.engine.update_weights(WeightUpdate(named_tensors=tensors, version=version))
         return self.state()
 
 

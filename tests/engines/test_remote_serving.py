@@ -35,8 +35,9 @@ async def test_in_process_serves_the_model_object_itself(model_tok):
      "Policy.inference.server_args: unknown ['thread']; a server placement takes ['threads', "
      "'max_batch_size', 'restart_limit', 'startup_timeout_s', 'timeout_s'] (and 'token' with "
      "urls)"),
-    (InferencePlacement(kind="server", transport="nccl", device="cuda"),
-     "Policy.inference: kind='server' moves weights by 'shm' or 'disk', not 'nccl'"),
+    (InferencePlacement(kind="server", transport="gloo", device="cuda"),
+     "Policy.inference: kind='server' engines run on the CPU (the engine server has no device "
+     "option yet); use kind='in_process' or 'vllm' for device='cuda', or omit device"),
     (InferencePlacement(kind="sglang"),
      "Policy.inference: kind='sglang' launches SGLang servers and needs python (the "
      "interpreter of a venv with SGLang) or $AREAL_AGENTS_SGLANG_PYTHON; see "

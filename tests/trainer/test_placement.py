@@ -138,8 +138,11 @@ def test_urls_set_the_replicas():
     ({"kind": "vllm", "transport": "shm"}, "Policy.inference: kind='vllm' cannot use "
                                            "transport='shm'; choose one of ['disk', 'nccl'] "
                                            "(or omit it)"),
-    ({"kind": "server", "transport": "nccl", "device": "cpu"},
-     "Policy.inference: transport='nccl' needs device='cuda'; use 'shm' or 'disk' on CPU"),
+    ({"kind": "vllm", "transport": "nccl", "device": "cpu"},
+     "Policy.inference: transport='nccl' needs device='cuda'; use one of ['disk'] on CPU"),
+    ({"kind": "server", "transport": "nccl"},
+     "Policy.inference: kind='server' cannot use transport='nccl'; choose one of ['shm', "
+     "'disk', 'gloo'] (or omit it)"),
     ({"python": "/venv/bin/python"}, "Policy.inference: urls, server_args and python are for "
                                      "kind='server', 'vllm' or 'sglang', not 'in_process'"),
     ({"kind": "server", "replicas": 0}, "Policy.inference.replicas must be an integer >= 1, got 0"),

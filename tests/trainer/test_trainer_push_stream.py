@@ -219,16 +219,12 @@ def test_cuda_device_is_refused_where_cuda_is_missing(monkeypatch):
                                "device='cpu' or omit device")
 
 
-async def test_server_replicas_refuse_cuda_and_nccl_is_not_wired():
+async def test_server_replicas_refuse_cuda():
     from areal_agents.trainers.serving import build_engines
 
     with pytest.raises(ConfigError, match="kind='server' engines run on the CPU"):
         await build_engines("p", InferencePlacement(kind="server", device="cuda"), None, None,
                             None)
-    with pytest.raises(ConfigError) as info:
-        WeightPush(InferencePlacement(kind="server", transport="nccl", device="cuda"))
-    assert str(info.value) == ("Policy.inference: transport='nccl' is not wired to engines yet "
-                               "(NCCLTransport is tested on gloo only); use 'shm' or 'disk'")
 
 
 @pytest.mark.cuda
