@@ -1,6 +1,6 @@
 """What reaches the client: capped request bodies, disconnect watching, delivered responses.
 
-A completion is recorded in its session only once the response was sent whole to a client
+A completion is recorded in its session only as its answer is written whole to a client
 that was still connected (``Delivery``). A client that gives up first (its timeout fired, it
 disconnected) never saw the completion and its SDK may retry: recording it would add a turn
 the agent never knew about, so it is counted as *abandoned* instead and its generation is
@@ -115,9 +115,22 @@ class Delivery:
         self._watch.cancel()
 
 
+SSE_DONE = b"data: [DONE]\n\n"
+"""The event that completes a stream for the client (the SDK stops reading there)."""
+
+
+def _completes(message: Message) -> bool:
+    """Whether sending ``message`` hands the client the whole answer."""
+    if message["type"] != "http.response.body":
+        return False
+    return not message.get("more_body") or bytes(message.get("body", b"")).endswith(SSE_DONE)
+
+
 class _Delivered(Response):
-    """Settles right after the last body chunk was written, before the event loop can run
-    anything else: a client's next request never finds its previous turn unrecorded."""
+    """Settles just before writing the chunk that completes the answer, if the client is
+    still connected then: whoever holds the answer (the client, its next request, a reader
+    in another thread) finds its turns recorded. A client that disconnected first (uvicorn
+    then drops the write silently) or an answer that failed midway is abandoned."""
 
     def __init__(self, delivery: Delivery, inner: Response, on_delivered: Callable[[], None],
                  on_abandoned: Callable[[], None]) -> None:
@@ -135,10 +148,10 @@ class _Delivered(Response):
         delivery = self.delivery
 
         async def tracked(message: Message) -> None:
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
+            if _completes(message):
                 delivery.sent = True
                 self._settle(delivered=not delivery.disconnected)
+            await send(message)
 
         try:
             await self.inner(scope, receive, tracked)

@@ -191,8 +191,7 @@ async def test_text_completion_turns_carry_their_completion_id(served):
     async with served.http() as http:
         sid, key = await open_session(http)
     r = await served.async_client(key).completions.create(model="tiny", prompt="abc")
-    async with served.http() as http:  # read after the server settled the delivery
-        assert (await http.get(f"/rl/sessions/{sid}")).json()["turns"][0]["request_id"] == r.id
+    # recorded before the answer is written: a reader in this thread already sees it
     assert served.gw.session(sid).find_turn(r.id) == 0
 
 
