@@ -1,0 +1,345 @@
+"""This project's ``Trainer`` (GRPO) vs Hugging Face TRL's ``GRPOTrainer`` on one workload.
+
+The workload is the Arithmetic example's (``examples/arithmetic/sft_then_rl.yaml``): one-digit
+``a + b`` / ``a - b``, exact-match reward (1 for ``Answer: <n>`` right, else 0), the tiny model
+after the example's SFT warm start. The SFT'd checkpoint is built once with the example's own
+config and saved (``--ckpt``); every run starts from it. Matched settings on both sides:
+8 prompts x 4 completions per step (one optimizer step on all 32, on-policy), lr 3e-4
+constant (no warm-up), AdamW (0.9, 0.999), no weight decay, grad-norm clip 1.0, 6 new tokens,
+temperature 1.0 (no top-k / top-p), PPO clip 0.2, no KL (no reference model), advantages
+``(r - mean_g) / std_g`` (unbiased std), loss averaged over each sequence's tokens then over
+sequences (ours ``seq-mean-token-mean``, TRL ``loss_type="grpo"``), gradient checkpointing
+off, fp32, one torch thread, CPU.
+
+Arms: ours sync (``max_staleness=0``), ours async (``max_staleness=1``), TRL. Each run is its
+own subprocess (fresh allocator and thread pools); per seed both orders run (ours first, then
+TRL first). Time per step is wall time between consecutive step ends (setup, model loading
+and evaluation excluded); held-out accuracy is greedy exact match on the example's 200
+``eval_seeds``, computed for every arm by the SAME function (``held_out_accuracy``: this
+project's greedy evaluation of the saved final weights).
+
+TRL is a benchmark-only dependency, never a test dependency; it lives in its own venv that
+also holds this project (one process imports both)::
+
+    python3.11 -m venv .venv-trl
+    .venv-trl/bin/pip install torch==2.13.0 trl==1.13.0 requests && .venv-trl/bin/pip install -e .
+    OMP_NUM_THREADS=1 .venv-trl/bin/python benchmarks/vs_trl.py            # 200 steps, 3 seeds
+    OMP_NUM_THREADS=1 .venv-trl/bin/python benchmarks/vs_trl.py --steps 30 --seeds 1 --orders ours
+
+Figures: README's benchmark table and ``docs/benchmarks_vs_trl.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: OpenMP reads it once
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "arithmetic" / "sft_then_rl.yaml"
+ENV_ID, ENV_KWARGS, AGENT = "Arithmetic-v0", {"digits": 1, "operations": "+-"}, "agent"
+NUM_PROMPTS, GROUP_SIZE, LR, MAX_TOKENS, TEMPERATURE, CLIP_EPS = 8, 4, 3e-4, 6, 1.0, 0.2
+EVAL_SEEDS = list(range(2_000_000, 2_000_200))  # the example's held-out seeds
+ARMS = {"ours_sync": 0, "ours_async": 1, "trl": None}  # arm -> our max_staleness
+ORDERS = {"ours": ("ours_sync", "ours_async", "trl"), "trl": ("trl", "ours_sync", "ours_async")}
+OUR_SPLIT = ("wait_rollout", "train", "weight_sync")
+
+
+def _sampling() -> dict[str, Any]:
+    return {"temperature": TEMPERATURE, "max_tokens": MAX_TOKENS, "stop": ["<|im_end|>"]}
+
+
+def _policy(model: str) -> Any:
+    from areal_agents.trainers.policy import Policy
+
+    return Policy(model=model, lr=LR, sampling=_sampling(), api="completions")
+
+
+def _trainer(model: str, seed: int, max_staleness: int, logger: Any = None) -> Any:
+    from areal_agents.algorithms import GRPO
+    from areal_agents.trainers.trainer import Trainer
+
+    return Trainer(env=ENV_ID, env_kwargs=dict(ENV_KWARGS), policies={"solver": _policy(model)},
+                   policy_map={AGENT: "solver"}, algorithm=GRPO(clip_eps=CLIP_EPS),
+                   batch_size=NUM_PROMPTS * GROUP_SIZE, group_size=GROUP_SIZE,
+                   max_staleness=max_staleness, seed=seed, progress=False, torch_threads=1,
+                   logger=logger)
+
+
+def build_checkpoint(path: Path) -> None:
+    """SFT the tiny model with the example's config (its warm start only) and save it."""
+    from areal_agents.config import load_config
+
+    cfg = load_config(EXAMPLE, [f"run_dir={path / 'sft_run'}", "logging.progress=false",
+                                "logging.tensorboard=false"])
+    trainer = cfg.build()
+
+    async def run() -> None:
+        await trainer.setup()  # builds the model and runs the SFT warm start
+        (name,) = trainer.train_engines
+        trainer.train_engines[name].model.save_pretrained(path)
+        trainer.tokenizers[name].save_pretrained(path)
+        await trainer.aclose()
+
+    asyncio.run(run())
+
+
+def held_out_accuracy(model_dir: Path) -> float:
+    """Greedy exact-match accuracy of the weights in ``model_dir`` on ``EVAL_SEEDS`` (the same
+    code for every arm: this project's greedy evaluation, a fresh in-process engine)."""
+    trainer = _trainer(str(model_dir), seed=0, max_staleness=0)
+
+    async def run() -> float:
+        try:
+            return (await trainer.evaluate(EVAL_SEEDS))[f"eval/{AGENT}/success"]
+        finally:
+            await trainer.aclose()
+
+    return asyncio.run(run())
+
+
+class _StepClock:
+    """A metrics sink that stamps the wall time of every logged step (ours logs once a step)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def log(self, step: int, metrics: Any) -> None:
+        if step > 0:
+            self.stamps.append(time.perf_counter())
+
+    def close(self) -> None:
+        pass
+
+
+def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int) -> dict[str, Any]:
+    """Train ``steps`` steps from ``ckpt``; save the final weights to ``out``; step times and
+    the medians of where a step went (the Trainer's ``time/*`` metrics)."""
+    clock = _StepClock()
+    trainer = _trainer(str(ckpt), seed, max_staleness, logger=clock)
+
+    async def run() -> dict[str, Any]:
+        try:
+            await trainer.setup()
+            start = time.perf_counter()
+            history = await trainer.afit(steps)
+            (name,) = trainer.train_engines
+            trainer.train_engines[name].model.save_pretrained(out)
+            trainer.tokenizers[name].save_pretrained(out)
+        finally:
+            await trainer.aclose()
+        split = {k: statistics.median(h[f"policy/solver/time/{k}"] for h in history)
+                 for k in OUR_SPLIT}
+        skipped = [h.get("policy/solver/prox_recompute_skipped") for h in history]
+        return {"start": start, "stamps": clock.stamps, "split": split,
+                "prox_skipped": statistics.fmean(s for s in skipped if s is not None)
+                if any(s is not None for s in skipped) else None,
+                "train_reward": statistics.fmean(h["policy/solver/reward"] for h in history)}
+
+    return asyncio.run(run())
+
+
+def _task(seed: int) -> dict[str, Any]:
+    """The prompt text our completions API sends for task ``seed``, and its answer."""
+    from areal_agents.registration import make
+    from areal_agents.trainers.llm_session import raw_prompt
+
+    env = make(ENV_ID, **ENV_KWARGS)
+    observation, info = asyncio.run(env.reset(seed=seed))
+    return {"prompt": raw_prompt(observation), "task_seed": seed, "answer": info["answer"]}
+
+
+def run_trl(ckpt: Path, out: Path, seed: int, steps: int) -> dict[str, Any]:
+    """TRL's ``GRPOTrainer`` from ``ckpt`` on the same tasks (task seeds counting up from
+    ``seed``, as ours) and the env's own reward; saves the final weights to ``out``."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from areal_agents.registration import make
+
+    rows = [_task(s) for s in range(seed, seed + NUM_PROMPTS * steps)]
+    dataset = Dataset.from_list(rows)
+
+    def reward(completions: list[str], task_seed: list[int], **_: Any) -> list[float]:
+        async def one(text: str, task: int) -> float:  # the env scores it, as in our episodes
+            env = make(ENV_ID, **ENV_KWARGS)
+            await env.reset(seed=task)
+            return float((await env.step(text))[1])
+
+        async def all_() -> list[float]:
+            return list(await asyncio.gather(*(one(c, s) for c, s in
+                                               zip(completions, task_seed, strict=True))))
+
+        return asyncio.run(all_())
+
+    class Clock(TrainerCallback):
+        start, stamps = 0.0, []
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            Clock.start = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            Clock.stamps.append(time.perf_counter())
+
+    config = GRPOConfig(
+        output_dir=str(out / "trl_out"), seed=seed, max_steps=steps, use_cpu=True,
+        per_device_train_batch_size=NUM_PROMPTS * GROUP_SIZE, num_generations=GROUP_SIZE,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, max_completion_length=MAX_TOKENS,
+        temperature=TEMPERATURE, top_p=1.0, top_k=0, epsilon=CLIP_EPS, beta=0.0,
+        loss_type="grpo", scale_rewards="group", gradient_checkpointing=False, bf16=False,
+        fp16=False, report_to="none", logging_steps=max(1, steps // 10), save_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0, use_vllm=False, log_completions=False)
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Clock()])
+    trainer.train()
+    trainer.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return {"start": Clock.start, "stamps": Clock.stamps, "split": None, "prox_skipped": None,
+            "train_reward": statistics.fmean(rewards) if rewards else float("nan")}
+
+
+def run_arm(arm: str, ckpt: Path, seed: int, steps: int) -> dict[str, Any]:
+    """One run of ``arm`` in this process: step times, where ours went, held-out accuracy."""
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix=f"vs_trl_{arm}_") as tmp:
+        out = Path(tmp)
+        if ARMS[arm] is None:
+            result = run_trl(ckpt, out, seed, steps)
+        else:
+            result = run_ours(ckpt, out, seed, steps, ARMS[arm])
+        accuracy = held_out_accuracy(out)
+    start, stamps = result.pop("start"), result.pop("stamps")
+    if len(stamps) != steps:
+        raise RuntimeError(f"{arm}: {len(stamps)} step stamps for {steps} steps")
+    times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
+    return {"arm": arm, "seed": seed, "step_times": times, "accuracy": accuracy, **result}
+
+
+def _spawn(arm: str, ckpt: Path, seed: int, steps: int) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        cmd = [sys.executable, __file__, "--arm", arm, "--ckpt", str(ckpt), "--steps",
+               str(steps), "--seed-of-arm", str(seed), "--result", result.name]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:  # the child's log is shown only when it failed
+            sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
+            raise RuntimeError(f"the {arm} run (seed {seed}) exited with {done.returncode}")
+        return json.loads(Path(result.name).read_text())
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def report(runs: list[dict[str, Any]], steps: int) -> None:
+    """Per arm: median step time, total time, held-out accuracy; ratios to TRL; our split."""
+    by_arm = {a: [r for r in runs if r["arm"] == a] for a in ARMS}
+    med = {a: statistics.median(statistics.median(r["step_times"]) for r in rs)
+           for a, rs in by_arm.items() if rs}
+    total = {a: statistics.median(sum(r["step_times"]) for r in rs)
+             for a, rs in by_arm.items() if rs}
+    print(f"\n{steps} steps x {NUM_PROMPTS * GROUP_SIZE} samples; medians over {len(by_arm['trl'])} "
+          f"run(s) per arm; accuracy = greedy exact match on {len(EVAL_SEEDS)} held-out seeds "
+          f"(mean over runs, each run's value in brackets)")
+    for arm, rs in by_arm.items():
+        if not rs:
+            continue
+        accs = [r["accuracy"] for r in rs]
+        line = (f"  {arm:10s} step {1e3 * med[arm]:6.0f} ms (median)  total {total[arm]:6.1f} s"
+                f"  accuracy {statistics.fmean(accs):.3f} "
+                f"[{', '.join(f'{a:.3f}' for a in accs)}]"
+                f"  train reward {statistics.fmean(r['train_reward'] for r in rs):.3f}")
+        if arm != "trl" and "trl" in med:
+            line += (f"  ours/TRL: step {med[arm] / med['trl']:.2f}x, "
+                     f"total {total[arm] / total['trl']:.2f}x")
+        print(line)
+    for arm in ("ours_sync", "ours_async"):
+        if not by_arm[arm]:
+            continue
+        split = {k: statistics.median(r["split"][k] for r in by_arm[arm]) for k in OUR_SPLIT}
+        other = med[arm] - sum(split.values())
+        skipped = [r["prox_skipped"] for r in by_arm[arm] if r["prox_skipped"] is not None]
+        print(f"  where a step of {arm} goes (medians of the Trainer's time/* metrics): "
+              + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in split.items())
+              + f", other (logging, bookkeeping) ~{1e3 * other:.0f} ms; proximal recompute "
+              f"skipped on {statistics.fmean(skipped):.0%} of steps" if skipped else "")
+    targets = {"ours_sync": 0.8, "ours_async": 0.5}
+    for arm, target in targets.items():
+        if arm in med and "trl" in med:
+            ratio = med[arm] / med["trl"]
+            print(f"  target {arm} / TRL step time <= {target}: "
+                  f"{'met' if ratio <= target else 'NOT met'} ({ratio:.2f})")
+
+
+def caveats(orders: list[str]) -> str:
+    return (f"caveats: {os.cpu_count()} cores, load average (1, 5, 15 min) {_load()} (a shared "
+            f"machine: compare ratios, not absolute times); OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS')}, one torch thread per run; orders run: "
+            f"{', '.join(orders)} first. Not matched: generation (ours: batched LocalEngine "
+            f"behind the in-process gateway; TRL: transformers generate), prompt order (TRL "
+            f"shuffles the same task pool), std eps (ours 1e-6, TRL 1e-4), sampling RNG streams; "
+            f"TRL's step includes its metric gathering, ours its episode bookkeeping")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="train steps per run")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds (each runs every arm)")
+    parser.add_argument("--orders", choices=("both", "ours", "trl"), default="both",
+                        help="which goes first in a seed's runs: both orders, or one")
+    parser.add_argument("--ckpt", type=Path, default=REPO / "runs" / "vs_trl" / "sft",
+                        help="the SFT'd checkpoint (built once when missing)")
+    parser.add_argument("--arm", choices=tuple(ARMS), help=argparse.SUPPRESS)
+    parser.add_argument("--seed-of-arm", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.arm:  # a child run
+        args.result.write_text(json.dumps(run_arm(args.arm, args.ckpt, args.seed_of_arm,
+                                                  args.steps)))
+        return
+    try:
+        import trl
+    except ImportError:
+        sys.exit("vs_trl.py needs TRL, a benchmark-only dependency: run it with "
+                 ".venv-trl/bin/python (see this file's docstring for how to build that venv)")
+    if not (args.ckpt / "config.json").exists():
+        print(f"building the SFT'd checkpoint at {args.ckpt} (the example's warm start) ...")
+        build_checkpoint(args.ckpt)
+    print(f"TRL {trl.__version__}; before: load average {_load()}")
+    sft = held_out_accuracy(args.ckpt)
+    print(f"SFT'd checkpoint (step 0): held-out accuracy {sft:.3f}")
+    orders = ["ours", "trl"] if args.orders == "both" else [args.orders]
+    runs = []
+    for seed in range(args.seeds):
+        for order in orders:
+            for arm in ORDERS[order]:
+                runs.append(_spawn(arm, args.ckpt, seed, args.steps))
+                r = runs[-1]
+                print(f"  seed {seed}, {order} first: {arm:10s} median step "
+                      f"{1e3 * statistics.median(r['step_times']):.0f} ms, total "
+                      f"{sum(r['step_times']):.1f} s, accuracy {r['accuracy']:.3f}; load {_load()}",
+                      flush=True)
+    report(runs, args.steps)
+    print(caveats(orders))
+
+
+if __name__ == "__main__":
+    main()
