@@ -276,3 +276,12 @@ def test_shm_long_metadata_is_read_whole():
     with SharedMemoryTransport(bucket_bytes=64 * 64, timeout=10) as shm:
         got = shm_round_trip(shm, sent)
     assert [(n, c.tolist()) for n, c, _ in got] == [(n, t.tolist()) for n, t in sent]
+
+
+def test_disk_transport_receive_reads_the_directory_in_order(tmp_path):
+    disk = DiskTransport(tmp_path / "w", bucket_bytes=8)
+    assert disk.send(four_byte_tensors(5)) == 20
+    got = [(n, t.tolist()) for n, t in disk.receive(disk.manifest())]
+    assert got == [(f"t{i}", [float(i)]) for i in range(5)]
+    disk.close()  # nothing to release: the directory stays
+    assert sorted(p.name for p in (tmp_path / "w").iterdir())[-1] == "model.safetensors.index.json"
