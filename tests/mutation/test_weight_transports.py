@@ -285,3 +285,60 @@ def test_disk_transport_receive_reads_the_directory_in_order(tmp_path):
     assert got == [(f"t{i}", [float(i)]) for i in range(5)]
     disk.close()  # nothing to release: the directory stays
     assert sorted(p.name for p in (tmp_path / "w").iterdir())[-1] == "model.safetensors.index.json"
+
+
+def test_receive_messages_and_timeouts(tmp_path):
+    with pytest.raises(ValueError) as info:
+        receive({"kind": "smoke"})
+    assert str(info.value) == ("unknown transport kind 'smoke'; expected one of tensors, shm, "
+                               "disk (nccl: NCCLTransport.receive)")
+    with pytest.raises(WeightSyncError) as info:
+        receive({"kind": "disk", "path": str(tmp_path / "missing")})
+    assert str(info.value) == (f"no weight directory at {str(tmp_path / 'missing')!r}; was it "
+                               "sent (DiskTransport.send) and is it on this host's filesystem?")
+    tensors = TensorTransport(bucket_bytes=4)  # its own timeout is 600 s: receive's wins
+    with pytest.raises(WeightSyncError) as info:
+        next(receive(tensors.manifest(), timeout=0.2))
+    assert str(info.value) == "no bucket arrived within 0.2 s"
+    tensors.close()
+    with SharedMemoryTransport(bucket_bytes=4) as shm:
+        with pytest.raises(WeightSyncError) as info:
+            next(receive(shm.manifest(), timeout=0.2))
+        assert str(info.value) == ("shared-memory weight transfer: no bucket 1 arrived within "
+                                   "0.2 s")
+
+
+def test_disk_directory_without_an_index_is_read_in_file_order(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "w").mkdir()
+    save_file({"b": torch.ones(1), "a": torch.zeros(1)}, str(tmp_path / "w" / "model.safetensors"))
+    got = [(n, t.tolist()) for n, t in receive({"kind": "disk", "path": str(tmp_path / "w")})]
+    assert got == [("a", [0.0]), ("b", [1.0])]
+
+
+def test_in_process_sender_runs_at_most_two_buckets_ahead_and_waits_for_a_slow_receiver():
+    """The queue holds a bucket and the end marker: while the consumer holds bucket 1, the
+    sender has read at most 5 tensors (buckets 2 and 3 queued, bucket 4 waiting for tensor 5
+    to close it). A receiver that pauses does not make the sender give up."""
+    produced = 0
+
+    def source() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal produced
+        for name, t in four_byte_tensors(8):
+            produced += 1
+            yield name, t
+
+    transport = TensorTransport(bucket_bytes=4, timeout=30)
+    manifest = transport.manifest()
+    sender = threading.Thread(target=transport.send, args=(source(),))
+    sender.start()
+    stream = receive(manifest, timeout=30)
+    first = next(stream)
+    threading.Event().wait(0.3)  # give the sender every chance to run ahead (it must not)
+    ahead = produced
+    rest = list(stream)
+    sender.join()
+    transport.close()
+    assert ahead <= 5
+    assert [n for n, _ in [first, *rest]] == [f"t{i}" for i in range(8)]
