@@ -12,7 +12,10 @@ Endpoints used (vLLM 0.32, ``VLLM_SERVER_DEV_MODE=1``):
 * ``POST /abort_requests``; ``GET /weight_info``; ``POST /update_weight_version``;
 * weights: ``POST /collective_rpc`` ``reload_weights(weights_path=DIR)`` (HF-named
   safetensors on a file system the server reads), then ``POST /reset_prefix_cache`` (cached
-  prefixes hold keys/values of the old weights) and a new version label.
+  prefixes hold keys/values of the old weights) and a new version label;
+* weights on GPU by NCCL (``init_weight_transfer`` once, then ``update_weights_nccl``):
+  ``POST /init_weight_transfer_engine``, ``/start_weight_update``, ``/update_weights`` (while
+  the trainer broadcasts), ``/finish_weight_update`` (bodies: ``vllm_weights.nccl_*``).
 
 Tied embeddings: updates of a tied model always carry ``lm_head.weight`` (vLLM 0.32's
 reload would leave the old head otherwise; ``vllm_weights``).
@@ -42,12 +45,19 @@ from typing import Any, Literal
 
 import httpx2
 
-from ..errors import ConfigError, ContextLengthExceeded, EngineError
+from ..errors import ConfigError, ContextLengthExceeded, EngineError, WeightSyncError
 from . import vllm_protocol as protocol
 from .base import GenerateRequest, GenerateResult, WeightUpdate
 from .http_engine import HTTPEngine, error_message
 from .server_process import ServerProcess, free_port
-from .vllm_weights import missing_head, ties_embeddings, with_head, write_tensors
+from .vllm_weights import (
+    missing_head,
+    nccl_init_info,
+    nccl_update_info,
+    ties_embeddings,
+    with_head,
+    write_tensors,
+)
 
 VLLM_PYTHON_ENV = "AREAL_AGENTS_VLLM_PYTHON"
 Endpoint = Literal["generate", "completions"]
@@ -299,6 +309,65 @@ class VLLMEngine(HTTPEngine):
                     await self.resume()
                 if written is not None:
                     shutil.rmtree(written, ignore_errors=True)
+
+    async def init_weight_transfer(self, master_address: str, master_port: int,
+                                   world_size: int, *, rank_offset: int = 1,
+                                   packed: bool = False) -> None:
+        """``POST /init_weight_transfer_engine``: the server's workers join the trainer's NCCL
+        group (ranks from ``rank_offset``; the trainer, rank 0, joins concurrently with vLLM's
+        ``NCCLTrainerWeightTransferEngine``). GPU only.
+
+        Raises:
+            ValueError: an impossible ``rank_offset`` / ``world_size``.
+            EngineError: the server could not join (its message).
+        """
+        info = nccl_init_info(master_address, master_port, world_size,
+                              rank_offset=rank_offset, packed=packed)
+        await self._request("POST", "/init_weight_transfer_engine", {"init_info": info})
+
+    async def update_weights_nccl(self, names: Sequence[str], dtype_names: Sequence[str],
+                                  shapes: Sequence[Sequence[int]], *,
+                                  broadcast: Callable[[], Any],
+                                  version: int | None = None) -> None:
+        """One NCCL update: pause (keep) -> ``/start_weight_update`` -> ``/update_weights``
+        while ``broadcast()`` (the trainer's blocking sends, run in a thread) sends the tensors
+        in ``names`` order -> ``/finish_weight_update`` -> drop the prefix cache -> version
+        label -> resume.
+
+        Raises:
+            WeightSyncError: the broadcast or a weight-transfer call failed; the server's
+                weights may be partly updated (push a full update, e.g. from disk); the
+                engine keeps its version and is resumed.
+        """
+        body = {"update_info": nccl_update_info(names, dtype_names, shapes)}
+        async with self._update_lock:
+            target = version if version is not None else self.version + 1
+            paused_here = not self._paused
+            if paused_here:
+                await self.pause()
+            try:
+                await self._request("POST", "/start_weight_update")
+                calls = {asyncio.ensure_future(asyncio.to_thread(broadcast)),
+                         asyncio.ensure_future(self._request("POST", "/update_weights", body,
+                                                             retry=False))}
+                done, pending = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+                for call in pending:  # the other side failed: do not wait on a stuck peer
+                    call.add_done_callback(lambda c: c.cancelled() or c.exception())
+                    call.cancel()
+                failed = next((c.exception() for c in done if c.exception()), None)
+                if failed is not None:
+                    raise WeightSyncError(f"the NCCL weight update to version {target} failed "
+                                          f"({failed!r}); the server may hold part of it: "
+                                          "push a full update (e.g. from disk)") from failed
+                await self._request("POST", "/finish_weight_update")
+                await self._request("POST", "/reset_prefix_cache",
+                                    params={"reset_running_requests": "true"})
+                await self._request("POST", "/update_weight_version",
+                                    {"new_version": str(target)})
+                self.version = target
+            finally:
+                if paused_here:
+                    await self.resume()
 
     async def _release(self) -> None:
         """Remove this engine's own weight files (``close`` stops client and server first)."""
