@@ -67,7 +67,8 @@ class Group:
 
 GROUPS: dict[str, Group] = {
     "router": Group(("areal_agents/gateway/router.py",),
-                    ("tests/gateway/test_router.py", "tests/gateway/test_router_picks.py")),
+                    ("tests/gateway/test_router.py", "tests/gateway/test_router_picks.py",
+                     "tests/mutation/test_router.py")),
     "params": Group(("areal_agents/gateway/params.py",),
                     ("tests/gateway/test_params_bounds.py", "tests/mutation/test_params.py")),
     "tokenization": Group(("areal_agents/gateway/tokenization.py",),
