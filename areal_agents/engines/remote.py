@@ -31,6 +31,7 @@ from ..errors import ContextLengthExceeded, EngineError
 from . import weights_group
 from .base import GenerateRequest, GenerateResult, WeightUpdate
 from .http_engine import HTTPEngine
+from .keepalive import KeepAliveTransport
 from .server_process import ServerProcess, free_port
 from .service import TOKEN_ENV, request_to_json, result_from_json
 
@@ -58,7 +59,9 @@ class RemoteEngine(HTTPEngine):
             drops it (the next update joins a new one).
         bucket_bytes: the shared-memory block of ``shm`` updates (a larger tensor crosses it
             in pieces); None: 256 MiB.
-        http_transport: an ``httpx2`` transport (tests pass ``httpx2.ASGITransport``).
+        http_transport: an ``httpx2`` transport (tests pass ``httpx2.ASGITransport``); None:
+            a ``KeepAliveTransport`` (``engines/keepalive.py``: a fraction of the client CPU
+            per request of ``httpx2``'s default pool; an RL trainer pays that CPU in training).
         server: the ``ServerProcess`` this engine owns (stopped by ``close``).
         launch_args: how ``restart`` relaunches the server (set by ``launch``).
         restart_limit: how many times ``restart`` may relaunch the server (0: never).
@@ -80,7 +83,8 @@ class RemoteEngine(HTTPEngine):
                  restart_limit: int = 0, bucket_bytes: int | None = None) -> None:
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport={transport!r}; choose one of {list(_TRANSPORTS)}")
-        super().__init__(url, timeout_s=timeout_s, server=server, transport=http_transport,
+        super().__init__(url, timeout_s=timeout_s, server=server,
+                         transport=http_transport or KeepAliveTransport(timeout_s=timeout_s),
                          headers=_auth(token))
         self.token = token
         self.max_context = max_context
