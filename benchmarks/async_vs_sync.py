@@ -294,13 +294,34 @@ def report_wall(cfg: SimConfig, steps: int) -> None:
           f"{walls[2]['rate']:.1f} samples/s, {walls[2]['rate'] / walls[0]['rate']:.2f}x")
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` (Linux ``/proc``; None elsewhere)."""
+def _cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """User + system CPU seconds of process ``pid`` (or of its thread ``tid``); Linux
+    ``/proc`` only, None elsewhere or when it has exited."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu() -> dict[int, float]:
+    """CPU seconds of each thread of this process, by thread id (empty off Linux)."""
+    pid = os.getpid()
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return {}
+    return {t: c for t in tids if (c := _cpu_seconds(pid, t)) is not None}
+
+
+def _cpu_split(before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """(main thread, other threads) CPU seconds between two ``_thread_cpu()`` readings; the
+    main thread runs the event loop (episodes, gateway, HTTP to engine servers), the others
+    the trainer's ``to_thread`` work (forward/backward, weight export, shared-memory send)."""
+    main = os.getpid()
+    delta = {t: c - before.get(t, 0.0) for t, c in after.items()}
+    return delta.get(main, 0.0), sum(c for t, c in delta.items() if t != main)
 
 
 def _server_pids(trainer: Any) -> list[int]:
@@ -343,9 +364,10 @@ def tiny_model(max_staleness: int, steps: int, inference: str = "server",
         await trainer.setup()
         pids = _server_pids(trainer)
         server_cpu0 = [_cpu_seconds(pid) for pid in pids]
-        start, cpu0 = time.perf_counter(), time.process_time()
+        start, threads0 = time.perf_counter(), _thread_cpu()
         history = await trainer.afit(steps)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        elapsed, (loop_cpu, work_cpu) = time.perf_counter() - start, _cpu_split(threads0,
+                                                                                 _thread_cpu())
         server_cpu = [_cpu_seconds(pid) for pid in pids]
         evaluation = await trainer.evaluate()
         await trainer.aclose()
@@ -360,8 +382,9 @@ def tiny_model(max_staleness: int, steps: int, inference: str = "server",
                 if a is not None and b is not None]
         return {"rate": steps * batch / elapsed, "step": step_ms, "late": late,
                 "eval": evaluation["eval/speaker/success"], **split,
-                "other": step_ms - sum(split.values()), "trainer_cpu": cpu / elapsed,
-                "server_cpu": sum(busy) / elapsed if busy else float("nan"),
+                "other": step_ms - sum(split.values()), "loop_cpu": 1e3 * loop_cpu / steps,
+                "work_cpu": 1e3 * work_cpu / steps,
+                "server_cpu": 1e3 * sum(busy) / steps if busy else float("nan"),
                 "too_stale": history[-1].get("outcomes/speaker/outcome/filtered:too_stale", 0.0)}
 
     return asyncio.run(run())
@@ -384,12 +407,15 @@ def report_model(steps: int, repeats: int, inference: str, staleness: int,
         m = med[s]
         rates = ", ".join(f"{r['rate']:.1f}" for r in runs[s])
         server = ("" if inference != "server" else
-                  f"; engine server busy {m['server_cpu']:.0%} of a core (idle the rest)")
+                  f", engine server {m['server_cpu']:.0f} ms (busy "
+                  f"{m['server_cpu'] / m['step']:.0%} of the step, idle the rest)")
         print(f"    {name} (max_staleness={s}): {m['rate']:6.1f} samples/s ({rates}), "
               f"{m['step']:.0f} ms/step = wait for rollouts {m['wait_rollout']:.0f} + train "
               f"{m['train']:.0f} + weight push {m['weight_sync']:.0f} + other {m['other']:.0f} "
-              f"ms | trainer process CPU {m['trainer_cpu']:.0%} of a core{server}; "
-              f"{m['too_stale']:.0f} episodes dropped too stale")
+              f"ms; {m['too_stale']:.0f} episodes dropped too stale")
+        print(f"        CPU per step: trainer event loop (episodes, gateway, HTTP) "
+              f"{m['loop_cpu']:.0f} ms, trainer worker threads (train, weight export/push) "
+              f"{m['work_cpu']:.0f} ms{server}")
     ratio = med[staleness]["rate"] / med[0]["rate"]
     print(f"    ratio async/sync: {ratio:.2f}x (target >= 1.5x: "
           f"{'met' if ratio >= 1.5 else 'NOT met'})")
