@@ -213,3 +213,29 @@ def test_trainer_pushes_over_gloo_to_a_server_replica(tmp_path):
     torch.testing.assert_close(torch.tensor(served.logprobs), torch.tensor(expected.logprobs),
                                rtol=0, atol=1e-5)
     assert 0 < held.peak <= 2**19  # one exported tensor at a time, never a bucket's worth more
+
+
+@pytest.mark.parametrize(("inference", "message"), [
+    ({"kind": "server", "transport": "gloo", "bucket_mb": 8}, None),
+    ({"transport": "gloo"}, "policies.a.inference: Value error, Policy.inference: "
+                            "kind='in_process' cannot use transport='gloo'; choose one of "
+                            "['tensors', 'disk'] (or omit it)"),
+    ({"kind": "vllm", "transport": "nccl", "device": "cpu"},
+     "policies.a.inference: Value error, Policy.inference: transport='nccl' needs "
+     "device='cuda'; use one of ['disk'] on CPU"),
+])
+def test_yaml_selects_the_gloo_transport(inference, message):
+    from areal_agents.config import parse_config
+    from areal_agents.errors import ConfigError
+    from areal_agents.trainers.policy import Policy
+
+    run = {"env": "Signaling-v0", "policies": {"a": {"inference": inference}},
+           "policy_map": {"speaker": "a"}}
+    if message is not None:
+        with pytest.raises(ConfigError) as info:
+            parse_config(run)
+        assert str(info.value) == f"invalid config:\n  {message}"
+        return
+    policy = Policy(**parse_config(run).policies["a"].model_dump())
+    push = WeightPush(policy.inference)
+    assert (push.transport, push.bucket_bytes) == ("gloo", 8 * 2**20)
