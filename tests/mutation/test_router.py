@@ -48,3 +48,10 @@ def test_revive_of_a_live_replica_is_a_no_op_and_pins_are_counted_per_replica():
     assert [router.pick(s) for s in ("a", "b", "c")] == [0, 1, 0]
     router.mark_dead(0)  # a and c lose their pins: replica 1 keeps only b
     assert [router.pick(s) for s in ("a", "c")] == [1, 1]
+
+
+def test_a_late_replica_starts_with_no_pinned_sessions():
+    router = Router([ScriptedEngine()])
+    assert router.pick("a") == 0
+    assert router.add(ScriptedEngine()) == 1
+    assert router.pick("b") == 1  # equal load: the replica without pinned sessions wins
