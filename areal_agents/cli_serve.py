@@ -36,8 +36,15 @@ def add_serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a model behind the OpenAI-compatible gateway "
                        "(sessions record episodes for RL)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="checkpoint directory or tiny spec ('tiny', 'tiny:s:seed=3')")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or tiny spec ('tiny', 'tiny:s:seed=3'); "
+                        "required unless --train")
+    p.add_argument("--train", default=None, metavar="CONFIG",
+                   help="also train: the YAML run config's policies are served and trained on "
+                        "the sessions external agents end (open them with \"task_id\" to "
+                        "group them); opening answers 429 + Retry-After while a policy has "
+                        "no capacity (docs/proxy_mode.md)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of --train's config")
     p.add_argument("--policy", default=None, help="model name clients use (default: --model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address; 127.0.0.1 unless you mean to expose the server")
@@ -105,6 +112,13 @@ def serve(args: argparse.Namespace) -> int:
 
     from .errors import ConfigError
 
+    if args.train is not None:
+        from .cli_serve_train import serve_train
+
+        return serve_train(args)
+    if args.model is None:
+        print("error: serve needs --model (or --train CONFIG)", file=sys.stderr)
+        return 2
     admin_key = args.admin_key or os.environ.get("AREAL_AGENTS_ADMIN_KEY") or None
     try:
         gw = build_gateway(args.model, args.policy, args.replicas, args.max_batch_size,

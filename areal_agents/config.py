@@ -168,16 +168,17 @@ class RunConfig(_Strict):
     resume: bool = Field(False, description="continue from run_dir's latest checkpoint (a fresh "
                          "run when there is none); same as `train --resume`")
 
-    def build(self, resume: bool = False) -> Any:
+    def build(self, resume: bool = False, trainer_cls: type | None = None) -> Any:
         """The ``Trainer`` this config describes (``resume`` or ``self.resume`` continues from
-        ``run_dir``'s latest checkpoint)."""
+        ``run_dir``'s latest checkpoint); ``trainer_cls`` builds a subclass instead (e.g.
+        ``ExternalTrainer`` for ``serve --train``)."""
         from areal_agents.metrics import make_logger
         from areal_agents.trainers.policy import Policy
         from areal_agents.trainers.stats import resolve_algorithm
         from areal_agents.trainers.trainer import Trainer
 
         t = self.trainer
-        return Trainer(
+        return (trainer_cls or Trainer)(
             env=self.env, env_kwargs=self.env_kwargs,
             policies={n: Policy(**p.model_dump()) for n, p in self.policies.items()},
             policy_map=self.policy_map,

@@ -81,6 +81,9 @@ class Gateway:
             None: ended sessions are dropped, only the ``ledger`` counts them.
         ended_memory: how many sessions ended over HTTP are remembered (id and key digest
             only) so late calls answer 409 "ended" rather than 401/404.
+        session_gate: called as ``gate(policy, metadata)`` before a session is opened over
+            HTTP; None admits it, a number refuses it with 429 and that ``Retry-After``
+            (seconds). The gate may add to ``metadata``. None (default): always admitted.
 
     Attributes:
         app: the ASGI app (serve with uvicorn, or use in process via ``async_client``).
@@ -92,7 +95,9 @@ class Gateway:
     def __init__(self, admin_key: str | None = None, *, max_body_bytes: int = 4 << 20,
                  tokenize_workers: int = 2,
                  session_sink: Callable[[Session], None] | None = None,
-                 ended_memory: int = 4096) -> None:
+                 ended_memory: int = 4096,
+                 session_gate: Callable[[str, dict[str, Any]], float | None] | None = None,
+                 ) -> None:
         if admin_key is not None and not admin_key:
             raise ValueError("admin_key must be a non-empty string or None (random)")
         if max_body_bytes < 1 or tokenize_workers < 1:
@@ -101,6 +106,7 @@ class Gateway:
         self.admin_key = admin_key or new_secret("aa-admin")
         self.max_body_bytes = max_body_bytes
         self.session_sink = session_sink
+        self.session_gate = session_gate
         self.policies: dict[str, ServedPolicy] = {}
         self.ledger = SessionLedger()
         self._sessions: dict[str, Session] = {}

@@ -73,7 +73,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict | None, dict, bool]] = {
     ("POST", "/rl/sessions"): (
         "Open a recorded session (admin key); answers its id and API key",
         {"type": "object", "required": ["policy"], "properties": {
-            "policy": _POLICY, "metadata": _OBJ}},
+            "policy": _POLICY, "metadata": _OBJ, "task_id": {"anyOf": [_STR, _INT]},
+            "role": _STR}},
         {"type": "object", "required": ["session_id", "api_key"],
          "properties": {"session_id": _STR, "api_key": _STR}}, True),
     ("GET", "/rl/sessions/{session_id}"): ("A session's turns and rewards", None, _SESSION,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +185,14 @@ class GatewayRoutes:
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise bad_request("'metadata' must be an object", param="metadata")
+        metadata = {**metadata, **_group_fields(body)}
+        if self.gw.session_gate is not None:
+            wait = self.gw.session_gate(policy, metadata)
+            if wait is not None:
+                return GatewayError(429, f"policy {policy!r} has no capacity now (its weights "
+                                    "are updating or enough episodes are in flight); retry "
+                                    f"after {wait:g} s", code="no_capacity").response(
+                                        {"Retry-After": str(max(1, math.ceil(wait)))})
         session_id, key = self.gw._open_session(policy, metadata)
         return JSONResponse({"session_id": session_id, "api_key": key})
 
@@ -265,6 +274,23 @@ def _record(session: Session | None, turns: list[Turn]) -> None:
 def _ended(session_id: str | None, fix: str = "open a new one with POST /rl/sessions"
            ) -> GatewayError:
     return conflict(f"session {session_id} has ended; {fix}", code="session_ended")
+
+
+def _group_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """``task_id`` (the group sessions are compared in; a string or integer) and ``role`` (the
+    agent's role, a string) of a session-opening body, validated; absent ones are left out."""
+    out: dict[str, Any] = {}
+    task_id, role = body.get("task_id"), body.get("role")
+    if task_id is not None:
+        if isinstance(task_id, bool) or not isinstance(task_id, str | int):
+            raise bad_request(f"'task_id' must be a string or an integer, got {task_id!r}",
+                              param="task_id")
+        out["task_id"] = str(task_id)
+    if role is not None:
+        if not isinstance(role, str):
+            raise bad_request(f"'role' must be a string, got {role!r}", param="role")
+        out["role"] = role
+    return out
 
 
 def _turn_of(session: Session, body: dict[str, Any]) -> int | None:

@@ -1,0 +1,70 @@
+"""``areal-agents serve --train CONFIG``: the gateway on a port plus a trainer whose episodes
+are the sessions external agents open (``areal_agents.trainers.external``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def serve_train(args: argparse.Namespace) -> int:
+    """Build the ``ExternalTrainer`` of ``args.train``, serve its gateway on
+    ``args.host:args.port`` and train ``trainer.steps`` steps; print a JSON summary."""
+    from .config import load_config
+    from .errors import ConfigError
+    from .trainers.external import ExternalTrainer
+
+    admin_key = args.admin_key or os.environ.get("AREAL_AGENTS_ADMIN_KEY") or None
+    if args.host not in _LOOPBACK and admin_key is None:
+        print(f"error: serving on {args.host} (not loopback) needs a chosen admin key: pass "
+              "--admin-key or set $AREAL_AGENTS_ADMIN_KEY", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.train, list(args.overrides or []))
+        cfg.logging.progress = False
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        trainer = cfg.build(trainer_cls=ExternalTrainer)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    trainer.admin_key = admin_key
+    summary = asyncio.run(_run(trainer, args.host, args.port, cfg.trainer.steps,
+                               show_key=admin_key is None))
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+async def _run(trainer: Any, host: str, port: int, steps: int, show_key: bool
+               ) -> dict[str, Any]:
+    import uvicorn
+
+    from .cli_serve import banner
+
+    await trainer.setup()
+    server = uvicorn.Server(uvicorn.Config(trainer.gateway.app, host=host, port=port,
+                                           log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if serving.done():
+                await serving  # the bind failed: its error propagates
+                raise RuntimeError(f"the gateway stopped before serving on {host}:{port}")
+            await asyncio.sleep(0.05)
+        print(banner(trainer.gateway, host, port, show_key), file=sys.stderr)
+        print(f"training: {steps} steps of {sorted(trainer.trainable)} on sessions ended by "
+              "external agents (open them with \"task_id\" to group them)", file=sys.stderr,
+              flush=True)
+        history = await trainer.afit(steps)
+    finally:
+        server.should_exit = True
+        await serving
+        await trainer.aclose()
+    return {"steps": len(history), "counts": trainer.controller.counts(),
+            "ledger": {p: dict(c) for p, c in trainer.controller.ledger.items()}}

@@ -1,0 +1,284 @@
+"""External episodes: sessions that agents outside the trainer open, play and end over HTTP
+become grouped training samples (``ExternalEpisodes``), and ``ExternalTrainer`` trains on them.
+
+One session is one episode of one policy. The client declares its group (``task_id``) and
+role when opening it (``POST /rl/sessions {"policy", "task_id", "role"}``); once
+``group_size`` sessions of one task id have ended they form a ``Group`` in the policy's buffer,
+exactly like a group of env episodes, and the trainer takes, trains and pushes weights as in
+env-driven training. Admission follows the same staleness rule (``StalenessControl``): a
+policy without capacity answers the opening request with 429 and ``Retry-After``.
+
+Ledger, per policy, at any moment::
+
+    opened == trained + filtered:* + failed:* + abandoned + unresolved(policy)
+
+``failed:unrewarded`` is a session ended without any reward (e.g. the agent raised),
+``failed:no_samples`` one with no recorded turn; ``abandoned`` counts what was still open,
+waiting for its group or buffered when the source stopped (``unresolved`` is then 0).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from areal_agents.errors import ConfigError
+from areal_agents.gateway.sessions import Session
+from areal_agents.rollout.controller import FilterFn
+from areal_agents.rollout.groups import Group, Signal
+from areal_agents.rollout.staleness import StalenessControl
+from areal_agents.samples import Sample
+
+from .trainer import Trainer
+
+__all__ = ["ExternalEpisodes", "ExternalTrainer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _OpenGroup:
+    """The ended sessions of one task id, waiting for the rest of the group."""
+
+    index: int
+    task_id: str
+    samples: list[Sample] = field(default_factory=list)
+    num_ok: int = 0
+    num_failed: int = 0
+    min_version: int | None = None
+
+
+class ExternalEpisodes:
+    """The rollout source of a trainer whose episodes are sessions of external agents.
+
+    It offers the part of ``RolloutController``'s interface the ``Trainer`` uses (``take``,
+    ``update_weights``, ``controls``, ``counts``, ``pending``, ``run``, ``stop``) and two
+    gateway hooks: ``admit`` (``Gateway.session_gate``) and ``on_session_end``
+    (``Gateway.session_sink``).
+
+    Args:
+        controls: one ``StalenessControl`` per trainable policy (units: sessions).
+        group_size: sessions per task id (>= 1).
+        filter_fn: per-group filter, as the controller's.
+        retry_after: seconds a refused client is told to wait (``Retry-After``).
+
+    Example:
+        >>> src = ExternalEpisodes({"p": StalenessControl(2, 0, 8)}, group_size=2)
+        >>> src.admit("p", {}), src.admit("p", {}), src.admit("p", {})
+        (None, None, 1.0)
+    """
+
+    def __init__(self, controls: dict[str, StalenessControl], *, group_size: int,
+                 filter_fn: FilterFn | None = None, retry_after: float = 1.0) -> None:
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.controls = controls
+        self.group_size = group_size
+        self.filter_fn = filter_fn or (lambda policy, samples: (samples, {}))
+        self.retry_after = retry_after
+        self.buffers: dict[str, list[Group]] = {p: [] for p in controls}
+        self.ledger: dict[str, Counter[str]] = {p: Counter() for p in controls}
+        self.pending: dict[int, set[str]] = {}  # group index -> policies (Trainer reads keys)
+        self._open: dict[tuple[str, str], _OpenGroup] = {}  # (policy, task id) -> group
+        self._next_index = 0
+        self._changed = Signal()
+        self._stopped = False
+
+    # ---- gateway hooks --------------------------------------------------------------------
+
+    def admit(self, policy: str, metadata: dict[str, Any]) -> float | None:
+        """Admit one session of ``policy``: None if admitted, else the seconds to wait.
+
+        Policies that are not trained here are always admitted (and never counted).
+        """
+        control = self.controls.get(policy)
+        if control is None:
+            return None
+        if self._stopped or control.capacity() < 1:
+            return self.retry_after
+        control.admit(1)
+        metadata["admitted_version"] = control.version
+        return None
+
+    def on_session_end(self, session: Session) -> None:
+        """A session ended: its samples join its task id's group (or it is counted failed)."""
+        control = self.controls.get(session.policy)
+        if control is None or self._stopped or "admitted_version" not in session.metadata:
+            return  # not trained here, or already counted abandoned by ``stop``
+        control.release(1)
+        task_id = str(session.metadata.get("task_id", session.session_id))
+        key = (session.policy, task_id)
+        group = self._open.get(key)
+        if group is None:
+            group = self._open[key] = _OpenGroup(self._next_index, task_id)
+            self.pending[group.index] = {session.policy}
+            self._next_index += 1
+        admitted = int(session.metadata["admitted_version"])
+        group.min_version = min(admitted, group.min_version if group.min_version is not None
+                                else admitted)
+        samples: list[Sample] = []
+        if session.rewards:
+            samples, _ = session.to_samples(agent=str(session.metadata.get("role", "")),
+                                            group=task_id)
+        if samples:
+            group.samples.extend(samples)
+            group.num_ok += 1
+        else:
+            reason = "failed:unrewarded" if not session.rewards else "failed:no_samples"
+            self.ledger[session.policy][reason] += 1
+            control.finish("failed", 1, released=True)
+            group.num_failed += 1
+        if group.num_ok + group.num_failed >= self.group_size:
+            del self._open[key]
+            self._end_group(session.policy, group)
+        self._changed.notify()
+
+    def _end_group(self, policy: str, group: _OpenGroup) -> None:
+        control = self.controls[policy]
+        kept, dropped = (self.filter_fn(policy, group.samples) if group.samples
+                         else ([], {"no_samples": 1}))
+        if not group.num_ok:
+            self.pending.pop(group.index, None)
+            return
+        if not kept:
+            reason = next(iter(dropped), "empty")
+            control.finish("filtered", group.num_ok, released=True)
+            self.ledger[policy][f"filtered:{reason}"] += group.num_ok
+            self.pending.pop(group.index, None)
+            return
+        control.finish("accepted", group.num_ok, released=True)
+        versions = [v for s in kept for v in s.versions if v >= 0]
+        self.buffers[policy].append(Group(
+            group.index, policy, kept, group.num_ok,
+            min([*versions, group.min_version if group.min_version is not None else 0]),
+            meta={"task_id": group.task_id}))
+
+    # ---- trainer side ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Nothing to drive: clients open sessions. Present for the Trainer's loop."""
+        self._stopped = False
+
+    def buffered(self, policy: str) -> int:
+        """Sessions waiting in ``policy``'s buffer."""
+        return sum(g.num_episodes for g in self.buffers[policy])
+
+    async def take(self, policy: str, num_episodes: int) -> list[Group]:
+        """Wait for and remove the oldest groups holding >= ``num_episodes`` sessions; groups
+        more than ``max_staleness`` versions old are dropped as ``filtered:too_stale``."""
+
+        def ready() -> bool:
+            self._drop_stale(policy)
+            return self.buffered(policy) >= num_episodes
+
+        await self._changed.wait_for(ready)
+        out: list[Group] = []
+        self.buffers[policy].sort(key=lambda g: g.min_version)
+        while self.buffers[policy] and sum(g.num_episodes for g in out) < num_episodes:
+            out.append(self.buffers[policy].pop(0))
+            self.pending.pop(out[-1].seed, None)
+        taken = sum(g.num_episodes for g in out)
+        self.ledger[policy]["trained"] += taken
+        self.controls[policy].consume(taken)
+        return out
+
+    def _drop_stale(self, policy: str) -> None:
+        c = self.controls[policy]
+        fresh = [g for g in self.buffers[policy] if c.version - g.min_version <= c.max_staleness]
+        for g in self.buffers[policy]:
+            if g not in fresh:
+                self.ledger[policy]["filtered:too_stale"] += g.num_episodes
+                c.accepted -= g.num_episodes
+                c.filtered += g.num_episodes
+                self.pending.pop(g.seed, None)
+        self.buffers[policy] = fresh
+
+    async def update_weights(self, policy: str, apply: Callable[[], Awaitable[None]],
+                             new_version: int) -> None:
+        """Pause admission (opening answers 429), ``await apply()``, bump the version, resume;
+        sessions already open keep going (their tokens carry their versions)."""
+        try:
+            with self.controls[policy].updating(new_version):
+                await apply()
+        finally:
+            self._changed.notify()
+
+    def unresolved(self, policy: str) -> int:
+        """Sessions open, waiting for their group, or buffered."""
+        c = self.controls[policy]
+        return c.running + c.waiting + self.buffered(policy)
+
+    async def stop(self) -> None:
+        """Refuse new sessions and count everything unresolved as ``abandoned``."""
+        self._stopped = True
+        for policy, c in self.controls.items():
+            n = self.unresolved(policy)
+            if n:
+                self.ledger[policy]["abandoned"] += n
+            c.failed += c.running + c.waiting
+            c.running = c.waiting = 0
+            self.buffers[policy].clear()
+        self._open.clear()
+        self.pending.clear()
+        self._changed.notify()
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per policy: the staleness counters, ``outcome/<name>`` ledger entries, ``buffered``."""
+        out: dict[str, dict[str, int]] = {}
+        for p, c in self.controls.items():
+            row = {k: int(getattr(c, k)) for k in
+                   ("version", "submitted", "running", "waiting", "accepted", "filtered",
+                    "failed")}
+            row.update({f"outcome/{k}": v for k, v in self.ledger[p].items()})
+            row["buffered"] = self.buffered(p)
+            out[p] = row
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ledger and counters (external sessions cannot be replayed after a restart)."""
+        return {"ledger": {p: dict(c) for p, c in self.ledger.items()},
+                "controls": {p: c.state_dict() for p, c in self.controls.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the ledger and rebase the counters to the saved versions."""
+        for p, counts in state.get("ledger", {}).items():
+            if p in self.ledger:
+                self.ledger[p] = Counter(counts)
+        for p, cs in state.get("controls", {}).items():
+            if p in self.controls:
+                self.controls[p].load_state_dict(cs)
+
+
+class ExternalTrainer(Trainer):
+    """A ``Trainer`` whose training episodes are sessions opened by external agents.
+
+    Same arguments as ``Trainer`` (``env`` and ``policy_map`` still name the policies and are
+    used by ``evaluate``), plus ``admin_key`` (the key that opens sessions; None: random, read
+    ``trainer.gateway.admin_key``) and ``retry_after``. Serve ``trainer.gateway.app`` (e.g.
+    with uvicorn, in the same event loop as ``afit``) so agents can reach it.
+    """
+
+    def __init__(self, *, admin_key: str | None = None, retry_after: float = 1.0,
+                 **kwargs: Any) -> None:
+        if kwargs.get("resume"):
+            raise ConfigError("resume is not supported with external episodes (sessions of "
+                              "the killed run cannot be replayed); start a fresh run_dir")
+        super().__init__(**kwargs)
+        self.admin_key, self.retry_after = admin_key, retry_after
+
+    async def setup(self) -> None:
+        """``Trainer.setup``, then sessions opened over HTTP feed the buffers."""
+        if self.gateway is not None:
+            return
+        await super().setup()
+        if self.admin_key:
+            self.gateway.admin_key = self.admin_key
+        controls = {p: StalenessControl(self.batch_size, self.max_staleness, self.max_concurrent)
+                    for p in self.trainable}
+        self.controller = ExternalEpisodes(controls, group_size=self.group_size,
+                                           filter_fn=self._filter, retry_after=self.retry_after)
+        self.gateway.session_gate = self.controller.admit
+        self.gateway.session_sink = self.controller.on_session_end
