@@ -83,7 +83,7 @@ async def broadcast(post: Post, group: Any, named_tensors: Iterable[tuple[str, t
         _forget(sending)
         raise
     except Exception as exc:
-        done, _ = await asyncio.wait({sending}, timeout=5.0)  # its own error says more
+        done, _ = await asyncio.wait({sending}, timeout=30.0)  # its own error says more
         source_error = sending.exception() if done else None
         if not done:
             _forget(sending)
