@@ -1,5 +1,6 @@
-"""Archon pipeline parallelism (pp=2) through the Trainer from YAML: per-step losses equal the
-one-process run's; layouts the backend cannot run are refused by the placement."""
+"""Archon pipeline (pp=2) and expert (ep=2, tiny MoE) parallelism through the Trainer from
+YAML: per-step losses equal the one-process run's; layouts the backend cannot run are refused
+by the placement."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
+import transformers
 
 from areal_agents.cli import main
 from areal_agents.errors import ConfigError
-from areal_agents.models import save_tiny
+from areal_agents.models import save_tiny, tiny_tokenizer
+from areal_agents.models.tiny import SIZES, VOCAB_SIZE
 from areal_agents.trainers.policy import Policy
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "signaling"
@@ -36,12 +39,30 @@ def _speaker(run_dir: Path, key: str) -> list[float]:
     return [row[f"policy/speaker/{key}"] for row in rows if f"policy/speaker/{key}" in row]
 
 
+def save_tiny_moe(path: Path) -> Path:
+    """The checkpoint ``examples/signaling/archon_ep2.yaml``'s comment saves: a seeded 2-layer
+    Qwen3-MoE (4 experts, top-2, no router aux loss) over the tiny tokenizer."""
+    tokenizer = tiny_tokenizer()
+    config = transformers.Qwen3MoeConfig(
+        **{**SIZES["xs"], "intermediate_size": 128}, vocab_size=VOCAB_SIZE, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None)
+    transformers.set_seed(0)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_archon_pp2_run_matches_one_process(tmp_path):
-    model = save_tiny(tmp_path / "tiny_xs_untied", tie_word_embeddings=False)
-    for name, train in [("workers", "{world_size: 2, pp: 2}"), ("single", "{world_size: 1}")]:
-        assert main(["train", str(EXAMPLES / "archon_pp2.yaml"), f"run_dir={tmp_path / name}",
+@pytest.mark.parametrize(("yaml", "layout"), [("archon_pp2.yaml", "{world_size: 2, pp: 2}"),
+                                             ("archon_ep2.yaml", "{world_size: 2, ep: 2}")])
+def test_archon_pp2_and_ep2_runs_match_one_process(yaml, layout, tmp_path):
+    model = (save_tiny(tmp_path / "tiny_xs_untied", tie_word_embeddings=False)
+             if yaml == "archon_pp2.yaml" else save_tiny_moe(tmp_path / "tiny_moe"))
+    for name, train in [("workers", layout), ("single", "{world_size: 1}")]:
+        assert main(["train", str(EXAMPLES / yaml), f"run_dir={tmp_path / name}",
                      f"policies.speaker.model={model}",
                      f"policies.speaker.train={train}"]) == 0
     losses, want = _speaker(tmp_path / "workers", "loss"), _speaker(tmp_path / "single", "loss")
