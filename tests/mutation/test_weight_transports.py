@@ -342,3 +342,13 @@ def test_in_process_sender_runs_at_most_two_buckets_ahead_and_waits_for_a_slow_r
     transport.close()
     assert ahead <= 5
     assert [n for n, _ in [first, *rest]] == [f"t{i}" for i in range(8)]
+
+
+async def test_an_engine_error_with_a_plain_iterator_receiver_propagates():
+    class Broken(_Reader):
+        async def update_weights(self, update):
+            next(iter(update.named_tensors))
+            raise KeyError("no tensor 'x'")
+
+    with pytest.raises(KeyError, match="no tensor 'x'"):
+        await push_to_engine(Broken(), _Fake("custom"), four_byte_tensors(2))
