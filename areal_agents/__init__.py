@@ -86,7 +86,8 @@ _EXPORTS: dict[str, str] = {
 }
 
 # subpackages reachable as attributes: aa.models, aa.algorithms, ...
-_SUBMODULES = {"models", "algorithms", "engines", "gateway", "envs", "agents", "trainers", "testing"}
+_SUBMODULES = {"models", "algorithms", "engines", "gateway", "envs", "agents", "trainers", "testing",
+               "proxy"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

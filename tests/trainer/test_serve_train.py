@@ -89,6 +89,7 @@ def test_opening_without_capacity_answers_429_with_retry_after(served):
         second = http.post("/rl/sessions", json={"policy": "p"})
         bad = http.post("/rl/sessions", json={"policy": "p", "task_id": [1]})
     assert second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert src.controls["p"].submitted == 1  # the refused session took no slot
     assert second.json()["error"]["code"] == "no_capacity"
     assert bad.status_code == 400
     assert bad.json()["error"]["message"] == "'task_id' must be a string or an integer, got [1]"
@@ -148,3 +149,9 @@ def test_external_agent_process_trains_through_serve_train(tmp_path):
     assert versions[0] == 0 and max(versions) >= 2  # later sessions see the pushed weights
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "step" in m][-3:] == [1, 2, 3]
+
+
+def test_proxy_is_reachable_from_the_flat_api():
+    import areal_agents as aa
+
+    assert aa.proxy.episode is episode
