@@ -21,6 +21,11 @@ The proxy flow, one episode (BASE is http://HOST:PORT):
          -H "Authorization: Bearer $SESSION_KEY"
 Only completions delivered to the client are recorded; GET BASE/openapi.json lists every
 route, GET BASE/health the policies and session counts.
+
+Training on these sessions: `serve --train CONFIG` serves CONFIG's policies and trains them on
+the sessions agents end (add "task_id" when opening to group them; a policy without capacity
+answers 429 + Retry-After). Python agents can use areal_agents.proxy.episode; see
+docs/proxy_mode.md.
 """
 
 from __future__ import annotations

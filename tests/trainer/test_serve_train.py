@@ -155,3 +155,16 @@ def test_proxy_is_reachable_from_the_flat_api():
     import areal_agents as aa
 
     assert aa.proxy.episode is episode
+
+
+def test_serve_train_refuses_other_hosts_without_a_chosen_key(capsys, monkeypatch):
+    from areal_agents.cli import main
+
+    monkeypatch.delenv("AREAL_AGENTS_ADMIN_KEY", raising=False)
+    assert main(["serve", "--train", str(ROOT / "examples/proxy/train.yaml"),
+                 "--host", "0.0.0.0"]) == 2
+    assert capsys.readouterr().err == (
+        "error: serving on 0.0.0.0 (not loopback) needs a chosen admin key: pass --admin-key "
+        "or set $AREAL_AGENTS_ADMIN_KEY\n")
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err == "error: serve needs --model (or --train CONFIG)\n"
