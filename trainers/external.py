@@ -13,7 +13,8 @@ Ledger, per policy, at any moment::
     opened == trained + filtered:* + failed:* + abandoned + unresolved(policy)
 
 ``failed:unrewarded`` is a session ended without any reward (e.g. the agent raised),
-``failed:no_samples`` one with no recorded turn; ``abandoned`` counts what was still open,
+``failed:no_samples`` one with no recorded turn, ``failed:samples_error`` one the
+tokenization contract could not turn into samples (logged); ``abandoned`` counts what was still open,
 waiting for its group or buffered when the source stopped (``unresolved`` is then 0).
 """
 
@@ -120,14 +121,18 @@ class ExternalEpisodes:
         group.min_version = min(admitted, group.min_version if group.min_version is not None
                                 else admitted)
         samples: list[Sample] = []
+        reason = "failed:unrewarded" if not session.rewards else "failed:no_samples"
         if session.rewards:
-            samples, _ = session.to_samples(agent=str(session.metadata.get("role", "")),
-                                            group=task_id)
+            try:
+                samples, _ = session.to_samples(agent=str(session.metadata.get("role", "")),
+                                                group=task_id)
+            except Exception:  # counted; the client's `end` still succeeds
+                log.exception("session %s could not become samples", session.session_id)
+                reason = "failed:samples_error"
         if samples:
             group.samples.extend(samples)
             group.num_ok += 1
         else:
-            reason = "failed:unrewarded" if not session.rewards else "failed:no_samples"
             self.ledger[session.policy][reason] += 1
             control.finish("failed", 1, released=True)
             group.num_failed += 1

@@ -168,3 +168,14 @@ def test_serve_train_refuses_other_hosts_without_a_chosen_key(capsys, monkeypatc
         "or set $AREAL_AGENTS_ADMIN_KEY\n")
     assert main(["serve"]) == 2
     assert capsys.readouterr().err == "error: serve needs --model (or --train CONFIG)\n"
+
+
+async def test_a_session_that_cannot_become_samples_is_counted_and_frees_its_slot(caplog):
+    src = _source(batch_size=1, group_size=1)
+    assert src.admit("p", {}) is None and src.admit("p", {}) == 1.0
+    broken = _ended("a", 1.0)
+    broken.turns[0].logprobs = []  # misaligned: the tokenization contract refuses it
+    src.on_session_end(broken)
+    assert src.ledger["p"] == {"failed:samples_error": 1}
+    assert src.admit("p", {}) is None  # its slot is free again
+    assert "could not become samples" in caplog.text
