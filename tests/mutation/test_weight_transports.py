@@ -182,8 +182,10 @@ def shm_round_trip(shm: SharedMemoryTransport, named, manifest=None, receiver=No
 
     sender = threading.Thread(target=send)
     sender.start()
-    got = [(n, t.clone(), t) for n, t in stream]
-    sender.join()
+    try:
+        got = [(n, t.clone(), t) for n, t in stream]
+    finally:  # never close the block under a running sender (that crashes the process)
+        sender.join()
     if errors:
         raise errors[0]
     return got
