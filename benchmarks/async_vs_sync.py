@@ -77,6 +77,8 @@ of 3 seeds:
       wait 769 + train 1185 + push 73 + other 148), async 9.8 (1648 = 52 + 1440 + 50 + 106):
       1.32x. CPU per step sync / async: trainer event loop 168 / 141 ms, trainer workers
       (training) 354 / 329 ms, engine server 135 / 136 ms (the server is idle > 90% of a step).
+      Re-run at load 10-12: sync 8.6 (1862 = 564 + 1123 + 53 + 122), async 9.2 (1735 = 63 +
+      1499 + 52 + 121): 1.08x; CPU per step 139 / 141, 328 / 313, 124 / 133 ms.
     - before KeepAliveTransport (httpx2's default pool): load 5-7, 1 run: 2.04x (sync 1736
       ms/step = wait 634 + train 924 + push 74 + other 103; async 850 = 41 + 714 + 45 + 50);
       load 9-10, 2 runs: 0.91x; load 9, 6 steps: 1.35x with the event loop at 203 / 252 ms
