@@ -100,7 +100,8 @@ GROUPS: dict[str, Group] = {
     "weight_transports": Group(("trainers/weight_transport.py", "trainers/weight_shm.py"),
                                ("tests/trainer/test_weight_transport.py",
                                 "tests/trainer/test_trainer_push_stream.py",
-                                "tests/mutation/test_weight_transports.py"),
+                                "tests/mutation/test_weight_transports.py",
+                                "tests/mutation/test_weight_transports_gaps.py"),
                                # a mutant that breaks the shared-memory handshake makes both
                                # sides wait (polling): only the wall-clock limit ends it
                                settings=(("timeout_multiplier", 2.0),
