@@ -79,19 +79,20 @@ def test_receivers_wait_600_s_by_default(clock):
 
 @pytest.mark.parametrize("receiver", [receive_shared, receive])
 def test_receivers_yield_copies_by_default(receiver):
-    """One four-byte tensor per bucket, each written at the block's data offset: a borrowed
-    view would read the last tensor's value."""
+    """Each tensor is yielded as a fresh tensor (three storages), not a view of the block (one
+    storage, whose values must not be read once the stream has ended: the block is unmapped)."""
     with SharedMemoryTransport(4, timeout=30) as shm:
         stream = receiver(shm.manifest())
         sender = threading.Thread(
             target=shm.send, args=([(f"t{i}", torch.full((1,), float(i))) for i in range(3)],))
         sender.start()
         try:
-            got = list(stream)
+            got = [(n, t.tolist(), t, t.untyped_storage().data_ptr()) for n, t in stream]
         finally:  # never close the block under a running sender
             sender.join()
-        assert [(n, t.tolist()) for n, t in got] == [("t0", [0.0]), ("t1", [1.0]),
-                                                     ("t2", [2.0])]
+        assert [(n, v) for n, v, _, _ in got] == [("t0", [0.0]), ("t1", [1.0]), ("t2", [2.0])]
+        num_storages = len({ptr for _, _, _, ptr in got})  # the tensors are kept alive in got
+        assert num_storages == 3
 
 
 def test_wait_raises_only_after_the_deadline(clock):
