@@ -126,3 +126,32 @@ def test_a_receiver_in_another_process_releases_the_block_from_its_resource_trac
         assert calls == []
         receive_shared({**manifest, "pid": os.getpid() + 1}).close()
         assert calls == [("/" + shm.block.name, "shared_memory")]
+
+
+@pytest.mark.parametrize("borrow", [False, True])
+def test_shm_tensors_larger_than_a_bucket_arrive_whole_in_pieces(borrow):
+    """8-byte buckets: 28 bytes go in pieces of 8, 8, 8 and 4, a [2, 3] int16 tensor in 8 and 4,
+    between tensors that fit; values, dtypes and shapes arrive intact (borrowed views are
+    read while the stream runs). The sender is joined before the block is closed."""
+    sent = [("a", torch.arange(2, dtype=torch.float32)),
+            ("big", torch.arange(7, dtype=torch.float32) + 0.5),
+            ("grid", torch.arange(6, dtype=torch.int16).reshape(2, 3) - 3),
+            ("c", torch.tensor([5.0], dtype=torch.float64))]
+    with SharedMemoryTransport(8, timeout=5) as shm:
+        stream = receive(shm.manifest(), timeout=5, borrow=borrow)
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                shm.send(sent)
+            except BaseException as exc:  # checked below
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            got = [(n, t.dtype, tuple(t.shape), t.tolist()) for n, t in stream]
+        finally:  # never close the block under a running sender
+            sender.join()
+    assert errors == []
+    assert got == [(n, t.dtype, tuple(t.shape), t.tolist()) for n, t in sent]
