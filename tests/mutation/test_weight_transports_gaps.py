@@ -155,3 +155,28 @@ def test_shm_tensors_larger_than_a_bucket_arrive_whole_in_pieces(borrow):
             sender.join()
     assert errors == []
     assert got == [(n, t.dtype, tuple(t.shape), t.tolist()) for n, t in sent]
+
+
+def test_shm_metadata_estimate_adds_up_over_a_bucket():
+    """Short entries (estimate 2 + 60 + 12 = 74 bytes each) in a 160-byte metadata area: two
+    per bucket. Counting only the last entry's estimate would put all ten in one bucket, whose
+    JSON does not fit the area."""
+    sent = [(f"t{i}", torch.full((1,), float(i))) for i in range(10)]
+    with SharedMemoryTransport(4096, meta_bytes=160, timeout=5) as shm:
+        stream = receive(shm.manifest(), timeout=5)
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                shm.send(sent)
+            except BaseException as exc:  # checked below
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            got = [(n, t.tolist()) for n, t in stream]
+        finally:  # never close the block under a running sender
+            sender.join()
+    assert errors == []
+    assert got == [(n, t.tolist()) for n, t in sent]
