@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -115,6 +116,8 @@ class SharedMemoryTransport:
                                                      size=self._data_offset + bucket_bytes)
         self._views(self.block)
         self._epoch = 0
+        self._idle = threading.Event()  # clear while ``send`` runs: ``close`` waits for it
+        self._idle.set()
 
     def _views(self, block: Any) -> None:
         buf = torch.frombuffer(block.buf, dtype=torch.uint8)
@@ -146,6 +149,7 @@ class SharedMemoryTransport:
                 (the stream is marked aborted).
         """
         bucket = _Bucket(self)
+        self._idle.clear()
         try:
             for name, t in named_tensors:
                 t = t.detach().cpu().contiguous()
@@ -171,6 +175,8 @@ class SharedMemoryTransport:
         except BaseException:
             self._header[_STATE] = _ABORTED
             raise
+        finally:
+            self._idle.set()
         return bucket.total
 
     def _wait_readers(self, published: int) -> None:
@@ -190,8 +196,22 @@ class SharedMemoryTransport:
             self._header[_ACK : _ACK + self.num_readers] = -1
 
     def close(self) -> None:
-        """Unlink the block (idempotent)."""
+        """Unlink the block (idempotent).
+
+        A ``send`` running in another thread is stopped first (``cancel``: it raises
+        ``WeightSyncError`` at its next bucket) and waited for, so the block is never unmapped
+        under the sender.
+
+        Raises:
+            WeightSyncError: the sender did not stop within ``timeout`` seconds (its source is
+                stuck); the block stays mapped, call ``close`` again later.
+        """
         if self.block is not None:
+            if not self._idle.is_set():
+                self.cancel()
+                if not self._idle.wait(self.timeout):
+                    raise WeightSyncError(f"shared-memory weight transfer: close() waited "
+                                          f"{self.timeout} s for the running send to stop")
             del self._header, self._meta, self._data
             self.block.close()
             self.block.unlink()

@@ -251,3 +251,33 @@ def test_shm_cancel_stops_a_sender_whose_receiver_never_came():
         sender.join(timeout=20)
         assert not sender.is_alive()
     assert [str(e) for e in errors] == ["a receiver stopped before the update was complete"]
+
+
+def test_shm_close_under_a_running_sender_stops_it_instead_of_unmapping_under_it():
+    """close() while send runs in another thread (no receiver came): the sender raises
+    WeightSyncError and close() unmaps only after it stopped (it used to unmap under the
+    sender: SIGSEGV, the whole process gone)."""
+    errors: list[BaseException] = []
+    started = threading.Event()
+    shm = SharedMemoryTransport(bucket_bytes=64, timeout=60)
+    shm.manifest()
+
+    def source() -> Iterator[tuple[str, torch.Tensor]]:
+        for i in range(64):
+            started.set()
+            yield f"t{i}", torch.full((16,), float(i))
+
+    def send() -> None:
+        try:
+            shm.send(source())
+        except BaseException as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    started.wait(20)
+    shm.close()
+    assert shm.block is None and not sender.is_alive()
+    sender.join()
+    assert [str(e) for e in errors] == ["a receiver stopped before the update was complete"]
+    shm.close()  # idempotent
