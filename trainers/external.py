@@ -28,7 +28,7 @@ from typing import Any
 
 from areal_agents.errors import ConfigError
 from areal_agents.gateway.sessions import Session
-from areal_agents.rollout.controller import FilterFn
+from areal_agents.rollout.controller import FilterFn, ledger_counts
 from areal_agents.rollout.groups import Group, Signal
 from areal_agents.rollout.staleness import StalenessControl
 from areal_agents.samples import Sample
@@ -232,15 +232,7 @@ class ExternalEpisodes:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per policy: the staleness counters, ``outcome/<name>`` ledger entries, ``buffered``."""
-        out: dict[str, dict[str, int]] = {}
-        for p, c in self.controls.items():
-            row = {k: int(getattr(c, k)) for k in
-                   ("version", "submitted", "running", "waiting", "accepted", "filtered",
-                    "failed")}
-            row.update({f"outcome/{k}": v for k, v in self.ledger[p].items()})
-            row["buffered"] = self.buffered(p)
-            out[p] = row
-        return out
+        return ledger_counts(self.controls, self.ledger, self.buffered)
 
     def state_dict(self) -> dict[str, Any]:
         """The ledger and counters (external sessions cannot be replayed after a restart)."""

@@ -475,12 +475,19 @@ class RolloutController:
     def counts(self) -> dict[str, dict[str, int]]:
         """Per policy: version/submitted/running/waiting/accepted/filtered/failed counters,
         ``outcome/<name>`` ledger entries and ``buffered``."""
-        out: dict[str, dict[str, int]] = {}
-        for p, c in self.controls.items():
-            row = {k: int(getattr(c, k)) for k in
-                   ("version", "submitted", "running", "waiting", "accepted", "filtered",
-                    "failed")}
-            row.update({f"outcome/{k}": v for k, v in self.ledger[p].items()})
-            row["buffered"] = self.buffered(p)
-            out[p] = row
-        return out
+        return ledger_counts(self.controls, self.ledger, self.buffered)
+
+
+def ledger_counts(controls: dict[str, StalenessControl], ledger: dict[str, Counter[str]],
+                  buffered: Callable[[str], int]) -> dict[str, dict[str, int]]:
+    """Per policy: the staleness counters (version/submitted/running/waiting/accepted/
+    filtered/failed), ``outcome/<name>`` ledger entries and ``buffered`` episodes — the one
+    row format of every episode source's ``counts()``."""
+    out: dict[str, dict[str, int]] = {}
+    for p, c in controls.items():
+        row = {k: int(getattr(c, k)) for k in
+               ("version", "submitted", "running", "waiting", "accepted", "filtered", "failed")}
+        row.update({f"outcome/{k}": v for k, v in ledger[p].items()})
+        row["buffered"] = buffered(p)
+        out[p] = row
+    return out
