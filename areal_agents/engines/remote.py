@@ -21,7 +21,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -346,14 +345,8 @@ async def _start_server(args: dict[str, Any], weights: str | Path | None,
            "MKL_NUM_THREADS": str(args["threads"])}
     server = ServerProcess(argv, args["log_path"], env=env, name="engine server", grace_s=5.0)
     url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx2.AsyncClient() as probe:
-            await server.wait_healthy(
-                probe, f"{url}/health", timeout_s=args["startup_timeout_s"],
-                progress=args["progress"] or partial(print, file=sys.stderr, flush=True))
-    except BaseException:
-        server.stop()
-        raise
+    await server.wait_ready(f"{url}/health", timeout_s=args["startup_timeout_s"],
+                            progress=args["progress"])
     return server, url, token
 
 

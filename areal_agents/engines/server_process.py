@@ -21,6 +21,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import httpx2
@@ -120,6 +121,23 @@ class ServerProcess:
     def stop(self) -> None:
         """Stop the server and its workers (SIGTERM, then SIGKILL). Idempotent."""
         self._finalizer()
+
+    async def wait_ready(self, url: str, *, timeout_s: float,
+                         progress: Callable[[str], None] | None = None) -> None:
+        """``wait_healthy`` with a probe client of its own and progress on stderr by default;
+        the server is stopped when it fails (or is cancelled) before it is ready.
+
+        Raises:
+            EngineError, EngineTimeout: as ``wait_healthy``.
+        """
+        try:
+            async with httpx2.AsyncClient() as probe:
+                await self.wait_healthy(
+                    probe, url, timeout_s=timeout_s,
+                    progress=progress or partial(print, file=sys.stderr, flush=True))
+        except BaseException:
+            self.stop()
+            raise
 
     async def wait_healthy(self, http: httpx2.AsyncClient, url: str, *, timeout_s: float,
                            progress: Callable[[str], None] | None = None,

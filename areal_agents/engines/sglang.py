@@ -38,11 +38,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +151,9 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
         log_path = log_path or Path(tempfile.mkdtemp(prefix="sglang-")) / "server.log"
         server = ServerProcess(argv, log_path, env=server_env, name="SGLang server")
         url = f"http://127.0.0.1:{port}"
+        await server.wait_ready(f"{url}/health", timeout_s=startup_timeout_s,
+                                progress=progress)
         try:
-            async with httpx2.AsyncClient() as probe:
-                await server.wait_healthy(
-                    probe, f"{url}/health", timeout_s=startup_timeout_s,
-                    progress=progress or partial(print, file=sys.stderr, flush=True))
             return await cls.attach(url, timeout_s=timeout_s, server=server,
                                     top_p_window=top_p_window, weights_dir=weights_dir)
         except BaseException:

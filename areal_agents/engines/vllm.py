@@ -36,10 +36,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -164,11 +162,9 @@ class VLLMEngine(HTTPEngine):
         log_path = log_path or Path(tempfile.mkdtemp(prefix="vllm-")) / "server.log"
         server = ServerProcess(argv, log_path, env=server_env, name="vLLM server")
         url = f"http://127.0.0.1:{port}"
+        await server.wait_ready(f"{url}/health", timeout_s=startup_timeout_s,
+                                progress=progress)
         try:
-            async with httpx2.AsyncClient() as probe:
-                await server.wait_healthy(
-                    probe, f"{url}/health", timeout_s=startup_timeout_s,
-                    progress=progress or partial(print, file=sys.stderr, flush=True))
             return await cls.attach(url, timeout_s=timeout_s, server=server,
                                     tie_word_embeddings=ties_embeddings(model))
         except BaseException:
@@ -299,11 +295,7 @@ class VLLMEngine(HTTPEngine):
             try:
                 await self._request("POST", "/collective_rpc", {
                     "method": "reload_weights", "kwargs": {"weights_path": path}})
-                await self._request("POST", "/reset_prefix_cache",
-                                    params={"reset_running_requests": "true"})
-                await self._request("POST", "/update_weight_version",
-                                    {"new_version": str(target)})
-                self.version = target
+                await self._serve_version(target)
             finally:
                 if paused_here:
                     await self.resume()
@@ -360,14 +352,18 @@ class VLLMEngine(HTTPEngine):
                                           f"({failed!r}); the server may hold part of it: "
                                           "push a full update (e.g. from disk)") from failed
                 await self._request("POST", "/finish_weight_update")
-                await self._request("POST", "/reset_prefix_cache",
-                                    params={"reset_running_requests": "true"})
-                await self._request("POST", "/update_weight_version",
-                                    {"new_version": str(target)})
-                self.version = target
+                await self._serve_version(target)
             finally:
                 if paused_here:
                     await self.resume()
+
+    async def _serve_version(self, target: int) -> None:
+        """After new weights are in: drop the KV prefix cache computed with the old ones (also
+        of running requests), label the server's weights ``target`` and take it as ours."""
+        await self._request("POST", "/reset_prefix_cache",
+                            params={"reset_running_requests": "true"})
+        await self._request("POST", "/update_weight_version", {"new_version": str(target)})
+        self.version = target
 
     async def _release(self) -> None:
         """Remove this engine's own weight files (``close`` stops client and server first)."""
