@@ -49,7 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(func(args) or 0)
+    from .errors import ConfigError
+
+    try:
+        return int(func(args) or 0)
+    except ConfigError as exc:  # a user's config mistake: its message names the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -65,3 +65,16 @@ def test_command_table_is_extensible(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "unavailable" in capsys.readouterr().out
+
+
+def test_a_config_mistake_exits_2_with_the_message_not_a_traceback(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("env: Signaling-v0\n"
+                      "policies:\n"
+                      "  a: {model: 'tiny:xs', inference: {kind: server, transport: nccl}}\n"
+                      "policy_map: {speaker: a, listener: a}\n")
+    assert cli.main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid config:\n")
+    assert ("kind='server' cannot use transport='nccl'; choose one of ['shm', 'disk', 'gloo']"
+            in err) and "Traceback" not in err
