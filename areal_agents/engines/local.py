@@ -132,6 +132,10 @@ class LocalEngine(InferenceEngine):
         self.max_queue = max_queue
         self.version = 0
         self.eos_token_id = tokenizer.eos_token_id
+        from ..models.loading import eos_token_ids
+
+        # every id the checkpoint's generation_config ends on (Qwen3: <|im_end|>, <|endoftext|>)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self._vocab_size = int(model.config.vocab_size)
         text_config = model.config.get_text_config(decoder=True)
         if getattr(text_config, "use_sliding_window", False) or "sliding_attention" in (
@@ -391,7 +395,8 @@ class LocalEngine(InferenceEngine):
             if sp.top_logprobs and out.top_ids is not None and out.top_logprobs is not None:
                 seq.top.append(list(zip(out.top_ids[row][: sp.top_logprobs],
                                         out.top_logprobs[row][: sp.top_logprobs], strict=True)))
-            stopped = token == self.eos_token_id or token in sp.stop_token_ids
+            stopped = (token == self.eos_token_id or token in self.eos_token_ids
+                       or token in sp.stop_token_ids)
             if stopped or (sp.stop and self._hit_stop_string(seq.token_ids, sp.stop)):
                 seq.finish_reason = "stop"
             elif len(seq.token_ids) >= sp.max_tokens:
