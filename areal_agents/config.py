@@ -35,7 +35,8 @@ class PolicyConfig(_Strict):
     """One LLM (see ``areal_agents.Policy``)."""
 
     model: str | None = Field("tiny:xs", description="'tiny:<size>[:seed=N]', a checkpoint path, "
-                              "or the served model name with endpoint")
+                              "a hub id in the local HF cache ('Qwen/Qwen3-0.6B'; never "
+                              "downloaded), or the served model name with endpoint")
     backend: str = Field("fsdp", description="training backend: fsdp, archon, megatron or one "
                          "added with areal_agents.trainers.backends.register_backend")
     lr: float = Field(1e-5, gt=0, description="learning rate of this policy's optimizer")

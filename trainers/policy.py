@@ -17,8 +17,10 @@ class Policy:
 
     Args:
         model: ``"tiny:<size>"`` (the offline tiny-model factory, seeded by ``seed`` unless the
-            spec says ``:seed=N``), a
-            checkpoint path, a ``(model, tokenizer)`` pair, or ``None`` with ``endpoint``.
+            spec says ``:seed=N``), a checkpoint path, a hub id such as ``"Qwen/Qwen3-0.6B"``
+            already in the local Hugging Face cache (``areal_agents.models.hub``: never
+            downloaded; loaded in float32 on the CPU, see ``areal_agents.models.load``), a
+            ``(model, tokenizer)`` pair, or ``None`` with ``endpoint``.
         backend: training backend: ``"fsdp"``, ``"archon"``, ``"megatron"`` or a name added
             with ``areal_agents.trainers.backends.register_backend``.
         lr: learning rate of this policy's own optimizer.
