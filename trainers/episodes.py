@@ -41,6 +41,7 @@ class EpisodeStats:
     status: str
     policy_of: dict[str, str]
     gen_lengths: dict[str, list[int]] = field(default_factory=dict)
+    episode: Episode | None = None  # the record (group reward functions read it)
 
 
 def success_of(episode: Episode, agent_id: str) -> float:
@@ -99,7 +100,8 @@ async def play(
     Every seat's session is closed, whatever happens (failure, cancellation).
 
     Raises:
-        EpisodeFailed: the episode's status is ``failed`` (message carries its error).
+        EpisodeFailed: the episode's status is ``failed``, or a reward function raised (e.g.
+            ``JudgeFailed``); the message carries the error, ``__cause__`` the exception.
     """
     agents: dict[str, Agent] = dict(fixed_agents)
     seats: dict[str, Seat] = {}
@@ -111,7 +113,11 @@ async def play(
         episode = await run_episode(env, agents, seed=seed, max_steps=max_steps)
         if episode.status == "failed":
             raise EpisodeFailed(f"episode seed={seed} failed: {episode.error}")
-        rewards = await apply_reward_fns(episode, reward_fns)
+        try:
+            rewards = await apply_reward_fns(episode, reward_fns)
+        except Exception as e:  # e.g. a judge that kept failing: this episode fails, not the run
+            raise EpisodeFailed(f"episode seed={seed} failed in a reward function: "
+                                f"{type(e).__name__}: {e}") from e
         samples = {a: seat.take_samples(reward=rewards.get(a, 0.0), group=str(seed))
                    for a, seat in seats.items()}
     finally:
@@ -133,5 +139,6 @@ async def play(
         status=episode.status,
         policy_of=dict(policy_of),
         gen_lengths=gen_lengths,
+        episode=episode,
     )
     return by_policy, stats
