@@ -49,6 +49,10 @@ EpisodeFn = Callable[[int, int], Awaitable[dict[str, list[Sample]]]]
 FilterFn = Callable[[str, list[Sample]], tuple[list[Sample], dict[str, int]]]
 """``filter(policy, group_samples) -> (kept, {reason: dropped_count})``."""
 
+GroupFn = Callable[[int, list[Any]], Awaitable[None]]
+"""``on_group(seed, results)``: per member ``{policy: samples}`` or its exception; may change
+the samples (e.g. add group rewards) in place. Raising fails the group's finished episodes."""
+
 
 class ControllerState(TypedDict):
     """``RolloutController.state_dict()``: JSON-ready.
@@ -104,6 +108,9 @@ class RolloutController:
             with the members already done if there are >= k of them (else it stays in flight
             and is cancelled as too stale). Trades the long tail for throughput, so it biases
             training toward shorter outputs — compare generated vs trained lengths.
+        group_fn: ``async (seed, results)`` run once per group when its last episode ends,
+            before ``filter_fn`` (e.g. a judge ranking the group); that episode keeps its
+            concurrency slot meanwhile. Not run on groups trained partially.
 
     Each policy is assumed to ``take`` one batch per version (take, train, ``update_weights``),
     as the Trainer does: after a ``take`` at version v, a group first admitted at a version
@@ -127,6 +134,7 @@ class RolloutController:
         max_consecutive_failures: int = 256,
         partial_groups: int = 0,
         max_consecutive_filtered: int = 512,
+        group_fn: GroupFn | None = None,
     ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -134,6 +142,7 @@ class RolloutController:
             raise ValueError(f"partial_groups must be in 0..group_size={group_size} (0 = off), "
                              f"got {partial_groups}")
         self.partial_groups = partial_groups
+        self.group_fn = group_fn
         self.run_episode = run_episode
         self.controls = controls
         self.group_size = group_size
@@ -208,8 +217,36 @@ class RolloutController:
             del self.errors[:-100]  # keep the latest ones
             self.consecutive_failures += 1
             result = e
+        if self.group_fn is not None and member in group.tasks and group.done == group.size - 1:
+            try:  # the group's last episode: it stays "running" while the group fn works
+                result = await self._apply_group_fn(group, member, result)
+            except asyncio.CancelledError as e:
+                if member in group.tasks:
+                    self._member_done(group, member, e)
+                raise
         if member in group.tasks:  # else its group was cancelled and already accounted
             self._member_done(group, member, result)
+
+    async def _apply_group_fn(self, group: GroupRun, member: int, result: Any) -> Any:
+        """Run ``group_fn`` on the finished group; when it raises, every finished episode of
+        the group becomes failed with its exception (the return is ``member``'s result)."""
+        assert self.group_fn is not None
+        results = list(group.results)
+        results[member] = result
+        try:
+            await self.group_fn(group.seed, results)
+            return result
+        except Exception as e:
+            log.warning("group function failed for seed %d: %r", group.seed, e)
+            self.errors.append(e)
+            del self.errors[:-100]
+            ok = [i for i, r in enumerate(results) if r is not None
+                  and not isinstance(r, BaseException)]
+            self.consecutive_failures += len(ok)
+            for i in ok:
+                if i != member:
+                    group.results[i] = e
+            return e if member in ok else result
 
     def _member_done(self, group: GroupRun, member: int, result: Any) -> None:
         del group.tasks[member]
