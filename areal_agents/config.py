@@ -68,6 +68,10 @@ class PolicyConfig(_Strict):
     tool_parser: str = Field(
         "auto", description="how tool calls are read from replies: auto, hermes, llama3_json, "
         "mistral, gpt_oss or response_template (areal_agents.gateway.tool_parsing)")
+    critic: dict[str, Any] | None = Field(
+        None, description="a learned value model for algorithm ppo: {lr, model, backend, "
+        "max_grad_norm, token_budget, num_updates} (areal_agents.trainers.critic.CriticSpec); "
+        "None: no critic")
 
     @field_validator("backend")
     @classmethod
@@ -82,6 +86,14 @@ class PolicyConfig(_Strict):
         from areal_agents.gateway.tool_parsing import check_tool_parser
 
         return check_tool_parser(value)
+
+    @field_validator("critic")
+    @classmethod
+    def _critic_spec(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from areal_agents.trainers.critic import CriticSpec
+
+        CriticSpec.of(value, "critic")  # unknown fields and bad values fail here, by name
+        return value
 
     @field_validator("train", mode="before")
     @classmethod

@@ -6,6 +6,8 @@ Layout of ``run_dir/checkpoints/``::
         <policy>/             renamed once every file is in place)
             ...               the policy's ``TrainEngine.save`` (weights, optimizer, LR
                               schedule, engine step and version)
+        critics/<policy>/     the policy's learned critic (``CriticEngine.save``: weights,
+                              optimizer, step), when ``Policy.critic`` is set
         trainer_state.json    ``Trainer.state_dict()`` (a ``TrainerState``): step, controller
                               state (cursor, versions, outcome ledger), history, trained seeds
                               per step, each policy's algorithm state (EMA baselines)

@@ -8,6 +8,7 @@ from typing import Any
 from areal_agents.gateway.tool_parsing import check_tool_parser
 
 from .backends import check_backend
+from .critic import CriticSpec
 from .placement import InferencePlacement, TrainPlacement, check_train_placement
 
 
@@ -50,6 +51,9 @@ class Policy:
             (the tokenizer's response schema, else the family its vocabulary shows, else
             hermes), ``"hermes"``, ``"llama3_json"``, ``"mistral"``, ``"gpt_oss"`` or
             ``"response_template"`` (see ``areal_agents.gateway.tool_parsing``).
+        critic: a learned value model for PPO (``algorithm="ppo"``): a ``CriticSpec`` or a dict
+            of its fields (``{"lr": 1e-4}``); ``None`` (default) trains none (PPO then uses
+            zero values). See ``areal_agents.trainers.critic``.
 
     Raises:
         ConfigError: unknown backend (a ``ValueError``; lists the registered ones), or a
@@ -81,12 +85,16 @@ class Policy:
     train: TrainPlacement = field(default_factory=TrainPlacement)
     inference: InferencePlacement = field(default_factory=InferencePlacement)
     tool_parser: str = "auto"
+    critic: CriticSpec | None = None
 
     def __post_init__(self) -> None:
         check_backend(self.backend, "Policy.backend")
         check_tool_parser(self.tool_parser, "Policy.tool_parser")
         self.train = TrainPlacement.of(self.train)
         self.inference = InferencePlacement.of(self.inference)
+        self.critic = CriticSpec.of(self.critic, "Policy.critic")
+        if self.critic is not None and self.trainable:
+            self.critic.check("Policy.critic", self.backend, self.train.distributed)
         check_train_placement(self.backend, self.train,
                               trainable=not self.frozen and self.endpoint is None)
         if self.endpoint is not None and not self.frozen:

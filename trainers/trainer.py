@@ -34,6 +34,7 @@ from .checkpointing import (
     save_checkpoint,
     truncate_metrics,
 )
+from .critic import CriticEngine, build_critic
 from .episodes import EpisodeStats, RewardFn, play
 from .llm_session import Seat, open_seat
 from .policy import Policy
@@ -142,6 +143,12 @@ class Trainer:
                            for p in self.trainable}  # per-policy overrides (own objects)
         for algo in self.algorithms.values():  # groups of one would zero every advantage
             check_group_size(algo, group_size)
+        for p in self.trainable:  # a critic needs an algorithm with a value loss (PPO)
+            if self.policies[p].critic is not None and not hasattr(self.algorithms[p],
+                                                                   "value_loss"):
+                raise ConfigError(f"policies.{p}.critic needs algorithm='ppo' (an algorithm with "
+                                  f"value_loss and GAE); got {type(self.algorithms[p]).__name__}"
+                                  "; drop the critic or use PPO")
         self.batch_size, self.group_size, self.max_staleness = batch_size, group_size, max_staleness
         self.max_concurrent = max_concurrent or 2 * batch_size
         if generation_batch_size is not None and generation_batch_size < 1:
@@ -170,6 +177,7 @@ class Trainer:
         self.gateway: Any = None
         self.train_engines: dict[str, Any] = {}
         self.ref_engines: dict[str, Any] = {}  # frozen KL references (algorithm.needs_reference)
+        self.critics: dict[str, CriticEngine] = {}  # learned values (Policy.critic, PPO)
         self.tokenizers: dict[str, Any] = {}
         self.weight_pushes: dict[str, WeightPush] = {}  # per trainable policy (weight_push.py)
         self._stats = StepStats()
@@ -229,6 +237,8 @@ class Trainer:
                     if reference is not None:
                         self.ref_engines[name] = build_reference(
                             name, policy, model, factory, self.run_dir, resumed=ckpt is not None)
+                    if policy.critic is not None:  # from the weights after the warm start
+                        self.critics[name] = build_critic(name, policy.critic, policy, model)
                     # copied before the engine is built: PEFT LoRA rewraps `model` in place,
                     # and the served copy must keep the plain HF names export_weights yields
                     serving = copy.deepcopy(model)
@@ -333,6 +343,7 @@ class Trainer:
 
         # the proximal recompute is skipped for on-policy batches of exact engines (proximal.py)
         exact = exact_behaviour(self.gateway.policies[name].router.engines, engine)
+        critic, critic_stats = self.critics.get(name), {}
 
         def work() -> dict[str, float]:
             skipped = False
@@ -341,10 +352,15 @@ class Trainer:
                                                                  exact=exact)
             if getattr(algorithm, "needs_reference", False):
                 batch.ref_logprobs = self.ref_engines[name].forward_logprobs(batch)
+            if critic is not None:  # V_old on the trained tokens, before GAE
+                batch.values = critic.values(batch)
             # prepare after the log-probs: with kl_in_reward it reads batch.ref_logprobs
-            stats = engine.train_step(algorithm.prepare(batch, samples), algorithm.loss)
+            prepared = algorithm.prepare(batch, samples)
+            stats = engine.train_step(prepared, algorithm.loss)
             if algorithm.needs_proximal:
                 stats["prox_recompute_skipped"] = float(skipped)
+            if critic is not None:
+                critic_stats.update(critic.update(prepared, algorithm))
             return stats
 
         t1 = time.perf_counter()
@@ -362,8 +378,9 @@ class Trainer:
 
         await self.controller.update_weights(name, push, new_version)
         engine.version = new_version
-        return self._stats.train_metrics(name, samples, stats, new_version, wait=wait,
-                                         train=t2 - t1, sync=time.perf_counter() - t2)
+        metrics = self._stats.train_metrics(name, samples, stats, new_version, wait=wait,
+                                            train=t2 - t1, sync=time.perf_counter() - t2)
+        return metrics | {f"critic/{name}/{k}": v for k, v in critic_stats.items()}
 
     async def afit(self, steps: int) -> list[dict[str, float]]:
         """Train until ``self.step == steps``; returns the logged metrics of each step."""
@@ -458,13 +475,17 @@ class Trainer:
         """Write engines + ``state_dict()`` to ``run_dir/checkpoints/step_<n>``; returns the
         dir (see ``areal_agents.trainers.checkpointing`` for the layout and atomicity)."""
         assert self.run_dir is not None
-        return await save_checkpoint(self.run_dir, self.state_dict(), self.train_engines,
+        return await save_checkpoint(self.run_dir, self.state_dict(), self._saved_engines(),
                                      keep=self.keep_checkpoints)
+
+    def _saved_engines(self) -> dict[str, Any]:
+        """What a checkpoint holds per directory: ``<policy>`` and ``critics/<policy>``."""
+        return self.train_engines | {f"critics/{p}": c for p, c in self.critics.items()}
 
     async def restore_checkpoint(self, ckpt: Path) -> None:
         """Load checkpoint ``ckpt`` into the set-up trainer: engines, state, the served
         weights, RNG states (last) and ``metrics.jsonl`` cut back to the restored step."""
-        self.load_state_dict(await load_checkpoint(ckpt, self.train_engines))
+        self.load_state_dict(await load_checkpoint(ckpt, self._saved_engines()))
         for name, engine in self.train_engines.items():
             update = await self.weight_pushes[name].update(engine, engine.version)
             await self.gateway.update_weights(name, update)
@@ -497,8 +518,9 @@ class Trainer:
             push.close()
         for engine in self.train_engines.values():
             engine.close()
-        for engine in self.ref_engines.values():
+        for engine in [*self.ref_engines.values(), *self.critics.values()]:
             engine.close()
         self.train_engines.clear()
         self.ref_engines.clear()
+        self.critics.clear()
         self.logger.close()
