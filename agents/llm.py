@@ -17,7 +17,7 @@ import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import openai
 from tenacity import (
@@ -30,6 +30,7 @@ from tenacity import (
 
 from areal_agents.agent import Agent
 from areal_agents.messages import Message
+from areal_agents.tool_process import ToolFailed, call_in_process, result_text
 from areal_agents.wrappers.record_episode import as_messages
 
 if TYPE_CHECKING:
@@ -58,8 +59,16 @@ class LLMAgent(Agent):
         max_tool_rounds: local tool rounds per ``act`` at most; then the last assistant
             message is returned as is.
         tool_timeout: seconds per local tool call (a timeout becomes an ``error: ...`` result).
+            An async tool is cancelled at its timeout. A sync tool runs, by default
+            (``sync_tools="process"``), in a forked child process killed (with its process
+            group) at the timeout, so nothing of it runs on afterwards; being a fork, its
+            in-memory side effects stay in the child and its result must be a ``str`` or
+            JSON-serializable (``areal_agents.tool_process``). ``sync_tools="thread"`` runs it
+            in a thread instead (shared memory, but it keeps running after its timeout).
+            Model-written code belongs in the sandbox: ``areal_agents.sandbox.python_tool``.
         max_attempts: attempts per completion on ``RETRYABLE`` errors.
         agent_id: written into the samples' ``agent`` field.
+        sync_tools: where sync ``tool_fns`` run: ``"process"`` or ``"thread"`` (see above).
 
     Attributes:
         history: the episode's messages so far (OpenAI format).
@@ -72,9 +81,12 @@ class LLMAgent(Agent):
                  tools: list[dict[str, Any]] | None = None,
                  tool_fns: Mapping[str, Callable[..., Any]] | None = None,
                  max_tool_rounds: int = 4, tool_timeout: float = 10.0, max_attempts: int = 3,
-                 agent_id: str = "") -> None:
+                 agent_id: str = "", sync_tools: Literal["process", "thread"] = "process") -> None:
         if max_tool_rounds < 0 or max_attempts < 1:
             raise ValueError("max_tool_rounds must be >= 0 and max_attempts >= 1")
+        if sync_tools not in ("process", "thread"):
+            raise ValueError(f"sync_tools must be 'process' or 'thread', got {sync_tools!r}")
+        self.sync_tools = sync_tools
         self.client = client
         self.model = model
         self.system_prompt = system_prompt
@@ -178,12 +190,16 @@ class LLMAgent(Agent):
             if not isinstance(args, dict):
                 raise TypeError("arguments must be a JSON object")
             if inspect.iscoroutinefunction(fn):
-                result = await asyncio.wait_for(fn(**args), self.tool_timeout)
+                text = result_text(await asyncio.wait_for(fn(**args), self.tool_timeout))
+            elif self.sync_tools == "process":
+                text = await call_in_process(fn, args, self.tool_timeout)
             else:
-                result = await asyncio.wait_for(asyncio.to_thread(fn, **args), self.tool_timeout)
-            text = result if isinstance(result, str) else json.dumps(result)
+                text = result_text(await asyncio.wait_for(asyncio.to_thread(fn, **args),
+                                                          self.tool_timeout))
         except TimeoutError:
             text = f"error: tool {call['function']['name']!r} timed out after {self.tool_timeout}s"
+        except ToolFailed as exc:  # raised in the tool's process: "<Type>: <message>"
+            text = f"error: {exc}"
         except Exception as exc:  # the model should see its mistake, not crash the episode
             text = f"error: {type(exc).__name__}: {exc}"
         return {"role": "tool", "tool_call_id": call["id"], "content": text}
