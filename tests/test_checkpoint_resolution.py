@@ -136,3 +136,22 @@ async def test_every_generation_config_eos_id_stops_local_engine(tmp_path):
         out = (await engine.generate(request)).outputs[0]
     first = free.token_ids.index(second_eos)
     assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
+
+
+async def test_trainer_serves_a_hub_id_and_stops_on_every_eos_id(hub_env, monkeypatch):
+    snapshot = fake_hub_cache(hub_env / "cache", "acme/Tiny-0.5M", seed=0)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_env / "cache"))
+    eos = tiny("xs")[1].eos_token_id
+    config_file = snapshot / "generation_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "eos_token_id": [eos, 7]}))
+    yaml_file = hub_env / "run.yaml"
+    yaml_file.write_text("env: Arithmetic-v0\npolicies:\n  solver: {model: acme/Tiny-0.5M}\n"
+                         f"policy_map: {{agent: solver}}\nrun_dir: {hub_env / 'run'}\n"
+                         "logging: {progress: false, tensorboard: false}\n")
+    trainer = load_config(yaml_file).build()
+    try:
+        await trainer.setup()
+        assert trainer.gateway.policies["solver"].stop_ids == {eos, 7}
+    finally:
+        await trainer.aclose()

@@ -204,6 +204,7 @@ class Trainer:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         from areal_agents.gateway import Gateway
+        from areal_agents.models import eos_token_ids
 
         random.seed(self.seed)
         torch.manual_seed(self.seed)
@@ -250,7 +251,8 @@ class Trainer:
                 self.weight_pushes[name] = WeightPush(policy.inference, weights_dir)
             engines = await build_engines(name, policy.inference, serving, tokenizer,
                                           self.run_dir, max_batch_size=self.generation_batch_size)
-            self.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser)
+            self.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
+                                    stop_token_ids=eos_token_ids(serving, tokenizer))
         controls = {p: StalenessControl(self.batch_size, self.max_staleness, self.max_concurrent)
                     for p in self.trainable}
         self.controller = RolloutController(self._episode, controls, group_size=self.group_size,

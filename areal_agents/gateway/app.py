@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import ChainMap
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -120,12 +120,17 @@ class Gateway:
 
     # ---- in-process API ---------------------------------------------------------------
     def add_policy(self, name: str, engines: Sequence[InferenceEngine], tokenizer: Any, *,
-                   max_n: int = 8, tool_parser: str = "auto") -> ServedPolicy:
+                   max_n: int = 8, tool_parser: str = "auto",
+                   stop_token_ids: Iterable[int] = ()) -> ServedPolicy:
         """Serve ``engines`` (replicas of one model) as the model named ``name``.
 
         ``tool_parser`` names how tool calls are read from its replies (``"auto"``,
         ``"hermes"``, ``"llama3_json"``, ``"mistral"``, ``"gpt_oss"``,
         ``"response_template"``; see ``areal_agents.gateway.tool_parsing``).
+        ``stop_token_ids`` are more ids that end every completion besides the tokenizer's EOS
+        and ``<|im_end|>``: the checkpoint's ``generation_config.eos_token_id`` list
+        (``areal_agents.models.eos_token_ids``), which servers launched with their own
+        generation defaults (vLLM here) would not stop on otherwise.
 
         Raises:
             ValueError: the name is taken, ``engines`` is empty, or the tokenizer has no EOS.
@@ -137,7 +142,7 @@ class Gateway:
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError(f"the tokenizer of policy {name!r} has no eos_token_id; set one")
-        stop_ids = {int(eos)}
+        stop_ids = {int(eos), *(int(i) for i in stop_token_ids)}
         end_of_turn = int(eos)  # the token that closes an assistant turn in the template
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
