@@ -15,3 +15,11 @@ register("Negotiation-v0", "areal_agents.envs.negotiation:Negotiation", num_type
 register(
     "SolverJudge-v0", "areal_agents.envs.solver_judge:SolverJudge", task="arithmetic", digits=2
 )
+register(
+    "Dataset-v0", "areal_agents.envs.dataset:DatasetEnv", max_turns=1,
+    description="Question-answer tasks from a data file (path=...), one answer scored by a verifier",
+)  # fmt: skip
+register(
+    "DatasetMultiTurn-v0", "areal_agents.envs.dataset:DatasetEnv", max_turns=3,
+    description="Dataset-v0 with up to max_turns answers, the verifier's reason as feedback",
+)  # fmt: skip
