@@ -54,6 +54,11 @@ class Policy:
         critic: a learned value model for PPO (``algorithm="ppo"``): a ``CriticSpec`` or a dict
             of its fields (``{"lr": 1e-4}``); ``None`` (default) trains none (PPO then uses
             zero values). See ``areal_agents.trainers.critic``.
+        max_staleness: versions this policy's samples may lag at training time; ``None``
+            (default) takes the Trainer's ``max_staleness``.
+        train_every: this policy trains once per ``train_every`` batches, on all of them
+            (``train_every * batch_size`` episodes a step): a 1:k training ratio between
+            policies, as in asymmetric self-play. See ``areal_agents.trainers.clocks``.
 
     Raises:
         ConfigError: unknown backend (a ``ValueError``; lists the registered ones), or a
@@ -85,6 +90,8 @@ class Policy:
     train: TrainPlacement = field(default_factory=TrainPlacement)
     inference: InferencePlacement = field(default_factory=InferencePlacement)
     tool_parser: str = "auto"
+    max_staleness: int | None = None
+    train_every: int = 1
     critic: CriticSpec | None = None
 
     def __post_init__(self) -> None:
@@ -109,6 +116,11 @@ class Policy:
             raise ValueError(f"Policy.api={self.api!r}; choose 'chat' or 'completions'")
         if self.lr <= 0:
             raise ValueError(f"Policy.lr must be > 0, got {self.lr}")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"Policy.max_staleness must be >= 0 (or None: the Trainer's), got "
+                             f"{self.max_staleness}")
+        if self.train_every < 1:
+            raise ValueError(f"Policy.train_every must be >= 1, got {self.train_every}")
 
     @property
     def trainable(self) -> bool:

@@ -22,7 +22,7 @@ from areal_agents.algorithms import check_group_size
 from areal_agents.engines.base import InferenceEngine
 from areal_agents.errors import ConfigError
 from areal_agents.metrics import Logger, Progress, make_logger
-from areal_agents.rollout import RolloutController, StalenessControl
+from areal_agents.rollout import RolloutController
 from areal_agents.samples import Sample, collate
 
 from .checkpointing import (
@@ -34,6 +34,7 @@ from .checkpointing import (
     save_checkpoint,
     truncate_metrics,
 )
+from .clocks import check_clock, control_of, run_independent, run_lockstep
 from .critic import CriticEngine, build_critic
 from .episodes import EpisodeStats, RewardFn, play
 from .llm_session import Seat, open_seat
@@ -72,7 +73,8 @@ class Trainer:
             once to ``run_dir/checkpoints/reference/<name>.pt`` and reloaded on resume.
         batch_size: episodes per train step of each trainable policy (multiple of group_size).
         group_size: episodes per task seed (the GRPO group).
-        max_staleness: versions a sample may lag; 0 is synchronous.
+        max_staleness: versions a sample may lag; 0 is synchronous (``Policy.max_staleness``
+            overrides it for one policy).
         max_concurrent: episodes in flight at most (default ``2 * batch_size``).
         eval_every, eval_seeds: greedy evaluation every k steps on these seeds, and once before
             the first step of a fresh run (logged as step 0; 0 = never).
@@ -100,6 +102,12 @@ class Trainer:
             the >= k members already done when its stragglers would make it too stale (see
             ``RolloutController``): more throughput under a long tail, biased to shorter outputs.
         logger, progress: metrics sink (default from ``run_dir``) and the rich progress bar.
+        clock: ``"lockstep"`` (default): each global step trains every due policy together
+            (``Policy.train_every``); ``"independent"``: each policy trains as soon as its own
+            batch is ready and every policy step is a global step (``fit(steps)`` is then a
+            budget of policy steps). Both log ``policy/<name>/step``; see
+            ``areal_agents.trainers.clocks`` for the contracts (lockstep keeps the bitwise
+            sync resume).
 
     Raises:
         ValueError / ConfigError: inconsistent arguments (the message names the field).
@@ -122,7 +130,7 @@ class Trainer:
                  warm_start: dict[str, Any] | None = None, env_kwargs: dict[str, Any] | None = None,
                  torch_threads: int | None = 1, logger: Logger | None = None,
                  progress: bool = True, max_steps_per_episode: int | None = None,
-                 generation_batch_size: int | None = None,
+                 generation_batch_size: int | None = None, clock: str = "lockstep",
                  keep_checkpoints: int | None = None, partial_groups: int = 0) -> None:
         if batch_size < 1 or group_size < 1 or batch_size % group_size:
             raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of "
@@ -158,6 +166,8 @@ class Trainer:
             raise ConfigError(f"partial_groups must be in 0..group_size={group_size} (0 = off), "
                               f"got {partial_groups}")
         self.partial_groups = partial_groups
+        self.train_every = {p: self.policies[p].train_every for p in self.trainable}
+        self.clock = check_clock(clock, self.train_every)
         self.eval_every, self.eval_seeds = eval_every, list(eval_seeds)
         self.reward_fns = list(reward_fns or [])
         self.checkpoint_every, self.resume, self.seed = checkpoint_every, resume, seed
@@ -173,7 +183,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.trained_seeds: list[list[int]] = []  # per step: task seeds of the groups trained
-        self._step_seeds: list[int] = []
+        self._step_seeds: dict[str, list[int]] = {}  # per policy: seeds of its last batch
         self.gateway: Any = None
         self.train_engines: dict[str, Any] = {}
         self.ref_engines: dict[str, Any] = {}  # frozen KL references (algorithm.needs_reference)
@@ -253,8 +263,9 @@ class Trainer:
                                           self.run_dir, max_batch_size=self.generation_batch_size)
             self.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
                                     stop_token_ids=eos_token_ids(serving, tokenizer))
-        controls = {p: StalenessControl(self.batch_size, self.max_staleness, self.max_concurrent)
-                    for p in self.trainable}
+        controls = {p: control_of(self.policies[p], batch_size=self.batch_size,
+                                  max_staleness=self.max_staleness,
+                                  max_concurrent=self.max_concurrent) for p in self.trainable}
         self.controller = RolloutController(self._episode, controls, group_size=self.group_size,
                                             filter_fn=self._filter, seed=self.seed,
                                             partial_groups=self.partial_groups)
@@ -333,11 +344,11 @@ class Trainer:
 
     async def _train_policy(self, name: str) -> dict[str, float]:
         t0 = time.perf_counter()
-        groups = await self.controller.take(name, self.batch_size)
+        groups = await self.controller.take(name, self.controller.controls[name].batch_size)
         groups.sort(key=lambda g: g.seed)  # the batch's row order does not depend on timing
         wait = time.perf_counter() - t0
         samples = [s for g in groups for s in g.samples]
-        self._step_seeds.extend(g.seed for g in groups)
+        self._step_seeds[name] = [g.seed for g in groups]
         engine = self.train_engines[name]
         pad = self.tokenizers[name].pad_token_id or 0
         algorithm = self.algorithms[name]
@@ -385,38 +396,58 @@ class Trainer:
         return metrics | {f"critic/{name}/{k}": v for k, v in critic_stats.items()}
 
     async def afit(self, steps: int) -> list[dict[str, float]]:
-        """Train until ``self.step == steps``; returns the logged metrics of each step."""
+        """Train until ``self.step == steps`` (global steps of ``clock``: ``trainers/clocks.py``);
+        returns the logged metrics of each step."""
         await self.setup()
         if self.eval_every and self.step == 0 and steps > 0:
             # the starting point (after any warm start), logged as step 0 before rollouts begin
             self.logger.log(0, await self.evaluate())
-        bar = Progress(steps, self._headline(), enabled=self.show_progress, start=self.step)
+        self._bar = Progress(steps, self._headline(), enabled=self.show_progress, start=self.step)
         runner = asyncio.create_task(self.controller.run())
-        start, saved_at = self.step, None
+        start, self._saved_at = self.step, None
         try:
-            while self.step < steps:
-                self._step_seeds = []
-                results = await asyncio.gather(*(self._train_policy(p) for p in self.trainable))
-                self.step += 1
-                self.trained_seeds.append(sorted(set(self._step_seeds)))
-                metrics: dict[str, float] = {k: v for r in results for k, v in r.items()}
-                metrics.update(self._stats.episode_metrics(pending=set(self.controller.pending)))
-                metrics.update(self._stats.outcome_metrics(self.controller.counts()))
-                if self.eval_every and self.step % self.eval_every == 0:
-                    metrics.update(await self.evaluate())
-                self.logger.log(self.step, metrics)
-                self.history.append({"step": self.step, **metrics})
-                bar.update(self.step, metrics)
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                    await self.save_checkpoint()
-                    saved_at = self.step
-            if self.run_dir is not None and self.step > start and saved_at != self.step:
+            if self.clock == "lockstep":
+                await run_lockstep(self.train_every, start=start, steps=steps,
+                                   train=self._train_policy, on_step=self._end_step,
+                                   on_barrier=self._checkpoint)
+            else:
+                await run_independent(self.trainable, start=start, steps=steps,
+                                      barrier_every=self.checkpoint_every,
+                                      wait_ready=self._wait_ready, train=self._train_policy,
+                                      on_step=self._end_step, on_barrier=self._checkpoint)
+            if self.run_dir is not None and self.step > start and self._saved_at != self.step:
                 await self.save_checkpoint()  # the final weights, for `eval RUN_DIR` and resume
         finally:
-            bar.close()
+            self._bar.close()
             await self.controller.stop()
             runner.cancel()
         return self.history
+
+    async def _wait_ready(self, names: list[str]) -> list[str]:
+        controls = self.controller.controls
+        return await self.controller.wait_ready({p: controls[p].batch_size for p in names})
+
+    async def _end_step(self, step: int, results: dict[str, dict[str, float]]) -> None:
+        """Log global step ``step``: the trained policies' metrics, every policy's step
+        (``policy/<name>/step``, its version), episodes, outcomes and the due evaluation."""
+        self.step = step
+        self.trained_seeds.append(sorted({s for p in results for s in self._step_seeds.pop(p)}))
+        metrics: dict[str, float] = {k: v for r in results.values() for k, v in r.items()}
+        metrics.update({f"policy/{p}/step": float(c.version)
+                        for p, c in self.controller.controls.items()})
+        metrics.update(self._stats.episode_metrics(pending=set(self.controller.pending)))
+        metrics.update(self._stats.outcome_metrics(self.controller.counts()))
+        if self.eval_every and self.step % self.eval_every == 0:
+            metrics.update(await self.evaluate())
+        self.logger.log(self.step, metrics)
+        self.history.append({"step": self.step, **metrics})
+        self._bar.update(self.step, metrics)
+
+    async def _checkpoint(self, step: int) -> None:
+        """Every clock is stopped at global step ``step``: save if it is on the grid."""
+        if self.checkpoint_every and step % self.checkpoint_every == 0:
+            await self.save_checkpoint()
+            self._saved_at = step
 
     def fit(self, steps: int) -> list[dict[str, float]]:
         """Synchronous ``afit`` (runs its own event loop)."""

@@ -160,6 +160,7 @@ class RolloutController:
         self._groups: dict[int, GroupRun] = {}  # admitted, not yet ended
         self._open: GroupRun | None = None  # the group whose members are being admitted
         self._taken: dict[str, int] = {p: -1 for p in controls}  # version of the last take
+        self._wanting: dict[str, int] = {}  # policies waiting in take/wait_ready: batch size
         self._stopped = False
         self.cancel_stale_in_flight = True  # False: let doomed groups finish (then drop them)
         # data cursor: seeds admitted but not yet trained/filtered/failed for some policy
@@ -363,16 +364,11 @@ class RolloutController:
             RolloutFailed: ``max_consecutive_failures`` episodes failed in a row.
         """
 
-        def ready() -> bool:
-            self._check_failures()
-            self._check_filtered(policy)
-            self._drop_stale(policy)
-            if self.partial_groups:
-                self._truncate_last_chance()
-            have = self.buffered(policy)
-            return have >= num_episodes or (have > 0 and self._stalled())
-
-        await self._changed.wait_for(ready)
+        self._wanting[policy] = num_episodes
+        try:
+            await self._changed.wait_for(lambda: self.ready(policy, num_episodes))
+        finally:
+            del self._wanting[policy]
         out: list[Group] = []
         self.buffers[policy].sort(key=lambda g: g.min_version)  # oldest data first (stable)
         while self.buffers[policy] and sum(g.num_episodes for g in out) < num_episodes:
@@ -386,9 +382,47 @@ class RolloutController:
         self._cancel_doomed()
         return out
 
-    def _stalled(self) -> bool:
-        """Nothing generates and nothing can be admitted before a weight update."""
-        return not self.can_admit() and all(c.running == 0 for c in self.controls.values())
+    def ready(self, policy: str, num_episodes: int) -> bool:
+        """Whether ``take(policy, num_episodes)`` would return now, without waiting.
+
+        Drops ``policy``'s groups that became too stale on the way (as ``take`` does).
+
+        Raises:
+            RolloutFailed: as ``take``.
+        """
+        self._check_failures()
+        self._check_filtered(policy)
+        self._drop_stale(policy)
+        if self.partial_groups:
+            self._truncate_last_chance()
+        have = self.buffered(policy)
+        return have >= num_episodes or (have > 0 and self._stalled(policy))
+
+    async def wait_ready(self, wants: dict[str, int]) -> list[str]:
+        """Wait until ``take(p, wants[p])`` would return at once for at least one policy ``p``
+        of ``wants``; returns every such policy, sorted. Cancel-safe (it takes nothing).
+
+        Raises:
+            RolloutFailed: as ``take``.
+        """
+        self._wanting.update(wants)
+        try:
+            await self._changed.wait_for(lambda: any(self.ready(p, n) for p, n in wants.items()))
+            return sorted(p for p, n in wants.items() if self.ready(p, n))
+        finally:
+            for p in wants:
+                self._wanting.pop(p, None)
+
+    def _stalled(self, policy: str) -> bool:
+        """Nothing generates and nothing can be admitted before a weight update, and no other
+        policy is about to free admission room: none has taken a batch whose update is still
+        to come, and none waiting to take has its whole batch buffered (it takes at once).
+        """
+        updating = any(self._taken[p] >= c.version for p, c in self.controls.items()
+                       if p != policy)
+        about_to = any(self.buffered(p) >= n for p, n in self._wanting.items() if p != policy)
+        return (not updating and not about_to and not self.can_admit()
+                and all(c.running == 0 for c in self.controls.values()))
 
     def _check_filtered(self, policy: str) -> None:
         limit, n = self.max_consecutive_filtered, self.consecutive_filtered[policy]

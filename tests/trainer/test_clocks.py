@@ -1,0 +1,183 @@
+"""Training clocks: per-policy steps, 1:k ratios, a rare or slow role that holds nobody back,
+and checkpoint/resume of independent clocks (``areal_agents.trainers.clocks``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from areal_agents.errors import ConfigError
+from areal_agents.testing.rare_role import RareRoleEnv
+from areal_agents.trainers.clocks import check_clock, due, run_independent
+from areal_agents.trainers.policy import Policy
+from areal_agents.trainers.trainer import Trainer
+
+SAMPLING = {"temperature": 1.0, "max_tokens": 1}
+
+
+def make(env, *, clock="independent", every=None, staleness=0, logger=None, **kwargs):
+    every = every or {}
+    return Trainer(
+        env=env, policy_map={"common": "common", "rare": "rare"},
+        policies={p: Policy(lr=1e-3, sampling=SAMPLING, seed=i, train_every=every.get(p, 1))
+                  for i, p in enumerate(("common", "rare"))},
+        batch_size=2, group_size=2, max_staleness=staleness, progress=False, clock=clock,
+        logger=logger, **kwargs)
+
+
+def trained(history, policy):
+    """The global steps whose row holds ``policy``'s train metrics."""
+    return [int(r["step"]) for r in history if f"policy/{policy}/version" in r]
+
+
+def test_due_and_the_clock_contract():
+    assert [due(n, {"a": 1, "b": 4}) for n in range(1, 9)] == [
+        ["a"], ["a"], ["a"], ["a", "b"], ["a"], ["a"], ["a"], ["a", "b"]]
+    assert check_clock("independent", {"a": 1, "b": 3}) == "independent"
+    with pytest.raises(ConfigError, match=r"clock='async'; choose one of \['lockstep', "):
+        check_clock("async", {"a": 1})
+    with pytest.raises(ConfigError, match="at least one trainable policy must train every batch"):
+        check_clock("lockstep", {"a": 2, "b": 4})
+    with pytest.raises(ValueError, match=r"Policy\.train_every must be >= 1, got 0"):
+        Policy(train_every=0)
+
+
+@pytest.mark.parametrize("clock", ["lockstep", "independent"])
+async def test_a_1_to_4_ratio_gives_each_policy_its_own_step_count(clock):
+    # both roles act in every episode; "rare" trains once per 4 batches, on all 4 of them
+    trainer = make(lambda: RareRoleEnv(ratio=1), clock=clock, every={"rare": 4})
+    try:
+        history = await trainer.afit(8 if clock == "lockstep" else 10)
+    finally:
+        await trainer.aclose()
+    versions = {p: c.version for p, c in trainer.controller.controls.items()}
+    assert versions == {"common": 8, "rare": 2}
+    assert trainer.controller.controls["rare"].batch_size == 8
+    rows = {r["step"]: r for r in history}
+    rare_steps = trained(history, "rare")
+    assert [rows[s]["policy/rare/num_samples"] for s in rare_steps] == [8.0, 8.0]
+    assert all(rows[s]["policy/common/num_samples"] == 2.0 for s in trained(history, "common"))
+    last = history[-1]
+    assert (last["policy/common/step"], last["policy/rare/step"]) == (8.0, 2.0)
+    if clock == "lockstep":  # global step n trains "rare" when n % 4 == 0
+        assert rare_steps == [4, 8] and trained(history, "common") == list(range(1, 9))
+    else:  # every policy step is a global step: 8 + 2
+        assert len(history) == 10 and trainer.step == 10
+        common = trained(history, "common")
+        assert sum(s < rare_steps[0] for s in common) >= 3  # three common steps came first
+
+
+async def test_a_rare_role_does_not_stall_the_other_policy_under_independent_clocks():
+    # "rare" acts in one episode of 4; lockstep would make "common" wait for its batch
+    trainer = make(lambda: RareRoleEnv(ratio=4))
+    try:
+        history = await trainer.afit(10)
+    finally:
+        await trainer.aclose()
+    common, rare = trained(history, "common"), trained(history, "rare")
+    assert len(common) + len(rare) == 10
+    assert len(common) >= 3 * len(rare) >= 3  # about 4 to 1, as the samples
+    assert common[:3] == [1, 2, 3]  # seeds 0-2 hold no rare sample: common trained alone
+    assert trainer.controller.ledger["rare"]["filtered:no_samples"] > 0
+
+
+class GateAt:
+    """A logger that opens ``gate`` once policy ``common`` has made ``k`` steps."""
+
+    def __init__(self, gate: asyncio.Event, k: int) -> None:
+        self.gate, self.k, self.rows = gate, k, []
+
+    def log(self, step, metrics):
+        self.rows.append((step, dict(metrics)))
+        if metrics.get("policy/common/step", 0) >= self.k:
+            self.gate.set()
+
+    def close(self):
+        pass
+
+
+async def test_a_slow_role_holds_nobody_back():
+    # every episode the rare role plays waits until "common" has trained 5 steps: the run can
+    # only finish if common's clock runs on its own (in lockstep, step 1 would wait forever)
+    gate = asyncio.Event()
+    logger = GateAt(gate, 5)
+    trainer = make(lambda: RareRoleEnv(ratio=4, gate=gate), staleness=4, logger=logger)
+    try:
+        history = await trainer.afit(8)
+    finally:
+        await trainer.aclose()
+    common, rare = trained(history, "common"), trained(history, "rare")
+    assert common[:5] == [1, 2, 3, 4, 5]
+    assert rare and rare[0] > 5 and len(rare) < len(common)
+    assert trainer.policies["common"].max_staleness is None  # the Trainer's 4 applied
+    assert trainer.controller.controls["common"].max_staleness == 4
+
+
+async def test_per_policy_max_staleness_overrides_the_trainer():
+    trainer = Trainer(
+        env=lambda: RareRoleEnv(ratio=1), policy_map={"common": "a", "rare": "b"},
+        policies={"a": Policy(sampling=SAMPLING, max_staleness=3), "b": Policy(sampling=SAMPLING)},
+        batch_size=2, group_size=2, max_staleness=1, progress=False)
+    try:
+        await trainer.setup()
+        controls = trainer.controller.controls
+        assert (controls["a"].max_staleness, controls["b"].max_staleness) == (3, 1)
+    finally:
+        await trainer.aclose()
+
+
+async def test_independent_clocks_resume_each_clock_from_a_checkpoint(tmp_path):
+    first = make(lambda: RareRoleEnv(ratio=2), checkpoint_every=4, run_dir=tmp_path)
+    try:
+        await first.afit(4)
+        versions = {p: c.version for p, c in first.controller.controls.items()}
+    finally:
+        await first.aclose()
+    assert sum(versions.values()) == 4 and versions["rare"] >= 1
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_4"
+
+    second = make(lambda: RareRoleEnv(ratio=2), checkpoint_every=4, run_dir=tmp_path,
+                  resume=True)
+    try:
+        await second.setup()
+        assert second.step == 4
+        assert {p: c.version for p, c in second.controller.controls.items()} == versions
+        assert {p: e.version for p, e in second.train_engines.items()} == versions
+        history = await second.afit(8)
+    finally:
+        await second.aclose()
+    final = {p: c.version for p, c in second.controller.controls.items()}
+    assert sum(final.values()) == 8
+    assert all(final[p] >= versions[p] for p in final)  # each clock continued from its own
+    assert [int(r["step"]) for r in history] == list(range(1, 9))
+    seeds = [s for step in second.trained_seeds[4:] for s in step]
+    assert not set(seeds) & {s for step in second.trained_seeds[:4] for s in step}
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_8"
+
+
+async def test_independent_checkpoints_wait_for_every_running_step():
+    # a barrier every 2 steps: no step may start while the barrier waits for the running ones
+    started, log = [], []
+
+    async def wait_ready(idle):
+        await asyncio.sleep(0)
+        return sorted(idle)
+
+    async def train(name):
+        started.append(name)
+        await asyncio.sleep(0.001 if name == "a" else 0.003)
+        return {}
+
+    async def on_step(step, results):
+        log.append(("step", step, *results))
+
+    async def on_barrier(step):
+        log.append(("barrier", step, len(started)))
+
+    await run_independent(["a", "b"], start=0, steps=5, barrier_every=2, wait_ready=wait_ready,
+                          train=train, on_step=on_step, on_barrier=on_barrier)
+    barriers = [e for e in log if e[0] == "barrier"]
+    assert barriers == [("barrier", 2, 2), ("barrier", 4, 4)]  # nothing started past the grid
+    assert [e[1] for e in log if e[0] == "step"] == [1, 2, 3, 4, 5]
+    assert len(started) == 5
