@@ -61,7 +61,8 @@ class BufferedLayer(DynamicLayer):
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         length, new = self.keys.shape[-2], key_states.shape[-2]
         if length + new > self._key_buf.shape[-2]:
-            self.set(self.keys, self.values, spare=max(64, length))
+            # room for this update too: a cached prefix's suffix can be longer than 64 tokens
+            self.set(self.keys, self.values, spare=max(64, length, new))
         self._key_buf[..., length : length + new, :] = key_states
         self._value_buf[..., length : length + new, :] = value_states
         self.keys = self._key_buf[..., : length + new, :]
