@@ -68,6 +68,10 @@ class PolicyConfig(_Strict):
     tool_parser: str = Field(
         "auto", description="how tool calls are read from replies: auto, hermes, llama3_json, "
         "mistral, gpt_oss or response_template (areal_agents.gateway.tool_parsing)")
+    max_staleness: int | None = Field(None, ge=0, description="versions this policy's samples "
+                                      "may lag (None: trainer.max_staleness)")
+    train_every: int = Field(1, ge=1, description="train once per k batches, on all k (a 1:k "
+                             "training ratio; areal_agents.trainers.clocks)")
     critic: dict[str, Any] | None = Field(
         None, description="a learned value model for algorithm ppo: {lr, model, backend, "
         "max_grad_norm, token_budget, num_updates} (areal_agents.trainers.critic.CriticSpec); "
@@ -151,6 +155,10 @@ class TrainerConfig(_Strict):
     generation_batch_size: int | None = Field(
         None, ge=1, description="rows per inference batch (default max(32, max_concurrent)); 1 "
         "makes generation bitwise reproducible")
+    clock: Literal["lockstep", "independent"] = Field(
+        "lockstep", description="lockstep: each step trains every due policy together; "
+        "independent: each policy trains when its own batch is ready, and steps count policy "
+        "steps (areal_agents.trainers.clocks)")
     partial_groups: int = Field(0, ge=0, description="0: train whole groups only; k >= 1: train "
                                 "a group with its >= k finished members when its stragglers "
                                 "would make it too stale (throughput vs a bias to short outputs)")
@@ -203,7 +211,7 @@ class RunConfig(_Strict):
             warm_start=t.warm_start, torch_threads=t.torch_threads,
             max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
             generation_batch_size=t.generation_batch_size,
-            partial_groups=t.partial_groups,
+            partial_groups=t.partial_groups, clock=t.clock,
             keep_checkpoints=t.keep_checkpoints,
             logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,
                                wandb_project=self.logging.wandb_project,

@@ -181,3 +181,22 @@ async def test_independent_checkpoints_wait_for_every_running_step():
     assert barriers == [("barrier", 2, 2), ("barrier", 4, 4)]  # nothing started past the grid
     assert [e[1] for e in log if e[0] == "step"] == [1, 2, 3, 4, 5]
     assert len(started) == 5
+
+
+def test_yaml_names_the_clock_the_ratio_and_per_policy_staleness(tmp_path):
+    from areal_agents.config import parse_config
+
+    cfg = parse_config({
+        "env": "Signaling-v0", "run_dir": str(tmp_path),
+        "policies": {"s": {"max_staleness": 2}, "l": {"train_every": 4}},
+        "policy_map": {"speaker": "s", "listener": "l"},
+        "trainer": {"clock": "independent", "batch_size": 2, "group_size": 2},
+        "logging": {"tensorboard": False, "progress": False}})
+    trainer = cfg.build()
+    trainer.logger.close()
+    assert trainer.clock == "independent"
+    assert trainer.train_every == {"l": 4, "s": 1}
+    assert trainer.policies["s"].max_staleness == 2
+    with pytest.raises(ConfigError, match=r"trainer.clock: Input should be 'lockstep' or "):
+        parse_config({"env": "Signaling-v0", "policies": {"s": {}}, "policy_map": {"speaker": "s"},
+                      "trainer": {"clock": "async"}})
