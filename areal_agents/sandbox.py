@@ -24,7 +24,7 @@ network               an unshared network namespace (``network_isolation == "net
 Where namespaces work (``isolation()``), the sandbox also gets its own mount namespace with an
 empty private tmpfs on ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (the work directory bound back
 in), so files written there vanish with the call. As root the code runs as an unprivileged
-uid, one per concurrent slot (``uid_base + slot``): file permissions then stop writes outside
+uid, one per concurrent slot (``Sandbox.slot_uids``): file permissions then stop writes outside
 the work directory and the private tmpfs, ``RLIMIT_NPROC`` (which root ignores) is
 effective, and leftovers of that uid (a process that left the group with ``setsid``) are
 killed after each call. Caveats, not prevented: as a non-root user the code runs as that user
@@ -46,6 +46,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import json
 import os
 import queue
@@ -68,6 +69,7 @@ from areal_agents.errors import ConfigError
 __all__ = ["Sandbox", "SandboxResult", "isolation"]
 
 NetworkIsolation = Literal["netns", "python-guard", "none"]
+_slot_counter = itertools.count()  # slot uids handed out in this process (mod 256)
 _BOOT = str(Path(_sandbox_boot.__file__).resolve())
 _HIDE = ["/tmp", "/var/tmp", "/dev/shm"]
 _MEMORY_MARKERS = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory")
@@ -163,9 +165,10 @@ class Sandbox:
             ``uid_base``, the first ``python3`` on ``PATH`` that the sandbox uid can execute
             when this one sits in a private directory such as ``/root``).
         network: ``"deny"`` (isolate as well as available) or ``"allow"``.
-        uid_base: as root, run slot ``i`` as uid ``uid_base + i`` (``None``: stay root, and
-            ``RLIMIT_NPROC`` is then ineffective). Reserve this uid range for the sandbox:
-            every process of a slot's uid is killed after each run.
+        uid_base: as root, run the slots as uids from ``uid_base + (pid % 4096) * 256`` on,
+            distinct per ``Sandbox`` of this process (``None``: stay root, and
+            ``RLIMIT_NPROC`` is then ineffective). Reserve ``uid_base .. uid_base + 2**20``
+            for sandboxes: every process of a slot's uid is killed after each run.
     """
 
     def __init__(self, timeout: float = 10.0, *, cpu_seconds: int | None = None,
@@ -173,7 +176,7 @@ class Sandbox:
                  max_output_bytes: int = 64 << 10, max_file_bytes: int = 16 << 20,
                  max_concurrency: int = 4, python: str | None = None,
                  network: Literal["deny", "allow"] = "deny",
-                 uid_base: int | None = 2_147_000_000) -> None:
+                 uid_base: int | None = 2_000_000_000) -> None:
         if timeout <= 0 or max_concurrency < 1 or max_processes < 1 or max_output_bytes < 1:
             raise ValueError("timeout, max_concurrency, max_processes and max_output_bytes "
                              "must be positive")
@@ -184,6 +187,13 @@ class Sandbox:
         self.memory_bytes, self.max_processes = memory_bytes, max_processes
         self.max_output_bytes, self.max_file_bytes = max_output_bytes, max_file_bytes
         self.uid_base = uid_base if os.geteuid() == 0 else None
+        self.slot_uids: list[int] = []  # the uid of each slot (as root with a uid_base)
+        if self.uid_base is not None:
+            first = next(_slot_counter)
+            for _ in range(max_concurrency - 1):
+                next(_slot_counter)
+            process = self.uid_base + (os.getpid() % 4096) * 256
+            self.slot_uids = [process + (first + i) % 256 for i in range(max_concurrency)]
         self.python, self.network = python or self._default_python(), network
         self._pool = concurrent.futures.ThreadPoolExecutor(max_concurrency, "sandbox")
         self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -268,7 +278,7 @@ class Sandbox:
             path = Path(workdir, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-        uid = None if self.uid_base is None else self.uid_base + slot
+        uid = self.slot_uids[slot] if self.slot_uids else None
         if uid is not None:
             for path in [Path(workdir), *Path(workdir).rglob("*")]:
                 os.chown(path, uid, uid)

@@ -102,12 +102,13 @@ def test_fork_bomb_is_limited_and_killed(make_sandbox):
             "        print('fork refused', flush=True)\n"
             "        break\n"
             "time.sleep(600)\n")
-    result = make_sandbox(max_processes=8).run_sync(code, timeout=4.0)
+    box = make_sandbox(max_processes=8)
+    result = box.run_sync(code, timeout=4.0)
     assert result.killed_by == "wall_timeout"
     lines = result.stdout.split()
     assert "refused" in lines and 1 <= lines.count("refused") <= 8
     assert _live_members(int(lines[0])) == []
-    assert sandbox_module._pids_of(2_147_000_000) == []
+    assert [sandbox_module._pids_of(uid) for uid in box.slot_uids] == [[]] * 4
 
 
 def test_memory_hog_gets_memory_error(make_sandbox):
@@ -193,6 +194,15 @@ async def test_async_runs_respect_the_concurrency_limit(make_sandbox):
     box = make_sandbox(max_concurrency=2)
     results = await asyncio.gather(*(box.run(f"print({i})") for i in range(5)))
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(5)]
+
+
+def test_sandboxes_get_distinct_slot_uids_as_root(make_sandbox):
+    if not ROOT:
+        pytest.skip("slot uids are used as root only")
+    first, second = make_sandbox(max_concurrency=3), make_sandbox(max_concurrency=2)
+    uids = first.slot_uids + second.slot_uids
+    assert len(set(uids)) == 5 and all(u >= 2_000_000_000 for u in uids)
+    assert make_sandbox(uid_base=None).slot_uids == []
 
 
 def test_bad_arguments_are_refused():

@@ -20,6 +20,7 @@ forge them (reward hacking by introspection is not prevented).
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import secrets
@@ -57,6 +58,11 @@ for i, item in enumerate(tests["items"]):
     except BaseException as exc:
         report("test", i, f"{type(exc).__name__}: {exc}".rstrip(": "))
 '''
+
+
+@functools.cache
+def _shared_sandbox(timeout: float, memory_bytes: int) -> Sandbox:
+    return Sandbox(timeout, memory_bytes=memory_bytes)
 
 
 def extract_code(response: str) -> str:
@@ -145,9 +151,10 @@ class CodeVerifier:
 
     @property
     def sandbox(self) -> Sandbox:
-        """The sandbox, made on first use."""
+        """The sandbox: one per ``(timeout, memory_bytes)`` in this process, shared by every
+        ``CodeVerifier`` with those options (so its concurrency limit holds for all envs)."""
         if self._sandbox is None:
-            self._sandbox = Sandbox(self.timeout, memory_bytes=self.memory_bytes)
+            self._sandbox = _shared_sandbox(self.timeout, self.memory_bytes)
         return self._sandbox
 
     def verify(self, response: str, answer: Any) -> Verdict:

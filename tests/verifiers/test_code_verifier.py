@@ -16,10 +16,7 @@ GOOD = "```python\ndef add(a, b):\n    return a + b\n```"
 
 @pytest.fixture(scope="module")
 def verifier():
-    made = verifiers.get("code", timeout=20.0)
-    yield made
-    if made._sandbox is not None:
-        made._sandbox.close()
+    return verifiers.get("code", timeout=20.0)
 
 
 def test_extracts_the_last_python_block_else_any_block_else_the_text():
@@ -60,7 +57,6 @@ def test_all_or_nothing_and_revealed_tests():
     assert verdict.score == 0.0
     assert verdict.reason == ("1 of 3 tests passed; test 1 (assert add(2, 2) == 4) failed: "
                               "AssertionError")
-    strict.sandbox.close()
 
 
 def test_pytest_style_functions(verifier):
@@ -83,7 +79,6 @@ def test_timeout_is_named_and_finished_tests_count():
     verdict = verifier.verify(code, TESTS)
     assert verdict.score == pytest.approx(2 / 3)
     assert verdict.reason.startswith("2 of 3 tests passed; test 3 did not finish: timed out after")
-    verifier.sandbox.close()
 
 
 def test_a_solution_that_exits_early_fails_the_remaining_tests(verifier):
@@ -106,4 +101,4 @@ async def test_averify_and_pickling(verifier):
     assert copy._sandbox is None and copy.timeout == 20.0
     verdicts = await asyncio.gather(*(copy.averify(GOOD, TESTS[:1]) for _ in range(3)))
     assert all(v.correct for v in verdicts)
-    copy.sandbox.close()
+    assert copy.sandbox is verifier.sandbox  # one shared sandbox per option set
