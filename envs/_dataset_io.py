@@ -1,11 +1,14 @@
-"""Reading dataset rows (JSONL, JSON, Parquet, a list of dicts, a ``datasets.Dataset``), with
-errors that name the file, the line and the fix."""
+"""Reading dataset rows (JSONL, JSON, Parquet, a list of dicts, a ``datasets.Dataset``) and
+turning them into ``(prompt, answer)`` tasks, with errors that name the file, the line and the
+fix."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -125,3 +128,62 @@ def _load_jsonl(path: Path) -> Rows:
             f"{path}: the file is empty; a .jsonl data file needs one JSON object per line"
         )
     return Rows(rows, str(path), lines)
+
+
+def render_prompt(template: str, row: dict[str, Any]) -> str:
+    """The prompt of ``row``: ``template.format(**row)`` when ``template`` has a ``{``, else
+    the field named ``template``.
+
+    Raises:
+        KeyError: a field the template needs is missing from the row.
+    """
+    if "{" not in template:
+        return str(row[template])
+    return template.format(**row)
+
+
+@functools.lru_cache(maxsize=8)
+def file_tasks(
+    key: tuple[str, int, int], template: str, answer_field: str, answer_pattern: str | None
+) -> tuple[Rows, tuple[str, ...], tuple[Any, ...]]:
+    """A data file's rows and tasks, keyed by ``(path, mtime_ns, size)``: read once per
+    version of the file and options, shared (read-only) by the envs built from it."""
+    data = load_rows(key[0])
+    return (data, *tasks_of(data, template, answer_field, answer_pattern))
+
+
+def tasks_of(
+    data: Rows, template: str, answer_field: str, answer_pattern: str | None
+) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """``(prompts, answers)`` of every row, with a ConfigError naming the first bad row."""
+    pattern = re.compile(answer_pattern) if answer_pattern is not None else None
+    prompts, answers = [], []
+    for i, row in enumerate(data.rows):
+        fields = ", ".join(map(repr, row)) or "none"
+        try:
+            prompts.append(render_prompt(template, row))
+        except KeyError as exc:
+            raise ConfigError(
+                f"{data.where(i)}: no field {exc} for prompt_template {template!r} (fields: "
+                f"{fields}); fix the row or set prompt_template to use these fields"
+            ) from None
+        except (IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"prompt_template {template!r} is not a valid format: {exc}"
+            ) from None
+        if row.get(answer_field) is None:
+            raise ConfigError(
+                f"{data.where(i)}: no field {answer_field!r} (fields: {fields}); fix the row or "
+                "set answer_field to the field holding the answer"
+            )
+        answer = row[answer_field]
+        if pattern is not None:
+            found = pattern.search(str(answer))
+            if found is None:
+                raise ConfigError(
+                    f"{data.where(i)}: answer_pattern {answer_pattern!r} not found in "
+                    f"{answer_field!r}; fix the row or the pattern"
+                )
+            answer = (found.group(1) if pattern.groups else found.group(0)).strip()
+        answers.append(answer)
+    return tuple(prompts), tuple(answers)

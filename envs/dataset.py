@@ -3,7 +3,7 @@ verifier (``areal_agents.verifiers``)."""
 
 from __future__ import annotations
 
-import re
+from pathlib import Path
 from typing import Any
 
 from areal_agents.env import AgentEnv
@@ -11,7 +11,7 @@ from areal_agents.errors import ConfigError
 from areal_agents.messages import Message, parse_action, system, user
 from areal_agents.verifiers import Verifier, averify, resolve
 
-from ._dataset_io import Rows, Source, load_rows
+from ._dataset_io import Source, file_tasks, load_rows, tasks_of
 from ._task_seeds import SPLITS, SeedSplit, Split, eval_count
 
 
@@ -93,10 +93,14 @@ class DatasetEnv(AgentEnv[list[Message], Message | str]):
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
         if max_turns < 1:
             raise ConfigError(f"max_turns must be >= 1, got {max_turns}")
-        self.data = load_rows(path if path is not None else rows)  # type: ignore[arg-type]
-        self.prompts, self.answers = _tasks(
-            self.data, prompt_template, answer_field, answer_pattern
-        )
+        fields = (prompt_template, answer_field, answer_pattern)
+        if path is not None and Path(path).is_file():  # cached: trainers make an env per episode
+            stat = Path(path).stat()
+            key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+            self.data, self.prompts, self.answers = file_tasks(key, *fields)
+        else:
+            self.data = load_rows(path if path is not None else rows)  # type: ignore[arg-type]
+            self.prompts, self.answers = tasks_of(self.data, *fields)
         self.verifier = resolve(verifier, verifier_kwargs)
         self.system_prompt, self.split, self.max_turns = system_prompt, split, max_turns
         self.retry_penalty = retry_penalty
@@ -149,52 +153,3 @@ class DatasetEnv(AgentEnv[list[Message], Message | str]):
     def sample_action(self, agent: str | None = None) -> str:
         """``The answer is <the answer of a random row>`` (right for some tasks)."""
         return f"The answer is {self.answers[self.action_rng.randrange(len(self.answers))]}."
-
-
-def render_prompt(template: str, row: dict[str, Any]) -> str:
-    """The prompt of ``row``: ``template.format(**row)`` when ``template`` has a ``{``, else
-    the field named ``template``.
-
-    Raises:
-        KeyError: a field the template needs is missing from the row.
-    """
-    if "{" not in template:
-        return str(row[template])
-    return template.format(**row)
-
-
-def _tasks(
-    data: Rows, template: str, answer_field: str, answer_pattern: str | None
-) -> tuple[list[str], list[Any]]:
-    """``(prompts, answers)`` of every row, with a ConfigError naming the first bad row."""
-    pattern = re.compile(answer_pattern) if answer_pattern is not None else None
-    prompts, answers = [], []
-    for i, row in enumerate(data.rows):
-        fields = ", ".join(map(repr, row)) or "none"
-        try:
-            prompts.append(render_prompt(template, row))
-        except KeyError as exc:
-            raise ConfigError(
-                f"{data.where(i)}: no field {exc} for prompt_template {template!r} (fields: "
-                f"{fields}); fix the row or set prompt_template to use these fields"
-            ) from None
-        except (IndexError, ValueError) as exc:
-            raise ConfigError(
-                f"prompt_template {template!r} is not a valid format: {exc}"
-            ) from None
-        if row.get(answer_field) is None:
-            raise ConfigError(
-                f"{data.where(i)}: no field {answer_field!r} (fields: {fields}); fix the row or "
-                "set answer_field to the field holding the answer"
-            )
-        answer = row[answer_field]
-        if pattern is not None:
-            found = pattern.search(str(answer))
-            if found is None:
-                raise ConfigError(
-                    f"{data.where(i)}: answer_pattern {answer_pattern!r} not found in "
-                    f"{answer_field!r}; fix the row or the pattern"
-                )
-            answer = (found.group(1) if pattern.groups else found.group(0)).strip()
-        answers.append(answer)
-    return prompts, answers

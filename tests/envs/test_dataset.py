@@ -118,6 +118,26 @@ def test_source_errors(tmp_path):
         DatasetEnv(rows=[])
 
 
+def test_a_data_file_is_read_once_per_version(tmp_path, monkeypatch):
+    """Trainers build an env per episode: the file is read and checked once, not each time."""
+    from areal_agents.envs import _dataset_io
+
+    reads = []
+    real = _dataset_io._load_file
+    monkeypatch.setattr(_dataset_io, "_load_file", lambda path: reads.append(path) or real(path))
+    _dataset_io.file_tasks.cache_clear()
+    path = write_lines(tmp_path / "t.jsonl", [json.dumps(r) for r in ROWS])
+    envs = [DatasetEnv(path=str(path), verifier="numeric") for _ in range(3)]
+    assert len(reads) == 1 and envs[0].prompts is envs[2].prompts
+    write_lines(path, [json.dumps(r) for r in ROWS[:10]])  # a new version of the file
+    assert len(DatasetEnv(path=str(path), verifier="numeric").prompts) == 10 and len(reads) == 2
+    assert (
+        len(DatasetEnv(path=str(path), verifier="numeric", prompt_template="Q: {question}").prompts)
+        == 10
+    )
+    assert len(reads) == 3  # other options: read again
+
+
 def test_option_errors():
     with pytest.raises(
         ConfigError, match="split must be one of seed, train, eval, all; got 'test'"
