@@ -21,6 +21,7 @@ _COMMANDS: dict[str, str] = {
     "train": "areal_agents.cli_train:add_train_parser",
     "eval": "areal_agents.cli_train:add_eval_parser",
     "plot": "areal_agents.cli_train:add_plot_parser",
+    "train-rm": "areal_agents.cli_train_rm:add_train_rm_parser",
 }
 
 

@@ -378,8 +378,8 @@ def train_reward_model(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.model.parameters(), max_grad_norm)
         optimizer.step()
-        losses.append(float(loss))
-        wins.append(float((rc > rr).float().mean()))
+        losses.append(float(loss.detach()))
+        wins.append(float((rc > rr).float().mean().detach()))
         if step == steps or (eval_every and step % eval_every == 0):
             log(step)
     rm.model.eval()
@@ -420,6 +420,8 @@ class RewardModelReward:
         self.rm, self.agents, self.normalize, self.clip = rm, agents, normalize, clip
         self.batch_size = batch_size
         self.num_scored = self.num_unscored = 0
+        self._step_raw: list[float] = []  # raw scores since the last take_metrics()
+        self._step_unscored = 0
         self._count, self._mean, self._m2 = 0, 0.0, 0.0  # Welford running moments
         self._queue: list[tuple[list[int], asyncio.Future[float]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -432,8 +434,24 @@ class RewardModelReward:
             raw = 1.0 / (1.0 + math.exp(-raw))
         return raw if self.clip is None else max(-self.clip, min(self.clip, raw))
 
+    policy: str | None = None
+    """No served policy: the model runs in this process (``rewards.hooks.ModelReward``)."""
+
+    def bind(self, client: Any) -> None:
+        """Nothing to bind: no gateway client is needed."""
+
+    def take_metrics(self) -> dict[str, float]:
+        """``reward_model/{scored,unscored,raw_mean}`` since the last call (logged per step)."""
+        out = {"reward_model/scored": float(len(self._step_raw)),
+               "reward_model/unscored": float(self._step_unscored)}
+        if self._step_raw:
+            out["reward_model/raw_mean"] = sum(self._step_raw) / len(self._step_raw)
+        self._step_raw, self._step_unscored = [], 0
+        return out
+
     def _observe(self, raws: Iterable[float]) -> None:
         for r in raws:
+            self._step_raw.append(r)
             self._count += 1
             delta = r - self._mean
             self._mean += delta / self._count
@@ -445,6 +463,7 @@ class RewardModelReward:
             turn = last_turn(episode.messages.get(agent, []))
             if turn is None:
                 self.num_unscored += 1
+                self._step_unscored += 1
                 continue
             out.append((agent, self.rm.encode(*turn)))
         return out
