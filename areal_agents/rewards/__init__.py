@@ -7,7 +7,9 @@ from .judge_cache import JudgeCache
 from .judge_client import JudgeClient, JudgeFailed
 from .judges import GroupJudge, Judge, ReferenceJudge, RubricJudge
 from .parsing import JudgeParseError, OutOfRange, parse_score, parse_scores, parse_verdict
+from .reward_model import PreferencePair, RewardModel, RewardModelReward, train_reward_model
 
 __all__ = ["GroupJudge", "GroupRewardFn", "Judge", "JudgeCache", "JudgeClient", "JudgeFailed",
            "JudgeParseError", "ModelReward", "OutOfRange", "ReferenceJudge", "RubricJudge",
            "apply_group_reward_fns", "parse_score", "parse_scores", "parse_verdict"]
+__all__ += ["PreferencePair", "RewardModel", "RewardModelReward", "train_reward_model"]
