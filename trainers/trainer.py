@@ -22,6 +22,7 @@ from areal_agents.algorithms import check_group_size
 from areal_agents.engines.base import InferenceEngine
 from areal_agents.errors import ConfigError
 from areal_agents.metrics import Logger, Progress, make_logger
+from areal_agents.rewards.hooks import GroupRewardFn, RewardHooks
 from areal_agents.rollout import RolloutController
 from areal_agents.samples import Sample, collate
 
@@ -78,7 +79,12 @@ class Trainer:
         max_concurrent: episodes in flight at most (default ``2 * batch_size``).
         eval_every, eval_seeds: greedy evaluation every k steps on these seeds, and once before
             the first step of a fresh run (logged as step 0; 0 = never).
-        reward_fns: extra rewards ``fn(episode) -> float | {agent: float}``, sync or async.
+        reward_fns: extra rewards ``fn(episode) -> float | {agent: float}``, sync or async
+            (e.g. ``aa.rewards.RubricJudge``); a judge's ``policy`` is served even when no
+            agent acts with it (it must then be frozen), and its calls are not trained on.
+        group_reward_fns: rewards of a whole group, ``fn(episodes) -> [float | {agent:
+            float}]`` (e.g. ``aa.rewards.GroupJudge``), run once per finished training group
+            before filtering and advantages; not run on evaluation episodes.
         checkpoint_every, run_dir, resume, keep_checkpoints: checkpoints in
             ``run_dir/checkpoints`` (layout: ``areal_agents.trainers.checkpointing``) every
             ``checkpoint_every`` steps (0 = none) and, with ``run_dir``, always at the end of
@@ -126,6 +132,7 @@ class Trainer:
                  max_concurrent: int | None = None, eval_every: int = 0,
                  eval_seeds: range | list[int] = range(1_000_000, 1_000_064),
                  reward_fns: list[RewardFn] | None = None, checkpoint_every: int = 0,
+                 group_reward_fns: list[GroupRewardFn] | None = None,
                  run_dir: str | Path | None = None, resume: bool = False, seed: int = 0,
                  warm_start: dict[str, Any] | None = None, env_kwargs: dict[str, Any] | None = None,
                  torch_threads: int | None = 1, logger: Logger | None = None,
@@ -170,6 +177,8 @@ class Trainer:
         self.clock = check_clock(clock, self.train_every)
         self.eval_every, self.eval_seeds = eval_every, list(eval_seeds)
         self.reward_fns = list(reward_fns or [])
+        self.rewards = RewardHooks(self.reward_fns, group_reward_fns or [], self.policies,
+                                   self.policy_of.values(), partial_groups)  # judges' wiring
         self.checkpoint_every, self.resume, self.seed = checkpoint_every, resume, seed
         if keep_checkpoints is not None and keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1 (or None: keep all), got "
@@ -221,13 +230,14 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir) if self.resume and self.run_dir else None
         self.gateway = Gateway()
         self._client = self.gateway.async_client()
+        self.rewards.bind(self._client)  # admin key: judge calls are not recorded
         demos: Demos | None = None
         if self.warm_start and ckpt is None:
             start = int(self.warm_start.get("seed", 10_000_000))
             seeds = range(start, start + int(self.warm_start.get("episodes", 256)))
             demos = await collect_demos(self.make_env, self.warm_start["players"], seeds,
                                         min_episodes=self.warm_start.get("min_episodes"))
-        for name in sorted(set(self.policy_of.values())):
+        for name in sorted(set(self.policy_of.values()) | self.rewards.policies):
             policy = self.policies[name]
             if policy.endpoint is not None:
                 continue
@@ -268,7 +278,9 @@ class Trainer:
                                   max_concurrent=self.max_concurrent) for p in self.trainable}
         self.controller = RolloutController(self._episode, controls, group_size=self.group_size,
                                             filter_fn=self._filter, seed=self.seed,
-                                            partial_groups=self.partial_groups)
+                                            partial_groups=self.partial_groups,
+                                            group_fn=self.rewards.on_group
+                                            if self.rewards.group_reward_fns else None)
         if ckpt is not None:
             await self.restore_checkpoint(ckpt)
 
@@ -335,6 +347,7 @@ class Trainer:
         finally:
             await env.close()
         self._stats.add_episode(stats)
+        self.rewards.record(seed, member, stats.episode)
         return {p: s for p, s in by_policy.items() if p in self.trainable}
 
     def _filter(self, policy: str, samples: list[Sample]) -> tuple[list[Sample], dict[str, int]]:
@@ -437,6 +450,8 @@ class Trainer:
                         for p, c in self.controller.controls.items()})
         metrics.update(self._stats.episode_metrics(pending=set(self.controller.pending)))
         metrics.update(self._stats.outcome_metrics(self.controller.counts()))
+        metrics.update(self.rewards.metrics(metrics))  # judge calls, tokens, failures
+        self.rewards.forget(self.controller.pending)
         if self.eval_every and self.step % self.eval_every == 0:
             metrics.update(await self.evaluate())
         self.logger.log(self.step, metrics)
