@@ -21,6 +21,7 @@ import areal_agents as aa
 from areal_agents.agents.players import solve_countdown
 from areal_agents.envs._expr import extract_answer
 from areal_agents.envs.countdown import check, make_task, prompt
+from areal_agents.errors import ConfigError
 
 
 def countdown_answers(num_episodes: int, difficulty: str = "medium") -> list[str]:
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> None:
 
     print("\nrun_episode with sample_action agents, per env:")
     for env_id in sorted(aa.registry):
+        try:
+            aa.make(env_id)
+        except ConfigError:  # e.g. Dataset-v0 cannot be built without a data file
+            print(f"  {env_id:20s} skipped (needs env arguments)")
+            continue
         episodes = max(20, args.episodes // 10)
         start = time.perf_counter()
         steps = asyncio.run(api_sampled(env_id, episodes))
