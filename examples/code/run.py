@@ -1,0 +1,24 @@
+"""Run a code recipe and measure held-out success (all unit tests passed): untrained, after
+the SFT warm start (step 0) and after GRPO; the measurement is ``examples/arithmetic/run.py``'s,
+run on ``examples/code/cpu_tiny.yaml`` by default, with this folder importable (the scripted
+``solver:code_solver`` of the warm start).
+
+Usage (from the repository root)::
+
+    OMP_NUM_THREADS=1 python examples/code/run.py [examples/code/cpu_tiny.yaml] \
+        [key.sub=value ...] [--no-baseline]
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    if len(sys.argv) < 2 or not sys.argv[1].endswith((".yaml", ".yml")):
+        sys.argv.insert(1, str(HERE / "cpu_tiny.yaml"))
+    runpy.run_path(str(HERE.parent / "arithmetic" / "run.py"), run_name="__main__")
