@@ -20,6 +20,7 @@ from areal_agents.trainers.trainer import Trainer
 TRAINER_ONLY = {
     "agents",  # fixed Agent objects (Python code, not YAML)
     "reward_fns",  # callables
+    "group_reward_fns",  # callables
     "logger",  # built by RunConfig.build from the `logging` section
     "progress",  # logging.progress (a logging setting, not a trainer one)
 }
@@ -83,7 +84,7 @@ def test_build_passes_every_field(monkeypatch, tmp_path):
     monkeypatch.setattr(trainer_module, "Trainer", lambda **kw: seen.update(kw))
     RunConfig(env="Signaling-v0", policies={"a": PolicyConfig()}, policy_map={"speaker": "a"},
               run_dir=str(tmp_path)).build()
-    expected = set(_trainer_defaults()) - {"agents", "reward_fns"}  # not expressible in YAML
+    expected = set(_trainer_defaults()) - {"agents", "reward_fns", "group_reward_fns"}  # code
     assert sorted(seen) == sorted(expected)
 
 
