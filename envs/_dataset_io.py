@@ -172,9 +172,10 @@ def tasks_of(
                 f"prompt_template {template!r} is not a valid format: {exc}"
             ) from None
         if row.get(answer_field) is None:
+            what = "is null" if answer_field in row else "is missing"
             raise ConfigError(
-                f"{data.where(i)}: no field {answer_field!r} (fields: {fields}); fix the row or "
-                "set answer_field to the field holding the answer"
+                f"{data.where(i)}: the answer field {answer_field!r} {what} (fields: {fields}); "
+                "fix the row or set answer_field to the field holding the answer"
             )
         answer = row[answer_field]
         if pattern is not None:

@@ -47,6 +47,8 @@ class SeedSplit:
     def __post_init__(self) -> None:
         if self.num_rows < 1:
             raise ConfigError("a dataset env needs at least one row")
+        if self.eval_seed_start < 0:
+            raise ConfigError(f"eval_seed_start must be >= 0, got {self.eval_seed_start}")
         if not 0 <= self.num_eval < self.num_rows:
             raise ConfigError(
                 f"the eval split takes {self.num_eval} of {self.num_rows} rows, leaving none to "

@@ -3,6 +3,7 @@ verifier (``areal_agents.verifiers``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class DatasetEnv(AgentEnv[list[Message], Message | str]):
 
     def __init__(
         self,
-        path: str | None = None,
+        path: str | os.PathLike[str] | None = None,
         rows: Source | None = None,
         prompt_template: str = "{question}",
         answer_field: str = "answer",

@@ -76,13 +76,13 @@ def test_datasets_source_and_dataset_dict_error():
         (["", "  "], r"t.jsonl: the file is empty"),
         (
             ['{"question": "q", "answer": "1"}', "", '{"question": "q", "solution": "2"}'],
-            r"t.jsonl:3: no field 'answer' \(fields: 'question', 'solution'\); fix the row or set answer_field",
+            r"t.jsonl:3: the answer field 'answer' is missing \(fields: 'question', 'solution'\); fix the row or set answer_field",
         ),
         (
             ['{"prompt": "q", "answer": "1"}'],
             r"t.jsonl:1: no field 'question' for prompt_template '\{question\}' \(fields: 'prompt', 'answer'\)",
         ),
-        (['{"question": "q", "answer": null}'], r"t.jsonl:1: no field 'answer'"),
+        (['{"question": "q", "answer": null}'], r"t.jsonl:1: the answer field 'answer' is null"),
     ],
 )
 def test_loading_errors_name_file_line_and_fix(tmp_path, lines, message):
@@ -149,6 +149,8 @@ def test_option_errors():
         ConfigError, match="the eval split takes 20 of 20 rows, leaving none to train on"
     ):
         numeric_env(eval_size=20)
+    with pytest.raises(ConfigError, match="eval_seed_start must be >= 0, got -1"):
+        numeric_env(eval_seed_start=-1)
     with pytest.raises(ConfigError, match=r"eval_fraction must be in \[0, 1\), got 1.5"):
         numeric_env(eval_fraction=1.5)
     with pytest.raises(ConfigError, match="no verifier named 'maths'; did you mean 'math'"):
