@@ -102,6 +102,27 @@ def arithmetic_solver(observation: Any) -> str:
     return f"Answer: {format_number(value)}"
 
 
+# --- Dataset (arithmetic questions) ----------------------------------------------------------
+
+_EXPRESSION = re.compile(r"[\d(][\d\s.()]*(?:[-+*/][\d\s.()]*)+[\d)]")
+
+
+def math_expression_solver(observation: Any) -> str:
+    """Dataset-v0 player for arithmetic questions (``What is 7 - 9?``): evaluates the last
+    arithmetic expression of the prompt exactly (``Answer: 0`` when there is none).
+
+    Example:
+        >>> math_expression_solver("What is 7 - 9?"), math_expression_solver("What is (2 + 4) / 4?")
+        ('Answer: -2', 'Answer: 3/2')
+    """
+    found = _last(_EXPRESSION.pattern, _text(observation))
+    try:
+        value = evaluate(found.group(0)) if found else Fraction(0)
+    except ExprError:
+        value = Fraction(0)
+    return f"Answer: {format_number(value)}"
+
+
 # --- GuessNumber -----------------------------------------------------------------------------
 
 
