@@ -143,7 +143,7 @@ def isolation(python: str = sys.executable) -> NetworkIsolation:
     config = {"isolate": True, "cwd": tempfile.gettempdir(), "hide": [], "limits": {},
               "argv": [python, "-I", "-S", "-c", "pass"], "env": {}}
     try:
-        done = subprocess.run([python, "-I", "-S", _BOOT, json.dumps(config)],
+        done = subprocess.run([sys.executable, "-I", "-S", _BOOT, json.dumps(config)],
                               capture_output=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "python-guard"
@@ -224,7 +224,11 @@ class Sandbox:
 
         Returns:
             The ``SandboxResult``; cancelling the await kills the run.
+
+        Raises:
+            ValueError: a ``files`` name that is absolute or leaves the work directory.
         """
+        _check_files(files)
         cancel = threading.Event()
         future = self._pool.submit(self._execute, code, stdin, timeout, files, env, cancel)
         try:
@@ -233,15 +237,23 @@ class Sandbox:
             cancel.set()
             raise
 
-    def run_sync(self, code: str | Sequence[str], **kwargs: object) -> SandboxResult:
+    def run_sync(self, code: str | Sequence[str], *, stdin: str | None = None,
+                 timeout: float | None = None, files: Mapping[str, str] | None = None,
+                 env: Mapping[str, str] | None = None) -> SandboxResult:
         """``run`` for synchronous callers (same arguments)."""
-        cancel = threading.Event()
-        return self._pool.submit(self._execute, code, kwargs.get("stdin"), kwargs.get("timeout"),
-                                 kwargs.get("files"), kwargs.get("env"), cancel).result()
+        _check_files(files)
+        return self._pool.submit(self._execute, code, stdin, timeout, files, env,
+                                 threading.Event()).result()
 
     def close(self) -> None:
         """Wait for running calls, then release the worker threads (idempotent)."""
         self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     async def __aenter__(self) -> Sandbox:
         return self
@@ -257,6 +269,8 @@ class Sandbox:
         try:
             return self._spawn(code, stdin, timeout or self.timeout, files or {}, env or {},
                                cancel, workdir, slot)
+        except OSError as exc:  # e.g. a file name outside the work dir, no fork possible
+            return SandboxResult(None, "", "", setup_error=f"{type(exc).__name__}: {exc}")
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             self._slots.put(slot)
@@ -364,6 +378,14 @@ class Sandbox:
             wall_seconds=wall, truncated=truncated,
             memory_exceeded=any(m in texts["stderr"] for m in _MEMORY_MARKERS),
             network_isolation=mode, setup_error=setup_error)
+
+
+def _check_files(files: Mapping[str, str] | None) -> None:
+    for name in files or {}:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or name.startswith("."):
+            raise ValueError(f"files: {name!r} must be a relative path inside the work "
+                             "directory (no '..', not starting with '.')")
 
 
 def _world_executable(path: str) -> bool:

@@ -210,3 +210,9 @@ def test_bad_arguments_are_refused():
         Sandbox(timeout=0)
     with pytest.raises(ValueError, match="network must be 'deny' or 'allow', got 'open'"):
         Sandbox(network="open")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["../escape.py", "/etc/escape", ".stdin", "a/../../b"])
+def test_files_must_stay_in_the_work_dir(make_sandbox, name):
+    with pytest.raises(ValueError, match=f"files: {name!r} must be a relative path inside"):
+        make_sandbox().run_sync("pass", files={name: "x"})
