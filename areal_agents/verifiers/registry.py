@@ -80,8 +80,10 @@ def get(name: str, **options: Any) -> Verifier:
         1.0
 
     Raises:
-        ConfigError: unknown name (with close matches), an option the verifier does not take,
-            or a missing optional dependency.
+        ConfigError: unknown name (with close matches), or an option the verifier does not
+            take.
+        ModuleNotFoundError: the verifier's optional dependency is not installed (the
+            message names the ``areal-agents`` extra).
     """
     if name not in VERIFIERS:
         close = difflib.get_close_matches(name, list(VERIFIERS), n=2, cutoff=0.5)

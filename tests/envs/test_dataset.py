@@ -9,9 +9,12 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import areal_agents as aa
 from areal_agents.config import load_config
+from areal_agents.envs._task_seeds import SeedSplit
 from areal_agents.envs.dataset import DatasetEnv
 from areal_agents.errors import ConfigError
 from areal_agents.verifiers import Verdict
@@ -216,6 +219,24 @@ async def test_eval_seeds_never_reach_train_rows():
     explicit_eval = set(await _rows_of(numeric_env(eval_fraction=0.2, split="eval"), range(100)))
     assert explicit_train == train and explicit_eval == evals
     assert set(await _rows_of(numeric_env(split="all"), range(20))) == set(range(20))
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_rows=st.integers(2, 60), data=st.data())
+def test_seed_split_properties(num_rows, data):
+    """For any sizes: eval and train rows partition the rows, an epoch of training seeds is a
+    permutation of the train rows, and eval seeds only reach eval rows."""
+    num_eval = data.draw(st.integers(0, num_rows - 1))
+    split = SeedSplit(num_rows, num_eval, shuffle_seed=data.draw(st.integers(0, 5)))
+    train, evals = split.train_rows, split.eval_rows
+    assert sorted(train + evals) == list(range(num_rows))
+    epoch = data.draw(st.integers(0, 3)) * len(train)
+    assert sorted(split.row(s, "train") for s in range(epoch, epoch + len(train))) == train
+    assert sorted(split.row(s, "seed") for s in range(epoch, epoch + len(train))) == train
+    if num_eval:
+        start = split.eval_seed_start
+        assert [split.row(start + i, "seed") for i in range(num_eval)] == evals
+        assert {split.row(s, "eval") for s in range(3 * num_eval)} == set(evals)
 
 
 async def test_eval_seed_with_an_empty_eval_split_is_an_error():
