@@ -87,7 +87,7 @@ _EXPORTS: dict[str, str] = {
 
 # subpackages reachable as attributes: aa.models, aa.algorithms, ...
 _SUBMODULES = {"models", "algorithms", "engines", "gateway", "envs", "agents", "trainers", "testing",
-               "proxy"}
+               "proxy", "rewards"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
