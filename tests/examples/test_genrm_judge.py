@@ -1,0 +1,51 @@
+"""examples/genrm/judge: the judge's training data, the judged env, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from ._load import load_example
+
+
+def test_judge_pairs_are_balanced_and_labelled_by_the_ground_truth():
+    run = load_example("genrm/judge", "run")
+    pairs = run.judge_pairs(range(200), random.Random(0))
+    assert 70 < sum(ok for _, ok in pairs) < 130
+    for episode, ok in pairs:
+        question = episode.messages["agent"][0]["content"].splitlines()[-1].removesuffix(" = ?")
+        given = int(episode.messages["agent"][1]["content"].removeprefix("Answer: "))
+        assert (eval(question) == given) == ok  # one-digit a +/- b
+    prompt = run.make_judge().render(pairs[0][0], "agent")
+    assert prompt.endswith("\nScore (0-1):") and "Answer: " in prompt
+
+
+async def test_the_judged_env_gives_no_reward_but_keeps_the_exact_verdict():
+    run = load_example("genrm/judge", "run")
+    env = run.JudgedArithmetic(**run.ENV_KWARGS)
+    await env.reset(seed=0)
+    _, reward, done, _, info = await env.step(f"Answer: {env.answer}")
+    assert (reward, done, info["success"]) == (0.0, True, True)
+    await env.reset(seed=0)
+    _, reward, _, _, info = await env.step(f"Answer: {env.answer + 1}")
+    assert (reward, info["success"]) == (0.0, False)
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_figure(tmp_path, capsys):
+    run = load_example("genrm/judge", "run")
+    assert run.main(["--steps", "1", "--batch-size", "4", "--group-size", "2",
+                     "--policy-sft-steps", "5", "--judge-sft-steps", "5", "--judge-pairs", "32",
+                     "--judge-eval-pairs", "8", "--eval-seeds", "4",
+                     "--run-dir", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["judge_sft"]["steps"] == 5
+    judge, exact = s["judge_reward"], s["exact_reward"]
+    assert judge["judge"]["pairs"] == 8.0 and 0.0 <= judge["judge"]["accuracy"] <= 1.0
+    assert judge["steps"] == exact["steps"] == 1
+    assert judge["judge_calls"] + judge["judge_cache_hits"] >= 4  # every trained episode judged
+    assert judge["judge_tokens_per_trained_token"] > 0
+    assert "judge_calls" not in exact
+    assert "held-out grading accuracy" in capsys.readouterr().out
