@@ -27,14 +27,19 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
     Two turns. The solver gets the task (as in ``Arithmetic-v0`` / ``Countdown-v0``) and
     replies. The judge then sees the task in short form and the solver's reply, last, and
     replies ``correct`` or ``incorrect`` (the last such word counts). The solver's reward is
-    the judge's verdict (1.0 for ``correct``, else 0.0); the judge's reward is 1.0 when its
-    verdict agrees with the exact verifier, else 0.0 (also for a reply without a verdict).
+    the judge's verdict (1.0 for ``correct``, else 0.0), mixed with the exact verifier's by
+    ``truth_weight``; the judge's reward is 1.0 when its verdict agrees with the exact
+    verifier, else 0.0 (also for a reply without a verdict). The final infos carry
+    ``verdict``, ``solver_correct`` and ``success``: the solver's true correctness for the
+    solver, agreement with the verifier for the judge.
 
     Args:
         task: ``"arithmetic"`` or ``"countdown"``.
         digits: operand digits (arithmetic).
         operations: operators (arithmetic).
         difficulty: countdown difficulty.
+        truth_weight: the solver's reward is ``(1 - w) * verdict + w * truth`` (0: the judge's
+            verdict only; 1: ground truth only).
     """
 
     def __init__(
@@ -43,7 +48,11 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
         digits: int = 2,
         operations: str = "+-*",
         difficulty: countdown.Difficulty = "easy",
+        truth_weight: float = 0.0,
     ) -> None:
+        if not 0.0 <= truth_weight <= 1.0:
+            raise ValueError(f"truth_weight must be in [0, 1], got {truth_weight}")
+        self.truth_weight = float(truth_weight)
         if task not in ("arithmetic", "countdown"):
             raise ValueError(f"task must be 'arithmetic' or 'countdown', got {task!r}")
         arithmetic.Arithmetic(digits=digits, operations=operations)  # validates the options
@@ -107,12 +116,17 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
             )
         verdict = parse_verdict(parse_action(actions["judge"])["content"])
         truth = self.verify(self.solver_text)
+        w = self.truth_weight
+        agreed = verdict is not None and (verdict == "correct") == truth
         rewards = {
-            "solver": float(verdict == "correct"),
-            "judge": float(verdict is not None and (verdict == "correct") == truth),
+            "solver": (1.0 - w) * float(verdict == "correct") + w * float(truth),
+            "judge": float(agreed),
         }
         self.agents = []
-        infos = {a: {"verdict": verdict, "solver_correct": truth} for a in AGENTS}
+        success = {"solver": truth, "judge": agreed}
+        infos = {
+            a: {"verdict": verdict, "solver_correct": truth, "success": success[a]} for a in AGENTS
+        }
         return {}, rewards, dict.fromkeys(AGENTS, True), flags, infos
 
     def sample_action(self, agent: str | None = None) -> str:
