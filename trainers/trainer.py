@@ -21,6 +21,7 @@ from areal_agents.agent import Agent
 from areal_agents.algorithms import check_group_size
 from areal_agents.engines.base import InferenceEngine
 from areal_agents.errors import ConfigError
+from areal_agents.league.pool import OpponentPool
 from areal_agents.metrics import Logger, Progress, make_logger
 from areal_agents.rewards.hooks import GroupRewardFn, RewardHooks
 from areal_agents.rollout import RolloutController
@@ -38,6 +39,7 @@ from .checkpointing import (
 from .clocks import check_clock, control_of, run_independent, run_lockstep
 from .critic import CriticEngine, build_critic
 from .episodes import EpisodeStats, RewardFn, play
+from .league import League
 from .llm_session import Seat, open_seat
 from .policy import Policy
 from .proximal import exact_behaviour, proximal_logprobs
@@ -114,6 +116,9 @@ class Trainer:
             budget of policy steps). Both log ``policy/<name>/step``; see
             ``areal_agents.trainers.clocks`` for the contracts (lockstep keeps the bitwise
             sync resume).
+        opponents: an ``OpponentPool``: each training episode puts one drawn pool member
+            (a snapshot of a trained policy, a scripted player, a frozen or external policy)
+            in the opponent's seat, never trained (``areal_agents.trainers.league``).
 
     Raises:
         ValueError / ConfigError: inconsistent arguments (the message names the field).
@@ -138,7 +143,8 @@ class Trainer:
                  torch_threads: int | None = 1, logger: Logger | None = None,
                  progress: bool = True, max_steps_per_episode: int | None = None,
                  generation_batch_size: int | None = None, clock: str = "lockstep",
-                 keep_checkpoints: int | None = None, partial_groups: int = 0) -> None:
+                 keep_checkpoints: int | None = None, partial_groups: int = 0,
+                 opponents: OpponentPool | None = None) -> None:
         if batch_size < 1 or group_size < 1 or batch_size % group_size:
             raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of "
                               f"group_size ({group_size})")
@@ -200,6 +206,8 @@ class Trainer:
         self.tokenizers: dict[str, Any] = {}
         self.weight_pushes: dict[str, WeightPush] = {}  # per trainable policy (weight_push.py)
         self._stats = StepStats()
+        self.league = League(opponents, env if isinstance(env, str) else None)  # null w/o pool
+        self.league.check(self, possible)
 
     @staticmethod
     def _env_factory(env: str | Callable[[], Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
@@ -281,6 +289,7 @@ class Trainer:
                                             partial_groups=self.partial_groups,
                                             group_fn=self.rewards.on_group
                                             if self.rewards.group_reward_fns else None)
+        await self.league.setup(self, resumed=ckpt is not None)  # pool members, snapshot 0
         if ckpt is not None:
             await self.restore_checkpoint(ckpt)
 
@@ -339,14 +348,16 @@ class Trainer:
             return await self._open_seat(agent_id, policy, greedy, seed_key=key)
 
         env = self.make_env()
+        match = self.league.match(self, seed, env)  # the drawn opponent, if a pool is set
         try:
             by_policy, stats = await play(
-                env, seed, policy_of=self.policy_of, fixed_agents=self.fixed_agents,
-                open_seat=seat, reward_fns=self.reward_fns,
+                env, seed, policy_of=match.policy_of, fixed_agents=match.fixed_agents,
+                open_seat=seat, reward_fns=[*match.reward_fns, *self.reward_fns],
                 max_steps=self.max_steps_per_episode)
         finally:
+            match.close()
             await env.close()
-        self._stats.add_episode(stats)
+        self._stats.add_episode(match.learner_stats(stats))
         self.rewards.record(seed, member, stats.episode)
         return {p: s for p, s in by_policy.items() if p in self.trainable}
 
@@ -404,6 +415,7 @@ class Trainer:
 
         await self.controller.update_weights(name, push, new_version)
         engine.version = new_version
+        await self.league.after_train(self, name, new_version)  # a pool snapshot when due
         metrics = self._stats.train_metrics(name, samples, stats, new_version, wait=wait,
                                             train=t2 - t1, sync=time.perf_counter() - t2)
         return metrics | {f"critic/{name}/{k}": v for k, v in critic_stats.items()}
@@ -474,10 +486,20 @@ class Trainer:
 
     # ---- evaluation -----------------------------------------------------------------------
 
-    async def evaluate(self, seeds: list[int] | None = None) -> dict[str, float]:
-        """Greedy episodes on held-out ``seeds``: ``eval/<agent>/{reward,success}``."""
+    async def evaluate(self, seeds: list[int] | None = None, *,
+                       opponents: list[str] | None = None,
+                       seats: list[str] | None = None) -> dict[str, float]:
+        """Greedy episodes on held-out ``seeds``: ``eval/<agent>/{reward,success}`` (with an
+        ``OpponentPool``: also ``pool/*`` and, when due, ``league/<player>/elo``).
+
+        With ``opponents`` (scripted player names, frozen or snapshot policy names) the
+        trainer's policies play each of them instead, the opponent in each of ``seats``
+        (default: every seat): ``eval/<agent>/vs/<opponent>/{win,draw,loss,reward}``.
+        """
         await self.setup()
         seeds = self.eval_seeds if seeds is None else seeds
+        if opponents is not None:
+            return await self.league.evaluate_vs(self, opponents, seats, seeds)
 
         async def one(seed: int) -> EpisodeStats:
             env = self.make_env()
@@ -491,8 +513,9 @@ class Trainer:
                 await env.close()
 
         results = await asyncio.gather(*(one(s) for s in seeds), return_exceptions=True)
-        return StepStats.summarise([r for r in results if isinstance(r, EpisodeStats)], "eval",
-                                   num_failed=sum(isinstance(r, BaseException) for r in results))
+        metrics = StepStats.summarise([r for r in results if isinstance(r, EpisodeStats)], "eval",
+                                      num_failed=sum(isinstance(r, BaseException) for r in results))
+        return metrics | await self.league.on_evaluate(self)  # pool stats, the league when due
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -503,7 +526,8 @@ class Trainer:
                 "history": list(self.history),
                 "trained_seeds": [list(s) for s in self.trained_seeds],
                 "algorithms": {p: dict(a.state_dict()) for p, a in self.algorithms.items()
-                               if isinstance(a, Stateful)}}
+                               if isinstance(a, Stateful)},
+                "league": self.league.state_dict()}
 
     def load_state_dict(self, state: TrainerState) -> None:
         """Restore ``state_dict()`` output into a set-up trainer; each train engine's version
@@ -533,7 +557,9 @@ class Trainer:
     async def restore_checkpoint(self, ckpt: Path) -> None:
         """Load checkpoint ``ckpt`` into the set-up trainer: engines, state, the served
         weights, RNG states (last) and ``metrics.jsonl`` cut back to the restored step."""
-        self.load_state_dict(await load_checkpoint(ckpt, self._saved_engines()))
+        state = await load_checkpoint(ckpt, self._saved_engines())
+        self.load_state_dict(state)
+        await self.league.restore(self, state.get("league", {}))  # re-serve pool snapshots
         for name, engine in self.train_engines.items():
             update = await self.weight_pushes[name].update(engine, engine.version)
             await self.gateway.update_weights(name, update)
