@@ -4,6 +4,7 @@ group rewards, and their metrics (judge tokens per trained token)."""
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,7 +28,7 @@ class ModelReward(Protocol):
     @property
     def policy(self) -> str | None: ...
 
-    def bind(self, client: Any) -> None: ...
+    def bind(self, client: Any, model: str | None = None) -> None: ...
 
     def take_metrics(self) -> dict[str, float]: ...
 
@@ -127,11 +128,26 @@ class RewardHooks:
                               "them, and judge calls are not trained on; set frozen=True")
         if self.group_reward_fns and partial_groups:
             raise ConfigError("group_reward_fns score whole groups; set partial_groups=0")
+        self._policies = dict(policies)
         self._episodes: dict[int, dict[int, Episode]] = {}
 
     def bind(self, client: Any) -> None:
-        """Give policy-backed reward functions the Trainer's gateway client."""
-        bind_reward_fns([*self.reward_fns, *self.group_reward_fns], client)
+        """Give policy-backed reward functions the Trainer's gateway client; a judge of an
+        ``endpoint`` policy gets a client of that server (key from ``OPENAI_API_KEY``)."""
+        fns = [*self.reward_fns, *self.group_reward_fns]
+        bind_reward_fns([fn for fn in fns if not self._endpoint(fn)], client)
+        for fn in fns:
+            if self._endpoint(fn):
+                import openai
+
+                policy = self._policies[fn.policy]
+                fn.bind(openai.AsyncOpenAI(base_url=policy.endpoint,
+                                           api_key=os.environ.get("OPENAI_API_KEY", "none")),
+                        str(policy.model or "default"))
+
+    def _endpoint(self, fn: Any) -> bool:
+        return (isinstance(fn, ModelReward) and fn.policy is not None
+                and self._policies[fn.policy].endpoint is not None)
 
     def record(self, seed: int, member: int, episode: Episode | None) -> None:
         """Keep a finished training episode until its group ends (only with group fns)."""

@@ -83,9 +83,12 @@ class JudgeClient:
         self._semaphore: asyncio.Semaphore | None = None
         self.counts: Counter[str] = Counter()  # calls, attempts, timeouts, errors, tokens...
 
-    def bind(self, client: Any) -> None:
-        """Use ``client`` (the Trainer's gateway client) for a ``policy=`` judge."""
+    def bind(self, client: Any, model: str | None = None) -> None:
+        """Use ``client`` (the Trainer's gateway client, or an endpoint policy's own client
+        with its served ``model`` name) for a ``policy=`` judge."""
         self.client = client
+        if model is not None:
+            self.model = model
 
     async def complete(self, judge_id: str, prompt: str) -> str:
         """The judge model's reply to ``prompt`` (from the cache when it was asked before).

@@ -100,7 +100,7 @@ class Judge:
         self.name = name or f"{type(self).__name__.lower()}-{self.backend.model}"
         self.on_failure, self.fallback = on_failure, fallback
         self.counts: Counter[str] = Counter()  # parse_failures, failed_episodes, scores...
-        self._score_sum = 0.0
+        self._score_sum = self._taken_score_sum = 0.0
         self._taken: Counter[str] = Counter()
 
     @property
@@ -108,9 +108,9 @@ class Judge:
         """The run's policy this judge calls (the Trainer serves and binds it), or None."""
         return self.backend.policy
 
-    def bind(self, client: Any) -> None:
-        """Use the Trainer's gateway client (``policy=`` judges)."""
-        self.backend.bind(client)
+    def bind(self, client: Any, model: str | None = None) -> None:
+        """Use the Trainer's client for ``policy`` (and ``model`` as the request's model)."""
+        self.backend.bind(client, model)
 
     def _agent(self, episode: Episode) -> str:
         if self.agent is not None:
@@ -149,14 +149,14 @@ class Judge:
         (prompt + completion), and ``mean_score`` of the rewards given."""
         now = Counter(self.counts) + Counter(self.backend.counts)
         now["tokens"] = now["prompt_tokens"] + now["completion_tokens"]
-        now["score_sum_x1e6"] = round(self._score_sum * 1e6)
         delta = {k: now[k] - self._taken[k] for k in now}
-        self._taken = Counter({k: v for k, v in now.items()})
         out = {f"judge/{self.name}/{k}": float(delta.get(k, 0)) for k in
                ("calls", "cache_hits", "parse_failures", "out_of_range", "timeouts", "errors",
                 "failed_episodes", "fallbacks", "tokens")}
         if delta.get("scores"):
-            out[f"judge/{self.name}/mean_score"] = delta["score_sum_x1e6"] / 1e6 / delta["scores"]
+            out[f"judge/{self.name}/mean_score"] = ((self._score_sum - self._taken_score_sum)
+                                                    / delta["scores"])
+        self._taken, self._taken_score_sum = now, self._score_sum
         return out
 
 

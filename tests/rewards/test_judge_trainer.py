@@ -71,3 +71,18 @@ def test_judge_policy_misconfigurations_are_named():
         make(policies={"solver": SOLVER, "judge": Policy()}, reward_fns=[judge])
     with pytest.raises(ConfigError, match="set partial_groups=0"):
         make(group_reward_fns=[GroupJudge(client=object())], partial_groups=1)
+
+
+def test_a_judge_on_an_endpoint_policy_calls_that_server_with_its_model_name():
+    from areal_agents.rewards.hooks import RewardHooks
+
+    local, remote = RubricJudge("r", policy="local"), RubricJudge("r", policy="remote")
+    policies = {"local": Policy(frozen=True),
+                "remote": Policy(endpoint="http://judge.example:8000/v1", model="judge-7b",
+                                 frozen=True)}
+    hooks = RewardHooks([local, remote], [], policies, [])
+    gateway_client = object()
+    hooks.bind(gateway_client)
+    assert local.backend.client is gateway_client and local.backend.model == "local"
+    assert str(remote.backend.client.base_url) == "http://judge.example:8000/v1/"
+    assert remote.backend.model == "judge-7b"
