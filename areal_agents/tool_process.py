@@ -7,7 +7,9 @@ as JSON, so nothing but strings crosses the pipe), and on timeout or cancellatio
 group is killed. The price of ``fork``: the tool sees a copy of the parent's memory, so its
 in-memory side effects (appending to a list, a counter) do not reach the parent; files,
 sockets and other processes do. A tool that needs shared in-memory state should be an
-``async`` function (cancelled on timeout) or run with ``sync_tools="thread"``.
+``async`` function (cancelled on timeout) or run with ``sync_tools="thread"``; so should a
+tool that uses CUDA or OpenMP-threaded libraries, which may hang in a forked child (it is then
+killed at its timeout, never run).
 
 Example:
     >>> import asyncio
