@@ -51,3 +51,15 @@ def test_compare_runs_at_tiny_size(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ppo_critic group_size 1, 8 episodes" in out and "critic EV" in out
     assert "grpo       group_size 2, 8 episodes" in out
+
+
+def test_yaml_config_builds_one_critic_per_policy(tmp_path):
+    from areal_agents.config import load_config
+    from areal_agents.trainers.critic import CriticSpec
+
+    cfg = load_config(compare.__file__.replace("compare.py", "signaling_ppo_critic.yaml"),
+                      [f"run_dir={tmp_path}", "trainer.steps=1"])
+    trainer = cfg.build()
+    assert isinstance(trainer.algorithm, PPO) and trainer.group_size == 1
+    assert trainer.policies["speaker"].critic == CriticSpec(lr=1e-3)
+    assert trainer.policies["listener"].critic == CriticSpec(lr=1e-3, backend="archon")
