@@ -16,10 +16,12 @@ def test_judge_pairs_are_balanced_and_labelled_by_the_ground_truth():
     assert 70 < sum(ok for _, ok in pairs) < 130
     for episode, ok in pairs:
         question = episode.messages["agent"][0]["content"].splitlines()[-1].removesuffix(" = ?")
-        given = int(episode.messages["agent"][1]["content"].removeprefix("Answer: "))
-        assert (eval(question) == given) == ok  # one-digit a +/- b
+        gold = eval(question)  # one-digit a +/- b
+        assert episode.infos["agent"]["answer"] == gold
+        assert (episode.messages["agent"][1]["content"] == f"Answer: {gold}") == ok
     prompt = run.make_judge().render(pairs[0][0], "agent")
-    assert prompt.endswith("\nScore (0-1):") and "Answer: " in prompt
+    gold = pairs[0][0].infos["agent"]["answer"]
+    assert prompt.endswith("\nCorrect:") and f"\nReference: {gold}\n" in prompt
 
 
 async def test_the_judged_env_gives_no_reward_but_keeps_the_exact_verdict():
@@ -43,7 +45,7 @@ def test_tiny_run_writes_every_figure(tmp_path, capsys):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["judge_sft"]["steps"] == 5
     judge, exact = s["judge_reward"], s["exact_reward"]
-    assert judge["judge"]["pairs"] == 8.0 and 0.0 <= judge["judge"]["accuracy"] <= 1.0
+    assert s["judge"]["pairs"] == 8.0 and 0.0 <= s["judge"]["accuracy"] <= 1.0
     assert judge["steps"] == exact["steps"] == 1
     assert judge["judge_calls"] + judge["judge_cache_hits"] >= 4  # every trained episode judged
     assert judge["judge_tokens_per_trained_token"] > 0

@@ -1,9 +1,10 @@
 """Arithmetic trained with a frozen LLM judge as the only reward, against the exact-match reward.
 
-1. **The judge**: a tiny model (``tiny:xs``) fine-tuned by SFT on judge transcripts
-   ``(task, answer) -> "1" | "0"`` whose verdicts come from the env's ground truth (half the
-   answers right, half off by 1-3), rendered by the very ``RubricJudge`` used in RL; its
-   grading accuracy is measured through the gateway, greedy, on held-out pairs.
+1. **The judge**: a tiny model (``tiny:xs``) fine-tuned by SFT on reference-guided judge
+   transcripts ``(task, gold answer, answer) -> "yes" | "no"`` whose verdicts come from the
+   env's ground truth (half the answers right; the rest off by 1-3 or without the
+   ``Answer:`` format), rendered by the very ``ReferenceJudge`` used in RL; its grading
+   accuracy is measured through a gateway, greedy, on held-out pairs.
 2. **Two RL runs at equal steps** from the same SFT-warm-started policy (as in
    ``examples/arithmetic``): (a) the judge's score is the only reward (the env's reward is
    zeroed; ``info["success"]`` keeps the exact verdict, so held-out accuracy stays exact
@@ -16,6 +17,7 @@ calls/cache hits/tokens per trained token, wall time.
 Usage::
 
     OMP_NUM_THREADS=1 python examples/genrm/judge/run.py [--steps 40] [--run-dir DIR] ...
+    OMP_NUM_THREADS=1 python examples/genrm/judge/run.py --judge-only   # judge SFT + accuracy
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ from typing import Any
 import areal_agents as aa
 from areal_agents.envs.arithmetic import Arithmetic, make_task, prompt
 from areal_agents.episode import Episode
-from areal_agents.rewards import JudgeFailed, RubricJudge
+from areal_agents.rewards import JudgeFailed, ReferenceJudge
 from areal_agents.trainers.trainer import Trainer
 from areal_agents.trainers.warm_start import demo_samples, sft
 from areal_agents.trainers.wiring import backend_factory
 
 ENV_KWARGS = {"digits": 1, "operations": "+-"}
-JUDGE_TEMPLATE = "{task}\n{answer}\nScore (0-1):"
+JUDGE_TEMPLATE = "{task}\nReference: {reference}\n{answer}\nCorrect:"
 STOP = ["<|im_end|>"]
 
 
@@ -50,27 +52,33 @@ class JudgedArithmetic(Arithmetic):
         return obs, 0.0, terminated, truncated, {**info, "success": reward == 1.0}
 
 
-def make_judge(name: str = "judge") -> RubricJudge:
-    """The judge used in RL and measured: a 0/1 score, unreadable replies counted and 0."""
-    return RubricJudge("", policy=name, api="completions", template=JUDGE_TEMPLATE,
-                       scale=(0, 1), name=name, on_failure="fallback", fallback=0.0,
-                       sampling={"max_tokens": 2, "stop": STOP}, max_concurrency=32)
+def make_judge(name: str = "judge") -> ReferenceJudge:
+    """The judge used in RL and measured: yes -> 1, no -> 0, unreadable replies counted, 0."""
+    return ReferenceJudge(policy=name, api="completions", template=JUDGE_TEMPLATE, name=name,
+                          on_failure="fallback", fallback=0.0, max_concurrency=32,
+                          sampling={"max_tokens": 2, "stop": STOP})
 
 
 def judge_pairs(seeds: range, rng: random.Random) -> list[tuple[Episode, bool]]:
-    """One (episode, is_correct) per seed: the task of that seed and an answer that is right
-    half the time, else off by 1-3."""
+    """One (episode, is_correct) per seed: the task of that seed, its gold answer in the info,
+    and an answer that is right half the time, else off by 1-3 (35%) or unformatted (15%)."""
     import numpy as np
 
     out = []
     for seed in seeds:
         question, answer = make_task(np.random.default_rng(seed), **ENV_KWARGS)
-        correct = rng.random() < 0.5
-        given = answer if correct else answer + rng.choice([-3, -2, -1, 1, 2, 3])
+        draw = rng.random()
+        correct = draw < 0.5
+        if correct:
+            reply = f"Answer: {answer}"
+        elif draw < 0.85:
+            reply = f"Answer: {answer + rng.choice([-3, -2, -1, 1, 2, 3])}"
+        else:
+            reply = str(answer)
         messages = [{"role": "user", "content": prompt(question)},
-                    {"role": "assistant", "content": f"Answer: {given}"}]
-        out.append((Episode(["agent"], {"agent": messages}, {}, {"agent": 0.0}, 1, "terminated"),
-                    correct))
+                    {"role": "assistant", "content": reply}]
+        out.append((Episode(["agent"], {"agent": messages}, {}, {"agent": 0.0}, 1, "terminated",
+                            infos={"agent": {"answer": answer}}), correct))
     return out
 
 
@@ -79,7 +87,7 @@ def train_judge(steps: int, num_pairs: int, seed: int) -> tuple[Any, Any, list[f
     model, tokenizer = aa.models.tiny("xs", seed=seed + 100)
     judge = make_judge()
     transcripts = [[{"role": "user", "content": judge.render(e, "agent")},
-                    {"role": "assistant", "content": "1" if ok else "0"}]
+                    {"role": "assistant", "content": "yes" if ok else "no"}]
                    for e, ok in judge_pairs(range(10_000, 10_000 + num_pairs),
                                             random.Random(seed))]
     samples = demo_samples(tokenizer, transcripts, api="completions")
@@ -92,9 +100,24 @@ def train_judge(steps: int, num_pairs: int, seed: int) -> tuple[Any, Any, list[f
     return model, tokenizer, losses
 
 
-async def judge_accuracy(judge: RubricJudge, pairs: list[tuple[Episode, bool]]) -> dict[str, float]:
-    """Greedy grading accuracy on ``pairs`` (an unreadable reply counts as wrong)."""
-    judge.take_metrics()
+async def judge_accuracy(model: Any, tokenizer: Any, pairs: list[tuple[Episode, bool]]
+                         ) -> dict[str, float]:
+    """Greedy grading accuracy of the judge model on ``pairs`` (an unreadable reply counts as
+    wrong), served as in RL: a gateway policy behind an in-process engine."""
+    from areal_agents.engines.local import LocalEngine
+
+    gateway = aa.Gateway()
+    gateway.add_policy("judge", [LocalEngine(model, tokenizer)], tokenizer)
+    judge = make_judge()
+    judge.bind(gateway.async_client())
+    try:
+        return await _accuracy(judge, pairs)
+    finally:
+        await gateway.close()
+
+
+async def _accuracy(judge: ReferenceJudge, pairs: list[tuple[Episode, bool]]
+                    ) -> dict[str, float]:
 
     async def one(episode: Episode, correct: bool) -> bool:
         try:
@@ -138,10 +161,6 @@ async def rl_run(reward: str, judge_model: Any, args: argparse.Namespace, run_di
     try:
         await trainer.setup()
         out: dict[str, Any] = {}
-        if reward == "judge":
-            held_out = judge_pairs(range(3_000_000, 3_000_000 + args.judge_eval_pairs),
-                                   random.Random(args.seed + 1))
-            out["judge"] = await judge_accuracy(trainer.rewards.reward_fns[0], held_out)
         start = (await trainer.evaluate())["eval/agent/success"]
         history = await trainer.afit(args.steps)
         final = (await trainer.evaluate())["eval/agent/success"]
@@ -168,11 +187,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tokenizer, losses = await asyncio.to_thread(
         train_judge, args.judge_sft_steps, args.judge_pairs, args.seed)
+    held_out = judge_pairs(range(3_000_000, 3_000_000 + args.judge_eval_pairs),
+                           random.Random(args.seed + 1))
     summary: dict[str, Any] = {"judge_sft": {"steps": len(losses), "nll_first": losses[0],
                                              "nll_last": losses[-1],
-                                             "seconds": time.perf_counter() - t0}}
+                                             "seconds": time.perf_counter() - t0},
+                               "judge": await judge_accuracy(model, tokenizer, held_out)}
+    if args.judge_only:
+        return _write(summary, args, run_dir, t0)
     summary["judge_reward"] = await rl_run("judge", (model, tokenizer), args, run_dir)
     summary["exact_reward"] = await rl_run("exact", None, args, run_dir)
+    return _write(summary, args, run_dir, t0)
+
+
+def _write(summary: dict[str, Any], args: argparse.Namespace, run_dir: Path, t0: float
+           ) -> dict[str, Any]:
     summary["seconds_total"] = time.perf_counter() - t0
     summary["args"] = vars(args)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,16 +221,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seeds", type=int, default=200, help="held-out policy seeds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/genrm_judge")
+    p.add_argument("--judge-only", action="store_true",
+                   help="stop after the judge's SFT and accuracy (no RL runs)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     s = asyncio.run(run(args))
-    j, e, acc = s["judge_reward"], s["exact_reward"], s["judge_reward"]["judge"]
+    acc = s["judge"]
     print(f"judge: SFT nll {s['judge_sft']['nll_first']:.3f} -> {s['judge_sft']['nll_last']:.3f};"
           f" held-out grading accuracy {acc['accuracy']:.3f} on {acc['pairs']:.0f} pairs "
           f"({acc['unreadable']:.0f} unreadable)")
+    if args.judge_only:
+        return 0
+    j, e = s["judge_reward"], s["exact_reward"]
     for name, r in (("judge reward", j), ("exact-match reward", e)):
         print(f"{name:>18}: held-out accuracy {r['heldout_start']:.3f} -> "
               f"{r['heldout_final']:.3f} in {r['steps']} steps; train reward "
