@@ -21,6 +21,7 @@ from .checker_rules import (
     RuleFailed,
     SkipCheck,
     call_with_timeout,
+    check_act_when_ready,
     compare,
     describe,
     driving_action,
@@ -185,6 +186,9 @@ class _Checker:
             self.env.step({}), MissingAction, f"step({{}}) while {sorted(obs)} must act"
         )
 
+    async def act_when_ready(self) -> None:
+        await check_act_when_ready(self.env, self.seed)
+
     async def _usable_after(self, make_call: Callable[[], Any]) -> None:
         if not self.actions:
             raise SkipCheck("the first rollout took no step")
@@ -272,8 +276,10 @@ async def check_env(
     rewards and flags (on the same env and on a new instance); ``step`` after the end raises
     ``ResetNeeded``; (multi-agent) an action for an agent not asked to act raises
     ``UnknownAgent`` and a missing one ``MissingAction``; a ``step``/``reset`` cancelled by
-    asyncio leaves the env usable (or raises an ``AgentsError``); the env pickles and rebuilds
-    from its spec; ``close`` twice is fine.
+    asyncio leaves the env usable (or raises an ``AgentsError``); (``act_when_ready`` envs) a
+    step with one of several agents that may act is taken, and the others stay able to act
+    without being observed again; the env pickles and rebuilds from its spec; ``close`` twice
+    is fine.
 
     Args:
         env_or_id: a freshly built env, or an id for ``aa.make``.
@@ -310,6 +316,8 @@ async def check_env(
     if c.multi:
         await c.run("unknown_agent", c.unknown_agent)
         await c.run("missing_action", c.missing_action)
+        if env.act_when_ready:
+            await c.run("act_when_ready", c.act_when_ready)
     await c.run("cancel_step", c.cancel_step)
     await c.run("cancel_reset", c.cancel_reset)
     await c.run("pickle", c.pickles)

@@ -193,3 +193,41 @@ def compare(first: list[Any], second: list[Any], what: str) -> None:
             raise RuleFailed(f"{what}: step {i} equal to the first run: {short(a)}", short(b))
     if len(first) != len(second):
         raise RuleFailed(f"{what}: {len(first)} transitions", f"{len(second)}")
+
+
+# ---------------------------------------------------------------- act when ready
+
+
+async def check_act_when_ready(env: Any, seed: int) -> None:
+    """An ``act_when_ready`` env takes a step with one of several agents that may act, keeps
+    the others able to act (``agents_to_act``) and does not observe them again meanwhile.
+
+    Drives the env with every agent that may act until two may act at once (else SkipCheck).
+    """
+    obs, _ = await call_with_timeout(env.reset(seed=seed))
+    may_act = set(obs)
+    for _ in range(MAX_STEPS):
+        if not env.agents:
+            break
+        if len(may_act) < 2:
+            result = await call_with_timeout(
+                env.step({a: driving_action(env, a) for a in sorted(may_act)}))
+            may_act = set(result[0])
+            continue
+        first, waiting = sorted(may_act)[0], may_act - {sorted(may_act)[0]}
+        try:
+            result = await call_with_timeout(env.step({first: driving_action(env, first)}))
+        except Exception as exc:
+            raise RuleFailed(f"act_when_ready: step() with {first!r} alone while "
+                             f"{sorted(may_act)} may act", describe(exc)) from None
+        check_step(env, result)
+        again = sorted(set(result[0]) & waiting)
+        if again:
+            raise RuleFailed("act_when_ready: no new observation for an agent whose action is "
+                             "pending", f"observations for {again}")
+        lost = sorted((waiting & set(env.agents)) - set(env.agents_to_act))
+        if lost:
+            raise RuleFailed(f"act_when_ready: {lost} still in agents_to_act (their actions are "
+                             "pending)", f"agents_to_act = {sorted(env.agents_to_act)}")
+        return
+    raise SkipCheck(f"no two agents could act at once within {MAX_STEPS} steps")

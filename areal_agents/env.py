@@ -174,6 +174,14 @@ class MultiAgentEnv(_Seeding, Generic[ObsT, ActT]):
     Subclasses implement ``reset``/``step`` and call ``await super().reset(seed=seed)`` first.
     The base class raises ``ResetNeeded`` (step before reset or after the end),
     ``UnknownAgent`` (an action for an agent not asked to act) and ``MissingAction``.
+
+    Act when ready: an env whose agents act asynchronously sets ``act_when_ready = True``.
+    Its ``obs`` then names the agents given a new observation, each of which *may* act from
+    then on; ``step`` takes the actions of any non-empty subset of the agents that may act
+    (``agents_to_act``), and the others keep their observation and may act later. An agent is
+    observed again only after its action was applied (never while its action is pending).
+    ``run_episode`` (and so the Trainer) then applies each action in its own ``step`` as soon
+    as it arrives, so a slow agent holds nobody back; ``check_env`` checks this contract.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
@@ -181,6 +189,8 @@ class MultiAgentEnv(_Seeding, Generic[ObsT, ActT]):
     render_mode: str | None = None
     possible_agents: list[str] = []  # noqa: RUF012 - subclasses assign their own lists
     agents: list[str] = []  # noqa: RUF012
+
+    act_when_ready: ClassVar[bool] = False
 
     _needs_reset: bool = True
     _to_act: frozenset[str] = frozenset()
@@ -225,7 +235,8 @@ class MultiAgentEnv(_Seeding, Generic[ObsT, ActT]):
 
     @property
     def agents_to_act(self) -> frozenset[str]:
-        """The agents whose actions the next ``step`` expects."""
+        """The agents whose actions the next ``step`` expects (``act_when_ready``: the agents
+        that may act, any non-empty subset of which the next ``step`` takes)."""
         return self._to_act
 
     def render(self) -> Any:
@@ -305,14 +316,17 @@ def _guard_multi_step(step: Any) -> Any:
                 f"{_env_name(self)}: actions given for {extra}, which were not asked to act; "
                 f"expected actions for exactly {sorted(self._to_act)}"
             )
+        ready = self.act_when_ready
         missing = sorted(self._to_act - set(actions))
-        if missing:
+        if missing and not (ready and actions):
+            expected = "at least one of" if ready else "exactly"
             raise MissingAction(
                 f"{_env_name(self)}: no action for {missing}; "
-                f"expected actions for exactly {sorted(self._to_act)}"
+                f"expected actions for {expected} {sorted(self._to_act)}"
             )
         result = await step(self, actions)
-        self._to_act = frozenset(result[0])
+        waiting = self._to_act - set(actions) if ready else frozenset()
+        self._to_act = frozenset(result[0]) | (waiting & frozenset(self.agents))
         if not self.agents:
             self._needs_reset = True
         return result

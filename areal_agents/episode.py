@@ -182,6 +182,66 @@ async def _run_multi(
         run.truncated = run.truncated or any(truncs.values())
 
 
+async def _run_when_ready(
+    env: MultiAgentEnv,
+    agents: dict[str, Agent],
+    run: _Run,
+    seed: Any,
+    options: Any,
+    max_steps: int | None,
+) -> None:
+    """``env.act_when_ready``: each observed agent acts on its own; each action is applied in
+    its own ``step`` as soon as it arrives (several arrived together: by agent id)."""
+    obs, infos = await env.reset(seed=seed, options=options)
+    run.infos.update({a: dict(i) for a, i in infos.items()})
+    run.observe(obs)
+    acting: dict[asyncio.Task[Any], str] = {}
+
+    def start(observed: Mapping[str, Any]) -> None:
+        busy = set(acting.values())
+        for a, o in observed.items():
+            if a in busy:
+                raise EnvError(
+                    f"{type(env).__name__}: a new observation for {a!r} while its action is "
+                    "pending; an act_when_ready env observes an agent again only after its "
+                    "action was applied"
+                )
+            if a not in agents:
+                raise ValueError(f"the env asked {a!r} to act, but no agent was given for it")
+            acting[asyncio.ensure_future(agents[a].act(o))] = a
+
+    try:
+        start(obs)
+        while env.agents:
+            if not acting:
+                raise EnvError(
+                    f"{type(env).__name__}: agents {list(env.agents)} are live but none may act; "
+                    "the env must observe who acts next or empty env.agents"
+                )
+            done, _ = await asyncio.wait(acting, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: acting[t]):
+                agent = acting.pop(task)
+                action = task.result()
+                if not env.agents or agent not in env.agents_to_act:
+                    continue  # the episode ended, or the agent left, while it was thinking
+                if max_steps is not None and run.length >= max_steps:
+                    run.truncated = True
+                    return
+                obs, rewards, _terms, truncs, infos = await env.step({agent: action})
+                run.record({agent: action}, rewards, infos)
+                run.observe(obs)
+                run.truncated = run.truncated or any(truncs.values())
+                start(obs)
+            for task, agent in list(acting.items()):  # agents that left stop thinking
+                if agent not in env.agents_to_act:
+                    task.cancel()
+                    del acting[task]
+    finally:
+        for task in acting:
+            task.cancel()
+        await asyncio.gather(*acting, return_exceptions=True)
+
+
 async def run_episode(
     env: AgentEnv | MultiAgentEnv,
     agents: Agent | Mapping[str, Agent],
@@ -194,8 +254,11 @@ async def run_episode(
     """Run one episode and return its ``Episode``.
 
     Each agent's ``reset()`` is called first. Agents get exactly the env's observation for
-    them; in a multi-agent env the agents asked to act in a step act concurrently. At the end
-    ``await agent.end_episode(return)`` of each agent gives ``Episode.samples``.
+    them; in a multi-agent env the agents asked to act in a step act concurrently, and the
+    step waits for all of them. An env with ``act_when_ready = True`` has no such barrier:
+    every observed agent acts on its own and each action is applied in its own ``step`` as
+    soon as it arrives (a slow agent blocks nobody; ``Episode.length`` counts those steps).
+    At the end ``await agent.end_episode(return)`` of each agent gives ``Episode.samples``.
 
     Args:
         env: a single- or multi-agent env (already constructed; not closed here).
@@ -216,7 +279,9 @@ async def run_episode(
     for agent in by_id.values():
         agent.reset()
     try:
-        if isinstance(env, MultiAgentEnv):
+        if isinstance(env, MultiAgentEnv) and env.act_when_ready:
+            await _run_when_ready(env, by_id, run, seed, options, max_steps)
+        elif isinstance(env, MultiAgentEnv):
             await _run_multi(env, by_id, run, seed, options, max_steps)
         else:
             await _run_single(env, by_id, run, seed, options, max_steps)

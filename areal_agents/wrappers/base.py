@@ -94,6 +94,10 @@ class MultiAgentWrapper(_Forwarding, MultiAgentEnv):
     def possible_agents(self) -> list[str]:
         return self.env.possible_agents
 
+    @property  # type: ignore[override]
+    def act_when_ready(self) -> bool:
+        return self.env.act_when_ready
+
     async def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
         return await self.env.reset(seed=seed, options=options)
 
