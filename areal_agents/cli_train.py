@@ -17,6 +17,9 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("config", help="YAML run config (see areal_agents.config.RunConfig)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--resume", action="store_true", help="continue from run_dir's last checkpoint")
+    # SUPPRESS: absent, it never overrides `areal-agents --debug train ...`
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of a configuration error")
     p.set_defaults(func=train)
 
 
@@ -24,6 +27,13 @@ def add_eval_parser(sub: Any) -> None:
     p = sub.add_parser("eval", help="greedy evaluation of a config or a run directory")
     p.add_argument("target", help="YAML config or RUN_DIR (uses RUN_DIR/config.yaml + checkpoint)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--opponent", action="append", default=None, metavar="NAME",
+                   help="play against NAME instead (a scripted player such as heuristic or "
+                   "random, a frozen policy, or 'pool': every member of the config's opponent "
+                   "pool); repeatable")
+    p.add_argument("--seat", action="append", default=None, metavar="AGENT",
+                   help="the opponent's seat (agent id) with --opponent; repeatable "
+                   "(default: every seat)")
     p.set_defaults(func=evaluate)
 
 
@@ -36,7 +46,11 @@ def add_plot_parser(sub: Any) -> None:
 
 def train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .errors import ConfigError
 
+    if not Path(args.config).is_file():
+        raise ConfigError(f"config file {args.config} not found (train takes a YAML run config, "
+                          "e.g. examples/signaling/two_llms.yaml)")
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,9 +94,18 @@ def evaluate(args: argparse.Namespace) -> int:
         cfg.trainer.warm_start = None  # the checkpoint already holds trained weights
     trainer = cfg.build(resume=resume)
 
+    opponents = args.opponent
+    if opponents and "pool" in opponents:  # the config's pool members (snapshots: by name)
+        members = cfg.opponents.members if cfg.opponents is not None else []
+        opponents = [o for o in opponents if o != "pool"] + members
+    if args.seat and not opponents:
+        print("error: --seat is the opponent's seat; give --opponent NAME too", file=sys.stderr)
+        return 2
+
     async def run() -> dict[str, float]:
         try:
-            return await trainer.evaluate(cfg.trainer.eval_seeds)
+            return await trainer.evaluate(cfg.trainer.eval_seeds, opponents=opponents,
+                                          seats=args.seat)
         finally:
             await trainer.aclose()
 

@@ -162,6 +162,8 @@ class TrainerConfig(_Strict):
     partial_groups: int = Field(0, ge=0, description="0: train whole groups only; k >= 1: train "
                                 "a group with its >= k finished members when its stragglers "
                                 "would make it too stale (throughput vs a bias to short outputs)")
+    record_samples: int = Field(2, ge=0, description="trained samples kept per policy per step "
+                                "in run_dir/samples for `areal-agents view RUN_DIR` (0: off)")
 
 
 class LoggingConfig(_Strict):
@@ -175,6 +177,26 @@ class LoggingConfig(_Strict):
     progress: bool = Field(True, description="show the rich progress bar")
 
 
+class OpponentPoolConfig(_Strict):
+    """The opponent pool (``areal_agents.league.OpponentPool``; one field per argument)."""
+
+    members: list[str] = Field(default_factory=list, description="scripted player names "
+                               "(heuristic, random...) and names of frozen policies")
+    seat: str = Field("any", description="the opponent's agent id, or 'any' (drawn per seed)")
+    snapshot_every: int = Field(0, ge=0, description="snapshot every k policy steps (0: none)")
+    snapshot_of: str | list[str] | None = Field(None, description="policies to snapshot "
+                                                "(default: those of the opponent's seats)")
+    max_snapshots: int = Field(8, ge=1, description="snapshots kept per policy")
+    sampling: Literal["uniform", "latest", "pfsp"] = Field("uniform", description="member draw")
+    latest_share: float = Field(0.5, gt=0, le=1, description="'latest': the newest's share")
+    pfsp_power: float = Field(2.0, gt=0, description="'pfsp': weight p_loss ** power + 0.05")
+    decay: float = Field(0.98, gt=0, le=1, description="decay of PFSP counts per game")
+    league_every: int = Field(0, ge=0, description="league evaluation every k steps, inside "
+                              "the trainer's evaluation (0: never)")
+    league_seeds: list[int] = Field(default_factory=lambda: list(range(2_000_000, 2_000_016)),
+                                    description="held-out seeds of each league pairing")
+
+
 class RunConfig(_Strict):
     """A whole training run."""
 
@@ -185,6 +207,8 @@ class RunConfig(_Strict):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    opponents: OpponentPoolConfig | None = Field(None, description="an opponent pool: each "
+                                                 "episode one member takes the opponent's seat")
     run_dir: str = Field("runs/run", description="metrics, plots and checkpoints")
     resume: bool = Field(False, description="continue from run_dir's latest checkpoint (a fresh "
                          "run when there is none); same as `train --resume`")
@@ -193,6 +217,7 @@ class RunConfig(_Strict):
         """The ``Trainer`` this config describes (``resume`` or ``self.resume`` continues from
         ``run_dir``'s latest checkpoint); ``trainer_cls`` builds a subclass instead (e.g.
         ``ExternalTrainer`` for ``serve --train``)."""
+        from areal_agents.league import OpponentPool
         from areal_agents.metrics import make_logger
         from areal_agents.trainers.policy import Policy
         from areal_agents.trainers.stats import resolve_algorithm
@@ -210,9 +235,11 @@ class RunConfig(_Strict):
             resume=resume or self.resume, seed=t.seed,
             warm_start=t.warm_start, torch_threads=t.torch_threads,
             max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
-            generation_batch_size=t.generation_batch_size,
+            generation_batch_size=t.generation_batch_size, record_samples=t.record_samples,
             partial_groups=t.partial_groups, clock=t.clock,
             keep_checkpoints=t.keep_checkpoints,
+            opponents=None if self.opponents is None else OpponentPool(
+                **self.opponents.model_dump()),
             logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,
                                wandb_project=self.logging.wandb_project,
                                wandb_name=self.logging.wandb_name,
@@ -270,9 +297,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
     Raises:
         FileNotFoundError: no such file.
-        ConfigError: invalid YAML content or fields.
+        ConfigError: invalid YAML (one line: the file, line, column and problem) or fields.
     """
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where} invalid YAML: {problem}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return parse_config(apply_overrides(data, list(overrides or [])))

@@ -101,7 +101,7 @@ class League:
         self.frozen: list[str] = []  # members that are policies of the trainer
         self.snapshots: list[str] = []  # served snapshot policies, oldest first
         self.records: dict[str, MemberRecord] = {}
-        self.source: str | None = None  # the snapshotted policy
+        self.sources: list[str] = []  # the snapshotted policies
         self.seats: list[str] = []  # seats the opponent may take
         self.agents: list[str] = []  # the env's possible agents
         self._drawn: dict[int, tuple[str, str]] = {}
@@ -149,18 +149,27 @@ class League:
             raise ConfigError(f"OpponentPool plays two-player envs; this env has agents "
                               f"{list(possible_agents)}")
         if pool.snapshot_every:
-            source = pool.snapshot_of or (trainer.trainable[0] if len(trainer.trainable) == 1
-                                          else None)
-            if source not in trainer.trainable:
-                raise ConfigError(f"OpponentPool.snapshot_of={pool.snapshot_of!r}: name one of "
-                                  f"the trainable policies {trainer.trainable}")
-            self.source = source
+            sources = ([pool.snapshot_of] if isinstance(pool.snapshot_of, str) else
+                       list(pool.snapshot_of or sorted({trainer.policy_of[a] for a in self.seats})))
+            bad = sorted(set(sources) - set(trainer.trainable))
+            if bad or not sources:
+                raise ConfigError(f"OpponentPool.snapshot_of={pool.snapshot_of!r}: name "
+                                  f"trainable policies among {trainer.trainable}")
+            self.sources = sources
         self.records = {m: MemberRecord() for m in pool.members}
 
     @property
     def members(self) -> list[str]:
         """Drawable members, oldest first: the configured ones, then the live snapshots."""
         return ([] if self.pool is None else list(self.pool.members)) + self.snapshots
+
+    def members_for(self, trainer: Trainer, seat: str) -> list[str]:
+        """The members that may take ``seat``: the configured ones, and the snapshots of the
+        policy that plays ``seat`` (with separate parameters per seat, each seat's opponent is
+        a past version of that seat's own policy)."""
+        own = trainer.policy_of.get(seat)
+        return [m for m in self.members if m not in self.snapshots
+                or m.rsplit("@", 1)[0] == own]
 
     # ---- serving --------------------------------------------------------------------------
 
@@ -174,8 +183,9 @@ class League:
             if policy.endpoint is None and name not in trainer.gateway.policies:
                 model, tokenizer = policy.load()
                 await self._serve(trainer, name, policy, model, tokenizer)
-        if self.source is not None and not resumed:
-            await self.snapshot(trainer, self.source, 0)
+        if not resumed:
+            for source in self.sources:
+                await self.snapshot(trainer, source, 0)
 
     async def _serve(self, trainer: Trainer, name: str, policy: Any, model: Any,
                      tokenizer: Any) -> None:
@@ -207,8 +217,10 @@ class League:
         await self._serve(trainer, name, policy, model, tokenizer)
         self.snapshots.append(name)
         self.records.setdefault(name, MemberRecord())
-        while len(self.snapshots) > self.pool.max_snapshots:
-            await self._evict(trainer, self.snapshots.pop(0))
+        mine = [n for n in self.snapshots if n.rsplit("@", 1)[0] == source]
+        for old in mine[:max(0, len(mine) - self.pool.max_snapshots)]:
+            self.snapshots.remove(old)
+            await self._evict(trainer, old)
         return name
 
     async def _evict(self, trainer: Trainer, name: str) -> None:
@@ -227,7 +239,7 @@ class League:
 
     async def after_train(self, trainer: Trainer, policy: str, version: int) -> None:
         """Snapshot ``policy`` when it is the pool's source and ``version`` is due."""
-        if (self.pool is not None and policy == self.source
+        if (self.pool is not None and policy in self.sources
                 and version % self.pool.snapshot_every == 0):
             await self.snapshot(trainer, policy, version)
 
@@ -242,7 +254,7 @@ class League:
                 self._drawn.pop(next(iter(self._drawn)))
             key = f"{trainer.seed}/{seed}"
             seat = self.seats[int(unit_float(key + "/seat") * len(self.seats))]
-            members = self.members
+            members = self.members_for(trainer, seat)
             weights = member_weights([self.records[m] for m in members], self.pool.sampling,
                                      latest_share=self.pool.latest_share,
                                      pfsp_power=self.pool.pfsp_power)

@@ -40,8 +40,11 @@ class OpponentPool:
             agents whose policy is trainable (so one policy learns every seat).
         snapshot_every: take a snapshot of ``snapshot_of`` every k of its steps (versions), and
             one of its starting weights (version 0); 0 = no snapshots.
-        snapshot_of: the trainable policy to snapshot (default: the only trainable one).
-        max_snapshots: snapshots kept at most (each holds a full copy of the weights).
+        snapshot_of: the trainable policies to snapshot (default: those that play the seats
+            the opponent may take). In a seat, the opponent is drawn among the configured
+            members and the snapshots of the policy that plays that seat.
+        max_snapshots: snapshots kept at most per policy (each holds a full copy of the
+            weights).
         sampling: ``"uniform"``, ``"latest"`` (the newest member gets ``latest_share`` of the
             draws) or ``"pfsp"`` (weight ``p_loss ** pfsp_power + 0.05``, from the learner's
             online results against each member, decayed by ``decay`` per game).
@@ -62,7 +65,7 @@ class OpponentPool:
     members: list[str] = field(default_factory=list)
     seat: str = "any"
     snapshot_every: int = 0
-    snapshot_of: str | None = None
+    snapshot_of: str | list[str] | None = None
     max_snapshots: int = 8
     sampling: str = "uniform"
     latest_share: float = 0.5

@@ -115,3 +115,46 @@ async def test_resume_serves_the_pool_snapshots_again(tmp_path):
         assert "p@0" not in resumed.gateway.policies
     finally:
         await resumed.aclose()
+
+
+def test_pool_config_mirrors_the_opponent_pool_dataclass():
+    import dataclasses
+
+    from areal_agents.config import OpponentPoolConfig
+
+    pool = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                     else f.default) for f in dataclasses.fields(OpponentPool)}
+    pool["league_seeds"] = list(pool["league_seeds"])
+    config = {n: (f.default_factory() if f.default_factory is not None else f.default)
+              for n, f in OpponentPoolConfig.model_fields.items()}
+    assert config == pool
+
+
+def test_yaml_pool_train_then_eval_against_named_opponents_and_seats(tmp_path, capsys):
+    import yaml
+
+    from areal_agents.cli import main
+
+    config = {"env": "TicTacToe-v0", "env_kwargs": {"illegal": "reask"},
+              "policies": {"p": {"lr": 1e-3, "api": "completions", "sampling": ONE_TOKEN}},
+              "policy_map": {"x": "p", "o": "p"},
+              "opponents": {"members": ["heuristic", "random"], "snapshot_every": 1,
+                            "sampling": "latest"},
+              "trainer": {"batch_size": 2, "group_size": 2, "steps": 1, "eval_seeds": [1, 2]},
+              "logging": {"tensorboard": False, "progress": False}}
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    assert main(["train", str(path), f"run_dir={run_dir}"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--opponent", "heuristic", "--opponent", "p@1",
+                 "--seat", "o"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert sorted(metrics) == sorted(f"eval/x/vs/{opp}/{k}" for opp in ("heuristic", "p@1")
+                                     for k in ("win", "draw", "loss", "reward"))
+    assert main(["eval", str(run_dir), "--opponent", "pool"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {k.rsplit("/", 1)[0] for k in metrics} == {
+        f"eval/{s}/vs/{o}" for s in ("x", "o") for o in ("heuristic", "random")}
+    assert main(["eval", str(run_dir), "--seat", "o"]) == 2
+    assert "give --opponent NAME too" in capsys.readouterr().err
