@@ -86,7 +86,9 @@ def plot_figure(rows: list[dict[str, float]], title: str = "") -> Any:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the plot of ``run_dir``'s metrics to ``out`` (default ``run_dir/plot.png``).
+    """Write the plot of ``run_dir``'s metrics to ``out`` (default ``run_dir/plot.png``), and
+    with league results (``run_dir/league/``) their heatmap and Elo plot to ``league.png``
+    next to it (``areal_agents.league.plot``).
 
     Raises:
         FileNotFoundError: no metrics in ``run_dir``.
@@ -105,4 +107,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     png = Path(out) if out else Path(run_dir) / "plot.png"
     fig.savefig(png, dpi=100)
     plt.close(fig)
+    if (Path(run_dir) / "league").is_dir():  # a run with an opponent pool's league results
+        from areal_agents.league.plot import league_files, plot_league
+
+        if league_files(run_dir) or (Path(run_dir) / "league" / "final.json").exists():
+            plot_league(run_dir, png.with_name("league.png"))
     return png
