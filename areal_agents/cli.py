@@ -22,6 +22,7 @@ _COMMANDS: dict[str, str] = {
     "eval": "areal_agents.cli_train:add_eval_parser",
     "plot": "areal_agents.cli_train:add_plot_parser",
     "train-rm": "areal_agents.cli_train_rm:add_train_rm_parser",
+    "view": "areal_agents.cli_view:add_view_parser",
 }
 
 
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="areal-agents", description="Train and evaluate LLM agents with RL."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of a configuration error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, target in _COMMANDS.items():
         module_name, _, attr = target.partition(":")
@@ -43,19 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
+    """Run the CLI; returns the exit code.
+
+    A configuration mistake (``ConfigError``, an unknown env id, a missing file) prints
+    ``error: <message>`` on stderr and exits 2; with ``--debug`` (before or after the
+    subcommand) it raises, showing the full traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    from .errors import ConfigError
+    from .errors import ConfigError, RegistryError
 
     try:
         return int(func(args) or 0)
-    except ConfigError as exc:  # a user's config mistake: its message names the fix
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, RegistryError, FileNotFoundError) as exc:
+        if getattr(args, "debug", False):  # `--debug`: the whole traceback
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # a user's mistake: the message names the fix
         return 2
 
 

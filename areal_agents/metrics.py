@@ -1,4 +1,5 @@
-"""Metric loggers (JSONL, TensorBoard, W&B, null) and the live ``rich`` progress bar.
+"""Metric loggers (JSONL, TensorBoard, W&B, null), the live ``rich`` progress bar and the
+start-up phases printed before it (``Startup``).
 
 Every logger has ``log(step, metrics)`` and ``close()``; the trainer calls them
 unconditionally (use ``NullLogger`` to log nothing).
@@ -6,12 +7,13 @@ unconditionally (use ``NullLogger`` to log nothing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -181,34 +183,125 @@ def make_logger(run_dir: str | Path | None, *, tensorboard: bool = True,
     return MultiLogger(loggers)
 
 
+class Startup:
+    """Start-up phases on stderr: what is being built now, then how long it took.
+
+    ``with startup.phase("loading model s (tiny:xs)"): ...`` shows the phase (a spinner on a
+    terminal, a ``... `` line otherwise) and then ``✓ loading model s (tiny:xs)  1.2 s``.
+
+    Args:
+        enabled: False makes it a no-op (a null object: callers never branch on it).
+        console: where to write (default: a ``rich`` console on stderr).
+    """
+
+    def __init__(self, enabled: bool = True, console: Any = None) -> None:
+        self.enabled = enabled
+        self._console = console
+
+    @property
+    def console(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+        return self._console
+
+    @contextlib.contextmanager
+    def phase(self, what: str) -> Iterator[None]:
+        """Announce ``what``, run the block, print its wall time (nothing when disabled)."""
+        if not self.enabled:
+            yield
+            return
+        from rich.markup import escape
+
+        console, t0 = self.console, time.perf_counter()
+        if console.is_terminal:
+            with console.status(what):
+                yield
+        else:
+            console.print(f"{what} ...", markup=False, highlight=False)
+            yield
+        console.print(f"[green]✓[/green] {escape(what)}  [dim]{time.perf_counter() - t0:.1f} s",
+                      highlight=False)
+
+
+def headline_table(metrics: Mapping[str, float], *, eval_step: int | None = None) -> Any:
+    """The metrics under the progress bar: one row per split (``train``, ``eval``...), each
+    labelled, values ``agent/metric value``; rows wrap inside their column (80 columns fit).
+
+    Args:
+        metrics: headline keys ``<split>/<agent>/<metric>`` (e.g. ``train/speaker/success``).
+        eval_step: the step the ``eval`` values were measured at (shown after them).
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    rows: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        split, _, name = key.partition("/")
+        rows.setdefault(split, []).append(f"{name or split} {value:.3g}")
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for split, values in rows.items():
+        when = f"  (step {eval_step})" if split == "eval" and eval_step is not None else ""
+        table.add_row(Text(split), Text("  ".join(values) + when, style="dim" if when else ""))
+    return table
+
+
 class Progress:
-    """A ``rich`` progress bar over training steps showing headline metrics.
+    """A ``rich`` progress bar over training steps (on stderr) with the headline metrics under
+    it: train and eval values on separately labelled rows, the last eval kept with its step.
 
     Args:
         total: steps to run; ``headline``: metric keys shown (missing ones are skipped).
         enabled: False makes it a no-op (tests, non-interactive runs still print nothing).
+        start: the step the run starts from (a resumed run).
+        console: where to draw (default: a ``rich`` console on stderr).
     """
 
     def __init__(self, total: int, headline: Iterable[str], enabled: bool = True,
-                 start: int = 0) -> None:
+                 start: int = 0, console: Any = None) -> None:
         self.headline = list(headline)
         self.enabled = enabled
+        self.shown: dict[str, float] = {}  # headline values on display (eval: the last eval)
+        self.eval_step: int | None = None
         self._bar: Any = None
         if enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
-            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            owner = self
+
+            class _Bar(RichProgress):  # the bar, then the labelled metrics rows
+                def get_renderables(self) -> Iterator[Any]:
+                    yield self.make_tasks_table(self.tasks)
+                    if owner.shown:
+                        yield owner.renderable()
+
+            self._bar = _Bar(TextColumn("[bold]step"), BarColumn(bar_width=36),
+                             MofNCompleteColumn(), TimeElapsedColumn(),
+                             console=console or Console(stderr=True))
+            self._task = self._bar.add_task("train", total=total, completed=start)
             self._bar.start()
 
     def update(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Show step ``step``'s values; eval values stay until the next eval replaces them."""
         if self._bar is None:
             return
-        shown = [f"{k.split('/')[-2] + '/' if k.count('/') > 1 else ''}{k.split('/')[-1]}="
-                 f"{metrics[k]:.3g}" for k in self.headline if k in metrics]
-        self._bar.update(self._task, completed=step, info=" ".join(shown))
+        new = {k: float(metrics[k]) for k in self.headline if k in metrics}
+        if any(k.startswith("eval/") for k in new):
+            self.shown = {k: v for k, v in self.shown.items() if not k.startswith("eval/")}
+            self.eval_step = step
+        self.shown.update(new)
+        self._bar.update(self._task, completed=step)
+
+    def renderable(self) -> Any:
+        """The metrics rows as shown under the bar (``headline_table``), train rows first."""
+        ordered = dict(sorted(self.shown.items(), key=lambda kv: (kv[0].startswith("eval/"),
+                                                                  self.headline.index(kv[0]))))
+        return headline_table(ordered, eval_step=self.eval_step)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -22,7 +22,7 @@ from areal_agents.algorithms import check_group_size
 from areal_agents.engines.base import InferenceEngine
 from areal_agents.errors import ConfigError
 from areal_agents.league.pool import OpponentPool
-from areal_agents.metrics import Logger, Progress, make_logger
+from areal_agents.metrics import Logger, Progress, Startup, make_logger
 from areal_agents.rewards.hooks import GroupRewardFn, RewardHooks
 from areal_agents.rollout import RolloutController
 from areal_agents.samples import Sample, collate
@@ -44,6 +44,7 @@ from .llm_session import Seat, open_seat
 from .policy import Policy
 from .proximal import exact_behaviour, proximal_logprobs
 from .reference import ReferenceSpec, build_reference
+from .sample_log import SampleLog
 from .serving import build_engines
 from .stats import StepStats, resolve_algorithm
 from .warm_start import (
@@ -109,7 +110,11 @@ class Trainer:
         partial_groups: 0 (default) trains whole groups only; ``k >= 1`` trains a group with
             the >= k members already done when its stragglers would make it too stale (see
             ``RolloutController``): more throughput under a long tail, biased to shorter outputs.
-        logger, progress: metrics sink (default from ``run_dir``) and the rich progress bar.
+        logger, progress: metrics sink (default from ``run_dir``) and the rich progress bar
+            (with ``progress``, the start-up phases and their times go to stderr too).
+        record_samples: trained samples kept per policy per step in
+            ``run_dir/samples/step_<n>.jsonl`` for ``areal-agents view RUN_DIR`` (0 = off;
+            ``areal_agents.trainers.sample_log``).
         clock: ``"lockstep"`` (default): each global step trains every due policy together
             (``Policy.train_every``); ``"independent"``: each policy trains as soon as its own
             batch is ready and every policy step is a global step (``fit(steps)`` is then a
@@ -141,6 +146,7 @@ class Trainer:
                  run_dir: str | Path | None = None, resume: bool = False, seed: int = 0,
                  warm_start: dict[str, Any] | None = None, env_kwargs: dict[str, Any] | None = None,
                  torch_threads: int | None = 1, logger: Logger | None = None,
+                 record_samples: int = 2,
                  progress: bool = True, max_steps_per_episode: int | None = None,
                  generation_batch_size: int | None = None, clock: str = "lockstep",
                  keep_checkpoints: int | None = None, partial_groups: int = 0,
@@ -195,6 +201,8 @@ class Trainer:
         self.max_steps_per_episode = max_steps_per_episode
         self.logger = logger if logger is not None else make_logger(self.run_dir)
         self.show_progress = progress
+        self.startup = Startup(enabled=progress)  # start-up phases on stderr
+        self.sample_log = SampleLog(self.run_dir, record_samples)  # for `areal-agents view`
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.trained_seeds: list[list[int]] = []  # per step: task seeds of the groups trained
@@ -243,13 +251,16 @@ class Trainer:
         if self.warm_start and ckpt is None:
             start = int(self.warm_start.get("seed", 10_000_000))
             seeds = range(start, start + int(self.warm_start.get("episodes", 256)))
-            demos = await collect_demos(self.make_env, self.warm_start["players"], seeds,
-                                        min_episodes=self.warm_start.get("min_episodes"))
+            with self.startup.phase(f"collecting {len(seeds)} warm-start demo episodes"):
+                demos = await collect_demos(self.make_env, self.warm_start["players"], seeds,
+                                            min_episodes=self.warm_start.get("min_episodes"))
         for name in sorted(set(self.policy_of.values()) | self.rewards.policies):
             policy = self.policies[name]
             if policy.endpoint is not None:
                 continue
-            model, tokenizer = policy.load()
+            what = policy.model if isinstance(policy.model, str) else type(policy.model).__name__
+            with self.startup.phase(f"loading model {what} for policy {name}"):
+                model, tokenizer = policy.load()
             self.tokenizers[name] = tokenizer
             serving = None
             if policy.trainable:
@@ -257,12 +268,15 @@ class Trainer:
                 reference = (ReferenceSpec.of(name, policy, self.run_dir, ckpt is not None)
                              if getattr(self.algorithms[name], "needs_reference", False) else None)
                 if policy.train.distributed:  # the ranks warm start and hold the reference
-                    self.train_engines[name] = await self._worker_group(
-                        name, model, tokenizer, factory, demos, reference)
+                    with self.startup.phase(f"starting the training worker group of {name}"):
+                        self.train_engines[name] = await self._worker_group(
+                            name, model, tokenizer, factory, demos, reference)
                     serving = model
                 else:
                     if policy.sft_steps and demos is not None:
-                        await self._warm_start(name, model, tokenizer, factory, demos)
+                        with self.startup.phase(f"SFT warm start of {name} "
+                                                f"({policy.sft_steps} steps)"):
+                            await self._warm_start(name, model, tokenizer, factory, demos)
                     if reference is not None:
                         self.ref_engines[name] = build_reference(
                             name, policy, model, factory, self.run_dir, resumed=ckpt is not None)
@@ -271,14 +285,18 @@ class Trainer:
                     # copied before the engine is built: PEFT LoRA rewraps `model` in place,
                     # and the served copy must keep the plain HF names export_weights yields
                     serving = copy.deepcopy(model)
-                    self.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
-                                                       **policy.train_kwargs)
+                    with self.startup.phase(f"building the {policy.backend} train engine "
+                                            f"of {name}"):
+                        self.train_engines[name] = factory(model, lr=policy.lr,
+                                                           lora=policy.lora, **policy.train_kwargs)
             serving = (copy.deepcopy(model) if serving is None else serving).eval()
             if policy.trainable:
                 weights_dir = self.run_dir / "weights" / name if self.run_dir else None
                 self.weight_pushes[name] = WeightPush(policy.inference, weights_dir)
-            engines = await build_engines(name, policy.inference, serving, tokenizer,
-                                          self.run_dir, max_batch_size=self.generation_batch_size)
+            with self.startup.phase(f"building the inference engines of {name}"):
+                engines = await build_engines(name, policy.inference, serving, tokenizer,
+                                              self.run_dir,
+                                              max_batch_size=self.generation_batch_size)
             self.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
                                     stop_token_ids=eos_token_ids(serving, tokenizer))
         controls = {p: control_of(self.policies[p], batch_size=self.batch_size,
@@ -291,7 +309,8 @@ class Trainer:
                                             if self.rewards.group_reward_fns else None)
         await self.league.setup(self, resumed=ckpt is not None)  # pool members, snapshot 0
         if ckpt is not None:
-            await self.restore_checkpoint(ckpt)
+            with self.startup.phase(f"restoring checkpoint {ckpt}"):
+                await self.restore_checkpoint(ckpt)
 
     def _transcripts(self, name: str, demos: Demos) -> list[list[dict[str, Any]]]:
         return [t for a, p in self.policy_of.items() if p == name
@@ -359,6 +378,7 @@ class Trainer:
             await env.close()
         self._stats.add_episode(match.learner_stats(stats))
         self.rewards.record(seed, member, stats.episode)
+        self.sample_log.attach(by_policy, stats.episode.messages if stats.episode else {})
         return {p: s for p, s in by_policy.items() if p in self.trainable}
 
     def _filter(self, policy: str, samples: list[Sample]) -> tuple[list[Sample], dict[str, int]]:
@@ -393,6 +413,8 @@ class Trainer:
                 batch.values = critic.values(batch)
             # prepare after the log-probs: with kl_in_reward it reads batch.ref_logprobs
             prepared = algorithm.prepare(batch, samples)
+            self.sample_log.stage(name, samples, prepared.advantages,
+                                  self.controller.controls[name].version, self.tokenizers[name])
             stats = engine.train_step(prepared, algorithm.loss)
             if algorithm.needs_proximal:
                 stats["prox_recompute_skipped"] = float(skipped)
@@ -424,10 +446,14 @@ class Trainer:
         """Train until ``self.step == steps`` (global steps of ``clock``: ``trainers/clocks.py``);
         returns the logged metrics of each step."""
         await self.setup()
+        first: dict[str, float] = {}
         if self.eval_every and self.step == 0 and steps > 0:
             # the starting point (after any warm start), logged as step 0 before rollouts begin
-            self.logger.log(0, await self.evaluate())
+            with self.startup.phase(f"step-0 evaluation on {len(self.eval_seeds)} seeds"):
+                first = await self.evaluate()
+            self.logger.log(0, first)
         self._bar = Progress(steps, self._headline(), enabled=self.show_progress, start=self.step)
+        self._bar.update(self.step, first)
         runner = asyncio.create_task(self.controller.run())
         start, self._saved_at = self.step, None
         try:
@@ -467,6 +493,7 @@ class Trainer:
         if self.eval_every and self.step % self.eval_every == 0:
             metrics.update(await self.evaluate())
         self.logger.log(self.step, metrics)
+        self.sample_log.flush(step, results)  # the staged samples of the policies trained
         self.history.append({"step": self.step, **metrics})
         self._bar.update(self.step, metrics)
 
