@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -147,3 +148,63 @@ def test_table_and_errors():
         compare.build("nope")
     with pytest.raises(ValueError, match="at least one seed"):
         asyncio.run(arena.evaluate_vs(None, "p", "random", "x", []))
+
+
+# ---- train_pool.py: the OpponentPool run, at tiny size ----------------------------------------
+
+train_pool = load_example("tictactoe", "train_pool")
+
+
+def test_shaped_reward_and_wilson_interval():
+    from areal_agents.episode import Episode
+
+    fn = train_pool.shaped_reward(draw_bonus=0.5, illegal_penalty=1.0)
+
+    def episode(info):
+        return Episode(agents=["x", "o"], messages={}, rewards={}, returns={"x": 0.0, "o": 0.0},
+                       length=5, status="terminated", infos={"x": info, "o": info})
+
+    assert fn(episode({"winner": None, "board": "XOXXOOOXX"})) == {"x": 0.5, "o": 0.5}
+    assert fn(episode({"illegal": "cell 1 is taken", "loser": "o"})) == {"x": 0.0, "o": -1.0}
+    assert fn(episode({"winner": "x", "board": "XXX......"})) == {"x": 0.0, "o": 0.0}
+    low, high = train_pool.wilson(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert train_pool.wilson(200, 200)[1] == pytest.approx(1.0)
+
+
+def test_train_pool_runs_end_to_end_at_tiny_size(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train_pool.main(["--steps", "2", "--sft-steps", "2", "--batch-size", "2",
+                            "--group-size", "2", "--snapshot-every", "1", "--league-every", "2",
+                            "--league-games", "1", "--eval-games", "2",
+                            "--run-dir", str(run_dir)]) == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    for when in ("start", "final"):
+        counts = result[when]
+        assert sum(counts[s][o] for s in ("x", "o") for o in ("win", "draw", "loss")) == 4
+        low, high = counts["wilson95"]
+        assert low <= counts["win_draw"] <= high
+    final = json.loads((run_dir / "league" / "final.json").read_text())
+    assert final["players"] == ["p", "p@0", "p@1", "p@2", "heuristic", "random", "minimax"]
+    assert sorted(final["elo"]) == sorted(final["players"])
+    assert [p.name for p in sorted((run_dir / "league").glob("step_*.json"))] == [
+        "step_0.json", "step_2.json"]
+    assert (run_dir / "league.png").exists() and (run_dir / "plot.png").exists()
+    assert "start (after SFT):" in capsys.readouterr().out
+
+
+def test_pool_yaml_builds_the_same_pool_as_train_pool():
+    from pathlib import Path
+
+    from areal_agents.config import load_config
+
+    cfg = load_config(Path(train_pool.__file__).with_name("pool.yaml"), [])
+    trainer = cfg.build()
+    args = train_pool.argparse.Namespace(
+        model="tiny:xs", lr=2e-4, sft_steps=150, snapshot_every=10, max_snapshots=4,
+        league_every=40, league_games=8, batch_size=16, group_size=4, draw_bonus=0.5,
+        illegal_penalty=1.0, run_dir=str(Path(cfg.run_dir)))
+    script = train_pool.build(args)
+    assert trainer.league.pool == script.league.pool
+    assert trainer.policy_of == script.policy_of == {"x": "p", "o": "p"}
+    assert trainer.league.seats == ["x", "o"] and trainer.league.sources == ["p"]

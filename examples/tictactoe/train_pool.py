@@ -1,0 +1,166 @@
+"""TicTacToe against an opponent pool: snapshots of itself + scripted players, PFSP sampling.
+
+One policy ``p`` (``tiny:xs``, one raw-text token per move) plays both seats
+(``policy_map={"x": "p", "o": "p"}``); every training episode puts one pool member in the
+opponent's seat (``OpponentPool(seat="any")``, drawn per task seed): the scripted
+``heuristic`` and ``random`` players and snapshots of ``p`` taken every ``--snapshot-every``
+steps, drawn by PFSP (members ``p`` loses to more often are drawn more). Then:
+
+* before RL (after the SFT warm start on the heuristic's games) and after it, greedy games
+  against the heuristic in both seats on held-out seeds: win+draw rate with a 95% Wilson
+  interval;
+* a league (every player against every other, both seats) logged during training
+  (``league/<player>/elo``) and at the end: ``RUN_DIR/league/step_<n>.json`` and the heatmap
+  + Elo plot ``RUN_DIR/league.png`` (``areal-agents plot RUN_DIR``).
+
+Rewards: TicTacToe's (+1 win, 0 draw, -1 loss) plus ``--draw-bonus`` for a draw and minus
+``--illegal-penalty`` for a game lost by illegal moves (without it an illegal move costs
+no more than a lost game, and RL drifted into illegal moves).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python examples/tictactoe/train_pool.py --steps 80
+    areal-agents train examples/tictactoe/pool.yaml     # the same run from YAML (no report)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from areal_agents.episode import Episode
+from areal_agents.league import OpponentPool
+from areal_agents.trainers.policy import Policy
+from areal_agents.trainers.trainer import Trainer
+
+SEATS = ("x", "o")
+
+
+def shaped_reward(draw_bonus: float, illegal_penalty: float):
+    """``reward_fn(episode)``: ``+draw_bonus`` to both seats of a draw, ``-illegal_penalty`` to
+    the seat that lost by illegal moves (the env's info names the ``loser``)."""
+
+    def fn(episode: Episode) -> dict[str, float]:
+        out = dict.fromkeys(episode.returns, 0.0)
+        info = next(iter(episode.infos.values()), {})
+        if "illegal" in info and info.get("loser") in out:
+            out[info["loser"]] -= illegal_penalty
+        elif info.get("winner", "?") is None:  # a full board without a line
+            out = {a: draw_bonus for a in out}
+        return out
+
+    return fn
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate ``successes / n``.
+
+    Example:
+        >>> [round(v, 3) for v in wilson(50, 100)]
+        [0.404, 0.596]
+    """
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def build(args: argparse.Namespace) -> Trainer:
+    """The run's ``Trainer`` (not set up)."""
+    policy = Policy(model=args.model, seed=0, lr=args.lr, api="completions",
+                    sft_steps=args.sft_steps, sft_lr=3e-3,
+                    sampling={"temperature": 1.0, "max_tokens": 1})
+    pool = OpponentPool(members=["heuristic", "random"], seat="any",
+                        snapshot_every=args.snapshot_every, max_snapshots=args.max_snapshots,
+                        sampling="pfsp", league_every=args.league_every,
+                        league_seeds=range(4_000_000, 4_000_000 + args.league_games))
+    return Trainer(env="TicTacToe-v0", env_kwargs={"opening_moves": 2, "illegal": "reask"},
+                   policies={"p": policy}, policy_map={"x": "p", "o": "p"}, opponents=pool,
+                   algorithm="grpo", batch_size=args.batch_size, group_size=args.group_size,
+                   warm_start={"episodes": 128, "players": {"x": "tictactoe_heuristic",
+                                                            "o": "tictactoe_heuristic"}},
+                   reward_fns=[shaped_reward(args.draw_bonus, args.illegal_penalty)],
+                   eval_every=args.league_every, eval_seeds=range(1_000_000, 1_000_008),
+                   run_dir=args.run_dir, progress=False, seed=0)
+
+
+async def vs_heuristic(trainer: Trainer, games: int) -> dict[str, Any]:
+    """Greedy games against the heuristic, ``games`` per seat: win/draw/loss counts per seat
+    and the win+draw rate over both seats with its 95% Wilson interval."""
+    seeds = list(range(3_000_000, 3_000_000 + games))
+    rates = await trainer.evaluate(seeds, opponents=["heuristic"], seats=list(SEATS))
+    out: dict[str, Any] = {}
+    for learner in SEATS:
+        out[learner] = {o: round(rates[f"eval/{learner}/vs/heuristic/{o}"] * games)
+                        for o in ("win", "draw", "loss")}
+    ok = sum(out[s]["win"] + out[s]["draw"] for s in SEATS)
+    out["win_draw"] = ok / (2 * games)
+    out["wilson95"] = wilson(ok, 2 * games)
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    trainer = build(args)
+    try:
+        await trainer.setup()
+        t1 = time.perf_counter()
+        start = await vs_heuristic(trainer, args.eval_games)
+        print("start (after SFT):", json.dumps(start), flush=True)
+        t2 = time.perf_counter()
+        await trainer.afit(args.steps)
+        t3 = time.perf_counter()
+        final = await vs_heuristic(trainer, args.eval_games)
+        print(f"final (after {args.steps} steps):", json.dumps(final), flush=True)
+        league = await trainer.league.play_league(
+            trainer, [*trainer.league.league_players(trainer), "minimax"])
+        t4 = time.perf_counter()
+    finally:
+        await trainer.aclose()
+    out = Path(args.run_dir)
+    (out / "league" / "final.json").write_text(json.dumps(league, indent=1))
+    result = {"start": start, "final": final, "steps": args.steps, "elo": league["elo"],
+              "seconds": {"setup_sft": t1 - t0, "eval_start": t2 - t1, "train": t3 - t2,
+                          "eval_final_league": t4 - t3, "total": t4 - t0}}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--model", default="tiny:xs")
+    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--snapshot-every", type=int, default=10)
+    parser.add_argument("--max-snapshots", type=int, default=4)
+    parser.add_argument("--league-every", type=int, default=40)
+    parser.add_argument("--league-games", type=int, default=8, help="seeds per ordered pair")
+    parser.add_argument("--eval-games", type=int, default=100, help="per seat vs heuristic")
+    parser.add_argument("--draw-bonus", type=float, default=0.5)
+    parser.add_argument("--illegal-penalty", type=float, default=1.0)
+    parser.add_argument("--run-dir", default="runs/tictactoe_pool")
+    args = parser.parse_args(argv)
+    result = asyncio.run(run(args))
+    print(json.dumps({k: v for k, v in result.items() if k != "elo"}, indent=1))
+    print("elo:", {k: round(v) for k, v in result["elo"].items()})
+    try:
+        from areal_agents.plot import plot_run
+
+        print("plot:", plot_run(args.run_dir))
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        print(f"plot skipped: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
