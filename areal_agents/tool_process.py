@@ -9,7 +9,7 @@ in-memory side effects (appending to a list, a counter) do not reach the parent;
 sockets and other processes do. A tool that needs shared in-memory state should be an
 ``async`` function (cancelled on timeout) or run with ``sync_tools="thread"``; so should a
 tool that uses CUDA or OpenMP-threaded libraries, which may hang in a forked child (it is then
-killed at its timeout, never run).
+killed at its timeout).
 
 Example:
     >>> import asyncio
