@@ -12,7 +12,11 @@ in the episode) and Elo ratings: ``RUN_DIR/league/final.json`` and ``RUN_DIR/lea
 
 Usage::
 
-    OMP_NUM_THREADS=1 python examples/prisoners_dilemma/train_league.py --steps 20
+    OMP_NUM_THREADS=1 python examples/prisoners_dilemma/train_league.py --steps 40
+
+Each episode trains only the policy whose seat the pool does not take, so the two policies
+fill their batches at about half the episode rate; ``clock="independent"`` lets each train
+when its own batch is ready (under ``"lockstep"`` the run stalled at step 5 in our test).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def build(args: argparse.Namespace) -> Trainer:
                    algorithm="grpo", batch_size=args.batch_size, group_size=args.group_size,
                    warm_start={"episodes": 64, "players": {"player_0": "random",
                                                            "player_1": "random"}},
-                   run_dir=args.run_dir, progress=False, seed=0)
+                   clock=args.clock, run_dir=args.run_dir, progress=False, seed=0)
 
 
 def format_table(league: dict[str, Any]) -> str:
@@ -89,7 +93,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40,
+                        help="policy steps in all (clock='independent': each is a global step)")
+    parser.add_argument("--clock", default="independent",
+                        help="'independent': each policy trains when its own batch is ready (an "
+                        "episode trains only the seat the pool does not take)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sft-steps", type=int, default=20)
