@@ -1,7 +1,7 @@
 """A tour of areal_agents: env, checker, adapters, tiny model, engine, gateway, agent, trainer.
 
     python examples/tour.py              # the whole tour: 300 GRPO steps of two tiny LLMs (CPU)
-    python examples/tour.py --steps 2    # a quick look (tests/test_tour.py runs it smaller)
+    python examples/tour.py --steps 1 --batch-size 8    # a quick look (tests/test_tour.py)
 
 The README's "A tour" section is this file's body, verbatim (a test keeps them equal).
 """
