@@ -33,6 +33,7 @@ from areal_agents.rollout.groups import Group, Signal
 from areal_agents.rollout.staleness import StalenessControl
 from areal_agents.samples import Sample
 
+from .clocks import control_of
 from .trainer import Trainer
 
 __all__ = ["ExternalEpisodes", "ExternalTrainer"]
@@ -263,6 +264,9 @@ class ExternalTrainer(Trainer):
         if kwargs.get("resume"):
             raise ConfigError("resume is not supported with external episodes (sessions of "
                               "the killed run cannot be replayed); start a fresh run_dir")
+        if kwargs.get("clock", "lockstep") != "lockstep":
+            raise ConfigError("clock='independent' is not supported with external episodes; "
+                              "use clock='lockstep' (Policy.train_every still sets 1:k ratios)")
         super().__init__(**kwargs)
         self.admin_key, self.retry_after = admin_key, retry_after
 
@@ -273,8 +277,9 @@ class ExternalTrainer(Trainer):
         await super().setup()
         if self.admin_key:
             self.gateway.admin_key = self.admin_key
-        controls = {p: StalenessControl(self.batch_size, self.max_staleness, self.max_concurrent)
-                    for p in self.trainable}
+        controls = {p: control_of(self.policies[p], batch_size=self.batch_size,
+                                  max_staleness=self.max_staleness,
+                                  max_concurrent=self.max_concurrent) for p in self.trainable}
         self.controller = ExternalEpisodes(controls, group_size=self.group_size,
                                            filter_fn=self._filter, retry_after=self.retry_after)
         self.gateway.session_gate = self.controller.admit

@@ -38,8 +38,8 @@ from areal_agents.samples import Sample
 from .groups import Group, GroupRun, Signal
 from .staleness import Outcome, StalenessControl
 
-__all__ = ["AllFiltered", "ControllerState", "EpisodeFn", "FilterFn", "Group", "RolloutController",
-           "RolloutFailed"]
+__all__ = ["AllFiltered", "ControllerState", "Deadlocked", "EpisodeFn", "FilterFn", "Group",
+           "RolloutController", "RolloutFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ class ControllerState(TypedDict):
 
 class RolloutFailed(RuntimeError):
     """Every recent episode failed: training cannot make progress."""
+
+
+class Deadlocked(RolloutFailed):
+    """A policy waits for a batch that can never fill: nothing runs, nothing can be admitted
+    and nothing of it is buffered."""
 
 
 class AllFiltered(RolloutFailed):
@@ -362,8 +367,9 @@ class RolloutController:
 
         Raises:
             RolloutFailed: ``max_consecutive_failures`` episodes failed in a row.
+            Deadlocked: the batch can never fill (nothing of ``policy`` buffered or running,
+                nothing admissible, no other policy about to update).
         """
-
         self._wanting[policy] = num_episodes
         try:
             await self._changed.wait_for(lambda: self.ready(policy, num_episodes))
@@ -396,7 +402,22 @@ class RolloutController:
         if self.partial_groups:
             self._truncate_last_chance()
         have = self.buffered(policy)
-        return have >= num_episodes or (have > 0 and self._stalled(policy))
+        if have >= num_episodes:
+            return True
+        if not self._stalled(policy):
+            return False
+        if have > 0:
+            return True  # a partial batch: it cannot fill before a weight update
+        if any(self.buffered(p) for p in self._wanting if p != policy):
+            return False  # that policy takes its partial batch first, then updates
+        counts = {p: {k: getattr(c, k) for k in ("version", "accepted", "running")}
+                      | {"buffered": self.buffered(p)} for p, c in self.controls.items()}
+        raise Deadlocked(
+            f"policy {policy!r} waits for a batch but no episode can be admitted before a "
+            f"weight update and none of its episodes is buffered or running ({counts}); "
+            "another policy's staleness budget is full. Typical cause: a role that acts in "
+            "few episodes under clock='lockstep'; use clock='independent' or raise the "
+            "other policies' max_staleness")
 
     async def wait_ready(self, wants: dict[str, int]) -> list[str]:
         """Wait until ``take(p, wants[p])`` would return at once for at least one policy ``p``

@@ -200,3 +200,26 @@ def test_yaml_names_the_clock_the_ratio_and_per_policy_staleness(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.clock: Input should be 'lockstep' or "):
         parse_config({"env": "Signaling-v0", "policies": {"s": {}}, "policy_map": {"speaker": "s"},
                       "trainer": {"clock": "async"}})
+
+
+def test_external_episodes_refuse_independent_clocks():
+    from areal_agents.trainers.external import ExternalTrainer
+
+    with pytest.raises(ConfigError, match="clock='independent' is not supported with external"):
+        ExternalTrainer(env=lambda: RareRoleEnv(), policies={"c": Policy(), "r": Policy()},
+                        policy_map={"common": "c", "rare": "r"}, batch_size=2, group_size=2,
+                        clock="independent")
+
+
+async def test_a_rare_role_under_lockstep_stops_with_deadlocked_instead_of_hanging():
+    # "common" may buffer 2 batches ahead (max_staleness=1), but "rare"'s batch needs the
+    # episodes of 4: admission stops with "rare" holding nothing; the old rule waited forever
+    from areal_agents.rollout.controller import Deadlocked
+
+    trainer = make(lambda: RareRoleEnv(ratio=4), clock="lockstep", staleness=1)
+    try:
+        with pytest.raises(Deadlocked, match=r"policy 'rare' waits for a batch but no episode "
+                           r"can be admitted .* use clock='independent'"):
+            await asyncio.wait_for(trainer.afit(10), 300)  # a hang guard, not a threshold
+    finally:
+        await trainer.aclose()
