@@ -193,6 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                              "nll_last": losses[-1],
                                              "seconds": time.perf_counter() - t0},
                                "judge": await judge_accuracy(model, tokenizer, held_out)}
+    print(f"judge accuracy: {summary['judge']}", flush=True)
     if args.judge_only:
         return _write(summary, args, run_dir, t0)
     summary["judge_reward"] = await rl_run("judge", (model, tokenizer), args, run_dir)
