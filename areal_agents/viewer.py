@@ -31,11 +31,12 @@ background:linear-gradient(to right,hsl(120,70%,78%),hsl(60,70%,78%),hsl(0,70%,7
 .step>summary{font-weight:600;cursor:pointer;margin:8px 0}
 .sample{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px 12px;margin:8px 0}
 .meta{color:#444;font-size:13px;margin-bottom:6px}.meta b{color:#000}
-.msg{margin:2px 0;font-size:13px}.role{font-weight:600;display:inline-block;min-width:70px}
-.msg pre{display:inline;white-space:pre-wrap;font:inherit}
+.msg{margin:2px 0;font-size:13px;display:flex;gap:8px}.role{font-weight:600;min-width:70px}
+.msg pre{margin:0;white-space:pre-wrap;font:inherit}
 .tokens{font:13px/1.9 ui-monospace,monospace;white-space:pre-wrap;word-break:break-all;
 margin-top:6px;border-top:1px dashed #ddd;padding-top:6px}
-.t{border-radius:2px;padding:0 1px;box-shadow:inset -1px 0 0 rgba(255,255,255,.9)}.m{background:#e4e4e4;color:#888}
+.t{border-radius:2px;padding:0 1px;box-shadow:inset -1px 0 0 rgba(255,255,255,.9)}
+.m{background:#e4e4e4;color:#888;box-shadow:none;padding:0;border-radius:0}
 .s{font-size:9px;color:#b00;font-weight:700}.hide-stale .s{display:none}
 .pos{color:#070}.neg{color:#a00}
 """
