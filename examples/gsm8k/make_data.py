@@ -1,11 +1,12 @@
 """Write ``examples/gsm8k/data/arithmetic.jsonl``: one-digit ``a + b`` / ``a - b`` questions in
 the GSM8K row format (``question``; ``answer`` = worked solution + ``#### <number>``).
 
-Every pair ``a, b`` in 0..9 with each operation, each in four phrasings (``PHRASINGS``): 800
-rows. The recipe holds 64 rows out (``env_kwargs.eval_size``): evaluation asks questions never
-trained on, whose sum or difference the model has mostly seen in another phrasing (a 0.5M
-parameter model does not learn the addition table from 160 facts, but it does learn to read
-a question it has not seen). Run from the repository root; the output is deterministic::
+Every pair ``a, b`` in 0..9 with each operation (200 facts), each in four phrasings
+(``PHRASINGS``): 800 rows. The recipe holds 64 rows out (``env_kwargs.eval_size``): evaluation
+asks questions never trained on, whose sum or difference the model has mostly seen in another
+phrasing (a 0.5M-parameter model does not learn the addition table from the facts it is
+shown, but it does learn to read a question it has not seen). Run from the repository root;
+the output is deterministic::
 
     python examples/gsm8k/make_data.py
 """
@@ -17,13 +18,14 @@ from pathlib import Path
 
 OUT = Path(__file__).parent / "data" / "arithmetic.jsonl"
 PHRASINGS = ("What is {}?", "Compute {}.", "{} = ?", "Find the value of {}.")
+OPERANDS = range(10)
 
 
 def rows() -> list[dict[str, str]]:
     """The 800 rows: for each ``(a, b)``, ``a + b`` then ``a - b``, each in every phrasing."""
     out = []
-    for a in range(10):
-        for b in range(10):
+    for a in OPERANDS:
+        for b in OPERANDS:
             for op, value in (("+", a + b), ("-", a - b)):
                 for phrasing in PHRASINGS:
                     out.append({"question": phrasing.format(f"{a} {op} {b}"),
