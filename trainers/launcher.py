@@ -11,7 +11,10 @@ a timeout), never in a hang. ``trainers/worker_group.WorkerGroupEngine`` builds 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) ``launch`` runs ``fn`` in the current process
 instead (initialising the process group if needed) and returns ``[result]``.
 
-``fn``, the engine factory and every argument must be picklable (module-level functions).
+``fn``, the engine factory and every argument are serialised with cloudpickle: functions
+defined in a notebook cell, in ``__main__`` or inside another function (closures) work, as do
+module-level ones. Workers watch their parent: when it dies (a notebook kernel restarted, a
+controller killed with SIGKILL) they exit within about a second instead of lingering.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import contextlib
 import os
 import pickle
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
+import cloudpickle
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -54,8 +59,22 @@ def _init(rank: int, world_size: int, port: int, threads: int, device: str | Non
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
 
 
-def _run(rank: int, world_size: int, port: int, threads: int, queue: Any, fn: Callable, args: tuple) -> None:
+def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Exit this worker once ``parent_pid`` is no longer its parent (the parent died and the
+    worker was re-parented), from a daemon thread: no orphaned ranks after a kernel restart."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)  # the main thread may be blocked in a collective: end the process now
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _run(rank: int, world_size: int, port: int, threads: int, queue: Any, payload: bytes,
+         parent_pid: int) -> None:
     try:
+        _watch_parent(parent_pid)
+        fn, args = pickle.loads(payload)
         _init(rank, world_size, port, threads)
         queue.put(_dumps((rank, True, fn(*args))))
     except BaseException:
@@ -67,9 +86,9 @@ def _run(rank: int, world_size: int, port: int, threads: int, queue: Any, fn: Ca
 
 
 def _dumps(value: Any) -> bytes:
-    # plain pickle copies tensor data; torch.multiprocessing's shared-memory handles would
-    # dangle once the worker exits
-    return pickle.dumps(value)
+    # cloudpickle (by value for __main__ and local functions) copies tensor data like plain
+    # pickle; torch.multiprocessing's shared-memory handles would dangle once the worker exits
+    return cloudpickle.dumps(value)
 
 
 def _send(conn: Any, value: Any) -> None:
@@ -98,8 +117,10 @@ def launch(num_processes: int, fn: Callable[..., Any], *args: Any, threads: int 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
+    payload = _dumps((fn, args))
     procs = [
-        ctx.Process(target=_run, args=(r, num_processes, port, threads, queue, fn, args), daemon=True)
+        ctx.Process(target=_run, daemon=True,
+                    args=(r, num_processes, port, threads, queue, payload, os.getpid()))
         for r in range(num_processes)
     ]
     for p in procs:
@@ -135,12 +156,14 @@ def _get(queue: Any, procs: list, timeout: float) -> Any:
 
 
 def _serve(rank: int, world_size: int, port: int, threads: int, device: str | None, conn: Any,
-           factory: Callable, args: tuple, kwargs: dict) -> None:
+           payload: bytes, parent_pid: int) -> None:
     """A worker: build the engine, then answer ``(method, args, kwargs, stream)`` messages
     until ``None``. Replies are ``(ok, value)``; a streamed call sends ``(True, (True, item))``
     per item (rank 0 only; other ranks drain the generator, whose steps are collectives) and
     ``(True, (False, None))`` at its end."""
     try:
+        _watch_parent(parent_pid)
+        factory, args, kwargs = pickle.loads(payload)
         _init(rank, world_size, port, threads, device)
         engine = factory(*args, **kwargs)
         _send(conn, (True, None))
@@ -184,7 +207,8 @@ class DistributedEngineGroup:
 
     Args:
         num_processes: ranks (worker processes).
-        factory: ``factory(*args, **kwargs)`` builds the engine on each rank (picklable).
+        factory: ``factory(*args, **kwargs)`` builds the engine on each rank (serialised with
+            cloudpickle: a function defined in a notebook cell works).
         threads: torch (OMP) threads per rank.
         device: ``"cuda"`` (NCCL, one GPU per rank), ``"cpu"`` (gloo) or ``None`` (cuda when
             available).
@@ -206,10 +230,11 @@ class DistributedEngineGroup:
         self._conns, self._procs = [], []
         self._stopped: str | None = None
         self._dead: set[int] = set()
+        payload = _dumps((factory, args, kwargs))
         for r in range(num_processes):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_serve, daemon=True, args=(
-                r, num_processes, port, threads, device, child, factory, args, kwargs))
+                r, num_processes, port, threads, device, child, payload, os.getpid()))
             p.start()
             child.close()  # the parent keeps only its end: a dead worker then reads as EOF
             self._conns.append(parent)
