@@ -7,6 +7,12 @@ face the same seat, opponent and opening. The opponent's moves are made inside t
 
 ``evaluate_vs`` plays a trained policy greedily (through the trainer's gateway) against one
 scripted opponent in one seat on held-out seeds and counts wins, draws and losses.
+
+The Trainer now has both built in: ``Trainer(opponents=OpponentPool(...))`` draws the opponent
+per task seed in the multi-agent env itself (``train_pool.py``), and
+``trainer.evaluate(seeds, opponents=[...], seats=[...])`` plays greedy games against named
+opponents. ``compare.py`` keeps this arena so that its measured table below stays reproducible
+(it also counts losses by illegal moves, which ``evaluate`` does not).
 """
 
 from __future__ import annotations
