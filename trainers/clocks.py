@@ -129,17 +129,18 @@ async def run_independent(
                 waiter = asyncio.create_task(wait_ready(idle))
             waits: set[asyncio.Task] = {*running, *([waiter] if waiter else [])}
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done - {waiter}, key=lambda t: running[t]):
-                name = running.pop(task)
-                step += 1
-                await on_step(step, {name: task.result()})
-            if waiter is not None:
+            finished = sorted(done - {waiter}, key=lambda t: running[t])
+            if waiter is not None:  # start the ready steps first: logging may take a while
                 ready = waiter.result() if waiter in done else await _cancel(waiter)
                 waiter = None
                 for name in ready:
                     if claimed < limit:
                         claimed += 1
                         running[asyncio.create_task(train(name))] = name
+            for task in finished:
+                name = running.pop(task)
+                step += 1
+                await on_step(step, {name: task.result()})
     finally:
         for task in [*running, *([waiter] if waiter else [])]:
             task.cancel()
