@@ -32,6 +32,8 @@ class Episode:
         messages: ``{agent_id: transcript}``: each agent's observations (as messages) and its
             actions (as assistant messages), in order.
         rewards: ``{agent_id: [reward of each step that rewarded it]}``.
+        reward_actions: ``{agent_id: [for each of those rewards, the index of the agent's
+            latest action applied by then (-1 before its first)]}``: the action it rewards.
         returns: ``{agent_id: sum of its rewards}``.
         length: number of env steps.
         status: ``"terminated"``, ``"truncated"`` (time limit or ``max_steps``) or ``"failed"``.
@@ -53,6 +55,7 @@ class Episode:
     seed: int | None = None
     infos: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     samples: dict[str, list[Sample]] = dataclasses.field(default_factory=dict)
+    reward_actions: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def total_return(self) -> float:
@@ -107,6 +110,8 @@ class _Run:
     def __init__(self, ids: list[str]) -> None:
         self.messages: dict[str, list[Message]] = {a: [] for a in ids}
         self.rewards: dict[str, list[float]] = {a: [] for a in ids}
+        self.reward_actions: dict[str, list[int]] = {a: [] for a in ids}
+        self.num_actions: dict[str, int] = {}
         self.infos: dict[str, dict[str, Any]] = {}
         self.length = 0
         self.truncated = False
@@ -121,8 +126,10 @@ class _Run:
         self.length += 1
         for agent, action in actions.items():
             self.messages.setdefault(agent, []).append(action_message(action))
+            self.num_actions[agent] = self.num_actions.get(agent, 0) + 1
         for agent, r in rewards.items():
             self.rewards.setdefault(agent, []).append(float(r))
+            self.reward_actions.setdefault(agent, []).append(self.num_actions.get(agent, 0) - 1)
         for agent, info in infos.items():
             self.infos[agent] = dict(info)
 
@@ -305,4 +312,5 @@ async def run_episode(
         seed=seed,
         infos=run.infos,
         samples=samples,
+        reward_actions=run.reward_actions,
     )

@@ -83,6 +83,10 @@ class Sample:
         sampling: the parameters the generated tokens were sampled with (they define
             ``logprobs``); None when not recorded (demonstrations, hand-built samples):
             ``collate`` then uses its ``temperature`` argument.
+        token_rewards: per-turn (process) rewards as ``{position: reward}``, each on a
+            generated token (a turn's last one); PPO's GAE uses them instead of ``reward`` on
+            the last generated token. ``reward`` stays the scalar for group-relative
+            algorithms. None: no per-turn rewards.
     """
 
     token_ids: list[int]
@@ -95,6 +99,7 @@ class Sample:
     group: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     sampling: SamplingDistribution | None = None
+    token_rewards: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -103,6 +108,13 @@ class Sample:
                 raise ValueError(
                     f"Sample.{name} has {len(getattr(self, name))} entries but token_ids has {n}; "
                     "every per-token array must align with token_ids"
+                )
+        for pos in self.token_rewards or {}:
+            if not (0 <= pos < n and self.loss_mask[pos]):
+                raise ValueError(
+                    f"Sample.token_rewards has a reward at position {pos}, which is not a "
+                    f"generated token (the sample has {n} tokens); put each turn's reward on "
+                    "that turn's last generated token"
                 )
 
     @property
@@ -141,6 +153,7 @@ class TokenBatch:
     ref_logprobs: torch.Tensor | None = None  # [B, T]: reference policy
     values: torch.Tensor | None = None  # [B, T]: critic values (PPO/GAE)
     returns: torch.Tensor | None = None  # [B, T]
+    token_rewards: torch.Tensor | None = None  # [B, T]: per-turn rewards (Sample.token_rewards)
     loss_weights: torch.Tensor | None = None  # [B, T]
     stat_weights: torch.Tensor | None = None  # [B, T]: loss_mask / generated tokens of the batch
     temperature: torch.Tensor | None = None  # [B] float: each row's sampling temperature
@@ -185,7 +198,9 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0,
 
     Each row's ``temperature``/``top_k``/``top_p`` come from its sample's ``sampling``. Samples
     without recorded params (``sampling is None``) use ``temperature`` (default 1.0) and no
-    top-k/top-p.
+    top-k/top-p. When any sample has ``token_rewards``, ``token_rewards`` is ``[B, T]``: those
+    rewards at their positions, and for rows without them ``reward`` on the last generated
+    token; otherwise it is None.
 
     Args:
         samples: the sequences, in row order.
@@ -224,7 +239,22 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0,
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
     return TokenBatch(
         input_ids, attention, loss_mask, logprobs, versions, rewards,
+        token_rewards=_token_rewards(samples, width),
         temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
         top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
         top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
     )
+
+
+def _token_rewards(samples: Sequence[Sample], width: int) -> torch.Tensor | None:
+    """``[B, width]`` per-token rewards, or None when no sample has ``token_rewards``."""
+    if all(s.token_rewards is None for s in samples):
+        return None
+    out = torch.zeros((len(samples), width))
+    for i, s in enumerate(samples):
+        if s.token_rewards is not None:
+            for pos, r in s.token_rewards.items():
+                out[i, pos] += r
+        elif s.num_generated:
+            out[i, max(t for t, m in enumerate(s.loss_mask) if m)] = s.reward
+    return out

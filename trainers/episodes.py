@@ -2,7 +2,8 @@
 
 The sample path: each LLM agent acts on its own recorded gateway session (a ``Seat``); when
 the episode is over ``play`` takes every session's samples from the gateway, with the agent,
-policy, group and reward set once. Agents only act.
+policy, group and reward set once, and each env step's reward on the turn (LLM call) that
+produced the action it rewards (``assign_turn_rewards``). Agents only act.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import inspect
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from areal_agents.agent import Agent
 from areal_agents.episode import Episode, run_episode
@@ -19,11 +20,72 @@ from areal_agents.samples import Sample
 
 from .llm_session import Seat
 
+if TYPE_CHECKING:
+    from areal_agents.gateway.sessions import Session
+
 RewardFn = Callable[[Episode], "float | dict[str, float] | Awaitable[float | dict[str, float]]"]
 """``reward_fn(episode) -> float (added to every agent) | {agent_id: float}``, sync or async."""
 
 SeatFactory = Callable[[str, str, bool], Awaitable[Seat]]
 """``open_seat(agent_id, policy_name, greedy) -> Seat`` (an LLM agent on its own session)."""
+
+
+class _TurnTracker(Agent):
+    """``agent`` as is, noting after each action the index of ``session``'s latest turn: the
+    LLM call that produced the action (tool rounds before it are earlier turns)."""
+
+    def __init__(self, agent: Agent, session: Session) -> None:
+        self.agent, self.session = agent, session
+        self.action_turns: list[int] = []
+
+    async def act(self, observation: Any) -> Any:
+        action = await self.agent.act(observation)
+        self.action_turns.append(len(self.session.turns) - 1)
+        return action
+
+    def reset(self) -> None:
+        self.agent.reset()
+        self.action_turns = []
+
+    async def end_episode(self, episode_return: float) -> list[Sample]:
+        return await self.agent.end_episode(episode_return)
+
+
+def assign_turn_rewards(samples: list[Sample], turn_ends: list[int], action_turns: list[int],
+                        rewards: list[float], reward_actions: list[int], extra: float) -> None:
+    """Set ``token_rewards`` of one session's ``samples``: each step reward on its turn.
+
+    Reward ``rewards[i]`` rewards action ``reward_actions[i]`` (-1: before the first action,
+    counted for the first), produced by turn ``action_turns[k]``; it lands on that turn's last
+    generated token, at position ``turn_ends[t] - 1`` of the sample holding turn ``t``
+    (``meta["turns"]``; a turn ends where its prompt + completion end). ``extra`` (reward
+    functions' share, rewards of no known turn) and, for a sample followed by split-off ones
+    of the same session, the later samples' rewards land on each sample's last generated
+    token. So a lone sample's ``token_rewards`` sum to the agent's return (its ``reward``),
+    and every sample's to the return from its first turn on.
+    """
+    per_turn: dict[int, float] = {}
+    for r, k in zip(rewards, reward_actions, strict=True):
+        k = max(k, 0)
+        t = action_turns[k] if k < len(action_turns) else -1
+        if t < 0:
+            extra += r
+        else:
+            per_turn[t] = per_turn.get(t, 0.0) + r
+    later = extra
+    for s in reversed(samples):
+        masked = [p for p, m in enumerate(s.loss_mask) if m]
+        if not masked:
+            continue
+        out: dict[int, float] = {}
+        for t in s.meta.get("turns", []):
+            if t in per_turn:
+                pos = max((p for p in masked if p < turn_ends[t]), default=masked[0])
+                out[pos] = out.get(pos, 0.0) + per_turn[t]
+        own = sum(out.values())
+        out[masked[-1]] = out.get(masked[-1], 0.0) + later
+        later += own
+        s.token_rewards = out
 
 
 class EpisodeFailed(RuntimeError):
@@ -96,7 +158,9 @@ async def play(
     Agents in ``fixed_agents`` (scripted, random...) are used as given; every other agent id
     acts on a fresh seat from ``open_seat`` for its policy. After the episode each seat's
     session becomes samples (``Seat.take_samples``) whose ``reward`` is the agent's env return
-    plus the reward functions', ``group`` the seed and ``agent``/``policy`` who produced them.
+    plus the reward functions', ``group`` the seed and ``agent``/``policy`` who produced them,
+    and whose ``token_rewards`` put each env step's reward on the turn that produced the
+    action it rewards (``assign_turn_rewards``; PPO's GAE reads them).
     Every seat's session is closed, whatever happens (failure, cancellation).
 
     Raises:
@@ -105,11 +169,15 @@ async def play(
     """
     agents: dict[str, Agent] = dict(fixed_agents)
     seats: dict[str, Seat] = {}
+    trackers: dict[str, _TurnTracker] = {}
     try:
         for agent_id, policy in policy_of.items():
             if agent_id not in fixed_agents:
-                seats[agent_id] = await open_seat(agent_id, policy, greedy)
-                agents[agent_id] = seats[agent_id].agent
+                seat = seats[agent_id] = await open_seat(agent_id, policy, greedy)
+                agents[agent_id] = seat.agent
+                if seat.gateway is not None and seat.key is not None:
+                    agents[agent_id] = trackers[agent_id] = _TurnTracker(
+                        seat.agent, seat.gateway.session(seat.key))
         episode = await run_episode(env, agents, seed=seed, max_steps=max_steps)
         if episode.status == "failed":
             raise EpisodeFailed(f"episode seed={seed} failed: {episode.error}")
@@ -120,6 +188,15 @@ async def play(
                                 f"{type(e).__name__}: {e}") from e
         samples = {a: seat.take_samples(reward=rewards.get(a, 0.0), group=str(seed))
                    for a, seat in seats.items()}
+        for a, tracker in trackers.items():
+            if len(episode.rewards.get(a, [])) != len(episode.reward_actions.get(a, [])):
+                continue  # an Episode built without reward_actions: rewards stay terminal
+            assign_turn_rewards(
+                samples[a], [len(t.prompt_ids) + len(t.completion_ids)
+                             for t in tracker.session.turns],
+                tracker.action_turns, episode.rewards.get(a, []),
+                episode.reward_actions.get(a, []),
+                rewards.get(a, 0.0) - episode.returns.get(a, 0.0))
     finally:
         for seat in seats.values():
             seat.close()

@@ -86,7 +86,10 @@ class PPO(PolicyGradient):
     ``prepare`` reads critic values from ``batch.values`` (``[B, T]``, the critic's estimate
     before each token; zeros if unset, i.e. discounted returns) and sets ``advantages`` and
     ``returns``. ``value_loss`` is separate from ``loss`` because ``LossFn`` carries no values.
-    With ``kl_in_reward`` the token rewards carry ``-kl_coef * KL`` (as verl's PPO).
+    With ``kl_in_reward`` the token rewards carry ``-kl_coef * KL`` (as verl's PPO). Samples
+    with per-turn rewards (``Sample.token_rewards``, collated into ``batch.token_rewards``)
+    give GAE each turn's reward at that turn's last generated token; others their scalar
+    reward at their last generated token.
 
     Attributes:
         gamma, gae_lambda: GAE discount and λ. adv_norm: whiten advantages over the batch.
@@ -104,10 +107,13 @@ class PPO(PolicyGradient):
 
     def _token_advantages(
         self, rewards: torch.Tensor, values: torch.Tensor | None, loss_mask: torch.Tensor,
-        penalty: torch.Tensor | None = None,
+        penalty: torch.Tensor | None = None, turn_rewards: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         v = torch.zeros(loss_mask.shape, device=loss_mask.device) if values is None else values
-        token_rewards = adv_fns.terminal_rewards(rewards.to(v), loss_mask)
+        if turn_rewards is None:
+            token_rewards = adv_fns.terminal_rewards(rewards.to(v), loss_mask)
+        else:  # ``rewards`` is then what shaping adds to each sample's reward
+            token_rewards = turn_rewards.to(v) + adv_fns.terminal_rewards(rewards.to(v), loss_mask)
         if penalty is not None:
             token_rewards = token_rewards - penalty.to(token_rewards)
         adv, ret = adv_fns.gae(
@@ -131,18 +137,27 @@ class PPO(PolicyGradient):
             v = torch.zeros(batch.loss_mask.shape)
             for i, row in enumerate(values):
                 v[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-        r = torch.tensor(self.rewards(samples))
-        adv, _ = self._token_advantages(r, v, batch.loss_mask)
+        r, turn_rewards = self._rewards(batch, samples)
+        adv, _ = self._token_advantages(r, v, batch.loss_mask, turn_rewards=turn_rewards)
         return [adv[i, : len(s)].tolist() for i, s in enumerate(samples)]
+
+    def _rewards(self, batch: TokenBatch, samples: Sequence[Sample],
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(rewards, None)``, or with per-turn rewards ``(shaped - raw rewards, [B, T])``."""
+        r = torch.tensor(self.rewards(samples))
+        if batch.token_rewards is None:
+            return r, None
+        return r - torch.tensor([float(s.reward) for s in samples]), batch.token_rewards
 
     def prepare(self, batch: TokenBatch, samples: Sequence[Sample]) -> TokenBatch:
         """Sets ``advantages``, ``returns``, ``loss_weights`` and ``stat_weights`` (all
         ``[B, T]``); see ``PolicyGradient.prepare`` for ``kl_in_reward``'s inputs."""
         _check_rows(batch, samples)
-        r = torch.tensor(self.rewards(samples))
+        r, turn_rewards = self._rewards(batch, samples)
         kl = self._reward_kl(batch)
         adv, ret = self._token_advantages(
-            r, batch.values, batch.loss_mask, None if kl is None else self.kl_coef * kl
+            r, batch.values, batch.loss_mask, None if kl is None else self.kl_coef * kl,
+            turn_rewards,
         )
         return replace(
             batch, advantages=adv.float(), returns=ret.float(),
