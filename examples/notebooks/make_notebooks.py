@@ -1,0 +1,167 @@
+"""Write the example notebooks from the cell sources below (``python make_notebooks.py``).
+
+The notebooks are committed unexecuted; ``tests/test_notebooks.py`` runs each top to bottom.
+Edit the cells here and regenerate, so the ``.ipynb`` files never drift from reviewed code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+
+
+class Md(str):
+    """A Markdown cell's source (plain strings are code cells)."""
+
+CUSTOM_ENV = [
+    Md("# Write and check a custom env\n\nAn env is async and Gymnasium-shaped: observations are "
+    "new chat messages, actions are assistant messages (or strings). `aa.check_env` runs the "
+    "env contract (seeding, types, misuse errors, cancellation, pickling) and renders its "
+    "report as a table."),
+    '''import areal_agents as aa
+
+
+class Echo(aa.AgentEnv):
+    """Repeat a random word back (one step)."""
+
+    WORDS = ("apple", "river", "stone")
+
+    async def reset(self, *, seed=None, options=None):
+        await super().reset(seed=seed)
+        self.word = self.WORDS[int(self.np_random.integers(len(self.WORDS)))]
+        return [aa.user(f"Say '{self.word}'.")], {"word": self.word}
+
+    async def step(self, action):
+        text = aa.parse_action(action)["content"] or ""
+        correct = text.strip() == self.word
+        return [aa.user("Correct." if correct else "Wrong.")], float(correct), True, False, {}
+
+    def sample_action(self, agent=None) -> str:
+        return "apple"''',
+    '''report = await aa.check_env(Echo())
+assert report.ok, report
+report''',
+    Md("Play one episode by hand: the observation names the word, the reward says if we said it."),
+    '''env = Echo()
+obs, info = await env.reset(seed=3)
+_, reward, terminated, truncated, _ = await env.step(info["word"])
+print(obs[0]["content"], "->", reward, terminated)
+assert reward == 1.0 and terminated''',
+]
+
+SIGNALING = [
+    Md("# Train two LLMs on Signaling and plot\n\nA speaker (sees the target item, sends one "
+    "symbol) and a listener (sees the symbol, picks the item) are two separately "
+    "parameterised tiny LLMs trained by GRPO. This runs a few steps only (the full run is "
+    "`areal-agents train examples/signaling/two_llms.yaml`)."),
+    '''import tempfile
+
+import areal_agents as aa
+
+run_dir = tempfile.mkdtemp(prefix="signaling_nb_")
+trainer = aa.Trainer(
+    env="Signaling-v0", env_kwargs={"num_items": 4, "vocab_size": 10},
+    policies={"speaker": aa.Policy(model="tiny:xs", seed=0, lr=1e-3),
+              "listener": aa.Policy(model="tiny:xs", seed=1, lr=1e-3)},
+    policy_map={"speaker": "speaker", "listener": "listener"},
+    algorithm=aa.GRPO(clip_eps=0.2, kl_coef=0.05),
+    batch_size=8, group_size=4, max_staleness=0, run_dir=run_dir)
+try:
+    history = await trainer.afit(3)
+finally:
+    await trainer.aclose()
+[round(row["train/speaker/success"], 3) for row in history]''',
+    '''from areal_agents.plot import plot_figure, read_metrics
+
+rows = read_metrics(run_dir)
+assert len(rows) >= 3
+figure = plot_figure(rows, title="Signaling, two tiny LLMs")''',
+]
+
+DISTRIBUTED = [
+    Md("# Distributed debugging in Jupyter\n\nStart a 2-process gloo worker group from a cell. "
+    "The engine class and the functions below are defined **in this notebook**: the launcher "
+    "serialises them by value (cloudpickle). Step the group, look at each rank's tensors, "
+    "stop it with `close()`. If the kernel is restarted instead, the ranks notice their "
+    "parent is gone and exit (no orphans)."),
+    '''import torch
+import torch.distributed as dist
+
+from areal_agents.trainers.launcher import DistributedEngineGroup
+
+
+class TinyDataParallel:
+    """A linear model per rank; ``step`` averages gradients over ranks (data parallel)."""
+
+    def __init__(self, seed: int):
+        torch.manual_seed(seed)                       # same initial weights on every rank
+        self.model = torch.nn.Linear(4, 1)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+
+    def step(self, x, y):
+        loss = torch.nn.functional.mse_loss(self.model(x), y)
+        self.opt.zero_grad()
+        loss.backward()
+        for p in self.model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+        self.opt.step()
+        return {"rank": dist.get_rank(), "loss": loss.item()}
+
+    def weights(self):
+        return self.model.weight.detach().clone()
+
+    def run(self, fn):
+        """Call ``fn(model, rank)`` here, on the rank: a probe written in the notebook."""
+        return fn(self.model, dist.get_rank())
+
+
+group = DistributedEngineGroup(2, TinyDataParallel, 0, device="cpu", start_timeout=300)
+group.num_processes''',
+    Md("Each rank gets its own rows (`call_each`); the averaged gradients keep the weights equal."),
+    '''torch.manual_seed(1)
+x, y = torch.randn(8, 4), torch.randn(8, 1)
+shards = [((x[:4], y[:4]), {}), ((x[4:], y[4:]), {})]
+for _ in range(3):
+    stats = group.call_each("step", shards)
+stats''',
+    '''per_rank = group.call("weights")                   # one tensor per rank
+print(per_rank)
+assert torch.equal(per_rank[0], per_rank[1])''',
+    Md("A function defined here is sent as an argument too: a probe run on every rank."),
+    '''def probe(model, rank):
+    return rank, round(float(model.weight.norm()), 6)
+
+
+norms = group.call("run", probe)
+assert norms[0][1] == norms[1][1]
+norms''',
+    '''group.close()
+group.close()                                       # idempotent
+assert all(not p.is_alive() for p in group._procs)''',
+]
+
+NOTEBOOKS = {
+    "custom_env.ipynb": CUSTOM_ENV,
+    "signaling_two_llms.ipynb": SIGNALING,
+    "distributed_debugging.ipynb": DISTRIBUTED,
+}
+
+
+def build(cells: list[str]) -> nbformat.NotebookNode:
+    """A notebook of ``cells`` (``Md`` ones Markdown, the rest code) for the python3 kernel."""
+    nb = new_notebook(cells=[new_markdown_cell(c) if isinstance(c, Md) else new_code_cell(c)
+                             for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    return nb
+
+
+if __name__ == "__main__":
+    for name, cells in NOTEBOOKS.items():
+        nbformat.write(build(cells), HERE / name)
+        print("wrote", HERE / name)
