@@ -89,6 +89,16 @@ async def test_run_episode_records_which_action_each_reward_follows():
     assert episode.reward_actions == {"agent": [0, 1, 2]}
 
 
+async def test_a_reward_on_another_agents_step_follows_this_agents_latest_action():
+    """Signaling: the speaker acts, then the listener; the round's reward comes on the
+    listener's step and counts for the speaker's action of that round."""
+    env = aa.make("Signaling-v0", rounds=2)
+    agents = {"speaker": aa.agents.ScriptedAgent(lambda o: "0"),
+              "listener": aa.agents.ScriptedAgent(lambda o: "A")}
+    episode = await run_episode(env, agents, seed=3)
+    assert episode.reward_actions == {"speaker": [0, 0, 1, 1], "listener": [-1, 0, 0, 1]}
+
+
 async def test_three_turn_episode_rewards_land_on_each_turns_last_token():
     _model, tokenizer = aa.models.tiny("xs", seed=0)
     gateway = aa.Gateway()
