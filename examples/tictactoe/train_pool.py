@@ -88,7 +88,7 @@ def build(args: argparse.Namespace) -> Trainer:
                                                             "o": "tictactoe_heuristic"}},
                    reward_fns=[shaped_reward(args.draw_bonus, args.illegal_penalty)],
                    eval_every=args.league_every, eval_seeds=range(1_000_000, 1_000_008),
-                   run_dir=args.run_dir, progress=False, seed=0)
+                   run_dir=args.run_dir, resume=args.resume, progress=False, seed=0)
 
 
 async def vs_heuristic(trainer: Trainer, games: int) -> dict[str, Any]:
@@ -112,8 +112,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await trainer.setup()
         t1 = time.perf_counter()
-        start = await vs_heuristic(trainer, args.eval_games)
-        print("start (after SFT):", json.dumps(start), flush=True)
+        previous = Path(args.run_dir) / "result.json"
+        if args.resume and previous.exists():  # the start of the run being continued
+            start = json.loads(previous.read_text())["start"]
+        else:
+            start = await vs_heuristic(trainer, args.eval_games)
+        print(f"start (after SFT){' of the resumed run' if args.resume else ''}:",
+              json.dumps(start), flush=True)
         t2 = time.perf_counter()
         await trainer.afit(args.steps)
         t3 = time.perf_counter()
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draw-bonus", type=float, default=0.5)
     parser.add_argument("--illegal-penalty", type=float, default=1.0)
     parser.add_argument("--run-dir", default="runs/tictactoe_pool")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue RUN_DIR's run up to --steps (its start figures are kept)")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))
     print(json.dumps({k: v for k, v in result.items() if k != "elo"}, indent=1))

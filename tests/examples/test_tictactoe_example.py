@@ -203,7 +203,7 @@ def test_pool_yaml_builds_the_same_pool_as_train_pool():
     args = train_pool.argparse.Namespace(
         model="tiny:xs", lr=2e-4, sft_steps=150, snapshot_every=10, max_snapshots=4,
         league_every=40, league_games=8, batch_size=16, group_size=4, draw_bonus=0.5,
-        illegal_penalty=1.0, run_dir=str(Path(cfg.run_dir)))
+        illegal_penalty=1.0, run_dir=str(Path(cfg.run_dir)), resume=False)
     script = train_pool.build(args)
     assert trainer.league.pool == script.league.pool
     assert trainer.policy_of == script.policy_of == {"x": "p", "o": "p"}
