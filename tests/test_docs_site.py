@@ -1,0 +1,51 @@
+"""The documentation site builds with ``mkdocs build --strict`` (guides, the examples' READMEs
+served in place, the API reference), and a broken link fails that build."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("mkdocs")
+pytest.importorskip("mkdocstrings_handlers.python")
+pytest.importorskip("material")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build(config: Path, site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config),
+                           "-d", str(site)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.slow
+def test_the_site_builds_strict(tmp_path: Path) -> None:
+    proc = _build(ROOT / "mkdocs.yml", tmp_path / "site")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
+    assert "Trainer" in api and "DistributedEngineGroup" in api
+    assert (tmp_path / "site" / "examples" / "tictactoe" / "index.html").exists()  # README
+
+
+@pytest.mark.slow
+def test_a_broken_link_fails_the_strict_build(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs", docs)
+    (docs / "debugging.md").write_text((docs / "debugging.md").read_text()
+                                       + "\nSee [nothing](no_such_page.md).\n")
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    config["docs_dir"] = str(docs)
+    config["hooks"] = [str(ROOT / "docs" / "reference" / "hooks.py")]
+    config["plugins"] = ["search"]  # the reference page is not the point here
+    config["nav"] = [n for n in config["nav"] if "API reference" not in n]
+    (docs / "reference" / "api.md").write_text("# API reference\n")
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
+    proc = _build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert proc.returncode != 0
+    assert "no_such_page.md" in proc.stderr
