@@ -169,6 +169,17 @@ class TokenBatch:
         """Real (unpadded) tokens in the batch."""
         return int(self.attention_mask.sum())
 
+    def _repr_html_(self) -> str:
+        """Shapes, token counts, rewards and the optional fields set, for notebooks."""
+        rows = "".join(
+            f"<tr><td>{f.name}</td><td>{tuple(v.shape)}</td><td>{str(v.dtype)[6:]}</td></tr>"
+            for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor))
+        rewards = ", ".join(f"{r:.3g}" for r in self.rewards.tolist()[:16])
+        more = ", ..." if self.batch_size > 16 else ""
+        return (f"<div><b>TokenBatch</b> {self.batch_size} rows, {self.num_tokens} tokens, "
+                f"{int(self.loss_mask.sum())} trained; rewards [{rewards}{more}]"
+                f"<table><tr><th>field</th><th>shape</th><th>dtype</th></tr>{rows}</table></div>")
+
     def select(self, index: torch.Tensor | Sequence[int]) -> TokenBatch:
         """Rows ``index`` of every tensor field (a micro-batch); trims trailing padding."""
         idx = torch.as_tensor(index, dtype=torch.long)

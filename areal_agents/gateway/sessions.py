@@ -3,6 +3,7 @@ gateway's ledger of sessions; and the bounded memory of ended ones."""
 
 from __future__ import annotations
 
+import html
 import math
 import time
 import uuid
@@ -91,6 +92,19 @@ class Session:
     def reward(self) -> float:
         """Sum of the posted rewards (0.0 when none)."""
         return float(sum(self.rewards))
+
+    def _repr_html_(self) -> str:
+        """A table of the recorded turns for notebooks (every client-given text escaped)."""
+        rows = "".join(
+            f"<tr><td>{i}</td><td>{len(t.prompt_ids)}</td><td>{len(t.completion_ids)}</td>"
+            f"<td>{min(t.versions, default='-')}..{max(t.versions, default='-')}</td>"
+            f"<td>{html.escape(t.finish_reason)}</td>"
+            f"<td>{html.escape(str((t.reply or {}).get('content', '')))}</td></tr>"
+            for i, t in enumerate(self.turns))
+        return (f"<div><b>Session</b> {html.escape(self.session_id)} policy="
+                f"{html.escape(self.policy)} reward={self.reward:.3g} ended={self.ended}"
+                "<table><tr><th>turn</th><th>prompt ids</th><th>completion ids</th>"
+                f"<th>versions</th><th>finish</th><th>reply</th></tr>{rows}</table></div>")
 
     def record(self, turn: Turn) -> None:
         """Append a turn and index it for prefix matching."""

@@ -1,0 +1,29 @@
+"""Objects a notebook user inspects render as HTML (``_repr_html_``), with their text escaped."""
+
+from __future__ import annotations
+
+from areal_agents.gateway.sessions import Session, Turn
+from areal_agents.samples import Sample, collate
+
+
+def test_session_html_lists_turns_and_escapes_client_text() -> None:
+    session = Session(policy="<pol>", metadata={"task": "t"})
+    session.record(Turn(prompt_ids=[1, 2, 3], completion_ids=[4, 5], logprobs=[-0.1, -0.2],
+                        versions=[2, 3], messages=[{"role": "user", "content": "hi"}],
+                        reply={"role": "assistant", "content": "<script>x</script>"},
+                        tools=None, finish_reason="stop", request_id="r1"))
+    session.add_reward(0.5)
+    page = session._repr_html_()
+    assert "<script>" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
+    assert "policy=&lt;pol&gt;" in page and "reward=0.5" in page
+    assert "<tr><td>0</td><td>3</td><td>2</td><td>2..3</td><td>stop</td>" in page
+
+
+def test_token_batch_html_shows_shapes_counts_and_rewards() -> None:
+    batch = collate([Sample([1, 2, 3, 4], [0, 0, 1, 1], [0.0, 0.0, -0.5, -0.7], [-1, -1, 0, 0],
+                            reward=1.0),
+                     Sample([5, 6, 7], [0, 1, 1], [0.0, -0.1, -0.2], [-1, 0, 0], reward=0.0)])
+    page = batch._repr_html_()
+    assert "<b>TokenBatch</b> 2 rows, 7 tokens, 4 trained; rewards [1, 0]" in page
+    assert "<tr><td>input_ids</td><td>(2, 4)</td><td>int64</td></tr>" in page
+    assert "advantages" not in page  # unset optional fields are left out
