@@ -145,10 +145,76 @@ group.close()                                       # idempotent
 assert all(not p.is_alive() for p in group._procs)''',
 ]
 
+PROXY = [
+    Md("# Proxy mode with an agent in the notebook\n\n`areal-agents serve --train` serves a "
+       "policy behind the OpenAI-compatible gateway and trains it on the sessions external "
+       "agents open, reward and end (docs/proxy_mode.md). Here the server runs as a child "
+       "process for 2 GRPO steps and the agent is a function in this notebook."),
+    '''import json
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx2
+
+from areal_agents.proxy import SessionRefused, episode
+from areal_agents.trainers.launcher import free_port
+
+port, admin_key = free_port(), "notebook-secret"
+url = f"http://127.0.0.1:{port}"
+server = subprocess.Popen(
+    [sys.executable, "-m", "areal_agents.cli", "serve", "--train", "../proxy/train.yaml",
+     "trainer.steps=2", f"run_dir={tempfile.mkdtemp(prefix='proxy_nb_')}",
+     "--port", str(port), "--admin-key", admin_key],
+    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+for _ in range(600):
+    try:
+        if httpx2.get(f"{url}/health", timeout=2).status_code == 200:
+            break
+    except httpx2.HTTPError:
+        time.sleep(0.5)
+httpx2.get(f"{url}/health").json()''',
+    Md("The agent: ask one addition, score the reply here (client side), post the reward. "
+       "Four sessions of one task id form a GRPO group."),
+    '''import asyncio
+
+
+async def play(task: int) -> list[float]:
+    a, b = task % 10, (3 * task) % 10
+
+    async def one() -> float:
+        async with episode(url, "solver", task_id=f"q{task}", key=admin_key) as ep:
+            reply = await ep.client.chat.completions.create(
+                model="solver", messages=[{"role": "user", "content": f"{a} + {b} ="}],
+                max_tokens=4, temperature=1.0)
+            reward = float((reply.choices[0].message.content or "").strip() == str(a + b))
+            await ep.reward(reward)
+            return reward
+
+    return await asyncio.gather(*(one() for _ in range(4)))
+
+
+rewards, task = [], 0
+while server.poll() is None and task < 32:  # the server exits after trainer.steps steps
+    try:
+        rewards += await play(task)
+    except (httpx2.TransportError, SessionRefused):
+        break  # the server finished while this group was open
+    task += 1
+len(rewards)''',
+    '''server.wait(timeout=600)
+summary = json.loads(server.stdout.read().strip().splitlines()[-1])
+assert summary["steps"] == 2, summary
+summary''',
+]
+
+
 NOTEBOOKS = {
     "custom_env.ipynb": CUSTOM_ENV,
     "signaling_two_llms.ipynb": SIGNALING,
     "distributed_debugging.ipynb": DISTRIBUTED,
+    "proxy_mode.ipynb": PROXY,
 }
 
 
@@ -156,6 +222,8 @@ def build(cells: list[str]) -> nbformat.NotebookNode:
     """A notebook of ``cells`` (``Md`` ones Markdown, the rest code) for the python3 kernel."""
     nb = new_notebook(cells=[new_markdown_cell(c) if isinstance(c, Md) else new_code_cell(c)
                              for c in cells])
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"  # stable ids: regenerating leaves unchanged notebooks unchanged
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     return nb
