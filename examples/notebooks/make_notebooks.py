@@ -209,12 +209,40 @@ assert summary["steps"] == 2, summary
 summary''',
 ]
 
+GENERATIVE_REWARD = [
+    Md("# A generative-reward run\n\nA frozen LLM judge scores the solver's answers "
+       "(`aa.rewards.RubricJudge`, docs/generative_reward.md). Both are untrained tiny models "
+       "here, so the judge mostly fails to give a score: with `on_failure=\"fallback\"` such "
+       "replies get the fallback reward and are **counted**, never hidden. Swap in real models "
+       "(`examples/genrm/`) for a judge worth training against."),
+    '''import areal_agents as aa
+from areal_agents.rewards import RubricJudge
+
+judge = RubricJudge("Is the answer correct?", policy="judge", scale=(0, 10),
+                    on_failure="fallback", fallback=0.0)
+trainer = aa.Trainer(
+    env="Arithmetic-v0", env_kwargs={"digits": 1, "operations": "+"},
+    policies={"solver": aa.Policy(model="tiny:xs", seed=0, lr=1e-3),
+              "judge": aa.Policy(model="tiny:xs", seed=1, frozen=True)},
+    policy_map={"agent": "solver"}, reward_fns=[judge],
+    batch_size=4, group_size=2, max_staleness=0)
+try:
+    history = await trainer.afit(2)
+finally:
+    await trainer.aclose()
+sorted(k for k in history[-1] if "judge" in k)''',
+    '''judge_metrics = {k: v for k, v in history[-1].items() if "judge" in k}
+assert judge_metrics, history[-1].keys()
+judge_metrics''',
+]
+
 
 NOTEBOOKS = {
     "custom_env.ipynb": CUSTOM_ENV,
     "signaling_two_llms.ipynb": SIGNALING,
     "distributed_debugging.ipynb": DISTRIBUTED,
     "proxy_mode.ipynb": PROXY,
+    "generative_reward.ipynb": GENERATIVE_REWARD,
 }
 
 
