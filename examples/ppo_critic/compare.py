@@ -4,8 +4,8 @@ The task is multi-step with a reward every step: ``Signaling-v0`` with ``rounds`
 LLM speaker and a scripted listener that decodes ``message: d`` as the d-th letter (the code the
 speaker must learn). Each round pays 1 when the listener picks the target, so an episode's
 return counts the rounds won (0..rounds); each round's prompt reports the last round's result.
-The per-round rewards add up to the speaker's return, which sits on its last token (``Sample``
-has one scalar reward); GAE spreads it over the turns with the critic's per-token values.
+Each round's reward sits on the last token of the speaker's action of that round
+(``Sample.token_rewards``), so PPO's GAE sees when it was earned; GRPO uses the episode return.
 
 Arms (same model, warm start, learning rate, ``batch_size`` episodes per step, same steps):
 
