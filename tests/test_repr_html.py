@@ -27,3 +27,19 @@ def test_token_batch_html_shows_shapes_counts_and_rewards() -> None:
     assert "<b>TokenBatch</b> 2 rows, 7 tokens, 4 trained; rewards [1, 0]" in page
     assert "<tr><td>input_ids</td><td>(2, 4)</td><td>int64</td></tr>" in page
     assert "advantages" not in page  # unset optional fields are left out
+
+
+def test_trainer_html_shows_step_policies_and_last_metrics() -> None:
+    import areal_agents as aa
+
+    trainer = aa.Trainer(env="Signaling-v0",
+                         policies={"<s>": aa.Policy(model="tiny:xs"),
+                                   "l": aa.Policy(model="tiny:xs", frozen=True)},
+                         policy_map={"speaker": "<s>", "listener": "l"}, batch_size=4,
+                         group_size=2)
+    trainer.history.append({"step": 0, "train/<s>/success": 0.25})
+    page = trainer._repr_html_()
+    assert "<b>Trainer</b> step 0, algorithm GRPO" in page
+    assert "<tr><td>speaker</td><td>&lt;s&gt;</td><td>trained</td></tr>" in page
+    assert "<tr><td>listener</td><td>l</td><td>frozen</td></tr>" in page
+    assert "<tr><td>train/&lt;s&gt;/success</td><td>0.25</td></tr>" in page

@@ -544,6 +544,23 @@ class Trainer:
                                       num_failed=sum(isinstance(r, BaseException) for r in results))
         return metrics | await self.league.on_evaluate(self)  # pool stats, the league when due
 
+    def _repr_html_(self) -> str:
+        """The step, each agent's policy (trained or frozen) and the last metrics, for notebooks."""
+        import html
+
+        agents = "".join(
+            f"<tr><td>{html.escape(str(a))}</td><td>{html.escape(p)}</td>"
+            f"<td>{'trained' if p in self.trainable else 'frozen'}</td></tr>"
+            for a, p in sorted(self.policy_of.items()))
+        last = self.history[-1] if self.history else {}
+        metrics = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>"
+                          for k, v in sorted(last.items())
+                          if k != "step" and isinstance(v, int | float))
+        return (f"<div><b>Trainer</b> step {self.step}, algorithm "
+                f"{html.escape(type(self.algorithm).__name__)}<table><tr><th>agent</th>"
+                f"<th>policy</th><th></th></tr>{agents}</table>"
+                f"<table><tr><th>last metric</th><th>value</th></tr>{metrics}</table></div>")
+
     # ---- checkpoints ----------------------------------------------------------------------
 
     def state_dict(self) -> TrainerState:
