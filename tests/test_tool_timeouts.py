@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.llm import LLMAgent
+from areal_agents.agents.llm import LLMAgent
 from areal_agents.sandbox import Sandbox
 from areal_agents.sandbox_tool import python_tool
 from areal_agents.testing.openai_mock import OpenAIMock
