@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import html
 import os
 import time
 from collections.abc import AsyncIterator
@@ -70,6 +71,11 @@ class Episode:
             body["completion_id"] = completion_id
         r = await self.http.post(f"/rl/sessions/{self.session_id}/reward", json=body)
         r.raise_for_status()
+
+    def _repr_html_(self) -> str:
+        """The session id and gateway; never the session key (a credential)."""
+        return (f"<div><b>proxy Episode</b> session={html.escape(self.session_id)} "
+                f"gateway={html.escape(self.base_url)} (key hidden)</div>")
 
     async def versions(self) -> list[int]:
         """The weight versions the session's recorded tokens were generated with, in order."""

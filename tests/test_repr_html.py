@@ -43,3 +43,13 @@ def test_trainer_html_shows_step_policies_and_last_metrics() -> None:
     assert "<tr><td>speaker</td><td>&lt;s&gt;</td><td>trained</td></tr>" in page
     assert "<tr><td>listener</td><td>l</td><td>frozen</td></tr>" in page
     assert "<tr><td>train/&lt;s&gt;/success</td><td>0.25</td></tr>" in page
+
+
+def test_proxy_episode_html_names_the_session_and_hides_its_key() -> None:
+    from areal_agents.proxy import Episode
+
+    episode = Episode(client=None, session_id="s-<1>", api_key="sk-secret-key",  # type: ignore[arg-type]
+                      base_url="http://127.0.0.1:8000", http=None)  # type: ignore[arg-type]
+    page = episode._repr_html_()
+    assert "session=s-&lt;1&gt;" in page and "gateway=http://127.0.0.1:8000" in page
+    assert "sk-secret-key" not in page and "key hidden" in page
