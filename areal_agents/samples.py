@@ -117,6 +117,15 @@ class Sample:
                     "that turn's last generated token"
                 )
 
+    def add_reward(self, value: float) -> None:
+        """Add ``value`` to the sequence's reward after the episode (e.g. a group judge's):
+        to ``reward`` and, with per-turn rewards, to the last generated token's entry, so
+        ``token_rewards`` keep summing to what GAE must see."""
+        self.reward += value
+        if self.token_rewards is not None:
+            last = max(i for i, m in enumerate(self.loss_mask) if m)
+            self.token_rewards[last] = self.token_rewards.get(last, 0.0) + value
+
     @property
     def num_generated(self) -> int:
         """Number of tokens under the loss mask."""

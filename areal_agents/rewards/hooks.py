@@ -167,7 +167,7 @@ class RewardHooks:
         for m, row in zip(members, rewards, strict=True):
             for samples in results[m].values():
                 for sample in samples:
-                    sample.reward += row.get(sample.agent, 0.0)
+                    sample.add_reward(row.get(sample.agent, 0.0))
 
     def forget(self, keep: Iterable[int]) -> None:
         """Drop the records of groups that ended without ``on_group`` (cancelled)."""

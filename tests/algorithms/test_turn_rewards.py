@@ -130,3 +130,15 @@ async def test_three_turn_episode_rewards_land_on_each_turns_last_token():
     assert sample.token_rewards == {ends[0]: 1.0, ends[1]: 2.0, ends[2]: 4.0 + 0.5}
     assert all(sample.loss_mask[p] == 1 for p in ends)
     await gateway.close()
+
+
+def test_a_reward_added_after_the_episode_reaches_the_per_turn_rewards_too() -> None:
+    """A group judge's reward (``Sample.add_reward``) lands on the last generated token when
+    the sample carries per-turn rewards (PPO's GAE reads those, not ``reward``)."""
+    sample = Sample([1, 2, 3, 4, 5], [0, 1, 0, 1, 1], [0.0] * 5, [-1, 0, -1, 0, 0], reward=1.5,
+                    token_rewards={1: 1.0, 4: 0.5})
+    sample.add_reward(2.0)
+    assert sample.reward == 3.5 and sample.token_rewards == {1: 1.0, 4: 2.5}
+    plain = Sample([1, 2], [0, 1], [0.0, 0.0], [-1, 0], reward=1.0)
+    plain.add_reward(-0.5)
+    assert plain.reward == 0.5 and plain.token_rewards is None
