@@ -410,6 +410,8 @@ class RolloutController:
             return True  # a partial batch: it cannot fill before a weight update
         if any(self.buffered(p) for p in self._wanting if p != policy):
             return False  # that policy takes its partial batch first, then updates
+        if self._taken[policy] >= self.controls[policy].version:
+            return False  # its own update is still to come (a take before update_weights)
         counts = {p: {k: getattr(c, k) for k in ("version", "accepted", "running")}
                       | {"buffered": self.buffered(p)} for p, c in self.controls.items()}
         raise Deadlocked(

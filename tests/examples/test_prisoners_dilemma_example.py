@@ -25,10 +25,16 @@ def test_separate_policies_each_meet_their_own_snapshots(tmp_path, capsys):
                               "--batch-size", "2", "--group-size", "2", "--snapshot-every", "1",
                               "--league-games", "1", "--run-dir", str(run_dir)]) == 0
     league = json.loads((run_dir / "league" / "final.json").read_text())
-    # max_snapshots=3 per policy: versions 0..2 of both, then the scripted members
-    snapshots = {f"{p}@{v}" for p in ("p0", "p1") for v in range(3)}  # either order per step
-    assert league["players"][:2] == ["p0", "p1"] and set(league["players"][2:8]) == snapshots
-    assert league["players"][8:] == ["tit_for_tat", "always_defect", "always_cooperate"]
+    # snapshot_every=1: version 0 of each policy, then one snapshot per policy step; under the
+    # example's independent clock the 2 steps are a shared budget split by timing (1+1 or 2+0)
+    players = league["players"]
+    snapshots = [p for p in players[2:] if "@" in p]
+    versions = {p: sorted(int(s.split("@")[1]) for s in snapshots if s.startswith(f"{p}@"))
+                for p in ("p0", "p1")}
+    assert players[:2] == ["p0", "p1"] and players[2:2 + len(snapshots)] == snapshots
+    assert all(v == list(range(len(v))) for v in versions.values()) and versions["p0"]
+    assert versions["p1"] and len(snapshots) == 2 + 2
+    assert players[2 + len(snapshots):] == ["tit_for_tat", "always_defect", "always_cooperate"]
     m = league["matrix"]
     assert m["always_defect"]["always_cooperate"] == {"win": 2.0, "draw": 0.0, "loss": 0.0,
                                                       "games": 2.0}
