@@ -157,6 +157,23 @@ async def _run_single(
     run.truncated = True
 
 
+async def _reset_multi(env: MultiAgentEnv, run: _Run, seed: Any, options: Any) -> dict[str, Any]:
+    """Reset ``env`` and record its infos and first observations; returns them."""
+    obs, infos = await env.reset(seed=seed, options=options)
+    run.infos.update({a: dict(i) for a, i in infos.items()})
+    run.observe(obs)
+    return obs
+
+
+async def _step_multi(env: MultiAgentEnv, run: _Run, actions: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``actions`` in one ``step`` and record it; returns the new observations."""
+    obs, rewards, _terms, truncs, infos = await env.step(actions)
+    run.record(actions, rewards, infos)
+    run.observe(obs)
+    run.truncated = run.truncated or any(truncs.values())
+    return obs
+
+
 async def _run_multi(
     env: MultiAgentEnv,
     agents: dict[str, Agent],
@@ -165,9 +182,7 @@ async def _run_multi(
     options: Any,
     max_steps: int | None,
 ) -> None:
-    obs, infos = await env.reset(seed=seed, options=options)
-    run.infos.update({a: dict(i) for a, i in infos.items()})
-    run.observe(obs)
+    obs = await _reset_multi(env, run, seed, options)
     while env.agents:
         if max_steps is not None and run.length >= max_steps:
             run.truncated = True
@@ -183,10 +198,7 @@ async def _run_multi(
             raise ValueError(f"the env asked {unknown} to act, but no agent was given for them")
         chosen = await asyncio.gather(*(agents[a].act(obs[a]) for a in acting))
         actions = dict(zip(acting, chosen, strict=True))
-        obs, rewards, _terms, truncs, infos = await env.step(actions)
-        run.record(actions, rewards, infos)
-        run.observe(obs)
-        run.truncated = run.truncated or any(truncs.values())
+        obs = await _step_multi(env, run, actions)
 
 
 async def _run_when_ready(
@@ -199,9 +211,7 @@ async def _run_when_ready(
 ) -> None:
     """``env.act_when_ready``: each observed agent acts on its own; each action is applied in
     its own ``step`` as soon as it arrives (several arrived together: by agent id)."""
-    obs, infos = await env.reset(seed=seed, options=options)
-    run.infos.update({a: dict(i) for a, i in infos.items()})
-    run.observe(obs)
+    obs = await _reset_multi(env, run, seed, options)
     acting: dict[asyncio.Task[Any], str] = {}
 
     def start(observed: Mapping[str, Any]) -> None:
@@ -234,10 +244,7 @@ async def _run_when_ready(
                 if max_steps is not None and run.length >= max_steps:
                     run.truncated = True
                     return
-                obs, rewards, _terms, truncs, infos = await env.step({agent: action})
-                run.record({agent: action}, rewards, infos)
-                run.observe(obs)
-                run.truncated = run.truncated or any(truncs.values())
+                obs = await _step_multi(env, run, {agent: action})
                 start(obs)
             for task, agent in list(acting.items()):  # agents that left stop thinking
                 if agent not in env.agents_to_act:
