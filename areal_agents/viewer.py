@@ -57,9 +57,13 @@ def load_samples(run_dir: str | Path, steps: Iterable[int] | None = None) -> lis
     """The recorded samples of ``run_dir`` (of ``steps`` only, when given), by step.
 
     Raises:
-        FileNotFoundError: ``run_dir`` has no recorded samples (names the setting to turn on).
+        FileNotFoundError: ``run_dir`` does not exist (names it), or has no recorded samples
+            (names the setting to turn on).
         ValueError: none of ``steps`` was recorded (names the recorded steps).
     """
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist or is not a directory: pass the "
+                                "run_dir of a training run (trainer.run_dir in its YAML)")
     folder = Path(run_dir) / "samples"
     files = sorted(folder.glob("step_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
     if not files:

@@ -125,6 +125,12 @@ def test_view_cli_without_samples_names_the_setting(tmp_path, capsys):
     assert err.startswith("error: ") and "trainer.record_samples > 0" in err
 
 
+def test_view_cli_on_a_missing_run_dir_says_it_does_not_exist(tmp_path, capsys):
+    assert cli.main(["view", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'typo'} does not exist" in err and "record_samples" not in err
+
+
 @pytest.mark.slow
 async def test_trainer_records_trained_samples_per_step(tmp_path):
     from areal_agents.trainers.policy import Policy
