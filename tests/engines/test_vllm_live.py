@@ -44,7 +44,8 @@ async def engine(models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vllm") / "model"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    engine = await VLLMEngine.launch(folder, python=PYTHON, max_model_len=1024,
+    # timeout_s: a stuck server fails a test in 2 min, not the default 10 (CI lost 30 min so)
+    engine = await VLLMEngine.launch(folder, python=PYTHON, max_model_len=1024, timeout_s=120,
                                      log_path=folder.parent / "server.log")
     yield engine
     await engine.close()
