@@ -34,9 +34,10 @@ from areal_agents.rollout.staleness import StalenessControl
 from areal_agents.samples import Sample
 
 from .clocks import control_of
+from .episodes import assign_turn_rewards
 from .trainer import Trainer
 
-__all__ = ["ExternalEpisodes", "ExternalTrainer"]
+__all__ = ["ExternalEpisodes", "ExternalTrainer", "session_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,29 @@ class _OpenGroup:
     num_ok: int = 0
     num_failed: int = 0
     min_version: int | None = None
+
+
+def session_samples(session: Session, group: str) -> list[Sample]:
+    """The samples of an ended session, its role as ``agent`` and ``group`` set.
+
+    Rewards posted for a turn (``{"reward", "turn"}`` / ``"completion_id"``) become
+    ``Sample.token_rewards`` on that turn's last generated token (PPO's GAE reads them); the
+    rest of the session's reward lands on the last generated token, so a lone sample's
+    ``token_rewards`` sum to its ``reward`` (``assign_turn_rewards``, as for env steps).
+    Without per-turn rewards ``token_rewards`` stays None.
+
+    Raises:
+        ValueError: the tokenization contract refused the session's turns.
+    """
+    samples, _ = session.to_samples(agent=str(session.metadata.get("role", "")), group=group)
+    if session.turn_rewards and samples:
+        turns = sorted(session.turn_rewards)
+        assign_turn_rewards(
+            samples, [len(t.prompt_ids) + len(t.completion_ids) for t in session.turns],
+            action_turns=turns, rewards=[session.turn_rewards[t] for t in turns],
+            reward_actions=list(range(len(turns))),
+            extra=session.reward - sum(session.turn_rewards.values()))
+    return samples
 
 
 class ExternalEpisodes:
@@ -125,8 +149,7 @@ class ExternalEpisodes:
         reason = "failed:unrewarded" if not session.rewards else "failed:no_samples"
         if session.rewards:
             try:
-                samples, _ = session.to_samples(agent=str(session.metadata.get("role", "")),
-                                                group=task_id)
+                samples = session_samples(session, task_id)
             except Exception:  # counted; the client's `end` still succeeds
                 log.exception("session %s could not become samples", session.session_id)
                 reason = "failed:samples_error"
