@@ -73,6 +73,7 @@ _EXPORTS: dict[str, str] = {
     # training
     "Trainer": "areal_agents.trainers.trainer",
     "Policy": "areal_agents.trainers.policy",
+    "OpponentPool": "areal_agents.league",
     # algorithms
     "GRPO": "areal_agents.algorithms",
     "DrGRPO": "areal_agents.algorithms",
