@@ -62,12 +62,15 @@ class GenerateRequest:
         sampling: sampling parameters.
         request_id: unique id (generated when omitted).
         session_id: sticky-routing key (same session -> same replica for prefix reuse).
+        adapter: the LoRA adapter of the served base model to generate with (None: the base;
+            engines that serve adapters: ``LocalEngine.add_adapter``).
     """
 
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     session_id: str | None = None
+    adapter: str | None = None
 
 
 @dataclass
@@ -104,11 +107,14 @@ class WeightUpdate:
         named_tensors: HF-named full tensors (in process), consumed once.
         path: a directory of ``*.safetensors`` files with HF names.
         version: the version the engine takes after the update (None: current + 1).
+        adapter: the LoRA adapter these tensors belong to (PEFT names, ``lora_A``/``lora_B``
+            only); its version changes, the base's and other adapters' do not. None: the base.
     """
 
     named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None
     path: str | None = None
     version: int | None = None
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if (self.named_tensors is None) == (self.path is None):

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ContextLengthExceeded, EngineError
 from .base import CompletionOutput, GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from .lora import AdapterSpec, LoRAAdapters
 from .prefix_cache import CachedPrefix, PrefillCounts, PrefixCache
 from .sampling import sample
 from .scheduler import RunningBatch, prefill, prefill_cached
@@ -34,6 +35,11 @@ class _Seq:
     versions: list[int] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
+    parked_kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # while paused
+
+    @property
+    def adapter(self) -> str | None:
+        return self.job.request.adapter
 
 
 @dataclass
@@ -82,6 +88,15 @@ class LocalEngine(InferenceEngine):
     prompt after the longest common prefix (``areal_agents.engines.prefix_cache``; dropped on
     every weight update). ``prefill_counts`` counts prompt tokens computed and reused. Outputs
     with and without it agree up to float32 rounding of the reused keys/values.
+
+    LoRA adapters: ``add_adapter(name, ...)`` serves a LoRA adapter of the base model, and
+    requests naming it (``GenerateRequest.adapter``) decode in the same batch as every other
+    (``areal_agents.engines.lora``). Each adapter has its own version (``adapter_version``);
+    ``update_weights`` with ``WeightUpdate.adapter`` loads only that adapter's tensors and
+    bumps only its version, and ``pause(adapter=name)`` parks only that adapter's rows (their
+    keys/values kept; on ``resume`` they rejoin after one fed token), so other adapters and
+    the base keep decoding. ``add_adapter`` returns a per-adapter ``InferenceEngine`` view
+    (``areal_agents.engines.local_adapters``) for routers and trainers.
 
     Args:
         model_or_path: a ``PreTrainedModel``, a checkpoint directory or a spec like "tiny:s".
@@ -148,6 +163,10 @@ class LocalEngine(InferenceEngine):
         self._prefix_cache = PrefixCache(prefix_cache_tokens)
         self.prefill_counts = PrefillCounts()
         self._paused = False
+        self._lora: LoRAAdapters | None = None
+        self._adapter_versions: dict[str, int] = {}
+        self._paused_adapters: set[str] = set()
+        self._parked: list[_Seq] = []
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -176,26 +195,43 @@ class LocalEngine(InferenceEngine):
             self._wake.set()
             return await job.future
 
-    async def pause(self) -> None:
-        """Stop decoding after the current step; in-flight requests wait. Idempotent."""
-        self._paused = True
+    async def pause(self, adapter: str | None = None) -> None:
+        """Stop decoding after the current step; in-flight requests wait. Idempotent.
+
+        Args:
+            adapter: pause only this LoRA adapter's requests (the others keep decoding).
+        """
+        if adapter is None:
+            self._paused = True
+        else:
+            self._adapter_spec(adapter)
+            self._paused_adapters.add(adapter)
         if self._step_lock is not None:
             async with self._step_lock:  # the step in progress (if any) has ended
                 pass
 
-    async def resume(self) -> None:
-        """Continue decoding. Idempotent."""
-        self._paused = False
+    async def resume(self, adapter: str | None = None) -> None:
+        """Continue decoding (``adapter``: that adapter's requests only). Idempotent."""
+        if adapter is None:
+            self._paused = False
+        else:
+            self._paused_adapters.discard(adapter)
         if self._wake is not None:
             self._wake.set()
 
     async def update_weights(self, update: WeightUpdate) -> None:
         """Load HF-named tensors or a safetensors directory between two decode steps.
 
+        With ``update.adapter``, the tensors are that adapter's (PEFT names) and only its
+        version changes.
+
         Raises:
-            KeyError: a tensor name the model does not have (lists close names).
+            KeyError: a tensor name the model (or the adapter) does not have.
             ValueError: a shape mismatch.
         """
+        if update.adapter is not None:
+            await self._update_adapter(update)
+            return
         lock = self._step_lock
         if lock is None:
             apply_weight_update(self.model, update)
@@ -206,9 +242,68 @@ class LocalEngine(InferenceEngine):
         self.version = update.version if update.version is not None else self.version + 1
         self._prefix_cache.clear()
 
+    def add_adapter(self, name: str, *, rank: int = 8, alpha: float = 16.0,
+                    target_modules: list[str] | None = None) -> InferenceEngine:
+        """Serve LoRA adapter ``name`` of the base model (zeros: equal to the base until its
+        first ``update_weights``); returns its ``InferenceEngine`` view.
+
+        Raises:
+            ConfigError: the name is taken or ``target_modules`` matches no linear layer.
+        """
+        if self._lora is None:
+            self._lora = LoRAAdapters(self.model)
+        spec = AdapterSpec(rank, alpha) if target_modules is None else AdapterSpec(
+            rank, alpha, list(target_modules))
+        self._lora.add(name, spec)
+        self._adapter_versions[name] = 0
+        return self.adapter(name)
+
+    def adapter(self, name: str) -> InferenceEngine:
+        """The ``InferenceEngine`` view of adapter ``name`` (``generate``, ``pause``,
+        ``update_weights`` and ``version`` act on that adapter only)."""
+        from .local_adapters import AdapterEngine
+
+        self._adapter_spec(name)
+        return AdapterEngine(self, name)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the served LoRA adapters."""
+        return [] if self._lora is None else self._lora.names
+
+    def adapter_version(self, name: str) -> int:
+        """Weight version of adapter ``name``."""
+        self._adapter_spec(name)
+        return self._adapter_versions[name]
+
+    def pending(self, adapter: str | None) -> int:
+        """Requests of ``adapter`` (None: the base) queued, running or parked."""
+        jobs = {id(s.job) for s in self._running + self._parked if s.adapter == adapter}
+        return sum(1 for j in self._waiting if j.request.adapter == adapter) + len(jobs)
+
+    def _adapter_spec(self, name: str) -> AdapterSpec:
+        if self._lora is None or name not in self._lora.specs:
+            raise EngineError(f"LocalEngine serves no adapter {name!r}; adapters: "
+                              f"{self.adapters} (add one with add_adapter)")
+        return self._lora.specs[name]
+
+    async def _update_adapter(self, update: WeightUpdate) -> None:
+        name = update.adapter
+        assert name is not None and self._lora is not None
+        self._adapter_spec(name)
+        tensors = _read_tensors(update)
+        if self._step_lock is None:
+            self._lora.load(name, tensors.items())
+        else:
+            async with self._step_lock:
+                await asyncio.to_thread(self._lora.load, name, tensors.items())
+        # prefix-cache entries carry the adapter version, so older ones simply miss
+        current = self._adapter_versions[name]
+        self._adapter_versions[name] = update.version if update.version is not None else current + 1
+
     @property
     def num_pending(self) -> int:
-        return len(self._waiting) + len({id(s.job) for s in self._running})
+        return len(self._waiting) + len({id(s.job) for s in self._running + self._parked})
 
     async def close(self) -> None:
         """Stop the background task and fail queued/running requests. Idempotent."""
@@ -227,6 +322,8 @@ class LocalEngine(InferenceEngine):
         if self._closed:
             raise EngineError("LocalEngine is closed; create a new engine")
         ids, sp = request.prompt_ids, request.sampling
+        if request.adapter is not None:
+            self._adapter_spec(request.adapter)
         if not ids:
             raise EngineError("empty prompt: prompt_ids must hold at least one token id")
         if min(ids) < 0 or max(ids) >= self._vocab_size:
@@ -259,7 +356,7 @@ class LocalEngine(InferenceEngine):
     async def _run(self) -> None:
         assert self._wake is not None and self._step_lock is not None
         while True:
-            if self._paused or not (self._waiting or self._running):
+            if self._paused or not self._has_work():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -268,14 +365,19 @@ class LocalEngine(InferenceEngine):
                     seq.finish_reason = "abort"
             joining = self._admit()
             async with self._step_lock:
+                held = [j for j in joining if self._paused or j.request.adapter
+                        in self._paused_adapters]
+                if held:
+                    self._waiting.extendleft(reversed(held))
+                    joining = [j for j in joining if j not in held]
                 if self._paused:
-                    self._waiting.extendleft(reversed(joining))
                     continue
                 try:
                     finished = await asyncio.to_thread(self._step, joining, self.version)
                 except Exception as exc:  # a failed forward fails the batch, not the engine
-                    jobs = {id(j): j for j in joining} | {id(s.job): s.job for s in self._running}
-                    self._running, self._batch = [], RunningBatch()
+                    jobs = {id(j): j for j in joining} | {
+                        id(s.job): s.job for s in self._running + self._parked}
+                    self._running, self._batch, self._parked = [], RunningBatch(), []
                     for job in jobs.values():
                         if not job.future.done():
                             job.future.set_exception(EngineError(f"generation failed: {exc!r}"))
@@ -284,11 +386,24 @@ class LocalEngine(InferenceEngine):
                 if not job.future.done():
                     job.future.set_result(self._result(job))
 
+    def _has_work(self) -> bool:
+        """Anything a step would do: running rows (to decode or park), admissible waiting
+        jobs, parked rows whose adapter was resumed."""
+        paused = self._paused_adapters
+        return bool(self._running
+                    or any(j.request.adapter not in paused for j in self._waiting)
+                    or any(s.adapter not in paused for s in self._parked))
+
     def _admit(self) -> list[_Job]:
-        """Pop waiting jobs that fit the batch (at least one when the batch is empty)."""
+        """Pop waiting jobs that fit the batch (at least one when the batch is empty); jobs of
+        a paused adapter stay queued, in order."""
         joining: list[_Job] = []
-        rows = len(self._running)
+        skipped: list[_Job] = []
+        rows = len(self._running) + len(self._parked)
         while self._waiting:
+            if self._waiting[0].request.adapter in self._paused_adapters:
+                skipped.append(self._waiting.popleft())
+                continue
             n = self._waiting[0].request.sampling.n
             if rows and rows + n > self.max_batch_size:
                 break
@@ -297,6 +412,7 @@ class LocalEngine(InferenceEngine):
                 continue
             joining.append(job)
             rows += n
+        self._waiting.extendleft(reversed(skipped))
         return joining
 
     def _step(self, joining: list[_Job], version: int) -> list[_Job]:
@@ -310,22 +426,67 @@ class LocalEngine(InferenceEngine):
                     gen = torch.Generator(device=self.device)
                     gen.manual_seed((seed * 1_000_003 + i) % 2**63)
                 job.seqs.append(_Seq(job, gen))
+        self._park()
+        finished = self._unpark()
         hit_groups, misses = self._plan_cached_prefills(joining, version)
         for hits in hit_groups:
-            self._join([seq for hit in hits for seq in hit.job.seqs], version,
-                       *self._prefill_hits(hits))
+            with self._rows([hit.job.request.adapter for hit in hits]):
+                prefilled = self._prefill_hits(hits)
+            self._join([seq for hit in hits for seq in hit.job.seqs], prefilled)
         for group in _prefill_groups(misses, PREFILL_TOKEN_BUDGET):
             self.prefill_counts.computed += sum(len(job.request.prompt_ids) for job in group)
-            self._join([seq for job in group for seq in job.seqs], version, *prefill(
-                self.model, [job.request.prompt_ids for job in group],
-                [job.request.sampling.n for job in group], self.device,
-            ))
-        finished = self._drop_finished(version)  # aborted rows; max_tokens=1 or EOS first
+            with self._rows([job.request.adapter for job in group]):
+                prefilled = prefill(self.model, [job.request.prompt_ids for job in group],
+                                    [job.request.sampling.n for job in group], self.device)
+            self._join([seq for job in group for seq in job.seqs], prefilled)
+        finished += self._drop_finished()  # aborted rows; max_tokens=1 or EOS first
         if self._running:
-            logits = self._batch.decode(self.model, [s.token_ids[-1] for s in self._running])
-            self._append_tokens(self._running, logits, version)
-            finished += self._drop_finished(version)
+            with self._rows([s.adapter for s in self._running]):
+                logits = self._batch.decode(self.model, [s.token_ids[-1] for s in self._running])
+            self._append_tokens(self._running, logits)
+            finished += self._drop_finished()
         return finished
+
+    def _rows(self, adapters: list[str | None]) -> contextlib.AbstractContextManager:
+        """Row ``i`` of the next forward uses LoRA adapter ``adapters[i]`` (None: the base)."""
+        if self._lora is None:
+            return contextlib.nullcontext()
+        return self._lora.rows(adapters)
+
+    def _version_of(self, adapter: str | None) -> int:
+        return self.version if adapter is None else self._adapter_versions[adapter]
+
+    def _park(self) -> None:
+        """Take the rows of paused adapters out of the batch, keeping their keys/values."""
+        rows = [i for i, s in enumerate(self._running)
+                if s.adapter in self._paused_adapters and s.finish_reason is None]
+        if not rows:
+            return
+        for row in rows:
+            seq = self._running[row]
+            seq.parked_kv = self._batch.row_kv(row)
+            self._parked.append(seq)
+        keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        self._running = [self._running[i] for i in keep]
+        self._batch.keep(keep)
+
+    def _unpark(self) -> list[_Job]:
+        """Put parked rows of resumed adapters back: feed each row's last sampled token after
+        its kept keys/values and sample its next token. Returns jobs finished by it."""
+        back = [s for s in self._parked if s.adapter not in self._paused_adapters]
+        if not back:
+            return []
+        self._parked = [s for s in self._parked if s not in back]
+        live = [s for s in back if not s.job.future.done()]  # callers that gave up: dropped
+        if live:
+            kvs = [s.parked_kv for s in live]
+            with self._rows([s.adapter for s in live]):
+                prefilled = prefill_cached(self.model, kvs, [[s.token_ids[-1]] for s in live],
+                                           [1] * len(live), self.device)
+            for seq in live:
+                seq.parked_kv = None
+            self._join(live, prefilled)
+        return self._drop_finished()
 
     def _plan_cached_prefills(self, joining: list[_Job],
                               version: int) -> tuple[list[list[_Hit]], list[_Job]]:
@@ -340,7 +501,8 @@ class LocalEngine(InferenceEngine):
         hits, misses = [], []
         for job in joining:
             prompt = job.request.prompt_ids
-            reuse, entry = self._prefix_cache.get(job.request.session_id, prompt, version)
+            reuse, entry = self._prefix_cache.get(_cache_key(job.request), prompt,
+                                                  self._version_of(job.request.adapter))
             if entry is None:
                 misses.append(job)
             else:
@@ -375,14 +537,15 @@ class LocalEngine(InferenceEngine):
         return prefill_cached(self.model, prefixes, suffixes,
                               [hit.job.request.sampling.n for hit in hits], self.device)
 
-    def _join(self, seqs: list[_Seq], version: int, cache: Any, mask: torch.Tensor,
-              positions: torch.Tensor, logits: torch.Tensor) -> None:
-        """Sample the first token of prefilled ``seqs`` and add their rows to the batch."""
-        self._append_tokens(seqs, logits, version)
+    def _join(self, seqs: list[_Seq], prefilled: tuple) -> None:
+        """Sample the first token of prefilled ``seqs`` and add their rows to the batch;
+        ``prefilled`` is ``prefill``'s (cache, mask, positions, logits)."""
+        cache, mask, positions, logits = prefilled
+        self._append_tokens(seqs, logits)
         self._batch.add(cache, mask, positions)
         self._running.extend(seqs)
 
-    def _append_tokens(self, seqs: list[_Seq], logits: torch.Tensor, version: int) -> None:
+    def _append_tokens(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         sps = [s.job.request.sampling for s in seqs]
         num_top = max(sp.top_logprobs for sp in sps)
         out = sample(logits, [sp.temperature for sp in sps], [sp.top_k for sp in sps],
@@ -391,7 +554,7 @@ class LocalEngine(InferenceEngine):
             token = out.token_ids[row]
             seq.token_ids.append(token)
             seq.logprobs.append(out.logprobs[row])
-            seq.versions.append(version)
+            seq.versions.append(self._version_of(seq.adapter))
             if sp.top_logprobs and out.top_ids is not None and out.top_logprobs is not None:
                 seq.top.append(list(zip(out.top_ids[row][: sp.top_logprobs],
                                         out.top_logprobs[row][: sp.top_logprobs], strict=True)))
@@ -407,30 +570,31 @@ class LocalEngine(InferenceEngine):
         tail = self.tokenizer.decode(token_ids[-window:], skip_special_tokens=False)
         return any(s and s in tail for s in stops)
 
-    def _drop_finished(self, version: int) -> list[_Job]:
+    def _drop_finished(self) -> list[_Job]:
         keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]
         if len(keep) == len(self._running):
             return []
         for row, seq in enumerate(self._running):
             if seq.finish_reason is not None:
-                self._remember(row, seq, version)
+                self._remember(row, seq)
         done_jobs = {id(s.job): s.job for s in self._running if s.finish_reason is not None}
         self._running = [self._running[i] for i in keep]
         self._batch.keep(keep)
-        still = {id(s.job) for s in self._running}
+        still = {id(s.job) for s in self._running + self._parked}
         return [job for key, job in done_jobs.items() if key not in still]
 
-    def _remember(self, row: int, seq: _Seq, version: int) -> None:
+    def _remember(self, row: int, seq: _Seq) -> None:
         """Put finished row ``row``'s keys/values in the prefix cache when its session may
-        reuse them: not aborted, every token computed at ``version``."""
+        reuse them: not aborted, every token computed at the current version."""
         request = seq.job.request
+        version = self._version_of(seq.adapter)
         fed = list(request.prompt_ids) + seq.token_ids[:-1]  # the last token was never fed
         if (request.session_id is None or len(fed) > self._prefix_cache.max_tokens
                 or seq.finish_reason == "abort" or any(v != version for v in seq.versions)):
             return
         keys, values = self._batch.row_kv(row)
         assert keys[0].shape[-2] == len(fed), "cached row length != prompt + fed tokens"
-        self._prefix_cache.put(request.session_id, fed, keys, values, version)
+        self._prefix_cache.put(_cache_key(request), fed, keys, values, version)
 
     @staticmethod
     def _result(job: _Job) -> GenerateResult:
@@ -443,12 +607,39 @@ class LocalEngine(InferenceEngine):
         return GenerateResult(job.request.request_id, list(job.request.prompt_ids), outputs)
 
     def _fail_all(self, error: Exception) -> None:
-        jobs = list(self._waiting) + [s.job for s in self._running]
+        jobs = list(self._waiting) + [s.job for s in self._running + self._parked]
         self._waiting.clear()
-        self._running, self._batch = [], RunningBatch()
+        self._running, self._batch, self._parked = [], RunningBatch(), []
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)
+
+
+def _cache_key(request: GenerateRequest) -> str | None:
+    """The prefix-cache key of a request: its session, apart per adapter."""
+    if request.session_id is None or request.adapter is None:
+        return request.session_id
+    return f"{request.adapter}\x00{request.session_id}"
+
+
+def _read_tensors(update: WeightUpdate) -> dict[str, torch.Tensor]:
+    """The tensors of ``update``: its ``named_tensors`` or its directory's ``*.safetensors``.
+
+    Raises:
+        FileNotFoundError: ``update.path`` has no ``*.safetensors`` file.
+    """
+    if update.path is None:
+        assert update.named_tensors is not None
+        return dict(update.named_tensors)
+    from safetensors.torch import load_file
+
+    files = sorted(Path(update.path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {update.path!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    return tensors
 
 
 def _prefill_groups(jobs: list[_Job], budget: int) -> list[list[_Job]]:
@@ -476,18 +667,7 @@ def apply_weight_update(model: torch.nn.Module, update: WeightUpdate) -> int:
         ValueError: a tensor whose shape differs from the parameter's.
         FileNotFoundError: ``update.path`` has no ``*.safetensors`` file.
     """
-    if update.path is not None:
-        from safetensors.torch import load_file
-
-        files = sorted(Path(update.path).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {update.path!r}")
-        tensors: dict[str, torch.Tensor] = {}
-        for file in files:
-            tensors.update(load_file(str(file)))
-    else:
-        assert update.named_tensors is not None
-        tensors = dict(update.named_tensors)
+    tensors = _read_tensors(update)
     targets = model.state_dict(keep_vars=True)
     for name, tensor in tensors.items():
         if name not in targets:
