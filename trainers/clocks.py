@@ -86,10 +86,21 @@ async def run_lockstep(train_every: Mapping[str, int], *, start: int, steps: int
                        train: TrainFn, on_step: StepFn,
                        on_barrier: Callable[[int], Awaitable[None]]) -> None:
     """Global steps ``start + 1 .. steps``: the due policies train together, then
-    ``on_step`` and ``on_barrier`` (every clock is stopped after each lockstep step)."""
+    ``on_step`` and ``on_barrier`` (every clock is stopped after each lockstep step).
+
+    A failing step (e.g. ``Deadlocked``) cancels the other policies' steps of that global step
+    and waits for them before it propagates, so none is left running into the teardown (a
+    later failure there was logged as "Task exception was never retrieved").
+    """
     for step in range(start + 1, steps + 1):
         names = due(step, train_every)
-        results = await asyncio.gather(*(train(p) for p in names))
+        tasks = [asyncio.create_task(train(p)) for p in names]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         await on_step(step, dict(zip(names, results, strict=True)))
         await on_barrier(step)
 
