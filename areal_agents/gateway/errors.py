@@ -98,9 +98,8 @@ async def route_error(request: Request, exc: Exception) -> Response:
                             f"{headers.get('Allow', '')}", code="method_not_allowed"
                             ).response(headers)
     if exc.status_code == 404:
-        hint = (" The Responses API is not served: use /v1/chat/completions (OpenAI Agents "
-                "SDK: set_default_openai_api('chat_completions'))." if path.startswith(
-                    "/v1/responses") else "")
+        hint = (" Responses are not stored: POST /v1/responses with the whole conversation "
+                "as 'input'." if path.startswith("/v1/responses/") else "")
         return not_found(f"no route {method} {path}; GET /openapi.json lists the gateway's "
                          f"routes.{hint}", code="route_not_found").response()
     return GatewayError(exc.status_code, str(exc.detail)).response(headers)

@@ -47,6 +47,19 @@ _COMPLETION = {"type": "object", "required": ["id", "object", "model", "choices"
                "properties": {"id": _STR, "object": _STR, "model": _STR, "created": _INT,
                               "choices": {"type": "array", "items": _OBJ}, "usage": _OBJ,
                               "prompt_token_ids": {"type": "array", "items": _INT}}}
+_RESPONSES_REQUEST = {"type": "object", "required": ["model", "input"], "properties": {
+    "model": _POLICY, "input": {"anyOf": [_STR, {"type": "array", "items": _OBJ,
+                                                 "minItems": 1}]},
+    "instructions": _STR, "tools": {"type": "array", "items": {
+        "type": "object", "required": ["type", "name"], "properties": {
+            "type": {"const": "function"}, "name": _STR, "parameters": _OBJ}}},
+    "tool_choice": {"anyOf": [_STR, _OBJ]},
+    "temperature": _SAMPLING["temperature"], "top_p": _SAMPLING["top_p"],
+    "max_output_tokens": {"type": "integer", "minimum": 1}, "stream": {"const": False}}}
+_RESPONSE = {"type": "object", "required": ["id", "object", "model", "output", "usage"],
+             "properties": {"id": _STR, "object": {"const": "response"}, "model": _STR,
+                            "status": _STR, "output": {"type": "array", "items": _OBJ},
+                            "usage": _OBJ}}
 _SESSION = {"type": "object", "required": ["session_id", "policy", "turns", "rewards", "ended"],
             "properties": {"session_id": _STR, "policy": _STR, "metadata": _OBJ,
                            "turns": {"type": "array", "items": _OBJ},
@@ -70,6 +83,9 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict | None, dict, bool]] = {
     ("POST", "/v1/completions"): (
         "Text completion of one prompt (string or token ids)", _TEXT_REQUEST, _COMPLETION,
         True),
+    ("POST", "/v1/responses"): (
+        "Minimal Responses API (text, function tools; no stream, nothing stored); recorded "
+        "with a session key like a chat completion", _RESPONSES_REQUEST, _RESPONSE, True),
     ("POST", "/rl/sessions"): (
         "Open a recorded session (admin key); answers its id and API key",
         {"type": "object", "required": ["policy"], "properties": {

@@ -29,6 +29,7 @@ from .delivery import Delivery, parse_json_object, read_body
 from .errors import GatewayError, bad_request, conflict, forbidden, not_found, route_error
 from .openapi import openapi_document
 from .params import stream_fields
+from .responses import response_completion
 from .sessions import Session, Turn
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class GatewayRoutes:
             Route("/v1/models", _wrap(self._models), methods=["GET"]),
             Route("/v1/chat/completions", _wrap(self._chat), methods=["POST"]),
             Route("/v1/completions", _wrap(self._completions), methods=["POST"]),
+            Route("/v1/responses", _wrap(self._responses), methods=["POST"]),
             Route("/rl/sessions", _wrap(self._create_session), methods=["POST"]),
             Route("/rl/sessions/{session_id}", _wrap(self._get_session), methods=["GET"]),
             Route("/rl/sessions/{session_id}/reward", _wrap(self._reward), methods=["POST"]),
@@ -176,6 +178,9 @@ class GatewayRoutes:
 
     async def _completions(self, request: Request) -> Response:
         return await self._serve(request, text_completion)
+
+    async def _responses(self, request: Request) -> Response:
+        return await self._serve(request, response_completion)
 
     async def _create_session(self, request: Request) -> Response:
         self._require_admin(request)

@@ -102,8 +102,8 @@ async def test_unknown_route_and_wrong_method_answer_openai_json(served):
         r = await http.get("/v1/nothing")
         assert_openai_error(r, 404, code="route_not_found",
                             says="no route GET /v1/nothing; GET /openapi.json lists")
-        r = await http.post("/v1/responses", json={"model": "tiny", "input": "hi"})
-        assert_openai_error(r, 404, says="use /v1/chat/completions")
+        r = await http.get("/v1/responses/resp_1")  # nothing is stored
+        assert_openai_error(r, 404, says="POST /v1/responses with the whole conversation")
         r = await http.get("/v1/chat/completions")
         error = assert_openai_error(r, 405, code="method_not_allowed",
                                     says="GET is not allowed on /v1/chat/completions; use POST")

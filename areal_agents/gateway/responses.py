@@ -1,0 +1,203 @@
+"""``POST /v1/responses``: the minimal Responses API that OpenAI's Agents SDK sends by default,
+served on the chat-completion path (same session recording, same tokenization contract).
+
+A Responses request is translated into a chat request (``to_chat_body``), served by
+``chat_completion`` and its answer translated back (``to_response``). Served: ``input`` as a
+string or a list of items (messages with text parts, ``function_call`` and
+``function_call_output`` items; ``reasoning`` items are skipped), ``instructions`` (a system
+message), function ``tools``, ``tool_choice``, ``temperature``, ``top_p``,
+``max_output_tokens``. Accepted and ignored: ``include``, ``store``, ``truncation``,
+``parallel_tool_calls``, ``metadata``, ``reasoning``, ``text``, ``prompt_cache_*``, ``user``,
+``service_tier``, ``context_management``. Refused with a 400 naming the fix: ``stream``,
+``previous_response_id`` / ``conversation`` (nothing is stored: send the whole conversation,
+as the SDK does by default), non-function tools, non-text content.
+
+The Response's ``id`` is the recorded turn's completion id, so ``POST
+/rl/sessions/{id}/reward {"completion_id": response.id}`` rewards that turn.
+
+Example:
+    >>> body = to_chat_body({"model": "p", "instructions": "Be brief.", "input": "2 + 3 ="})
+    >>> body["messages"]
+    [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': '2 + 3 ='}]
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from .completions import Offload, chat_completion, inline
+from .errors import bad_request
+from .sessions import Session, Turn
+
+if TYPE_CHECKING:
+    from .app import ServedPolicy
+
+_REFUSED = {
+    "stream": "streaming is not served on /v1/responses; call it without stream (OpenAI "
+              "Agents SDK: Runner.run, not run_streamed) or stream /v1/chat/completions",
+    "previous_response_id": "responses are not stored; send the whole conversation as "
+                            "'input' (the Agents SDK does unless told to chain responses)",
+    "conversation": "conversations are not stored; send the whole conversation as 'input'",
+}
+_TEXT_PARTS = {"input_text", "output_text", "text"}
+
+
+def _text(content: Any, where: str) -> str:
+    """The text of a message's content: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad_request(f"{where}: only text content parts are served "
+                                  f"({sorted(_TEXT_PARTS)}), got {kind!r}", param="input")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+    raise bad_request(f"{where}: content must be a string or a list of text parts",
+                      param="input")
+
+
+def _messages(items: Any) -> list[dict[str, Any]]:
+    """Chat messages of a Responses ``input``; consecutive function calls (and the assistant
+    text before them) join one assistant message, as the gateway's chat reply holds them."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise bad_request("'input' must be a string or a non-empty list of input items",
+                          param="input")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise bad_request(f"input[{i}] must be an object, got {item!r}", param="input")
+        kind = item.get("type", "message")
+        if kind == "message":
+            msg = {"role": item.get("role"), "content": _text(item.get("content"),
+                                                              f"input[{i}]")}
+            out.append(msg)
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function", "function": {
+                "name": item.get("name"), "arguments": item.get("arguments", "")}}
+            last = out[-1] if out else None
+            if last is not None and last.get("role") == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                        "content": _text(output, f"input[{i}].output")})
+        elif kind == "reasoning":
+            continue
+        else:
+            raise bad_request(f"input[{i}] has type {kind!r}; served item types: message, "
+                              "function_call, function_call_output (reasoning is skipped)",
+                              param="input")
+    return out
+
+
+def _tools(tools: Any) -> list[dict[str, Any]] | None:
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise bad_request("'tools' must be a list of function tools", param="tools")
+    out = []
+    for t in tools:
+        if not isinstance(t, dict) or t.get("type") != "function" or not t.get("name"):
+            kind = t.get("type") if isinstance(t, dict) else t
+            raise bad_request(f"only function tools ({{'type': 'function', 'name', "
+                              f"'parameters'}}) are served, got {kind!r}", param="tools")
+        fn = {"name": t["name"], "description": t.get("description") or "",
+              "parameters": t.get("parameters") or {"type": "object", "properties": {}}}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def to_chat_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat-completion body equivalent to a Responses request body.
+
+    Raises:
+        GatewayError: 400 for a refused field, item, tool or content part (the message names
+            the fix).
+    """
+    for name, fix in _REFUSED.items():
+        if body.get(name):
+            raise bad_request(f"'{name}': {fix}", param=name)
+    messages = _messages(body.get("input"))
+    instructions = body.get("instructions")
+    if instructions:
+        if not isinstance(instructions, str):
+            raise bad_request("'instructions' must be a string", param="instructions")
+        messages.insert(0, {"role": "system", "content": instructions})
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages}
+    tools = _tools(body.get("tools"))
+    if tools:
+        chat["tools"] = tools
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    if choice is not None:
+        chat["tool_choice"] = choice
+    for src, dst in (("temperature", "temperature"), ("top_p", "top_p"),
+                     ("max_output_tokens", "max_tokens"), ("seed", "seed")):
+        if body.get(src) is not None:
+            chat[dst] = body[src]
+    return chat
+
+
+def to_response(chat: dict[str, Any], body: dict[str, Any], tools: list[dict] | None
+                ) -> dict[str, Any]:
+    """The Responses ``response`` object of a one-choice chat completion ``chat``."""
+    choice = chat["choices"][0]
+    reply = choice["message"]
+    output: list[dict[str, Any]] = []
+    if reply.get("content"):
+        output.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
+                       "status": "completed", "content": [
+                           {"type": "output_text", "text": reply["content"], "annotations": [],
+                            "logprobs": []}]})
+    for call in reply.get("tool_calls") or []:
+        output.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}",
+                       "call_id": call["id"], "name": call["function"]["name"],
+                       "arguments": call["function"]["arguments"], "status": "completed"})
+    truncated = choice["finish_reason"] == "length"
+    usage = chat["usage"]
+    return {
+        "id": chat["id"], "object": "response", "created_at": chat["created"],
+        "status": "incomplete" if truncated else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
+        "error": None, "model": chat["model"], "output": output,
+        "instructions": body.get("instructions"), "metadata": body.get("metadata") or {},
+        "parallel_tool_calls": bool(body.get("parallel_tool_calls", True)),
+        "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "tool_choice": body.get("tool_choice") or "auto",
+        "tools": list(body.get("tools") or []) if tools else [],
+        "text": {"format": {"type": "text"}}, "truncation": "disabled", "store": False,
+        "usage": {"input_tokens": usage["prompt_tokens"],
+                  "output_tokens": usage["completion_tokens"],
+                  "total_tokens": usage["total_tokens"],
+                  "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens_details": {"reasoning_tokens": 0}},
+        "prompt_token_ids": chat["prompt_token_ids"], "token_ids": choice["token_ids"],
+        "session_id": chat["session_id"],
+    }
+
+
+async def response_completion(policy: ServedPolicy, body: dict[str, Any],
+                              session: Session | None, offload: Offload = inline
+                              ) -> tuple[dict[str, Any], list[Turn]]:
+    """Serve a Responses request through ``chat_completion``.
+
+    Returns:
+        ``(response, turns)`` as ``chat_completion``: the ``response`` object and the turns
+        to record once delivered (their ``request_id`` is the response's ``id``).
+
+    Raises:
+        GatewayError: 400 as ``to_chat_body`` and ``chat_completion``; 500 for engine errors.
+    """
+    chat_body = to_chat_body(body)
+    chat, turns = await chat_completion(policy, chat_body, session, offload)
+    return to_response(chat, body, chat_body.get("tools")), turns
