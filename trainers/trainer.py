@@ -3,19 +3,18 @@
 The loop (``afit``) reads top to bottom: set up policies, start the rollout controller, then
 per step take a batch per trainable policy, compute advantages, train, push weights
 (pause -> update -> version + 1 -> resume), log, evaluate, checkpoint.
+
+Where each part lives: ``trainer_setup.py`` (models, engines, gateway), ``rollouts.py``
+(training and evaluation episodes), ``train_policy.py`` (one policy's train step),
+``clocks.py`` (which policies train at each global step), ``trainer_state.py`` (checkpoints).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import random
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from areal_agents.agent import Agent
 from areal_agents.algorithms import check_group_size
@@ -24,39 +23,31 @@ from areal_agents.errors import ConfigError
 from areal_agents.league.pool import OpponentPool
 from areal_agents.metrics import Logger, Progress, Startup, make_logger
 from areal_agents.rewards.hooks import GroupRewardFn, RewardHooks
-from areal_agents.rollout import RolloutController
-from areal_agents.samples import Sample, collate
+from areal_agents.samples import Sample
 
-from .checkpointing import (
-    Stateful,
-    TrainerState,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-    truncate_metrics,
-)
-from .clocks import check_clock, control_of, run_independent, run_lockstep
-from .critic import CriticEngine, build_critic
-from .episodes import EpisodeStats, RewardFn, play
+from .checkpointing import TrainerState
+from .clocks import check_clock, run_independent, run_lockstep
+from .critic import CriticEngine
+from .episodes import RewardFn
 from .league import League
 from .llm_session import Seat, open_seat
 from .policy import Policy
-from .proximal import exact_behaviour, proximal_logprobs
-from .reference import ReferenceSpec, build_reference
+from .rollouts import evaluate, train_episode
 from .sample_log import SampleLog
-from .serving import build_engines
 from .stats import StepStats, resolve_algorithm
-from .warm_start import (
-    Demos,
-    collect_demos,
-    copy_weights_into,
-    warm_start_plan,
-    warm_start_policy,
+from .train_policy import train_policy
+from .trainer_setup import setup_trainer
+from .trainer_state import (
+    load_trainer_state,
+    restore_trainer,
+    save_trainer,
+    trainer_state_dict,
 )
 from .weight_push import WeightPush
 from .wiring import BACKENDS, backend_factory, policy_algorithm, resolve_policy_map
-from .worker_group import WorkerGroupEngine
+
+__all__ = ["BACKENDS", "Trainer", "backend_factory", "resolve_policy_map"]
+
 
 __all__ = ["BACKENDS", "Trainer", "backend_factory", "resolve_policy_map"]
 
@@ -229,127 +220,13 @@ class Trainer:
 
     async def setup(self) -> None:
         """Build models, train engines, KL references, inference engines and the gateway, then
-        restore the latest checkpoint when ``resume`` (idempotent).
+        restore the latest checkpoint when ``resume`` (idempotent; ``trainer_setup.py``).
 
         A resumed run skips the SFT warm start (the checkpoint holds the trained weights and
         ``checkpoints/reference`` the KL references).
         """
-        if self.gateway is not None:
-            return
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
-        from areal_agents.gateway import Gateway
-        from areal_agents.models import eos_token_ids
-
-        random.seed(self.seed)
-        torch.manual_seed(self.seed)
-        ckpt = latest_checkpoint(self.run_dir) if self.resume and self.run_dir else None
-        self.gateway = Gateway()
-        self._client = self.gateway.async_client()
-        self.rewards.bind(self._client)  # admin key: judge calls are not recorded
-        demos: Demos | None = None
-        if self.warm_start and ckpt is None:
-            start = int(self.warm_start.get("seed", 10_000_000))
-            seeds = range(start, start + int(self.warm_start.get("episodes", 256)))
-            with self.startup.phase(f"collecting {len(seeds)} warm-start demo episodes"):
-                demos = await collect_demos(self.make_env, self.warm_start["players"], seeds,
-                                            min_episodes=self.warm_start.get("min_episodes"))
-        for name in sorted(set(self.policy_of.values()) | self.rewards.policies):
-            policy = self.policies[name]
-            if policy.endpoint is not None:
-                continue
-            what = policy.model if isinstance(policy.model, str) else type(policy.model).__name__
-            with self.startup.phase(f"loading model {what} for policy {name}"):
-                model, tokenizer = policy.load()
-            self.tokenizers[name] = tokenizer
-            serving = None
-            if policy.trainable:
-                factory = backend_factory(policy.backend)
-                reference = (ReferenceSpec.of(name, policy, self.run_dir, ckpt is not None)
-                             if getattr(self.algorithms[name], "needs_reference", False) else None)
-                if policy.train.distributed:  # the ranks warm start and hold the reference
-                    with self.startup.phase(f"starting the training worker group of {name}"):
-                        self.train_engines[name] = await self._worker_group(
-                            name, model, tokenizer, factory, demos, reference)
-                    serving = model
-                else:
-                    if policy.sft_steps and demos is not None:
-                        with self.startup.phase(f"SFT warm start of {name} "
-                                                f"({policy.sft_steps} steps)"):
-                            await self._warm_start(name, model, tokenizer, factory, demos)
-                    if reference is not None:
-                        self.ref_engines[name] = build_reference(
-                            name, policy, model, factory, self.run_dir, resumed=ckpt is not None)
-                    if policy.critic is not None:  # from the weights after the warm start
-                        self.critics[name] = build_critic(name, policy.critic, policy, model)
-                    # copied before the engine is built: PEFT LoRA rewraps `model` in place,
-                    # and the served copy must keep the plain HF names export_weights yields
-                    serving = copy.deepcopy(model)
-                    with self.startup.phase(f"building the {policy.backend} train engine "
-                                            f"of {name}"):
-                        self.train_engines[name] = factory(model, lr=policy.lr,
-                                                           lora=policy.lora, **policy.train_kwargs)
-            serving = (copy.deepcopy(model) if serving is None else serving).eval()
-            if policy.trainable:
-                weights_dir = self.run_dir / "weights" / name if self.run_dir else None
-                self.weight_pushes[name] = WeightPush(policy.inference, weights_dir)
-            with self.startup.phase(f"building the inference engines of {name}"):
-                engines = await build_engines(name, policy.inference, serving, tokenizer,
-                                              self.run_dir,
-                                              max_batch_size=self.generation_batch_size)
-            self.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
-                                    stop_token_ids=eos_token_ids(serving, tokenizer))
-        controls = {p: control_of(self.policies[p], batch_size=self.batch_size,
-                                  max_staleness=self.max_staleness,
-                                  max_concurrent=self.max_concurrent) for p in self.trainable}
-        self.controller = RolloutController(self._episode, controls, group_size=self.group_size,
-                                            filter_fn=self._filter, seed=self.seed,
-                                            partial_groups=self.partial_groups,
-                                            group_fn=self.rewards.on_group
-                                            if self.rewards.group_reward_fns else None)
-        await self.league.setup(self, resumed=ckpt is not None)  # pool members, snapshot 0
-        if ckpt is not None:
-            with self.startup.phase(f"restoring checkpoint {ckpt}"):
-                await self.restore_checkpoint(ckpt)
-
-    def _transcripts(self, name: str, demos: Demos) -> list[list[dict[str, Any]]]:
-        return [t for a, p in self.policy_of.items() if p == name
-                for t in demos.transcripts.get(a, [])]
-
-    async def _warm_start(self, name: str, model: Any, tokenizer: Any, factory: Any,
-                          demos: Demos) -> None:
-        losses = await warm_start_policy(self.policies[name], model, tokenizer, factory,
-                                         self._transcripts(name, demos), self.seed)
-        self._log_warm_start(name, demos, losses)
-
-    async def _worker_group(self, name: str, model: Any, tokenizer: Any, factory: Any,
-                            demos: Demos | None, reference: ReferenceSpec | None
-                            ) -> WorkerGroupEngine:
-        """Policy ``name``'s worker group; its ranks run the warm start and hold the KL
-        reference (nothing of either in this process). The warm-started weights then stream
-        from rank 0 into ``model``, the copy the inference engines are built from."""
-        policy = self.policies[name]
-        demos = demos if policy.sft_steps else None
-        plan = (None if demos is None else
-                warm_start_plan(policy, tokenizer, self._transcripts(name, demos), self.seed))
-        engine = await asyncio.to_thread(  # the workers unpickle their own copies of `model`
-            WorkerGroupEngine, model, policy.train, backend=policy.backend, factory=factory,
-            lr=policy.lr, lora=policy.lora, warm_start=plan, reference=reference,
-            **policy.train_kwargs)
-        if engine.reference is not None:
-            self.ref_engines[name] = engine.reference
-        if demos is not None:
-            self._log_warm_start(name, demos, engine.warm_start_losses)
-        if plan is not None:
-            copy_weights_into(model, engine.export_weights())
-        return engine
-
-    def _log_warm_start(self, name: str, demos: Demos, losses: list[float]) -> None:
-        metrics = {f"warm_start/{name}/failed_episodes": float(demos.num_failed)}
-        if losses:
-            metrics.update({f"warm_start/{name}/nll_first": losses[0],
-                            f"warm_start/{name}/nll_last": losses[-1]})
-        self.logger.log(0, metrics)
+        if self.gateway is None:
+            await setup_trainer(self)
 
     # ---- episodes -------------------------------------------------------------------------
 
@@ -361,25 +238,7 @@ class Trainer:
     async def _episode(self, seed: int, member: int) -> dict[str, list[Sample]]:
         """One training episode; agent ``a`` samples with seeds keyed by ``(self.seed, seed,
         member, a)`` so a replayed episode (after a resume) draws the same tokens."""
-
-        async def seat(agent_id: str, policy: str, greedy: bool) -> Seat:
-            key = f"{self.seed}/{seed}/{member}/{agent_id}"
-            return await self._open_seat(agent_id, policy, greedy, seed_key=key)
-
-        env = self.make_env()
-        match = self.league.match(self, seed, env)  # the drawn opponent, if a pool is set
-        try:
-            by_policy, stats = await play(
-                env, seed, policy_of=match.policy_of, fixed_agents=match.fixed_agents,
-                open_seat=seat, reward_fns=[*match.reward_fns, *self.reward_fns],
-                max_steps=self.max_steps_per_episode)
-        finally:
-            match.close()
-            await env.close()
-        self._stats.add_episode(match.learner_stats(stats))
-        self.rewards.record(seed, member, stats.episode)
-        self.sample_log.attach(by_policy, stats.episode.messages if stats.episode else {})
-        return {p: s for p, s in by_policy.items() if p in self.trainable}
+        return await train_episode(self, seed, member)
 
     def _filter(self, policy: str, samples: list[Sample]) -> tuple[list[Sample], dict[str, int]]:
         return self.algorithms[policy].filter(samples)
@@ -387,60 +246,8 @@ class Trainer:
     # ---- training -------------------------------------------------------------------------
 
     async def _train_policy(self, name: str) -> dict[str, float]:
-        t0 = time.perf_counter()
-        groups = await self.controller.take(name, self.controller.controls[name].batch_size)
-        groups.sort(key=lambda g: g.seed)  # the batch's row order does not depend on timing
-        wait = time.perf_counter() - t0
-        samples = [s for g in groups for s in g.samples]
-        self._step_seeds[name] = [g.seed for g in groups]
-        engine = self.train_engines[name]
-        pad = self.tokenizers[name].pad_token_id or 0
-        algorithm = self.algorithms[name]
-        batch = collate(samples, pad_token_id=pad)
-
-        # the proximal recompute is skipped for on-policy batches of exact engines (proximal.py)
-        exact = exact_behaviour(self.gateway.policies[name].router.engines, engine)
-        critic, critic_stats = self.critics.get(name), {}
-
-        def work() -> dict[str, float]:
-            skipped = False
-            if algorithm.needs_proximal:
-                batch.prox_logprobs, skipped = proximal_logprobs(batch, samples, engine,
-                                                                 exact=exact)
-            if getattr(algorithm, "needs_reference", False):
-                batch.ref_logprobs = self.ref_engines[name].forward_logprobs(batch)
-            if critic is not None:  # V_old on the trained tokens, before GAE
-                batch.values = critic.values(batch)
-            # prepare after the log-probs: with kl_in_reward it reads batch.ref_logprobs
-            prepared = algorithm.prepare(batch, samples)
-            self.sample_log.stage(name, samples, prepared.advantages,
-                                  self.controller.controls[name].version, self.tokenizers[name])
-            stats = engine.train_step(prepared, algorithm.loss)
-            if algorithm.needs_proximal:
-                stats["prox_recompute_skipped"] = float(skipped)
-            if critic is not None:
-                critic_stats.update(critic.update(prepared, algorithm))
-            return stats
-
-        t1 = time.perf_counter()
-        stats = await asyncio.to_thread(work)
-        t2 = time.perf_counter()
-        control = self.controller.controls[name]
-        new_version = control.version + 1
-
-        # streamed bucket by bucket from the train engine (a disk update is written first,
-        # while the replicas still serve); weight_push.py
-        update = await self.weight_pushes[name].update(engine, new_version)
-
-        async def push() -> None:  # pause all -> update all -> resume all (also on failure)
-            await self.gateway.push_weights(name, update)
-
-        await self.controller.update_weights(name, push, new_version)
-        engine.version = new_version
-        await self.league.after_train(self, name, new_version)  # a pool snapshot when due
-        metrics = self._stats.train_metrics(name, samples, stats, new_version, wait=wait,
-                                            train=t2 - t1, sync=time.perf_counter() - t2)
-        return metrics | {f"critic/{name}/{k}": v for k, v in critic_stats.items()}
+        """One train step of policy ``name`` (``train_policy.py``); its metrics."""
+        return await train_policy(self, name)
 
     async def afit(self, steps: int) -> list[dict[str, float]]:
         """Train until ``self.step == steps`` (global steps of ``clock``: ``trainers/clocks.py``);
@@ -527,22 +334,7 @@ class Trainer:
         seeds = self.eval_seeds if seeds is None else seeds
         if opponents is not None:
             return await self.league.evaluate_vs(self, opponents, seats, seeds)
-
-        async def one(seed: int) -> EpisodeStats:
-            env = self.make_env()
-            try:
-                _, stats = await play(env, seed, policy_of=self.policy_of,
-                                      fixed_agents=self.fixed_agents, open_seat=self._open_seat,
-                                      reward_fns=self.reward_fns, greedy=True,
-                                      max_steps=self.max_steps_per_episode)
-                return stats
-            finally:
-                await env.close()
-
-        results = await asyncio.gather(*(one(s) for s in seeds), return_exceptions=True)
-        metrics = StepStats.summarise([r for r in results if isinstance(r, EpisodeStats)], "eval",
-                                      num_failed=sum(isinstance(r, BaseException) for r in results))
-        return metrics | await self.league.on_evaluate(self)  # pool stats, the league when due
+        return await evaluate(self, seeds)
 
     def _repr_html_(self) -> str:
         """The step, each agent's policy (trained or frozen) and the last metrics, for notebooks."""
@@ -566,50 +358,22 @@ class Trainer:
     def state_dict(self) -> TrainerState:
         """Everything but the engines' weights a resumed run needs (JSON-ready): step,
         controller state, history, trained seeds and each policy's algorithm state."""
-        return {"step": self.step, "controller": self.controller.state_dict(),
-                "history": list(self.history),
-                "trained_seeds": [list(s) for s in self.trained_seeds],
-                "algorithms": {p: dict(a.state_dict()) for p, a in self.algorithms.items()
-                               if isinstance(a, Stateful)},
-                "league": self.league.state_dict()}
+        return trainer_state_dict(self)
 
     def load_state_dict(self, state: TrainerState) -> None:
         """Restore ``state_dict()`` output into a set-up trainer; each train engine's version
         becomes its policy's restored version."""
-        self.step = int(state["step"])
-        self.history = list(state.get("history", []))
-        self.trained_seeds = [list(s) for s in state.get("trained_seeds", [])]
-        self.controller.load_state_dict(state["controller"])
-        for name, algo_state in state.get("algorithms", {}).items():
-            algorithm = self.algorithms.get(name)
-            if isinstance(algorithm, Stateful):
-                algorithm.load_state_dict(algo_state)
-        for name, engine in self.train_engines.items():
-            engine.version = self.controller.controls[name].version
+        load_trainer_state(self, state)
 
     async def save_checkpoint(self) -> Path:
         """Write engines + ``state_dict()`` to ``run_dir/checkpoints/step_<n>``; returns the
         dir (see ``areal_agents.trainers.checkpointing`` for the layout and atomicity)."""
-        assert self.run_dir is not None
-        return await save_checkpoint(self.run_dir, self.state_dict(), self._saved_engines(),
-                                     keep=self.keep_checkpoints)
-
-    def _saved_engines(self) -> dict[str, Any]:
-        """What a checkpoint holds per directory: ``<policy>`` and ``critics/<policy>``."""
-        return self.train_engines | {f"critics/{p}": c for p, c in self.critics.items()}
+        return await save_trainer(self)
 
     async def restore_checkpoint(self, ckpt: Path) -> None:
         """Load checkpoint ``ckpt`` into the set-up trainer: engines, state, the served
         weights, RNG states (last) and ``metrics.jsonl`` cut back to the restored step."""
-        state = await load_checkpoint(ckpt, self._saved_engines())
-        self.load_state_dict(state)
-        await self.league.restore(self, state.get("league", {}))  # re-serve pool snapshots
-        for name, engine in self.train_engines.items():
-            update = await self.weight_pushes[name].update(engine, engine.version)
-            await self.gateway.update_weights(name, update)
-        restore_rng(ckpt)
-        if self.run_dir is not None:
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        await restore_trainer(self, ckpt)
 
     async def add_replica(self, policy: str, engine: InferenceEngine) -> int:
         """Serve ``engine`` as one more replica of trainable ``policy`` (a late joiner or a

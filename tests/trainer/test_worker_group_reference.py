@@ -15,7 +15,7 @@ import torch
 from areal_agents.cli import main
 from areal_agents.models import tiny
 from areal_agents.samples import collate
-from areal_agents.trainers import trainer as trainer_module
+from areal_agents.trainers import trainer_setup as trainer_module  # setup builds them
 from areal_agents.trainers.checkpointing import reference_path
 from areal_agents.trainers.fsdp.engine import FSDPEngine
 from areal_agents.trainers.launcher import DistributedEngineGroup

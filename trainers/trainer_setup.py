@@ -1,0 +1,163 @@
+"""``Trainer.setup``: models, train engines, KL references, critics, inference engines, gateway.
+
+Per policy (sorted by name; policies with an ``endpoint`` are served elsewhere): load the model,
+and for a trainable one build its train engine -- in this process (after the SFT warm start,
+the KL reference and the critic, all from the warm-started weights) or as a worker group whose
+ranks do all three -- then serve a copy of the weights on the policy's inference engines. Last
+come the rollout controller, the league and, with ``resume``, the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from areal_agents.rollout import RolloutController
+
+from .checkpointing import latest_checkpoint
+from .clocks import control_of
+from .critic import build_critic
+from .reference import ReferenceSpec, build_reference
+from .serving import build_engines
+from .warm_start import (
+    Demos,
+    collect_demos,
+    copy_weights_into,
+    warm_start_plan,
+    warm_start_policy,
+)
+from .weight_push import WeightPush
+from .wiring import backend_factory
+from .worker_group import WorkerGroupEngine
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["setup_trainer"]
+
+
+async def setup_trainer(trainer: Trainer) -> None:
+    """Build everything ``trainer`` trains and serves with (``Trainer.setup``; not idempotent
+    itself: the caller checks ``trainer.gateway``)."""
+    if trainer.torch_threads:
+        torch.set_num_threads(trainer.torch_threads)
+    from areal_agents.gateway import Gateway
+
+    random.seed(trainer.seed)
+    torch.manual_seed(trainer.seed)
+    ckpt = latest_checkpoint(trainer.run_dir) if trainer.resume and trainer.run_dir else None
+    trainer.gateway = Gateway()
+    trainer._client = trainer.gateway.async_client()
+    trainer.rewards.bind(trainer._client)  # admin key: judge calls are not recorded
+    demos: Demos | None = None
+    if trainer.warm_start and ckpt is None:
+        start = int(trainer.warm_start.get("seed", 10_000_000))
+        seeds = range(start, start + int(trainer.warm_start.get("episodes", 256)))
+        with trainer.startup.phase(f"collecting {len(seeds)} warm-start demo episodes"):
+            demos = await collect_demos(trainer.make_env, trainer.warm_start["players"], seeds,
+                                        min_episodes=trainer.warm_start.get("min_episodes"))
+    for name in sorted(set(trainer.policy_of.values()) | trainer.rewards.policies):
+        if trainer.policies[name].endpoint is None:
+            await _setup_policy(trainer, name, demos, resumed=ckpt is not None)
+    controls = {p: control_of(trainer.policies[p], batch_size=trainer.batch_size,
+                              max_staleness=trainer.max_staleness,
+                              max_concurrent=trainer.max_concurrent) for p in trainer.trainable}
+    trainer.controller = RolloutController(
+        trainer._episode, controls, group_size=trainer.group_size, filter_fn=trainer._filter,
+        seed=trainer.seed, partial_groups=trainer.partial_groups,
+        group_fn=trainer.rewards.on_group if trainer.rewards.group_reward_fns else None)
+    await trainer.league.setup(trainer, resumed=ckpt is not None)  # pool members, snapshot 0
+    if ckpt is not None:
+        with trainer.startup.phase(f"restoring checkpoint {ckpt}"):
+            await trainer.restore_checkpoint(ckpt)
+
+
+async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
+                        resumed: bool) -> None:
+    """Load policy ``name``'s model; build its train side when trainable; serve a copy."""
+    from areal_agents.models import eos_token_ids
+
+    policy = trainer.policies[name]
+    what = policy.model if isinstance(policy.model, str) else type(policy.model).__name__
+    with trainer.startup.phase(f"loading model {what} for policy {name}"):
+        model, tokenizer = policy.load()
+    trainer.tokenizers[name] = tokenizer
+    serving = None
+    if policy.trainable:
+        factory = backend_factory(policy.backend)
+        reference = (ReferenceSpec.of(name, policy, trainer.run_dir, resumed)
+                     if getattr(trainer.algorithms[name], "needs_reference", False) else None)
+        if policy.train.distributed:  # the ranks warm start and hold the reference
+            with trainer.startup.phase(f"starting the training worker group of {name}"):
+                trainer.train_engines[name] = await _worker_group(
+                    trainer, name, model, tokenizer, factory, demos, reference)
+            serving = model
+        else:
+            if policy.sft_steps and demos is not None:
+                with trainer.startup.phase(f"SFT warm start of {name} "
+                                           f"({policy.sft_steps} steps)"):
+                    losses = await warm_start_policy(policy, model, tokenizer, factory,
+                                                     _transcripts(trainer, name, demos),
+                                                     trainer.seed)
+                    _log_warm_start(trainer, name, demos, losses)
+            if reference is not None:
+                trainer.ref_engines[name] = build_reference(
+                    name, policy, model, factory, trainer.run_dir, resumed=resumed)
+            if policy.critic is not None:  # from the weights after the warm start
+                trainer.critics[name] = build_critic(name, policy.critic, policy, model)
+            # copied before the engine is built: PEFT LoRA rewraps `model` in place,
+            # and the served copy must keep the plain HF names export_weights yields
+            serving = copy.deepcopy(model)
+            with trainer.startup.phase(f"building the {policy.backend} train engine of {name}"):
+                trainer.train_engines[name] = factory(model, lr=policy.lr, lora=policy.lora,
+                                                      **policy.train_kwargs)
+    serving = (copy.deepcopy(model) if serving is None else serving).eval()
+    if policy.trainable:
+        weights_dir = trainer.run_dir / "weights" / name if trainer.run_dir else None
+        trainer.weight_pushes[name] = WeightPush(policy.inference, weights_dir)
+    with trainer.startup.phase(f"building the inference engines of {name}"):
+        engines = await build_engines(name, policy.inference, serving, tokenizer, trainer.run_dir,
+                                      max_batch_size=trainer.generation_batch_size)
+    trainer.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
+                               stop_token_ids=eos_token_ids(serving, tokenizer))
+
+
+def _transcripts(trainer: Trainer, name: str, demos: Demos) -> list[list[dict[str, Any]]]:
+    """The demo transcripts of every agent that policy ``name`` plays."""
+    return [t for a, p in trainer.policy_of.items() if p == name
+            for t in demos.transcripts.get(a, [])]
+
+
+async def _worker_group(trainer: Trainer, name: str, model: Any, tokenizer: Any, factory: Any,
+                        demos: Demos | None, reference: ReferenceSpec | None
+                        ) -> WorkerGroupEngine:
+    """Policy ``name``'s worker group; its ranks run the warm start and hold the KL
+    reference (nothing of either in this process). The warm-started weights then stream
+    from rank 0 into ``model``, the copy the inference engines are built from."""
+    policy = trainer.policies[name]
+    demos = demos if policy.sft_steps else None
+    plan = (None if demos is None else
+            warm_start_plan(policy, tokenizer, _transcripts(trainer, name, demos), trainer.seed))
+    engine = await asyncio.to_thread(  # the workers unpickle their own copies of `model`
+        WorkerGroupEngine, model, policy.train, backend=policy.backend, factory=factory,
+        lr=policy.lr, lora=policy.lora, warm_start=plan, reference=reference,
+        **policy.train_kwargs)
+    if engine.reference is not None:
+        trainer.ref_engines[name] = engine.reference
+    if demos is not None:
+        _log_warm_start(trainer, name, demos, engine.warm_start_losses)
+    if plan is not None:
+        copy_weights_into(model, engine.export_weights())
+    return engine
+
+
+def _log_warm_start(trainer: Trainer, name: str, demos: Demos, losses: list[float]) -> None:
+    metrics = {f"warm_start/{name}/failed_episodes": float(demos.num_failed)}
+    if losses:
+        metrics.update({f"warm_start/{name}/nll_first": losses[0],
+                        f"warm_start/{name}/nll_last": losses[-1]})
+    trainer.logger.log(0, metrics)
