@@ -209,9 +209,24 @@ class RunConfig(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     opponents: OpponentPoolConfig | None = Field(None, description="an opponent pool: each "
                                                  "episode one member takes the opponent's seat")
+    reward_fns: list[dict[str, Any]] = Field(
+        default_factory=list, description="extra rewards: [{type: rubric_judge | "
+        "reference_judge | group_judge | reward_model | 'module:attr', <its arguments>}] "
+        "(areal_agents.rewards.from_config); a judge's policy names one of `policies`")
     run_dir: str = Field("runs/run", description="metrics, plots and checkpoints")
     resume: bool = Field(False, description="continue from run_dir's latest checkpoint (a fresh "
                          "run when there is none); same as `train --resume`")
+
+    @model_validator(mode="after")
+    def _reward_fns_known(self) -> RunConfig:
+        from .rewards.from_config import check_reward_spec
+
+        for i, spec in enumerate(self.reward_fns):
+            try:
+                check_reward_spec(spec, list(self.policies))
+            except ValueError as exc:
+                raise ValueError(f"reward_fns[{i}]: {exc}") from None
+        return self
 
     def build(self, resume: bool = False, trainer_cls: type | None = None) -> Any:
         """The ``Trainer`` this config describes (``resume`` or ``self.resume`` continues from
@@ -219,11 +234,13 @@ class RunConfig(_Strict):
         ``ExternalTrainer`` for ``serve --train``)."""
         from areal_agents.league import OpponentPool
         from areal_agents.metrics import make_logger
+        from areal_agents.rewards.from_config import build_reward_fns
         from areal_agents.trainers.policy import Policy
         from areal_agents.trainers.stats import resolve_algorithm
         from areal_agents.trainers.trainer import Trainer
 
         t = self.trainer
+        reward_fns, group_reward_fns = build_reward_fns(self.reward_fns)
         return (trainer_cls or Trainer)(
             env=self.env, env_kwargs=self.env_kwargs,
             policies={n: Policy(**p.model_dump()) for n, p in self.policies.items()},
@@ -237,7 +254,8 @@ class RunConfig(_Strict):
             max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
             generation_batch_size=t.generation_batch_size, record_samples=t.record_samples,
             partial_groups=t.partial_groups, clock=t.clock,
-            keep_checkpoints=t.keep_checkpoints,
+            keep_checkpoints=t.keep_checkpoints, reward_fns=reward_fns,
+            group_reward_fns=group_reward_fns,
             opponents=None if self.opponents is None else OpponentPool(
                 **self.opponents.model_dump()),
             logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,

@@ -19,8 +19,7 @@ from areal_agents.trainers.trainer import Trainer
 # Trainer arguments with no config field, on purpose.
 TRAINER_ONLY = {
     "agents",  # fixed Agent objects (Python code, not YAML)
-    "reward_fns",  # callables
-    "group_reward_fns",  # callables
+    "group_reward_fns",  # built from reward_fns entries of a group type (group_judge)
     "logger",  # built by RunConfig.build from the `logging` section
     "progress",  # logging.progress (a logging setting, not a trainer one)
 }
@@ -33,6 +32,7 @@ CONFIG_ONLY = {
 DEFAULTS_DIFFER = {
     "run_dir": (None, "runs/run"),  # a CLI run always writes somewhere; the API may not
     "env_kwargs": (None, {}),  # the same: Trainer treats None as {} (no mutable default)
+    "reward_fns": (None, []),  # specs ({type: ...}) in the config, callables in the Trainer
 }
 # Shared names whose config value is a section: name -> how to read its default from it.
 SECTIONS = {"algorithm": lambda section: section.name}  # AlgorithmConfig(name, params)
@@ -84,7 +84,7 @@ def test_build_passes_every_field(monkeypatch, tmp_path):
     monkeypatch.setattr(trainer_module, "Trainer", lambda **kw: seen.update(kw))
     RunConfig(env="Signaling-v0", policies={"a": PolicyConfig()}, policy_map={"speaker": "a"},
               run_dir=str(tmp_path)).build()
-    expected = set(_trainer_defaults()) - {"agents", "reward_fns", "group_reward_fns"}  # code
+    expected = set(_trainer_defaults()) - {"agents"}  # fixed Agent objects: code only
     assert sorted(seen) == sorted(expected)
 
 

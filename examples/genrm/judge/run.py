@@ -10,7 +10,8 @@
    zeroed; ``info["success"]`` keeps the exact verdict, so held-out accuracy stays exact
    match), (b) the env's exact-match reward.
 
-Prints and writes ``RUN_DIR/summary.json``: judge accuracy, and per run held-out greedy
+The judge model is saved in ``RUN_DIR/judge_model`` (``judge_reward.yaml`` names it as a
+YAML ``reward_fns`` judge). Prints and writes ``RUN_DIR/summary.json``: judge accuracy, and per run held-out greedy
 accuracy at step 0 and at the end, mean train reward of the first and last steps, judge
 calls/cache hits/tokens per trained token, wall time.
 
@@ -59,19 +60,25 @@ def make_judge(name: str = "judge") -> ReferenceJudge:
                           sampling={"max_tokens": 2, "stop": STOP})
 
 
-def judge_pairs(seeds: range, rng: random.Random) -> list[tuple[Episode, bool]]:
+def judge_pairs(seeds: range, rng: random.Random, near: float = 0.35, unformatted: float = 0.15
+                ) -> list[tuple[Episode, bool]]:
     """One (episode, is_correct) per seed: the task of that seed, its gold answer in the info,
-    and an answer that is right half the time, else off by 1-3 (35%) or unformatted (15%)."""
+    and an answer that is off by 1-3 (a *near miss*, the hard negative) with probability
+    ``near``, the right number without the ``Answer:`` format with probability
+    ``unformatted``, else right (the defaults: right half the time)."""
     import numpy as np
 
+    if near < 0 or unformatted < 0 or near + unformatted >= 1:
+        raise ValueError(f"near={near}, unformatted={unformatted}: each must be >= 0 and their "
+                         "sum < 1 (the rest are right answers)")
     out = []
     for seed in seeds:
         question, answer = make_task(np.random.default_rng(seed), **ENV_KWARGS)
         draw = rng.random()
-        correct = draw < 0.5
+        correct = draw < 1.0 - near - unformatted
         if correct:
             reply = f"Answer: {answer}"
-        elif draw < 0.85:
+        elif draw < 1.0 - unformatted:
             reply = f"Answer: {answer + rng.choice([-3, -2, -1, 1, 2, 3])}"
         else:
             reply = str(answer)
@@ -82,18 +89,19 @@ def judge_pairs(seeds: range, rng: random.Random) -> list[tuple[Episode, bool]]:
     return out
 
 
-def train_judge(steps: int, num_pairs: int, seed: int) -> tuple[Any, Any, list[float]]:
-    """SFT a tiny model on judge transcripts rendered by ``make_judge``; (model, tok, losses)."""
-    model, tokenizer = aa.models.tiny("xs", seed=seed + 100)
+def train_judge(args: argparse.Namespace) -> tuple[Any, Any, list[float]]:
+    """SFT a tiny model (``args.judge_size``) on judge transcripts rendered by ``make_judge``,
+    with ``args.train_near`` near misses among them; (model, tokenizer, losses)."""
+    model, tokenizer = aa.models.tiny(args.judge_size, seed=args.seed + 100)
     judge = make_judge()
+    pairs = judge_pairs(range(10_000, 10_000 + args.judge_pairs), random.Random(args.seed),
+                        near=args.train_near, unformatted=args.train_unformatted)
     transcripts = [[{"role": "user", "content": judge.render(e, "agent")},
-                    {"role": "assistant", "content": "yes" if ok else "no"}]
-                   for e, ok in judge_pairs(range(10_000, 10_000 + num_pairs),
-                                            random.Random(seed))]
+                    {"role": "assistant", "content": "yes" if ok else "no"}] for e, ok in pairs]
     samples = demo_samples(tokenizer, transcripts, api="completions")
-    engine = backend_factory("fsdp")(model, lr=3e-3)
+    engine = backend_factory("fsdp")(model, lr=args.judge_lr)
     try:
-        losses = sft(engine, samples, steps, batch_size=32, seed=seed,
+        losses = sft(engine, samples, args.judge_sft_steps, batch_size=32, seed=args.seed,
                      pad_token_id=tokenizer.pad_token_id or 0)
     finally:
         engine.close()
@@ -185,8 +193,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     """The judge SFT, then both RL runs; writes ``summary.json`` under ``args.run_dir``."""
     run_dir = Path(args.run_dir)
     t0 = time.perf_counter()
-    model, tokenizer, losses = await asyncio.to_thread(
-        train_judge, args.judge_sft_steps, args.judge_pairs, args.seed)
+    model, tokenizer, losses = await asyncio.to_thread(train_judge, args)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(run_dir / "judge_model")  # for judge_reward.yaml
+    tokenizer.save_pretrained(run_dir / "judge_model")
     held_out = judge_pairs(range(3_000_000, 3_000_000 + args.judge_eval_pairs),
                            random.Random(args.seed + 1))
     summary: dict[str, Any] = {"judge_sft": {"steps": len(losses), "nll_first": losses[0],
@@ -218,6 +228,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy-sft-steps", type=int, default=200)
     p.add_argument("--judge-sft-steps", type=int, default=400)
     p.add_argument("--judge-pairs", type=int, default=2000, help="judge SFT transcripts")
+    p.add_argument("--judge-size", default="xs", help="tiny model size of the judge (xs, s, m)")
+    p.add_argument("--judge-lr", type=float, default=3e-3, help="judge SFT learning rate")
+    p.add_argument("--train-near", type=float, default=0.35,
+                   help="share of near misses (hard negatives) in the judge's SFT data")
+    p.add_argument("--train-unformatted", type=float, default=0.15,
+                   help="share of unformatted right answers in the judge's SFT data")
     p.add_argument("--judge-eval-pairs", type=int, default=200, help="held-out judge pairs")
     p.add_argument("--eval-seeds", type=int, default=200, help="held-out policy seeds")
     p.add_argument("--seed", type=int, default=0)
