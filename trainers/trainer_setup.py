@@ -21,6 +21,7 @@ from areal_agents.rollout import RolloutController
 from .checkpointing import latest_checkpoint
 from .clocks import control_of
 from .critic import build_critic
+from .lora_policies import check_adapter_policies, setup_adapter_policy
 from .reference import ReferenceSpec, build_reference
 from .serving import build_engines
 from .warm_start import (
@@ -47,6 +48,7 @@ async def setup_trainer(trainer: Trainer) -> None:
         torch.set_num_threads(trainer.torch_threads)
     from areal_agents.gateway import Gateway
 
+    check_adapter_policies(trainer.policies)
     random.seed(trainer.seed)
     torch.manual_seed(trainer.seed)
     ckpt = latest_checkpoint(trainer.run_dir) if trainer.resume and trainer.run_dir else None
@@ -60,9 +62,14 @@ async def setup_trainer(trainer: Trainer) -> None:
         with trainer.startup.phase(f"collecting {len(seeds)} warm-start demo episodes"):
             demos = await collect_demos(trainer.make_env, trainer.warm_start["players"], seeds,
                                         min_episodes=trainer.warm_start.get("min_episodes"))
-    for name in sorted(set(trainer.policy_of.values()) | trainer.rewards.policies):
+    used = set(trainer.policy_of.values()) | trainer.rewards.policies
+    adapters = {n for n in used if getattr(trainer.policies[n], "adapter_of", None)}
+    used |= {trainer.policies[n].adapter_of for n in adapters}  # a base serves its adapters
+    for name in sorted(used - adapters):
         if trainer.policies[name].endpoint is None:
             await _setup_policy(trainer, name, demos, resumed=ckpt is not None)
+    for name in sorted(adapters):  # after their bases: lora_policies.py
+        await setup_adapter_policy(trainer, name)
     controls = {p: control_of(trainer.policies[p], batch_size=trainer.batch_size,
                               max_staleness=trainer.max_staleness,
                               max_concurrent=trainer.max_concurrent) for p in trainer.trainable}

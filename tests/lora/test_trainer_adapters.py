@@ -1,0 +1,90 @@
+"""Adapter policies through the Trainer: one base model per side, one LoRA adapter per role."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import areal_agents as aa
+from areal_agents.engines.local_adapters import AdapterEngine
+from areal_agents.errors import ConfigError
+from areal_agents.trainers.lora_policies import check_adapter_policies
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+SAMPLING = {"temperature": 1.0, "max_tokens": 3}
+
+
+def adapter(**kw) -> aa.Policy:
+    kw = {"adapter_of": "base", "lora": LORA, "lr": 1e-2, "api": "completions",
+          "sampling": SAMPLING, **kw}
+    of = kw.pop("adapter_of")  # TEMP until Policy.adapter_of lands
+    p = aa.Policy(**kw)
+    p.adapter_of = of
+    return p
+
+
+def odd_length(episode):
+    """Reward 1 for an odd-length reply: rewards vary within a group, so LoRA gets gradients."""
+    def reward(agent: str) -> float:
+        said = [m for m in episode.messages[agent] if m.get("role") == "assistant"]
+        return float(len(said[-1].get("content") or "") % 2)
+
+    return {"speaker": reward("speaker"), "listener": reward("listener")}
+
+
+def make(backend: str) -> aa.Trainer:
+    policies = {"base": aa.Policy(model="tiny:xs", frozen=True, api="completions"),
+                "speaker": adapter(backend=backend),
+                "listener": adapter(backend=backend, lr=3e-2, max_staleness=1)}
+    return aa.Trainer(
+        env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2}, policies=policies,
+        policy_map={"speaker": "speaker", "listener": "listener"}, reward_fns=[odd_length],
+        batch_size=4, group_size=2, progress=False)
+
+
+@pytest.mark.parametrize("backend", ["fsdp"])  # archon: tests/lora/test_shared_base.py
+async def test_two_roles_train_their_adapters_over_one_base_per_side(backend):
+    trainer = make(backend)
+    try:
+        await trainer.setup()
+        base_engine = trainer.gateway.policies["base"].router.engines[0]
+        served = {p: trainer.gateway.policies[p].router.engines[0] for p in ("speaker", "listener")}
+        base_before = {k: v.clone() for k, v in base_engine.model.state_dict().items()}
+        history = await trainer.afit(2)
+        views = {p: trainer.train_engines[p] for p in served}
+        exported = {p: dict(views[p].export_weights()) for p in served}
+        layer = base_engine._lora._layers["model.layers.0.self_attn.q_proj"]
+        slot_b = {p: layer.lora_b[base_engine._lora._slots[p]].clone() for p in served}
+        base_after = base_engine.model.state_dict()
+    finally:
+        await trainer.aclose()
+    assert [h["step"] for h in history] == [1, 2]
+    # one base model per side: both roles are views of the base's engine / of one train engine
+    assert all(isinstance(e, AdapterEngine) and e.engine is base_engine for e in served.values())
+    assert views["speaker"].base is views["listener"].base
+    assert [served[p].version for p in served] == [2, 2] and base_engine.version == 0
+    for k, v in base_after.items():  # the base's served weights never change
+        torch.testing.assert_close(v, base_before[k], rtol=0, atol=0, msg=k)
+    for p in served:  # each served adapter holds exactly its policy's trained adapter
+        b = exported[p]["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+        torch.testing.assert_close(slot_b[p], b, rtol=0, atol=0)
+    assert any(h["policy/speaker/grad_norm"] > 0 for h in history)
+    assert any(h["policy/listener/grad_norm"] > 0 for h in history)
+    assert not torch.equal(slot_b["speaker"], slot_b["listener"])
+
+
+def test_bad_adapter_configs_name_the_fix():
+    base = aa.Policy(model="tiny:xs", frozen=True)
+    cases = [
+        ({"speaker": adapter(adapter_of="nope")}, "there is no policy 'nope'"),
+        ({"base": aa.Policy(model="tiny:xs"), "speaker": adapter()},
+         "set frozen=True on policy 'base'"),
+        ({"base": base, "speaker": adapter(lora=None)}, "needs lora="),
+        ({"base": base, "speaker": adapter(), "listener": adapter(backend="archon")},
+         "share one train engine, so backend must be equal"),
+        ({"base": base, "speaker": adapter(sft_steps=3)}, "sft_steps is not supported"),
+        ({"base": base, "speaker": adapter(adapter_of="speaker")}, "must be a local model"),
+    ]
+    for policies, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            check_adapter_policies(policies)

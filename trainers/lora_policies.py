@@ -1,0 +1,178 @@
+"""Adapter policies: ``Policy(adapter_of="base", lora={...})`` -- one LoRA adapter of another
+(frozen) policy's model per role, the base weights once in memory on each side.
+
+::
+
+    policies:
+      base:     {model: "tiny:s", frozen: true}        # served as itself, never trained
+      speaker:  {adapter_of: base, lora: {r: 8}, lr: 1e-3}
+      listener: {adapter_of: base, lora: {r: 8}, lr: 3e-3, max_staleness: 2}
+
+Train side: one backend engine (``Policy.backend``: fsdp or archon) over a copy of the base,
+shared by the adapter policies through ``trainers/lora_shared.py`` (each its own optimizer,
+schedule, version; its own staleness bound and ``algorithm_params`` as any policy). Serving
+side: the base policy's ``LocalEngine`` replicas serve every adapter in the same batch
+(``areal_agents.engines.lora``); a weight push ships only the adapter and pauses only its
+requests.
+
+Rules checked by ``check_adapter_policies`` (``ConfigError`` naming the fix): the base exists,
+is a plain local policy (not an adapter, not an endpoint) and is ``frozen``; an adapter policy
+has ``lora``, trains in-process (no ``train`` placement) and leaves ``inference`` at its
+default (it rides on the base's); all adapters of one base share ``backend``, ``lora`` and
+``train_kwargs`` (one engine, one adapter shape), and have no ``critic``, ``sft_steps`` or
+``ref_model``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+from areal_agents.errors import ConfigError
+
+from .lora_shared import SharedLoRABase
+from .placement import InferencePlacement, TrainPlacement
+from .weight_push import WeightPush
+from .wiring import backend_factory
+
+if TYPE_CHECKING:
+    from .policy import Policy
+    from .trainer import Trainer
+
+__all__ = ["adapter_bases", "check_adapter_policies", "setup_adapter_policy"]
+
+
+def adapter_bases(policies: dict[str, Policy]) -> dict[str, list[str]]:
+    """``{base: [adapter policies]}`` (sorted)."""
+    out: dict[str, list[str]] = {}
+    for name in sorted(policies):
+        base = getattr(policies[name], "adapter_of", None)
+        if base is not None:
+            out.setdefault(base, []).append(name)
+    return out
+
+
+def check_adapter_policies(policies: dict[str, Policy]) -> None:
+    """Validate every ``adapter_of`` (see the module docstring).
+
+    Raises:
+        ConfigError: the first broken rule, naming the policy and the fix.
+    """
+    for base, adapters in adapter_bases(policies).items():
+        if base not in policies:
+            raise ConfigError(f"Policy {adapters[0]!r} has adapter_of={base!r}, but there is no "
+                              f"policy {base!r}; policies: {sorted(policies)}")
+        bp = policies[base]
+        if getattr(bp, "adapter_of", None) is not None or bp.endpoint is not None:
+            raise ConfigError(f"adapter_of={base!r}: {base!r} must be a local model, not an "
+                              "adapter or an endpoint; point adapter_of at the base model's policy")
+        if not bp.frozen:
+            raise ConfigError(f"{base!r} is the base of LoRA adapters {adapters} and must not "
+                              f"train under them; set frozen=True on policy {base!r}")
+        if bp.inference.kind != "in_process":
+            raise ConfigError(f"adapters of {base!r} are served by its in-process LocalEngine; "
+                              f"{base!r} has inference kind {bp.inference.kind!r} (use the default)")
+        for name in adapters:
+            _check_one(name, policies[name])
+        first = policies[adapters[0]]
+        for name in adapters[1:]:
+            p = policies[name]
+            for attr in ("backend", "lora", "train_kwargs"):
+                if getattr(p, attr) != getattr(first, attr):
+                    raise ConfigError(
+                        f"adapters of {base!r} share one train engine, so {attr} must be equal: "
+                        f"{adapters[0]!r} has {getattr(first, attr)!r}, {name!r} has "
+                        f"{getattr(p, attr)!r}")
+
+
+def _check_one(name: str, p: Policy) -> None:
+    where = f"Policy {name!r} (adapter_of={p.adapter_of!r})"  # type: ignore[attr-defined]
+    if p.lora is None:
+        raise ConfigError(f"{where} needs lora=, e.g. {{'r': 8, 'lora_alpha': 16, "
+                          "'target_modules': ['q_proj', 'v_proj']}")
+    if p.frozen:
+        raise ConfigError(f"{where} is frozen: a frozen adapter is the base itself; use the "
+                          "base policy or set frozen=False")
+    if p.train != TrainPlacement():
+        raise ConfigError(f"{where} trains in the controller's process; drop train=")
+    if p.inference != InferencePlacement():
+        raise ConfigError(f"{where} is served by its base's engines; drop inference=")
+    for attr, off in (("critic", None), ("sft_steps", 0), ("ref_model", None)):
+        if getattr(p, attr) != off:
+            raise ConfigError(f"{where}: {attr} is not supported for adapter policies yet; "
+                              f"drop {attr}= (or use a full-model policy)")
+
+
+def adapter_shape(policy: Policy) -> tuple[int, float]:
+    """``(rank, alpha)`` of ``policy.lora`` with the backend's defaults (PEFT's for fsdp)."""
+    lora = dict(policy.lora or {})
+    if lora.get("use_rslora"):
+        raise ConfigError("use_rslora is not supported for adapter policies; drop it")
+    if policy.backend == "fsdp":
+        from peft import LoraConfig
+
+        cfg = LoraConfig(task_type="CAUSAL_LM", **lora)
+        return int(cfg.r), float(cfg.lora_alpha)
+    from .archon.lora import lora_config
+
+    acfg = lora_config(lora)
+    return acfg.rank, acfg.alpha
+
+
+async def setup_adapter_policy(trainer: Trainer, name: str) -> None:
+    """Build adapter policy ``name``: its view of the base's shared train engine (built by the
+    first adapter, from a copy of the base's served model) and an adapter on each of the base's
+    ``LocalEngine`` replicas. The base must already be set up."""
+    from areal_agents.engines.local import LocalEngine
+    from areal_agents.models import eos_token_ids
+
+    policy = trainer.policies[name]
+    base = policy.adapter_of  # type: ignore[attr-defined]
+    if getattr(trainer.algorithms[name], "needs_reference", False):
+        raise ConfigError(f"Policy {name!r} (adapter_of={base!r}): a KL reference is not "
+                          "supported for adapter policies yet; set kl_coef=0 for it")
+    replicas = trainer.gateway.policies[base].router.engines
+    if not all(isinstance(e, LocalEngine) for e in replicas):
+        raise ConfigError(f"adapters of {base!r} need its replicas to be LocalEngines")
+    shared: dict[str, SharedLoRABase] = trainer.__dict__.setdefault("_lora_bases", {})
+    if base not in shared:
+        served = replicas[0].model  # the base weights, as served (after any warm start)
+        with trainer.startup.phase(f"building the shared {policy.backend} LoRA engine of "
+                                   f"{base}"):
+            engine = backend_factory(policy.backend)(_plain_copy(served), lr=policy.lr,
+                                                     lora=policy.lora, **policy.train_kwargs)
+        shared[base] = SharedLoRABase(engine)
+    view = shared[base].adapter(name, lr=policy.lr, seed=policy.seed + len(shared[base].views))
+    trainer.train_engines[name] = view
+    trainer.tokenizers[name] = tokenizer = trainer.tokenizers[base]
+    trainer.weight_pushes[name] = WeightPush(policy.inference, None)
+    targets = sorted({n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+                      for n, _ in view.export_weights()})
+    rank, alpha = adapter_shape(policy)
+    engines = []
+    for replica in replicas:
+        engines.append(replica.add_adapter(name, rank=rank, alpha=alpha, target_modules=targets))
+        await engines[-1].update_weights(_first_update(view))
+    trainer.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
+                               stop_token_ids=eos_token_ids(replicas[0].model, tokenizer))
+
+
+def _first_update(view: Any) -> Any:
+    from areal_agents.engines import WeightUpdate
+
+    return WeightUpdate(named_tensors=view.export_weights(), version=0)
+
+
+def _plain_copy(model: Any) -> Any:
+    """A copy of the served base without the serving adapters' layers (plain ``nn.Linear``)."""
+    from torch import nn
+
+    from areal_agents.engines.lora import MultiLoRALinear
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, MultiLoRALinear):
+            module.__class__ = nn.Linear
+            for attr in ("lora_a", "lora_b", "lora_scaling", "lora_rows", "_stacks"):
+                module.__dict__.pop(attr, None)
+    return model.train()
