@@ -44,6 +44,8 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
             generator seeded by ``reset(seed=...)``) are made before the first prompt, so that
             deterministic (greedy, scripted) players meet varied positions across seeds; the
             player to move then gets the first prompt. 0 (default) always starts empty.
+        list_free: also list the empty cells in every prompt (``Free: 1 3 4.``, before the
+            board), so that a small model can copy a legal move instead of reading the grid.
 
     Example:
         >>> import asyncio
@@ -62,6 +64,7 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
         illegal: Literal["penalty", "reask"] = "penalty",
         max_reasks: int = 2,
         opening_moves: int = 0,
+        list_free: bool = False,
     ) -> None:
         if illegal not in ("penalty", "reask"):
             raise ValueError(f"illegal must be 'penalty' or 'reask', got {illegal!r}")
@@ -71,7 +74,7 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
             raise ValueError(f"opening_moves must be in 0..4 (no line can be completed), got "
                              f"{opening_moves}")
         self.illegal, self.max_reasks = illegal, max_reasks
-        self.opening_moves = opening_moves
+        self.opening_moves, self.list_free = opening_moves, list_free
         self.possible_agents = list(AGENTS)
         self.agents: list[str] = []
         self.board = "." * 9
@@ -90,6 +93,9 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
             )
         )
         self._started.add(agent)
+        if self.list_free:
+            news += "Free: " + " ".join(str(i + 1) for i, c in enumerate(self.board) if c == ".")
+            news += ". "
         return user(f"{intro}{news}You are {mark}. Board:\n{render(self.board)}")
 
     async def reset(

@@ -38,6 +38,20 @@ async def test_opening_moves_vary_the_start_and_are_seeded():
         TicTacToe(opening_moves=5)
 
 
+async def test_list_free_names_the_empty_cells_before_the_board():
+    env = TicTacToe(opening_moves=2, list_free=True)
+    obs, _ = await env.reset(seed=5)
+    text = obs["x"][0]["content"]
+    assert env.board == "O......X."
+    assert text.endswith("Opponent played 1. Free: 2 3 4 5 6 7 9. You are X. Board:\nO..\n...\n.X.")
+    obs, *_ = await env.step({"x": "5"})
+    assert obs["o"][0]["content"].endswith("Opponent played 5. Free: 2 3 4 6 7 9. You are O. "
+                                           "Board:\nO..\n.X.\n.X.")
+    assert tictactoe_heuristic(obs["o"]) == "2"  # scripted players still read the board: block
+    plain, _ = await TicTacToe(opening_moves=2).reset(seed=5)
+    assert "Free:" not in plain["x"][0]["content"]
+
+
 def test_heuristic_wins_then_blocks_then_takes_the_centre():
     assert tictactoe_heuristic("You are X. Board:\nXX.\nOO.\n...") == "3"  # win first
     assert tictactoe_heuristic("You are X. Board:\nX..\nOO.\n..X") == "6"  # block
@@ -200,11 +214,12 @@ def test_pool_yaml_builds_the_same_pool_as_train_pool():
 
     cfg = load_config(Path(train_pool.__file__).with_name("pool.yaml"), [])
     trainer = cfg.build()
-    args = train_pool.argparse.Namespace(
-        model="tiny:xs", lr=2e-4, sft_steps=150, snapshot_every=10, max_snapshots=4,
-        league_every=40, league_games=8, batch_size=16, group_size=4, draw_bonus=0.5,
-        illegal_penalty=1.0, run_dir=str(Path(cfg.run_dir)), resume=False)
-    script = train_pool.build(args)
+    script = train_pool.build(train_pool.parse_args(["--run-dir", str(Path(cfg.run_dir))]))
     assert trainer.league.pool == script.league.pool
+    env, script_env = trainer.make_env(), script.make_env()
+    for name in ("opening_moves", "illegal", "list_free"):
+        assert getattr(env, name) == getattr(script_env, name), name
+    assert (trainer.batch_size, trainer.group_size) == (script.batch_size, script.group_size)
+    assert trainer.policies["p"].lr == script.policies["p"].lr
     assert trainer.policy_of == script.policy_of == {"x": "p", "o": "p"}
     assert trainer.league.seats == ["x", "o"] and trainer.league.sources == ["p"]
