@@ -77,11 +77,18 @@ class Episode:
         return (f"<div><b>proxy Episode</b> session={html.escape(self.session_id)} "
                 f"gateway={html.escape(self.base_url)} (key hidden)</div>")
 
-    async def versions(self) -> list[int]:
-        """The weight versions the session's recorded tokens were generated with, in order."""
+    async def record(self) -> dict[str, Any]:
+        """The session as the gateway recorded it so far (``GET /rl/sessions/{id}``): its
+        ``turns`` (each with ``reply``, ``versions``, ``finish_reason``...) and ``rewards``.
+        What the model said is there also when the agent framework gave up on a reply (e.g.
+        a Responses ``incomplete`` answer cut at ``max_output_tokens``)."""
         r = await self.http.get(f"/rl/sessions/{self.session_id}")
         r.raise_for_status()
-        return [v for turn in r.json()["turns"] for v in turn["versions"]]
+        return r.json()
+
+    async def versions(self) -> list[int]:
+        """The weight versions the session's recorded tokens were generated with, in order."""
+        return [v for turn in (await self.record())["turns"] for v in turn["versions"]]
 
 
 @asynccontextmanager

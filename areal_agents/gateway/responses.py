@@ -153,10 +153,11 @@ def to_response(chat: dict[str, Any], body: dict[str, Any], tools: list[dict] | 
     choice = chat["choices"][0]
     reply = choice["message"]
     output: list[dict[str, Any]] = []
-    if reply.get("content"):
+    if reply.get("content") or not reply.get("tool_calls"):  # an empty reply is a message too
         output.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
                        "status": "completed", "content": [
-                           {"type": "output_text", "text": reply["content"], "annotations": [],
+                           {"type": "output_text", "text": reply.get("content") or "",
+                            "annotations": [],
                             "logprobs": []}]})
     for call in reply.get("tool_calls") or []:
         output.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}",

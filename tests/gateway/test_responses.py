@@ -85,6 +85,21 @@ async def test_function_tool_round_trip_is_recorded_as_one_merged_sample(gw):
     await http.aclose()
 
 
+async def test_an_empty_reply_is_an_empty_message_and_a_cut_one_is_incomplete(tok):
+    gw = Gateway(admin_key=ADMIN)
+    gw.add_policy("tiny", [ScriptedEngine([[tok.eos_token_id], "one two three"],
+                                          tokenizer=tok)], tok)
+    client = _client(gw, ADMIN)
+    empty = await client.responses.create(model="tiny", input="hi")
+    cut = await client.responses.create(model="tiny", input="hi", max_output_tokens=1)
+    assert [(o.type, o.content[0].text) for o in empty.output] == [("message", "")]
+    assert empty.status == "completed"  # the Agents SDK takes it as the final output
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 1
+    await client.close()
+    await gw.close()
+
+
 @pytest.mark.parametrize(("body", "param", "says"), [
     ({"input": "hi", "stream": True}, "stream", "Runner.run, not run_streamed"),
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id",
