@@ -10,16 +10,22 @@ on and writes them to ``run_dir/samples/step_<n>.jsonl``, one JSON object per sa
     loss_mask, logprobs, versions, advantages  # per token, aligned with token_ids
     messages                             # the agent's episode transcript (chat messages)
 
-Cost: the chosen samples are evenly spaced over the batch (different task seeds and agents);
-their token strings are decoded once, when the step's row is written. With ``per_policy=0`` or
-no ``run_dir`` every method does nothing (a null object: the trainer calls it unconditionally).
-A step's file is rewritten, not appended to, so a resumed run replaces what a crashed run wrote.
+Cost: the chosen samples are evenly spaced over the batch (different task seeds and agents).
+``stage`` only keeps references (called inside the train step); the trainer writes a step with
+``submit``, which hands the decoding (token strings), rounding and JSON writing to one
+background thread (started on first use; steps are written in order) so none of it runs on
+the event loop or the train step; ``drain`` waits for the writes (``afit`` drains before it
+returns, so the files exist once it has) and ``close`` also stops the thread. ``flush`` is the
+same write done in the calling thread. With ``per_policy=0`` or no ``run_dir`` every method
+does nothing (a null object: the trainer calls it unconditionally). A step's file is
+rewritten, not appended to, so a resumed run replaces what a crashed run wrote.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,10 @@ def evenly_spaced(n: int, k: int) -> list[int]:
     """
     k = min(n, k)
     return [i * n // k for i in range(k)]
+
+
+_Staged = tuple[Sample, Any, int, Any]
+"""A staged sample: ``(sample, its [len] advantages or None, version, tokenizer)``."""
 
 
 def _round(xs: Iterable[float]) -> list[float]:
@@ -60,7 +70,9 @@ class SampleLog:
             raise ConfigError(f"record_samples must be >= 0 (0 = off), got {per_policy}")
         self.per_policy = per_policy
         self.dir = Path(run_dir) / "samples" if run_dir is not None and per_policy else None
-        self._staged: dict[str, list[tuple[Sample, list[float] | None, int, Any]]] = {}
+        self._staged: dict[str, list[_Staged]] = {}
+        self._writer: ThreadPoolExecutor | None = None  # started by the first submit
+        self._pending: list[Future[Path | None]] = []
 
     @property
     def enabled(self) -> bool:
@@ -89,21 +101,61 @@ class SampleLog:
             return
         rows = []
         for i in evenly_spaced(len(samples), self.per_policy):
-            adv = None
+            adv = None  # a view of the row, cut and rounded when written
             if advantages is not None and advantages.shape[0] == len(samples):
-                adv = _round(advantages[i, : len(samples[i])].tolist())
+                adv = advantages[i, : len(samples[i])]
             rows.append((samples[i], adv, version, tokenizer))
         self._staged[policy] = rows
 
     def flush(self, step: int, policies: Iterable[str]) -> Path | None:
-        """Write the staged samples of ``policies`` as global step ``step``; returns the file
-        (None when nothing was written)."""
-        if self.dir is None:
+        """Write the staged samples of ``policies`` as global step ``step`` now, in this
+        thread; returns the file (None when nothing was written)."""
+        return self._write(step, self._take(policies))
+
+    def submit(self, step: int, policies: Iterable[str]) -> None:
+        """``flush`` in the background writer thread: the staged samples of ``policies`` are
+        taken now (later ``stage`` calls do not change them) and written after the steps
+        submitted before. A failed earlier write raises here (or in ``drain``)."""
+        self._raise_failed(wait=False)
+        staged = self._take(policies)
+        if self.dir is None or not staged:
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="aa-sample-log")
+        self._pending.append(self._writer.submit(self._write, step, staged))
+
+    def drain(self) -> None:
+        """Wait until every submitted step is written; raise the first write's error."""
+        self._raise_failed(wait=True)
+
+    def close(self) -> None:
+        """``drain``, then stop the writer thread (a later ``submit`` starts a new one).
+        Idempotent."""
+        try:
+            self.drain()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+    def _raise_failed(self, *, wait: bool) -> None:
+        pending = self._pending
+        for i, future in enumerate(pending):
+            if not wait and not future.done():
+                self._pending = pending[i:]  # still writing; steps finish in order
+                return
+            self._pending = pending[i + 1:]
+            future.result()  # re-raises the write's error
+        self._pending = []
+
+    def _take(self, policies: Iterable[str]) -> list[tuple[str, _Staged]]:
+        return [(p, staged) for p in sorted(policies) for staged in self._staged.pop(p, [])]
+
+    def _write(self, step: int, staged: list[tuple[str, _Staged]]) -> Path | None:
+        if self.dir is None or not staged:
             return None
-        rows = [self.row(step, p, *staged) for p in sorted(policies)
-                for staged in self._staged.pop(p, [])]
-        if not rows:
-            return None
+        rows = [self.row(step, p, s, None if adv is None else _round(adv.tolist()), version,
+                         tokenizer) for p, (s, adv, version, tokenizer) in staged]
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step_{step}.jsonl"
         path.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))

@@ -105,7 +105,8 @@ class Trainer:
             (with ``progress``, the start-up phases and their times go to stderr too).
         record_samples: trained samples kept per policy per step in
             ``run_dir/samples/step_<n>.jsonl`` for ``areal-agents view RUN_DIR`` (0 = off;
-            ``areal_agents.trainers.sample_log``).
+            ``areal_agents.trainers.sample_log``), written by a background thread off the
+            train step and the event loop; complete when ``afit`` returns.
         clock: ``"lockstep"`` (default): each global step trains every due policy together
             (``Policy.train_every``); ``"independent"``: each policy trains as soon as its own
             batch is ready and every policy step is a global step (``fit(steps)`` is then a
@@ -275,6 +276,7 @@ class Trainer:
                                       on_step=self._end_step, on_barrier=self._checkpoint)
             if self.run_dir is not None and self.step > start and self._saved_at != self.step:
                 await self.save_checkpoint()  # the final weights, for `eval RUN_DIR` and resume
+            await asyncio.to_thread(self.sample_log.drain)  # the recorded samples are on disk
         finally:
             self._bar.close()
             await self.controller.stop()
@@ -300,7 +302,7 @@ class Trainer:
         if self.eval_every and self.step % self.eval_every == 0:
             metrics.update(await self.evaluate())
         self.logger.log(self.step, metrics)
-        self.sample_log.flush(step, results)  # the staged samples of the policies trained
+        self.sample_log.submit(step, results)  # staged samples: written by a background thread
         self.history.append({"step": self.step, **metrics})
         self._bar.update(self.step, metrics)
 
@@ -406,3 +408,4 @@ class Trainer:
         self.ref_engines.clear()
         self.critics.clear()
         self.logger.close()
+        self.sample_log.close()  # waits for the last recorded samples
