@@ -51,3 +51,17 @@ def test_tiny_run_writes_every_figure(tmp_path, capsys):
     assert judge["judge_tokens_per_trained_token"] > 0
     assert "judge_calls" not in exact
     assert "held-out grading accuracy" in capsys.readouterr().out
+
+
+def test_hard_negative_mix_and_answer_kinds():
+    run = load_example("genrm/judge", "run")
+    pairs = run.judge_pairs(range(400), random.Random(0), near=0.45, unformatted=0.05)
+    kinds = [run.answer_kind(e, ok) for e, ok in pairs]
+    assert 150 < kinds.count("near") < 210 and 8 < kinds.count("unformatted") < 35
+    assert all((k == "right") == ok for k, (_, ok) in zip(kinds, pairs, strict=True))
+    with pytest.raises(ValueError, match=r"near=0\.6, unformatted=0\.5: each must be >= 0"):
+        run.judge_pairs(range(1), random.Random(0), near=0.6, unformatted=0.5)
+    episode = pairs[0][0]
+    short = run.make_judge(template=run.TEMPLATES["short"]).render(episode, "agent")
+    gold, answer = episode.infos["agent"]["answer"], episode.messages["agent"][1]["content"]
+    assert short == f"Reference: {gold}\n{answer}\nCorrect:"

@@ -59,3 +59,37 @@ def test_tiny_run_writes_pairs_reward_model_and_rl_figures(bt, tmp_path, capsys)
     # the reward model scored every training episode: its per-step metrics are logged
     assert [r["reward_model/scored"] for r in rows if "reward_model/scored" in r] == [8.0, 8.0]
     assert "RL with the reward model only" in capsys.readouterr().out
+
+
+def test_hard_negatives_are_distinct_near_misses_per_task(bt) -> None:
+    by_kind = bt.make_pairs(range(10), seed=0, num_near=3)
+    assert [len(by_kind[k]) for k in bt.KINDS] == [30, 10, 10]
+    for i in range(10):
+        rejected = {p.rejected for p in by_kind["near"][3 * i: 3 * i + 3]}
+        answer = int(by_kind["near"][3 * i].chosen.removeprefix("Answer: "))
+        assert len(rejected) == 3
+        assert all(1 <= abs(int(r.removeprefix("Answer: ")) - answer) <= 3 for r in rejected)
+    with pytest.raises(ValueError, match="num_near=7: there are 6 near misses"):
+        bt.make_pairs(range(1), num_near=7)
+
+
+def test_the_rl_run_anchors_the_policy_with_a_kl_penalty(bt, tmp_path) -> None:
+    args = bt.parse_args(["--run-dir", str(tmp_path), "--kl-coef", "0.1"])
+    trainer = bt.make_trainer(args, lambda episode: 0.0)  # any reward fn: no model loaded
+    assert trainer.policies["solver"].algorithm_params == {"kl_coef": 0.1}
+    assert bt.parse_args([]).kl_coef == 0.0  # the old, unanchored run stays reproducible
+
+
+def test_sft_initialised_reward_model_takes_the_policy_backbone(bt, tmp_path) -> None:
+    import torch
+
+    from areal_agents.rewards.reward_model import RewardModel
+
+    args = bt.parse_args(["--run-dir", str(tmp_path), "--rm-init", "sft", "--rm-sft-steps", "2",
+                          "--train-tasks", "8"])
+    rm = bt.sft_initialised_rm(args)
+    fresh = RewardModel.from_pretrained("tiny:xs", seed=args.seed)
+    # a new score head (as from_pretrained), but a backbone trained away from the fresh one
+    assert torch.equal(rm.model.score.weight, fresh.model.score.weight)
+    assert not torch.equal(rm.model.model.layers[0].mlp.up_proj.weight,
+                           fresh.model.model.layers[0].mlp.up_proj.weight)

@@ -69,3 +69,40 @@ def test_tiny_two_policy_run_logs_judge_metrics(sj, tmp_path, capsys) -> None:
     assert all(r["policy/solver/version"] == r["policy/judge/version"] for r in trained)
     assert all("judge_stats/episodes" in r for r in trained)
     assert "judge false-positive rate" in capsys.readouterr().out
+
+
+def _judged(truth: bool, verdict: str) -> Episode:
+    info = {"solver_correct": truth, "verdict": verdict, "success": (verdict == "correct") == truth}
+    return Episode(["solver", "judge"], {}, {}, {}, 2, "terminated", infos={"judge": info})
+
+
+def test_balanced_judge_reward_pays_always_incorrect_one_half(sj) -> None:
+    # 1 right answer in 10: the agreement reward pays "always incorrect" 0.9, this one 0.5
+    for verdicts, expected in ((lambda t: "incorrect", 0.5), (lambda t: "correct", 0.5),
+                               (lambda t: "correct" if t else "incorrect", 1.0)):
+        fn = sj.BalancedJudgeReward()
+        fn.counts = {True: 100, False: 900}  # a long run's base rate: 10% right answers
+        totals = []
+        for truth in [True] + [False] * 9:
+            episode = _judged(truth, verdicts(truth))
+            totals.append(episode.infos["judge"]["success"] + fn(episode)["judge"])
+        assert sum(totals) / 10 == pytest.approx(expected, abs=0.01)
+    assert sj.BalancedJudgeReward()(Episode(["solver"], {}, {}, {}, 1, "terminated")) == {}
+    fn = sj.BalancedJudgeReward()
+    fn(_judged(True, "correct"))
+    assert fn.take_metrics() == {"judge_balance/p_solver_correct": 2 / 3}
+
+
+def test_mostly_right_solver_warm_start_and_balanced_reward_wiring(sj, tmp_path) -> None:
+    player = sj.mostly_right_solver(0.8, seed=0)
+    obs = "Reply with 'Answer: <number>'.\n3 + 4 = ?"
+    replies = [player(obs) for _ in range(200)]
+    right = sum(r == "Answer: 7" for r in replies)
+    assert 140 <= right <= 180
+    assert all(1 <= abs(int(r.removeprefix("Answer: ")) - 7) <= 3 for r in replies
+               if r != "Answer: 7")
+    args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-reward", "balanced",
+                          "--solver-demo-accuracy", "0.8", "--solver-sft-steps", "200"])
+    trainer = sj.make_trainer(args, sj.JudgeTally())
+    assert [type(f).__name__ for f in trainer.reward_fns] == ["JudgeTally", "BalancedJudgeReward"]
+    assert (trainer.policies["solver"].sft_steps, trainer.policies["judge"].sft_steps) == (200, 100)

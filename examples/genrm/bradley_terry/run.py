@@ -49,6 +49,8 @@ from areal_agents.rewards.reward_model import (
     train_reward_model,
     write_pairs,
 )
+from areal_agents.trainers.warm_start import demo_samples, sft
+from areal_agents.trainers.wiring import backend_factory
 
 ENV_KWARGS = {"digits": 1, "operations": "+-"}
 STOP = ["<|im_end|>"]
@@ -64,31 +66,40 @@ class RewardFreeArithmetic(Arithmetic):
         return obs, 0.0, terminated, truncated, {**info, "success": reward == 1.0}
 
 
-def replies(answer: int, rng: random.Random) -> dict[str, str]:
-    """The correct reply and one rejected reply of each kind."""
+def replies(answer: int, rng: random.Random, num_near: int = 1) -> dict[str, list[str]]:
+    """The correct reply and the rejected replies of each kind: ``num_near`` distinct near
+    misses (off by 1-3), one far wrong number, the right number out of format."""
     far = answer
     while abs(far - answer) <= 3:
         far = rng.randint(-9, 18)
-    return {"correct": f"Answer: {answer}",
-            "near": f"Answer: {answer + rng.choice([-3, -2, -1, 1, 2, 3])}",
-            "far": f"Answer: {far}", "format": f"I think {answer}"}
+    near = rng.sample([-3, -2, -1, 1, 2, 3], num_near)
+    return {"correct": [f"Answer: {answer}"],
+            "near": [f"Answer: {answer + d}" for d in near],
+            "far": [f"Answer: {far}"], "format": [f"I think {answer}"]}
 
 
-def make_pairs(seeds: range, seed: int = 0) -> dict[str, list[PreferencePair]]:
-    """Pairs per kind of rejected reply, harvested from ground-truth-scored episodes."""
+def make_pairs(seeds: range, seed: int = 0, num_near: int = 1
+               ) -> dict[str, list[PreferencePair]]:
+    """Pairs per kind of rejected reply, harvested from ground-truth-scored episodes
+    (``num_near`` near-miss pairs per task seed: the hard negatives)."""
+    if not 1 <= num_near <= 6:
+        raise ValueError(f"num_near={num_near}: there are 6 near misses (off by 1-3); pick 1-6")
     rng = random.Random(seed)
     by_kind: dict[str, list[PreferencePair]] = {k: [] for k in KINDS}
     for task_seed in seeds:
         question, answer = make_task(np.random.default_rng(task_seed), **ENV_KWARGS)
-        for kind, reply in replies(answer, rng).items():
+        for kind, rejected in replies(answer, rng, num_near).items():
             if kind == "correct":
                 continue
-            episodes = [
-                Episode(["agent"], {"agent": [{"role": "user", "content": prompt(question)},
-                                              {"role": "assistant", "content": text}]},
-                        {}, {"agent": score(text, answer)[0]}, 1, "terminated", seed=task_seed)
-                for text in (f"Answer: {answer}", reply)]
-            by_kind[kind].extend(pairs_from_episodes(episodes))
+            for reply in rejected:
+                episodes = [
+                    Episode(["agent"],
+                            {"agent": [{"role": "user", "content": prompt(question)},
+                                       {"role": "assistant", "content": text}]},
+                            {}, {"agent": score(text, answer)[0]}, 1, "terminated",
+                            seed=task_seed)
+                    for text in (f"Answer: {answer}", reply)]
+                by_kind[kind].extend(pairs_from_episodes(episodes))
     return by_kind
 
 
@@ -96,11 +107,33 @@ def pairs_step(args: argparse.Namespace) -> dict[str, list[PreferencePair]]:
     """Write ``pairs/train.jsonl`` and ``pairs/eval.jsonl``; the held-out pairs per kind."""
     out = Path(args.run_dir) / "pairs"
     out.mkdir(parents=True, exist_ok=True)
-    train = make_pairs(range(args.train_tasks), seed=args.seed)
+    train = make_pairs(range(args.train_tasks), seed=args.seed, num_near=args.num_near)
     held_out = make_pairs(range(3_000_000, 3_000_000 + args.eval_tasks), seed=args.seed + 1)
     write_pairs([p for k in KINDS for p in train[k]], out / "train.jsonl")
     write_pairs([p for k in KINDS for p in held_out[k]], out / "eval.jsonl")
     return held_out
+
+
+def sft_initialised_rm(args: argparse.Namespace) -> RewardModel:
+    """A reward model whose backbone is a policy SFT-trained on the scripted solver's answers
+    (``--rm-init sft``: InstructGPT's recipe of starting the RM from the SFT model), rendered
+    with the chat template the reward model reads; its score head is new."""
+    model, tokenizer = aa.models.tiny(args.rm_model.removeprefix("tiny:"), seed=args.seed + 200)
+    transcripts = []
+    for task_seed in range(args.train_tasks):
+        question, answer = make_task(np.random.default_rng(task_seed), **ENV_KWARGS)
+        transcripts.append([{"role": "user", "content": prompt(question)},
+                            {"role": "assistant", "content": f"Answer: {answer}"}])
+    engine = backend_factory("fsdp")(model, lr=3e-3)
+    try:
+        sft(engine, demo_samples(tokenizer, transcripts, api="chat"), args.rm_sft_steps,
+            batch_size=32, seed=args.seed, pad_token_id=tokenizer.pad_token_id or 0)
+    finally:
+        engine.close()
+    rm = RewardModel.from_pretrained(args.rm_model, seed=args.seed)
+    base = rm.model.base_model_prefix
+    getattr(rm.model, base).load_state_dict(getattr(model, base).state_dict())
+    return rm
 
 
 def reward_model_step(args: argparse.Namespace, held_out: dict[str, list[PreferencePair]]
@@ -113,8 +146,9 @@ def reward_model_step(args: argparse.Namespace, held_out: dict[str, list[Prefere
     else:
         logger = make_logger(run_dir / "rm", tensorboard=False)
         try:
+            start = sft_initialised_rm(args) if args.rm_init == "sft" else args.rm_model
             rm = train_reward_model(read_pairs(run_dir / "pairs" / "train.jsonl"),
-                                    model=args.rm_model, steps=args.rm_steps, lr=args.rm_lr,
+                                    model=start, steps=args.rm_steps, lr=args.rm_lr,
                                     batch_size=32, eval_pairs=read_pairs(run_dir / "pairs" /
                                                                          "eval.jsonl"),
                                     eval_every=args.rm_eval_every, seed=args.seed, logger=logger)
@@ -129,13 +163,15 @@ def reward_model_step(args: argparse.Namespace, held_out: dict[str, list[Prefere
     return rm, figures
 
 
-async def rl_step(args: argparse.Namespace, rm: RewardModel) -> dict[str, Any]:
-    """Warm start, evaluate (step 0), ``args.steps`` GRPO steps on the RM reward, evaluate."""
-    reward = RewardModelReward(rm, normalize="none")
-    trainer = aa.Trainer(
+def make_trainer(args: argparse.Namespace, reward: Any) -> aa.Trainer:
+    """GRPO on the reward-free env with ``reward`` as the only reward; the solver's KL penalty
+    to its warm-started weights is ``args.kl_coef`` (the reference is the policy right after
+    the warm start)."""
+    return aa.Trainer(
         env=lambda: RewardFreeArithmetic(**ENV_KWARGS),
         policies={"solver": aa.Policy(model="tiny:xs", seed=args.seed, lr=3e-4,
                                       api="completions", sft_steps=args.sft_steps, sft_lr=3e-3,
+                                      algorithm_params={"kl_coef": args.kl_coef},
                                       sampling={"temperature": 1.0, "max_tokens": 6,
                                                 "stop": STOP})},
         policy_map={"agent": "solver"}, reward_fns=[reward], batch_size=args.batch_size,
@@ -143,6 +179,12 @@ async def rl_step(args: argparse.Namespace, rm: RewardModel) -> dict[str, Any]:
         eval_seeds=range(2_000_000, 2_000_000 + args.eval_seeds),
         warm_start={"episodes": 256, "players": {"agent": "arithmetic_solver"}},
         run_dir=Path(args.run_dir) / "rl")
+
+
+async def rl_step(args: argparse.Namespace, rm: RewardModel) -> dict[str, Any]:
+    """Warm start, evaluate (step 0), ``args.steps`` GRPO steps on the RM reward, evaluate."""
+    reward = RewardModelReward(rm, normalize="none")
+    trainer = make_trainer(args, reward)
     t0 = time.perf_counter()
     try:
         await trainer.setup()
@@ -162,6 +204,8 @@ async def rl_step(args: argparse.Namespace, rm: RewardModel) -> dict[str, Any]:
             "heldout_rm_reward_final": final["eval/agent/reward"],
             "train_rm_reward_first": sum(rewards[:k]) / k,
             "train_rm_reward_last": sum(rewards[-k:]) / k,
+            "kl_coef": args.kl_coef,
+            "train_kl_last": sum(h.get("policy/solver/kl", 0.0) for h in history[-k:]) / k,
             "steps": len(history), "seconds": time.perf_counter() - t0}
 
 
@@ -173,6 +217,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs-only", action="store_true", help="write the pairs and stop")
     p.add_argument("--rm", help="a reward model directory (from train-rm) instead of training")
     p.add_argument("--rm-model", default="tiny:xs", help="the reward model's starting weights")
+    p.add_argument("--rm-init", choices=("scratch", "sft"), default="scratch",
+                   help="reward-model backbone: fresh, or a policy SFT-trained on right answers")
+    p.add_argument("--rm-sft-steps", type=int, default=200, help="SFT steps of --rm-init sft")
+    p.add_argument("--num-near", type=int, default=1,
+                   help="near-miss (hard negative) train pairs per task seed, 1-6")
+    p.add_argument("--kl-coef", type=float, default=0.0,
+                   help="KL penalty to the warm-started policy in RL (the anchor against "
+                   "reward hacking; 0: none)")
     p.add_argument("--rm-steps", type=int, default=400)
     p.add_argument("--rm-lr", type=float, default=1e-3)
     p.add_argument("--rm-eval-every", type=int, default=100)

@@ -41,6 +41,9 @@ from areal_agents.trainers.wiring import backend_factory
 
 ENV_KWARGS = {"digits": 1, "operations": "+-"}
 JUDGE_TEMPLATE = "{task}\nReference: {reference}\n{answer}\nCorrect:"
+SHORT_TEMPLATE = "Reference: {reference}\n{answer}\nCorrect:"
+TEMPLATES = {"task": JUDGE_TEMPLATE, "short": SHORT_TEMPLATE}
+"""``--judge-template``: with the task text, or only the gold answer and the answer."""
 STOP = ["<|im_end|>"]
 
 
@@ -53,9 +56,9 @@ class JudgedArithmetic(Arithmetic):
         return obs, 0.0, terminated, truncated, {**info, "success": reward == 1.0}
 
 
-def make_judge(name: str = "judge") -> ReferenceJudge:
+def make_judge(name: str = "judge", template: str = JUDGE_TEMPLATE) -> ReferenceJudge:
     """The judge used in RL and measured: yes -> 1, no -> 0, unreadable replies counted, 0."""
-    return ReferenceJudge(policy=name, api="completions", template=JUDGE_TEMPLATE, name=name,
+    return ReferenceJudge(policy=name, api="completions", template=template, name=name,
                           on_failure="fallback", fallback=0.0, max_concurrency=32,
                           sampling={"max_tokens": 2, "stop": STOP})
 
@@ -89,11 +92,19 @@ def judge_pairs(seeds: range, rng: random.Random, near: float = 0.35, unformatte
     return out
 
 
+def answer_kind(episode: Episode, correct: bool) -> str:
+    """``"right"``, ``"near"`` (a wrong ``Answer: n``) or ``"unformatted"`` (no ``Answer:``)."""
+    if correct:
+        return "right"
+    reply = episode.messages["agent"][-1]["content"]
+    return "near" if reply.startswith("Answer:") else "unformatted"
+
+
 def train_judge(args: argparse.Namespace) -> tuple[Any, Any, list[float]]:
     """SFT a tiny model (``args.judge_size``) on judge transcripts rendered by ``make_judge``,
     with ``args.train_near`` near misses among them; (model, tokenizer, losses)."""
     model, tokenizer = aa.models.tiny(args.judge_size, seed=args.seed + 100)
-    judge = make_judge()
+    judge = make_judge(template=TEMPLATES[args.judge_template])
     pairs = judge_pairs(range(10_000, 10_000 + args.judge_pairs), random.Random(args.seed),
                         near=args.train_near, unformatted=args.train_unformatted)
     transcripts = [[{"role": "user", "content": judge.render(e, "agent")},
@@ -108,15 +119,15 @@ def train_judge(args: argparse.Namespace) -> tuple[Any, Any, list[float]]:
     return model, tokenizer, losses
 
 
-async def judge_accuracy(model: Any, tokenizer: Any, pairs: list[tuple[Episode, bool]]
-                         ) -> dict[str, float]:
+async def judge_accuracy(model: Any, tokenizer: Any, pairs: list[tuple[Episode, bool]],
+                         template: str = JUDGE_TEMPLATE) -> dict[str, float]:
     """Greedy grading accuracy of the judge model on ``pairs`` (an unreadable reply counts as
     wrong), served as in RL: a gateway policy behind an in-process engine."""
     from areal_agents.engines.local import LocalEngine
 
     gateway = aa.Gateway()
     gateway.add_policy("judge", [LocalEngine(model, tokenizer)], tokenizer)
-    judge = make_judge()
+    judge = make_judge(template=template)
     judge.bind(gateway.async_client())
     try:
         return await _accuracy(judge, pairs)
@@ -136,7 +147,11 @@ async def _accuracy(judge: ReferenceJudge, pairs: list[tuple[Episode, bool]]
 
     right = await asyncio.gather(*(one(e, ok) for e, ok in pairs))
     m = judge.take_metrics()
+    by_kind: dict[str, list[bool]] = {}
+    for (episode, ok), hit in zip(pairs, right, strict=True):
+        by_kind.setdefault(answer_kind(episode, ok), []).append(hit)
     return {"accuracy": sum(right) / len(pairs), "pairs": float(len(pairs)),
+            **{f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
             "unreadable": m[f"judge/{judge.name}/parse_failures"]
             + m[f"judge/{judge.name}/out_of_range"]}
 
@@ -150,7 +165,7 @@ def make_trainer(reward: str, judge_model: Any, args: argparse.Namespace, run_di
     reward_fns: list[Any] = []
     if reward == "judge":
         policies["judge"] = aa.Policy(model=judge_model, frozen=True, api="completions")
-        reward_fns = [make_judge()]
+        reward_fns = [make_judge(template=TEMPLATES[args.judge_template])]
         env: Any = lambda: JudgedArithmetic(**ENV_KWARGS)  # noqa: E731
     else:
         env = lambda: Arithmetic(**ENV_KWARGS)  # noqa: E731
@@ -202,7 +217,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {"judge_sft": {"steps": len(losses), "nll_first": losses[0],
                                              "nll_last": losses[-1],
                                              "seconds": time.perf_counter() - t0},
-                               "judge": await judge_accuracy(model, tokenizer, held_out)}
+                               "judge": await judge_accuracy(model, tokenizer, held_out,
+                                                                  TEMPLATES[args.judge_template])}
     print(f"judge accuracy: {summary['judge']}", flush=True)
     if args.judge_only:
         return _write(summary, args, run_dir, t0)
@@ -229,6 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-sft-steps", type=int, default=400)
     p.add_argument("--judge-pairs", type=int, default=2000, help="judge SFT transcripts")
     p.add_argument("--judge-size", default="xs", help="tiny model size of the judge (xs, s, m)")
+    p.add_argument("--judge-template", choices=sorted(TEMPLATES), default="task",
+                   help="judge prompt: the task, gold answer and answer, or (short) only the "
+                   "gold answer and the answer")
     p.add_argument("--judge-lr", type=float, default=3e-3, help="judge SFT learning rate")
     p.add_argument("--train-near", type=float, default=0.35,
                    help="share of near misses (hard negatives) in the judge's SFT data")

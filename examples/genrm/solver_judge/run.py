@@ -77,24 +77,93 @@ class JudgeTally:
         return out
 
 
+class BalancedJudgeReward:
+    """Class-balanced judge reward: a reward function that rescales the env's agreement reward
+    of the judge so that each class of solver answer (right / wrong) carries half the weight.
+
+    It adds ``agreed * (0.5 / p_class - 1)`` to the judge's env reward (``agreed``: 1 when the
+    verdict matches ground truth), so the judge's total is ``agreed * 0.5 / p_class``, where
+    ``p_class`` is the running share of that class among the episodes seen so far (counts
+    start at one each). The expected total is then the judge's *balanced* accuracy: always
+    saying "incorrect" earns 0.5 however rare right answers are, only a judge that checks the
+    answer earns 1. The solver's reward is left alone.
+
+    Example:
+        >>> fn = BalancedJudgeReward()
+        >>> fn.weight(True), fn.weight(False)  # no data yet: p = 0.5 for both
+        (1.0, 1.0)
+    """
+
+    policy: str | None = None  # calls no served model
+
+    def __init__(self) -> None:
+        self.counts = {True: 1, False: 1}  # solver right / wrong, Laplace-smoothed
+
+    def bind(self, client: Any) -> None:
+        """No model to call."""
+
+    def weight(self, solver_correct: bool) -> float:
+        """``0.5 / p_class`` for an episode whose solver answer is ``solver_correct``."""
+        return 0.5 * sum(self.counts.values()) / self.counts[solver_correct]
+
+    def __call__(self, episode: Episode) -> dict[str, float]:
+        info = episode.infos.get("judge", {})
+        if "solver_correct" not in info:
+            return {}
+        truth = bool(info["solver_correct"])
+        self.counts[truth] += 1
+        agreed = float(info["success"])
+        return {"judge": agreed * (self.weight(truth) - 1.0)}
+
+    def take_metrics(self) -> dict[str, float]:
+        """``judge_balance/p_solver_correct``: the running share of right answers."""
+        return {"judge_balance/p_solver_correct":
+                self.counts[True] / sum(self.counts.values())}
+
+
+def mostly_right_solver(accuracy: float, seed: int = 0) -> Any:
+    """A warm-start player for the solver: the right ``Answer: n`` with probability
+    ``accuracy``, else a near miss (off by 1-3), so the judge's demos see both classes."""
+    import random
+
+    from areal_agents.agents.players import arithmetic_solver
+
+    rng = random.Random(seed)
+
+    def player(observation: Any) -> str:
+        right = arithmetic_solver(observation)
+        if rng.random() < accuracy:
+            return right
+        return f"Answer: {int(right.removeprefix('Answer: ')) + rng.choice([-3, -2, -1, 1, 2, 3])}"
+
+    return player
+
+
 def make_trainer(args: argparse.Namespace, tally: JudgeTally) -> Any:
     """The two-policy run: ``solver`` and ``judge``, each its own tiny model and optimizer."""
 
-    def policy(seed: int, max_tokens: int) -> aa.Policy:
+    def policy(seed: int, max_tokens: int, sft_steps: int) -> aa.Policy:
         return aa.Policy(model="tiny:xs", seed=seed, lr=args.lr, api="completions",
-                         sft_steps=args.sft_steps, sft_lr=3e-3,
+                         sft_steps=sft_steps, sft_lr=3e-3,
                          sampling={"temperature": 1.0, "max_tokens": max_tokens, "stop": STOP})
+
+    solver_demos: Any = ("random" if args.solver_demo_accuracy is None
+                         else mostly_right_solver(args.solver_demo_accuracy, args.seed))
+    reward_fns: list[Any] = [tally]
+    if args.judge_reward == "balanced":
+        reward_fns.append(BalancedJudgeReward())
 
     return aa.Trainer(
         env="SolverJudge-v0",
         env_kwargs={"task": "arithmetic", "digits": 1, "operations": "+-",
                     "truth_weight": args.truth_weight},
-        policies={"solver": policy(args.seed, 6), "judge": policy(args.seed + 1, 3)},
-        policy_map={"solver": "solver", "judge": "judge"}, reward_fns=[tally],
+        policies={"solver": policy(args.seed, 6, args.solver_sft_steps or args.sft_steps),
+                  "judge": policy(args.seed + 1, 3, args.sft_steps)},
+        policy_map={"solver": "solver", "judge": "judge"}, reward_fns=reward_fns,
         batch_size=args.batch_size, group_size=args.group_size, seed=args.seed,
         eval_seeds=range(2_000_000, 2_000_000 + args.eval_seeds), progress=False,
         warm_start={"episodes": args.demos,
-                    "players": {"solver": "random", "judge": "solver_judge_judge"}},
+                    "players": {"solver": solver_demos, "judge": "solver_judge_judge"}},
         run_dir=args.run_dir)
 
 
@@ -121,7 +190,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await trainer.aclose()
     keys = ("train/judge/success", "train/solver/success", "train/solver/reward",
-            "judge_stats/false_positive_rate")
+            "judge_stats/false_positive_rate", "judge_stats/false_negative_rate")
     k = max(1, len(history) // 5)
 
     def mean(rows: list[dict[str, float]], key: str) -> float:
@@ -144,7 +213,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--sft-steps", type=int, default=100, help="warm-start SFT steps per policy")
+    p.add_argument("--solver-sft-steps", type=int, default=0,
+                   help="the solver's warm-start SFT steps (0: --sft-steps)")
     p.add_argument("--demos", type=int, default=256, help="warm-start episodes")
+    p.add_argument("--solver-demo-accuracy", type=float, default=None,
+                   help="solver demos right with this probability, else near misses (default: "
+                   "the env's random replies)")
+    p.add_argument("--judge-reward", choices=("agreement", "balanced"), default="agreement",
+                   help="the judge's reward: agreement with ground truth, or class-balanced "
+                   "(BalancedJudgeReward)")
     p.add_argument("--truth-weight", type=float, default=0.0,
                    help="solver reward = (1 - w) * verdict + w * ground truth")
     p.add_argument("--eval-seeds", type=int, default=200)
@@ -160,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out (greedy, {args.eval_seeds} seeds), step 0 -> step {result['steps']}:")
     for label, key in (("judge accuracy", "eval/judge/success"),
                        ("judge false-positive rate", "eval/judge_stats/false_positive_rate"),
+                       ("judge false-negative rate", "eval/judge_stats/false_negative_rate"),
                        ("solver true accuracy", "eval/solver/success"),
                        ("solver judged correct", "eval/solver/reward")):
         print(f"  {label:27s} {s.get(key, float('nan')):.3f} -> {f.get(key, float('nan')):.3f}")
