@@ -113,12 +113,12 @@ async def test_proxy_episode_ends_the_session_when_the_agent_raises(served):
 
 @pytest.mark.slow
 def test_external_agent_process_trains_through_serve_train(tmp_path):
-    """A separate agent process (openai SDK + proxy helper) drives 3 train steps."""
+    """A separate agent process (openai SDK + proxy helper) drives 2 train steps."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "areal_agents.cli", "serve", "--train",
-         str(ROOT / "examples/proxy/train.yaml"), "trainer.steps=3", "trainer.batch_size=4",
+         str(ROOT / "examples/proxy/train.yaml"), "trainer.steps=2", "trainer.batch_size=4",
          "trainer.group_size=2", f"run_dir={tmp_path}", "--port", str(port),
          "--admin-key", "k"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env)
@@ -141,14 +141,14 @@ def test_external_agent_process_trains_through_serve_train(tmp_path):
     assert server.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     counts, ledger = summary["counts"]["solver"], summary["ledger"]["solver"]
-    assert summary["steps"] == 3 and counts["version"] == 3
-    assert ledger["trained"] == 12
+    assert summary["steps"] == 2 and counts["version"] == 2
+    assert ledger["trained"] == 8
     assert counts["submitted"] == sum(ledger.values())  # opened = trained+filtered+failed+...
     episodes = [json.loads(line) for line in agent.stdout.splitlines() if "task_id" in line]
     versions = [max(e["versions"]) for e in episodes]
-    assert versions[0] == 0 and max(versions) >= 2  # later sessions see the pushed weights
+    assert versions[0] == 0 and max(versions) >= 1  # later sessions see the pushed weights
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "step" in m][-3:] == [1, 2, 3]
+    assert [m["step"] for m in metrics if "step" in m][-2:] == [1, 2]
 
 
 def test_proxy_is_reachable_from_the_flat_api():
