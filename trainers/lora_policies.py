@@ -19,8 +19,9 @@ Rules checked by ``check_adapter_policies`` (``ConfigError`` naming the fix): th
 is a plain local policy (not an adapter, not an endpoint) and is ``frozen``; an adapter policy
 has ``lora``, trains in-process (no ``train`` placement) and leaves ``inference`` at its
 default (it rides on the base's); all adapters of one base share ``backend``, ``lora`` and
-``train_kwargs`` (one engine, one adapter shape), and have no ``critic``, ``sft_steps`` or
-``ref_model``.
+``train_kwargs`` (one engine, one adapter shape), and have no ``critic``, ``sft_steps`` (the
+base's ``sft_steps`` warm-starts the shared base on its adapters' transcripts) or ``ref_model``
+(the KL reference is the base: every adapter at initialisation).
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
+from areal_agents.engines.base import WeightUpdate
 from areal_agents.errors import ConfigError
 
 from .lora_shared import SharedLoRABase
 from .placement import InferencePlacement, TrainPlacement
+from .warm_start import warm_start_policy
 from .weight_push import WeightPush
 from .wiring import backend_factory
 
 if TYPE_CHECKING:
     from .policy import Policy
     from .trainer import Trainer
+    from .warm_start import Demos
 
 __all__ = ["adapter_bases", "check_adapter_policies", "setup_adapter_policy"]
 
@@ -97,7 +101,10 @@ def _check_one(name: str, p: Policy) -> None:
         raise ConfigError(f"{where} trains in the controller's process; drop train=")
     if p.inference != InferencePlacement():
         raise ConfigError(f"{where} is served by its base's engines; drop inference=")
-    for attr, off in (("critic", None), ("sft_steps", 0), ("ref_model", None)):
+    if p.sft_steps:
+        raise ConfigError(f"{where}: put sft_steps on the base policy {p.adapter_of!r} "  # type: ignore[attr-defined]
+                          "(it warm-starts the shared base on every adapter's transcripts)")
+    for attr, off in (("critic", None), ("ref_model", None)):
         if getattr(p, attr) != off:
             raise ConfigError(f"{where}: {attr} is not supported for adapter policies yet; "
                               f"drop {attr}= (or use a full-model policy)")
@@ -119,24 +126,24 @@ def adapter_shape(policy: Policy) -> tuple[int, float]:
     return acfg.rank, acfg.alpha
 
 
-async def setup_adapter_policy(trainer: Trainer, name: str) -> None:
+async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None = None) -> None:
     """Build adapter policy ``name``: its view of the base's shared train engine (built by the
-    first adapter, from a copy of the base's served model) and an adapter on each of the base's
-    ``LocalEngine`` replicas. The base must already be set up."""
+    first adapter, from a copy of the base's served model, after the base's warm start when
+    it has ``sft_steps``) and an adapter on each of the base's ``LocalEngine`` replicas. Its
+    KL reference is the base (every adapter at initialisation). The base must be set up."""
     from areal_agents.engines.local import LocalEngine
     from areal_agents.models import eos_token_ids
 
     policy = trainer.policies[name]
     base = policy.adapter_of  # type: ignore[attr-defined]
-    if getattr(trainer.algorithms[name], "needs_reference", False):
-        raise ConfigError(f"Policy {name!r} (adapter_of={base!r}): a KL reference is not "
-                          "supported for adapter policies yet; set kl_coef=0 for it")
     replicas = trainer.gateway.policies[base].router.engines
     if not all(isinstance(e, LocalEngine) for e in replicas):
         raise ConfigError(f"adapters of {base!r} need its replicas to be LocalEngines")
     shared: dict[str, SharedLoRABase] = trainer.__dict__.setdefault("_lora_bases", {})
     if base not in shared:
-        served = replicas[0].model  # the base weights, as served (after any warm start)
+        served = replicas[0].model  # the base weights, as served
+        if trainer.policies[base].sft_steps and demos is not None:
+            await _warm_start_base(trainer, base, replicas, demos)
         with trainer.startup.phase(f"building the shared {policy.backend} LoRA engine of "
                                    f"{base}"):
             engine = backend_factory(policy.backend)(_plain_copy(served), lr=policy.lr,
@@ -144,6 +151,8 @@ async def setup_adapter_policy(trainer: Trainer, name: str) -> None:
         shared[base] = SharedLoRABase(engine)
     view = shared[base].adapter(name, lr=policy.lr, seed=policy.seed + len(shared[base].views))
     trainer.train_engines[name] = view
+    if getattr(trainer.algorithms[name], "needs_reference", False):
+        trainer.ref_engines[name] = shared[base].reference()
     trainer.tokenizers[name] = tokenizer = trainer.tokenizers[base]
     trainer.weight_pushes[name] = WeightPush(policy.inference, None)
     targets = sorted({n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
@@ -157,9 +166,28 @@ async def setup_adapter_policy(trainer: Trainer, name: str) -> None:
                                stop_token_ids=eos_token_ids(replicas[0].model, tokenizer))
 
 
-def _first_update(view: Any) -> Any:
-    from areal_agents.engines import WeightUpdate
+async def _warm_start_base(trainer: Trainer, base: str, replicas: list[Any],
+                           demos: Demos) -> None:
+    """The base's format-only SFT warm start on the transcripts of every agent that plays one
+    of its adapters, fitted into the served base (every replica) before the adapters attach."""
+    policy = trainer.policies[base]
+    adapters = set(adapter_bases(trainer.policies)[base])
+    transcripts = [t for a, p in trainer.policy_of.items() if p in adapters
+                   for t in demos.transcripts.get(a, [])]
+    factory = backend_factory(trainer.policies[sorted(adapters)[0]].backend)
+    with trainer.startup.phase(f"SFT warm start of the base {base} ({policy.sft_steps} steps)"):
+        model = _plain_copy(replicas[0].model)
+        losses = await warm_start_policy(policy, model, trainer.tokenizers[base], factory,
+                                         transcripts, trainer.seed)
+    for replica in replicas:  # version 0 still: the policy's starting point
+        await replica.update_weights(WeightUpdate(named_tensors=model.state_dict().items(),
+                                                  version=0))
+    if losses:
+        trainer.logger.log(0, {f"warm_start/{base}/nll_first": losses[0],
+                               f"warm_start/{base}/nll_last": losses[-1]})
 
+
+def _first_update(view: Any) -> WeightUpdate:
     return WeightUpdate(named_tensors=view.export_weights(), version=0)
 
 

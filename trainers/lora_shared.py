@@ -56,6 +56,7 @@ class SharedLoRABase:
         self.active: AdapterTrainEngine | None = None
         self.views: dict[str, AdapterTrainEngine] = {}
         self._first = {n: p.detach().clone() for n, p in self.slot.items()}
+        self._reference: AdapterTrainEngine | None = None
 
     def adapter(self, name: str, *, lr: float, seed: int = 0) -> AdapterTrainEngine:
         """A new adapter policy ``name``: ``B = 0`` (the base's output) and ``A`` drawn like
@@ -77,6 +78,14 @@ class SharedLoRABase:
         view = AdapterTrainEngine(self, name, values, lr)
         self.views[name] = view
         return view
+
+    def reference(self) -> AdapterTrainEngine:
+        """A view with zero adapters, never trained: the base model's log-probs, which are
+        every adapter's at initialisation (``B = 0``) -- the KL reference of adapter policies."""
+        if self._reference is None:
+            zeros = {n: torch.zeros_like(t) for n, t in self._first.items()}
+            self._reference = AdapterTrainEngine(self, "<base>", zeros, lr=1.0)
+        return self._reference
 
     def activate(self, view: AdapterTrainEngine) -> None:
         """Make ``view`` the slot's owner (call with ``lock`` held)."""
@@ -105,6 +114,7 @@ class AdapterTrainEngine(TrainEngine):
         self.base, self.name, self.values = base, name, values
         self.version = 0
         self.step = 0
+        self._exported: list[tuple[str, torch.Tensor]] | None = None
         template = base.engine.optimizer.param_groups[0]
         self.optimizer = torch.optim.AdamW(list(base.slot.values()), lr=lr,
                                            betas=template.get("betas", (0.9, 0.999)),
@@ -131,16 +141,26 @@ class AdapterTrainEngine(TrainEngine):
             self.base.activate(self)
             out = self.base.engine.train_step(batch, loss_fn)
             self.step = self.base.engine.step
+            self._exported = self._export(merge_lora=False, dtype=None)
             return out
 
     def export_weights(self, merge_lora: bool = False,
                        dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """This adapter's tensors, PEFT-named (``merge_lora=True``: the merged full model)."""
+        """This adapter's tensors, PEFT-named (``merge_lora=True``: the merged full model).
+
+        The adapter export is taken at the end of each ``train_step`` (in its thread), so a
+        weight push on the event loop never waits for another policy's step to free the slot.
+        """
+        if not merge_lora and dtype is None and self._exported is not None:
+            return iter(list(self._exported))
+        return iter(self._export(merge_lora=merge_lora, dtype=dtype))
+
+    def _export(self, *, merge_lora: bool, dtype: torch.dtype | None
+                ) -> list[tuple[str, torch.Tensor]]:
         with self.base.lock:
             self.base.activate(self)
-            tensors = [(n, t.clone()) for n, t in
-                       self.base.engine.export_weights(merge_lora=merge_lora, dtype=dtype)]
-        return iter(tensors)
+            return [(n, t.clone()) for n, t in
+                    self.base.engine.export_weights(merge_lora=merge_lora, dtype=dtype)]
 
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         return dict(self.base.slot)
@@ -167,6 +187,7 @@ class AdapterTrainEngine(TrainEngine):
                 self.base.active = None  # re-copy the values in on the next call
             for n, t in state["values"].items():
                 self.values[n].copy_(t)
+            self._exported = None
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])

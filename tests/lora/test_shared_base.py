@@ -101,3 +101,26 @@ def test_a_checkpoint_restores_values_optimizer_and_step(tmp_path):
     speaker.load(str(tmp_path))
     assert speaker.step == 1
     assert all(torch.equal(speaker.adapter_state()[n], t) for n, t in saved.items())
+
+
+class _Busy:
+    """A lock another policy's train step holds: entering it is a failure here."""
+
+    def __enter__(self):
+        raise AssertionError("export_weights waited for the shared slot")
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_push_reads_the_export_taken_after_its_own_step():
+    base = SharedLoRABase(backend_engine("fsdp"))
+    speaker = base.adapter("speaker", lr=1e-2)
+    listener = base.adapter("listener", lr=1e-2, seed=3)
+    speaker.train_step(make_batch(), ppo_loss)
+    listener.train_step(make_batch(), ppo_loss)  # the listener owns the slot now
+    expected = {n: t.clone() for n, t in speaker.export_weights()}
+    base.lock = _Busy()  # the listener is mid-step in another thread
+    pushed = dict(speaker.export_weights())
+    assert pushed.keys() == expected.keys()
+    assert all(torch.equal(pushed[n], t) for n, t in expected.items())
