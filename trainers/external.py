@@ -33,6 +33,7 @@ from areal_agents.rollout.groups import Group, Signal
 from areal_agents.rollout.staleness import StalenessControl
 from areal_agents.samples import Sample
 
+from .checkpointing import TrainerState
 from .clocks import control_of
 from .episodes import assign_turn_rewards
 from .trainer import Trainer
@@ -264,13 +265,25 @@ class ExternalEpisodes:
                 "controls": {p: c.state_dict() for p, c in self.controls.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the ledger and rebase the counters to the saved versions."""
+        """Restore the ledger and rebase the counters to the saved versions (a resume).
+
+        Sessions that were open, waiting for their group or buffered when the state was saved
+        died with the run that saved it: they are counted ``abandoned``, so the ledger still
+        adds up (``opened == trained + filtered:* + failed:* + abandoned``), and capacity is
+        what it was right after the saved version's update.
+        """
         for p, counts in state.get("ledger", {}).items():
             if p in self.ledger:
                 self.ledger[p] = Counter(counts)
         for p, cs in state.get("controls", {}).items():
             if p in self.controls:
                 self.controls[p].load_state_dict(cs)
+        for p, c in self.controls.items():
+            lost = c.submitted - sum(self.ledger[p].values())
+            if lost > 0:
+                self.ledger[p]["abandoned"] += lost
+                c.failed += lost
+            c.rebase(c.version, trained_episodes=self.ledger[p]["trained"])
 
 
 class ExternalTrainer(Trainer):
@@ -284,9 +297,6 @@ class ExternalTrainer(Trainer):
 
     def __init__(self, *, admin_key: str | None = None, retry_after: float = 1.0,
                  **kwargs: Any) -> None:
-        if kwargs.get("resume"):
-            raise ConfigError("resume is not supported with external episodes (sessions of "
-                              "the killed run cannot be replayed); start a fresh run_dir")
         if kwargs.get("clock", "lockstep") != "lockstep":
             raise ConfigError("clock='independent' is not supported with external episodes; "
                               "use clock='lockstep' (Policy.train_every still sets 1:k ratios)")
@@ -294,16 +304,32 @@ class ExternalTrainer(Trainer):
         self.admin_key, self.retry_after = admin_key, retry_after
 
     async def setup(self) -> None:
-        """``Trainer.setup``, then sessions opened over HTTP feed the buffers."""
+        """``Trainer.setup`` (with ``resume``: from the latest checkpoint: weights, step,
+        algorithm state, ledger), then sessions opened over HTTP feed the buffers."""
         if self.gateway is not None:
             return
         await super().setup()
         if self.admin_key:
             self.gateway.admin_key = self.admin_key
-        controls = {p: control_of(self.policies[p], batch_size=self.batch_size,
-                                  max_staleness=self.max_staleness,
-                                  max_concurrent=self.max_concurrent) for p in self.trainable}
-        self.controller = ExternalEpisodes(controls, group_size=self.group_size,
-                                           filter_fn=self._filter, retry_after=self.retry_after)
-        self.gateway.session_gate = self.controller.admit
-        self.gateway.session_sink = self.controller.on_session_end
+        source = self._external_source()
+        self.gateway.session_gate = source.admit
+        self.gateway.session_sink = source.on_session_end
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        """``Trainer.load_state_dict`` into the external source (a resumed ``serve --train``:
+        sessions of the killed run are counted abandoned; agents open new ones)."""
+        self._external_source()
+        super().load_state_dict(state)
+
+    def _external_source(self) -> ExternalEpisodes:
+        """The ``ExternalEpisodes`` replacing the env-driven controller ``Trainer.setup``
+        built (once; a resume loads its state into it before the gateway serves)."""
+        if not isinstance(self.controller, ExternalEpisodes):
+            controls = {p: control_of(self.policies[p], batch_size=self.batch_size,
+                                      max_staleness=self.max_staleness,
+                                      max_concurrent=self.max_concurrent)
+                        for p in self.trainable}
+            self.controller = ExternalEpisodes(controls, group_size=self.group_size,
+                                               filter_fn=self._filter,
+                                               retry_after=self.retry_after)
+        return self.controller
