@@ -7,17 +7,16 @@ token*; position ids follow the attention mask, so a sequence scores the same al
 padded or left-padded. Training minimises ``-log sigmoid(r(chosen) - r(rejected))``.
 
 Pairs come from a JSONL file (``read_pairs``: rows ``{"prompt", "chosen", "rejected"}``,
-strings or chat-message lists) or from a run's own scored episodes (``pairs_from_episodes``).
-``RewardModelReward`` turns a trained model into a ``reward_fns`` entry.
+strings or chat-message lists) or from a run's own scored episodes (``pairs_from_episodes``);
+both live in ``preference_pairs``. ``RewardModelReward`` (in ``reward_model_reward``) turns a
+trained model into a ``reward_fns`` entry. Every name is also importable from this module.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,28 +24,17 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from areal_agents.episode import Episode
 from areal_agents.metrics import Logger, NullLogger
 
-Conversation = str | list[dict[str, Any]]
-"""A prompt or response: plain text (one user / assistant message) or chat messages."""
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """``chosen`` is a better response to ``prompt`` than ``rejected``."""
-
-    prompt: Conversation
-    chosen: Conversation
-    rejected: Conversation
-
-
-def conversation(prompt: Conversation, response: Conversation) -> list[dict[str, Any]]:
-    """Chat messages of ``prompt`` then ``response`` (text becomes a user / assistant message)."""
-    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if isinstance(response, str):
-        return [*head, {"role": "assistant", "content": response}]
-    return [*head, *response]
+from .preference_pairs import (
+    Conversation,
+    PreferencePair,
+    conversation,
+    last_turn,
+    pairs_from_episodes,
+    read_pairs,
+    write_pairs,
+)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -199,105 +187,6 @@ class RewardModel:
                               batch_size)
 
 
-# ---- preference pairs -----------------------------------------------------------------------
-
-
-def _check_part(value: Any, key: str, where: str) -> Conversation:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
-        return value
-    raise ValueError(f"{where}: {key!r} must be a string or a list of chat messages "
-                     f"({{'role': ..., 'content': ...}}), got {type(value).__name__}")
-
-
-def read_pairs(path: str | Path) -> list[PreferencePair]:
-    """Preference pairs of a JSONL file, one ``{"prompt", "chosen", "rejected"}`` per line.
-
-    Each field is a string or a list of chat messages; ``prompt`` may be left out when
-    ``chosen`` and ``rejected`` are whole conversations. Blank lines are skipped.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a bad row or an empty file; the message starts with ``path:line``.
-    """
-    pairs = []
-    for num, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{num}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-        missing = [k for k in ("chosen", "rejected") if k not in row]
-        if missing:
-            raise ValueError(f"{where}: missing {missing}; a row is "
-                             '{"prompt": ..., "chosen": ..., "rejected": ...}')
-        prompt = _check_part(row.get("prompt", []), "prompt", where)
-        pairs.append(PreferencePair(prompt, _check_part(row["chosen"], "chosen", where),
-                                    _check_part(row["rejected"], "rejected", where)))
-    if not pairs:
-        raise ValueError(f"{path}: no preference pairs in the file")
-    return pairs
-
-
-def write_pairs(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
-    """Write ``pairs`` as JSONL (the format ``read_pairs`` reads); returns ``path``."""
-    rows = [json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
-            for p in pairs]
-    Path(path).write_text("\n".join(rows) + "\n")
-    return Path(path)
-
-
-def last_turn(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str] | None:
-    """``(messages before the last assistant message, its content)``; None without one."""
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "assistant":
-            return messages[:i], messages[i].get("content") or ""
-    return None
-
-
-def pairs_from_episodes(episodes: Iterable[Episode], *, agent: str | None = None,
-                        score: Callable[[Episode], float] | None = None,
-                        min_margin: float = 0.0, max_pairs_per_group: int | None = None
-                        ) -> list[PreferencePair]:
-    """Preference pairs from scored episodes, per task seed: every better/worse pair of
-    responses of ``agent`` to the same task.
-
-    Args:
-        episodes: finished episodes; those of one ``seed`` answer the same task.
-        agent: whose last response is compared (default: the only agent of the episodes).
-        score: ``episode -> float`` (a judge's label, ground truth...); default the agent's
-            return.
-        min_margin: a pair needs ``score(chosen) - score(rejected) > min_margin``.
-        max_pairs_per_group: keep at most this many pairs per seed (largest margins first).
-
-    Raises:
-        ValueError: ``agent`` not given and the episodes have several agents.
-    """
-    groups: dict[Any, list[tuple[float, list[dict[str, Any]], str]]] = {}
-    for ep in episodes:
-        if agent is None and len(ep.agents) != 1:
-            raise ValueError(f"episodes have agents {ep.agents}; name the one to compare "
-                             "with agent=")
-        who = agent or ep.agents[0]
-        turn = last_turn(ep.messages.get(who, []))
-        if ep.status == "failed" or turn is None:
-            continue
-        value = score(ep) if score is not None else ep.returns.get(who, 0.0)
-        groups.setdefault(ep.seed, []).append((float(value), *turn))
-    pairs = []
-    for members in groups.values():
-        found = {(a[2], b[2]): (a[0] - b[0], a[1]) for a in members for b in members
-                 if a[0] - b[0] > min_margin and a[2] != b[2]}
-        ranked = sorted(found.items(), key=lambda kv: -kv[1][0])[:max_pairs_per_group]
-        pairs.extend(PreferencePair(prompt, c, r) for (c, r), (_, prompt) in ranked)
-    return pairs
-
-
 # ---- training -------------------------------------------------------------------------------
 
 
@@ -386,130 +275,10 @@ def train_reward_model(
     return rm
 
 
-# ---- as a reward function -------------------------------------------------------------------
-
-
-class RewardModelReward:
-    """A ``reward_fns`` entry: the reward model's score of each agent's last response.
-
-    The prompt is the agent's transcript before its last assistant message (what it saw when
-    it answered; later env feedback is left out), the response that message. Calls of
-    concurrently finishing episodes are scored together in one no-grad batch (on a worker
-    thread). Agents without a response get no reward and are counted in ``num_unscored``.
-
-    Args:
-        rm: the reward model.
-        agents: which agents to reward (default: every agent of the episode).
-        normalize: ``"none"``; ``"running"``: ``(r - mean) / std`` over every score so far;
-            ``"sigmoid"``: ``sigmoid(r)`` in (0, 1).
-        clip: clip the (normalised) reward to ``[-clip, clip]``.
-        batch_size: rows per forward pass.
-
-    Example:
-        >>> reward = RewardModelReward(RewardModel.from_pretrained("tiny:xs"), normalize="sigmoid")
-        >>> trainer = aa.Trainer(..., reward_fns=[reward])  # doctest: +SKIP
-    """
-
-    def __init__(self, rm: RewardModel, *, agents: Sequence[str] | None = None,
-                 normalize: Literal["none", "running", "sigmoid"] = "none",
-                 clip: float | None = None, batch_size: int = 32) -> None:
-        if normalize not in ("none", "running", "sigmoid"):
-            raise ValueError(f"normalize={normalize!r}; choose 'none', 'running' or 'sigmoid'")
-        if clip is not None and clip <= 0:
-            raise ValueError(f"clip must be > 0 (or None), got {clip}")
-        self.rm, self.agents, self.normalize, self.clip = rm, agents, normalize, clip
-        self.batch_size = batch_size
-        self.num_scored = self.num_unscored = 0
-        self._step_raw: list[float] = []  # raw scores since the last take_metrics()
-        self._step_unscored = 0
-        self._count, self._mean, self._m2 = 0, 0.0, 0.0  # Welford running moments
-        self._queue: list[tuple[list[int], asyncio.Future[float]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    def _post(self, raw: float) -> float:
-        if self.normalize == "running":
-            std = math.sqrt(self._m2 / self._count) if self._count > 1 else 1.0
-            raw = (raw - self._mean) / max(std, 1e-6)
-        elif self.normalize == "sigmoid":
-            raw = 1.0 / (1.0 + math.exp(-raw))
-        return raw if self.clip is None else max(-self.clip, min(self.clip, raw))
-
-    policy: str | None = None
-    """No served policy: the model runs in this process (``rewards.hooks.ModelReward``)."""
-
-    def bind(self, client: Any) -> None:
-        """Nothing to bind: no gateway client is needed."""
-
-    def take_metrics(self) -> dict[str, float]:
-        """``reward_model/{scored,unscored,raw_mean}`` since the last call (logged per step)."""
-        out = {"reward_model/scored": float(len(self._step_raw)),
-               "reward_model/unscored": float(self._step_unscored)}
-        if self._step_raw:
-            out["reward_model/raw_mean"] = sum(self._step_raw) / len(self._step_raw)
-        self._step_raw, self._step_unscored = [], 0
-        return out
-
-    def _observe(self, raws: Iterable[float]) -> None:
-        for r in raws:
-            self._step_raw.append(r)
-            self._count += 1
-            delta = r - self._mean
-            self._mean += delta / self._count
-            self._m2 += delta * (r - self._mean)
-
-    def _requests(self, episode: Episode) -> list[tuple[str, list[int]]]:
-        out = []
-        for agent in self.agents or episode.agents:
-            turn = last_turn(episode.messages.get(agent, []))
-            if turn is None:
-                self.num_unscored += 1
-                self._step_unscored += 1
-                continue
-            out.append((agent, self.rm.encode(*turn)))
-        return out
-
-    def score_episodes(self, episodes: Sequence[Episode]) -> list[dict[str, float]]:
-        """Rewards of many episodes at once (synchronous, no grad)."""
-        requests = [self._requests(ep) for ep in episodes]
-        raws = self.rm.score_ids([ids for req in requests for _, ids in req], self.batch_size)
-        self._observe(raws)
-        self.num_scored += len(raws)
-        it = iter(raws)
-        return [{agent: self._post(next(it)) for agent, _ in req} for req in requests]
-
-    async def __call__(self, episode: Episode) -> dict[str, float]:
-        requests = self._requests(episode)
-        loop = asyncio.get_running_loop()
-        futures = []
-        for _, ids in requests:
-            futures.append(loop.create_future())
-            self._queue.append((ids, futures[-1]))
-        if futures and (self._flusher is None or self._flusher.done()):
-            self._flusher = asyncio.create_task(self._flush())
-        raws = await asyncio.gather(*futures)
-        return {agent: self._post(raw) for (agent, _), raw in zip(requests, raws, strict=True)}
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # episodes finishing in this loop turn join the batch
-        while self._queue:
-            batch, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size:]
-            try:
-                raws = await asyncio.to_thread(self.rm.score_ids, [ids for ids, _ in batch],
-                                               self.batch_size)
-            except Exception as exc:  # every waiting episode fails with the cause
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self._observe(raws)
-            self.num_scored += len(raws)
-            for (_, fut), raw in zip(batch, raws, strict=True):
-                if not fut.done():
-                    fut.set_result(raw)
-
-
 __all__ = [
     "PreferencePair", "RewardModel", "RewardModelReward", "bradley_terry_loss",
     "conversation", "evaluate_pairs", "last_turn", "pairs_from_episodes", "read_pairs",
     "train_reward_model", "write_pairs",
 ]
+
+from .reward_model_reward import RewardModelReward  # noqa: E402  (re-exported; imports us lazily)
