@@ -57,8 +57,10 @@ class _Seeding:
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         self._np_random = np.random.default_rng(seed)
         self._np_random_seed = seed
-        if seed is not None:
-            self.action_rng.seed(seed)
+        if seed is not None and self._action_rng is None:  # not Random(): 2.5 KB of urandom
+            self._action_rng = random.Random(seed)
+        elif seed is not None:
+            self._action_rng.seed(seed)
 
 
 class AgentEnv(_Seeding, Generic[ObsT, ActT]):
