@@ -25,6 +25,7 @@ also holds this project (one process imports both)::
     .venv-trl/bin/pip install torch==2.13.0 trl==1.13.0 requests && .venv-trl/bin/pip install -e .
     OMP_NUM_THREADS=1 .venv-trl/bin/python benchmarks/vs_trl.py            # 200 steps, 3 seeds
     OMP_NUM_THREADS=1 .venv-trl/bin/python benchmarks/vs_trl.py --steps 30 --seeds 1 --orders ours
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --profile 10  # ours only, cProfile
 
 Figures: README's benchmark table and ``docs/benchmarks_vs_trl.md``.
 """
@@ -148,6 +149,49 @@ def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int) -
                 "train_reward": statistics.fmean(h["policy/solver/reward"] for h in history)}
 
     return asyncio.run(run())
+
+
+def profile_ours(ckpt: Path, steps: int, top: int = 25, dump: Path | None = None) -> None:
+    """cProfile ``steps`` sync steps of ours (after setup) in this process: the event loop's
+    thread (episodes, gateway, SDK) and the train thread (``asyncio.to_thread``), by
+    cumulative and by own time. Needs no TRL."""
+    import cProfile
+    import pstats
+    import threading
+
+    trainer = _trainer(str(ckpt), seed=0, max_staleness=0)
+    profiles: list[cProfile.Profile] = []
+
+    def per_thread(*_: Any) -> None:  # threading.setprofile hook: one profile per new thread
+        prof = cProfile.Profile()
+        profiles.append(prof)
+        prof.enable()
+
+    async def run() -> None:
+        try:
+            await trainer.setup()
+            loop = cProfile.Profile()
+            profiles.append(loop)
+            threading.setprofile(per_thread)
+            loop.enable()
+            await trainer.afit(steps)
+            loop.disable()
+        finally:
+            threading.setprofile(None)
+            for prof in profiles:
+                prof.disable()
+            await trainer.aclose()
+
+    start = time.perf_counter()
+    asyncio.run(run())
+    print(f"{steps} steps in {time.perf_counter() - start:.1f} s (with setup); load {_load()}")
+    stats = pstats.Stats(profiles[0])
+    for prof in profiles[1:]:
+        stats.add(prof)
+    if dump is not None:
+        stats.dump_stats(dump)  # for pstats / snakeviz
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
 
 
 def _task(seed: int) -> dict[str, Any]:
@@ -309,6 +353,8 @@ def main() -> None:
                         help="which goes first in a seed's runs: both orders, or one")
     parser.add_argument("--ckpt", type=Path, default=REPO / "runs" / "vs_trl" / "sft",
                         help="the SFT'd checkpoint (built once when missing)")
+    parser.add_argument("--profile", type=int, metavar="STEPS", default=0,
+                        help="only cProfile STEPS sync steps of ours (no TRL needed)")
     parser.add_argument("--arm", choices=tuple(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--seed-of-arm", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -316,6 +362,11 @@ def main() -> None:
     if args.arm:  # a child run
         args.result.write_text(json.dumps(run_arm(args.arm, args.ckpt, args.seed_of_arm,
                                                   args.steps)))
+        return
+    if args.profile:
+        if not (args.ckpt / "config.json").exists():
+            build_checkpoint(args.ckpt)
+        profile_ours(args.ckpt, args.profile, dump=Path(tempfile.gettempdir()) / "vs_trl.prof")
         return
     try:
         import trl
