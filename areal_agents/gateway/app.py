@@ -113,6 +113,8 @@ class Gateway:
         self._session_by_digest: dict[str, str] = {}
         self._digest_by_session: dict[str, str] = {}
         self._ended = EndedSessions(ended_memory)
+        # refreshed sessions whose next session was refused (429): id -> policy, metadata, key
+        self._between_episodes: dict[str, tuple[str, dict[str, Any], str | None]] = {}
         self._tokenize_workers = tokenize_workers
         self._tokenize_pool: ThreadPoolExecutor | None = None
         self._portal: Any = None
@@ -200,6 +202,27 @@ class Gateway:
         if drop:
             digest_ = self._forget(session.session_id)
             self._ended.add(session.session_id, [digest_] if digest_ else [])
+
+    def _end_for_refresh(self, session: Session) -> None:
+        """``POST /rl/sessions/{id}/refresh``, first half: end and drop ``session`` as ``/end``
+        does; its key stays known (its calls answer 409) until ``_reopen`` binds it to the
+        next episode's session."""
+        digest_ = self._digest_by_session.get(session.session_id)
+        self._end_over_http(session, drop=True)
+        self._between_episodes[session.session_id] = (
+            session.policy, {k: v for k, v in session.metadata.items()
+                             if k != "admitted_version"}, digest_)
+
+    def _reopen(self, previous_id: str, metadata: dict[str, Any]) -> str:
+        """Second half: open the next episode's session under the key of ``previous_id``."""
+        policy, _, key_digest = self._between_episodes.pop(previous_id)
+        session_id, key = self._open_session(policy, metadata)
+        self._session_by_digest.pop(digest(key))
+        if key_digest is not None:
+            self._ended.by_digest.pop(key_digest, None)
+            self._session_by_digest[key_digest] = session_id
+            self._digest_by_session[session_id] = key_digest
+        return session_id
 
     def _forget(self, session_id: str) -> str | None:
         """Drop a session and its key; returns the key's digest."""

@@ -107,6 +107,13 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict | None, dict, bool]] = {
         {"type": "object", "properties": {"drop": _BOOL, "return_session": _BOOL}},
         {"type": "object", "properties": {"session_id": _STR, "ended": _BOOL,
                                           "num_turns": _INT, "session": _SESSION}}, True),
+    ("POST", "/rl/sessions/{session_id}/refresh"): (
+        "End the episode (as /end) and open the next session under the same key; 429 + "
+        "Retry-After when refused (retry the same call)",
+        {"type": "object", "properties": {"task_id": {"anyOf": [_STR, _INT]}, "role": _STR,
+                                          "metadata": _OBJ}},
+        {"type": "object", "required": ["session_id"], "properties": {
+            "session_id": _STR, "previous_session_id": _STR}}, True),
     ("POST", "/admin/pause"): ("Pause a policy's replicas (all policies without one)",
                                _POLICY_BODY, _OBJ, True),
     ("POST", "/admin/resume"): ("Resume a policy's replicas", _POLICY_BODY, _OBJ, True),

@@ -107,6 +107,8 @@ class GatewayRoutes:
             Route("/rl/sessions/{session_id}", _wrap(self._get_session), methods=["GET"]),
             Route("/rl/sessions/{session_id}/reward", _wrap(self._reward), methods=["POST"]),
             Route("/rl/sessions/{session_id}/end", _wrap(self._end), methods=["POST"]),
+            Route("/rl/sessions/{session_id}/refresh", _wrap(self._refresh),
+                  methods=["POST"]),
             Route("/admin/pause", _wrap(self._admin_pause), methods=["POST"]),
             Route("/admin/resume", _wrap(self._admin_resume), methods=["POST"]),
             Route("/admin/update_weights", _wrap(self._admin_update), methods=["POST"]),
@@ -191,15 +193,45 @@ class GatewayRoutes:
         if not isinstance(metadata, dict):
             raise bad_request("'metadata' must be an object", param="metadata")
         metadata = {**metadata, **_group_fields(body)}
-        if self.gw.session_gate is not None:
-            wait = self.gw.session_gate(policy, metadata)
-            if wait is not None:
-                return GatewayError(429, f"policy {policy!r} has no capacity now (its weights "
-                                    "are updating or enough episodes are in flight); retry "
-                                    f"after {wait:g} s", code="no_capacity").response(
-                                        {"Retry-After": str(max(1, math.ceil(wait)))})
+        refused = self._refused(policy, metadata)
+        if refused is not None:
+            return refused
         session_id, key = self.gw._open_session(policy, metadata)
         return JSONResponse({"session_id": session_id, "api_key": key})
+
+    def _refused(self, policy: str, metadata: dict[str, Any], retry: str = "") -> Response | None:
+        """The 429 answer when ``session_gate`` refuses a session of ``policy``, else None."""
+        wait = self.gw.session_gate(policy, metadata) if self.gw.session_gate else None
+        if wait is None:
+            return None
+        return GatewayError(429, f"policy {policy!r} has no capacity now (its weights are "
+                            "updating or enough episodes are in flight); retry after "
+                            f"{wait:g} s{retry}", code="no_capacity").response(
+                                {"Retry-After": str(max(1, math.ceil(wait)))})
+
+    async def _refresh(self, request: Request) -> Response:
+        """End the session's episode (as ``/end``) and open the next one under the same key
+        (a long-lived agent keeps its client). ``task_id``/``role``/``metadata`` in the body
+        replace the previous session's. A refused next session answers 429: the episode
+        stays ended and the same call, retried, opens the next one."""
+        session_id = request.path_params["session_id"]
+        principal = self._principal(request)
+        if principal.kind == "session" and principal.session_id != session_id:
+            raise forbidden("a session key may only refresh its own session")
+        body = await self._body(request, empty_ok=True)
+        if session_id not in self.gw._between_episodes:
+            self.gw._end_for_refresh(self._session_for(request))
+        policy, metadata, _ = self.gw._between_episodes[session_id]
+        extra = body.get("metadata") or {}
+        if not isinstance(extra, dict):
+            raise bad_request("'metadata' must be an object", param="metadata")
+        metadata = {**metadata, **extra, **_group_fields(body)}
+        refused = self._refused(policy, metadata, f"; POST /rl/sessions/{session_id}/refresh "
+                                "again (this episode has ended; the key waits for the next)")
+        if refused is not None:
+            return refused
+        new_id = self.gw._reopen(session_id, metadata)
+        return JSONResponse({"session_id": new_id, "previous_session_id": session_id})
 
     async def _get_session(self, request: Request) -> Response:
         return JSONResponse(self._session_for(request).to_dict())

@@ -230,9 +230,10 @@ class EndedSessions:
         for d in digests:
             self.by_digest[d] = session_id
         while len(self._digests) > self.capacity:
-            _, old = self._digests.popitem(last=False)
-            for d in old:
-                self.by_digest.pop(d, None)
+            old_id, old = self._digests.popitem(last=False)
+            for d in old:  # a refreshed key may name a later ended session by now
+                if self.by_digest.get(d) == old_id:
+                    del self.by_digest[d]
 
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._digests
