@@ -9,7 +9,8 @@ until the end phase. HTTP connections are pooled (``--connections``), so the num
 sockets stays bounded while every session is open.
 
 Reported (one JSON object on stdout, a table on stderr): p50/p99 latency per request kind
-(open, chat, reward, end) in ms, errors (non-2xx answers and transport errors, by kind), the
+(open, chat, reward, end) in ms, errors (non-2xx answers and transport errors, by kind and
+status or exception), the
 gateway's RSS before (after warm-up), with every session open, and after every session
 ended, its ``/health`` session counts at the end, wall time and the load average.
 
@@ -47,8 +48,10 @@ def serve(port: int, latency: float) -> None:
     gw = Gateway(admin_key=ADMIN)
     gw.add_policy(POLICY, [ScriptedEngine(["Answer: 42"], tokenizer=tok, latency=latency)],
                   tok)
+    # keep-alive above the client's idle gaps: a pooled connection the server closed while
+    # every session waited for the others to open would fail the next request
     uvicorn.run(gw.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
-                backlog=4096)
+                backlog=4096, timeout_keep_alive=300)
 
 
 def rss_mb(pid: int) -> float:
@@ -77,12 +80,12 @@ class Load:
         t0 = time.perf_counter()
         try:
             r = await self.http.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
-        except httpx2.TransportError:
-            self.errors[kind] += 1
+        except httpx2.TransportError as exc:
+            self.errors[f"{kind}:{type(exc).__name__}"] += 1
             return None
         self.latency[kind].append(time.perf_counter() - t0)
         if r.status_code != 200:
-            self.errors[kind] += 1
+            self.errors[f"{kind}:{r.status_code}"] += 1
             return None
         return r.json()
 
