@@ -15,8 +15,10 @@ In-process API (what trainers and agents call)::
     await gw.pause(policy) / gw.resume(policy) / gw.update_weights(policy, WeightUpdate)
 
 HTTP: ``/v1/chat/completions`` (SSE streaming, tools, n, logprobs), ``/v1/completions``,
+``/v1/responses`` (minimal: text and function tools, no stream; ``responses.py``),
 ``/v1/models``, ``/health``; ``/rl/sessions`` (admin key) and ``/rl/sessions/{id}``,
-``/reward``, ``/end`` (admin or that session's key); ``/admin/pause``, ``/admin/resume``,
+``/reward``, ``/end``, ``/refresh`` (admin or that session's key); ``/admin/pause``,
+``/admin/resume``,
 ``/admin/update_weights`` (admin key); ``/openapi.json``. Responses add vLLM-named
 ``prompt_token_ids`` (response) and ``token_ids`` (each choice). Calls with a session key are
 recorded once delivered (a request its client gave up on is counted as abandoned instead);
