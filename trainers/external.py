@@ -292,7 +292,8 @@ class ExternalTrainer(Trainer):
     Same arguments as ``Trainer`` (``env`` and ``policy_map`` still name the policies and are
     used by ``evaluate``), plus ``admin_key`` (the key that opens sessions; None: random, read
     ``trainer.gateway.admin_key``) and ``retry_after``. Serve ``trainer.gateway.app`` (e.g.
-    with uvicorn, in the same event loop as ``afit``) so agents can reach it.
+    with uvicorn, in the same event loop as ``afit``) so agents can reach it. ``resume=True``
+    continues from ``run_dir``'s latest checkpoint (``load_state_dict``).
     """
 
     def __init__(self, *, admin_key: str | None = None, retry_after: float = 1.0,
