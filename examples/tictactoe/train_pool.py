@@ -81,7 +81,7 @@ def build(args: argparse.Namespace) -> Trainer:
                         snapshot_every=args.snapshot_every, max_snapshots=args.max_snapshots,
                         sampling="pfsp", league_every=args.league_every,
                         league_seeds=range(4_000_000, 4_000_000 + args.league_games))
-    env_kwargs = {"opening_moves": 2, "illegal": "reask", "list_free": args.list_free}
+    env_kwargs = {"opening_moves": 2, "illegal": args.illegal, "list_free": args.list_free}
     return Trainer(env="TicTacToe-v0", env_kwargs=env_kwargs,
                    policies={"p": policy}, policy_map={"x": "p", "o": "p"}, opponents=pool,
                    algorithm="grpo", batch_size=args.batch_size, group_size=args.group_size,
@@ -130,13 +130,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         t4 = time.perf_counter()
     finally:
         await trainer.aclose()
-    out = Path(args.run_dir)
-    (out / "league" / "final.json").write_text(json.dumps(league, indent=1))
     result = {"start": start, "final": final, "steps": args.steps, "elo": league["elo"],
               "seconds": {"setup_sft": t1 - t0, "eval_start": t2 - t1, "train": t3 - t2,
                           "eval_final_league": t4 - t3, "total": t4 - t0}}
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    write_results(Path(args.run_dir), league, result)
     return result
+
+
+def write_results(run_dir: Path, league: dict[str, Any], result: dict[str, Any]) -> None:
+    """``RUN_DIR/league/final.json`` and ``RUN_DIR/result.json`` (``league/`` is created: a run
+    with ``--league-every 0`` has none yet)."""
+    (run_dir / "league").mkdir(parents=True, exist_ok=True)
+    (run_dir / "league" / "final.json").write_text(json.dumps(league, indent=1))
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="scripted pool members, comma-separated")
     parser.add_argument("--list-free", action="store_true",
                         help="list the empty cells in every prompt (TicTacToe(list_free=True))")
+    parser.add_argument("--illegal", choices=["reask", "penalty"], default="reask",
+                        help="TicTacToe's illegal-move rule (penalty: the first one loses)")
     parser.add_argument("--snapshot-every", type=int, default=10)
     parser.add_argument("--max-snapshots", type=int, default=4)
     parser.add_argument("--league-every", type=int, default=40)

@@ -186,6 +186,15 @@ def test_shaped_reward_and_wilson_interval():
     assert train_pool.wilson(200, 200)[1] == pytest.approx(1.0)
 
 
+def test_results_are_written_without_a_league_folder(tmp_path):
+    # --league-every 0: no league was played during training, so RUN_DIR/league/ did not exist
+    # and writing final.json raised FileNotFoundError after the whole run
+    train_pool.write_results(tmp_path / "run", {"elo": {"p": 1000.0}}, {"start": {}, "final": {}})
+    assert json.loads((tmp_path / "run" / "league" / "final.json").read_text())["elo"] == {
+        "p": 1000.0}
+    assert set(json.loads((tmp_path / "run" / "result.json").read_text())) == {"start", "final"}
+
+
 def test_train_pool_runs_end_to_end_at_tiny_size(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train_pool.main(["--steps", "2", "--sft-steps", "2", "--batch-size", "2",
