@@ -58,3 +58,12 @@ async def test_refresh_keeps_the_key_and_hands_each_episode_to_the_trainer(tok):
     assert src.ledger["p"] == {"trained": 2}
     assert gw._between_episodes == {}
     await gw.close()
+
+
+def test_evicting_an_ended_session_keeps_its_refreshed_keys_later_owner():
+    from areal_agents.gateway.sessions import EndedSessions
+
+    ended = EndedSessions(capacity=1)
+    ended.add("first", ["key-digest"])
+    ended.add("second", ["key-digest"])  # the same key, refreshed into a later session
+    assert "first" not in ended and ended.by_digest == {"key-digest": "second"}
