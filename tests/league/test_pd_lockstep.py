@@ -5,6 +5,7 @@ staleness budget is full. The run must stop with ``Deadlocked`` (naming the fix)
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -17,6 +18,9 @@ ONE_TOKEN = {"temperature": 1.0, "max_tokens": 1}
 
 
 async def test_pd_pool_any_seat_under_lockstep_raises_deadlocked():
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
     trainer = Trainer(
         env="PrisonersDilemma-v0", env_kwargs={"rounds": 1},
         policies={p: Policy(seed=i, api="completions", sampling=dict(ONE_TOKEN))
@@ -30,3 +34,10 @@ async def test_pd_pool_any_seat_under_lockstep_raises_deadlocked():
             await asyncio.wait_for(trainer.afit(40), 300)  # a hang guard, not a threshold
     finally:
         await trainer.aclose()
+        for _ in range(3):
+            await asyncio.sleep(0.1)  # let every task the failure left behind end
+        gc.collect()
+        loop.set_exception_handler(None)
+    # no other policy's step was left running into the teardown (nothing logged as "Task
+    # exception was never retrieved" / "Task was destroyed but it is pending")
+    assert [c["message"] for c in unhandled] == []
