@@ -15,8 +15,11 @@ same numbers. The recompute is skipped (``prox = old_logprobs``, bit for bit) ex
    in float32 (``train_forward_float32``).
 
 The two engines then differ only by float32 rounding (~1e-7 per log-prob), the noise that batch
-composition already adds to any recompute. Off-policy data (``max_staleness > 0`` with lagging
-samples) is always recomputed.
+composition already adds to any recompute. The rule holds row by row: in an off-policy batch
+(``max_staleness > 0``) the rows whose every generated token is current keep their behaviour
+log-probs and only the rows with a lagging token (or, without condition 2 or 3, every row)
+are recomputed, in one ``forward_logprobs`` call on those rows. Off-policy rows are always
+recomputed.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from areal_agents.engines.base import InferenceEngine
 from areal_agents.samples import Sample, TokenBatch
 
-__all__ = ["behaviour_is_proximal", "exact_behaviour", "proximal_logprobs",
+__all__ = ["behaviour_is_proximal", "exact_behaviour", "proximal_logprobs", "stale_rows",
            "train_forward_float32"]
 
 
@@ -55,8 +58,31 @@ def exact_behaviour(serving: Iterable[InferenceEngine], train_engine: Any) -> bo
             and train_forward_float32(train_engine))
 
 
+def _is_current(sample: Sample, version: int) -> bool:
+    """Conditions 1 and 2 for one sample."""
+    return sample.sampling is not None and all(
+        v == version for v, m in zip(sample.versions, sample.loss_mask, strict=True) if m)
+
+
+def stale_rows(samples: Sequence[Sample], version: int, *, exact: bool) -> list[int]:
+    """Rows of ``samples`` whose behaviour log-probs are not the proximal ones: every row when
+    not ``exact`` (condition 3), else those failing condition 1 or 2.
+
+    Example:
+        >>> from areal_agents.samples import SamplingDistribution
+        >>> t1 = SamplingDistribution(1.0)
+        >>> now, old = (Sample([1, 2], [0, 1], [0.0, -0.5], [-1, v], sampling=t1) for v in (4, 3))
+        >>> stale_rows([now, old, now], 4, exact=True), stale_rows([now], 4, exact=False)
+        ([1], [0])
+    """
+    if not exact:
+        return list(range(len(samples)))
+    return [i for i, s in enumerate(samples) if not _is_current(s, version)]
+
+
 def behaviour_is_proximal(samples: Sequence[Sample], version: int, *, exact: bool) -> bool:
-    """Whether the behaviour log-probs of ``samples`` are the proximal ones (conditions 1-3).
+    """Whether the behaviour log-probs of all of ``samples`` are the proximal ones
+    (conditions 1-3).
 
     Args:
         samples: the batch's samples.
@@ -70,23 +96,24 @@ def behaviour_is_proximal(samples: Sequence[Sample], version: int, *, exact: boo
         >>> behaviour_is_proximal([s], 4, exact=True), behaviour_is_proximal([s], 5, exact=True)
         (True, False)
     """
-    if not exact:
-        return False
-    for s in samples:
-        if s.sampling is None:
-            return False
-        if any(v != version for v, m in zip(s.versions, s.loss_mask, strict=True) if m):
-            return False
-    return True
+    return exact and not stale_rows(samples, version, exact=exact)
 
 
 def proximal_logprobs(batch: TokenBatch, samples: Sequence[Sample], engine: Any, *,
-                      exact: bool) -> tuple[torch.Tensor, bool]:
-    """``[B, T]`` proximal log-probs of ``batch`` and whether the recompute was skipped.
+                      exact: bool) -> tuple[torch.Tensor, float]:
+    """``[B, T]`` proximal log-probs of ``batch`` and the fraction of rows not recomputed.
 
-    Skipped (``behaviour_is_proximal``): a copy of ``batch.old_logprobs``. Otherwise
-    ``engine.forward_logprobs(batch)``.
+    Rows that ``stale_rows`` leaves out are copies of ``batch.old_logprobs``; the others come
+    from one ``engine.forward_logprobs`` call (on the whole batch when every row is stale, else
+    on ``batch.select(rows)``). No call at all when no row is stale (fraction 1.0).
     """
-    if behaviour_is_proximal(samples, engine.version, exact=exact):
-        return batch.old_logprobs.clone(), True
-    return engine.forward_logprobs(batch), False
+    rows = stale_rows(samples, engine.version, exact=exact)
+    if not rows:
+        return batch.old_logprobs.clone(), 1.0
+    if len(rows) == len(samples):
+        return engine.forward_logprobs(batch), 0.0
+    prox = batch.old_logprobs.clone()
+    recomputed = engine.forward_logprobs(batch.select(rows))  # [len(rows), width]
+    prox[rows] = 0.0  # as a whole-batch recompute leaves the padding
+    prox[rows, : recomputed.shape[1]] = recomputed
+    return prox, 1.0 - len(rows) / len(samples)

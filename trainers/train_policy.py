@@ -4,9 +4,10 @@
 
 1. take ``batch_size`` episodes' groups from the rollout controller (sorted by task seed, so
    the row order does not depend on timing) and collate them;
-2. in a worker thread: the proximal log-probs (skipped for on-policy batches of exact engines,
-   ``proximal.py``), the KL reference's, the critic's values, ``algorithm.prepare``
-   (advantages), the engine's ``train_step`` and the critic's update;
+2. in a worker thread: the proximal log-probs (recomputed only for the rows with a stale
+   token, or all rows of inexact engines: ``proximal.py``), the KL reference's, the critic's
+   values, ``algorithm.prepare`` (advantages), the engine's ``train_step`` and the critic's
+   update;
 3. stream the new weights to the serving replicas (pause -> update -> version + 1 -> resume,
    ``weight_push.py``) and let the league snapshot them when due.
 
@@ -42,12 +43,12 @@ async def train_policy(trainer: Trainer, name: str) -> dict[str, float]:
     algorithm = trainer.algorithms[name]
     batch = collate(samples, pad_token_id=pad)
 
-    # the proximal recompute is skipped for on-policy batches of exact engines (proximal.py)
+    # the proximal recompute is skipped for on-policy rows of exact engines (proximal.py)
     exact = exact_behaviour(trainer.gateway.policies[name].router.engines, engine)
     critic, critic_stats = trainer.critics.get(name), {}
 
     def work() -> dict[str, float]:
-        skipped = False
+        skipped = 0.0  # the fraction of rows whose behaviour log-probs are the proximal ones
         if algorithm.needs_proximal:
             batch.prox_logprobs, skipped = proximal_logprobs(batch, samples, engine, exact=exact)
         if getattr(algorithm, "needs_reference", False):

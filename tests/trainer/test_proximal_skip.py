@@ -34,9 +34,11 @@ class _TrainEngine:
                  dtype: torch.dtype = torch.float32) -> None:
         self.version, self.mixed_precision, self.calls = version, mixed_precision, 0
         self.model = torch.nn.Linear(2, 2).to(dtype)
+        self.shapes: list[tuple[int, ...]] = []
 
     def forward_logprobs(self, batch):
         self.calls += 1
+        self.shapes.append(tuple(batch.input_ids.shape))
         return torch.full(batch.input_ids.shape, -9.0)
 
 
@@ -48,21 +50,34 @@ def test_on_policy_batch_reuses_the_behaviour_logprobs_bit_for_bit():
     samples = [_sample([3, 3]), _sample([3, 3, 3])]
     batch, engine = collate(samples), _TrainEngine(version=3)
     prox, skipped = proximal_logprobs(batch, samples, engine, exact=True)
-    assert skipped and engine.calls == 0
+    assert skipped == 1.0 and engine.calls == 0
     assert torch.equal(prox, batch.old_logprobs) and prox is not batch.old_logprobs
 
 
 @pytest.mark.parametrize(("samples", "exact"), [
-    ([_sample([3, 3]), _sample([2, 3])], True),   # one token of the previous version
-    ([_sample([2, 2])], True),                    # a whole stale sample
+    ([_sample([2, 3])], True),                    # one token of the previous version
+    ([_sample([2, 2]), _sample([3, 2])], True),   # every row has a stale token
     ([_sample([3, 3], sampling=None)], True),     # no recorded log-prob definition
-    ([_sample([3, 3])], False),                   # inexact engines
+    ([_sample([3, 3]), _sample([3, 3])], False),  # inexact engines: every row
 ])
 def test_off_policy_or_inexact_batches_recompute(samples, exact):
     engine = _TrainEngine(version=3)
-    prox, skipped = proximal_logprobs(collate(samples), samples, engine, exact=exact)
-    assert not skipped and engine.calls == 1
-    assert float(prox[0, 0]) == -9.0
+    batch = collate(samples)
+    prox, skipped = proximal_logprobs(batch, samples, engine, exact=exact)
+    assert skipped == 0.0 and engine.calls == 1
+    assert engine.shapes == [tuple(batch.input_ids.shape)]  # the whole batch, one call
+    assert torch.equal(prox, torch.full(batch.input_ids.shape, -9.0))
+
+
+def test_only_the_rows_with_a_stale_token_are_recomputed():
+    # rows 0 and 2 were generated entirely at version 3; row 1 has one token of version 2
+    samples = [_sample([3, 3]), _sample([3, 2]), _sample([3, 3, 3])]
+    batch, engine = collate(samples), _TrainEngine(version=3)  # [3, 4]: row 1 is 3 long
+    prox, skipped = proximal_logprobs(batch, samples, engine, exact=True)
+    assert engine.calls == 1 and engine.shapes == [(1, 3)]  # row 1 alone, padding trimmed
+    assert skipped == pytest.approx(2 / 3)
+    assert torch.equal(prox[[0, 2]], batch.old_logprobs[[0, 2]])  # behaviour, bit for bit
+    assert prox[1].tolist() == [-9.0, -9.0, -9.0, 0.0]  # recomputed; padding as a full pass
 
 
 def test_prompt_token_versions_do_not_count():
