@@ -41,6 +41,9 @@ class PolicyConfig(_Strict):
                          "added with areal_agents.trainers.backends.register_backend")
     lr: float = Field(1e-5, gt=0, description="learning rate of this policy's optimizer")
     lora: dict[str, Any] | None = Field(None, description="LoRA arguments, e.g. {r: 8}")
+    adapter_of: str | None = Field(
+        None, description="a frozen policy whose model this one trains a LoRA adapter of (lora "
+        "required; one base in memory per side: areal_agents.trainers.lora_policies)")
     frozen: bool = Field(False, description="act without training")
     endpoint: str | None = Field(None, description="external OpenAI-compatible base URL (frozen)")
     sampling: dict[str, Any] = Field(default_factory=lambda: {"temperature": 1.0, "max_tokens": 16},

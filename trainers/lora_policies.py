@@ -50,7 +50,7 @@ def adapter_bases(policies: dict[str, Policy]) -> dict[str, list[str]]:
     """``{base: [adapter policies]}`` (sorted)."""
     out: dict[str, list[str]] = {}
     for name in sorted(policies):
-        base = getattr(policies[name], "adapter_of", None)
+        base = policies[name].adapter_of
         if base is not None:
             out.setdefault(base, []).append(name)
     return out
@@ -67,7 +67,7 @@ def check_adapter_policies(policies: dict[str, Policy]) -> None:
             raise ConfigError(f"Policy {adapters[0]!r} has adapter_of={base!r}, but there is no "
                               f"policy {base!r}; policies: {sorted(policies)}")
         bp = policies[base]
-        if getattr(bp, "adapter_of", None) is not None or bp.endpoint is not None:
+        if bp.adapter_of is not None or bp.endpoint is not None:
             raise ConfigError(f"adapter_of={base!r}: {base!r} must be a local model, not an "
                               "adapter or an endpoint; point adapter_of at the base model's policy")
         if not bp.frozen:
@@ -90,7 +90,7 @@ def check_adapter_policies(policies: dict[str, Policy]) -> None:
 
 
 def _check_one(name: str, p: Policy) -> None:
-    where = f"Policy {name!r} (adapter_of={p.adapter_of!r})"  # type: ignore[attr-defined]
+    where = f"Policy {name!r} (adapter_of={p.adapter_of!r})"
     if p.lora is None:
         raise ConfigError(f"{where} needs lora=, e.g. {{'r': 8, 'lora_alpha': 16, "
                           "'target_modules': ['q_proj', 'v_proj']}")
@@ -102,7 +102,7 @@ def _check_one(name: str, p: Policy) -> None:
     if p.inference != InferencePlacement():
         raise ConfigError(f"{where} is served by its base's engines; drop inference=")
     if p.sft_steps:
-        raise ConfigError(f"{where}: put sft_steps on the base policy {p.adapter_of!r} "  # type: ignore[attr-defined]
+        raise ConfigError(f"{where}: put sft_steps on the base policy {p.adapter_of!r} "
                           "(it warm-starts the shared base on every adapter's transcripts)")
     for attr, off in (("critic", None), ("ref_model", None)):
         if getattr(p, attr) != off:
@@ -135,11 +135,11 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
     from areal_agents.models import eos_token_ids
 
     policy = trainer.policies[name]
-    base = policy.adapter_of  # type: ignore[attr-defined]
+    base = policy.adapter_of
     replicas = trainer.gateway.policies[base].router.engines
     if not all(isinstance(e, LocalEngine) for e in replicas):
         raise ConfigError(f"adapters of {base!r} need its replicas to be LocalEngines")
-    shared: dict[str, SharedLoRABase] = trainer.__dict__.setdefault("_lora_bases", {})
+    shared: dict[str, SharedLoRABase] = trainer.lora_bases
     if base not in shared:
         served = replicas[0].model  # the base weights, as served
         if trainer.policies[base].sft_steps and demos is not None:

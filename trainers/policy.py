@@ -26,6 +26,9 @@ class Policy:
             with ``areal_agents.trainers.backends.register_backend``.
         lr: learning rate of this policy's own optimizer.
         lora: ``None`` or a dict of LoRA arguments (``{"r": 8, "lora_alpha": 16}``).
+        adapter_of: the name of a frozen policy whose model this policy trains a LoRA adapter
+            of (``lora`` required; ``model`` is then ignored): several roles over one base
+            model, held once on each side (``areal_agents.trainers.lora_policies``).
         frozen: act without training (an opponent, a judge, a fixed partner).
         endpoint: base URL of an external OpenAI-compatible server (``model`` is then the
             served model name, or ``None`` for the server default); always frozen.
@@ -77,6 +80,7 @@ class Policy:
     backend: str = "fsdp"
     lr: float = 1e-5
     lora: dict[str, Any] | None = None
+    adapter_of: str | None = None
     frozen: bool = False
     endpoint: str | None = None
     sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 1.0, "max_tokens": 16})

@@ -31,6 +31,7 @@ from .critic import CriticEngine
 from .episodes import RewardFn
 from .league import League
 from .llm_session import Seat, open_seat
+from .lora_policies import check_adapter_policies
 from .policy import Policy
 from .rollouts import evaluate, train_episode
 from .sample_log import SampleLog
@@ -152,6 +153,7 @@ class Trainer:
         probe = self.make_env()
         possible = list(getattr(probe, "possible_agents", ["agent"]))
         self.policies = dict(policies)
+        check_adapter_policies(self.policies)  # adapter_of: trainers/lora_policies.py
         self.fixed_agents = dict(agents or {})
         self.policy_of = resolve_policy_map(policy_map, possible, self.policies, self.fixed_agents)
         self.trainable = sorted({p for p in self.policy_of.values() if self.policies[p].trainable})
@@ -201,6 +203,7 @@ class Trainer:
         self._step_seeds: dict[str, list[int]] = {}  # per policy: seeds of its last batch
         self.gateway: Any = None
         self.train_engines: dict[str, Any] = {}
+        self.lora_bases: dict[str, Any] = {}  # base policy -> SharedLoRABase (lora_policies.py)
         self.ref_engines: dict[str, Any] = {}  # frozen KL references (algorithm.needs_reference)
         self.critics: dict[str, CriticEngine] = {}  # learned values (Policy.critic, PPO)
         self.tokenizers: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from areal_agents.rollout import RolloutController
 from .checkpointing import latest_checkpoint
 from .clocks import control_of
 from .critic import build_critic
-from .lora_policies import check_adapter_policies, setup_adapter_policy
+from .lora_policies import setup_adapter_policy
 from .reference import ReferenceSpec, build_reference
 from .serving import build_engines
 from .warm_start import (
@@ -48,7 +48,6 @@ async def setup_trainer(trainer: Trainer) -> None:
         torch.set_num_threads(trainer.torch_threads)
     from areal_agents.gateway import Gateway
 
-    check_adapter_policies(trainer.policies)
     random.seed(trainer.seed)
     torch.manual_seed(trainer.seed)
     ckpt = latest_checkpoint(trainer.run_dir) if trainer.resume and trainer.run_dir else None
@@ -63,7 +62,7 @@ async def setup_trainer(trainer: Trainer) -> None:
             demos = await collect_demos(trainer.make_env, trainer.warm_start["players"], seeds,
                                         min_episodes=trainer.warm_start.get("min_episodes"))
     used = set(trainer.policy_of.values()) | trainer.rewards.policies
-    adapters = {n for n in used if getattr(trainer.policies[n], "adapter_of", None)}
+    adapters = {n for n in used if trainer.policies[n].adapter_of is not None}
     used |= {trainer.policies[n].adapter_of for n in adapters}  # a base serves its adapters
     for name in sorted(used - adapters):
         if trainer.policies[name].endpoint is None:

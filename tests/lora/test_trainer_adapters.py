@@ -17,10 +17,7 @@ SAMPLING = {"temperature": 1.0, "max_tokens": 3}
 def adapter(**kw) -> aa.Policy:
     kw = {"adapter_of": "base", "lora": LORA, "lr": 1e-2, "api": "completions",
           "sampling": SAMPLING, **kw}
-    of = kw.pop("adapter_of")  # TEMP until Policy.adapter_of lands
-    p = aa.Policy(**kw)
-    p.adapter_of = of
-    return p
+    return aa.Policy(**kw)
 
 
 def odd_length(episode):
@@ -88,3 +85,17 @@ def test_bad_adapter_configs_name_the_fix():
     for policies, message in cases:
         with pytest.raises(ConfigError, match=message):
             check_adapter_policies(policies)
+
+
+def test_the_yaml_example_declares_two_adapters_of_one_frozen_base():
+    from pathlib import Path
+
+    from areal_agents.config import load_config
+
+    path = Path(__file__).parents[2] / "examples/signaling/lora_per_role.yaml"
+    trainer = load_config(path, ["trainer.warm_start=null"]).build()
+    policies = trainer.policies
+    assert [policies[p].adapter_of for p in ("speaker", "listener")] == ["base", "base"]
+    assert policies["base"].frozen and trainer.trainable == ["listener", "speaker"]
+    with pytest.raises(ConfigError, match="set frozen=True on policy 'base'"):
+        load_config(path, ["policies.base.frozen=false"]).build()
