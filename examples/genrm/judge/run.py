@@ -208,10 +208,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     """The judge SFT, then both RL runs; writes ``summary.json`` under ``args.run_dir``."""
     run_dir = Path(args.run_dir)
     t0 = time.perf_counter()
-    model, tokenizer, losses = await asyncio.to_thread(train_judge, args)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(run_dir / "judge_model")  # for judge_reward.yaml
-    tokenizer.save_pretrained(run_dir / "judge_model")
+    if args.judge_from:  # a judge trained (and saved) by an earlier run: no SFT
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.judge_from).float()
+        tokenizer, losses = AutoTokenizer.from_pretrained(args.judge_from), [float("nan")]
+    else:
+        model, tokenizer, losses = await asyncio.to_thread(train_judge, args)
+        model.save_pretrained(run_dir / "judge_model")  # for judge_reward.yaml / --judge-from
+        tokenizer.save_pretrained(run_dir / "judge_model")
     held_out = judge_pairs(range(3_000_000, 3_000_000 + args.judge_eval_pairs),
                            random.Random(args.seed + 1))
     summary: dict[str, Any] = {"judge_sft": {"steps": len(losses), "nll_first": losses[0],
@@ -223,7 +229,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.judge_only:
         return _write(summary, args, run_dir, t0)
     summary["judge_reward"] = await rl_run("judge", (model, tokenizer), args, run_dir)
-    summary["exact_reward"] = await rl_run("exact", None, args, run_dir)
+    if not args.no_exact:
+        summary["exact_reward"] = await rl_run("exact", None, args, run_dir)
     return _write(summary, args, run_dir, t0)
 
 
@@ -257,6 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seeds", type=int, default=200, help="held-out policy seeds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/genrm_judge")
+    p.add_argument("--judge-from", help="a judge_model directory of an earlier run (no SFT)")
+    p.add_argument("--no-exact", action="store_true", help="skip the exact-match RL run")
     p.add_argument("--judge-only", action="store_true",
                    help="stop after the judge's SFT and accuracy (no RL runs)")
     return p.parse_args(argv)
@@ -271,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({acc['unreadable']:.0f} unreadable)")
     if args.judge_only:
         return 0
-    j, e = s["judge_reward"], s["exact_reward"]
-    for name, r in (("judge reward", j), ("exact-match reward", e)):
+    j = s["judge_reward"]
+    runs = [("judge reward", j)] + ([("exact-match reward", s["exact_reward"])]
+                                    if "exact_reward" in s else [])
+    for name, r in runs:
         print(f"{name:>18}: held-out accuracy {r['heldout_start']:.3f} -> "
               f"{r['heldout_final']:.3f} in {r['steps']} steps; train reward "
               f"{r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f}; {r['seconds']:.0f} s")
