@@ -29,14 +29,14 @@ def odd_length(episode):
     return {"speaker": reward("speaker"), "listener": reward("listener")}
 
 
-def make(backend: str) -> aa.Trainer:
+def make(backend: str, **kw) -> aa.Trainer:
     policies = {"base": aa.Policy(model="tiny:xs", frozen=True, api="completions"),
                 "speaker": adapter(backend=backend),
                 "listener": adapter(backend=backend, lr=3e-2, max_staleness=1)}
     return aa.Trainer(
         env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2}, policies=policies,
         policy_map={"speaker": "speaker", "listener": "listener"}, reward_fns=[odd_length],
-        batch_size=4, group_size=2, progress=False)
+        batch_size=4, group_size=2, progress=False, **kw)
 
 
 @pytest.mark.parametrize("backend", ["fsdp"])  # archon: tests/lora/test_shared_base.py
@@ -99,3 +99,27 @@ def test_the_yaml_example_declares_two_adapters_of_one_frozen_base():
     assert policies["base"].frozen and trainer.trainable == ["listener", "speaker"]
     with pytest.raises(ConfigError, match="set frozen=True on policy 'base'"):
         load_config(path, ["policies.base.frozen=false"]).build()
+
+
+async def test_a_resumed_run_serves_and_trains_the_checkpointed_adapters(tmp_path):
+    first = make("fsdp", run_dir=tmp_path, checkpoint_every=1)
+    try:
+        await first.afit(1)
+        saved = {p: dict(first.train_engines[p].export_weights()) for p in ("speaker", "listener")}
+    finally:
+        await first.aclose()
+    second = make("fsdp", run_dir=tmp_path, resume=True)
+    try:
+        await second.setup()
+        engine = second.gateway.policies["base"].router.engines[0]
+        layer = engine._lora._layers["model.layers.0.self_attn.q_proj"]
+        name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        for p in ("speaker", "listener"):
+            assert second.train_engines[p].step == 1
+            assert second.gateway.policies[p].router.engines[0].version == 1
+            restored = dict(second.train_engines[p].export_weights())
+            assert all(torch.equal(restored[n], t) for n, t in saved[p].items())
+            torch.testing.assert_close(layer.lora_b[engine._lora._slots[p]], saved[p][name],
+                                       rtol=0, atol=0)
+    finally:
+        await second.aclose()
