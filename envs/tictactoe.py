@@ -44,7 +44,7 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
             generator seeded by ``reset(seed=...)``) are made before the first prompt, so that
             deterministic (greedy, scripted) players meet varied positions across seeds; the
             player to move then gets the first prompt. 0 (default) always starts empty.
-        list_free: also list the empty cells in every prompt (``Free: 1 3 4.``, before the
+        list_free: also list the empty cells in every prompt (``Free:1,3,4.``, before the
             board), so that a small model can copy a legal move instead of reading the grid.
 
     Example:
@@ -94,7 +94,8 @@ class TicTacToe(MultiAgentEnv[list[Message], Message | str]):
         )
         self._started.add(agent)
         if self.list_free:
-            news += "Free: " + " ".join(str(i + 1) for i, c in enumerate(self.board) if c == ".")
+            # no spaces: "Free:2,3,9." tokenizes each cell as the bare digit a move is
+            news += "Free:" + ",".join(str(i + 1) for i, c in enumerate(self.board) if c == ".")
             news += ". "
         return user(f"{intro}{news}You are {mark}. Board:\n{render(self.board)}")
 

@@ -43,9 +43,9 @@ async def test_list_free_names_the_empty_cells_before_the_board():
     obs, _ = await env.reset(seed=5)
     text = obs["x"][0]["content"]
     assert env.board == "O......X."
-    assert text.endswith("Opponent played 1. Free: 2 3 4 5 6 7 9. You are X. Board:\nO..\n...\n.X.")
+    assert text.endswith("Opponent played 1. Free:2,3,4,5,6,7,9. You are X. Board:\nO..\n...\n.X.")
     obs, *_ = await env.step({"x": "5"})
-    assert obs["o"][0]["content"].endswith("Opponent played 5. Free: 2 3 4 6 7 9. You are O. "
+    assert obs["o"][0]["content"].endswith("Opponent played 5. Free:2,3,4,6,7,9. You are O. "
                                            "Board:\nO..\n.X.\n.X.")
     assert tictactoe_heuristic(obs["o"]) == "2"  # scripted players still read the board: block
     plain, _ = await TicTacToe(opening_moves=2).reset(seed=5)
