@@ -44,7 +44,7 @@ def test_the_example_yaml_names_a_reference_judge(monkeypatch, tmp_path) -> None
     assert isinstance(judge, ReferenceJudge)
     assert (judge.name, judge.policy, judge.on_failure, judge.fallback) == (
         "judge", "judge", "fallback", 0.0)
-    assert judge.template == "{task}\nReference: {reference}\n{answer}\nCorrect:"
+    assert judge.template == "Reference: {reference}\n{answer}\nCorrect:"
     assert cfg.policies["judge"].frozen and "judge" not in cfg.policy_map.values()
 
 
