@@ -48,11 +48,29 @@ async def test_cpu_recipe_eval_rows_are_never_trained_on_and_the_solver_scores_1
     env = DatasetEnv(**kwargs)
     seen = {env.seeds.row(s, "seed") for s in range(0, 5000)}
     held_out = {env.seeds.row(1_000_000 + i, "seed") for i in range(kwargs["eval_size"])}
-    assert len(held_out) == 64 and not seen & held_out
+    assert len(held_out) == 200 and not seen & held_out
     obs, _ = await env.reset(seed=1_000_003)
     assert obs[0]["content"].startswith("Compute the result. Reply 'Answer: <number>'.\n")
     _, reward, done, _, info = await env.step(math_expression_solver(obs))
     assert (reward, done, info["success"]) == (1.0, True, True)
+
+
+def test_cpu_recipe_demonstrations_reach_the_facts_of_held_out_rows(monkeypatch):
+    """800 demonstrations visit 529 of the 600 training rows; only 8 held-out questions ask
+    a sum or difference that no demonstration shows (256 demonstrations left 65 such rows,
+    and the warm-started model could not answer them)."""
+    monkeypatch.chdir(EXAMPLES.parent)
+    cfg = load_config(CPU)
+    env = DatasetEnv(**cfg.env_kwargs)
+    demo = cfg.trainer.warm_start
+    demo_rows = {env.seeds.row(s, "seed") for s in range(demo["seed"], demo["seed"] + 800)}
+    assert demo["episodes"] == 800 and len(demo_rows) == 529
+
+    def fact(row: int) -> str:  # "3 - 7" from "3 - 7 = -4\n#### -4"
+        return env.data.rows[row]["answer"].split(" = ")[0]
+
+    demo_facts = {fact(r) for r in demo_rows}
+    assert sum(fact(r) not in demo_facts for r in env.seeds.eval_rows) == 8
 
 
 @pytest.mark.slow
