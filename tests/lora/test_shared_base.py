@@ -9,7 +9,7 @@ from areal_agents.engines import WeightUpdate
 from areal_agents.engines.local import LocalEngine
 from areal_agents.errors import ConfigError
 from areal_agents.trainers.lora_shared import SharedLoRABase
-from tests.fsdp._helpers import LORA, make_batch, make_model, ppo_loss
+from fsdp._helpers import LORA, make_batch, make_model, ppo_loss
 
 
 def backend_engine(backend: str, lora=LORA):
