@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fsdp._helpers import LORA, make_batch, make_model, ppo_loss
 
 from areal_agents.engines import WeightUpdate
 from areal_agents.engines.local import LocalEngine
 from areal_agents.errors import ConfigError
 from areal_agents.trainers.lora_shared import SharedLoRABase
-from fsdp._helpers import LORA, make_batch, make_model, ppo_loss
 
 
 def backend_engine(backend: str, lora=LORA):
