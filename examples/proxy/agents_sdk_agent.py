@@ -24,8 +24,7 @@ import asyncio
 import json
 import random
 
-import httpx2
-import openai
+from proxy_driver import base_parser, play_questions
 
 from agents import (
     Agent,
@@ -36,7 +35,7 @@ from agents import (
     function_tool,
     set_tracing_disabled,
 )
-from areal_agents.proxy import SessionRefused, episode
+from areal_agents.proxy import episode
 
 
 @function_tool
@@ -91,35 +90,11 @@ async def play(args: argparse.Namespace, task: int) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     set_tracing_disabled(True)  # the SDK would export traces to OpenAI
-    next_task = done = 0
-
-    async def worker() -> None:
-        nonlocal next_task, done
-        while done < args.episodes:
-            task, next_task = next_task, next_task + 1
-            await play(args, task)
-            done += args.group_size
-
-    workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
-    try:
-        await asyncio.gather(*workers)
-    except (httpx2.TransportError, openai.APIConnectionError, SessionRefused) as exc:
-        print(json.dumps({"stopped": type(exc).__name__}), flush=True)  # the server went away
-    finally:
-        for w in workers:
-            w.cancel()
-    return 0
+    return await play_questions(args, play)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--key", default=None, help="admin key (default $AREAL_AGENTS_ADMIN_KEY)")
-    p.add_argument("--policy", default="solver")
-    p.add_argument("--group-size", type=int, default=4)
-    p.add_argument("--concurrency", type=int, default=2, help="questions played at once")
-    p.add_argument("--episodes", type=int, default=10_000)
-    p.add_argument("--max-tokens", type=int, default=4)
+    p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--max-turns", type=int, default=3, help="model calls per episode")
     return p.parse_args()
 
