@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
+import weakref
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +54,10 @@ LAUNCH_ARGS = ("threads", "max_batch_size", "restart_limit", "startup_timeout_s"
 
 
 async def build_engines(name: str, placement: InferencePlacement, model: Any,
-                                  tokenizer: Any, run_dir: str | Path | None, *,
-                                  max_batch_size: int = 32) -> list[InferenceEngine]:
+                        tokenizer: Any, run_dir: str | Path | None, *,
+                        max_batch_size: int = 32,
+                        write_model: Callable[[Path], None] | None = None
+                        ) -> list[InferenceEngine]:
     """The replicas serving policy ``name``, ready for ``Gateway.add_policy``.
 
     Args:
@@ -60,9 +65,13 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
         placement: how to serve it.
         model: the served copy of the model (``in_process`` serves this very object).
         tokenizer: its tokenizer.
-        run_dir: where ``server`` replicas load the model from (``serving/<name>``; a
-            temporary directory when None).
+        run_dir: where ``server`` replicas load the model from (``serving/<name>``; None: a
+            temporary ``serving-*`` directory, removed once every replica is closed).
         max_batch_size: rows per decode step (``server_args["max_batch_size"]`` overrides).
+        write_model: writes the model (config and weights, not the tokenizer) into the
+            directory it is given, for the replicas that load it (default:
+            ``model.save_pretrained``). A worker group's rank 0 writes it this way, so
+            ``model`` may then be a skeleton without weights (``device("meta")``).
 
     Raises:
         ConfigError: a kind or transport not served here, unknown ``server_args``, or
@@ -75,7 +84,11 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
         return [LocalEngine(model, tokenizer, device=placement.resolved_device(),
                             max_batch_size=max_batch_size)]
     if placement.kind in ("vllm", "sglang"):
-        return await _launch_http_servers(name, placement, model, tokenizer, run_dir)
+        _check_http_servers(placement)
+        if placement.urls:
+            return await _attach_http_servers(placement)
+        return await _in_model_dir(name, model, tokenizer, run_dir, write_model,
+                                   lambda d: _launch_http_servers(d, placement))
     if placement.kind != "server":
         raise ConfigError(f"Policy.inference.kind={placement.kind!r} is not built by "
                           "areal_agents.trainers.serving yet; use 'in_process', 'server', "
@@ -97,18 +110,51 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
               **{k: v for k, v in placement.server_args.items() if k != "token"}}
     if placement.urls:
         return await _attach_all(placement, kwargs)
-    model_dir = _save_model(name, model, tokenizer, run_dir)
-    return await _launch_all(model_dir, placement, kwargs)
+    return await _in_model_dir(name, model, tokenizer, run_dir, write_model,
+                               lambda d: _launch_all(d, placement, kwargs))
 
 
-def _save_model(name: str, model: Any, tokenizer: Any, run_dir: str | Path | None) -> Path:
-    """``save_pretrained`` the model and tokenizer where the servers load them."""
+async def _in_model_dir(name: str, model: Any, tokenizer: Any, run_dir: str | Path | None,
+                        write_model: Callable[[Path], None] | None,
+                        launch: Callable[[Path], Awaitable[list[InferenceEngine]]]
+                        ) -> list[InferenceEngine]:
+    """Write the model and tokenizer to ``<run_dir or a temporary root>/serving/<name>``, then
+    ``launch`` the replicas that load it. A temporary root is removed when the launch fails or
+    once every replica is closed (or garbage-collected)."""
     root = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="serving-"))
-    model_dir = root / "serving" / name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
+    try:
+        model_dir = root / "serving" / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(write_model or model.save_pretrained, model_dir)
+        tokenizer.save_pretrained(model_dir)
+        engines = await launch(model_dir)
+    except BaseException:
+        if run_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    if run_dir is None:
+        _remove_after(root, engines)
+    return engines
+
+
+def _remove_after(root: Path, engines: list[InferenceEngine]) -> None:
+    """Remove ``root`` once every engine is closed (a ``RemoteEngine``'s ``close_callbacks``)
+    or collected (``weakref.finalize``, also at interpreter exit)."""
+    left = len(engines)
+
+    def release() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            shutil.rmtree(root, ignore_errors=True)
+
+    for engine in engines:
+        done = weakref.finalize(engine, release)  # runs once, whichever comes first
+        callbacks = getattr(engine, "close_callbacks", None)
+        if isinstance(callbacks, list):
+            callbacks.append(done)
+    if not engines:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _launch_all(model_dir: Path, placement: InferencePlacement,
@@ -145,14 +191,9 @@ async def _attach_all(placement: InferencePlacement,
     return [await RemoteEngine.attach(url, token=token, **attach) for url in placement.urls]
 
 
-async def _launch_http_servers(name: str, placement: InferencePlacement, model: Any,
-                              tokenizer: Any,
-                              run_dir: str | Path | None) -> list[InferenceEngine]:
-    """``vllm`` / ``sglang`` replicas: attach to ``urls`` or launch servers one at a time."""
-    if placement.kind == "vllm":
-        from areal_agents.engines.vllm import VLLMEngine as Engine
-    else:
-        from areal_agents.engines.sglang import SGLangEngine as Engine  # type: ignore[assignment]
+def _check_http_servers(placement: InferencePlacement) -> None:
+    """Refuse a ``vllm`` / ``sglang`` placement these servers cannot run (``ConfigError``)."""
+    engine = _http_engine_class(placement.kind)
     label = {"vllm": "vLLM", "sglang": "SGLang"}[placement.kind]
     if placement.resolved_transport() != "disk":
         raise ConfigError(f"Policy.inference: kind={placement.kind!r} loads weights from "
@@ -160,16 +201,36 @@ async def _launch_http_servers(name: str, placement: InferencePlacement, model: 
                           f"{placement.transport!r}; {label}'s NCCL weight transfer is not wired "
                           "into the weight push yet")
     if placement.urls:
-        return [await Engine.attach(url) for url in placement.urls]
-    if not (placement.python or os.environ.get(Engine.python_env)):
+        return
+    if not (placement.python or os.environ.get(engine.python_env)):
         raise ConfigError(f"Policy.inference: kind={placement.kind!r} launches {label} servers "
                           f"and needs python (the interpreter of a venv with {label}) or "
-                          f"${Engine.python_env}; see docs/inference_servers.md")
-    model_dir = _save_model(name, model, tokenizer, run_dir)
+                          f"${engine.python_env}; see docs/inference_servers.md")
+
+
+def _http_engine_class(kind: str) -> Any:
+    if kind == "vllm":
+        from areal_agents.engines.vllm import VLLMEngine
+
+        return VLLMEngine
+    from areal_agents.engines.sglang import SGLangEngine
+
+    return SGLangEngine
+
+
+async def _attach_http_servers(placement: InferencePlacement) -> list[InferenceEngine]:
+    engine = _http_engine_class(placement.kind)
+    return [await engine.attach(url) for url in placement.urls]
+
+
+async def _launch_http_servers(model_dir: Path,
+                               placement: InferencePlacement) -> list[InferenceEngine]:
+    """``vllm`` / ``sglang`` replicas on ``model_dir``, launched one at a time."""
+    engine_class = _http_engine_class(placement.kind)
     engines: list[InferenceEngine] = []
     try:
         for index in range(placement.replicas):  # one at a time: each start is heavy
-            engines.append(await Engine.launch(
+            engines.append(await engine_class.launch(
                 model_dir, python=placement.python,
                 log_path=model_dir / "logs" / f"{placement.kind}{index}.log",
                 **placement.server_args))

@@ -65,6 +65,10 @@ class RemoteEngine(HTTPEngine):
         launch_args: how ``restart`` relaunches the server (set by ``launch``).
         restart_limit: how many times ``restart`` may relaunch the server (0: never).
 
+    Attributes:
+        close_callbacks: called once each, in order, when ``close`` has stopped the server
+            (``trainers.serving`` removes a temporary model directory this way).
+
     Example:
         >>> async def main():  # doctest: +SKIP
         ...     async with await RemoteEngine.launch("runs/x/serving/listener") as engine:
@@ -97,6 +101,7 @@ class RemoteEngine(HTTPEngine):
         self._weights_dir: Path | None = None  # the last update's tensors (restartable engines)
         self._shm: Any = None  # the SharedMemoryTransport of "shm" updates (made on first use)
         self._group: Any = None  # the NCCLTransport of "gloo"/"nccl" updates (joined on use)
+        self.close_callbacks: list[Callable[[], object]] = []  # run once by close()
 
     # -- construction -------------------------------------------------------------------------
 
@@ -325,6 +330,9 @@ class RemoteEngine(HTTPEngine):
         if self._shm is not None:
             self._shm.close()
         self._group = None
+        callbacks, self.close_callbacks = self.close_callbacks, []
+        for callback in callbacks:
+            callback()
 
     def _http_error(self, response: httpx2.Response, what: str) -> Exception:
         error = _error(response)

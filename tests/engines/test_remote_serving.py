@@ -75,3 +75,46 @@ async def test_urls_attach_to_running_servers_with_their_token(model_tok):
         finally:
             for engine in engines:
                 await engine.close()
+
+
+async def test_a_temporary_serving_dir_is_removed_with_the_last_replica(model_tok, monkeypatch,
+                                                                       tmp_path):
+    """Without a run_dir the model is saved under a temporary ``serving-*`` root, which goes
+    when the last replica closes (it used to stay in /tmp for good)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    launched = []
+
+    async def launch(cls, model_dir, **kwargs):
+        assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
+        engine = RemoteEngine("http://127.0.0.1:9", token="t", max_context=64)
+        launched.append(model_dir)
+        return engine
+
+    monkeypatch.setattr(RemoteEngine, "launch", classmethod(launch))
+    model, tok = model_tok
+    engines = await build_engines("p", InferencePlacement(kind="server", replicas=2), model,
+                                  tok, None)
+    roots = list(tmp_path.glob("serving-*"))
+    assert len(roots) == 1 and launched == [roots[0] / "serving" / "p"] * 2
+    await engines[0].close()
+    assert roots[0].exists()  # the other replica may still restart from it
+    await engines[1].close()
+    assert not roots[0].exists()
+
+
+async def test_a_failed_launch_removes_the_temporary_serving_dir(model_tok, monkeypatch,
+                                                                 tmp_path):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    async def launch(cls, model_dir, **kwargs):
+        raise RuntimeError("no server")
+
+    monkeypatch.setattr(RemoteEngine, "launch", classmethod(launch))
+    model, tok = model_tok
+    with pytest.raises(RuntimeError, match="no server"):
+        await build_engines("p", InferencePlacement(kind="server"), model, tok, None)
+    assert not list(tmp_path.glob("serving-*"))
