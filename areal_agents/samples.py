@@ -14,6 +14,7 @@ carries those parameters (``SamplingDistribution``) and ``collate`` puts them pe
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -133,6 +134,35 @@ class Sample:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def _repr_html_(self, max_tokens: int = 64) -> str:
+        """Who produced it, its reward, and its last ``max_tokens`` positions as a table (ids,
+        loss mask, behaviour log-probs coloured as in ``areal-agents view``, versions)."""
+        from .viewer import logprob_colour
+
+        n, start = len(self), max(0, len(self) - max_tokens)
+        shown = range(start, n)
+
+        def row(name: str, cell: Any) -> str:
+            return f"<tr><th>{name}</th>{''.join(cell(i) for i in shown)}</tr>"
+
+        def logprob(i: int) -> str:
+            if not self.loss_mask[i]:
+                return "<td></td>"
+            return (f'<td style="background:{logprob_colour(self.logprobs[i])}">'
+                    f"{self.logprobs[i]:.2f}</td>")
+
+        generated = [v for v, m in zip(self.versions, self.loss_mask, strict=True) if m]
+        span = f", versions {min(generated)}..{max(generated)}" if generated else ""
+        return (f"<div><b>Sample</b> agent={html.escape(self.agent)} policy="
+                f"{html.escape(self.policy)} group={html.escape(self.group)} "
+                f"reward={self.reward:.3g}; {n} tokens, {self.num_generated} generated{span}"
+                f"{f'; positions {start}..{n - 1} shown' if start else ''}<table>"
+                f"{row('position', lambda i: f'<td>{i}</td>')}"
+                f"{row('token id', lambda i: f'<td>{self.token_ids[i]}</td>')}"
+                f"{row('loss mask', lambda i: f'<td>{self.loss_mask[i]}</td>')}"
+                f"{row('log-prob', logprob)}"
+                f"{row('version', lambda i: f'<td>{self.versions[i]}</td>')}</table></div>")
 
 
 @dataclass

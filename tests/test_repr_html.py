@@ -53,3 +53,23 @@ def test_proxy_episode_html_names_the_session_and_hides_its_key() -> None:
     page = episode._repr_html_()
     assert "session=s-&lt;1&gt;" in page and "gateway=http://127.0.0.1:8000" in page
     assert "sk-secret-key" not in page and "key hidden" in page
+
+
+def test_sample_html_colours_generated_log_probs_and_escapes_names() -> None:
+    sample = Sample([7, 8, 9, 10], [0, 1, 1, 0], [0.0, 0.0, -6.0, 0.0], [-1, 2, 3, -1],
+                    reward=1.0, agent="<a>", policy="p", group="g")
+    page = sample._repr_html_()
+    assert ("<b>Sample</b> agent=&lt;a&gt; policy=p group=g reward=1; 4 tokens, 2 generated, "
+            "versions 2..3<table>") in page
+    assert "<tr><th>token id</th><td>7</td><td>8</td><td>9</td><td>10</td></tr>" in page
+    # masked positions have no log-prob; generated ones the viewer's heat-map colour
+    assert ('<tr><th>log-prob</th><td></td><td style="background:hsl(120,70%,78%)">0.00</td>'
+            '<td style="background:hsl(0,70%,78%)">-6.00</td><td></td></tr>') in page
+
+
+def test_sample_html_shows_only_the_last_positions_of_a_long_sample() -> None:
+    n = 100
+    sample = Sample(list(range(n)), [0] * 90 + [1] * 10, [-0.5] * n, [-1] * 90 + [0] * 10)
+    page = sample._repr_html_(max_tokens=4)
+    assert "100 tokens, 10 generated, versions 0..0; positions 96..99 shown" in page
+    assert "<tr><th>position</th><td>96</td><td>97</td><td>98</td><td>99</td></tr>" in page
