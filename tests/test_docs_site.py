@@ -18,6 +18,24 @@ pytest.importorskip("material")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _nav_pages(node: object) -> list[str]:
+    """The page paths of an mkdocs ``nav`` tree, in order."""
+    if isinstance(node, dict):
+        return [p for value in node.values() for p in _nav_pages(value)]
+    if isinstance(node, list):
+        return [p for item in node for p in _nav_pages(item)]
+    return [str(node)]
+
+
+def test_the_nav_lists_every_guide_and_every_example_readme() -> None:
+    nav = _nav_pages(yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)["nav"])
+    pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
+    readmes = {p.relative_to(ROOT).as_posix() for p in (ROOT / "examples").rglob("README.md")}
+    assert not (pages | readmes) - set(nav), "add these to mkdocs.yml's nav"
+    assert not set(nav) - pages - readmes, "mkdocs.yml's nav names missing pages"
+    assert len(nav) == len(set(nav))
+
+
 def _build(config: Path, site: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config),
                            "-d", str(site)], cwd=ROOT, capture_output=True, text=True, timeout=600,
