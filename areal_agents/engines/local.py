@@ -15,7 +15,8 @@ import torch
 
 from ..errors import ContextLengthExceeded, EngineError
 from .base import CompletionOutput, GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
-from .lora import AdapterSpec, LoRAAdapters
+from .local_adapters import LocalAdapterServing
+from .lora import LoRAAdapters
 from .prefix_cache import CachedPrefix, PrefillCounts, PrefixCache
 from .sampling import sample
 from .scheduler import RunningBatch, prefill, prefill_cached
@@ -69,7 +70,7 @@ class _Hit:
         return len(self.prompt) - self.reuse
 
 
-class LocalEngine(InferenceEngine):
+class LocalEngine(LocalAdapterServing, InferenceEngine):
     """An in-process inference engine with continuous batching and a KV cache.
 
     A background task (started on the first ``generate``) runs decode steps of the running
@@ -242,65 +243,6 @@ class LocalEngine(InferenceEngine):
         self.version = update.version if update.version is not None else self.version + 1
         self._prefix_cache.clear()
 
-    def add_adapter(self, name: str, *, rank: int = 8, alpha: float = 16.0,
-                    target_modules: list[str] | None = None) -> InferenceEngine:
-        """Serve LoRA adapter ``name`` of the base model (zeros: equal to the base until its
-        first ``update_weights``); returns its ``InferenceEngine`` view.
-
-        Raises:
-            ConfigError: the name is taken or ``target_modules`` matches no linear layer.
-        """
-        if self._lora is None:
-            self._lora = LoRAAdapters(self.model)
-        spec = AdapterSpec(rank, alpha) if target_modules is None else AdapterSpec(
-            rank, alpha, list(target_modules))
-        self._lora.add(name, spec)
-        self._adapter_versions[name] = 0
-        return self.adapter(name)
-
-    def adapter(self, name: str) -> InferenceEngine:
-        """The ``InferenceEngine`` view of adapter ``name`` (``generate``, ``pause``,
-        ``update_weights`` and ``version`` act on that adapter only)."""
-        from .local_adapters import AdapterEngine
-
-        self._adapter_spec(name)
-        return AdapterEngine(self, name)
-
-    @property
-    def adapters(self) -> list[str]:
-        """Names of the served LoRA adapters."""
-        return [] if self._lora is None else self._lora.names
-
-    def adapter_version(self, name: str) -> int:
-        """Weight version of adapter ``name``."""
-        self._adapter_spec(name)
-        return self._adapter_versions[name]
-
-    def pending(self, adapter: str | None) -> int:
-        """Requests of ``adapter`` (None: the base) queued, running or parked."""
-        jobs = {id(s.job) for s in self._running + self._parked if s.adapter == adapter}
-        return sum(1 for j in self._waiting if j.request.adapter == adapter) + len(jobs)
-
-    def _adapter_spec(self, name: str) -> AdapterSpec:
-        if self._lora is None or name not in self._lora.specs:
-            raise EngineError(f"LocalEngine serves no adapter {name!r}; adapters: "
-                              f"{self.adapters} (add one with add_adapter)")
-        return self._lora.specs[name]
-
-    async def _update_adapter(self, update: WeightUpdate) -> None:
-        name = update.adapter
-        assert name is not None and self._lora is not None
-        self._adapter_spec(name)
-        tensors = _read_tensors(update)
-        if self._step_lock is None:
-            self._lora.load(name, tensors.items())
-        else:
-            async with self._step_lock:
-                await asyncio.to_thread(self._lora.load, name, tensors.items())
-        # prefix-cache entries carry the adapter version, so older ones simply miss
-        current = self._adapter_versions[name]
-        self._adapter_versions[name] = update.version if update.version is not None else current + 1
-
     @property
     def num_pending(self) -> int:
         return len(self._waiting) + len({id(s.job) for s in self._running + self._parked})
@@ -446,47 +388,6 @@ class LocalEngine(InferenceEngine):
             self._append_tokens(self._running, logits)
             finished += self._drop_finished()
         return finished
-
-    def _rows(self, adapters: list[str | None]) -> contextlib.AbstractContextManager:
-        """Row ``i`` of the next forward uses LoRA adapter ``adapters[i]`` (None: the base)."""
-        if self._lora is None:
-            return contextlib.nullcontext()
-        return self._lora.rows(adapters)
-
-    def _version_of(self, adapter: str | None) -> int:
-        return self.version if adapter is None else self._adapter_versions[adapter]
-
-    def _park(self) -> None:
-        """Take the rows of paused adapters out of the batch, keeping their keys/values."""
-        rows = [i for i, s in enumerate(self._running)
-                if s.adapter in self._paused_adapters and s.finish_reason is None]
-        if not rows:
-            return
-        for row in rows:
-            seq = self._running[row]
-            seq.parked_kv = self._batch.row_kv(row)
-            self._parked.append(seq)
-        keep = [i for i in range(len(self._running)) if i not in set(rows)]
-        self._running = [self._running[i] for i in keep]
-        self._batch.keep(keep)
-
-    def _unpark(self) -> list[_Job]:
-        """Put parked rows of resumed adapters back: feed each row's last sampled token after
-        its kept keys/values and sample its next token. Returns jobs finished by it."""
-        back = [s for s in self._parked if s.adapter not in self._paused_adapters]
-        if not back:
-            return []
-        self._parked = [s for s in self._parked if s not in back]
-        live = [s for s in back if not s.job.future.done()]  # callers that gave up: dropped
-        if live:
-            kvs = [s.parked_kv for s in live]
-            with self._rows([s.adapter for s in live]):
-                prefilled = prefill_cached(self.model, kvs, [[s.token_ids[-1]] for s in live],
-                                           [1] * len(live), self.device)
-            for seq in live:
-                seq.parked_kv = None
-            self._join(live, prefilled)
-        return self._drop_finished()
 
     def _plan_cached_prefills(self, joining: list[_Job],
                               version: int) -> tuple[list[list[_Hit]], list[_Job]]:
