@@ -1,0 +1,157 @@
+"""``ReplicaScaler``: applies a policy's ``ScalingRule`` to its replicas behind the gateway.
+
+Two halves, so replica changes never race a train step or a weight push:
+
+- ``sample()`` (every ``interval_s`` from a background task, or by hand in tests) reads the
+  policy's queue depth -- the ``Router.load`` of its live replicas: requests in flight through
+  the gateway plus each engine's own ``num_pending`` -- and updates ``target``;
+- ``reconcile()`` (the launcher calls it at each step end) first replaces lost replicas (an
+  engine the source reports dead is dropped from routing and released), then starts replicas
+  up to ``target`` -- each joins through ``join`` (``Trainer.add_replica``: the current weights
+  and version are loaded before it is routable) -- or drains and stops replicas down to it:
+  a drained replica takes no new request and is stopped once its in-flight requests finished
+  (or after ``drain_timeout_s``).
+
+Every ``reconcile`` logs ``autoscale/<policy>/{replicas,target,queue_depth}`` and, when they
+happened, ``scale_up``, ``scale_down``, ``replaced`` (counts of this reconcile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from areal_agents.engines.base import InferenceEngine
+from areal_agents.gateway.router import Router
+
+from .autoscale import AutoscaleSettings, ScalingRule
+
+__all__ = ["ReplicaScaler", "ReplicaSource"]
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaSource(Protocol):
+    """Where a policy's replicas come from (``RayReplicaSet``; fakes in tests)."""
+
+    async def start(self) -> InferenceEngine:
+        """A new replica on free resources (any version: ``join`` brings it up to date)."""
+        ...
+
+    async def stop(self, engine: InferenceEngine) -> None:
+        """Close ``engine`` and release its resources (also for one that is already dead)."""
+        ...
+
+    async def alive(self, engine: InferenceEngine) -> bool:
+        """Whether ``engine``'s process is still up."""
+        ...
+
+
+class ReplicaScaler:
+    """Keeps one policy's live replicas at its ``ScalingRule``'s target (module docstring).
+
+    Args:
+        policy: the policy's name (in metric names).
+        router: its router (``Gateway.policies[policy].router``).
+        source: starts, stops and checks replicas.
+        settings: the rule's settings.
+        join: makes a started replica routable at the current weights and version
+            (``Trainer.add_replica``); returns its router index.
+        log: receives each reconcile's metrics.
+        clock: seconds, monotonic (tests inject a fake one).
+        drain_timeout_s: the most seconds a removed replica is given to finish its requests.
+    """
+
+    def __init__(self, policy: str, router: Router, source: ReplicaSource,
+                 settings: AutoscaleSettings, *,
+                 join: Callable[[InferenceEngine], Awaitable[int]],
+                 log: Callable[[dict[str, float]], Any] = lambda metrics: None,
+                 clock: Callable[[], float] = time.monotonic,
+                 drain_timeout_s: float = 120.0) -> None:
+        self.policy, self.router, self.source, self.settings = policy, router, source, settings
+        self.rule = ScalingRule(settings)
+        self.join, self.log, self.clock = join, log, clock
+        self.drain_timeout_s = drain_timeout_s
+        self.target = len(router.live_engines())
+        self.queue_depth = 0.0
+        self.retired: set[int] = set()  # router indices drained and stopped by this scaler
+        self._task: asyncio.Task[None] | None = None
+
+    def live(self) -> list[int]:
+        """Router indices of the replicas serving now."""
+        return [i for i in range(len(self.router.engines)) if i not in self.router.dead]
+
+    def sample(self) -> int:
+        """Measure the queue depth now and update ``target``; returns it."""
+        self.queue_depth = float(sum(self.router.load(i) for i in self.live()))
+        self.target = self.rule.update(self.clock(), self.queue_depth, self.target)
+        return self.target
+
+    def start_sampling(self) -> None:
+        """Sample every ``settings.interval_s`` in a background task (needs a running loop)."""
+        async def loop() -> None:
+            while True:
+                self.sample()
+                await asyncio.sleep(self.settings.interval_s)
+
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(loop())
+
+    async def stop_sampling(self) -> None:
+        """Stop the background sampler (idempotent)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def reconcile(self) -> dict[str, float]:
+        """Replace lost replicas, then scale to ``target``; returns (and logs) the metrics."""
+        name = f"autoscale/{self.policy}"
+        events = {"scale_up": 0, "scale_down": 0, "replaced": 0}
+        for index in self.live():
+            engine = self.router.engines[index]
+            if not await self.source.alive(engine):
+                log.warning("policy %r: replica %d is lost; replacing it", self.policy, index)
+                self.router.mark_dead(index)
+                self.retired.add(index)
+                await self.source.stop(engine)
+                events["replaced"] += 1
+        for index in sorted(self.router.dead - self.retired):  # dropped by the gateway
+            if not await self.source.alive(self.router.engines[index]):
+                self.retired.add(index)
+                await self.source.stop(self.router.engines[index])
+                events["replaced"] += 1
+        lost = events["replaced"]
+        while len(self.live()) < self.target:
+            await self.join(await self.source.start())
+            if lost:
+                lost -= 1
+            else:
+                events["scale_up"] += 1
+        while len(self.live()) > self.target:
+            await self._drain_one()
+            events["scale_down"] += 1
+        metrics = {f"{name}/replicas": float(len(self.live())),
+                   f"{name}/target": float(self.target),
+                   f"{name}/queue_depth": self.queue_depth}
+        metrics.update({f"{name}/{k}": float(v) for k, v in events.items() if v})
+        if any(events.values()):
+            log.warning("policy %r: replicas %s (target %d)", self.policy,
+                        {k: v for k, v in events.items() if v}, self.target)
+        self.log(metrics)
+        return metrics
+
+    async def _drain_one(self) -> None:
+        """Stop routing to the least-loaded replica, wait for its requests, stop it."""
+        index = min(self.live(), key=lambda i: (self.router.load(i), -i))
+        self.router.mark_dead(index)  # no new requests; in-flight ones finish
+        self.retired.add(index)
+        deadline = self.clock() + self.drain_timeout_s
+        while self.router.load(index) > 0 and self.clock() < deadline:
+            await asyncio.sleep(0.05)
+        await self.source.stop(self.router.engines[index])
