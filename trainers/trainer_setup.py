@@ -3,15 +3,22 @@
 Per policy (sorted by name; policies with an ``endpoint`` are served elsewhere): load the model,
 and for a trainable one build its train engine -- in this process (after the SFT warm start,
 the KL reference and the critic, all from the warm-started weights) or as a worker group whose
-ranks do all three -- then serve a copy of the weights on the policy's inference engines. Last
+ranks do all three -- then serve a copy of the weights on the policy's inference engines.
+A worker-group policy served outside this process (``server``, ``vllm``...) and named by a
+string is never materialised here: this process loads a skeleton on the meta device (config,
+tokenizer), the ranks load the model themselves (``ModelSource``), and rank 0 writes the
+weights of the serving directory the replicas load. Last
 come the rollout controller, the league and, with ``resume``, the latest checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import functools
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,12 +40,13 @@ from .warm_start import (
 )
 from .weight_push import WeightPush
 from .wiring import backend_factory
-from .worker_group import WorkerGroupEngine
+from .worker_group import ModelSource, WorkerGroupEngine
 
 if TYPE_CHECKING:
+    from .policy import Policy
     from .trainer import Trainer
 
-__all__ = ["setup_trainer"]
+__all__ = ["load_skeleton", "setup_trainer"]
 
 
 async def setup_trainer(trainer: Trainer) -> None:
@@ -89,8 +97,10 @@ async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
 
     policy = trainer.policies[name]
     what = policy.model if isinstance(policy.model, str) else type(policy.model).__name__
-    with trainer.startup.phase(f"loading model {what} for policy {name}"):
-        model, tokenizer = policy.load()
+    on_ranks = _loaded_on_ranks(policy)
+    with trainer.startup.phase(f"loading {'the config' if on_ranks else 'model'} {what} "
+                               f"for policy {name}"):
+        model, tokenizer = load_skeleton(policy) if on_ranks else policy.load()
     trainer.tokenizers[name] = tokenizer
     serving = None
     if policy.trainable:
@@ -99,8 +109,9 @@ async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
                      if getattr(trainer.algorithms[name], "needs_reference", False) else None)
         if policy.train.distributed:  # the ranks warm start and hold the reference
             with trainer.startup.phase(f"starting the training worker group of {name}"):
+                source = ModelSource(str(policy.model), policy.seed) if on_ranks else model
                 trainer.train_engines[name] = await _worker_group(
-                    trainer, name, model, tokenizer, factory, demos, reference)
+                    trainer, name, source, tokenizer, factory, demos, reference)
             serving = model
         else:
             if policy.sft_steps and demos is not None:
@@ -125,11 +136,58 @@ async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
     if policy.trainable:
         weights_dir = trainer.run_dir / "weights" / name if trainer.run_dir else None
         trainer.weight_pushes[name] = WeightPush(policy.inference, weights_dir)
+    write_model = (functools.partial(_write_from_rank0, trainer.train_engines[name], serving,
+                                     policy.inference.bucket_bytes) if on_ranks else None)
     with trainer.startup.phase(f"building the inference engines of {name}"):
         engines = await build_engines(name, policy.inference, serving, tokenizer, trainer.run_dir,
-                                      max_batch_size=trainer.generation_batch_size)
+                                      max_batch_size=trainer.generation_batch_size,
+                                      write_model=write_model)
     trainer.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
                                stop_token_ids=eos_token_ids(serving, tokenizer))
+
+
+def _loaded_on_ranks(policy: Policy) -> bool:
+    """Whether only the ranks hold the model: a worker-group policy served outside this
+    process, given by name (a tiny spec, a directory, a hub id), not as an object."""
+    return (policy.trainable and policy.train.distributed and isinstance(policy.model, str)
+            and policy.inference.kind != "in_process")
+
+
+def load_skeleton(policy: Policy) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``policy.model`` with every parameter on the meta device
+    (config, generation config and structure; no memory): what the controller keeps of a
+    model that only its worker group's ranks load.
+
+    Example:
+        >>> from areal_agents.trainers.policy import Policy
+        >>> model, tokenizer = load_skeleton(Policy(model="tiny:xs"))
+        >>> {p.device.type for p in model.parameters()}, model.config.model_type
+        ({'meta'}, 'qwen3')
+    """
+    from areal_agents.models import parse_tiny_spec
+    from areal_agents.models.loading import resolve_checkpoint
+
+    if parse_tiny_spec(str(policy.model)) is not None:
+        with torch.device("meta"):
+            return policy.load()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = resolve_checkpoint(policy.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    with contextlib.suppress(OSError):  # no generation_config.json: the config's defaults
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _write_from_rank0(engine: WorkerGroupEngine, skeleton: Any, bucket_bytes: int,
+                      directory: Path) -> None:
+    """The serving directory of a model only the ranks hold: rank 0 writes the weights (a
+    safetensors dir of ``bucket_bytes`` shards), then this process adds the configs."""
+    engine.write_weights(str(directory), bucket_bytes)
+    skeleton.config.save_pretrained(directory)
+    if getattr(skeleton, "generation_config", None) is not None:
+        skeleton.generation_config.save_pretrained(directory)
 
 
 def _transcripts(trainer: Trainer, name: str, demos: Demos) -> list[list[dict[str, Any]]]:
@@ -143,7 +201,8 @@ async def _worker_group(trainer: Trainer, name: str, model: Any, tokenizer: Any,
                         ) -> WorkerGroupEngine:
     """Policy ``name``'s worker group; its ranks run the warm start and hold the KL
     reference (nothing of either in this process). The warm-started weights then stream
-    from rank 0 into ``model``, the copy the inference engines are built from."""
+    from rank 0 into ``model``, the copy the inference engines are built from (unless
+    ``model`` is a ``ModelSource``: then only the ranks ever hold the weights)."""
     policy = trainer.policies[name]
     demos = demos if policy.sft_steps else None
     plan = (None if demos is None else
@@ -156,7 +215,7 @@ async def _worker_group(trainer: Trainer, name: str, model: Any, tokenizer: Any,
         trainer.ref_engines[name] = engine.reference
     if demos is not None:
         _log_warm_start(trainer, name, demos, engine.warm_start_losses)
-    if plan is not None:
+    if plan is not None and not isinstance(model, ModelSource):
         copy_weights_into(model, engine.export_weights())
     return engine
 

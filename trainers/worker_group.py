@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from .reference import ReferenceSpec
     from .warm_start import WarmStartPlan
 
-__all__ = ["GroupReference", "RowShard", "WorkerGroupEngine", "shard_batch", "shard_rows"]
+__all__ = ["GroupReference", "ModelSource", "RowShard", "WorkerGroupEngine", "shard_batch",
+           "shard_rows"]
 
 _ONES = {"temperature", "top_p"}  # placeholder rows sample like defaults (never trained on)
 
@@ -126,6 +127,32 @@ def shard_batch(batch: TokenBatch, dp_rank: int, dp: int) -> RowShard:
     return RowShard(rows, batch.select(rows), lengths, int(batch.input_ids.shape[1]))
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A model every rank loads itself (``Policy(model=spec, seed=seed).load()``), so the
+    controller never materialises it: what ``WorkerGroupEngine`` takes instead of a model.
+
+    Attributes:
+        spec: ``Policy.model`` as a string (a tiny spec, a checkpoint directory, a hub id).
+        seed: ``Policy.seed`` (seeds a tiny spec without ``seed=``).
+    """
+
+    spec: str
+    seed: int = 0
+
+    def load(self) -> Any:
+        """The model (on the CPU, eval mode)."""
+        from .policy import Policy
+
+        return Policy(model=self.spec, seed=self.seed).load()[0]
+
+
+def _unpickle_model(model_bytes: bytes) -> Any:
+    """The model a rank trains: unpickled, or loaded from a ``ModelSource``."""
+    model = pickle.loads(model_bytes)
+    return model.load() if isinstance(model, ModelSource) else model
+
+
 class _RankEngine:
     """The engines of one worker rank, as the controller drives them: the policy's engine
     and, with a ``ReferenceSpec``, its frozen KL reference. With ``warm_kwargs`` the rank
@@ -139,10 +166,10 @@ class _RankEngine:
         self.reference: Any = None
         self._model_bytes: bytes | None = None
         if warm_kwargs is None:
-            self._start(pickle.loads(model_bytes))
+            self._start(_unpickle_model(model_bytes))
         else:  # kept until finish_warm_start: the skeleton the trained weights go into
             self._model_bytes = model_bytes
-            self.engine = factory(pickle.loads(model_bytes), **warm_kwargs)
+            self.engine = factory(_unpickle_model(model_bytes), **warm_kwargs)
 
     def _start(self, model: Any) -> None:
         """Build the reference (a copy of ``model`` unless ``ref_model``) and the engine."""
@@ -162,7 +189,7 @@ class _RankEngine:
         from .warm_start import copy_weights_into
 
         assert self._model_bytes is not None, "finish_warm_start without a warm start"
-        model = pickle.loads(self._model_bytes)
+        model = _unpickle_model(self._model_bytes)
         self._model_bytes = None
         copy_weights_into(model, self.engine.export_weights())  # collective; rank 0 yields
         _broadcast_from_rank0(model)
@@ -261,7 +288,8 @@ class WorkerGroupEngine(TrainEngine):
 
     Args:
         model: what the backend's factory takes (a ``transformers`` model, a path, a tiny
-            spec...); pickled once, unpickled on every rank.
+            spec...), pickled once and unpickled on every rank; or a ``ModelSource`` that
+            every rank loads (the controller then never holds the model).
         placement: the layout (``world_size > 1``; degrees checked against ``backend``).
         backend: the registered backend name.
         factory: the engine factory (default: the registry's, ``backend_factory(backend)``);
