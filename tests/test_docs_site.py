@@ -47,7 +47,12 @@ def test_the_site_builds_strict(tmp_path: Path) -> None:
     proc = _build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert proc.returncode == 0, proc.stderr[-3000:]
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
-    assert "Trainer" in api and "DistributedEngineGroup" in api
+    for name in ("Trainer", "DistributedEngineGroup", "Policy", "GRPO", "Gateway", "LLMAgent",
+                 "LocalEngine", "TokenBatch", "write_view"):
+        assert f'.{name}"' in api, name  # an anchor id="<module>.<name>"
+    # docstrings' "Example:" sections render as highlighted doctest code, not as block quotes
+    # (docs/reference/griffe_examples.py)
+    assert 'class="gp">&gt;&gt;&gt;' in api and "<blockquote>\n<blockquote>" not in api
     assert (tmp_path / "site" / "examples" / "tictactoe" / "index.html").exists()  # README
 
 
