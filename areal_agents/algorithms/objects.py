@@ -27,6 +27,7 @@ from areal_agents.algorithms.aggregation import (
 )
 from areal_agents.algorithms.kl import KLEstimator, reward_kl
 from areal_agents.algorithms.losses import CapMode, kl_penalty, ppo_policy_loss
+from areal_agents.algorithms.turn_groups import GROUP_BY, GroupBy, credit_group_ids
 from areal_agents.errors import ConfigError
 from areal_agents.samples import Sample, TokenBatch
 
@@ -58,6 +59,8 @@ class PolicyGradient:
         baseline: ``"group"`` (per (group, agent) statistics) or ``"ema"`` (per-role moving
             average, for self-play without groups; the object keeps the state).
         ema_decay: EMA factor for ``baseline="ema"``.
+        group_by: the groups of ``baseline="group"``: ``"role"`` (task, role) or ``"turn"``
+            (task, role, turn: AT-GRPO's turn-level credit; see ``algorithms.turn_groups``).
     """
 
     clip_eps: float = 0.2
@@ -75,6 +78,7 @@ class PolicyGradient:
     baseline: Literal["group", "ema"] = "group"
     ema_decay: float = 0.9
     ema_baselines: dict[str, float] = field(default_factory=dict, repr=False)
+    group_by: GroupBy = "role"
 
     sequence_level: ClassVar[bool] = False
 
@@ -96,6 +100,8 @@ class PolicyGradient:
             raise ValueError(f"{name}.behave_imp_weight_mode must be 'mask' or 'clamp'")
         if self.baseline not in ("group", "ema"):
             raise ValueError(f"{name}.baseline={self.baseline!r}; choose 'group' or 'ema'")
+        if self.group_by not in GROUP_BY:
+            raise ValueError(f"{name}.group_by={self.group_by!r}; choose one of {GROUP_BY}")
         if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):
             raise ValueError(f"{name}.clip_eps and clip_eps_high must be > 0")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
@@ -142,7 +148,7 @@ class PolicyGradient:
             # only this batch's roles: policies sharing this object may prepare concurrently
             self.ema_baselines.update({role: new[role] for role in roles})
             return adv
-        return self._group_advantages(rewards, adv_fns.group_ids(samples))
+        return self._group_advantages(rewards, credit_group_ids(samples, self.group_by))
 
     def advantages(self, samples: Sequence[Sample]) -> list[float]:
         """Per-sample scalar advantages (with ``baseline="ema"`` this also updates the EMA).
