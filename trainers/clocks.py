@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .policy import Policy
 
 __all__ = ["CLOCKS", "Clock", "check_clock", "control_of", "due", "run_independent",
-           "run_lockstep"]
+           "run_lockstep", "stop_task"]
 
 Clock = Literal["lockstep", "independent"]
 CLOCKS: tuple[Clock, ...] = ("lockstep", "independent")
@@ -75,6 +75,20 @@ def control_of(policy: Policy, *, batch_size: int, max_staleness: int,
     ``max_staleness`` (else the Trainer's)."""
     staleness = max_staleness if policy.max_staleness is None else policy.max_staleness
     return StalenessControl(batch_size * policy.train_every, staleness, max_concurrent)
+
+
+async def stop_task(task: asyncio.Task[object]) -> BaseException | None:
+    """Cancel ``task`` (e.g. the rollout controller's admission loop) and wait until it ended.
+
+    Returns:
+        The exception ``task`` ended with, ``None`` if it returned or was cancelled. Either
+        way the exception is retrieved here: a task that is only cancelled, never awaited,
+        and had already failed is logged as "Task exception was never retrieved" when it is
+        garbage-collected, and its failure is lost.
+    """
+    task.cancel()
+    await asyncio.wait([task])
+    return None if task.cancelled() else task.exception()
 
 
 def due(step: int, train_every: Mapping[str, int]) -> list[str]:

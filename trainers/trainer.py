@@ -26,13 +26,14 @@ from areal_agents.rewards.hooks import GroupRewardFn, RewardHooks
 from areal_agents.samples import Sample
 
 from .checkpointing import TrainerState
-from .clocks import check_clock, run_independent, run_lockstep
+from .clocks import check_clock, run_independent, run_lockstep, stop_task
 from .critic import CriticEngine
 from .episodes import RewardFn
 from .league import League
 from .llm_session import Seat, open_seat
 from .lora_policies import check_adapter_policies
 from .policy import Policy
+from .ray_launcher import resolve_launcher
 from .rollouts import evaluate, train_episode
 from .sample_log import SampleLog
 from .stats import StepStats, resolve_algorithm
@@ -117,6 +118,9 @@ class Trainer:
         opponents: an ``OpponentPool``: each training episode puts one drawn pool member
             (a snapshot of a trained policy, a scripted player, a frozen or external policy)
             in the opponent's seat, never trained (``areal_agents.trainers.league``).
+        launcher: where worker groups and engine servers run: ``"local"`` (default: this
+            machine), ``"ray"``, a ``{kind: ray, ...}`` mapping or a ``RayLauncher`` (Ray
+            placement groups and auto-scaled replicas; ``trainers/ray_launcher.py``).
 
     Raises:
         ValueError / ConfigError: inconsistent arguments (the message names the field).
@@ -143,7 +147,7 @@ class Trainer:
                  progress: bool = True, max_steps_per_episode: int | None = None,
                  generation_batch_size: int | None = None, clock: str = "lockstep",
                  keep_checkpoints: int | None = None, partial_groups: int = 0,
-                 opponents: OpponentPool | None = None) -> None:
+                 opponents: OpponentPool | None = None, launcher: Any = "local") -> None:
         if batch_size < 1 or group_size < 1 or batch_size % group_size:
             raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of "
                               f"group_size ({group_size})")
@@ -210,6 +214,7 @@ class Trainer:
         self.weight_pushes: dict[str, WeightPush] = {}  # per trainable policy (weight_push.py)
         self._stats = StepStats()
         self.league = League(opponents, env if isinstance(env, str) else None)  # null w/o pool
+        self.launcher = resolve_launcher(launcher)  # LocalLauncher: a null object
         self.league.check(self, possible)
 
     @staticmethod
@@ -255,7 +260,8 @@ class Trainer:
 
     async def afit(self, steps: int) -> list[dict[str, float]]:
         """Train until ``self.step == steps`` (global steps of ``clock``: ``trainers/clocks.py``);
-        returns the logged metrics of each step."""
+        returns the logged metrics of each step. Raises what the rollout controller's loop
+        failed with, if training itself did not fail (then that failure propagates)."""
         await self.setup()
         first: dict[str, float] = {}
         if self.eval_every and self.step == 0 and steps > 0:
@@ -283,7 +289,9 @@ class Trainer:
         finally:
             self._bar.close()
             await self.controller.stop()
-            runner.cancel()
+            runner_error = await stop_task(runner)
+        if runner_error is not None:
+            raise runner_error
         return self.history
 
     async def _wait_ready(self, names: list[str]) -> list[str]:
@@ -294,6 +302,7 @@ class Trainer:
         """Log global step ``step``: the trained policies' metrics, every policy's step
         (``policy/<name>/step``, its version), episodes, outcomes and the due evaluation."""
         self.step = step
+        await self.launcher.on_step_end(self)  # replica counts to their targets, between steps
         self.trained_seeds.append(sorted({s for p in results for s in self._step_seeds.pop(p)}))
         metrics: dict[str, float] = {k: v for r in results.values() for k, v in r.items()}
         metrics.update({f"policy/{p}/step": float(c.version)
@@ -410,5 +419,6 @@ class Trainer:
         self.train_engines.clear()
         self.ref_engines.clear()
         self.critics.clear()
+        await self.launcher.close()
         self.logger.close()
         self.sample_log.close()  # waits for the last recorded samples
