@@ -15,7 +15,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, TokenBatch], tuple[torch.Tensor, 
 ``input_ids`` (position 0 is 0; see ``areal_agents.samples``), computed under each row's
 sampling distribution: ``micro_batch.temperature``, then ``top_k``, then ``top_p`` over the kept
 set, renormalised (the engines' definition of ``old_logprobs``, ``trainers/logprobs.py``), so
-on-policy ratios are exactly 1. ``loss`` is this micro-batch's *share* of the batch loss (the
+on-policy ratios are exactly 1. They are computed only where the loss reads them
+(``loss_mask`` or ``loss_weights`` non-zero, ``trainers/step.py: loss_positions``) and are 0
+elsewhere, like padding. ``loss`` is this micro-batch's *share* of the batch loss (the
 algorithm normalises with batch-global ``loss_weights``), so micro-batch losses add up to the
 batch loss; ``stats`` add up the same way.
 """

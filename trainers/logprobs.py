@@ -15,6 +15,13 @@ The full ``[tokens, vocab]`` log-softmax is never materialised: logits are compu
 ``chunk_size`` rows at a time, reduced to one log-prob and one entropy per row, and recomputed
 chunk by chunk in the backward pass (a custom autograd function), in float32. Rows that filter
 also sort their chunk's logits once in the forward (the per-row cut-off is saved, not the mask).
+When the whole input is one chunk of at most ``SAVE_MAX_ELEMENTS`` logits and no row filters,
+the forward keeps that chunk's log-softmax for the backward instead (the same values the
+recompute would give, bit for bit, without a second LM-head matmul); peak memory is unchanged,
+the buffer only lives until the backward.
+
+``sequence_logprobs(..., positions=)`` pushes only the positions a loss reads through the LM
+head (the train step passes the loss-mask tokens, ``trainers/step.py: loss_positions``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from areal_agents.engines.sampling import effective_temperature, keep_threshold
 from areal_agents.samples import TokenBatch
 
 DEFAULT_CHUNK_SIZE = 1024
+SAVE_MAX_ELEMENTS = 1 << 24
+"""Largest ``rows * vocab`` log-softmax (64 MiB in float32) kept from forward to backward."""
 
 
 class RowSampling:
@@ -136,6 +145,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         filters = RowSampling(temperature, top_k, top_p).filters
         logp, entropy, lse = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(3))
         threshold = torch.full((n,), float("-inf"), device=dev) if filters else None
+        keep_logp = not filters and n <= chunk_size and n * weight.shape[0] <= SAVE_MAX_ELEMENTS
+        saved = None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             logits = _chunk_logits(hidden[s:e], weight, temp[s:e])
@@ -151,14 +162,16 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if drop is not None:
                 logits.masked_fill_(drop, 0.0)  # p = 0 there: avoid 0 * -inf
             entropy[s:e] = -torch.linalg.vecdot(p, logits)  # fused multiply-sum
-        ctx.save_for_backward(hidden, weight, labels, temp, threshold, lse, entropy)
+            if keep_logp:
+                saved = logits  # the one chunk's log-softmax (no row filters: unmodified)
+        ctx.save_for_backward(hidden, weight, labels, temp, threshold, lse, entropy, saved)
         ctx.set_materialize_grads(False)  # an unused output (often entropy) costs nothing
         ctx.chunk_size = chunk_size
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):  # type: ignore[override]
-        hidden, weight, labels, temp, threshold, lse, entropy = ctx.saved_tensors
+        hidden, weight, labels, temp, threshold, lse, entropy, saved = ctx.saved_tensors
         n = hidden.shape[0]
         none = (None,) * 5
         if grad_logp is None and grad_entropy is None:
@@ -171,9 +184,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
             e = min(s + ctx.chunk_size, n)
             # float32 also when backward() runs under autocast
             with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-                logp_all = _chunk_logits(hidden[s:e], w32, temp[s:e])
-                drop = None if threshold is None else _dropped(logp_all, threshold[s:e], labels[s:e])
-                logp_all -= lse[s:e, None]  # the forward's log-normaliser: no softmax again
+                if saved is not None:  # one chunk, kept by the forward; never written to here
+                    logp_all, drop = saved, None
+                else:
+                    logp_all = _chunk_logits(hidden[s:e], w32, temp[s:e])
+                    drop = (None if threshold is None
+                            else _dropped(logp_all, threshold[s:e], labels[s:e]))
+                    logp_all -= lse[s:e, None]  # the forward's log-normaliser: no softmax again
                 p = logp_all.exp()
                 if drop is not None:
                     p.masked_fill_(drop, 0.0)  # the kept set is a constant: no gradient outside
@@ -184,8 +201,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 if grad_entropy is not None:
                     ent = entropy[s:e, None]
                     g_ent = grad_entropy[s:e, None].float()
-                    logp_all.add_(ent).mul_(g_ent).add_(coef)  # g_lp + g_H * (log p + H)
-                    grad_z = logp_all.mul_(p).neg_()
+                    # g_lp + g_H * (log p + H); out of place on the first op for ``saved``
+                    buf = torch.add(logp_all, ent) if saved is not None else logp_all.add_(ent)
+                    grad_z = buf.mul_(g_ent).add_(coef).mul_(p).neg_()
                 else:
                     grad_z = p.mul_(-coef)
                 if grad_logp is not None:
@@ -250,12 +268,13 @@ def sequence_logprobs(
     attention_mask: torch.Tensor,
     sampling: RowSampling | torch.Tensor | float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropy aligned with ``input_ids`` (``areal_agents.samples``).
 
     ``out[b, t]`` is log p(input_ids[b, t] | input_ids[b, :t]) under sequence b's sampling
-    distribution; position 0 and padded positions are 0. Only real tokens are pushed through
-    the LM head.
+    distribution; position 0 and padded positions are 0. Only real tokens (and, with
+    ``positions``, only the wanted ones) are pushed through the LM head.
 
     Args:
         hidden: ``[B, T, h]`` final hidden states.
@@ -265,12 +284,17 @@ def sequence_logprobs(
         sampling: per-sequence ``RowSampling`` (``[B]``, e.g. ``RowSampling.of(batch)``), or
             one temperature (float, or ``[B]`` tensor) with no top-k/top-p.
         chunk_size: rows per chunk of the LM-head computation.
+        positions: ``[B, T]`` bool/int, the positions whose values are wanted (others are 0,
+            as padding); ``None``: every real token. A loss that reads only its loss-mask
+            tokens gets the same values there for a fraction of the LM-head work.
 
     Returns:
         ``(logprobs [B, T], entropy [B, T])`` float32.
     """
     b, t = input_ids.shape
     keep = attention_mask[:, 1:].bool()  # [B, T-1]: positions 1.. that are real tokens
+    if positions is not None:
+        keep = keep & positions[:, 1:].bool()
     rows = hidden[:, :-1][keep]  # [n, h]
     labels = input_ids[:, 1:][keep]
     per_row = as_row_sampling(sampling, b, hidden.device).expand(keep)

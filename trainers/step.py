@@ -31,11 +31,29 @@ from areal_agents.trainers.base import LossFn
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import apply_update
 
-__all__ = ["MicroBatchSlot", "accumulate_microbatches", "plan_rank_microbatches",
-           "rank_microbatches", "run_train_step", "with_fillers"]
+__all__ = ["MicroBatchSlot", "accumulate_microbatches", "loss_positions",
+           "plan_rank_microbatches", "rank_microbatches", "run_train_step", "with_fillers"]
 
 Forward = Callable[[TokenBatch], tuple[torch.Tensor, torch.Tensor]]
 """``forward(micro_batch) -> (logprobs, entropy)``, both ``[b, t]``, with autograd."""
+
+
+def loss_positions(mb: TokenBatch) -> torch.Tensor:
+    """``[b, t]`` bool: the positions a ``LossFn`` reads, where ``loss_mask`` or
+    ``loss_weights`` is non-zero. A backend's train forward computes log-probs and entropy
+    there only (0 elsewhere, see ``LossFn``): prompt tokens never reach the LM head.
+
+    Example:
+        >>> mb = TokenBatch(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool),
+        ...                 torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1, 3),
+        ...                 torch.zeros(1, 3, dtype=torch.long), torch.zeros(1))
+        >>> loss_positions(mb).tolist()
+        [[False, False, True]]
+    """
+    keep = mb.loss_mask != 0
+    if mb.loss_weights is not None:
+        keep = keep | (mb.loss_weights != 0)
+    return keep
 
 
 class MicroBatchSlot(NamedTuple):

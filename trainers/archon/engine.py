@@ -18,6 +18,7 @@ from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule
 from areal_agents.trainers.step import (
     accumulate_microbatches,
+    loss_positions,
     plan_rank_microbatches,
     run_train_step,
 )
@@ -184,6 +185,10 @@ class ArchonEngine(TrainEngine):
         """``(logprobs, entropy)`` ``[b, t]`` under each row's sampling params."""
         return self.module(mb.input_ids, mb.attention_mask, RowSampling.of(mb))
 
+    def _train_forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_forward`` at the loss's positions only (``LossFn``: 0 elsewhere)."""
+        return self.module(mb.input_ids, mb.attention_mask, RowSampling.of(mb), loss_positions(mb))
+
     @torch.no_grad()
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """``[B, T]`` float32 log-probs of ``batch.input_ids`` (CPU) under each row's sampling
@@ -235,7 +240,7 @@ class ArchonEngine(TrainEngine):
                                        group=dist.group.WORLD if self.distributed else None,
                                        device=self.device)
         out = accumulate_microbatches(
-            batch, slots, self._forward,
+            batch, slots, self._train_forward,
             loss_fn, grad_scale=n, aux_loss=partial(self._aux_loss, len(slots) * n),
             group=self.dims.build_mesh()["dp_shard"].get_group() if self.dims.dp_enabled else None,
             device=self.device)

@@ -32,7 +32,8 @@ class ArchonPolicyModule(nn.Module):
         self.pack = pack
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                sampling: RowSampling | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                sampling: RowSampling | float = 1.0,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         if self.pack:
             h = _packed_backbone(model, input_ids, attention_mask)
@@ -41,7 +42,8 @@ class ArchonPolicyModule(nn.Module):
         weight = model.output.weight
         if isinstance(weight, DTensor):  # replicated head: use the local copy
             weight = weight.to_local()
-        return sequence_logprobs(h, weight, input_ids, attention_mask, sampling, self.chunk_size)
+        return sequence_logprobs(h, weight, input_ids, attention_mask, sampling, self.chunk_size,
+                                 positions)
 
 
 def _backbone(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule, lr_lambda
 from areal_agents.trainers.step import (
     accumulate_microbatches,
+    loss_positions,
     plan_rank_microbatches,
     run_train_step,
 )
@@ -50,7 +51,7 @@ class FSDPPolicyModule(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-        sampling: RowSampling | float = 1.0,
+        sampling: RowSampling | float = 1.0, positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.base
         backbone = getattr(base, base.base_model_prefix)
@@ -59,7 +60,7 @@ class FSDPPolicyModule(nn.Module):
         if getattr(head, "bias", None) is not None:
             raise ConfigError("LM heads with a bias are not supported by the chunked log-prob path")
         return sequence_logprobs(
-            hidden, head.weight, input_ids, attention_mask, sampling, self.chunk_size
+            hidden, head.weight, input_ids, attention_mask, sampling, self.chunk_size, positions
         )
 
 
@@ -188,12 +189,17 @@ class FSDPEngine(TrainEngine):
 
     # -- TrainEngine -------------------------------------------------------------------------
 
-    def _forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, mb: TokenBatch,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         sampling = RowSampling.of(mb)  # per-row temperature/top-k/top-p (not cast by FSDP)
         if self.mixed_precision == "bf16" and not self.distributed:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.module(mb.input_ids, mb.attention_mask, sampling)
-        return self.module(mb.input_ids, mb.attention_mask, sampling)
+                return self.module(mb.input_ids, mb.attention_mask, sampling, positions)
+        return self.module(mb.input_ids, mb.attention_mask, sampling, positions)
+
+    def _train_forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_forward`` at the loss's positions only (``LossFn``: 0 elsewhere)."""
+        return self._forward(mb, loss_positions(mb))
 
     @torch.no_grad()
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
@@ -227,7 +233,7 @@ class FSDPEngine(TrainEngine):
                                        device=self.device)
         out = run_train_step(
             # FSDP averages gradients over ranks: scale each rank's share back to a sum
-            lambda: accumulate_microbatches(batch, slots, self._forward, loss_fn,
+            lambda: accumulate_microbatches(batch, slots, self._train_forward, loss_fn,
                                             grad_scale=self.world_size, group=group,
                                             device=self.device),
             optimizer=self.optimizer, scheduler=self.scheduler,
