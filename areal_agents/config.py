@@ -217,6 +217,10 @@ class RunConfig(_Strict):
         "reference_judge | group_judge | reward_model | 'module:attr', <its arguments>}] "
         "(areal_agents.rewards.from_config); a judge's policy names one of `policies`")
     run_dir: str = Field("runs/run", description="metrics, plots and checkpoints")
+    launcher: Literal["local", "ray"] | dict[str, Any] = Field(
+        "local", description="where worker groups and engine servers run: local (this "
+        "machine), ray, or {kind: ray, address, num_cpus, num_gpus, cpus_per_worker, autoscale: "
+        "{policy: {min_replicas, max_replicas, ...}}} (areal_agents.trainers.ray_launcher)")
     resume: bool = Field(False, description="continue from run_dir's latest checkpoint (a fresh "
                          "run when there is none); same as `train --resume`")
 
@@ -259,6 +263,7 @@ class RunConfig(_Strict):
             partial_groups=t.partial_groups, clock=t.clock,
             keep_checkpoints=t.keep_checkpoints, reward_fns=reward_fns,
             group_reward_fns=group_reward_fns,
+            launcher=self.launcher,
             opponents=None if self.opponents is None else OpponentPool(
                 **self.opponents.model_dump()),
             logger=make_logger(self.run_dir, tensorboard=self.logging.tensorboard,

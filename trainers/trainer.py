@@ -33,6 +33,7 @@ from .league import League
 from .llm_session import Seat, open_seat
 from .lora_policies import check_adapter_policies
 from .policy import Policy
+from .ray_launcher import resolve_launcher
 from .rollouts import evaluate, train_episode
 from .sample_log import SampleLog
 from .stats import StepStats, resolve_algorithm
@@ -117,6 +118,9 @@ class Trainer:
         opponents: an ``OpponentPool``: each training episode puts one drawn pool member
             (a snapshot of a trained policy, a scripted player, a frozen or external policy)
             in the opponent's seat, never trained (``areal_agents.trainers.league``).
+        launcher: where worker groups and engine servers run: ``"local"`` (default: this
+            machine), ``"ray"``, a ``{kind: ray, ...}`` mapping or a ``RayLauncher`` (Ray
+            placement groups and auto-scaled replicas; ``trainers/ray_launcher.py``).
 
     Raises:
         ValueError / ConfigError: inconsistent arguments (the message names the field).
@@ -143,7 +147,7 @@ class Trainer:
                  progress: bool = True, max_steps_per_episode: int | None = None,
                  generation_batch_size: int | None = None, clock: str = "lockstep",
                  keep_checkpoints: int | None = None, partial_groups: int = 0,
-                 opponents: OpponentPool | None = None) -> None:
+                 opponents: OpponentPool | None = None, launcher: Any = "local") -> None:
         if batch_size < 1 or group_size < 1 or batch_size % group_size:
             raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of "
                               f"group_size ({group_size})")
@@ -210,6 +214,7 @@ class Trainer:
         self.weight_pushes: dict[str, WeightPush] = {}  # per trainable policy (weight_push.py)
         self._stats = StepStats()
         self.league = League(opponents, env if isinstance(env, str) else None)  # null w/o pool
+        self.launcher = resolve_launcher(launcher)  # LocalLauncher: a null object
         self.league.check(self, possible)
 
     @staticmethod
@@ -297,6 +302,7 @@ class Trainer:
         """Log global step ``step``: the trained policies' metrics, every policy's step
         (``policy/<name>/step``, its version), episodes, outcomes and the due evaluation."""
         self.step = step
+        await self.launcher.on_step_end(self)  # replica counts to their targets, between steps
         self.trained_seeds.append(sorted({s for p in results for s in self._step_seeds.pop(p)}))
         metrics: dict[str, float] = {k: v for r in results.values() for k, v in r.items()}
         metrics.update({f"policy/{p}/step": float(c.version)
@@ -413,5 +419,6 @@ class Trainer:
         self.train_engines.clear()
         self.ref_engines.clear()
         self.critics.clear()
+        await self.launcher.close()
         self.logger.close()
         self.sample_log.close()  # waits for the last recorded samples

@@ -85,6 +85,7 @@ async def setup_trainer(trainer: Trainer) -> None:
         seed=trainer.seed, partial_groups=trainer.partial_groups,
         group_fn=trainer.rewards.on_group if trainer.rewards.group_reward_fns else None)
     await trainer.league.setup(trainer, resumed=ckpt is not None)  # pool members, snapshot 0
+    await trainer.launcher.attach(trainer)  # auto-scaling samplers (trainers/ray_launcher.py)
     if ckpt is not None:
         with trainer.startup.phase(f"restoring checkpoint {ckpt}"):
             await trainer.restore_checkpoint(ckpt)
@@ -139,9 +140,11 @@ async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
     write_model = (functools.partial(_write_from_rank0, trainer.train_engines[name], serving,
                                      policy.inference.bucket_bytes) if on_ranks else None)
     with trainer.startup.phase(f"building the inference engines of {name}"):
-        engines = await build_engines(name, policy.inference, serving, tokenizer, trainer.run_dir,
-                                      max_batch_size=trainer.generation_batch_size,
-                                      write_model=write_model)
+        engines = await trainer.launcher.build_engines(  # None: built as without a launcher
+            name, policy.inference, serving, tokenizer, trainer.run_dir,
+            trainer.generation_batch_size, write_model=write_model) or await build_engines(
+            name, policy.inference, serving, tokenizer, trainer.run_dir,
+            max_batch_size=trainer.generation_batch_size, write_model=write_model)
     trainer.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
                                stop_token_ids=eos_token_ids(serving, tokenizer))
 
@@ -207,9 +210,10 @@ async def _worker_group(trainer: Trainer, name: str, model: Any, tokenizer: Any,
     demos = demos if policy.sft_steps else None
     plan = (None if demos is None else
             warm_start_plan(policy, tokenizer, _transcripts(trainer, name, demos), trainer.seed))
+    group = trainer.launcher.group_factory(name, policy.train)  # None: local processes
     engine = await asyncio.to_thread(  # the workers unpickle their own copies of `model`
         WorkerGroupEngine, model, policy.train, backend=policy.backend, factory=factory,
-        lr=policy.lr, lora=policy.lora, warm_start=plan, reference=reference,
+        lr=policy.lr, lora=policy.lora, warm_start=plan, reference=reference, group=group,
         **policy.train_kwargs)
     if engine.reference is not None:
         trainer.ref_engines[name] = engine.reference

@@ -260,6 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None,
                         help="a safetensors dir loaded over the model's weights at start")
     parser.add_argument("--version", type=int, default=0, help="the initial weight version")
+    parser.add_argument("--host", default=HOST, help="the address to bind (default 127.0.0.1; "
+                        "a node's IP to serve other nodes, as trainers/ray_replicas.py does)")
     return parser.parse_args(argv)
 
 
@@ -281,11 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.weights:
         apply_weight_update(engine.model, WeightUpdate(path=args.weights))
     engine.version = args.version
-    print(f"engine server: {args.model} (version {engine.version}) on {HOST}:{args.port}",
+    print(f"engine server: {args.model} (version {engine.version}) on {args.host}:{args.port}",
           flush=True)
     # keep idle connections longer than the client does (httpx: 5 s), so the client never
     # reuses one the server is closing
-    uvicorn.run(build_app(engine, token), host=HOST, port=args.port, log_level="warning",
+    uvicorn.run(build_app(engine, token), host=args.host, port=args.port, log_level="warning",
                 lifespan="off", timeout_keep_alive=75)
 
 
