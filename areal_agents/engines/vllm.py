@@ -34,6 +34,7 @@ one when an update happens meanwhile; staleness is then over-, never under-estim
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -48,6 +49,7 @@ from . import vllm_protocol as protocol
 from .base import GenerateRequest, GenerateResult, WeightUpdate
 from .http_engine import HTTPEngine, error_message
 from .server_process import ServerProcess, free_port
+from .vllm_lora import RUNTIME_LORA_ENV, VLLMAdapterEngine, lora_server_args
 from .vllm_weights import (
     missing_head,
     nccl_init_info,
@@ -107,6 +109,7 @@ class VLLMEngine(HTTPEngine):
         self._paused = False
         self._update_lock = asyncio.Lock()
         self.tie_word_embeddings = tie_word_embeddings
+        self.adapters: dict[str, VLLMAdapterEngine] = {}
 
     # -- construction -------------------------------------------------------------------------
 
@@ -114,7 +117,8 @@ class VLLMEngine(HTTPEngine):
     async def launch(cls, model: str | Path, *, python: str | None = None, port: int | None = None,
                      dtype: str = "float32", max_model_len: int | None = None,
                      kv_cache_gib: int = 1, enforce_eager: bool = True,
-                     chunked_prefill: bool = False, server_args: Sequence[str] = (),
+                     chunked_prefill: bool = False, max_loras: int = 0, max_lora_rank: int = 16,
+                     server_args: Sequence[str] = (),
                      env: dict[str, str] | None = None,
                      log_path: str | Path | None = None, startup_timeout_s: float = 900.0,
                      timeout_s: float = 600.0,
@@ -133,6 +137,10 @@ class VLLMEngine(HTTPEngine):
                 Generator does not use offset``) when the prefill of a request with a seed is
                 split over steps, i.e. when more than ``max_num_batched_tokens`` (2048) prompt
                 tokens arrive at once; turn it on on GPUs.
+            max_loras: LoRA adapters served at once (``add_adapter``); 0: no LoRA. Passes
+                ``--enable-lora --max-loras N --max-lora-rank R`` and sets
+                ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` (adapters are loaded at run time).
+            max_lora_rank: the largest adapter rank the server accepts.
             server_args: more command-line arguments (``["--max-num-seqs", "16"]``).
             env: more environment variables for the server.
             log_path: the server's log (default: a file in a new temporary directory).
@@ -156,9 +164,10 @@ class VLLMEngine(HTTPEngine):
         argv += ["--max-model-len", str(max_model_len)] if max_model_len else []
         argv += ["--enforce-eager"] if enforce_eager else []
         argv += [] if chunked_prefill else ["--no-enable-chunked-prefill"]
+        argv += lora_server_args(max_loras, max_lora_rank)
         argv += list(server_args)
         server_env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
-                      **(env or {})}
+                      **({RUNTIME_LORA_ENV: "True"} if max_loras else {}), **(env or {})}
         log_path = log_path or Path(tempfile.mkdtemp(prefix="vllm-")) / "server.log"
         server = ServerProcess(argv, log_path, env=server_env, name="vLLM server")
         url = f"http://127.0.0.1:{port}"
@@ -230,20 +239,33 @@ class VLLMEngine(HTTPEngine):
             EngineUnavailable: the server refuses connections or its process has exited.
             EngineError: empty prompt, engine closed, the server failed the request.
         """
+        return await self._generate(request, self.model)
+
+    async def _generate(self, request: GenerateRequest, model: str,
+                        adapter_version: int | None = None) -> GenerateResult:
+        """``generate`` with ``model`` (the base or a loaded LoRA adapter's name); with
+        ``adapter_version`` every token gets that version (the server's labels are the base's)."""
         self._check_request(request)
-        sent_at_version = self.version
+        sent_at_version = self.version if adapter_version is None else adapter_version
         self._pending += 1
         try:
             sampling = self._sampling(request)
-            if self.endpoint == "generate":
+            if self.endpoint == "generate" and adapter_version is None:
                 data = await self._request("POST", "/inference/v1/generate",
-                                           protocol.generate_body(request, self.model, sampling))
+                                           protocol.generate_body(request, model, sampling))
                 outputs = [protocol.parse_generate_choice(c, request.sampling.top_logprobs,
                                                           self.version)
                            for c in protocol.choices(data)]
+            elif self.endpoint == "generate":  # an adapter: its version, not the base's labels
+                data = await self._request("POST", "/inference/v1/generate",
+                                           protocol.generate_body(request, model, sampling))
+                outputs = [dataclasses.replace(out, versions=[sent_at_version] * len(out.token_ids))
+                           for out in (protocol.parse_generate_choice(
+                               c, request.sampling.top_logprobs, sent_at_version)
+                               for c in protocol.choices(data))]
             else:
                 data = await self._request("POST", "/v1/completions", protocol.completions_body(
-                    request, self.model, sampling))
+                    request, model, sampling))
                 outputs = [protocol.parse_completions_choice(c, sent_at_version)
                            for c in protocol.choices(data)]
         finally:
@@ -356,6 +378,35 @@ class VLLMEngine(HTTPEngine):
             finally:
                 if paused_here:
                     await self.resume()
+
+    def add_adapter(self, name: str, *, rank: int = 8, alpha: float = 16.0,
+                    target_modules: Sequence[str] | None = None) -> VLLMAdapterEngine:
+        """Serve LoRA adapter ``name`` of the base model (the server needs ``max_loras``);
+        returns its ``InferenceEngine`` view (``engines.vllm_lora``). Until its first
+        ``update_weights`` the adapter is the base model (``B = 0``).
+
+        Raises:
+            ConfigError: the name is taken.
+        """
+        if name in self.adapters:
+            raise ConfigError(f"adapter {name!r} already exists; adapters: {sorted(self.adapters)}")
+        self.adapters[name] = VLLMAdapterEngine(self, name, rank=rank, alpha=alpha,
+                                                target_modules=target_modules)
+        return self.adapters[name]
+
+    async def load_lora_adapter(self, name: str, path: str | Path) -> None:
+        """``POST /v1/load_lora_adapter`` (in place): the server serves adapter ``name`` from
+        the PEFT directory ``path`` (vLLM answers with plain text, not JSON).
+
+        Raises:
+            EngineError: the server refused (its message; e.g. LoRA not enabled).
+        """
+        what = "POST /v1/load_lora_adapter"
+        body = {"lora_name": name, "lora_path": str(path), "load_inplace": True}
+        response = await self._send("POST", "/v1/load_lora_adapter", body, None, what,
+                                    self.retry_transport_errors)
+        if response.status_code >= 400:
+            raise self._http_error(response, what)
 
     async def _serve_version(self, target: int) -> None:
         """After new weights are in: drop the KV prefix cache computed with the old ones (also

@@ -1,0 +1,174 @@
+"""vLLM multi-LoRA: one LoRA adapter of a ``VLLMEngine``'s base model as an ``InferenceEngine``.
+
+The server is started with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``
+(``VLLMEngine.launch(max_loras=N)``); every adapter then rides on the one base model and the
+server batches requests of all adapters together. A request names its adapter in the body's
+``model`` field (vLLM's rule for LoRA); an adapter never loaded yet is the base model (a new
+adapter has ``B = 0``), so its requests go to the base name.
+
+A weight update of one adapter writes a PEFT directory (``adapter_config.json`` +
+``adapter_model.safetensors``, a new directory per version: vLLM keys reused prefix-cache
+blocks by path) and calls ``POST /v1/load_lora_adapter`` with ``load_inplace``. It does not
+pause the server: the base and every other adapter keep generating. vLLM cannot pause one
+adapter, so ``pause``/``resume`` of a view are no-ops and a request of this adapter in flight
+during its update finishes on the new adapter; its tokens carry the version the adapter had
+when the request was sent (staleness over-, never under-estimated). The directory of the
+version served stays on disk until the next update (vLLM may reload an evicted adapter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+
+if TYPE_CHECKING:
+    from .vllm import VLLMEngine
+
+__all__ = ["RUNTIME_LORA_ENV", "VLLMAdapterEngine", "lora_server_args", "write_adapter"]
+
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+_PREFIX = "base_model.model."
+
+
+def lora_server_args(max_loras: int, max_lora_rank: int) -> list[str]:
+    """vLLM command-line arguments serving ``max_loras`` adapters at once (none for 0).
+
+    Example:
+        >>> lora_server_args(2, 8)
+        ['--enable-lora', '--max-loras', '2', '--max-lora-rank', '8']
+    """
+    if max_loras < 0 or max_lora_rank < 1:
+        raise ValueError(f"max_loras must be >= 0 and max_lora_rank >= 1 (got {max_loras}, "
+                         f"{max_lora_rank})")
+    if not max_loras:
+        return []
+    return ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank)]
+
+
+def write_adapter(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, *, rank: int,
+                  alpha: float, target_modules: Sequence[str]) -> Path:
+    """Write a PEFT adapter directory vLLM loads; names get PEFT's ``base_model.model.``.
+
+    Raises:
+        ValueError: a tensor that is not a LoRA ``A``/``B`` weight, or no tensor at all.
+    """
+    from safetensors.torch import save_file
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        if ".lora_A." not in name and ".lora_B." not in name:
+            raise ValueError(f"{name!r} is not a LoRA adapter tensor (expected "
+                             "'<module>.lora_A.weight' / '<module>.lora_B.weight')")
+        key = name if name.startswith(_PREFIX) else _PREFIX + name
+        out[key] = tensor.detach().to("cpu").contiguous()
+    if not out:
+        raise ValueError("an adapter update with no tensors; export the adapter "
+                         "(export_weights(merge_lora=False))")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "target_modules": list(target_modules), "lora_dropout": 0.0, "bias": "none"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+class VLLMAdapterEngine(InferenceEngine):
+    """Adapter ``name`` of ``engine`` (made by ``VLLMEngine.add_adapter``): ``generate`` uses
+    the adapter, ``update_weights`` loads only its tensors (PEFT names) and bumps only its
+    ``version``; ``close`` closes nothing (the ``VLLMEngine`` belongs to whoever built it).
+
+    Args:
+        engine: the base model's ``VLLMEngine``.
+        name: the adapter's name on the server (the ``model`` of its requests).
+        rank, alpha: the adapter's shape (``adapter_config.json``: ``r``, ``lora_alpha``).
+        target_modules: the adapted layers (default: the modules named in each update).
+    """
+
+    def __init__(self, engine: VLLMEngine, name: str, *, rank: int = 8, alpha: float = 16.0,
+                 target_modules: Sequence[str] | None = None) -> None:
+        self.engine, self.name = engine, name
+        self.rank, self.alpha = rank, alpha
+        self.target_modules = list(target_modules) if target_modules else None
+        self.version = 0
+        self.loaded = False  # the server knows the adapter (after the first update)
+        self._folder: Path | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def max_context(self) -> int:  # type: ignore[override]
+        return self.engine.max_context
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """Generate with this adapter (the base model until its first update).
+
+        Raises:
+            ValueError: the request names another adapter.
+        """
+        if request.adapter not in (None, self.name):
+            raise ValueError(f"request names adapter {request.adapter!r} but was sent to the "
+                             f"view of adapter {self.name!r}")
+        model = self.name if self.loaded else self.engine.model
+        return await self.engine._generate(request, model, adapter_version=self.version)
+
+    async def pause(self) -> None:
+        """Nothing: vLLM pauses whole servers only, and one adapter's update must not stop
+        the others (see the module docstring)."""
+
+    async def resume(self) -> None:
+        """Nothing (see ``pause``)."""
+
+    async def update_weights(self, update: WeightUpdate) -> None:
+        """Load this adapter's PEFT-named tensors (or a directory of them) in place.
+
+        Raises:
+            ValueError: the update names another adapter, or holds non-adapter tensors.
+            EngineError: the server refused (e.g. started without ``max_loras``, or a rank
+                above its ``max_lora_rank``).
+        """
+        if update.adapter not in (None, self.name):
+            raise ValueError(f"weight update for adapter {update.adapter!r} sent to the view "
+                             f"of adapter {self.name!r}")
+        async with self._lock:
+            target = update.version if update.version is not None else self.version + 1
+            tensors = _tensors(update)
+            targets = self.target_modules or sorted(
+                {n.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for n, _ in tensors})
+            folder = await asyncio.to_thread(
+                write_adapter, tensors, self.engine._new_folder(f"lora-{self.name}-v{target}"),
+                rank=self.rank, alpha=self.alpha, target_modules=targets)
+            try:
+                await self.engine.load_lora_adapter(self.name, folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            previous, self._folder = self._folder, folder
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+            self.loaded, self.version = True, target
+
+    @property
+    def num_pending(self) -> int:
+        return self.engine.num_pending
+
+    async def close(self) -> None:
+        """Nothing to stop: the shared ``VLLMEngine`` is closed by its owner."""
+
+
+def _tensors(update: WeightUpdate) -> list[tuple[str, Any]]:
+    if update.path is None:
+        assert update.named_tensors is not None
+        return list(update.named_tensors)
+    from safetensors.torch import load_file
+
+    files = sorted(Path(update.path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {update.path!r}")
+    return [item for file in files for item in load_file(str(file)).items()]

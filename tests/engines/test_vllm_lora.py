@@ -1,0 +1,109 @@
+"""vLLM multi-LoRA (``engines/vllm_lora.py``) against a ``MockTransport`` vLLM 0.32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx2
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from areal_agents.engines import WeightUpdate
+from areal_agents.engines.vllm_lora import RUNTIME_LORA_ENV, lora_server_args
+from areal_agents.errors import ConfigError, EngineError
+from engines.test_vllm_client import GENERATE, FakeVLLM, attached, request_like
+
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+class LoRAServer(FakeVLLM):
+    """``FakeVLLM`` that also loads adapters: reads each directory when it is loaded."""
+
+    def __init__(self, **overrides: object) -> None:
+        super().__init__(**overrides)
+        self.adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]] = {}
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        if request.url.path == "/v1/load_lora_adapter" and "POST /v1/load_lora_adapter" \
+                not in self.responses:
+            body = json.loads(request.content)
+            self.calls.append(("POST", request.url.path, {}, body))
+            folder = Path(body["lora_path"])
+            config = json.loads((folder / "adapter_config.json").read_text())
+            self.adapters[body["lora_name"]] = (
+                config, load_file(str(folder / "adapter_model.safetensors")))
+            return httpx2.Response(200, text=f"Success: LoRA adapter '{body['lora_name']}'")
+        return super().__call__(request)
+
+
+def adapter_tensors(value: float) -> list[tuple[str, torch.Tensor]]:
+    return [(A, torch.full((4, 8), value)), (B, torch.zeros(8, 4))]
+
+
+async def test_an_adapter_update_loads_only_it_in_place_without_pausing_the_server():
+    fake = LoRAServer()
+    engine = await attached(fake)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    listener = engine.add_adapter("listener", rank=4, alpha=8)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0), version=5))
+    load = [c for c in fake.calls if c[1] == "/v1/load_lora_adapter"]
+    assert [c[3]["lora_name"] for c in load] == ["speaker"] and load[0][3]["load_inplace"]
+    assert not {"/pause", "/collective_rpc", "/update_weight_version"} & {c[1] for c in fake.calls}
+    config, tensors = fake.adapters["speaker"]
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 8, ["q_proj"])
+    assert config["peft_type"] == "LORA" and torch.equal(tensors[A], torch.full((4, 8), 1.0))
+    assert (speaker.version, listener.version, engine.version) == (5, 0, 3)
+    first = Path(load[0][3]["lora_path"])
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
+    second = Path([c for c in fake.calls if c[1] == "/v1/load_lora_adapter"][-1][3]["lora_path"])
+    # a new directory per version (vLLM keys prefix-cache reuse by path); the old one is gone
+    assert second != first and second.exists() and not first.exists()
+    assert speaker.version == 6 and torch.equal(fake.adapters["speaker"][1][A][0], torch.full(
+        (8,), 2.0))
+    await engine.close()
+
+
+async def test_requests_name_their_adapter_and_carry_its_version():
+    fake = LoRAServer()
+    engine = await attached(fake)
+    speaker = engine.add_adapter("speaker", rank=4)
+    request = request_like(GENERATE["request"])
+    out = await speaker.generate(request)  # never loaded: the base model, version 0
+    assert fake.calls[-1][3]["model"] == engine.model
+    assert all(v == [0] * len(v) for v in (o.versions for o in out.outputs))
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0), version=7))
+    out = await speaker.generate(request)
+    assert fake.calls[-1][1] == "/inference/v1/generate" and fake.calls[-1][3]["model"] == \
+        "speaker"
+    # the server's labels ("3") are the base's: adapter tokens carry the adapter's version
+    assert [o.versions for o in out.outputs] == [[7] * len(o.token_ids) for o in out.outputs]
+    base = await engine.generate(request)
+    assert fake.calls[-1][3]["model"] == engine.model and base.outputs[0].versions[0] == 3
+    await engine.close()
+
+
+async def test_adapter_errors_name_the_problem():
+    refused = httpx2.Response(400, json={"error": {"message": "LoRA is not enabled", "code": 400}})
+    engine = await attached(LoRAServer(**{"POST /v1/load_lora_adapter": refused}))
+    speaker = engine.add_adapter("speaker")
+    with pytest.raises(ConfigError, match="adapter 'speaker' already exists"):
+        engine.add_adapter("speaker")
+    with pytest.raises(ValueError, match="is not a LoRA adapter tensor"):
+        await speaker.update_weights(WeightUpdate(named_tensors=[("lm_head.weight",
+                                                                  torch.zeros(2, 2))]))
+    with pytest.raises(EngineError, match="LoRA is not enabled"):
+        await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
+    assert speaker.version == 0 and not speaker.loaded
+    with pytest.raises(ValueError, match="sent to the view of adapter 'speaker'"):
+        await speaker.update_weights(WeightUpdate(named_tensors=[], adapter="listener"))
+    await engine.close()
+
+
+def test_launch_flags_for_runtime_lora():
+    assert lora_server_args(0, 16) == []
+    assert lora_server_args(3, 16) == ["--enable-lora", "--max-loras", "3",
+                                       "--max-lora-rank", "16"]
+    assert RUNTIME_LORA_ENV == "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
