@@ -184,7 +184,7 @@ class RayLauncher(LocalLauncher):
             return None
         from .ray_replicas import RayReplicaSet
 
-        await asyncio.to_thread(self._init)
+        self._init()  # in the event loop's thread: Ray wants the main thread for its handlers
         args = placement.server_args
         settings = self.autoscale.get(name)
         count = max(placement.replicas, settings.min_replicas if settings else 1)
@@ -279,4 +279,4 @@ def resolve_launcher(value: str | dict[str, Any] | LocalLauncher | None) -> Loca
     if isinstance(value, dict) and value.get("kind") == "local" and len(value) == 1:
         return LocalLauncher()
     raise ConfigError(f"launcher={value!r}; use 'local', 'ray' or {{kind: ray, address: ..., "
-                      "autoscale: {...}}}")
+                      "autoscale: {...}}")
