@@ -51,6 +51,8 @@ obs, info = await env.reset(seed=3)
 _, reward, terminated, truncated, _ = await env.step(info["word"])
 print(obs[0]["content"], "->", reward, terminated)
 assert reward == 1.0 and terminated''',
+    Md("`aa.run_episode` plays it with an agent and returns an `Episode`, shown as a table."),
+    '''await aa.run_episode(Echo(), aa.ScriptedAgent(lambda observation: "apple"), seed=3)''',
 ]
 
 SIGNALING = [
@@ -75,6 +77,19 @@ try:
 finally:
     await trainer.aclose()
 [round(row["train/speaker/success"], 3) for row in history]''',
+    Md("The trainer renders as a table (step, each agent's policy, the last metrics)."),
+    '''trainer''',
+    Md("The run recorded a few trained samples per policy and step (`record_samples`, what "
+       "`areal-agents view RUN_DIR` draws as an HTML page): rebuild them as `Sample`s and "
+       "collate them into the `TokenBatch` a train step sees."),
+    '''from areal_agents.samples import Sample, collate
+from areal_agents.viewer import load_samples
+
+rows = load_samples(run_dir, steps=[3])
+samples = [Sample(r["token_ids"], r["loss_mask"], r["logprobs"], r["versions"],
+                  reward=r["reward"], agent=r["agent"], policy=r["policy"]) for r in rows]
+display(collate(samples))  # shapes, token counts, rewards
+samples[0]                 # one sequence: token ids, loss mask, behaviour log-probs, versions''',
     '''from areal_agents.plot import plot_figure, read_metrics
 
 rows = read_metrics(run_dir)
