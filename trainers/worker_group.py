@@ -5,8 +5,10 @@ What crosses the pipes per call::
 
     train_step        each data-parallel rank: a RowShard (its rows + every row's length)
                       and the loss function (pickled: algorithms are module-level dataclasses)
-    forward_logprobs  every rank: the full batch (FSDP/Archon run it collectively over all
-                      rows); rank 0's [B, T] log-probs come back
+    forward_logprobs  each data-parallel rank: its RowShard (the rows training gives it); it
+                      returns the log-probs of the rows it owns, gathered here in row order
+                      (``shard_logprobs``: every rank runs as many micro-batch forwards, so
+                      the collectives of FSDP/Archon stay in step)
     export_weights    rank 0's (name, tensor) pairs, one message each (a generator: one
                       tensor in flight; the other ranks drain their collective generators)
     write_weights     a path: rank 0 writes the safetensors dir of a disk weight push
@@ -53,8 +55,8 @@ if TYPE_CHECKING:
     from .reference import ReferenceSpec
     from .warm_start import WarmStartPlan
 
-__all__ = ["GroupReference", "ModelSource", "RowShard", "WorkerGroupEngine", "shard_batch",
-           "shard_rows"]
+__all__ = ["GroupReference", "ModelSource", "RowShard", "WorkerGroupEngine", "gather_logprobs",
+           "shard_batch", "shard_logprobs", "shard_rows"]
 
 _ONES = {"temperature", "top_p"}  # placeholder rows sample like defaults (never trained on)
 
@@ -75,8 +77,13 @@ def shard_rows(lengths: Sequence[int], dp_rank: int, dp: int) -> list[int]:
         raise ValueError(f"dp_rank must be in [0, dp={dp}), got {dp_rank}")
     if not len(lengths):
         raise ValueError("a train step needs at least one sequence (got an empty batch)")
+    return sorted({0, *_owned_rows(lengths, dp_rank, dp)})
+
+
+def _owned_rows(lengths: Sequence[int], dp_rank: int, dp: int) -> list[int]:
+    """The rows ``dp_rank`` trains on (longest first, every ``dp``-th), sorted."""
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
-    return sorted({0, *order[dp_rank::dp]})
+    return sorted(order[dp_rank::dp])
 
 
 @dataclass
@@ -153,6 +160,61 @@ def _unpickle_model(model_bytes: bytes) -> Any:
     return model.load() if isinstance(model, ModelSource) else model
 
 
+def shard_logprobs(engine: Any, shard: RowShard, dp_rank: int,
+                   dp: int) -> tuple[list[int], torch.Tensor]:
+    """The log-probs of the rows data-parallel rank ``dp_rank`` owns in ``shard``: ``(rows,
+    [len(rows), T'])`` (sorted rows; ``T'`` the shard's width), from
+    ``engine.forward_logprobs``.
+
+    With ``engine.token_budget`` the rank computes the micro-batches
+    ``trainers/step.rank_microbatches`` plans for it (the training split), one
+    ``forward_logprobs`` call each, and every rank makes as many calls (the most any rank
+    plans; the others add row-0 fillers whose results are dropped), so the collective forwards
+    of FSDP/Archon stay in step without any communication. Without it the engine gets the
+    expanded batch (its placeholder rows computed too) in one call.
+    """
+    from .step import rank_microbatches
+
+    width = int(shard.batch.input_ids.shape[1])
+    budget = getattr(engine, "token_budget", None)
+    if budget is None:
+        owned = _owned_rows(shard.lengths, dp_rank, dp)
+        return owned, engine.forward_logprobs(shard.expand())[owned, :width]
+    plans = [rank_microbatches(shard.lengths, d, dp, int(budget)) for d in range(dp)]
+    mine = plans[dp_rank]
+    owned = sorted(row for plan in mine for row in plan)
+    position = {row: i for i, row in enumerate(owned)}
+    local = {row: i for i, row in enumerate(shard.rows)}
+    out = torch.zeros(len(owned), width, dtype=torch.float32)
+    for index in range(max(1, *(len(p) for p in plans))):
+        slot = mine[index] if index < len(mine) else [0]  # a filler: every rank calls as often
+        logprobs = engine.forward_logprobs(shard.batch.select([local[r] for r in slot]))
+        if index < len(mine):
+            for j, row in enumerate(slot):
+                out[position[row], : logprobs.shape[1]] = logprobs[j, :width]
+    return owned, out
+
+
+def gather_logprobs(batch: TokenBatch, placement: TrainPlacement,
+                    call_each: Callable[[list[tuple[tuple, dict]]], list[Any]]) -> torch.Tensor:
+    """``[B, T]`` log-probs of ``batch`` from a group's ranks: ``call_each`` hands each rank
+    ``(its RowShard, dp_rank, dp)`` and returns each rank's ``shard_logprobs``; the first rank
+    of each data-parallel index supplies its rows."""
+    p = placement
+    assert p.dp is not None
+    shards = {d: shard_batch(batch, d, p.dp) for d in range(p.dp)}
+    no_kwargs: dict[str, Any] = {}
+    results = call_each([((shards[p.dp_rank(r)], p.dp_rank(r), p.dp), no_kwargs)
+                         for r in range(p.world_size)])
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    done: set[int] = set()
+    for rank, (rows, logprobs) in enumerate(results):
+        if p.dp_rank(rank) not in done:
+            done.add(p.dp_rank(rank))
+            out[rows, : logprobs.shape[1]] = logprobs
+    return out
+
+
 class _RankEngine:
     """The engines of one worker rank, as the controller drives them: the policy's engine
     and, with a ``ReferenceSpec``, its frozen KL reference. With ``warm_kwargs`` the rank
@@ -196,15 +258,21 @@ class _RankEngine:
         self.engine.close()
         self._start(model)
 
-    def ref_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        return self.reference.forward_logprobs(batch)
+    def ref_logprobs(self, data: RowShard | TokenBatch, dp_rank: int = 0,
+                     dp: int = 1) -> Any:
+        if isinstance(data, RowShard):
+            return shard_logprobs(self.reference, data, dp_rank, dp)
+        return self.reference.forward_logprobs(data)
 
     def train_step(self, data: RowShard | TokenBatch, loss_fn: LossFn) -> dict[str, float]:
         batch = data.expand() if isinstance(data, RowShard) else data
         return self.engine.train_step(batch, loss_fn)
 
-    def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        return self.engine.forward_logprobs(batch)
+    def forward_logprobs(self, data: RowShard | TokenBatch, dp_rank: int = 0,
+                         dp: int = 1) -> Any:
+        if isinstance(data, RowShard):
+            return shard_logprobs(self.engine, data, dp_rank, dp)
+        return self.engine.forward_logprobs(data)
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.engine.export_weights()
@@ -262,17 +330,25 @@ def _build_rank_engine(factory: Callable[..., Any], model_bytes: bytes, kwargs: 
     return _RankEngine(factory, model_bytes, kwargs, warm_kwargs, reference)
 
 
+def _forward_logprobs(group: DistributedEngineGroup, method: str, batch: TokenBatch,
+                      placement: TrainPlacement) -> torch.Tensor:
+    if placement.dp == 1:  # every rank computes the same rows (TP/PP): rank 0's answer
+        return group.call(method, batch)[0]
+    return gather_logprobs(batch, placement, lambda per_rank: group.call_each(method, per_rank))
+
+
 class GroupReference:
     """A worker group's frozen KL reference, held by its ranks (sharded like the policy):
     ``forward_logprobs`` runs there and only the ``[B, T]`` log-probs come back. Built by
     ``WorkerGroupEngine(reference=...)``; closes with the group."""
 
-    def __init__(self, group: DistributedEngineGroup) -> None:
-        self._group = group
+    def __init__(self, group: DistributedEngineGroup, placement: TrainPlacement) -> None:
+        self._group, self._placement = group, placement
 
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """``[B, T]`` reference log-probs (every rank gets the full batch; rank 0's result)."""
-        return self._group.call("ref_logprobs", batch)[0]
+        """``[B, T]`` reference log-probs (each data-parallel rank computes its rows, as
+        ``WorkerGroupEngine.forward_logprobs``)."""
+        return _forward_logprobs(self._group, "ref_logprobs", batch, self._placement)
 
     def close(self) -> None:
         """Nothing to do: the ranks' reference is dropped by ``WorkerGroupEngine.close``."""
@@ -302,8 +378,6 @@ class WorkerGroupEngine(TrainEngine):
             ``GroupReference``), from the weights after the warm start.
         timeout: seconds one call may take before the group is stopped (``TrainError``).
         grace: seconds the other ranks get to answer once a rank failed.
-        group: the worker-group class (default ``DistributedEngineGroup``: processes of this
-            machine; ``launcher: ray`` passes a ``RayEngineGroup`` bound to its placement).
 
     Raises:
         ConfigError: the backend cannot run ``placement``, or ``device="cuda"`` with fewer
@@ -322,7 +396,7 @@ class WorkerGroupEngine(TrainEngine):
                  factory: Callable[..., Any] | None = None, lr: float = 1e-5, lora: Any = None,
                  timeout: float = 3600.0, grace: float = 10.0,
                  warm_start: WarmStartPlan | None = None, reference: ReferenceSpec | None = None,
-                 group: Callable[..., Any] | None = None, **train_kwargs: Any) -> None:
+                 **train_kwargs: Any) -> None:
         check_train_placement(backend, placement)
         self.placement = placement
         self.step = 0
@@ -335,11 +409,12 @@ class WorkerGroupEngine(TrainEngine):
             _check_gpus(placement.world_size)
         kwargs = {"lr": lr, "lora": lora, **layout, **train_kwargs}
         warm_kwargs = None if warm_start is None else {"lr": warm_start.lr, **layout}
-        self._group = (group or DistributedEngineGroup)(
+        self._group = DistributedEngineGroup(
             placement.world_size, _build_rank_engine, factory or backend_factory(backend),
             pickle.dumps(model), kwargs, warm_kwargs, reference, threads=placement.threads,
             device=device, timeout=timeout, grace=grace)
-        self.reference = None if reference is None else GroupReference(self._group)
+        self.reference = (None if reference is None
+                          else GroupReference(self._group, placement))
         self.warm_start_losses: list[float] = []
         if warm_start is not None:
             try:
@@ -366,8 +441,9 @@ class WorkerGroupEngine(TrainEngine):
         return stats
 
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """``[B, T]`` log-probs (every rank gets the full batch; rank 0's result)."""
-        return self._group.call("forward_logprobs", batch)[0]
+        """``[B, T]`` log-probs; each data-parallel rank receives only its rows (the training
+        split) and returns theirs (``shard_logprobs``), gathered here in row order."""
+        return _forward_logprobs(self._group, "forward_logprobs", batch, self.placement)
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Rank 0's ``(hf_name, full CPU tensor)`` pairs, streamed one message each."""

@@ -20,7 +20,13 @@ from areal_agents.samples import TokenBatch
 from areal_agents.trainers.launcher import DistributedEngineGroup
 from areal_agents.trainers.placement import TrainPlacement
 from areal_agents.trainers.step import rank_microbatches
-from areal_agents.trainers.worker_group import WorkerGroupEngine, shard_batch, shard_rows
+from areal_agents.trainers.worker_group import (
+    WorkerGroupEngine,
+    gather_logprobs,
+    shard_batch,
+    shard_logprobs,
+    shard_rows,
+)
 
 
 def _assert_same_rows(got: TokenBatch, want: TokenBatch) -> None:
@@ -106,10 +112,25 @@ class Worker:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def logprobs(self, shard, dp_rank: int, dp: int):
+        return shard_logprobs(GlooRowEngine(), shard, dp_rank, dp)
+
     def items(self, n: int):
         for i in range(n):
             dist.barrier()  # each step is a collective, as in export_weights
             yield i * 10 + dist.get_rank()
+
+
+class GlooRowEngine:
+    """A model-free engine on a worker rank: a row's "log-probs" are its token ids plus 1000 *
+    rank (who computed it); a barrier per call, like FSDP's collective forward (unequal call
+    counts would hang)."""
+
+    token_budget = 24
+
+    def forward_logprobs(self, batch):
+        dist.barrier()
+        return batch.input_ids.float() * batch.attention_mask + 1000.0 * dist.get_rank()
 
 
 @pytest.mark.multiprocess
@@ -131,6 +152,16 @@ def test_group_failures_never_hang():
         assert next(stream) == 0
         stream.close()  # abandoned: the rest is drained, the group stays usable
         assert group.call_each("rank", [((), {}), ((), {})]) == [0, 1]
+        # forward_logprobs: each rank gets its rows and computes them (barrier per forward)
+        batch = make_batch(num=7)
+        got = gather_logprobs(batch, TrainPlacement(world_size=2),
+                              lambda per_rank: group.call_each("logprobs", per_rank))
+        lengths = batch.attention_mask.sum(-1).tolist()
+        values = batch.input_ids.float() * batch.attention_mask
+        for rank in (0, 1):
+            for row in rank_microbatches(lengths, rank, 2, 1 << 30)[0]:
+                mask = batch.attention_mask[row]
+                assert torch.equal(got[row][mask], values[row][mask] + 1000.0 * rank), row
         t0 = time.monotonic()
         with pytest.raises(TrainError) as info:
             group.call("boom", 1)
