@@ -17,7 +17,8 @@
 
 How trained weights reach the engines (the transport and ``bucket_mb``) is
 ``trainers/weight_push.py``'s; a ``server`` replica streams ``shm`` updates through a block of
-``bucket_mb`` and ``gloo`` updates over a process group it joins with the controller.
+``bucket_mb``, and a policy's ``gloo`` replicas share one process group with the controller
+(``ReplicaGroup``): one broadcast per update, whatever the number of replicas.
 ``server`` replicas run on the CPU (``device="cuda"`` is refused: the engine server has no
 device option yet).
 
@@ -109,9 +110,19 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
               "bucket_bytes": placement.bucket_bytes,
               **{k: v for k, v in placement.server_args.items() if k != "token"}}
     if placement.urls:
-        return await _attach_all(placement, kwargs)
-    return await _in_model_dir(name, model, tokenizer, run_dir, write_model,
-                               lambda d: _launch_all(d, placement, kwargs))
+        engines = await _attach_all(placement, kwargs)
+    else:
+        engines = await _in_model_dir(name, model, tokenizer, run_dir, write_model,
+                                      lambda d: _launch_all(d, placement, kwargs))
+    if transport == "gloo":  # one weight-update group, one broadcast for all replicas
+        from areal_agents.engines.weights_group import ReplicaGroup
+
+        group = ReplicaGroup(transport, placement.bucket_bytes,
+                             float(kwargs.get("timeout_s", 600.0)))
+        for engine in engines:
+            if engine.transport == transport:  # type: ignore[attr-defined]  (not restartable)
+                engine.join_replica_group(group)  # type: ignore[attr-defined]
+    return engines
 
 
 async def _in_model_dir(name: str, model: Any, tokenizer: Any, run_dir: str | Path | None,

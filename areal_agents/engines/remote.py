@@ -55,7 +55,8 @@ class RemoteEngine(HTTPEngine):
             broadcast over a weight-update process group that this engine (rank 0, the
             sender) and its server (rank 1) join on the first update: ``"gloo"`` (CPU) or
             ``"nccl"`` (GPU); the group's timeout is ``timeout_s`` and a failed broadcast
-            drops it (the next update joins a new one).
+            drops it (the next update joins a new one); with ``join_replica_group`` one
+            group serves all of a policy's replicas instead (one broadcast per update).
         bucket_bytes: the shared-memory block of ``shm`` updates (a larger tensor crosses it
             in pieces); None: 256 MiB.
         http_transport: an ``httpx2`` transport (tests pass ``httpx2.ASGITransport``); None:
@@ -102,6 +103,7 @@ class RemoteEngine(HTTPEngine):
         self._shm: Any = None  # the SharedMemoryTransport of "shm" updates (made on first use)
         self._group: Any = None  # the NCCLTransport of "gloo"/"nccl" updates (joined on use)
         self.close_callbacks: list[Callable[[], object]] = []  # run once by close()
+        self.replica_group: weights_group.ReplicaGroup | None = None  # join_replica_group
 
     # -- construction -------------------------------------------------------------------------
 
@@ -263,9 +265,22 @@ class RemoteEngine(HTTPEngine):
             raise
         await sending
 
+    def join_replica_group(self, group: weights_group.ReplicaGroup) -> None:
+        """Take ``gloo``/``nccl`` updates through ``group``, shared with the policy's other
+        replicas: one broadcast per update reaches them all (``engines/weights_group.py``)."""
+        self.replica_group = group
+        group.add(self, self._post, self._live)
+
+    def _live(self) -> bool:
+        return not self._closed and (self.server is None or self.server.running)
+
     async def _broadcast(self, named_tensors: Any, version: int) -> None:
         """Broadcast the tensors over the weight-update group while the server receives them
-        (``POST /update_weights/group``); joins the group first when there is none."""
+        (``POST /update_weights/group``); joins the group first when there is none. With a
+        ``replica_group`` the group's one broadcast serves every replica."""
+        if self.replica_group is not None:
+            await self.replica_group.update(self, named_tensors, version)
+            return
         if self._group is None:
             self._group = await weights_group.join(self._post, self.transport, self.bucket_bytes,
                                                    self.timeout_s)
