@@ -12,8 +12,9 @@ Two halves, so replica changes never race a train step or a weight push:
   a drained replica takes no new request and is stopped once its in-flight requests finished
   (or after ``drain_timeout_s``).
 
-Every ``reconcile`` logs ``autoscale/<policy>/{replicas,target,queue_depth}`` and, when they
-happened, ``scale_up``, ``scale_down``, ``replaced`` (counts of this reconcile).
+Every ``reconcile`` logs ``autoscale/<policy>/{replicas,target,queue_depth,queue_depth_max}``
+(the last sample, and the largest since the previous reconcile) and, when they happened,
+``scale_up``, ``scale_down``, ``replaced`` (counts of this reconcile).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class ReplicaScaler:
         self.drain_timeout_s = drain_timeout_s
         self.target = len(router.live_engines())
         self.queue_depth = 0.0
+        self.queue_depth_max = 0.0  # since the last reconcile
         self.retired: set[int] = set()  # router indices drained and stopped by this scaler
         self._task: asyncio.Task[None] | None = None
 
@@ -88,6 +90,7 @@ class ReplicaScaler:
     def sample(self) -> int:
         """Measure the queue depth now and update ``target``; returns it."""
         self.queue_depth = float(sum(self.router.load(i) for i in self.live()))
+        self.queue_depth_max = max(self.queue_depth_max, self.queue_depth)
         self.target = self.rule.update(self.clock(), self.queue_depth, self.target)
         return self.target
 
@@ -138,7 +141,9 @@ class ReplicaScaler:
             events["scale_down"] += 1
         metrics = {f"{name}/replicas": float(len(self.live())),
                    f"{name}/target": float(self.target),
-                   f"{name}/queue_depth": self.queue_depth}
+                   f"{name}/queue_depth": self.queue_depth,
+                   f"{name}/queue_depth_max": self.queue_depth_max}
+        self.queue_depth_max = self.queue_depth
         metrics.update({f"{name}/{k}": float(v) for k, v in events.items() if v})
         if any(events.values()):
             log.warning("policy %r: replicas %s (target %d)", self.policy,

@@ -124,7 +124,9 @@ async def test_scaler_scales_up_under_a_synthetic_queue_and_down_after_draining(
         scaler.sample()
     metrics = await scaler.reconcile()
     assert metrics == {"autoscale/listener/replicas": 2.0, "autoscale/listener/target": 2.0,
-                       "autoscale/listener/queue_depth": 8.0, "autoscale/listener/scale_up": 1.0}
+                       "autoscale/listener/queue_depth": 8.0,
+                       "autoscale/listener/queue_depth_max": 8.0,
+                       "autoscale/listener/scale_up": 1.0}
     assert len(source.started) == 1 and source.started[0].version == 5  # joined, current version
     assert router.live_engines() == [first, source.started[0]]
     # the queue empties except one request still running on replica 0; after the cooldown and
@@ -137,6 +139,9 @@ async def test_scaler_scales_up_under_a_synthetic_queue_and_down_after_draining(
     assert scaler.target == 1
     metrics = await scaler.reconcile()
     assert metrics["autoscale/listener/scale_down"] == 1.0
+    assert metrics["autoscale/listener/queue_depth"] == 1.0  # the last sample
+    assert metrics["autoscale/listener/queue_depth_max"] == 8.0  # the peak since step end
+
     assert source.stopped == [source.started[0]] and router.live_engines() == [first]
     assert logged[-1] == metrics
 
