@@ -25,7 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def test_the_guide_names_the_scripts_and_commands_tested_here() -> None:
     guide = (ROOT / "docs" / "debugging.md").read_text()
     for needle in ("areal-agents serve --model tiny:xs --policy chat",
-                   "examples/debugging/drive_env.py",
+                   "examples/debugging/drive_env.py", "--episodes 32",
                    "torchrun --nproc-per-node 2 examples/debugging/mock_loss_torchrun.py",
                    "areal-agents eval examples/debugging/eval_signaling.yaml"):
         assert needle in guide
@@ -51,12 +51,17 @@ def test_serve_only_the_llm_and_drive_an_env_by_hand() -> None:
                 time.sleep(0.5)
         out = subprocess.run(
             [sys.executable, str(DEBUGGING / "drive_env.py"), "--base-url",
-             f"http://127.0.0.1:{port}/v1", "--api-key", "secret", "--model", "chat"],
+             f"http://127.0.0.1:{port}/v1", "--api-key", "secret", "--model", "chat",
+             "--episodes", "3"],
             env=ENV, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "speaker |      user: 'Items:" in out.stdout
         assert "listener | assistant:" in out.stdout
-        assert "status: terminated returns: {'speaker':" in out.stdout
+        assert out.stdout.count("status: terminated returns: {'speaker':") == 3
+        # the training-free evaluation of the endpoint: Signaling's reward is shared
+        mean = re.search(r"mean returns over 3 episodes \(seeds 0-2\): \{'speaker': ([\d.]+), "
+                         r"'listener': ([\d.]+)\}", out.stdout)
+        assert mean and mean[1] == mean[2], out.stdout
     finally:
         server.terminate()
         server.wait(timeout=30)
