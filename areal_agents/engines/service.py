@@ -17,6 +17,13 @@ the server's random token, read from ``$AREAL_AGENTS_ENGINE_TOKEN``; there is no
 ``areal_agents.trainers.weight_transport`` that another process can read (``shm``, ``disk``);
 the server reads the stream (``receive(manifest)``) while the sender writes it.
 
+A streamed or broadcast update is all or nothing, in bounded memory: the server writes what it
+receives to a safetensors spool directory on disk (a temporary directory; one shard of the
+sender's bucket size pending at a time, so about two buckets besides the model), and loads
+it only once the stream ended normally, one tensor at a time after checking every name and
+shape (``local.apply_weight_update``). A failed stream leaves the model and version as they
+were. The price is one write and one read of the update on the server's disk.
+
 ``/weights_group/join`` makes the server a rank of a standalone weight-update process group
 (``trainers.weight_nccl.join_group``: gloo on CPU, NCCL on GPU; it answers once every rank has
 joined, so the client joins concurrently). ``/update_weights/group`` receives one update by
@@ -44,7 +51,9 @@ import asyncio
 import hmac
 import json
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 from typing import Any
 
@@ -135,6 +144,10 @@ def build_app(engine: Any, token: str) -> Any:
     ])
 
 
+DEFAULT_SPOOL_BYTES = 256 * 2**20
+"""Shard size of a received update's spool when the sender names no bucket size."""
+
+
 class _Service:
     """The endpoints: each takes the parsed JSON body and returns the JSON answer."""
 
@@ -210,11 +223,24 @@ class _Service:
         manifest = body.get("manifest") if isinstance(body, dict) else None
         if not isinstance(manifest, dict) or "kind" not in manifest:
             raise ValueError("'manifest' (a weight transport's manifest()) is required")
-        # read the whole stream off the event loop (the sender waits on every bucket), then load
-        tensors = await asyncio.to_thread(lambda: list(receive(manifest)))
-        await self.engine.update_weights(WeightUpdate(named_tensors=tensors,
-                                                      version=body.get("version")))
+        bucket_bytes = int(manifest.get("bucket_bytes") or DEFAULT_SPOOL_BYTES)
+        await self._load_spooled(lambda: receive(manifest), bucket_bytes, body.get("version"))
         return self.state()
+
+    async def _load_spooled(self, stream: Any, bucket_bytes: int, version: Any) -> None:
+        """Receive ``stream()`` into a safetensors spool directory (off the event loop; one
+        shard of ``bucket_bytes`` pending at a time), then load it into the engine one tensor
+        at a time, and take ``version``. All or nothing: a stream that fails leaves nothing to
+        load (the spool is removed), and the load checks every name and shape first."""
+        from areal_agents.trainers.weight_sync import save_safetensors_dir
+
+        root = tempfile.mkdtemp(prefix="engine-spool-")
+        try:
+            path = os.path.join(root, "update")
+            await asyncio.to_thread(lambda: save_safetensors_dir(stream(), path, bucket_bytes))
+            await self.engine.update_weights(WeightUpdate(path=path, version=version))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
 
     async def join_group(self, body: Any) -> dict[str, int]:
@@ -240,13 +266,12 @@ class _Service:
         group = self.weights_group
         if group is None:
             raise ValueError("no weight-update group: POST /weights_group/join first")
-        try:  # receive the whole update off the event loop (the sender waits on each bucket)
-            tensors = await asyncio.to_thread(lambda: list(group.receive()))
+        version = body.get("version") if isinstance(body, dict) else None
+        try:  # the sender waits on each bucket
+            await self._load_spooled(group.receive, group.bucket_bytes, version)
         finally:
             if group.broken:
                 self.weights_group = None
-        version = body.get("version") if isinstance(body, dict) else None
-        await self.engine.update_weights(WeightUpdate(named_tensors=tensors, version=version))
         return self.state()
 
 
