@@ -1,17 +1,19 @@
-"""TicTacToe against an opponent pool: snapshots of itself + scripted players, PFSP sampling.
+"""TicTacToe against an opponent pool: the recipe that learned to draw the heuristic (run D).
 
 One policy ``p`` (``tiny:xs``, one raw-text token per move) plays both seats
 (``policy_map={"x": "p", "o": "p"}``); every training episode puts one pool member in the
-opponent's seat (``OpponentPool(seat="any")``, drawn per task seed): the scripted
-``heuristic`` and ``random`` players and snapshots of ``p`` taken every ``--snapshot-every``
-steps, drawn by PFSP (members ``p`` loses to more often are drawn more). Then:
+opponent's seat (``OpponentPool(seat="any")``, drawn per task seed). The defaults are run D
+of the README: prompts list the free cells (``TicTacToe(list_free=True)``), the pool is the
+scripted ``heuristic`` only (``--members``; add ``random`` or ``--snapshot-every k`` for
+snapshots of ``p``, drawn by PFSP), 64 games a step in groups of 8, lr 3e-4, 80 SFT steps
+on the heuristic's games, 70 steps. Then:
 
-* before RL (after the SFT warm start on the heuristic's games) and after it, greedy games
-  against the heuristic in both seats on held-out seeds: win+draw rate with a 95% Wilson
-  interval;
-* a league (every player against every other, both seats) logged during training
-  (``league/<player>/elo``) and at the end: ``RUN_DIR/league/step_<n>.json`` and the heatmap
-  + Elo plot ``RUN_DIR/league.png`` (``areal-agents plot RUN_DIR``).
+* before RL (after the SFT warm start) and every ``--eval-every`` steps, greedy games against
+  the heuristic in both seats on held-out seeds: win+draw rate with a 95% Wilson interval
+  (``RUN_DIR/curve.json``, rewritten after each point, so a stopped run keeps its figures);
+* at the same points a league (``p``, the pool's scripted players, ``random`` and
+  ``minimax``, every one against every other in both seats): ``RUN_DIR/league/step_<n>.json``,
+  ``final.json`` and the heatmap + Elo plot ``RUN_DIR/league.png`` (``areal-agents plot``).
 
 Rewards: TicTacToe's (+1 win, 0 draw, -1 loss) plus ``--draw-bonus`` for a draw and minus
 ``--illegal-penalty`` for a game lost by illegal moves (without it an illegal move costs
@@ -19,7 +21,7 @@ no more than a lost game, and RL drifted into illegal moves).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python examples/tictactoe/train_pool.py --steps 80
+    OMP_NUM_THREADS=1 python examples/tictactoe/train_pool.py --seed 1
     areal-agents train examples/tictactoe/pool.yaml     # the same run from YAML (no report)
 """
 
@@ -74,7 +76,7 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def build(args: argparse.Namespace) -> Trainer:
     """The run's ``Trainer`` (not set up)."""
-    policy = Policy(model=args.model, seed=0, lr=args.lr, api="completions",
+    policy = Policy(model=args.model, seed=args.seed, lr=args.lr, api="completions",
                     sft_steps=args.sft_steps, sft_lr=3e-3,
                     sampling={"temperature": 1.0, "max_tokens": 1})
     pool = OpponentPool(members=args.members.split(","), seat="any",
@@ -85,11 +87,11 @@ def build(args: argparse.Namespace) -> Trainer:
     return Trainer(env="TicTacToe-v0", env_kwargs=env_kwargs,
                    policies={"p": policy}, policy_map={"x": "p", "o": "p"}, opponents=pool,
                    algorithm="grpo", batch_size=args.batch_size, group_size=args.group_size,
-                   warm_start={"episodes": 128, "players": {"x": "tictactoe_heuristic",
+                   warm_start={"episodes": args.warm_episodes, "players": {"x": "tictactoe_heuristic",
                                                             "o": "tictactoe_heuristic"}},
                    reward_fns=[shaped_reward(args.draw_bonus, args.illegal_penalty)],
                    eval_every=args.league_every, eval_seeds=range(1_000_000, 1_000_008),
-                   run_dir=args.run_dir, resume=args.resume, progress=False, seed=0)
+                   run_dir=args.run_dir, resume=args.resume, progress=False, seed=args.seed)
 
 
 async def vs_heuristic(trainer: Trainer, games: int) -> dict[str, Any]:
@@ -107,62 +109,99 @@ async def vs_heuristic(trainer: Trainer, games: int) -> dict[str, Any]:
     return out
 
 
+def eval_points(start: int, steps: int, every: int) -> list[int]:
+    """The global steps after ``start`` at which a run to ``steps`` stops to evaluate.
+
+    Example:
+        >>> eval_points(0, 25, 10), eval_points(30, 70, 0)
+        ([10, 20, 25], [70])
+    """
+    grid = list(range(start - start % every + every, steps, every)) if every > 0 else []
+    return [*grid, steps] if steps > start else []
+
+
+async def checkpoint_eval(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
+    """At ``trainer.step``: greedy games vs the heuristic (``vs_heuristic``) and a league of
+    ``p``, the pool's players, ``random`` and ``minimax`` (``RUN_DIR/league/step_<n>.json``)."""
+    point = {"step": trainer.step, **await vs_heuristic(trainer, args.eval_games)}
+    players = trainer.league.league_players(trainer)
+    players += [m for m in ("random", "minimax") if m not in players]
+    league = {**await trainer.league.play_league(trainer, players), "step": trainer.step}
+    path = Path(args.run_dir) / "league" / f"step_{trainer.step}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(league, indent=1))
+    point["elo"] = league["elo"]
+    print(f"step {trainer.step}:", json.dumps({k: v for k, v in point.items() if k != "elo"}),
+          "elo", {k: round(v) for k, v in league["elo"].items()}, flush=True)
+    return {"point": point, "league": league}
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     trainer = build(args)
+    run_dir = Path(args.run_dir)
+    curve_path = run_dir / "curve.json"
     try:
         await trainer.setup()
         t1 = time.perf_counter()
-        previous = Path(args.run_dir) / "result.json"
-        if args.resume and previous.exists():  # the start of the run being continued
-            start = json.loads(previous.read_text())["start"]
+        if args.resume and curve_path.exists():  # the points of the run being continued
+            curve = [p for p in json.loads(curve_path.read_text()) if p["step"] <= trainer.step]
+            league = json.loads((run_dir / "league" / "final.json").read_text())
         else:
-            start = await vs_heuristic(trainer, args.eval_games)
-        print(f"start (after SFT){' of the resumed run' if args.resume else ''}:",
-              json.dumps(start), flush=True)
+            first = await checkpoint_eval(trainer, args)
+            curve, league = [first["point"]], first["league"]
+        curve_path.write_text(json.dumps(curve, indent=1))
         t2 = time.perf_counter()
-        await trainer.afit(args.steps)
+        for step in eval_points(trainer.step, args.steps, args.eval_every):
+            await trainer.afit(step)
+            done = await checkpoint_eval(trainer, args)
+            curve.append(done["point"])
+            league = done["league"]
+            curve_path.write_text(json.dumps(curve, indent=1))
         t3 = time.perf_counter()
-        final = await vs_heuristic(trainer, args.eval_games)
-        print(f"final (after {args.steps} steps):", json.dumps(final), flush=True)
-        league = await trainer.league.play_league(
-            trainer, [*trainer.league.league_players(trainer), "minimax"])
-        t4 = time.perf_counter()
     finally:
         await trainer.aclose()
-    result = {"start": start, "final": final, "steps": args.steps, "elo": league["elo"],
-              "seconds": {"setup_sft": t1 - t0, "eval_start": t2 - t1, "train": t3 - t2,
-                          "eval_final_league": t4 - t3, "total": t4 - t0}}
-    write_results(Path(args.run_dir), league, result)
+    result = {"start": curve[0], "final": curve[-1], "steps": curve[-1]["step"],
+              "elo": league["elo"], "curve": [{k: v for k, v in p.items() if k != "elo"}
+                                              for p in curve],
+              "seconds": {"setup_sft": t1 - t0, "eval_start": t2 - t1,
+                          "train_and_evals": t3 - t2, "total": t3 - t0}}
+    write_results(run_dir, league, result)
     return result
 
 
 def write_results(run_dir: Path, league: dict[str, Any], result: dict[str, Any]) -> None:
-    """``RUN_DIR/league/final.json`` and ``RUN_DIR/result.json`` (``league/`` is created: a run
-    with ``--league-every 0`` has none yet)."""
+    """``RUN_DIR/league/final.json`` (the last league) and ``RUN_DIR/result.json``."""
     (run_dir / "league").mkdir(parents=True, exist_ok=True)
     (run_dir / "league" / "final.json").write_text(json.dumps(league, indent=1))
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (defaults: the measured run of the README)."""
+    """The command line (defaults: run D of the README)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=70)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="run seed: model init, warm-start games, task seeds, draws")
     parser.add_argument("--model", default="tiny:xs")
-    parser.add_argument("--sft-steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--members", default="heuristic,random",
+    parser.add_argument("--sft-steps", type=int, default=80)
+    parser.add_argument("--warm-episodes", type=int, default=128,
+                        help="heuristic-vs-heuristic games of the SFT warm start")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--members", default="heuristic",
                         help="scripted pool members, comma-separated")
-    parser.add_argument("--list-free", action="store_true",
+    parser.add_argument("--list-free", action=argparse.BooleanOptionalAction, default=True,
                         help="list the empty cells in every prompt (TicTacToe(list_free=True))")
     parser.add_argument("--illegal", choices=["reask", "penalty"], default="reask",
                         help="TicTacToe's illegal-move rule (penalty: the first one loses)")
-    parser.add_argument("--snapshot-every", type=int, default=10)
+    parser.add_argument("--snapshot-every", type=int, default=0, help="0: no snapshots")
     parser.add_argument("--max-snapshots", type=int, default=4)
-    parser.add_argument("--league-every", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=10,
+                        help="steps between evaluations vs the heuristic + league (0: end only)")
+    parser.add_argument("--league-every", type=int, default=0,
+                        help="the trainer's own league (pool players only) every k steps")
     parser.add_argument("--league-games", type=int, default=8, help="seeds per ordered pair")
     parser.add_argument("--eval-games", type=int, default=100, help="per seat vs heuristic")
     parser.add_argument("--draw-bonus", type=float, default=0.5)

@@ -195,25 +195,29 @@ def test_results_are_written_without_a_league_folder(tmp_path):
     assert set(json.loads((tmp_path / "run" / "result.json").read_text())) == {"start", "final"}
 
 
-def test_train_pool_runs_end_to_end_at_tiny_size(tmp_path, capsys):
+async def test_train_pool_runs_end_to_end_at_tiny_size(tmp_path, capsys):
+    # one RL step between two evaluation points (step 0 and step 1), a snapshot every step;
+    # run() without main()'s plots (half of this test's time; tests/test_league_plot.py)
     run_dir = tmp_path / "run"
-    assert train_pool.main(["--steps", "2", "--sft-steps", "2", "--batch-size", "2",
-                            "--group-size", "2", "--snapshot-every", "1", "--league-every", "2",
-                            "--league-games", "1", "--eval-games", "2",
-                            "--run-dir", str(run_dir)]) == 0
+    await train_pool.run(train_pool.parse_args([
+        "--steps", "1", "--sft-steps", "1", "--warm-episodes", "4", "--batch-size", "2",
+        "--group-size", "2", "--snapshot-every", "1", "--eval-every", "1", "--league-games", "1",
+        "--eval-games", "1", "--run-dir", str(run_dir)]))
     result = json.loads((run_dir / "result.json").read_text())
+    assert [p["step"] for p in result["curve"]] == [0, 1] and result["steps"] == 1
+    assert json.loads((run_dir / "curve.json").read_text())[-1]["step"] == 1
     for when in ("start", "final"):
         counts = result[when]
-        assert sum(counts[s][o] for s in ("x", "o") for o in ("win", "draw", "loss")) == 4
+        assert sum(counts[s][o] for s in ("x", "o") for o in ("win", "draw", "loss")) == 2
         low, high = counts["wilson95"]
         assert low <= counts["win_draw"] <= high
     final = json.loads((run_dir / "league" / "final.json").read_text())
-    assert final["players"] == ["p", "p@0", "p@1", "p@2", "heuristic", "random", "minimax"]
-    assert sorted(final["elo"]) == sorted(final["players"])
+    assert final["players"] == ["p", "p@0", "p@1", "heuristic", "random", "minimax"]
+    assert sorted(final["elo"]) == sorted(final["players"]) == sorted(result["elo"])
     assert [p.name for p in sorted((run_dir / "league").glob("step_*.json"))] == [
-        "step_0.json", "step_2.json"]
-    assert (run_dir / "league.png").exists() and (run_dir / "plot.png").exists()
-    assert "start (after SFT):" in capsys.readouterr().out
+        "step_0.json", "step_1.json"]
+    out = capsys.readouterr().out
+    assert "step 0: " in out and "step 1: " in out
 
 
 def test_pool_yaml_builds_the_same_pool_as_train_pool():
@@ -229,6 +233,8 @@ def test_pool_yaml_builds_the_same_pool_as_train_pool():
     for name in ("opening_moves", "illegal", "list_free"):
         assert getattr(env, name) == getattr(script_env, name), name
     assert (trainer.batch_size, trainer.group_size) == (script.batch_size, script.group_size)
-    assert trainer.policies["p"].lr == script.policies["p"].lr
     assert trainer.policy_of == script.policy_of == {"x": "p", "o": "p"}
-    assert trainer.league.seats == ["x", "o"] and trainer.league.sources == ["p"]
+    for field in ("lr", "sft_steps", "sampling"):
+        assert getattr(trainer.policies["p"], field) == getattr(script.policies["p"], field)
+    assert trainer.league.seats == ["x", "o"]
+    assert trainer.league.sources == script.league.sources == []  # run D: no snapshots
