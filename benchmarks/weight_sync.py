@@ -10,9 +10,11 @@ no download; ~1.19 GB) pushed through each transport into a preallocated copy of
   ``borrow=True``) against a raw ``target[name].copy_(source[name])`` loop;
 * ``disk`` (sharded safetensors dir written, then read back) against writing the same bytes
   to one raw file and reading them back (both through the page cache; no fsync);
-* ``nccl`` (two processes, ``cuda:0`` -> ``cuda:1``) against rank 0 copying the same tensors
-  to ``cuda:1``; it needs two CUDA devices and is printed as skipped without them
-  (``--group-on-gloo`` runs the same two-process code on CPU, as a check of the code).
+* ``gloo`` (two CPU processes: the ``transport: gloo`` path of engine servers, a JSON message
+  and one broadcast per bucket) against the sender copying the same tensors in its process;
+  the peak extra memory is the receiver's resident set;
+* ``nccl`` (the same code, ``cuda:0`` -> ``cuda:1``) against rank 0 copying the same tensors
+  to ``cuda:1``; it needs two CUDA devices and is printed as skipped without them.
 
 Each row prints seconds, GB/s, the ratio transport / raw, and the peak extra memory of the
 push (resident-set samples every ~1 ms, minus the level before it) against the bound of two
@@ -139,7 +141,7 @@ def best_of(repeats: int, fns: Iterable[Callable[[], object]]) -> list[float]:
     return [min(t) for t in times]
 
 
-def bench_transports(repeats: int, bucket_bytes: int, group_backend: str | None = None) -> None:
+def bench_transports(repeats: int, bucket_bytes: int) -> None:
     source = random_state(qwen3_shapes(**QWEN3_0_6B))
     target = {n: torch.empty_like(t) for n, t in source.items()}
     total = sum(t.numel() * t.element_size() for t in source.values())
@@ -175,8 +177,9 @@ def bench_transports(repeats: int, bucket_bytes: int, group_backend: str | None 
                   f"{total / raw / 1e9:>8.2f} {t / raw:>5.2f}x {mem.extra / 2**20:>14.0f} "
                   f"{mem.extra <= 2 * bucket_bytes!s:>12}")
         shm.close()
-    if torch.cuda.device_count() >= 2 or group_backend == "gloo":
-        bench_group(group_backend or "nccl", repeats, bucket_bytes)
+    bench_group("gloo", repeats, bucket_bytes)  # transport: gloo (engine servers on CPU)
+    if torch.cuda.device_count() >= 2:
+        bench_group("nccl", repeats, bucket_bytes)
     else:
         print(f"     nccl skipped: needs 2 CUDA devices ({torch.cuda.device_count()} here)")
 
@@ -224,16 +227,18 @@ def _group_worker(rank: int, init_file: str, backend: str, repeats: int, bucket_
         before = torch.cuda.memory_allocated() if cuda else 0
         dist.barrier()
         start = time.perf_counter()
-        if rank == 0:
-            transport.send(state.items())
-        else:
-            for name, tensor in transport.receive():
-                target[name].copy_(tensor)
-                del tensor
-        sync()
+        with PeakRSS() as mem:
+            if rank == 0:
+                transport.send(state.items())
+            else:
+                for name, tensor in transport.receive():
+                    target[name].copy_(tensor)
+                    del tensor
+            sync()
         log["times"].append(time.perf_counter() - start)  # type: ignore[union-attr]
-        if cuda and rank == 1:
-            log["extra"] = torch.cuda.max_memory_allocated() - before
+        if rank == 1:  # the receiver's extra memory (device memory on CUDA, else resident)
+            log["extra"] = (torch.cuda.max_memory_allocated() - before if cuda
+                            else max(int(log.get("extra", 0)), mem.extra))  # type: ignore[call-overload]
     if rank == 0:  # the raw baseline: the same bytes copied to the other device
         other = {n: torch.empty_like(t, device="cuda:1" if cuda else "cpu")
                  for n, t in state.items()}
@@ -318,12 +323,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=320)
     ap.add_argument("--sizes", default="1M,10M,50M")
-    ap.add_argument("--group-on-gloo", action="store_true",
-                    help="run the nccl row's two-process code on gloo/CPU (a check, not NCCL)")
     args = ap.parse_args()
     if args.part in ("transports", "all"):
-        bench_transports(args.repeats, args.bucket_mb * 2**20,
-                         "gloo" if args.group_on_gloo else None)
+        bench_transports(args.repeats, args.bucket_mb * 2**20)
     if args.part in ("models", "all"):
         bench_models(args.sizes.split(","), args.repeats)
 
