@@ -41,10 +41,22 @@ def make(backend: str, **kw) -> aa.Trainer:
 
 @pytest.mark.parametrize("backend", ["fsdp"])  # archon: tests/lora/test_shared_base.py
 async def test_two_roles_train_their_adapters_over_one_base_per_side(backend):
+    own = {"speaker": {"temperature": 0.7, "max_tokens": 2, "stop": ["!"]},
+           "listener": {"temperature": 1.3, "max_tokens": 3, "stop": ["?"]}}
     trainer = make(backend)
+    for role, sampling in own.items():  # per-role sampling settings
+        trainer.policies[role].sampling = sampling
+    seen = []
     try:
         await trainer.setup()
         base_engine = trainer.gateway.policies["base"].router.engines[0]
+        generate = base_engine.generate
+
+        async def recording(request):
+            seen.append(request)
+            return await generate(request)
+
+        base_engine.generate = recording
         served = {p: trainer.gateway.policies[p].router.engines[0] for p in ("speaker", "listener")}
         base_before = {k: v.clone() for k, v in base_engine.model.state_dict().items()}
         history = await trainer.afit(2)
@@ -68,6 +80,11 @@ async def test_two_roles_train_their_adapters_over_one_base_per_side(backend):
     assert any(h["policy/speaker/grad_norm"] > 0 for h in history)
     assert any(h["policy/listener/grad_norm"] > 0 for h in history)
     assert not torch.equal(slot_b["speaker"], slot_b["listener"])
+    assert {r.adapter for r in seen} == {"speaker", "listener"}
+    for r in seen:  # both roles decode on one LocalEngine, each with its policy's sampling
+        want = own[r.adapter]
+        assert (r.sampling.temperature, r.sampling.max_tokens, list(r.sampling.stop)) == (
+            want["temperature"], want["max_tokens"], want["stop"]), r.adapter
 
 
 def test_bad_adapter_configs_name_the_fix():
@@ -123,3 +140,4 @@ async def test_a_resumed_run_serves_and_trains_the_checkpointed_adapters(tmp_pat
                                        rtol=0, atol=0)
     finally:
         await second.aclose()
+
