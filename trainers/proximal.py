@@ -20,6 +20,13 @@ composition already adds to any recompute. The rule holds row by row: in an off-
 log-probs and only the rows with a lagging token (or, without condition 2 or 3, every row)
 are recomputed, in one ``forward_logprobs`` call on those rows. Off-policy rows are always
 recomputed.
+
+That recompute needs no pass of its own when ``prepare`` does not read ``π_prox`` (no KL in the
+reward, ``prox_in_train_forward``): ``TrainEngine.train_step`` runs every micro-batch's forward
+before its one optimizer step, so the train forward's own log-probs, detached, *are* ``π_prox``
+(up to the same float32 rounding). ``ProximalFromForward`` wraps the loss to use them, for every
+row of the batch, and the separate forward is skipped (verl does the same for an on-policy
+mini-batch). The two give the same losses and updates to ~1e-7 (``tests/trainer``).
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ import torch
 from areal_agents.engines.base import InferenceEngine
 from areal_agents.samples import Sample, TokenBatch
 
-__all__ = ["behaviour_is_proximal", "exact_behaviour", "proximal_logprobs", "stale_rows",
-           "train_forward_float32"]
+__all__ = ["ProximalFromForward", "behaviour_is_proximal", "exact_behaviour",
+           "prox_in_train_forward", "proximal_logprobs", "stale_rows", "train_forward_float32"]
 
 
 def train_forward_float32(engine: Any) -> bool:
@@ -99,17 +106,55 @@ def behaviour_is_proximal(samples: Sequence[Sample], version: int, *, exact: boo
     return exact and not stale_rows(samples, version, exact=exact)
 
 
+def prox_in_train_forward(algorithm: Any) -> bool:
+    """Whether ``algorithm`` may take ``π_prox`` from the train forward: its ``prepare`` does
+    not read ``batch.prox_logprobs`` (only a KL penalty in the reward does)."""
+    return not (getattr(algorithm, "kl_in_reward", False) and getattr(algorithm, "kl_coef", 0) > 0)
+
+
+class ProximalFromForward:
+    """A ``LossFn``: ``loss`` with each micro-batch's ``prox_logprobs`` set to the train
+    forward's own log-probs, detached (see the module docstring for why they are ``π_prox``).
+
+    A plain module-level class, so it pickles to remote train workers as ``loss`` does.
+
+    Example:
+        >>> def loss(lp, ent, mb):
+        ...     return (lp - mb.prox_logprobs).sum(), {}
+        >>> from areal_agents.samples import TokenBatch
+        >>> mb = TokenBatch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
+        ...                 torch.ones(1, 2), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long),
+        ...                 torch.zeros(1))
+        >>> ProximalFromForward(loss)(torch.tensor([[0.0, -0.5]]), torch.zeros(1, 2), mb)[0]
+        tensor(0.)
+    """
+
+    def __init__(self, loss: Any) -> None:
+        self.loss = loss
+
+    def __call__(self, logprobs: torch.Tensor, entropy: torch.Tensor,
+                 mb: TokenBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mb.prox_logprobs = logprobs.detach()
+        return self.loss(logprobs, entropy, mb)
+
+
 def proximal_logprobs(batch: TokenBatch, samples: Sequence[Sample], engine: Any, *,
-                      exact: bool) -> tuple[torch.Tensor, float]:
+                      exact: bool, in_forward: bool = False) -> tuple[torch.Tensor | None, float]:
     """``[B, T]`` proximal log-probs of ``batch`` and the fraction of rows not recomputed.
 
     Rows that ``stale_rows`` leaves out are copies of ``batch.old_logprobs``; the others come
     from one ``engine.forward_logprobs`` call (on the whole batch when every row is stale, else
     on ``batch.select(rows)``). No call at all when no row is stale (fraction 1.0).
+
+    With ``in_forward`` (``prox_in_train_forward``) and a stale row, no call either: returns
+    ``(None, 0.0)``; train with ``ProximalFromForward(loss)``, which gives every row its
+    proximal log-probs from the train forward.
     """
     rows = stale_rows(samples, engine.version, exact=exact)
     if not rows:
         return batch.old_logprobs.clone(), 1.0
+    if in_forward:
+        return None, 0.0
     if len(rows) == len(samples):
         return engine.forward_logprobs(batch), 0.0
     prox = batch.old_logprobs.clone()

@@ -4,8 +4,9 @@
 
 1. take ``batch_size`` episodes' groups from the rollout controller (sorted by task seed, so
    the row order does not depend on timing) and collate them;
-2. in a worker thread: the proximal log-probs (recomputed only for the rows with a stale
-   token, or all rows of inexact engines: ``proximal.py``), the KL reference's, the critic's
+2. in a worker thread: the proximal log-probs (the behaviour ones when no row has a stale
+   token on an exact engine, else taken from the train step's own forward, or recomputed
+   first when ``prepare`` reads them: ``proximal.py``), the KL reference's, the critic's
    values, ``algorithm.prepare`` (advantages), the engine's ``train_step`` and the critic's
    update;
 3. stream the new weights to the serving replicas (pause -> update -> version + 1 -> resume,
@@ -22,7 +23,12 @@ from typing import TYPE_CHECKING
 
 from areal_agents.samples import collate
 
-from .proximal import exact_behaviour, proximal_logprobs
+from .proximal import (
+    ProximalFromForward,
+    exact_behaviour,
+    prox_in_train_forward,
+    proximal_logprobs,
+)
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -49,8 +55,12 @@ async def train_policy(trainer: Trainer, name: str) -> dict[str, float]:
 
     def work() -> dict[str, float]:
         skipped = 0.0  # the fraction of rows whose behaviour log-probs are the proximal ones
+        loss = algorithm.loss
         if algorithm.needs_proximal:
-            batch.prox_logprobs, skipped = proximal_logprobs(batch, samples, engine, exact=exact)
+            batch.prox_logprobs, skipped = proximal_logprobs(
+                batch, samples, engine, exact=exact, in_forward=prox_in_train_forward(algorithm))
+            if batch.prox_logprobs is None:  # from the train forward: no pass of its own
+                loss = ProximalFromForward(loss)
         if getattr(algorithm, "needs_reference", False):
             batch.ref_logprobs = trainer.ref_engines[name].forward_logprobs(batch)
         if critic is not None:  # V_old on the trained tokens, before GAE
@@ -60,9 +70,10 @@ async def train_policy(trainer: Trainer, name: str) -> dict[str, float]:
         trainer.sample_log.stage(name, samples, prepared.advantages,
                                  trainer.controller.controls[name].version,
                                  trainer.tokenizers[name])
-        stats = engine.train_step(prepared, algorithm.loss)
+        stats = engine.train_step(prepared, loss)
         if algorithm.needs_proximal:
             stats["prox_recompute_skipped"] = float(skipped)
+            stats["prox_from_train_forward"] = float(isinstance(loss, ProximalFromForward))
         if critic is not None:
             critic_stats.update(critic.update(prepared, algorithm))
         return stats
