@@ -107,9 +107,11 @@ class RayLauncher(LocalLauncher):
         autoscale: policy name -> ``AutoscaleSettings`` (or a dict of its fields); a policy
             named here must serve ``kind: server`` replicas.
         namespace: the Ray namespace of this run's actors.
+        placement_timeout_s: seconds a placement group may wait for its resources.
 
     Raises:
-        ConfigError: unknown fields, or invalid autoscale settings.
+        ConfigError: unknown fields, or invalid autoscale settings; later, no cluster at
+            ``address`` or a placement group the cluster cannot hold in time.
     """
 
     address: str | None = "auto"
@@ -118,6 +120,7 @@ class RayLauncher(LocalLauncher):
     cpus_per_worker: float = 1.0
     autoscale: dict[str, Any] = field(default_factory=dict)
     namespace: str = "areal_agents"
+    placement_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         self.autoscale = {p: AutoscaleSettings.of(s, p) for p, s in self.autoscale.items()}
@@ -153,7 +156,12 @@ class RayLauncher(LocalLauncher):
         if self.address is None:
             kwargs.update(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
             self._started = True
-        ray.init(address=self.address, **kwargs)
+        try:
+            ray.init(address=self.address, **kwargs)
+        except ConnectionError as exc:
+            raise ConfigError(f"launcher: no Ray cluster at address={self.address!r} ({exc}); "
+                              "start one with `ray start --head` on this node, or set address: "
+                              "null for a local Ray instance") from None
 
     def _placement_group(self, bundles: list[dict[str, float]], strategy: str) -> Any:
         import ray
@@ -161,7 +169,14 @@ class RayLauncher(LocalLauncher):
 
         group = placement_group(bundles, strategy=strategy)
         self._groups.append(group)
-        ray.get(group.ready())
+        try:
+            ray.get(group.ready(), timeout=self.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(
+                f"launcher: Ray could not place {len(bundles)} bundles of {bundles[0]} "
+                f"({strategy}) within {self.placement_timeout_s} s; the cluster has "
+                f"{ray.available_resources()} available. Add nodes, lower world_size/replicas "
+                "or cpus_per_worker") from None
         return group
 
     def group_factory(self, name: str, train: TrainPlacement) -> Any:
@@ -214,6 +229,10 @@ class RayLauncher(LocalLauncher):
             if name not in self._replicas:
                 raise ConfigError(f"launcher.autoscale.{name}: no policy {name!r} with "
                                   f"kind='server' replicas; policies: {sorted(trainer.policies)}")
+            if name not in trainer.train_engines:
+                raise ConfigError(f"launcher.autoscale.{name}: auto-scaling joins replicas at the "
+                                  "trained weights (Trainer.add_replica); policy "
+                                  f"{name!r} is frozen; remove it from autoscale")
             self._scalers[name] = scaler = ReplicaScaler(
                 name, trainer.gateway.policies[name].router, self._replicas[name], settings,
                 join=functools.partial(trainer.add_replica, name),

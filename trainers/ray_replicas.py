@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from areal_agents.engines.base import InferenceEngine
+from areal_agents.errors import EngineError
 
 __all__ = ["RayReplicaSet"]
 
@@ -106,7 +107,8 @@ class RayReplicaSet:
         """A new replica on a free slot (waits for Ray to find the resources), attached.
 
         Raises:
-            EngineError: the server exited during start-up (with its log tail).
+            EngineError: the server exited during start-up (with its log tail), or Ray found
+                no resources for it within ``startup_timeout_s``.
             EngineTimeout: not healthy within ``startup_timeout_s``.
         """
         import ray
@@ -115,7 +117,13 @@ class RayReplicaSet:
         from areal_agents.engines.remote import RemoteEngine
 
         group, index = slot = self._slot()
-        await asyncio.to_thread(ray.get, group.ready())
+        try:
+            await asyncio.to_thread(ray.get, group.ready(), timeout=self.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self._free.append(slot)
+            raise EngineError(f"Ray found no free {self.bundle} for a new replica within "
+                              f"{self.startup_timeout_s} s; add nodes or lower max_replicas or "
+                              "cpus_per_worker") from None
         actor = ray.remote(_ReplicaServer).options(
             num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(

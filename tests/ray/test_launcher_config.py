@@ -43,7 +43,7 @@ def test_without_launcher_the_trainer_keeps_the_local_null_launcher():
               "autoscale: {...}}"),
     ({"kind": "ray", "adress": "auto"},
      "launcher: unknown field(s) ['adress']; known: ['address', 'autoscale', "
-     "'cpus_per_worker', 'namespace', 'num_cpus', 'num_gpus']"),
+     "'cpus_per_worker', 'namespace', 'num_cpus', 'num_gpus', 'placement_timeout_s']"),
     ({"kind": "ray", "autoscale": {"listener": {"min_replicas": 0}}},
      "autoscale.min_replicas must be an integer >= 1, got 0"),
 ])

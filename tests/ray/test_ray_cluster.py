@@ -14,7 +14,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate  # noqa: E402
-from areal_agents.errors import TrainError  # noqa: E402
+from areal_agents.errors import ConfigError, TrainError  # noqa: E402
 from areal_agents.gateway.router import Router  # noqa: E402
 from areal_agents.models import tiny  # noqa: E402
 from areal_agents.trainers.autoscale import AutoscaleSettings  # noqa: E402
@@ -49,6 +49,15 @@ def test_two_policies_training_groups_are_strict_packed_gpu_bundles(cluster):
     assert ray.available_resources().get("GPU", 0) == 2.0  # 8 - 4 - 2 reserved
     asyncio.run(launcher.close())
     assert _eventually(lambda: ray.available_resources().get("GPU") == 8.0)  # groups removed
+
+
+def test_a_group_the_cluster_cannot_hold_is_a_config_error_naming_the_fix(cluster):
+    launcher = RayLauncher(address=None, placement_timeout_s=1)
+    with pytest.raises(ConfigError, match=r"launcher: Ray could not place 9 bundles of "
+                       r"\{'GPU': 1.0\} \(STRICT_PACK\) within 1 s; the cluster has .*Add "
+                       "nodes, lower world_size/replicas or cpus_per_worker"):
+        launcher.group_factory("speaker", TrainPlacement(world_size=9, device="cuda"))
+    asyncio.run(launcher.close())
 
 
 def _eventually(check: Any, attempts: int = 100) -> bool:
