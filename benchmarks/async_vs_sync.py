@@ -359,11 +359,14 @@ def _server_pids(trainer: Any) -> list[int]:
 
 
 def tiny_model(max_staleness: int, steps: int, inference: str = "server",
-               server_threads: int = 1, trainer_threads: int = 1) -> dict[str, float]:
+               server_threads: int = 1, trainer_threads: int = 1,
+               train_workers: bool = False) -> dict[str, float]:
     """The real Trainer: samples/s after setup, where a step's time goes, train success late,
     greedy eval success. ``inference="server"`` serves the speaker from an engine server in
     its own process (``server_threads`` torch threads) and the trainer keeps
-    ``trainer_threads``; ``"in_process"`` serves it from a ``LocalEngine`` in this process."""
+    ``trainer_threads``; ``"in_process"`` serves it from a ``LocalEngine`` in this process.
+    ``train_workers`` trains in a worker process (``train: {workers: true}``, a group of one
+    rank with ``trainer_threads`` threads) instead of the trainer's own process."""
     from areal_agents.agents import ScriptedAgent
     from areal_agents.trainers.policy import Policy
     from areal_agents.trainers.trainer import Trainer
@@ -381,7 +384,9 @@ def tiny_model(max_staleness: int, steps: int, inference: str = "server",
         env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2},
         policies={"speaker": Policy(lr=3e-3, seed=0, sampling={"temperature": 1.0,
                                     "max_tokens": 1}, sft_steps=60, sft_lr=3e-3,
-                                    api="completions", inference=placement)},
+                                    api="completions", inference=placement,
+                                    train={"workers": train_workers,
+                                           "threads": trainer_threads})},
         policy_map={"speaker": "speaker"}, agents={"listener": ScriptedAgent(decode)},
         batch_size=batch, group_size=8, max_staleness=max_staleness, progress=False,
         warm_start={"episodes": 32, "players": {"speaker": "random",
@@ -419,16 +424,18 @@ def tiny_model(max_staleness: int, steps: int, inference: str = "server",
 
 
 def report_model(steps: int, repeats: int, inference: str, staleness: int,
-                 server_threads: int, trainer_threads: int) -> float:
+                 server_threads: int, trainer_threads: int, train_workers: bool = False) -> float:
     """Sync vs async on the real tiny model, interleaved; prints the split; returns the ratio."""
     runs: dict[int, list[dict[str, float]]] = {0: [], staleness: []}
     for _ in range(repeats):  # interleaved, so both settings see similar load
         for s in runs:
-            runs[s].append(tiny_model(s, steps, inference, server_threads, trainer_threads))
+            runs[s].append(tiny_model(s, steps, inference, server_threads, trainer_threads,
+                                      train_workers))
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
     where = (f"speaker served by an engine server in its own process ({server_threads} torch "
              f"thread(s)), trainer {trainer_threads} thread(s)" if inference == "server" else
              f"speaker served in process (LocalEngine), {trainer_threads} torch thread(s)")
+    where += "; training in a worker process" if train_workers else ""
     print(f"(b) tiny model (tiny:xs), Signaling-v0 speaker + scripted listener, batch 16, "
           f"{steps} steps = {steps * 16} samples each, median of {repeats} run(s); {where}")
     for name, s in (("sync ", 0), ("async", staleness)):
@@ -473,6 +480,8 @@ def main() -> None:
     parser.add_argument("--staleness", type=int, default=2, help="(b) the async max_staleness")
     parser.add_argument("--server-threads", type=int, default=1, help="(b) engine server threads")
     parser.add_argument("--trainer-threads", type=int, default=1, help="(b) trainer threads")
+    parser.add_argument("--train-workers", action="store_true",
+                        help="(b) train in a worker process (train: {workers: true})")
     parser.add_argument("--quick", action="store_true", help="(a) 80 steps, (b) 1 run")
     parser.add_argument("--wall", action="store_true", help="(a) also on the real clock")
     parser.add_argument("--skip-model", action="store_true", help="only (a)")
@@ -496,7 +505,7 @@ def main() -> None:
         print(f"    before: {_caveats(args.server_threads, args.trainer_threads)}")
         for kind in kinds:
             report_model(args.model_steps, args.repeats, kind, args.staleness,
-                         args.server_threads, args.trainer_threads)
+                         args.server_threads, args.trainer_threads, args.train_workers)
         print(f"    after: {_caveats(args.server_threads, args.trainer_threads)}")
 
 

@@ -103,13 +103,16 @@ class TrainPlacement:
         device: ``"cpu"`` or ``"cuda"`` (rank ``r`` uses ``cuda:r % device_count``); ``None``
             picks cuda when available, else cpu.
         threads: torch (OMP) threads of each worker rank.
+        workers: train in worker processes even with ``world_size=1`` (a group of one rank),
+            so training does not share the controller's Python process (and its GIL) with
+            generation, the gateway and the episodes.
 
     Raises:
         ConfigError: a degree < 1, or ``dp * tp * pp != world_size``.
 
     Example:
         >>> TrainPlacement(world_size=2)
-        TrainPlacement(world_size=2, dp=2, tp=1, pp=1, ep=1, device=None, threads=1)
+        TrainPlacement(world_size=2, dp=2, tp=1, pp=1, ep=1, device=None, threads=1, workers=False)
     """
 
     world_size: int = 1
@@ -119,6 +122,7 @@ class TrainPlacement:
     ep: int = 1
     device: Device | None = None
     threads: int = 1
+    workers: bool = False
 
     def __post_init__(self) -> None:
         owner = "Policy.train"
@@ -149,8 +153,8 @@ class TrainPlacement:
 
     @property
     def distributed(self) -> bool:
-        """Whether the engine runs in worker processes (``world_size > 1``)."""
-        return self.world_size > 1
+        """Whether the engine runs in worker processes (``world_size > 1`` or ``workers``)."""
+        return self.world_size > 1 or self.workers
 
     def resolved_device(self) -> str:
         """``device``, or ``"cuda"`` when CUDA is available and ``"cpu"`` otherwise."""

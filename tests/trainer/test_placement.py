@@ -21,6 +21,16 @@ def test_default_train_placement_is_one_process():
     assert not p.distributed
 
 
+def test_workers_trains_one_rank_out_of_the_controller():
+    """``train: {workers: true}`` at world_size 1: a worker group of one rank (training off
+    the controller's process and GIL), checked like any other layout."""
+    p = Policy(train={"workers": True}).train
+    assert (p.world_size, p.dp, p.distributed) == (1, 1, True)
+    check_train_placement("fsdp", p)
+    with pytest.raises(ConfigError, match="world_size=1 but the policy is frozen"):
+        check_train_placement("fsdp", p, trainable=False)
+
+
 @pytest.mark.parametrize(("kwargs", "dp"), [({"world_size": 2}, 2), ({"world_size": 4, "tp": 2}, 2),
                                             ({"world_size": 8, "tp": 2, "pp": 2}, 2),
                                             ({"world_size": 2, "tp": 2}, 1)])
@@ -105,7 +115,7 @@ def test_policy_coerces_dicts_and_refuses_bad_layouts():
     with pytest.raises(ConfigError) as info:
         Policy(train={"world_sze": 2})
     assert str(info.value) == ("Policy.train: unknown field(s) ['world_sze']; known: ['device', "
-                               "'dp', 'ep', 'pp', 'threads', 'tp', 'world_size']")
+                               "'dp', 'ep', 'pp', 'threads', 'tp', 'workers', 'world_size']")
     with pytest.raises(ConfigError) as info:
         Policy(train=2)
     assert str(info.value) == "Policy.train must be a TrainPlacement or a dict of its fields, got int"
@@ -179,7 +189,7 @@ def test_yaml_spelling_round_trips_to_policy():
      "backend='archon' for tp=2"),
     ({"train": {"wrld_size": 2}},
      "policies.a.train: Value error, Policy.train: unknown field(s) ['wrld_size']; known: "
-     "['device', 'dp', 'ep', 'pp', 'threads', 'tp', 'world_size']"),
+     "['device', 'dp', 'ep', 'pp', 'threads', 'tp', 'workers', 'world_size']"),
     ({"inference": "vlm"},
      "policies.a.inference: Value error, Policy.inference.kind='vlm'; choose one of "
      "['in_process', 'server', 'vllm', 'sglang'] (or omit it)"),
