@@ -142,10 +142,13 @@ def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int) -
             await trainer.aclose()
         split = {k: statistics.median(h[f"policy/solver/time/{k}"] for h in history)
                  for k in OUR_SPLIT}
-        skipped = [h.get("policy/solver/prox_recompute_skipped") for h in history]
+        def mean_of(key: str) -> float | None:  # over the steps that logged it
+            values = [h[key] for h in history if key in h]
+            return statistics.fmean(values) if values else None
+
         return {"start": start, "stamps": clock.stamps, "split": split,
-                "prox_skipped": statistics.fmean(s for s in skipped if s is not None)
-                if any(s is not None for s in skipped) else None,
+                "prox_skipped": mean_of("policy/solver/prox_recompute_skipped"),
+                "prox_in_forward": mean_of("policy/solver/prox_from_train_forward"),
                 "train_reward": statistics.fmean(h["policy/solver/reward"] for h in history)}
 
     return asyncio.run(run())
@@ -256,6 +259,7 @@ def run_trl(ckpt: Path, out: Path, seed: int, steps: int) -> dict[str, Any]:
     tokenizer.save_pretrained(out)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     return {"start": Clock.start, "stamps": Clock.stamps, "split": None, "prox_skipped": None,
+            "prox_in_forward": None,
             "train_reward": statistics.fmean(rewards) if rewards else float("nan")}
 
 
@@ -321,8 +325,10 @@ def report(runs: list[dict[str, Any]], steps: int) -> None:
         split = {k: statistics.median(r["split"][k] for r in by_arm[arm]) for k in OUR_SPLIT}
         other = med[arm] - sum(split.values())
         skipped = [r["prox_skipped"] for r in by_arm[arm] if r["prox_skipped"] is not None]
-        prox = (f"; proximal recompute skipped on {statistics.fmean(skipped):.0%} of steps"
-                if skipped else "")
+        fused = [r["prox_in_forward"] for r in by_arm[arm] if r.get("prox_in_forward") is not None]
+        prox = (f"; proximal log-probs: the behaviour ones on {statistics.fmean(skipped):.0%} of "
+                f"steps, from the train forward (no extra pass) on "
+                f"{statistics.fmean(fused) if fused else 0.0:.0%}" if skipped else "")
         print(f"  where a step of {arm} goes (medians of the Trainer's time/* metrics): "
               + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in split.items())
               + f", the rest of the median step (metrics, logging, bookkeeping) "
