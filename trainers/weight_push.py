@@ -10,9 +10,11 @@ failed update resumes and raises)::
     tensors    named_tensors=ExportedWeights(...)    iterates a fresh export (in process)
     shm        named_tensors=ExportedWeights(...)    RemoteEngine streams the export through its
                                                      shared-memory block of ``bucket_bytes``
-    gloo       named_tensors=ExportedWeights(...)    RemoteEngine broadcasts the export over the
-    (nccl)                                           weight-update group it and its server join
-                                                     (``engines/weights_group.py``), buckets of
+    gloo       named_tensors=ExportedWeights(...)    the first replica broadcasts the export over
+    (nccl)                                           the weight-update group the controller and
+                                                     all the policy's servers join
+                                                     (``engines/weights_group.ReplicaGroup``:
+                                                     one broadcast for every replica), buckets of
                                                      ``bucket_bytes``; ``nccl`` is the same on
                                                      CUDA tensors
     disk       path=<dir> (written once, one         loads the safetensors directory
@@ -27,8 +29,10 @@ tensors one pipe message each (``worker_group.py``), so the controller never hol
 for a ``disk`` update its rank 0 writes the directory itself (``WritesWeights``) and no tensor
 reaches the controller at all.
 
-What a receiver holds is the receiver's business: ``LocalEngine`` stages a whole update before
-copying it in (an update is all or nothing), an engine server does so in its own process.
+What a receiver holds is the receiver's business: an in-process ``LocalEngine`` stages a whole
+update before copying it in (an update is all or nothing); an engine server spools a streamed
+update to disk as it arrives and loads it tensor by tensor once complete (about two buckets of
+extra memory, still all or nothing; ``engines/service.py``).
 
 Example:
     >>> import torch
