@@ -378,6 +378,8 @@ class WorkerGroupEngine(TrainEngine):
             ``GroupReference``), from the weights after the warm start.
         timeout: seconds one call may take before the group is stopped (``TrainError``).
         grace: seconds the other ranks get to answer once a rank failed.
+        group: the worker-group class (default ``DistributedEngineGroup``: processes of this
+            machine; ``launcher: ray`` passes a ``RayEngineGroup`` bound to its placement).
 
     Raises:
         ConfigError: the backend cannot run ``placement``, or ``device="cuda"`` with fewer
@@ -396,7 +398,7 @@ class WorkerGroupEngine(TrainEngine):
                  factory: Callable[..., Any] | None = None, lr: float = 1e-5, lora: Any = None,
                  timeout: float = 3600.0, grace: float = 10.0,
                  warm_start: WarmStartPlan | None = None, reference: ReferenceSpec | None = None,
-                 **train_kwargs: Any) -> None:
+                 group: Callable[..., Any] | None = None, **train_kwargs: Any) -> None:
         check_train_placement(backend, placement)
         self.placement = placement
         self.step = 0
@@ -409,7 +411,7 @@ class WorkerGroupEngine(TrainEngine):
             _check_gpus(placement.world_size)
         kwargs = {"lr": lr, "lora": lora, **layout, **train_kwargs}
         warm_kwargs = None if warm_start is None else {"lr": warm_start.lr, **layout}
-        self._group = DistributedEngineGroup(
+        self._group = (group or DistributedEngineGroup)(
             placement.world_size, _build_rank_engine, factory or backend_factory(backend),
             pickle.dumps(model), kwargs, warm_kwargs, reference, threads=placement.threads,
             device=device, timeout=timeout, grace=grace)
