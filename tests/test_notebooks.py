@@ -41,6 +41,19 @@ def test_committed_notebooks_match_their_sources() -> None:
         assert [c.source for c in committed.cells] == list(cells), f"regenerate {name}"
 
 
+def test_a_group_starts_after_ipython_reset_deleted_main_spec(monkeypatch) -> None:
+    """``%reset -f`` in a notebook deletes ``__main__.__spec__``; spawn's start-up data (what
+    ``DistributedEngineGroup`` and ``launch`` send a worker) must still be built."""
+    import multiprocessing.spawn
+    import sys
+
+    from areal_agents.trainers.launcher import _spawn_context
+
+    monkeypatch.delattr(sys.modules["__main__"], "__spec__")
+    _spawn_context()
+    assert multiprocessing.spawn.get_preparation_data("worker")["name"] == "worker"
+
+
 @pytest.fixture(scope="module")
 def kernel() -> Iterator[nbclient.NotebookClient]:
     """One python3 kernel for the module, run from the notebooks' folder (they write only to

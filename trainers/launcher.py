@@ -23,6 +23,7 @@ import contextlib
 import os
 import pickle
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -43,6 +44,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _spawn_context() -> Any:
+    """The ``spawn`` context, after giving ``__main__`` back the ``__spec__`` spawn reads:
+    IPython's ``%reset`` deletes it from a notebook's namespace (``AttributeError`` on start)."""
+    main = sys.modules.get("__main__")
+    if main is not None and not hasattr(main, "__spec__"):
+        main.__spec__ = None  # what an interactive __main__ has
+    return mp.get_context("spawn")
 
 
 def _init(rank: int, world_size: int, port: int, threads: int, device: str | None = None) -> None:
@@ -114,7 +124,7 @@ def launch(num_processes: int, fn: Callable[..., Any], *args: Any, threads: int 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return [fn(*args)]
-    ctx = mp.get_context("spawn")
+    ctx = _spawn_context()
     queue = ctx.SimpleQueue()
     port = free_port()
     payload = _dumps((fn, args))
@@ -224,7 +234,7 @@ class DistributedEngineGroup:
     def __init__(self, num_processes: int, factory: Callable[..., Any], *args: Any,
                  threads: int = 1, device: str | None = None, timeout: float = 3600.0,
                  grace: float = 10.0, start_timeout: float = 600.0, **kwargs: Any) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = _spawn_context()
         port = free_port()
         self.timeout, self.grace = timeout, grace
         self._conns, self._procs = [], []
