@@ -124,3 +124,29 @@ def test_a_push_reads_the_export_taken_after_its_own_step():
     pushed = dict(speaker.export_weights())
     assert pushed.keys() == expected.keys()
     assert all(torch.equal(pushed[n], t) for n, t in expected.items())
+
+
+def test_an_adapter_trains_exactly_as_a_lone_lora_engine_whatever_else_uses_the_slot():
+    # issue 21's learning gap: the swap must be invisible. The first adapter (the engine's
+    # own A) follows a plain LoRA engine's trajectory bit for bit although another adapter
+    # trains and the KL reference computes between its steps.
+    from areal_agents.trainers.fsdp import FSDPEngine
+
+    torch.set_num_threads(1)
+    plain = FSDPEngine(make_model(0), lr=1e-2, lora=LORA, token_budget=64)
+    base = SharedLoRABase(backend_engine("fsdp"))
+    speaker = base.adapter("speaker", lr=1e-2)
+    listener, reference = base.adapter("listener", lr=1e-2, seed=3), base.reference()
+    batch = make_batch()
+    for engine in (plain, speaker):
+        for _ in range(3):
+            if engine is speaker:
+                listener.train_step(batch, ppo_loss)
+                reference.forward_logprobs(batch)
+            batch.old_logprobs = engine.forward_logprobs(batch).detach()
+            engine.train_step(batch, ppo_loss)
+    torch.testing.assert_close(speaker.forward_logprobs(batch), plain.forward_logprobs(batch),
+                               rtol=0, atol=0)
+    gain = ((speaker.forward_logprobs(batch) - reference.forward_logprobs(batch))
+            * batch.advantages).sum()
+    assert gain > 0  # positive-advantage tokens gained log-prob over the base
