@@ -143,7 +143,7 @@ def best_of(repeats: int, fns: Iterable[Callable[[], object]]) -> list[float]:
 
 def bench_transports(repeats: int, bucket_bytes: int) -> None:
     source = random_state(qwen3_shapes(**QWEN3_0_6B))
-    target = {n: torch.empty_like(t) for n, t in source.items()}
+    target = {n: torch.zeros_like(t) for n, t in source.items()}  # touched: no first-touch faults
     total = sum(t.numel() * t.element_size() for t in source.values())
     largest = max(t.numel() * t.element_size() for t in source.values())
     print(f"state: Qwen3-0.6B shapes, {sum(t.numel() for t in source.values()):,} bf16 params, "
@@ -217,7 +217,7 @@ def _group_worker(rank: int, init_file: str, backend: str, repeats: int, bucket_
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     state = {n: t.to(device) for n, t in random_state(qwen3_shapes(**spec)).items()}
-    target = {n: torch.empty_like(t) for n, t in state.items()}
+    target = {n: torch.zeros_like(t) for n, t in state.items()}  # touched: not counted below
     transport = NCCLTransport(src=0, bucket_bytes=bucket_bytes, device=device)
     log: dict[str, object] = {"times": [], "raw": [],
                               "total": sum(t.numel() * t.element_size() for t in state.values())}
@@ -240,7 +240,7 @@ def _group_worker(rank: int, init_file: str, backend: str, repeats: int, bucket_
             log["extra"] = (torch.cuda.max_memory_allocated() - before if cuda
                             else max(int(log.get("extra", 0)), mem.extra))  # type: ignore[call-overload]
     if rank == 0:  # the raw baseline: the same bytes copied to the other device
-        other = {n: torch.empty_like(t, device="cuda:1" if cuda else "cpu")
+        other = {n: torch.zeros_like(t, device="cuda:1" if cuda else "cpu")
                  for n, t in state.items()}
         for _ in range(repeats):
             sync()
