@@ -3,8 +3,9 @@ the committed ``.ipynb`` files equal what ``make_notebooks.py`` writes, and a ki
 leaves no worker rank of the distributed-debugging notebook behind.
 
 The notebooks share one kernel (started from the notebooks' folder, as a user would): each
-starts by deleting the names the previous one defined, so it sees only the modules already
-imported (which saves a kernel start and a torch import per notebook).
+starts with ``%reset -f``, so it sees only the modules already imported (which saves a kernel
+start and a torch import per notebook); the distributed-debugging notebook then also shows that
+a worker group starts after ``%reset``.
 """
 
 from __future__ import annotations
@@ -67,19 +68,10 @@ def kernel() -> Iterator[nbclient.NotebookClient]:
             yield client
 
 
-# the names the previous notebook defined (not ``%reset -f``: it also deletes ``__main__``'s
-# ``__spec__``, which multiprocessing's spawn then fails on)
-_CLEAR = """def _clear(ns=get_ipython().user_ns, hidden=get_ipython().user_ns_hidden):
-    for name in [n for n in ns if n not in hidden and not n.startswith("_")]:
-        del ns[name]
-_clear()
-del _clear"""
-
-
 def _run(client: nbclient.NotebookClient, nb: nbformat.NotebookNode) -> None:
     """Execute ``nb``'s cells in order in a cleared namespace; raise on the first error."""
     client.reset_execution_trackers()
-    client.nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(_CLEAR)])
+    client.nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%reset -f")])
     client.execute_cell(client.nb.cells[0], 0, store_history=False)  # it writes nb.cells[0]
     client.nb = nb
     for index, cell in enumerate(nb.cells):
