@@ -407,7 +407,7 @@ class WorkerGroupEngine(TrainEngine):
         device = placement.resolved_device()
         if device == "cpu":
             layout["device"] = "cpu"
-        else:
+        elif group is None:  # local ranks need this host's GPUs; a Ray group has its own
             _check_gpus(placement.world_size)
         kwargs = {"lr": lr, "lora": lora, **layout, **train_kwargs}
         warm_kwargs = None if warm_start is None else {"lr": warm_start.lr, **layout}

@@ -66,3 +66,16 @@ def test_one_bundle_per_rank_gpu_on_cuda_cpus_on_cpu():
 def test_engine_server_binds_127_0_0_1_unless_given_a_host():
     assert parse_args(["--model", "m", "--port", "1"]).host == "127.0.0.1"
     assert parse_args(["--model", "m", "--port", "1", "--host", "10.0.0.5"]).host == "10.0.0.5"
+
+
+def test_a_cuda_group_placed_elsewhere_skips_the_controllers_gpu_check():
+    from areal_agents.trainers.worker_group import WorkerGroupEngine
+
+    built = []
+
+    class _Group:  # stands in for a RayEngineGroup bound to GPU bundles on other nodes
+        def __init__(self, num_processes, factory, *args, device=None, **kwargs):
+            built.append((num_processes, device))
+
+    WorkerGroupEngine("tiny:xs", TrainPlacement(world_size=2, device="cuda"), group=_Group)
+    assert built == [(2, "cuda")]
