@@ -83,7 +83,13 @@ def _apply_lora(model: nn.Module, lora: Any) -> nn.Module:
     cfg = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
     with warnings.catch_warnings():  # peft calls transformers' deprecated checkpointing query
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, cfg)
+        peft_model = get_peft_model(model, cfg)
+    if hasattr(peft_model.get_base_model().get_output_embeddings(), "lora_A"):
+        # forward() multiplies by the head's weight directly: its adapter would never train
+        raise ConfigError(f"LoRA target_modules {sorted(cfg.target_modules or [])} include the "
+                          "LM head, which the log-prob path multiplies by its base weight only "
+                          "(its adapter would stay zero); drop lm_head from target_modules")
+    return peft_model
 
 
 class FSDPEngine(TrainEngine):
