@@ -19,8 +19,14 @@ The proxy flow, one episode (BASE is http://HOST:PORT):
   4. end it; the gateway then forgets it (its key answers 409 "ended"):
        curl -s -X POST BASE/rl/sessions/$SESSION_ID/end \\
          -H "Authorization: Bearer $SESSION_KEY"
+  Long-lived agents keep one key across episodes: POST BASE/rl/sessions/$SESSION_ID/refresh
+  ends the episode (as /end) and opens the next under the same key -> {"session_id": ...}.
 Only completions delivered to the client are recorded; GET BASE/openapi.json lists every
 route, GET BASE/health the policies and session counts.
+
+Clients: any OpenAI client with base_url BASE/v1 and the session key as its API key. Served:
+/v1/chat/completions (streaming too), /v1/completions and /v1/responses (the Responses API
+that OpenAI's Agents SDK calls by default: text, function tools, streaming).
 
 Training on these sessions: `serve --train CONFIG` serves CONFIG's policies and trains them on
 the sessions agents end (add "task_id" when opening to group them; a policy without capacity
@@ -78,9 +84,11 @@ def banner(gw: Any, host: str, port: int, show_key: bool) -> str:
         "keys: the admin key opens sessions and drives /admin (its calls are not recorded);",
         "      each session key is one episode's OpenAI API key (its calls are recorded)",
         f"flow: POST {base}/rl/sessions {{\"policy\": ...}} (admin key) -> session_id, api_key",
-        f"      -> POST {base}/v1/chat/completions with the session key",
+        f"      -> POST {base}/v1/chat/completions (or /v1/responses) with the session key",
         f"      -> POST {base}/rl/sessions/<session_id>/reward {{\"reward\": 1.0}}",
         f"      -> POST {base}/rl/sessions/<session_id>/end (the gateway then forgets it)",
+        f"      or POST {base}/rl/sessions/<session_id>/refresh: end it and open the next "
+        "episode under the same key",
         f"routes: GET {base}/openapi.json; `areal-agents serve --help` shows curl examples",
     ]
     return "\n".join(lines)

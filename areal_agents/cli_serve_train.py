@@ -35,6 +35,7 @@ def serve_train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     trainer.admin_key = admin_key
+    trainer.session_idle_timeout_s = cfg.trainer.session_idle_timeout_s
     summary = asyncio.run(_run(trainer, args.host, args.port, cfg.trainer.steps,
                                show_key=admin_key is None))
     print(json.dumps(summary), flush=True)
@@ -61,10 +62,22 @@ async def _run(trainer: Any, host: str, port: int, steps: int, show_key: bool
         print(f"training: {steps} steps of {sorted(trainer.trainable)} on sessions ended by "
               "external agents (open them with \"task_id\" to group them)", file=sys.stderr,
               flush=True)
+        sweeper = asyncio.create_task(_expire_idle(trainer.gateway))
         history = await trainer.afit(steps)
     finally:
+        if "sweeper" in locals():
+            sweeper.cancel()
         server.should_exit = True
         await serving
         await trainer.aclose()
     return {"steps": len(history), "counts": trainer.controller.counts(),
-            "ledger": {p: dict(c) for p, c in trainer.controller.ledger.items()}}
+            "ledger": {p: dict(c) for p, c in trainer.controller.ledger.items()},
+            "sessions": trainer.gateway.ledger.to_dict()}
+
+
+async def _expire_idle(gateway: Any) -> None:
+    """End idle sessions even while no request comes (every agent gone): requests also check,
+    this catches the silent case so the trainer does not wait forever on their groups."""
+    while gateway.session_idle_timeout_s is not None:
+        gateway.expire_idle_sessions()
+        await asyncio.sleep(min(5.0, gateway.session_idle_timeout_s / 2))

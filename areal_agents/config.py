@@ -167,6 +167,9 @@ class TrainerConfig(_Strict):
                                 "would make it too stale (throughput vs a bias to short outputs)")
     record_samples: int = Field(2, ge=0, description="trained samples kept per policy per step "
                                 "in run_dir/samples for `areal-agents view RUN_DIR` (0: off)")
+    session_idle_timeout_s: float | None = Field(
+        None, gt=0, description="`serve --train`: a session no request used for this long is "
+        "ended by the gateway, its key revoked, and counted abandoned (None: never)")
 
 
 class LoggingConfig(_Strict):

@@ -26,6 +26,7 @@ TRAINER_ONLY = {
 # Config fields with no Trainer argument, on purpose.
 CONFIG_ONLY = {
     "steps",  # the argument of Trainer.fit, given by `areal-agents train`
+    "session_idle_timeout_s",  # an ExternalTrainer argument, set by `serve --train`
     "trainer", "logging",  # sections of RunConfig, not Trainer arguments
 }
 # Deliberately different defaults: name -> (Trainer default, config default).

@@ -14,8 +14,10 @@ Ledger, per policy, at any moment::
 
 ``failed:unrewarded`` is a session ended without any reward (e.g. the agent raised),
 ``failed:no_samples`` one with no recorded turn, ``failed:samples_error`` one the
-tokenization contract could not turn into samples (logged); ``abandoned`` counts what was still open,
-waiting for its group or buffered when the source stopped (``unresolved`` is then 0).
+tokenization contract could not turn into samples (logged); ``abandoned`` counts sessions the
+gateway expired (idle longer than ``session_idle_timeout_s``: the agent vanished without
+ending them) and what was still open, waiting for its group or buffered when the source
+stopped (``unresolved`` is then 0).
 """
 
 from __future__ import annotations
@@ -148,7 +150,9 @@ class ExternalEpisodes:
                                 else admitted)
         samples: list[Sample] = []
         reason = "failed:unrewarded" if not session.rewards else "failed:no_samples"
-        if session.rewards:
+        if session.metadata.get("expired"):
+            reason = "abandoned"  # idle past the gateway's timeout: never trained on
+        elif session.rewards:
             try:
                 samples = session_samples(session, task_id)
             except Exception:  # counted; the client's `end` still succeeds
@@ -291,18 +295,21 @@ class ExternalTrainer(Trainer):
 
     Same arguments as ``Trainer`` (``env`` and ``policy_map`` still name the policies and are
     used by ``evaluate``), plus ``admin_key`` (the key that opens sessions; None: random, read
-    ``trainer.gateway.admin_key``) and ``retry_after``. Serve ``trainer.gateway.app`` (e.g.
+    ``trainer.gateway.admin_key``), ``retry_after`` and ``session_idle_timeout_s`` (a session
+    no request used for that long is ended by the gateway and counted ``abandoned``; None:
+    never). Serve ``trainer.gateway.app`` (e.g.
     with uvicorn, in the same event loop as ``afit``) so agents can reach it. ``resume=True``
     continues from ``run_dir``'s latest checkpoint (``load_state_dict``).
     """
 
     def __init__(self, *, admin_key: str | None = None, retry_after: float = 1.0,
-                 **kwargs: Any) -> None:
+                 session_idle_timeout_s: float | None = None, **kwargs: Any) -> None:
         if kwargs.get("clock", "lockstep") != "lockstep":
             raise ConfigError("clock='independent' is not supported with external episodes; "
                               "use clock='lockstep' (Policy.train_every still sets 1:k ratios)")
         super().__init__(**kwargs)
         self.admin_key, self.retry_after = admin_key, retry_after
+        self.session_idle_timeout_s = session_idle_timeout_s
 
     async def setup(self) -> None:
         """``Trainer.setup`` (with ``resume``: from the latest checkpoint: weights, step,
@@ -315,6 +322,7 @@ class ExternalTrainer(Trainer):
         source = self._external_source()
         self.gateway.session_gate = source.admit
         self.gateway.session_sink = source.on_session_end
+        self.gateway.session_idle_timeout_s = self.session_idle_timeout_s
 
     def load_state_dict(self, state: TrainerState) -> None:
         """``Trainer.load_state_dict`` into the external source (a resumed ``serve --train``:

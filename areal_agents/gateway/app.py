@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from .auth import digest, new_secret
 from .replicas import drop_replica, keep_for_restart
 from .router import Router
 from .routes import build_app
-from .sessions import EndedSessions, Session, SessionLedger
+from .sessions import EndedSessions, Session, SessionLedger, idle_sessions
 from .tool_parsing import ToolParser, hermes, tool_parser_for
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,11 @@ class Gateway:
         session_gate: called as ``gate(policy, metadata)`` before a session is opened over
             HTTP; None admits it, a number refuses it with 429 and that ``Retry-After``
             (seconds). The gate may add to ``metadata``. None (default): always admitted.
+        session_idle_timeout_s: a session no request used for this long is ended by the
+            gateway (``expire_idle_sessions``; checked on each request): ``session_sink``
+            gets it with ``metadata["expired"] = True``, its key is revoked (409 "ended")
+            and ``ledger.expired`` counts it. None (default): sessions never expire.
+        clock: the seconds clock idle times are measured with (tests inject one).
 
     Attributes:
         app: the ASGI app (serve with uvicorn, or use in process via ``async_client``).
@@ -97,6 +103,8 @@ class Gateway:
                  session_sink: Callable[[Session], None] | None = None,
                  ended_memory: int = 4096,
                  session_gate: Callable[[str, dict[str, Any]], float | None] | None = None,
+                 session_idle_timeout_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
                  ) -> None:
         if admin_key is not None and not admin_key:
             raise ValueError("admin_key must be a non-empty string or None (random)")
@@ -107,6 +115,11 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.session_sink = session_sink
         self.session_gate = session_gate
+        if session_idle_timeout_s is not None and not session_idle_timeout_s > 0:
+            raise ValueError(f"session_idle_timeout_s must be > 0 or None, got "
+                             f"{session_idle_timeout_s!r}")
+        self.session_idle_timeout_s = session_idle_timeout_s
+        self.clock = clock
         self.policies: dict[str, ServedPolicy] = {}
         self.ledger = SessionLedger()
         self._sessions: dict[str, Session] = {}
@@ -191,6 +204,20 @@ class Gateway:
         if drop:
             self._forget(session.session_id)
         return session
+
+    def expire_idle_sessions(self) -> list[str]:
+        """End the sessions idle for more than ``session_idle_timeout_s`` as ``/end`` would
+        (``session_sink`` gets each, marked ``metadata["expired"] = True``), revoke their
+        keys (409 "ended") and count them in ``ledger.expired``; returns their ids.
+        A no-op without a timeout."""
+        if self.session_idle_timeout_s is None:
+            return []
+        expired = idle_sessions(self._sessions, self.clock(), self.session_idle_timeout_s)
+        for session in expired:
+            session.metadata["expired"] = True
+            self.ledger.expired += 1
+            self._end_over_http(session, drop=True)
+        return [s.session_id for s in expired]
 
     def _end_over_http(self, session: Session, drop: bool) -> None:
         """``POST /rl/sessions/{id}/end``: end, hand to ``session_sink``, and (``drop``)

@@ -59,8 +59,19 @@ class GatewayRoutes:
         self.gw = gw
 
     def _principal(self, request: Request) -> Principal:
-        return authenticate(bearer_token(request.headers.get("authorization")), self.gw.admin_key,
-                            self.gw._key_table())
+        """Who calls (after ending idle sessions: an expired key is refused); a session key's
+        session counts as active now."""
+        self.gw.expire_idle_sessions()
+        principal = authenticate(bearer_token(request.headers.get("authorization")),
+                                 self.gw.admin_key, self.gw._key_table())
+        if principal.kind == "session":
+            self._touch(principal.session_id)
+        return principal
+
+    def _touch(self, session_id: str | None) -> None:
+        session = self.gw._sessions.get(session_id or "")
+        if session is not None:
+            session.last_active = self.gw.clock()
 
     def _require_admin(self, request: Request) -> None:
         if self._principal(request).kind != "admin":
@@ -75,6 +86,7 @@ class GatewayRoutes:
             raise _ended(session_id)
         if session_id not in self.gw._sessions:
             raise not_found(f"no session {session_id!r}", code="session_not_found")
+        self._touch(session_id)
         return self.gw._sessions[session_id]
 
     async def _body(self, request: Request, empty_ok: bool = False) -> dict[str, Any]:
@@ -197,6 +209,7 @@ class GatewayRoutes:
         if refused is not None:
             return refused
         session_id, key = self.gw._open_session(policy, metadata)
+        self._touch(session_id)
         return JSONResponse({"session_id": session_id, "api_key": key})
 
     def _refused(self, policy: str, metadata: dict[str, Any], retry: str = "") -> Response | None:
@@ -231,6 +244,7 @@ class GatewayRoutes:
         if refused is not None:
             return refused
         new_id = self.gw._reopen(session_id, metadata)
+        self._touch(new_id)
         return JSONResponse({"session_id": new_id, "previous_session_id": session_id})
 
     async def _get_session(self, request: Request) -> Response:

@@ -83,6 +83,9 @@ class Session:
     turn_rewards: dict[int, float] = field(default_factory=dict)
     ended: bool = False
     created: float = field(default_factory=time.time)
+    last_active: float | None = None
+    """the gateway clock's reading at the session's last request (None: not yet seen; see
+    ``idle_sessions``)."""
     index: dict[str, list[int]] = field(default_factory=dict, repr=False)
     """conversation key of (messages + reply) -> turn indices (see ``tokenization``)."""
     on_end: Callable[[Session], None] | None = field(default=None, repr=False, compare=False)
@@ -188,6 +191,26 @@ class Session:
         }
 
 
+def idle_sessions(sessions: dict[str, Session], now: float, timeout: float) -> list[Session]:
+    """The open sessions of ``sessions`` no request used for more than ``timeout`` seconds
+    (by the clock that gave ``now``); a session never seen before starts its idle time now.
+
+    Example:
+        >>> s = Session(policy="p")
+        >>> idle_sessions({s.session_id: s}, now=10.0, timeout=5.0), s.last_active
+        ([], 10.0)
+        >>> [x is s for x in idle_sessions({s.session_id: s}, now=15.5, timeout=5.0)]
+        [True]
+    """
+    out = []
+    for session in sessions.values():
+        if session.last_active is None:
+            session.last_active = now
+        elif not session.ended and now - session.last_active > timeout:
+            out.append(session)
+    return out
+
+
 @dataclass
 class SessionLedger:
     """What happened to a gateway's sessions, as counts (no session data: bounded memory).
@@ -197,11 +220,15 @@ class SessionLedger:
         ended: sessions ended (over HTTP or in process).
         abandoned: completion requests the client gave up on (disconnect, timeout) before the
             completion was delivered; they are never recorded, so never trained on.
+        expired: sessions ended by the gateway because no request used them for
+            ``session_idle_timeout_s`` (their keys then answer 409; a trainer counts them
+            abandoned).
     """
 
     opened: int = 0
     ended: int = 0
     abandoned: int = 0
+    expired: int = 0
 
     def to_dict(self) -> dict[str, int]:
         """The counts as a JSON object."""

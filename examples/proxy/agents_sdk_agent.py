@@ -13,8 +13,9 @@ that generated a token of the episode). Run, next to
     pip install 'areal-agents[agents_sdk]'
     python examples/proxy/agents_sdk_agent.py --url http://127.0.0.1:8000 --key $ADMIN
 
-Run it from outside the repository root (or as a file, as above): the repository's own
-``agents/`` folder would shadow the SDK's ``agents`` package on ``python -m``.
+It runs from any directory, the repository root included (``proxy_driver.agents_sdk``
+imports the SDK past the repository's own ``agents/`` folder, which would shadow it when the
+root is on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -24,18 +25,15 @@ import asyncio
 import json
 import random
 
-from proxy_driver import base_parser, play_questions
+from proxy_driver import agents_sdk, base_parser, play_questions
 
-from agents import (
-    Agent,
-    AgentsException,
-    ModelSettings,
-    OpenAIResponsesModel,
-    Runner,
-    function_tool,
-    set_tracing_disabled,
-)
 from areal_agents.proxy import episode
+
+_sdk = agents_sdk()
+Agent, AgentsException, ModelSettings = _sdk.Agent, _sdk.AgentsException, _sdk.ModelSettings
+OpenAIResponsesModel, Runner, function_tool = (_sdk.OpenAIResponsesModel, _sdk.Runner,
+                                               _sdk.function_tool)
+set_tracing_disabled = _sdk.set_tracing_disabled
 
 
 @function_tool

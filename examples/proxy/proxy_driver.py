@@ -8,13 +8,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import ModuleType
 
 import httpx2
 import openai
 
 from areal_agents.proxy import SessionRefused
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def agents_sdk() -> ModuleType:
+    """The OpenAI Agents SDK's ``agents`` package, also when this repository's root is on
+    ``sys.path`` (``python -m`` or ``PYTHONPATH=.`` from the root): its ``agents/`` folder (the
+    package ``areal_agents.agents``) would shadow the SDK. The root is left out of the path
+    for this one import (the SDK's submodules then load from the SDK's own folder).
+
+    Raises:
+        SystemExit: the SDK is not installed (names the extra to install).
+    """
+    found = sys.modules.get("agents")
+    if found is not None and hasattr(found, "Runner"):
+        return found
+    sys.modules.pop("agents", None)  # the repository's folder, if it was imported as such
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
+    try:
+        module = importlib.import_module("agents")
+    except ModuleNotFoundError:
+        raise SystemExit("this agent needs OpenAI's Agents SDK: pip install "
+                         "'areal-agents[agents_sdk]' (or openai-agents)") from None
+    finally:
+        sys.path[:] = saved
+    if not hasattr(module, "Runner"):
+        raise SystemExit(f"`import agents` found {module.__file__}, not OpenAI's Agents SDK; "
+                         "pip install 'areal-agents[agents_sdk]'")
+    return module
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -207,7 +207,7 @@ async def test_end_drops_the_session_and_hands_it_to_the_sink(served):
         assert served.gw._sessions == {} and served.gw._session_by_digest == {}
         assert [s.session_id for s in sunk] == [sid] and len(sunk[0].turns) == 1
         health = (await http.get("/health")).json()["sessions"]
-        assert health == {"live": 0, "opened": 1, "ended": 1, "abandoned": 0}
+        assert health == {"live": 0, "opened": 1, "ended": 1, "abandoned": 0, "expired": 0}
         assert_openai_error(await http.get(f"/rl/sessions/{sid}"), 409, code="session_ended")
         # ending twice is harmless and the sink sees the session once
         async with served.http(key) as own:

@@ -117,7 +117,7 @@ async def test_timed_out_requests_are_abandoned_not_recorded(tok):
     assert len(engine.requests) == 4
     session = gw.session(key)
     assert [t.request_id for t in session.turns] == [r.id]  # only the delivered completion
-    assert gw.ledger.to_dict() == {"opened": 1, "ended": 0, "abandoned": 3}
+    assert gw.ledger.to_dict() == {"opened": 1, "ended": 0, "abandoned": 3, "expired": 0}
 
 
 async def test_streamed_completion_is_recorded_once_delivered(served):

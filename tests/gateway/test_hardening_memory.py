@@ -61,6 +61,7 @@ async def test_rss_stays_flat_over_5000_sessions(tok):
     # (a leak of the first batch's size per 500 would add 8x that)
     assert rest <= max(4.0, 2 * first), (first, rest)
     assert gw._sessions == {} and gw._session_by_digest == {}
-    assert gw.ledger.to_dict() == {"opened": 5000, "ended": 5000, "abandoned": 0}
+    assert gw.ledger.to_dict() == {"opened": 5000, "ended": 5000, "abandoned": 0,
+                                   "expired": 0}
     assert len(gw._ended) == 4096  # the bounded memory of ended ids, full
     await gw.close()
