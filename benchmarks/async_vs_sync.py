@@ -93,11 +93,22 @@ of 3 seeds:
     ms (1.35-2x, depending on how much of training runs with the GIL released). Under load
     the training thread gets ~25% of a core whichever mode runs. Reward at equal samples
     as before: train success last 5 steps sync 0.99, async 0.82; greedy eval 1.00 / 1.00.
+(b) 2026-12-03 late, training in a worker process too (--train-workers: train: {workers:
+    true}, so the trainer's process keeps only the event loop), --quick (1 run each), load
+    13 -> 10: sync 14.3 samples/s (1116 ms/step = wait 195 + train 576 + push 203 + other
+    141), async 17.8 (901 = 28 + 555 + 164 + 154): 1.24x, target >= 1.5x NOT met. Async hid
+    almost all the waiting (195 -> 28 ms); what is left is train-bound: with the wait removed
+    entirely the ceiling of this workload is 1116 / (1116 - 195) = 1.21x-1.3x, so 1.5x needs
+    generation to be a larger share of the step (or faster training), not less GIL sharing.
+    CPU per step sync / async: event loop 52 / 63 ms, trainer threads 27 / 25 ms (training
+    now in the worker), engine server 103 / 100 ms. Train success last 5 steps 0.99 / 0.93,
+    greedy eval 1.00 / 1.00.
 
     python benchmarks/async_vs_sync.py              # (a), (a') and (b), about 3 minutes quiet
     python benchmarks/async_vs_sync.py --quick      # fewer steps, 1 run each, under a minute
     python benchmarks/async_vs_sync.py --skip-model --wall
     python benchmarks/async_vs_sync.py --only-model --inference both   # (b) out of / in process
+    python benchmarks/async_vs_sync.py --only-model --quick --train-workers  # (b), train in a worker
 """
 
 from __future__ import annotations
