@@ -8,9 +8,11 @@ string or a list of items (messages with text parts, ``function_call`` and
 message), function ``tools``, ``tool_choice``, ``temperature``, ``top_p``,
 ``max_output_tokens``. Accepted and ignored: ``include``, ``store``, ``truncation``,
 ``parallel_tool_calls``, ``metadata``, ``reasoning``, ``text``, ``prompt_cache_*``, ``user``,
-``service_tier``, ``context_management``. Refused with a 400 naming the fix: ``stream``,
-``previous_response_id`` / ``conversation`` (nothing is stored: send the whole conversation,
-as the SDK does by default), non-function tools, non-text content.
+``service_tier``, ``context_management``. ``stream: true`` answers the Responses event
+stream (``response_events``: what the Agents SDK's ``Runner.run_streamed`` reads). Refused
+with a 400 naming the fix: ``previous_response_id`` / ``conversation`` (nothing is stored:
+send the whole conversation, as the SDK does by default), non-function tools, non-text
+content.
 
 The Response's ``id`` is the recorded turn's completion id, so ``POST
 /rl/sessions/{id}/reward {"completion_id": response.id}`` rewards that turn.
@@ -23,7 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .completions import Offload, chat_completion, inline
@@ -34,8 +38,6 @@ if TYPE_CHECKING:
     from .app import ServedPolicy
 
 _REFUSED = {
-    "stream": "streaming is not served on /v1/responses; call it without stream (OpenAI "
-              "Agents SDK: Runner.run, not run_streamed) or stream /v1/chat/completions",
     "previous_response_id": "responses are not stored; send the whole conversation as "
                             "'input' (the Agents SDK does unless told to chain responses)",
     "conversation": "conversations are not stored; send the whole conversation as 'input'",
@@ -202,3 +204,53 @@ async def response_completion(policy: ServedPolicy, body: dict[str, Any],
     chat_body = to_chat_body(body)
     chat, turns = await chat_completion(policy, chat_body, session, offload)
     return to_response(chat, body, chat_body.get("tools")), turns
+
+
+def response_events(response: dict[str, Any]) -> Iterator[str]:
+    """The Responses API's server-sent events for a finished ``response`` (``to_response``).
+
+    In order: ``response.created``, ``response.in_progress``; per output item
+    ``response.output_item.added``, then for a message ``response.content_part.added``,
+    ``response.output_text.delta`` (the whole text: generation is not token-streamed),
+    ``response.output_text.done``, ``response.content_part.done``, or for a function call
+    ``response.function_call_arguments.delta`` / ``.done``, then
+    ``response.output_item.done``; last ``response.completed`` (``response.incomplete`` when
+    the reply was cut at ``max_output_tokens``). Each is ``event: <type>`` plus ``data: {...,
+    "sequence_number": n}``.
+    """
+    seq = 0
+
+    def event(kind: str, **fields: Any) -> str:
+        nonlocal seq
+        data = {"type": kind, "sequence_number": seq, **fields}
+        seq += 1
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+    pending = {**response, "status": "in_progress", "output": [], "usage": None,
+               "incomplete_details": None}
+    yield event("response.created", response=pending)
+    yield event("response.in_progress", response=pending)
+    for index, item in enumerate(response["output"]):
+        where = {"item_id": item["id"], "output_index": index}
+        if item["type"] == "message":
+            yield event("response.output_item.added", output_index=index,
+                        item={**item, "status": "in_progress", "content": []})
+            for k, part in enumerate(item["content"]):
+                at = {**where, "content_index": k}
+                yield event("response.content_part.added", **at,
+                            part={**part, "text": ""})
+                yield event("response.output_text.delta", **at, delta=part["text"],
+                            logprobs=[])
+                yield event("response.output_text.done", **at, text=part["text"],
+                            logprobs=[])
+                yield event("response.content_part.done", **at, part=part)
+        else:
+            yield event("response.output_item.added", output_index=index,
+                        item={**item, "status": "in_progress", "arguments": ""})
+            yield event("response.function_call_arguments.delta", **where,
+                        delta=item["arguments"])
+            yield event("response.function_call_arguments.done", **where,
+                        arguments=item["arguments"], name=item["name"])
+        yield event("response.output_item.done", output_index=index, item=item)
+    final = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+    yield event(final, response=response)

@@ -29,7 +29,7 @@ from .delivery import Delivery, parse_json_object, read_body
 from .errors import GatewayError, bad_request, conflict, forbidden, not_found, route_error
 from .openapi import openapi_document
 from .params import stream_fields
-from .responses import response_completion
+from .responses import response_completion, response_events
 from .sessions import Session, Turn
 
 if TYPE_CHECKING:
@@ -176,9 +176,10 @@ class GatewayRoutes:
             self.gw.ledger.abandoned += 1
             return Response(status_code=499)
         response, turns = result
-        inner: Response = (StreamingResponse(chat_chunks(policy, response, include_usage),
-                                             media_type="text/event-stream") if stream
-                           else JSONResponse(response))
+        events = (response_events(response) if produce is response_completion
+                  else chat_chunks(policy, response, include_usage))
+        inner: Response = (StreamingResponse(events, media_type="text/event-stream")
+                           if stream else JSONResponse(response))
         return delivery.respond(inner, lambda: _record(session, turns), self._abandon)
 
     def _abandon(self) -> None:

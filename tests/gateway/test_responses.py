@@ -101,7 +101,6 @@ async def test_an_empty_reply_is_an_empty_message_and_a_cut_one_is_incomplete(to
 
 
 @pytest.mark.parametrize(("body", "param", "says"), [
-    ({"input": "hi", "stream": True}, "stream", "Runner.run, not run_streamed"),
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id",
      "send the whole conversation"),
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools", "only function tools"),
