@@ -152,6 +152,7 @@ def test_an_adapter_trains_exactly_as_a_lone_lora_engine_whatever_else_uses_the_
     assert gain > 0  # positive-advantage tokens gained log-prob over the base
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # peft's
 def test_an_lm_head_target_is_refused_instead_of_silently_never_trained():
     # found for issue 21: with lm_head in target_modules its lora_B stayed exactly 0 (the
     # log-prob path multiplies by the head's base weight), so the run equalled one without it
