@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import EngineError
+
 
 @dataclass
 class SampledTokens:
@@ -101,17 +103,54 @@ def processed_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     """
     scaled = logits / effective_temperature(temperature)[:, None]
     threshold = keep_threshold(scaled, temperature, top_k, top_p)
-    scaled = torch.where(scaled >= threshold[:, None], scaled,
-                         torch.full_like(scaled, float("-inf")))
+    scaled = torch.where(scaled >= threshold[:, None], scaled, float("-inf"))
     return torch.log_softmax(scaled, dim=-1)
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One id per row of ``probs`` (``[batch, vocab]``, rows summing to ~1), drawn by inverting
+    each row's CDF at one uniform number from that row's generator.
+
+    Row b's uniform comes from ``generators[b]`` (rows with ``None`` share one draw from torch's
+    global generator), so a seeded row draws the same ids whatever else shares the batch; the
+    CDFs of all rows are inverted together (one float64 ``cumsum`` and one ``searchsorted``).
+    A token of probability 0 is never drawn: the CDF does not rise at it. Costs one uniform per
+    row instead of the exponential-race noise over the whole vocabulary that
+    ``torch.multinomial(row, 1)`` draws for every row.
+
+    Raises:
+        EngineError: a row has no finite positive mass (the model produced NaN or inf logits).
+    """
+    device = probs.device
+    num_global = sum(g is None for g in generators)
+    shared = iter(torch.rand(num_global, dtype=torch.float64, device=device).unbind()
+                  if num_global else ())
+    uniforms = [next(shared) if g is None else
+                torch.rand((), generator=g, dtype=torch.float64, device=device)
+                for g in generators]
+    u = torch.stack(uniforms)  # [batch] in [0, 1)
+    cdf = torch.cumsum(probs.double(), dim=-1)  # [batch, vocab]
+    total = cdf[:, -1]
+    bad = ~(torch.isfinite(total) & (total > 0))
+    if bool(bad.any()):
+        raise EngineError(f"cannot sample rows {bad.nonzero().flatten().tolist()}: their "
+                          "probabilities are NaN, inf or all zero (the model produced non-finite "
+                          "logits; check the weights last pushed to the engine)")
+    # below the row's total, so the first CDF entry above it is a token of positive mass
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    ids = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # [batch]
+    # a parallel (GPU) cumsum may round a flat step up; never return a filtered token
+    positive = probs.gather(1, ids[:, None]).squeeze(1) > 0
+    return torch.where(positive, ids, probs.argmax(dim=-1))
 
 
 def sample(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
            generators: list[torch.Generator | None], num_top: int = 0) -> SampledTokens:
-    """Sample one token per row of ``logits`` (``[batch, vocab]``).
+    """Sample one token per row of ``logits`` (``[batch, vocab]``), all rows at once.
 
-    Each row draws from its own ``torch.Generator`` so a seeded request gives the same tokens
-    whatever else shares the batch. Greedy rows (temperature 0) take the argmax.
+    One batched filter (``processed_logprobs``) and one batched draw (``draw``): each row draws
+    from its own ``torch.Generator`` so a seeded request gives the same tokens whatever else
+    shares the batch. Greedy rows (temperature 0) take the argmax and draw nothing.
     """
     logits = logits.float()
     temp_t = torch.tensor(temperature, dtype=torch.float32, device=logits.device)
@@ -119,14 +158,16 @@ def sample(logits: torch.Tensor, temperature: list[float], top_k: list[int], top
         logits, temp_t, torch.tensor(top_k, device=logits.device),
         torch.tensor(top_p, dtype=torch.float32, device=logits.device),
     )
-    probs = logp.exp()
-    chosen = torch.argmax(logp, dim=-1).tolist()
-    for row, t in enumerate(temperature):
-        if t > 0:
-            chosen[row] = int(torch.multinomial(probs[row], 1, generator=generators[row]).item())
-    ids = torch.tensor(chosen, device=logits.device)
+    drawn = [row for row, t in enumerate(temperature) if t > 0]
+    if len(drawn) == len(temperature):
+        ids = draw(logp.exp(), generators)  # [batch]
+    else:
+        ids = torch.argmax(logp, dim=-1)
+        if drawn:
+            rows = torch.tensor(drawn, device=logits.device)
+            ids[rows] = draw(logp[rows].exp(), [generators[r] for r in drawn])
     lps = logp.gather(1, ids[:, None]).squeeze(1).tolist()
-    out = SampledTokens(token_ids=chosen, logprobs=lps)
+    out = SampledTokens(token_ids=ids.tolist(), logprobs=lps)
     if num_top > 0:
         k = min(num_top, logp.shape[-1])
         top_vals, top_idx = torch.topk(logp, k, dim=-1)
