@@ -106,17 +106,15 @@ class RayEngineGroup:
                  device: str | None = None, timeout: float = 3600.0, grace: float = 10.0,
                  start_timeout: float = 600.0, **kwargs: Any) -> None:
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .ray_actors import actor_options
 
         del grace  # Ray reports a failed rank at once; nothing to wait for
         self.timeout = timeout
         self._stopped: str | None = None
         actor_cls = ray.remote(_Rank)
-        self._actors = [actor_cls.options(
-            num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group, placement_group_bundle_index=r)).remote()
-            for r in range(num_processes)]
+        self._actors = [actor_cls.options(**actor_options(bundle, placement_group, r)).remote()
+                        for r in range(num_processes)]
         payload = cloudpickle.dumps((factory, args, kwargs))
         try:
             master = self._get([self._actors[0].address.remote()], "address", start_timeout)[0]

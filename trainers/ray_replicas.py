@@ -112,9 +112,10 @@ class RayReplicaSet:
             EngineTimeout: not healthy within ``startup_timeout_s``.
         """
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from areal_agents.engines.remote import RemoteEngine
+
+        from .ray_actors import actor_options
 
         group, index = slot = self._slot()
         try:
@@ -125,9 +126,7 @@ class RayReplicaSet:
                               f"{self.startup_timeout_s} s; add nodes or lower max_replicas or "
                               "cpus_per_worker") from None
         actor = ray.remote(_ReplicaServer).options(
-            num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=index)).remote()
+            **actor_options(self.bundle, group, index)).remote()
         token = secrets.token_urlsafe(32)
         self.num_started += 1
         log_path = self.model_dir / "logs" / f"ray_replica{self.num_started}.log"

@@ -5,6 +5,7 @@ ranks as actors, engine-server replicas that join, are killed and replaced."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,11 @@ class _SumRank:
         for i in range(3):
             yield f"w{i}", torch.full((2,), float(i))
 
+    def nice(self) -> int:
+        import os
+
+        return os.nice(0)
+
     def fail(self) -> None:
         if self.rank == 1:
             raise RuntimeError("rank one broke")
@@ -111,6 +117,7 @@ def test_worker_group_ranks_rendezvous_from_the_placement(cluster):
     try:
         assert group.call("total") == [30.0, 30.0]  # (1 + 2) * 10 on both ranks: gloo works
         assert group.call_each("echo", [((5,), {}), ((6,), {})]) == [(0, 5), (1, 6)]
+        assert group.call("nice") == [os.nice(0)] * 2  # the driver's priority, not Ray's 15
         assert [(n, t.tolist()) for n, t in group.stream("weights")] == [
             ("w0", [0.0, 0.0]), ("w1", [1.0, 1.0]), ("w2", [2.0, 2.0])]
         with pytest.raises(TrainError, match=r"(?s)engine rank 1 failed:.*rank one broke"):
@@ -171,6 +178,8 @@ def test_replicas_join_at_the_current_weights_and_a_killed_one_is_replaced(clust
         assert joined.url.startswith("http://") and joined.version == 4
         assert _greedy(joined) == _greedy(reference)  # the trained weights, at version 4
         actor = replicas.actor_of(joined)
+        server_pid = ray.get(actor.pid.remote())
+        assert os.getpriority(os.PRIO_PROCESS, server_pid) == os.nice(0)  # not Ray's 15
         ray.kill(actor)  # its node is lost: actor and server end
         with pytest.raises(ray.exceptions.RayActorError):  # kill is asynchronous: wait for it
             ray.get(actor.ping.remote(), timeout=120)
