@@ -9,13 +9,13 @@ produced the action it rewards (``assign_turn_rewards``). Agents only act.
 from __future__ import annotations
 
 import inspect
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from areal_agents.agent import Agent
 from areal_agents.episode import Episode, run_episode
+from areal_agents.ids import new_id
 from areal_agents.samples import Sample
 
 from .llm_session import Seat
@@ -200,7 +200,7 @@ async def play(
     finally:
         for seat in seats.values():
             seat.close()
-    episode_id = uuid.uuid4().hex[:12]
+    episode_id = new_id()
     by_policy: dict[str, list[Sample]] = {}
     gen_lengths: dict[str, list[int]] = {}
     for agent_id, agent_samples in samples.items():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
+from ..ids import new_id
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -68,7 +69,7 @@ class GenerateRequest:
 
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_id)
     session_id: str | None = None
     adapter: str | None = None
 

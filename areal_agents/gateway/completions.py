@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..engines.base import CompletionOutput, GenerateRequest, SamplingParams
 from ..errors import ContextLengthExceeded, EngineError, EngineUnavailable
+from ..ids import new_id
 from ..samples import SamplingDistribution
 from .chat import decode_completion, encode, render
 from .errors import GatewayError, bad_request
@@ -130,7 +130,7 @@ async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: S
         raise bad_request(str(exc), param="messages") from exc
     outputs, timing = await generate(policy, prompt_ids, fields, session)
     turns = []
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    response_id = f"chatcmpl-{new_id()}"
     choices = []
     for i, out in enumerate(outputs):
         text = decode_completion(policy.tokenizer, out.token_ids, fields["stop"],
@@ -206,7 +206,7 @@ async def text_completion(policy: ServedPolicy, body: dict[str, Any], session: S
     check_prompt_ids(prompt_ids, len(policy.tokenizer))
     fields = sampling_fields(body, policy.max_n)
     outputs, timing = await generate(policy, prompt_ids, fields, session)
-    response_id = f"cmpl-{uuid.uuid4().hex}"
+    response_id = f"cmpl-{new_id()}"
     choices, turns = [], []
     for i, out in enumerate(outputs):
         text = decode_completion(policy.tokenizer, out.token_ids, fields["stop"], set())

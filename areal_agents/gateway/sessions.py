@@ -6,12 +6,12 @@ from __future__ import annotations
 import html
 import math
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..ids import new_id
 from ..samples import Sample, SamplingDistribution
 
 
@@ -77,7 +77,7 @@ class Session:
 
     policy: str
     metadata: dict[str, Any] = field(default_factory=dict)
-    session_id: str = field(default_factory=lambda: f"sess_{uuid.uuid4().hex}")
+    session_id: str = field(default_factory=lambda: f"sess_{new_id()}")
     turns: list[Turn] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     turn_rewards: dict[int, float] = field(default_factory=dict)
