@@ -25,7 +25,8 @@ failed update resumes and raises)::
 (the gateway iterates it once per replica), so the sending side holds at most the bucket being
 sent and the tensor being exported (two buckets) whatever the model size. A one-process FSDP
 engine exports views of its parameters (no copy at all); a worker group streams rank 0's
-tensors one pipe message each (``worker_group.py``), so the controller never holds the model;
+tensors packed into pipe messages of at most one bucket (``worker_group.py``,
+``tensor_pack.py``; the push caps its ``stream_bytes``), so the controller never holds the model;
 for a ``disk`` update its rank 0 writes the directory itself (``WritesWeights``) and no tensor
 reaches the controller at all.
 
@@ -133,6 +134,8 @@ class WeightPush:
             Exception: whatever the export raises while a ``disk`` update is written (no
                 directory is left half-written).
         """
+        if getattr(source, "stream_bytes", 0) > self.bucket_bytes:  # a worker group's
+            source.stream_bytes = self.bucket_bytes  # pipe messages stay within one bucket
         if self.transport == "disk":
             path = str(self.directory)
             if isinstance(source, WritesWeights):

@@ -9,8 +9,9 @@ What crosses the pipes per call::
                       returns the log-probs of the rows it owns, gathered here in row order
                       (``shard_logprobs``: every rank runs as many micro-batch forwards, so
                       the collectives of FSDP/Archon stay in step)
-    export_weights    rank 0's (name, tensor) pairs, one message each (a generator: one
-                      tensor in flight; the other ranks drain their collective generators)
+    export_weights    rank 0's (name, tensor) pairs packed into messages of at most
+                      ``stream_bytes`` (``tensor_pack.py``: a flat byte buffer each, one message
+                      in flight; the other ranks drain their collective generators)
     write_weights     a path: rank 0 writes the safetensors dir of a disk weight push
                       itself (no tensor crosses the pipes)
     save / load       a path; every rank writes/reads its DCP shards
@@ -50,6 +51,7 @@ from .backends import backend_factory
 from .base import LossFn, TrainEngine
 from .launcher import DistributedEngineGroup
 from .placement import TrainPlacement, check_train_placement, engine_parallel_kwargs
+from .tensor_pack import PackedTensors, pack_tensors
 
 if TYPE_CHECKING:
     from .reference import ReferenceSpec
@@ -58,6 +60,9 @@ if TYPE_CHECKING:
 __all__ = ["GroupReference", "ModelSource", "RowShard", "WorkerGroupEngine", "gather_logprobs",
            "shard_batch", "shard_logprobs", "shard_rows"]
 
+STREAM_BYTES = 16 << 20
+"""Bytes of tensors per pipe message of ``WorkerGroupEngine.export_weights`` (its
+``stream_bytes``): what the controller holds of the model at once."""
 _ONES = {"temperature", "top_p"}  # placeholder rows sample like defaults (never trained on)
 
 
@@ -277,6 +282,18 @@ class _RankEngine:
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.engine.export_weights()
 
+    def export_packed(self, max_bytes: int) -> Iterator[PackedTensors]:
+        """Rank 0: the export packed into messages of ``max_bytes``; the other ranks walk
+        their (collective) export and yield nothing."""
+        import torch.distributed as dist
+
+        tensors = self.engine.export_weights()
+        if dist.is_initialized() and dist.get_rank() != 0:
+            for _ in tensors:
+                pass
+            return
+        yield from pack_tensors(tensors, max_bytes)
+
     def write_weights(self, path: str, bucket_bytes: int) -> int:
         import torch.distributed as dist
 
@@ -381,6 +398,9 @@ class WorkerGroupEngine(TrainEngine):
         group: the worker-group class (default ``DistributedEngineGroup``: processes of this
             machine; ``launcher: ray`` passes a ``RayEngineGroup`` bound to its placement).
 
+    Attributes:
+        stream_bytes: tensor bytes per pipe message of ``export_weights`` (``STREAM_BYTES``).
+
     Raises:
         ConfigError: the backend cannot run ``placement``, or ``device="cuda"`` with fewer
             visible GPUs than ranks.
@@ -403,6 +423,7 @@ class WorkerGroupEngine(TrainEngine):
         self.placement = placement
         self.step = 0
         self.version = 0
+        self.stream_bytes = STREAM_BYTES
         layout: dict[str, Any] = dict(engine_parallel_kwargs(backend, placement))
         device = placement.resolved_device()
         if device == "cpu":
@@ -448,8 +469,10 @@ class WorkerGroupEngine(TrainEngine):
         return _forward_logprobs(self._group, "forward_logprobs", batch, self.placement)
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Rank 0's ``(hf_name, full CPU tensor)`` pairs, streamed one message each."""
-        yield from self._group.stream("export_weights")
+        """Rank 0's ``(hf_name, full CPU tensor)`` pairs, streamed in packed messages of at
+        most ``stream_bytes`` (a larger tensor alone); each tensor is a view of its message."""
+        for packed in self._group.stream("export_packed", self.stream_bytes):
+            yield from packed.unpack()
 
     def write_weights(self, path: str, bucket_bytes: int) -> int:
         """Rank 0 writes ``export_weights()`` to the safetensors dir ``path`` (a

@@ -207,6 +207,13 @@ def test_worker_group_engine_matches_one_process(tmp_path):
     try:
         got = [engine.train_step(batch, ppo_loss) for _ in range(2)]
         weights = dict(engine.export_weights())
+        packs = list(engine._group.stream("export_packed", 1 << 30))  # rank 0's messages
+        assert len(packs) == 1  # the whole model in one message (one per tensor before)
+        assert [n for n, _ in packs[0].unpack()] == list(weights)
+        engine.stream_bytes = 4096  # many small messages: the same tensors, bit for bit
+        small = dict(engine.export_weights())
+        assert small.keys() == weights.keys()
+        assert all(torch.equal(small[n], weights[n]) for n in weights)
         logprobs = engine.forward_logprobs(batch)
         engine.version = 5
         engine.save(str(tmp_path / "ckpt"))
