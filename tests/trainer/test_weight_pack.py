@@ -57,3 +57,19 @@ def test_a_pack_copies_so_later_changes_to_the_source_do_not_leak_in():
 def test_max_bytes_must_be_positive():
     with pytest.raises(ValueError, match=r"^max_bytes must be >= 1, got 0$"):
         list(pack_tensors([], max_bytes=0))
+
+
+async def test_a_push_caps_a_worker_groups_pipe_messages_at_its_bucket():
+    from areal_agents.trainers.placement import InferencePlacement
+    from areal_agents.trainers.weight_push import WeightPush
+
+    class Group:  # a WorkerGroupEngine's export side
+        stream_bytes = 1 << 30
+
+        def export_weights(self):
+            yield "w", torch.ones(2)
+
+    source = Group()
+    update = await WeightPush(InferencePlacement(bucket_mb=1)).update(source, version=2)
+    assert source.stream_bytes == 1 << 20  # the controller holds at most one bucket of it
+    assert [(n, t.tolist()) for n, t in update.named_tensors] == [("w", [1.0, 1.0])]
