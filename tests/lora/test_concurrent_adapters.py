@@ -65,8 +65,11 @@ def test_two_adapters_trained_concurrently_equal_each_trained_alone():
     # Force the overlap: in every step the listener asks for the slot (forward, then train)
     # while the speaker is inside its train step's loss, i.e. while the speaker's adapter is
     # active and its gradients are being accumulated.
+    # Each step, the speaker starts after the listener's previous step (so the speaker never
+    # waits holding the slot for a listener that waits for the slot).
     inside = [threading.Event() for _ in range(STEPS)]
     asking = [threading.Event() for _ in range(STEPS)]
+    done = [threading.Event() for _ in range(STEPS)]
     step_of_speaker = iter(range(STEPS))
     current: list[int] = []
 
@@ -80,8 +83,11 @@ def test_two_adapters_trained_concurrently_equal_each_trained_alone():
 
     def speaker_step(k: int) -> None:
         current.clear()
+        assert k == 0 or done[k - 1].wait(WAIT_S), "the listener never finished its step"
 
     def listener_step(k: int) -> None:
+        if k:
+            done[k - 1].set()
         assert inside[k].wait(WAIT_S), "the speaker never entered its train step"
         asking[k].set()
 
@@ -92,7 +98,7 @@ def test_two_adapters_trained_concurrently_equal_each_trained_alone():
             out[name] = play(views[name], seed, before, loss)
         except BaseException as e:  # re-raised in the test's thread
             errors.append(e)
-            for event in inside + asking:  # release the other thread
+            for event in inside + asking + done:  # release the other thread
                 event.set()
 
     threads = [threading.Thread(target=run, args=("speaker", 1, speaker_step, speaker_loss)),
