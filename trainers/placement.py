@@ -258,6 +258,12 @@ class InferencePlacement:
         server_args: extra arguments of the launched servers.
         python: the interpreter of the server's own venv (default: this one).
         urls: attach to these running servers instead of launching any.
+        colocate: training and these engines share the devices: around each train step of the
+            policy the replicas pause and give their device memory back (``offload_level``),
+            then take back the weights, load the new ones, take back the KV cache and resume
+            (``trainers/colocate.py``; vLLM needs ``--enable-sleep-mode``, SGLang
+            ``--enable-memory-saver``; engines on CPU only pause).
+        offload_level: 1 (weights kept in CPU memory) or 2 (dropped; the update reloads them).
 
     Raises:
         ConfigError: unknown kind/transport/device, a transport the kind cannot use,
@@ -281,9 +287,14 @@ class InferencePlacement:
     server_args: dict[str, Any] = field(default_factory=dict, hash=False)
     python: str | None = None
     urls: tuple[str, ...] = ()
+    colocate: bool = False
+    offload_level: int = 1
 
     def __post_init__(self) -> None:
         owner = "Policy.inference"
+        if self.offload_level not in (1, 2) or isinstance(self.offload_level, bool):
+            raise ConfigError(f"{owner}.offload_level must be 1 (weights kept in CPU memory) or "
+                              f"2 (dropped), got {self.offload_level!r}")
         _choice(owner, "kind", self.kind, InferenceKind)
         _choice(owner, "device", self.device, Device)
         _choice(owner, "transport", self.transport, Transport)

@@ -12,6 +12,9 @@
 3. stream the new weights to the serving replicas (pause -> update -> version + 1 -> resume,
    ``weight_push.py``) and let the league snapshot them when due.
 
+With ``inference.colocate`` the replicas pause and offload before step 2 and take their memory
+back around the update of step 3 (``colocate.py``).
+
 Returns the policy's metrics (``StepStats.train_metrics``: wait / train / sync seconds).
 """
 
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from areal_agents.samples import collate
 
+from .colocate import colocation_for
 from .proximal import (
     ProximalFromForward,
     exact_behaviour,
@@ -78,8 +82,14 @@ async def train_policy(trainer: Trainer, name: str) -> dict[str, float]:
             critic_stats.update(critic.update(prepared, algorithm))
         return stats
 
+    colocation = colocation_for(trainer.policies[name].inference)  # colocate.py
     t1 = time.perf_counter()
-    stats = await asyncio.to_thread(work)
+    await colocation.before_train(trainer.gateway, name)  # colocated: pause, offload
+    try:
+        stats = await asyncio.to_thread(work)
+    except BaseException:
+        await colocation.after_failed_train(trainer.gateway, name)
+        raise
     t2 = time.perf_counter()
     control = trainer.controller.controls[name]
     new_version = control.version + 1
@@ -89,7 +99,7 @@ async def train_policy(trainer: Trainer, name: str) -> dict[str, float]:
     update = await trainer.weight_pushes[name].update(engine, new_version)
 
     async def push() -> None:  # pause all -> update all -> resume all (also on failure)
-        await trainer.gateway.push_weights(name, update)
+        await colocation.push(trainer.gateway, name, update)
 
     await trainer.controller.update_weights(name, push, new_version)
     engine.version = new_version

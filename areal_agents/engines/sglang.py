@@ -13,6 +13,8 @@ commands. Endpoints used, as defined in sgl-project/sglang
   queue and none fails (their KV cache is recomputed on ``/continue_generation``, so the
   cache may be flushed by an update meanwhile; ``in_place`` would forbid that);
 * ``POST /abort_request {"rid"}`` / ``{"abort_all": true}``;
+* colocation: ``POST /release_memory_occupation {}`` / ``POST /resume_memory_occupation
+  {"tags": ["weights"|"kv_cache"]}`` (``--enable-memory-saver``);
 * ``POST /update_weights_from_disk`` (``model_path``, ``load_format``, ``weight_version``,
   ``flush_cache``, ``keep_pause``), ``/update_weights_from_tensor``
   (``serialized_named_tensors``: one payload per tensor-parallel rank),
@@ -239,6 +241,29 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
         """``POST /continue_generation``: waiting requests continue. Idempotent."""
         await self._request("POST", "/continue_generation", {})
         self._paused = False
+
+    async def offload(self, level: int = 1) -> None:
+        """``POST /release_memory_occupation {}``: give the GPU memory of the weights and the
+        KV cache back (colocation, ``trainers/colocate.py``; SGLang has no levels: the weights
+        are kept in CPU memory only with ``--enable-weights-cpu-backup``, else the next update
+        reloads them all). Needs a server launched with ``--enable-memory-saver``; pause first
+        (retracted requests are recomputed after ``onload``).
+
+        Raises:
+            EngineError: the server refused (e.g. started without ``--enable-memory-saver``).
+        """
+        del level
+        try:
+            await self._request("POST", "/release_memory_occupation", {})
+        except EngineError as exc:
+            raise EngineError(f"{exc}; colocation needs an SGLang server launched with "
+                              "--enable-memory-saver") from exc
+
+    async def onload(self, tags: Sequence[str] | None = None) -> None:
+        """``POST /resume_memory_occupation {"tags": [...]}``: take back the memory of ``tags``
+        (``"weights"``, ``"kv_cache"``; None: all released)."""
+        await self._request("POST", "/resume_memory_occupation",
+                            {"tags": list(tags)} if tags is not None else {})
 
     async def abort(self, request_ids: Iterable[str] | None = None) -> None:
         """Abort these requests (None: all); they return with ``finish_reason="abort"``.

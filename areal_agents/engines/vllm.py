@@ -9,6 +9,8 @@ Endpoints used (vLLM 0.32, ``VLLM_SERVER_DEV_MODE=1``):
   spans; needs ``--enable-scale-out``, which ``launch`` passes), or ``POST /v1/completions``
   with a token-id prompt on servers started without it;
 * ``POST /pause?mode=keep`` / ``POST /resume``: in-flight requests freeze and continue;
+* colocation: ``POST /sleep?level=1|2&mode=keep`` / ``POST /wake_up?tags=weights&tags=kv_cache``
+  (``--enable-sleep-mode``);
 * ``POST /abort_requests``; ``GET /weight_info``; ``POST /update_weight_version``;
 * weights: ``POST /collective_rpc`` ``reload_weights(weights_path=DIR)`` (HF-named
   safetensors on a file system the server reads), then ``POST /reset_prefix_cache`` (cached
@@ -281,6 +283,28 @@ class VLLMEngine(HTTPEngine):
         """``POST /resume``: frozen and queued requests continue. Idempotent."""
         await self._request("POST", "/resume")
         self._paused = False
+
+    async def offload(self, level: int = 1) -> None:
+        """``POST /sleep?level=L&mode=keep``: give the GPU memory back (colocation,
+        ``trainers/colocate.py``). Level 1 moves the weights to CPU memory, level 2 drops them
+        (the next update reloads them all); both drop the KV cache, and requests in flight are
+        preempted, recomputed after ``onload``. Needs a server launched with
+        ``--enable-sleep-mode`` (CUDA).
+
+        Raises:
+            EngineError: the server refused (e.g. started without ``--enable-sleep-mode``).
+        """
+        try:
+            await self._request("POST", "/sleep", params={"level": str(level), "mode": "keep"})
+        except EngineError as exc:
+            raise EngineError(f"{exc}; colocation needs a vLLM server launched with "
+                              "--enable-sleep-mode (server_args: [--enable-sleep-mode])") from exc
+
+    async def onload(self, tags: Sequence[str] | None = None) -> None:
+        """``POST /wake_up?tags=...``: take back the memory of ``tags`` (``"weights"``,
+        ``"kv_cache"``; None: all). vLLM resumes scheduling by itself once all is back."""
+        query = "&".join(f"tags={t}" for t in tags or ())
+        await self._request("POST", f"/wake_up?{query}" if query else "/wake_up")
 
     async def abort(self, request_ids: Iterable[str] | None = None) -> None:
         """Abort these requests (None: all); they return with ``finish_reason="abort"``."""
