@@ -17,12 +17,14 @@ the server's random token, read from ``$AREAL_AGENTS_ENGINE_TOKEN``; there is no
 ``areal_agents.trainers.weight_transport`` that another process can read (``shm``, ``disk``);
 the server reads the stream (``receive(manifest)``) while the sender writes it.
 
-A streamed or broadcast update is all or nothing, in bounded memory: the server writes what it
-receives to a safetensors spool directory on disk (a temporary directory; one shard of the
-sender's bucket size pending at a time, so about two buckets besides the model), and loads
-it only once the stream ended normally, one tensor at a time after checking every name and
-shape (``local.apply_weight_update``). A failed stream leaves the model and version as they
-were. The price is one write and one read of the update on the server's disk.
+A streamed or broadcast update is all or nothing, in bounded memory (``receive_update``): an
+update that fits in one of the sender's buckets is held in memory as it arrives; a larger one
+is written to a safetensors spool directory on disk (a temporary directory; one shard of the
+sender's bucket size pending at a time, so about two buckets besides the model). Either is
+loaded only once the stream ended normally, one tensor at a time after checking every name
+and shape (``local.apply_weight_update``). A failed stream leaves the model and version as they
+were. The price of a large update is one write and one read of it on the server's disk; a
+small one (a tiny model every step) skips the disk.
 
 ``/weights_group/join`` makes the server a rank of a standalone weight-update process group
 (``trainers.weight_nccl.join_group``: gloo on CPU, NCCL on GPU; it answers once every rank has
@@ -54,6 +56,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -148,6 +151,36 @@ DEFAULT_SPOOL_BYTES = 256 * 2**20
 """Shard size of a received update's spool when the sender names no bucket size."""
 
 
+def receive_update(stream: Iterable[tuple[str, Any]], bucket_bytes: int,
+                   spool: str) -> list[tuple[str, Any]] | None:
+    """Drain a received weight stream: its ``(name, tensor)`` pairs (the receiver's own
+    copies) while they add up to at most ``bucket_bytes``, returned as a list; once they
+    exceed it, everything (the ones held first) goes to the safetensors dir ``spool`` in
+    shards of ``bucket_bytes`` and None is returned. Holds about two buckets at most.
+
+    Raises:
+        Exception: whatever the stream raises (nothing is returned or left in ``spool``).
+    """
+    from areal_agents.trainers.weight_sync import save_safetensors_dir
+
+    held: list[tuple[str, Any]] = []
+    size = 0
+    items = iter(stream)
+    for name, tensor in items:
+        size += tensor.numel() * tensor.element_size()
+        if size > bucket_bytes:
+            def spooled(first: tuple[str, Any] = (name, tensor)) -> Iterator[tuple[str, Any]]:
+                while held:
+                    yield held.pop(0)  # handed to the writer's shard: not held twice
+                yield first
+                yield from items
+
+            save_safetensors_dir(spooled(), spool, bucket_bytes)
+            return None
+        held.append((name, tensor))
+    return held
+
+
 class _Service:
     """The endpoints: each takes the parsed JSON body and returns the JSON answer."""
 
@@ -228,17 +261,17 @@ class _Service:
         return self.state()
 
     async def _load_spooled(self, stream: Any, bucket_bytes: int, version: Any) -> None:
-        """Receive ``stream()`` into a safetensors spool directory (off the event loop; one
-        shard of ``bucket_bytes`` pending at a time), then load it into the engine one tensor
-        at a time, and take ``version``. All or nothing: a stream that fails leaves nothing to
-        load (the spool is removed), and the load checks every name and shape first."""
-        from areal_agents.trainers.weight_sync import save_safetensors_dir
-
+        """Receive ``stream()`` (off the event loop; ``receive_update``: in memory up to one
+        bucket, else into a spool directory), then load it into the engine one tensor at a
+        time, and take ``version``. All or nothing: a stream that fails leaves nothing to load
+        (the spool is removed), and the load checks every name and shape first."""
         root = tempfile.mkdtemp(prefix="engine-spool-")
         try:
             path = os.path.join(root, "update")
-            await asyncio.to_thread(lambda: save_safetensors_dir(stream(), path, bucket_bytes))
-            await self.engine.update_weights(WeightUpdate(path=path, version=version))
+            held = await asyncio.to_thread(lambda: receive_update(stream(), bucket_bytes, path))
+            update = (WeightUpdate(path=path, version=version) if held is None
+                      else WeightUpdate(named_tensors=held, version=version))
+            await self.engine.update_weights(update)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
