@@ -30,7 +30,7 @@ class _Seq:
     """One completion being decoded (a row of the running batch)."""
 
     job: _Job
-    generator: torch.Generator | None
+    generator: random.Random | None  # the row's stream (engines/sampling.py: draw)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
@@ -365,8 +365,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             for i in range(sp.n):
                 gen = None
                 if sp.temperature > 0:
-                    gen = torch.Generator(device=self.device)
-                    gen.manual_seed((seed * 1_000_003 + i) % 2**63)
+                    gen = random.Random((seed * 1_000_003 + i) % 2**63)
                 job.seqs.append(_Seq(job, gen))
         self._park()
         finished = self._unpark()

@@ -16,10 +16,15 @@ is ``>= threshold``), so the trainers' chunked log-prob head (``trainers/logprob
 exactly this rule without materialising a second copy of it. AReaL, by contrast, recomputes
 training log-probs with temperature only (no top-k/top-p), which differs from the behaviour
 log-probs whenever filtering is on.
+
+``sample`` filters and draws for the whole batch at once: each sampled row inverts its CDF at
+one uniform from its own generator (``draw``), so no torch op runs per row and a seeded row's
+tokens do not depend on what shares its batch.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -107,28 +112,42 @@ def processed_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     return torch.log_softmax(scaled, dim=-1)
 
 
-def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One id per row of ``probs`` (``[batch, vocab]``, rows summing to ~1), drawn by inverting
-    each row's CDF at one uniform number from that row's generator.
+RowGenerator = random.Random | torch.Generator
+"""A sampled row's own random stream: ``random.Random`` (what ``LocalEngine`` gives each row:
+drawing from it is plain Python, no torch op per row) or a ``torch.Generator``."""
 
-    Row b's uniform comes from ``generators[b]`` (rows with ``None`` share one draw from torch's
-    global generator), so a seeded row draws the same ids whatever else shares the batch; the
-    CDFs of all rows are inverted together (one float64 ``cumsum`` and one ``searchsorted``).
-    A token of probability 0 is never drawn: the CDF does not rise at it. Costs one uniform per
-    row instead of the exponential-race noise over the whole vocabulary that
-    ``torch.multinomial(row, 1)`` draws for every row.
+
+def row_uniforms(generators: list[RowGenerator | None], device: torch.device) -> torch.Tensor:
+    """``[batch]`` float64 uniforms in [0, 1), one drawn from each row's own generator.
+
+    ``random.Random`` rows call ``.random()`` (53 random bits); ``torch.Generator`` rows draw one
+    float64 ``torch.rand``; rows with ``None`` share one ``torch.rand`` from torch's global
+    generator of ``device``. One tensor is built from the values (a single torch op when every
+    row has a ``random.Random``).
+    """
+    num_global = sum(g is None for g in generators)
+    shared = iter(torch.rand(num_global, dtype=torch.float64, device=device).tolist()
+                  if num_global else ())
+    values = [next(shared) if g is None else
+              torch.rand((), generator=g, dtype=torch.float64, device=g.device).item()
+              if isinstance(g, torch.Generator) else g.random() for g in generators]
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def draw(probs: torch.Tensor, generators: list[RowGenerator | None]) -> torch.Tensor:
+    """One id per row of ``probs`` (``[batch, vocab]``, rows summing to ~1), drawn by inverting
+    each row's CDF at one uniform number from that row's generator (``row_uniforms``).
+
+    A seeded row draws the same ids whatever else shares the batch; the CDFs of all rows are
+    inverted together (one float64 ``cumsum`` and one ``searchsorted``). A token of probability
+    0 is never drawn: the CDF does not rise at it. Costs one uniform per row instead of the
+    exponential-race noise over the whole vocabulary that ``torch.multinomial(row, 1)`` draws
+    for every row, and no torch op per row.
 
     Raises:
         EngineError: a row has no finite positive mass (the model produced NaN or inf logits).
     """
-    device = probs.device
-    num_global = sum(g is None for g in generators)
-    shared = iter(torch.rand(num_global, dtype=torch.float64, device=device).unbind()
-                  if num_global else ())
-    uniforms = [next(shared) if g is None else
-                torch.rand((), generator=g, dtype=torch.float64, device=device)
-                for g in generators]
-    u = torch.stack(uniforms)  # [batch] in [0, 1)
+    u = row_uniforms(generators, probs.device)  # [batch]
     cdf = torch.cumsum(probs.double(), dim=-1)  # [batch, vocab]
     total = cdf[:, -1]
     bad = ~(torch.isfinite(total) & (total > 0))
@@ -145,12 +164,12 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 
 
 def sample(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
-           generators: list[torch.Generator | None], num_top: int = 0) -> SampledTokens:
+           generators: list[RowGenerator | None], num_top: int = 0) -> SampledTokens:
     """Sample one token per row of ``logits`` (``[batch, vocab]``), all rows at once.
 
     One batched filter (``processed_logprobs``) and one batched draw (``draw``): each row draws
-    from its own ``torch.Generator`` so a seeded request gives the same tokens whatever else
-    shares the batch. Greedy rows (temperature 0) take the argmax and draw nothing.
+    from its own generator (``RowGenerator``) so a seeded request gives the same tokens whatever
+    else shares the batch. Greedy rows (temperature 0) take the argmax and draw nothing.
     """
     logits = logits.float()
     temp_t = torch.tensor(temperature, dtype=torch.float32, device=logits.device)

@@ -5,11 +5,12 @@ tests at fixed seeds), per-row seeds, never a filtered token, a clear error on N
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
-from areal_agents.engines.sampling import draw, processed_logprobs, sample
+from areal_agents.engines.sampling import draw, processed_logprobs, row_uniforms, sample
 from areal_agents.errors import EngineError
 
 # one config per row group: temperature, top_k, top_p (mixes every filter; the last is greedy)
@@ -32,13 +33,18 @@ def per_row_sample(logits, temperature, top_k, top_p, generators):
 
 
 def batch(seed: int, draws: int = DRAWS):
-    """``draws`` rows of each config over one fixed logit row, each with its own generator."""
+    """``draws`` rows of each config over one fixed logit row, each with its own generator
+    (``random.Random``, as ``LocalEngine`` gives its rows)."""
     base = torch.randn(VOCAB, generator=torch.Generator().manual_seed(0))
     logits = base.repeat(len(CONFIGS) * draws, 1)
     temperature, top_k, top_p = (list(x) for x in zip(*[c for c in CONFIGS
                                                         for _ in range(draws)], strict=True))
-    generators = [torch.Generator().manual_seed(seed * 10**6 + i) for i in range(len(logits))]
+    generators = [random.Random(seed * 10**6 + i) for i in range(len(logits))]
     return logits, temperature, top_k, top_p, generators
+
+
+def torch_generators(seed: int, num: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed * 10**6 + i) for i in range(num)]
 
 
 def counts(ids: list[int], config: int) -> list[int]:
@@ -56,7 +62,7 @@ def test_log_probs_equal_the_per_row_path_exactly():
     logits, temperature, top_k, top_p, generators = batch(seed=1, draws=200)
     new = sample(logits, temperature, top_k, top_p, generators)
     old_ids, old_lps = per_row_sample(logits, temperature, top_k, top_p,
-                                      batch(seed=1, draws=200)[4])
+                                      torch_generators(seed=1, num=len(logits)))
     old = {(row // 200, tok): lp for row, (tok, lp) in enumerate(zip(old_ids, old_lps,
                                                                        strict=True))}
     compared = 0
@@ -74,7 +80,8 @@ def test_log_probs_equal_the_per_row_path_exactly():
 def test_ids_have_the_per_row_paths_distribution():
     logits, temperature, top_k, top_p, generators = batch(seed=2)
     new = sample(logits, temperature, top_k, top_p, generators).token_ids
-    old, _ = per_row_sample(logits, temperature, top_k, top_p, batch(seed=3)[4])
+    old, _ = per_row_sample(logits, temperature, top_k, top_p,
+                            torch_generators(seed=3, num=len(logits)))
     probs = processed_logprobs(logits[:1].repeat(len(CONFIGS), 1),
                                torch.tensor([c[0] for c in CONFIGS]),
                                torch.tensor([c[1] for c in CONFIGS]),
@@ -134,6 +141,34 @@ def test_each_seeded_row_takes_one_uniform_from_its_generator():
         assert first[row] == int((cdf <= u * cdf[-1]).sum())
     again = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
     assert sample(logits, [1.0, 0.0, 1.0], [0] * 3, [1.0] * 3, again).token_ids == first
+
+
+def test_python_random_rows_draw_at_their_own_next_uniform():
+    """The engine's rows (``random.Random``): one ``.random()`` per token, the inverse CDF at it,
+    the same ids whatever shares the batch."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    rows = [random.Random(s) for s in (5, 6, 7)]
+    ids = sample(logits, [1.0, 0.0, 1.0], [0] * 3, [1.0] * 3, rows).token_ids
+    assert rows[1].random() == random.Random(6).random()  # the greedy row drew nothing
+    for row, seed in ((0, 5), (2, 7)):
+        replay = random.Random(seed)
+        u = replay.random()
+        assert rows[row].random() == replay.random()  # exactly one uniform was taken
+        cdf = torch.cumsum(torch.softmax(logits[row], dim=-1).double(), dim=-1)
+        assert ids[row] == int((cdf <= u * cdf[-1]).sum())
+    alone = sample(logits[2:], [1.0], [0], [1.0], [random.Random(7)]).token_ids
+    assert alone == [ids[2]]
+
+
+def test_row_uniforms_mix_generator_kinds():
+    torch.manual_seed(3)
+    out = row_uniforms([random.Random(1), None, torch.Generator().manual_seed(2), None],
+                       torch.device("cpu"))
+    torch.manual_seed(3)
+    shared = torch.rand(2, dtype=torch.float64).tolist()
+    own = torch.rand((), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert out.dtype == torch.float64
+    assert out.tolist() == [random.Random(1).random(), shared[0], own.item(), shared[1]]
 
 
 def test_rows_without_a_generator_use_torchs_global_one():
