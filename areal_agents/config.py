@@ -55,6 +55,9 @@ class PolicyConfig(_Strict):
     sft_lr: float = Field(1e-3, gt=0, description="warm-start learning rate")
     api: Literal["chat", "completions"] = Field(
         "chat", description="chat template, or raw-text prompts ending in the observation")
+    context: Literal["full", "last"] = Field(
+        "full", description="each turn's prompt: the episode so far, or only the newest "
+        "observation (each turn its own sample; for group_by: turn)")
     ref_model: str | None = Field(
         None, description="KL reference (kl_coef > 0) as 'tiny:<size>[:seed=N]' or a path; "
         "None: the policy's initial weights after the warm start")

@@ -87,14 +87,22 @@ class SessionAgent(LLMAgent):
     ``seed_key`` turn ``t`` samples with seed ``turn_seed(seed_key, t)`` (reproducible
     rollouts whatever the scheduling). It knows nothing of its session: ``end_episode``
     returns ``[]`` and the trainer takes the samples from the gateway (``Seat.take_samples``).
+    ``context="last"`` (``Policy.context``) prompts each turn with the newest observation
+    only (after the system prompt, if any), so each turn becomes its own sample.
     """
 
     def __init__(self, client: Any, model: str, sampling: dict[str, Any], agent_id: str = "",
                  api: str = "chat", seed_key: str | None = None,
-                 direct: DirectCompletion | None = None) -> None:
+                 direct: DirectCompletion | None = None, context: str = "full") -> None:
         super().__init__(client, model, sampling=sampling, agent_id=agent_id)
         self.api, self.seed_key, self.direct = api, seed_key, direct
+        self.context = context
         self.turn = 0
+
+    async def act(self, observation: Any) -> Message:
+        if self.context == "last":
+            self.history = [m for m in self.history if m.get("role") == "system"]
+        return await super().act(observation)
 
     def reset(self) -> None:
         self.history, self.last_report, self.turn = [], None, 0
@@ -185,5 +193,6 @@ async def open_seat(gateway: Gateway, client: Any, policy: Policy, name: str, ag
     direct = (functools.partial(complete_in_process, gateway, key)
               if policy.api == "completions" else None)  # no HTTP/SDK hop in process
     agent = SessionAgent(client.with_options(api_key=key), name, sampling, agent_id,
-                         api=policy.api, seed_key=seed_key, direct=direct)
+                         api=policy.api, seed_key=seed_key, direct=direct,
+                         context=policy.context)
     return Seat(agent_id, name, agent, gateway, key)

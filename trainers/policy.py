@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from areal_agents.gateway.tool_parsing import check_tool_parser
 
@@ -39,6 +39,10 @@ class Policy:
         sft_lr: learning rate of the warm start.
         api: ``"chat"`` (chat template) or ``"completions"`` (raw text prompt whose last token
             is the observation's last token: small models condition on it far more easily).
+        context: what each turn's prompt holds: ``"full"`` (the episode so far: one merged
+            sample per session) or ``"last"`` (only the newest observation, for envs whose
+            every observation restates the state, e.g. ``TicTacToe(list_free=True)``: each
+            turn is then its own sample, which turn-level credit, ``group_by="turn"``, needs).
         ref_model: the KL reference when the algorithm has ``kl_coef > 0``, in the forms of
             ``model`` (same tokenizer); ``None`` = this policy's initial weights (after the
             warm start).
@@ -89,6 +93,7 @@ class Policy:
     sft_steps: int = 0
     sft_lr: float = 1e-3
     api: str = "chat"
+    context: Literal["full", "last"] = "full"
     ref_model: Any = None
     algorithm_params: dict[str, Any] = field(default_factory=dict)
     train: TrainPlacement = field(default_factory=TrainPlacement)
@@ -118,6 +123,8 @@ class Policy:
                              " or endpoint= for an external server")
         if self.api not in ("chat", "completions"):
             raise ValueError(f"Policy.api={self.api!r}; choose 'chat' or 'completions'")
+        if self.context not in ("full", "last"):
+            raise ValueError(f"Policy.context={self.context!r}; choose 'full' or 'last'")
         if self.lr <= 0:
             raise ValueError(f"Policy.lr must be > 0, got {self.lr}")
         if self.max_staleness is not None and self.max_staleness < 0:
