@@ -163,6 +163,18 @@ def draw(probs: torch.Tensor, generators: list[RowGenerator | None]) -> torch.Te
     return torch.where(positive, ids, probs.argmax(dim=-1))
 
 
+def _unfiltered_logprobs(logits: torch.Tensor, temperature: list[float]) -> torch.Tensor:
+    """``processed_logprobs`` for rows that filter nothing, in fewer torch ops: no division
+    when every effective temperature is 1 (``x / 1`` is ``x``), no threshold search; NaN logits
+    are still treated as filtered, as ``scaled >= -inf`` does there."""
+    scaled = logits
+    if any(t not in (0.0, 1.0) for t in temperature):
+        temp = torch.tensor(temperature, dtype=torch.float32, device=logits.device)
+        scaled = logits / effective_temperature(temp)[:, None]
+    scaled = torch.where(scaled >= float("-inf"), scaled, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
+
+
 def sample(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
            generators: list[RowGenerator | None], num_top: int = 0) -> SampledTokens:
     """Sample one token per row of ``logits`` (``[batch, vocab]``), all rows at once.
@@ -172,11 +184,14 @@ def sample(logits: torch.Tensor, temperature: list[float], top_k: list[int], top
     else shares the batch. Greedy rows (temperature 0) take the argmax and draw nothing.
     """
     logits = logits.float()
-    temp_t = torch.tensor(temperature, dtype=torch.float32, device=logits.device)
-    logp = processed_logprobs(
-        logits, temp_t, torch.tensor(top_k, device=logits.device),
-        torch.tensor(top_p, dtype=torch.float32, device=logits.device),
-    )
+    if any(t > 0 and (k > 0 or p < 1) for t, k, p in zip(temperature, top_k, top_p, strict=True)):
+        logp = processed_logprobs(
+            logits, torch.tensor(temperature, dtype=torch.float32, device=logits.device),
+            torch.tensor(top_k, device=logits.device),
+            torch.tensor(top_p, dtype=torch.float32, device=logits.device),
+        )
+    else:  # no row filters: processed_logprobs's ops that do something, the same bits
+        logp = _unfiltered_logprobs(logits, temperature)
     drawn = [row for row, t in enumerate(temperature) if t > 0]
     if len(drawn) == len(temperature):
         ids = draw(logp.exp(), generators)  # [batch]

@@ -199,3 +199,18 @@ def test_non_finite_logits_raise_an_engine_error():
     with pytest.raises(EngineError, match=r"cannot sample rows \[1\]: their probabilities are "
                                           r"NaN, inf or all zero"):
         sample(logits, [1.0, 1.0], [0, 0], [1.0, 1.0], [None, None])
+
+
+@pytest.mark.parametrize("temperature", [[1.0, 1.0, 0.0], [0.7, 1.0, 0.0], [1.3, 0.5, 2.0]])
+def test_unfiltered_rows_report_processed_logprobs_bit_for_bit(temperature):
+    """Rows without top-k/top-p take a shorter path; its log-probs (every token's, through
+    ``num_top``) are processed_logprobs's exactly, -inf and NaN logits included."""
+    logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(1)) * 4
+    logits[0, 3], logits[1, 5] = float("-inf"), float("nan")
+    out = sample(logits, temperature, [0] * 3, [1.0] * 3, [random.Random(i) for i in range(3)],
+                 num_top=12)
+    reference = processed_logprobs(logits, torch.tensor(temperature), torch.tensor([0] * 3),
+                                   torch.tensor([1.0] * 3))
+    values, ids = torch.topk(reference, 12, dim=-1)
+    assert out.top_logprobs == values.tolist() and out.top_ids == ids.tolist()
+    assert out.logprobs == reference.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1).tolist()
