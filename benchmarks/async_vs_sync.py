@@ -369,86 +369,154 @@ def _server_pids(trainer: Any) -> list[int]:
     return [e.server.proc.pid for e in engines if getattr(e, "server", None) is not None]
 
 
+def _signaling_decode(observation: Any) -> str:
+    """The scripted listener: reads "message: d", picks the d-th letter."""
+    text = observation[-1]["content"] if isinstance(observation, list) else str(observation)
+    message = text.rsplit("message:", 1)[-1].strip()
+    return chr(ord("A") + int(message)) if message.isdigit() else "A"
+
+
+def worked_answer(observation: Any) -> str:
+    """The Arithmetic warm-start player: a worked solution of tens of tokens, e.g.
+    ``"47 * 83 = 47 * 80 + 47 * 3 = 3760 + 141 = 3901\nAnswer: 3901"`` (tens, then units)."""
+    text = observation[-1]["content"] if isinstance(observation, list) else str(observation)
+    a, op, b = text.strip().splitlines()[-1].split()[:3]
+    x, y = int(a), int(b)
+    tens, units = y // 10 * 10, y % 10
+    value = {"+": x + y, "-": x - y, "*": x * y}[op]
+    if op == "*":
+        steps = f"{x} * {tens} + {x} * {units} = {x * tens} + {x * units}"
+    else:
+        steps = f"{x} {op} {tens} {op} {units} = {x - tens if op == '-' else x + tens} {op} {units}"
+    return f"{x} {op} {y} = {steps} = {value}\nAnswer: {value}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One real-model workload of part (b): the env, the trained policy (tiny:xs, GRPO) and
+    its agent, the fixed agents, sampling, and the SFT warm-start players."""
+
+    name: str
+    env: str
+    env_kwargs: dict[str, Any]
+    agent: str
+    max_tokens: int
+    lr: float
+    what: str
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """``policy_map``, ``agents`` and ``warm_start`` of the Trainer."""
+        from areal_agents.agents import ScriptedAgent
+
+        if self.name == "signaling":
+            listener = ScriptedAgent(_signaling_decode)
+            return {"policy_map": {self.agent: "p"}, "agents": {"listener": listener},
+                    "warm_start": {"episodes": 32, "players": {self.agent: "random",
+                                                              "listener": listener}}}
+        return {"policy_map": {self.agent: "p"},
+                "warm_start": {"episodes": 32, "players": {self.agent: ScriptedAgent(
+                    worked_answer)}}}
+
+
+SIGNALING = Workload(
+    "signaling", "Signaling-v0", {"num_items": 2, "pool_size": 2}, "speaker", 1, 3e-3,
+    "Signaling-v0 speaker + scripted listener, ONE new token per episode (generation is a "
+    "small part of a step)")
+ARITHMETIC = Workload(
+    "arithmetic", "Arithmetic-v0", {"digits": 2, "operations": "+-*", "partial_credit": True},
+    "agent", 48, 1e-3,
+    "Arithmetic-v0 (2 digits, partial credit), worked answers of tens of new tokens per "
+    "episode (<= 48; SFT warm start on a worked-solution player): generation is a real share "
+    "of the step, the regime async RL is for")
+WORKLOADS = {w.name: w for w in (SIGNALING, ARITHMETIC)}
+
+
+def _worker_pids(trainer: Any) -> list[int]:
+    """Process ids of the training workers (none when training in this process)."""
+    groups = [getattr(e, "_group", None) for e in trainer.train_engines.values()]
+    return [p.pid for g in groups for p in getattr(g, "_procs", [])]
+
+
 def tiny_model(max_staleness: int, steps: int, inference: str = "server",
                server_threads: int = 1, trainer_threads: int = 1,
-               train_workers: bool = False) -> dict[str, float]:
-    """The real Trainer: samples/s after setup, where a step's time goes, train success late,
-    greedy eval success. ``inference="server"`` serves the speaker from an engine server in
-    its own process (``server_threads`` torch threads) and the trainer keeps
-    ``trainer_threads``; ``"in_process"`` serves it from a ``LocalEngine`` in this process.
-    ``train_workers`` trains in a worker process (``train: {workers: true}``, a group of one
-    rank with ``trainer_threads`` threads) instead of the trainer's own process."""
-    from areal_agents.agents import ScriptedAgent
+               train_workers: bool = False, workload: Workload = SIGNALING) -> dict[str, float]:
+    """The real Trainer on ``workload``: samples/s after setup, where a step's time goes,
+    train success late, greedy eval success, generated tokens per trained sample.
+    ``inference="server"`` serves the policy from an engine server in its own process
+    (``server_threads`` torch threads) and the trainer keeps ``trainer_threads``;
+    ``"in_process"`` serves it from a ``LocalEngine`` in this process. ``train_workers``
+    trains in a worker process (``train: {workers: true}``, a group of one rank with
+    ``trainer_threads`` threads) instead of the trainer's own process."""
     from areal_agents.trainers.policy import Policy
     from areal_agents.trainers.trainer import Trainer
-
-    def decode(observation: Any) -> str:  # reads "message: d", picks the d-th letter
-        text = observation[-1]["content"] if isinstance(observation, list) else str(observation)
-        message = text.rsplit("message:", 1)[-1].strip()
-        return chr(ord("A") + int(message)) if message.isdigit() else "A"
 
     placement: dict[str, Any] = {"kind": inference}
     if inference == "server":
         placement["server_args"] = {"threads": server_threads}
     batch = 16
+    stop = {"stop": ["<|im_end|>"]} if workload.max_tokens > 1 else {}
     trainer = Trainer(
-        env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2},
-        policies={"speaker": Policy(lr=3e-3, seed=0, sampling={"temperature": 1.0,
-                                    "max_tokens": 1}, sft_steps=60, sft_lr=3e-3,
-                                    api="completions", inference=placement,
-                                    train={"workers": train_workers,
-                                           "threads": trainer_threads})},
-        policy_map={"speaker": "speaker"}, agents={"listener": ScriptedAgent(decode)},
+        env=workload.env, env_kwargs=workload.env_kwargs,
+        policies={"p": Policy(lr=workload.lr, seed=0, sampling={
+            "temperature": 1.0, "max_tokens": workload.max_tokens, **stop}, sft_steps=60,
+            sft_lr=3e-3, api="completions", inference=placement,
+            train={"workers": train_workers, "threads": trainer_threads})},
         batch_size=batch, group_size=8, max_staleness=max_staleness, progress=False,
-        warm_start={"episodes": 32, "players": {"speaker": "random",
-                                                "listener": ScriptedAgent(decode)}},
-        eval_seeds=range(500, 532), torch_threads=trainer_threads)
+        eval_seeds=range(500, 532), torch_threads=trainer_threads, **workload.trainer_kwargs())
 
     async def run() -> dict[str, float]:
         await trainer.setup()
-        pids = _server_pids(trainer)
+        pids, workers = _server_pids(trainer), _worker_pids(trainer)
         server_cpu0 = [_cpu_seconds(pid) for pid in pids]
+        worker_cpu0 = [_cpu_seconds(pid) for pid in workers]
         start, threads0 = time.perf_counter(), _thread_cpu()
         history = await trainer.afit(steps)
         elapsed, (loop_cpu, work_cpu) = time.perf_counter() - start, _cpu_split(threads0,
                                                                                  _thread_cpu())
         server_cpu = [_cpu_seconds(pid) for pid in pids]
+        worker_cpu = [_cpu_seconds(pid) for pid in workers]
+        trained = [b - a for a, b in zip(worker_cpu0, worker_cpu, strict=True)
+                   if a is not None and b is not None]
         evaluation = await trainer.evaluate()
         await trainer.aclose()
         lags = [int(k.rsplit("/", 1)[1]) for h in history for k, v in h.items()
-                if k.startswith("policy/speaker/staleness/") and v > 0]
+                if k.startswith("policy/p/staleness/") and v > 0]
         assert max(lags) <= max_staleness, f"trained a sample {max(lags)} versions old"
-        late = statistics.fmean(h["train/speaker/success"] for h in history[-5:])
-        split = {k: 1e3 * statistics.fmean(h[f"policy/speaker/time/{k}"] for h in history)
+        agent = workload.agent
+        late = statistics.fmean(h[f"train/{agent}/success"] for h in history[-5:])
+        split = {k: 1e3 * statistics.fmean(h[f"policy/p/time/{k}"] for h in history)
                  for k in ("wait_rollout", "train", "weight_sync")}
         step_ms = 1e3 * elapsed / steps
         busy = [b - a for a, b in zip(server_cpu0, server_cpu, strict=True)
                 if a is not None and b is not None]
         return {"rate": steps * batch / elapsed, "step": step_ms, "late": late,
-                "eval": evaluation["eval/speaker/success"], **split,
+                "eval": evaluation[f"eval/{agent}/success"], **split,
                 "other": step_ms - sum(split.values()), "loop_cpu": 1e3 * loop_cpu / steps,
                 "work_cpu": 1e3 * work_cpu / steps,
                 "server_cpu": 1e3 * sum(busy) / steps if busy else float("nan"),
-                "too_stale": history[-1].get("outcomes/speaker/outcome/filtered:too_stale", 0.0)}
+                "worker_cpu": 1e3 * sum(trained) / steps if trained else float("nan"),
+                "gen_len": statistics.fmean(h["policy/p/trained_gen_len"] for h in history),
+                "too_stale": history[-1].get("outcomes/p/outcome/filtered:too_stale", 0.0)}
 
     return asyncio.run(run())
 
 
 def report_model(steps: int, repeats: int, inference: str, staleness: int,
-                 server_threads: int, trainer_threads: int, train_workers: bool = False) -> float:
+                 server_threads: int, trainer_threads: int, train_workers: bool = False,
+                 workload: Workload = SIGNALING) -> float:
     """Sync vs async on the real tiny model, interleaved; prints the split; returns the ratio."""
     runs: dict[int, list[dict[str, float]]] = {0: [], staleness: []}
     for _ in range(repeats):  # interleaved, so both settings see similar load
         for s in runs:
             runs[s].append(tiny_model(s, steps, inference, server_threads, trainer_threads,
-                                      train_workers))
+                                      train_workers, workload))
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
-    where = (f"speaker served by an engine server in its own process ({server_threads} torch "
+    where = (f"served by an engine server in its own process ({server_threads} torch "
              f"thread(s)), trainer {trainer_threads} thread(s)" if inference == "server" else
-             f"speaker served in process (LocalEngine), {trainer_threads} torch thread(s)")
+             f"served in process (LocalEngine), {trainer_threads} torch thread(s)")
     where += "; training in a worker process" if train_workers else ""
-    print(f"(b) tiny model (tiny:xs), Signaling-v0 speaker + scripted listener, batch 16, "
-          f"{steps} steps = {steps * 16} samples each, median of {repeats} run(s); {where}")
+    print(f"(b) tiny model (tiny:xs) [{workload.name}]: {workload.what}; batch 16, {steps} "
+          f"steps = {steps * 16} samples each, median of {repeats} run(s); {where}")
     for name, s in (("sync ", 0), ("async", staleness)):
         m = med[s]
         rates = ", ".join(f"{r['rate']:.1f}" for r in runs[s])
@@ -458,10 +526,18 @@ def report_model(steps: int, repeats: int, inference: str, staleness: int,
         print(f"    {name} (max_staleness={s}): {m['rate']:6.1f} samples/s ({rates}), "
               f"{m['step']:.0f} ms/step = wait for rollouts {m['wait_rollout']:.0f} + train "
               f"{m['train']:.0f} + weight push {m['weight_sync']:.0f} + other {m['other']:.0f} "
-              f"ms; {m['too_stale']:.0f} episodes dropped too stale")
+              f"ms; {m['gen_len']:.1f} new tokens per trained sample; {m['too_stale']:.0f} "
+              f"episodes dropped too stale")
+        worker = (f", training worker process {m['worker_cpu']:.0f} ms" if train_workers
+                  else "")
         print(f"        CPU per step: trainer event loop (episodes, gateway, HTTP) "
               f"{m['loop_cpu']:.0f} ms, trainer worker threads (train, weight export/push) "
-              f"{m['work_cpu']:.0f} ms{server}")
+              f"{m['work_cpu']:.0f} ms{worker}{server}")
+    sync = med[0]
+    hidden = sync["step"] / max(sync["step"] - sync["wait_rollout"], 1e-9)
+    print(f"    why: in sync, waiting for rollouts is {sync['wait_rollout'] / sync['step']:.0%} "
+          f"of a step; if async hid all of it (and nothing else slowed) the ratio would be "
+          f"{hidden:.2f}x")
     ratio = med[staleness]["rate"] / med[0]["rate"]
     print(f"    ratio async/sync: {ratio:.2f}x (target >= 1.5x: "
           f"{'met' if ratio >= 1.5 else 'NOT met'})")
@@ -493,6 +569,9 @@ def main() -> None:
     parser.add_argument("--trainer-threads", type=int, default=1, help="(b) trainer threads")
     parser.add_argument("--train-workers", action="store_true",
                         help="(b) train in a worker process (train: {workers: true})")
+    parser.add_argument("--workload", choices=(*WORKLOADS, "both"), default="both",
+                        help="(b) the real-model workload(s): generation-heavy arithmetic, "
+                             "one-token signaling")
     parser.add_argument("--quick", action="store_true", help="(a) 80 steps, (b) 1 run")
     parser.add_argument("--wall", action="store_true", help="(a) also on the real clock")
     parser.add_argument("--skip-model", action="store_true", help="only (a)")
@@ -514,9 +593,13 @@ def main() -> None:
     if not args.skip_model:
         kinds = ("server", "in_process") if args.inference == "both" else (args.inference,)
         print(f"    before: {_caveats(args.server_threads, args.trainer_threads)}")
-        for kind in kinds:
-            report_model(args.model_steps, args.repeats, kind, args.staleness,
-                         args.server_threads, args.trainer_threads, args.train_workers)
+        workloads = (list(WORKLOADS.values()) if args.workload == "both"
+                     else [WORKLOADS[args.workload]])
+        for workload in workloads[::-1]:  # arithmetic (the headline) first
+            for kind in kinds:
+                report_model(args.model_steps, args.repeats, kind, args.staleness,
+                             args.server_threads, args.trainer_threads, args.train_workers,
+                             workload)
         print(f"    after: {_caveats(args.server_threads, args.trainer_threads)}")
 
 
