@@ -95,9 +95,20 @@ class Delivery:
                 return
 
     async def run(self, work: Awaitable[T]) -> T | None:
-        """Await ``work``; None (``work`` cancelled) when the client disconnects first."""
+        """Await ``work``; None (``work`` cancelled) when the client disconnects first.
+
+        When the request itself is cancelled (an in-process caller's task cancelled, a
+        server shutting down), ``work`` is cancelled and awaited before the cancellation
+        propagates: no generation outlives its request, to fail later on a closed engine
+        with an exception nobody retrieves.
+        """
         task = asyncio.ensure_future(work)
-        await asyncio.wait({task, self._watch}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({task, self._watch}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
         if task.done():
             return task.result()
         task.cancel()
