@@ -222,6 +222,10 @@ class RunConfig(_Strict):
         default_factory=list, description="extra rewards: [{type: rubric_judge | "
         "reference_judge | group_judge | reward_model | 'module:attr', <its arguments>}] "
         "(areal_agents.rewards.from_config); a judge's policy names one of `policies`")
+    reward_levels: dict[str, dict[str, float]] | None = Field(
+        None, description="per agent id, weights of the env's reward levels {process, agent, "
+        "team} (a level left out weighs 1); None: the env's scalar reward "
+        "(areal_agents.algorithms.reward_levels)")
     run_dir: str = Field("runs/run", description="metrics, plots and checkpoints")
     launcher: Literal["local", "ray"] | dict[str, Any] = Field(
         "local", description="where worker groups and engine servers run: local (this "
@@ -268,7 +272,7 @@ class RunConfig(_Strict):
             generation_batch_size=t.generation_batch_size, record_samples=t.record_samples,
             partial_groups=t.partial_groups, clock=t.clock,
             keep_checkpoints=t.keep_checkpoints, reward_fns=reward_fns,
-            group_reward_fns=group_reward_fns,
+            group_reward_fns=group_reward_fns, reward_levels=self.reward_levels,
             launcher=self.launcher,
             opponents=None if self.opponents is None else OpponentPool(
                 **self.opponents.model_dump()),

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from .agent import Agent
+from .algorithms.reward_levels import step_levels
 from .env import AgentEnv, MultiAgentEnv
 from .errors import EnvError
 from .messages import Message
@@ -40,6 +41,9 @@ class Episode:
         error: ``"ExceptionType: message"`` when ``status == "failed"``, else None.
         seed: the seed given to ``reset``.
         infos: ``{agent_id: last info dict}``.
+        reward_levels: ``{agent_id: [for each of its rewards, the step's reward levels]}``:
+            ``info["reward_levels"]`` of that step, ``{}`` when the env gave none
+            (``areal_agents.algorithms.reward_levels``).
         samples: ``{agent_id: samples from agent.end_episode(return)}``: what agents that
             record their own session return (``LLMAgent.for_gateway``); ``[]`` for others.
             The Trainer does not use it: it takes each LLM agent's samples from the gateway.
@@ -56,6 +60,7 @@ class Episode:
     infos: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     samples: dict[str, list[Sample]] = dataclasses.field(default_factory=dict)
     reward_actions: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    reward_levels: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
 
     @property
     def total_return(self) -> float:
@@ -111,6 +116,7 @@ class _Run:
         self.messages: dict[str, list[Message]] = {a: [] for a in ids}
         self.rewards: dict[str, list[float]] = {a: [] for a in ids}
         self.reward_actions: dict[str, list[int]] = {a: [] for a in ids}
+        self.reward_levels: dict[str, list[dict[str, float]]] = {a: [] for a in ids}
         self.num_actions: dict[str, int] = {}
         self.infos: dict[str, dict[str, Any]] = {}
         self.length = 0
@@ -130,6 +136,7 @@ class _Run:
         for agent, r in rewards.items():
             self.rewards.setdefault(agent, []).append(float(r))
             self.reward_actions.setdefault(agent, []).append(self.num_actions.get(agent, 0) - 1)
+            self.reward_levels.setdefault(agent, []).append(step_levels(infos.get(agent) or {}))
         for agent, info in infos.items():
             self.infos[agent] = dict(info)
 
@@ -320,4 +327,5 @@ async def run_episode(
         infos=run.infos,
         samples=samples,
         reward_actions=run.reward_actions,
+        reward_levels=run.reward_levels,
     )

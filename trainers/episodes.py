@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from areal_agents.agent import Agent
+from areal_agents.algorithms.reward_levels import LevelWeights, apply_reward_levels, level_totals
 from areal_agents.episode import Episode, run_episode
 from areal_agents.ids import new_id
 from areal_agents.samples import Sample
@@ -103,6 +104,7 @@ class EpisodeStats:
     status: str
     policy_of: dict[str, str]
     gen_lengths: dict[str, list[int]] = field(default_factory=dict)
+    levels: dict[str, dict[str, float]] = field(default_factory=dict)  # per agent, unweighted
     episode: Episode | None = None  # the record (group reward functions read it)
 
 
@@ -152,6 +154,7 @@ async def play(
     reward_fns: list[RewardFn],
     greedy: bool = False,
     max_steps: int | None = None,
+    reward_levels: Mapping[str, LevelWeights] | None = None,
 ) -> tuple[dict[str, list[Sample]], EpisodeStats]:
     """Run one episode of ``env`` at ``seed``; samples per *policy* and the episode's stats.
 
@@ -160,7 +163,9 @@ async def play(
     session becomes samples (``Seat.take_samples``) whose ``reward`` is the agent's env return
     plus the reward functions', ``group`` the seed and ``agent``/``policy`` who produced them,
     and whose ``token_rewards`` put each env step's reward on the turn that produced the
-    action it rewards (``assign_turn_rewards``; PPO's GAE reads them).
+    action it rewards (``assign_turn_rewards``; PPO's GAE reads them). ``reward_levels``
+    (``{agent_id: LevelWeights}``) recombines those agents' step rewards from the levels the
+    env reported (``areal_agents.algorithms.reward_levels``) before any of this.
     Every seat's session is closed, whatever happens (failure, cancellation).
 
     Raises:
@@ -181,6 +186,7 @@ async def play(
         episode = await run_episode(env, agents, seed=seed, max_steps=max_steps)
         if episode.status == "failed":
             raise EpisodeFailed(f"episode seed={seed} failed: {episode.error}")
+        episode = apply_reward_levels(episode, reward_levels or {})
         try:
             rewards = await apply_reward_fns(episode, reward_fns)
         except Exception as e:  # e.g. a judge that kept failing: this episode fails, not the run
@@ -216,6 +222,8 @@ async def play(
         status=episode.status,
         policy_of=dict(policy_of),
         gen_lengths=gen_lengths,
+        levels={a: level_totals(steps) for a, steps in episode.reward_levels.items()
+                if any(steps)},
         episode=episode,
     )
     return by_policy, stats

@@ -37,7 +37,7 @@ async def train_episode(trainer: Trainer, seed: int, member: int) -> dict[str, l
         by_policy, stats = await play(
             env, seed, policy_of=match.policy_of, fixed_agents=match.fixed_agents,
             open_seat=seat, reward_fns=[*match.reward_fns, *trainer.reward_fns],
-            max_steps=trainer.max_steps_per_episode)
+            max_steps=trainer.max_steps_per_episode, reward_levels=trainer.reward_levels)
     finally:
         match.close()
         await env.close()
@@ -58,7 +58,8 @@ async def evaluate(trainer: Trainer, seeds: list[int]) -> dict[str, float]:
             _, stats = await play(env, seed, policy_of=trainer.policy_of,
                                   fixed_agents=trainer.fixed_agents,
                                   open_seat=trainer._open_seat, reward_fns=trainer.reward_fns,
-                                  greedy=True, max_steps=trainer.max_steps_per_episode)
+                                  greedy=True, max_steps=trainer.max_steps_per_episode,
+                                  reward_levels=trainer.reward_levels)
             return stats
         finally:
             await env.close()

@@ -33,7 +33,8 @@ class StepStats:
 
     @staticmethod
     def summarise(episodes: list[EpisodeStats], prefix: str, num_failed: int = 0) -> dict[str, float]:
-        """``<prefix>/<agent>/{reward,success,gen_len}``, ``<prefix>/episode_length``."""
+        """``<prefix>/<agent>/{reward,success,gen_len}``, ``<prefix>/episode_length``, and
+        ``<prefix>/<agent>/reward_<level>`` for agents whose env reported reward levels."""
         out: dict[str, float] = {}
         agents = sorted({a for e in episodes for a in e.returns})
         for a in agents:
@@ -42,6 +43,9 @@ class StepStats:
             lens = [n for e in episodes for n in e.gen_lengths.get(a, [])]
             if lens:
                 out[f"{prefix}/{a}/gen_len"] = _mean([float(n) for n in lens])
+            for level in sorted({k for e in episodes for k in e.levels.get(a, {})}):
+                out[f"{prefix}/{a}/reward_{level}"] = _mean(
+                    [e.levels[a][level] for e in episodes if a in e.levels])
         out[f"{prefix}/episode_length"] = _mean([float(e.length) for e in episodes])
         out[f"{prefix}/episodes"] = float(len(episodes))
         if num_failed:

@@ -18,6 +18,7 @@ from typing import Any
 
 from areal_agents.agent import Agent
 from areal_agents.algorithms import check_group_size
+from areal_agents.algorithms.reward_levels import resolve_reward_levels
 from areal_agents.engines.base import InferenceEngine
 from areal_agents.errors import ConfigError
 from areal_agents.league.pool import OpponentPool
@@ -78,6 +79,11 @@ class Trainer:
         reward_fns: extra rewards ``fn(episode) -> float | {agent: float}``, sync or async
             (e.g. ``aa.rewards.RubricJudge``); a judge's ``policy`` is served even when no
             agent acts with it (it must then be frozen), and its calls are not trained on.
+        reward_levels: per role, ``{agent_id: {"process": w, "agent": w, "team": w}}``: train
+            that agent on the weighted sum of the reward levels its env reports per step
+            (``info["reward_levels"]``) instead of the env's scalar reward; a level left out
+            weighs 1 (``areal_agents.algorithms.reward_levels``). Each level's total is
+            logged per agent (``train/<agent>/reward_<level>``) whether weighted or not.
         group_reward_fns: rewards of a whole group, ``fn(episodes) -> [float | {agent:
             float}]`` (e.g. ``aa.rewards.GroupJudge``), run once per finished training group
             before filtering and advantages; not run on evaluation episodes.
@@ -147,7 +153,8 @@ class Trainer:
                  progress: bool = True, max_steps_per_episode: int | None = None,
                  generation_batch_size: int | None = None, clock: str = "lockstep",
                  keep_checkpoints: int | None = None, partial_groups: int = 0,
-                 opponents: OpponentPool | None = None, launcher: Any = "local") -> None:
+                 opponents: OpponentPool | None = None, launcher: Any = "local",
+                 reward_levels: Mapping[str, Mapping[str, float]] | None = None) -> None:
         if batch_size < 1 or group_size < 1 or batch_size % group_size:
             raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of "
                               f"group_size ({group_size})")
@@ -187,6 +194,7 @@ class Trainer:
         self.clock = check_clock(clock, self.train_every)
         self.eval_every, self.eval_seeds = eval_every, list(eval_seeds)
         self.reward_fns = list(reward_fns or [])
+        self.reward_levels = resolve_reward_levels(reward_levels, possible)
         self.rewards = RewardHooks(self.reward_fns, group_reward_fns or [], self.policies,
                                    self.policy_of.values(), partial_groups)  # judges' wiring
         self.checkpoint_every, self.resume, self.seed = checkpoint_every, resume, seed

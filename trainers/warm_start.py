@@ -136,6 +136,22 @@ async def collect_demos(
     return demos
 
 
+def last_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A transcript ending in a reply as a ``Policy(context="last")`` agent saw it: the
+    system messages, the messages after the previous reply, and the reply.
+
+    Example:
+        >>> t = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "1"},
+        ...      {"role": "user", "content": "b"}, {"role": "assistant", "content": "2"}]
+        >>> [m["content"] for m in last_turn(t)]
+        ['b', '2']
+    """
+    *before, reply = messages
+    cut = max((i for i, m in enumerate(before) if m.get("role") == "assistant"), default=-1)
+    system = [m for m in before[: cut + 1] if m.get("role") == "system"]
+    return [*system, *before[cut + 1 :], reply]
+
+
 def demo_samples(tokenizer: Any, transcripts: list[list[dict[str, Any]]],
                  api: str = "chat") -> list[Sample]:
     """Tokenize transcripts as the gateway does for ``api`` ("chat": chat template;
@@ -209,8 +225,11 @@ class WarmStartPlan:
 
 def warm_start_plan(policy: Policy, tokenizer: Any, transcripts: list[list[dict[str, Any]]],
                     seed: int = 0) -> WarmStartPlan | None:
-    """The warm start of ``policy`` on ``transcripts`` (tokenized for ``policy.api``), or
-    ``None`` when there is nothing to do (no transcripts or ``sft_steps=0``)."""
+    """The warm start of ``policy`` on ``transcripts`` (tokenized for ``policy.api``, seen
+    as ``policy.context`` shows them: ``last_turn``), or ``None`` when there is nothing to do
+    (no transcripts or ``sft_steps=0``)."""
+    if policy.context == "last":
+        transcripts = [last_turn(t) for t in transcripts]
     samples = demo_samples(tokenizer, transcripts, policy.api)
     if not samples or not policy.sft_steps:
         return None

@@ -73,10 +73,10 @@ def _mean(rows: list[dict[str, float]]) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group-by", choices=["role", "turn"], required=True)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=40)
-    parser.add_argument("--warm-episodes", type=int, default=64)
+    parser.add_argument("--sft-steps", type=int, default=80)
+    parser.add_argument("--warm-episodes", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=8)

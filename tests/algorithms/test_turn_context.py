@@ -46,3 +46,18 @@ async def test_last_context_prompts_each_turn_alone_and_splits_the_samples():
 def test_an_unknown_context_is_refused():
     with pytest.raises(ValueError, match=r"Policy.context='window'; choose 'full' or 'last'"):
         Policy(context="window")  # type: ignore[arg-type]
+
+
+def test_the_warm_start_shows_each_demo_as_the_last_context_agent_sees_it():
+    from areal_agents.trainers.warm_start import warm_start_plan
+
+    _model, tokenizer = aa.models.tiny("xs", seed=0)
+    demo = [{"role": "system", "content": "play"}, {"role": "user", "content": "board A"},
+            {"role": "assistant", "content": "1"}, {"role": "user", "content": "board B"},
+            {"role": "assistant", "content": "2"}]
+    plans = {c: warm_start_plan(Policy(api="completions", context=c, sft_steps=1), tokenizer,
+                                [demo]) for c in ("full", "last")}
+    prompts = {c: tokenizer.decode([t for t, m in zip(p.samples[0].token_ids,
+                                                      p.samples[0].loss_mask, strict=True)
+                                    if not m]) for c, p in plans.items()}
+    assert prompts == {"full": "play\nboard A1\nboard B", "last": "play\nboard B"}
