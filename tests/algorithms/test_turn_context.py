@@ -61,3 +61,16 @@ def test_the_warm_start_shows_each_demo_as_the_last_context_agent_sees_it():
                                                       p.samples[0].loss_mask, strict=True)
                                     if not m]) for c, p in plans.items()}
     assert prompts == {"full": "play\nboard A1\nboard B", "last": "play\nboard B"}
+
+
+def test_the_tictactoe_yaml_trains_turn_level_credit_on_last_context_prompts():
+    from pathlib import Path
+
+    from areal_agents.config import load_config
+
+    path = Path(__file__).parents[2] / "examples/tictactoe/turn_groups.yaml"
+    trainer = load_config(path, ["trainer.warm_start=null"]).build()
+    assert trainer.policies["p"].context == "last"
+    assert trainer.algorithms["p"].group_by == "turn"
+    role = load_config(path, ["trainer.warm_start=null", "algorithm.params.group_by=role"])
+    assert role.build().algorithms["p"].group_by == "role"
