@@ -14,9 +14,13 @@
     - TRAIN-BOUND (second table): 64 slots, engine bound 1416/s > train bound 640/s = ideal.
     Runs on a simulated clock by default (exact, deterministic, load-independent); ``--wall``
     also runs it on the real clock.
-(b) the real tiny model: the ``Trainer`` on Signaling-v0 (2 items): a tiny LLM speaker
-    (tiny:xs, GRPO, format-only SFT warm start, 1 token per action) learns a code a scripted
-    listener decodes; batch 16, group 8. By default the speaker's inference engine runs in its
+(b) the real tiny model (tiny:xs, GRPO, batch 16, group 8), two workloads (``--workload``):
+    ``arithmetic`` (the headline, generation-heavy): Arithmetic-v0 (2 digits, + - *, partial
+    credit) after a 60-step SFT warm start on a worked-solution player (``worked_answer``:
+    "47 * 83 = 47 * 80 + 47 * 3 = 3760 + 141 = 3901 / Answer: 3901", 19-28 tokens), so every
+    episode generates tens of new tokens (max 48) and generation is a real share of a sync
+    step; ``signaling``: Signaling-v0 (2 items): a tiny LLM speaker (format-only SFT warm
+    start, 1 token per action) learns a code a scripted listener decodes. By default the speaker's inference engine runs in its
     own process (``inference: {kind: server}``: an engine server reached by ``RemoteEngine``,
     weights pushed through shared memory); ``--inference in_process`` is the old layout (a
     ``LocalEngine`` in the trainer's process), ``both`` runs the two. Threads are set per
@@ -103,6 +107,26 @@ of 3 seeds:
     CPU per step sync / async: event loop 52 / 63 ms, trainer threads 27 / 25 ms (training
     now in the worker), engine server 103 / 100 ms. Train success last 5 steps 0.99 / 0.93,
     greedy eval 1.00 / 1.00.
+
+(b) 2026-12-04, both workloads, --train-workers --quick (1 run each), weight export packed
+    into few pipe messages (``trainers/tensor_pack.py``) and small updates received in memory
+    by the server (``service.receive_update``); load 6-10 throughout (5 engineers on 2 cores):
+    - arithmetic, load 8.0 -> 5.9: sync 18.9 samples/s (847 ms/step = wait for rollouts 423 +
+      train 301 + push 40 + other 83; 21.0 new tokens per sample), async 18.2 (877 = 69 + 601
+      + 76 + 131; 22.0 tokens): 0.97x (1.01x in trained tokens/s), target NOT met here. The
+      wait is 50% of a sync step (hiding it allows 2.0x), but the CPU per step (sync: server
+      284 + training worker 166 + event loop 48 + threads 10 = 508 ms; async 546 ms) was
+      spread over only ~0.6 busy cores on both sides: the other jobs held the cores, so the
+      overlap had no idle core to fill and async's training slowed (301 -> 601 ms) by as much
+      as its wait shrank. On 2 free cores the same CPU would allow up to 3.3x, so the ceiling
+      there is the smaller bound, 2.0x (the hidden wait). An earlier run at lr 1e-3 (load 9-10) gave 2.86x,
+      but its sync policy drifted to 43-token outputs (async: 19), which inflates the ratio;
+      lr is 3e-4 since, and tokens/s is printed next to samples/s.
+    - signaling, load 9.9 -> 8.3: sync 20.7 (773 = 200 + 402 + 65 + 106), async 24.2 (662 = 22 + 461
+      + 74 + 105): 1.17x; the lead's quiet run (load 0.5-0.9, before the packed export) gave
+      1.13x (sync 226 ms = 45 + 117 + 33 + 31): generation is too small a share for 1.5x.
+    Re-run on a quiet machine (the measurement that decides the target):
+    python benchmarks/async_vs_sync.py --only-model --train-workers --quick --workload both
 
     python benchmarks/async_vs_sync.py              # (a), (a') and (b), about 3 minutes quiet
     python benchmarks/async_vs_sync.py --quick      # fewer steps, 1 run each, under a minute
