@@ -151,8 +151,10 @@ class RayLauncher(LocalLauncher):
             raise ConfigError("launcher: ray needs Ray; pip install 'areal-agents[ray]'") from None
         if ray.is_initialized():
             return
+        from .ray_actors import JOB_RUNTIME_ENV
+
         kwargs: dict[str, Any] = {"namespace": self.namespace, "include_dashboard": False,
-                                  "log_to_driver": False}
+                                  "log_to_driver": False, "runtime_env": JOB_RUNTIME_ENV}
         if self.address is None:
             kwargs.update(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
             self._started = True

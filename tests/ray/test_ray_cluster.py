@@ -21,6 +21,7 @@ from areal_agents.models import tiny  # noqa: E402
 from areal_agents.trainers.autoscale import AutoscaleSettings  # noqa: E402
 from areal_agents.trainers.autoscale_scaler import ReplicaScaler  # noqa: E402
 from areal_agents.trainers.placement import TrainPlacement  # noqa: E402
+from areal_agents.trainers.ray_actors import JOB_RUNTIME_ENV  # noqa: E402
 from areal_agents.trainers.ray_groups import RayEngineGroup  # noqa: E402
 from areal_agents.trainers.ray_launcher import RayLauncher  # noqa: E402
 from areal_agents.trainers.ray_replicas import RayReplicaSet  # noqa: E402
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow  # one Ray start (~15 s on 2 busy cores) and engin
 @pytest.fixture(scope="module")
 def cluster() -> Any:
     ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, log_to_driver=False,
-             namespace="areal_agents_tests")
+             namespace="areal_agents_tests", runtime_env=JOB_RUNTIME_ENV)  # as RayLauncher
     yield
     ray.shutdown()
 
