@@ -31,6 +31,8 @@ def serve_train(args: argparse.Namespace) -> int:
         cfg.logging.progress = False
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         trainer = cfg.build(trainer_cls=ExternalTrainer)
+        trainer.external_batch_size = cfg.trainer.external_batch_size  # set: a mixed run
+        trainer.external_parts()  # checks the split before anything is loaded
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -173,6 +173,10 @@ class TrainerConfig(_Strict):
     session_idle_timeout_s: float | None = Field(
         None, gt=0, description="`serve --train`: a session no request used for this long is "
         "ended by the gateway, its key revoked, and counted abandoned (None: never)")
+    external_batch_size: int | None = Field(
+        None, ge=1, description="`serve --train`: a mixed run: this many episodes of each "
+        "trainable policy's batch are sessions of external agents, the rest env episodes "
+        "(a multiple of group_size, below batch_size); None: every episode is external")
 
 
 class LoggingConfig(_Strict):

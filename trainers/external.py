@@ -93,6 +93,8 @@ class ExternalEpisodes:
         group_size: sessions per task id (>= 1).
         filter_fn: per-group filter, as the controller's.
         retry_after: seconds a refused client is told to wait (``Retry-After``).
+        first_index: the index (``Group.seed``) of the first group; later ones count up (a
+            mixed run numbers them apart from the env task seeds).
 
     Example:
         >>> src = ExternalEpisodes({"p": StalenessControl(2, 0, 8)}, group_size=2)
@@ -101,7 +103,8 @@ class ExternalEpisodes:
     """
 
     def __init__(self, controls: dict[str, StalenessControl], *, group_size: int,
-                 filter_fn: FilterFn | None = None, retry_after: float = 1.0) -> None:
+                 filter_fn: FilterFn | None = None, retry_after: float = 1.0,
+                 first_index: int = 0) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.controls = controls
@@ -112,7 +115,7 @@ class ExternalEpisodes:
         self.ledger: dict[str, Counter[str]] = {p: Counter() for p in controls}
         self.pending: dict[int, set[str]] = {}  # group index -> policies (Trainer reads keys)
         self._open: dict[tuple[str, str], _OpenGroup] = {}  # (policy, task id) -> group
-        self._next_index = 0
+        self._next_index = first_index
         self._changed = Signal()
         self._stopped = False
 
@@ -300,16 +303,25 @@ class ExternalTrainer(Trainer):
     never). Serve ``trainer.gateway.app`` (e.g.
     with uvicorn, in the same event loop as ``afit``) so agents can reach it. ``resume=True``
     continues from ``run_dir``'s latest checkpoint (``load_state_dict``).
+
+    ``external_batch_size`` makes a mixed run (``trainers/mixed.py``): that many episodes of
+    each trainable policy's batch (an int, or ``{policy: n}``; a policy left out trains on
+    env episodes only) are external sessions, the rest env episodes of ``env``, played as
+    in ``Trainer``. None (default): every episode is an external session.
     """
 
     def __init__(self, *, admin_key: str | None = None, retry_after: float = 1.0,
-                 session_idle_timeout_s: float | None = None, **kwargs: Any) -> None:
+                 session_idle_timeout_s: float | None = None,
+                 external_batch_size: int | dict[str, int] | None = None,
+                 **kwargs: Any) -> None:
         if kwargs.get("clock", "lockstep") != "lockstep":
             raise ConfigError("clock='independent' is not supported with external episodes; "
                               "use clock='lockstep' (Policy.train_every still sets 1:k ratios)")
         super().__init__(**kwargs)
         self.admin_key, self.retry_after = admin_key, retry_after
         self.session_idle_timeout_s = session_idle_timeout_s
+        self.external_batch_size = external_batch_size
+        self.external_parts()  # a bad split fails here, before anything is loaded
 
     async def setup(self) -> None:
         """``Trainer.setup`` (with ``resume``: from the latest checkpoint: weights, step,
@@ -331,14 +343,55 @@ class ExternalTrainer(Trainer):
         super().load_state_dict(state)
 
     def _external_source(self) -> ExternalEpisodes:
-        """The ``ExternalEpisodes`` replacing the env-driven controller ``Trainer.setup``
-        built (once; a resume loads its state into it before the gateway serves)."""
-        if not isinstance(self.controller, ExternalEpisodes):
-            controls = {p: control_of(self.policies[p], batch_size=self.batch_size,
-                                      max_staleness=self.max_staleness,
-                                      max_concurrent=self.max_concurrent)
-                        for p in self.trainable}
-            self.controller = ExternalEpisodes(controls, group_size=self.group_size,
-                                               filter_fn=self._filter,
-                                               retry_after=self.retry_after)
-        return self.controller
+        """The ``ExternalEpisodes`` the gateway feeds. Built once: it replaces the env-driven
+        controller ``Trainer.setup`` built, or with ``external_batch_size`` joins it in a
+        ``MixedEpisodes`` (a resume loads its state into it before the gateway serves)."""
+        from .mixed import EXTERNAL_FIRST_INDEX, MixedEpisodes  # mixed.py imports this module
+
+        if isinstance(self.controller, MixedEpisodes):
+            return self.controller.external
+        if isinstance(self.controller, ExternalEpisodes):
+            return self.controller
+        parts = self.external_parts()
+        controls = {p: control_of(self.policies[p], batch_size=self.batch_size,
+                                  max_staleness=self.max_staleness,
+                                  max_concurrent=self.max_concurrent)
+                    for p in parts}
+        for p, n in parts.items():
+            controls[p].batch_size = n
+        external = ExternalEpisodes(
+            controls, group_size=self.group_size, filter_fn=self._filter,
+            retry_after=self.retry_after,
+            first_index=0 if self.external_batch_size is None else EXTERNAL_FIRST_INDEX)
+        if self.external_batch_size is None:
+            self.controller = external
+            return external
+        for p, n in parts.items():  # the env controller plays the rest of each batch
+            self.controller.controls[p].batch_size -= n
+        self.controller = MixedEpisodes(self.controller, external)
+        return external
+
+    def external_parts(self) -> dict[str, int]:
+        """Per trainable policy with an external part: its sessions per train step.
+
+        Raises:
+            ConfigError: a part that is not a multiple of group_size below the policy's batch,
+                or a policy that is not trainable.
+        """
+        total = {p: self.batch_size * self.policies[p].train_every for p in self.trainable}
+        if self.external_batch_size is None:
+            return total
+        wanted = (dict(self.external_batch_size) if isinstance(self.external_batch_size, dict)
+                  else dict.fromkeys(self.trainable, self.external_batch_size))
+        unknown = sorted(set(wanted) - set(total))
+        if unknown:
+            raise ConfigError(f"external_batch_size names {unknown}, not trainable policies "
+                              f"of this run ({sorted(total)})")
+        for p, n in wanted.items():
+            if not (0 < n < total[p] and n % self.group_size == 0):
+                raise ConfigError(
+                    f"external_batch_size of {p!r} must be a multiple of group_size "
+                    f"({self.group_size}) in 1..{total[p] - 1} (its batch is {total[p]}: the "
+                    f"rest are env episodes), got {n}; for external sessions only, leave "
+                    "external_batch_size unset")
+        return wanted
