@@ -21,6 +21,7 @@ view loads (``areal_agents.engines.local_adapters``).
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 from collections.abc import Iterator
@@ -115,10 +116,12 @@ class AdapterTrainEngine(TrainEngine):
         self.version = 0
         self.step = 0
         self._exported: list[tuple[str, torch.Tensor]] | None = None
-        template = base.engine.optimizer.param_groups[0]
-        self.optimizer = torch.optim.AdamW(list(base.slot.values()), lr=lr,
-                                           betas=template.get("betas", (0.9, 0.999)),
-                                           weight_decay=template.get("weight_decay", 0.0))
+        # the engine's own optimizer class and settings (betas, eps, weight decay, fused...),
+        # at this policy's lr: an adapter steps exactly as a lone engine would
+        template = base.engine.optimizer
+        accepted = inspect.signature(type(template)).parameters
+        settings = {k: v for k, v in template.defaults.items() if k in accepted}
+        self.optimizer = type(template)(list(base.slot.values()), **{**settings, "lr": lr})
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, list(base.engine.scheduler.lr_lambdas))
 
