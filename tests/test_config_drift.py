@@ -27,6 +27,7 @@ TRAINER_ONLY = {
 CONFIG_ONLY = {
     "steps",  # the argument of Trainer.fit, given by `areal-agents train`
     "session_idle_timeout_s",  # an ExternalTrainer argument, set by `serve --train`
+    "external_batch_size",  # an ExternalTrainer argument (a mixed run), set by `serve --train`
     "trainer", "logging",  # sections of RunConfig, not Trainer arguments
 }
 # Deliberately different defaults: name -> (Trainer default, config default).
