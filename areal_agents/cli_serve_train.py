@@ -61,9 +61,11 @@ async def _run(trainer: Any, host: str, port: int, steps: int, show_key: bool
                 raise RuntimeError(f"the gateway stopped before serving on {host}:{port}")
             await asyncio.sleep(0.05)
         print(banner(trainer.gateway, host, port, show_key), file=sys.stderr)
+        mixed = (f" plus env episodes ({trainer.external_batch_size} external per batch)"
+                 if trainer.external_batch_size is not None else "")
         print(f"training: {steps} steps of {sorted(trainer.trainable)} on sessions ended by "
-              "external agents (open them with \"task_id\" to group them)", file=sys.stderr,
-              flush=True)
+              f"external agents (open them with \"task_id\" to group them){mixed}",
+              file=sys.stderr, flush=True)
         sweeper = asyncio.create_task(_expire_idle(trainer.gateway))
         history = await trainer.afit(steps)
     finally:

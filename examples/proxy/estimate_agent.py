@@ -4,8 +4,9 @@
 
 The tiny model of ``examples/proxy/train_estimate.yaml`` starts from a format-only warm start
 (SFT on ``Answer: <random number in [-10, 100)>``), so untrained answers are mostly far off;
-the dense reward gives nearly every group a spread to learn from. One JSON line per episode:
-``{"task_id", "reward", "versions", "reply"}``. Run, next to
+the dense reward gives nearly every group a spread to learn from. Groups of 4 cycle through 8
+fixed questions (``--questions``), so every weight version meets the same ones. One JSON
+line per episode: ``{"task_id", "question", "reward", "versions", "reply"}``. Run, next to
 ``areal-agents serve --train examples/proxy/train_estimate.yaml``:
 
     python examples/proxy/estimate_agent.py --url http://127.0.0.1:8000 --key $ADMIN
@@ -30,10 +31,18 @@ def reward_of(reply: str, truth: int, width: float) -> float:
     return 0.0 if answer is None else max(0.0, 1.0 - abs(answer - truth) / width)
 
 
+def question_of(task: int, num_questions: int) -> tuple[int, int]:
+    """The operands of group ``task``: with ``num_questions`` > 0 the question
+    ``task % num_questions`` of a fixed set (every weight version then meets the same
+    questions, so per-version mean rewards compare like with like), else drawn with seed
+    ``task``."""
+    rng = random.Random(task % num_questions if num_questions else task)
+    return rng.randrange(10), rng.randrange(10)
+
+
 async def play(args: argparse.Namespace, task: int) -> None:
     """Play question ``task`` ``args.group_size`` times at once (one group)."""
-    rng = random.Random(task)
-    a, b = rng.randrange(10), rng.randrange(10)
+    a, b = question_of(task, args.questions)
     messages = [{"role": "user", "content": prompt(f"{a} + {b}")}]
 
     async def one() -> None:
@@ -46,8 +55,8 @@ async def play(args: argparse.Namespace, task: int) -> None:
             reward = reward_of(text, a + b, args.width)
             await ep.reward(reward)
             versions = await ep.versions()
-        print(json.dumps({"task_id": f"q{task}", "reward": reward, "versions": versions,
-                          "reply": text}), flush=True)
+        print(json.dumps({"task_id": f"q{task}", "question": f"{a} + {b}", "reward": reward,
+                          "versions": versions, "reply": text}), flush=True)
 
     await asyncio.gather(*(one() for _ in range(args.group_size)))
 
@@ -55,7 +64,9 @@ async def play(args: argparse.Namespace, task: int) -> None:
 def parse_args() -> argparse.Namespace:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--width", type=float, default=20.0, help="distance at which reward is 0")
-    p.set_defaults(group_size=8, concurrency=4, max_tokens=6)
+    p.add_argument("--questions", type=int, default=8,
+                   help="cycle through this many fixed questions (0: a new one per group)")
+    p.set_defaults(group_size=4, concurrency=8, max_tokens=6)
     return p.parse_args()
 
 

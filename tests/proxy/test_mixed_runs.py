@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx2
 import pytest
 
+from areal_agents.config import load_config
 from areal_agents.errors import ConfigError
 from areal_agents.trainers.external import ExternalTrainer
 from areal_agents.trainers.mixed import EXTERNAL_FIRST_INDEX, MixedEpisodes
 from areal_agents.trainers.policy import Policy
 
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLING = {"temperature": 1.0, "max_tokens": 4}
 
 
@@ -103,3 +106,10 @@ async def test_a_mixed_run_trains_both_sources_and_each_ledger_adds_up():
 def test_a_split_that_does_not_divide_the_batch_is_refused(split, message):
     with pytest.raises(ConfigError, match=message):
         make(external_batch_size=split)
+
+
+def test_the_mixed_yaml_example_splits_each_batch(tmp_path):
+    cfg = load_config(str(ROOT / "examples/proxy/train_mixed.yaml"), [f"run_dir={tmp_path}"])
+    trainer = cfg.build(trainer_cls=ExternalTrainer)
+    trainer.external_batch_size = cfg.trainer.external_batch_size  # as `serve --train` does
+    assert (cfg.trainer.batch_size, trainer.external_parts()) == (16, {"solver": 8})
