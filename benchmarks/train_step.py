@@ -64,7 +64,7 @@ def ppo_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
 
 def bare_step(model: torch.nn.Module, batch: TokenBatch):
     """One plain PyTorch PPO step as a closure (same loss, clip and AdamW as the engine)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as FSDPEngine's
 
     def one() -> None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
