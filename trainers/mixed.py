@@ -106,6 +106,8 @@ class MixedEpisodes:
 
         Raises:
             ValueError: ``num_episodes`` is not ``controls[policy].batch_size``.
+            RolloutFailed: as ``RolloutController.take`` (e.g. ``Deadlocked``); the external
+                part's wait is cancelled first.
         """
         control = self.controls[policy]
         if num_episodes != control.batch_size:
@@ -115,10 +117,16 @@ class MixedEpisodes:
                              f"{num_episodes}")
         if control.external is None:
             return await self.env.take(policy, control.env.batch_size)
-        async with asyncio.TaskGroup() as tg:  # one failing part cancels the other
-            env = tg.create_task(self.env.take(policy, control.env.batch_size))
-            ext = tg.create_task(self.external.take(policy, control.external.batch_size))
-        return [*env.result(), *ext.result()]
+        parts = [asyncio.ensure_future(self.env.take(policy, control.env.batch_size)),
+                 asyncio.ensure_future(self.external.take(policy, control.external.batch_size))]
+        try:
+            env, ext = await asyncio.gather(*parts)
+        except BaseException:  # the error as it is (e.g. Deadlocked), the other part cancelled
+            for part in parts:
+                part.cancel()
+            await asyncio.gather(*parts, return_exceptions=True)
+            raise
+        return [*env, *ext]
 
     async def update_weights(self, policy: str, apply: Callable[[], Awaitable[None]],
                              new_version: int) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 
 import httpx2
@@ -11,7 +12,9 @@ import pytest
 
 from areal_agents.config import load_config
 from areal_agents.errors import ConfigError
-from areal_agents.trainers.external import ExternalTrainer
+from areal_agents.rollout.controller import RolloutFailed
+from areal_agents.rollout.staleness import StalenessControl
+from areal_agents.trainers.external import ExternalEpisodes, ExternalTrainer
 from areal_agents.trainers.mixed import EXTERNAL_FIRST_INDEX, MixedEpisodes
 from areal_agents.trainers.policy import Policy
 
@@ -113,3 +116,23 @@ def test_the_mixed_yaml_example_splits_each_batch(tmp_path):
     trainer = cfg.build(trainer_cls=ExternalTrainer)
     trainer.external_batch_size = cfg.trainer.external_batch_size  # as `serve --train` does
     assert (cfg.trainer.batch_size, trainer.external_parts()) == (16, {"solver": 8})
+
+
+class _FailingEnv:
+    """The part of a RolloutController MixedEpisodes reads, whose ``take`` fails."""
+
+    def __init__(self) -> None:
+        self.controls = {"p": StalenessControl(2)}
+        self.ledger, self.pending = {"p": Counter()}, {}
+
+    async def take(self, policy: str, num_episodes: int) -> list:
+        await asyncio.sleep(0)
+        raise RolloutFailed("4 episodes failed in a row; the last: boom")
+
+
+async def test_a_failing_env_part_raises_its_error_and_cancels_the_external_wait():
+    external = ExternalEpisodes({"p": StalenessControl(2)}, group_size=2)
+    mixed = MixedEpisodes(_FailingEnv(), external)
+    with pytest.raises(RolloutFailed, match="the last: boom"):  # as is, not an ExceptionGroup
+        await mixed.take("p", 4)
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
