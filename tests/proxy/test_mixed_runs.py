@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from league._deadlock import unhandled_task_errors
 
 from areal_agents.config import load_config
 from areal_agents.errors import ConfigError
@@ -74,12 +75,14 @@ async def test_a_mixed_run_trains_both_sources_and_each_ledger_adds_up():
     assert isinstance(trainer.controller, MixedEpisodes)
     assert trainer.controller.controls["solver"].batch_size == 4  # 2 env + 2 external
     agent = asyncio.create_task(_agent(trainer, stop, versions))
-    try:
-        history = await trainer.afit(2)
-    finally:
-        stop.set()
-        await asyncio.gather(agent, return_exceptions=True)
-        await trainer.aclose()
+    async with unhandled_task_errors() as unhandled:  # env episodes in flight at the stop
+        try:
+            history = await trainer.afit(2)
+        finally:
+            stop.set()
+            await asyncio.gather(agent, return_exceptions=True)
+            await trainer.aclose()
+    assert [c["message"] for c in unhandled] == []  # no request left running past the close
     mixed = trainer.controller
     for seeds in trainer.trained_seeds:  # each step: one env group and one external group
         assert [s < EXTERNAL_FIRST_INDEX for s in seeds] == [True, False], seeds
