@@ -42,6 +42,11 @@ class MixedControl:
     Attributes:
         env: the env controller's control of the policy.
         external: the external source's control (None: no external part).
+
+    Example:
+        >>> control = MixedControl(StalenessControl(8), StalenessControl(4))
+        >>> control.batch_size, control.version
+        (12, 0)
     """
 
     env: StalenessControl
