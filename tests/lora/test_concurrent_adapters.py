@@ -14,7 +14,7 @@ from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
 from areal_agents.engines.local import LocalEngine
 from areal_agents.trainers.lora_shared import AdapterTrainEngine, SharedLoRABase
 
-STEPS = 3
+STEPS = 2
 WAIT_S = 120  # only a guard against a hang: the protocol below never waits on a clock
 
 
