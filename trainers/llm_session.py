@@ -12,7 +12,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from areal_agents.agents.llm import LLMAgent
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from areal_agents.agents.llm import RETRYABLE, LLMAgent
+from areal_agents.gateway.errors import GatewayError
 from areal_agents.messages import Message
 
 from .policy import Policy
@@ -77,6 +86,17 @@ async def complete_in_process(gateway: Gateway, key: str, body: dict[str, Any]
     return response
 
 
+def retryable(exc: BaseException) -> bool:
+    """Whether a completion request that raised ``exc`` is tried again: what ``LLMAgent``
+    retries on the chat path (``RETRYABLE``: connection errors and 5xx answers through the
+    SDK) and, on the in-process path, the same 5xx answers raised as ``GatewayError`` (a
+    ``503 engine_unavailable`` when a replica died: the gateway has already routed around it,
+    and the session recorded nothing for the failed request)."""
+    if isinstance(exc, GatewayError):
+        return exc.status >= 500
+    return isinstance(exc, RETRYABLE)
+
+
 class SessionAgent(LLMAgent):
     """``LLMAgent`` for the trainer: it only acts, on a session the trainer opened.
 
@@ -89,6 +109,11 @@ class SessionAgent(LLMAgent):
     returns ``[]`` and the trainer takes the samples from the gateway (``Seat.take_samples``).
     ``context="last"`` (``Policy.context``) prompts each turn with the newest observation
     only (after the system prompt, if any), so each turn becomes its own sample.
+
+    Both APIs retry alike (``retryable``: 5xx answers, e.g. the 503 of a replica that died
+    mid-request, and connection errors), up to ``max_attempts`` attempts with the same
+    backoff as ``LLMAgent``, as the OpenAI SDK retries 5xx for every endpoint; a request still
+    failing then raises, and the trainer fails the episode with that cause.
     """
 
     def __init__(self, client: Any, model: str, sampling: dict[str, Any], agent_id: str = "",
@@ -113,15 +138,26 @@ class SessionAgent(LLMAgent):
         self.turn += 1
         if self.api != "completions":
             return await super()._complete()
+        async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.max_attempts),
+                wait=wait_exponential(multiplier=0.1, max=2.0),
+                retry=retry_if_exception(retryable),
+                before_sleep=before_sleep_log(log, logging.WARNING), reraise=True):
+            with attempt:
+                text = await self._complete_text()
+        return {"role": "assistant", "content": text}
+
+    async def _complete_text(self) -> str:
+        """One ``/v1/completions`` request for the history; the completion's text."""
         if self.direct is not None:  # the SDK's body: sampling fields, extra_body merged in
             fields = {k: v for k, v in self.sampling.items() if k not in _SDK_ONLY}
             extra = fields.pop("extra_body", None) or {}
             body = {"model": self.model, "prompt": raw_prompt(self.history), **fields, **extra}
             response = await self.direct(body)
-            return {"role": "assistant", "content": response["choices"][0]["text"] or ""}
+            return response["choices"][0]["text"] or ""
         reply = await self.client.completions.create(  # type: ignore[union-attr]
             model=self.model, prompt=raw_prompt(self.history), **self.sampling)
-        return {"role": "assistant", "content": reply.choices[0].text or ""}
+        return reply.choices[0].text or ""
 
 
 @dataclass
