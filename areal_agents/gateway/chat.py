@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from functools import lru_cache
 from typing import Any
 
 from .tool_parsing import hermes
@@ -59,8 +60,34 @@ def render(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict] | N
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` with no BOS/EOS added (special-token text maps to its id)."""
+    """Token ids of ``text`` with no BOS/EOS added (special-token text maps to its id).
+
+    A fresh list each call (callers may change it). The ids of recent texts of at most
+    ``ENCODE_CACHE_CHARS`` characters are memoised per tokenizer (a group of episodes sends
+    the same prompt text, a session resends its history): the tokenizer is deterministic, so
+    a hit returns exactly the ids it would compute. A tokenizer changed in place (tokens
+    added) after serving needs ``encode_cache_clear()``.
+    """
+    if len(text) > ENCODE_CACHE_CHARS or getattr(tokenizer, "__hash__", None) is None:
+        return _encode(tokenizer, text)
+    return list(_encode_cached(tokenizer, text))
+
+
+ENCODE_CACHE_CHARS = 16_384  # longer texts are tokenised each time (bounds the cache's memory)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@lru_cache(maxsize=1024)
+def _encode_cached(tokenizer: Any, text: str) -> tuple[int, ...]:
+    return tuple(_encode(tokenizer, text))
+
+
+def encode_cache_clear() -> None:
+    """Forget every memoised encoding (after changing a tokenizer's vocabulary in place)."""
+    _encode_cached.cache_clear()
 
 
 def decode_completion(tokenizer: Any, token_ids: list[int], stop: list[str],

@@ -39,3 +39,46 @@ def test_same_message_ignores_ids_and_spacing():
     assert same_message(a, b)
     assert not same_message(a, {**b, "content": "x"})
     assert not same_message({"role": "user", "content": None}, b)
+
+
+class _CountingTokenizer:
+    """Wraps a tokenizer and counts its encode calls (hashable by identity)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, text, **kwargs):
+        self.calls += 1
+        return self.inner(text, **kwargs)
+
+
+def test_encode_memoises_exact_ids_in_fresh_lists(tok):
+    from areal_agents.gateway.chat import ENCODE_CACHE_CHARS, encode
+
+    counting = _CountingTokenizer(tok)
+    text = "What is 3 + 4? <|im_end|> answer:"
+    expected = list(tok(text, add_special_tokens=False)["input_ids"])
+    first = encode(counting, text)
+    first.append(-1)  # a caller changing its list must not change the cached ids
+    second = encode(counting, text)
+    assert second == expected and counting.calls == 1
+    assert encode(counting, text + " 7") == list(
+        tok(text + " 7", add_special_tokens=False)["input_ids"])
+    assert counting.calls == 2
+    long_text = "x" * (ENCODE_CACHE_CHARS + 1)  # past the bound: tokenised every time
+    assert encode(counting, long_text) == encode(counting, long_text)
+    assert counting.calls == 4
+    other = _CountingTokenizer(tok)  # the cache is per tokenizer
+    assert encode(other, text) == expected and other.calls == 1
+
+
+def test_encode_unhashable_tokenizer_is_not_cached(tok):
+    from areal_agents.gateway.chat import encode
+
+    class Unhashable(_CountingTokenizer):
+        __hash__ = None
+
+    t = Unhashable(tok)
+    assert encode(t, "1 + 1") == encode(t, "1 + 1") == list(
+        tok("1 + 1", add_special_tokens=False)["input_ids"])
+    assert t.calls == 2
