@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 
 import pytest
+
+from areal_agents.envs.arithmetic import parse_answer
 
 from ._load import load_example
 
@@ -65,3 +68,34 @@ def test_hard_negative_mix_and_answer_kinds():
     short = run.make_judge(template=run.TEMPLATES["short"]).render(episode, "agent")
     gold, answer = episode.infos["agent"]["answer"], episode.messages["agent"][1]["content"]
     assert short == f"Reference: {gold}\n{answer}\nCorrect:"
+
+
+def test_balance_resamples_the_smaller_class_up_to_the_larger():
+    run = load_example("genrm/judge", "run")
+    pairs = run.judge_pairs(range(100), random.Random(0), near=0.2, unformatted=0.0)
+    n_right = sum(ok for _, ok in pairs)
+    assert n_right > 60
+    out = run.balance(pairs, random.Random(1))
+    assert sum(ok for _, ok in out) == n_right == len(out) - n_right
+    assert {id(e) for e, _ in out} == {id(e) for e, _ in pairs}  # every pair kept, none new
+    only_right = [p for p in pairs if p[1]]
+    assert run.balance(only_right, random.Random(1)) == only_right
+
+
+@pytest.mark.slow
+def test_policy_answers_are_labelled_by_exact_match_and_graded(tmp_path):
+    run = load_example("genrm/judge", "run")
+    args = run.parse_args(["--batch-size", "4", "--group-size", "2", "--policy-sft-steps", "5",
+                           "--eval-seeds", "4", "--policy-pairs", "6", "--policy-eval", "4",
+                           "--judge-sft-steps", "3", "--judge-pairs", "8", "--judge-only",
+                           "--judge-eval-pairs", "4", "--run-dir", str(tmp_path)])
+    answers = asyncio.run(run.policy_answers(args, tmp_path, range(5), samples=2))
+    assert len(answers) == 10
+    for episode, ok in answers:
+        reply = [m for m in episode.messages["agent"] if m["role"] == "assistant"][-1]
+        assert ok == (parse_answer(reply["content"]) == episode.infos["agent"]["answer"])
+    s = asyncio.run(run.run(args))
+    assert s["judge_data"]["policy_answers"] == 6.0
+    assert s["judge_policy"]["pairs"] == 4.0
+    wrong = s["judge_policy"]["wrong"]
+    assert wrong == 0 or 0.0 <= s["judge_policy"]["false_positive_rate"] <= 1.0

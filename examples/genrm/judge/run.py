@@ -100,13 +100,16 @@ def answer_kind(episode: Episode, correct: bool) -> str:
     return "near" if reply.startswith("Answer:") else "unformatted"
 
 
-def train_judge(args: argparse.Namespace) -> tuple[Any, Any, list[float]]:
-    """SFT a tiny model (``args.judge_size``) on judge transcripts rendered by ``make_judge``,
-    with ``args.train_near`` near misses among them; (model, tokenizer, losses)."""
+def train_judge(args: argparse.Namespace, extra: list[tuple[Episode, bool]] | None = None
+                ) -> tuple[Any, Any, list[float]]:
+    """SFT a tiny model (``args.judge_size``) on judge transcripts rendered by ``make_judge``:
+    ``args.judge_pairs`` synthetic pairs with ``args.train_near`` near misses among them, plus
+    ``extra`` (e.g. the policy's own labelled answers); (model, tokenizer, losses)."""
     model, tokenizer = aa.models.tiny(args.judge_size, seed=args.seed + 100)
     judge = make_judge(template=TEMPLATES[args.judge_template])
     pairs = judge_pairs(range(10_000, 10_000 + args.judge_pairs), random.Random(args.seed),
                         near=args.train_near, unformatted=args.train_unformatted)
+    pairs += extra or []
     transcripts = [[{"role": "user", "content": judge.render(e, "agent")},
                     {"role": "assistant", "content": "yes" if ok else "no"}] for e, ok in pairs]
     samples = demo_samples(tokenizer, transcripts, api="completions")
@@ -147,11 +150,15 @@ async def _accuracy(judge: ReferenceJudge, pairs: list[tuple[Episode, bool]]
 
     right = await asyncio.gather(*(one(e, ok) for e, ok in pairs))
     m = judge.take_metrics()
+    wrong_hits = [hit for (_, ok), hit in zip(pairs, right, strict=True) if not ok]
     by_kind: dict[str, list[bool]] = {}
     for (episode, ok), hit in zip(pairs, right, strict=True):
         by_kind.setdefault(answer_kind(episode, ok), []).append(hit)
     return {"accuracy": sum(right) / len(pairs), "pairs": float(len(pairs)),
             **{f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "wrong": float(len(wrong_hits)),
+            "false_positive_rate": (1.0 - sum(wrong_hits) / len(wrong_hits)) if wrong_hits
+            else float("nan"),
             "unreadable": m[f"judge/{judge.name}/parse_failures"]
             + m[f"judge/{judge.name}/out_of_range"]}
 
@@ -204,18 +211,69 @@ async def rl_run(reward: str, judge_model: Any, args: argparse.Namespace, run_di
     return out
 
 
+async def policy_answers(args: argparse.Namespace, run_dir: Path, seeds: range,
+                         samples: int = 1) -> list[tuple[Episode, bool]]:
+    """The SFT-warm-started policy's own answers (temperature 1, as in RL), ``samples`` per
+    seed, each labelled by exact match against the gold answer: (episode, is_correct)."""
+    from areal_agents.trainers.episodes import play
+
+    trainer = make_trainer("exact", None, args, run_dir / "policy_answers")
+    try:
+        await trainer.setup()
+
+        async def one(seed: int) -> tuple[Episode, bool]:
+            _, stats = await play(Arithmetic(**ENV_KWARGS), seed, policy_of={"agent": "solver"},
+                                  fixed_agents={}, open_seat=trainer._open_seat,
+                                  reward_fns=[])
+            assert stats.episode is not None
+            return stats.episode, stats.success["agent"] == 1.0
+
+        return list(await asyncio.gather(*(one(s) for s in seeds for _ in range(samples))))
+    finally:
+        await trainer.aclose()
+
+
+def balance(pairs: list[tuple[Episode, bool]], rng: random.Random
+            ) -> list[tuple[Episode, bool]]:
+    """``pairs`` with the smaller class (right or wrong) resampled with replacement up to the
+    size of the larger one, shuffled (unchanged when a class is empty)."""
+    right = [p for p in pairs if p[1]]
+    wrong = [p for p in pairs if not p[1]]
+    if not right or not wrong:
+        return list(pairs)
+    small, big = sorted((right, wrong), key=len)
+    out = big + small + rng.choices(small, k=len(big) - len(small))
+    rng.shuffle(out)
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The judge SFT, then both RL runs; writes ``summary.json`` under ``args.run_dir``."""
+    """The judge SFT, then both RL runs; writes ``summary.json`` under ``args.run_dir``.
+    With ``args.exact_only``: only the exact-match RL run (no judge)."""
     run_dir = Path(args.run_dir)
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if args.exact_only:
+        return _write({"exact_reward": await rl_run("exact", None, args, run_dir)}, args,
+                      run_dir, t0)
+    policy_held_out: list[tuple[Episode, bool]] = []
+    policy_stats: dict[str, float] = {}
     if args.judge_from:  # a judge trained (and saved) by an earlier run: no SFT
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(args.judge_from).float()
         tokenizer, losses = AutoTokenizer.from_pretrained(args.judge_from), [float("nan")]
     else:
-        model, tokenizer, losses = await asyncio.to_thread(train_judge, args)
+        extra: list[tuple[Episode, bool]] = []
+        if args.policy_pairs:  # the policy's own answers, labelled by exact match
+            answers = await policy_answers(args, run_dir, range(
+                4_000_000, 4_000_000 + args.policy_pairs + args.policy_eval))
+            train, policy_held_out = answers[:args.policy_pairs], answers[args.policy_pairs:]
+            extra = balance(train, random.Random(args.seed + 2))
+            policy_stats = {"policy_answers": float(len(train)),
+                            "policy_right": float(sum(ok for _, ok in train)),
+                            "balanced": float(len(extra))}
+        model, tokenizer, losses = await asyncio.to_thread(train_judge, args, extra)
         model.save_pretrained(run_dir / "judge_model")  # for judge_reward.yaml / --judge-from
         tokenizer.save_pretrained(run_dir / "judge_model")
     held_out = judge_pairs(range(3_000_000, 3_000_000 + args.judge_eval_pairs),
@@ -225,6 +283,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                              "seconds": time.perf_counter() - t0},
                                "judge": await judge_accuracy(model, tokenizer, held_out,
                                                                   TEMPLATES[args.judge_template])}
+    if policy_held_out:
+        summary["judge_data"] = policy_stats
+        summary["judge_policy"] = await judge_accuracy(model, tokenizer, policy_held_out,
+                                                       TEMPLATES[args.judge_template])
+        print(f"judge on held-out policy answers: {summary['judge_policy']}", flush=True)
     print(f"judge accuracy: {summary['judge']}", flush=True)
     if args.judge_only:
         return _write(summary, args, run_dir, t0)
@@ -260,12 +323,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of near misses (hard negatives) in the judge's SFT data")
     p.add_argument("--train-unformatted", type=float, default=0.15,
                    help="share of unformatted right answers in the judge's SFT data")
+    p.add_argument("--policy-pairs", type=int, default=0,
+                   help="the starting policy's own labelled answers added (class-balanced) to "
+                   "the judge's SFT data (0: synthetic pairs only)")
+    p.add_argument("--policy-eval", type=int, default=200,
+                   help="held-out policy answers the judge is graded on (with --policy-pairs)")
     p.add_argument("--judge-eval-pairs", type=int, default=200, help="held-out judge pairs")
     p.add_argument("--eval-seeds", type=int, default=200, help="held-out policy seeds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/genrm_judge")
     p.add_argument("--judge-from", help="a judge_model directory of an earlier run (no SFT)")
     p.add_argument("--no-exact", action="store_true", help="skip the exact-match RL run")
+    p.add_argument("--exact-only", action="store_true",
+                   help="only the exact-match RL run (e.g. in parallel with a --no-exact run)")
     p.add_argument("--judge-only", action="store_true",
                    help="stop after the judge's SFT and accuracy (no RL runs)")
     return p.parse_args(argv)
@@ -274,6 +344,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     s = asyncio.run(run(args))
+    if args.exact_only:
+        r = s["exact_reward"]
+        print(f"exact-match reward: held-out accuracy {r['heldout_start']:.3f} -> "
+              f"{r['heldout_final']:.3f} in {r['steps']} steps; {r['seconds']:.0f} s")
+        return 0
     acc = s["judge"]
     print(f"judge: SFT nll {s['judge_sft']['nll_first']:.3f} -> {s['judge_sft']['nll_last']:.3f};"
           f" held-out grading accuracy {acc['accuracy']:.3f} on {acc['pairs']:.0f} pairs "
