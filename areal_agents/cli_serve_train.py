@@ -8,15 +8,22 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+Hook = Callable[[str], Awaitable[None]]
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def serve_train(args: argparse.Namespace) -> int:
+def serve_train(args: argparse.Namespace, *, before: Hook | None = None,
+                after: Hook | None = None) -> int:
     """Build the ``ExternalTrainer`` of ``args.train``, serve its gateway on
-    ``args.host:args.port`` and train ``trainer.steps`` steps; print a JSON summary."""
+    ``args.host:args.port`` and train ``trainer.steps`` steps; print a JSON summary.
+
+    ``before(url)`` is awaited once the gateway serves, before training starts (the served
+    weights are the untrained ones); ``after(url)`` once the last step is trained, while the
+    gateway still serves its final weights (e.g. a fixed evaluation through the gateway)."""
     from .config import load_config
     from .errors import ConfigError
     from .trainers.external import ExternalTrainer
@@ -39,13 +46,13 @@ def serve_train(args: argparse.Namespace) -> int:
     trainer.admin_key = admin_key
     trainer.session_idle_timeout_s = cfg.trainer.session_idle_timeout_s
     summary = asyncio.run(_run(trainer, args.host, args.port, cfg.trainer.steps,
-                               show_key=admin_key is None))
+                               show_key=admin_key is None, before=before, after=after))
     print(json.dumps(summary), flush=True)
     return 0
 
 
-async def _run(trainer: Any, host: str, port: int, steps: int, show_key: bool
-               ) -> dict[str, Any]:
+async def _run(trainer: Any, host: str, port: int, steps: int, show_key: bool,
+               before: Hook | None = None, after: Hook | None = None) -> dict[str, Any]:
     import uvicorn
 
     from .cli_serve import banner
@@ -66,8 +73,13 @@ async def _run(trainer: Any, host: str, port: int, steps: int, show_key: bool
         print(f"training: {steps} steps of {sorted(trainer.trainable)} on sessions ended by "
               f"external agents (open them with \"task_id\" to group them){mixed}",
               file=sys.stderr, flush=True)
+        url = f"http://{host}:{port}"
+        if before is not None:
+            await before(url)
         sweeper = asyncio.create_task(_expire_idle(trainer.gateway))
         history = await trainer.afit(steps)
+        if after is not None:
+            await after(url)
     finally:
         if "sweeper" in locals():
             sweeper.cancel()

@@ -6,7 +6,11 @@ The tiny model of ``examples/proxy/train_estimate.yaml`` starts from a format-on
 (SFT on ``Answer: <random number in [-10, 100)>``), so untrained answers are mostly far off;
 the dense reward gives nearly every group a spread to learn from. Groups of 4 cycle through 8
 fixed questions (``--questions``), so every weight version meets the same ones. One JSON
-line per episode: ``{"task_id", "question", "reward", "versions", "reply"}``. Run, next to
+line per episode: ``{"task_id", "question", "reward", "versions", "reply"}``.
+``--shuffle-rewards`` posts the true reward of another, randomly chosen earlier episode
+instead (a control: training on it must not improve the policy). ``evaluate`` scores the
+served policy on the fixed questions, greedily and unrecorded (admin key, no session).
+Run, next to
 ``areal-agents serve --train examples/proxy/train_estimate.yaml``:
 
     python examples/proxy/estimate_agent.py --url http://127.0.0.1:8000 --key $ADMIN
@@ -19,6 +23,7 @@ import asyncio
 import json
 import random
 
+import openai
 from proxy_driver import base_parser, play_questions
 
 from areal_agents.envs.arithmetic import parse_answer, prompt
@@ -40,6 +45,31 @@ def question_of(task: int, num_questions: int) -> tuple[int, int]:
     return rng.randrange(10), rng.randrange(10)
 
 
+_PAST_REWARDS: list[float] = []  # --shuffle-rewards: rewards earned so far, to post at random
+
+
+async def evaluate(url: str, key: str, policy: str = "solver", questions: int = 8,
+                   width: float = 20.0, max_tokens: int = 6, samples: int = 0) -> float:
+    """The mean reward of ``policy`` as served at ``url`` on the ``questions`` fixed questions
+    (``question_of(k, questions)``, ``k < questions``): greedy (temperature 0) with
+    ``samples`` 0, else the mean of ``samples`` replies per question at temperature 1. Asked
+    through chat completions with the admin ``key`` and no session: nothing is recorded or
+    trained."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key)
+
+    async def ask(k: int) -> list[float]:
+        a, b = question_of(k, questions)
+        reply = await client.chat.completions.create(
+            model=policy, messages=[{"role": "user", "content": prompt(f"{a} + {b}")}],
+            max_tokens=max_tokens, temperature=1.0 if samples else 0.0, n=max(1, samples))
+        return [reward_of(c.message.content or "", a + b, width) for c in reply.choices]
+
+    async with client:
+        rewards = [r for rs in await asyncio.gather(*(ask(k) for k in range(questions)))
+                   for r in rs]
+    return sum(rewards) / len(rewards)
+
+
 async def play(args: argparse.Namespace, task: int) -> None:
     """Play question ``task`` ``args.group_size`` times at once (one group)."""
     a, b = question_of(task, args.questions)
@@ -53,7 +83,11 @@ async def play(args: argparse.Namespace, task: int) -> None:
                 temperature=1.0)
             text = reply.choices[0].message.content or ""
             reward = reward_of(text, a + b, args.width)
-            await ep.reward(reward)
+            posted = reward
+            if args.shuffle_rewards:
+                _PAST_REWARDS.append(reward)
+                posted = random.choice(_PAST_REWARDS)
+            await ep.reward(posted)
             versions = await ep.versions()
         print(json.dumps({"task_id": f"q{task}", "question": f"{a} + {b}", "reward": reward,
                           "versions": versions, "reply": text}), flush=True)
@@ -66,6 +100,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--width", type=float, default=20.0, help="distance at which reward is 0")
     p.add_argument("--questions", type=int, default=8,
                    help="cycle through this many fixed questions (0: a new one per group)")
+    p.add_argument("--shuffle-rewards", action="store_true",
+                   help="post a random earlier episode's reward (a control that must not learn)")
     p.set_defaults(group_size=4, concurrency=8, max_tokens=6)
     return p.parse_args()
 
