@@ -23,6 +23,7 @@ from .scheduler import RunningBatch, prefill, prefill_cached
 
 # joining prompts are prefilled together while (rows x longest prompt) stays within this
 PREFILL_TOKEN_BUDGET = 8192
+MAX_STEPS_PER_HOP = 64  # decode steps one worker-thread hop may run (see LocalEngine._steps)
 
 
 @dataclass
@@ -169,11 +170,13 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
         self._paused_adapters: set[str] = set()
         self._parked: list[_Seq] = []
         self._closed = False
+        self.hops = 0  # worker-thread hops of the scheduler (each runs one or more steps)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._step_lock: asyncio.Lock | None = None
+        self._lock_wanted = 0  # callers waiting to act between two steps (see _between_steps)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -208,7 +211,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             self._adapter_spec(adapter)
             self._paused_adapters.add(adapter)
         if self._step_lock is not None:
-            async with self._step_lock:  # the step in progress (if any) has ended
+            async with self._between_steps():  # the step in progress (if any) has ended
                 pass
 
     async def resume(self, adapter: str | None = None) -> None:
@@ -237,7 +240,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
         if lock is None:
             apply_weight_update(self.model, update)
         else:
-            async with lock:
+            async with self._between_steps():
                 await asyncio.to_thread(apply_weight_update, self.model, update)
         # no await since the lock was released: no step runs before the cache is dropped
         self.version = update.version if update.version is not None else self.version + 1
@@ -315,7 +318,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
                 if self._paused:
                     continue
                 try:
-                    finished = await asyncio.to_thread(self._step, joining, self.version)
+                    finished = await asyncio.to_thread(self._steps, joining, self.version)
                 except Exception as exc:  # a failed forward fails the batch, not the engine
                     jobs = {id(j): j for j in joining} | {
                         id(s.job): s.job for s in self._running + self._parked}
@@ -356,6 +359,38 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             rows += n
         self._waiting.extendleft(reversed(skipped))
         return joining
+
+    @contextlib.asynccontextmanager
+    async def _between_steps(self) -> Any:
+        """Hold the step lock (between two decode steps); the worker thread ends its run of
+        steps (``_steps``) after the current one while anyone waits here."""
+        assert self._step_lock is not None
+        self._lock_wanted += 1
+        try:
+            await self._step_lock.acquire()
+        finally:
+            self._lock_wanted -= 1
+        try:
+            yield
+        finally:
+            self._step_lock.release()
+
+    def _steps(self, joining: list[_Job], version: int) -> list[_Job]:
+        """``_step``, then more decode steps in the same worker-thread hop while nothing
+        would change what the event loop does between them: no row finished, no job
+        waiting, no pause, no caller waiting for the step lock, no caller gone, at most
+        ``MAX_STEPS_PER_HOP``. Each step is exactly the ``_step`` the loop would run next (the
+        same rows, version and generators), so tokens and log-probs are unchanged; the event
+        loop is woken once per hop instead of once per token."""
+        finished = self._step(joining, version)
+        for _ in range(MAX_STEPS_PER_HOP - 1):
+            if (finished or not self._running or self._waiting or self._parked
+                    or self._paused or self._paused_adapters or self._lock_wanted
+                    or self._closed or any(s.job.future.done() for s in self._running)):
+                break
+            finished = self._step([], version)
+        self.hops += 1
+        return finished
 
     def _step(self, joining: list[_Job], version: int) -> list[_Job]:
         """Prefill ``joining``, then decode one token for every row (runs in a worker thread)."""

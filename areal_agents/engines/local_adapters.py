@@ -113,7 +113,7 @@ class LocalAdapterServing:
         if self._step_lock is None:
             self._lora.load(name, tensors.items())
         else:
-            async with self._step_lock:
+            async with self._between_steps():
                 await asyncio.to_thread(self._lora.load, name, tensors.items())
         # prefix-cache entries carry the adapter version, so older ones simply miss
         current = self._adapter_versions[name]
