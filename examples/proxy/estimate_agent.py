@@ -57,16 +57,17 @@ async def evaluate(url: str, key: str, policy: str = "solver", questions: int = 
     trained."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key)
 
-    async def ask(k: int) -> list[float]:
+    async def ask(k: int, n: int) -> list[float]:
         a, b = question_of(k, questions)
         reply = await client.chat.completions.create(
             model=policy, messages=[{"role": "user", "content": prompt(f"{a} + {b}")}],
-            max_tokens=max_tokens, temperature=1.0 if samples else 0.0, n=max(1, samples))
+            max_tokens=max_tokens, temperature=1.0 if samples else 0.0, n=n)
         return [reward_of(c.message.content or "", a + b, width) for c in reply.choices]
 
+    asks = [(k, min(8, samples - i)) for k in range(questions)  # the gateway's n is <= 8
+            for i in range(0, samples, 8)] if samples else [(k, 1) for k in range(questions)]
     async with client:
-        rewards = [r for rs in await asyncio.gather(*(ask(k) for k in range(questions)))
-                   for r in rs]
+        rewards = [r for rs in await asyncio.gather(*(ask(k, n) for k, n in asks)) for r in rs]
     return sum(rewards) / len(rewards)
 
 
