@@ -99,3 +99,14 @@ def test_policy_answers_are_labelled_by_exact_match_and_graded(tmp_path):
     assert s["judge_policy"]["pairs"] == 4.0
     wrong = s["judge_policy"]["wrong"]
     assert wrong == 0 or 0.0 <= s["judge_policy"]["false_positive_rate"] <= 1.0
+
+
+def test_answer_kind_reads_the_reply_not_the_env_feedback_after_it():
+    run = load_example("genrm/judge", "run")
+    episode, _ = run.judge_pairs(range(1), random.Random(0))[0]
+    gold = episode.infos["agent"]["answer"]
+    episode.messages["agent"][1]["content"] = f"Answer: {gold + 1}"
+    episode.messages["agent"].append({"role": "user", "content": "Wrong: wrong."})
+    assert run.answer_kind(episode, False) == "near"
+    episode.messages["agent"][1]["content"] = f"{gold + 1}"
+    assert run.answer_kind(episode, False) == "unformatted"

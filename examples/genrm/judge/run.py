@@ -28,6 +28,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ SHORT_TEMPLATE = "Reference: {reference}\n{answer}\nCorrect:"
 TEMPLATES = {"task": JUDGE_TEMPLATE, "short": SHORT_TEMPLATE}
 """``--judge-template``: with the task text, or only the gold answer and the answer."""
 STOP = ["<|im_end|>"]
+POLICY_SEEDS, HELD_OUT_POLICY_SEEDS = 4_000_000, 4_002_000
+"""Task seeds of the policy answers the judge is trained on (``--policy-pairs``), and of
+those it is graded on (``--policy-eval``)."""
 
 
 class JudgedArithmetic(Arithmetic):
@@ -93,11 +97,12 @@ def judge_pairs(seeds: range, rng: random.Random, near: float = 0.35, unformatte
 
 
 def answer_kind(episode: Episode, correct: bool) -> str:
-    """``"right"``, ``"near"`` (a wrong ``Answer: n``) or ``"unformatted"`` (no ``Answer:``)."""
+    """``"right"``, ``"near"`` (a wrong ``Answer: n``) or ``"unformatted"`` (no ``Answer:``),
+    read from the agent's last assistant message (a played episode ends with env feedback)."""
     if correct:
         return "right"
-    reply = episode.messages["agent"][-1]["content"]
-    return "near" if reply.startswith("Answer:") else "unformatted"
+    reply = [m for m in episode.messages["agent"] if m["role"] == "assistant"][-1]["content"]
+    return "near" if reply.strip().startswith("Answer:") else "unformatted"
 
 
 def train_judge(args: argparse.Namespace, extra: list[tuple[Episode, bool]] | None = None
@@ -211,7 +216,7 @@ async def rl_run(reward: str, judge_model: Any, args: argparse.Namespace, run_di
     return out
 
 
-async def policy_answers(args: argparse.Namespace, run_dir: Path, seeds: range,
+async def policy_answers(args: argparse.Namespace, run_dir: Path, seeds: Sequence[int],
                          samples: int = 1) -> list[tuple[Episode, bool]]:
     """The SFT-warm-started policy's own answers (temperature 1, as in RL), ``samples`` per
     seed, each labelled by exact match against the gold answer: (episode, is_correct)."""
@@ -265,9 +270,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer, losses = AutoTokenizer.from_pretrained(args.judge_from), [float("nan")]
     else:
         extra: list[tuple[Episode, bool]] = []
-        if args.policy_pairs:  # the policy's own answers, labelled by exact match
-            answers = await policy_answers(args, run_dir, range(
-                4_000_000, 4_000_000 + args.policy_pairs + args.policy_eval))
+        if args.policy_pairs or args.policy_eval:  # the policy's own answers, labelled
+            if args.policy_pairs > HELD_OUT_POLICY_SEEDS - POLICY_SEEDS:
+                raise ValueError(f"--policy-pairs {args.policy_pairs}: at most "
+                                 f"{HELD_OUT_POLICY_SEEDS - POLICY_SEEDS}")
+            answers = await policy_answers(args, run_dir, [
+                *range(POLICY_SEEDS, POLICY_SEEDS + args.policy_pairs),
+                *range(HELD_OUT_POLICY_SEEDS, HELD_OUT_POLICY_SEEDS + args.policy_eval)])
             train, policy_held_out = answers[:args.policy_pairs], answers[args.policy_pairs:]
             extra = balance(train, random.Random(args.seed + 2))
             policy_stats = {"policy_answers": float(len(train)),
@@ -326,8 +335,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy-pairs", type=int, default=0,
                    help="the starting policy's own labelled answers added (class-balanced) to "
                    "the judge's SFT data (0: synthetic pairs only)")
-    p.add_argument("--policy-eval", type=int, default=200,
-                   help="held-out policy answers the judge is graded on (with --policy-pairs)")
+    p.add_argument("--policy-eval", type=int, default=0,
+                   help="held-out answers of the starting policy the judge is graded on")
     p.add_argument("--judge-eval-pairs", type=int, default=200, help="held-out judge pairs")
     p.add_argument("--eval-seeds", type=int, default=200, help="held-out policy seeds")
     p.add_argument("--seed", type=int, default=0)
