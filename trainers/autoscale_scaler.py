@@ -6,7 +6,8 @@ Two halves, so replica changes never race a train step or a weight push:
   policy's queue depth -- the ``Router.load`` of its live replicas: requests in flight through
   the gateway plus each engine's own ``num_pending`` -- and updates ``target``;
 - ``reconcile()`` (the launcher calls it at each step end) first replaces lost replicas (an
-  engine the source reports dead is dropped from routing and released), then starts replicas
+  engine the source reports dead is dropped from routing, and released once its requests in
+  flight have ended: they fail with a 503 the agents retry on a live replica), then starts replicas
   up to ``target`` -- each joins through ``join`` (``Trainer.add_replica``: the current weights
   and version are loaded before it is routable) -- or drains and stops replicas down to it:
   a drained replica takes no new request and is stopped once its in-flight requests finished
@@ -122,11 +123,13 @@ class ReplicaScaler:
                 log.warning("policy %r: replica %d is lost; replacing it", self.policy, index)
                 self.router.mark_dead(index)
                 self.retired.add(index)
+                await self._wait_idle(index)
                 await self.source.stop(engine)
                 events["replaced"] += 1
         for index in sorted(self.router.dead - self.retired):  # dropped by the gateway
             if not await self.source.alive(self.router.engines[index]):
                 self.retired.add(index)
+                await self._wait_idle(index)
                 await self.source.stop(self.router.engines[index])
                 events["replaced"] += 1
         lost = events["replaced"]
@@ -156,7 +159,15 @@ class ReplicaScaler:
         index = min(self.live(), key=lambda i: (self.router.load(i), -i))
         self.router.mark_dead(index)  # no new requests; in-flight ones finish
         self.retired.add(index)
+        await self._wait_idle(index)
+        await self.source.stop(self.router.engines[index])
+
+    async def _wait_idle(self, index: int) -> None:
+        """Wait (at most ``drain_timeout_s``) until replica ``index`` has no request in flight.
+
+        Before a lost replica is stopped too: its requests in flight then end with the
+        gateway's 503 (server unreachable), which the agents retry on a live replica; closing
+        its client under them would fail their episodes with a closed-client error instead."""
         deadline = self.clock() + self.drain_timeout_s
         while self.router.load(index) > 0 and self.clock() < deadline:
             await asyncio.sleep(0.05)
-        await self.source.stop(self.router.engines[index])
