@@ -3,8 +3,9 @@
 Two halves, so replica changes never race a train step or a weight push:
 
 - ``sample()`` (every ``interval_s`` from a background task, or by hand in tests) reads the
-  policy's queue depth -- the ``Router.load`` of its live replicas: requests in flight through
-  the gateway plus each engine's own ``num_pending`` -- and updates ``target``;
+  policy's queue depth -- the requests on its live replicas, each counted once (``depth``: the
+  larger of those in flight through the gateway and the engine's own ``num_pending``) -- and
+  updates ``target``;
 - ``reconcile()`` (the launcher calls it at each step end) first replaces lost replicas (an
   engine the source reports dead is dropped from routing, and released once its requests in
   flight have ended: they fail with a 503 the agents retry on a live replica), then starts replicas
@@ -88,9 +89,17 @@ class ReplicaScaler:
         """Router indices of the replicas serving now."""
         return [i for i in range(len(self.router.engines)) if i not in self.router.dead]
 
+    def depth(self, index: int) -> int:
+        """Requests on replica ``index``, each counted once: the larger of those in flight
+        through the gateway (``Router.load`` less the engine's own count) and the engine's own
+        ``num_pending`` (queued or running there, from any client). A request sent through the
+        gateway is in both counts (``Router.load`` adds them, which only ranks replicas)."""
+        pending = int(self.router.engines[index].num_pending)
+        return max(self.router.load(index) - pending, pending)
+
     def sample(self) -> int:
         """Measure the queue depth now and update ``target``; returns it."""
-        self.queue_depth = float(sum(self.router.load(i) for i in self.live()))
+        self.queue_depth = float(sum(self.depth(i) for i in self.live()))
         self.queue_depth_max = max(self.queue_depth_max, self.queue_depth)
         self.target = self.rule.update(self.clock(), self.queue_depth, self.target)
         return self.target

@@ -180,3 +180,48 @@ async def test_a_lost_replica_is_replaced_at_the_current_version():
     metrics = await scaler.reconcile()
     assert metrics["autoscale/listener/replaced"] == 1.0
     assert len(router.live_engines()) == 2
+
+
+class _Counting(ScriptedEngine):
+    """An engine that counts the requests queued or running on it (as ``LocalEngine`` and
+    ``RemoteEngine`` do), whoever sent them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = 0
+
+    @property
+    def num_pending(self) -> int:
+        return self.pending
+
+
+async def test_the_queue_depth_counts_a_request_through_the_gateway_once():
+    engine = _Counting()
+    router, source, clock, logged = Router([engine]), _Source(), _Clock(), []
+    scaler = _scaler(router, source, clock, logged)
+    for _ in range(6):  # six requests through the gateway, each also pending in the engine
+        router.acquire()
+        engine.pending += 1
+    assert router.load(0) == 12  # the router's ranking adds both counts
+    scaler.sample()
+    assert scaler.queue_depth == 6.0
+    engine.pending += 3  # three more from another client, straight to the engine
+    scaler.sample()
+    assert scaler.queue_depth == 9.0
+
+
+async def test_a_lost_replica_is_stopped_only_once_its_requests_in_flight_ended():
+    engines = [ScriptedEngine(), ScriptedEngine()]
+    router, source, clock, logged = Router(engines), _Source(), _Clock(), []
+    scaler = _scaler(router, source, clock, logged)
+    router.acquire()  # replica 0
+    busy, _ = router.acquire()  # replica 1: in flight when its server is lost
+    assert busy == 1
+    source.lost.add(id(engines[1]))
+    task = asyncio.ensure_future(scaler.reconcile())
+    await asyncio.sleep(0.2)
+    assert not task.done() and source.stopped == []  # its client stays open for the request
+    assert router.live_engines() == [engines[0]]  # but it takes no new request
+    router.release(busy)  # the request ended (with the gateway's 503, retried elsewhere)
+    metrics = await asyncio.wait_for(task, 5)
+    assert source.stopped == [engines[1]] and metrics["autoscale/listener/replaced"] == 1.0
