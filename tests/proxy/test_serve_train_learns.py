@@ -105,7 +105,7 @@ def _by_version(episodes: list[dict[str, Any]]) -> dict[int, list[float]]:
     return out
 
 
-@pytest.mark.slow  # warm start + 6 steps of 32 sessions: ~15 s CPU here + ~25 s the agent
+@pytest.mark.slow  # warm start + 6 steps of 32 sessions: 34 s at load ~1, ~15 + ~25 CPU-s
 def test_an_external_agent_improves_over_the_untrained_policy(tmp_path):
     run = learn(tmp_path)
     assert run["rc"] == 0 and run["agent_rc"] == 0, run["agent_stderr"]
