@@ -25,11 +25,12 @@ from areal_agents.cli_serve_train import serve_train
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 SAMPLES = 32  # replies per fixed question in the sampled evaluation
-# required gain of the sampled fixed evaluation: ~3x the standard error of a before/after
-# difference of 256 samples each (~0.027); measured gains +0.12 to +0.24 (docs/proxy_mode.md
-# "The learning test"). The greedy evaluation (8 answers) is reported, not asserted: it
+# required gain of the sampled fixed evaluation: ~2.2x the standard error of a before/after
+# difference of 256 samples each (~0.027) and ~3x the gain of the lr-1e-12 control runs
+# (+0.018, +0.022); measured trained gains +0.12 to +0.24, mean 0.18, sd 0.04, so the margin
+# sits ~2.9 sd below their mean (docs/proxy_mode.md "The learning test"). The greedy evaluation (8 answers) is reported, not asserted: it
 # rose in 2 of 5 measured runs only.
-MARGIN = 0.08
+MARGIN = 0.06
 
 
 def _evaluate() -> Any:
