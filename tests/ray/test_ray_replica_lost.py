@@ -85,6 +85,9 @@ async def test_a_ray_replica_lost_mid_episode_is_retried_replaced_and_counted(cl
 
     try:
         await trainer.setup()
+        (spread,) = [ray.util.placement_group_table(g) for g in launcher._groups]
+        assert (spread["strategy"], list(spread["bundles"].values())) == (
+            "SPREAD", [{"CPU": 0.5}] * 2)  # one bundle per replica
         scaler = launcher._scalers["speaker"]
         join = scaler.join
 
