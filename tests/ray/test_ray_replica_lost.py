@@ -101,7 +101,7 @@ async def test_a_ray_replica_lost_mid_episode_is_retried_replaced_and_counted(cl
 
         scaler.join = recorded_join
         killer = asyncio.ensure_future(asyncio.wait_for(kill_mid_request(), WAIT_S))
-        await trainer.afit(3)
+        await asyncio.wait_for(trainer.afit(3), 3 * WAIT_S)  # a hang fails, bounded
         in_flight_at_loss = await asyncio.wait_for(killer, WAIT_S)
         router = trainer.gateway.policies["speaker"].router
         first, _lost, replacement = router.engines
