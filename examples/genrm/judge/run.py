@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import random
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,9 @@ from areal_agents.rewards import JudgeFailed, ReferenceJudge
 from areal_agents.trainers.trainer import Trainer
 from areal_agents.trainers.warm_start import demo_samples, sft
 from areal_agents.trainers.wiring import backend_factory
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/genrm: shared code
+from policy_samples import sample_answers
 
 ENV_KWARGS = {"digits": 1, "operations": "+-"}
 JUDGE_TEMPLATE = "{task}\nReference: {reference}\n{answer}\nCorrect:"
@@ -220,20 +224,10 @@ async def policy_answers(args: argparse.Namespace, run_dir: Path, seeds: Sequenc
                          samples: int = 1) -> list[tuple[Episode, bool]]:
     """The SFT-warm-started policy's own answers (temperature 1, as in RL), ``samples`` per
     seed, each labelled by exact match against the gold answer: (episode, is_correct)."""
-    from areal_agents.trainers.episodes import play
-
     trainer = make_trainer("exact", None, args, run_dir / "policy_answers")
     try:
         await trainer.setup()
-
-        async def one(seed: int) -> tuple[Episode, bool]:
-            _, stats = await play(Arithmetic(**ENV_KWARGS), seed, policy_of={"agent": "solver"},
-                                  fixed_agents={}, open_seat=trainer._open_seat,
-                                  reward_fns=[])
-            assert stats.episode is not None
-            return stats.episode, stats.success["agent"] == 1.0
-
-        return list(await asyncio.gather(*(one(s) for s in seeds for _ in range(samples))))
+        return await sample_answers(trainer, lambda: Arithmetic(**ENV_KWARGS), seeds, samples)
     finally:
         await trainer.aclose()
 
