@@ -106,3 +106,114 @@ def test_mostly_right_solver_warm_start_and_balanced_reward_wiring(sj, tmp_path)
     trainer = sj.make_trainer(args, sj.JudgeTally())
     assert [type(f).__name__ for f in trainer.reward_fns] == ["JudgeTally", "BalancedJudgeReward"]
     assert (trainer.policies["solver"].sft_steps, trainer.policies["judge"].sft_steps) == (200, 100)
+
+
+# --- round 3: the judge warm-started on the solver's own answers, per-class normalisation ----
+
+
+@pytest.fixture(scope="module")
+def balance_mod(sj):  # loaded by run.py from the example folder
+    import class_balance
+
+    return class_balance
+
+
+def _group(rows: list[tuple[bool, str]]) -> list[Episode]:
+    return [_judged(truth, verdict) for truth, verdict in rows]
+
+
+def test_per_class_reward_gives_a_blind_judge_no_push_towards_the_majority(balance_mod) -> None:
+    # 2 right answers, 8 wrong; the judge says "correct" to half of each class (it cannot tell)
+    rows = [(True, "correct"), (True, "incorrect")] + [(False, "correct")] * 4 + [
+        (False, "incorrect")] * 4
+    plain = balance_mod.PerClassJudgeReward(normalise=False)
+    assert plain(_group(rows)) == [{"judge": 0.0}] * 10  # diagnostics only
+    m = plain.take_metrics()
+    # agreement reward, group-centred: "incorrect" gets +1.5 in all, "correct" -1.5
+    adv = [(1.0 if t == (v == "correct") else 0.0) - 0.5 for t, v in rows]
+    assert sum(a for a, (_, v) in zip(adv, rows, strict=True) if v == "correct") == pytest.approx(-1.5)
+    assert m["judge_groups/p_right"] == 0.2 and m["judge_groups/said_correct"] == 0.5
+    assert m["judge_groups/accuracy_right"] == 0.5 and m["judge_groups/accuracy_wrong"] == 0.5
+    assert m["judge_groups/balanced_accuracy"] == 0.5 and m["judge_groups/mixed_groups"] == 1.0
+    assert m["judge_groups/advantage_right"] == pytest.approx(0.0)
+
+    fn = balance_mod.PerClassJudgeReward()
+    fn.p_right = 0.2  # the running share of right answers
+    episodes = _group(rows)
+    totals = [e.infos["judge"]["success"] + d["judge"]
+              for e, d in zip(episodes, fn(episodes), strict=True)]
+    # 0.5 / p_c * (agreed - 0.5): right answers +-1.25, wrong ones +-0.3125
+    assert totals == pytest.approx([1.25, -1.25] + [-0.3125] * 4 + [0.3125] * 4)
+    said_correct = [t for t, (_, v) in zip(totals, rows, strict=True) if v == "correct"]
+    assert sum(said_correct) == pytest.approx(0.0) and sum(totals) == pytest.approx(0.0)
+    # the running figures moved towards this group's (decay 0.9)
+    assert fn.p_right == pytest.approx(0.2) and fn.accuracy == {True: 0.5, False: 0.5}
+
+
+def test_per_class_reward_pays_a_checking_judge_in_both_classes(balance_mod) -> None:
+    fn = balance_mod.PerClassJudgeReward(decay=0.5)
+    fn.p_right, fn.accuracy = 0.25, {True: 0.5, False: 0.75}
+    rows = [(True, "correct"), (False, "incorrect"), (False, "incorrect"), (False, "correct")]
+    episodes = _group(rows)
+    totals = [e.infos["judge"]["success"] + d["judge"]
+              for e, d in zip(episodes, fn(episodes), strict=True)]
+    assert totals == pytest.approx([2.0 * 0.5, 0.5 / 0.75 * 0.25, 0.5 / 0.75 * 0.25,
+                                    0.5 / 0.75 * -0.75])
+    assert fn.p_right == pytest.approx(0.5 * 0.25 + 0.5 * 0.25)
+    assert fn.accuracy == {True: pytest.approx(0.75), False: pytest.approx(0.5 * 0.75 + 0.5 * 2 / 3)}
+    m = fn.take_metrics()
+    mean = (1.0 + 2 * (0.5 / 0.75 * 0.25) - 0.5) / 4  # the group's mean, subtracted by GRPO
+    assert m["judge_groups/advantage_right"] == pytest.approx(1.0 - mean)
+    assert m["judge_groups/advantage_wrong"] == pytest.approx((2 / 6 - 0.5) / 3 - mean)
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
+        balance_mod.PerClassJudgeReward(decay=1.0)
+    assert fn([Episode(["solver"], {}, {}, {}, 1, "terminated")]) == [{}]
+
+
+def test_verdict_rates_and_balanced_judge_transcripts(sj) -> None:
+    import own_answers
+
+    rates = own_answers.verdict_rates([(True, "correct"), (True, None), (False, "incorrect"),
+                                       (False, "correct"), (False, "incorrect")])
+    assert rates == {"answers": 5.0, "right": 2.0, "accuracy": 0.6, "said_correct": 0.4,
+                     "no_verdict": 0.2, "false_negative_rate": 0.5,
+                     "false_positive_rate": pytest.approx(1 / 3),
+                     "balanced_accuracy": pytest.approx(0.5 * (0.5 + 2 / 3))}
+    answers = [own_answers.Answer(s, f"Answer: {s}", f"prompt {s}", s == 0) for s in range(4)]
+    transcripts = own_answers.judge_transcripts(answers, seed=0)
+    verdicts = [t[1]["content"] for t in transcripts]
+    assert sorted(verdicts) == ["correct"] * 3 + ["incorrect"] * 3  # the right one resampled
+    assert {t[0]["content"] for t in transcripts if t[1]["content"] == "correct"} == {"prompt 0"}
+
+
+@pytest.mark.slow
+def test_tiny_run_with_own_answer_warm_start_grades_the_judge_over_steps(sj, tmp_path) -> None:
+    code = sj.main(["--run-dir", str(tmp_path), "--steps", "2", "--batch-size", "16",
+                    "--group-size", "8", "--sft-steps", "5", "--demos", "16", "--eval-seeds",
+                    "8", "--judge-warm-start", "own-answers", "--own-answers", "24",
+                    "--judge-held-out", "12", "--judge-sft-steps", "3", "--judge-eval-every",
+                    "1", "--judge-reward", "per-class", "--truth-weight", "0.5"])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and [r["step"] for r in summary["per_step"]] == [1, 2]
+    assert [r["step"] for r in summary["judge_heldout"]] == [0, 1, 2]
+    assert all(r["answers"] == 12.0 for r in summary["judge_heldout"])
+    data = summary["judge_data"]
+    assert data["answers"] == 24 and data["held_out"] == 12
+    right = data["right"]
+    assert data["balanced"] == (2 * max(right, 24 - right) if 0 < right < 24 else 24)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "train/judge/success" in r]
+    assert len(trained) == 2 and all("judge_groups/p_right" in r for r in trained)
+    assert sum("heldout_judge/accuracy" in r for r in rows) == 3
+
+
+def test_per_class_wiring_turns_off_the_judges_std_normalisation(sj, tmp_path) -> None:
+    args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-reward", "per-class",
+                          "--judge-kl", "0.01"])
+    trainer = sj.make_trainer(args, sj.JudgeTally())
+    assert [type(f).__name__ for f in trainer.rewards.group_reward_fns] == ["PerClassJudgeReward"]
+    assert trainer.rewards.group_reward_fns[0].normalise is True
+    assert trainer.algorithms["judge"].std_normalize is False
+    assert trainer.algorithms["judge"].kl_coef == 0.01
+    assert trainer.algorithms["solver"].std_normalize is True

@@ -28,6 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from class_balance import PerClassJudgeReward
+from own_answers import (
+    HELD_OUT_SEEDS,
+    TRAIN_SEEDS,
+    Answer,
+    grade_judge,
+    judge_transcripts,
+    sample_answers,
+    sft_judge,
+)
+
 import areal_agents as aa
 from areal_agents.episode import Episode
 
@@ -139,32 +150,105 @@ def mostly_right_solver(accuracy: float, seed: int = 0) -> Any:
     return player
 
 
-def make_trainer(args: argparse.Namespace, tally: JudgeTally) -> Any:
-    """The two-policy run: ``solver`` and ``judge``, each its own tiny model and optimizer."""
+def env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """SolverJudge-v0 on one-digit ``a + b`` / ``a - b``."""
+    return {"task": "arithmetic", "digits": 1, "operations": "+-",
+            "truth_weight": args.truth_weight}
 
-    def policy(seed: int, max_tokens: int, sft_steps: int) -> aa.Policy:
-        return aa.Policy(model="tiny:xs", seed=seed, lr=args.lr, api="completions",
-                         sft_steps=sft_steps, sft_lr=3e-3,
-                         sampling={"temperature": 1.0, "max_tokens": max_tokens, "stop": STOP})
 
-    solver_demos: Any = ("random" if args.solver_demo_accuracy is None
-                         else mostly_right_solver(args.solver_demo_accuracy, args.seed))
+def policy(args: argparse.Namespace, model: Any, seed: int, max_tokens: int, sft_steps: int,
+           lr: float, **extra: Any) -> aa.Policy:
+    """A tiny policy served with the completions API, sampled at temperature 1."""
+    return aa.Policy(model=model, seed=seed, lr=lr, api="completions", sft_steps=sft_steps,
+                     sft_lr=3e-3, **extra,
+                     sampling={"temperature": 1.0, "max_tokens": max_tokens, "stop": STOP})
+
+
+def solver_demos(args: argparse.Namespace) -> Any:
+    """The solver's warm-start player: the env's random replies, or ``mostly_right_solver``."""
+    return ("random" if args.solver_demo_accuracy is None
+            else mostly_right_solver(args.solver_demo_accuracy, args.seed))
+
+
+def make_trainer(args: argparse.Namespace, tally: JudgeTally,
+                 models: dict[str, Any] | None = None) -> Any:
+    """The two-policy run: ``solver`` and ``judge``, each its own tiny model and optimizer.
+
+    Without ``models`` both are warm-started by the Trainer on demo episodes (the solver
+    imitates ``solver_demos``, the judge the exact scripted judge on those replies); with
+    ``models`` (``{"solver": (model, tokenizer), "judge": ...}``, already warm-started by
+    ``own_answer_warm_start``) there is no warm start here.
+    """
+    group_fns: list[Any] = []
     reward_fns: list[Any] = [tally]
+    judge_extra: dict[str, Any] = {}
+    if args.judge_kl:
+        judge_extra["algorithm_params"] = {"kl_coef": args.judge_kl}
     if args.judge_reward == "balanced":
         reward_fns.append(BalancedJudgeReward())
-
+    elif args.judge_reward == "per-class":  # advantages are not std-rescaled per group
+        judge_extra["algorithm_params"] = {**judge_extra.get("algorithm_params", {}),
+                                           "std_normalize": False}
+    group_fns.append(PerClassJudgeReward(normalise=args.judge_reward == "per-class"))
+    judge_lr = args.judge_lr or args.lr
+    if models is None:
+        policies = {"solver": policy(args, "tiny:xs", args.seed, 6,
+                                     args.solver_sft_steps or args.sft_steps, args.lr),
+                    "judge": policy(args, "tiny:xs", args.seed + 1, 3, args.sft_steps,
+                                    judge_lr, **judge_extra)}
+        warm_start: dict[str, Any] | None = {
+            "episodes": args.demos,
+            "players": {"solver": solver_demos(args), "judge": "solver_judge_judge"}}
+    else:
+        policies = {"solver": policy(args, models["solver"], args.seed, 6, 0, args.lr),
+                    "judge": policy(args, models["judge"], args.seed + 1, 3, 0, judge_lr,
+                                    **judge_extra)}
+        warm_start = None
     return aa.Trainer(
-        env="SolverJudge-v0",
-        env_kwargs={"task": "arithmetic", "digits": 1, "operations": "+-",
-                    "truth_weight": args.truth_weight},
-        policies={"solver": policy(args.seed, 6, args.solver_sft_steps or args.sft_steps),
-                  "judge": policy(args.seed + 1, 3, args.sft_steps)},
+        env="SolverJudge-v0", env_kwargs=env_kwargs(args), policies=policies,
         policy_map={"solver": "solver", "judge": "judge"}, reward_fns=reward_fns,
+        group_reward_fns=group_fns,
         batch_size=args.batch_size, group_size=args.group_size, seed=args.seed,
         eval_seeds=range(2_000_000, 2_000_000 + args.eval_seeds), progress=False,
-        warm_start={"episodes": args.demos,
-                    "players": {"solver": solver_demos, "judge": "solver_judge_judge"}},
-        run_dir=args.run_dir)
+        warm_start=warm_start, run_dir=args.run_dir)
+
+
+async def own_answer_warm_start(args: argparse.Namespace
+                                ) -> tuple[dict[str, Any], list[Answer], dict[str, Any]]:
+    """Warm-start the solver (SFT on ``solver_demos``), sample it on ``args.own_answers``
+    training seeds and ``args.judge_held_out`` held-out seeds, SFT a fresh judge on the
+    class-balanced training answers (``own_answers``). Returns the two ``(model,
+    tokenizer)`` pairs, the held-out answers and the figures of the data."""
+    from areal_agents.agents import ScriptedAgent
+
+    solver = aa.models.tiny("xs", seed=args.seed)
+    pre = aa.Trainer(
+        env="SolverJudge-v0", env_kwargs=env_kwargs(args),
+        policies={"solver": policy(args, solver, args.seed, 6,
+                                   args.solver_sft_steps or args.sft_steps, args.lr)},
+        policy_map={"solver": "solver"},
+        agents={"judge": ScriptedAgent(lambda observation: "correct")},
+        batch_size=args.batch_size, group_size=args.group_size, seed=args.seed,
+        progress=False, warm_start={"episodes": args.demos, "players": {
+            "solver": solver_demos(args), "judge": "solver_judge_judge"}})
+    try:
+        await pre.setup()
+        seeds = [*range(TRAIN_SEEDS, TRAIN_SEEDS + args.own_answers),
+                 *range(HELD_OUT_SEEDS, HELD_OUT_SEEDS + args.judge_held_out)]
+        answers = await sample_answers(pre, env_kwargs(args), seeds)
+    finally:
+        await pre.aclose()
+    train, held_out = answers[:args.own_answers], answers[args.own_answers:]
+    transcripts = judge_transcripts(train, args.seed + 2)
+    judge_model, judge_tok, losses = await asyncio.to_thread(
+        sft_judge, transcripts, args.judge_sft_steps, args.judge_sft_lr, args.seed + 1)
+    print(f"solver answers: {sum(a.correct for a in train)} of {len(train)} right; judge SFT"
+          f" nll {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    data = {"answers": len(train), "right": sum(a.correct for a in train),
+            "distinct": len({a.prompt for a in train}), "balanced": len(transcripts),
+            "held_out": len(held_out), "held_out_right": sum(a.correct for a in held_out),
+            "judge_sft_nll_first": losses[0], "judge_sft_nll_last": losses[-1]}
+    return {"solver": solver, "judge": (judge_model, judge_tok)}, held_out, data
 
 
 async def evaluate(trainer: Any, tally: JudgeTally) -> dict[str, float]:
@@ -176,33 +260,65 @@ async def evaluate(trainer: Any, tally: JudgeTally) -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Warm start, evaluate (step 0), train ``args.steps`` steps, evaluate; the figures."""
+    """Warm start, evaluate (step 0), train ``args.steps`` steps, evaluate; the figures.
+
+    With ``--judge-warm-start own-answers`` the judge is also graded (greedy) on the fixed
+    held-out answers of the starting solver at step 0, every ``args.judge_eval_every`` steps
+    and at the end (``judge_heldout`` in the result and ``heldout_judge/*`` in the metrics).
+    """
     tally = JudgeTally()
-    trainer = make_trainer(args, tally)
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    models, held_out, data = None, [], {}
+    if args.judge_warm_start == "own-answers":
+        models, held_out, data = await own_answer_warm_start(args)
+    trainer = make_trainer(args, tally, models)
+    curve: list[dict[str, float]] = []
+    history: list[dict[str, float]] = []
     try:
         await trainer.setup()
+
+        async def grade() -> None:
+            if held_out:
+                rates = await grade_judge(trainer, env_kwargs(args), held_out)
+                curve.append({"step": trainer.step, **rates})
+                print(f"held-out judge, step {trainer.step}: {json.dumps(rates)}", flush=True)
+                trainer.logger.log(trainer.step, {f"heldout_judge/{k}": v
+                                                  for k, v in rates.items()})
+
+        await grade()
         start = await evaluate(trainer, tally)
         trainer.logger.log(0, start)
-        history = await trainer.afit(args.steps)
+        every = args.judge_eval_every if held_out and args.judge_eval_every else args.steps
+        while trainer.step < args.steps:
+            rows = await trainer.afit(min(args.steps, trainer.step + every))
+            done = {r["step"] for r in rows}  # afit returns the run's rows so far
+            history = [r for r in history if r["step"] not in done] + rows
+            if trainer.step < args.steps:
+                await grade()
+        await grade()
         final = await evaluate(trainer, tally)
         trainer.logger.log(trainer.step, final)
     finally:
         await trainer.aclose()
     keys = ("train/judge/success", "train/solver/success", "train/solver/reward",
-            "judge_stats/false_positive_rate", "judge_stats/false_negative_rate")
+            "judge_stats/false_positive_rate", "judge_stats/false_negative_rate",
+            "judge_groups/balanced_accuracy", "judge_groups/p_right",
+            "judge_groups/said_correct", "judge_groups/advantage_right",
+            "judge_groups/advantage_wrong", "policy/judge/entropy")
     k = max(1, len(history) // 5)
 
     def mean(rows: list[dict[str, float]], key: str) -> float:
         vals = [r[key] for r in rows if key in r]
         return sum(vals) / len(vals) if vals else float("nan")
 
-    return {"start": start, "final": final, "steps": len(history),
+    return {"start": start, "final": final, "steps": len(history), "judge_data": data,
+            "judge_heldout": curve,
             "train_first": {key: mean(history[:k], key) for key in keys},
             "train_last": {key: mean(history[-k:], key) for key in keys},
             "per_step": [{"step": h["step"], **{key: h.get(key) for key in keys}}
                          for h in history],
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,9 +335,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--solver-demo-accuracy", type=float, default=None,
                    help="solver demos right with this probability, else near misses (default: "
                    "the env's random replies)")
-    p.add_argument("--judge-reward", choices=("agreement", "balanced"), default="agreement",
-                   help="the judge's reward: agreement with ground truth, or class-balanced "
-                   "(BalancedJudgeReward)")
+    p.add_argument("--judge-reward", choices=("agreement", "balanced", "per-class"),
+                   default="agreement",
+                   help="the judge's reward: agreement with ground truth, class-balanced "
+                   "(BalancedJudgeReward), or normalised per class inside each group "
+                   "(PerClassJudgeReward)")
+    p.add_argument("--judge-warm-start", choices=("demos", "own-answers"), default="demos",
+                   help="demos: the Trainer's warm start on demo episodes; own-answers: SFT "
+                   "the solver first, then the judge on the solver's own labelled answers")
+    p.add_argument("--own-answers", type=int, default=2000,
+                   help="own-answers: the starting solver's answers the judge is SFT'd on")
+    p.add_argument("--judge-held-out", type=int, default=400,
+                   help="own-answers: held-out answers of the starting solver the judge is "
+                   "graded on")
+    p.add_argument("--judge-eval-every", type=int, default=20,
+                   help="own-answers: grade the judge on the held-out answers every k steps")
+    p.add_argument("--judge-sft-steps", type=int, default=800,
+                   help="own-answers: the judge's SFT steps (batches of 32)")
+    p.add_argument("--judge-sft-lr", type=float, default=1e-3)
+    p.add_argument("--judge-lr", type=float, default=0.0, help="the judge's RL lr (0: --lr)")
+    p.add_argument("--judge-kl", type=float, default=0.0,
+                   help="the judge's KL coefficient to its warm-started weights")
     p.add_argument("--truth-weight", type=float, default=0.0,
                    help="solver reward = (1 - w) * verdict + w * ground truth")
     p.add_argument("--eval-seeds", type=int, default=200)
@@ -241,9 +375,16 @@ def main(argv: list[str] | None = None) -> int:
                        ("solver true accuracy", "eval/solver/success"),
                        ("solver judged correct", "eval/solver/reward")):
         print(f"  {label:27s} {s.get(key, float('nan')):.3f} -> {f.get(key, float('nan')):.3f}")
+    for row in result["judge_heldout"]:
+        print(f"  judge on the starting solver's held-out answers, step {row['step']:3d}: "
+              f"accuracy {row['accuracy']:.3f}, balanced "
+              f"{row.get('balanced_accuracy', float('nan')):.3f}, false-positive rate "
+              f"{row.get('false_positive_rate', float('nan')):.3f}, false-negative rate "
+              f"{row.get('false_negative_rate', float('nan')):.3f}")
     print(f"train (first/last fifth of steps): {json.dumps(result['train_first'])} -> "
           f"{json.dumps(result['train_last'])}")
-    print(f"seconds: {result['seconds']:.0f}; metrics: {Path(args.run_dir) / 'metrics.jsonl'}")
+    print(f"seconds: {result['seconds']:.0f} wall, {result['cpu_seconds']:.0f} CPU (this "
+          f"process); metrics: {Path(args.run_dir) / 'metrics.jsonl'}")
     return 0
 
 
