@@ -4,8 +4,10 @@ Two halves, so replica changes never race a train step or a weight push:
 
 - ``sample()`` (every ``interval_s`` from a background task, or by hand in tests) reads the
   policy's queue depth -- the requests on its live replicas, each counted once (``depth``: the
-  larger of those in flight through the gateway and the engine's own ``num_pending``) -- and
-  updates ``target``;
+  larger of those in flight through the gateway and the engine's own ``num_pending``) -- and,
+  with ``metric="latency"``, the latency quantile of its recent requests (each replica's
+  ``generate`` / ``generate_streaming`` is timed, call to result, queueing on the replica
+  included, into a ``LatencyWindow``), and updates ``target``;
 - ``reconcile()`` (the launcher calls it at each step end) first replaces lost replicas (an
   engine the source reports dead is dropped from routing, and released once its requests in
   flight have ended: they fail with a 503 the agents retry on a live replica), then starts replicas
@@ -15,7 +17,9 @@ Two halves, so replica changes never race a train step or a weight push:
   (or after ``drain_timeout_s``).
 
 Every ``reconcile`` logs ``autoscale/<policy>/{replicas,target,queue_depth,queue_depth_max}``
-(the last sample, and the largest since the previous reconcile) and, when they happened,
+(the last sample, and the largest since the previous reconcile), with ``metric="latency"``
+also ``latency_s`` (the last sample's quantile; absent while no request ended within the
+window), and, when they happened,
 ``scale_up``, ``scale_down``, ``replaced`` (counts of this reconcile).
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +36,7 @@ from typing import Any, Protocol
 from areal_agents.engines.base import InferenceEngine
 from areal_agents.gateway.router import Router
 
-from .autoscale import AutoscaleSettings, ScalingRule
+from .autoscale import AutoscaleSettings, LatencyWindow, ScalingRule
 
 __all__ = ["ReplicaScaler", "ReplicaSource"]
 
@@ -82,8 +87,31 @@ class ReplicaScaler:
         self.target = len(router.live_engines())
         self.queue_depth = 0.0
         self.queue_depth_max = 0.0  # since the last reconcile
+        self.latencies = LatencyWindow(settings.latency_window_s)
+        self.latency_s: float | None = None  # the last sample's quantile (metric "latency")
         self.retired: set[int] = set()  # router indices drained and stopped by this scaler
         self._task: asyncio.Task[None] | None = None
+        if settings.metric == "latency":
+            for engine in router.engines:
+                self._time_requests(engine)
+
+    def _time_requests(self, engine: InferenceEngine) -> None:
+        """Record the latency of each of ``engine``'s ``generate`` / ``generate_streaming``
+        calls that returns (a failed one measures no service time) in ``latencies``."""
+        for name in ("generate", "generate_streaming"):
+            call = getattr(engine, name, None)
+            if call is None:
+                continue
+
+            @functools.wraps(call)
+            async def timed(*args: Any, _call: Any = call, **kwargs: Any) -> Any:
+                start = self.clock()
+                result = await _call(*args, **kwargs)
+                end = self.clock()
+                self.latencies.record(end, end - start)
+                return result
+
+            setattr(engine, name, timed)
 
     def live(self) -> list[int]:
         """Router indices of the replicas serving now."""
@@ -99,9 +127,12 @@ class ReplicaScaler:
 
     def sample(self) -> int:
         """Measure the queue depth now and update ``target``; returns it."""
+        now = self.clock()
         self.queue_depth = float(sum(self.depth(i) for i in self.live()))
         self.queue_depth_max = max(self.queue_depth_max, self.queue_depth)
-        self.target = self.rule.update(self.clock(), self.queue_depth, self.target)
+        if self.settings.metric == "latency":
+            self.latency_s = self.latencies.quantile(now, self.settings.latency_quantile)
+        self.target = self.rule.update(now, self.queue_depth, self.target, self.latency_s)
         return self.target
 
     def start_sampling(self) -> None:
@@ -143,7 +174,10 @@ class ReplicaScaler:
                 events["replaced"] += 1
         lost = events["replaced"]
         while len(self.live()) < self.target:
-            await self.join(await self.source.start())
+            engine = await self.source.start()
+            if self.settings.metric == "latency":
+                self._time_requests(engine)
+            await self.join(engine)
             if lost:
                 lost -= 1
             else:
@@ -155,6 +189,8 @@ class ReplicaScaler:
                    f"{name}/target": float(self.target),
                    f"{name}/queue_depth": self.queue_depth,
                    f"{name}/queue_depth_max": self.queue_depth_max}
+        if self.latency_s is not None:
+            metrics[f"{name}/latency_s"] = self.latency_s
         self.queue_depth_max = self.queue_depth
         metrics.update({f"{name}/{k}": float(v) for k, v in events.items() if v})
         if any(events.values()):

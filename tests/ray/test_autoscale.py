@@ -10,7 +10,7 @@ import pytest
 from areal_agents.errors import ConfigError
 from areal_agents.gateway.router import Router
 from areal_agents.testing.engine import ScriptedEngine
-from areal_agents.trainers.autoscale import AutoscaleSettings, ScalingRule
+from areal_agents.trainers.autoscale import AutoscaleSettings, LatencyWindow, ScalingRule
 from areal_agents.trainers.autoscale_scaler import ReplicaScaler
 
 FAST = {"scale_up_queue": 4, "scale_down_queue": 1, "up_after_s": 2, "down_after_s": 5,
@@ -225,3 +225,120 @@ async def test_a_lost_replica_is_stopped_only_once_its_requests_in_flight_ended(
     router.release(busy)  # the request ended (with the gateway's 503, retried elsewhere)
     metrics = await asyncio.wait_for(task, 5)
     assert source.stopped == [engines[1]] and metrics["autoscale/listener/replaced"] == 1.0
+
+
+LATENCY = {"metric": "latency", "scale_up_latency_s": 2.0, "scale_down_latency_s": 0.5,
+           "up_after_s": 2, "down_after_s": 5, "cooldown_s": 3}
+
+
+def _run_latency(rule: ScalingRule, samples: list[tuple[float, float | None]], n: int = 1,
+                 depth: float = 4) -> list[int]:
+    out = []
+    for now, latency in samples:
+        n = rule.update(now, depth, n, latency)
+        out.append(n)
+    return out
+
+
+def test_latency_rule_scales_up_only_after_the_high_latency_lasted_up_after_s():
+    rule = ScalingRule(AutoscaleSettings(min_replicas=1, max_replicas=3, **LATENCY))
+    # 3 s at or above 2 s from t=0: up at t=2; fresh window from t=3, cooldown until t=5
+    assert _run_latency(rule, [(t, 3.0) for t in range(9)]) == [1, 1, 2, 2, 2, 3, 3, 3, 3]
+
+
+def test_latency_inside_the_band_or_oscillating_holds_the_count():
+    rule = ScalingRule(AutoscaleSettings(min_replicas=1, max_replicas=3, **LATENCY))
+    # between down (0.5 s) and up (2 s), also with a deep queue (the queue is not the metric)
+    assert _run_latency(rule, [(t, 1.0) for t in range(30)], n=2, depth=100) == [2] * 30
+    # above and below the band in turn: no window lasts
+    assert _run_latency(rule, [(t, 3.0 if t % 2 else 0.1) for t in range(30)], n=2) == [2] * 30
+
+
+def test_latency_rule_scales_down_after_the_cooldown_never_below_min():
+    rule = ScalingRule(AutoscaleSettings(min_replicas=1, max_replicas=3, **LATENCY))
+    # up at t=2 (high for 2 s), then fast: the low window starts at t=3 but the cooldown
+    # (3 s from t=2) and down_after_s (5 s) hold the change until t=8; next one at t=14
+    samples = [(t, 3.0) for t in range(3)] + [(t, 0.2) for t in range(3, 20)]
+    assert _run_latency(rule, samples, n=2) == [2, 2, 3] + [3] * 5 + [2] * 6 + [1] * 6
+
+
+def test_no_finished_request_is_low_latency_only_when_nothing_is_queued():
+    rule = ScalingRule(AutoscaleSettings(min_replicas=1, max_replicas=3, **LATENCY))
+    # requests queued but none ended within the window (stuck or slow): hold
+    assert _run_latency(rule, [(t, None) for t in range(20)], n=2, depth=6) == [2] * 20
+    # idle: scales down after down_after_s
+    assert _run_latency(rule, [(t, None) for t in range(20, 27)], n=2, depth=0) == \
+        [2] * 5 + [1] * 2
+
+
+def test_latency_window_keeps_the_last_window_s_and_takes_nearest_rank_quantiles():
+    window = LatencyWindow(window_s=10.0)
+    assert window.quantile(0.0, 0.9) is None
+    for t, latency in enumerate([5.0, 1.0, 2.0, 4.0, 3.0]):
+        window.record(float(t), latency)
+    assert [window.quantile(4.0, q) for q in (0.2, 0.5, 0.9, 1.0)] == [1.0, 3.0, 5.0, 5.0]
+    assert window.quantile(11.0, 0.5) == 3.0  # t=0 and t=1 fell out: [2, 4, 3]
+    assert len(window) == 3
+    assert window.quantile(14.0, 0.5) is None
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"metric": "p90"}, "autoscale.metric='p90'; choose one of ['queue', 'latency']"),
+    ({"scale_up_latency_s": 1.0, "scale_down_latency_s": 1.0},
+     "autoscale: scale_down_latency_s=1.0 must be below scale_up_latency_s=1.0 (the gap is "
+     "the hysteresis band); lower scale_down_latency_s"),
+    ({"latency_quantile": 0}, "autoscale.latency_quantile must be in (0, 1], got 0"),
+    ({"latency_window_s": 0}, "autoscale.latency_window_s must be > 0, got 0"),
+])
+def test_invalid_latency_settings_name_the_field(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        AutoscaleSettings(**kwargs)
+    assert str(err.value) == message
+
+
+class _Slow(ScriptedEngine):
+    """An engine whose requests take ``delay`` seconds of the test's clock."""
+
+    def __init__(self, clock: _Clock, delay: float) -> None:
+        super().__init__()
+        self.clock, self.delay = clock, delay
+
+    async def generate(self, request):  # type: ignore[override]
+        self.clock.now += self.delay
+        return await super().generate(request)
+
+
+async def test_scaler_scales_on_measured_request_latency():
+    from areal_agents.engines import GenerateRequest, SamplingParams
+
+    clock = _Clock()
+    first = _Slow(clock, 3.0)  # slow: each request takes 3 s
+    router, source, logged = Router([first]), _Source(), []
+
+    async def join(engine: ScriptedEngine) -> int:
+        return router.add(engine)
+
+    settings = AutoscaleSettings(min_replicas=1, max_replicas=2, latency_window_s=5.0,
+                                 latency_quantile=0.5, **LATENCY)
+    scaler = ReplicaScaler("listener", router, source, settings, join=join, log=logged.append,
+                           clock=clock)
+    request = GenerateRequest([1, 2], SamplingParams(max_tokens=1))
+    for _ in range(3):  # t = 3, 6, 9: each request measured at 3 s
+        await router.engines[0].generate(request)
+        scaler.sample()
+    assert scaler.latency_s == 3.0 and scaler.target == 2  # high from t=3 to t=9 (>= 2 s)
+    metrics = await scaler.reconcile()
+    assert metrics["autoscale/listener/scale_up"] == 1.0
+    assert metrics["autoscale/listener/latency_s"] == 3.0
+    joined = source.started[0]
+    assert router.live_engines() == [first, joined]
+    await joined.generate(request)  # the joined replica is timed too: 0 s here
+    assert scaler.latencies.quantile(clock.now, 0.0 + 1e-9) == 0.0
+    # the window empties, nothing queued: idle, so after cooldown and down_after_s, down
+    for t in range(10, 30):
+        clock.now = float(t)
+        scaler.sample()
+    assert scaler.latency_s is None and scaler.target == 1
+    metrics = await scaler.reconcile()
+    assert metrics["autoscale/listener/scale_down"] == 1.0
+    assert "autoscale/listener/latency_s" not in metrics
