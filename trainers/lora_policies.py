@@ -19,22 +19,32 @@ Rules checked by ``check_adapter_policies`` (``ConfigError`` naming the fix): th
 is a plain local policy (not an adapter, not an endpoint) and is ``frozen``; an adapter policy
 has ``lora``, trains in-process (no ``train`` placement) and leaves ``inference`` at its
 default (it rides on the base's); all adapters of one base share ``backend``, ``lora`` and
-``train_kwargs`` (one engine, one adapter shape), and have no ``critic``, ``sft_steps`` (the
-base's ``sft_steps`` warm-starts the shared base on its adapters' transcripts) or ``ref_model``
-(the KL reference is the base: every adapter at initialisation).
+``train_kwargs`` (one engine, one adapter shape), and have no ``critic`` or ``ref_model``.
+
+Warm start (``trainer.warm_start``), in two optional stages: the base's ``sft_steps`` fit the
+shared base on the transcripts of every agent its adapters play (before any adapter
+attaches); then each adapter policy's own ``sft_steps`` (at its ``sft_lr``) fit *its adapter
+alone* on its own agents' transcripts, the base frozen and the other adapters untouched
+(``AdapterTrainEngine.warm_start``). An adapter's KL reference is where it starts RL: the base
+(a zero adapter) without its own warm start, else a frozen copy of its fitted adapter (saved
+to ``checkpoints/reference/<name>.pt``, loaded on resume).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from areal_agents.engines.base import WeightUpdate
 from areal_agents.errors import ConfigError
 
-from .lora_shared import SharedLoRABase
+from .lora_shared import AdapterTrainEngine, SharedLoRABase
 from .placement import InferencePlacement, TrainPlacement
-from .warm_start import warm_start_policy
+from .warm_start import warm_start_plan, warm_start_policy
 from .weight_push import WeightPush
 from .wiring import backend_factory
 
@@ -101,9 +111,6 @@ def _check_one(name: str, p: Policy) -> None:
         raise ConfigError(f"{where} trains in the controller's process; drop train=")
     if p.inference != InferencePlacement():
         raise ConfigError(f"{where} is served by its base's engines; drop inference=")
-    if p.sft_steps:
-        raise ConfigError(f"{where}: put sft_steps on the base policy {p.adapter_of!r} "
-                          "(it warm-starts the shared base on every adapter's transcripts)")
     for attr, off in (("critic", None), ("ref_model", None)):
         if getattr(p, attr) != off:
             raise ConfigError(f"{where}: {attr} is not supported for adapter policies yet; "
@@ -126,11 +133,13 @@ def adapter_shape(policy: Policy) -> tuple[int, float]:
     return acfg.rank, acfg.alpha
 
 
-async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None = None) -> None:
+async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None = None, *,
+                               resumed: bool = False) -> None:
     """Build adapter policy ``name``: its view of the base's shared train engine (built by the
     first adapter, from a copy of the base's served model, after the base's warm start when
-    it has ``sft_steps``) and an adapter on each of the base's ``LocalEngine`` replicas. Its
-    KL reference is the base (every adapter at initialisation). The base must be set up."""
+    it has ``sft_steps``), its own warm start when it has ``sft_steps``, and an adapter on
+    each of the base's ``LocalEngine`` replicas. Its KL reference is its starting point (the
+    module docstring). The base must be set up."""
     from areal_agents.engines.local import LocalEngine
     from areal_agents.models import eos_token_ids
 
@@ -151,8 +160,12 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
         shared[base] = SharedLoRABase(engine)
     view = shared[base].adapter(name, lr=policy.lr, seed=policy.seed + len(shared[base].views))
     trainer.train_engines[name] = view
+    if policy.sft_steps and demos is not None:
+        await _warm_start_adapter(trainer, name, view, demos)
     if getattr(trainer.algorithms[name], "needs_reference", False):
-        trainer.ref_engines[name] = shared[base].reference()
+        trainer.ref_engines[name] = (
+            _own_reference(trainer, name, shared[base], view, resumed) if policy.sft_steps
+            else shared[base].reference())
     trainer.tokenizers[name] = tokenizer = trainer.tokenizers[base]
     trainer.weight_pushes[name] = WeightPush(policy.inference, None)
     targets = sorted({n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
@@ -185,6 +198,41 @@ async def _warm_start_base(trainer: Trainer, base: str, replicas: list[Any],
     if losses:
         trainer.logger.log(0, {f"warm_start/{base}/nll_first": losses[0],
                                f"warm_start/{base}/nll_last": losses[-1]})
+
+
+async def _warm_start_adapter(trainer: Trainer, name: str, view: AdapterTrainEngine,
+                              demos: Demos) -> None:
+    """Adapter policy ``name``'s own SFT warm start on its agents' transcripts (logged as
+    ``warm_start/<name>/nll_first`` / ``nll_last``)."""
+    policy = trainer.policies[name]
+    transcripts = [t for a, p in trainer.policy_of.items() if p == name
+                   for t in demos.transcripts.get(a, [])]
+    plan = warm_start_plan(policy, trainer.tokenizers[policy.adapter_of], transcripts,
+                           trainer.seed)
+    if plan is None:
+        return
+    with trainer.startup.phase(f"SFT warm start of the adapter {name} ({plan.steps} steps)"):
+        losses = await asyncio.to_thread(view.warm_start, plan)
+    trainer.logger.log(0, {f"warm_start/{name}/nll_first": losses[0],
+                           f"warm_start/{name}/nll_last": losses[-1]})
+
+
+def _own_reference(trainer: Trainer, name: str, shared: SharedLoRABase,
+                   view: AdapterTrainEngine, resumed: bool) -> AdapterTrainEngine:
+    """The KL reference of a warm-started adapter: its values at the start of RL, saved once
+    to ``run_dir/checkpoints/reference/<name>.pt`` and loaded from there on resume."""
+    path = (Path(trainer.run_dir) / "checkpoints" / "reference" / f"{name}.pt"
+            if trainer.run_dir else None)
+    if resumed and path is not None and path.exists():
+        return shared.reference_of(view, torch.load(path, weights_only=True))
+    if resumed:
+        raise ConfigError(f"resuming adapter policy {name!r}: its KL reference {path} is "
+                          "missing (it is written when the run starts)")
+    ref = shared.reference_of(view)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ref.values, path)
+    return ref
 
 
 def _first_update(view: Any) -> WeightUpdate:

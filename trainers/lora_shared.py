@@ -26,13 +26,16 @@ import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from areal_agents.errors import ConfigError
 
 from .base import LossFn, TokenBatch, TrainEngine
+
+if TYPE_CHECKING:
+    from .warm_start import WarmStartPlan
 
 __all__ = ["AdapterTrainEngine", "SharedLoRABase"]
 
@@ -88,6 +91,25 @@ class SharedLoRABase:
             self._reference = AdapterTrainEngine(self, "<base>", zeros, lr=1.0)
         return self._reference
 
+    def reference_of(self, view: AdapterTrainEngine,
+                     values: dict[str, torch.Tensor] | None = None) -> AdapterTrainEngine:
+        """A never-trained view holding ``values`` (default: a copy of ``view``'s adapter now):
+        the KL reference of an adapter warm-started on its own (its starting point, as a full
+        model's reference is its weights after the warm start)."""
+        values = view.adapter_state() if values is None else values
+        return AdapterTrainEngine(self, f"<{view.name}@start>",
+                                  {n: t.detach().clone() for n, t in values.items()}, lr=1.0)
+
+    def release(self) -> None:
+        """Copy the slot back into its owner's values and leave the slot ownerless, so the
+        next ``activate`` points the engine at that view's optimizer again (call with
+        ``lock`` held)."""
+        if self.active is not None:
+            with torch.no_grad():
+                for n, p in self.slot.items():
+                    self.active.values[n].copy_(p.detach())
+            self.active = None
+
     def activate(self, view: AdapterTrainEngine) -> None:
         """Make ``view`` the slot's owner (call with ``lock`` held)."""
         if self.active is view:
@@ -118,12 +140,32 @@ class AdapterTrainEngine(TrainEngine):
         self._exported: list[tuple[str, torch.Tensor]] | None = None
         # the engine's own optimizer class and settings (betas, eps, weight decay, fused...),
         # at this policy's lr: an adapter steps exactly as a lone engine would
-        template = base.engine.optimizer
+        self.lr = lr
+        self.optimizer, self.scheduler = self._new_optimizer(lr)
+
+    def _new_optimizer(self, lr: float) -> tuple[torch.optim.Optimizer, Any]:
+        template = self.base.engine.optimizer
         accepted = inspect.signature(type(template)).parameters
         settings = {k: v for k, v in template.defaults.items() if k in accepted}
-        self.optimizer = type(template)(list(base.slot.values()), **{**settings, "lr": lr})
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, list(base.engine.scheduler.lr_lambdas))
+        optimizer = type(template)(list(self.base.slot.values()), **{**settings, "lr": lr})
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(
+            optimizer, list(self.base.engine.scheduler.lr_lambdas))
+
+    def warm_start(self, plan: WarmStartPlan) -> list[float]:
+        """SFT this adapter alone (``plan``: its role's demos, ``plan.lr``, a fresh optimizer of
+        the engine's kind), the base and every other adapter untouched; then restart its RL
+        optimizer and schedule at its own ``lr``, at step 0 and version 0, from the fitted
+        values. Returns each SFT step's loss."""
+        with self.base.lock:
+            self.base.release()
+            self.optimizer, self.scheduler = self._new_optimizer(plan.lr)
+            try:
+                losses = plan.run(self)
+            finally:
+                self.base.release()
+                self.optimizer, self.scheduler = self._new_optimizer(self.lr)
+                self.step = 0
+            return losses
 
     # the proximal shortcut (trainers/proximal.py) asks the engine how it computes
     @property

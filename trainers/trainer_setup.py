@@ -76,7 +76,7 @@ async def setup_trainer(trainer: Trainer) -> None:
         if trainer.policies[name].endpoint is None:
             await _setup_policy(trainer, name, demos, resumed=ckpt is not None)
     for name in sorted(adapters):  # after their bases: lora_policies.py
-        await setup_adapter_policy(trainer, name, demos)
+        await setup_adapter_policy(trainer, name, demos, resumed=ckpt is not None)
     controls = {p: control_of(trainer.policies[p], batch_size=trainer.batch_size,
                               max_staleness=trainer.max_staleness,
                               max_concurrent=trainer.max_concurrent) for p in trainer.trainable}

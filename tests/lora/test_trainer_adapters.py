@@ -96,7 +96,6 @@ def test_bad_adapter_configs_name_the_fix():
         ({"base": base, "speaker": adapter(lora=None)}, "needs lora="),
         ({"base": base, "speaker": adapter(), "listener": adapter(backend="archon")},
          "share one train engine, so backend must be equal"),
-        ({"base": base, "speaker": adapter(sft_steps=3)}, "put sft_steps on the base policy 'base'"),
         ({"base": base, "speaker": adapter(adapter_of="speaker")}, "must be a local model"),
     ]
     for policies, message in cases:
