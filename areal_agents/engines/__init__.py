@@ -5,7 +5,9 @@ from .base import (
     GenerateRequest,
     GenerateResult,
     InferenceEngine,
+    OnTokens,
     SamplingParams,
+    TokenDelta,
     WeightUpdate,
 )
 
@@ -15,9 +17,11 @@ __all__ = [
     "GenerateResult",
     "InferenceEngine",
     "LocalEngine",
+    "OnTokens",
     "RemoteEngine",
     "SGLangEngine",
     "SamplingParams",
+    "TokenDelta",
     "VLLMEngine",
     "WeightUpdate",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,6 +101,29 @@ class GenerateResult:
 
 
 @dataclass
+class TokenDelta:
+    """New tokens of one completion of a request being generated (``generate_streaming``).
+
+    Attributes:
+        index: which of the request's ``sampling.n`` completions they extend.
+        token_ids: the tokens produced since the previous delta of this completion.
+        logprobs: their log-probs (the ``CompletionOutput.logprobs`` definition).
+        versions: the weight version of each token.
+        top_logprobs: their ``(token_id, logprob)`` alternatives when requested, else None.
+    """
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+OnTokens = Callable[[TokenDelta], None]
+"""Receives ``TokenDelta``s on the event loop, in order per completion; must not block."""
+
+
+@dataclass
 class WeightUpdate:
     """New weights for an engine: exactly one of ``named_tensors`` or ``path``.
 
@@ -149,6 +172,22 @@ class InferenceEngine:
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         raise NotImplementedError
+
+    async def generate_streaming(self, request: GenerateRequest,
+                                 on_tokens: OnTokens) -> GenerateResult:
+        """``generate``, calling ``on_tokens`` with each completion's tokens as they exist.
+
+        Contract: per completion, the deltas' ``token_ids`` (and log-probs, versions)
+        concatenate to exactly the returned ``CompletionOutput``'s; every delta is delivered
+        before this returns. This default delivers each completion as one delta once the
+        whole request is done (an engine that cannot stream stays correct, not incremental);
+        ``LocalEngine`` delivers the tokens of every decode step as it runs.
+        """
+        result = await self.generate(request)
+        for index, out in enumerate(result.outputs):
+            on_tokens(TokenDelta(index, list(out.token_ids), list(out.logprobs),
+                                 list(out.versions), out.top_logprobs))
+        return result
 
     async def pause(self) -> None:
         raise NotImplementedError

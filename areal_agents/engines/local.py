@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import logging
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -14,12 +15,22 @@ from typing import Any
 import torch
 
 from ..errors import ContextLengthExceeded, EngineError
-from .base import CompletionOutput, GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from .base import (
+    CompletionOutput,
+    GenerateRequest,
+    GenerateResult,
+    InferenceEngine,
+    OnTokens,
+    TokenDelta,
+    WeightUpdate,
+)
 from .local_adapters import LocalAdapterServing
 from .lora import LoRAAdapters
 from .prefix_cache import CachedPrefix, PrefillCounts, PrefixCache
 from .sampling import sample
 from .scheduler import RunningBatch, prefill, prefill_cached
+
+log = logging.getLogger(__name__)
 
 # joining prompts are prefilled together while (rows x longest prompt) stays within this
 PREFILL_TOKEN_BUDGET = 8192
@@ -38,6 +49,8 @@ class _Seq:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     parked_kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # while paused
+    index: int = 0  # which of the request's n completions
+    published: int = 0  # tokens already handed to the job's on_tokens
 
     @property
     def adapter(self) -> str | None:
@@ -51,6 +64,7 @@ class _Job:
     request: GenerateRequest
     future: asyncio.Future
     seqs: list[_Seq] = field(default_factory=list)
+    on_tokens: OnTokens | None = None  # generate_streaming's receiver
 
 
 @dataclass
@@ -188,13 +202,25 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             EngineError: empty prompt, ids outside the vocabulary, engine closed, or a failed
                 forward pass (the message names the cause).
         """
+        return await self._submit(request, None)
+
+    async def generate_streaming(self, request: GenerateRequest,
+                                 on_tokens: OnTokens) -> GenerateResult:
+        """``generate``, handing each decode step's new tokens to ``on_tokens`` (on the event
+        loop) as the step ends: rows of a streaming request run one decode step per worker
+        hop (see ``_steps``), so tokens leave as they are produced. Raises as ``generate``; an
+        exception from ``on_tokens`` fails this request only."""
+        return await self._submit(request, on_tokens)
+
+    async def _submit(self, request: GenerateRequest, on_tokens: OnTokens | None
+                      ) -> GenerateResult:
         self._check(request)
         self._ensure_started()
         assert self._slots is not None and self._wake is not None
         async with self._slots:
             if self._closed:
                 raise EngineError("LocalEngine is closed; create a new engine")
-            job = _Job(request, self._loop.create_future())
+            job = _Job(request, self._loop.create_future(), on_tokens=on_tokens)
             self._waiting.append(job)
             self._wake.set()
             return await job.future
@@ -327,6 +353,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
                         if not job.future.done():
                             job.future.set_exception(EngineError(f"generation failed: {exc!r}"))
                     continue
+                self._publish(finished)
             for job in finished:
                 if not job.future.done():
                     job.future.set_result(self._result(job))
@@ -381,12 +408,14 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
         waiting, no pause, no caller waiting for the step lock, no caller gone, at most
         ``MAX_STEPS_PER_HOP``. Each step is exactly the ``_step`` the loop would run next (the
         same rows, version and generators), so tokens and log-probs are unchanged; the event
-        loop is woken once per hop instead of once per token."""
+        loop is woken once per hop instead of once per token. A streaming request's rows
+        (``generate_streaming``) end the hop after each step, so its tokens leave per step."""
         finished = self._step(joining, version)
         for _ in range(MAX_STEPS_PER_HOP - 1):
             if (finished or not self._running or self._waiting or self._parked
                     or self._paused or self._paused_adapters or self._lock_wanted
-                    or self._closed or any(s.job.future.done() for s in self._running)):
+                    or self._closed or any(s.job.future.done() or s.job.on_tokens
+                                           for s in self._running)):
                 break
             finished = self._step([], version)
         self.hops += 1
@@ -401,7 +430,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
                 gen = None
                 if sp.temperature > 0:
                     gen = random.Random((seed * 1_000_003 + i) % 2**63)
-                job.seqs.append(_Seq(job, gen))
+                job.seqs.append(_Seq(job, gen, index=i))
         self._park()
         finished = self._unpark()
         hit_groups, misses = self._plan_cached_prefills(joining, version)
@@ -530,6 +559,25 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
         keys, values = self._batch.row_kv(row)
         assert keys[0].shape[-2] == len(fed), "cached row length != prompt + fed tokens"
         self._prefix_cache.put(_cache_key(request), fed, keys, values, version)
+
+    def _publish(self, finished: list[_Job]) -> None:
+        """Hand streaming jobs' new tokens to their ``on_tokens`` (on the event loop, after a
+        hop); a receiver that raises fails its own request (its rows then abort)."""
+        seqs = [s for s in self._running + self._parked if s.job.on_tokens is not None]
+        seqs += [s for job in finished if job.on_tokens is not None for s in job.seqs]
+        for seq in seqs:
+            job, start = seq.job, seq.published
+            if job.on_tokens is None or job.future.done() or len(seq.token_ids) == start:
+                continue
+            seq.published = len(seq.token_ids)
+            top = seq.top[start:] if job.request.sampling.top_logprobs else None
+            try:
+                job.on_tokens(TokenDelta(seq.index, seq.token_ids[start:],
+                                         seq.logprobs[start:], seq.versions[start:], top))
+            except Exception as exc:
+                log.exception("LocalEngine: on_tokens of request %s raised",
+                              job.request.request_id)
+                job.future.set_exception(EngineError(f"the token receiver failed: {exc!r}"))
 
     @staticmethod
     def _result(job: _Job) -> GenerateResult:

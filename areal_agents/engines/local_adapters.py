@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import EngineError
-from .base import GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from .base import GenerateRequest, GenerateResult, InferenceEngine, OnTokens, WeightUpdate
 from .lora import AdapterSpec, LoRAAdapters
 from .scheduler import RunningBatch, prefill_cached
 
@@ -208,10 +208,20 @@ class AdapterEngine(InferenceEngine):
         Raises:
             ValueError: the request names another adapter.
         """
+        self._check_adapter(request)
+        return await self.engine.generate(dataclasses.replace(request, adapter=self.name))
+
+    def _check_adapter(self, request: GenerateRequest) -> None:
         if request.adapter not in (None, self.name):
             raise ValueError(f"request names adapter {request.adapter!r} but was sent to the "
                              f"view of adapter {self.name!r}")
-        return await self.engine.generate(dataclasses.replace(request, adapter=self.name))
+
+    async def generate_streaming(self, request: GenerateRequest,
+                                 on_tokens: OnTokens) -> GenerateResult:
+        """``generate``, streaming as ``LocalEngine.generate_streaming`` does."""
+        self._check_adapter(request)
+        return await self.engine.generate_streaming(
+            dataclasses.replace(request, adapter=self.name), on_tokens)
 
     async def pause(self) -> None:
         await self.engine.pause(adapter=self.name)

@@ -24,8 +24,9 @@ HTTP: ``/v1/chat/completions`` (SSE streaming, tools, n, logprobs), ``/v1/comple
 recorded once delivered (a request its client gave up on is counted as abandoned instead);
 admin-key calls are not recorded. Errors are OpenAI-format JSON, 4xx for client mistakes.
 
-Limits: streaming sends SSE chunks after the engine finished (engines return whole
-completions); ``tool_choice`` other than ``"none"`` is not enforced (no constrained decoding);
+Streaming chat completions leave token by token where the engine streams
+(``streaming.ChatStream``; ``LocalEngine``), whole-then-chunked with tool parsing or other engines.
+Limits: ``tool_choice`` other than ``"none"`` is not enforced (no constrained decoding);
 ``/v1/completions`` takes one prompt per request and does not stream.
 """
 

@@ -1,8 +1,9 @@
 """``/v1/chat/completions`` and ``/v1/completions``: run the engine, answer in OpenAI format.
 
 Responses carry vLLM-named extras the SDK keeps as extra fields: ``prompt_token_ids`` on the
-response and ``token_ids`` on each choice. Streaming is served as SSE chunks once the engine
-has finished the request (the engine contract returns whole completions).
+response and ``token_ids`` on each choice. Streaming chat completions are served by
+``streaming.ChatStream`` (tokens as the engine produces them); ``chat_chunks`` replays a
+finished response as SSE chunks (tool calls, the Responses API).
 
 Chat templates are rendered and prompts tokenized on ``offload`` (the gateway's tokenizer
 threads), never on the event loop. Nothing is recorded here: each function returns the turns
@@ -14,9 +15,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..engines.base import CompletionOutput, GenerateRequest, SamplingParams
+from ..engines.base import CompletionOutput, GenerateRequest, OnTokens, SamplingParams
 from ..errors import ContextLengthExceeded, EngineError, EngineUnavailable
 from ..ids import new_id
 from ..samples import SamplingDistribution
@@ -42,8 +44,13 @@ async def inline(fn: Callable[[], T]) -> T:
 
 
 async def generate(policy: ServedPolicy, prompt_ids: list[int], fields: dict[str, Any],
-                   session: Session | None) -> tuple[list[CompletionOutput], dict[str, float]]:
-    """Run one request on a replica of ``policy``; map engine errors to HTTP errors."""
+                   session: Session | None, on_tokens: OnTokens | None = None
+                   ) -> tuple[list[CompletionOutput], dict[str, float]]:
+    """Run one request on a replica of ``policy``; map engine errors to HTTP errors.
+
+    With ``on_tokens``, the engine's ``generate_streaming`` hands it the tokens as they are
+    produced (the returned outputs are the same).
+    """
     room = policy.max_context - len(prompt_ids)
     max_tokens = fields["max_tokens"] or min(DEFAULT_MAX_TOKENS, room)
     if room < 1 or max_tokens > room:
@@ -62,8 +69,9 @@ async def generate(policy: ServedPolicy, prompt_ids: list[int], fields: dict[str
         raise GatewayError(503, str(exc), code="engine_unavailable") from exc
     start = time.time()
     try:
-        result = await engine.generate(GenerateRequest(prompt_ids, sampling,
-                                                       session_id=session_id))
+        request = GenerateRequest(prompt_ids, sampling, session_id=session_id)
+        result = await (engine.generate(request) if on_tokens is None
+                        else engine.generate_streaming(request, on_tokens))
     except ContextLengthExceeded as exc:
         raise bad_request(str(exc), param="messages", code="context_length_exceeded") from exc
     except EngineUnavailable as exc:  # the replica is gone: route around it from now on
@@ -83,8 +91,9 @@ def _distribution(fields: dict[str, Any]) -> SamplingDistribution:
     return SamplingDistribution(fields["temperature"], fields["top_k"], fields["top_p"])
 
 
-def _logprob_entries(policy: ServedPolicy, out: CompletionOutput,
-                     upto: int) -> list[dict[str, Any]]:
+def logprob_entries(policy: ServedPolicy, out: CompletionOutput,
+                    upto: int) -> list[dict[str, Any]]:
+    """The chat ``logprobs.content`` entries of ``out``'s first ``upto`` tokens."""
     entries = []
     for i, (tok, lp) in enumerate(zip(out.token_ids[:upto], out.logprobs[:upto], strict=True)):
         text = policy.token_text(tok)
@@ -110,6 +119,36 @@ def _chat_prompt(policy: ServedPolicy, messages: list[dict[str, Any]],
                                   index)
 
 
+@dataclass
+class ChatCall:
+    """A validated chat request with its prompt's token ids (``prepare_chat``)."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict] | None
+    parse_calls: bool  # tool calls are parsed out of the completion's text
+    fields: dict[str, Any]  # params.sampling_fields
+    prompt_ids: list[int]
+    prefix: int | None  # the session turn the prompt extends (tokenization.prompt_ids_for)
+    response_id: str = field(default_factory=lambda: f"chatcmpl-{new_id()}")
+
+
+async def prepare_chat(policy: ServedPolicy, body: dict[str, Any], session: Session | None,
+                       offload: Offload = inline) -> ChatCall:
+    """Validate a chat body and compute its prompt ids (on ``offload``).
+
+    Raises:
+        GatewayError: 400 for bad fields or messages the chat template cannot render.
+    """
+    messages = check_messages(body.get("messages"))
+    tools, parse_calls = check_tools(body)
+    fields = sampling_fields(body, policy.max_n)
+    try:
+        prompt_ids, prefix = await offload(_chat_prompt(policy, messages, tools, session))
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages") from exc
+    return ChatCall(messages, tools, parse_calls, fields, prompt_ids, prefix)
+
+
 async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: Session | None,
                           offload: Offload = inline) -> tuple[dict[str, Any], list[Turn]]:
     """Serve a chat completion.
@@ -121,21 +160,24 @@ async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: S
     Raises:
         GatewayError: 400 for bad fields or a too-long prompt, 500 for engine failures.
     """
-    messages = check_messages(body.get("messages"))
-    tools, parse_calls = check_tools(body)
-    fields = sampling_fields(body, policy.max_n)
-    try:
-        prompt_ids, prefix = await offload(_chat_prompt(policy, messages, tools, session))
-    except ValueError as exc:
-        raise bad_request(str(exc), param="messages") from exc
-    outputs, timing = await generate(policy, prompt_ids, fields, session)
+    call = await prepare_chat(policy, body, session, offload)
+    outputs, timing = await generate(policy, call.prompt_ids, call.fields, session)
+    return chat_response(policy, call, outputs, timing, session)
+
+
+def chat_response(policy: ServedPolicy, call: ChatCall, outputs: list[CompletionOutput],
+                  timing: dict[str, float], session: Session | None
+                  ) -> tuple[dict[str, Any], list[Turn]]:
+    """The ``chat.completion`` answer to ``call`` and the turns to record (see
+    ``chat_completion``)."""
+    messages, tools, fields, prompt_ids = call.messages, call.tools, call.fields, call.prompt_ids
     turns = []
-    response_id = f"chatcmpl-{new_id()}"
+    response_id = call.response_id
     choices = []
     for i, out in enumerate(outputs):
         text = decode_completion(policy.tokenizer, out.token_ids, fields["stop"],
                                  policy.stop_ids)
-        content, calls = policy.tool_parser(text) if parse_calls else (text, [])
+        content, calls = policy.tool_parser(text) if call.parse_calls else (text, [])
         reply: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             reply["tool_calls"] = calls
@@ -143,7 +185,7 @@ async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: S
                                              else "stop")
         choices.append({
             "index": i, "message": reply, "finish_reason": finish,
-            "logprobs": ({"content": _logprob_entries(policy, out, len(out.token_ids))}
+            "logprobs": ({"content": logprob_entries(policy, out, len(out.token_ids))}
                          if fields["logprobs"] else None),
             "token_ids": list(out.token_ids),
         })
@@ -153,7 +195,7 @@ async def chat_completion(policy: ServedPolicy, body: dict[str, Any], session: S
                 logprobs=list(out.logprobs), versions=list(out.versions),
                 messages=[dict(m) for m in messages], reply=reply, tools=tools,
                 finish_reason=out.finish_reason, request_id=response_id,
-                choice=i, prefix_turn=prefix, timing=dict(timing),
+                choice=i, prefix_turn=call.prefix, timing=dict(timing),
                 sampling=_distribution(fields)))
     num_completion = sum(len(o.token_ids) for o in outputs)
     return {

@@ -86,6 +86,11 @@ class Delivery:
         self.sent = False
         self._watch = asyncio.ensure_future(self._until_disconnect(receive))
 
+    @property
+    def watch(self) -> asyncio.Future:
+        """Done when the client disconnected, the response was sent, or ``close``."""
+        return self._watch
+
     async def _until_disconnect(self, receive: Receive) -> None:
         while True:
             message = await receive()

@@ -31,6 +31,7 @@ from .openapi import openapi_document
 from .params import stream_fields
 from .responses import response_completion, response_events
 from .sessions import Session, Turn
+from .streaming import ChatStream
 
 if TYPE_CHECKING:
     from .app import Gateway, ServedPolicy
@@ -165,6 +166,9 @@ class GatewayRoutes:
         if stream and produce is text_completion:
             raise bad_request("streaming is supported on /v1/chat/completions only",
                               param="stream")
+        if stream and produce is chat_completion:
+            return await self._serve_stream(
+                request, ChatStream(policy, body, session, self._offload, include_usage))
         delivery = Delivery(request.receive)
         try:
             result = await delivery.run(produce(policy, body, session, self._offload))
@@ -181,6 +185,25 @@ class GatewayRoutes:
         inner: Response = (StreamingResponse(events, media_type="text/event-stream")
                            if stream else JSONResponse(response))
         return delivery.respond(inner, lambda: _record(session, turns), self._abandon)
+
+    async def _serve_stream(self, request: Request, stream: ChatStream) -> Response:
+        """A streamed chat completion: its first tokens (or its error) before the headers,
+        then chunks as the engine produces tokens; turns recorded once ``[DONE]`` went out."""
+        delivery = Delivery(request.receive)
+        try:
+            started = await delivery.run(_started(stream))
+        except BaseException:
+            delivery.close()
+            await stream.cancel()
+            raise
+        if not started:  # the client went away before the first token
+            delivery.close()
+            await stream.cancel()
+            self.gw.ledger.abandoned += 1
+            return Response(status_code=499)
+        inner = StreamingResponse(stream.events(delivery), media_type="text/event-stream")
+        return delivery.respond(inner, lambda: _record(stream.session, stream.turns),
+                                self._abandon)
 
     def _abandon(self) -> None:
         self.gw.ledger.abandoned += 1
@@ -315,6 +338,11 @@ class GatewayRoutes:
                               code="invalid_weights_path") from exc
         return JSONResponse({"policy": policy, "versions": [
             e.version for e in self.gw.policies[policy].router.engines]})
+
+
+async def _started(stream: ChatStream) -> bool:
+    await stream.start()
+    return True
 
 
 def _record(session: Session | None, turns: list[Turn]) -> None:
