@@ -19,9 +19,12 @@ auto-scaling           per policy in ``autoscale``: ``min_replicas``/``max_repli
                        replicas are replaced; events are logged as ``autoscale/<policy>/...``
 =====================  ==========================================================================
 
-``address`` is ``"auto"`` (join the cluster ``ray start --head`` made on this node), a
-``ray://`` or ``host:port`` address, or ``None`` (start a local Ray instance with ``num_cpus``
-/ ``num_gpus``, stopped on ``close``). See docs/scaling.md, "Several nodes with Ray".
+``address`` is ``"auto"`` (join the running cluster: ``RAY_ADDRESS`` if set, else the one
+``ray start --head`` made on this node), a ``ray://`` or ``host:port`` address, or ``None``
+(start a new local Ray instance with ``num_cpus`` / ``num_gpus``, also where a cluster runs,
+stopped on ``close``). The same in Python (``RayLauncher(address="auto")``,
+``Trainer(launcher="ray")``) and YAML (``launcher: {kind: ray, address: auto}``); joining
+leaves the cluster running on ``close``. See docs/scaling.md, "Several nodes with Ray".
 
 Example:
     >>> RayLauncher.of({"kind": "ray", "address": None, "num_cpus": 2}).num_cpus
@@ -155,15 +158,17 @@ class RayLauncher(LocalLauncher):
 
         kwargs: dict[str, Any] = {"namespace": self.namespace, "include_dashboard": False,
                                   "log_to_driver": False, "runtime_env": JOB_RUNTIME_ENV}
-        if self.address is None:
+        if self.address is None:  # "local": a new instance even where a cluster runs
             kwargs.update(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
             self._started = True
         try:
-            ray.init(address=self.address, **kwargs)
+            ray.init(address=self.address or "local", **kwargs)
         except ConnectionError as exc:
             raise ConfigError(f"launcher: no Ray cluster at address={self.address!r} ({exc}); "
                               "start one with `ray start --head` on this node, or set address: "
-                              "null for a local Ray instance") from None
+                              "null for a local Ray instance. A cluster with token "
+                              "authentication also needs RAY_AUTH_MODE=token and its token "
+                              "here (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
 
     def _placement_group(self, bundles: list[dict[str, float]], strategy: str) -> Any:
         import ray

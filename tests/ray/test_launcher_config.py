@@ -79,3 +79,24 @@ def test_a_cuda_group_placed_elsewhere_skips_the_controllers_gpu_check():
 
     WorkerGroupEngine("tiny:xs", TrainPlacement(world_size=2, device="cuda"), group=_Group)
     assert built == [(2, "cuda")]
+
+
+FROM_EXAMPLE = {"scale_up_queue": 16, "scale_down_queue": 2, "up_after_s": 5,
+                "down_after_s": 30, "cooldown_s": 10}  # the example's listener settings
+
+
+def test_address_auto_and_the_latency_rule_are_the_same_from_python_and_yaml():
+    settings = {"min_replicas": 1, "max_replicas": 3, "metric": "latency",
+                "scale_up_latency_s": 4.0, "scale_down_latency_s": 1.0, "latency_quantile": 0.5}
+    cfg = load_config(YAML, ["launcher.address=auto", "launcher.autoscale.listener.metric=latency",
+                             "launcher.autoscale.listener.scale_up_latency_s=4.0",
+                             "launcher.autoscale.listener.scale_down_latency_s=1.0",
+                             "launcher.autoscale.listener.latency_quantile=0.5",
+                             "launcher.autoscale.listener.max_replicas=3"])
+    from_yaml = resolve_launcher(cfg.launcher)
+    from_python = RayLauncher(address="auto", num_cpus=2, cpus_per_worker=0.5,
+                              autoscale={"listener": {**FROM_EXAMPLE, **settings}})
+    assert from_yaml == from_python
+    assert from_yaml.autoscale["listener"].metric == "latency"
+    assert resolve_launcher("ray") == RayLauncher() and RayLauncher().address == "auto"
+
