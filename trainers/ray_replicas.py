@@ -10,6 +10,15 @@ with strategy ``SPREAD`` (one bundle per replica, on different nodes when there 
 added later takes a bundle freed by a removed one, else a placement group of its own. A replica
 starts from the saved model at version 0: ``Trainer.add_replica`` gives it the current weights
 and version before it takes traffic.
+
+A lost replica fails fast. A node that is gone (powered off, cut off the network) closes no
+connection: a request in flight to its server, or a weight push's ``pause`` to it, would wait
+for the engine's whole ``timeout_s`` (600 s by default) while the rollouts and the step wait
+with it. So each replica's engine is a ``RayReplicaEngine``: its actor runs a ``watch`` call
+that never returns while the actor lives, and once Ray reports the actor dead (``ray.kill``,
+or its node lost: Ray's health check) every HTTP call of that engine, in flight or later,
+raises ``EngineUnavailable`` at once. The gateway then drops the replica and answers 503, the
+agents retry on a live replica, and a push skips it.
 """
 
 from __future__ import annotations
@@ -22,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from areal_agents.engines.base import InferenceEngine
-from areal_agents.errors import EngineError
+from areal_agents.engines.remote import RemoteEngine
+from areal_agents.errors import EngineError, EngineUnavailable
 
-__all__ = ["RayReplicaSet"]
+__all__ = ["RayReplicaEngine", "RayReplicaSet"]
 
 
 class _ReplicaServer:
@@ -53,12 +63,67 @@ class _ReplicaServer:
     def ping(self) -> bool:
         return self.server is not None and self.server.running
 
+    async def watch(self) -> None:
+        """Never returns: the caller's reference fails when this actor dies."""
+        await asyncio.Event().wait()
+
     def pid(self) -> int:
         return int(self.server.pid)
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+
+class RayReplicaEngine(RemoteEngine):
+    """A ``RemoteEngine`` whose HTTP calls fail with ``EngineUnavailable`` as soon as its Ray
+    actor is reported dead (module docstring), instead of waiting for ``timeout_s``.
+
+    ``watch(ref)`` arms it with the actor's ``watch`` reference; until then it is a plain
+    ``RemoteEngine``.
+    """
+
+    actor_lost: asyncio.Future[Any] | None = None
+
+    def watch(self, ref: Any) -> None:
+        """Fail every call once ``ref`` (the actor's never-ending ``watch``) ends."""
+        lost = asyncio.ensure_future(_ended(ref))
+        self.actor_lost = lost
+
+    async def close(self) -> None:
+        """Stop watching the actor, then close as ``RemoteEngine`` does. Idempotent."""
+        if self.actor_lost is not None and not self.actor_lost.done():
+            self.actor_lost.cancel()
+        await super().close()
+
+    async def _send(self, method: str, path: str, body: Any, params: dict[str, str] | None,
+                    what: str, retry: bool) -> Any:
+        lost = self.actor_lost
+        if lost is None:
+            return await super()._send(method, path, body, params, what, retry)
+        if not lost.done():
+            call = asyncio.ensure_future(super()._send(method, path, body, params, what, retry))
+            try:
+                await asyncio.wait({call, lost}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # cancelled: the call with it
+                call.cancel()
+                raise
+            if call.done():
+                return call.result()
+            call.cancel()  # its connection is closed as it ends; nothing waits for it
+            call.add_done_callback(lambda c: c.cancelled() or c.exception())
+        why = "closed" if lost.cancelled() else lost.result()
+        raise EngineUnavailable(f"the {self.server_name} at {self.url} is lost: its Ray actor "
+                                f"died ({why}); {what} was not answered")
+
+
+async def _ended(ref: Any) -> str:
+    """Wait until the actor behind ``ref`` dies; returns why (never raises)."""
+    try:
+        await ref
+    except Exception as exc:  # RayActorError: killed, or its node lost
+        return type(exc).__name__
+    return "its watch returned"
 
 
 class RayReplicaSet:
@@ -107,13 +172,12 @@ class RayReplicaSet:
         """A new replica on a free slot (waits for Ray to find the resources), attached.
 
         Raises:
-            EngineError: the server exited during start-up (with its log tail), or Ray found
-                no resources for it within ``startup_timeout_s``.
+            EngineError: the server exited during start-up (with its log tail), Ray found
+                no resources for it within ``startup_timeout_s``, or its actor did not
+                answer within twice that.
             EngineTimeout: not healthy within ``startup_timeout_s``.
         """
         import ray
-
-        from areal_agents.engines.remote import RemoteEngine
 
         from .ray_actors import actor_options
 
@@ -134,11 +198,21 @@ class RayReplicaSet:
                 str(self.model_dir), "--threads", str(self.threads),
                 "--max-batch-size", str(self.max_batch_size)]
         try:
-            url = await actor.start.remote(argv, str(log_path), token, self.threads,
-                                           self.startup_timeout_s)
-            engine = await RemoteEngine.attach(url, token=token, timeout_s=self.timeout_s,
-                                               transport=self.transport,  # type: ignore[arg-type]
-                                               bucket_bytes=self.bucket_bytes)
+            # bounded: an actor Ray never schedules (its bundle still held) must not hang the
+            # caller; the server's own start-up is bounded by startup_timeout_s inside
+            url = await asyncio.wait_for(
+                actor.start.remote(argv, str(log_path), token, self.threads,
+                                   self.startup_timeout_s), 2 * self.startup_timeout_s)
+            engine = await RayReplicaEngine.attach(
+                url, token=token, timeout_s=self.timeout_s,
+                transport=self.transport,  # type: ignore[arg-type]
+                bucket_bytes=self.bucket_bytes)
+            engine.watch(actor.watch.remote())
+        except TimeoutError:
+            ray.kill(actor)
+            self._free.append(slot)
+            raise EngineError(f"the Ray replica actor did not start its engine server within "
+                              f"{2 * self.startup_timeout_s:.0f} s (log: {log_path})") from None
         except BaseException:
             ray.kill(actor)
             self._free.append(slot)
