@@ -59,6 +59,11 @@ class CriticSpec:
         token_budget: padded tokens per micro-batch.
         num_updates: optimizer steps on each batch (verl's critic ``ppo_epochs``); the value
             clip stays around the values the batch was collected with.
+        warmup_steps: the policy's first ``warmup_steps`` train steps update the critic alone
+            (verl's ``trainer.critic_warmup``): the policy's weights and optimizer stay as they
+            were (the step still counts, its episodes are logged and ``critic/<p>/warmup`` is
+            1), so the policy's first update sees a critic that has already fitted the returns
+            of the starting policy. ``0`` (the default) updates both from the first step.
 
     Raises:
         ConfigError: a value out of range or an unknown backend (names the field).
@@ -78,6 +83,7 @@ class CriticSpec:
     max_grad_norm: float = 1.0
     token_budget: int = 4096
     num_updates: int = 1
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         self._validate("CriticSpec")
@@ -93,6 +99,8 @@ class CriticSpec:
         for name in ("token_budget", "num_updates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{owner}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{owner}.warmup_steps must be >= 0, got {self.warmup_steps}")
 
     @classmethod
     def of(cls, value: Any, owner: str = "Policy.critic") -> CriticSpec | None:
@@ -213,7 +221,7 @@ class CriticEngine:
     Args:
         model: a ``transformers`` causal LM whose backbone the critic starts from (copied).
         backend: ``"fsdp"`` or ``"archon"`` (the model family the backbone runs as).
-        lr, max_grad_norm, token_budget, num_updates: as ``CriticSpec``.
+        lr, max_grad_norm, token_budget, num_updates, warmup_steps: as ``CriticSpec``.
         device: defaults to CUDA when available, else CPU.
 
     Example:
@@ -225,7 +233,7 @@ class CriticEngine:
 
     def __init__(self, model: nn.Module, *, backend: str = "fsdp", lr: float = 1e-5,
                  max_grad_norm: float = 1.0, token_budget: int = 4096, num_updates: int = 1,
-                 device: torch.device | str | None = None) -> None:
+                 warmup_steps: int = 0, device: torch.device | str | None = None) -> None:
         if backend not in CRITIC_BACKENDS:
             raise ConfigError(f"CriticEngine backend={backend!r}; choose one of "
                               f"{list(CRITIC_BACKENDS)}")
@@ -237,7 +245,8 @@ class CriticEngine:
         self.max_grad_norm = max_grad_norm
         self.token_budget = token_budget
         self.num_updates = num_updates
-        self.step = 0
+        self.warmup_steps = warmup_steps
+        self.step = 0  # optimizer steps (num_updates per batch)
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
@@ -278,6 +287,12 @@ class CriticEngine:
             clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens, step=self.step)
         self.step += 1
         return out
+
+    @property
+    def warming_up(self) -> bool:
+        """True while fewer than ``warmup_steps`` batches have updated the critic: the policy
+        must not be updated on this batch (the count survives ``save``/``load`` via ``step``)."""
+        return self.step < self.warmup_steps * self.num_updates
 
     def clip_grad_norm(self) -> float:
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -328,10 +343,11 @@ class CriticEngine:
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return algorithm.value_loss(values, mb)
 
+        warmup = self.warming_up
         runs = [self.train_step(batch, loss_fn) for _ in range(self.num_updates)]
         loss = sum(r["vf_loss"] for r in runs) / len(runs)
         clip = sum(r["vf_clip_frac"] for r in runs) / len(runs)
-        return critic_metrics(batch, value_loss=loss, clipfrac=clip)
+        return critic_metrics(batch, value_loss=loss, clipfrac=clip) | {"warmup": float(warmup)}
 
     def close(self) -> None:
         """Drop the model and optimizer (idempotent)."""
@@ -387,4 +403,5 @@ def build_critic(name: str, spec: CriticSpec, policy: Any, model: nn.Module) -> 
         raise ConfigError(f"policies.{name}.critic.model={spec.model!r} has another vocabulary "
                           "than the policy; the critic reads the policy's token ids")
     return CriticEngine(base, backend=backend, lr=spec.lr, max_grad_norm=spec.max_grad_norm,
-                        token_budget=spec.token_budget, num_updates=spec.num_updates)
+                        token_budget=spec.token_budget, num_updates=spec.num_updates,
+                        warmup_steps=spec.warmup_steps)

@@ -74,7 +74,9 @@ async def train_policy(trainer: Trainer, name: str) -> dict[str, float]:
         trainer.sample_log.stage(name, samples, prepared.advantages,
                                  trainer.controller.controls[name].version,
                                  trainer.tokenizers[name])
-        stats = engine.train_step(prepared, loss)
+        # critic warm-up (CriticSpec.warmup_steps): the critic learns, the policy is held
+        held = critic is not None and critic.warming_up
+        stats = {} if held else engine.train_step(prepared, loss)
         if algorithm.needs_proximal:
             stats["prox_recompute_skipped"] = float(skipped)
             stats["prox_from_train_forward"] = float(isinstance(loss, ProximalFromForward))

@@ -51,17 +51,27 @@ def decode_listener(observation: Any) -> str:
 
 def build(arm: str, *, batch_size: int = 16, group_size: int = 4, rounds: int = 3,
           num_items: int = 4, lr: float = 3e-3, critic_lr: float = 1e-3, gae_lambda: float = 0.95,
+          critic_updates: int = 1, critic_warmup: int = 0, entropy_coef: float = 0.0,
+          kl_coef: float = 0.0,
           sft_steps: int = 60, eval_seeds: int = 32, seed: int = 0,
           run_dir: str | Path | None = None) -> Trainer:
     """The ``Trainer`` of one arm (not set up yet).
+
+    ``critic_lr``, ``critic_updates`` (optimizer steps per batch) and ``critic_warmup`` (steps
+    that train the critic alone, the policy held) set the ``ppo_critic`` arm's ``CriticSpec``;
+    ``entropy_coef`` is every arm's entropy bonus, ``kl_coef`` every arm's KL penalty to the
+    warm-started policy (k3, in the loss).
 
     Raises:
         ValueError: unknown arm.
     """
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
-    critic = {"lr": critic_lr} if arm == "ppo_critic" else None
-    algorithm = GRPO() if arm == "grpo" else PPO(gamma=1.0, gae_lambda=gae_lambda)
+    critic = ({"lr": critic_lr, "num_updates": critic_updates, "warmup_steps": critic_warmup}
+              if arm == "ppo_critic" else None)
+    regularise = {"entropy_coef": entropy_coef, "kl_coef": kl_coef}
+    algorithm = (GRPO(**regularise) if arm == "grpo"
+                 else PPO(gamma=1.0, gae_lambda=gae_lambda, **regularise))
     listener = ScriptedAgent(decode_listener)
     return Trainer(
         env="Signaling-v0", env_kwargs={"num_items": num_items, "rounds": rounds},
@@ -93,6 +103,7 @@ async def run_arm(arm: str, steps: int, **build_kw: Any) -> dict[str, Any]:
         "arm": arm, "steps": steps, "episodes": steps * trainer.batch_size,
         "group_size": trainer.group_size,
         "reward": [h.get("train/speaker/reward", float("nan")) for h in history],
+        "entropy": [h.get("policy/speaker/entropy", float("nan")) for h in history],
         "explained_variance": [h["critic/speaker/explained_variance"] for h in history
                                if "critic/speaker/explained_variance" in h],
         "eval_before": before.get("eval/speaker/success"),
@@ -121,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--critic-lr", type=float, default=1e-3)
+    parser.add_argument("--critic-updates", type=int, default=1,
+                        help="critic optimizer steps per batch")
+    parser.add_argument("--critic-warmup", type=int, default=0,
+                        help="steps that train the critic alone before the policy updates")
+    parser.add_argument("--entropy-coef", type=float, default=0.0)
+    parser.add_argument("--kl-coef", type=float, default=0.0)
     parser.add_argument("--sft-steps", type=int, default=60)
     parser.add_argument("--eval-seeds", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -130,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     for arm in args.arms.split(","):
         result = asyncio.run(run_arm(
             arm, args.steps, batch_size=args.batch_size, group_size=args.group_size,
-            rounds=args.rounds, lr=args.lr, critic_lr=args.critic_lr, sft_steps=args.sft_steps,
+            rounds=args.rounds, lr=args.lr, critic_lr=args.critic_lr,
+            critic_updates=args.critic_updates, critic_warmup=args.critic_warmup,
+            entropy_coef=args.entropy_coef, kl_coef=args.kl_coef, sft_steps=args.sft_steps,
             eval_seeds=args.eval_seeds, seed=args.seed, run_dir=args.run_dir))
         print(summary_line(result, k=min(5, args.steps)), flush=True)
         results.append(result)

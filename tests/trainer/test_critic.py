@@ -226,3 +226,52 @@ def test_yaml_config_loads_the_critic():
     with pytest.raises(ConfigError, match="num_updates must be >= 1"):
         parse_config({"env": "GuessNumber-v0", "policy_map": {"agent": "p"},
                       "policies": {"p": {"critic": {"num_updates": 0}}}})
+
+
+def weights(trainer, name="p"):
+    return {k: v.detach().clone() for k, v in trainer.train_engines[name].export_weights()}
+
+
+@pytest.mark.slow
+async def test_critic_warmup_trains_the_critic_alone_then_both():
+    trainer = make(critic={"lr": 1e-3, "warmup_steps": 2})
+    try:
+        await trainer.setup()
+        start = weights(trainer)
+        await trainer.afit(2)
+        held, engine_step = weights(trainer), trainer.train_engines["p"].step
+        head = trainer.critics["p"].module.head.weight.detach().clone()
+        history = await trainer.afit(3)  # the whole run's metrics
+        after, critic_steps = weights(trainer), trainer.critics["p"].step
+    finally:
+        await trainer.aclose()
+    assert [h["critic/p/warmup"] for h in history] == [1.0, 1.0, 0.0]
+    assert engine_step == 0  # no policy optimizer step during the warm-up
+    for k, v in held.items():
+        torch.testing.assert_close(v, start[k], rtol=0, atol=0)
+    assert torch.any(head != 0)  # the critic learnt meanwhile
+    assert "policy/p/loss" not in history[0] and "policy/p/loss" in history[2]
+    assert any(not torch.equal(v, held[k]) for k, v in after.items())  # step 3 trains it
+    assert critic_steps == 3
+
+
+def test_critic_warmup_counts_batches_not_optimizer_steps(model):
+    critic = CriticEngine(model, lr=1e-3, num_updates=2, warmup_steps=1)
+    batch = PPO().prepare(collate(hand_samples()), hand_samples())
+    batch.values = critic.values(batch)
+    assert critic.warming_up
+    assert critic.update(batch, PPO())["warmup"] == 1.0
+    assert critic.step == 2 and not critic.warming_up
+
+
+def test_yaml_config_sets_critic_warmup_steps():
+    cfg = parse_config({
+        "env": "GuessNumber-v0", "policy_map": {"agent": "p"},
+        "policies": {"p": {"critic": {"lr": 1e-4, "warmup_steps": 5}}},
+        "algorithm": {"name": "ppo"}, "trainer": {"group_size": 1, "batch_size": 2},
+    })
+    assert cfg.build().policies["p"].critic == CriticSpec(lr=1e-4, warmup_steps=5)
+    assert Policy(critic=CriticSpec(warmup_steps=5)).critic.warmup_steps == 5
+    with pytest.raises(ConfigError, match=r"policies.p.critic: .*warmup_steps must be >= 0, got -1"):
+        parse_config({"env": "GuessNumber-v0", "policy_map": {"agent": "p"},
+                      "policies": {"p": {"critic": {"warmup_steps": -1}}}})
