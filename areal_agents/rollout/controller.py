@@ -223,6 +223,14 @@ class RolloutController:
             del self.errors[:-100]  # keep the latest ones
             self.consecutive_failures += 1
             result = e
+        except BaseException as e:  # not an Exception (a test's failure, SystemExit): an
+            # unaccounted member would leave its group, and a take() waiting on it, hanging
+            log.error("episode %d of seed %d raised %r", member, group.seed, e)
+            self.errors.append(e)
+            del self.errors[:-100]
+            if member in group.tasks:
+                self._member_done(group, member, e)
+            raise
         if self.group_fn is not None and member in group.tasks and group.done == group.size - 1:
             try:  # the group's last episode: it stays "running" while the group fn works
                 result = await self._apply_group_fn(group, member, result)

@@ -215,6 +215,35 @@ async def test_all_episodes_failing_raises_instead_of_hanging():
     assert ctl.ledger["p"]["failed"] >= 6
 
 
+class _Abort(BaseException):
+    """Not an ``Exception``: as a test's ``pytest.fail`` raised inside an episode's call."""
+
+
+async def test_an_episode_raising_a_base_exception_is_accounted_not_left_running():
+    """Such an episode's task ends without a result; unaccounted, its group never finished and
+    a take() waiting for it hung (the event loop idle) instead of the run going on or failing."""
+    async def episode(seed, member):
+        await asyncio.sleep(0)
+        if seed == 0 and member == 1:
+            raise _Abort("DID NOT RAISE")
+        return {"p": [_sample(float(member), 0)]}
+
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda loop, context: None)  # the aborted task's own report
+    ctl = make_controller(episode, batch=2, staleness=1, group=2)
+    runner = asyncio.create_task(ctl.run())
+    groups = await asyncio.wait_for(ctl.take("p", 2), 5)  # hung here before
+    await ctl.stop()
+    runner.cancel()
+    seed0 = [g for g in groups if g.seed == 0]
+    assert len(groups) == 2 and [s.reward for s in seed0[0].samples] == [0.0]  # member 0 only
+    counts = ctl.counts()["p"]
+    assert counts["failed"] >= 1 and [type(e) for e in ctl.errors] == [_Abort]
+    control = ctl.controls["p"]
+    assert control.submitted == control.running + control.waiting + control.accepted + \
+        control.filtered + control.failed
+
+
 async def test_finished_training_sessions_are_dropped_from_the_gateway():
     """Each episode's sessions are forgotten once their samples are taken (no growth)."""
     import areal_agents as aa
