@@ -3,20 +3,34 @@
 The solver answers one-digit ``a + b`` / ``a - b``; the judge reads the task and the
 solver's reply and says ``correct`` or ``incorrect``. The judge is rewarded for agreeing with
 the exact verifier; the solver by the judge's verdict (``--truth-weight w`` mixes in ground
-truth: ``(1 - w) * verdict + w * truth``). Both start from a short SFT warm start: the solver
-imitates the env's random valid replies (the right answer half the time), the judge the
-exact scripted judge on them, so each is a weak starting point.
+truth: ``(1 - w) * verdict + w * truth``).
+
+Warm starts (``--judge-warm-start``): ``demos`` (rounds 1-2): the Trainer's SFT warm start,
+the solver imitating demo replies (``--solver-demo-accuracy``), the judge the exact scripted
+judge on them; ``own-answers`` (round 3, ``own_answers.py``): the solver is SFT'd first, then
+a fresh judge is SFT'd on the solver's *own* answers (``--own-answers`` task seeds, labelled
+by the exact verifier, classes balanced), and graded greedy on ``--judge-held-out`` more of
+them at step 0, every ``--judge-eval-every`` steps and at the end. The judge's reward
+(``--judge-reward``): ``agreement``, ``balanced`` (``BalancedJudgeReward``) or ``per-class``
+(``class_balance.PerClassJudgeReward``: per-class baseline and weights inside each group).
 
 Logged every step (``RUN_DIR/metrics.jsonl``; ``areal-agents plot RUN_DIR``):
 ``train/judge/success`` = the judge's accuracy against ground truth, ``train/solver/success``
-= the solver's true accuracy, ``train/solver/reward`` = how often the judge said correct, and
-from ``JudgeTally`` ``judge_stats/{false_positive_rate,false_negative_rate,no_verdict}``.
-Greedy held-out figures at step 0 (after the warm start) and at the end.
+= the solver's true accuracy, ``train/solver/reward`` = how often the judge said correct,
+from ``JudgeTally`` ``judge_stats/{false_positive_rate,false_negative_rate,no_verdict}``,
+from ``PerClassJudgeReward`` ``judge_groups/*`` (base rate of right answers, verdict share,
+accuracy and group-centred reward per class, balanced accuracy), ``policy/judge/entropy``,
+and ``heldout_judge/*``. Greedy held-out figures at step 0 (after the warm start) and at the
+end are in ``RUN_DIR/summary.json``.
 
 Usage::
 
     OMP_NUM_THREADS=1 python examples/genrm/solver_judge/run.py --run-dir runs/genrm_sj
     areal-agents plot runs/genrm_sj
+    # round 3 (README): own-answers warm start, per-class judge reward, truth weight 0.5
+    OMP_NUM_THREADS=1 python examples/genrm/solver_judge/run.py --run-dir runs/genrm_sj3 \
+        --judge-warm-start own-answers --solver-demo-accuracy 1.0 --solver-sft-steps 200 \
+        --judge-reward per-class --truth-weight 0.5 --group-size 8
 """
 
 from __future__ import annotations
