@@ -210,10 +210,11 @@ def test_tiny_run_with_own_answer_warm_start_grades_the_judge_over_steps(sj, tmp
 
 def test_per_class_wiring_turns_off_the_judges_std_normalisation(sj, tmp_path) -> None:
     args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-reward", "per-class",
-                          "--judge-kl", "0.01"])
+                          "--judge-kl", "0.01", "--judge-entropy", "0.02"])
     trainer = sj.make_trainer(args, sj.JudgeTally())
     assert [type(f).__name__ for f in trainer.rewards.group_reward_fns] == ["PerClassJudgeReward"]
     assert trainer.rewards.group_reward_fns[0].normalise is True
     assert trainer.algorithms["judge"].std_normalize is False
     assert trainer.algorithms["judge"].kl_coef == 0.01
+    assert trainer.algorithms["judge"].entropy_coef == 0.02
     assert trainer.algorithms["solver"].std_normalize is True

@@ -196,8 +196,10 @@ def make_trainer(args: argparse.Namespace, tally: JudgeTally,
     group_fns: list[Any] = []
     reward_fns: list[Any] = [tally]
     judge_extra: dict[str, Any] = {}
-    if args.judge_kl:
-        judge_extra["algorithm_params"] = {"kl_coef": args.judge_kl}
+    params = {k: v for k, v in (("kl_coef", args.judge_kl),
+                                ("entropy_coef", args.judge_entropy)) if v}
+    if params:
+        judge_extra["algorithm_params"] = params
     if args.judge_reward == "balanced":
         reward_fns.append(BalancedJudgeReward())
     elif args.judge_reward == "per-class":  # advantages are not std-rescaled per group
@@ -370,6 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-lr", type=float, default=0.0, help="the judge's RL lr (0: --lr)")
     p.add_argument("--judge-kl", type=float, default=0.0,
                    help="the judge's KL coefficient to its warm-started weights")
+    p.add_argument("--judge-entropy", type=float, default=0.0,
+                   help="the judge's entropy bonus coefficient")
     p.add_argument("--truth-weight", type=float, default=0.0,
                    help="solver reward = (1 - w) * verdict + w * ground truth")
     p.add_argument("--eval-seeds", type=int, default=200)
