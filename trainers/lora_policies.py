@@ -23,7 +23,7 @@ default (it rides on the base's); all adapters of one base share ``backend``, ``
 
 Warm start (``trainer.warm_start``), in two optional stages: the base's ``sft_steps`` fit the
 shared base on the transcripts of every agent its adapters play (before any adapter
-attaches); then each adapter policy's own ``sft_steps`` (at its ``sft_lr``) fit *its adapter
+attaches; a base with tied embeddings is untied first, ``untie_embeddings``); then each adapter policy's own ``sft_steps`` (at its ``sft_lr``) fit *its adapter
 alone* on its own agents' transcripts, the base frozen and the other adapters untouched
 (``AdapterTrainEngine.warm_start``). An adapter's KL reference is where it starts RL: the base
 (a zero adapter) without its own warm start, else a frozen copy of its fitted adapter (saved
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from .trainer import Trainer
     from .warm_start import Demos
 
-__all__ = ["adapter_bases", "check_adapter_policies", "setup_adapter_policy"]
+__all__ = ["adapter_bases", "check_adapter_policies", "setup_adapter_policy", "untie_embeddings"]
 
 
 def adapter_bases(policies: dict[str, Policy]) -> dict[str, list[str]]:
@@ -152,6 +152,8 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
     if base not in shared:
         served = replicas[0].model  # the base weights, as served
         if trainer.policies[base].sft_steps and demos is not None:
+            for replica in replicas:  # before the shared warm start (see untie_embeddings)
+                untie_embeddings(replica.model)
             await _warm_start_base(trainer, base, replicas, demos)
         with trainer.startup.phase(f"building the shared {policy.backend} LoRA engine of "
                                    f"{base}"):
@@ -177,6 +179,30 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
         await engines[-1].update_weights(_first_update(view))
     trainer.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
                                stop_token_ids=eos_token_ids(replicas[0].model, tokenizer))
+
+
+def untie_embeddings(model: Any) -> bool:
+    """Give a model with tied input/output embeddings its own output head, a copy of the
+    embedding (same outputs); returns whether it was tied.
+
+    Why: the shared warm start fits every role's replies at once. With a tied head, fitting
+    the listener's uniform picks among the items A-D pulls the rows of A-D together, and
+    those rows are also the speaker's *input* embedding of its target: after 60 steps on
+    ``tiny:xs`` their mean pairwise cosine went 0.05 -> 0.88 and the speaker's last hidden
+    state became the same for every target (cosine 0.9999), so no adapter on the linear
+    layers could learn a code. Untied (the head trained, the input rows left to the input
+    side) they stay apart (0.23; docs/multi_agent_training.md, round 5). Costs one
+    ``vocab x hidden`` matrix, once per side (the base is frozen after its warm start).
+    """
+    from torch import nn
+
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is not embedding.weight:
+        return False
+    head.weight = nn.Parameter(embedding.weight.detach().clone(),
+                               requires_grad=embedding.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    return True
 
 
 async def _warm_start_base(trainer: Trainer, base: str, replicas: list[Any],

@@ -9,7 +9,7 @@ from fsdp._helpers import make_batch, ppo_loss
 import areal_agents as aa
 from areal_agents.algorithms import GRPO
 from areal_agents.samples import Sample
-from areal_agents.trainers.lora_policies import check_adapter_policies
+from areal_agents.trainers.lora_policies import check_adapter_policies, untie_embeddings
 from areal_agents.trainers.lora_shared import SharedLoRABase
 from areal_agents.trainers.warm_start import WarmStartPlan
 
@@ -73,12 +73,14 @@ def test_sft_steps_on_an_adapter_policy_is_allowed_the_rest_still_refused():
         check_adapter_policies({"base": base, "speaker": adapter(sft_steps=3, ref_model="x")})
 
 
+@pytest.mark.slow
 async def test_the_trainer_warm_starts_each_adapter_on_its_own_agents_demos(tmp_path):
     trainer = make("fsdp", run_dir=tmp_path, algorithm=GRPO(kl_coef=0.05),
                    warm_start={"episodes": 4, "players": {"speaker": "random",
                                                           "listener": "random"}})
+    trainer.policies["base"].sft_steps = 3  # the shared base first, untied
     trainer.policies["speaker"].sft_steps = 6  # the listener: no warm start of its own
-    trainer.policies["speaker"].sft_lr = 5e-2
+    trainer.policies["speaker"].sft_lr = 1e-2
     logged = []
     trainer.logger.log = lambda step, metrics: logged.append(metrics)
     try:
@@ -91,8 +93,13 @@ async def test_the_trainer_warm_starts_each_adapter_on_its_own_agents_demos(tmp_
         served_b = {p: layer.lora_b[engine._lora._slots[p]].clone() for p in views}
         refs = {p: trainer.ref_engines[p] for p in views}
         saved = torch.load(tmp_path / "checkpoints/reference/speaker.pt", weights_only=True)
+        served_base = engine.model
+        train_base = views["speaker"].model
     finally:
         await trainer.aclose()
+    for m in (served_base, train_base):  # untied on both sides before the shared warm start
+        assert m.lm_head.weight.data_ptr() != m.get_input_embeddings().weight.data_ptr()
+        assert not m.config.tie_word_embeddings
     fit = {k: v for m in logged for k, v in m.items() if k.startswith("warm_start/speaker")}
     assert fit["warm_start/speaker/nll_last"] < fit["warm_start/speaker/nll_first"]
     assert not any(k.startswith("warm_start/listener/nll") for m in logged for k in m)
@@ -107,3 +114,22 @@ async def test_the_trainer_warm_starts_each_adapter_on_its_own_agents_demos(tmp_
         torch.testing.assert_close(saved[n], t, rtol=0, atol=0)
     assert all(torch.count_nonzero(t) == 0 for n, t in refs["listener"].values.items()
                if "lora_B" in n)
+
+
+def test_untie_embeddings_keeps_the_outputs_and_separates_the_head():
+    from areal_agents.models.tiny import tiny
+
+    model, _ = tiny("xs", seed=0)
+    ids = torch.tensor([[5, 17, 90, 3]])
+    with torch.no_grad():
+        before = model(ids).logits
+    assert untie_embeddings(model) and not untie_embeddings(model)  # tied once, then not
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    embedding = model.get_input_embeddings().weight
+    assert model.lm_head.weight.data_ptr() != embedding.data_ptr()
+    kept = embedding.detach().clone()
+    with torch.no_grad():  # a change of the head no longer moves the input rows
+        model.lm_head.weight.add_(1.0)
+    torch.testing.assert_close(embedding, kept, rtol=0, atol=0)
+    assert "lm_head.weight" in dict(model.named_parameters())
