@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -41,6 +42,10 @@ from .autoscale import AutoscaleSettings, LatencyWindow, ScalingRule
 __all__ = ["ReplicaScaler", "ReplicaSource"]
 
 log = logging.getLogger(__name__)
+
+_TIMING: contextvars.ContextVar[bool] = contextvars.ContextVar("autoscale_timing", default=False)
+"""Set inside a timed call: a nested one (``generate_streaming`` calling ``generate``) is not
+timed again."""
 
 
 class ReplicaSource(Protocol):
@@ -105,9 +110,15 @@ class ReplicaScaler:
 
             @functools.wraps(call)
             async def timed(*args: Any, _call: Any = call, **kwargs: Any) -> Any:
-                start = self.clock()
-                result = await _call(*args, **kwargs)
-                end = self.clock()
+                if _TIMING.get():  # within a timed call of the same request
+                    return await _call(*args, **kwargs)
+                token = _TIMING.set(True)
+                try:
+                    start = self.clock()
+                    result = await _call(*args, **kwargs)
+                    end = self.clock()
+                finally:
+                    _TIMING.reset(token)
                 self.latencies.record(end, end - start)
                 return result
 

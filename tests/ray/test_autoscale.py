@@ -334,6 +334,9 @@ async def test_scaler_scales_on_measured_request_latency():
     assert router.live_engines() == [first, joined]
     await joined.generate(request)  # the joined replica is timed too: 0 s here
     assert scaler.latencies.quantile(clock.now, 0.0 + 1e-9) == 0.0
+    timed = len(scaler.latencies)
+    await joined.generate_streaming(request, lambda delta: None)  # calls generate inside
+    assert len(scaler.latencies) == timed + 1  # one request, timed once
     # the window empties, nothing queued: idle, so after cooldown and down_after_s, down
     for t in range(10, 30):
         clock.now = float(t)
