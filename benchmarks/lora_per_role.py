@@ -15,6 +15,11 @@ the ratio (adapters / separate) of:
   success over the last 10 steps.
 
     python benchmarks/lora_per_role.py [--steps 50] [--model tiny:xs] [--out result.json]
+    python benchmarks/lora_per_role.py --arm adapters --set policies.speaker.lr=5e-3 --out a.json
+    python benchmarks/lora_per_role.py --combine separate.json a.json
+
+``--model`` takes a checkpoint path too (e.g. an untied tiny model written by
+``areal_agents.models.save_tiny(path, "xs", tie_word_embeddings=False)``), for both arms.
 """
 
 from __future__ import annotations
@@ -82,12 +87,12 @@ def serve_bytes(trainer) -> int:
     return _bytes(tensors)
 
 
-def run_arm(arm: str, steps: int, model: str | None) -> dict:
+def run_arm(arm: str, steps: int, model: str | None, overrides: list[str] | None = None) -> dict:
     from areal_agents.config import load_config
 
     run_dir = tempfile.mkdtemp(prefix=f"lora_per_role_{arm}_")
     overrides = [f"run_dir={run_dir}", f"trainer.eval_every={steps}",
-                 "trainer.checkpoint_every=0", "logging.progress=false"]
+                 "trainer.checkpoint_every=0", "logging.progress=false", *(overrides or [])]
     if model:
         keys = ["base"] if arm == "adapters" else ["speaker", "listener"]
         overrides += [f"policies.{k}.model={model}" for k in keys]
@@ -121,11 +126,14 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="override the tiny model (e.g. tiny:s)")
     parser.add_argument("--arm", choices=sorted(ARMS), help="run one arm here (internal)")
     parser.add_argument("--out", default=None, help="also write the results as JSON")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="a config override for --arm (repeatable)")
     parser.add_argument("--combine", nargs=2, metavar=("SEPARATE_JSON", "ADAPTERS_JSON"),
                         help="print the table of two arms run apart with --arm ... --out")
     args = parser.parse_args()
     if args.arm:
-        result = run_arm(args.arm, args.steps, args.model)
+        result = run_arm(args.arm, args.steps, args.model, args.overrides)
+        result["overrides"] = args.overrides
         print(json.dumps(result))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
