@@ -8,6 +8,7 @@ import pytest
 
 from areal_agents.algorithms import GRPO, PPO
 from areal_agents.errors import ConfigError
+from areal_agents.trainers.critic import CriticSpec
 
 from ._load import load_example
 
@@ -35,6 +36,17 @@ def test_arms_differ_only_in_algorithm_group_size_and_critic():
         compare.Trainer(env="Signaling-v0", policies={"s": compare.Policy()},  # why GRPO
                         policy_map={"speaker": "s"}, agents={"listener": listener},  # needs groups
                         algorithm=GRPO(), batch_size=4, group_size=1)
+
+
+def test_critic_and_regularisation_flags_reach_the_arms():
+    kw = {"critic_lr": 3e-3, "critic_updates": 2, "critic_warmup": 5, "kl_coef": 0.05,
+          "entropy_coef": 0.01}
+    ppo_critic, grpo = compare.build("ppo_critic", **kw), compare.build("grpo", **kw)
+    assert ppo_critic.policies["speaker"].critic == CriticSpec(
+        lr=3e-3, num_updates=2, warmup_steps=5)
+    assert grpo.policies["speaker"].critic is None  # the critic's flags are its arm's alone
+    for trainer in (ppo_critic, grpo):  # the KL and entropy terms are every arm's
+        assert trainer.algorithm.kl_coef == 0.05 and trainer.algorithm.entropy_coef == 0.01
 
 
 def test_compare_runs_at_tiny_size(tmp_path, capsys):
