@@ -233,8 +233,11 @@ class RunConfig(_Strict):
     run_dir: str = Field("runs/run", description="metrics, plots and checkpoints")
     launcher: Literal["local", "ray"] | dict[str, Any] = Field(
         "local", description="where worker groups and engine servers run: local (this "
-        "machine), ray, or {kind: ray, address, num_cpus, num_gpus, cpus_per_worker, autoscale: "
-        "{policy: {min_replicas, max_replicas, ...}}} (areal_agents.trainers.ray_launcher)")
+        "machine), ray, or {kind: ray, address (auto | host:port | null: a local instance), "
+        "num_cpus, num_gpus, cpus_per_worker, autoscale: {policy: {min_replicas, max_replicas, "
+        "metric: queue | latency, scale_up_queue, scale_down_queue, scale_up_latency_s, "
+        "scale_down_latency_s, latency_quantile, latency_window_s, ...}}} "
+        "(areal_agents.trainers.ray_launcher, trainers/autoscale.py)")
     resume: bool = Field(False, description="continue from run_dir's latest checkpoint (a fresh "
                          "run when there is none); same as `train --resume`")
 
