@@ -12,6 +12,12 @@
    ``info["success"]`` keeps exact match for evaluation). Held-out greedy exact-match accuracy
    at step 0 (after the warm start) and at the end.
 
+Round 4 options: ``--policy-seeds N`` adds pairs from the starting policy's own sampled
+answers (per question, each distinct right reply against each distinct wrong one; held-out
+policy pairs and the same-question ranking of held-out policy samples are reported);
+``--gate`` / ``--normalize`` / ``--clip`` / ``--kl-coef`` / ``--rm-rounds`` guard RL against
+exploiting the model; ``--reward exact`` runs the exact-match comparison arm instead.
+
 Usage::
 
     OMP_NUM_THREADS=1 python examples/genrm/bradley_terry/run.py --run-dir runs/genrm_bt
