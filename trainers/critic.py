@@ -10,7 +10,7 @@ Per train step of a policy with a critic (``Trainer``)::
 
     batch.values = critic.values(batch)            # [B, T], no grad: V_old
     batch = algorithm.prepare(batch, samples)     # GAE: advantages, returns
-    engine.train_step(batch, algorithm.loss)      # the policy
+    engine.train_step(batch, algorithm.loss)      # the policy (not during CriticSpec.warmup_steps)
     critic.update(batch, algorithm)                # num_updates steps of the clipped value loss
 
 Backends: the critic runs the policy backend's model family in the trainer's process:
