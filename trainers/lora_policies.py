@@ -151,10 +151,13 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
     shared: dict[str, SharedLoRABase] = trainer.lora_bases
     if base not in shared:
         served = replicas[0].model  # the base weights, as served
-        if trainer.policies[base].sft_steps and demos is not None:
+        if resumed:
+            await _restore_base(trainer, base, replicas)
+        elif trainer.policies[base].sft_steps and demos is not None:
             for replica in replicas:  # before the shared warm start (see untie_embeddings)
                 untie_embeddings(replica.model)
             await _warm_start_base(trainer, base, replicas, demos)
+            _save_base(trainer, base, served)
         with trainer.startup.phase(f"building the shared {policy.backend} LoRA engine of "
                                    f"{base}"):
             engine = backend_factory(policy.backend)(_plain_copy(served), lr=policy.lr,
@@ -224,6 +227,43 @@ async def _warm_start_base(trainer: Trainer, base: str, replicas: list[Any],
     if losses:
         trainer.logger.log(0, {f"warm_start/{base}/nll_first": losses[0],
                                f"warm_start/{base}/nll_last": losses[-1]})
+
+
+def _base_path(trainer: Trainer, base: str) -> Path | None:
+    return (Path(trainer.run_dir) / "checkpoints" / "base" / f"{base}.pt"
+            if trainer.run_dir else None)
+
+
+def _save_base(trainer: Trainer, base: str, model: Any) -> None:
+    """Keep the warm-started base (frozen from now on) for a resumed run: a resume skips the
+    warm start, and the adapters' checkpoints hold only the adapters."""
+    path = _base_path(trainer, base)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({n: t.detach().clone() for n, t in model.state_dict().items()}, path)
+
+
+async def _restore_base(trainer: Trainer, base: str, replicas: list[Any]) -> None:
+    """On resume: load the warm-started base ``_save_base`` wrote into every replica (untied
+    first when it was untied), so the adapters resume on the base they were trained over.
+
+    Raises:
+        ConfigError: the base has ``sft_steps`` but the run directory has no saved base.
+    """
+    path = _base_path(trainer, base)
+    if path is None or not path.exists():
+        if trainer.policies[base].sft_steps:
+            raise ConfigError(f"resuming the adapters of {base!r}: its warm-started weights "
+                              f"{path} are missing (written when the run starts)")
+        return
+    state = torch.load(path, weights_only=True)
+    with trainer.startup.phase(f"restoring the warm-started base {base} from {path}"):
+        for replica in replicas:
+            head = replica.model.get_output_embeddings()
+            if head is not None and head.weight is replica.model.get_input_embeddings().weight \
+                    and any(n.endswith("lm_head.weight") for n in state):
+                untie_embeddings(replica.model)
+            await replica.update_weights(WeightUpdate(named_tensors=state.items(), version=0))
 
 
 async def _warm_start_adapter(trainer: Trainer, name: str, view: AdapterTrainEngine,

@@ -133,3 +133,42 @@ def test_untie_embeddings_keeps_the_outputs_and_separates_the_head():
         model.lm_head.weight.add_(1.0)
     torch.testing.assert_close(embedding, kept, rtol=0, atol=0)
     assert "lm_head.weight" in dict(model.named_parameters())
+
+
+@pytest.mark.slow
+async def test_a_resumed_run_serves_the_warm_started_base_not_the_original(tmp_path):
+    """A resume skips the warm start and the adapters' checkpoints hold only adapters: the
+    warm-started (untied) base is saved when the run starts and loaded on resume, on the
+    serving and the training side."""
+    def build(**kw) -> aa.Trainer:
+        trainer = make("fsdp", run_dir=tmp_path, **kw)
+        trainer.policies["base"].sft_steps = 3
+        return trainer
+
+    first = build(checkpoint_every=1, warm_start={
+        "episodes": 4, "players": {"speaker": "random", "listener": "random"}})
+    try:
+        await first.afit(1)
+        fitted = {n: t.clone() for n, t in first.gateway.policies["base"].router.engines[0]
+                  .model.state_dict().items() if "lora" not in n}
+    finally:
+        await first.aclose()
+    second = build(resume=True)
+    try:
+        await second.setup()
+        served = second.gateway.policies["base"].router.engines[0].model
+        trained = second.train_engines["speaker"].model
+        restored = {n: t for n, t in served.state_dict().items() if "lora" not in n}
+        trained_head = trained.get_output_embeddings().weight.detach().clone()
+    finally:
+        await second.aclose()
+    from areal_agents.models.tiny import tiny
+
+    original, _ = tiny("xs", seed=0)
+    name = "model.embed_tokens.weight"
+    assert not torch.equal(fitted[name], original.state_dict()[name])  # the warm start moved it
+    assert restored.keys() == fitted.keys()
+    for n, t in fitted.items():
+        torch.testing.assert_close(restored[n], t, rtol=0, atol=0)
+    assert served.lm_head.weight.data_ptr() != served.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(trained_head, fitted["lm_head.weight"], rtol=0, atol=0)
