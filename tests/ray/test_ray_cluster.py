@@ -126,6 +126,7 @@ def test_worker_group_ranks_rendezvous_from_the_placement(cluster):
             group.call("fail")
         assert group.call("total") == [30.0, 30.0]  # a raised error leaves the group usable
         ray.kill(group._actors[1])
+        _wait_dead(group._actors[1])  # else the next call may still be answered
         with pytest.raises(TrainError, match="died during total"):
             group.call("total")
         with pytest.raises(TrainError, match="the worker group was stopped"):
@@ -150,7 +151,7 @@ def _wait_dead(actor: Any, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            ray.get(actor.ping.remote(), timeout=timeout_s)
+            ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)  # every actor has it
         except ray.exceptions.RayActorError:
             return
         time.sleep(0.05)
