@@ -16,17 +16,10 @@ import asyncio
 import inspect
 import json
 import logging
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import openai
-from tenacity import (
-    AsyncRetrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
 
 from areal_agents.agent import Agent
 from areal_agents.messages import Message
@@ -41,6 +34,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRYABLE = (openai.APIConnectionError, openai.InternalServerError)
+
+T = TypeVar("T")
+
+
+async def call_with_retries(call: Callable[[], Awaitable[T]], *, attempts: int,
+                            retryable: Callable[[BaseException], bool], logger: logging.Logger,
+                            what: str) -> T:
+    """``await call()``, again after an exception ``retryable`` accepts, up to ``attempts``
+    attempts in all, sleeping 0.1, 0.2, 0.4 ... s (at most 2 s) between them; each retry is a
+    warning on ``logger`` starting "Retrying" and naming the exception. The last exception,
+    or one not retryable, is raised. The first attempt costs one ``await`` (no retry
+    machinery is built unless it fails: this runs once per LLM call)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except Exception as exc:
+            if attempt >= attempts or not retryable(exc):
+                raise
+            delay = min(0.1 * 2 ** (attempt - 1), 2.0)
+            logger.warning("Retrying %s in %.1f s (attempt %d of %d) as it raised %s: %s",
+                           what, delay, attempt + 1, attempts, type(exc).__name__, exc)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable: attempts >= 1")
 """Errors retried (bounded, logged): connection failures/timeouts and 5xx responses."""
 
 
@@ -167,14 +183,11 @@ class LLMAgent(Agent):
         kwargs = dict(self.sampling)
         if self.tools:
             kwargs["tools"] = self.tools
-        async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.max_attempts),
-                wait=wait_exponential(multiplier=0.1, max=2.0),
-                retry=retry_if_exception_type(RETRYABLE),
-                before_sleep=before_sleep_log(log, logging.WARNING), reraise=True):
-            with attempt:
-                response = await self.client.chat.completions.create(  # type: ignore[union-attr]
-                    model=self.model, messages=list(self.history), **kwargs)
+        response = await call_with_retries(
+            lambda: self.client.chat.completions.create(  # type: ignore[union-attr]
+                model=self.model, messages=list(self.history), **kwargs),
+            attempts=self.max_attempts, retryable=lambda e: isinstance(e, RETRYABLE),
+            logger=log, what="the chat completion")
         message = response.choices[0].message
         out: dict[str, Any] = {"role": "assistant", "content": message.content}
         if message.tool_calls:

@@ -1,7 +1,8 @@
 """Build official ``openai`` clients for a gateway: in process (ASGI, no sockets) or by URL.
 
-Clients are built with ``max_retries=0`` by default: ``LLMAgent`` retries (bounded, logged)
-with tenacity, and the SDK's own silent retries would double-count recorded turns.
+Clients are built with ``max_retries=0`` by default: ``LLMAgent`` retries (bounded, logged:
+``agents.llm.call_with_retries``), and the SDK's own silent retries would double-count
+recorded turns.
 """
 
 from __future__ import annotations

@@ -12,15 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tenacity import (
-    AsyncRetrying,
-    before_sleep_log,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
-
-from areal_agents.agents.llm import RETRYABLE, LLMAgent
+from areal_agents.agents.llm import RETRYABLE, LLMAgent, call_with_retries
 from areal_agents.gateway.errors import GatewayError
 from areal_agents.messages import Message
 
@@ -138,13 +130,9 @@ class SessionAgent(LLMAgent):
         self.turn += 1
         if self.api != "completions":
             return await super()._complete()
-        async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.max_attempts),
-                wait=wait_exponential(multiplier=0.1, max=2.0),
-                retry=retry_if_exception(retryable),
-                before_sleep=before_sleep_log(log, logging.WARNING), reraise=True):
-            with attempt:
-                text = await self._complete_text()
+        text = await call_with_retries(self._complete_text, attempts=self.max_attempts,
+                                       retryable=retryable, logger=log,
+                                       what=f"{self.agent_id or self.model}'s completion")
         return {"role": "assistant", "content": text}
 
     async def _complete_text(self) -> str:
