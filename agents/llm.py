@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRYABLE = (openai.APIConnectionError, openai.InternalServerError)
+"""Errors retried (bounded, logged): connection failures/timeouts and 5xx responses."""
 
 T = TypeVar("T")
 
@@ -57,7 +58,6 @@ async def call_with_retries(call: Callable[[], Awaitable[T]], *, attempts: int,
                            what, delay, attempt + 1, attempts, type(exc).__name__, exc)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable: attempts >= 1")
-"""Errors retried (bounded, logged): connection failures/timeouts and 5xx responses."""
 
 
 class LLMAgent(Agent):

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 
 def build_app(gateway: Gateway) -> Starlette:
@@ -166,18 +167,16 @@ class GatewayRoutes:
         if stream and produce is text_completion:
             raise bad_request("streaming is supported on /v1/chat/completions only",
                               param="stream")
-        if stream and produce is chat_completion:
-            return await self._serve_stream(
-                request, ChatStream(policy, body, session, self._offload, include_usage))
         delivery = Delivery(request.receive)
-        try:
-            result = await delivery.run(produce(policy, body, session, self._offload))
-        except BaseException:
-            delivery.close()
-            raise
-        if result is None:  # the client went away while the engine generated
-            delivery.close()
-            self.gw.ledger.abandoned += 1
+        if stream and produce is chat_completion:  # chunks as the engine produces tokens
+            chat = await self._answer(delivery, ChatStream(
+                policy, body, session, self._offload, include_usage).start())
+            if chat is None:
+                return Response(status_code=499)
+            inner = StreamingResponse(chat.events(delivery), media_type="text/event-stream")
+            return delivery.respond(inner, lambda: _record(session, chat.turns), self._abandon)
+        result = await self._answer(delivery, produce(policy, body, session, self._offload))
+        if result is None:
             return Response(status_code=499)
         response, turns = result
         events = (response_events(response) if produce is response_completion
@@ -186,24 +185,19 @@ class GatewayRoutes:
                            if stream else JSONResponse(response))
         return delivery.respond(inner, lambda: _record(session, turns), self._abandon)
 
-    async def _serve_stream(self, request: Request, stream: ChatStream) -> Response:
-        """A streamed chat completion: its first tokens (or its error) before the headers,
-        then chunks as the engine produces tokens; turns recorded once ``[DONE]`` went out."""
-        delivery = Delivery(request.receive)
+    async def _answer(self, delivery: Delivery, work: Awaitable[T]) -> T | None:
+        """``work``'s result while ``delivery`` watches the connection; None (counted as
+        abandoned, ``work`` cancelled) when the client went away first. A streamed chat
+        completion's ``work`` ends at its first tokens, before the headers."""
         try:
-            started = await delivery.run(_started(stream))
+            result = await delivery.run(work)
         except BaseException:
             delivery.close()
-            await stream.cancel()
             raise
-        if not started:  # the client went away before the first token
+        if result is None:
             delivery.close()
-            await stream.cancel()
             self.gw.ledger.abandoned += 1
-            return Response(status_code=499)
-        inner = StreamingResponse(stream.events(delivery), media_type="text/event-stream")
-        return delivery.respond(inner, lambda: _record(stream.session, stream.turns),
-                                self._abandon)
+        return result
 
     def _abandon(self) -> None:
         self.gw.ledger.abandoned += 1
@@ -338,11 +332,6 @@ class GatewayRoutes:
                               code="invalid_weights_path") from exc
         return JSONResponse({"policy": policy, "versions": [
             e.version for e in self.gw.policies[policy].router.engines]})
-
-
-async def _started(stream: ChatStream) -> bool:
-    await stream.start()
-    return True
 
 
 def _record(session: Session | None, turns: list[Turn]) -> None:

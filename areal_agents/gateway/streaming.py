@@ -116,13 +116,22 @@ class ChatStream:
         self._first: Any = None  # the item start() waited for
         self._created = int(time.time())
 
-    async def start(self) -> None:
-        """Validate, start generating and wait for the first tokens or the end.
+    async def start(self) -> ChatStream:
+        """Validate, start generating and wait for the first tokens or the end; returns this
+        stream. Cancelled or failing, it leaves no generation running.
 
         Raises:
             GatewayError: the request failed before its first token (status and body as for
                 a non-streamed request).
         """
+        try:
+            await self._start()
+        except BaseException:
+            await self.cancel()
+            raise
+        return self
+
+    async def _start(self) -> None:
         call = self._call = await prepare_chat(self.policy, self.body, self.session,
                                                self.offload)
         if call.parse_calls:
