@@ -12,7 +12,18 @@ from areal_agents.envs._expr import extract_answer
 from areal_agents.messages import Message, parse_action, user
 
 AGENTS = ["solver", "judge"]
+"""The seats with ``judge_samples=1`` (the default)."""
 _VERDICT = re.compile(r"\b(incorrect|correct)\b", re.IGNORECASE)
+
+
+def judge_seats(judge_samples: int) -> list[str]:
+    """The judge seats of ``SolverJudge(judge_samples=K)``: ``judge``, ``judge_1``, ...
+
+    Example:
+        >>> judge_seats(1), judge_seats(3)
+        (['judge'], ['judge', 'judge_1', 'judge_2'])
+    """
+    return ["judge", *(f"judge_{k}" for k in range(1, judge_samples))]
 
 
 def parse_verdict(text: str | None) -> str | None:
@@ -33,6 +44,14 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
     ``verdict``, ``solver_correct`` and ``success``: the solver's true correctness for the
     solver, agreement with the verifier for the judge.
 
+    With ``judge_samples=K > 1`` the judge is asked K times on the same transcript: K judge
+    seats (``judge``, ``judge_1``, ..., ``judge_{K-1}``; map them all to one policy) get the
+    same prompt in the same step and act together, each verdict is its own judge sample with
+    its own agreement reward and infos (``verdict``, ``success``), and the solver's verdict
+    term is the *mean* verdict (the share of the K that said ``correct``). Every final info
+    also carries ``verdicts`` (the K verdicts, in seat order); the solver's ``verdict`` is the
+    ``judge`` seat's.
+
     Args:
         task: ``"arithmetic"`` or ``"countdown"``.
         digits: operand digits (arithmetic).
@@ -40,6 +59,11 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
         difficulty: countdown difficulty.
         truth_weight: the solver's reward is ``(1 - w) * verdict + w * truth`` (0: the judge's
             verdict only; 1: ground truth only).
+        judge_samples: K, the judge verdicts per solver answer (judge seats).
+
+    Example:
+        >>> SolverJudge(judge_samples=3).possible_agents
+        ['solver', 'judge', 'judge_1', 'judge_2']
     """
 
     def __init__(
@@ -49,7 +73,12 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
         operations: str = "+-*",
         difficulty: countdown.Difficulty = "easy",
         truth_weight: float = 0.0,
+        judge_samples: int = 1,
     ) -> None:
+        if isinstance(judge_samples, bool) or not isinstance(judge_samples, int) \
+                or judge_samples < 1:
+            raise ValueError(f"judge_samples must be an int >= 1, got {judge_samples!r}")
+        self.judges = judge_seats(judge_samples)
         if not 0.0 <= truth_weight <= 1.0:
             raise ValueError(f"truth_weight must be in [0, 1], got {truth_weight}")
         self.truth_weight = float(truth_weight)
@@ -63,7 +92,7 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
             operations,
             difficulty,
         )
-        self.possible_agents = list(AGENTS)
+        self.possible_agents = ["solver", *self.judges]
         self.agents: list[str] = []
         self.question, self.answer = "", 0
         self.numbers: list[int] = []
@@ -73,7 +102,7 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, list[Message]], dict[str, dict[str, Any]]]:
         await super().reset(seed=seed)
-        self.agents, self.solver_text = list(AGENTS), ""
+        self.agents, self.solver_text = list(self.possible_agents), ""
         if self.task == "arithmetic":
             self.question, self.answer = arithmetic.make_task(
                 self.np_random, self.digits, self.operations
@@ -83,7 +112,7 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
             self.numbers, self.answer = countdown.make_task(self.np_random, self.difficulty)
             prompt = countdown.prompt(self.numbers, self.answer)
             self._short = f"Numbers: {' '.join(map(str, self.numbers))}. Target: {self.answer}"
-        return {"solver": [user(prompt)]}, {a: {"task": self._short} for a in AGENTS}
+        return {"solver": [user(prompt)]}, {a: {"task": self._short} for a in self.agents}
 
     def verify(self, text: str | None) -> bool:
         """The exact verifier: whether the solver's reply solves the task."""
@@ -100,7 +129,8 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
         dict[str, bool],
         dict[str, dict[str, Any]],
     ]:
-        flags = dict.fromkeys(AGENTS, False)
+        everyone = self.possible_agents
+        flags = dict.fromkeys(everyone, False)
         if "solver" in actions:
             self.solver_text = (parse_action(actions["solver"])["content"] or "").strip()
             prompt = (
@@ -108,31 +138,32 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
                 f"Solver: {self.solver_text[-300:]}"
             )
             return (
-                {"judge": [user(prompt)]},
-                dict.fromkeys(AGENTS, 0.0),
+                {j: [user(prompt)] for j in self.judges},
+                dict.fromkeys(everyone, 0.0),
                 flags,
                 dict(flags),
-                {a: {} for a in AGENTS},
+                {a: {} for a in everyone},
             )
-        verdict = parse_verdict(parse_action(actions["judge"])["content"])
+        verdicts = [parse_verdict(parse_action(actions[j])["content"]) for j in self.judges]
         truth = self.verify(self.solver_text)
+        agreed = [v is not None and (v == "correct") == truth for v in verdicts]
+        said = sum(v == "correct" for v in verdicts) / len(verdicts)
         w = self.truth_weight
-        agreed = verdict is not None and (verdict == "correct") == truth
-        rewards = {
-            "solver": (1.0 - w) * float(verdict == "correct") + w * float(truth),
-            "judge": float(agreed),
-        }
+        rewards = {"solver": (1.0 - w) * said + w * float(truth),
+                   **{j: float(a) for j, a in zip(self.judges, agreed, strict=True)}}
         self.agents = []
-        success = {"solver": truth, "judge": agreed}
-        infos = {
-            a: {"verdict": verdict, "solver_correct": truth, "success": success[a]} for a in AGENTS
-        }
-        return {}, rewards, dict.fromkeys(AGENTS, True), flags, infos
+        infos: dict[str, dict[str, Any]] = {
+            "solver": {"verdict": verdicts[0], "solver_correct": truth, "success": truth}}
+        for j, v, a in zip(self.judges, verdicts, agreed, strict=True):
+            infos[j] = {"verdict": v, "solver_correct": truth, "success": a}
+        for info in infos.values():
+            info["verdicts"] = list(verdicts)
+        return {}, rewards, dict.fromkeys(everyone, True), flags, infos
 
     def sample_action(self, agent: str | None = None) -> str:
         """Solver: a random number or expression; judge: ``correct``/``incorrect``."""
         rng = self.action_rng
-        if agent == "judge":
+        if agent is not None and agent in self.judges:
             return rng.choice(["correct", "incorrect"])
         if self.task == "countdown" and self.numbers:
             return f"Answer: {' + '.join(map(str, rng.sample(self.numbers, 2)))}"
