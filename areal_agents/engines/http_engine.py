@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import httpx2
@@ -172,23 +174,74 @@ class HTTPEngine(InferenceEngine):
         for attempt in range(2 if retry else 1):
             try:
                 return await self._http.request(method, path, json=body, params=params)
-            except httpx2.TimeoutException as exc:
-                raise EngineTimeout(f"the {self.server_name} at {self.url} did not answer {what} "
-                                    f"within {self.timeout_s:.0f} s; raise timeout_s or check "
-                                    f"the server{self._log_hint()}") from exc
             except httpx2.TransportError as exc:
-                if self.server is not None:  # a dying server: let it exit so we can tell
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        await asyncio.to_thread(self.server.proc.wait, 1.0)
-                gone = (not self.server.running if self.server is not None
-                        else isinstance(exc, httpx2.ConnectError))
-                if not gone and attempt == 0 and retry:
+                failure = await self._transport_failure(exc, what)
+                if failure is None and attempt == 0 and retry:
                     continue  # e.g. a pooled keep-alive connection the server just closed
-                kind = EngineUnavailable if gone else EngineError
-                raise kind(f"cannot reach the {self.server_name} at {self.url} ({what}: "
-                           f"{type(exc).__name__}: {exc}); is it running?"
-                           f"{self._log_hint()}") from exc
+                raise (failure or self._unreachable(EngineError, exc, what)) from exc
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _transport_failure(self, exc: httpx2.TransportError,
+                                 what: str) -> Exception | None:
+        """The exception for a transport error: ``EngineTimeout`` for a timeout,
+        ``EngineUnavailable`` when the server is gone; None when it may still be up (the
+        caller retries or raises ``EngineError``)."""
+        if isinstance(exc, httpx2.TimeoutException):
+            return EngineTimeout(f"the {self.server_name} at {self.url} did not answer {what} "
+                                 f"within {self.timeout_s:.0f} s; raise timeout_s or check "
+                                 f"the server{self._log_hint()}")
+        if self.server is not None:  # a dying server: let it exit so we can tell
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.server.proc.wait, 1.0)
+        gone = (not self.server.running if self.server is not None
+                else isinstance(exc, httpx2.ConnectError))
+        return self._unreachable(EngineUnavailable, exc, what) if gone else None
+
+    def _unreachable(self, kind: type[Exception], exc: Exception, what: str) -> Exception:
+        return kind(f"cannot reach the {self.server_name} at {self.url} ({what}: "
+                    f"{type(exc).__name__}: {exc}); is it running?{self._log_hint()}")
+
+    async def _stream(self, path: str, body: Any) -> AsyncIterator[Any]:
+        """``POST path`` and yield the JSON of each server-sent ``data:`` event until
+        ``[DONE]`` (OpenAI-style streaming, as vLLM and SGLang send it).
+
+        Closing the generator early (a cancelled caller) closes the HTTP stream: the server
+        sees the disconnect and aborts the request. ``timeout_s`` bounds each wait for data,
+        not the whole stream. Never retried (a generation must not run twice).
+
+        Raises:
+            EngineTimeout, EngineUnavailable, EngineError: as ``_request``; also an
+                ``EngineError`` for an error event (``data: {"error": ...}``) or a body that
+                is not JSON.
+        """
+        what = f"POST {path} (stream)"
+        try:
+            async with self._http.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._http_error(response, what)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments, "event:" lines
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    try:
+                        event = json.loads(data)
+                    except ValueError as exc:
+                        raise EngineError(f"the {self.server_name} streamed non-JSON in {what}: "
+                                          f"{data[:200]!r}") from exc
+                    if isinstance(event, dict) and event.get("error"):
+                        error = event["error"]
+                        message = error.get("message", error) if isinstance(error, dict) else error
+                        raise EngineError(f"the {self.server_name} failed {what}: {message}"
+                                          f"{self._log_hint()}")
+                    yield event
+        except httpx2.TransportError as exc:
+            failure = await self._transport_failure(exc, what)
+            raise (failure or self._unreachable(EngineError, exc, what)) from exc
+        raise EngineError(f"the {self.server_name} ended {what} without [DONE]; the "
+                          f"completion may be cut short{self._log_hint()}")
 
     def _http_error(self, response: httpx2.Response, what: str) -> Exception:
         """The exception for an HTTP error answer (subclasses recognise context overflows)."""

@@ -48,7 +48,7 @@ import httpx2
 
 from ..errors import ConfigError, ContextLengthExceeded, EngineError, WeightSyncError
 from . import vllm_protocol as protocol
-from .base import GenerateRequest, GenerateResult, WeightUpdate
+from .base import CompletionOutput, GenerateRequest, GenerateResult, OnTokens, WeightUpdate
 from .http_engine import HTTPEngine, error_message
 from .server_process import ServerProcess, free_port
 from .vllm_lora import RUNTIME_LORA_ENV, VLLMAdapterEngine, lora_server_args
@@ -243,16 +243,37 @@ class VLLMEngine(HTTPEngine):
         """
         return await self._generate(request, self.model)
 
+    async def generate_streaming(self, request: GenerateRequest,
+                                 on_tokens: OnTokens) -> GenerateResult:
+        """``generate`` streamed from the server (``"stream": true``): ``on_tokens`` gets
+        each completion's new tokens as the server sends them (one decode step a chunk).
+
+        The deltas of a completion concatenate to its returned token ids and log-probs. Their
+        versions are the engine's version when each chunk arrives (``/v1/completions``: the
+        version at send time, as ``generate``); the returned versions are the server's exact
+        spans (``vllm_protocol.StreamedChoices``). Cancelling the caller closes the stream and
+        vLLM aborts the request. ``timeout_s`` bounds each wait for a chunk.
+
+        Raises:
+            As ``generate``; an error the server reports mid-stream is an ``EngineError``.
+        """
+        return await self._generate(request, self.model, on_tokens=on_tokens)
+
     async def _generate(self, request: GenerateRequest, model: str,
-                        adapter_version: int | None = None) -> GenerateResult:
+                        adapter_version: int | None = None,
+                        on_tokens: OnTokens | None = None) -> GenerateResult:
         """``generate`` with ``model`` (the base or a loaded LoRA adapter's name); with
-        ``adapter_version`` every token gets that version (the server's labels are the base's)."""
+        ``adapter_version`` every token gets that version (the server's labels are the base's);
+        with ``on_tokens``, streamed (``generate_streaming``)."""
         self._check_request(request)
         sent_at_version = self.version if adapter_version is None else adapter_version
         self._pending += 1
         try:
             sampling = self._sampling(request)
-            if self.endpoint == "generate" and adapter_version is None:
+            if on_tokens is not None:
+                outputs = await self._streamed(request, model, sampling, adapter_version,
+                                               on_tokens)
+            elif self.endpoint == "generate" and adapter_version is None:
                 data = await self._request("POST", "/inference/v1/generate",
                                            protocol.generate_body(request, model, sampling))
                 outputs = [protocol.parse_generate_choice(c, request.sampling.top_logprobs,
@@ -273,6 +294,25 @@ class VLLMEngine(HTTPEngine):
         finally:
             self._pending -= 1
         return GenerateResult(request.request_id, list(request.prompt_ids), outputs)
+
+    async def _streamed(self, request: GenerateRequest, model: str, sampling: dict[str, Any],
+                        adapter_version: int | None, on_tokens: OnTokens
+                        ) -> list[CompletionOutput]:
+        """The completions of ``request`` streamed from the server, handing ``on_tokens``
+        each chunk's new tokens (``generate_streaming``)."""
+        sent_at_version = self.version if adapter_version is None else adapter_version
+        if self.endpoint == "generate":
+            path, body = "/inference/v1/generate", protocol.generate_body(request, model,
+                                                                          sampling)
+        else:
+            path, body = "/v1/completions", protocol.completions_body(request, model, sampling)
+        labelled = self.endpoint == "generate" and adapter_version is None
+        choices = protocol.StreamedChoices(request.sampling.n, self.endpoint,
+                                           request.sampling.top_logprobs, spans=labelled)
+        async for chunk in self._stream(path, protocol.streamed(body)):
+            for delta in choices.add(chunk, self.version if labelled else sent_at_version):
+                on_tokens(delta)
+        return choices.outputs()
 
     async def pause(self) -> None:
         """``POST /pause?mode=keep``: in-flight requests freeze (none fail). Idempotent."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import GenerateRequest, GenerateResult, InferenceEngine, WeightUpdate
+from .base import GenerateRequest, GenerateResult, InferenceEngine, OnTokens, WeightUpdate
 
 if TYPE_CHECKING:
     from .vllm import VLLMEngine
@@ -112,11 +112,21 @@ class VLLMAdapterEngine(InferenceEngine):
         Raises:
             ValueError: the request names another adapter.
         """
+        return await self._generate(request, None)
+
+    async def generate_streaming(self, request: GenerateRequest,
+                                 on_tokens: OnTokens) -> GenerateResult:
+        """``generate`` streamed from the server (``VLLMEngine.generate_streaming``)."""
+        return await self._generate(request, on_tokens)
+
+    async def _generate(self, request: GenerateRequest,
+                        on_tokens: OnTokens | None) -> GenerateResult:
         if request.adapter not in (None, self.name):
             raise ValueError(f"request names adapter {request.adapter!r} but was sent to the "
                              f"view of adapter {self.name!r}")
         model = self.name if self.loaded else self.engine.model
-        return await self.engine._generate(request, model, adapter_version=self.version)
+        return await self.engine._generate(request, model, adapter_version=self.version,
+                                           on_tokens=on_tokens)
 
     async def pause(self) -> None:
         """Nothing: vLLM pauses whole servers only, and one adapter's update must not stop

@@ -21,7 +21,7 @@ from typing import Any
 import httpx2
 
 from ..errors import EngineError
-from .base import CompletionOutput, FinishReason, GenerateRequest, SamplingParams
+from .base import CompletionOutput, FinishReason, GenerateRequest, SamplingParams, TokenDelta
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -56,6 +56,11 @@ def completions_body(request: GenerateRequest, model: str,
             "return_token_ids": True, **sampling}
 
 
+def streamed(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` (either endpoint) asking for a stream of new tokens (``StreamedChoices``)."""
+    return {**body, "stream": True}
+
+
 def choices(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The response's choices in ``index`` order."""
     return sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
@@ -69,6 +74,22 @@ def parse_generate_choice(choice: dict[str, Any], num_top: int,
         EngineError: token and log-prob counts differ, an unknown finish reason, or labels
             that are not integers.
     """
+    token_ids, logprobs, top = generate_tokens(choice, num_top)
+    return CompletionOutput(
+        token_ids=token_ids, logprobs=logprobs,
+        versions=versions_from_spans(choice.get("weight_versions"), len(token_ids),
+                                     default_version),
+        finish_reason=finish_reason(choice), top_logprobs=top)
+
+
+def generate_tokens(choice: dict[str, Any], num_top: int
+                    ) -> tuple[list[int], list[float], list[list[tuple[int, float]]] | None]:
+    """The token ids, log-probs and (``num_top`` > 0) best alternatives of a
+    ``/inference/v1/generate`` choice, or of one streamed chunk of it.
+
+    Raises:
+        EngineError: token and log-prob counts differ.
+    """
     token_ids = [int(t) for t in choice.get("token_ids") or []]
     content = (choice.get("logprobs") or {}).get("content") or []
     if len(content) != len(token_ids):
@@ -79,11 +100,7 @@ def parse_generate_choice(choice: dict[str, Any], num_top: int,
         top = [[(int(e["token_id"]), float(e["logprob"])) for e in sorted(
             (e for e in entry.get("top_logprobs") or [] if 1 <= e.get("rank", 0) <= num_top),
             key=lambda e: e["rank"])] for entry in content]
-    return CompletionOutput(
-        token_ids=token_ids, logprobs=[float(e["logprob"]) for e in content],
-        versions=versions_from_spans(choice.get("weight_versions"), len(token_ids),
-                                     default_version),
-        finish_reason=finish_reason(choice), top_logprobs=top)
+    return token_ids, [float(e["logprob"]) for e in content], top
 
 
 def parse_completions_choice(choice: dict[str, Any], version: int) -> CompletionOutput:
@@ -92,14 +109,97 @@ def parse_completions_choice(choice: dict[str, Any], version: int) -> Completion
     Raises:
         EngineError: token and log-prob counts differ, or an unknown finish reason.
     """
+    token_ids, logprobs = completions_tokens(choice)
+    return CompletionOutput(token_ids=token_ids, logprobs=logprobs,
+                            versions=[version] * len(token_ids),
+                            finish_reason=finish_reason(choice))
+
+
+def completions_tokens(choice: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """The token ids and log-probs of a ``/v1/completions`` choice, or of one streamed chunk.
+
+    Raises:
+        EngineError: token and log-prob counts differ.
+    """
     token_ids = [int(t) for t in choice.get("token_ids") or []]
     logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
     if len(logprobs) != len(token_ids):
         raise EngineError(f"vLLM returned {len(token_ids)} tokens but {len(logprobs)} "
                           "log-probs; was return_token_ids ignored (vLLM < 0.10)?")
-    return CompletionOutput(token_ids=token_ids, logprobs=[float(x) for x in logprobs],
-                            versions=[version] * len(token_ids),
-                            finish_reason=finish_reason(choice))
+    return token_ids, [float(x) for x in logprobs]
+
+
+class StreamedChoices:
+    """The completions of one streamed request (``"stream": true``), built chunk by chunk.
+
+    Both endpoints stream the new tokens of one choice per chunk (``index``, ``token_ids``,
+    their log-probs; ``finish_reason`` on the last). ``/inference/v1/generate`` adds the
+    whole completion's ``weight_versions`` spans to its last chunk only, so a streamed token
+    gets the version its caller passes when its chunk arrives; ``outputs`` then takes the
+    spans (exact), which agree unless an update's new label reached the engine before the
+    chunk of a token generated under the old one.
+
+    Args:
+        n: completions requested.
+        endpoint: ``"generate"`` or ``"completions"`` (the chunk shape).
+        num_top: best alternatives per token to keep (``generate`` only).
+        spans: whether ``outputs`` takes the server's version spans (False: an adapter,
+            whose tokens all carry its own version).
+    """
+
+    def __init__(self, n: int, endpoint: str, num_top: int = 0, spans: bool = True) -> None:
+        self.endpoint, self.num_top, self.spans = endpoint, num_top, spans
+        self.outputs_so_far = [CompletionOutput([], [], [], "length",
+                                                [] if num_top else None) for _ in range(n)]
+        self.finished: list[dict[str, Any] | None] = [None] * n
+
+    def add(self, chunk: dict[str, Any], version: int) -> list[TokenDelta]:
+        """The new tokens in ``chunk`` (one delta per choice that has some), tagged
+        ``version``.
+
+        Raises:
+            EngineError: an index beyond ``n``, mismatched counts, or a finish reason that is
+                not stop / length / abort.
+        """
+        deltas = []
+        for choice in chunk.get("choices") or []:
+            index = int(choice.get("index", 0))
+            if not 0 <= index < len(self.finished):
+                raise EngineError(f"vLLM streamed choice {index} of a request for "
+                                  f"n={len(self.finished)}")
+            if self.endpoint == "generate":
+                ids, lps, top = generate_tokens(choice, self.num_top)
+            else:
+                (ids, lps), top = completions_tokens(choice), None
+            out = self.outputs_so_far[index]
+            if ids:
+                delta = TokenDelta(index, ids, lps, [version] * len(ids), top)
+                out.token_ids += ids
+                out.logprobs += lps
+                out.versions += delta.versions
+                if out.top_logprobs is not None:
+                    out.top_logprobs += top or [[] for _ in ids]
+                deltas.append(delta)
+            if choice.get("finish_reason") is not None:
+                out.finish_reason = finish_reason(choice)
+                self.finished[index] = choice
+        return deltas
+
+    def outputs(self) -> list[CompletionOutput]:
+        """The finished completions (versions from the server's spans where it sent them).
+
+        Raises:
+            EngineError: the stream ended before a completion finished, or spans that do not
+                cover its tokens.
+        """
+        for index, last in enumerate(self.finished):
+            if last is None:
+                raise EngineError(f"vLLM's stream ended before completion {index} finished")
+            out = self.outputs_so_far[index]
+            if self.spans and last.get("weight_versions"):
+                out.versions = versions_from_spans(last["weight_versions"], len(out.token_ids),
+                                                   out.versions[0] if out.versions else 0)
+        return self.outputs_so_far
 
 
 def versions_from_spans(spans: list[dict[str, Any]] | None, num_tokens: int,
