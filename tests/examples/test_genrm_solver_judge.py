@@ -46,11 +46,11 @@ def test_tally_rates(sj) -> None:
         info = {"solver_correct": truth, "verdict": verdict}
         assert tally(Episode(["solver", "judge"], {}, {}, {}, 2, "terminated",
                              infos={"judge": info})) == 0.0
-    assert tally.take_metrics() == {"judge_stats/episodes": 6.0,
+    assert tally.take_metrics() == {"judge_stats/episodes": 6.0, "judge_stats/verdicts": 6.0,
                                     "judge_stats/false_positive_rate": 1 / 3,
                                     "judge_stats/false_negative_rate": 1 / 2,
                                     "judge_stats/no_verdict": 1 / 6}
-    assert tally.take_metrics() == {"judge_stats/episodes": 0.0}
+    assert tally.take_metrics() == {"judge_stats/episodes": 0.0, "judge_stats/verdicts": 0.0}
 
 
 @pytest.mark.slow

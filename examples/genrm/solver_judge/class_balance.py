@@ -18,11 +18,20 @@ With ``normalise=False`` it adds nothing and only logs the same per-step diagnos
 (``judge_groups/*``): the base rate of right answers, the judge's verdict distribution and
 accuracy per class, the share of groups holding both classes, and the judge's group-centred
 reward per class (its GRPO advantage before any std normalisation).
+
+With several judge verdicts per answer (``SolverJudge(judge_samples=K)``) every verdict (judge
+seat) is a row of its own; ``per_answer=True`` centres the diagnostic advantages over the K
+verdicts on each answer (``answer_groups.AnswerGroupedGRPO(per_answer=True)``'s groups), where
+the per-class baseline ``b_c`` cancels (one answer is one class) and only the weight
+``0.5 / p_c`` remains. ``judge_groups/split_answers`` is then the share of answers whose K
+verdicts disagree: only those give the judge a non-zero advantage.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from answer_groups import judge_infos
 
 from areal_agents.episode import Episode
 
@@ -30,13 +39,14 @@ from areal_agents.episode import Episode
 class PerClassJudgeReward:
     """A group reward function (``Trainer(group_reward_fns=[...])``) for SolverJudge's judge.
 
-    It reads ``infos["judge"]["solver_correct"]`` and ``["success"]`` (agreement) of each
-    episode and assumes the judge's reward so far is exactly the env's agreement reward (no
-    other reward function pays the judge). ``take_metrics()`` is logged each step.
+    It reads ``infos[seat]["solver_correct"]`` and ``["success"]`` (agreement) of each judge
+    seat of each episode and assumes the judge's reward so far is exactly the env's agreement
+    reward (no other reward function pays the judge). ``take_metrics()`` is logged each step.
 
     Args:
         normalise: replace the judge's reward by the per-class normalised one (else add 0).
         decay: EMA factor of the running class share and per-class accuracies (per group).
+        per_answer: centre the diagnostic advantages per answer (episode), not per group.
 
     Example:
         >>> fn = PerClassJudgeReward()
@@ -46,14 +56,16 @@ class PerClassJudgeReward:
 
     policy: str | None = None  # calls no served model
 
-    def __init__(self, normalise: bool = True, decay: float = 0.9) -> None:
+    def __init__(self, normalise: bool = True, decay: float = 0.9,
+                 per_answer: bool = False) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.normalise, self.decay = normalise, decay
+        self.normalise, self.decay, self.per_answer = normalise, decay, per_answer
         self.p_right = 0.5
         self.accuracy = {True: 0.5, False: 0.5}
         self._rows: list[tuple[bool, bool, bool, float]] = []  # class, said correct, agreed, adv
         self._groups = [0, 0]  # groups seen, groups holding both classes
+        self._answers = [0, 0]  # answers with several verdicts, those whose verdicts split
 
     def bind(self, client: Any) -> None:
         """No model to call."""
@@ -65,27 +77,30 @@ class PerClassJudgeReward:
         return 0.5 / max(p, 0.05) * (agreed - self.accuracy[right])
 
     def __call__(self, episodes: list[Episode]) -> list[dict[str, float]]:
-        rows = []
-        for episode in episodes:
-            info = episode.infos.get("judge", {})
-            if "solver_correct" in info:
-                rows.append((bool(info["solver_correct"]), info.get("verdict") == "correct",
-                             float(info["success"])))
-            else:
-                rows.append(None)
-        scored = [r for r in rows if r is not None]
-        if not scored:
+        # one row per verdict: (episode index, seat, class, said correct, agreed)
+        rows = [(e, seat, bool(info["solver_correct"]), info.get("verdict") == "correct",
+                 float(info["success"]))
+                for e, episode in enumerate(episodes) for seat, info in judge_infos(episode)]
+        if not rows:
             return [{} for _ in episodes]
-        new = {i: self.scaled(r[0], r[2]) if self.normalise else r[2]
-               for i, r in enumerate(rows) if r is not None}
-        mean = sum(new.values()) / len(new)
-        for i, r in enumerate(rows):
-            if r is not None:
-                self._rows.append((r[0], r[1], bool(r[2]), new[i] - mean))
+        new = [self.scaled(r[2], r[4]) if self.normalise else r[4] for r in rows]
+        centre = {}
+        for e in {r[0] for r in rows}:
+            own = [n for r, n in zip(rows, new, strict=True) if r[0] == e or not self.per_answer]
+            centre[e] = sum(own) / len(own)
+            verdicts = [r[3] for r in rows if r[0] == e]
+            if len(verdicts) > 1:
+                self._answers[0] += 1
+                self._answers[1] += len(set(verdicts)) == 2
+        for r, n in zip(rows, new, strict=True):
+            self._rows.append((r[2], r[3], bool(r[4]), n - centre[r[0]]))
         self._groups[0] += 1
-        self._groups[1] += len({r[0] for r in scored}) == 2
-        self._update(scored)
-        return [{} if r is None else {"judge": new[i] - r[2]} for i, r in enumerate(rows)]
+        self._groups[1] += len({r[2] for r in rows}) == 2
+        self._update([r[2:] for r in rows])
+        out: list[dict[str, float]] = [{} for _ in episodes]
+        for r, n in zip(rows, new, strict=True):
+            out[r[0]][r[1]] = n - r[4]
+        return out
 
     def _update(self, scored: list[tuple[bool, bool, float]]) -> None:
         d = self.decay
@@ -99,6 +114,7 @@ class PerClassJudgeReward:
         """This step's ``judge_groups/*`` figures (rows since the last call; they restart)."""
         rows, self._rows = self._rows, []
         groups, self._groups = self._groups, [0, 0]
+        answers, self._answers = self._answers, [0, 0]
         out = {"judge_groups/running_p_right": self.p_right,
                "judge_groups/running_accuracy_right": self.accuracy[True],
                "judge_groups/running_accuracy_wrong": self.accuracy[False]}
@@ -107,6 +123,8 @@ class PerClassJudgeReward:
         out["judge_groups/p_right"] = sum(r[0] for r in rows) / len(rows)
         out["judge_groups/said_correct"] = sum(r[1] for r in rows) / len(rows)
         out["judge_groups/mixed_groups"] = groups[1] / max(groups[0], 1)
+        if answers[0]:
+            out["judge_groups/split_answers"] = answers[1] / answers[0]
         for c, name in ((True, "right"), (False, "wrong")):
             part = [r for r in rows if r[0] == c]
             if part:

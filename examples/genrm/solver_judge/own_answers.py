@@ -12,7 +12,9 @@ to the current judge policy (greedy) at any step of the RL run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
+import json
 import random
 import sys
 from dataclasses import dataclass
@@ -147,3 +149,37 @@ def verdict_rates(pairs: list[tuple[bool, str | None]]) -> dict[str, float]:
     if right and wrong:
         out["balanced_accuracy"] = 0.5 * (sum(right) / len(right) + sum(wrong) / len(wrong))
     return out
+
+
+def save_warm_start(folder: Path, settings: dict[str, Any], models: dict[str, Any],
+                    held_out: list[Answer], data: dict[str, Any]) -> None:
+    """Write a warm start to ``folder``: ``solver/`` and ``judge/`` checkpoints (model and
+    tokenizer), the held-out answers and data figures, and the ``settings`` that made it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (model, tokenizer) in models.items():
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    (folder / "warm_start.json").write_text(json.dumps({
+        "settings": settings, "data": data,
+        "held_out": [dataclasses.asdict(a) for a in held_out]}, indent=1))
+
+
+def load_warm_start(folder: Path, settings: dict[str, Any]
+                    ) -> tuple[dict[str, Any], list[Answer], dict[str, Any]] | None:
+    """What ``save_warm_start`` wrote to ``folder`` (models as checkpoint paths, for
+    ``Policy(model=...)``), or None when there is none.
+
+    Raises:
+        ValueError: the folder holds a warm start made with other ``settings``.
+    """
+    path = folder / "warm_start.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["settings"] != settings:
+        diff = sorted(k for k in {*settings, *saved["settings"]}
+                      if settings.get(k) != saved["settings"].get(k))
+        raise ValueError(f"{folder} holds a warm start made with other settings ({diff}); "
+                         "use another --warm-start-cache folder")
+    models = {name: str(folder / name) for name in ("solver", "judge")}
+    return models, [Answer(**a) for a in saved["held_out"]], saved["data"]

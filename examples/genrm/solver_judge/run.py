@@ -13,6 +13,10 @@ by the exact verifier, classes balanced), and graded greedy on ``--judge-held-ou
 them at step 0, every ``--judge-eval-every`` steps and at the end. The judge's reward
 (``--judge-reward``): ``agreement``, ``balanced`` (``BalancedJudgeReward``) or ``per-class``
 (``class_balance.PerClassJudgeReward``: per-class baseline and weights inside each group).
+``--judge-samples K`` (round 4): the judge is asked K times on each answer (``SolverJudge``'s
+``judge_samples``: K judge seats on one policy, each verdict its own sample and reward, the
+solver paid by the mean verdict), and with ``--judge-groups answer`` (the default for K > 1)
+the judge's GRPO groups are the K verdicts on one answer (``answer_groups.AnswerGroupedGRPO``).
 
 Logged every step (``RUN_DIR/metrics.jsonl``; ``areal-agents plot RUN_DIR``):
 ``train/judge/success`` = the judge's accuracy against ground truth, ``train/solver/success``
@@ -31,6 +35,10 @@ Usage::
     OMP_NUM_THREADS=1 python examples/genrm/solver_judge/run.py --run-dir runs/genrm_sj3 \
         --judge-warm-start own-answers --solver-demo-accuracy 1.0 --solver-sft-steps 200 \
         --judge-reward per-class --truth-weight 0.5 --group-size 8
+    # round 4 (README): 4 judge verdicts per answer, grouped per answer
+    OMP_NUM_THREADS=1 python examples/genrm/solver_judge/run.py --run-dir runs/genrm_sj4 \
+        --judge-warm-start own-answers --solver-demo-accuracy 1.0 --solver-sft-steps 200 \
+        --judge-reward per-class --truth-weight 0.5 --group-size 8 --judge-samples 4
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from answer_groups import AnswerGroupedGRPO, judge_infos
 from class_balance import PerClassJudgeReward
 from own_answers import (
     HELD_OUT_SEEDS,
@@ -49,36 +58,46 @@ from own_answers import (
     Answer,
     grade_judge,
     judge_transcripts,
+    load_warm_start,
     sample_answers,
+    save_warm_start,
     sft_judge,
 )
 
 import areal_agents as aa
+from areal_agents.envs.solver_judge import SolverJudge
 from areal_agents.episode import Episode
 
 STOP = ["<|im_end|>"]
+WARM_START_SETTINGS = ("seed", "sft_steps", "solver_sft_steps", "demos", "solver_demo_accuracy",
+                       "lr", "batch_size", "group_size", "truth_weight", "own_answers",
+                       "judge_held_out", "judge_sft_steps", "judge_sft_lr")
+"""The options an own-answers warm start depends on (``--warm-start-cache`` checks them)."""
 
 
 class JudgeTally:
-    """A reward function that adds nothing and counts the judge's verdicts against ground
-    truth (``info["solver_correct"]``); ``take_metrics()`` is logged by the Trainer each step.
+    """A reward function that adds nothing and counts the judge's verdicts (every judge seat's,
+    ``judge_samples`` of them per episode) against ground truth (``info["solver_correct"]``);
+    ``take_metrics()`` is logged by the Trainer each step.
 
-    ``false_positive_rate``: wrong answers judged correct / wrong answers;
-    ``false_negative_rate``: right answers judged incorrect / right answers;
-    ``no_verdict``: replies without a verdict / episodes.
+    ``false_positive_rate``: verdicts "correct" on wrong answers / verdicts on wrong answers;
+    ``false_negative_rate``: verdicts "incorrect" on right answers / verdicts on right answers;
+    ``no_verdict``: replies without a verdict / replies; ``episodes`` and ``verdicts``: counts.
     """
 
     policy: str | None = None  # calls no served model (aa.rewards.hooks.ModelReward)
 
     def __init__(self) -> None:
         self.counts = dict.fromkeys(("tp", "fp", "tn", "fn", "none"), 0)
+        self.episodes = 0
 
     def bind(self, client: Any) -> None:
         """No model to call."""
 
     def __call__(self, episode: Episode) -> float:
-        info = episode.infos.get("judge", {})
-        if "solver_correct" in info:
+        seats = judge_infos(episode)
+        self.episodes += bool(seats)
+        for _, info in seats:
             truth, verdict = info["solver_correct"], info["verdict"]
             if verdict is None:
                 self.counts["none"] += 1
@@ -90,9 +109,10 @@ class JudgeTally:
     def take_metrics(self) -> dict[str, float]:
         """The rates over the episodes since the last call; the counts restart."""
         c, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        episodes, self.episodes = self.episodes, 0
         wrong, right = c["fp"] + c["tn"], c["tp"] + c["fn"]
         total = sum(c.values())
-        out = {"judge_stats/episodes": float(total)}
+        out = {"judge_stats/episodes": float(episodes), "judge_stats/verdicts": float(total)}
         if wrong:
             out["judge_stats/false_positive_rate"] = c["fp"] / wrong
         if right:
@@ -164,18 +184,33 @@ def mostly_right_solver(accuracy: float, seed: int = 0) -> Any:
     return player
 
 
-def env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """SolverJudge-v0 on one-digit ``a + b`` / ``a - b``."""
+def env_kwargs(args: argparse.Namespace, judge_samples: int = 1) -> dict[str, Any]:
+    """SolverJudge-v0 on one-digit ``a + b`` / ``a - b``, ``judge_samples`` verdicts per
+    answer (1 for the warm start and held-out grading: one judge seat)."""
     return {"task": "arithmetic", "digits": 1, "operations": "+-",
-            "truth_weight": args.truth_weight}
+            "truth_weight": args.truth_weight, "judge_samples": judge_samples}
+
+
+def judge_groups(args: argparse.Namespace) -> str:
+    """``--judge-groups``, resolved: ``answer`` by default when there are several verdicts
+    per answer (with one verdict a group per answer holds one sample: no advantage).
+
+    Raises:
+        ValueError: ``answer`` groups with one verdict per answer.
+    """
+    groups = args.judge_groups or ("answer" if args.judge_samples > 1 else "task")
+    if groups == "answer" and args.judge_samples < 2:
+        raise ValueError("--judge-groups answer needs --judge-samples >= 2 (a group of one "
+                         "verdict has advantage 0)")
+    return groups
 
 
 def policy(args: argparse.Namespace, model: Any, seed: int, max_tokens: int, sft_steps: int,
-           lr: float, **extra: Any) -> aa.Policy:
-    """A tiny policy served with the completions API, sampled at temperature 1."""
+           lr: float, temperature: float = 1.0, **extra: Any) -> aa.Policy:
+    """A tiny policy served with the completions API, sampled at ``temperature``."""
     return aa.Policy(model=model, seed=seed, lr=lr, api="completions", sft_steps=sft_steps,
-                     sft_lr=3e-3, **extra,
-                     sampling={"temperature": 1.0, "max_tokens": max_tokens, "stop": STOP})
+                     sft_lr=3e-3, **extra, sampling={"temperature": temperature,
+                                                     "max_tokens": max_tokens, "stop": STOP})
 
 
 def solver_demos(args: argparse.Namespace) -> Any:
@@ -186,7 +221,8 @@ def solver_demos(args: argparse.Namespace) -> Any:
 
 def make_trainer(args: argparse.Namespace, tally: JudgeTally,
                  models: dict[str, Any] | None = None) -> Any:
-    """The two-policy run: ``solver`` and ``judge``, each its own tiny model and optimizer.
+    """The two-policy run: ``solver`` and ``judge``, each its own tiny model and optimizer
+    (every judge seat of ``--judge-samples`` acts with ``judge``).
 
     Without ``models`` both are warm-started by the Trainer on demo episodes (the solver
     imitates ``solver_demos``, the judge the exact scripted judge on those replies); with
@@ -205,8 +241,14 @@ def make_trainer(args: argparse.Namespace, tally: JudgeTally,
     elif args.judge_reward == "per-class":  # advantages are not std-rescaled per group
         judge_extra["algorithm_params"] = {**judge_extra.get("algorithm_params", {}),
                                            "std_normalize": False}
-    group_fns.append(PerClassJudgeReward(normalise=args.judge_reward == "per-class"))
+    per_answer = judge_groups(args) == "answer"
+    if per_answer:  # the judge's K verdicts on one answer are one GRPO group
+        judge_extra["algorithm_params"] = {**judge_extra.get("algorithm_params", {}),
+                                           "per_answer": True}
+    group_fns.append(PerClassJudgeReward(normalise=args.judge_reward == "per-class",
+                                         per_answer=per_answer))
     judge_lr = args.judge_lr or args.lr
+    judge_extra["temperature"] = args.judge_temperature
     if models is None:
         policies = {"solver": policy(args, "tiny:xs", args.seed, 6,
                                      args.solver_sft_steps or args.sft_steps, args.lr),
@@ -220,10 +262,12 @@ def make_trainer(args: argparse.Namespace, tally: JudgeTally,
                     "judge": policy(args, models["judge"], args.seed + 1, 3, 0, judge_lr,
                                     **judge_extra)}
         warm_start = None
+    kwargs = env_kwargs(args, args.judge_samples)
+    seats = SolverJudge(**kwargs).possible_agents
     return aa.Trainer(
-        env="SolverJudge-v0", env_kwargs=env_kwargs(args), policies=policies,
-        policy_map={"solver": "solver", "judge": "judge"}, reward_fns=reward_fns,
-        group_reward_fns=group_fns,
+        env="SolverJudge-v0", env_kwargs=kwargs, policies=policies,
+        policy_map={a: "solver" if a == "solver" else "judge" for a in seats},
+        reward_fns=reward_fns, group_reward_fns=group_fns, algorithm=AnswerGroupedGRPO(),
         batch_size=args.batch_size, group_size=args.group_size, seed=args.seed,
         eval_seeds=range(2_000_000, 2_000_000 + args.eval_seeds), progress=False,
         warm_start=warm_start, run_dir=args.run_dir)
@@ -237,6 +281,12 @@ async def own_answer_warm_start(args: argparse.Namespace
     tokenizer)`` pairs, the held-out answers and the figures of the data."""
     from areal_agents.agents import ScriptedAgent
 
+    settings = {k: getattr(args, k) for k in WARM_START_SETTINGS}
+    if args.warm_start_cache:
+        cached = load_warm_start(Path(args.warm_start_cache), settings)
+        if cached is not None:
+            print(f"warm start read from {args.warm_start_cache}", flush=True)
+            return cached
     solver = aa.models.tiny("xs", seed=args.seed)
     pre = aa.Trainer(
         env="SolverJudge-v0", env_kwargs=env_kwargs(args),
@@ -264,7 +314,10 @@ async def own_answer_warm_start(args: argparse.Namespace
             "distinct": len({a.prompt for a in train}), "balanced": len(transcripts),
             "held_out": len(held_out), "held_out_right": sum(a.correct for a in held_out),
             "judge_sft_nll_first": losses[0], "judge_sft_nll_last": losses[-1]}
-    return {"solver": solver, "judge": (judge_model, judge_tok)}, held_out, data
+    models = {"solver": solver, "judge": (judge_model, judge_tok)}
+    if args.warm_start_cache:
+        save_warm_start(Path(args.warm_start_cache), settings, models, held_out, data)
+    return models, held_out, data
 
 
 async def evaluate(trainer: Any, tally: JudgeTally) -> dict[str, float]:
@@ -374,6 +427,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the judge's KL coefficient to its warm-started weights")
     p.add_argument("--judge-entropy", type=float, default=0.0,
                    help="the judge's entropy bonus coefficient")
+    p.add_argument("--judge-samples", type=int, default=1,
+                   help="judge verdicts per solver answer (SolverJudge's judge_samples)")
+    p.add_argument("--judge-groups", choices=("task", "answer"), default=None,
+                   help="the judge's GRPO groups: all verdicts of a task's episodes (task), or "
+                   "the verdicts on one answer (answer; default with --judge-samples > 1)")
+    p.add_argument("--judge-temperature", type=float, default=1.0,
+                   help="the judge's sampling temperature in training")
+    p.add_argument("--warm-start-cache", default=None,
+                   help="own-answers: a folder for the warm-started models and held-out "
+                   "answers; reused when its settings match, else written")
     p.add_argument("--truth-weight", type=float, default=0.0,
                    help="solver reward = (1 - w) * verdict + w * ground truth")
     p.add_argument("--eval-seeds", type=int, default=200)
