@@ -89,3 +89,45 @@ async def test_seeding_and_options() -> None:
         SolverJudge(task="chess")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="digits"):
         SolverJudge(digits=0)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+async def test_several_judge_verdicts_on_one_answer(weight: float) -> None:
+    env = SolverJudge(digits=1, operations="+-", truth_weight=weight, judge_samples=3)
+    assert env.possible_agents == ["solver", "judge", "judge_1", "judge_2"]
+    obs, infos = await env.reset(seed=4)
+    assert list(obs) == ["solver"] and set(infos) == set(env.possible_agents)
+    obs, rewards, _, _, _ = await env.step({"solver": f"Answer: {env.answer}"})  # right
+    assert list(obs) == ["judge", "judge_1", "judge_2"]
+    assert len({o[0]["content"] for o in obs.values()}) == 1  # the same prompt K times
+    assert rewards == dict.fromkeys(env.possible_agents, 0.0)
+    with pytest.raises(aa.MissingAction, match="judge_2"):
+        await env.step({"judge": "correct", "judge_1": "correct"})
+    obs, rewards, terms, _, infos = await env.step(
+        {"judge": "correct", "judge_1": "Incorrect.", "judge_2": "no idea"})
+    assert obs == {} and env.agents == [] and all(terms.values())
+    # each verdict its own agreement reward; the solver paid by the mean verdict (1 of 3)
+    assert rewards == {"solver": pytest.approx((1 - weight) / 3 + weight),
+                       "judge": 1.0, "judge_1": 0.0, "judge_2": 0.0}
+    assert [infos[j]["verdict"] for j in ("judge", "judge_1", "judge_2")] == [
+        "correct", "incorrect", None]
+    assert [infos[j]["success"] for j in ("judge", "judge_1", "judge_2")] == [True, False, False]
+    assert infos["solver"] == {"verdict": "correct", "solver_correct": True, "success": True,
+                               "verdicts": ["correct", "incorrect", None]}
+    await env.reset(seed=4)
+    await env.step({"solver": f"Answer: {env.answer + 1}"})  # wrong
+    _, rewards, _, _, infos = await env.step(
+        {"judge": "incorrect", "judge_1": "incorrect", "judge_2": "correct"})
+    assert rewards == {"solver": pytest.approx((1 - weight) / 3), "judge": 1.0,
+                       "judge_1": 1.0, "judge_2": 0.0}
+    assert env.sample_action("judge_2") in ("correct", "incorrect")
+
+
+async def test_judge_samples_contract_and_validation() -> None:
+    report = await aa.check_env(SolverJudge(judge_samples=3), seed=1)
+    assert report.ok, report
+    one = SolverJudge()
+    assert one.possible_agents == ["solver", "judge"]  # K = 1: the two-seat game as before
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="judge_samples must be an int >= 1"):
+            SolverJudge(judge_samples=bad)  # type: ignore[arg-type]
