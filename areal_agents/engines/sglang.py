@@ -50,7 +50,7 @@ import httpx2
 
 from ..errors import ConfigError, ContextLengthExceeded, EngineError
 from . import sglang_protocol as protocol
-from .base import GenerateRequest, GenerateResult, WeightUpdate
+from .base import GenerateRequest, GenerateResult, OnTokens, WeightUpdate
 from .http_engine import HTTPEngine, error_message
 from .server_process import ServerProcess, free_port
 from .sglang_weights import WeightsMixin
@@ -217,16 +217,47 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
             EngineError: empty prompt, engine closed, the server failed the request, or its
                 log-probs cannot be brought to this project's definition (see the module).
         """
+        return await self._generate(request, None)
+
+    async def generate_streaming(self, request: GenerateRequest,
+                                 on_tokens: OnTokens) -> GenerateResult:
+        """``generate`` streamed from the server (``/generate`` with ``"stream": true``):
+        ``on_tokens`` gets each completion's new tokens as SGLang sends them
+        (``sglang_protocol.StreamedOutputs``; either streaming mode of the server).
+
+        The deltas of a completion concatenate to its returned ids, log-probs and versions
+        (the version at send time; a build that sends ``weight_versions`` spans sets the
+        returned ones from them). Cancelling the caller closes the stream and SGLang aborts
+        the request. ``timeout_s`` bounds each wait for an event.
+
+        Raises:
+            As ``generate``; an error event mid-stream is an ``EngineError``.
+        """
+        return await self._generate(request, on_tokens)
+
+    async def _generate(self, request: GenerateRequest,
+                        on_tokens: OnTokens | None) -> GenerateResult:
         self._check_request(request)
         sent_at_version = self.version
         self._pending += 1
         self._in_flight[request.request_id] = request.sampling.n
         try:
-            data = await self._request("POST", "/generate",
-                                       protocol.generate_body(request, self.top_p_window))
+            if on_tokens is None:
+                data = await self._request("POST", "/generate",
+                                           protocol.generate_body(request, self.top_p_window))
+            else:
+                streamed = protocol.StreamedOutputs(request.sampling, sent_at_version)
+                async for item in self._stream("/generate", protocol.generate_body(
+                        request, self.top_p_window, stream=True)):
+                    delta = streamed.add(item)
+                    if delta is not None:
+                        on_tokens(delta)
         finally:
             self._pending -= 1
             self._in_flight.pop(request.request_id, None)
+        if on_tokens is not None:
+            return GenerateResult(request.request_id, list(request.prompt_ids),
+                                  streamed.outputs())
         outputs = [protocol.parse_output(item, request.sampling, sent_at_version)
                    for item in protocol.outputs(data, request.sampling.n)]
         return GenerateResult(request.request_id, list(request.prompt_ids), outputs)

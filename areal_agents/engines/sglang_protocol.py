@@ -37,7 +37,7 @@ import math
 from typing import Any
 
 from ..errors import EngineError
-from .base import CompletionOutput, FinishReason, GenerateRequest, SamplingParams
+from .base import CompletionOutput, FinishReason, GenerateRequest, SamplingParams, TokenDelta
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -68,12 +68,13 @@ def num_top_needed(sp: SamplingParams, window: int) -> int:
     return max(needed, sp.top_logprobs)
 
 
-def generate_body(request: GenerateRequest, window: int) -> dict[str, Any]:
-    """The ``POST /generate`` body for ``request``."""
+def generate_body(request: GenerateRequest, window: int, stream: bool = False
+                  ) -> dict[str, Any]:
+    """The ``POST /generate`` body for ``request`` (``stream``: see ``StreamedOutputs``)."""
     return {"input_ids": list(request.prompt_ids), "rid": request.request_id,
             "sampling_params": sampling_params(request.sampling), "return_logprob": True,
             "logprob_start_len": -1, "top_logprobs_num": num_top_needed(request.sampling, window),
-            "stream": False}
+            "stream": stream}
 
 
 def outputs(data: Any, n: int) -> list[dict[str, Any]]:
@@ -156,17 +157,32 @@ def parse_output(item: dict[str, Any], sp: SamplingParams, version: int) -> Comp
             version labels that are not integers.
     """
     meta = item["meta_info"]
+    triples = _triples(meta)
+    completion_tokens = meta.get("completion_tokens", len(triples))
+    if completion_tokens != len(triples):
+        raise EngineError(f"SGLang returned {completion_tokens} tokens but {len(triples)} "
+                          "log-probs")
+    token_ids, logprobs, top = _tokens(triples, meta.get("output_top_logprobs"), sp)
+    return CompletionOutput(token_ids=token_ids, logprobs=logprobs,
+                            versions=versions(meta, len(token_ids), version),
+                            finish_reason=finish_reason(meta), top_logprobs=top)
+
+
+def _triples(meta: dict[str, Any]) -> list[Any]:
     triples = meta.get("output_token_logprobs")
     if triples is None:
         raise EngineError("SGLang returned no output_token_logprobs; was return_logprob "
                           "dropped by a proxy in between?")
+    return list(triples)
+
+
+def _tokens(triples: list[Any], top_rows: list[Any] | None, sp: SamplingParams
+            ) -> tuple[list[int], list[float], list[list[tuple[int, float]]] | None]:
+    """Token ids, processed log-probs and requested alternatives of ``[logprob, id, text]``
+    triples and their top rows (``output_top_logprobs``; None: not sent)."""
     token_ids = [int(t[1]) for t in triples]
-    completion_tokens = meta.get("completion_tokens", len(token_ids))
-    if completion_tokens != len(token_ids):
-        raise EngineError(f"SGLang returned {completion_tokens} tokens but {len(token_ids)} "
-                          "log-probs")
     tops = [[(int(e[1]), float(e[0])) for e in row or []]
-            for row in meta.get("output_top_logprobs") or [[]] * len(token_ids)]
+            for row in (top_rows if top_rows is not None else [[]] * len(token_ids))]
     top_k, top_p = filters(sp)
     logprobs, top = [], [] if sp.top_logprobs else None
     for (logprob, token_id, *_), row in zip(triples, tops, strict=True):
@@ -180,9 +196,79 @@ def parse_output(item: dict[str, Any], sp: SamplingParams, version: int) -> Comp
         if top is not None:
             ranked = sorted(row, key=lambda e: -e[1])[:sp.top_logprobs]
             top.append([(t, kept.get(t, -math.inf)) for t, _ in ranked])
-    return CompletionOutput(token_ids=token_ids, logprobs=logprobs,
-                            versions=versions(meta, len(token_ids), version),
-                            finish_reason=finish_reason(meta), top_logprobs=top)
+    return token_ids, logprobs, top
+
+
+class StreamedOutputs:
+    """The completions of one streamed ``/generate`` request (``"stream": true``), built
+    chunk by chunk.
+
+    SGLang streams ``data: {"text", "output_ids", "meta_info", "index"?}`` events (``index``:
+    which of the ``n`` completions; absent for ``n == 1``), then ``data: [DONE]``; an error is
+    ``data: {"error": {"message"}}``. By default each event carries the completion so far
+    (cumulative ``output_token_logprobs`` / ``output_top_logprobs``); a server started with
+    ``--incremental-streaming-output`` sends only the new entries. ``meta_info.completion_tokens``
+    (the count so far, in both modes) tells them apart. ``finish_reason`` is null until the
+    last event of a completion.
+
+    Args:
+        sp: the request's sampling parameters (``n``, filters, ``top_logprobs``).
+        version: every token's version (the engine's at send time), unless the last event
+            carries ``weight_versions`` spans.
+    """
+
+    def __init__(self, sp: SamplingParams, version: int) -> None:
+        self.sp, self.version = sp, version
+        self.so_far = [CompletionOutput([], [], [], "length", [] if sp.top_logprobs else None)
+                       for _ in range(sp.n)]
+        self.last: list[dict[str, Any] | None] = [None] * sp.n
+
+    def add(self, item: dict[str, Any]) -> TokenDelta | None:
+        """The new tokens of one streamed event (None when it has none).
+
+        Raises:
+            EngineError: an index beyond ``n``, counts that fit neither mode, or as
+                ``parse_output``.
+        """
+        index = int(item.get("index", 0)) if isinstance(item, dict) else -1
+        if not 0 <= index < self.sp.n or "meta_info" not in item:
+            raise EngineError(f"SGLang streamed {str(item)[:200]!r} for a request of "
+                              f"n={self.sp.n}; is it an SGLang server?")
+        meta, out = item["meta_info"], self.so_far[index]
+        triples, rows = _triples(meta), meta.get("output_top_logprobs")
+        have = len(out.token_ids)
+        total = meta.get("completion_tokens", len(triples))
+        if len(triples) == total and total >= have:  # cumulative (the default)
+            triples, rows = triples[have:], rows[have:] if rows is not None else None
+        elif len(triples) != total - have:
+            raise EngineError(f"SGLang streamed {len(triples)} log-probs for completion "
+                              f"{index} at {total} tokens after {have}")
+        if meta.get("finish_reason") is not None:
+            out.finish_reason = finish_reason(meta)
+            self.last[index] = meta
+        if not triples:
+            return None
+        ids, logprobs, top = _tokens(triples, rows, self.sp)
+        delta = TokenDelta(index, ids, logprobs, [self.version] * len(ids), top)
+        out.token_ids += ids
+        out.logprobs += logprobs
+        out.versions += delta.versions
+        if out.top_logprobs is not None and top is not None:
+            out.top_logprobs += top
+        return delta
+
+    def outputs(self) -> list[CompletionOutput]:
+        """The finished completions.
+
+        Raises:
+            EngineError: the stream ended before a completion finished, or as ``versions``.
+        """
+        for index, meta in enumerate(self.last):
+            if meta is None:
+                raise EngineError(f"SGLang's stream ended before completion {index} finished")
+            out = self.so_far[index]
+            out.versions = versions(meta, len(out.token_ids), self.version)
+        return self.so_far
 
 
 def versions(meta: dict[str, Any], num_tokens: int, default: int) -> list[int]:
