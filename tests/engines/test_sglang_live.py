@@ -144,3 +144,35 @@ async def test_requests_in_flight_wait_while_paused_and_survive_an_update(engine
         assert out.finish_reason in ("length", "stop")
         assert out.versions == [version] * len(out.token_ids)  # sent before: the older one
     await engine.update_weights(WeightUpdate(named_tensors=iter(model.state_dict().items())))
+
+
+async def test_streamed_tokens_leave_before_the_end_and_equal_generate(engine):
+    """``generate_streaming`` on the real server (``"stream": true``): the first delta arrives
+    while the request is held (paused, retracted) on the server; greedy deltas concatenate to
+    what ``generate`` returns; a cancelled stream leaves the server serving."""
+    sp = SamplingParams(max_tokens=200, temperature=0)
+    deltas: list = []
+    first = asyncio.Event()
+    task = asyncio.create_task(engine.generate_streaming(
+        GenerateRequest(PROMPT, sp), lambda d: (deltas.append(d), first.set())))
+    try:
+        await asyncio.wait_for(first.wait(), 120)
+        await engine.pause()
+        await asyncio.sleep(1.0)
+        assert not task.done() and deltas  # its first tokens are here, the rest is held
+    finally:
+        await engine.resume()
+    streamed = (await task).outputs[0]
+    whole = (await engine.generate(GenerateRequest(PROMPT, sp))).outputs[0]
+    assert streamed.token_ids == whole.token_ids
+    assert [t for d in deltas for t in d.token_ids] == streamed.token_ids
+    assert [x for d in deltas for x in d.logprobs] == streamed.logprobs
+    assert len(deltas) >= 2
+    cancelled = asyncio.create_task(engine.generate_streaming(
+        GenerateRequest(PROMPT, SamplingParams(max_tokens=900, temperature=0)), lambda d: None))
+    await asyncio.sleep(0.5)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    again = (await engine.generate(GenerateRequest(PROMPT, sp))).outputs[0]
+    assert again.token_ids == whole.token_ids
