@@ -218,3 +218,164 @@ def test_per_class_wiring_turns_off_the_judges_std_normalisation(sj, tmp_path) -
     assert trainer.algorithms["judge"].kl_coef == 0.01
     assert trainer.algorithms["judge"].entropy_coef == 0.02
     assert trainer.algorithms["solver"].std_normalize is True
+
+
+# --- round 4: several judge verdicts per answer, grouped per answer --------------------------
+
+
+@pytest.fixture(scope="module")
+def groups_mod(sj):  # loaded by run.py from the example folder
+    import answer_groups
+
+    return answer_groups
+
+
+def _verdict_sample(seat: str, episode: str, reward: float, group: str = "7"):
+    from areal_agents.samples import Sample
+
+    return Sample([1, 2], [0, 1], [0.0, -0.5], [-1, 0], reward=reward, agent=seat,
+                  group=group, meta={"episode": episode})
+
+
+def test_answer_groups_compare_the_verdicts_on_one_answer(groups_mod) -> None:
+    from areal_agents.algorithms import GRPO
+
+    # two answers to task 7 (episodes a, b), 3 verdicts each; answer b is easy (all agree)
+    rows = [("judge", "a", 1.0), ("judge_1", "a", 0.0), ("judge_2", "a", 0.0),
+            ("judge", "b", 1.0), ("judge_1", "b", 1.0), ("judge_2", "b", 1.0)]
+    samples = [_verdict_sample(*r) for r in rows]
+    assert groups_mod.answer_group_ids(samples).tolist() == [0, 0, 0, 1, 1, 1]
+    per_answer = groups_mod.AnswerGroupedGRPO(per_answer=True, std_normalize=False)
+    assert per_answer.advantages(samples) == pytest.approx(
+        [2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0])
+    # off (or plain GRPO): groups by (task, seat), each mixing the two answers
+    plain = GRPO(std_normalize=False).advantages(samples)
+    assert groups_mod.AnswerGroupedGRPO(std_normalize=False).advantages(samples) == plain
+    assert plain == pytest.approx([0.0, -0.5, -0.5, 0.0, 0.5, 0.5])
+    std = groups_mod.AnswerGroupedGRPO(per_answer=True).advantages(samples)
+    assert std[:3] == pytest.approx([2 / 3 / 0.57735, -1 / 3 / 0.57735, -1 / 3 / 0.57735],
+                                    rel=1e-4) and std[3:] == [0.0, 0.0, 0.0]
+    # another task's answer with the same episode id is another group
+    other = _verdict_sample("judge", "a", 1.0, group="8")
+    assert groups_mod.answer_group_ids([*samples, other]).tolist()[-1] == 2
+    from areal_agents.samples import Sample
+
+    with pytest.raises(ValueError, match=r"no meta\['episode'\]"):
+        groups_mod.answer_group_ids([Sample([1], [1], [0.0], [0], agent="judge")])
+
+
+def _k_verdicts(truth: bool, verdicts: list[str | None]) -> Episode:
+    seats = ["judge", *(f"judge_{k}" for k in range(1, len(verdicts)))]
+    infos = {s: {"solver_correct": truth, "verdict": v, "success": (v == "correct") == truth
+                 if v else False} for s, v in zip(seats, verdicts, strict=True)}
+    infos["solver"] = {"solver_correct": truth, "verdict": verdicts[0], "success": truth}
+    return Episode(["solver", *seats], {}, {}, {}, 2, "terminated", infos=infos)
+
+
+def test_tally_and_per_class_reward_count_every_verdict(sj, balance_mod) -> None:
+    tally = sj.JudgeTally()
+    tally(_k_verdicts(True, ["correct", "incorrect", None]))
+    tally(_k_verdicts(False, ["correct", "incorrect", "incorrect"]))
+    assert tally.take_metrics() == {"judge_stats/episodes": 2.0, "judge_stats/verdicts": 6.0,
+                                    "judge_stats/false_positive_rate": 1 / 3,
+                                    "judge_stats/false_negative_rate": 1 / 2,
+                                    "judge_stats/no_verdict": 1 / 6}
+    fn = balance_mod.PerClassJudgeReward(per_answer=True)
+    fn.p_right = 0.25
+    episodes = [_k_verdicts(True, ["correct", "incorrect", "incorrect"]),
+                _k_verdicts(False, ["incorrect", "incorrect", "incorrect"])]
+    rows = fn(episodes)
+    assert [sorted(r) for r in rows] == [["judge", "judge_1", "judge_2"]] * 2  # not the solver
+    totals = [e.infos[s]["success"] + rows[i][s] for i, e in enumerate(episodes)
+              for s in ("judge", "judge_1", "judge_2")]
+    # 0.5 / p_c * (agreed - 0.5): right answers (p = 0.25) +-1.0, wrong ones +1/3
+    assert totals == pytest.approx([1.0, -1.0, -1.0, 1 / 3, 1 / 3, 1 / 3])
+    m = fn.take_metrics()
+    assert m["judge_groups/split_answers"] == 0.5  # only answer 1's verdicts disagree
+    # per-answer centring: the right answer's verdicts average -1/3; all-agreeing ones 0
+    assert m["judge_groups/advantage_right"] == pytest.approx(0.0)
+    assert m["judge_groups/advantage_wrong"] == pytest.approx(0.0)
+    assert m["judge_groups/accuracy_right"] == pytest.approx(1 / 3)
+
+
+def test_judge_samples_wiring(sj, tmp_path) -> None:
+    args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-reward", "per-class",
+                          "--judge-samples", "4", "--judge-temperature", "1.5"])
+    trainer = sj.make_trainer(args, sj.JudgeTally())
+    assert trainer.policy_of == {"solver": "solver", "judge": "judge", "judge_1": "judge",
+                                 "judge_2": "judge", "judge_3": "judge"}
+    assert trainer.algorithms["judge"].per_answer is True
+    assert trainer.algorithms["judge"].std_normalize is False
+    assert trainer.algorithms["solver"].per_answer is False
+    assert trainer.policies["judge"].sampling["temperature"] == 1.5
+    assert trainer.policies["solver"].sampling["temperature"] == 1.0
+    assert trainer.rewards.group_reward_fns[0].per_answer is True
+    args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-samples", "4",
+                          "--judge-groups", "task"])
+    assert sj.make_trainer(args, sj.JudgeTally()).algorithms["judge"].per_answer is False
+    with pytest.raises(ValueError, match="--judge-groups answer needs --judge-samples >= 2"):
+        sj.make_trainer(sj.parse_args(["--judge-groups", "answer"]), sj.JudgeTally())
+
+
+@pytest.mark.slow
+async def test_k_verdicts_are_recorded_with_their_exact_tokens(sj, groups_mod) -> None:
+    """A tiny judge, asked 3 times per answer through the Trainer's gateway seats: each
+    verdict is one sample of its seat, with the same prompt ids, the tokens the engine
+    generated (decoded: the verdict the env parsed), its own agreement reward, and the three
+    share one per-answer group."""
+    import own_answers
+
+    from areal_agents.agents import ScriptedAgent
+    from areal_agents.envs.solver_judge import SolverJudge, parse_verdict
+    from areal_agents.trainers.episodes import play
+
+    answers = [own_answers.Answer(s, "", f"Judge the solver's answer. Task: {s} + 1 = ?",
+                                  s % 2 == 0) for s in range(8)]
+    judge, tokenizer, _ = own_answers.sft_judge(own_answers.judge_transcripts(answers, 0),
+                                                steps=30, lr=3e-3, seed=1)
+    args = sj.parse_args(["--judge-samples", "3", "--judge-reward", "per-class"])
+    trainer = sj.make_trainer(args, sj.JudgeTally(), models={
+        "solver": aa_tiny(), "judge": (judge, tokenizer)})
+    await trainer.setup()
+    try:
+        seen_rewards = set()
+        for seed, right in ((0, True), (1, False), (2, True), (3, False)):
+            env = SolverJudge(**sj.env_kwargs(args, 3))
+            await env.reset(seed=seed)
+            reply = f"Answer: {env.answer if right else env.answer + 1}"
+            by_policy, stats = await play(
+                SolverJudge(**sj.env_kwargs(args, 3)), seed,
+                policy_of={"judge": "judge", "judge_1": "judge", "judge_2": "judge"},
+                fixed_agents={"solver": ScriptedAgent(lambda obs, r=reply: r)},
+                open_seat=trainer._open_seat, reward_fns=[])
+            episode = stats.episode
+            samples = by_policy["judge"]
+            assert sorted(s.agent for s in samples) == ["judge", "judge_1", "judge_2"]
+            prompts = set()
+            for s in samples:
+                first = s.loss_mask.index(1)
+                assert sum(s.loss_mask[first:]) == len(s.token_ids) - first  # one turn
+                prompts.add(tuple(s.token_ids[:first]))
+                text = tokenizer.decode(s.token_ids[first:]).removesuffix("<|im_end|>")
+                reply_msg = next(m["content"] for m in episode.messages[s.agent]
+                                 if m["role"] == "assistant")
+                assert text == reply_msg  # the exact generated tokens, nothing re-tokenized
+                assert all(lp <= 0.0 for lp in s.logprobs[first:])
+                info = episode.infos[s.agent]
+                assert parse_verdict(text) == info["verdict"]
+                agreed = info["verdict"] is not None and (info["verdict"] == "correct") == right
+                assert s.reward == float(agreed) == stats.returns[s.agent]
+                seen_rewards.add(s.reward)
+            assert len(prompts) == 1  # the same prompt ids, K times
+            assert tokenizer.decode(next(iter(prompts))).endswith(reply)
+            assert len({s.meta["episode"] for s in samples}) == 1
+            assert groups_mod.answer_group_ids(samples).tolist() == [0, 0, 0]
+        assert seen_rewards == {0.0, 1.0}  # both outcomes occurred
+    finally:
+        await trainer.aclose()
+
+
+def aa_tiny():
+    import areal_agents as aa
+
+    return aa.models.tiny("xs", seed=0)
