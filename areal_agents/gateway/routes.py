@@ -24,12 +24,12 @@ from starlette.routing import Route
 
 from ..engines.base import WeightUpdate
 from .auth import Principal, authenticate, bearer_token
-from .completions import chat_chunks, chat_completion, text_completion
+from .completions import chat_completion, text_completion
 from .delivery import Delivery, parse_json_object, read_body
 from .errors import GatewayError, bad_request, conflict, forbidden, not_found, route_error
 from .openapi import openapi_document
 from .params import stream_fields
-from .responses import response_completion, response_events
+from .responses import ResponseStream, response_completion
 from .sessions import Session, Turn
 from .streaming import ChatStream
 
@@ -168,22 +168,22 @@ class GatewayRoutes:
             raise bad_request("streaming is supported on /v1/chat/completions only",
                               param="stream")
         delivery = Delivery(request.receive)
-        if stream and produce is chat_completion:  # chunks as the engine produces tokens
-            chat = await self._answer(delivery, ChatStream(
-                policy, body, session, self._offload, include_usage).start())
-            if chat is None:
+        if stream:  # chat chunks / Responses events as the engine produces tokens
+            streamed = (ChatStream(policy, body, session, self._offload, include_usage)
+                        if produce is chat_completion
+                        else ResponseStream(policy, body, session, self._offload))
+            started = await self._answer(delivery, streamed.start())
+            if started is None:
                 return Response(status_code=499)
-            inner = StreamingResponse(chat.events(delivery), media_type="text/event-stream")
-            return delivery.respond(inner, lambda: _record(session, chat.turns), self._abandon)
+            inner = StreamingResponse(started.events(delivery), media_type="text/event-stream")
+            return delivery.respond(inner, lambda: _record(session, started.turns),
+                                    self._abandon)
         result = await self._answer(delivery, produce(policy, body, session, self._offload))
         if result is None:
             return Response(status_code=499)
         response, turns = result
-        events = (response_events(response) if produce is response_completion
-                  else chat_chunks(policy, response, include_usage))
-        inner: Response = (StreamingResponse(events, media_type="text/event-stream")
-                           if stream else JSONResponse(response))
-        return delivery.respond(inner, lambda: _record(session, turns), self._abandon)
+        return delivery.respond(JSONResponse(response), lambda: _record(session, turns),
+                                self._abandon)
 
     async def _answer(self, delivery: Delivery, work: Awaitable[T]) -> T | None:
         """``work``'s result while ``delivery`` watches the connection; None (counted as

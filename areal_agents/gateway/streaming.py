@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..engines.base import CompletionOutput, TokenDelta
@@ -93,6 +94,23 @@ class TextStream:
 _END = object()  # queued when the generation task has finished (with or without error)
 
 
+@dataclass
+class Piece:
+    """New client-visible text of one choice of a streamed completion (``ChatStream.pieces``).
+
+    Attributes:
+        index: the choice.
+        text: text certain to continue the choice's content (possibly empty).
+        logprobs: the chat ``logprobs`` object of the tokens behind it, when asked.
+        first: the choice's first piece.
+    """
+
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None
+    first: bool
+
+
 class ChatStream:
     """One streamed chat completion (see the module docstring).
 
@@ -115,6 +133,8 @@ class ChatStream:
         self._task: asyncio.Task | None = None
         self._first: Any = None  # the item start() waited for
         self._created = int(time.time())
+        self._texts: list[TextStream] = []
+        self.ended = False  # pieces() saw the generation end
 
     async def start(self) -> ChatStream:
         """Validate, start generating and wait for the first tokens or the end; returns this
@@ -165,11 +185,30 @@ class ChatStream:
         finally:
             await self.cancel()
 
-    async def _stream(self, delivery: Delivery) -> AsyncIterator[str]:
+    @property
+    def whole(self) -> dict[str, Any] | None:
+        """The response when it was generated whole (tool calls parsed), else None."""
+        return self._whole
+
+    @property
+    def call(self) -> ChatCall:
+        """The validated request (after ``start``)."""
+        assert self._call is not None, "start() first"
+        return self._call
+
+    @property
+    def created(self) -> int:
+        """The ``created`` time of this stream's events."""
+        return self._created
+
+    async def pieces(self, delivery: Delivery) -> AsyncIterator[Piece]:
+        """The client-visible text of each choice as its tokens arrive (``TextStream``
+        hold-back), with each delta's log-probs when asked. ``ended`` tells, once this is
+        exhausted, whether the generation ended (then ``finish``) or the client went away."""
         assert self._call is not None and self._task is not None
         call, policy = self._call, self.policy
-        texts = [TextStream(policy.tokenizer, call.fields["stop"], policy.stop_ids)
-                 for _ in range(call.fields["n"])]
+        self._texts = [TextStream(policy.tokenizer, call.fields["stop"], policy.stop_ids)
+                       for _ in range(call.fields["n"])]
         opened: set[int] = set()
         item = self._first
         while True:
@@ -178,33 +217,58 @@ class ChatStream:
             if item is None:  # the client went away
                 return
             if item is _END:
-                break
+                self.ended = True
+                return
             delta: TokenDelta = item
-            if delta.index not in opened:
-                opened.add(delta.index)
-                yield self._event([{"index": delta.index, "delta": {"role": "assistant",
-                                                                    "content": ""},
-                                    "logprobs": None, "finish_reason": None}],
-                                  prompt_token_ids=call.prompt_ids if len(opened) == 1 else None)
-            piece = texts[delta.index].push(delta.token_ids)
+            first = delta.index not in opened
+            opened.add(delta.index)
+            piece = self._texts[delta.index].push(delta.token_ids)
             lp = None
             if call.fields["logprobs"]:
                 out = CompletionOutput(delta.token_ids, delta.logprobs, delta.versions,
                                        "length", delta.top_logprobs)
                 lp = {"content": logprob_entries(policy, out, len(out.token_ids))}
-            if piece or lp:
-                yield self._event([{"index": delta.index, "delta": {"content": piece},
-                                    "logprobs": lp, "finish_reason": None}])
+            yield Piece(delta.index, piece, lp, first)
             item = None
+
+    def finish(self) -> tuple[dict[str, Any], list[str]]:
+        """Once ``pieces`` ended with the generation: the ``chat.completion`` response and,
+        per choice, the text still to send (so that all sent equals its content); sets
+        ``turns``.
+
+        Raises:
+            GatewayError: the generation failed.
+        """
+        assert self._call is not None and self._task is not None and self.ended
+        outputs, timing = self._task.result()
+        response, self.turns = chat_response(self.policy, self._call, outputs, timing,
+                                             self.session)
+        rests = [self._texts[c["index"]].finish(c["message"]["content"] or "")
+                 for c in response["choices"]]
+        return response, rests
+
+    async def _stream(self, delivery: Delivery) -> AsyncIterator[str]:
+        call = self.call
+        opened = 0
+        async for piece in self.pieces(delivery):
+            if piece.first:
+                opened += 1
+                yield self._event([{"index": piece.index, "delta": {"role": "assistant",
+                                                                    "content": ""},
+                                    "logprobs": None, "finish_reason": None}],
+                                  prompt_token_ids=call.prompt_ids if opened == 1 else None)
+            if piece.text or piece.logprobs:
+                yield self._event([{"index": piece.index, "delta": {"content": piece.text},
+                                    "logprobs": piece.logprobs, "finish_reason": None}])
+        if not self.ended:  # the client went away
+            return
         try:
-            outputs, timing = self._task.result()
+            response, rests = self.finish()
         except GatewayError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
-        response, self.turns = chat_response(policy, call, outputs, timing, self.session)
-        for choice in response["choices"]:
+        for choice, rest in zip(response["choices"], rests, strict=True):
             i = choice["index"]
-            rest = texts[i].finish(choice["message"]["content"] or "")
             if rest:
                 yield self._event([{"index": i, "delta": {"content": rest}, "logprobs": None,
                                     "finish_reason": None}])
