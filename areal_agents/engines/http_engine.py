@@ -6,6 +6,8 @@ add their endpoints and response parsing. This base owns, once:
 * the ``httpx2`` client (``url``, per-request ``timeout_s``, an optional test transport);
 * an optional launched ``ServerProcess``, stopped by ``close`` (idempotent; ``async with``);
 * the request checks every engine makes before sending (closed, empty prompt, context);
+* streamed answers (``_stream``: the JSON of each server-sent ``data:`` event until
+  ``[DONE]``; closing it closes the HTTP stream, which servers take as an abort);
 * how failures surface: a timeout is ``EngineTimeout``; a refused connection to an attached
   server, or any transport error once a launched server has exited, is ``EngineUnavailable``
   (the gateway drops the replica); other transport errors and HTTP errors are ``EngineError``

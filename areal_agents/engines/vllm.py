@@ -31,6 +31,11 @@ and reports, per completion, which label produced which output tokens, so a requ
 spans an update records both versions exactly. ``/v1/completions`` does not report labels:
 there every token gets the version the engine had when the request was sent (the older
 one when an update happens meanwhile; staleness is then over-, never under-estimated).
+
+Streaming (``generate_streaming``): the same endpoints with ``"stream": true`` send each
+decode step's tokens and log-probs as a chunk; the spans come with the last chunk only, so a
+delta carries the engine's version when it arrived and the returned output the server's
+spans (``vllm_protocol.StreamedChoices``).
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ once ``[DONE]`` is written to a connected client, as for whole answers.
 Requests whose tool calls are parsed (``tools`` given, ``tool_choice`` not ``"none"``) are
 generated whole and then replayed as chunks (``completions.chat_chunks``): a tool call is
 parsed from the complete text.
+
+``pieces`` and ``finish`` are the format-free part (text as it becomes certain, then the
+whole answer); ``responses.ResponseStream`` builds the streamed Responses API on them.
 """
 
 from __future__ import annotations

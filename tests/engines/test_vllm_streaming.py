@@ -191,3 +191,16 @@ async def test_a_foreign_finish_reason_or_short_logprobs_are_errors():
     with pytest.raises(EngineError, match="1 tokens but 0 log-probs"):
         await _engine(StreamingVLLM(_sse(chunks))).generate_streaming(
             _request(GENERATE["request"]), lambda d: None)
+
+
+async def test_an_adapter_view_streams_with_its_own_version():
+    fake = StreamingVLLM(_sse(_generate_chunks(GENERATE["response"])))
+    engine = _engine(fake)
+    adapter = engine.add_adapter("a1")
+    deltas: list[TokenDelta] = []
+    result = await adapter.generate_streaming(_request(GENERATE["request"]), deltas.append)
+    assert fake.bodies[0]["model"] == engine.model  # not loaded yet: the base model serves
+    assert fake.bodies[0]["stream"] is True
+    assert all(o.versions == [adapter.version] * len(o.token_ids) for o in result.outputs)
+    assert [v for d in deltas for v in d.versions] == [adapter.version] * len(deltas)
+    assert adapter.version != engine.version  # the server's span labels (3) are not used
