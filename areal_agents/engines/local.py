@@ -175,7 +175,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
                              "sliding-window attention (set use_sliding_window=False or use vLLM)")
         self._waiting: deque[_Job] = deque()
         self._running: list[_Seq] = []
-        self._batch = RunningBatch()
+        self._batch = RunningBatch(self.max_batch_size)
         self._prefix_cache = PrefixCache(prefix_cache_tokens)
         self.prefill_counts = PrefillCounts()
         self._paused = False
@@ -321,7 +321,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
         self._slots = asyncio.Semaphore(self.max_queue + self.max_batch_size)
         self._step_lock = asyncio.Lock()
         self._waiting.clear()
-        self._running, self._batch = [], RunningBatch()
+        self._running, self._batch = [], RunningBatch(self.max_batch_size)
         self._task = loop.create_task(self._run(), name="LocalEngine.loop")
 
     async def _run(self) -> None:
@@ -348,7 +348,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
                 except Exception as exc:  # a failed forward fails the batch, not the engine
                     jobs = {id(j): j for j in joining} | {
                         id(s.job): s.job for s in self._running + self._parked}
-                    self._running, self._batch, self._parked = [], RunningBatch(), []
+                    self._running, self._batch, self._parked = [], RunningBatch(self.max_batch_size), []
                     for job in jobs.values():
                         if not job.future.done():
                             job.future.set_exception(EngineError(f"generation failed: {exc!r}"))
@@ -592,7 +592,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
     def _fail_all(self, error: Exception) -> None:
         jobs = list(self._waiting) + [s.job for s in self._running + self._parked]
         self._waiting.clear()
-        self._running, self._batch, self._parked = [], RunningBatch(), []
+        self._running, self._batch, self._parked = [], RunningBatch(self.max_batch_size), []
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)

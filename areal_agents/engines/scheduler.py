@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 
 import torch
 from transformers import DynamicCache
@@ -35,54 +36,127 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class BufferedLayer(DynamicLayer):
-    """A cache layer whose keys/values are views of buffers with spare room.
+    """A cache layer whose keys/values are views of buffers with spare rows and columns.
 
-    Appending a decode step writes in place instead of ``torch.cat``-ing the whole cache (which
-    copied every cached token at every step).
+    The live keys are ``buffer[:batch, :, start : start + length]``. Appending a decode step
+    writes in place instead of ``torch.cat``-ing the whole cache (which copied every cached
+    token at every step); rows that leave (``keep``) are closed up by moving only the rows
+    after them, and rows that join (``append_rows``) are written into spare rows, so neither
+    copies the whole cache twice (an ``index_select`` / ``cat`` and then a new buffer).
+    The values in the live view are the same as a plain ``cat``/``index_select`` would give,
+    padding included (zeros), so a forward pass over them computes the same bits. The buffers
+    are inference tensors once a forward pass regrew them, so ``keep`` and ``append_rows``
+    run in inference mode.
+
+    Args:
+        keys, values: ``[batch, heads, length, dim]`` initial contents (copied).
+        rows: rows to make room for (at least ``batch``), so joining rows need no new buffer.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int = 0) -> None:
         super().__init__()
-        self.set(keys, values)
+        self.set(keys, values, rows=rows)
 
-    def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64) -> None:
-        """Replace the contents with ``[batch, heads, length, dim]`` keys/values (copied)."""
-        length = keys.shape[-2]
-        self._key_buf = keys.new_empty(*keys.shape[:-2], length + spare, keys.shape[-1])
-        self._value_buf = values.new_empty(*values.shape[:-2], length + spare, values.shape[-1])
-        self._key_buf[..., :length, :] = keys
-        self._value_buf[..., :length, :] = values
-        self.keys = self._key_buf[..., :length, :]
-        self.values = self._value_buf[..., :length, :]
+    def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64, rows: int = 0) -> None:
+        """Replace the contents with ``[batch, heads, length, dim]`` keys/values (copied) in new
+        buffers of ``max(batch, rows)`` rows and ``length + spare`` columns."""
+        batch, length = keys.shape[0], keys.shape[-2]
+        shape = (max(batch, rows), keys.shape[1], length + spare, keys.shape[-1])
+        self._key_buf = keys.new_empty(shape)
+        self._value_buf = values.new_empty(*shape[:-1], values.shape[-1])
+        self._key_buf[:batch, :, :length] = keys
+        self._value_buf[:batch, :, :length] = values
+        self._view(batch, 0, length)
         self.device = keys.device
         self.is_initialized = True
 
+    def _view(self, batch: int, start: int, length: int) -> None:
+        self._start = start
+        self.keys = self._key_buf[:batch, :, start : start + length]
+        self.values = self._value_buf[:batch, :, start : start + length]
+
+    @property
+    def row_capacity(self) -> int:
+        return self._key_buf.shape[0]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        length, new = self.keys.shape[-2], key_states.shape[-2]
-        if length + new > self._key_buf.shape[-2]:
+        batch, length, new = self.keys.shape[0], self.keys.shape[-2], key_states.shape[-2]
+        if self._start + length + new > self._key_buf.shape[-2]:
             # room for this update too: a cached prefix's suffix can be longer than 64 tokens
-            self.set(self.keys, self.values, spare=max(64, length, new))
-        self._key_buf[..., length : length + new, :] = key_states
-        self._value_buf[..., length : length + new, :] = value_states
-        self.keys = self._key_buf[..., : length + new, :]
-        self.values = self._value_buf[..., : length + new, :]
+            self.set(self.keys, self.values, spare=max(64, length, new), rows=self.row_capacity)
+        end = self._start + length
+        self._key_buf[:batch, :, end : end + new] = key_states
+        self._value_buf[:batch, :, end : end + new] = value_states
+        self._view(batch, self._start, length + new)
         return self.keys, self.values
+
+    @torch.inference_mode()
+    def keep(self, rows: list[int], start: int) -> None:
+        """Keep only batch rows ``rows`` (in that order) and the columns from ``start`` on.
+
+        Strictly ascending ``rows`` (what leaving rows give) are closed up in place: row
+        ``rows[i]`` moves to row ``i`` (a no-op where they are equal), never over a row still to
+        be read. Any other order is gathered into new buffers.
+        """
+        length = self.keys.shape[-2]
+        if any(b <= a for a, b in itertools.pairwise(rows)):
+            index = torch.tensor(rows, device=self.keys.device)
+            self.set(self.keys.index_select(0, index)[..., start:, :],
+                     self.values.index_select(0, index)[..., start:, :], rows=self.row_capacity)
+            return
+        lo, hi = self._start + start, self._start + length
+        for i, row in enumerate(rows):
+            if row != i:
+                self._key_buf[i, :, lo:hi] = self._key_buf[row, :, lo:hi]
+                self._value_buf[i, :, lo:hi] = self._value_buf[row, :, lo:hi]
+        self._view(len(rows), lo, length - start)
+
+    @torch.inference_mode()
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add ``[rows, heads, length, dim]`` rows after the current ones; the shorter side is
+        left-padded with zeros to the longer length (as ``torch.cat`` of ``_left_pad``-ed
+        tensors would be). In place when the spare rows and the columns before ``start``
+        suffice; otherwise in new buffers."""
+        batch, length = self.keys.shape[0], self.keys.shape[-2]
+        rows, theirs = keys.shape[0], keys.shape[-2]
+        width = max(length, theirs)
+        grow = width - length  # columns the current rows gain on the left
+        if batch + rows > self.row_capacity or grow > self._start:
+            self.set(torch.cat([_left_pad(self.keys, width), _left_pad(keys, width)]),
+                     torch.cat([_left_pad(self.values, width), _left_pad(values, width)]),
+                     rows=max(self.row_capacity, batch + rows))
+            return
+        lo, hi = self._start - grow, self._start + length
+        for buf, new in ((self._key_buf, keys), (self._value_buf, values)):
+            if grow:
+                buf[:batch, :, lo : self._start] = 0
+            if theirs < width:
+                buf[batch : batch + rows, :, lo : hi - theirs] = 0
+            buf[batch : batch + rows, :, hi - theirs : hi] = new
+        self._view(batch + rows, lo, width)
 
 
 class RunningBatch:
     """KV cache, attention mask and position ids of the rows being decoded.
 
+    Args:
+        rows: the most rows expected at once (``LocalEngine.max_batch_size``): the cache
+            buffers keep room for them, so joining rows are written in place.
+
     Attributes:
-        cache: a ``DynamicCache`` whose layers hold ``[batch, kv_heads, length, head_dim]``.
+        cache: a ``DynamicCache`` whose layers (``BufferedLayer``) hold
+            ``[batch, kv_heads, length, head_dim]``.
         mask: ``[batch, length]`` long, 1 where a cached position is real.
         positions: ``[batch]`` the position id of each row's next input token.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int = 0) -> None:
+        self.rows = rows
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+        self._padded = False  # some row has padding (the mask has a 0); decode keeps it so
 
     @property
     def size(self) -> int:
@@ -92,24 +166,28 @@ class RunningBatch:
     def length(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
+    @torch.inference_mode()
     def add(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """Append rows (``mask``: ``[rows, len]``) whose KV are in ``cache``; pads to a common length."""
         if self.cache is None:
-            cache.layers = [BufferedLayer(layer.keys, layer.values) for layer in cache.layers]
+            cache.layers = [BufferedLayer(layer.keys, layer.values, rows=self.rows)
+                            for layer in cache.layers]
             self.cache, self.mask, self.positions = cache, mask, positions
-            return
-        length = max(self.length, mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.set(torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)]),
-                     torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)]))
-        pad = lambda m: torch.nn.functional.pad(m, (length - m.shape[1], 0))  # noqa: E731
-        self.mask = torch.cat([pad(self.mask), pad(mask)])
-        self.positions = torch.cat([self.positions, positions])
+        else:
+            length = max(self.length, mask.shape[1])
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.append_rows(theirs.keys, theirs.values)
+            pad = lambda m: torch.nn.functional.pad(m, (length - m.shape[1], 0))  # noqa: E731
+            self.mask = torch.cat([pad(self.mask), pad(mask)])
+            self.positions = torch.cat([self.positions, positions])
+        self._padded = not bool(self.mask.all())
 
+    @torch.inference_mode()
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order) and drop columns that no kept row uses."""
         if not rows:
             self.cache = self.mask = self.positions = None
+            self._padded = False
             return
         assert self.cache is not None and self.mask is not None and self.positions is not None
         index = torch.tensor(rows, device=self.mask.device)
@@ -117,10 +195,10 @@ class RunningBatch:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else mask.shape[1]
         for layer in self.cache.layers:
-            layer.set(layer.keys.index_select(0, index)[..., start:, :],
-                      layer.values.index_select(0, index)[..., start:, :])
+            layer.keep(rows, start)
         self.mask = mask[:, start:]
         self.positions = self.positions.index_select(0, index)
+        self._padded = not bool(self.mask.all())
 
     def row_kv(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of row ``row``'s real (unpadded) keys and values, per layer
@@ -134,13 +212,19 @@ class RunningBatch:
 
     @torch.inference_mode()
     def decode(self, model: torch.nn.Module, input_ids: list[int]) -> torch.Tensor:
-        """Feed one token per row; returns ``[batch, vocab]`` next-token logits."""
+        """Feed one token per row; returns ``[batch, vocab]`` next-token logits.
+
+        The attention mask goes in as the 4-D boolean mask the model would build from the 2-D
+        one (``[batch, 1, 1, length]``, True where real: with one query token every cached
+        position is causal), or None when no row is padded (as the model does then), so the
+        model skips its own mask construction and computes the same bits.
+        """
         assert self.cache is not None and self.mask is not None and self.positions is not None
         device = self.mask.device
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
         out = model(
             input_ids=torch.tensor(input_ids, device=device)[:, None],
-            attention_mask=self.mask,
+            attention_mask=self.mask.bool()[:, None, None, :] if self._padded else None,
             position_ids=self.positions[:, None],
             use_cache=True,
             **{_cache_arg(type(model)): self.cache},
