@@ -17,6 +17,12 @@ from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling, sequence_logprobs
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule, lr_lambda
+from areal_agents.trainers.shared_prefix import (
+    PrefixPlan,
+    plan_shared_prefix,
+    shared_prefix_hidden,
+    supports_shared_prefix,
+)
 from areal_agents.trainers.step import (
     accumulate_microbatches,
     loss_positions,
@@ -52,10 +58,15 @@ class FSDPPolicyModule(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         sampling: RowSampling | float = 1.0, positions: torch.Tensor | None = None,
+        prefix_plan: PrefixPlan | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.base
         backbone = getattr(base, base.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
+        if prefix_plan is not None:  # each shared prompt once (trainers/shared_prefix.py)
+            hidden = shared_prefix_hidden(backbone, prefix_plan, input_ids.shape[1])
+        else:
+            hidden = backbone(input_ids=input_ids,
+                              attention_mask=attention_mask.long()).last_hidden_state
         head = base.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ConfigError("LM heads with a bias are not supported by the chunked log-prob path")
@@ -112,6 +123,11 @@ class FSDPEngine(TrainEngine):
         gradient_checkpointing: recompute decoder layers in the backward pass.
         lora: ``None``, a dict of ``peft.LoraConfig`` arguments, or a ``LoraConfig``.
         mixed_precision: ``"bf16"`` (CUDA only) or ``"fp32"``; ``None`` picks bf16 on CUDA.
+        share_prompts: rows that start with the same prompt (a GRPO group) run it once per
+            forward (``trainers/shared_prefix.py``; same values to float rounding); used in
+            one process, without gradient checkpointing, on full-attention models, and only
+            where it saves >= 20% of a micro-batch's tokens. ``shared_prompt_tokens`` counts
+            the tokens saved.
         device: defaults to ``cuda:LOCAL_RANK`` when available, else CPU.
         chunk_size: rows per chunk of the LM-head log-prob computation.
 
@@ -140,6 +156,7 @@ class FSDPEngine(TrainEngine):
         mixed_precision: Literal["bf16", "fp32"] | None = None,
         device: torch.device | str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        share_prompts: bool = True,
     ) -> None:
         check_lr_schedule(lr_schedule, total_steps)
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -171,6 +188,11 @@ class FSDPEngine(TrainEngine):
         self.model = model
         self.lora = lora is not None
         self.module = FSDPPolicyModule(model, chunk_size)
+        # one process only: under FSDP2 the second backbone pass per forward is untested
+        self.share_prompts = (share_prompts and not self.distributed
+                              and not gradient_checkpointing
+                              and supports_shared_prefix(self.module.base))
+        self.shared_prompt_tokens = 0  # tokens the shared-prompt plans saved, over the run
         if self.distributed:
             self._shard()
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -202,10 +224,14 @@ class FSDPEngine(TrainEngine):
     def _forward(self, mb: TokenBatch,
                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         sampling = RowSampling.of(mb)  # per-row temperature/top-k/top-p (not cast by FSDP)
+        plan = None
+        if self.share_prompts:
+            plan = plan_shared_prefix(mb.input_ids, mb.attention_mask, loss_positions(mb))
+            self.shared_prompt_tokens += plan.saved_tokens if plan is not None else 0
         if self.mixed_precision == "bf16" and not self.distributed:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.module(mb.input_ids, mb.attention_mask, sampling, positions)
-        return self.module(mb.input_ids, mb.attention_mask, sampling, positions)
+                return self.module(mb.input_ids, mb.attention_mask, sampling, positions, plan)
+        return self.module(mb.input_ids, mb.attention_mask, sampling, positions, plan)
 
     def _train_forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``_forward`` at the loss's positions only (``LossFn``: 0 elsewhere)."""
@@ -241,6 +267,7 @@ class FSDPEngine(TrainEngine):
         slots = plan_rank_microbatches(batch.attention_mask.sum(-1).tolist(), self.rank,
                                        self.world_size, self.token_budget, group=group,
                                        device=self.device)
+        shared_before = self.shared_prompt_tokens
         out = run_train_step(
             # FSDP averages gradients over ranks: scale each rank's share back to a sum
             lambda: accumulate_microbatches(batch, slots, self._train_forward, loss_fn,
@@ -249,6 +276,8 @@ class FSDPEngine(TrainEngine):
             optimizer=self.optimizer, scheduler=self.scheduler,
             clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens, step=self.step)
         self.step += 1
+        if self.share_prompts:  # prompt tokens this step's forward did not recompute
+            out["shared_prompt_tokens"] = float(self.shared_prompt_tokens - shared_before)
         return out
 
     def clip_grad_norm(self) -> float:
