@@ -38,6 +38,7 @@ this engine renormalises them over the filtered set. The server must not run wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -247,11 +248,12 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
                                            protocol.generate_body(request, self.top_p_window))
             else:
                 streamed = protocol.StreamedOutputs(request.sampling, sent_at_version)
-                async for item in self._stream("/generate", protocol.generate_body(
-                        request, self.top_p_window, stream=True)):
-                    delta = streamed.add(item)
-                    if delta is not None:
-                        on_tokens(delta)
+                body = protocol.generate_body(request, self.top_p_window, stream=True)
+                async with contextlib.aclosing(self._stream("/generate", body)) as items:
+                    async for item in items:  # a bad event closes the stream (SGLang aborts)
+                        delta = streamed.add(item)
+                        if delta is not None:
+                            on_tokens(delta)
         finally:
             self._pending -= 1
             self._in_flight.pop(request.request_id, None)

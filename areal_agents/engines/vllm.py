@@ -41,6 +41,7 @@ spans (``vllm_protocol.StreamedChoices``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -314,9 +315,10 @@ class VLLMEngine(HTTPEngine):
         labelled = self.endpoint == "generate" and adapter_version is None
         choices = protocol.StreamedChoices(request.sampling.n, self.endpoint,
                                            request.sampling.top_logprobs, spans=labelled)
-        async for chunk in self._stream(path, protocol.streamed(body)):
-            for delta in choices.add(chunk, self.version if labelled else sent_at_version):
-                on_tokens(delta)
+        async with contextlib.aclosing(self._stream(path, protocol.streamed(body))) as chunks:
+            async for chunk in chunks:  # a bad chunk closes the stream (vLLM aborts) at once
+                for delta in choices.add(chunk, self.version if labelled else sent_at_version):
+                    on_tokens(delta)
         return choices.outputs()
 
     async def pause(self) -> None:

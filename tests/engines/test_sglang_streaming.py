@@ -59,8 +59,10 @@ class FakeSGLangServer:
     or whole; ``bodies`` logs what it was sent; ``disconnected`` is set when a client closed a
     stream before its end; ``fail_after_first``: an error event after the first event."""
 
-    def __init__(self, incremental: bool = False, fail_after_first: str | None = None) -> None:
+    def __init__(self, incremental: bool = False, fail_after_first: str | None = None,
+                 bad_after_first: dict[str, Any] | None = None) -> None:
         self.incremental, self.fail_after_first = incremental, fail_after_first
+        self.bad_after_first = bad_after_first
         self.release, self.first_sent = threading.Event(), threading.Event()
         self.disconnected = threading.Event()
         self.bodies: list[dict[str, Any]] = []
@@ -99,6 +101,8 @@ class FakeSGLangServer:
                     if self.fail_after_first:
                         yield f"data: {json.dumps({'error': {'message': self.fail_after_first}})}\n\n"
                         break
+                    if self.bad_after_first is not None:
+                        yield f"data: {json.dumps(self.bad_after_first)}\n\n"
                     while not self.release.is_set():
                         await asyncio.sleep(0.01)
             yield "data: [DONE]\n\n"
@@ -188,3 +192,15 @@ async def test_a_context_overflow_the_server_reports_is_context_length_exceeded(
                 GenerateRequest(list(range(1, 1002)), SamplingParams(max_tokens=4)),
                 lambda d: None)
         await engine.close()
+
+
+async def test_an_event_the_engine_cannot_read_closes_the_stream_at_once():
+    foreign = {"text": "", "output_ids": [7], "index": 5, "meta_info": _meta(0, 1, 0, "3")}
+    server = FakeSGLangServer(bad_after_first=foreign)
+    with ServerThread(server.app) as thread:
+        engine = SGLangEngine(thread.url, max_context=1024)
+        with pytest.raises(EngineError, match="n=2"):
+            await engine.generate_streaming(_request(), lambda d: None)
+        await _wait(server.disconnected, "the server to see the stream closed")
+        await engine.close()
+    assert not server.release.is_set()  # not left open until garbage collection

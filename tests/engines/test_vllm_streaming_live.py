@@ -19,6 +19,7 @@ import torch
 from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
 from areal_agents.engines.base import TokenDelta
 from areal_agents.engines.vllm import VLLM_PYTHON_ENV, VLLMEngine
+from areal_agents.gateway import Gateway
 from areal_agents.models import tiny
 
 PYTHON = os.environ.get(VLLM_PYTHON_ENV)
@@ -170,3 +171,32 @@ async def test_a_stream_spanning_an_update_records_both_versions_like_generate(e
     before = sum(len(d.token_ids) for d in deltas.items[:arrived])  # made before the pause
     assert out.versions[:before] == [version] * before
     assert set(out.versions) == {version, version + 1} and out.versions == sorted(out.versions)
+
+
+async def test_the_gateway_streams_vllm_tokens_as_chunks_and_records_the_exact_ids(engine, models):
+    """A streamed chat completion and a streamed Responses request through the gateway on
+    the vLLM engine: several content pieces that concatenate to the non-streamed answer
+    (same seed), and the recorded turn holds the same token ids."""
+    (_, tokenizer), _ = models
+    gateway = Gateway()
+    gateway.add_policy("policy", [engine], tokenizer)
+    key = await gateway.create_session("policy")
+    args = {"model": "policy", "messages": [{"role": "user", "content": "count"}],
+            "max_tokens": 24, "temperature": 1.0, "seed": 3}
+    whole = await gateway.async_client(key).chat.completions.create(**args)
+    stream = await gateway.async_client(key).chat.completions.create(**args, stream=True)
+    chunks = [c async for c in stream]
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2 and "".join(pieces) == whole.choices[0].message.content
+    ids = whole.choices[0].model_extra["token_ids"]
+    assert chunks[-1].choices[0].model_extra["token_ids"] == ids
+    responses = await gateway.async_client(key).responses.create(
+        model="policy", input="count", max_output_tokens=24, temperature=1.0,
+        extra_body={"seed": 3}, stream=True)
+    events = [e async for e in responses]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) >= 2 and "".join(deltas) == events[-1].response.output_text
+    turns = gateway.session(key).turns
+    assert [t.completion_ids for t in turns[:2]] == [ids, ids]
+    assert turns[2].completion_ids == events[-1].response.model_extra["token_ids"]
+    # not gateway.close(): it would close the module's engine
