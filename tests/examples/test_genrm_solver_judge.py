@@ -379,3 +379,29 @@ def aa_tiny():
     import areal_agents as aa
 
     return aa.models.tiny("xs", seed=0)
+
+
+@pytest.mark.slow
+def test_tiny_run_with_k_verdicts_per_answer(sj, tmp_path) -> None:
+    cache = tmp_path / "warm"
+    argv = ["--steps", "2", "--batch-size", "16", "--group-size", "8", "--sft-steps", "5",
+            "--demos", "16", "--eval-seeds", "8", "--judge-warm-start", "own-answers",
+            "--own-answers", "24", "--judge-held-out", "12", "--judge-sft-steps", "3",
+            "--judge-eval-every", "1", "--judge-reward", "per-class", "--truth-weight", "0.5",
+            "--judge-samples", "3", "--warm-start-cache", str(cache)]
+    assert sj.main(["--run-dir", str(tmp_path / "a"), *argv]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "train/judge/success" in r]
+    assert len(trained) == 2
+    for r in trained:  # 16 episodes a step, 3 verdicts (judge samples) each
+        assert r["judge_stats/verdicts"] == 3 * r["judge_stats/episodes"] > 0  # as finished
+        assert r["policy/judge/num_samples"] == 48 and r["policy/solver/num_samples"] == 16
+        assert "judge_groups/split_answers" in r and "train/judge_2/success" in r
+    first = json.loads((tmp_path / "a/summary.json").read_text())
+    # a second run reads the cached warm start: the same held-out grading at step 0
+    assert sj.main(["--run-dir", str(tmp_path / "b"), *argv]) == 0
+    second = json.loads((tmp_path / "b/summary.json").read_text())
+    assert second["judge_heldout"][0] == first["judge_heldout"][0]
+    assert second["judge_data"] == first["judge_data"]
+    with pytest.raises(ValueError, match=r"other settings \(\['judge_sft_steps'\]\)"):
+        sj.main(["--run-dir", str(tmp_path / "c"), *argv, "--judge-sft-steps", "4"])
