@@ -306,15 +306,16 @@ def _first_update(view: Any) -> WeightUpdate:
 
 
 def _plain_copy(model: Any) -> Any:
-    """A copy of the served base without the serving adapters' layers (plain ``nn.Linear``)."""
+    """A copy of the served base without the serving adapters' layers (plain ``nn.Linear`` /
+    ``nn.Embedding``)."""
     from torch import nn
 
-    from areal_agents.engines.lora import MultiLoRALinear
+    from areal_agents.engines.lora import MultiLoRAEmbedding, MultiLoRALinear
 
     model = copy.deepcopy(model)
     for module in model.modules():
-        if isinstance(module, MultiLoRALinear):
-            module.__class__ = nn.Linear
+        if isinstance(module, MultiLoRALinear | MultiLoRAEmbedding):
+            module.__class__ = nn.Embedding if isinstance(module, nn.Embedding) else nn.Linear
             for attr in ("lora_a", "lora_b", "lora_scaling", "lora_rows", "_stacks"):
                 module.__dict__.pop(attr, None)
     return model.train()

@@ -14,10 +14,14 @@ differ between adapters: smaller ones are zero-padded to the largest, which chan
 A new adapter starts with ``A = B = 0`` -- exactly the trainer's LoRA at initialisation
 (``B = 0``), so the served adapter equals the base until the first update.
 
+An ``nn.Embedding`` may be adapted too (``MultiLoRAEmbedding``, e.g. ``embed_tokens``): as in
+PEFT, ``A [r, num_embeddings]`` and ``B [dim, r]``, and a token ``t`` of row ``b`` gets
+``W[t] + scaling * B @ A[:, t]`` -- the linear form applied to a one-hot input.
+
 Adapter tensors are loaded under PEFT names (``base_model.model.<module>.lora_A.weight``, as
-``FSDPEngine``/``ArchonEngine`` ``export_weights(merge_lora=False)`` yield them), or under
-``<module>.lora_A.weight``; an optional adapter name infix (``lora_A.default.weight``) is
-accepted.
+``FSDPEngine``/``ArchonEngine`` ``export_weights(merge_lora=False)`` yield them; an embedding's
+``<module>.lora_embedding_A``), or under ``<module>.lora_A.weight``; an optional adapter name
+infix (``lora_A.default.weight``, ``lora_embedding_A.default``) is accepted.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["AdapterSpec", "LoRAAdapters", "MultiLoRALinear", "parse_adapter_name"]
+__all__ = ["AdapterSpec", "LoRAAdapters", "MultiLoRAEmbedding", "MultiLoRALinear",
+           "parse_adapter_name"]
 
 _PEFT_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])"
                         r"(?:\.[^.]+)?\.weight$")
+_PEFT_EMBEDDING_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)"
+                                  r"\.lora_embedding_(?P<kind>[AB])(?:\.[^.]+)?$")
 
 
 def parse_adapter_name(name: str) -> tuple[str, str]:
@@ -46,11 +53,13 @@ def parse_adapter_name(name: str) -> tuple[str, str]:
     Example:
         >>> parse_adapter_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
         ('model.layers.0.self_attn.q_proj', 'A')
+        >>> parse_adapter_name("base_model.model.model.embed_tokens.lora_embedding_B.default")
+        ('model.embed_tokens', 'B')
 
     Raises:
         KeyError: not an adapter tensor name.
     """
-    match = _PEFT_NAME.match(name)
+    match = _PEFT_NAME.match(name) or _PEFT_EMBEDDING_NAME.match(name)
     if match is None:
         raise KeyError(f"{name!r} is not a LoRA adapter tensor name "
                        "(expected '<module>.lora_A.weight' or '<module>.lora_B.weight')")
@@ -60,8 +69,8 @@ def parse_adapter_name(name: str) -> tuple[str, str]:
 @dataclass
 class AdapterSpec:
     """One adapter's shape: rank, ``alpha`` (``scaling = alpha / rank``) and the ``fnmatch``
-    patterns of the linear layers it adapts (matched against the full module name or its last
-    part, e.g. ``q_proj``)."""
+    patterns of the linear (and embedding) layers it adapts (matched against the full module
+    name or its last part, e.g. ``q_proj``, ``embed_tokens``)."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -90,28 +99,18 @@ class _Rows:
     index: torch.Tensor | None = None
 
 
-class MultiLoRALinear(nn.Linear):
-    """``nn.Linear`` plus per-slot adapters chosen per batch row (made by ``LoRAAdapters``).
-
-    The adapter tensors are plain attributes, not parameters or buffers: the layer's
-    ``state_dict`` stays the base model's.
-    """
+class _SlotAdapters:
+    """Per-slot ``A [r, in]`` / ``B [out, r]`` of one adapted layer (plain attributes, not
+    parameters or buffers: the layer's ``state_dict`` stays the base model's)."""
 
     lora_a: list[torch.Tensor]  # per slot [r_slot, in]
     lora_b: list[torch.Tensor]  # per slot [out, r_slot]
     lora_scaling: list[float]
     lora_rows: _Rows
     _stacks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        index = self.lora_rows.index
-        if index is None:
-            return out
-        a, b, scaling = self._stacked()
-        h = torch.einsum("bsi,bri->bsr", x, a.index_select(0, index))  # [batch, seq, r]
-        delta = torch.einsum("bsr,bor->bso", h, b.index_select(0, index))  # [batch, seq, out]
-        return out + delta * scaling.index_select(0, index)[:, None, None]
+    weight: torch.Tensor
+    in_features: int
+    out_features: int
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._stacks is None:
@@ -136,16 +135,61 @@ class MultiLoRALinear(nn.Linear):
             self.lora_b[slot] = b.detach().to(device=w.device, dtype=w.dtype).clone()
         self._stacks = None
 
+    def _init_slots(self, rows: _Rows) -> None:
+        w = self.weight
+        self.lora_a = [w.new_zeros(1, self.in_features)]  # slot 0: no adapter
+        self.lora_b = [w.new_zeros(self.out_features, 1)]
+        self.lora_scaling = [0.0]
+        self.lora_rows = rows
+        self._stacks = None
 
-def _convert(module: nn.Linear, rows: _Rows) -> MultiLoRALinear:
-    module.__class__ = MultiLoRALinear
-    assert isinstance(module, MultiLoRALinear)
-    w = module.weight
-    module.lora_a = [w.new_zeros(1, module.in_features)]  # slot 0: no adapter
-    module.lora_b = [w.new_zeros(module.out_features, 1)]
-    module.lora_scaling = [0.0]
-    module.lora_rows = rows
-    module._stacks = None
+
+class MultiLoRALinear(_SlotAdapters, nn.Linear):
+    """``nn.Linear`` plus per-slot adapters chosen per batch row (made by ``LoRAAdapters``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        index = self.lora_rows.index
+        if index is None:
+            return out
+        a, b, scaling = self._stacked()
+        h = torch.einsum("bsi,bri->bsr", x, a.index_select(0, index))  # [batch, seq, r]
+        delta = torch.einsum("bsr,bor->bso", h, b.index_select(0, index))  # [batch, seq, out]
+        return out + delta * scaling.index_select(0, index)[:, None, None]
+
+
+class MultiLoRAEmbedding(_SlotAdapters, nn.Embedding):
+    """``nn.Embedding`` plus per-slot adapters chosen per batch row: row ``b``'s token ``t``
+    gets ``W[t] + scaling * B @ A[:, t]`` (PEFT's embedding LoRA; ``in_features`` is the
+    vocabulary, ``out_features`` the embedding width)."""
+
+    @property
+    def in_features(self) -> int:  # type: ignore[override]
+        return self.num_embeddings
+
+    @property
+    def out_features(self) -> int:  # type: ignore[override]
+        return self.embedding_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        index = self.lora_rows.index
+        if index is None:
+            return out
+        a, b, scaling = self._stacked()
+        a_rows = a.index_select(0, index).transpose(1, 2)  # [batch, vocab, r]
+        h = torch.gather(a_rows, 1, x[..., None].expand(*x.shape, a_rows.shape[2]))  # [b, s, r]
+        delta = torch.einsum("bsr,bor->bso", h, b.index_select(0, index))  # [batch, seq, out]
+        return out + delta * scaling.index_select(0, index)[:, None, None]
+
+
+_ADAPTABLE = (nn.Linear, nn.Embedding)
+
+
+def _convert(module: nn.Linear | nn.Embedding, rows: _Rows) -> _SlotAdapters:
+    module.__class__ = MultiLoRAEmbedding if isinstance(module, nn.Embedding) else MultiLoRALinear
+    assert isinstance(module, _SlotAdapters)
+    module._init_slots(rows)
     return module
 
 
@@ -166,7 +210,7 @@ class LoRAAdapters:
         self.specs: dict[str, AdapterSpec] = {}
         self._slots: dict[str, int] = {}
         self._rows = _Rows()
-        self._layers: dict[str, MultiLoRALinear] = {}
+        self._layers: dict[str, _SlotAdapters] = {}
 
     @property
     def names(self) -> list[str]:
@@ -176,17 +220,18 @@ class LoRAAdapters:
         """Add adapter ``name`` (zeros: equal to the base model).
 
         Raises:
-            ConfigError: the name is taken, or ``spec.target_modules`` matches no linear layer.
+            ConfigError: the name is taken, or ``spec.target_modules`` matches no linear or
+                embedding layer.
         """
         if name in self.specs:
             raise ConfigError(f"adapter {name!r} already exists; adapters: {self.names}")
         targets = [(n, m) for n, m in self.model.named_modules()
-                   if isinstance(m, nn.Linear) and spec.matches(n)]
+                   if isinstance(m, _ADAPTABLE) and spec.matches(n)]
         if not targets:
             linears = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules()
-                              if isinstance(m, nn.Linear)})
+                              if isinstance(m, _ADAPTABLE)})
             raise ConfigError(f"LoRA target_modules {spec.target_modules} match no linear layer "
-                              f"of the served model; available: {linears}")
+                              f"or embedding of the served model; available: {linears}")
         slot = len(self._slots) + 1
         for module_name, module in targets:
             if module_name not in self._layers:
