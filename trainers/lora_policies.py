@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,11 @@ def _check_one(name: str, p: Policy) -> None:
         raise ConfigError(f"{where} trains in the controller's process; drop train=")
     if p.inference != InferencePlacement():
         raise ConfigError(f"{where} is served by its base's engines; drop inference=")
+    targets = (p.lora or {}).get("target_modules") or []
+    if p.backend != "fsdp" and any(fnmatch.fnmatchcase("embed_tokens", str(t)) for t in targets):
+        raise ConfigError(f"{where}: LoRA on embed_tokens is supported on the fsdp backend only "
+                          f"(backend {p.backend!r} adapts linear layers); use backend='fsdp' or "
+                          "drop embed_tokens from target_modules")
     for attr, off in (("critic", None), ("ref_model", None)):
         if getattr(p, attr) != off:
             raise ConfigError(f"{where}: {attr} is not supported for adapter policies yet; "

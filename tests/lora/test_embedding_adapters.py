@@ -11,7 +11,7 @@ from areal_agents.engines import WeightUpdate
 from areal_agents.engines.local import LocalEngine
 from areal_agents.engines.lora import MultiLoRAEmbedding, parse_adapter_name
 from areal_agents.trainers.lora_policies import _plain_copy
-from areal_agents.trainers.lora_shared import SharedLoRABase
+from areal_agents.trainers.lora_shared import SharedLoRABase, embedding_b_init
 
 TARGETS = ["embed_tokens", "q_proj", "v_proj"]
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS}
@@ -80,3 +80,36 @@ async def test_an_embedding_adapter_trains_and_serves_what_the_train_engine_comp
         plain = _plain_copy(engine.model)  # the served base without the adapters' layers
     assert type(plain.model.embed_tokens) is torch.nn.Embedding
     assert "embed_tokens.weight" in dict(plain.model.named_parameters())
+
+
+def test_an_embedding_adapter_starts_at_linear_lora_scale_not_peft_normal():
+    """PEFT draws an embedding adapter's B from N(0, 1); with A = 0 the first AdamW steps then
+    move a token's embedding by more than its norm (Signaling diverged). The shared base
+    starts every embedding adapter at B ~ U(+-1/sqrt(r)), the same for every adapter."""
+    from areal_agents.trainers.fsdp import FSDPEngine
+
+    torch.set_num_threads(1)
+    engine = FSDPEngine(make_model(0, tie=False), lr=1e-2, lora=LORA, token_budget=64)
+    peft_b = next(p for n, p in engine.trainable_parameters().items() if "lora_embedding_B" in n)
+    assert peft_b.detach().abs().max() > 1.0  # PEFT's N(0, 1) (64 x 4 draws)
+    base = SharedLoRABase(engine)
+    views = [base.adapter("speaker", lr=1e-2, seed=1), base.adapter("listener", lr=1e-2, seed=2)]
+    for view in views:
+        state = view.adapter_state()
+        b = next(t for n, t in state.items() if "lora_embedding_B" in n)
+        assert b.shape == (64, 4) and float(b.abs().max()) <= 0.5  # 1/sqrt(r), r = 4
+        torch.testing.assert_close(b, embedding_b_init(b.shape), rtol=0, atol=0)
+        a = next(t for n, t in state.items() if "lora_embedding_A" in n)
+        assert torch.count_nonzero(a) == 0  # the adapter still starts at the base
+
+
+def test_an_embedding_target_off_fsdp_is_refused():
+    import areal_agents as aa
+    from areal_agents.trainers.lora_policies import check_adapter_policies
+
+    lora = {"r": 4, "target_modules": ["embed_tokens", "q_proj"]}
+    base = aa.Policy(model="tiny:xs", frozen=True)
+    check_adapter_policies({"base": base, "a": aa.Policy(adapter_of="base", lora=lora)})
+    with pytest.raises(aa.ConfigError, match="embed_tokens is supported on the fsdp backend"):
+        check_adapter_policies({"base": base, "a": aa.Policy(adapter_of="base", lora=lora,
+                                                             backend="archon")})
