@@ -150,6 +150,10 @@ class LLMAgent(Agent):
             self._session_key = None
             self.client = None
 
+    def _has_client(self) -> bool:
+        """Whether a request can be sent (a subclass may build its client on first use)."""
+        return self.client is not None
+
     async def act(self, observation: Any) -> Message:
         """Append ``observation`` (message(s) or text) to the history and answer it.
 
@@ -164,7 +168,7 @@ class LLMAgent(Agent):
             self._session_key = await self._gateway.create_session(
                 self._policy, {**self._metadata, "agent": self.agent_id})
             self.client = self._gateway.async_client(self._session_key)
-        if self.client is None:
+        if not self._has_client():
             raise RuntimeError("LLMAgent has no client; pass one or use LLMAgent.for_gateway")
         if not self.history and self.system_prompt is not None:
             self.history.append({"role": "system", "content": self.system_prompt})

@@ -264,21 +264,17 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0,
     if not samples:
         raise ValueError("collate() got no samples; a batch needs at least one")
     width = max(len(s) for s in samples)
-    b = len(samples)
-    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((b, width), dtype=torch.bool)
-    loss_mask = torch.zeros((b, width))
-    logprobs = torch.zeros((b, width))
-    versions = torch.full((b, width), -1, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in samples])
+    # one tensor build per field from padded Python rows (a per-row tensor and slice
+    # assignment cost ~10 us each: 4 fields x B rows per batch)
+    input_ids = _padded([s.token_ids for s in samples], width, pad_token_id, torch.long)
+    attention = torch.arange(width)[None, :] < lengths[:, None]
+    loss_mask = _padded([s.loss_mask for s in samples], width, 0, torch.float32)
+    logprobs = _padded([s.logprobs for s in samples], width, 0.0, torch.float32)
+    versions = _padded([s.versions for s in samples], width, -1, torch.long)
     fallback = SamplingDistribution(1.0 if temperature is None else temperature)
     params = []
     for i, s in enumerate(samples):
-        n = len(s)
-        input_ids[i, :n] = torch.tensor(s.token_ids, dtype=torch.long)
-        attention[i, :n] = True
-        loss_mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.float32)
-        logprobs[i, :n] = torch.tensor(s.logprobs, dtype=torch.float32)
-        versions[i, :n] = torch.tensor(s.versions, dtype=torch.long)
         if (s.sampling is not None and temperature is not None
                 and s.sampling.temperature != fallback.temperature):
             raise ValueError(
@@ -294,6 +290,12 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0,
         top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
         top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
     )
+
+
+def _padded(rows: Sequence[Sequence[float]], width: int, fill: float,
+            dtype: torch.dtype) -> torch.Tensor:
+    """``[len(rows), width]``: each row right-padded with ``fill``."""
+    return torch.tensor([[*row, *[fill] * (width - len(row))] for row in rows], dtype=dtype)
 
 
 def _token_rewards(samples: Sequence[Sample], width: int) -> torch.Tensor | None:

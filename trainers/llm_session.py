@@ -110,11 +110,29 @@ class SessionAgent(LLMAgent):
 
     def __init__(self, client: Any, model: str, sampling: dict[str, Any], agent_id: str = "",
                  api: str = "chat", seed_key: str | None = None,
-                 direct: DirectCompletion | None = None, context: str = "full") -> None:
-        super().__init__(client, model, sampling=sampling, agent_id=agent_id)
+                 direct: DirectCompletion | None = None, context: str = "full",
+                 api_key: str | None = None) -> None:
+        self._keyed_from, self._api_key = (client, api_key) if api_key is not None else (None, None)
+        super().__init__(None if api_key is not None else client, model, sampling=sampling,
+                         agent_id=agent_id)
         self.api, self.seed_key, self.direct = api, seed_key, direct
         self.context = context
         self.turn = 0
+
+    @property
+    def client(self) -> Any:
+        """The SDK client; with ``api_key``, ``client.with_options(api_key=api_key)`` built on
+        first use (an in-process ``direct`` seat never needs it: ~40 us saved per episode)."""
+        if self._client is None and self._keyed_from is not None:
+            self._client = self._keyed_from.with_options(api_key=self._api_key)
+        return self._client
+
+    @client.setter
+    def client(self, value: Any) -> None:
+        self._client = value
+
+    def _has_client(self) -> bool:
+        return self._client is not None or self._keyed_from is not None
 
     async def act(self, observation: Any) -> Message:
         if self.context == "last":
@@ -216,7 +234,6 @@ async def open_seat(gateway: Gateway, client: Any, policy: Policy, name: str, ag
     key = await gateway.create_session(name, {"agent": agent_id})
     direct = (functools.partial(complete_in_process, gateway, key)
               if policy.api == "completions" else None)  # no HTTP/SDK hop in process
-    agent = SessionAgent(client.with_options(api_key=key), name, sampling, agent_id,
-                         api=policy.api, seed_key=seed_key, direct=direct,
-                         context=policy.context)
+    agent = SessionAgent(client, name, sampling, agent_id, api=policy.api, seed_key=seed_key,
+                         direct=direct, context=policy.context, api_key=key)
     return Seat(agent_id, name, agent, gateway, key)

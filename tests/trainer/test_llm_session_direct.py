@@ -70,3 +70,29 @@ async def test_chat_seats_keep_the_sdk_and_ended_sessions_are_refused(served):
         await complete_in_process(gateway, key, {"model": "p", "prompt": "hi"})
     chat.close()
     await gateway.close()
+
+
+class CountingClient:
+    """A shared client that counts the keyed copies seats make of it."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.keys = inner, []
+
+    def with_options(self, *, api_key: str):
+        self.keys.append(api_key)
+        return self.inner.with_options(api_key=api_key)
+
+
+async def test_a_direct_seat_never_builds_its_keyed_sdk_client(served):
+    gateway, _engine = served
+    client = CountingClient(gateway.async_client())
+    direct = await open_seat(gateway, client, Policy(api="completions",
+                                                     sampling=dict(SAMPLING)), "p", "a")
+    await _two_turns(direct.agent)
+    assert client.keys == []  # ~40 us per episode saved: no SDK copy on the direct path
+    chat = await open_seat(gateway, client, Policy(api="chat", sampling=dict(SAMPLING)), "p", "b")
+    await _two_turns(chat.agent)
+    assert client.keys == [chat.key]  # built once, on first use, with the session's key
+    direct.close()
+    chat.close()
+    await gateway.close()
