@@ -20,13 +20,61 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 MIN_SAVING = 0.2
 """Share prompts only when that removes at least this fraction of the batch's real tokens."""
+
+
+class RowPrompts(NamedTuple):
+    """Each row's shared-prompt key, as ``plan_shared_prefix`` groups rows: ``group[r]`` is the
+    index of row ``r``'s prompt (its tokens before its first loss position) among the batch's
+    distinct prompts, ``length[r]`` that prompt's length (0: a loss at position 0, which no
+    plan can split). Micro-batch planners keep a group's rows together with it."""
+
+    group: list[int]
+    length: list[int]
+
+    def select(self, rows: Sequence[int]) -> RowPrompts:
+        """These rows' keys, in ``rows``'s order (group indices unchanged)."""
+        return RowPrompts([self.group[r] for r in rows], [self.length[r] for r in rows])
+
+
+def row_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                loss_positions: torch.Tensor) -> RowPrompts:
+    """Every row's prompt group and prompt length (see ``RowPrompts``).
+
+    Example:
+        >>> ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0], [4, 6, 7, 8]])
+        >>> loss = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0], [0, 0, 1, 1]]).bool()
+        >>> row_prompts(ids, ids != 0, loss)
+        RowPrompts(group=[0, 0, 1], length=[2, 2, 2])
+    """
+    mask = attention_mask.bool()
+    row_len = mask.sum(-1)
+    trained = loss_positions.bool() & mask
+    first = torch.where(trained.any(-1), trained.int().argmax(-1), row_len).tolist()
+    rows = input_ids.tolist()
+    groups: dict[tuple[int, ...], int] = {}
+    group = [groups.setdefault(tuple(rows[r][:p]), len(groups)) for r, p in enumerate(first)]
+    return RowPrompts(group, first)
+
+
+def shares_enough(prompt_lengths: Iterable[int], distinct_prompt_tokens: int, real_tokens: int,
+                  min_saving: float = MIN_SAVING) -> bool:
+    """Whether rows with these prompt lengths, whose distinct prompts hold
+    ``distinct_prompt_tokens``, run shared: no prompt is empty and the saving
+    ``sum(prompt_lengths) - distinct_prompt_tokens`` is at least ``min_saving`` of the
+    ``real_tokens`` (the rule of ``plan_shared_prefix``, which micro-batch planners cost by)."""
+    lengths = list(prompt_lengths)
+    if not lengths or min(lengths) < 1:
+        return False
+    return sum(lengths) - distinct_prompt_tokens >= min_saving * real_tokens
 
 
 @dataclass(frozen=True)
@@ -78,20 +126,17 @@ def plan_shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     mask = attention_mask.bool()
     row_len = mask.sum(-1)
-    trained = loss_positions.bool() & mask
-    has_loss = trained.any(-1)
-    first = torch.where(has_loss, trained.int().argmax(-1), row_len)
-    if bool((first < 1).any()):
-        return None
+    keys = row_prompts(input_ids, mask, loss_positions)
+    first = torch.tensor(keys.length, device=input_ids.device)
     rows = input_ids.tolist()
-    groups: dict[tuple[int, ...], int] = {}
-    group_of_row = []
-    for r, p in enumerate(first.tolist()):
-        group_of_row.append(groups.setdefault(tuple(rows[r][:p]), len(groups)))
-    prefixes = list(groups)
-    saved = int(first.sum()) - sum(len(p) for p in prefixes)
-    if saved < min_saving * int(row_len.sum()):
+    prefixes: list[list[int]] = [[] for _ in range(max(keys.group) + 1)]
+    for r, g in enumerate(keys.group):
+        prefixes[g] = rows[r][: keys.length[r]]
+    if not shares_enough(keys.length, sum(len(p) for p in prefixes), int(row_len.sum()),
+                         min_saving):
         return None
+    group_of_row = keys.group
+    saved = sum(keys.length) - sum(len(p) for p in prefixes)
     longest = max(len(p) for p in prefixes)
     prefix_ids = torch.zeros(len(prefixes), longest, dtype=input_ids.dtype)
     prefix_mask = torch.zeros(len(prefixes), longest, dtype=torch.bool)

@@ -30,6 +30,7 @@ from areal_agents.samples import TokenBatch
 from areal_agents.trainers.base import LossFn
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import apply_update
+from areal_agents.trainers.shared_prefix import RowPrompts
 
 __all__ = ["MicroBatchSlot", "accumulate_microbatches", "loss_positions",
            "plan_rank_microbatches", "rank_microbatches", "run_train_step", "with_fillers"]
@@ -65,11 +66,14 @@ class MicroBatchSlot(NamedTuple):
 
 
 def rank_microbatches(lengths: Sequence[int], rank: int, world_size: int,
-                      token_budget: int) -> list[list[int]]:
+                      token_budget: int, prompts: RowPrompts | None = None) -> list[list[int]]:
     """Rank ``rank``'s micro-batches as global row indices (a pure function).
 
     Rows are sorted by length (longest first, ties by index); the rank takes every
-    ``world_size``-th from position ``rank`` and packs them with ``plan_microbatches``.
+    ``world_size``-th from position ``rank`` and packs them with ``plan_microbatches`` (by
+    prompt group with ``prompts``: an engine that shares prompts keeps the rank's rows of one
+    group in one micro-batch). Which rows a rank gets never depends on ``prompts``:
+    ``WorkerGroupEngine`` sends each rank only those rows (``worker_group.shard_rows``).
 
     Example:
         >>> rank_microbatches([5, 17, 3, 9], rank=0, world_size=2, token_budget=20)  # 17, 5
@@ -84,7 +88,9 @@ def rank_microbatches(lengths: Sequence[int], rank: int, world_size: int,
         raise ValueError(f"rank must be in [0, world_size={world_size}) (got {rank})")
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     mine = order[rank::world_size]
-    return [[mine[j] for j in plan] for plan in plan_microbatches([lengths[i] for i in mine], token_budget)]
+    local = prompts.select(mine) if prompts is not None else None
+    return [[mine[j] for j in plan]
+            for plan in plan_microbatches([lengths[i] for i in mine], token_budget, local)]
 
 
 def with_fillers(plans: Sequence[list[int]], count: int) -> list[MicroBatchSlot]:
@@ -104,7 +110,8 @@ def with_fillers(plans: Sequence[list[int]], count: int) -> list[MicroBatchSlot]
 
 def plan_rank_microbatches(lengths: Sequence[int], rank: int, world_size: int, token_budget: int,
                            *, group: dist.ProcessGroup | None = None,
-                           device: torch.device | str = "cpu") -> list[MicroBatchSlot]:
+                           device: torch.device | str = "cpu",
+                           prompts: RowPrompts | None = None) -> list[MicroBatchSlot]:
     """This rank's micro-batch slots (``rank_microbatches`` plus fillers).
 
     Args:
@@ -115,13 +122,14 @@ def plan_rank_microbatches(lengths: Sequence[int], rank: int, world_size: int, t
             collective); ``None`` keeps this rank's own count. Either way there is at least one
             slot, so a rank without rows still produces (zero) stats and gradients.
         device: where the count tensor lives for the all-reduce (CUDA for NCCL).
+        prompts: every row's prompt key when the engine shares prompts (``rank_microbatches``).
 
     Raises:
         ValueError: ``lengths`` is empty (no rows to train on).
     """
     if not len(lengths):
         raise ValueError("a train step needs at least one sequence (got an empty batch)")
-    plans = rank_microbatches(lengths, rank, world_size, token_budget)
+    plans = rank_microbatches(lengths, rank, world_size, token_budget, prompts)
     count = max(1, len(plans))
     if group is not None:
         t = torch.tensor([count], device=device)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from areal_agents.samples import Sample, collate
-from areal_agents.trainers.shared_prefix import plan_shared_prefix
+from areal_agents.trainers.microbatch import plan_microbatches
+from areal_agents.trainers.shared_prefix import plan_shared_prefix, row_prompts
 from fsdp._helpers import LORA, VOCAB, make_engine, ppo_loss
 
 
@@ -92,3 +93,62 @@ def test_shared_prompts_give_the_plain_forwards_logprobs_and_updates(lora):
 
 def test_gradient_checkpointing_turns_sharing_off():
     assert not make_engine(gradient_checkpointing=True).share_prompts
+
+
+def many_groups(num_prompts: int = 10, answers: int = 4, seed: int = 5):
+    """``num_prompts`` prompts (6-13 tokens) x ``answers`` answers (1-7 tokens), rows of a
+    group interleaved with the other groups' (as a batch of episodes arrives)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, VOCAB, (6 + p % 8,), generator=g).tolist()
+               for p in range(num_prompts)]
+    samples = []
+    for k in range(answers):
+        for p, prompt in enumerate(prompts):
+            n = 1 + (3 * p + 5 * k) % 7
+            answer = torch.randint(1, VOCAB, (n,), generator=g).tolist()
+            lp = [-(0.5 + torch.rand(1, generator=g).item()) for _ in range(n)]
+            samples.append(Sample(prompt + answer, [0] * len(prompt) + [1] * n,
+                                  [0.0] * len(prompt) + lp, [-1] * len(prompt) + [0] * n,
+                                  reward=float((p * k) % 3 == 1), group=f"g{p}"))
+    batch = collate(samples)
+    adv = (batch.rewards - batch.rewards.mean())[:, None].expand_as(batch.loss_mask)
+    batch.advantages = adv * batch.loss_mask
+    batch.loss_weights = batch.loss_mask / batch.loss_mask.sum()
+    return batch
+
+
+def _saved_by_length_plan(batch, budget: int) -> int:
+    """Tokens sharing saves when micro-batches are planned by length alone (the old plan)."""
+    lengths = batch.attention_mask.sum(-1).tolist()
+    total = 0
+    for rows in plan_microbatches(lengths, budget):
+        mb = batch.select(torch.tensor(rows))
+        plan = plan_shared_prefix(mb.input_ids, mb.attention_mask, mb.loss_mask != 0)
+        total += plan.saved_tokens if plan is not None else 0
+    return total
+
+
+def test_many_groups_over_several_microbatches_share_like_one_microbatch():
+    batch = many_groups()
+    budget = 80  # a group costs its prompt (6-13) + 4 x its longest answer: 2 per micro-batch
+    one = make_engine(token_budget=100_000)
+    one.forward_logprobs(batch)
+    saved_in_one = one.shared_prompt_tokens
+    assert saved_in_one == 3 * sum(6 + p % 8 for p in range(10))  # each prompt once, not 4x
+    shared = make_engine(token_budget=budget)
+    plain = make_engine(token_budget=budget, share_prompts=False)
+    keys = row_prompts(batch.input_ids, batch.attention_mask, batch.loss_mask != 0)
+    plans = plan_microbatches(batch.attention_mask.sum(-1).tolist(), budget, keys)
+    assert len(plans) == 5
+    torch.testing.assert_close(shared.forward_logprobs(batch), plain.forward_logprobs(batch),
+                               rtol=1e-5, atol=1e-5)
+    assert shared.shared_prompt_tokens == saved_in_one  # every group kept whole
+    assert _saved_by_length_plan(batch, budget) < 0.6 * saved_in_one
+    for _ in range(3):
+        a, b = shared.train_step(batch, ppo_loss), plain.train_step(batch, ppo_loss)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["shared_prompt_tokens"] == saved_in_one
+    for (name, p), (_, q) in zip(shared.module.named_parameters(),
+                                 plain.module.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)

@@ -19,7 +19,9 @@ from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule, lr_lambda
 from areal_agents.trainers.shared_prefix import (
     PrefixPlan,
+    RowPrompts,
     plan_shared_prefix,
+    row_prompts,
     shared_prefix_hidden,
     supports_shared_prefix,
 )
@@ -233,6 +235,13 @@ class FSDPEngine(TrainEngine):
                 return self.module(mb.input_ids, mb.attention_mask, sampling, positions, plan)
         return self.module(mb.input_ids, mb.attention_mask, sampling, positions, plan)
 
+    def _prompts(self, batch: TokenBatch) -> RowPrompts | None:
+        """Every row's prompt key when sharing prompts (micro-batches then keep a group's
+        rows together, ``trainers/microbatch.py``), else ``None`` (plan by length)."""
+        if not self.share_prompts:
+            return None
+        return row_prompts(batch.input_ids, batch.attention_mask, loss_positions(batch))
+
     def _train_forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``_forward`` at the loss's positions only (``LossFn``: 0 elsewhere)."""
         return self._forward(mb, loss_positions(mb))
@@ -248,7 +257,7 @@ class FSDPEngine(TrainEngine):
         batch = batch.to(self.device)
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         lengths = batch.attention_mask.sum(-1).tolist()
-        for idx in plan_microbatches(lengths, self.token_budget):
+        for idx in plan_microbatches(lengths, self.token_budget, self._prompts(batch)):
             mb = batch.select(torch.tensor(idx))
             lp, _ = self._forward(mb)
             out[idx, : lp.shape[1]] = lp.float().cpu()
@@ -266,7 +275,7 @@ class FSDPEngine(TrainEngine):
         group = dist.group.WORLD if self.distributed else None
         slots = plan_rank_microbatches(batch.attention_mask.sum(-1).tolist(), self.rank,
                                        self.world_size, self.token_budget, group=group,
-                                       device=self.device)
+                                       device=self.device, prompts=self._prompts(batch))
         shared_before = self.shared_prompt_tokens
         out = run_train_step(
             # FSDP averages gradients over ranks: scale each rank's share back to a sum
