@@ -119,3 +119,36 @@ def train_uneven():
     batch = make_batch(num=3)
     stats = engine.train_step(batch, ppo_loss)
     return stats, {n: t.clone() for n, t in engine.export_weights()}
+
+
+def many_groups(num_prompts: int = 10, answers: int = 4, seed: int = 5):
+    """``num_prompts`` prompts (6-13 tokens) x ``answers`` answers (1-7 tokens), rows of a
+    group interleaved with the other groups' (as a batch of episodes arrives)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, VOCAB, (6 + p % 8,), generator=g).tolist()
+               for p in range(num_prompts)]
+    samples = []
+    for k in range(answers):
+        for p, prompt in enumerate(prompts):
+            n = 1 + (3 * p + 5 * k) % 7
+            answer = torch.randint(1, VOCAB, (n,), generator=g).tolist()
+            lp = [-(0.5 + torch.rand(1, generator=g).item()) for _ in range(n)]
+            samples.append(Sample(prompt + answer, [0] * len(prompt) + [1] * n,
+                                  [0.0] * len(prompt) + lp, [-1] * len(prompt) + [0] * n,
+                                  reward=float((p * k) % 3 == 1), group=f"g{p}"))
+    batch = collate(samples)
+    adv = (batch.rewards - batch.rewards.mean())[:, None].expand_as(batch.loss_mask)
+    batch.advantages = adv * batch.loss_mask
+    batch.loss_weights = batch.loss_mask / batch.loss_mask.sum()
+    return batch
+
+
+def train_many_groups(steps: int = 2, token_budget: int = 80, **kwargs):
+    """Worker: ``steps`` train steps on ``many_groups()``; returns (stats, exported weights,
+    log-probs after, whether the engine shared prompts, prompt tokens it saved)."""
+    engine = make_engine(token_budget=token_budget, **kwargs)
+    batch = many_groups()
+    stats = [engine.train_step(batch, ppo_loss) for _ in range(steps)]
+    weights = {n: t.clone() for n, t in engine.export_weights()}
+    logprobs = engine.forward_logprobs(batch)
+    return stats, weights, logprobs, engine.share_prompts, engine.shared_prompt_tokens

@@ -16,6 +16,7 @@ from ._helpers import (
     rank_and_world,
     train_and_export,
     train_lora_and_export,
+    train_many_groups,
     train_uneven,
 )
 
@@ -126,3 +127,28 @@ def test_uneven_microbatch_counts_across_ranks_match_single_process():
     assert stats["entropy"] == pytest.approx(want_stats["entropy"], abs=1e-5)
     for name, w in want_weights.items():
         torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=1e-5)
+
+
+def test_two_process_shared_prompts_match_one_process_without():
+    """FSDP2 runs each sharded layer twice per forward (prompt pass, then remainder pass on
+    its cache) and re-gathers it in backward once per call: 2 ranks sharing prompts over
+    several micro-batches give the updates of one process that does not share."""
+    (s0, w0, lp0, on0, saved0), (s1, _, lp1, on1, saved1) = launch(2, train_many_groups, 2)
+    assert on0 and on1 and saved0 > 0 and saved1 > 0
+    torch.set_num_threads(1)
+    single, weights, logprobs, on, saved = train_many_groups(2, share_prompts=False)
+    assert not on and saved == 0
+    for got, want in zip(s0, single, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert s0 == s1  # every stat summed over the ranks, the saved prompt tokens too
+    # each rank: its share of 2 train steps, then forward_logprobs on the whole batch, which
+    # saves what one process saves (each of the 10 prompts once instead of 4 times); a train
+    # step saves less, since rows reach the ranks by length and a group's rows are split
+    whole = 3 * sum(6 + p % 8 for p in range(10))
+    assert saved0 + saved1 == 2 * whole + 2 * s0[0]["shared_prompt_tokens"]
+    assert 0 < s0[0]["shared_prompt_tokens"] < whole
+    for name, w in weights.items():
+        torch.testing.assert_close(w0[name], w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp0, logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp0, lp1)

@@ -11,7 +11,7 @@ import torch
 from areal_agents.samples import Sample, collate
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.shared_prefix import plan_shared_prefix, row_prompts
-from fsdp._helpers import LORA, VOCAB, make_engine, ppo_loss
+from fsdp._helpers import LORA, VOCAB, make_engine, many_groups, ppo_loss
 
 
 def grouped_batch(seed: int = 3):
@@ -93,28 +93,6 @@ def test_shared_prompts_give_the_plain_forwards_logprobs_and_updates(lora):
 
 def test_gradient_checkpointing_turns_sharing_off():
     assert not make_engine(gradient_checkpointing=True).share_prompts
-
-
-def many_groups(num_prompts: int = 10, answers: int = 4, seed: int = 5):
-    """``num_prompts`` prompts (6-13 tokens) x ``answers`` answers (1-7 tokens), rows of a
-    group interleaved with the other groups' (as a batch of episodes arrives)."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(1, VOCAB, (6 + p % 8,), generator=g).tolist()
-               for p in range(num_prompts)]
-    samples = []
-    for k in range(answers):
-        for p, prompt in enumerate(prompts):
-            n = 1 + (3 * p + 5 * k) % 7
-            answer = torch.randint(1, VOCAB, (n,), generator=g).tolist()
-            lp = [-(0.5 + torch.rand(1, generator=g).item()) for _ in range(n)]
-            samples.append(Sample(prompt + answer, [0] * len(prompt) + [1] * n,
-                                  [0.0] * len(prompt) + lp, [-1] * len(prompt) + [0] * n,
-                                  reward=float((p * k) % 3 == 1), group=f"g{p}"))
-    batch = collate(samples)
-    adv = (batch.rewards - batch.rewards.mean())[:, None].expand_as(batch.loss_mask)
-    batch.advantages = adv * batch.loss_mask
-    batch.loss_weights = batch.loss_mask / batch.loss_mask.sum()
-    return batch
 
 
 def _saved_by_length_plan(batch, budget: int) -> int:

@@ -126,10 +126,11 @@ class FSDPEngine(TrainEngine):
         lora: ``None``, a dict of ``peft.LoraConfig`` arguments, or a ``LoraConfig``.
         mixed_precision: ``"bf16"`` (CUDA only) or ``"fp32"``; ``None`` picks bf16 on CUDA.
         share_prompts: rows that start with the same prompt (a GRPO group) run it once per
-            forward (``trainers/shared_prefix.py``; same values to float rounding); used in
-            one process, without gradient checkpointing, on full-attention models, and only
-            where it saves >= 20% of a micro-batch's tokens. ``shared_prompt_tokens`` counts
-            the tokens saved.
+            forward (``trainers/shared_prefix.py``; same values to float rounding), and
+            micro-batches keep a group's rows together (``plan_microbatches``); in one process
+            and under FSDP2, without gradient checkpointing, on full-attention models, and
+            only where it saves >= 20% of a micro-batch's tokens. ``shared_prompt_tokens``
+            counts this process's saved tokens; a train step's stat sums the ranks'.
         device: defaults to ``cuda:LOCAL_RANK`` when available, else CPU.
         chunk_size: rows per chunk of the LM-head log-prob computation.
 
@@ -190,9 +191,9 @@ class FSDPEngine(TrainEngine):
         self.model = model
         self.lora = lora is not None
         self.module = FSDPPolicyModule(model, chunk_size)
-        # one process only: under FSDP2 the second backbone pass per forward is untested
-        self.share_prompts = (share_prompts and not self.distributed
-                              and not gradient_checkpointing
+        # FSDP2 runs each sharded layer twice per forward (prompt pass, remainder pass): it
+        # unshards it per call and re-gathers it in backward once per call (docs/backends.md)
+        self.share_prompts = (share_prompts and not gradient_checkpointing
                               and supports_shared_prefix(self.module.base))
         self.shared_prompt_tokens = 0  # tokens the shared-prompt plans saved, over the run
         if self.distributed:
@@ -285,8 +286,12 @@ class FSDPEngine(TrainEngine):
             optimizer=self.optimizer, scheduler=self.scheduler,
             clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens, step=self.step)
         self.step += 1
-        if self.share_prompts:  # prompt tokens this step's forward did not recompute
-            out["shared_prompt_tokens"] = float(self.shared_prompt_tokens - shared_before)
+        if self.share_prompts:  # prompt tokens this step's forwards did not recompute
+            saved = torch.tensor(float(self.shared_prompt_tokens - shared_before))
+            if group is not None:  # summed over the ranks, like the other stats
+                saved = saved.to(self.device)
+                dist.all_reduce(saved, group=group)
+            out["shared_prompt_tokens"] = float(saved)
         return out
 
     def clip_grad_norm(self) -> float:
