@@ -203,9 +203,12 @@ class HTTPEngine(InferenceEngine):
         return kind(f"cannot reach the {self.server_name} at {self.url} ({what}: "
                     f"{type(exc).__name__}: {exc}); is it running?{self._log_hint()}")
 
-    async def _stream(self, path: str, body: Any) -> AsyncIterator[Any]:
+    async def _stream(self, path: str, body: Any, *,
+                      client: httpx2.AsyncClient | None = None) -> AsyncIterator[Any]:
         """``POST path`` and yield the JSON of each server-sent ``data:`` event until
-        ``[DONE]`` (OpenAI-style streaming, as vLLM and SGLang send it).
+        ``[DONE]`` (OpenAI-style streaming, as vLLM, SGLang and our engine server send it),
+        through ``client`` (default: the engine's own; its transport must hand the body
+        over as it arrives for the events to be incremental).
 
         Closing the generator early (a cancelled caller) closes the HTTP stream: the server
         sees the disconnect and aborts the request. ``timeout_s`` bounds each wait for data,
@@ -218,7 +221,7 @@ class HTTPEngine(InferenceEngine):
         """
         what = f"POST {path} (stream)"
         try:
-            async with self._http.stream("POST", path, json=body) as response:
+            async with (client or self._http).stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise self._http_error(response, what)
@@ -242,8 +245,11 @@ class HTTPEngine(InferenceEngine):
         except httpx2.TransportError as exc:
             failure = await self._transport_failure(exc, what)
             raise (failure or self._unreachable(EngineError, exc, what)) from exc
-        raise EngineError(f"the {self.server_name} ended {what} without [DONE]; the "
-                          f"completion may be cut short{self._log_hint()}")
+        # a launched server that died may close the stream cleanly: that is a dead server too
+        failure = await self._transport_failure(
+            httpx2.RemoteProtocolError("the stream ended without [DONE]"), what)
+        raise failure or EngineError(f"the {self.server_name} ended {what} without [DONE]; the "
+                                     f"completion may be cut short{self._log_hint()}")
 
     def _http_error(self, response: httpx2.Response, what: str) -> Exception:
         """The exception for an HTTP error answer (subclasses recognise context overflows)."""

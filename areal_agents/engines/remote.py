@@ -6,6 +6,12 @@ group via ``ServerProcess``, a random token, 127.0.0.1) or attach to a running o
 per-token log-probs and versions are exactly those of an in-process ``LocalEngine`` on the
 same weights.
 
+``generate_streaming`` streams from the server's ``POST /generate/stream`` (server-sent
+events, ``engines/service_stream.py``): ``on_tokens`` gets each decode step's tokens as the
+server produces them, and the returned result is the server's, exactly ``generate``'s.
+Those requests go through ``httpx2``'s default transport (the ``KeepAliveTransport`` of every
+other request reads answers whole); closing the stream cancels the generation on the server.
+
 A server that dies makes every request fail with ``EngineUnavailable`` (the gateway then drops
 the replica). With ``restart_limit > 0`` a launched engine can ``restart()`` its server: the
 new process loads the model and the weights of the last update (every update of such an
@@ -28,11 +34,11 @@ import httpx2
 
 from ..errors import ContextLengthExceeded, EngineError
 from . import weights_group
-from .base import GenerateRequest, GenerateResult, WeightUpdate
+from .base import GenerateRequest, GenerateResult, OnTokens, WeightUpdate
 from .http_engine import HTTPEngine
 from .keepalive import KeepAliveTransport
 from .server_process import ServerProcess, free_port
-from .service import TOKEN_ENV, request_to_json, result_from_json
+from .service import TOKEN_ENV, delta_from_json, request_to_json, result_from_json
 
 WeightTransport = Literal["shm", "disk", "gloo", "nccl"]
 _TRANSPORTS = ("shm", "disk", "gloo", "nccl")
@@ -104,6 +110,10 @@ class RemoteEngine(HTTPEngine):
         self._group: Any = None  # the NCCLTransport of "gloo"/"nccl" updates (joined on use)
         self.close_callbacks: list[Callable[[], object]] = []  # run once by close()
         self.replica_group: weights_group.ReplicaGroup | None = None  # join_replica_group
+        # generate_streaming's client: KeepAliveTransport reads answers whole, so streams go
+        # through httpx2's default transport (made on first use); a test transport serves both
+        self._streams_whole = http_transport is None
+        self._stream_http: httpx2.AsyncClient | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -186,6 +196,53 @@ class RemoteEngine(HTTPEngine):
         finally:
             self._pending -= 1
         return result_from_json(data)
+
+    async def generate_streaming(self, request: GenerateRequest,
+                                 on_tokens: OnTokens) -> GenerateResult:
+        """``generate`` streamed from the server (``POST /generate/stream``): ``on_tokens``
+        gets each completion's new tokens (one decode step a delta) as the server sends them.
+
+        The deltas of a completion concatenate to its returned ids, log-probs and versions,
+        and the result is the server's (``generate``'s for the same request). Cancelling the
+        caller, or ``on_tokens`` raising, closes the stream: the server cancels the
+        generation. ``timeout_s`` bounds each wait for an event, not the whole stream.
+
+        Raises:
+            As ``generate`` (a server that dies mid-stream: ``EngineUnavailable``); an error
+            the server reports after the first delta is an ``EngineError``.
+        """
+        self._check_request(request)
+        self._pending += 1
+        result = None
+        try:
+            events = self._stream("/generate/stream", request_to_json(request),
+                                  client=self._streaming_client())
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if "delta" in event:
+                        on_tokens(delta_from_json(event["delta"]))
+                    elif "result" in event:
+                        result = result_from_json(event["result"])
+        finally:
+            self._pending -= 1
+        if result is None:
+            raise EngineError(f"the {self.server_name} at {self.url} ended the stream of "
+                              f"request {request.request_id} without its result")
+        return result
+
+    def _streaming_client(self) -> httpx2.AsyncClient:
+        """The client of streamed requests (the engine's own unless that reads whole)."""
+        if not self._streams_whole:
+            return self._http
+        if self._stream_http is None:
+            self._stream_http = httpx2.AsyncClient(base_url=self.url, timeout=self.timeout_s,
+                                                   headers=_auth(self.token))
+        return self._stream_http
+
+    async def _close_stream_client(self) -> None:
+        client, self._stream_http = self._stream_http, None
+        if client is not None:
+            await client.aclose()
 
     async def pause(self) -> None:
         """``POST /pause``: the server stops decoding; in-flight requests wait. Idempotent."""
@@ -336,10 +393,13 @@ class RemoteEngine(HTTPEngine):
                 raise EngineError("RemoteEngine was closed while its server restarted")
             self.server, self.token = server, token
             self._group = None  # the new server has not joined it
+            await self._close_stream_client()  # the old server's URL and token
             await self._reconnect(url, _auth(token))
 
     async def _release(self) -> None:
-        """Remove the kept weights and the shared-memory block (after ``close``)."""
+        """Close the streaming client; remove the kept weights and the shared-memory block
+        (after ``close``)."""
+        await self._close_stream_client()
         if self._weights_dir is not None:
             shutil.rmtree(self._weights_dir, ignore_errors=True)
         if self._shm is not None:

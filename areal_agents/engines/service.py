@@ -6,6 +6,7 @@ the server's random token, read from ``$AREAL_AGENTS_ENGINE_TOKEN``; there is no
     GET  /health                    {"status": "ok"}
     GET  /version                   {"version": int, "max_context": int, "num_pending": int}
     POST /generate                  GenerateRequest -> GenerateResult (see *_to_json below)
+    POST /generate/stream           GenerateRequest -> server-sent events (below)
     POST /pause, /resume            {"version": int}
     POST /update_weights/disk       {"path": DIR, "version": int | null} -> {"version": int}
     POST /update_weights/stream     {"manifest": transport.manifest(), "version": ...}
@@ -37,6 +38,15 @@ broadcast the group is dropped and must be joined again.
 Errors answer ``{"error": {"type": ..., "message": ...}}``: 400 ``context_length_exceeded``,
 400 ``invalid_request``, 401 ``unauthorized``, 500 ``engine_error``.
 
+``/generate/stream`` runs the engine's ``generate_streaming`` and answers
+``text/event-stream``: one ``data: {"delta": TokenDelta}`` event per delta as the engine
+produces it (a decode step's tokens of one completion; see ``delta_to_json``), then
+``data: {"result": GenerateResult}`` (exactly ``/generate``'s answer) and ``data: [DONE]``.
+The answer starts only once the first delta (or the result) exists, so a request that fails
+before any token gets ``/generate``'s status and error body; a failure after it is the event
+``data: {"error": {"type", "message"}}`` and ends the stream. A client that disconnects
+(before or during the stream) cancels the generation: its rows leave the engine's batch.
+
 Run one with (``RemoteEngine.launch`` does this)::
 
     AREAL_AGENTS_ENGINE_TOKEN=... python -m areal_agents.engines.service --model DIR --port P
@@ -61,7 +71,14 @@ from dataclasses import asdict
 from typing import Any
 
 from ..errors import ContextLengthExceeded, EngineError
-from .base import CompletionOutput, GenerateRequest, GenerateResult, SamplingParams, WeightUpdate
+from .base import (
+    CompletionOutput,
+    GenerateRequest,
+    GenerateResult,
+    SamplingParams,
+    TokenDelta,
+    WeightUpdate,
+)
 
 TOKEN_ENV = "AREAL_AGENTS_ENGINE_TOKEN"
 HOST = "127.0.0.1"
@@ -107,14 +124,29 @@ def result_from_json(data: dict[str, Any]) -> GenerateResult:
     """Parse a ``POST /generate`` answer (``top_logprobs`` pairs become tuples again)."""
     outputs = []
     for out in data["outputs"]:
-        top = out.get("top_logprobs")
         outputs.append(CompletionOutput(
             token_ids=[int(t) for t in out["token_ids"]],
             logprobs=[float(x) for x in out["logprobs"]],
             versions=[int(v) for v in out["versions"]], finish_reason=out["finish_reason"],
-            top_logprobs=None if top is None else [[(int(t), float(lp)) for t, lp in row]
-                                                   for row in top]))
+            top_logprobs=_pairs(out.get("top_logprobs"))))
     return GenerateResult(str(data["request_id"]), [int(t) for t in data["prompt_ids"]], outputs)
+
+
+def delta_to_json(delta: TokenDelta) -> dict[str, Any]:
+    """The ``delta`` of a ``/generate/stream`` event."""
+    return asdict(delta)
+
+
+def delta_from_json(data: dict[str, Any]) -> TokenDelta:
+    """Parse the ``delta`` of a ``/generate/stream`` event."""
+    return TokenDelta(int(data["index"]), [int(t) for t in data["token_ids"]],
+                      [float(x) for x in data["logprobs"]], [int(v) for v in data["versions"]],
+                      _pairs(data.get("top_logprobs")))
+
+
+def _pairs(rows: Any) -> list[list[tuple[int, float]]] | None:
+    """``top_logprobs`` rows from JSON (lists of ``[id, logprob]``) as tuples."""
+    return None if rows is None else [[(int(t), float(lp)) for t, lp in row] for row in rows]
 
 
 # ---- the server -------------------------------------------------------------------------------
@@ -136,6 +168,8 @@ def build_app(engine: Any, token: str) -> Any:
         Route("/health", service.health, methods=["GET"]),
         Route("/version", service.endpoint(service.version), methods=["GET"]),
         Route("/generate", service.endpoint(service.generate), methods=["POST"]),
+        Route("/generate/stream", service.endpoint(service.generate_stream, streams=True),
+              methods=["POST"]),
         Route("/pause", service.endpoint(service.pause), methods=["POST"]),
         Route("/resume", service.endpoint(service.resume), methods=["POST"]),
         Route("/update_weights/disk", service.endpoint(service.update_disk), methods=["POST"]),
@@ -145,6 +179,17 @@ def build_app(engine: Any, token: str) -> Any:
         Route("/update_weights/group", service.endpoint(service.update_group),
               methods=["POST"]),
     ])
+
+
+def error_answer(exc: Exception) -> tuple[int, str, str]:
+    """``(HTTP status, error type, message)`` of an endpoint's exception."""
+    if isinstance(exc, ContextLengthExceeded):
+        return 400, "context_length_exceeded", str(exc)
+    if isinstance(exc, (ValueError, KeyError, FileNotFoundError)):
+        return 400, "invalid_request", str(exc)
+    if isinstance(exc, EngineError):
+        return 500, "engine_error", str(exc)
+    return 500, "engine_error", f"{type(exc).__name__}: {exc}"  # any other failure: name it
 
 
 DEFAULT_SPOOL_BYTES = 256 * 2**20
@@ -189,16 +234,17 @@ class _Service:
         self.expected = f"Bearer {token}".encode()
         self.weights_group: Any = None  # the NCCLTransport of /weights_group/join
 
-    def endpoint(self, fn: Any) -> Any:
-        """Wrap ``fn(body)``: check the token, parse the body, map errors to answers."""
+    def endpoint(self, fn: Any, *, streams: bool = False) -> Any:
+        """Wrap ``fn(body)`` (``fn(body, request)`` when it ``streams``: it returns a
+        ``Response`` of its own): check the token, parse the body, map errors to answers."""
         from starlette.requests import Request
-        from starlette.responses import JSONResponse
+        from starlette.responses import JSONResponse, Response
 
         def error(status: int, kind: str, message: str) -> JSONResponse:
             return JSONResponse({"error": {"type": kind, "message": message}},
                                 status_code=status)
 
-        async def handler(request: Request) -> JSONResponse:
+        async def handler(request: Request) -> Response:
             header = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(header, self.expected):
                 return error(401, "unauthorized", "missing or wrong bearer token")
@@ -208,15 +254,9 @@ class _Service:
             except ValueError as exc:
                 return error(400, "invalid_request", f"the body is not JSON: {exc}")
             try:
-                return JSONResponse(await fn(body))
-            except ContextLengthExceeded as exc:
-                return error(400, "context_length_exceeded", str(exc))
-            except (ValueError, KeyError, FileNotFoundError) as exc:
-                return error(400, "invalid_request", str(exc))
-            except EngineError as exc:
-                return error(500, "engine_error", str(exc))
-            except Exception as exc:  # any other failure: say what it was
-                return error(500, "engine_error", f"{type(exc).__name__}: {exc}")
+                return await fn(body, request) if streams else JSONResponse(await fn(body))
+            except Exception as exc:
+                return error(*error_answer(exc))
 
         return handler
 
@@ -234,6 +274,13 @@ class _Service:
 
     async def generate(self, body: Any) -> dict[str, Any]:
         return result_to_json(await self.engine.generate(request_from_json(body)))
+
+    async def generate_stream(self, body: Any, request: Any) -> Any:
+        """``/generate/stream`` (module docstring): start ``generate_streaming``, answer once
+        its first event exists; an exception before it is raised (``endpoint`` maps it)."""
+        from .service_stream import token_stream
+
+        return await token_stream(self.engine, request_from_json(body), request.receive)
 
     async def pause(self, body: Any) -> dict[str, int]:
         await self.engine.pause()
