@@ -117,6 +117,25 @@ def test_the_yaml_example_declares_two_adapters_of_one_frozen_base():
         load_config(path, ["policies.base.frozen=false"]).build()
 
 
+def test_the_yaml_examples_shared_warm_start_gives_each_role_as_many_demos_as_its_own_model():
+    """The recipe of round 6 (docs/multi_agent_training.md): the shared base is fitted on
+    every role's demos at once, so it takes roles x the steps of a separate model's warm
+    start; at 1x (150) each role is underfitted, its replies too flat across inputs, and
+    the adapters stayed near chance (two runs), at 2x they learned like separate LoRAs."""
+    from pathlib import Path
+
+    from areal_agents.config import load_config
+
+    root = Path(__file__).parents[2] / "examples/signaling"
+    adapters = load_config(root / "lora_per_role.yaml", ["trainer.warm_start=null"]).build()
+    separate = load_config(root / "two_llms.yaml", ["trainer.warm_start=null"]).build()
+    roles = [p for p, pol in adapters.policies.items() if pol.adapter_of == "base"]
+    per_role = {separate.policies[p].sft_steps for p in roles}
+    assert len(roles) == 2 and per_role == {150}
+    assert adapters.policies["base"].sft_steps == len(roles) * 150
+    assert adapters.policies["base"].sft_lr == separate.policies["speaker"].sft_lr
+
+
 async def test_a_resumed_run_serves_and_trains_the_checkpointed_adapters(tmp_path):
     first = make("fsdp", run_dir=tmp_path, checkpoint_every=1)
     try:
