@@ -184,6 +184,10 @@ def test_verdict_rates_and_balanced_judge_transcripts(sj) -> None:
     verdicts = [t[1]["content"] for t in transcripts]
     assert sorted(verdicts) == ["correct"] * 3 + ["incorrect"] * 3  # the right one resampled
     assert {t[0]["content"] for t in transcripts if t[1]["content"] == "correct"} == {"prompt 0"}
+    before = ["correct", "incorrect", "correct", None]  # answer 0 is right, 1-3 wrong
+    after = ["incorrect", "incorrect", "incorrect", "incorrect"]
+    assert own_answers.paired_change(answers, before, after) == {
+        "kept": 1, "gained": 2, "lost": 1, "neither": 0}
 
 
 @pytest.mark.slow

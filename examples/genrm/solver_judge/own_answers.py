@@ -111,6 +111,18 @@ async def grade_judge(trainer: Any, env_kwargs: dict[str, Any], answers: list[An
     Raises:
         ValueError: the replayed env rendered another prompt than the one stored.
     """
+    verdicts = await judge_verdicts(trainer, env_kwargs, answers)
+    return verdict_rates([(a.correct, v) for a, v in zip(answers, verdicts, strict=True)])
+
+
+async def judge_verdicts(trainer: Any, env_kwargs: dict[str, Any], answers: list[Answer]
+                         ) -> list[str | None]:
+    """The greedy verdict of the trainer's ``judge`` policy on each of ``answers`` (see
+    ``grade_judge``), in order.
+
+    Raises:
+        ValueError: the replayed env rendered another prompt than the one stored.
+    """
 
     async def one(a: Answer) -> str | None:
         _, stats = await play(SolverJudge(**env_kwargs), a.seed, policy_of={"judge": "judge"},
@@ -123,8 +135,26 @@ async def grade_judge(trainer: Any, env_kwargs: dict[str, Any], answers: list[An
             raise ValueError(f"seed {a.seed}: the env rendered another judge prompt")
         return episode.infos["judge"]["verdict"]
 
-    verdicts = await asyncio.gather(*(one(a) for a in answers))
-    return verdict_rates([(a.correct, v) for a, v in zip(answers, verdicts, strict=True)])
+    return list(await asyncio.gather(*(one(a) for a in answers)))
+
+
+def paired_change(answers: list[Answer], before: list[str | None], after: list[str | None]
+                  ) -> dict[str, int]:
+    """How the judge's grading of the same answers changed: ``kept`` (right both times),
+    ``gained`` (wrong, then right), ``lost`` (right, then wrong), ``neither``. ``gained -
+    lost`` over ``len(answers)`` is the accuracy change; McNemar's test reads the two counts.
+
+    Example:
+        >>> a = [Answer(0, "", "", True), Answer(1, "", "", False), Answer(2, "", "", True)]
+        >>> paired_change(a, ["correct", "correct", None], ["correct", "incorrect", "correct"])
+        {'kept': 1, 'gained': 2, 'lost': 0, 'neither': 0}
+    """
+    out = dict.fromkeys(("kept", "gained", "lost", "neither"), 0)
+    for a, b, c in zip(answers, before, after, strict=True):
+        hit0, hit1 = (b == "correct") == a.correct and b is not None, \
+            (c == "correct") == a.correct and c is not None
+        out["kept" if hit0 and hit1 else "gained" if hit1 else "lost" if hit0 else "neither"] += 1
+    return out
 
 
 def verdict_rates(pairs: list[tuple[bool, str | None]]) -> dict[str, float]:

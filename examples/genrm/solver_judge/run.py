@@ -56,12 +56,14 @@ from own_answers import (
     HELD_OUT_SEEDS,
     TRAIN_SEEDS,
     Answer,
-    grade_judge,
     judge_transcripts,
+    judge_verdicts,
     load_warm_start,
+    paired_change,
     sample_answers,
     save_warm_start,
     sft_judge,
+    verdict_rates,
 )
 
 import areal_agents as aa
@@ -343,13 +345,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         models, held_out, data = await own_answer_warm_start(args)
     trainer = make_trainer(args, tally, models)
     curve: list[dict[str, float]] = []
+    graded: list[list[str | None]] = []  # the held-out verdicts of each grading
     history: list[dict[str, float]] = []
     try:
         await trainer.setup()
 
         async def grade() -> None:
             if held_out:
-                rates = await grade_judge(trainer, env_kwargs(args), held_out)
+                verdicts = await judge_verdicts(trainer, env_kwargs(args), held_out)
+                graded.append(verdicts)
+                rates = verdict_rates([(a.correct, v) for a, v in
+                                       zip(held_out, verdicts, strict=True)])
                 curve.append({"step": trainer.step, **rates})
                 print(f"held-out judge, step {trainer.step}: {json.dumps(rates)}", flush=True)
                 trainer.logger.log(trainer.step, {f"heldout_judge/{k}": v
@@ -381,8 +387,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         vals = [r[key] for r in rows if key in r]
         return sum(vals) / len(vals) if vals else float("nan")
 
+    paired = paired_change(held_out, graded[0], graded[-1]) if graded else {}
     return {"start": start, "final": final, "steps": len(history), "judge_data": data,
-            "judge_heldout": curve,
+            "judge_heldout": curve, "judge_heldout_paired": paired,
             "train_first": {key: mean(history[:k], key) for key in keys},
             "train_last": {key: mean(history[-k:], key) for key in keys},
             "per_step": [{"step": h["step"], **{key: h.get(key) for key in keys}}
@@ -462,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row.get('balanced_accuracy', float('nan')):.3f}, false-positive rate "
               f"{row.get('false_positive_rate', float('nan')):.3f}, false-negative rate "
               f"{row.get('false_negative_rate', float('nan')):.3f}")
+    if result["judge_heldout_paired"]:
+        print(f"  the same held-out answers, step 0 -> end: "
+              f"{json.dumps(result['judge_heldout_paired'])}")
     print(f"train (first/last fifth of steps): {json.dumps(result['train_first'])} -> "
           f"{json.dumps(result['train_last'])}")
     print(f"seconds: {result['seconds']:.0f} wall, {result['cpu_seconds']:.0f} CPU (this "
