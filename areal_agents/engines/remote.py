@@ -235,8 +235,9 @@ class RemoteEngine(HTTPEngine):
         if not self._streams_whole:
             return self._http
         if self._stream_http is None:
-            self._stream_http = httpx2.AsyncClient(base_url=self.url, timeout=self.timeout_s,
-                                                   headers=_auth(self.token))
+            self._stream_http = httpx2.AsyncClient(  # direct, as KeepAliveTransport: no
+                base_url=self.url, timeout=self.timeout_s,  # proxies from the environment
+                headers=_auth(self.token), trust_env=False)
         return self._stream_http
 
     async def _close_stream_client(self) -> None:
