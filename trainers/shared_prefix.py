@@ -184,18 +184,26 @@ def shared_prefix_hidden(backbone: nn.Module, plan: PrefixPlan, width: int) -> t
     prefix_hidden = out.last_hidden_state
     cache = out.cache if _cache_kwarg(type(backbone)) == "cache" else out.past_key_values
     cache.batch_select_indices(plan.group_of_row)  # each row gets its group's keys/values
-    rows, suffix = plan.suffix_ids.shape
-    groups, longest = plan.prefix_ids.shape
+    suffix = plan.suffix_ids.shape[1]
     full_mask = torch.cat([plan.prefix_mask[plan.group_of_row], plan.suffix_mask], dim=1)
     positions = plan.prefix_len[:, None] + torch.arange(suffix, device=full_mask.device)
     suffix_hidden = backbone(input_ids=plan.suffix_ids, attention_mask=full_mask.long(),
                              position_ids=positions, use_cache=True,
                              **{_cache_kwarg(type(backbone)): cache}).last_hidden_state
+    return assemble_hidden(plan, prefix_hidden, suffix_hidden, width)
+
+
+def assemble_hidden(plan: PrefixPlan, prefix_hidden: torch.Tensor, suffix_hidden: torch.Tensor,
+                    width: int) -> torch.Tensor:
+    """``[B, width, h]``: each row's prompt positions from its group's ``prefix_hidden``
+    ``[G, P, h]``, the rest from its ``suffix_hidden`` ``[B, S, h]``; zeros at padding."""
+    rows, suffix = plan.suffix_ids.shape
+    groups, longest = plan.prefix_ids.shape
     h = prefix_hidden.shape[-1]
     source = torch.cat([prefix_hidden.reshape(groups * longest, h),
                         suffix_hidden.reshape(rows * suffix, h),
                         prefix_hidden.new_zeros(1, h)])
-    t = torch.arange(width, device=full_mask.device)[None, :]  # [1, T]
+    t = torch.arange(width, device=prefix_hidden.device)[None, :]  # [1, T]
     in_prefix = t < plan.prefix_len[:, None]
     in_row = t < plan.row_len[:, None]
     from_prefix = plan.group_of_row[:, None] * longest + t
@@ -204,3 +212,12 @@ def shared_prefix_hidden(backbone: nn.Module, plan: PrefixPlan, width: int) -> t
     index = torch.where(in_prefix, from_prefix,
                         torch.where(in_row, from_suffix, torch.full_like(t, source.shape[0] - 1)))
     return source[index]
+
+
+def suffix_attention_mask(plan: PrefixPlan) -> torch.Tensor:
+    """``[B, 1, S, P + S]`` bool: what each remainder token attends to, its group's real
+    prompt tokens then the remainder causally (for an attention given the prompt's keys)."""
+    rows, suffix = plan.suffix_ids.shape
+    prompt = plan.prefix_mask[plan.group_of_row][:, None, None, :].expand(-1, 1, suffix, -1)
+    causal = torch.ones(suffix, suffix, dtype=torch.bool, device=prompt.device).tril()
+    return torch.cat([prompt, causal.expand(rows, 1, suffix, suffix)], dim=-1)

@@ -160,6 +160,52 @@ def test_cancelling_the_caller_cancels_the_generation_on_the_server(remote, loop
     assert log_line in remote.server.log_tail(50)
 
 
+async def _until(check: Any, polls: int = 200) -> None:
+    """Poll the coroutine function ``check`` (every 50 ms) until it returns True."""
+    for _ in range(polls):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+
+
+def test_a_caller_gone_before_the_first_token_cancels_the_queued_generation(remote, loop):
+    """Sent while the server is paused (no token can exist), then cancelled: the server
+    watches for the disconnect before its answer starts and drops the queued request."""
+    request = _req(_prompt(), max_tokens=50, temperature=0.0)
+    log_line = f"request {request.request_id}: the client disconnected before its first token"
+
+    async def scenario() -> tuple[int, bool, int]:
+        await remote.pause()
+        try:
+            task = asyncio.ensure_future(remote.generate_streaming(request, lambda d: None))
+
+            async def queued() -> bool:
+                return await _server_pending(remote) == 1
+
+            await _until(queued)
+            held = await _server_pending(remote)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+            async def logged() -> bool:
+                return log_line in remote.server.log_tail(50)
+
+            await _until(logged)
+            seen = await logged()
+        finally:
+            await remote.resume()
+
+        async def idle() -> bool:
+            return await _server_pending(remote) == 0
+
+        await _until(idle)
+        return held, seen, await _server_pending(remote)
+
+    assert loop.run_until_complete(scenario()) == (1, True, 0)
+    assert remote.num_pending == 0
+
+
 def test_errors_before_the_first_token_are_generates_answers(remote, loop):
     async def scenario() -> list[tuple[int, Any]]:
         answers = []

@@ -10,9 +10,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling, sequence_logprobs
+from areal_agents.trainers.shared_prefix import PrefixPlan, assemble_hidden, suffix_attention_mask
 
 from .models import ModelArgs, Transformer, from_hf, relayout
-from .models.qwen3 import Packing
+from .models.qwen3 import Packing, PromptKV
 
 
 class ArchonPolicyModule(nn.Module):
@@ -33,9 +34,12 @@ class ArchonPolicyModule(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 sampling: RowSampling | float = 1.0,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                positions: torch.Tensor | None = None,
+                prefix_plan: PrefixPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
-        if self.pack:
+        if prefix_plan is not None:  # each shared prompt once (trainers/shared_prefix.py)
+            h = model.norm(_shared_backbone(model, prefix_plan, input_ids.shape[1]))
+        elif self.pack:
             h = _packed_backbone(model, input_ids, attention_mask)
         else:
             h = model.norm(_backbone(model, input_ids))
@@ -54,6 +58,24 @@ def _backbone(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     for layer in model.layers.values():
         h = layer(h, cos, sin)
     return h
+
+
+def _shared_backbone(model: Transformer, plan: PrefixPlan, width: int) -> torch.Tensor:
+    """Hidden states ``[B, width, dim]`` after the last block (zeros at padding), each group's
+    prompt run once: a prompt pass recording every layer's keys/values (``PromptKV``), then
+    every row's remainder at its own positions on top of its group's."""
+    kv = PromptKV()
+    h = model.tok_embeddings(plan.prefix_ids)  # [G, P, dim]
+    longest, suffix = plan.prefix_ids.shape[1], plan.suffix_ids.shape[1]
+    cos, sin = model.rope_table(int(plan.prefix_len.max()) + suffix, h.dtype)
+    for layer in model.layers.values():
+        h = layer(h, cos[:longest], sin[:longest], None, kv)
+    kv.extend(plan.group_of_row, suffix_attention_mask(plan))
+    positions = plan.prefix_len[:, None] + torch.arange(suffix, device=h.device)  # [B, S]
+    hs = model.tok_embeddings(plan.suffix_ids)
+    for layer in model.layers.values():
+        hs = layer(hs, cos[positions], sin[positions], None, kv)
+    return assemble_hidden(plan, h, hs, width)
 
 
 def _packed_backbone(model: Transformer, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

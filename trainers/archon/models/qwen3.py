@@ -102,6 +102,37 @@ class Packing(NamedTuple):
         return x.reshape(self.batch * self.seqlen, *x.shape[2:]).index_select(0, self.index)
 
 
+class PromptKV:
+    """Keys and values handed from a shared-prompt pass to the remainder pass
+    (``trainers/shared_prefix.py``). Passed to every block: while ``rows`` is ``None`` each
+    attention appends its post-RoPE ``(k, v)`` ``[G, kv_heads, P, head_dim]`` and attends
+    causally; after ``extend`` each prepends its layer's pair, gathered by ``rows`` (each
+    row's group), and attends under ``mask`` ``[B, 1, S, P + S]``. Gradients flow through
+    the gathered keys and values into the prompt pass."""
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rows: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self._next = 0
+
+    def extend(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
+        """Switch to the remainder pass: ``rows`` ``[B]`` group of each row, ``mask``
+        ``[B, 1, S, P + S]`` bool."""
+        self.rows, self.mask, self._next = rows, mask, 0
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA over ``[b, heads, t, head_dim]`` q/k/v, recording or prepending the prompt's."""
+        if self.rows is None:
+            self.layers.append((k, v))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        past_k, past_v = self.layers[self._next]
+        self._next += 1
+        k = torch.cat([past_k[self.rows], k], dim=2)
+        v = torch.cat([past_v[self.rows], v], dim=2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention. Head counts are inferred from the (possibly
     tensor-parallel, hence local) projection widths, so TP needs no change here.
@@ -128,9 +159,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                packing: Packing | None = None) -> torch.Tensor:
-        """``x`` ``[b, t, dim]`` (``cos/sin`` ``[t, 1, head_dim]``) or packed ``[n, dim]``
-        (``cos/sin`` ``[n, 1, head_dim]``, ``packing`` given); returns the same layout."""
+                packing: Packing | None = None, kv: PromptKV | None = None) -> torch.Tensor:
+        """``x`` ``[b, t, dim]`` (``cos/sin`` ``[t, 1, head_dim]``, or ``[b, t, 1, head_dim]``
+        per row) or packed ``[n, dim]`` (``cos/sin`` ``[n, 1, head_dim]``, ``packing``
+        given); returns the same layout. ``kv``: a shared-prompt pass (unpacked only)."""
         if self.fused:
             q, k, v = self.wqkv(x).split(self.split, dim=-1)
         else:
@@ -142,8 +174,11 @@ class Attention(nn.Module):
         if packing is not None:
             q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [b, heads, t, head_dim]
-        # Right-padded batches only: a causal mask already keeps real tokens off the padding.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if kv is not None:
+            out = kv.attend(q, k, v)
+        else:
+            # Right-padded batches only: a causal mask already keeps real tokens off the padding.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         out = out.transpose(1, 2)  # [b, t, heads, head_dim]
         out = packing.pack(out) if packing is not None else out
         return self.wo(out.flatten(-2))
@@ -188,8 +223,10 @@ class TransformerBlock(nn.Module):
             self.feed_forward = FeedForward(args.dim, args.hidden_dim, args.fused_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                packing: Packing | None = None) -> torch.Tensor:
+                packing: Packing | None = None, kv: PromptKV | None = None) -> torch.Tensor:
         rest = (cos, sin) if packing is None else (cos, sin, packing)  # TP input plans count args
+        if kv is not None:  # a shared-prompt pass (never under TP)
+            rest = (cos, sin, None, kv)
         h = x + self.attention(self.attention_norm(x), *rest)
         return h + self.feed_forward(self.ffn_norm(h))
 
