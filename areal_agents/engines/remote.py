@@ -394,8 +394,8 @@ class RemoteEngine(HTTPEngine):
                 raise EngineError("RemoteEngine was closed while its server restarted")
             self.server, self.token = server, token
             self._group = None  # the new server has not joined it
-            await self._close_stream_client()  # the old server's URL and token
             await self._reconnect(url, _auth(token))
+            await self._close_stream_client()  # the old server's URL and token
 
     async def _release(self) -> None:
         """Close the streaming client; remove the kept weights and the shared-memory block

@@ -1,7 +1,7 @@
 """``RemoteEngine.generate_streaming`` against a real engine-server process (slow: the start
 loads torch): tokens leave the server per decode step, exactly ``generate``'s result at the end.
 
-One server serves the module; the last test kills it.
+One server serves the module; the last test launches (and kills) its own.
 """
 
 from __future__ import annotations
@@ -267,13 +267,29 @@ def test_a_gateway_stream_over_a_remote_engine_sends_a_chunk_per_decode_step(rem
     assert [t.completion_ids for t in turns] == [ids]
 
 
-def test_a_server_killed_mid_stream_makes_the_stream_unavailable(remote, loop):
-    async def scenario() -> None:
-        task, _ = await _first_delta_then(remote, _req(_prompt(), max_tokens=3000,
-                                                       temperature=1.0, seed=3))
-        os.killpg(remote.server.pid, signal.SIGKILL)
-        await task
+def test_a_server_killed_mid_stream_is_unavailable_and_a_restarted_one_streams(model_dir, loop):
+    """Its own server (restartable): killed after the first delta, the stream raises what
+    ``generate`` raises for a dead server; after ``restart`` (a new port and token) streaming
+    reaches the new server."""
+    request = _req(_prompt(), max_tokens=16, temperature=0.0)
 
-    with pytest.raises(EngineUnavailable, match=r"The server process is exited \(-9\)"):
-        loop.run_until_complete(scenario())
-    assert not remote.alive and remote.num_pending == 0
+    async def scenario() -> tuple[str, str, Any, Any]:
+        engine = await RemoteEngine.launch(model_dir, restart_limit=1)
+        try:
+            task, _ = await _first_delta_then(engine, _req(_prompt(), max_tokens=3000,
+                                                           temperature=1.0, seed=3))
+            old_url = engine.url
+            os.killpg(engine.server.pid, signal.SIGKILL)
+            with pytest.raises(EngineUnavailable, match=r"The server process is exited \(-9\)"):
+                await task
+            assert not engine.alive and engine.num_pending == 0
+            await engine.restart()
+            deltas: list[TokenDelta] = []
+            streamed = await engine.generate_streaming(request, deltas.append)
+            assert [t for d in deltas for t in d.token_ids] == streamed.outputs[0].token_ids
+            return old_url, engine.url, streamed, await engine.generate(request)
+        finally:
+            await engine.close()
+
+    old_url, new_url, streamed, whole = loop.run_until_complete(scenario())
+    assert new_url != old_url and streamed.outputs == whole.outputs
