@@ -31,7 +31,8 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int,
         token_budget: maximum padded tokens (``rows * longest``) per micro-batch; with
             ``prompts``, maximum ``shared_cost``.
         prompts: each row's prompt group and length (``shared_prefix.row_prompts``), when
-            the engine shares prompts: whole groups are packed (``plan_grouped``).
+            the engine shares prompts: whole groups are packed (``plan_grouped``) when some
+            group has several rows (else the plan by length).
 
     Returns:
         Lists of indices into ``lengths`` covering each index exactly once; micro-batches and
@@ -46,8 +47,8 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int,
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1 (got {token_budget})")
-    if prompts is not None:
-        return plan_grouped(lengths, token_budget, prompts)
+    if prompts is not None and len(set(prompts.group)) < len(prompts.group):
+        return plan_grouped(lengths, token_budget, prompts)  # some prompt is shared
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     plans: list[list[int]] = []
     current: list[int] = []

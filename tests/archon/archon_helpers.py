@@ -161,3 +161,21 @@ def save_then_resume(engine_kwargs: dict, path: str) -> dict:
     wa, wb = dict(a.export_weights()), dict(b.export_weights())
     diff = max(((wa[k] - wb[k]).abs().max().item() for k in wa), default=0.0)
     return {"losses": (la, lb), "diff": diff, "step": b.step, "n": len(wa)}
+
+
+def train_grouped(engine_kwargs: dict, steps: int = 2) -> dict:
+    """``train_once`` on the grouped batch of the shared-prompt tests (10 prompts x 4
+    answers, ``fsdp._helpers.many_groups``), with the engine's sharing flag and saved tokens."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # spawned ranks: tests/ too
+    from fsdp._helpers import many_groups, ppo_loss
+
+    from areal_agents.trainers.archon import ArchonEngine
+
+    engine = ArchonEngine(hf_tiny("qwen3", seed=1), lr=1e-3, token_budget=80, **engine_kwargs)
+    batch = many_groups()
+    stats = [engine.train_step(batch, ppo_loss) for _ in range(steps)]
+    return {"stats": stats, "logprobs": engine.forward_logprobs(batch),
+            "weights": dict(engine.export_weights()), "shares": engine.share_prompts}

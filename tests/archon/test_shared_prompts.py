@@ -11,7 +11,7 @@ from fsdp._helpers import many_groups, ppo_loss
 
 from areal_agents.trainers.archon import ArchonEngine
 
-from .archon_helpers import hf_tiny
+from .archon_helpers import assert_same_run, hf_tiny, run_distributed, train_grouped
 
 WHOLE = 3 * sum(6 + p % 8 for p in range(10))  # many_groups: 10 prompts run once, not 4 times
 
@@ -55,3 +55,14 @@ def test_sharing_is_off_where_unsupported():
     hf = hf_tiny("qwen3_moe", seed=1)
     assert not ArchonEngine(hf, lr=1e-3).share_prompts  # MoE: the router's aux loss per pass
     assert not ArchonEngine(hf_tiny("qwen3"), activation_checkpoint="full").share_prompts
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_fsdp2_ranks_sharing_equal_one_process_without(tmp_path):
+    single = train_grouped({"share_prompts": False})
+    results = run_distributed(train_grouped, 2, str(tmp_path), engine_kwargs={"dp_shard": 2})
+    assert results[0]["shares"] and not single["shares"]
+    assert_same_run(single, results[0], atol=1e-5)
+    assert results[0]["stats"] == results[1]["stats"]
+    assert 0 < results[0]["stats"][0]["shared_prompt_tokens"] < WHOLE  # groups dealt by length

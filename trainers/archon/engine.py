@@ -254,12 +254,13 @@ class ArchonEngine(TrainEngine):
                              clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens,
                              step=self.step)
         self.step += 1
-        if self.share_prompts:  # prompt tokens this step's forwards did not recompute
+        if self.share_prompts:  # prompt tokens this step's forwards did not recompute, if any
             saved = torch.tensor(float(self.shared_prompt_tokens - shared_before))
             if self.dims.dp_enabled:  # summed over the data-parallel ranks
                 saved = saved.to(self.device)
                 dist.all_reduce(saved, group=self.dims.build_mesh()["dp_shard"].get_group())
-            out["shared_prompt_tokens"] = float(saved)
+            if float(saved) > 0:  # the same on every rank (summed)
+                out["shared_prompt_tokens"] = float(saved)
         return out
 
     def _accumulate(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:

@@ -130,7 +130,8 @@ class FSDPEngine(TrainEngine):
             micro-batches keep a group's rows together (``plan_microbatches``); in one process
             and under FSDP2, without gradient checkpointing, on full-attention models, and
             only where it saves >= 20% of a micro-batch's tokens. ``shared_prompt_tokens``
-            counts this process's saved tokens; a train step's stat sums the ranks'.
+            counts this process's saved tokens; a train step's stat sums the ranks' (absent
+            when nothing was shared).
         device: defaults to ``cuda:LOCAL_RANK`` when available, else CPU.
         chunk_size: rows per chunk of the LM-head log-prob computation.
 
@@ -286,12 +287,13 @@ class FSDPEngine(TrainEngine):
             optimizer=self.optimizer, scheduler=self.scheduler,
             clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens, step=self.step)
         self.step += 1
-        if self.share_prompts:  # prompt tokens this step's forwards did not recompute
+        if self.share_prompts:  # prompt tokens this step's forwards did not recompute, if any
             saved = torch.tensor(float(self.shared_prompt_tokens - shared_before))
             if group is not None:  # summed over the ranks, like the other stats
                 saved = saved.to(self.device)
                 dist.all_reduce(saved, group=group)
-            out["shared_prompt_tokens"] = float(saved)
+            if float(saved) > 0:  # the same on every rank (summed)
+                out["shared_prompt_tokens"] = float(saved)
         return out
 
     def clip_grad_norm(self) -> float:
