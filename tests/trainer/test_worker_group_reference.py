@@ -42,8 +42,9 @@ async def test_group_warm_start_runs_on_the_ranks_and_matches_one_process(tmp_pa
     policy = Policy(sft_steps=3, sft_lr=1e-2, api="completions")
     model, tokenizer = tiny("xs", seed=0)
     single_model, _ = tiny("xs", seed=0)
-    # the ranks (FSDP2) run every row's prompt, so the one-process side does too (shared
-    # prompts round differently, ~1.5e-5 here: tests/fsdp/test_shared_prompts.py)
+    # the one-process side runs every row's prompt: the ranks share prompts only among the
+    # rows each was dealt, so a side sharing every group would round differently (~1.5e-5
+    # here, over the 1e-5 below; sharing itself: tests/fsdp/test_shared_prompts.py)
     plain = functools.partial(FSDPEngine, share_prompts=False)
     want = await warm_start_policy(policy, single_model, tokenizer, plain, TRANSCRIPTS)
     plan = warm_start_plan(policy, tokenizer, TRANSCRIPTS)
