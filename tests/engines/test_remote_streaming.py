@@ -29,22 +29,6 @@ LONG = 400  # tokens of the "long" requests: many decode steps after the first d
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, tok = tiny("xs", seed=0)
-    path = tmp_path_factory.mktemp("model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def loop() -> Any:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def remote(model_dir: Path, loop: Any) -> Any:
     torch.set_num_threads(1)
     engine = loop.run_until_complete(RemoteEngine.launch(model_dir, max_batch_size=8))
