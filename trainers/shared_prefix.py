@@ -132,11 +132,10 @@ def plan_shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     prefixes: list[list[int]] = [[] for _ in range(max(keys.group) + 1)]
     for r, g in enumerate(keys.group):
         prefixes[g] = rows[r][: keys.length[r]]
-    if not shares_enough(keys.length, sum(len(p) for p in prefixes), int(row_len.sum()),
-                         min_saving):
+    distinct = sum(len(p) for p in prefixes)
+    if not shares_enough(keys.length, distinct, int(row_len.sum()), min_saving):
         return None
-    group_of_row = keys.group
-    saved = sum(keys.length) - sum(len(p) for p in prefixes)
+    saved = sum(keys.length) - distinct
     longest = max(len(p) for p in prefixes)
     prefix_ids = torch.zeros(len(prefixes), longest, dtype=input_ids.dtype)
     prefix_mask = torch.zeros(len(prefixes), longest, dtype=torch.bool)
@@ -150,7 +149,7 @@ def plan_shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     gathered = input_ids.gather(1, offsets.clamp(max=input_ids.shape[1] - 1))
     suffix_ids = torch.where(suffix_mask, gathered, torch.zeros_like(gathered))
     device = input_ids.device
-    return PrefixPlan(torch.tensor(group_of_row, device=device), first, row_len,
+    return PrefixPlan(torch.tensor(keys.group, device=device), first, row_len,
                       prefix_ids.to(device), prefix_mask.to(device), suffix_ids, suffix_mask,
                       saved)
 

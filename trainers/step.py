@@ -30,7 +30,12 @@ from areal_agents.samples import TokenBatch
 from areal_agents.trainers.base import LossFn
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import apply_update
-from areal_agents.trainers.shared_prefix import RowPrompts
+from areal_agents.trainers.shared_prefix import (
+    PrefixPlan,
+    RowPrompts,
+    plan_shared_prefix,
+    row_prompts,
+)
 
 __all__ = ["MicroBatchSlot", "accumulate_microbatches", "loss_positions",
            "plan_rank_microbatches", "rank_microbatches", "run_train_step", "with_fillers"]
@@ -55,6 +60,31 @@ def loss_positions(mb: TokenBatch) -> torch.Tensor:
     if mb.loss_weights is not None:
         keep = keep | (mb.loss_weights != 0)
     return keep
+
+
+def batch_prompts(batch: TokenBatch) -> RowPrompts:
+    """Every row's shared-prompt key (its tokens before its first loss position), for an
+    engine that shares prompts to plan micro-batches by group (``plan_microbatches``)."""
+    return row_prompts(batch.input_ids, batch.attention_mask, loss_positions(batch))
+
+
+def prompt_plan(mb: TokenBatch) -> PrefixPlan | None:
+    """The shared-prompt plan of micro-batch ``mb`` (``plan_shared_prefix`` split at its loss
+    positions), or ``None`` when sharing would save too little."""
+    return plan_shared_prefix(mb.input_ids, mb.attention_mask, loss_positions(mb))
+
+
+def add_shared_prompt_stat(out: dict[str, float], saved: int,
+                           group: dist.ProcessGroup | None, device: torch.device | str) -> None:
+    """Set ``out["shared_prompt_tokens"]``: the prompt tokens a train step's forwards did not
+    recompute, summed over ``group`` (a collective when given: call on every rank); left out
+    when nothing was saved anywhere (the same decision on every rank)."""
+    total = torch.tensor(float(saved))
+    if group is not None:
+        total = total.to(device)
+        dist.all_reduce(total, group=group)
+    if float(total) > 0:
+        out["shared_prompt_tokens"] = float(total)
 
 
 class MicroBatchSlot(NamedTuple):

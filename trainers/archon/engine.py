@@ -16,11 +16,14 @@ from areal_agents.trainers.base import LossFn, TrainEngine
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule
-from areal_agents.trainers.shared_prefix import RowPrompts, plan_shared_prefix, row_prompts
+from areal_agents.trainers.shared_prefix import RowPrompts
 from areal_agents.trainers.step import (
     accumulate_microbatches,
+    add_shared_prompt_stat,
+    batch_prompts,
     loss_positions,
     plan_rank_microbatches,
+    prompt_plan,
     run_train_step,
 )
 
@@ -195,10 +198,8 @@ class ArchonEngine(TrainEngine):
     def _forward(self, mb: TokenBatch,
                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logprobs, entropy)`` ``[b, t]`` under each row's sampling params."""
-        plan = None
-        if self.share_prompts:
-            plan = plan_shared_prefix(mb.input_ids, mb.attention_mask, loss_positions(mb))
-            self.shared_prompt_tokens += plan.saved_tokens if plan is not None else 0
+        plan = prompt_plan(mb) if self.share_prompts else None
+        self.shared_prompt_tokens += plan.saved_tokens if plan is not None else 0
         return self.module(mb.input_ids, mb.attention_mask, RowSampling.of(mb), positions, plan)
 
     def _train_forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +208,7 @@ class ArchonEngine(TrainEngine):
 
     def _prompts(self, batch: TokenBatch) -> RowPrompts | None:
         """Every row's prompt key when sharing prompts, else ``None`` (plan by length)."""
-        if not self.share_prompts:
-            return None
-        return row_prompts(batch.input_ids, batch.attention_mask, loss_positions(batch))
+        return batch_prompts(batch) if self.share_prompts else None
 
     @torch.no_grad()
     def forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
@@ -254,13 +253,10 @@ class ArchonEngine(TrainEngine):
                              clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens,
                              step=self.step)
         self.step += 1
-        if self.share_prompts:  # prompt tokens this step's forwards did not recompute, if any
-            saved = torch.tensor(float(self.shared_prompt_tokens - shared_before))
-            if self.dims.dp_enabled:  # summed over the data-parallel ranks
-                saved = saved.to(self.device)
-                dist.all_reduce(saved, group=self.dims.build_mesh()["dp_shard"].get_group())
-            if float(saved) > 0:  # the same on every rank (summed)
-                out["shared_prompt_tokens"] = float(saved)
+        if self.share_prompts:  # summed over the data-parallel ranks
+            dp = self.dims.build_mesh()["dp_shard"].get_group() if self.dims.dp_enabled else None
+            add_shared_prompt_stat(out, self.shared_prompt_tokens - shared_before, dp,
+                                   self.device)
         return out
 
     def _accumulate(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:

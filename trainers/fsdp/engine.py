@@ -20,15 +20,16 @@ from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule, lr_la
 from areal_agents.trainers.shared_prefix import (
     PrefixPlan,
     RowPrompts,
-    plan_shared_prefix,
-    row_prompts,
     shared_prefix_hidden,
     supports_shared_prefix,
 )
 from areal_agents.trainers.step import (
     accumulate_microbatches,
+    add_shared_prompt_stat,
+    batch_prompts,
     loss_positions,
     plan_rank_microbatches,
+    prompt_plan,
     run_train_step,
 )
 
@@ -228,10 +229,8 @@ class FSDPEngine(TrainEngine):
     def _forward(self, mb: TokenBatch,
                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         sampling = RowSampling.of(mb)  # per-row temperature/top-k/top-p (not cast by FSDP)
-        plan = None
-        if self.share_prompts:
-            plan = plan_shared_prefix(mb.input_ids, mb.attention_mask, loss_positions(mb))
-            self.shared_prompt_tokens += plan.saved_tokens if plan is not None else 0
+        plan = prompt_plan(mb) if self.share_prompts else None
+        self.shared_prompt_tokens += plan.saved_tokens if plan is not None else 0
         if self.mixed_precision == "bf16" and not self.distributed:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.module(mb.input_ids, mb.attention_mask, sampling, positions, plan)
@@ -240,9 +239,7 @@ class FSDPEngine(TrainEngine):
     def _prompts(self, batch: TokenBatch) -> RowPrompts | None:
         """Every row's prompt key when sharing prompts (micro-batches then keep a group's
         rows together, ``trainers/microbatch.py``), else ``None`` (plan by length)."""
-        if not self.share_prompts:
-            return None
-        return row_prompts(batch.input_ids, batch.attention_mask, loss_positions(batch))
+        return batch_prompts(batch) if self.share_prompts else None
 
     def _train_forward(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``_forward`` at the loss's positions only (``LossFn``: 0 elsewhere)."""
@@ -287,13 +284,9 @@ class FSDPEngine(TrainEngine):
             optimizer=self.optimizer, scheduler=self.scheduler,
             clip_grad_norm=self.clip_grad_norm, num_tokens=batch.num_tokens, step=self.step)
         self.step += 1
-        if self.share_prompts:  # prompt tokens this step's forwards did not recompute, if any
-            saved = torch.tensor(float(self.shared_prompt_tokens - shared_before))
-            if group is not None:  # summed over the ranks, like the other stats
-                saved = saved.to(self.device)
-                dist.all_reduce(saved, group=group)
-            if float(saved) > 0:  # the same on every rank (summed)
-                out["shared_prompt_tokens"] = float(saved)
+        if self.share_prompts:  # summed over the ranks, like the other stats
+            add_shared_prompt_stat(out, self.shared_prompt_tokens - shared_before, group,
+                                   self.device)
         return out
 
     def clip_grad_norm(self) -> float:
