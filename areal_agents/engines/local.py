@@ -438,12 +438,16 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             with self._rows([hit.job.request.adapter for hit in hits]):
                 prefilled = self._prefill_hits(hits)
             self._join([seq for hit in hits for seq in hit.job.seqs], prefilled)
-        for group in _prefill_groups(misses, PREFILL_TOKEN_BUDGET):
-            self.prefill_counts.computed += sum(len(job.request.prompt_ids) for job in group)
-            with self._rows([job.request.adapter for job in group]):
-                prefilled = prefill(self.model, [job.request.prompt_ids for job in group],
-                                    [job.request.sampling.n for job in group], self.device)
-            self._join([seq for job in group for seq in job.seqs], prefilled)
+        for group in _prefill_groups(_same_prompts(misses), PREFILL_TOKEN_BUDGET):
+            firsts = [same[0].request for same in group]
+            self.prefill_counts.computed += sum(len(request.prompt_ids) for request in firsts)
+            self.prefill_counts.shared += sum(len(job.request.prompt_ids)
+                                              for same in group for job in same[1:])
+            with self._rows([request.adapter for request in firsts]):
+                prefilled = prefill(self.model, [request.prompt_ids for request in firsts],
+                                    [sum(job.request.sampling.n for job in same) for same in group],
+                                    self.device)
+            self._join([seq for same in group for job in same for seq in job.seqs], prefilled)
         finished += self._drop_finished()  # aborted rows; max_tokens=1 or EOS first
         if self._running:
             with self._rows([s.adapter for s in self._running]):
@@ -657,18 +661,33 @@ def _read_tensors(update: WeightUpdate) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _prefill_groups(jobs: list[_Job], budget: int) -> list[list[_Job]]:
-    """Split ``jobs`` into consecutive groups whose padded prefill fits ``budget`` tokens."""
-    groups: list[list[_Job]] = []
-    width = 0
+def _same_prompts(jobs: list[_Job]) -> list[list[_Job]]:
+    """``jobs`` gathered by identical (adapter, prompt ids), in order of first arrival.
+
+    Each list is prefilled once (its first job's prompt) and its keys/values copied to every
+    job's rows: the members of a GRPO group send one prompt as separate requests, and their
+    rows are what the prefill would compute for each of them.
+    """
+    same: dict[tuple[str | None, tuple[int, ...]], list[_Job]] = {}
     for job in jobs:
-        new_width = max(width, len(job.request.prompt_ids))
+        same.setdefault((job.request.adapter, tuple(job.request.prompt_ids)), []).append(job)
+    return list(same.values())
+
+
+def _prefill_groups(prompts: list[list[_Job]], budget: int) -> list[list[list[_Job]]]:
+    """Split ``prompts`` (``_same_prompts``) into consecutive groups whose padded prefill of
+    one row per distinct prompt fits ``budget`` tokens."""
+    groups: list[list[list[_Job]]] = []
+    width = 0
+    for same in prompts:
+        length = len(same[0].request.prompt_ids)
+        new_width = max(width, length)
         if groups and new_width * (len(groups[-1]) + 1) <= budget:
-            groups[-1].append(job)
+            groups[-1].append(same)
             width = new_width
         else:
-            groups.append([job])
-            width = len(job.request.prompt_ids)
+            groups.append([same])
+            width = length
     return groups
 
 

@@ -55,10 +55,13 @@ class CachedPrefix:
 @dataclass
 class PrefillCounts:
     """Prompt tokens an engine prefilled: ``computed`` by a forward pass, ``reused`` from the
-    prefix cache (a request's ``n`` samples share one prefill and count once)."""
+    prefix cache, ``shared`` from another request with the same prompt (and adapter) that
+    joined the batch in the same step (a GRPO group's members: one prefill, every member's rows
+    copy its keys/values). A request's ``n`` samples share one prefill and count once."""
 
     computed: int = 0
     reused: int = 0
+    shared: int = 0
 
 
 class PrefixCache:
