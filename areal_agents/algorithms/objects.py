@@ -59,8 +59,10 @@ class PolicyGradient:
         baseline: ``"group"`` (per (group, agent) statistics) or ``"ema"`` (per-role moving
             average, for self-play without groups; the object keeps the state).
         ema_decay: EMA factor for ``baseline="ema"``.
-        group_by: the groups of ``baseline="group"``: ``"role"`` (task, role) or ``"turn"``
-            (task, role, turn: AT-GRPO's turn-level credit; see ``algorithms.turn_groups``).
+        group_by: the groups of ``baseline="group"``: ``"role"`` (task, role), ``"turn"``
+            (task, role, turn: AT-GRPO's turn-level credit) or ``"episode"`` (task, policy,
+            episode: the samples of one episode's seats that share a policy, e.g. K judge
+            verdicts on one answer); see ``algorithms.turn_groups``.
     """
 
     clip_eps: float = 0.2

@@ -227,45 +227,32 @@ def test_per_class_wiring_turns_off_the_judges_std_normalisation(sj, tmp_path) -
 # --- round 4: several judge verdicts per answer, grouped per answer --------------------------
 
 
-@pytest.fixture(scope="module")
-def groups_mod(sj):  # loaded by run.py from the example folder
-    import answer_groups
-
-    return answer_groups
-
-
 def _verdict_sample(seat: str, episode: str, reward: float, group: str = "7"):
     from areal_agents.samples import Sample
 
     return Sample([1, 2], [0, 1], [0.0, -0.5], [-1, 0], reward=reward, agent=seat,
-                  group=group, meta={"episode": episode})
+                  policy="judge", group=group, meta={"episode": episode})
 
 
-def test_answer_groups_compare_the_verdicts_on_one_answer(groups_mod) -> None:
-    from areal_agents.algorithms import GRPO
-
+def test_judge_policy_groups_the_verdicts_on_one_answer(sj, tmp_path) -> None:
+    """With K > 1 the judge policy's GRPO is the library's ``group_by="episode"``: the K
+    verdicts on one answer form a group; the solver keeps (task, agent) groups."""
+    args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-reward", "per-class",
+                          "--judge-samples", "3"])
+    algorithms = sj.make_trainer(args, sj.JudgeTally()).algorithms
     # two answers to task 7 (episodes a, b), 3 verdicts each; answer b is easy (all agree)
     rows = [("judge", "a", 1.0), ("judge_1", "a", 0.0), ("judge_2", "a", 0.0),
             ("judge", "b", 1.0), ("judge_1", "b", 1.0), ("judge_2", "b", 1.0)]
     samples = [_verdict_sample(*r) for r in rows]
-    assert groups_mod.answer_group_ids(samples).tolist() == [0, 0, 0, 1, 1, 1]
-    per_answer = groups_mod.AnswerGroupedGRPO(per_answer=True, std_normalize=False)
-    assert per_answer.advantages(samples) == pytest.approx(
-        [2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0])
-    # off (or plain GRPO): groups by (task, seat), each mixing the two answers
-    plain = GRPO(std_normalize=False).advantages(samples)
-    assert groups_mod.AnswerGroupedGRPO(std_normalize=False).advantages(samples) == plain
-    assert plain == pytest.approx([0.0, -0.5, -0.5, 0.0, 0.5, 0.5])
-    std = groups_mod.AnswerGroupedGRPO(per_answer=True).advantages(samples)
-    assert std[:3] == pytest.approx([2 / 3 / 0.57735, -1 / 3 / 0.57735, -1 / 3 / 0.57735],
-                                    rel=1e-4) and std[3:] == [0.0, 0.0, 0.0]
+    assert algorithms["judge"].advantages(samples) == pytest.approx(
+        [2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0])  # per-class: no std normalisation
+    # per (task, seat) instead, each group mixes the two answers
+    assert algorithms["solver"].group_by == "role"
+    assert type(algorithms["judge"])(std_normalize=False).advantages(samples) == pytest.approx(
+        [0.0, -0.5, -0.5, 0.0, 0.5, 0.5])
     # another task's answer with the same episode id is another group
     other = _verdict_sample("judge", "a", 1.0, group="8")
-    assert groups_mod.answer_group_ids([*samples, other]).tolist()[-1] == 2
-    from areal_agents.samples import Sample
-
-    with pytest.raises(ValueError, match=r"no meta\['episode'\]"):
-        groups_mod.answer_group_ids([Sample([1], [1], [0.0], [0], agent="judge")])
+    assert algorithms["judge"].advantages([*samples, other])[-1] == 0.0
 
 
 def _k_verdicts(truth: bool, verdicts: list[str | None]) -> Episode:
@@ -308,21 +295,21 @@ def test_judge_samples_wiring(sj, tmp_path) -> None:
     trainer = sj.make_trainer(args, sj.JudgeTally())
     assert trainer.policy_of == {"solver": "solver", "judge": "judge", "judge_1": "judge",
                                  "judge_2": "judge", "judge_3": "judge"}
-    assert trainer.algorithms["judge"].per_answer is True
+    assert trainer.algorithms["judge"].group_by == "episode"
     assert trainer.algorithms["judge"].std_normalize is False
-    assert trainer.algorithms["solver"].per_answer is False
+    assert trainer.algorithms["solver"].group_by == "role"
     assert trainer.policies["judge"].sampling["temperature"] == 1.5
     assert trainer.policies["solver"].sampling["temperature"] == 1.0
     assert trainer.rewards.group_reward_fns[0].per_answer is True
     args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-samples", "4",
                           "--judge-groups", "task"])
-    assert sj.make_trainer(args, sj.JudgeTally()).algorithms["judge"].per_answer is False
+    assert sj.make_trainer(args, sj.JudgeTally()).algorithms["judge"].group_by == "role"
     with pytest.raises(ValueError, match="--judge-groups answer needs --judge-samples >= 2"):
         sj.make_trainer(sj.parse_args(["--judge-groups", "answer"]), sj.JudgeTally())
 
 
 @pytest.mark.slow
-async def test_k_verdicts_are_recorded_with_their_exact_tokens(sj, groups_mod) -> None:
+async def test_k_verdicts_are_recorded_with_their_exact_tokens(sj) -> None:
     """A tiny judge, asked 3 times per answer through the Trainer's gateway seats: each
     verdict is one sample of its seat, with the same prompt ids, the tokens the engine
     generated (decoded: the verdict the env parsed), its own agreement reward, and the three
@@ -330,6 +317,7 @@ async def test_k_verdicts_are_recorded_with_their_exact_tokens(sj, groups_mod) -
     import own_answers
 
     from areal_agents.agents import ScriptedAgent
+    from areal_agents.algorithms.turn_groups import credit_group_ids
     from areal_agents.envs.solver_judge import SolverJudge, parse_verdict
     from areal_agents.trainers.episodes import play
 
@@ -373,7 +361,7 @@ async def test_k_verdicts_are_recorded_with_their_exact_tokens(sj, groups_mod) -
             assert len(prompts) == 1  # the same prompt ids, K times
             assert tokenizer.decode(next(iter(prompts))).endswith(reply)
             assert len({s.meta["episode"] for s in samples}) == 1
-            assert groups_mod.answer_group_ids(samples).tolist() == [0, 0, 0]
+            assert credit_group_ids(samples, "episode").tolist() == [0, 0, 0]
         assert seen_rewards == {0.0, 1.0}  # both outcomes occurred
     finally:
         await trainer.aclose()

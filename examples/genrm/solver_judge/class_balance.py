@@ -21,7 +21,7 @@ reward per class (its GRPO advantage before any std normalisation).
 
 With several judge verdicts per answer (``SolverJudge(judge_samples=K)``) every verdict (judge
 seat) is a row of its own; ``per_answer=True`` centres the diagnostic advantages over the K
-verdicts on each answer (``answer_groups.AnswerGroupedGRPO(per_answer=True)``'s groups), where
+verdicts on each answer (the judge's GRPO groups with ``group_by="episode"``), where
 the per-class baseline ``b_c`` cancels (one answer is one class) and only the weight
 ``0.5 / p_c`` remains. ``judge_groups/split_answers`` is then the share of answers whose K
 verdicts disagree: only those give the judge a non-zero advantage.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from answer_groups import judge_infos
+from judge_seats import judge_infos
 
 from areal_agents.episode import Episode
 

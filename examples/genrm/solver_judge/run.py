@@ -16,7 +16,8 @@ them at step 0, every ``--judge-eval-every`` steps and at the end. The judge's r
 ``--judge-samples K`` (round 4): the judge is asked K times on each answer (``SolverJudge``'s
 ``judge_samples``: K judge seats on one policy, each verdict its own sample and reward, the
 solver paid by the mean verdict), and with ``--judge-groups answer`` (the default for K > 1)
-the judge's GRPO groups are the K verdicts on one answer (``answer_groups.AnswerGroupedGRPO``).
+the judge's GRPO groups are the K verdicts on one answer (the judge policy's GRPO with
+``group_by="episode"``: its samples of one episode form a group).
 
 Logged every step (``RUN_DIR/metrics.jsonl``; ``areal-agents plot RUN_DIR``):
 ``train/judge/success`` = the judge's accuracy against ground truth, ``train/solver/success``
@@ -50,8 +51,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from answer_groups import AnswerGroupedGRPO, judge_infos
 from class_balance import PerClassJudgeReward
+from judge_seats import judge_infos
 from own_answers import (
     HELD_OUT_SEEDS,
     TRAIN_SEEDS,
@@ -244,9 +245,9 @@ def make_trainer(args: argparse.Namespace, tally: JudgeTally,
         judge_extra["algorithm_params"] = {**judge_extra.get("algorithm_params", {}),
                                            "std_normalize": False}
     per_answer = judge_groups(args) == "answer"
-    if per_answer:  # the judge's K verdicts on one answer are one GRPO group
+    if per_answer:  # the judge's K verdicts on one answer (one episode) are one GRPO group
         judge_extra["algorithm_params"] = {**judge_extra.get("algorithm_params", {}),
-                                           "per_answer": True}
+                                           "group_by": "episode"}
     group_fns.append(PerClassJudgeReward(normalise=args.judge_reward == "per-class",
                                          per_answer=per_answer))
     judge_lr = args.judge_lr or args.lr
@@ -269,7 +270,7 @@ def make_trainer(args: argparse.Namespace, tally: JudgeTally,
     return aa.Trainer(
         env="SolverJudge-v0", env_kwargs=kwargs, policies=policies,
         policy_map={a: "solver" if a == "solver" else "judge" for a in seats},
-        reward_fns=reward_fns, group_reward_fns=group_fns, algorithm=AnswerGroupedGRPO(),
+        reward_fns=reward_fns, group_reward_fns=group_fns, algorithm=aa.GRPO(),
         batch_size=args.batch_size, group_size=args.group_size, seed=args.seed,
         eval_seeds=range(2_000_000, 2_000_000 + args.eval_seeds), progress=False,
         warm_start=warm_start, run_dir=args.run_dir)
