@@ -109,10 +109,14 @@ def request_from_json(body: Any) -> GenerateRequest:
         params = SamplingParams(**sampling)
     except TypeError as exc:
         raise ValueError(f"sampling: {exc}") from exc
+    adapter = body.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise ValueError("adapter must be the name of a served LoRA adapter (a string) or null")
     extra: dict[str, Any] = {}
     if body.get("request_id") is not None:
         extra["request_id"] = str(body["request_id"])
-    return GenerateRequest(ids, params, session_id=body.get("session_id"), **extra)
+    return GenerateRequest(ids, params, session_id=body.get("session_id"), adapter=adapter,
+                           **extra)
 
 
 def result_to_json(result: GenerateResult) -> dict[str, Any]:
@@ -272,15 +276,24 @@ class _Service:
     async def version(self, body: Any) -> dict[str, int]:
         return self.state()
 
+    def _request(self, body: Any) -> GenerateRequest:
+        """``request_from_json``, refusing an adapter this server does not serve (a request
+        is never answered by a different policy than the one it names)."""
+        request = request_from_json(body)
+        if request.adapter is not None and request.adapter not in self.engine.adapters:
+            raise ValueError(f"adapter {request.adapter!r} is not served here (adapters: "
+                             f"{self.engine.adapters}); send adapter null for the base model")
+        return request
+
     async def generate(self, body: Any) -> dict[str, Any]:
-        return result_to_json(await self.engine.generate(request_from_json(body)))
+        return result_to_json(await self.engine.generate(self._request(body)))
 
     async def generate_stream(self, body: Any, request: Any) -> Any:
         """``/generate/stream`` (module docstring): start ``generate_streaming``, answer once
         its first event exists; an exception before it is raised (``endpoint`` maps it)."""
         from .service_stream import token_stream
 
-        return await token_stream(self.engine, request_from_json(body), request.receive)
+        return await token_stream(self.engine, self._request(body), request.receive)
 
     async def pause(self, body: Any) -> dict[str, int]:
         await self.engine.pause()

@@ -56,6 +56,8 @@ def test_request_and_result_survive_the_json_round_trip():
     req = _req([1, 2, 3], max_tokens=5, temperature=0.7, top_k=4, top_p=0.9, stop=["\n"],
                stop_token_ids=[9], seed=3, n=2, top_logprobs=2)
     assert request_from_json(request_to_json(req)) == req
+    with_adapter = GenerateRequest([1, 2], SamplingParams(), adapter="judge")
+    assert request_from_json(request_to_json(with_adapter)) == with_adapter
     result = GenerateResult("r1", [1, 2], [CompletionOutput(
         [5, 6], [-0.5, -1.25], [0, 1], "stop", top_logprobs=[[(5, -0.5), (7, -2.0)],
                                                              [(6, -1.25), (8, -3.0)]])])
@@ -67,6 +69,8 @@ def test_request_and_result_survive_the_json_round_trip():
     ({"prompt_ids": "12"}, "prompt_ids must be a list of integer token ids"),
     ({"prompt_ids": [1], "sampling": [1]}, "sampling must be an object of SamplingParams fields"),
     ({"prompt_ids": [1], "sampling": {"max_tokens": 0}}, "max_tokens must be >= 1, got 0"),
+    ({"prompt_ids": [1], "adapter": 3},
+     "adapter must be the name of a served LoRA adapter (a string) or null"),
 ])
 def test_bad_generate_bodies_name_the_field(body, message):
     with pytest.raises(ValueError) as info:
@@ -243,3 +247,38 @@ async def test_an_unreachable_server_is_unavailable():
         await remote.generate(_req([1], max_tokens=2))
     assert remote.num_pending == 0
     await remote.close()
+
+
+async def test_a_request_names_its_adapter_and_an_unserved_one_is_refused(served, model_tok):
+    """The server answers with the adapter a request names (never silently the base), and
+    refuses, 400, one it does not serve, on /generate and /generate/stream."""
+    engine, remote = served
+    _, tok = model_tok
+    prompt = tok.encode("12 + 30 = ? Answer:")
+    view = engine.add_adapter("judge", rank=2, target_modules=["q_proj"])
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, module in engine.model.named_modules():
+        if name.endswith("q_proj"):
+            peft = f"base_model.model.{name}"
+            tensors[f"{peft}.lora_A.weight"] = torch.randn(2, module.in_features, generator=gen)
+            tensors[f"{peft}.lora_B.weight"] = torch.randn(module.out_features, 2,
+                                                           generator=gen)
+    await view.update_weights(WeightUpdate(named_tensors=tensors.items()))
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    ask = lambda adapter: GenerateRequest(prompt, greedy, adapter=adapter)  # noqa: E731
+    via_http, base = await remote.generate(ask("judge")), await remote.generate(ask(None))
+    assert via_http.outputs == (await view.generate(ask(None))).outputs
+    assert via_http.outputs[0].versions == [1] * len(via_http.outputs[0].versions)
+    assert via_http.outputs[0].logprobs != base.outputs[0].logprobs  # not the base model
+    transport = httpx2.ASGITransport(app=build_app(engine, TOKEN))
+    async with httpx2.AsyncClient(transport=transport, base_url="http://engine",
+                                  headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        for path in ("/generate", "/generate/stream"):
+            response = await http.post(path, json={"prompt_ids": prompt, "adapter": "solver"})
+            assert response.status_code == 400
+            assert response.json()["error"] == {
+                "type": "invalid_request",
+                "message": "adapter 'solver' is not served here (adapters: ['judge']); send "
+                           "adapter null for the base model"}
+    assert engine.num_pending == 0
