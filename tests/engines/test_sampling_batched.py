@@ -214,3 +214,21 @@ def test_unfiltered_rows_report_processed_logprobs_bit_for_bit(temperature):
     values, ids = torch.topk(reference, 12, dim=-1)
     assert out.top_logprobs == values.tolist() and out.top_ids == ids.tolist()
     assert out.logprobs == reference.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1).tolist()
+
+
+def test_unfiltered_path_keeps_infinities_and_filters_nan_bit_for_bit():
+    """The shorter path maps NaN logits to -inf (filtered) and keeps +inf and -inf as they are,
+    as processed_logprobs's ``scaled >= threshold`` does: the same bits, NaN where both give
+    NaN (a row with a +inf logit)."""
+    from areal_agents.engines.sampling import _unfiltered_logprobs
+
+    inf = float("inf")
+    logits = torch.tensor([[0.5, -inf, float("nan"), 2.0], [inf, 1.0, 0.0, float("nan")],
+                           [1.0, 2.0, 3.0, -inf]])
+    for temperature in ([1.0, 1.0, 0.0], [0.7, 1.0, 2.5]):
+        got = _unfiltered_logprobs(logits, temperature)
+        reference = processed_logprobs(logits, torch.tensor(temperature), torch.tensor([0] * 3),
+                                       torch.tensor([1.0] * 3))
+        torch.testing.assert_close(got, reference, rtol=0, atol=0, equal_nan=True)
+        assert got[0, 2] == -inf and got[0, 1] == -inf  # NaN and -inf logits are filtered
+        assert torch.isnan(got[1]).any()  # +inf kept (not clamped to the largest float)
