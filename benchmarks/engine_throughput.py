@@ -4,7 +4,10 @@ Both sides serve the same requests (greedy, tiny "s" model, EOS ignored so every
 produces exactly its target length) with the same batch size, in one process with
 ``torch.set_num_threads(2)``. Static batching runs each batch until its longest request is
 done, so short requests waste decode slots; the engine refills freed slots at every step.
-Throughput counts each request's own completion tokens only.
+Throughput counts each request's own completion tokens only. Each side also reports its
+forward passes and the CPU spent inside them (``ForwardMeter``): CPU per forward is mostly the
+model's fixed per-call cost on this tiny model, and what is not inside a forward is the side's
+own bookkeeping (sampling, scheduling, cache moves).
 
 With ``--vllm-python`` (or ``$AREAL_AGENTS_VLLM_PYTHON``) a third column serves the same
 requests from a vLLM server (``VLLMEngine``, ``--max-num-seqs`` = batch size, float32) over HTTP;
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import os
 import random
 import tempfile
@@ -36,6 +41,45 @@ import torch
 from areal_agents.engines import GenerateRequest, SamplingParams
 from areal_agents.engines.local import LocalEngine
 from areal_agents.models import tiny
+
+
+class ForwardMeter:
+    """Counts ``model``'s forward passes and the process CPU seconds spent inside them while
+    active (``with meter:``), by wrapping the instance's ``forward``; removed on exit.
+
+    ``time.process_time`` (every thread of the process) rather than ``thread_time``, so a
+    multi-threaded forward (``--threads 2``) is counted whole; the event loop is idle while
+    the engine's worker thread runs a forward, so little else is counted.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.calls = 0
+        self.cpu = 0.0
+
+    def __enter__(self) -> ForwardMeter:
+        inner = self.model.forward
+
+        @functools.wraps(inner)  # keeps the signature (generate inspects it)
+        def forward(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.cpu += time.process_time() - start
+                self.calls += 1
+
+        self.model.forward = forward
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.model.forward  # back to the class's forward
+
+    def line(self, total_cpu: float) -> str:
+        """How ``total_cpu`` (the side's CPU seconds) splits into forwards and the rest."""
+        return (f"{self.calls} forward passes, {1e3 * self.cpu / max(self.calls, 1):.2f} ms CPU "
+                f"each, {100 * self.cpu / total_cpu:.1f}% of its CPU inside them, "
+                f"{total_cpu - self.cpu:.2f} s outside")
 
 
 def workload(num_requests: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -56,42 +100,45 @@ def workload(num_requests: int, seed: int = 0) -> list[tuple[list[int], int]]:
     return out
 
 
-def run_static(model, requests, batch_size: int) -> tuple[float, float, int, list[list[int]]]:
+def run_static(model, requests, batch_size: int, meter: ForwardMeter | None = None
+               ) -> tuple[float, float, int, list[list[int]]]:
     """``model.generate`` on consecutive batches; returns (seconds, CPU seconds of the whole
-    process, useful tokens, completions)."""
+    process, useful tokens, completions). ``meter``, if given, counts the forward passes."""
     completions: list[list[int]] = []
-    start, cpu = time.perf_counter(), time.process_time()
-    for lo in range(0, len(requests), batch_size):
-        batch = requests[lo : lo + batch_size]
-        width = max(len(p) for p, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, (prompt, _) in enumerate(batch):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
-        max_new = max(n for _, n in batch)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                                 min_new_tokens=max_new, do_sample=False, pad_token_id=0)
-        for row, (_, n) in enumerate(batch):
-            completions.append(out[row, width : width + n].tolist())
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    with meter if meter is not None else contextlib.nullcontext():
+        start, cpu = time.perf_counter(), time.process_time()
+        for lo in range(0, len(requests), batch_size):
+            batch = requests[lo : lo + batch_size]
+            width = max(len(p) for p, _ in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, (prompt, _) in enumerate(batch):
+                ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                mask[row, width - len(prompt) :] = 1
+            max_new = max(n for _, n in batch)
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                     min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+            for row, (_, n) in enumerate(batch):
+                completions.append(out[row, width : width + n].tolist())
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return seconds, cpu, sum(len(c) for c in completions), completions
 
 
-async def run_engine(model, tok, requests, batch_size: int
+async def run_engine(model, tok, requests, batch_size: int, meter: ForwardMeter | None = None
                      ) -> tuple[float, float, int, list[list[int]]]:
     """The same requests, all at once, on a ``LocalEngine``; returns as ``run_static``."""
     async with LocalEngine(model, tok, max_batch_size=batch_size) as engine:
         engine.eos_token_id = None  # same exact lengths as the static side
         warm = GenerateRequest([5, 6, 7], SamplingParams(max_tokens=2, temperature=0))
         await engine.generate(warm)
-        start, cpu = time.perf_counter(), time.process_time()
-        results = await asyncio.gather(*[
-            engine.generate(GenerateRequest(p, SamplingParams(max_tokens=n, temperature=0)))
-            for p, n in requests
-        ])
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        with meter if meter is not None else contextlib.nullcontext():
+            start, cpu = time.perf_counter(), time.process_time()
+            results = await asyncio.gather(*[
+                engine.generate(GenerateRequest(p, SamplingParams(max_tokens=n, temperature=0)))
+                for p, n in requests
+            ])
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     completions = [r.outputs[0].token_ids for r in results]
     return seconds, cpu, sum(len(c) for c in completions), completions
 
@@ -224,15 +271,22 @@ def main() -> None:
     # CPU seconds (time.process_time: every thread of this process) are less distorted by
     # other processes than wall time; each side's least is kept, as its best wall time.
     s_sec = e_sec = s_cpu = e_cpu = float("inf")
+    s_meter = e_meter = None  # the forward split of each side's least-CPU run
     with ThreadPoolExecutor(1) as pool:
         pool.submit(run_static, model, requests[:2], 2).result()  # warm-up
         for _ in range(args.repeats):
+            meter = ForwardMeter(model)
             sec, cpu, s_tok, s_out = pool.submit(run_static, model, requests,
-                                                 args.batch_size).result()
-            s_sec, s_cpu = min(s_sec, sec), min(s_cpu, cpu)
+                                                 args.batch_size, meter).result()
+            s_sec = min(s_sec, sec)
+            if cpu < s_cpu:
+                s_cpu, s_meter = cpu, meter
+            meter = ForwardMeter(model)
             sec, cpu, e_tok, e_out = asyncio.run(run_engine(model, tok, requests,
-                                                            args.batch_size))
-            e_sec, e_cpu = min(e_sec, sec), min(e_cpu, cpu)
+                                                            args.batch_size, meter))
+            e_sec = min(e_sec, sec)
+            if cpu < e_cpu:
+                e_cpu, e_meter = cpu, meter
     same = sum(a == b for a, b in zip(s_out, e_out, strict=True))
     print(f"model.generate (static batches): {s_tok} tokens in {s_sec:.2f} s = "
           f"{s_tok / s_sec:8.1f} tok/s; CPU {s_cpu:.2f} s = {1e3 * s_cpu / s_tok:.3f} ms/token")
@@ -241,6 +295,8 @@ def main() -> None:
     print(f"ratio engine / static: {(e_tok / e_sec) / (s_tok / s_sec):.2f}x tok/s, "
           f"{(s_cpu / s_tok) / (e_cpu / e_tok):.2f}x CPU per token "
           f"(identical greedy completions: {same}/{len(requests)})")
+    print(f"  model.generate: {s_meter.line(s_cpu)}")
+    print(f"  LocalEngine   : {e_meter.line(e_cpu)}")
     if args.vllm_python:
         v_sec, v_tok, v_out = asyncio.run(run_vllm(args.vllm_python, model, tok, requests,
                                                    args.batch_size, args.repeats))
