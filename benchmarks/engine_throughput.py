@@ -129,7 +129,9 @@ async def run_engine(model, tok, requests, batch_size: int, meter: ForwardMeter 
                      ) -> tuple[float, float, int, list[list[int]]]:
     """The same requests, all at once, on a ``LocalEngine``; returns as ``run_static``."""
     async with LocalEngine(model, tok, max_batch_size=batch_size) as engine:
-        engine.eos_token_id = None  # same exact lengths as the static side
+        # same exact lengths as the static side: no EOS id ends a row (eos_token_ids still
+        # held the tokenizer's EOS after eos_token_id = None alone)
+        engine.eos_token_id, engine.eos_token_ids = None, frozenset()
         warm = GenerateRequest([5, 6, 7], SamplingParams(max_tokens=2, temperature=0))
         await engine.generate(warm)
         with meter if meter is not None else contextlib.nullcontext():
@@ -159,7 +161,7 @@ async def run_multi_turn(model, tok, sessions, batch_size: int,
     (prompt tokens sent, prompt tokens computed), completions)."""
     async with LocalEngine(model, tok, max_batch_size=batch_size,
                            prefix_cache_tokens=cache_tokens) as engine:
-        engine.eos_token_id = None  # exact lengths, as in the long-tail workload
+        engine.eos_token_id, engine.eos_token_ids = None, frozenset()  # exact lengths, as above
         await engine.generate(GenerateRequest([5, 6, 7], SamplingParams(max_tokens=2,
                                                                         temperature=0)))
         histories = [list(system) for system, _ in sessions]
