@@ -304,6 +304,12 @@ def test_judge_samples_wiring(sj, tmp_path) -> None:
     args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-samples", "4",
                           "--judge-groups", "task"])
     assert sj.make_trainer(args, sj.JudgeTally()).algorithms["judge"].group_by == "role"
+    args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-samples", "4", "--judge-groups",
+                          "none", "--solver-lr", "1e-4", "--judge-lr", "5e-4"])
+    trainer = sj.make_trainer(args, sj.JudgeTally())
+    assert trainer.algorithms["judge"].baseline == "ema"  # no groups: a moving average
+    assert trainer.algorithms["solver"].baseline == "group"
+    assert (trainer.policies["solver"].lr, trainer.policies["judge"].lr) == (1e-4, 5e-4)
     with pytest.raises(ValueError, match="--judge-groups answer needs --judge-samples >= 2"):
         sj.make_trainer(sj.parse_args(["--judge-groups", "answer"]), sj.JudgeTally())
 

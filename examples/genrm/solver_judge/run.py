@@ -244,24 +244,29 @@ def make_trainer(args: argparse.Namespace, tally: JudgeTally,
     elif args.judge_reward == "per-class":  # advantages are not std-rescaled per group
         judge_extra["algorithm_params"] = {**judge_extra.get("algorithm_params", {}),
                                            "std_normalize": False}
-    per_answer = judge_groups(args) == "answer"
+    groups = judge_groups(args)
+    per_answer = groups == "answer"
     if per_answer:  # the judge's K verdicts on one answer (one episode) are one GRPO group
         judge_extra["algorithm_params"] = {**judge_extra.get("algorithm_params", {}),
                                            "group_by": "episode"}
+    elif groups == "none":  # a per-seat moving average: a shared mistake still costs
+        judge_extra["algorithm_params"] = {**judge_extra.get("algorithm_params", {}),
+                                           "baseline": "ema"}
     group_fns.append(PerClassJudgeReward(normalise=args.judge_reward == "per-class",
                                          per_answer=per_answer))
     judge_lr = args.judge_lr or args.lr
+    solver_lr = args.solver_lr or args.lr
     judge_extra["temperature"] = args.judge_temperature
     if models is None:
         policies = {"solver": policy(args, "tiny:xs", args.seed, 6,
-                                     args.solver_sft_steps or args.sft_steps, args.lr),
+                                     args.solver_sft_steps or args.sft_steps, solver_lr),
                     "judge": policy(args, "tiny:xs", args.seed + 1, 3, args.sft_steps,
                                     judge_lr, **judge_extra)}
         warm_start: dict[str, Any] | None = {
             "episodes": args.demos,
             "players": {"solver": solver_demos(args), "judge": "solver_judge_judge"}}
     else:
-        policies = {"solver": policy(args, models["solver"], args.seed, 6, 0, args.lr),
+        policies = {"solver": policy(args, models["solver"], args.seed, 6, 0, solver_lr),
                     "judge": policy(args, models["judge"], args.seed + 1, 3, 0, judge_lr,
                                     **judge_extra)}
         warm_start = None
@@ -431,15 +436,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="own-answers: the judge's SFT steps (batches of 32)")
     p.add_argument("--judge-sft-lr", type=float, default=1e-3)
     p.add_argument("--judge-lr", type=float, default=0.0, help="the judge's RL lr (0: --lr)")
+    p.add_argument("--solver-lr", type=float, default=0.0,
+                   help="the solver's RL lr (0: --lr); not a warm-start setting")
     p.add_argument("--judge-kl", type=float, default=0.0,
                    help="the judge's KL coefficient to its warm-started weights")
     p.add_argument("--judge-entropy", type=float, default=0.0,
                    help="the judge's entropy bonus coefficient")
     p.add_argument("--judge-samples", type=int, default=1,
                    help="judge verdicts per solver answer (SolverJudge's judge_samples)")
-    p.add_argument("--judge-groups", choices=("task", "answer"), default=None,
-                   help="the judge's GRPO groups: all verdicts of a task's episodes (task), or "
-                   "the verdicts on one answer (answer; default with --judge-samples > 1)")
+    p.add_argument("--judge-groups", choices=("task", "answer", "none"), default=None,
+                   help="the judge's GRPO groups: all verdicts of a task's episodes (task), "
+                   "the verdicts on one answer (answer; default with --judge-samples > 1), or "
+                   "none: a per-seat moving-average baseline (with --judge-reward per-class "
+                   "the per-class baseline is then the only one: a mistake all K verdicts "
+                   "share still gets a negative advantage)")
     p.add_argument("--judge-temperature", type=float, default=1.0,
                    help="the judge's sampling temperature in training")
     p.add_argument("--warm-start-cache", default=None,
