@@ -404,15 +404,17 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
 
     def _steps(self, joining: list[_Job], version: int) -> list[_Job]:
         """``_step``, then more decode steps in the same worker-thread hop while nothing
-        would change what the event loop does between them: no row finished, no job
-        waiting, no pause, no caller waiting for the step lock, no caller gone, at most
+        would change what the event loop does between them: no row finished, no waiting
+        job that could join, no pause, no caller waiting for the step lock, no caller gone, at most
         ``MAX_STEPS_PER_HOP``. Each step is exactly the ``_step`` the loop would run next (the
         same rows, version and generators), so tokens and log-probs are unchanged; the event
-        loop is woken once per hop instead of once per token. A streaming request's rows
+        loop is woken once per hop instead of once per token. A waiting job ends the hop only
+        when a row is free (``_could_admit``): with every row taken the loop would admit
+        nothing and run the same next step. A streaming request's rows
         (``generate_streaming``) end the hop after each step, so its tokens leave per step."""
         finished = self._step(joining, version)
         for _ in range(MAX_STEPS_PER_HOP - 1):
-            if (finished or not self._running or self._waiting or self._parked
+            if (finished or not self._running or self._could_admit() or self._parked
                     or self._paused or self._paused_adapters or self._lock_wanted
                     or self._closed or any(s.job.future.done() or s.job.on_tokens
                                            for s in self._running)):
@@ -420,6 +422,12 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             finished = self._step([], version)
         self.hops += 1
         return finished
+
+    def _could_admit(self) -> bool:
+        """Whether ``_admit`` might take a waiting job now: one is waiting and the batch has a
+        free row. With every row taken (parked rows count) it admits nothing, whatever waits."""
+        return bool(self._waiting) and (len(self._running) + len(self._parked)
+                                        < self.max_batch_size)
 
     def _step(self, joining: list[_Job], version: int) -> list[_Job]:
         """Prefill ``joining``, then decode one token for every row (runs in a worker thread)."""

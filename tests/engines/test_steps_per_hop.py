@@ -76,3 +76,26 @@ async def test_pause_ends_the_hop(model_tok):
         assert len(engine._running[0].token_ids) == held < 60 and not task.done()
         await engine.resume()
         assert len((await task).outputs[0].token_ids) == 60
+
+
+async def test_jobs_waiting_for_a_full_batch_do_not_end_the_hop(model_tok, monkeypatch):
+    """With every row taken, a waiting job could not join, so the hop goes on: the same
+    outputs as one step per hop, and about one hop per request instead of one per step."""
+    model, tok = model_tok
+    requests = [GenerateRequest(list(range(10, 20 + i)),
+                                SamplingParams(max_tokens=30, temperature=1.0, seed=7 + i))
+                for i in range(4)]
+
+    async def serve() -> tuple[list, int]:
+        async with LocalEngine(model, tok, max_batch_size=1) as engine:
+            results = await asyncio.gather(*(engine.generate(r) for r in requests))
+            return [(o.token_ids, o.logprobs, o.versions) for r in results
+                    for o in r.outputs], engine.hops
+
+    monkeypatch.setattr(local_mod, "MAX_STEPS_PER_HOP", 1)
+    one_per_hop, hops_one = await serve()
+    monkeypatch.setattr(local_mod, "MAX_STEPS_PER_HOP", 64)
+    many, hops_many = await serve()
+    assert many == one_per_hop and all(len(o[0]) == 30 for o in many)
+    assert hops_one >= 4 * 29
+    assert hops_many <= 2 * len(requests)  # one step per hop while jobs waited: >= 3 * 29
