@@ -9,8 +9,9 @@ the ratio (adapters / separate) of:
   storage counted once (the shared base once);
 * serving-side bytes: parameters of every served model, plus the adapters' tensors;
 * the process's peak resident memory (``ru_maxrss``; mostly torch itself at tiny sizes);
-* step time: wall time of ``fit`` after setup, per step; and the trainers' own
-  ``time/train`` per step;
+* step time: wall time of ``fit`` after setup, per step; the process's CPU time (user +
+  system, all threads) per step, less distorted by other jobs on a loaded machine; and the
+  trainers' own ``time/train`` per step;
 * success: greedy eval success of both agents at the last eval, and the mean sampled
   success over the last 10 steps.
 
@@ -87,6 +88,11 @@ def serve_bytes(trainer) -> int:
     return _bytes(tensors)
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_arm(arm: str, steps: int, model: str | None, overrides: list[str] | None = None) -> dict:
     from areal_agents.config import load_config
 
@@ -98,16 +104,20 @@ def run_arm(arm: str, steps: int, model: str | None, overrides: list[str] | None
         overrides += [f"policies.{k}.model={model}" for k in keys]
     trainer = load_config(ARMS[arm], overrides).build()
 
+    cpu: list[float] = []
+
     async def go() -> tuple[float, float, list[dict]]:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_s()
         await trainer.setup()  # the warm start included
-        t1 = time.perf_counter()
+        t1, cpu1 = time.perf_counter(), _cpu_s()
         history = await trainer.afit(steps)
+        cpu.extend([cpu1 - cpu0, _cpu_s() - cpu1])
         return t1 - t0, time.perf_counter() - t1, history
 
     setup, wall, history = asyncio.run(go())
     result = {
         "arm": arm, "steps": steps, "setup_s": setup, "step_s": wall / steps,
+        "setup_cpu_s": cpu[0], "cpu_s_per_step": cpu[1] / steps,
         "train_s_per_step": sum(h.get(f"policy/{p}/time/train", 0.0) for h in history
                                 for p in ("speaker", "listener")) / steps,
         "train_bytes": train_bytes(trainer), "serve_bytes": serve_bytes(trainer),
@@ -160,8 +170,12 @@ def print_table(results: dict[str, dict]) -> None:
     print(f"{'':28}{'separate':>14}{'adapters':>14}{'ratio':>9}")
     rows = [("train-side MB", "train_bytes", 2**20), ("serving-side MB", "serve_bytes", 2**20),
             ("peak RSS MB", "peak_rss_bytes", 2**20), ("wall s / step", "step_s", 1),
-            ("time/train s / step", "train_s_per_step", 1), ("setup s", "setup_s", 1)]
+            ("CPU s / step", "cpu_s_per_step", 1),
+            ("time/train s / step", "train_s_per_step", 1), ("setup s", "setup_s", 1),
+            ("setup CPU s", "setup_cpu_s", 1)]
     for label, key, scale in rows:
+        if key not in sep or key not in ada:  # results written before the key existed
+            continue
         a, b = sep[key] / scale, ada[key] / scale
         print(f"{label:28}{a:14.3f}{b:14.3f}{b / a:9.3f}")
     for arm, r in results.items():
