@@ -5,9 +5,9 @@ produces exactly its target length) with the same batch size, in one process wit
 ``torch.set_num_threads(2)``. Static batching runs each batch until its longest request is
 done, so short requests waste decode slots; the engine refills freed slots at every step.
 Throughput counts each request's own completion tokens only. Each side also reports its
-forward passes and the CPU spent inside them (``ForwardMeter``): CPU per forward is mostly the
-model's fixed per-call cost on this tiny model, and what is not inside a forward is the side's
-own bookkeeping (sampling, scheduling, cache moves).
+forward passes and the CPU spent inside the model's modules (``ForwardMeter``): CPU per forward
+is mostly the model's fixed per-call cost on this tiny model, and what is outside is the side's
+own work (sampling, scheduling, cache moves, the wrappers around the model's modules).
 
 With ``--vllm-python`` (or ``$AREAL_AGENTS_VLLM_PYTHON``) a third column serves the same
 requests from a vLLM server (``VLLMEngine``, ``--max-num-seqs`` = batch size, float32) over HTTP;
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import os
 import random
 import tempfile
@@ -44,8 +43,10 @@ from areal_agents.models import tiny
 
 
 class ForwardMeter:
-    """Counts ``model``'s forward passes and the process CPU seconds spent inside them while
-    active (``with meter:``), by wrapping the instance's ``forward``; removed on exit.
+    """Counts ``model``'s forward passes and the process CPU seconds spent in them while active
+    (``with meter:``): from the input embedding's start to the LM head's end (hooks on those
+    two modules, removed on exit), so the wrappers around the modules count as outside. The
+    model object itself stays unwrapped (LocalEngine's lean decode path needs that).
 
     ``time.process_time`` (every thread of the process) rather than ``thread_time``, so a
     multi-threaded forward (``--threads 2``) is counted whole; the event loop is idle while
@@ -56,24 +57,26 @@ class ForwardMeter:
         self.model = model
         self.calls = 0
         self.cpu = 0.0
+        self._start = 0.0
+        self._handles: list = []
 
     def __enter__(self) -> ForwardMeter:
-        inner = self.model.forward
+        def start(*args) -> None:
+            self._start = time.process_time()
 
-        @functools.wraps(inner)  # keeps the signature (generate inspects it)
-        def forward(*args, **kwargs):
-            start = time.process_time()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self.cpu += time.process_time() - start
-                self.calls += 1
+        def stop(*args) -> None:
+            self.cpu += time.process_time() - self._start
+            self.calls += 1
 
-        self.model.forward = forward
+        self._handles = [
+            self.model.get_input_embeddings().register_forward_pre_hook(start),
+            self.model.get_output_embeddings().register_forward_hook(stop),
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self.model.forward  # back to the class's forward
+        for handle in self._handles:
+            handle.remove()
 
     def line(self, total_cpu: float) -> str:
         """How ``total_cpu`` (the side's CPU seconds) splits into forwards and the rest."""
