@@ -102,3 +102,33 @@ def test_a_failing_closure_reports_the_rank_traceback() -> None:
 
     with pytest.raises(TrainError, match="closure failed on purpose"):
         launch(2, fail)
+
+
+_UNGUARDED = textwrap.dedent("""
+    from areal_agents.trainers.launcher import DistributedEngineGroup, launch
+
+    class Holder:
+        def __init__(self, blob):
+            self.size = len(blob)
+
+    blob = b"x" * 2**20  # a payload far larger than a pipe's buffer
+    if "{api}" == "group":
+        DistributedEngineGroup(1, Holder, blob, device="cpu", start_timeout=120)
+    else:
+        launch(1, len, blob, timeout=120)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["group", "launch"])
+def test_a_script_without_a_main_guard_fails_fast_naming_the_guard(tmp_path, api) -> None:
+    """Spawned workers import the main module: a script that starts workers at import time
+    makes each worker die while starting. That is a clear error naming the fix, not a
+    controller blocked for ever on the large payload it writes to the dead worker."""
+    script = tmp_path / "train.py"
+    script.write_text(_UNGUARDED.replace("{api}", api))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "TrainError" in done.stderr
+    assert 'put the training under `if __name__ == "__main__":`' in done.stderr

@@ -80,11 +80,11 @@ def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _run(rank: int, world_size: int, port: int, threads: int, queue: Any, payload: bytes,
+def _run(rank: int, world_size: int, port: int, threads: int, queue: Any, inbox: Any,
          parent_pid: int) -> None:
     try:
         _watch_parent(parent_pid)
-        fn, args = pickle.loads(payload)
+        fn, args = pickle.loads(inbox.recv_bytes())
         _init(rank, world_size, port, threads)
         queue.put(_dumps((rank, True, fn(*args))))
     except BaseException:
@@ -93,6 +93,27 @@ def _run(rank: int, world_size: int, port: int, threads: int, queue: Any, payloa
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+MAIN_GUARD_HINT = (
+    "a worker that exits while starting usually means the script trains at import time: "
+    "worker processes are spawned and import your main module, so put the training under "
+    "`if __name__ == \"__main__\":`")
+
+
+def _send_payload(conn: Any, payload: bytes, rank: int) -> None:
+    """Send a started worker its payload (the engine factory or function, pickled).
+
+    The payload travels over a pipe after ``start()``, not in the process object: a large
+    payload written by ``start()`` blocks until the child reads it, so a child that dies while
+    importing the main module (a script without a main guard) would leave ``start()`` blocked
+    for ever; here its death is a ``TrainError``.
+    """
+    try:
+        conn.send_bytes(payload)
+    except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
+        raise TrainError(f"worker rank {rank} exited before it read its task ({MAIN_GUARD_HINT})"
+                         ) from exc
 
 
 def _dumps(value: Any) -> bytes:
@@ -128,15 +149,20 @@ def launch(num_processes: int, fn: Callable[..., Any], *args: Any, threads: int 
     queue = ctx.SimpleQueue()
     port = free_port()
     payload = _dumps((fn, args))
+    inboxes = [ctx.Pipe(duplex=False) for _ in range(num_processes)]
     procs = [
         ctx.Process(target=_run, daemon=True,
-                    args=(r, num_processes, port, threads, queue, payload, os.getpid()))
+                    args=(r, num_processes, port, threads, queue, inboxes[r][0], os.getpid()))
         for r in range(num_processes)
     ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
     try:
+        for r, (reader, writer) in enumerate(inboxes):
+            reader.close()  # the child holds the read end: its death is then a broken pipe
+            _send_payload(writer, payload, r)
+            writer.close()
         for _ in procs:
             rank, ok, value = _get(queue, procs, timeout)
             if not ok:
@@ -166,14 +192,14 @@ def _get(queue: Any, procs: list, timeout: float) -> Any:
 
 
 def _serve(rank: int, world_size: int, port: int, threads: int, device: str | None, conn: Any,
-           payload: bytes, parent_pid: int) -> None:
+           parent_pid: int) -> None:
     """A worker: build the engine, then answer ``(method, args, kwargs, stream)`` messages
     until ``None``. Replies are ``(ok, value)``; a streamed call sends ``(True, (True, item))``
     per item (rank 0 only; other ranks drain the generator, whose steps are collectives) and
     ``(True, (False, None))`` at its end."""
     try:
         _watch_parent(parent_pid)
-        factory, args, kwargs = pickle.loads(payload)
+        factory, args, kwargs = pickle.loads(conn.recv_bytes())  # _send_payload
         _init(rank, world_size, port, threads, device)
         engine = factory(*args, **kwargs)
         _send(conn, (True, None))
@@ -244,12 +270,14 @@ class DistributedEngineGroup:
         for r in range(num_processes):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_serve, daemon=True, args=(
-                r, num_processes, port, threads, device, child, payload, os.getpid()))
+                r, num_processes, port, threads, device, child, os.getpid()))
             p.start()
             child.close()  # the parent keeps only its end: a dead worker then reads as EOF
             self._conns.append(parent)
             self._procs.append(p)
         try:
+            for r, conn in enumerate(self._conns):
+                _send_payload(conn, payload, r)
             self._gather("__init__", range(num_processes), timeout=start_timeout)
         except TrainError:
             self.close()
@@ -307,6 +335,8 @@ class DistributedEngineGroup:
                            for r in failed[1:])
             note = (f"\n(ranks {sorted(pending)} did not answer within {self.grace} s; the "
                     "worker group was stopped)") if pending else ""
+            if method == "__init__" and failed[0] in self._dead:
+                note += f"\n({MAIN_GUARD_HINT})"
             raise TrainError(f"engine rank {failed[0]} failed:\n{replies[failed[0]][1]}{also}"
                              f"{note}")
         if pending:
