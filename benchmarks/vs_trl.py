@@ -11,7 +11,9 @@ temperature 1.0 (no top-k / top-p), PPO clip 0.2, no KL (no reference model), ad
 sequences (ours ``seq-mean-token-mean``, TRL ``loss_type="grpo"``), gradient checkpointing
 off, fp32, one torch thread, CPU.
 
-Arms: ours sync (``max_staleness=0``), ours async (``max_staleness=1``), TRL. Each run is its
+Arms: ours sync (``max_staleness=0``), ours async (``max_staleness=1``), ours async with
+training in a worker process (``train: {workers: true}``: the train step no longer shares the
+controller's GIL with the engine and the episodes), TRL. Each run is its
 own subprocess (fresh allocator and thread pools); per seed both orders run (ours first, then
 TRL first). Time per step is wall time between consecutive step ends (setup, model loading
 and evaluation excluded); held-out accuracy is greedy exact match on the example's 200
@@ -52,8 +54,11 @@ EXAMPLE = REPO / "examples" / "arithmetic" / "sft_then_rl.yaml"
 ENV_ID, ENV_KWARGS, AGENT = "Arithmetic-v0", {"digits": 1, "operations": "+-"}, "agent"
 NUM_PROMPTS, GROUP_SIZE, LR, MAX_TOKENS, TEMPERATURE, CLIP_EPS = 8, 4, 3e-4, 6, 1.0, 0.2
 EVAL_SEEDS = list(range(2_000_000, 2_000_200))  # the example's held-out seeds
-ARMS = {"ours_sync": 0, "ours_async": 1, "trl": None}  # arm -> our max_staleness
-ORDERS = {"ours": ("ours_sync", "ours_async", "trl"), "trl": ("trl", "ours_sync", "ours_async")}
+ARMS = {"ours_sync": 0, "ours_async": 1, "ours_async_workers": 1,
+        "trl": None}  # arm -> our max_staleness
+TRAIN_WORKERS = {"ours_async_workers"}  # arms that train in a worker process
+OURS = ("ours_sync", "ours_async", "ours_async_workers")
+ORDERS = {"ours": (*OURS, "trl"), "trl": ("trl", *OURS)}
 OUR_SPLIT = ("wait_rollout", "train", "weight_sync")
 
 
@@ -61,17 +66,19 @@ def _sampling() -> dict[str, Any]:
     return {"temperature": TEMPERATURE, "max_tokens": MAX_TOKENS, "stop": ["<|im_end|>"]}
 
 
-def _policy(model: str) -> Any:
+def _policy(model: str, workers: bool = False) -> Any:
     from areal_agents.trainers.policy import Policy
 
-    return Policy(model=model, lr=LR, sampling=_sampling(), api="completions")
+    train = {"workers": True, "threads": 1} if workers else {}
+    return Policy(model=model, lr=LR, sampling=_sampling(), api="completions", train=train)
 
 
-def _trainer(model: str, seed: int, max_staleness: int, logger: Any = None) -> Any:
+def _trainer(model: str, seed: int, max_staleness: int, logger: Any = None,
+             workers: bool = False) -> Any:
     from areal_agents.algorithms import GRPO
     from areal_agents.trainers.trainer import Trainer
 
-    return Trainer(env=ENV_ID, env_kwargs=dict(ENV_KWARGS), policies={"solver": _policy(model)},
+    return Trainer(env=ENV_ID, env_kwargs=dict(ENV_KWARGS), policies={"solver": _policy(model, workers)},
                    policy_map={AGENT: "solver"}, algorithm=GRPO(clip_eps=CLIP_EPS),
                    batch_size=NUM_PROMPTS * GROUP_SIZE, group_size=GROUP_SIZE,
                    max_staleness=max_staleness, seed=seed, progress=False, torch_threads=1,
@@ -124,19 +131,23 @@ class _StepClock:
         pass
 
 
-def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int) -> dict[str, Any]:
+def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int,
+             workers: bool = False) -> dict[str, Any]:
     """Train ``steps`` steps from ``ckpt``; save the final weights to ``out``; step times and
     the medians of where a step went (the Trainer's ``time/*`` metrics)."""
     clock = _StepClock()
-    trainer = _trainer(str(ckpt), seed, max_staleness, logger=clock)
+    trainer = _trainer(str(ckpt), seed, max_staleness, logger=clock, workers=workers)
 
     async def run() -> dict[str, Any]:
         try:
             await trainer.setup()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             history = await trainer.afit(steps)
+            cpu = time.process_time() - cpu_start  # this process only (not a train worker)
             (name,) = trainer.train_engines
-            trainer.train_engines[name].model.save_pretrained(out)
+            # the served weights: the trained ones after each step's push, also when a worker
+            # process trains
+            trainer.gateway.policies[name].router.engines[0].model.save_pretrained(out)
             trainer.tokenizers[name].save_pretrained(out)
         finally:
             await trainer.aclose()
@@ -147,6 +158,7 @@ def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int) -
             return statistics.fmean(values) if values else None
 
         return {"start": start, "stamps": clock.stamps, "split": split,
+                **({} if workers else {"cpu_s": cpu}),
                 "prox_skipped": mean_of("policy/solver/prox_recompute_skipped"),
                 "prox_in_forward": mean_of("policy/solver/prox_from_train_forward"),
                 "train_reward": statistics.fmean(h["policy/solver/reward"] for h in history)}
@@ -232,10 +244,13 @@ def run_trl(ckpt: Path, out: Path, seed: int, steps: int) -> dict[str, Any]:
         return asyncio.run(all_())
 
     class Clock(TrainerCallback):
-        start, stamps = 0.0, []
+        start, stamps, cpu_start, cpu = 0.0, [], 0.0, 0.0
 
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            Clock.start = time.perf_counter()
+            Clock.start, Clock.cpu_start = time.perf_counter(), time.process_time()
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            Clock.cpu = time.process_time() - Clock.cpu_start
 
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             Clock.stamps.append(time.perf_counter())
@@ -258,7 +273,8 @@ def run_trl(ckpt: Path, out: Path, seed: int, steps: int) -> dict[str, Any]:
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    return {"start": Clock.start, "stamps": Clock.stamps, "split": None, "prox_skipped": None,
+    return {"start": Clock.start, "stamps": Clock.stamps, "split": None, "cpu_s": Clock.cpu,
+            "prox_skipped": None,
             "prox_in_forward": None,
             "train_reward": statistics.fmean(rewards) if rewards else float("nan")}
 
@@ -273,7 +289,7 @@ def run_arm(arm: str, ckpt: Path, seed: int, steps: int) -> dict[str, Any]:
         if ARMS[arm] is None:
             result = run_trl(ckpt, out, seed, steps)
         else:
-            result = run_ours(ckpt, out, seed, steps, ARMS[arm])
+            result = run_ours(ckpt, out, seed, steps, ARMS[arm], arm in TRAIN_WORKERS)
         accuracy = held_out_accuracy(out)
     start, stamps = result.pop("start"), result.pop("stamps")
     if len(stamps) != steps:
@@ -319,7 +335,7 @@ def report(runs: list[dict[str, Any]], steps: int) -> None:
             line += (f"  ours/TRL: step {med[arm] / med['trl']:.2f}x, "
                      f"total {total[arm] / total['trl']:.2f}x")
         print(line)
-    for arm in ("ours_sync", "ours_async"):
+    for arm in OURS:
         if not by_arm[arm]:
             continue
         split = {k: statistics.median(r["split"][k] for r in by_arm[arm]) for k in OUR_SPLIT}
@@ -333,7 +349,16 @@ def report(runs: list[dict[str, Any]], steps: int) -> None:
               + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in split.items())
               + f", the rest of the median step (metrics, logging, bookkeeping) "
               f"~{1e3 * other:.0f} ms{prox}")
-    targets = {"ours_sync": 0.8, "ours_async": 0.5}
+    cores = os.cpu_count() or 1
+    cpu = {a: statistics.median(r["cpu_s"] / steps for r in rs)
+           for a, rs in by_arm.items() if rs and all("cpu_s" in r for r in rs)}
+    if cpu:
+        print("  CPU per step (the run's process, all threads; median): "
+              + ", ".join(f"{a} {1e3 * v:.0f} ms" for a, v in cpu.items())
+              + f"; on {cores} cores no arm's step can take less than its CPU / {cores}"
+              + (f" (ours_async / TRL >= {cpu['ours_async'] / cores / med['trl']:.2f} here)"
+                 if "ours_async" in cpu and "trl" in med else ""))
+    targets = {"ours_sync": 0.8, "ours_async": 0.5, "ours_async_workers": 0.5}
     for arm, target in targets.items():
         if arm in med and "trl" in med:
             ratio = med[arm] / med["trl"]
