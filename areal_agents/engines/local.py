@@ -105,6 +105,12 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
     every weight update). ``prefill_counts`` counts prompt tokens computed and reused. Outputs
     with and without it agree up to float32 rounding of the reused keys/values.
 
+    Shared prefills: requests with identical prompt ids (and adapter) that join the batch in
+    the same step are prefilled once; every request's rows start from copies of those
+    keys/values (a GRPO group's members send one prompt as separate requests). Each request
+    keeps its own sampling parameters and seed, so outputs equal those it gets alone
+    (``prefill_counts.shared`` counts the prompt tokens not recomputed).
+
     LoRA adapters: ``add_adapter(name, ...)`` serves a LoRA adapter of the base model, and
     requests naming it (``GenerateRequest.adapter``) decode in the same batch as every other
     (``areal_agents.engines.lora``). Each adapter has its own version (``adapter_version``);
