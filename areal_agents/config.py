@@ -53,6 +53,9 @@ class PolicyConfig(_Strict):
                                          description="extra backend engine arguments")
     sft_steps: int = Field(0, ge=0, description="format-only SFT warm-start steps")
     sft_lr: float = Field(1e-3, gt=0, description="warm-start learning rate")
+    sft_target_loss: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="stop the warm start once the mean SFT "
+        "loss of its last 10 steps is below this (sft_steps is then the maximum); None: off")
     api: Literal["chat", "completions"] = Field(
         "chat", description="chat template, or raw-text prompts ending in the observation")
     context: Literal["full", "last"] = Field(

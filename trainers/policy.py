@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,6 +38,9 @@ class Policy:
         train_kwargs: extra keyword arguments for the backend's engine (``max_grad_norm``...).
         sft_steps: steps of the format-only SFT warm start (random valid actions; 0 = off).
         sft_lr: learning rate of the warm start.
+        sft_target_loss: stop the warm start early once the mean SFT loss of its last
+            ``SFT_LOSS_WINDOW`` steps (``trainers.warm_start``) is below this; ``sft_steps``
+            is then the maximum. ``None`` (default): run all ``sft_steps``.
         api: ``"chat"`` (chat template) or ``"completions"`` (raw text prompt whose last token
             is the observation's last token: small models condition on it far more easily).
         context: what each turn's prompt holds: ``"full"`` (the episode so far: one merged
@@ -92,6 +96,7 @@ class Policy:
     train_kwargs: dict[str, Any] = field(default_factory=dict)
     sft_steps: int = 0
     sft_lr: float = 1e-3
+    sft_target_loss: float | None = None
     api: str = "chat"
     context: Literal["full", "last"] = "full"
     ref_model: Any = None
@@ -125,6 +130,10 @@ class Policy:
             raise ValueError(f"Policy.api={self.api!r}; choose 'chat' or 'completions'")
         if self.context not in ("full", "last"):
             raise ValueError(f"Policy.context={self.context!r}; choose 'full' or 'last'")
+        if self.sft_target_loss is not None and not (
+                math.isfinite(self.sft_target_loss) and self.sft_target_loss > 0):
+            raise ValueError("Policy.sft_target_loss must be a finite loss > 0 (or None: off), "
+                             f"got {self.sft_target_loss}")
         if self.lr <= 0:
             raise ValueError(f"Policy.lr must be > 0, got {self.lr}")
         if self.max_staleness is not None and self.max_staleness < 0:

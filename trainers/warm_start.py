@@ -172,11 +172,19 @@ def demo_samples(tokenizer: Any, transcripts: list[list[dict[str, Any]]],
     return out
 
 
+SFT_LOSS_WINDOW = 10
+"""Steps whose mean SFT loss ``sft(target_loss=...)`` compares with the target."""
+
+
 def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int = 32,
-        seed: int = 0, pad_token_id: int = 0) -> list[float]:
+        seed: int = 0, pad_token_id: int = 0, target_loss: float | None = None) -> list[float]:
     """``steps`` SFT steps of ``min(batch_size, len(samples))`` samples each with
     ``SFTTrainer``'s loop (token-mean NLL); samples are drawn in shuffled passes (seeded), so
     every demonstration is seen once before any is repeated. Returns each step's loss.
+
+    With ``target_loss``, stops after the first step at which the mean loss of the last
+    ``SFT_LOSS_WINDOW`` steps is below it (``steps`` is then the maximum); the steps taken
+    are the same as the first steps of a run without it.
 
     Raises:
         ValueError: no samples (or none with a target token).
@@ -193,7 +201,19 @@ def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int 
             rng.shuffle(order)
         schedule.append(samples[order.pop()])
     trainer = SFTTrainer(engine, batch_size=k, pad_token_id=pad_token_id, seed=seed)
-    return [float(h["loss"]) for h in trainer.fit(schedule, epochs=1, shuffle=False)]
+    if target_loss is None:
+        return [float(h["loss"]) for h in trainer.fit(schedule, epochs=1, shuffle=False)]
+    losses: list[float] = []
+    for start in range(0, len(schedule), k):
+        losses += [float(h["loss"]) for h in trainer.fit(schedule[start : start + k],
+                                                        epochs=1, shuffle=False)]
+        recent = losses[-SFT_LOSS_WINDOW:]
+        if len(recent) == SFT_LOSS_WINDOW and sum(recent) / len(recent) < target_loss:
+            log.info("warm start: mean SFT loss of the last %d steps %.4f < target %.4f after "
+                     "%d of %d steps; stopping", SFT_LOSS_WINDOW, sum(recent) / len(recent),
+                     target_loss, len(losses), steps)
+            break
+    return losses
 
 
 @dataclass
@@ -208,6 +228,7 @@ class WarmStartPlan:
         seed: the shuffling seed.
         pad_token_id: padding id of the batches.
         batch_size: samples per step at most.
+        target_loss: stop early at this mean loss (``Policy.sft_target_loss``; ``sft``).
     """
 
     samples: list[Sample]
@@ -216,11 +237,12 @@ class WarmStartPlan:
     seed: int = 0
     pad_token_id: int = 0
     batch_size: int = 32
+    target_loss: float | None = None
 
     def run(self, engine: TrainEngine) -> list[float]:
         """``sft`` on ``engine`` (built at ``lr``); returns each step's loss."""
         return sft(engine, self.samples, self.steps, self.batch_size, self.seed,
-                   self.pad_token_id)
+                   self.pad_token_id, self.target_loss)
 
 
 def warm_start_plan(policy: Policy, tokenizer: Any, transcripts: list[list[dict[str, Any]]],
@@ -234,7 +256,7 @@ def warm_start_plan(policy: Policy, tokenizer: Any, transcripts: list[list[dict[
     if not samples or not policy.sft_steps:
         return None
     return WarmStartPlan(samples, policy.sft_steps, policy.sft_lr, seed,
-                         tokenizer.pad_token_id or 0)
+                         tokenizer.pad_token_id or 0, target_loss=policy.sft_target_loss)
 
 
 async def warm_start_policy(policy: Policy, model: Any, tokenizer: Any,
