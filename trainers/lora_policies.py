@@ -45,7 +45,12 @@ from areal_agents.errors import ConfigError
 
 from .lora_shared import AdapterTrainEngine, SharedLoRABase
 from .placement import InferencePlacement, TrainPlacement
-from .warm_start import warm_start_plan, warm_start_policy
+from .warm_start import (
+    warm_start_label,
+    warm_start_metrics,
+    warm_start_plan,
+    warm_start_policy,
+)
 from .weight_push import WeightPush
 from .wiring import backend_factory
 
@@ -223,7 +228,8 @@ async def _warm_start_base(trainer: Trainer, base: str, replicas: list[Any],
     transcripts = [t for a, p in trainer.policy_of.items() if p in adapters
                    for t in demos.transcripts.get(a, [])]
     factory = backend_factory(trainer.policies[sorted(adapters)[0]].backend)
-    with trainer.startup.phase(f"SFT warm start of the base {base} ({policy.sft_steps} steps)"):
+    label = warm_start_label(policy.sft_steps, policy.sft_target_loss)
+    with trainer.startup.phase(f"SFT warm start of the base {base} ({label})"):
         model = _plain_copy(replicas[0].model)
         losses = await warm_start_policy(policy, model, trainer.tokenizers[base], factory,
                                          transcripts, trainer.seed)
@@ -231,8 +237,7 @@ async def _warm_start_base(trainer: Trainer, base: str, replicas: list[Any],
         await replica.update_weights(WeightUpdate(named_tensors=model.state_dict().items(),
                                                   version=0))
     if losses:
-        trainer.logger.log(0, {f"warm_start/{base}/nll_first": losses[0],
-                               f"warm_start/{base}/nll_last": losses[-1]})
+        trainer.logger.log(0, warm_start_metrics(base, losses))
 
 
 def _base_path(trainer: Trainer, base: str) -> Path | None:
@@ -275,7 +280,7 @@ async def _restore_base(trainer: Trainer, base: str, replicas: list[Any]) -> Non
 async def _warm_start_adapter(trainer: Trainer, name: str, view: AdapterTrainEngine,
                               demos: Demos) -> None:
     """Adapter policy ``name``'s own SFT warm start on its agents' transcripts (logged as
-    ``warm_start/<name>/nll_first`` / ``nll_last``)."""
+    ``warm_start_metrics``)."""
     policy = trainer.policies[name]
     transcripts = [t for a, p in trainer.policy_of.items() if p == name
                    for t in demos.transcripts.get(a, [])]
@@ -283,10 +288,10 @@ async def _warm_start_adapter(trainer: Trainer, name: str, view: AdapterTrainEng
                            trainer.seed)
     if plan is None:
         return
-    with trainer.startup.phase(f"SFT warm start of the adapter {name} ({plan.steps} steps)"):
+    label = warm_start_label(plan.steps, plan.target_loss)
+    with trainer.startup.phase(f"SFT warm start of the adapter {name} ({label})"):
         losses = await asyncio.to_thread(view.warm_start, plan)
-    trainer.logger.log(0, {f"warm_start/{name}/nll_first": losses[0],
-                           f"warm_start/{name}/nll_last": losses[-1]})
+    trainer.logger.log(0, warm_start_metrics(name, losses))
 
 
 def _own_reference(trainer: Trainer, name: str, shared: SharedLoRABase,

@@ -35,6 +35,8 @@ from .warm_start import (
     Demos,
     collect_demos,
     copy_weights_into,
+    warm_start_label,
+    warm_start_metrics,
     warm_start_plan,
     warm_start_policy,
 )
@@ -116,8 +118,8 @@ async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
             serving = model
         else:
             if policy.sft_steps and demos is not None:
-                with trainer.startup.phase(f"SFT warm start of {name} "
-                                           f"({policy.sft_steps} steps)"):
+                label = warm_start_label(policy.sft_steps, policy.sft_target_loss)
+                with trainer.startup.phase(f"SFT warm start of {name} ({label})"):
                     losses = await warm_start_policy(policy, model, tokenizer, factory,
                                                      _transcripts(trainer, name, demos),
                                                      trainer.seed)
@@ -226,7 +228,5 @@ async def _worker_group(trainer: Trainer, name: str, model: Any, tokenizer: Any,
 
 def _log_warm_start(trainer: Trainer, name: str, demos: Demos, losses: list[float]) -> None:
     metrics = {f"warm_start/{name}/failed_episodes": float(demos.num_failed)}
-    if losses:
-        metrics.update({f"warm_start/{name}/nll_first": losses[0],
-                        f"warm_start/{name}/nll_last": losses[-1]})
+    metrics.update(warm_start_metrics(name, losses))
     trainer.logger.log(0, metrics)

@@ -216,6 +216,33 @@ def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int 
     return losses
 
 
+def warm_start_metrics(name: str, losses: Sequence[float]) -> dict[str, float]:
+    """The ``warm_start/<name>/...`` metrics of an SFT warm start's per-step ``losses``: the
+    first and the last step's loss (``nll_first``, ``nll_last``: one batch, noisy), the mean
+    of the last ``SFT_LOSS_WINDOW`` steps (``nll_last_mean``: what ``target_loss`` compares)
+    and the steps taken (``steps``: fewer than ``sft_steps`` when a target stopped it).
+
+    Example:
+        >>> warm_start_metrics("p", [2.0, 1.0, 0.5])["warm_start/p/nll_last_mean"]
+        1.1666666666666667
+    """
+    if not losses:
+        return {}
+    recent = list(losses[-SFT_LOSS_WINDOW:])
+    return {f"warm_start/{name}/nll_first": float(losses[0]),
+            f"warm_start/{name}/nll_last": float(losses[-1]),
+            f"warm_start/{name}/nll_last_mean": sum(recent) / len(recent),
+            f"warm_start/{name}/steps": float(len(losses))}
+
+
+def warm_start_label(steps: int, target_loss: float | None) -> str:
+    """How a start-up line names a warm start's length, e.g. ``"300 steps"`` or ``"up to 450
+    steps, until the 10-step mean loss < 0.6"``."""
+    if target_loss is None:
+        return f"{steps} steps"
+    return f"up to {steps} steps, until the {SFT_LOSS_WINDOW}-step mean loss < {target_loss:g}"
+
+
 @dataclass
 class WarmStartPlan:
     """An SFT warm start ready to run on any ``TrainEngine`` (``run``), e.g. on the ranks of a

@@ -14,7 +14,13 @@ from areal_agents.models import tiny
 from areal_agents.samples import Sample
 from areal_agents.trainers.fsdp.engine import FSDPEngine
 from areal_agents.trainers.policy import Policy
-from areal_agents.trainers.warm_start import SFT_LOSS_WINDOW, sft, warm_start_plan
+from areal_agents.trainers.warm_start import (
+    SFT_LOSS_WINDOW,
+    sft,
+    warm_start_label,
+    warm_start_metrics,
+    warm_start_plan,
+)
 
 
 class ScriptedLossEngine:
@@ -97,3 +103,14 @@ def test_the_yaml_option_reaches_the_policy():
     config = load_config("examples/signaling/lora_per_role.yaml",
                          ["policies.base.sft_target_loss=0.6"])
     assert config.policies["base"].sft_target_loss == 0.6
+
+
+def test_the_logged_metrics_and_start_up_label_say_where_a_warm_start_stopped():
+    losses = [3.0] + [1.0] * 10 + [0.5] * 4  # stopped after 15 steps
+    metrics = warm_start_metrics("p", losses)
+    assert metrics == {"warm_start/p/nll_first": 3.0, "warm_start/p/nll_last": 0.5,
+                       "warm_start/p/nll_last_mean": pytest.approx(0.8),
+                       "warm_start/p/steps": 15.0}
+    assert warm_start_metrics("p", []) == {}
+    assert warm_start_label(450, None) == "450 steps"
+    assert warm_start_label(450, 0.6) == "up to 450 steps, until the 10-step mean loss < 0.6"

@@ -68,3 +68,7 @@ async def test_the_trainer_warm_starts_past_a_flaky_env_and_logs_the_failures(tm
     assert len(warm) == 1 and warm[0]["step"] == 0
     assert warm[0]["warm_start/p/failed_episodes"] == 3.0
     assert warm[0]["warm_start/p/nll_last"] < warm[0]["warm_start/p/nll_first"]
+    # two steps: the window mean is their mean; every step ran (no target loss)
+    assert warm[0]["warm_start/p/nll_last_mean"] == pytest.approx(
+        (warm[0]["warm_start/p/nll_first"] + warm[0]["warm_start/p/nll_last"]) / 2)
+    assert warm[0]["warm_start/p/steps"] == 2.0
