@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -134,15 +133,6 @@ def test_worker_group_ranks_rendezvous_from_the_placement(cluster):
     finally:
         group.close()
         asyncio.run(launcher.close())
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, tok = tiny("xs", seed=0)
-    path = tmp_path_factory.mktemp("model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _wait_dead(actor: Any, timeout_s: float = 120.0) -> None:
