@@ -59,8 +59,12 @@ class SFTTrainer:
         chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return [token_mean_weights(collate([samples[i] for i in c], self.pad_token_id)) for c in chunks]
 
-    def fit(self, samples: Sequence[Sample], epochs: int = 1, shuffle: bool = True) -> list[dict[str, float]]:
+    def fit(self, samples: Sequence[Sample], epochs: int = 1, shuffle: bool = True,
+            stop: Callable[[list[dict[str, float]]], bool] | None = None,
+            ) -> list[dict[str, float]]:
         """Train ``epochs`` passes over ``samples``; returns every step's stats (``loss`` = NLL).
+        With ``stop``, training ends after the first step at which ``stop(stats so far)`` is
+        true (the steps before are those of a run without it).
 
         Raises:
             ValueError: no samples, or no sample has a masked (target) token.
@@ -79,6 +83,8 @@ class SFTTrainer:
                 history.append(stats)
                 if self.on_step is not None:
                     self.on_step(stats)
+                if stop is not None and stop(history):
+                    return history
         return history
 
     def evaluate(self, samples: Sequence[Sample]) -> float:

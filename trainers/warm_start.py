@@ -200,20 +200,27 @@ def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int 
             order = list(range(len(samples)))
             rng.shuffle(order)
         schedule.append(samples[order.pop()])
+    def reached(history: list[dict[str, float]]) -> bool:
+        assert target_loss is not None
+        if len(history) < SFT_LOSS_WINDOW:
+            return False
+        mean = window_mean([float(h["loss"]) for h in history[-SFT_LOSS_WINDOW:]])
+        if mean >= target_loss:
+            return False
+        log.info("warm start: mean SFT loss of the last %d steps %.4f < target %.4f after %d "
+                 "of %d steps; stopping", SFT_LOSS_WINDOW, mean, target_loss, len(history), steps)
+        return True
+
     trainer = SFTTrainer(engine, batch_size=k, pad_token_id=pad_token_id, seed=seed)
-    if target_loss is None:
-        return [float(h["loss"]) for h in trainer.fit(schedule, epochs=1, shuffle=False)]
-    losses: list[float] = []
-    for start in range(0, len(schedule), k):
-        losses += [float(h["loss"]) for h in trainer.fit(schedule[start : start + k],
-                                                        epochs=1, shuffle=False)]
-        recent = losses[-SFT_LOSS_WINDOW:]
-        if len(recent) == SFT_LOSS_WINDOW and sum(recent) / len(recent) < target_loss:
-            log.info("warm start: mean SFT loss of the last %d steps %.4f < target %.4f after "
-                     "%d of %d steps; stopping", SFT_LOSS_WINDOW, sum(recent) / len(recent),
-                     target_loss, len(losses), steps)
-            break
-    return losses
+    history = trainer.fit(schedule, epochs=1, shuffle=False,
+                          stop=None if target_loss is None else reached)
+    return [float(h["loss"]) for h in history]
+
+
+def window_mean(losses: Sequence[float]) -> float:
+    """The mean of the last ``SFT_LOSS_WINDOW`` of ``losses`` (all of them when fewer)."""
+    recent = losses[-SFT_LOSS_WINDOW:]
+    return sum(recent) / len(recent)
 
 
 def warm_start_metrics(name: str, losses: Sequence[float]) -> dict[str, float]:
@@ -228,10 +235,9 @@ def warm_start_metrics(name: str, losses: Sequence[float]) -> dict[str, float]:
     """
     if not losses:
         return {}
-    recent = list(losses[-SFT_LOSS_WINDOW:])
     return {f"warm_start/{name}/nll_first": float(losses[0]),
             f"warm_start/{name}/nll_last": float(losses[-1]),
-            f"warm_start/{name}/nll_last_mean": sum(recent) / len(recent),
+            f"warm_start/{name}/nll_last_mean": window_mean(losses),
             f"warm_start/{name}/steps": float(len(losses))}
 
 
