@@ -88,11 +88,6 @@ def serve_bytes(trainer) -> int:
     return _bytes(tensors)
 
 
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_arm(arm: str, steps: int, model: str | None, overrides: list[str] | None = None) -> dict:
     from areal_agents.config import load_config
 
@@ -104,20 +99,18 @@ def run_arm(arm: str, steps: int, model: str | None, overrides: list[str] | None
         overrides += [f"policies.{k}.model={model}" for k in keys]
     trainer = load_config(ARMS[arm], overrides).build()
 
-    cpu: list[float] = []
-
-    async def go() -> tuple[float, float, list[dict]]:
-        t0, cpu0 = time.perf_counter(), _cpu_s()
+    async def go() -> tuple[float, float, float, float, list[dict]]:
+        """(setup wall s, setup CPU s, fit wall s, fit CPU s, history)."""
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await trainer.setup()  # the warm start included
-        t1, cpu1 = time.perf_counter(), _cpu_s()
+        t1, cpu1 = time.perf_counter(), time.process_time()
         history = await trainer.afit(steps)
-        cpu.extend([cpu1 - cpu0, _cpu_s() - cpu1])
-        return t1 - t0, time.perf_counter() - t1, history
+        return t1 - t0, cpu1 - cpu0, time.perf_counter() - t1, time.process_time() - cpu1, history
 
-    setup, wall, history = asyncio.run(go())
+    setup, setup_cpu, wall, cpu, history = asyncio.run(go())
     result = {
         "arm": arm, "steps": steps, "setup_s": setup, "step_s": wall / steps,
-        "setup_cpu_s": cpu[0], "cpu_s_per_step": cpu[1] / steps,
+        "setup_cpu_s": setup_cpu, "cpu_s_per_step": cpu / steps,
         "train_s_per_step": sum(h.get(f"policy/{p}/time/train", 0.0) for h in history
                                 for p in ("speaker", "listener")) / steps,
         "train_bytes": train_bytes(trainer), "serve_bytes": serve_bytes(trainer),
