@@ -72,16 +72,26 @@ class Deltas:
         return [d for d in self.items if d.index == index]
 
 
-async def _frozen_after_first_delta(engine, request: GenerateRequest
+async def _frozen_after_first_delta(engine, request: GenerateRequest, *, tries: int = 3
                                     ) -> tuple[asyncio.Task, Deltas, int]:
     """Start streaming ``request``, pause the server at its first delta; the task, its
-    deltas, and how many had arrived when the server was frozen (the server is paused)."""
-    deltas = Deltas()
-    task = asyncio.create_task(engine.generate_streaming(request, deltas))
-    await asyncio.wait_for(deltas.first.wait(), 120)
-    await engine.pause()
-    await asyncio.sleep(0.5)  # chunks already sent arrive; none are made while paused
-    return task, deltas, len(deltas.items)
+    deltas, and how many had arrived when the server was frozen (the server is paused).
+
+    On loaded cores the pause can land after the server already finished the request (CI
+    once saw a 400-token greedy request done before ``/pause`` took hold): that attempt is
+    awaited and the request sent again, up to ``tries`` times, so a test always gets a
+    request frozen mid-completion, never one that merely raced to the end."""
+    for _ in range(tries):
+        deltas = Deltas()
+        task = asyncio.create_task(engine.generate_streaming(request, deltas))
+        await asyncio.wait_for(deltas.first.wait(), 120)
+        await engine.pause()
+        await asyncio.sleep(0.5)  # chunks already sent arrive; none are made while paused
+        if not task.done():
+            return task, deltas, len(deltas.items)
+        await task
+        await engine.resume()
+    raise AssertionError(f"the request finished before the pause in all {tries} tries")
 
 
 async def test_the_first_delta_leaves_before_the_completion_and_greedy_equals_generate(engine):
@@ -155,7 +165,7 @@ def _exported(model) -> list[tuple[str, torch.Tensor]]:
 async def test_a_stream_spanning_an_update_records_both_versions_like_generate(engine, models):
     (model, _), (other, _) = models
     version = engine.version
-    sp = SamplingParams(max_tokens=400, temperature=0)
+    sp = SamplingParams(max_tokens=900, temperature=0)
     try:
         task, deltas, arrived = await _frozen_after_first_delta(
             engine, GenerateRequest(PROMPT, sp))
