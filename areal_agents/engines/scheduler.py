@@ -18,6 +18,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .lean_decode import decode_layers
+
 
 @functools.cache
 def _cache_arg(model_type: type) -> str:
@@ -64,15 +66,15 @@ def _lean_forward(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.T
     for a model ``_lean_decode`` accepts: the same module calls with the same arguments, so
     the same bits, without the wrappers around them (config defaults, output capturing, mask
     building, output objects), which cost about 0.3-0.4 ms of a tiny model's 3-8 ms decode
-    step on a CPU. ``mask`` is the 4-D mask (or None) that the model's own mask building
-    would return unchanged (see ``RunningBatch.decode``); every layer is full attention
-    (``LocalEngine`` refuses sliding windows)."""
+    step on a CPU. The decoder layers run through ``lean_decode.decode_layers`` (each layer's
+    forward inline, the same ops, where nothing calls for the layer's own forward). ``mask``
+    is the 4-D mask (or None) that the model's own mask building would return unchanged (see
+    ``RunningBatch.decode``); every layer is full attention (``LocalEngine`` refuses sliding
+    windows)."""
     base = model.model
     hidden = base.embed_tokens(input_ids)
     position_embeddings = base.rotary_emb(hidden, position_ids)
-    for layer in base.layers[: base.config.num_hidden_layers]:
-        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache,
-                       use_cache=True, position_embeddings=position_embeddings)
+    hidden = decode_layers(model, hidden, mask, position_ids, position_embeddings, cache)
     return model.lm_head(base.norm(hidden))
 
 
