@@ -403,3 +403,184 @@ def test_tiny_run_with_k_verdicts_per_answer(sj, tmp_path) -> None:
     assert second["judge_data"] == first["judge_data"]
     with pytest.raises(ValueError, match=r"other settings \(\['judge_sft_steps'\]\)"):
         sj.main(["--run-dir", str(tmp_path / "c"), *argv, "--judge-sft-steps", "4"])
+
+
+# --- round 6: replay of the starting solver's answers in the judge's batches ------------------
+
+
+@pytest.fixture(scope="module")
+def replay_mod(sj):  # loaded by run.py from the example folder
+    import replay
+
+    return replay
+
+
+async def _answers(sj, seeds: list[int], wrong_every: int = 3) -> list:
+    """Scripted solver answers (every ``wrong_every``-th off by one) with the env's judge
+    prompts and truth, as ``own_answers.sample_answers`` stores them."""
+    from areal_agents.agents import ScriptedAgent
+    from areal_agents.agents.players import arithmetic_solver
+    from areal_agents.episode import run_episode
+
+    out = []
+    for k, seed in enumerate(seeds):
+        def solver(obs, k=k):
+            right = arithmetic_solver(obs)
+            n = int(right.removeprefix("Answer: "))
+            return right if k % wrong_every else f"Answer: {n + 1}"
+
+        episode = await run_episode(SolverJudge(**sj.env_kwargs(sj.parse_args([]))), {
+            "solver": ScriptedAgent(solver), "judge": ScriptedAgent(lambda o: "correct")},
+            seed=seed)
+        out.append(sj.Answer(seed, episode.messages["solver"][-1]["content"],
+                             episode.messages["judge"][0]["content"],
+                             bool(episode.infos["judge"]["solver_correct"])))
+    return out
+
+
+def test_replay_pool_is_disjoint_from_the_held_out_answers(sj, replay_mod) -> None:
+    a = sj.Answer
+    held = [a(100, "Answer: 3", "p-held", True)]
+    pool, dropped = replay_mod.disjoint_pool(
+        [a(1, "Answer: 3", "p-held", True), a(2, "Answer: 4", "p2", False)], held)
+    assert pool == [a(2, "Answer: 4", "p2", False)] and dropped == 1
+    with pytest.raises(ValueError, match=r"share task seeds \[100\]"):
+        replay_mod.disjoint_pool([a(100, "x", "p3", False)], held)
+    rp = replay_mod.ReplayPool(0.5, group_size=8, eval_from=1000)
+    with pytest.raises(ValueError, match="1 pool answers are in the held-out set"):
+        rp.fill([a(1, "Answer: 3", "p-held", True)], held)
+    with pytest.raises(RuntimeError, match="before fill"):
+        rp.draw(5)
+    with pytest.raises(ValueError, match="leaves 1 live episode"):
+        replay_mod.ReplayPool(0.9, group_size=8, eval_from=1000)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        replay_mod.ReplayPool(1.0, group_size=8, eval_from=1000)
+
+
+def test_replay_draws_a_fixed_share_of_each_group_and_never_evaluation_seeds(sj,
+                                                                            replay_mod) -> None:
+    rp = replay_mod.ReplayPool(0.25, group_size=8, eval_from=1000, seed=0)
+    answers = [sj.Answer(s, f"Answer: {s}", f"p{s}", s % 2 == 0) for s in range(50)]
+    rp.fill(answers, held_out=[])
+    # two groups' members interleaved: 2 of each group's 8 replay, whatever the order
+    draws = [(seed, rp.draw(seed)) for _ in range(8) for seed in (3, 4)]
+    for seed in (3, 4):
+        drawn = [d for s, d in draws if s == seed]
+        assert sum(d is not None for d in drawn) == 2
+        assert all(d in answers for d in drawn if d is not None)
+    assert rp._resets == {}  # both groups complete: nothing kept
+    assert all(rp.draw(1000 + k) is None for k in range(20))  # evaluation seeds
+    assert all(replay_mod.ReplayPool(0.0, 8, 1000).draw(k) is None for k in range(20))
+
+
+async def test_replay_episodes_grade_pool_answers_and_are_counted(sj, replay_mod) -> None:
+    """A replay episode: the judge (scripted: says "correct") grades a pool answer, with the
+    pool's truth; the solver does not act and gets nothing; the tallies count it."""
+    from areal_agents.agents import ScriptedAgent
+    from areal_agents.episode import run_episode
+
+    answers = await _answers(sj, list(range(sj.TRAIN_SEEDS, sj.TRAIN_SEEDS + 6)))
+    held_out = await _answers(sj, list(range(sj.HELD_OUT_SEEDS, sj.HELD_OUT_SEEDS + 4)))
+    pool, _ = replay_mod.disjoint_pool(answers, held_out)
+    assert {a.correct for a in pool} == {True, False}
+    rp = replay_mod.ReplayPool(0.5, group_size=4, eval_from=1000, seed=1)
+    rp.fill(pool, held_out)
+    kwargs = {**sj.env_kwargs(sj.parse_args(["--truth-weight", "0.5"])), "judge_samples": 2}
+    tally, replay_tally = sj.JudgeTally(), replay_mod.ReplayTally()
+    said = []
+
+    def solver(obs):
+        said.append(obs)
+        return "Answer: 1"
+
+    episodes = []
+    for _ in range(4):  # one group of 4 at task seed 7: 2 replay, 2 live
+        env = replay_mod.ReplaySolverJudge(rp, **kwargs)
+        episode = await run_episode(env, {"solver": ScriptedAgent(solver),
+                                          "judge": ScriptedAgent(lambda o: "correct"),
+                                          "judge_1": ScriptedAgent(lambda o: "incorrect")},
+                                    seed=7)
+        episodes.append((env.replayed, episode))
+        tally(episode), replay_tally(episode)
+    replayed = [(a, e) for a, e in episodes if a is not None]
+    assert len(replayed) == 2 and len(said) == 2  # the solver acted in the 2 live ones only
+    held_prompts = {h.prompt for h in held_out}
+    for answer, episode in replayed:
+        assert answer in pool and answer.prompt not in held_prompts
+        assert episode.messages["solver"] == []
+        assert episode.messages["judge"][0]["content"] == answer.prompt
+        assert "solver" not in episode.returns or episode.returns["solver"] == 0.0
+        for seat, agreed in (("judge", answer.correct), ("judge_1", not answer.correct)):
+            info = episode.infos[seat]
+            assert info["replay"] is True and info["solver_correct"] == answer.correct
+            assert info["success"] == agreed and episode.returns[seat] == float(agreed)
+    for _, episode in (e for e in episodes if e[0] is None):
+        assert "replay" not in episode.infos["judge"] and episode.messages["solver"]
+    metrics = replay_tally.take_metrics()
+    assert metrics["replay/episodes"] == 2 and metrics["live/episodes"] == 2
+    assert metrics["replay/share"] == 0.5
+    assert metrics["replay/judge_accuracy"] == 0.5  # one of the two seats agrees, always
+    live = [e for a, e in episodes if a is None]
+    truth = [e.infos["solver"]["success"] for e in live]
+    assert metrics["live/solver_success"] == sum(truth) / 2
+    counts = tally.take_metrics()
+    assert counts["judge_stats/episodes"] == 4 and counts["judge_stats/verdicts"] == 8
+
+
+async def test_replay_refuses_a_pool_answer_the_env_renders_otherwise(sj, replay_mod) -> None:
+    rp = replay_mod.ReplayPool(0.5, group_size=4, eval_from=1000)
+    (answer,) = await _answers(sj, [sj.TRAIN_SEEDS])
+    rp.fill([sj.Answer(answer.seed, answer.reply, "another prompt", answer.correct)], [])
+    env = replay_mod.ReplaySolverJudge(rp, **sj.env_kwargs(sj.parse_args([])))
+    with pytest.raises(ValueError, match="another judge prompt"):
+        await env.reset(seed=3)
+
+
+def test_replay_wiring(sj, replay_mod, tmp_path) -> None:
+    args = sj.parse_args(["--run-dir", str(tmp_path), "--judge-replay", "0.5"])
+    with pytest.raises(ValueError, match="needs a replay pool"):
+        sj.make_trainer(args, sj.JudgeTally())
+    with pytest.raises(ValueError, match="needs --judge-warm-start own-answers"):
+        sj.main(["--run-dir", str(tmp_path), "--judge-replay", "0.5"])
+    pool = replay_mod.ReplayPool(0.5, 4, sj.EVAL_SEEDS)
+    trainer = sj.make_trainer(args, sj.JudgeTally(), replay=pool)
+    assert isinstance(trainer.make_env(), replay_mod.ReplaySolverJudge)
+    assert trainer.make_env().pool is pool
+    assert [type(f).__name__ for f in trainer.reward_fns] == ["JudgeTally", "ReplayTally"]
+
+
+@pytest.mark.slow
+def test_tiny_run_with_replay_of_the_starting_solvers_answers(sj, tmp_path) -> None:
+    cache = tmp_path / "warm"
+    argv = ["--steps", "2", "--batch-size", "16", "--group-size", "8", "--sft-steps", "5",
+            "--demos", "16", "--eval-seeds", "8", "--judge-warm-start", "own-answers",
+            "--own-answers", "24", "--judge-held-out", "12", "--judge-sft-steps", "3",
+            "--judge-eval-every", "1", "--judge-reward", "per-class", "--truth-weight", "0.5",
+            "--judge-samples", "2", "--judge-replay", "0.5", "--warm-start-cache", str(cache)]
+    for run in ("a", "b"):  # a: the fresh warm start's answers; b: the cached pool
+        assert sj.main(["--run-dir", str(tmp_path / run), *argv]) == 0
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        pool = summary["judge_data"]["replay"]
+        assert pool["answers"] == 24 and pool["sampled_now"] is False
+        assert pool["pool"] == 24 - pool["dropped_shared_prompt"] > 0
+        assert pool["per_group"] == 4
+        rows = [json.loads(line)
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        trained = [r for r in rows if "train/judge/success" in r]
+        assert len(trained) == 2
+        for r in trained:  # 2 groups of 8 a step: 4 replay + 4 live episodes each
+            assert r["replay/episodes"] + r["live/episodes"] == r["judge_stats/episodes"]
+            assert r["policy/judge/num_samples"] == 2 * 16
+            assert r["policy/solver/num_samples"] == 8
+    saved = json.loads((cache / "replay_pool.json").read_text())
+    held_out = json.loads((cache / "warm_start.json").read_text())["held_out"]
+    assert len(saved) == 24
+    assert {a["seed"] for a in saved}.isdisjoint({a["seed"] for a in held_out})
+    held = {a["prompt"] for a in held_out}
+    assert pool["dropped_shared_prompt"] == sum(a["prompt"] in held for a in saved)
+    # c: a cache without the pool (as rounds 4-5 wrote): sampled from the starting solver
+    (cache / "replay_pool.json").unlink()
+    assert sj.main(["--run-dir", str(tmp_path / "c"), *argv[2:], "--steps", "1"]) == 0
+    pool = json.loads((tmp_path / "c/summary.json").read_text())["judge_data"]["replay"]
+    assert pool["sampled_now"] is True and pool["answers"] == 24
+    assert len(json.loads((cache / "replay_pool.json").read_text())) == 24

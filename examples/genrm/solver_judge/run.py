@@ -66,6 +66,14 @@ from own_answers import (
     sft_judge,
     verdict_rates,
 )
+from replay import (
+    ReplayPool,
+    ReplaySolverJudge,
+    ReplayTally,
+    disjoint_pool,
+    load_pool,
+    save_pool,
+)
 
 import areal_agents as aa
 from areal_agents.envs.solver_judge import SolverJudge
@@ -76,6 +84,8 @@ WARM_START_SETTINGS = ("seed", "sft_steps", "solver_sft_steps", "demos", "solver
                        "lr", "batch_size", "group_size", "truth_weight", "own_answers",
                        "judge_held_out", "judge_sft_steps", "judge_sft_lr")
 """The options an own-answers warm start depends on (``--warm-start-cache`` checks them)."""
+EVAL_SEEDS = 2_000_000
+"""The first evaluation seed (``--eval-seeds`` count up from it; they never replay)."""
 
 
 class JudgeTally:
@@ -223,15 +233,22 @@ def solver_demos(args: argparse.Namespace) -> Any:
 
 
 def make_trainer(args: argparse.Namespace, tally: JudgeTally,
-                 models: dict[str, Any] | None = None) -> Any:
+                 models: dict[str, Any] | None = None, replay: ReplayPool | None = None) -> Any:
     """The two-policy run: ``solver`` and ``judge``, each its own tiny model and optimizer
     (every judge seat of ``--judge-samples`` acts with ``judge``).
 
     Without ``models`` both are warm-started by the Trainer on demo episodes (the solver
     imitates ``solver_demos``, the judge the exact scripted judge on those replies); with
     ``models`` (``{"solver": (model, tokenizer), "judge": ...}``, already warm-started by
-    ``own_answer_warm_start``) there is no warm start here.
+    ``own_answer_warm_start``) there is no warm start here. With ``replay`` the env is
+    ``ReplaySolverJudge`` on that pool (fill it before training) and a ``ReplayTally`` counts
+    replay and live episodes.
+
+    Raises:
+        ValueError: ``--judge-replay`` > 0 without ``replay``.
     """
+    if args.judge_replay and replay is None:
+        raise ValueError("--judge-replay needs a replay pool (--judge-warm-start own-answers)")
     group_fns: list[Any] = []
     reward_fns: list[Any] = [tally]
     judge_extra: dict[str, Any] = {}
@@ -272,21 +289,26 @@ def make_trainer(args: argparse.Namespace, tally: JudgeTally,
         warm_start = None
     kwargs = env_kwargs(args, args.judge_samples)
     seats = SolverJudge(**kwargs).possible_agents
+    env: Any = "SolverJudge-v0"
+    if replay is not None:
+        env = lambda: ReplaySolverJudge(replay, **kwargs)  # noqa: E731
+        reward_fns.append(ReplayTally())
     return aa.Trainer(
-        env="SolverJudge-v0", env_kwargs=kwargs, policies=policies,
+        env=env, env_kwargs=kwargs, policies=policies,
         policy_map={a: "solver" if a == "solver" else "judge" for a in seats},
         reward_fns=reward_fns, group_reward_fns=group_fns, algorithm=aa.GRPO(),
         batch_size=args.batch_size, group_size=args.group_size, seed=args.seed,
-        eval_seeds=range(2_000_000, 2_000_000 + args.eval_seeds), progress=False,
+        eval_seeds=range(EVAL_SEEDS, EVAL_SEEDS + args.eval_seeds), progress=False,
         warm_start=warm_start, run_dir=args.run_dir)
 
 
-async def own_answer_warm_start(args: argparse.Namespace
-                                ) -> tuple[dict[str, Any], list[Answer], dict[str, Any]]:
+async def own_answer_warm_start(args: argparse.Namespace) -> tuple[
+        dict[str, Any], list[Answer], dict[str, Any], list[Answer]]:
     """Warm-start the solver (SFT on ``solver_demos``), sample it on ``args.own_answers``
     training seeds and ``args.judge_held_out`` held-out seeds, SFT a fresh judge on the
     class-balanced training answers (``own_answers``). Returns the two ``(model,
-    tokenizer)`` pairs, the held-out answers and the figures of the data."""
+    tokenizer)`` pairs, the held-out answers, the figures of the data and the training
+    answers ([] when read from ``--warm-start-cache``, which keeps only the held-out ones)."""
     from areal_agents.agents import ScriptedAgent
 
     settings = {k: getattr(args, k) for k in WARM_START_SETTINGS}
@@ -294,7 +316,7 @@ async def own_answer_warm_start(args: argparse.Namespace
         cached = load_warm_start(Path(args.warm_start_cache), settings)
         if cached is not None:
             print(f"warm start read from {args.warm_start_cache}", flush=True)
-            return cached
+            return (*cached, [])
     solver = aa.models.tiny("xs", seed=args.seed)
     pre = aa.Trainer(
         env="SolverJudge-v0", env_kwargs=env_kwargs(args),
@@ -325,14 +347,41 @@ async def own_answer_warm_start(args: argparse.Namespace
     models = {"solver": solver, "judge": (judge_model, judge_tok)}
     if args.warm_start_cache:
         save_warm_start(Path(args.warm_start_cache), settings, models, held_out, data)
-    return models, held_out, data
+    return models, held_out, data, train
+
+
+async def fill_replay(args: argparse.Namespace, trainer: Any, replay: ReplayPool,
+                      train: list[Answer], held_out: list[Answer]) -> dict[str, Any]:
+    """Fill ``replay`` with the starting solver's training answers, less those sharing a
+    judge prompt with a held-out answer (``disjoint_pool``): ``train`` when the warm start
+    was made now, else ``replay_pool.json`` in ``--warm-start-cache``, else sampled from the
+    trainer's solver before its first step (the starting solver; saved to the cache).
+    Returns the pool's figures."""
+    cache = Path(args.warm_start_cache) if args.warm_start_cache else None
+    answers = train or (load_pool(cache) if cache else [])
+    sampled = not answers
+    if sampled:
+        seeds = list(range(TRAIN_SEEDS, TRAIN_SEEDS + args.own_answers))
+        answers = await sample_answers(trainer, env_kwargs(args), seeds)
+    if cache and not (cache / "replay_pool.json").exists():
+        save_pool(cache, answers)
+    pool, dropped = disjoint_pool(answers, held_out)
+    replay.fill(pool, held_out)
+    figures = {"answers": len(answers), "sampled_now": sampled, "dropped_shared_prompt": dropped,
+               "pool": len(pool), "pool_right": sum(a.correct for a in pool),
+               "per_group": replay.per_group}
+    print(f"replay pool: {json.dumps(figures)}", flush=True)
+    return figures
 
 
 async def evaluate(trainer: Any, tally: JudgeTally) -> dict[str, float]:
     """Greedy held-out episodes: ``eval/<agent>/{reward,success}`` + the judge's rates."""
-    tally.take_metrics()  # drop counts of training episodes still in flight
+    tallies = [tally, *(fn for fn in trainer.reward_fns if isinstance(fn, ReplayTally))]
+    for fn in tallies:
+        fn.take_metrics()  # drop counts of training episodes still in flight
     out = await trainer.evaluate()
-    out.update({f"eval/{k}": v for k, v in tally.take_metrics().items()})
+    for fn in tallies:
+        out.update({f"eval/{k}": v for k, v in fn.take_metrics().items()})
     return out
 
 
@@ -346,15 +395,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tally = JudgeTally()
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    models, held_out, data = None, [], {}
+    models, held_out, data, train = None, [], {}, []
+    if args.judge_replay and args.judge_warm_start != "own-answers":
+        raise ValueError("--judge-replay needs --judge-warm-start own-answers (the pool is "
+                         "the starting solver's own answers)")
     if args.judge_warm_start == "own-answers":
-        models, held_out, data = await own_answer_warm_start(args)
-    trainer = make_trainer(args, tally, models)
+        models, held_out, data, train = await own_answer_warm_start(args)
+    replay = (ReplayPool(args.judge_replay, args.group_size, EVAL_SEEDS, seed=args.seed + 3)
+              if args.judge_replay else None)
+    trainer = make_trainer(args, tally, models, replay)
     curve: list[dict[str, float]] = []
     graded: list[list[str | None]] = []  # the held-out verdicts of each grading
     history: list[dict[str, float]] = []
     try:
         await trainer.setup()
+        if replay is not None:
+            data = {**data, "replay": await fill_replay(args, trainer, replay, train, held_out)}
 
         async def grade() -> None:
             if held_out:
@@ -386,7 +442,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "judge_stats/false_positive_rate", "judge_stats/false_negative_rate",
             "judge_groups/balanced_accuracy", "judge_groups/p_right",
             "judge_groups/said_correct", "judge_groups/advantage_right",
-            "judge_groups/advantage_wrong", "policy/judge/entropy")
+            "judge_groups/advantage_wrong", "policy/judge/entropy", "live/solver_success",
+            "live/judge_accuracy", "replay/judge_accuracy", "replay/share")
     k = max(1, len(history) // 5)
 
     def mean(rows: list[dict[str, float]], key: str) -> float:
@@ -455,6 +512,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warm-start-cache", default=None,
                    help="own-answers: a folder for the warm-started models and held-out "
                    "answers; reused when its settings match, else written")
+    p.add_argument("--judge-replay", type=float, default=0.0,
+                   help="own-answers: this share of each training group's episodes has the "
+                   "judge grade a pool answer of the starting solver (not the held-out ones); "
+                   "the solver does not act in them (replay.py)")
     p.add_argument("--truth-weight", type=float, default=0.0,
                    help="solver reward = (1 - w) * verdict + w * ground truth")
     p.add_argument("--eval-seeds", type=int, default=200)
