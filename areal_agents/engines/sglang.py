@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -49,17 +48,18 @@ from typing import Any
 
 import httpx2
 
-from ..errors import ConfigError, ContextLengthExceeded, EngineError
+from ..errors import ContextLengthExceeded, EngineError
 from . import sglang_protocol as protocol
 from .base import GenerateRequest, GenerateResult, OnTokens, WeightUpdate
-from .http_engine import HTTPEngine, error_message
-from .server_process import ServerProcess, free_port
+from .http_engine import error_message
+from .server_engine import ServerEngine
+from .server_process import ServerProcess
 from .sglang_weights import WeightsMixin
 
 SGLANG_PYTHON_ENV = "AREAL_AGENTS_SGLANG_PYTHON"
 
 
-class SGLangEngine(WeightsMixin, HTTPEngine):
+class SGLangEngine(WeightsMixin, ServerEngine):
     """An SGLang server as an inference engine (token ids in; ids, log-probs, versions out).
 
     Build one with ``await SGLangEngine.launch(model_dir)`` (starts and owns a server) or
@@ -86,19 +86,18 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
 
     server_name = "SGLang server"
     python_env = SGLANG_PYTHON_ENV  # where launch finds the SGLang venv's interpreter
+    server_package = "SGLang"
+    server_module = "sglang.launch_server"
 
     def __init__(self, url: str, *, max_context: int, version: int = 0, timeout_s: float = 600.0,
                  transport: httpx2.AsyncBaseTransport | None = None,
                  server: ServerProcess | None = None, weights_dir: str | Path | None = None,
                  top_p_window: int = 128) -> None:
-        super().__init__(url, timeout_s=timeout_s, server=server, transport=transport)
+        super().__init__(url, timeout_s=timeout_s, server=server, transport=transport,
+                         weights_dir=weights_dir)
         self.max_context = max_context
         self.version = version
         self.top_p_window = top_p_window
-        self._own_weights_dir = weights_dir is None
-        self._weights_dir = Path(weights_dir) if weights_dir else None
-        self._paused = False
-        self._update_lock = asyncio.Lock()
         self._in_flight: dict[str, int] = {}  # request id -> n (SGLang's rids: id or id_i)
 
     def _client(self, headers: dict[str, str] | None) -> httpx2.AsyncClient:
@@ -139,29 +138,18 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
             EngineError: the server exited during start-up (with its last log lines).
             EngineTimeout: not healthy within ``startup_timeout_s`` (the server is stopped).
         """
-        python = python or os.environ.get(SGLANG_PYTHON_ENV)
-        if not python:
-            raise ConfigError(f"SGLangEngine.launch needs python= (a venv's interpreter with "
-                              f"SGLang) or ${SGLANG_PYTHON_ENV}; see docs/inference_servers.md")
-        port = port or free_port()
-        argv = [python, "-m", "sglang.launch_server", "--model-path", str(model),
-                "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype]
-        argv += ["--context-length", str(context_length)] if context_length else []
-        argv += (["--mem-fraction-static", str(mem_fraction_static)]
+        args = ["--model-path", str(model), "--dtype", dtype]
+        args += ["--context-length", str(context_length)] if context_length else []
+        args += (["--mem-fraction-static", str(mem_fraction_static)]
                  if mem_fraction_static is not None else [])
-        argv += list(server_args)
-        server_env = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "0", **(env or {})}
-        log_path = log_path or Path(tempfile.mkdtemp(prefix="sglang-")) / "server.log"
-        server = ServerProcess(argv, log_path, env=server_env, name="SGLang server")
-        url = f"http://127.0.0.1:{port}"
-        await server.wait_ready(f"{url}/health", timeout_s=startup_timeout_s,
-                                progress=progress)
-        try:
-            return await cls.attach(url, timeout_s=timeout_s, server=server,
-                                    top_p_window=top_p_window, weights_dir=weights_dir)
-        except BaseException:
-            server.stop()
-            raise
+        args += list(server_args)
+        server, url = await cls._launch_server(
+            args, python=python, port=port, log_path=log_path, progress=progress,
+            env={"SGLANG_RETURN_ORIGINAL_LOGPROB": "0", **(env or {})},
+            startup_timeout_s=startup_timeout_s)
+        return await cls._attach_or_stop(server, cls.attach(
+            url, timeout_s=timeout_s, server=server, top_p_window=top_p_window,
+            weights_dir=weights_dir))
 
     @classmethod
     async def attach(cls, url: str, *, max_context: int | None = None, timeout_s: float = 600.0,
@@ -339,10 +327,7 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
         continue what was paused here; ``during`` runs while the request is in flight."""
         async with self._update_lock:
             target = version if version is not None else self.version + 1
-            paused_here = not self._paused
-            if paused_here:
-                await self.pause()
-            try:
+            async with self._paused_for_update():
                 sent = asyncio.ensure_future(self._request(
                     "POST", path, {**body, "weight_version": str(target)}))
                 if during is not None:  # whichever fails first raises (a refused update
@@ -356,14 +341,6 @@ class SGLangEngine(WeightsMixin, HTTPEngine):
                     await helper
                 await sent
                 self.version = target
-            finally:
-                if paused_here:
-                    await self.resume()
-
-    async def _release(self) -> None:
-        """Remove this engine's own weight files (``close`` stops client and server first)."""
-        if self._own_weights_dir and self._weights_dir is not None:
-            shutil.rmtree(self._weights_dir, ignore_errors=True)
 
     # -- responses ----------------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,9 +50,9 @@ def serialize_tensors(named_tensors: NamedTensors) -> str:
 
 class WeightsMixin:
     """Weight-update methods of ``SGLangEngine`` (which provides ``_updating``,
-    ``_request``, ``version`` and ``_weights_dir``)."""
+    ``_request``, ``version`` and ``_new_folder``)."""
 
-    _weights_dir: Path | None
+    _new_folder: Callable[[str], Path]
     _updating: Callable[..., Awaitable[None]]
     _request: Callable[..., Awaitable[Any]]
 
@@ -127,7 +126,5 @@ class WeightsMixin:
 
     async def _write(self, named_tensors: NamedTensors, name: str) -> str:
         """Write tensors as safetensors into ``name`` inside the weights directory."""
-        if self._weights_dir is None:
-            self._weights_dir = Path(tempfile.mkdtemp(prefix="sglang-weights-"))
-        folder = self._weights_dir / name
+        folder = self._new_folder(name)
         return await asyncio.to_thread(write_tensors, named_tensors, folder, tied=False)

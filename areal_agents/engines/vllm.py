@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -55,8 +54,9 @@ import httpx2
 from ..errors import ConfigError, ContextLengthExceeded, EngineError, WeightSyncError
 from . import vllm_protocol as protocol
 from .base import CompletionOutput, GenerateRequest, GenerateResult, OnTokens, WeightUpdate
-from .http_engine import HTTPEngine, error_message
-from .server_process import ServerProcess, free_port
+from .http_engine import error_message
+from .server_engine import ServerEngine
+from .server_process import ServerProcess
 from .vllm_lora import RUNTIME_LORA_ENV, VLLMAdapterEngine, lora_server_args
 from .vllm_weights import (
     missing_head,
@@ -71,7 +71,7 @@ VLLM_PYTHON_ENV = "AREAL_AGENTS_VLLM_PYTHON"
 Endpoint = Literal["generate", "completions"]
 
 
-class VLLMEngine(HTTPEngine):
+class VLLMEngine(ServerEngine):
     """A vLLM server as an inference engine (token ids in; ids, log-probs, versions out).
 
     Build one with ``await VLLMEngine.launch(model_dir)`` (starts and owns a server) or
@@ -101,21 +101,20 @@ class VLLMEngine(HTTPEngine):
 
     server_name = "vLLM server"
     python_env = VLLM_PYTHON_ENV  # where launch finds the vLLM venv's interpreter
+    server_package = "vLLM"
+    server_module = "vllm.entrypoints.openai.api_server"
 
     def __init__(self, url: str, *, model: str, max_context: int, endpoint: Endpoint = "generate",
                  version: int = 0, timeout_s: float = 600.0,
                  transport: httpx2.AsyncBaseTransport | None = None,
                  server: ServerProcess | None = None, weights_dir: str | Path | None = None,
                  tie_word_embeddings: bool = False) -> None:
-        super().__init__(url, timeout_s=timeout_s, server=server, transport=transport)
+        super().__init__(url, timeout_s=timeout_s, server=server, transport=transport,
+                         weights_dir=weights_dir)
         self.model = model
         self.max_context = max_context
         self.endpoint = endpoint
         self.version = version
-        self._own_weights_dir = weights_dir is None
-        self._weights_dir = Path(weights_dir) if weights_dir else None
-        self._paused = False
-        self._update_lock = asyncio.Lock()
         self.tie_word_embeddings = tie_word_embeddings
         self.adapters: dict[str, VLLMAdapterEngine] = {}
 
@@ -160,33 +159,21 @@ class VLLMEngine(HTTPEngine):
             EngineError: the server exited during start-up (with its last log lines).
             EngineTimeout: not healthy within ``startup_timeout_s`` (the server is stopped).
         """
-        python = python or os.environ.get(VLLM_PYTHON_ENV)
-        if not python:
-            raise ConfigError(f"VLLMEngine.launch needs python= (a venv's interpreter with vLLM)"
-                              f" or ${VLLM_PYTHON_ENV}; see docs/inference_servers.md")
-        port = port or free_port()
-        argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+        args = ["--model", str(model), "--dtype", dtype,
                 "--logprobs-mode", "processed_logprobs", "--enable-scale-out",
                 "--generation-config", "vllm"]  # no sampling defaults from the model's config
-        argv += ["--max-model-len", str(max_model_len)] if max_model_len else []
-        argv += ["--enforce-eager"] if enforce_eager else []
-        argv += [] if chunked_prefill else ["--no-enable-chunked-prefill"]
-        argv += lora_server_args(max_loras, max_lora_rank)
-        argv += list(server_args)
+        args += ["--max-model-len", str(max_model_len)] if max_model_len else []
+        args += ["--enforce-eager"] if enforce_eager else []
+        args += [] if chunked_prefill else ["--no-enable-chunked-prefill"]
+        args += lora_server_args(max_loras, max_lora_rank)
+        args += list(server_args)
         server_env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
                       **({RUNTIME_LORA_ENV: "True"} if max_loras else {}), **(env or {})}
-        log_path = log_path or Path(tempfile.mkdtemp(prefix="vllm-")) / "server.log"
-        server = ServerProcess(argv, log_path, env=server_env, name="vLLM server")
-        url = f"http://127.0.0.1:{port}"
-        await server.wait_ready(f"{url}/health", timeout_s=startup_timeout_s,
-                                progress=progress)
-        try:
-            return await cls.attach(url, timeout_s=timeout_s, server=server,
-                                    tie_word_embeddings=ties_embeddings(model))
-        except BaseException:
-            server.stop()
-            raise
+        server, url = await cls._launch_server(
+            args, python=python, port=port, env=server_env, log_path=log_path,
+            startup_timeout_s=startup_timeout_s, progress=progress)
+        return await cls._attach_or_stop(server, cls.attach(
+            url, timeout_s=timeout_s, server=server, tie_word_embeddings=ties_embeddings(model)))
 
     @classmethod
     async def attach(cls, url: str, *, model: str | None = None, timeout_s: float = 600.0,
@@ -382,16 +369,12 @@ class VLLMEngine(HTTPEngine):
                 assert update.named_tensors is not None
                 path = written = await asyncio.to_thread(
                     write_tensors, update.named_tensors, folder, tied=self.tie_word_embeddings)
-            paused_here = not self._paused
-            if paused_here:
-                await self.pause()
             try:
-                await self._request("POST", "/collective_rpc", {
-                    "method": "reload_weights", "kwargs": {"weights_path": path}})
-                await self._serve_version(target)
+                async with self._paused_for_update():
+                    await self._request("POST", "/collective_rpc", {
+                        "method": "reload_weights", "kwargs": {"weights_path": path}})
+                    await self._serve_version(target)
             finally:
-                if paused_here:
-                    await self.resume()
                 if written is not None:
                     shutil.rmtree(written, ignore_errors=True)
 
@@ -427,10 +410,7 @@ class VLLMEngine(HTTPEngine):
         body = {"update_info": nccl_update_info(names, dtype_names, shapes)}
         async with self._update_lock:
             target = version if version is not None else self.version + 1
-            paused_here = not self._paused
-            if paused_here:
-                await self.pause()
-            try:
+            async with self._paused_for_update():
                 await self._request("POST", "/start_weight_update")
                 calls = {asyncio.ensure_future(asyncio.to_thread(broadcast)),
                          asyncio.ensure_future(self._request("POST", "/update_weights", body,
@@ -446,9 +426,6 @@ class VLLMEngine(HTTPEngine):
                                           "push a full update (e.g. from disk)") from failed
                 await self._request("POST", "/finish_weight_update")
                 await self._serve_version(target)
-            finally:
-                if paused_here:
-                    await self.resume()
 
     def add_adapter(self, name: str, *, rank: int = 8, alpha: float = 16.0,
                     target_modules: Sequence[str] | None = None) -> VLLMAdapterEngine:
@@ -487,22 +464,11 @@ class VLLMEngine(HTTPEngine):
         await self._request("POST", "/update_weight_version", {"new_version": str(target)})
         self.version = target
 
-    async def _release(self) -> None:
-        """Remove this engine's own weight files (``close`` stops client and server first)."""
-        if self._own_weights_dir and self._weights_dir is not None:
-            shutil.rmtree(self._weights_dir, ignore_errors=True)
-
     # -- requests and responses ---------------------------------------------------------------
 
     @staticmethod
     def _sampling(request: GenerateRequest) -> dict[str, Any]:
         return protocol.sampling_params(request.sampling)
-
-    def _new_folder(self, name: str) -> Path:
-        """``name`` inside this engine's weights directory (created on first use)."""
-        if self._weights_dir is None:
-            self._weights_dir = Path(tempfile.mkdtemp(prefix="vllm-weights-"))
-        return self._weights_dir / name
 
     def _http_error(self, response: httpx2.Response, what: str) -> Exception:
         message = error_message(response)
