@@ -24,8 +24,13 @@ ObsT = TypeVar("ObsT")
 ActT = TypeVar("ActT")
 
 
-class _Seeding:
-    """``np_random`` handling shared by both env kinds (Gymnasium semantics)."""
+class _EnvBase:
+    """What both env kinds share: ``np_random`` handling (Gymnasium semantics), ``render``,
+    ``close`` and ``async with``, and the repr."""
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
+    spec: EnvSpec | None = None
+    render_mode: str | None = None
 
     _np_random: np.random.Generator | None = None
     _np_random_seed: int | None = None
@@ -62,8 +67,22 @@ class _Seeding:
         elif seed is not None:
             self._action_rng.seed(seed)
 
+    def render(self) -> Any:
+        """Render the env (optional); returns None unless a subclass supports a render mode."""
+        return None
 
-class AgentEnv(_Seeding, Generic[ObsT, ActT]):
+    async def close(self) -> None:
+        """Release resources. Idempotent."""
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        name = self.spec.id if self.spec is not None else type(self).__name__
+        return f"<{type(self).__name__} {name}>"
+
+
+class AgentEnv(_EnvBase, Generic[ObsT, ActT]):
     """A single-agent environment with an async Gymnasium-style API.
 
     For LLM envs an observation is the list of *new* chat messages (OpenAI format) since the
@@ -92,9 +111,6 @@ class AgentEnv(_Seeding, Generic[ObsT, ActT]):
         ([], 1.0, True, False, {})
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
-    spec: EnvSpec | None = None
-    render_mode: str | None = None
 
     _needs_reset: bool = True
 
@@ -138,13 +154,6 @@ class AgentEnv(_Seeding, Generic[ObsT, ActT]):
         """
         raise NotImplementedError
 
-    def render(self) -> Any:
-        """Render the env (optional); returns None unless a subclass supports a render mode."""
-        return None
-
-    async def close(self) -> None:
-        """Release resources. Idempotent."""
-
     @property
     def unwrapped(self) -> AgentEnv[Any, Any]:
         """The innermost env under any wrappers."""
@@ -153,15 +162,8 @@ class AgentEnv(_Seeding, Generic[ObsT, ActT]):
     async def __aenter__(self) -> AgentEnv[ObsT, ActT]:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
-    def __repr__(self) -> str:
-        name = self.spec.id if self.spec is not None else type(self).__name__
-        return f"<{type(self).__name__} {name}>"
-
-
-class MultiAgentEnv(_Seeding, Generic[ObsT, ActT]):
+class MultiAgentEnv(_EnvBase, Generic[ObsT, ActT]):
     """A multi-agent environment with one dict-keyed async API (PettingZoo's parallel keys).
 
     ``obs`` returned by ``reset``/``step`` holds exactly the agents that must act next: one
@@ -186,9 +188,6 @@ class MultiAgentEnv(_Seeding, Generic[ObsT, ActT]):
     as it arrives, so a slow agent holds nobody back; ``check_env`` checks this contract.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
-    spec: EnvSpec | None = None
-    render_mode: str | None = None
     possible_agents: list[str] = []  # noqa: RUF012 - subclasses assign their own lists
     agents: list[str] = []  # noqa: RUF012
 
@@ -241,13 +240,6 @@ class MultiAgentEnv(_Seeding, Generic[ObsT, ActT]):
         that may act, any non-empty subset of which the next ``step`` takes)."""
         return self._to_act
 
-    def render(self) -> Any:
-        """Render the env (optional)."""
-        return None
-
-    async def close(self) -> None:
-        """Release resources. Idempotent."""
-
     @property
     def unwrapped(self) -> MultiAgentEnv[Any, Any]:
         """The innermost env under any wrappers."""
@@ -255,13 +247,6 @@ class MultiAgentEnv(_Seeding, Generic[ObsT, ActT]):
 
     async def __aenter__(self) -> MultiAgentEnv[ObsT, ActT]:
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        name = self.spec.id if self.spec is not None else type(self).__name__
-        return f"<{type(self).__name__} {name}>"
 
 
 def _env_name(env: Any) -> str:
