@@ -102,29 +102,38 @@ def _mlp(module: nn.Module, cls: type, x: torch.Tensor) -> torch.Tensor:
     return _linear(module.down_proj, gate * _linear(module.up_proj, x))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` (transformers' ``apply_rotary_pos_emb``, one tensor)."""
-    half = x.shape[-1] // 2
-    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``cat(-sin[..., :half], sin[..., half:])``, so that ``_rotate`` needs no negation."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def _lean_layer(layer: nn.Module, family: _Family, cache: Cache) -> bool:
-    """Whether ``_decode_layer`` computes ``layer``'s forward (see the module docstring)."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` (transformers' ``apply_rotary_pos_emb``, one tensor)
+    in the same bits with fewer ops: ``rotate_half(x) * sin`` is ``cat(-x2 * s1, x1 * s2)``,
+    and ``-x2 * s1 == x2 * -s1`` exactly (an IEEE product's sign is the signs' xor, its
+    magnitude does not depend on them), so it is ``roll(x, half) * signed_sin``."""
+    return (x * cos) + (x.roll(x.shape[-1] // 2, dims=-1) * signed_sin)
+
+
+def _lean_layer(layer: nn.Module, family: _Family, config: object, cache: Cache) -> bool:
+    """Whether ``_decode_layer`` computes ``layer``'s forward (see the module docstring);
+    ``config``: the model's, whose attention implementation ``decode_layers`` checked."""
     if type(layer) is not family.layer or not _plain(layer):
         return False
     attn = layer.self_attn
     return (type(attn) is family.attention and _plain(attn)
             and getattr(attn, "sliding_window", None) is None
             and not (attn.training and attn.attention_dropout)
-            and attn.config._attn_implementation == "sdpa"
-            and attn.layer_idx < len(cache.layers))
+            and attn.config is config and attn.layer_idx < len(cache.layers))
 
 
 def _decode_layer(layer: nn.Module, family: _Family, hidden: torch.Tensor,
                   mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                   cache: Cache) -> torch.Tensor:
     """``layer``'s forward for ``hidden`` ``[batch, 1, hidden]``; ``cos``/``sin`` are the
-    rotary tables already unsqueezed to ``[batch, 1, 1, head_dim]``."""
+    rotary tables already unsqueezed to ``[batch, 1, 1, head_dim]``, ``sin`` signed
+    (``_signed_sin``)."""
     attn = layer.self_attn
     residual = hidden
     hidden = _norm(layer.input_layernorm, family.norm, hidden)
@@ -169,13 +178,14 @@ def decode_layers(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | N
     assert hidden.shape[1] == 1, "decode_layers feeds one token per row"
     base = model.model
     family = _family(type(model))
+    config = base.config
     lean = (family is not None and type(cache).update is Cache.update
-            and not getattr(cache, "offloading", False)
+            and not getattr(cache, "offloading", False) and config._attn_implementation == "sdpa"
             and ALL_ATTENTION_FUNCTIONS.get("sdpa") is sdpa_attention_forward)
     cos, sin = position_embeddings
-    cos4, sin4 = cos.unsqueeze(1), sin.unsqueeze(1)  # what apply_rotary_pos_emb does per layer
-    for layer in base.layers[: base.config.num_hidden_layers]:
-        if lean and _lean_layer(layer, family, cache):
+    cos4, sin4 = cos.unsqueeze(1), _signed_sin(sin.unsqueeze(1))  # once, not per layer
+    for layer in base.layers[: config.num_hidden_layers]:
+        if lean and _lean_layer(layer, family, config, cache):
             hidden = _decode_layer(layer, family, hidden, mask, cos4, sin4, cache)
         else:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache,

@@ -56,7 +56,7 @@ def _lean_decode(model: torch.nn.Module) -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
+    return not any(m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in vars(m)
                    or "forward" in vars(m) for m in (model, base))
 
 
@@ -137,10 +137,9 @@ class BufferedLayer(DynamicLayer):
         if self._start + length + new > self._key_buf.shape[-2]:
             # room for this update too: a cached prefix's suffix can be longer than 64 tokens
             self.set(self.keys, self.values, spare=max(64, length, new), rows=self.row_capacity)
-        end = self._start + length
-        self._key_buf[:batch, :, end : end + new] = key_states
-        self._value_buf[:batch, :, end : end + new] = value_states
         self._view(batch, self._start, length + new)
+        self.keys[:, :, length:] = key_states  # the new columns, written through the views
+        self.values[:, :, length:] = value_states
         return self.keys, self.values
 
     @torch.inference_mode()

@@ -215,27 +215,36 @@ def test_hooked_modules_run_as_modules_and_hooked_layers_through_their_forward(m
     handle.remove()
 
 
-def test_layers_the_inline_path_does_not_cover_run_their_own_forward():
+def test_layers_the_inline_path_does_not_cover_run_their_own_forward(monkeypatch):
     model = _model("qwen2")
     family = lean_decode._family(type(model))
-    layer = model.model.layers[0]
+    layer, config = model.model.layers[0], model.config
     cache = prefill(model, [[5, 6, 7]], [1], torch.device("cpu"))[0]
-    assert lean_decode._lean_layer(layer, family, cache)
+    assert lean_decode._lean_layer(layer, family, config, cache)
     layer.self_attn.sliding_window = 16  # a sliding-window layer
-    assert not lean_decode._lean_layer(layer, family, cache)
+    assert not lean_decode._lean_layer(layer, family, config, cache)
     layer.self_attn.sliding_window = None
-    model.config._attn_implementation = "eager"  # another attention implementation
-    assert not lean_decode._lean_layer(layer, family, cache)
-    model.config._attn_implementation = "sdpa"
     layer.self_attn.attention_dropout = 0.1
     layer.train()  # dropout in training mode
-    assert not lean_decode._lean_layer(layer, family, cache)
+    assert not lean_decode._lean_layer(layer, family, config, cache)
     layer.eval()
-    assert lean_decode._lean_layer(layer, family, cache)  # dropout is off in eval mode
+    assert lean_decode._lean_layer(layer, family, config, cache)  # dropout is off in eval mode
+    layer.self_attn.config = type(config)(**SMALL)  # a layer of its own config
+    assert not lean_decode._lean_layer(layer, family, config, cache)
+    layer.self_attn.config = config
 
     class Patched(type(layer)):  # a subclass may change forward
         pass
 
     layer.__class__ = Patched
-    assert not lean_decode._lean_layer(layer, family, cache)
+    assert not lean_decode._lean_layer(layer, family, config, cache)
+    layer.__class__ = family.layer
     assert lean_decode._family(LlamaForCausalLM).layer.__name__ == "LlamaDecoderLayer"
+
+    torch.set_num_threads(1)
+    model.config._attn_implementation = "eager"  # another attention implementation
+    count = _LayerCount(monkeypatch)
+    lean = _decode_logits(model)
+    assert count.calls == 0  # every layer through its own forward (eager attention)
+    monkeypatch.setattr(scheduler, "_lean_decode", lambda m: False)
+    assert all(torch.equal(a, b) for a, b in zip(lean, _decode_logits(model), strict=True))
