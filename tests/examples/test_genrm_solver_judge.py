@@ -564,6 +564,9 @@ def test_tiny_run_with_replay_of_the_starting_solvers_answers(sj, tmp_path) -> N
         assert pool["answers"] == 24 and pool["sampled_now"] is False
         assert pool["pool"] == 24 - pool["dropped_shared_prompt"] > 0
         assert pool["per_group"] == 4
+        probe = summary["replay_pool_judge"]  # the judge graded on pool answers too
+        assert [r["step"] for r in probe] == [0, 1, 2]
+        assert all(r["answers"] == min(12, pool["pool"]) for r in probe)
         rows = [json.loads(line)
                 for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         trained = [r for r in rows if "train/judge/success" in r]

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from own_answers import (
     HELD_OUT_SEEDS,
     TRAIN_SEEDS,
     Answer,
+    grade_judge,
     judge_transcripts,
     judge_verdicts,
     load_warm_start,
@@ -405,12 +407,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
               if args.judge_replay else None)
     trainer = make_trainer(args, tally, models, replay)
     curve: list[dict[str, float]] = []
+    pool_curve: list[dict[str, float]] = []  # the judge on pool answers it trains on
+    probe: list[Answer] = []
     graded: list[list[str | None]] = []  # the held-out verdicts of each grading
     history: list[dict[str, float]] = []
     try:
         await trainer.setup()
         if replay is not None:
             data = {**data, "replay": await fill_replay(args, trainer, replay, train, held_out)}
+            probe = random.Random(args.seed).sample(
+                replay.answers, min(len(replay.answers), args.judge_held_out))
 
         async def grade() -> None:
             if held_out:
@@ -421,6 +427,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 curve.append({"step": trainer.step, **rates})
                 print(f"held-out judge, step {trainer.step}: {json.dumps(rates)}", flush=True)
                 trainer.logger.log(trainer.step, {f"heldout_judge/{k}": v
+                                                  for k, v in rates.items()})
+            if probe:
+                rates = await grade_judge(trainer, env_kwargs(args), probe)
+                pool_curve.append({"step": trainer.step, **rates})
+                trainer.logger.log(trainer.step, {f"replay_pool_judge/{k}": v
                                                   for k, v in rates.items()})
 
         await grade()
@@ -453,6 +464,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     paired = paired_change(held_out, graded[0], graded[-1]) if graded else {}
     return {"start": start, "final": final, "steps": len(history), "judge_data": data,
             "judge_heldout": curve, "judge_heldout_paired": paired,
+            "replay_pool_judge": pool_curve,
             "train_first": {key: mean(history[:k], key) for key in keys},
             "train_last": {key: mean(history[-k:], key) for key in keys},
             "per_step": [{"step": h["step"], **{key: h.get(key) for key in keys}}
@@ -541,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{row.get('balanced_accuracy', float('nan')):.3f}, false-positive rate "
               f"{row.get('false_positive_rate', float('nan')):.3f}, false-negative rate "
               f"{row.get('false_negative_rate', float('nan')):.3f}")
+    for row in result["replay_pool_judge"]:
+        print(f"  judge on {row['answers']:.0f} replay-pool answers (trained on), step "
+              f"{row['step']:3d}: accuracy {row['accuracy']:.3f}, balanced "
+              f"{row.get('balanced_accuracy', float('nan')):.3f}")
     if result["judge_heldout_paired"]:
         print(f"  the same held-out answers, step 0 -> end: "
               f"{json.dumps(result['judge_heldout_paired'])}")
