@@ -77,7 +77,8 @@ def _plain(module: nn.Module) -> bool:
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``: ``F.linear`` itself for a plain ``nn.Linear`` (what its forward calls)."""
     if type(module) is nn.Linear and _plain(module):
-        return F.linear(x, module.weight, module.bias)
+        params = module._parameters
+        return F.linear(x, params["weight"], params["bias"])
     return module(x)
 
 
@@ -89,17 +90,18 @@ def _norm(module: nn.Module, cls: type, x: torch.Tensor) -> torch.Tensor:
     dtype = x.dtype
     h = x if dtype == torch.float32 else x.to(torch.float32)  # .to(same dtype) is x itself
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    return module.weight * (h if dtype == torch.float32 else h.to(dtype))
+    return module._parameters["weight"] * (h if dtype == torch.float32 else h.to(dtype))
 
 
 def _mlp(module: nn.Module, cls: type, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``: ``down(act(gate(x)) * up(x))`` inline when ``module`` is the family's MLP."""
     if type(module) is not cls or not _plain(module):
         return module(x)
-    act = module.act_fn
-    gate = _linear(module.gate_proj, x)
+    mods = module._modules
+    act = mods["act_fn"]
+    gate = _linear(mods["gate_proj"], x)
     gate = F.silu(gate) if type(act) is SiLUActivation and _plain(act) else act(gate)
-    return _linear(module.down_proj, gate * _linear(module.up_proj, x))
+    return _linear(mods["down_proj"], gate * _linear(mods["up_proj"], x))
 
 
 def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -121,7 +123,7 @@ def _lean_layer(layer: nn.Module, family: _Family, config: object, cache: Cache)
     ``config``: the model's, whose attention implementation ``decode_layers`` checked."""
     if type(layer) is not family.layer or not _plain(layer):
         return False
-    attn = layer.self_attn
+    attn = layer._modules["self_attn"]
     return (type(attn) is family.attention and _plain(attn)
             and getattr(attn, "sliding_window", None) is None
             and not (attn.training and attn.attention_dropout)
@@ -134,17 +136,21 @@ def _decode_layer(layer: nn.Module, family: _Family, hidden: torch.Tensor,
     """``layer``'s forward for ``hidden`` ``[batch, 1, hidden]``; ``cos``/``sin`` are the
     rotary tables already unsqueezed to ``[batch, 1, 1, head_dim]``, ``sin`` signed
     (``_signed_sin``)."""
-    attn = layer.self_attn
+    # submodules and parameters are read from their dicts: Module.__getattr__ costs about
+    # 1.5 us a lookup on this CPU, and a layer needs some 30
+    mods = layer._modules
+    attn = mods["self_attn"]
+    projs = attn._modules
     residual = hidden
-    hidden = _norm(layer.input_layernorm, family.norm, hidden)
+    hidden = _norm(mods["input_layernorm"], family.norm, hidden)
     input_shape = hidden.shape[:-1]
     shape = (*input_shape, -1, attn.head_dim)
-    query = _linear(attn.q_proj, hidden).view(shape)
-    key = _linear(attn.k_proj, hidden).view(shape)
-    if "q_norm" in attn._modules:  # Qwen3: per-head RMSNorm before the rotary
-        query = _norm(attn.q_norm, family.norm, query)
-        key = _norm(attn.k_norm, family.norm, key)
-    value = _linear(attn.v_proj, hidden).view(shape).transpose(1, 2)
+    query = _linear(projs["q_proj"], hidden).view(shape)
+    key = _linear(projs["k_proj"], hidden).view(shape)
+    if "q_norm" in projs:  # Qwen3: per-head RMSNorm before the rotary
+        query = _norm(projs["q_norm"], family.norm, query)
+        key = _norm(projs["k_norm"], family.norm, key)
+    value = _linear(projs["v_proj"], hidden).view(shape).transpose(1, 2)
     query = _rotate(query.transpose(1, 2), cos, sin)
     key = _rotate(key.transpose(1, 2), cos, sin)
     key, value = cache.layers[attn.layer_idx].update(key, value)
@@ -160,12 +166,12 @@ def _decode_layer(layer: nn.Module, family: _Family, hidden: torch.Tensor,
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
                                              scale=attn.scaling, is_causal=False)
     out = out.reshape(out.shape[0], -1, q_length, value.shape[-1]).transpose(1, 2).contiguous()
-    out = _linear(attn.o_proj, out.reshape(*input_shape, -1).contiguous())
+    out = _linear(projs["o_proj"], out.reshape(*input_shape, -1).contiguous())
     hidden = residual + out
 
     residual = hidden
-    hidden = _norm(layer.post_attention_layernorm, family.norm, hidden)
-    return residual + _mlp(layer.mlp, family.mlp, hidden)
+    hidden = _norm(mods["post_attention_layernorm"], family.norm, hidden)
+    return residual + _mlp(mods["mlp"], family.mlp, hidden)
 
 
 def decode_layers(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
