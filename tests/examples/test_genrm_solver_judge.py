@@ -446,6 +446,15 @@ def test_replay_pool_is_disjoint_from_the_held_out_answers(sj, replay_mod) -> No
     assert pool == [a(2, "Answer: 4", "p2", False)] and dropped == 1
     with pytest.raises(ValueError, match=r"share task seeds \[100\]"):
         replay_mod.disjoint_pool([a(100, "x", "p3", False)], held)
+    # the seed-disjoint diagnostic keeps shared prompts, never shared seeds
+    same = [a(1, "Answer: 3", "p-held", True)]
+    assert replay_mod.disjoint_pool(same, held, by="seed") == (same, 0)
+    with pytest.raises(ValueError, match="share task seeds"):
+        replay_mod.disjoint_pool([a(100, "x", "p3", False)], held, by="seed")
+    seed_only = replay_mod.ReplayPool(0.5, group_size=8, eval_from=1000)
+    seed_only.fill(same, held, by="seed")
+    with pytest.raises(ValueError, match="in the held-out set"):
+        seed_only.fill([a(100, "x", "p3", False)], held, by="seed")
     rp = replay_mod.ReplayPool(0.5, group_size=8, eval_from=1000)
     with pytest.raises(ValueError, match="1 pool answers are in the held-out set"):
         rp.fill([a(1, "Answer: 3", "p-held", True)], held)
@@ -563,7 +572,10 @@ def test_tiny_run_with_replay_of_the_starting_solvers_answers(sj, tmp_path) -> N
         pool = summary["judge_data"]["replay"]
         assert pool["answers"] == 24 and pool["sampled_now"] is False
         assert pool["pool"] == 24 - pool["dropped_shared_prompt"] > 0
-        assert pool["per_group"] == 4
+        assert pool["per_group"] == 4 and pool["held_out_prompt_in_pool"] == 0
+        by_pool = summary["heldout_by_pool_prompt"]
+        assert list(by_pool) == ["not_in_pool"] and by_pool["not_in_pool"]["start"] == {
+            k: v for k, v in summary["judge_heldout"][0].items() if k != "step"}
         probe = summary["replay_pool_judge"]  # the judge graded on pool answers too
         assert [r["step"] for r in probe] == [0, 1, 2]
         assert all(r["answers"] == min(12, pool["pool"]) for r in probe)

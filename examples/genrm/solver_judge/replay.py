@@ -29,9 +29,12 @@ from areal_agents.episode import Episode
 from areal_agents.messages import Message
 
 
-def disjoint_pool(answers: list[Answer], held_out: list[Answer]) -> tuple[list[Answer], int]:
+def disjoint_pool(answers: list[Answer], held_out: list[Answer], by: str = "prompt"
+                  ) -> tuple[list[Answer], int]:
     """``answers`` without those whose judge prompt a held-out answer also has, and how many
     were dropped (one-digit tasks repeat, so the same task and reply recur across seeds).
+    ``by="seed"`` (a diagnostic: the pool then holds the very judge inputs of held-out
+    answers, as the judge's SFT data does) keeps them and only checks the task seeds.
 
     Raises:
         ValueError: an answer's task seed is also a held-out answer's.
@@ -44,7 +47,9 @@ def disjoint_pool(answers: list[Answer], held_out: list[Answer]) -> tuple[list[A
     shared = {a.seed for a in answers} & {a.seed for a in held_out}
     if shared:
         raise ValueError(f"pool and held-out answers share task seeds {sorted(shared)[:5]}")
-    prompts = {a.prompt for a in held_out}
+    if by not in ("prompt", "seed"):
+        raise ValueError(f"by must be 'prompt' or 'seed', got {by!r}")
+    prompts = {a.prompt for a in held_out} if by == "prompt" else set()
     kept = [a for a in answers if a.prompt not in prompts]
     return kept, len(answers) - len(kept)
 
@@ -83,14 +88,15 @@ class ReplayPool:
         self._rng = random.Random(seed)
         self._resets: dict[int, int] = {}  # task seed -> episodes reset so far
 
-    def fill(self, answers: list[Answer], held_out: list[Answer]) -> None:
-        """Use ``answers`` (already ``disjoint_pool``-ed) as the pool.
+    def fill(self, answers: list[Answer], held_out: list[Answer], by: str = "prompt") -> None:
+        """Use ``answers`` (already ``disjoint_pool``-ed with the same ``by``) as the pool.
 
         Raises:
             ValueError: the pool is empty while episodes should replay, or an answer shares a
-                task seed or a judge prompt with a held-out answer.
+                task seed (or with ``by="prompt"`` a judge prompt) with a held-out answer.
         """
-        seeds, prompts = {a.seed for a in held_out}, {a.prompt for a in held_out}
+        seeds = {a.seed for a in held_out}
+        prompts = {a.prompt for a in held_out} if by == "prompt" else set()
         overlap = [a for a in answers if a.seed in seeds or a.prompt in prompts]
         if overlap:
             raise ValueError(f"{len(overlap)} pool answers are in the held-out set (seed or "

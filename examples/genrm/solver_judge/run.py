@@ -17,7 +17,10 @@ them at step 0, every ``--judge-eval-every`` steps and at the end. The judge's r
 ``judge_samples``: K judge seats on one policy, each verdict its own sample and reward, the
 solver paid by the mean verdict), and with ``--judge-groups answer`` (the default for K > 1)
 the judge's GRPO groups are the K verdicts on one answer (the judge policy's GRPO with
-``group_by="episode"``: its samples of one episode form a group).
+``group_by="episode"``: its samples of one episode form a group). ``--judge-replay f`` (round
+6, ``replay.py``): in ``round(f * group_size)`` episodes of every training group the judge
+grades an answer of the starting solver drawn from a pool disjoint from the held-out set
+(no shared task seed or judge prompt); the solver does not act in them.
 
 Logged every step (``RUN_DIR/metrics.jsonl``; ``areal-agents plot RUN_DIR``):
 ``train/judge/success`` = the judge's accuracy against ground truth, ``train/solver/success``
@@ -25,7 +28,9 @@ Logged every step (``RUN_DIR/metrics.jsonl``; ``areal-agents plot RUN_DIR``):
 from ``JudgeTally`` ``judge_stats/{false_positive_rate,false_negative_rate,no_verdict}``,
 from ``PerClassJudgeReward`` ``judge_groups/*`` (base rate of right answers, verdict share,
 accuracy and group-centred reward per class, balanced accuracy), ``policy/judge/entropy``,
-and ``heldout_judge/*``. Greedy held-out figures at step 0 (after the warm start) and at the
+``heldout_judge/*``, and with ``--judge-replay`` ``replay/*`` and ``live/*`` (``ReplayTally``:
+the live solver's true accuracy; ``train/solver/success`` averages in replay episodes as 0)
+and ``replay_pool_judge/*``. Greedy held-out figures at step 0 (after the warm start) and at the
 end are in ``RUN_DIR/summary.json``.
 
 Usage::
@@ -40,6 +45,12 @@ Usage::
     OMP_NUM_THREADS=1 python examples/genrm/solver_judge/run.py --run-dir runs/genrm_sj4 \
         --judge-warm-start own-answers --solver-demo-accuracy 1.0 --solver-sft-steps 200 \
         --judge-reward per-class --truth-weight 0.5 --group-size 8 --judge-samples 4
+    # round 6 (README): round 5's TL (judge temperature 1.3, judge lr 1e-4) + replay of half
+    # of each group's judge episodes
+    OMP_NUM_THREADS=1 python examples/genrm/solver_judge/run.py --run-dir runs/genrm_sj6 \
+        --judge-warm-start own-answers --solver-demo-accuracy 1.0 --solver-sft-steps 200 \
+        --judge-reward per-class --truth-weight 0.5 --group-size 8 --judge-samples 4 \
+        --judge-temperature 1.3 --judge-lr 1e-4 --judge-replay 0.5
 """
 
 from __future__ import annotations
@@ -367,11 +378,13 @@ async def fill_replay(args: argparse.Namespace, trainer: Any, replay: ReplayPool
         answers = await sample_answers(trainer, env_kwargs(args), seeds)
     if cache and not (cache / "replay_pool.json").exists():
         save_pool(cache, answers)
-    pool, dropped = disjoint_pool(answers, held_out)
-    replay.fill(pool, held_out)
-    figures = {"answers": len(answers), "sampled_now": sampled, "dropped_shared_prompt": dropped,
-               "pool": len(pool), "pool_right": sum(a.correct for a in pool),
-               "per_group": replay.per_group}
+    pool, dropped = disjoint_pool(answers, held_out, args.replay_disjoint)
+    replay.fill(pool, held_out, args.replay_disjoint)
+    prompts = {a.prompt for a in pool}
+    figures = {"answers": len(answers), "sampled_now": sampled, "disjoint": args.replay_disjoint,
+               "dropped_shared_prompt": dropped, "pool": len(pool),
+               "pool_right": sum(a.correct for a in pool), "per_group": replay.per_group,
+               "held_out_prompt_in_pool": sum(a.prompt in prompts for a in held_out)}
     print(f"replay pool: {json.dumps(figures)}", flush=True)
     return figures
 
@@ -462,9 +475,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         return sum(vals) / len(vals) if vals else float("nan")
 
     paired = paired_change(held_out, graded[0], graded[-1]) if graded else {}
+    by_pool: dict[str, Any] = {}  # held-out answers whose judge prompt the pool has, or not
+    if replay is not None and graded:
+        prompts = {a.prompt for a in replay.answers}
+        for name, keep in (("in_pool", True), ("not_in_pool", False)):
+            idx = [i for i, a in enumerate(held_out) if (a.prompt in prompts) == keep]
+            if idx:
+                part = [held_out[i] for i in idx]
+                by_pool[name] = {
+                    "start": verdict_rates([(held_out[i].correct, graded[0][i]) for i in idx]),
+                    "end": verdict_rates([(held_out[i].correct, graded[-1][i]) for i in idx]),
+                    "paired": paired_change(part, [graded[0][i] for i in idx],
+                                            [graded[-1][i] for i in idx])}
     return {"start": start, "final": final, "steps": len(history), "judge_data": data,
             "judge_heldout": curve, "judge_heldout_paired": paired,
-            "replay_pool_judge": pool_curve,
+            "replay_pool_judge": pool_curve, "heldout_by_pool_prompt": by_pool,
             "train_first": {key: mean(history[:k], key) for key in keys},
             "train_last": {key: mean(history[-k:], key) for key in keys},
             "per_step": [{"step": h["step"], **{key: h.get(key) for key in keys}}
@@ -528,6 +553,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="own-answers: this share of each training group's episodes has the "
                    "judge grade a pool answer of the starting solver (not the held-out ones); "
                    "the solver does not act in them (replay.py)")
+    p.add_argument("--replay-disjoint", choices=("prompt", "seed"), default="prompt",
+                   help="the replay pool shares no task seed and no judge prompt with the "
+                   "held-out answers (prompt), or no task seed only (seed: a diagnostic; the "
+                   "pool then holds judge inputs of held-out answers)")
     p.add_argument("--truth-weight", type=float, default=0.0,
                    help="solver reward = (1 - w) * verdict + w * ground truth")
     p.add_argument("--eval-seeds", type=int, default=200)
