@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from judge_seats import judge_infos
 from own_answers import Answer
 
 from areal_agents.envs.solver_judge import SolverJudge
@@ -187,8 +188,7 @@ class ReplayTally:
         """No model to call."""
 
     def __call__(self, episode: Episode) -> float:
-        seats = [(a, i) for a, i in episode.infos.items()
-                 if a != "solver" and "solver_correct" in i]
+        seats = judge_infos(episode)
         if not seats:
             return 0.0
         replay = bool(seats[0][1].get("replay"))

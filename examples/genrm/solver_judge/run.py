@@ -304,7 +304,13 @@ def make_trainer(args: argparse.Namespace, tally: JudgeTally,
     seats = SolverJudge(**kwargs).possible_agents
     env: Any = "SolverJudge-v0"
     if replay is not None:
-        env = lambda: ReplaySolverJudge(replay, **kwargs)  # noqa: E731
+        pool = replay
+
+        def replay_env() -> ReplaySolverJudge:
+            return ReplaySolverJudge(pool, **kwargs)
+
+        env = replay_env
+
         reward_fns.append(ReplayTally())
     return aa.Trainer(
         env=env, env_kwargs=kwargs, policies=policies,
