@@ -52,6 +52,13 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
     also carries ``verdicts`` (the K verdicts, in seat order); the solver's ``verdict`` is the
     ``judge`` seat's.
 
+    With ``judge_sees_reference=True`` the judge's prompt also carries the gold answer, a
+    ``Reference: <answer>`` line between the task and the solver's reply (see
+    ``judge_prompt``), so judging can be a comparison (a reference-guided judge). Arithmetic:
+    the reference is the correct result. Countdown: the reference is the target, which the
+    task line already names; the judge must still check that the solver's expression uses
+    the given numbers and reaches it. Off by default: the prompt is then unchanged.
+
     Args:
         task: ``"arithmetic"`` or ``"countdown"``.
         digits: operand digits (arithmetic).
@@ -60,6 +67,7 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
         truth_weight: the solver's reward is ``(1 - w) * verdict + w * truth`` (0: the judge's
             verdict only; 1: ground truth only).
         judge_samples: K, the judge verdicts per solver answer (judge seats).
+        judge_sees_reference: put the gold answer in the judge's prompt.
 
     Example:
         >>> SolverJudge(judge_samples=3).possible_agents
@@ -74,7 +82,11 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
         difficulty: countdown.Difficulty = "easy",
         truth_weight: float = 0.0,
         judge_samples: int = 1,
+        judge_sees_reference: bool = False,
     ) -> None:
+        if not isinstance(judge_sees_reference, bool):
+            raise ValueError(f"judge_sees_reference must be a bool, got {judge_sees_reference!r}")
+        self.judge_sees_reference = judge_sees_reference
         if isinstance(judge_samples, bool) or not isinstance(judge_samples, int) \
                 or judge_samples < 1:
             raise ValueError(f"judge_samples must be an int >= 1, got {judge_samples!r}")
@@ -114,6 +126,24 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
             self._short = f"Numbers: {' '.join(map(str, self.numbers))}. Target: {self.answer}"
         return {"solver": [user(prompt)]}, {a: {"task": self._short} for a in self.agents}
 
+    def judge_prompt(self, reply: str) -> str:
+        """The judge's prompt for the solver's ``reply`` to the current task (its last 300
+        characters), with a ``Reference:`` line when ``judge_sees_reference``.
+
+        Example:
+            >>> import asyncio
+            >>> env = SolverJudge(digits=1, operations="+", judge_sees_reference=True)
+            >>> _ = asyncio.run(env.reset(seed=0))
+            >>> print(env.judge_prompt("Answer: 3"))  # doctest: +ELLIPSIS
+            Judge the solver's answer. Reply 'correct' or 'incorrect'.
+            Task: ... + ... = ?
+            Reference: ...
+            Solver: Answer: 3
+        """
+        reference = f"Reference: {self.answer}\n" if self.judge_sees_reference else ""
+        return (f"Judge the solver's answer. Reply 'correct' or 'incorrect'.\n"
+                f"Task: {self._short}\n{reference}Solver: {reply[-300:]}")
+
     def verify(self, text: str | None) -> bool:
         """The exact verifier: whether the solver's reply solves the task."""
         if self.task == "arithmetic":
@@ -133,10 +163,7 @@ class SolverJudge(MultiAgentEnv[list[Message], Message | str]):
         flags = dict.fromkeys(everyone, False)
         if "solver" in actions:
             self.solver_text = (parse_action(actions["solver"])["content"] or "").strip()
-            prompt = (
-                f"Judge the solver's answer. Reply 'correct' or 'incorrect'.\nTask: {self._short}\n"
-                f"Solver: {self.solver_text[-300:]}"
-            )
+            prompt = self.judge_prompt(self.solver_text)
             return (
                 {j: [user(prompt)] for j in self.judges},
                 dict.fromkeys(everyone, 0.0),

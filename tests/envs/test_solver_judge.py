@@ -131,3 +131,25 @@ async def test_judge_samples_contract_and_validation() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="judge_samples must be an int >= 1"):
             SolverJudge(judge_samples=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "without", "reference"), [
+    ({"digits": 1, "operations": "+-"}, "Task: 8 + 0 = ?\n", "Reference: 8\n"),
+    ({"task": "countdown"}, "Task: Numbers: 9 1 2. Target: 18\n", "Reference: 18\n"),
+])
+async def test_judge_prompt_with_and_without_reference(kwargs, without, reference) -> None:
+    head = "Judge the solver's answer. Reply 'correct' or 'incorrect'.\n"
+    for sees, expected in ((False, head + without + "Solver: Answer: 5"),
+                           (True, head + without + reference + "Solver: Answer: 5")):
+        env = SolverJudge(judge_sees_reference=sees, judge_samples=2, **kwargs)
+        await env.reset(seed=3)
+        obs, *_ = await env.step({"solver": "  Answer: 5 "})
+        assert {seat: [m["content"] for m in msgs] for seat, msgs in obs.items()} == {
+            "judge": [expected], "judge_1": [expected]}
+        assert env.judge_prompt("Answer: 5") == expected
+        # the reference changes what the judge sees, not how it is paid
+        _, rewards, _, _, infos = await env.step({"judge": "incorrect", "judge_1": "correct"})
+        assert rewards == {"solver": 0.5, "judge": 1.0, "judge_1": 0.0}
+        assert infos["judge"]["solver_correct"] is False
+    with pytest.raises(ValueError, match="judge_sees_reference must be a bool, got 1"):
+        SolverJudge(judge_sees_reference=1)  # type: ignore[arg-type]
