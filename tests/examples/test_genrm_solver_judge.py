@@ -599,3 +599,70 @@ def test_tiny_run_with_replay_of_the_starting_solvers_answers(sj, tmp_path) -> N
     pool = json.loads((tmp_path / "c/summary.json").read_text())["judge_data"]["replay"]
     assert pool["sampled_now"] is True and pool["answers"] == 24
     assert len(json.loads((cache / "replay_pool.json").read_text())) == 24
+
+
+# --- round 7: a reference-guided trainable judge -----------------------------------------------
+
+
+async def test_judge_reference_flag_reaches_every_judge_prompt(sj) -> None:
+    import own_answers as own
+    plain, guided = sj.env_kwargs(sj.parse_args([])), sj.env_kwargs(
+        sj.parse_args(["--judge-reference"]), 4)
+    assert plain["judge_sees_reference"] is False and guided["judge_sees_reference"] is True
+    assert guided["judge_samples"] == 4
+    env = SolverJudge(**plain)
+    await env.reset(seed=7)
+    answers = [own.Answer(7, " Answer: 3", env.judge_prompt("Answer: 3"), env.answer == 3),
+               own.Answer(7, f"Answer: {env.answer}", "", True)]
+    again = await own.rerender(plain, answers)  # the env's prompt, unchanged without the flag
+    assert again[0] == answers[0] and again[1].prompt == env.judge_prompt(f"Answer: {env.answer}")
+    head = f"Judge the solver's answer. Reply 'correct' or 'incorrect'.\nTask: {env.question} = ?\n"
+    ref = await own.rerender({**guided, "judge_samples": 1}, answers)
+    assert [a.prompt for a in ref] == [f"{head}Reference: {env.answer}\nSolver: Answer: 3",
+                                       f"{head}Reference: {env.answer}\nSolver: Answer: {env.answer}"]
+    assert [(a.seed, a.reply, a.correct) for a in ref] == [
+        (a.seed, a.reply, a.correct) for a in answers]
+    with pytest.raises(ValueError, match="seed 7: the env's verifier disagrees"):
+        await own.rerender(plain, [own.Answer(7, f"Answer: {env.answer}", "", False)])
+
+
+@pytest.mark.slow
+def test_tiny_reference_guided_run_reuses_a_solver_and_its_answers(sj, tmp_path) -> None:
+    base = ["--steps", "1", "--batch-size", "16", "--group-size", "8", "--sft-steps", "5",
+            "--demos", "16", "--eval-seeds", "8", "--judge-warm-start", "own-answers",
+            "--own-answers", "24", "--judge-held-out", "12", "--judge-sft-steps", "3",
+            "--judge-eval-every", "1", "--judge-reward", "per-class", "--truth-weight", "0.5",
+            "--judge-samples", "2"]
+    plain, guided = tmp_path / "plain", tmp_path / "guided"
+    # a: a plain warm start that keeps its training answers (the replay pool)
+    assert sj.main(["--run-dir", str(tmp_path / "a"), *base, "--judge-replay", "0.5",
+                    "--warm-start-cache", str(plain)]) == 0
+    argv = [*base, "--steps", "2", "--judge-reference", "--reuse-solver", str(plain),
+            "--warm-start-cache", str(guided)]
+    assert sj.main(["--run-dir", str(tmp_path / "b"), *argv]) == 0
+    summary = json.loads((tmp_path / "b/summary.json").read_text())
+    assert summary["steps"] == 2 and [r["step"] for r in summary["judge_heldout"]] == [0, 1, 2]
+    old = json.loads((plain / "warm_start.json").read_text())
+    new = json.loads((guided / "warm_start.json").read_text())
+    assert new["settings"]["judge_reference"] is True
+    assert new["settings"]["reuse_solver"] == str(plain)
+    assert [(a["seed"], a["reply"], a["correct"]) for a in new["held_out"]] == [
+        (a["seed"], a["reply"], a["correct"]) for a in old["held_out"]]
+    for a, b in zip(old["held_out"], new["held_out"], strict=True):
+        task, solver = a["prompt"].split("\nSolver: ")
+        assert b["prompt"].startswith(task + "\nReference: ") and b["prompt"].endswith(
+            "\nSolver: " + solver)
+    pool = json.loads((guided / "replay_pool.json").read_text())
+    assert len(pool) == 24 and all("\nReference: " in a["prompt"] for a in pool)
+    assert summary["judge_data"]["answers"] == 24 and summary["judge_data"]["held_out"] == 12
+    assert (guided / "solver" / "config.json").read_bytes() == (
+        plain / "solver" / "config.json").read_bytes()
+    # the cached reference warm start is read back: the same step-0 grading
+    assert sj.main(["--run-dir", str(tmp_path / "c"), *argv[:-4], "--steps", "1",
+                    "--judge-reference", "--reuse-solver", str(plain),
+                    "--warm-start-cache", str(guided)]) == 0
+    again = json.loads((tmp_path / "c/summary.json").read_text())
+    assert again["judge_heldout"][0] == summary["judge_heldout"][0]
+    with pytest.raises(ValueError, match=r"other settings \(\['solver_sft_steps'\]\)"):
+        sj.main(["--run-dir", str(tmp_path / "d"), *argv, "--solver-sft-steps", "9",
+                 "--warm-start-cache", str(tmp_path / "e")])

@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import json
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,26 @@ async def sample_answers(trainer: Any, env_kwargs: dict[str, Any], seeds: list[i
         return Answer(seed, reply or "", prompt, bool(episode.infos["judge"]["solver_correct"]))
 
     return list(await asyncio.gather(*(one(s) for s in seeds)))
+
+
+async def rerender(env_kwargs: dict[str, Any], answers: list[Answer]) -> list[Answer]:
+    """The same answers (seed, reply, truth) with the judge prompt the env renders for them
+    under ``env_kwargs`` (e.g. with ``judge_sees_reference``): the reply is replayed through
+    ``SolverJudge``, so the env stays the one home of the prompt text.
+
+    Raises:
+        ValueError: the env's verifier disagrees with an answer's stored truth.
+    """
+
+    async def one(a: Answer) -> Answer:
+        env = SolverJudge(**env_kwargs)
+        await env.reset(seed=a.seed)
+        obs, *_ = await env.step({"solver": a.reply})
+        if env.verify(env.solver_text) != a.correct:
+            raise ValueError(f"seed {a.seed}: the env's verifier disagrees with the stored truth")
+        return dataclasses.replace(a, prompt=obs["judge"][0]["content"])
+
+    return list(await asyncio.gather(*(one(a) for a in answers)))
 
 
 def judge_transcripts(answers: list[Answer], seed: int) -> list[list[dict[str, str]]]:
@@ -183,10 +204,15 @@ def verdict_rates(pairs: list[tuple[bool, str | None]]) -> dict[str, float]:
 
 def save_warm_start(folder: Path, settings: dict[str, Any], models: dict[str, Any],
                     held_out: list[Answer], data: dict[str, Any]) -> None:
-    """Write a warm start to ``folder``: ``solver/`` and ``judge/`` checkpoints (model and
-    tokenizer), the held-out answers and data figures, and the ``settings`` that made it."""
+    """Write a warm start to ``folder``: ``solver/`` and ``judge/`` checkpoints (a ``(model,
+    tokenizer)`` pair is saved, a checkpoint folder's path copied), the held-out answers and
+    data figures, and the ``settings`` that made it."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, (model, tokenizer) in models.items():
+    for name, entry in models.items():
+        if isinstance(entry, str | Path):
+            shutil.copytree(entry, folder / name, dirs_exist_ok=True)
+            continue
+        model, tokenizer = entry
         model.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
     (folder / "warm_start.json").write_text(json.dumps({

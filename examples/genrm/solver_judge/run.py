@@ -74,6 +74,7 @@ from own_answers import (
     judge_verdicts,
     load_warm_start,
     paired_change,
+    rerender,
     sample_answers,
     save_warm_start,
     sft_judge,
@@ -96,7 +97,8 @@ STOP = ["<|im_end|>"]
 WARM_START_SETTINGS = ("seed", "sft_steps", "solver_sft_steps", "demos", "solver_demo_accuracy",
                        "lr", "batch_size", "group_size", "truth_weight", "own_answers",
                        "judge_held_out", "judge_sft_steps", "judge_sft_lr")
-"""The options an own-answers warm start depends on (``--warm-start-cache`` checks them)."""
+"""The options an own-answers warm start depends on (``--warm-start-cache`` checks them);
+``warm_start_settings`` adds ``judge_reference`` and ``reuse_solver`` when set."""
 EVAL_SEEDS = 2_000_000
 """The first evaluation seed (``--eval-seeds`` count up from it; they never replay)."""
 
@@ -212,9 +214,46 @@ def mostly_right_solver(accuracy: float, seed: int = 0) -> Any:
 
 def env_kwargs(args: argparse.Namespace, judge_samples: int = 1) -> dict[str, Any]:
     """SolverJudge-v0 on one-digit ``a + b`` / ``a - b``, ``judge_samples`` verdicts per
-    answer (1 for the warm start and held-out grading: one judge seat)."""
+    answer (1 for the warm start and held-out grading: one judge seat); with
+    ``--judge-reference`` the judge's prompt carries the correct result (training, the
+    warm start's judge prompts and the held-out grading alike: they all come from here)."""
     return {"task": "arithmetic", "digits": 1, "operations": "+-",
-            "truth_weight": args.truth_weight, "judge_samples": judge_samples}
+            "truth_weight": args.truth_weight, "judge_samples": judge_samples,
+            "judge_sees_reference": args.judge_reference}
+
+
+def warm_start_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings an own-answers warm start is cached under: ``WARM_START_SETTINGS``, plus
+    ``judge_reference`` and ``reuse_solver`` when set (so caches made without them still
+    match runs without them)."""
+    settings = {k: getattr(args, k) for k in WARM_START_SETTINGS}
+    if args.judge_reference:
+        settings["judge_reference"] = True
+    if args.reuse_solver:
+        settings["reuse_solver"] = str(args.reuse_solver)
+    return settings
+
+
+def reused_answers(args: argparse.Namespace) -> tuple[str, list[Answer], list[Answer]]:
+    """``--reuse-solver DIR``: the starting solver (checkpoint path), its training answers
+    (``replay_pool.json``) and its held-out answers from another own-answers warm-start cache
+    made with the same solver settings (every ``WARM_START_SETTINGS`` but the judge's SFT
+    ones); the answers' judge prompts are as that cache's run rendered them.
+
+    Raises:
+        ValueError: the cache was made with other solver settings, or lacks its answers.
+    """
+    folder = Path(args.reuse_solver)
+    saved = json.loads((folder / "warm_start.json").read_text())
+    solver_keys = [k for k in WARM_START_SETTINGS if k not in ("judge_sft_steps", "judge_sft_lr")]
+    diff = [k for k in solver_keys if saved["settings"].get(k) != getattr(args, k)]
+    if diff:
+        raise ValueError(f"{folder} holds a solver made with other settings ({diff})")
+    train = load_pool(folder)
+    if len(train) != args.own_answers:
+        raise ValueError(f"{folder} holds {len(train)} training answers, not {args.own_answers}")
+    held_out = [Answer(**a) for a in saved["held_out"]]
+    return str(folder / "solver"), train, held_out
 
 
 def judge_groups(args: argparse.Namespace) -> str:
@@ -330,12 +369,18 @@ async def own_answer_warm_start(args: argparse.Namespace) -> tuple[
     answers ([] when read from ``--warm-start-cache``, which keeps only the held-out ones)."""
     from areal_agents.agents import ScriptedAgent
 
-    settings = {k: getattr(args, k) for k in WARM_START_SETTINGS}
+    settings = warm_start_settings(args)
     if args.warm_start_cache:
         cached = load_warm_start(Path(args.warm_start_cache), settings)
         if cached is not None:
             print(f"warm start read from {args.warm_start_cache}", flush=True)
             return (*cached, [])
+    solver: Any
+    if args.reuse_solver:
+        solver, train, held_out = reused_answers(args)
+        train, held_out = (await rerender(env_kwargs(args), train),
+                           await rerender(env_kwargs(args), held_out))
+        return await judge_warm_start(args, settings, solver, train, held_out)
     solver = aa.models.tiny("xs", seed=args.seed)
     pre = aa.Trainer(
         env="SolverJudge-v0", env_kwargs=env_kwargs(args),
@@ -354,6 +399,15 @@ async def own_answer_warm_start(args: argparse.Namespace) -> tuple[
     finally:
         await pre.aclose()
     train, held_out = answers[:args.own_answers], answers[args.own_answers:]
+    return await judge_warm_start(args, settings, solver, train, held_out)
+
+
+async def judge_warm_start(args: argparse.Namespace, settings: dict[str, Any], solver: Any,
+                           train: list[Answer], held_out: list[Answer]) -> tuple[
+        dict[str, Any], list[Answer], dict[str, Any], list[Answer]]:
+    """SFT a fresh judge on the class-balanced ``train`` answers (their judge prompts, the
+    true verdict) and save the warm start to ``--warm-start-cache`` (with ``train`` as its
+    replay pool when reused from ``--reuse-solver``); ``own_answer_warm_start``'s result."""
     transcripts = judge_transcripts(train, args.seed + 2)
     judge_model, judge_tok, losses = await asyncio.to_thread(
         sft_judge, transcripts, args.judge_sft_steps, args.judge_sft_lr, args.seed + 1)
@@ -365,7 +419,10 @@ async def own_answer_warm_start(args: argparse.Namespace) -> tuple[
             "judge_sft_nll_first": losses[0], "judge_sft_nll_last": losses[-1]}
     models = {"solver": solver, "judge": (judge_model, judge_tok)}
     if args.warm_start_cache:
-        save_warm_start(Path(args.warm_start_cache), settings, models, held_out, data)
+        cache = Path(args.warm_start_cache)
+        save_warm_start(cache, settings, models, held_out, data)
+        if args.reuse_solver:
+            save_pool(cache, train)
     return models, held_out, data, train
 
 
@@ -563,6 +620,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the replay pool shares no task seed and no judge prompt with the "
                    "held-out answers (prompt), or no task seed only (seed: a diagnostic; the "
                    "pool then holds judge inputs of held-out answers)")
+    p.add_argument("--judge-reference", action="store_true",
+                   help="the judge's prompt carries the correct result (SolverJudge's "
+                   "judge_sees_reference): a reference-guided trainable judge")
+    p.add_argument("--reuse-solver", default=None,
+                   help="own-answers: take the starting solver and its training and held-out "
+                   "answers from this warm-start cache (same solver settings), re-render "
+                   "their judge prompts for this run and SFT a fresh judge on them")
     p.add_argument("--truth-weight", type=float, default=0.0,
                    help="solver reward = (1 - w) * verdict + w * ground truth")
     p.add_argument("--eval-seeds", type=int, default=200)
