@@ -108,13 +108,16 @@ async def run_lockstep(train_every: Mapping[str, int], *, start: int, steps: int
     """
     for step in range(start + 1, steps + 1):
         names = due(step, train_every)
-        tasks = [asyncio.create_task(train(p)) for p in names]
-        try:
-            results = await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if len(names) == 1:  # in this task: no task to start and no gather to resume from,
+            results = [await train(names[0])]  # each a wait behind every episode callback
+        else:
+            tasks = [asyncio.create_task(train(p)) for p in names]
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         await on_step(step, dict(zip(names, results, strict=True)))
         await on_barrier(step)
 

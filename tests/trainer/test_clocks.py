@@ -254,3 +254,39 @@ async def test_afit_awaits_its_admission_loop_and_raises_its_failure():
     # only the loop's failure is checked: requests in flight at the stop leave gateway tasks
     # ("chat_completion") behind in this set-up, a separate teardown issue
     assert [c for c in unhandled if "admission loop" in repr(c.get("exception"))] == []
+
+
+async def test_lockstep_trains_a_lone_due_policy_in_its_own_task_and_several_side_by_side():
+    """One due policy is awaited in the clock's task: a new task would start, and a gather
+    would resume, only behind every callback already queued on the loop (the episodes of the
+    next batch in async runs: ~18 ms a step on the vs_trl workload). Several due policies
+    still train side by side in tasks of their own, and a failure still propagates."""
+    from areal_agents.trainers.clocks import run_lockstep
+
+    clock_task = asyncio.current_task()
+    calls: list[tuple[int, str, bool]] = []  # (step, policy, trained in the clock's task)
+    steps: list[tuple[int, dict[str, dict[str, float]]]] = []
+
+    async def train(name: str) -> dict[str, float]:
+        calls.append((len(steps) + 1, name, asyncio.current_task() is clock_task))
+        await asyncio.sleep(0)
+        return {f"{name}/x": 1.0}
+
+    async def on_step(step: int, results: dict[str, dict[str, float]]) -> None:
+        steps.append((step, results))
+
+    async def on_barrier(step: int) -> None:
+        pass
+
+    await run_lockstep({"a": 1, "b": 2}, start=0, steps=2, train=train, on_step=on_step,
+                       on_barrier=on_barrier)
+    # step 1: only "a" is due, trained in the clock's own task; step 2: both, in tasks
+    assert sorted(calls) == [(1, "a", True), (2, "a", False), (2, "b", False)]
+    assert steps == [(1, {"a": {"a/x": 1.0}}), (2, {"a": {"a/x": 1.0}, "b": {"b/x": 1.0}})]
+
+    async def failing(name: str) -> dict[str, float]:
+        raise RuntimeError(f"{name} broke")
+
+    with pytest.raises(RuntimeError, match="a broke"):
+        await run_lockstep({"a": 1}, start=0, steps=1, train=failing, on_step=on_step,
+                           on_barrier=on_barrier)
