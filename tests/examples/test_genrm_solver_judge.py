@@ -666,3 +666,11 @@ def test_tiny_reference_guided_run_reuses_a_solver_and_its_answers(sj, tmp_path)
     with pytest.raises(ValueError, match=r"other settings \(\['solver_sft_steps'\]\)"):
         sj.main(["--run-dir", str(tmp_path / "d"), *argv, "--solver-sft-steps", "9",
                  "--warm-start-cache", str(tmp_path / "e")])
+    # f: the documented command's form, a fresh warm start with the reference-guided judge
+    fresh = tmp_path / "fresh"
+    assert sj.main(["--run-dir", str(tmp_path / "f"), *base, "--judge-reference",
+                    "--warm-start-cache", str(fresh)]) == 0
+    held = json.loads((fresh / "warm_start.json").read_text())["held_out"]
+    assert len(held) == 12 and all("\nReference: " in a["prompt"] for a in held)
+    summary = json.loads((tmp_path / "f/summary.json").read_text())
+    assert [r["step"] for r in summary["judge_heldout"]] == [0, 1]

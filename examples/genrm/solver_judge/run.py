@@ -21,6 +21,10 @@ the judge's GRPO groups are the K verdicts on one answer (the judge policy's GRP
 6, ``replay.py``): in ``round(f * group_size)`` episodes of every training group the judge
 grades an answer of the starting solver drawn from a pool disjoint from the held-out set
 (no shared task seed or judge prompt); the solver does not act in them.
+``--judge-reference`` (round 7): the judge's prompt also carries the correct result
+(``SolverJudge(judge_sees_reference=True)``), in training, in its warm-start data and in the
+held-out grading alike; ``--reuse-solver DIR`` takes the starting solver and its answers from
+an earlier warm-start cache and SFTs a fresh judge on them (prompts re-rendered by the env).
 
 Logged every step (``RUN_DIR/metrics.jsonl``; ``areal-agents plot RUN_DIR``):
 ``train/judge/success`` = the judge's accuracy against ground truth, ``train/solver/success``
@@ -51,6 +55,12 @@ Usage::
         --judge-warm-start own-answers --solver-demo-accuracy 1.0 --solver-sft-steps 200 \
         --judge-reward per-class --truth-weight 0.5 --group-size 8 --judge-samples 4 \
         --judge-temperature 1.3 --judge-lr 1e-4 --judge-replay 0.5
+    # round 7 (README): round 5's TL with a reference-guided judge, warm-started for 100 SFT
+    # steps (800 leave it at ~1.0 on the held-out answers: no room to improve)
+    OMP_NUM_THREADS=1 python examples/genrm/solver_judge/run.py --run-dir runs/genrm_sj7 \
+        --judge-warm-start own-answers --solver-demo-accuracy 1.0 --solver-sft-steps 200 \
+        --judge-reward per-class --truth-weight 0.5 --group-size 8 --judge-samples 4 \
+        --judge-temperature 1.3 --judge-lr 1e-4 --judge-reference --judge-sft-steps 100
 """
 
 from __future__ import annotations
