@@ -373,6 +373,14 @@ async def test_k_verdicts_are_recorded_with_their_exact_tokens(sj) -> None:
         await trainer.aclose()
 
 
+TINY_OWN_ANSWERS = [
+    "--steps", "2", "--batch-size", "16", "--group-size", "8", "--sft-steps", "5", "--demos", "16",
+    "--eval-seeds", "8", "--judge-warm-start", "own-answers", "--own-answers", "24",
+    "--judge-held-out", "12", "--judge-sft-steps", "3", "--judge-eval-every", "1",
+    "--judge-reward", "per-class", "--truth-weight", "0.5"]
+"""The tiny own-answers run of the K-verdict and replay tests (each adds its own options)."""
+
+
 def aa_tiny():
     import areal_agents as aa
 
@@ -382,11 +390,7 @@ def aa_tiny():
 @pytest.mark.slow
 def test_tiny_run_with_k_verdicts_per_answer(sj, tmp_path) -> None:
     cache = tmp_path / "warm"
-    argv = ["--steps", "2", "--batch-size", "16", "--group-size", "8", "--sft-steps", "5",
-            "--demos", "16", "--eval-seeds", "8", "--judge-warm-start", "own-answers",
-            "--own-answers", "24", "--judge-held-out", "12", "--judge-sft-steps", "3",
-            "--judge-eval-every", "1", "--judge-reward", "per-class", "--truth-weight", "0.5",
-            "--judge-samples", "3", "--warm-start-cache", str(cache)]
+    argv = [*TINY_OWN_ANSWERS, "--judge-samples", "3", "--warm-start-cache", str(cache)]
     assert sj.main(["--run-dir", str(tmp_path / "a"), *argv]) == 0
     rows = [json.loads(line) for line in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "train/judge/success" in r]
@@ -561,11 +565,7 @@ def test_replay_wiring(sj, replay_mod, tmp_path) -> None:
 @pytest.mark.slow
 def test_tiny_run_with_replay_of_the_starting_solvers_answers(sj, tmp_path) -> None:
     cache = tmp_path / "warm"
-    argv = ["--steps", "2", "--batch-size", "16", "--group-size", "8", "--sft-steps", "5",
-            "--demos", "16", "--eval-seeds", "8", "--judge-warm-start", "own-answers",
-            "--own-answers", "24", "--judge-held-out", "12", "--judge-sft-steps", "3",
-            "--judge-eval-every", "1", "--judge-reward", "per-class", "--truth-weight", "0.5",
-            "--judge-samples", "2", "--judge-replay", "0.5", "--warm-start-cache", str(cache)]
+    argv = [*TINY_OWN_ANSWERS, "--judge-samples", "2", "--judge-replay", "0.5", "--warm-start-cache", str(cache)]
     for run in ("a", "b"):  # a: the fresh warm start's answers; b: the cached pool
         assert sj.main(["--run-dir", str(tmp_path / run), *argv]) == 0
         summary = json.loads((tmp_path / run / "summary.json").read_text())
