@@ -16,6 +16,7 @@ task seed in the order the episodes reset (the trainer resets each member once);
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Mapping
@@ -222,9 +223,7 @@ class ReplayTally:
 def save_pool(folder: Path, answers: list[Answer]) -> None:
     """Write the starting solver's training answers to ``folder/replay_pool.json``."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "replay_pool.json").write_text(json.dumps(
-        [{"seed": a.seed, "reply": a.reply, "prompt": a.prompt, "correct": a.correct}
-         for a in answers]))
+    (folder / "replay_pool.json").write_text(json.dumps([dataclasses.asdict(a) for a in answers]))
 
 
 def load_pool(folder: Path) -> list[Answer]:
