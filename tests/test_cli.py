@@ -78,3 +78,22 @@ def test_a_config_mistake_exits_2_with_the_message_not_a_traceback(tmp_path, cap
     assert err.startswith("error: invalid config:\n")
     assert ("kind='server' cannot use transport='nccl'; choose one of ['shm', 'disk', 'gloo']"
             in err) and "Traceback" not in err
+
+
+def test_train_with_env_kwargs_the_env_refuses_exits_2_naming_them(tmp_path, capsys):
+    """An env constructor's ValueError / TypeError on the YAML's env_kwargs is a
+    configuration mistake: exit 2 with the env's message, not a traceback."""
+    from areal_agents.cli import main
+
+    base = ("env: SolverJudge-v0\nenv_kwargs: {digits: 1, %s}\npolicies:\n"
+            "  p: {model: 'tiny:xs', api: completions, sampling: {max_tokens: 2}}\n"
+            "policy_map: {solver: p, judge: p}\ntrainer: {batch_size: 4, group_size: 2, steps: 1}\n"
+            f"run_dir: {tmp_path / 'run'}\n")
+    for kwargs, message in (("judge_sees_reference: 'yes'", "judge_sees_reference must be a bool"),
+                            ("no_such_option: 1", "unexpected keyword argument 'no_such_option'")):
+        config = tmp_path / "bad.yaml"
+        config.write_text(base % kwargs)
+        assert main(["train", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: the env 'SolverJudge-v0' could not be built with env_kwargs=")
+        assert message in err and "fix env_kwargs" in err and "Traceback" not in err

@@ -161,7 +161,13 @@ class Trainer:
         if (checkpoint_every or resume) and run_dir is None:
             raise ConfigError("checkpoint_every/resume need run_dir= (where checkpoints live)")
         self.make_env = self._env_factory(env, env_kwargs or {})
-        probe = self.make_env()
+        try:
+            probe = self.make_env()
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:  # the env refused its arguments
+            raise ConfigError(f"the env {env!r} could not be built with env_kwargs="
+                              f"{env_kwargs or {}!r}: {exc}; fix env_kwargs") from exc
         possible = list(getattr(probe, "possible_agents", ["agent"]))
         self.policies = dict(policies)
         check_adapter_policies(self.policies)  # adapter_of: trainers/lora_policies.py
