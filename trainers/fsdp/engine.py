@@ -109,11 +109,12 @@ def _apply_lora(model: nn.Module, lora: Any) -> nn.Module:
 class FSDPEngine(TrainEngine):
     """One trainable policy: a transformers causal LM, FSDP2-sharded when distributed.
 
-    With ``torch.distributed`` initialised, ``fully_shard`` wraps every decoder layer and the
-    root; every rank must call ``train_step``/``forward_logprobs``/``export_weights``/``save``/
-    ``load`` collectively with the *same full batch* (each rank trains on its share of the
-    sequences; gradients add up to the single-process gradient). Otherwise it is a plain
-    single-process model.
+    With ``torch.distributed`` initialised over more than one rank, ``fully_shard`` wraps every
+    decoder layer and the root; every rank must call ``train_step``/``forward_logprobs``/
+    ``export_weights``/``save``/``load`` collectively with the *same full batch* (each rank
+    trains on its share of the sequences; gradients add up to the single-process gradient).
+    Otherwise (no process group, or one of world size 1) it is a plain single-process model
+    (``distributed`` is False); its checkpoints load either way (DCP, same parameter names).
 
     Args:
         model_or_path: a ``transformers`` causal LM, an HF checkpoint directory or a tiny-model
@@ -164,7 +165,10 @@ class FSDPEngine(TrainEngine):
         share_prompts: bool = True,
     ) -> None:
         check_lr_schedule(lr_schedule, total_steps)
-        self.distributed = dist.is_available() and dist.is_initialized()
+        # one rank of a process group (a 1-process worker group) trains the plain module, as
+        # in one process: FSDP2 at world size 1 only adds DTensor and unshard overhead
+        self.distributed = (dist.is_available() and dist.is_initialized()
+                            and dist.get_world_size() > 1)
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         if device is None:
