@@ -225,14 +225,14 @@ async def _warm_start_base(trainer: Trainer, base: str, replicas: list[Any],
     of its adapters, fitted into the served base (every replica) before the adapters attach."""
     policy = trainer.policies[base]
     adapters = set(adapter_bases(trainer.policies)[base])
-    transcripts = [t for a, p in trainer.policy_of.items() if p in adapters
-                   for t in demos.transcripts.get(a, [])]
+    transcripts = {a: demos.transcripts.get(a, []) for a, p in trainer.policy_of.items()
+                   if p in adapters}  # mixed in each batch as demos.shares says (default: alike)
     factory = backend_factory(trainer.policies[sorted(adapters)[0]].backend)
     label = warm_start_label(policy.sft_steps, policy.sft_target_loss)
     with trainer.startup.phase(f"SFT warm start of the base {base} ({label})"):
         model = _plain_copy(replicas[0].model)
         losses = await warm_start_policy(policy, model, trainer.tokenizers[base], factory,
-                                         transcripts, trainer.seed)
+                                         transcripts, trainer.seed, demos.shares)
     for replica in replicas:  # version 0 still: the policy's starting point
         await replica.update_weights(WeightUpdate(named_tensors=model.state_dict().items(),
                                                   version=0))

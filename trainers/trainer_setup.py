@@ -35,6 +35,7 @@ from .warm_start import (
     Demos,
     collect_demos,
     copy_weights_into,
+    parse_shares,
     warm_start_label,
     warm_start_metrics,
     warm_start_plan,
@@ -68,9 +69,11 @@ async def setup_trainer(trainer: Trainer) -> None:
     if trainer.warm_start and ckpt is None:
         start = int(trainer.warm_start.get("seed", 10_000_000))
         seeds = range(start, start + int(trainer.warm_start.get("episodes", 256)))
+        shares = parse_shares(trainer.warm_start.get("shares"), list(trainer.warm_start["players"]))
         with trainer.startup.phase(f"collecting {len(seeds)} warm-start demo episodes"):
             demos = await collect_demos(trainer.make_env, trainer.warm_start["players"], seeds,
                                         min_episodes=trainer.warm_start.get("min_episodes"))
+        demos.shares = shares
     used = set(trainer.policy_of.values()) | trainer.rewards.policies
     adapters = {n for n in used if trainer.policies[n].adapter_of is not None}
     used |= {trainer.policies[n].adapter_of for n in adapters}  # a base serves its adapters
@@ -122,7 +125,7 @@ async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
                 with trainer.startup.phase(f"SFT warm start of {name} ({label})"):
                     losses = await warm_start_policy(policy, model, tokenizer, factory,
                                                      _transcripts(trainer, name, demos),
-                                                     trainer.seed)
+                                                     trainer.seed, demos.shares)
                     _log_warm_start(trainer, name, demos, losses)
             if reference is not None:
                 trainer.ref_engines[name] = build_reference(
@@ -195,10 +198,9 @@ def _write_from_rank0(engine: WorkerGroupEngine, skeleton: Any, bucket_bytes: in
         skeleton.generation_config.save_pretrained(directory)
 
 
-def _transcripts(trainer: Trainer, name: str, demos: Demos) -> list[list[dict[str, Any]]]:
-    """The demo transcripts of every agent that policy ``name`` plays."""
-    return [t for a, p in trainer.policy_of.items() if p == name
-            for t in demos.transcripts.get(a, [])]
+def _transcripts(trainer: Trainer, name: str, demos: Demos) -> dict[str, list[Any]]:
+    """The demo transcripts of each agent that policy ``name`` plays (``policy_of``'s order)."""
+    return {a: demos.transcripts.get(a, []) for a, p in trainer.policy_of.items() if p == name}
 
 
 async def _worker_group(trainer: Trainer, name: str, model: Any, tokenizer: Any, factory: Any,
@@ -211,7 +213,8 @@ async def _worker_group(trainer: Trainer, name: str, model: Any, tokenizer: Any,
     policy = trainer.policies[name]
     demos = demos if policy.sft_steps else None
     plan = (None if demos is None else
-            warm_start_plan(policy, tokenizer, _transcripts(trainer, name, demos), trainer.seed))
+            warm_start_plan(policy, tokenizer, _transcripts(trainer, name, demos), trainer.seed,
+                            demos.shares))
     group = trainer.launcher.group_factory(name, policy.train)  # None: local processes
     engine = await asyncio.to_thread(  # the workers unpickle their own copies of `model`
         WorkerGroupEngine, model, policy.train, backend=policy.backend, factory=factory,

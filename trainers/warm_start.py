@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from areal_agents.agent import Agent
 from areal_agents.agents import ScriptedAgent
 from areal_agents.episode import run_episode
-from areal_agents.errors import TrainError
+from areal_agents.errors import ConfigError, TrainError
 from areal_agents.gateway.chat import encode, render
 from areal_agents.samples import Sample
 
@@ -80,11 +81,14 @@ class Demos:
         transcripts: per agent id, one transcript per (finished episode, action of the agent).
         num_episodes: episodes that finished; their transcripts are kept.
         num_failed: episodes whose env or player raised; skipped (logged, no transcripts).
+        shares: how a warm start fitting several agents mixes their demos in its batches
+            (``trainer.warm_start.shares``, ``parse_shares``; ``None``: alike).
     """
 
     transcripts: dict[str, list[Transcript]] = field(default_factory=dict)
     num_episodes: int = 0
     num_failed: int = 0
+    shares: list[MixStage] | None = None
 
 
 async def collect_demos(
@@ -177,10 +181,15 @@ SFT_LOSS_WINDOW = 10
 
 
 def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int = 32,
-        seed: int = 0, pad_token_id: int = 0, target_loss: float | None = None) -> list[float]:
+        seed: int = 0, pad_token_id: int = 0, target_loss: float | None = None,
+        mix: tuple[dict[str, list[Sample]], list[MixStage]] | None = None) -> list[float]:
     """``steps`` SFT steps of ``min(batch_size, len(samples))`` samples each with
     ``SFTTrainer``'s loop (token-mean NLL); samples are drawn in shuffled passes (seeded), so
     every demonstration is seen once before any is repeated. Returns each step's loss.
+
+    With ``mix`` (``(samples per agent, stages)``, ``samples`` then their concatenation),
+    each step's batch is drawn by ``mixed_schedule`` instead: each agent's share of it as its
+    stage says.
 
     With ``target_loss``, stops after the first step at which the mean loss of the last
     ``SFT_LOSS_WINDOW`` steps is below it (``steps`` is then the maximum); the steps taken
@@ -195,6 +204,8 @@ def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int 
     k = min(batch_size, len(samples))
     schedule: list[Sample] = []
     order: list[int] = []
+    if mix is not None:
+        schedule = mixed_schedule(mix[0], mix[1], steps, k, seed)
     while len(schedule) < steps * k:
         if not order:
             order = list(range(len(samples)))
@@ -215,6 +226,126 @@ def sft(engine: TrainEngine, samples: list[Sample], steps: int, batch_size: int 
     history = trainer.fit(schedule, epochs=1, shuffle=False,
                           stop=None if target_loss is None else reached)
     return [float(h["loss"]) for h in history]
+
+
+@dataclass(frozen=True)
+class MixStage:
+    """One stage of a warm start's batch mix (``trainer.warm_start.shares``).
+
+    Attributes:
+        steps: the stage's SFT steps (``None``: the rest of the warm start; last stage only).
+        shares: per agent id, its relative share of each batch in the stage (normalised over
+            the agents the warm start fits; an agent left out has share 0 in the stage).
+    """
+
+    steps: int | None
+    shares: dict[str, float]
+
+
+def parse_shares(spec: Any, agents: Sequence[str] | None = None) -> list[MixStage] | None:
+    """The stages of ``trainer.warm_start.shares``: ``None`` (off: each batch draws from all
+    demos alike, as without the option), a mapping ``{agent: share}`` (one stage, every
+    step), or a list of ``{steps: n, shares: {agent: share}}`` (stage by stage; the last may
+    leave out ``steps``: the rest of the warm start). With ``agents`` (the demo players'
+    agent ids), every agent named must be one of them.
+
+    Example:
+        >>> parse_shares({"speaker": 3, "listener": 1})
+        [MixStage(steps=None, shares={'speaker': 3.0, 'listener': 1.0})]
+
+    Raises:
+        ConfigError: an agent not in ``agents``, a share that is not a number >= 0, a
+            stage with no positive share, a stage's ``steps`` not an int >= 1, ``steps``
+            missing on a stage before the last, or any other shape (the message shows the
+            expected one).
+    """
+    if spec is None:
+        return None
+    shape = ("warm_start.shares takes {agent: share} or a list of {steps: n, shares: "
+             "{agent: share}} (the last stage may leave out steps)")
+    raw = [{"steps": None, "shares": spec}] if isinstance(spec, Mapping) else spec
+    if not isinstance(raw, Sequence) or isinstance(raw, str) or not raw:
+        raise ConfigError(f"{shape}; got {spec!r}")
+    stages = []
+    for i, stage in enumerate(raw):
+        if not isinstance(stage, Mapping) or set(stage) - {"steps", "shares"} \
+                or not isinstance(stage.get("shares"), Mapping):
+            raise ConfigError(f"{shape}; stage {i} is {stage!r}")
+        unknown = sorted(set(map(str, stage["shares"])) - set(agents or stage["shares"]))
+        if unknown:
+            raise ConfigError(f"warm_start.shares: stage {i} names agents {unknown} that have "
+                              f"no demo player; the warm start's agents: {sorted(agents or [])}")
+        steps = stage.get("steps")
+        if steps is None and i < len(raw) - 1:
+            raise ConfigError(f"warm_start.shares: stage {i} needs steps (only the last stage "
+                              "may run the rest)")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                  or steps < 1):
+            raise ConfigError(f"warm_start.shares: stage {i} has steps={steps!r}; give an "
+                              "int >= 1")
+        shares = {}
+        for agent, share in stage["shares"].items():
+            if isinstance(share, bool) or not isinstance(share, int | float) \
+                    or not math.isfinite(share) or share < 0:
+                raise ConfigError(f"warm_start.shares: stage {i} gives agent {agent!r} share "
+                                  f"{share!r}; give a number >= 0")
+            shares[str(agent)] = float(share)
+        if not any(shares.values()):
+            raise ConfigError(f"warm_start.shares: stage {i} gives no agent a share > 0")
+        stages.append(MixStage(steps, shares))
+    return stages
+
+
+def mixed_schedule(groups: Mapping[str, Sequence[Sample]], stages: Sequence[MixStage],
+                   steps: int, batch_size: int, seed: int = 0) -> list[Sample]:
+    """``steps`` batches of ``batch_size`` samples (concatenated), each holding the agents'
+    demos in the proportions of its stage: ``share / sum of the stage's shares over
+    groups`` of every batch, rounded per step with the remainders carried to the next step
+    (so over a stage each agent's count is within one of its exact share). Each agent's
+    samples are drawn in their own shuffled passes (seeded by ``seed`` and the agent), every
+    one seen once before any is repeated. Stages run in order for their ``steps``; the last
+    one (or one without ``steps``) runs to the end.
+
+    Raises:
+        ValueError: a stage gives no agent of ``groups`` a share > 0, or gives a share to an
+            agent without samples.
+    """
+    orders = {a: [] for a in groups}
+    rngs = {a: random.Random(f"{seed}:{a}") for a in groups}
+
+    def draw(agent: str) -> Sample:
+        if not orders[agent]:
+            orders[agent] = list(range(len(groups[agent])))
+            rngs[agent].shuffle(orders[agent])
+        return groups[agent][orders[agent].pop()]
+
+    out: list[Sample] = []
+    stage_ends, end = [], 0
+    for stage in stages:
+        end = steps if stage.steps is None else end + stage.steps
+        stage_ends.append(end)
+    for i, stage in enumerate(stages):
+        shares = {a: Fraction(stage.shares.get(a, 0.0)) for a in groups}  # exact sums
+        total = sum(shares.values())
+        if total <= 0:
+            raise ValueError(f"warm start: stage {i} of the shares gives none of the agents "
+                             f"{sorted(groups)} a share > 0")
+        empty = [a for a, s in shares.items() if s > 0 and not groups[a]]
+        if empty:
+            raise ValueError(f"warm start: agents {empty} have a share but no demonstrations")
+        carry = dict.fromkeys(groups, Fraction(0))
+        first = 0 if i == 0 else stage_ends[i - 1]
+        last = steps if i == len(stages) - 1 else min(stage_ends[i], steps)
+        for _ in range(first, last):
+            quota = {a: batch_size * s / total + carry[a] for a, s in shares.items()}
+            counts = {a: math.floor(q) for a, q in quota.items()}
+            spare = batch_size - sum(counts.values())
+            for a in sorted(quota, key=lambda a: counts[a] - quota[a])[:spare]:
+                counts[a] += 1
+            carry = {a: quota[a] - counts[a] for a in quota}
+            for a in groups:
+                out += [draw(a) for _ in range(counts[a])]
+    return out
 
 
 def window_mean(losses: Sequence[float]) -> float:
@@ -262,6 +393,9 @@ class WarmStartPlan:
         pad_token_id: padding id of the batches.
         batch_size: samples per step at most.
         target_loss: stop early at this mean loss (``Policy.sft_target_loss``; ``sft``).
+        mix: ``(samples per agent, stages)``: each batch mixes the agents' demos as the
+            stages say (``trainer.warm_start.shares``; ``mixed_schedule``); ``None``: every
+            batch draws from ``samples`` alike.
     """
 
     samples: list[Sample]
@@ -271,36 +405,52 @@ class WarmStartPlan:
     pad_token_id: int = 0
     batch_size: int = 32
     target_loss: float | None = None
+    mix: tuple[dict[str, list[Sample]], list[MixStage]] | None = None
 
     def run(self, engine: TrainEngine) -> list[float]:
         """``sft`` on ``engine`` (built at ``lr``); returns each step's loss."""
         return sft(engine, self.samples, self.steps, self.batch_size, self.seed,
-                   self.pad_token_id, self.target_loss)
+                   self.pad_token_id, self.target_loss, self.mix)
 
 
-def warm_start_plan(policy: Policy, tokenizer: Any, transcripts: list[list[dict[str, Any]]],
-                    seed: int = 0) -> WarmStartPlan | None:
+Transcripts = list[Transcript] | Mapping[str, list[Transcript]]
+"""A warm start's demos: a list of transcripts, or the transcripts of each agent (in order)."""
+
+
+def warm_start_plan(policy: Policy, tokenizer: Any, transcripts: Transcripts, seed: int = 0,
+                    shares: Sequence[MixStage] | None = None) -> WarmStartPlan | None:
     """The warm start of ``policy`` on ``transcripts`` (tokenized for ``policy.api``, seen
     as ``policy.context`` shows them: ``last_turn``), or ``None`` when there is nothing to do
-    (no transcripts or ``sft_steps=0``)."""
+    (no transcripts or ``sft_steps=0``).
+
+    ``transcripts`` per agent are fitted as their concatenation, unless ``shares``
+    (``parse_shares``) names one of those agents and there are two or more of them: then
+    each batch mixes the agents' demos as the stages say (``WarmStartPlan.mix``). Without
+    ``shares``, or with demos of one agent only, the plan is the plain one, bit for bit.
+    """
+    by_agent = dict(transcripts) if isinstance(transcripts, Mapping) else {"": transcripts}
     if policy.context == "last":
-        transcripts = [last_turn(t) for t in transcripts]
-    samples = demo_samples(tokenizer, transcripts, policy.api)
+        by_agent = {a: [last_turn(t) for t in ts] for a, ts in by_agent.items()}
+    groups = {a: demo_samples(tokenizer, ts, policy.api) for a, ts in by_agent.items()}
+    samples = [s for g in groups.values() for s in g]
     if not samples or not policy.sft_steps:
         return None
+    mixed = shares is not None and len(groups) > 1 and any(
+        a in stage.shares for stage in shares for a in groups)
     return WarmStartPlan(samples, policy.sft_steps, policy.sft_lr, seed,
-                         tokenizer.pad_token_id or 0, target_loss=policy.sft_target_loss)
+                         tokenizer.pad_token_id or 0, target_loss=policy.sft_target_loss,
+                         mix=(groups, list(shares)) if mixed else None)
 
 
 async def warm_start_policy(policy: Policy, model: Any, tokenizer: Any,
-                            factory: Callable[..., TrainEngine],
-                            transcripts: list[list[dict[str, Any]]], seed: int = 0
+                            factory: Callable[..., TrainEngine], transcripts: Transcripts,
+                            seed: int = 0, shares: Sequence[MixStage] | None = None
                             ) -> list[float]:
-    """Fit ``model`` in place to ``transcripts`` (``warm_start_plan``) for
+    """Fit ``model`` in place to ``transcripts`` (``warm_start_plan``, with ``shares``) for
     ``policy.sft_steps`` steps at ``policy.sft_lr`` on a temporary ``factory`` engine in this
     process, in a worker thread; returns the step losses (``[]`` without transcripts or
     steps). A worker-group policy warms up on its ranks instead (``WorkerGroupEngine``)."""
-    plan = warm_start_plan(policy, tokenizer, transcripts, seed)
+    plan = warm_start_plan(policy, tokenizer, transcripts, seed, shares)
     if plan is None:
         return []
     engine = factory(model, lr=plan.lr)
