@@ -13,10 +13,14 @@ shared by the adapter policies through ``trainers/lora_shared.py`` (each its own
 schedule, version; its own staleness bound and ``algorithm_params`` as any policy). Serving
 side: the base policy's ``LocalEngine`` replicas serve every adapter in the same batch
 (``areal_agents.engines.lora``); a weight push ships only the adapter and pauses only its
-requests.
+requests. Or the base is served by vLLM (``inference: {kind: vllm, ...}``): its servers are
+launched with ``--enable-lora`` for its adapters (``vllm_lora_args``) and each adapter is a
+vLLM multi-LoRA adapter (``engines/vllm_lora.py``: an update loads in place and pauses
+nothing; the base then takes no ``sft_steps``).
 
 Rules checked by ``check_adapter_policies`` (``ConfigError`` naming the fix): the base exists,
-is a plain local policy (not an adapter, not an endpoint) and is ``frozen``; an adapter policy
+is a plain local policy (not an adapter, not an endpoint) and is ``frozen``, served in process
+or by vLLM (``ADAPTER_SERVING``); an adapter policy
 has ``lora``, trains in-process (no ``train`` placement) and leaves ``inference`` at its
 default (it rides on the base's); all adapters of one base share ``backend``, ``lora`` and
 ``train_kwargs`` (one engine, one adapter shape), and have no ``critic`` or ``ref_model``.
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +64,12 @@ if TYPE_CHECKING:
     from .trainer import Trainer
     from .warm_start import Demos
 
-__all__ = ["adapter_bases", "check_adapter_policies", "setup_adapter_policy", "untie_embeddings"]
+__all__ = ["adapter_bases", "check_adapter_policies", "serving_placement", "setup_adapter_policy",
+           "untie_embeddings"]
+
+ADAPTER_SERVING = ("in_process", "vllm")
+"""Inference kinds of a base that serve its adapters: ``LocalEngine`` replicas (every adapter in
+one continuous batch) or vLLM servers (multi-LoRA, ``engines/vllm_lora.py``)."""
 
 
 def adapter_bases(policies: dict[str, Policy]) -> dict[str, list[str]]:
@@ -89,9 +99,10 @@ def check_adapter_policies(policies: dict[str, Policy]) -> None:
         if not bp.frozen:
             raise ConfigError(f"{base!r} is the base of LoRA adapters {adapters} and must not "
                               f"train under them; set frozen=True on policy {base!r}")
-        if bp.inference.kind != "in_process":
-            raise ConfigError(f"adapters of {base!r} are served by its in-process LocalEngine; "
-                              f"{base!r} has inference kind {bp.inference.kind!r} (use the default)")
+        if bp.inference.kind not in ADAPTER_SERVING:
+            raise ConfigError(f"adapters of {base!r} are served by its engines, in-process "
+                              f"LocalEngines or vLLM servers (multi-LoRA); {base!r} has "
+                              f"inference kind {bp.inference.kind!r}: use 'in_process' or 'vllm'")
         for name in adapters:
             _check_one(name, policies[name])
         first = policies[adapters[0]]
@@ -103,6 +114,46 @@ def check_adapter_policies(policies: dict[str, Policy]) -> None:
                         f"adapters of {base!r} share one train engine, so {attr} must be equal: "
                         f"{adapters[0]!r} has {getattr(first, attr)!r}, {name!r} has "
                         f"{getattr(p, attr)!r}")
+        if bp.inference.kind == "vllm":
+            _check_vllm_base(base, policies)
+
+
+def _check_vllm_base(base: str, policies: dict[str, Policy]) -> None:
+    """A vLLM-served base: no shared warm start, and LoRA ``server_args`` (where the user sets
+    them) large enough for its adapters."""
+    bp = policies[base]
+    if bp.sft_steps:
+        raise ConfigError(
+            f"{base!r} is served by vLLM, so it cannot take sft_steps: the shared warm start "
+            "changes the base after its servers loaded it. Warm-start the base first (train it "
+            "as its own policy and point model= at the saved directory) or serve it in_process")
+    wanted = vllm_lora_args(policies, base)
+    for key, need in wanted.items():
+        have = bp.inference.server_args.get(key)
+        if have is not None and int(have) < need:
+            raise ConfigError(f"{base!r} serves {wanted['max_loras']} adapters of rank "
+                              f"{wanted['max_lora_rank']} on vLLM, but its server_args set "
+                              f"{key}={have}; raise it to {need} or drop it (set automatically)")
+
+
+def vllm_lora_args(policies: dict[str, Policy], base: str) -> dict[str, int]:
+    """``VLLMEngine.launch`` arguments that serve every adapter of ``base`` at once:
+    ``max_loras`` (their number) and ``max_lora_rank`` (their rank; adapters of one base share
+    ``lora``)."""
+    adapters = adapter_bases(policies)[base]
+    rank, _ = adapter_shape(policies[adapters[0]])
+    return {"max_loras": len(adapters), "max_lora_rank": rank}
+
+
+def serving_placement(policies: dict[str, Policy], name: str) -> InferencePlacement:
+    """Policy ``name``'s inference placement as its engines are built: a vLLM-launched base of
+    adapters gets ``vllm_lora_args`` under its own ``server_args`` (the user's win)."""
+    placement = policies[name].inference
+    if (placement.kind != "vllm" or placement.urls
+            or name not in adapter_bases(policies)):
+        return placement
+    args = {**vllm_lora_args(policies, name), **placement.server_args}
+    return dataclasses.replace(placement, server_args=args)
 
 
 def _check_one(name: str, p: Policy) -> None:
@@ -149,19 +200,17 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
     """Build adapter policy ``name``: its view of the base's shared train engine (built by the
     first adapter, from a copy of the base's served model, after the base's warm start when
     it has ``sft_steps``), its own warm start when it has ``sft_steps``, and an adapter on
-    each of the base's ``LocalEngine`` replicas. Its KL reference is its starting point (the
-    module docstring). The base must be set up."""
-    from areal_agents.engines.local import LocalEngine
-    from areal_agents.models import eos_token_ids
-
+    each of the base's replicas (``LocalEngine``s or vLLM servers). Its KL reference is its
+    starting point (the module docstring). The base must be set up."""
     policy = trainer.policies[name]
     base = policy.adapter_of
     replicas = trainer.gateway.policies[base].router.engines
-    if not all(isinstance(e, LocalEngine) for e in replicas):
-        raise ConfigError(f"adapters of {base!r} need its replicas to be LocalEngines")
+    in_process = _in_process(base, replicas)
     shared: dict[str, SharedLoRABase] = trainer.lora_bases
     if base not in shared:
-        served = replicas[0].model  # the base weights, as served
+        # the base weights as served: in process the replicas' own model; a vLLM server
+        # loaded the base policy's model as it loads here (frozen: never trained)
+        served = replicas[0].model if in_process else trainer.policies[base].load()[0]
         if resumed:
             await _restore_base(trainer, base, replicas)
         elif trainer.policies[base].sft_steps and demos is not None:
@@ -192,7 +241,24 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
         engines.append(replica.add_adapter(name, rank=rank, alpha=alpha, target_modules=targets))
         await engines[-1].update_weights(_first_update(view))
     trainer.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
-                               stop_token_ids=eos_token_ids(replicas[0].model, tokenizer))
+                               stop_token_ids=trainer.gateway.policies[base].stop_ids)
+
+
+def _in_process(base: str, replicas: list[Any]) -> bool:
+    """Whether the base's replicas are ``LocalEngine``s (else vLLM servers).
+
+    Raises:
+        ConfigError: replicas of another kind (e.g. a base attached by its own launcher).
+    """
+    from areal_agents.engines.local import LocalEngine
+    from areal_agents.engines.vllm import VLLMEngine
+
+    if all(isinstance(e, LocalEngine) for e in replicas):
+        return True
+    if all(isinstance(e, VLLMEngine) for e in replicas):
+        return False
+    raise ConfigError(f"adapters of {base!r} need its replicas to be LocalEngines or vLLM "
+                      f"servers, not {sorted({type(e).__name__ for e in replicas})}")
 
 
 def untie_embeddings(model: Any) -> bool:

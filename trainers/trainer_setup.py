@@ -28,7 +28,7 @@ from areal_agents.rollout import RolloutController
 from .checkpointing import latest_checkpoint
 from .clocks import control_of
 from .critic import build_critic
-from .lora_policies import setup_adapter_policy
+from .lora_policies import serving_placement, setup_adapter_policy
 from .reference import ReferenceSpec, build_reference
 from .serving import build_engines
 from .warm_start import (
@@ -144,11 +144,12 @@ async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
         trainer.weight_pushes[name] = WeightPush(policy.inference, weights_dir)
     write_model = (functools.partial(_write_from_rank0, trainer.train_engines[name], serving,
                                      policy.inference.bucket_bytes) if on_ranks else None)
+    placement = serving_placement(trainer.policies, name)  # + LoRA args for a vLLM base
     with trainer.startup.phase(f"building the inference engines of {name}"):
         engines = await trainer.launcher.build_engines(  # None: built as without a launcher
-            name, policy.inference, serving, tokenizer, trainer.run_dir,
+            name, placement, serving, tokenizer, trainer.run_dir,
             trainer.generation_batch_size, write_model=write_model) or await build_engines(
-            name, policy.inference, serving, tokenizer, trainer.run_dir,
+            name, placement, serving, tokenizer, trainer.run_dir,
             max_batch_size=trainer.generation_batch_size, write_model=write_model)
     trainer.gateway.add_policy(name, engines, tokenizer, tool_parser=policy.tool_parser,
                                stop_token_ids=eos_token_ids(serving, tokenizer))

@@ -147,7 +147,8 @@ class VLLMEngine(ServerEngine):
             max_loras: LoRA adapters served at once (``add_adapter``); 0: no LoRA. Passes
                 ``--enable-lora --max-loras N --max-lora-rank R`` and sets
                 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` (adapters are loaded at run time).
-            max_lora_rank: the largest adapter rank the server accepts.
+            max_lora_rank: the largest adapter rank the server accepts (rounded up to a
+                rank vLLM takes, ``vllm_lora.SERVER_LORA_RANKS``).
             server_args: more command-line arguments (``["--max-num-seqs", "16"]``).
             env: more environment variables for the server.
             log_path: the server's log (default: a file in a new temporary directory).

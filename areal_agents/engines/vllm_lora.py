@@ -32,25 +32,37 @@ from .base import GenerateRequest, GenerateResult, InferenceEngine, OnTokens, We
 if TYPE_CHECKING:
     from .vllm import VLLMEngine
 
-__all__ = ["RUNTIME_LORA_ENV", "VLLMAdapterEngine", "lora_server_args", "write_adapter"]
+__all__ = ["RUNTIME_LORA_ENV", "SERVER_LORA_RANKS", "VLLMAdapterEngine", "lora_server_args",
+           "write_adapter"]
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 _PREFIX = "base_model.model."
 
 
+SERVER_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``--max-lora-rank`` values vLLM 0.32 accepts (its argument's choices)."""
+
+
 def lora_server_args(max_loras: int, max_lora_rank: int) -> list[str]:
-    """vLLM command-line arguments serving ``max_loras`` adapters at once (none for 0).
+    """vLLM command-line arguments serving ``max_loras`` adapters at once (none for 0), of
+    rank up to ``max_lora_rank``, rounded up to a rank vLLM accepts (``SERVER_LORA_RANKS``).
 
     Example:
         >>> lora_server_args(2, 8)
         ['--enable-lora', '--max-loras', '2', '--max-lora-rank', '8']
+        >>> lora_server_args(2, 4)[-1]
+        '8'
     """
     if max_loras < 0 or max_lora_rank < 1:
         raise ValueError(f"max_loras must be >= 0 and max_lora_rank >= 1 (got {max_loras}, "
                          f"{max_lora_rank})")
+    if max_lora_rank > SERVER_LORA_RANKS[-1]:
+        raise ValueError(f"max_lora_rank {max_lora_rank} is above vLLM's largest, "
+                         f"{SERVER_LORA_RANKS[-1]}; use a smaller LoRA rank")
     if not max_loras:
         return []
-    return ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank)]
+    rank = next(r for r in SERVER_LORA_RANKS if r >= max_lora_rank)
+    return ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(rank)]
 
 
 def write_adapter(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, *, rank: int,

