@@ -234,3 +234,21 @@ def test_worker_group_engine_matches_one_process(tmp_path):
     for name, w in want_weights.items():
         torch.testing.assert_close(weights[name], w, atol=1e-4, rtol=1e-4)  # Adam: ~1e-5 noise
     torch.testing.assert_close(logprobs, single.forward_logprobs(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_batches_and_row_shards_cross_a_pipe_unchanged():
+    from areal_agents.trainers.worker_group import PackedBatch
+
+    batch = make_batch(num=5, temperature=0.7)
+    batch.prox_logprobs = batch.old_logprobs * 0.5
+    batch.top_k = torch.arange(5)
+    data = pickle.dumps(PackedBatch.of(batch))
+    assert len(data) < len(pickle.dumps(batch))
+    back = pickle.loads(data).unpack()
+    _assert_same_rows(back, batch)
+    assert back.values is None and back.advantages.dtype == batch.advantages.dtype
+    shard = shard_batch(batch, 1, 2)
+    again = pickle.loads(pickle.dumps(shard))
+    assert (again.rows, again.lengths, again.width) == (shard.rows, shard.lengths, shard.width)
+    _assert_same_rows(again.batch, shard.batch)
+    _assert_same_rows(again.expand(), shard.expand())

@@ -101,3 +101,53 @@ def test_a_checkpoint_of_the_fsdp2_wrapped_one_rank_engine_still_loads(tmp_path)
                    for n, t in engine.export_weights())
     finally:
         engine.close()
+
+
+def _streamed(stream) -> dict[str, torch.Tensor]:
+    """The worker's weights now, asked for with the group's ``stream`` (not the copy its
+    train reply brought)."""
+    return {n: t for pack in stream("export_packed", 1 << 30) for n, t in pack.unpack()}
+
+
+def test_the_export_folded_into_the_train_call_is_that_steps_weights(tmp_path):
+    torch.set_num_threads(1)
+    engine = WorkerGroupEngine(make_model(), TrainPlacement(world_size=1), lr=1e-3,
+                               token_budget=24)
+    calls: list[str] = []
+    stream = engine._group.stream
+
+    def counted(method, *args, **kwargs):
+        calls.append(method)
+        return stream(method, *args, **kwargs)
+
+    engine._group.stream = counted
+    try:
+        engine.train_step(make_batch(seed=1), ppo_loss)
+        first = dict(engine.export_weights())  # asked for: the worker streams them
+        assert calls == ["export_packed"] and engine._fold_export is True
+        engine.save(str(tmp_path / "step1"))
+        for seed in (2, 3):  # now the train call brings them back: no more trips
+            engine.train_step(make_batch(seed=seed), ppo_loss)
+            folded = dict(engine.export_weights())
+            again = dict(engine.export_weights())  # a second replica: the same tensors
+            assert calls == ["export_packed"]
+            want = _streamed(stream)
+            assert folded.keys() == want.keys() == first.keys()
+            assert all(torch.equal(folded[n], want[n]) and torch.equal(again[n], want[n])
+                       for n in want)
+            assert not all(torch.equal(folded[n], first[n]) for n in want)  # it trained
+        engine.load(str(tmp_path / "step1"))  # new weights without a train step: asked for
+        calls.clear()
+        loaded = dict(engine.export_weights())
+        assert calls == ["export_packed"]
+        assert all(torch.equal(loaded[n], first[n]) for n in first)
+        engine.stream_bytes = 4096  # the model no longer fits one message: streamed again
+        engine.train_step(make_batch(seed=4), ppo_loss)
+        assert engine._fold_export is False
+        calls.clear()
+        small = dict(engine.export_weights())
+        assert calls == ["export_packed"]
+        want = _streamed(stream)
+        assert all(torch.equal(small[n], want[n]) for n in want)
+    finally:
+        engine.close()
