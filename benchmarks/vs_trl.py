@@ -131,6 +131,20 @@ class _StepClock:
         pass
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's live child processes so far (a train worker's; Linux
+    ``/proc``, 0 elsewhere)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(stat[11]) + int(stat[12])) / tick  # utime + stime
+    return total
+
+
 def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int,
              workers: bool = False) -> dict[str, Any]:
     """Train ``steps`` steps from ``ckpt``; save the final weights to ``out``; step times and
@@ -142,8 +156,10 @@ def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int,
         try:
             await trainer.setup()
             start, cpu_start = time.perf_counter(), time.process_time()
+            workers_start = _children_cpu()
             history = await trainer.afit(steps)
-            cpu = time.process_time() - cpu_start  # this process only (not a train worker)
+            cpu = time.process_time() - cpu_start  # this process only
+            worker_cpu = _children_cpu() - workers_start  # a train worker's
             (name,) = trainer.train_engines
             # the served weights: the trained ones after each step's push, also when a worker
             # process trains
@@ -158,7 +174,7 @@ def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int,
             return statistics.fmean(values) if values else None
 
         return {"start": start, "stamps": clock.stamps, "split": split,
-                **({} if workers else {"cpu_s": cpu}),
+                "cpu_s": cpu + worker_cpu, "worker_cpu_s": worker_cpu,
                 "prox_skipped": mean_of("policy/solver/prox_recompute_skipped"),
                 "prox_in_forward": mean_of("policy/solver/prox_from_train_forward"),
                 "train_reward": statistics.fmean(h["policy/solver/reward"] for h in history)}
@@ -166,15 +182,18 @@ def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int,
     return asyncio.run(run())
 
 
-def profile_ours(ckpt: Path, steps: int, top: int = 25, dump: Path | None = None) -> None:
-    """cProfile ``steps`` sync steps of ours (after setup) in this process: the event loop's
-    thread (episodes, gateway, SDK) and the train thread (``asyncio.to_thread``), by
-    cumulative and by own time. Needs no TRL."""
+def profile_ours(ckpt: Path, steps: int, top: int = 25, dump: Path | None = None,
+                 arm: str = "ours_sync") -> None:
+    """cProfile ``steps`` steps of ``arm`` of ours (after setup) in this process: the event
+    loop's thread (episodes, gateway, SDK) and the train thread (``asyncio.to_thread``), by
+    cumulative and by own time (a train worker's process is not profiled: its calls show as
+    waits). Needs no TRL."""
     import cProfile
     import pstats
     import threading
 
-    trainer = _trainer(str(ckpt), seed=0, max_staleness=0)
+    trainer = _trainer(str(ckpt), seed=0, max_staleness=ARMS[arm] or 0,
+                       workers=arm in TRAIN_WORKERS)
     profiles: list[cProfile.Profile] = []
 
     def per_thread(*_: Any) -> None:  # threading.setprofile hook: one profile per new thread
@@ -353,11 +372,12 @@ def report(runs: list[dict[str, Any]], steps: int) -> None:
     cpu = {a: statistics.median(r["cpu_s"] / steps for r in rs)
            for a, rs in by_arm.items() if rs and all("cpu_s" in r for r in rs)}
     if cpu:
-        print("  CPU per step (the run's process, all threads; median): "
+        print("  CPU per step (the run's processes, a train worker included, all threads; "
+              "median): "
               + ", ".join(f"{a} {1e3 * v:.0f} ms" for a, v in cpu.items())
               + f"; on {cores} cores no arm's step can take less than its CPU / {cores}"
-              + (f" (ours_async / TRL >= {cpu['ours_async'] / cores / med['trl']:.2f} here)"
-                 if "ours_async" in cpu and "trl" in med else ""))
+              + "".join(f"; {a} / TRL >= {cpu[a] / cores / med['trl']:.2f} here"
+                        for a in ("ours_async", "ours_async_workers") if a in cpu and "trl" in med))
     targets = {"ours_sync": 0.8, "ours_async": 0.5, "ours_async_workers": 0.5}
     for arm, target in targets.items():
         if arm in med and "trl" in med:
@@ -385,7 +405,9 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, default=REPO / "runs" / "vs_trl" / "sft",
                         help="the SFT'd checkpoint (built once when missing)")
     parser.add_argument("--profile", type=int, metavar="STEPS", default=0,
-                        help="only cProfile STEPS sync steps of ours (no TRL needed)")
+                        help="only cProfile STEPS steps of ours (no TRL needed)")
+    parser.add_argument("--profile-arm", choices=OURS, default="ours_sync",
+                        help="the arm --profile runs")
     parser.add_argument("--arm", choices=tuple(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--seed-of-arm", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -397,7 +419,8 @@ def main() -> None:
     if args.profile:
         if not (args.ckpt / "config.json").exists():
             build_checkpoint(args.ckpt)
-        profile_ours(args.ckpt, args.profile, dump=Path(tempfile.gettempdir()) / "vs_trl.prof")
+        profile_ours(args.ckpt, args.profile, dump=Path(tempfile.gettempdir()) / "vs_trl.prof",
+                     arm=args.profile_arm)
         return
     try:
         import trl
