@@ -16,7 +16,7 @@ side: the base policy's ``LocalEngine`` replicas serve every adapter in the same
 requests. Or the base is served by vLLM (``inference: {kind: vllm, ...}``): its servers are
 launched with ``--enable-lora`` for its adapters (``vllm_lora_args``) and each adapter is a
 vLLM multi-LoRA adapter (``engines/vllm_lora.py``: an update loads in place and pauses
-nothing; the base then takes no ``sft_steps``).
+nothing); its shared warm start is fitted before the servers load it (``prepare_served_base``).
 
 Rules checked by ``check_adapter_policies`` (``ConfigError`` naming the fix): the base exists,
 is a plain local policy (not an adapter, not an endpoint) and is ``frozen``, served in process
@@ -51,6 +51,7 @@ from areal_agents.errors import ConfigError
 from .lora_shared import AdapterTrainEngine, SharedLoRABase
 from .placement import InferencePlacement, TrainPlacement
 from .warm_start import (
+    copy_weights_into,
     warm_start_label,
     warm_start_metrics,
     warm_start_plan,
@@ -64,8 +65,8 @@ if TYPE_CHECKING:
     from .trainer import Trainer
     from .warm_start import Demos
 
-__all__ = ["adapter_bases", "check_adapter_policies", "serving_placement", "setup_adapter_policy",
-           "untie_embeddings"]
+__all__ = ["adapter_bases", "check_adapter_policies", "prepare_served_base", "serving_placement",
+           "setup_adapter_policy", "untie_embeddings"]
 
 ADAPTER_SERVING = ("in_process", "vllm")
 """Inference kinds of a base that serve its adapters: ``LocalEngine`` replicas (every adapter in
@@ -122,11 +123,11 @@ def _check_vllm_base(base: str, policies: dict[str, Policy]) -> None:
     """A vLLM-served base: no shared warm start, and LoRA ``server_args`` (where the user sets
     them) large enough for its adapters."""
     bp = policies[base]
-    if bp.sft_steps:
+    if bp.sft_steps and bp.inference.urls:
         raise ConfigError(
-            f"{base!r} is served by vLLM, so it cannot take sft_steps: the shared warm start "
-            "changes the base after its servers loaded it. Warm-start the base first (train it "
-            "as its own policy and point model= at the saved directory) or serve it in_process")
+            f"{base!r} is served by running vLLM servers (urls), so it cannot take sft_steps: "
+            "the shared warm start fits the base before its servers load it. Drop urls (the "
+            "trainer launches them) or sft_steps")
     wanted = vllm_lora_args(policies, base)
     for key, need in wanted.items():
         have = bp.inference.server_args.get(key)
@@ -207,17 +208,22 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
     replicas = trainer.gateway.policies[base].router.engines
     in_process = _in_process(base, replicas)
     shared: dict[str, SharedLoRABase] = trainer.lora_bases
-    if base not in shared:
-        # the base weights as served: in process the replicas' own model; a vLLM server
-        # loaded the base policy's model as it loads here (frozen: never trained)
-        served = replicas[0].model if in_process else trainer.policies[base].load()[0]
+    if base not in shared and not in_process:  # fitted before its servers loaded it
+        served = trainer.served_bases[base]
+    elif base not in shared:
+        served = replicas[0].model  # the base weights, as served
         if resumed:
             await _restore_base(trainer, base, replicas)
         elif trainer.policies[base].sft_steps and demos is not None:
             for replica in replicas:  # before the shared warm start (see untie_embeddings)
                 untie_embeddings(replica.model)
-            await _warm_start_base(trainer, base, replicas, demos)
+            model = _plain_copy(served)
+            await _fit_base(trainer, base, model, demos)
+            for replica in replicas:  # version 0 still: the policy's starting point
+                await replica.update_weights(WeightUpdate(
+                    named_tensors=model.state_dict().items(), version=0))
             _save_base(trainer, base, served)
+    if base not in shared:
         with trainer.startup.phase(f"building the shared {policy.backend} LoRA engine of "
                                    f"{base}"):
             engine = backend_factory(policy.backend)(_plain_copy(served), lr=policy.lr,
@@ -285,10 +291,33 @@ def untie_embeddings(model: Any) -> bool:
     return True
 
 
-async def _warm_start_base(trainer: Trainer, base: str, replicas: list[Any],
-                           demos: Demos) -> None:
-    """The base's format-only SFT warm start on the transcripts of every agent that plays one
-    of its adapters, fitted into the served base (every replica) before the adapters attach."""
+async def prepare_served_base(trainer: Trainer, name: str, model: Any, demos: Demos | None, *,
+                              resumed: bool) -> None:
+    """Before the vLLM servers of ``name``, a base of adapter policies, load ``model`` (the
+    copy they serve): fit the shared warm start into it (untied first), or on resume load the
+    one saved then, and keep it as the base of the adapters' train engine
+    (``trainer.served_bases``). A no-op for any other policy; an in-process base is fitted in
+    ``setup_adapter_policy`` instead (its replicas take the update)."""
+    if serving_placement(trainer.policies, name).kind != "vllm" \
+            or name not in adapter_bases(trainer.policies):
+        return
+    trainer.served_bases[name] = model
+    if resumed:
+        state = _saved_base(trainer, name)
+        if state is not None:
+            if any(n.endswith("lm_head.weight") for n in state):
+                untie_embeddings(model)
+            copy_weights_into(model, state.items())
+    elif trainer.policies[name].sft_steps and demos is not None:
+        untie_embeddings(model)
+        await _fit_base(trainer, name, model, demos)
+        _save_base(trainer, name, model)
+
+
+async def _fit_base(trainer: Trainer, base: str, model: Any, demos: Demos) -> None:
+    """The base's format-only SFT warm start, fitted into ``model`` in place, on the
+    transcripts of every agent that plays one of its adapters (logged as
+    ``warm_start_metrics``)."""
     policy = trainer.policies[base]
     adapters = set(adapter_bases(trainer.policies)[base])
     transcripts = {a: demos.transcripts.get(a, []) for a, p in trainer.policy_of.items()
@@ -296,12 +325,8 @@ async def _warm_start_base(trainer: Trainer, base: str, replicas: list[Any],
     factory = backend_factory(trainer.policies[sorted(adapters)[0]].backend)
     label = warm_start_label(policy.sft_steps, policy.sft_target_loss)
     with trainer.startup.phase(f"SFT warm start of the base {base} ({label})"):
-        model = _plain_copy(replicas[0].model)
         losses = await warm_start_policy(policy, model, trainer.tokenizers[base], factory,
                                          transcripts, trainer.seed, demos.shares)
-    for replica in replicas:  # version 0 still: the policy's starting point
-        await replica.update_weights(WeightUpdate(named_tensors=model.state_dict().items(),
-                                                  version=0))
     if losses:
         trainer.logger.log(0, warm_start_metrics(base, losses))
 
@@ -320,9 +345,8 @@ def _save_base(trainer: Trainer, base: str, model: Any) -> None:
         torch.save({n: t.detach().clone() for n, t in model.state_dict().items()}, path)
 
 
-async def _restore_base(trainer: Trainer, base: str, replicas: list[Any]) -> None:
-    """On resume: load the warm-started base ``_save_base`` wrote into every replica (untied
-    first when it was untied), so the adapters resume on the base they were trained over.
+def _saved_base(trainer: Trainer, base: str) -> dict[str, torch.Tensor] | None:
+    """The warm-started base ``_save_base`` wrote (``None`` when the base has no warm start).
 
     Raises:
         ConfigError: the base has ``sft_steps`` but the run directory has no saved base.
@@ -332,9 +356,17 @@ async def _restore_base(trainer: Trainer, base: str, replicas: list[Any]) -> Non
         if trainer.policies[base].sft_steps:
             raise ConfigError(f"resuming the adapters of {base!r}: its warm-started weights "
                               f"{path} are missing (written when the run starts)")
+        return None
+    return torch.load(path, weights_only=True)
+
+
+async def _restore_base(trainer: Trainer, base: str, replicas: list[Any]) -> None:
+    """On resume: load the warm-started base ``_save_base`` wrote into every replica (untied
+    first when it was untied), so the adapters resume on the base they were trained over."""
+    state = _saved_base(trainer, base)
+    if state is None:
         return
-    state = torch.load(path, weights_only=True)
-    with trainer.startup.phase(f"restoring the warm-started base {base} from {path}"):
+    with trainer.startup.phase(f"restoring the warm-started base {base}"):
         for replica in replicas:
             head = replica.model.get_output_embeddings()
             if head is not None and head.weight is replica.model.get_input_embeddings().weight \

@@ -28,7 +28,7 @@ from areal_agents.rollout import RolloutController
 from .checkpointing import latest_checkpoint
 from .clocks import control_of
 from .critic import build_critic
-from .lora_policies import serving_placement, setup_adapter_policy
+from .lora_policies import prepare_served_base, serving_placement, setup_adapter_policy
 from .reference import ReferenceSpec, build_reference
 from .serving import build_engines
 from .warm_start import (
@@ -145,6 +145,7 @@ async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
     write_model = (functools.partial(_write_from_rank0, trainer.train_engines[name], serving,
                                      policy.inference.bucket_bytes) if on_ranks else None)
     placement = serving_placement(trainer.policies, name)  # + LoRA args for a vLLM base
+    await prepare_served_base(trainer, name, serving, demos, resumed=resumed)  # vLLM base
     with trainer.startup.phase(f"building the inference engines of {name}"):
         engines = await trainer.launcher.build_engines(  # None: built as without a launcher
             name, placement, serving, tokenizer, trainer.run_dir,

