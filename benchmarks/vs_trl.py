@@ -378,6 +378,15 @@ def report(runs: list[dict[str, Any]], steps: int) -> None:
               + f"; on {cores} cores no arm's step can take less than its CPU / {cores}"
               + "".join(f"; {a} / TRL >= {cpu[a] / cores / med['trl']:.2f} here"
                         for a in ("ours_async", "ours_async_workers") if a in cpu and "trl" in med))
+    for arm in TRAIN_WORKERS & cpu.keys():
+        worker = statistics.median(r["worker_cpu_s"] / steps for r in by_arm[arm])
+        controller = statistics.median((r["cpu_s"] - r["worker_cpu_s"]) / steps
+                                       for r in by_arm[arm])
+        print(f"  {arm}: controller process {1e3 * controller:.0f} ms + train worker "
+              f"{1e3 * worker:.0f} ms CPU per step (medians): its step cannot take less than "
+              f"the larger"
+              + (f" ({max(controller, worker) / med['trl']:.2f}x TRL here)" if "trl" in med
+                 else ""))
     targets = {"ours_sync": 0.8, "ours_async": 0.5, "ours_async_workers": 0.5}
     for arm, target in targets.items():
         if arm in med and "trl" in med:
