@@ -24,11 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ALIGN", "PackedTensors", "pack_tensors"]
+__all__ = ["ALIGN", "Entry", "PackedTensors", "pack_into", "pack_tensors"]
 
 ALIGN = 16
 """Every tensor starts at a multiple of this many bytes in a pack (``Tensor.view(dtype)``
 needs its offset to be a multiple of the element size)."""
+
+
+Entry = tuple[str, torch.dtype, tuple[int, ...], int]
+"""``(name, dtype, shape, offset)`` of one packed tensor."""
 
 
 @dataclass
@@ -40,7 +44,7 @@ class PackedTensors:
         data: the bytes, ``uint8``; tensor ``i`` starts at ``entries[i][3]``.
     """
 
-    entries: list[tuple[str, torch.dtype, tuple[int, ...], int]]
+    entries: list[Entry]
     data: np.ndarray
 
     def unpack(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -74,6 +78,31 @@ def pack_tensors(named: Iterable[tuple[str, torch.Tensor]],
         size = _aligned(size) + nbytes
     if pending:
         yield _pack(pending)
+
+
+def pack_into(named: Iterable[tuple[str, torch.Tensor]], out: torch.Tensor) -> list[Entry] | None:
+    """Pack ``(name, tensor)`` pairs, in order, into the ``uint8`` buffer ``out`` (the
+    ``PackedTensors`` layout: ``PackedTensors(entries, out.numpy())`` unpacks them); their
+    entries, or ``None`` as soon as one does not fit (``out`` then holds a part).
+
+    Example:
+        >>> out = torch.empty(64, dtype=torch.uint8)
+        >>> entries = pack_into([("a", torch.arange(3.0))], out)
+        >>> [(n, t.tolist()) for n, t in PackedTensors(entries, out.numpy()).unpack()]
+        [('a', [0.0, 1.0, 2.0])]
+        >>> pack_into([("b", torch.zeros(17))], out) is None
+        True
+    """
+    entries: list[Entry] = []
+    offset = 0
+    for name, tensor in named:
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        if offset + raw.numel() > out.numel():
+            return None
+        out[offset:offset + raw.numel()] = raw
+        entries.append((name, tensor.dtype, tuple(tensor.shape), offset))
+        offset = _aligned(offset + raw.numel())
+    return entries
 
 
 def _pack(named: list[tuple[str, torch.Tensor]]) -> PackedTensors:

@@ -4,7 +4,11 @@ worker processes (one engine per rank, ``launcher.DistributedEngineGroup``).
 What crosses the pipes per call::
 
     train_step        each data-parallel rank: a RowShard (its rows + every row's length)
-                      and the loss function (pickled: algorithms are module-level dataclasses)
+                      and the loss function (pickled: algorithms are module-level dataclasses);
+                      a batch's tensors travel as one flat buffer (PackedBatch). One process
+                      whose pushes follow its train steps also packs the new weights into a
+                      shared-memory slot of the controller's (weight_slots.py): the push then
+                      reads them there
     forward_logprobs  each data-parallel rank: its RowShard (the rows training gives it); it
                       returns the log-probs of the rows it owns, gathered here in row order
                       (``shard_logprobs``: every rank runs as many micro-batch forwards, so
@@ -52,7 +56,8 @@ from .backends import backend_factory
 from .base import LossFn, TrainEngine
 from .launcher import DistributedEngineGroup
 from .placement import TrainPlacement, check_train_placement, engine_parallel_kwargs
-from .tensor_pack import PackedTensors, pack_tensors
+from .tensor_pack import Entry, PackedTensors, pack_tensors
+from .weight_slots import SlotTarget, SlotWriter, WeightSlots
 
 if TYPE_CHECKING:
     from .reference import ReferenceSpec
@@ -278,6 +283,7 @@ class _RankEngine:
         self._factory, self._kwargs, self._reference_spec = factory, kwargs, reference
         self.reference: Any = None
         self._model_bytes: bytes | None = None
+        self._slots = SlotWriter()
         if warm_kwargs is None:
             self._start(_unpickle_model(model_bytes))
         else:  # kept until finish_warm_start: the skeleton the trained weights go into
@@ -318,15 +324,14 @@ class _RankEngine:
         batch = data.expand() if isinstance(data, RowShard) else _unwire(data)
         return self.engine.train_step(batch, loss_fn)
 
-    def train_step_export(self, data: Wire, loss_fn: LossFn,
-                          max_bytes: int) -> tuple[dict[str, float], PackedTensors | None]:
-        """One process: ``train_step``, then the weights it produced packed into one message
-        of at most ``max_bytes`` (``None`` when they need more), taken before any other call
-        can change them: ``WorkerGroupEngine.export_weights`` serves them without a trip."""
+    def train_step_export(self, data: Wire, loss_fn: LossFn, target: SlotTarget,
+                          ) -> tuple[dict[str, float], list[Entry] | None]:
+        """One process: ``train_step``, then the weights it produced packed into the
+        controller's shared-memory slot ``target`` before any other call can change them;
+        their entries (``None``: they do not fit): ``WorkerGroupEngine.export_weights``
+        serves them without a trip (``weight_slots.py``)."""
         stats = self.train_step(data, loss_fn)
-        packs = pack_tensors(self.engine.export_weights(), max_bytes)
-        first, more = next(packs, None), next(packs, None)
-        return stats, (None if more is not None else first)
+        return stats, self._slots.write(target, self.engine.export_weights())
 
     def forward_logprobs(self, data: Wire, dp_rank: int = 0, dp: int = 1) -> Any:
         if isinstance(data, RowShard):
@@ -369,6 +374,7 @@ class _RankEngine:
         return self.engine.step, self.engine.version
 
     def close(self) -> None:
+        self._slots.close()
         self.engine.close()
         if self.reference is not None:
             self.reference.close()
@@ -479,8 +485,9 @@ class WorkerGroupEngine(TrainEngine):
         self.version = 0
         self.stream_bytes = STREAM_BYTES
         # fold the export into the train call: an export followed a train step, and the
-        # model fits one message (False for good once it did not)
+        # model fits one message (False for good once it did not); the slots it goes to
         self._fold_export: bool | None = None
+        self._slots: WeightSlots | None = None
         self._packed: tuple[int, PackedTensors] | None = None  # (step, its weights) or None
         self._trained_at = -1  # self.step right after the latest train step
         layout: dict[str, Any] = dict(engine_parallel_kwargs(backend, placement))
@@ -513,22 +520,25 @@ class WorkerGroupEngine(TrainEngine):
         its tensors packed in one buffer (``PackedBatch``); returns the stats summed over
         ranks (rank 0's).
 
-        One process whose weights were exported right after a train step before: the same call
-        also brings back the new weights packed (``_RankEngine.train_step_export``, when they
-        fit in one ``stream_bytes`` message), so the push's ``export_weights`` that follows
-        needs no trip to the worker.
+        One process whose weights were exported right after a train step before (and fit one
+        ``stream_bytes`` message): the same call has the worker pack the new weights into a
+        shared-memory slot (``_RankEngine.train_step_export``, ``weight_slots.py``), so the
+        push's ``export_weights`` that follows reads them there, with no trip to the worker.
         """
         p = self.placement
         assert p.dp is not None
         self._packed = None  # the weights change now, whatever happens
-        if p.world_size == 1 and self._fold_export:
-            stats, packed = self._group.call("train_step_export", PackedBatch.of(batch), loss_fn,
-                                             self.stream_bytes)[0]
+        if self._slots is not None and self._slots.slot_bytes > self.stream_bytes:
+            self._drop_slots()  # the messages were made smaller than the model since
+        if self._slots is not None and self._fold_export:
+            target = self._slots.target(self.step + 1)
+            stats, entries = self._group.call("train_step_export", PackedBatch.of(batch),
+                                              loss_fn, target)[0]
             self.step += 1
-            if packed is None:  # the model needs several messages: stream them as before
-                self._fold_export = False
+            if entries is None:  # the model outgrew its slot: stream it as before
+                self._drop_slots()
             else:
-                self._packed = (self.step, packed)
+                self._packed = (self.step, self._slots.read(target, entries))
             self._trained_at = self.step
             return stats
         if p.dp == 1:
@@ -551,17 +561,24 @@ class WorkerGroupEngine(TrainEngine):
         """Rank 0's ``(hf_name, full CPU tensor)`` pairs, streamed in packed messages of at
         most ``stream_bytes`` (a larger tensor alone); each tensor is a view of its message.
 
-        Right after a train step that brought its weights back (``train_step``), they are
-        those: the worker packed them in that call, before anything else could change them.
+        Right after a train step that packed its weights into a slot (``train_step``), they
+        are those (views of the slot, valid until the train step after the next one): the
+        worker packed them in that call, before anything else could change them.
         """
         packed = self._packed
         if packed is not None and packed[0] == self.step and packed[1].data.nbytes <= self.stream_bytes:
             yield from packed[1].unpack()
             return
-        if self._trained_at == self.step and self._fold_export is None:
-            self._fold_export = True  # an export follows a train step: fold the next ones in
+        fold = (self._trained_at == self.step and self._fold_export is None
+                and self.placement.world_size == 1)
+        sizes = []
         for message in self._group.stream("export_packed", self.stream_bytes):
+            sizes.append(message.data.nbytes)
             yield from message.unpack()
+        if fold:  # an export followed a train step: fold the next ones into the train calls,
+            self._fold_export = len(sizes) == 1 and sizes[0] > 0  # when one message holds
+            if self._fold_export:  # the model
+                self._slots = WeightSlots(sizes[0])
 
     def write_weights(self, path: str, bucket_bytes: int) -> int:
         """Rank 0 writes ``export_weights()`` to the safetensors dir ``path`` (a
@@ -581,3 +598,11 @@ class WorkerGroupEngine(TrainEngine):
     def close(self) -> None:
         """Stop the workers (idempotent)."""
         self._group.close()
+        self._drop_slots()
+
+    def _drop_slots(self) -> None:
+        """Stop folding the export into train calls (for good) and remove the slots."""
+        self._packed, self._fold_export = None, False
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None

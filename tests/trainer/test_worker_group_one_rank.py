@@ -4,6 +4,8 @@ engine wrote before) load on either side."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from fsdp._helpers import make_batch, make_model, ppo_loss
@@ -126,8 +128,12 @@ def test_the_export_folded_into_the_train_call_is_that_steps_weights(tmp_path):
         first = dict(engine.export_weights())  # asked for: the worker streams them
         assert calls == ["export_packed"] and engine._fold_export is True
         engine.save(str(tmp_path / "step1"))
-        for seed in (2, 3):  # now the train call brings them back: no more trips
+        previous: dict[str, torch.Tensor] = {}
+        kept: dict[str, torch.Tensor] = {}
+        for seed in (2, 3):  # now the worker packs them into a slot: no more trips
             engine.train_step(make_batch(seed=seed), ppo_loss)
+            if previous:  # the last step's views (the other slot) are intact
+                assert all(torch.equal(previous[n], kept[n]) for n in kept)
             folded = dict(engine.export_weights())
             again = dict(engine.export_weights())  # a second replica: the same tensors
             assert calls == ["export_packed"]
@@ -136,6 +142,8 @@ def test_the_export_folded_into_the_train_call_is_that_steps_weights(tmp_path):
             assert all(torch.equal(folded[n], want[n]) and torch.equal(again[n], want[n])
                        for n in want)
             assert not all(torch.equal(folded[n], first[n]) for n in want)  # it trained
+            previous, kept = folded, {n: t.clone() for n, t in folded.items()}
+        block = engine._slots.target(0).block
         engine.load(str(tmp_path / "step1"))  # new weights without a train step: asked for
         calls.clear()
         loaded = dict(engine.export_weights())
@@ -149,5 +157,6 @@ def test_the_export_folded_into_the_train_call_is_that_steps_weights(tmp_path):
         assert calls == ["export_packed"]
         want = _streamed(stream)
         assert all(torch.equal(small[n], want[n]) for n in want)
+        assert not os.path.exists(block)  # the slots were removed with the folding
     finally:
         engine.close()
