@@ -10,7 +10,8 @@ after its optimizer step and before it answers, packs its exported weights into 
 controller reads them as views of the slot (``WeightSlots.read``). The other slot still holds
 the previous step's weights, so views of one step stay valid until the train call after the
 next one writes their slot (a push is done long before: the Trainer awaits it before the next
-train step). The controller unlinks the block on ``close``.
+train step). The controller removes the block's file once the worker has mapped it
+(``unlink``), so a killed run leaves nothing in ``/dev/shm``.
 
 Example:
     >>> import torch
@@ -69,6 +70,7 @@ class WeightSlots:
         try:
             os.ftruncate(fd, 2 * slot_bytes)
             self._map: mmap.mmap | None = mmap.mmap(fd, 2 * slot_bytes)
+            self._linked = True
         except BaseException:
             os.unlink(self._path)
             raise
@@ -85,14 +87,22 @@ class WeightSlots:
                              offset=target.slot * self.slot_bytes)
         return PackedTensors(entries, data)
 
+    def unlink(self) -> None:
+        """Remove the block's file once the worker has mapped it (idempotent): both mappings
+        stay, and nothing is left behind if either process dies."""
+        if self._linked:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+            self._linked = False
+
     def close(self) -> None:
-        """Remove the block's file (idempotent); its memory goes once no view of it is left."""
+        """Unmap and remove the block (idempotent); its memory goes once no view of it is
+        left."""
         if self._map is not None:
             with contextlib.suppress(BufferError):  # views still alive: unmapped with them
                 self._map.close()
             self._map = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path)
+        self.unlink()
 
 
 class SlotWriter:

@@ -539,6 +539,7 @@ class WorkerGroupEngine(TrainEngine):
                 self._drop_slots()
             else:
                 self._packed = (self.step, self._slots.read(target, entries))
+                self._slots.unlink()  # the worker has it mapped: no file to leave behind
             self._trained_at = self.step
             return stats
         if p.dp == 1:
