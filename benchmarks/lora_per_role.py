@@ -19,7 +19,9 @@ the ratio (adapters / separate) of:
     python benchmarks/lora_per_role.py --arm adapters --set policies.speaker.lr=5e-3 --out a.json
     python benchmarks/lora_per_role.py --combine separate.json a.json
 
-``--model`` takes a checkpoint path too (e.g. an untied tiny model written by
+``--set`` takes any override of the arm's YAML, e.g. ``'trainer.warm_start.shares={speaker: 2,
+listener: 1}'`` (each role's share of the shared warm start's batches). ``--model`` takes a
+checkpoint path too (e.g. an untied tiny model written by
 ``areal_agents.models.save_tiny(path, "xs", tie_word_embeddings=False)``), for both arms.
 """
 

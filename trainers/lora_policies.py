@@ -26,9 +26,11 @@ default (it rides on the base's); all adapters of one base share ``backend``, ``
 ``train_kwargs`` (one engine, one adapter shape), and have no ``critic`` or ``ref_model``.
 
 Warm start (``trainer.warm_start``), in two optional stages: the base's ``sft_steps`` fit the
-shared base on the transcripts of every agent its adapters play (before any adapter
-attaches; a base with tied embeddings is untied first, ``untie_embeddings``); then each adapter policy's own ``sft_steps`` (at its ``sft_lr``) fit *its adapter
-alone* on its own agents' transcripts, the base frozen and the other adapters untouched
+shared base on the transcripts of every agent its adapters play (each batch mixing them as
+``trainer.warm_start.shares`` says, alike by default), before any adapter attaches (a base
+with tied embeddings is untied first, ``untie_embeddings``); then each adapter policy's own
+``sft_steps`` (at its ``sft_lr``) fit *its adapter alone* on its own agents' transcripts,
+the base frozen and the other adapters untouched
 (``AdapterTrainEngine.warm_start``). An adapter's KL reference is where it starts RL: the base
 (a zero adapter) without its own warm start, else a frozen copy of its fitted adapter (saved
 to ``checkpoints/reference/<name>.pt``, loaded on resume).

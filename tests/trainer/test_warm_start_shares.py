@@ -179,3 +179,24 @@ async def test_shares_naming_an_agent_without_demos_is_a_config_error():
             await trainer.setup()
     finally:
         await trainer.aclose()
+
+
+def test_shares_from_yaml_and_the_example_leaves_them_off():
+    """YAML (``--set`` / ``areal-agents train ... trainer.warm_start.shares=...``) gives the
+    same stages as Python. The LoRA example keeps the 1:1 shared warm start: round 10's 2:1
+    and 3:1 won at seeds 0 and 5 but not over seeds 0-5 (docs/multi_agent_training.md)."""
+    from pathlib import Path
+
+    from areal_agents.config import load_config
+
+    path = Path(__file__).parents[2] / "examples/signaling/lora_per_role.yaml"
+    example = load_config(path, []).build()
+    assert "shares" not in example.warm_start
+    players = list(example.warm_start["players"])
+    trainer = load_config(path, ["trainer.warm_start.shares={speaker: 3, listener: 1}"]).build()
+    assert parse_shares(trainer.warm_start["shares"], players) == [
+        MixStage(None, {"speaker": 3.0, "listener": 1.0})]
+    staged = load_config(path, ["trainer.warm_start.shares=[{steps: 150, shares: {speaker: 1, "
+                                "listener: 1}}, {shares: {speaker: 1}}]"]).build()
+    assert parse_shares(staged.warm_start["shares"], players) == [
+        MixStage(150, {"speaker": 1.0, "listener": 1.0}), MixStage(None, {"speaker": 1.0})]
