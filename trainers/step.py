@@ -103,7 +103,7 @@ def rank_microbatches(lengths: Sequence[int], rank: int, world_size: int,
     ``world_size``-th from position ``rank`` and packs them with ``plan_microbatches`` (by
     prompt group with ``prompts``: an engine that shares prompts keeps the rank's rows of one
     group in one micro-batch). Which rows a rank gets never depends on ``prompts``:
-    ``WorkerGroupEngine`` sends each rank only those rows (``worker_group.shard_rows``).
+    ``WorkerGroupEngine`` sends each rank only those rows (``row_shards.shard_rows``).
 
     Example:
         >>> rank_microbatches([5, 17, 3, 9], rank=0, world_size=2, token_budget=20)  # 17, 5

@@ -19,14 +19,14 @@ from areal_agents.errors import ConfigError, TrainError
 from areal_agents.samples import TokenBatch
 from areal_agents.trainers.launcher import DistributedEngineGroup
 from areal_agents.trainers.placement import TrainPlacement
-from areal_agents.trainers.step import rank_microbatches
-from areal_agents.trainers.worker_group import (
-    WorkerGroupEngine,
+from areal_agents.trainers.row_shards import (
     gather_logprobs,
     shard_batch,
     shard_logprobs,
     shard_rows,
 )
+from areal_agents.trainers.step import rank_microbatches
+from areal_agents.trainers.worker_group import WorkerGroupEngine
 
 
 def _assert_same_rows(got: TokenBatch, want: TokenBatch) -> None:
@@ -237,7 +237,7 @@ def test_worker_group_engine_matches_one_process(tmp_path):
 
 
 def test_packed_batches_and_row_shards_cross_a_pipe_unchanged():
-    from areal_agents.trainers.worker_group import PackedBatch
+    from areal_agents.trainers.row_shards import PackedBatch
 
     batch = make_batch(num=5, temperature=0.7)
     batch.prox_logprobs = batch.old_logprobs * 0.5

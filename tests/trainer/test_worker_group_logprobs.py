@@ -8,12 +8,12 @@ import torch
 from fsdp._helpers import make_batch
 
 from areal_agents.trainers.placement import TrainPlacement
-from areal_agents.trainers.step import rank_microbatches
-from areal_agents.trainers.worker_group import (
+from areal_agents.trainers.row_shards import (
     gather_logprobs,
     shard_batch,
     shard_logprobs,
 )
+from areal_agents.trainers.step import rank_microbatches
 
 BUDGET = 24
 

@@ -23,8 +23,9 @@ from areal_agents.trainers.launcher import DistributedEngineGroup
 from areal_agents.trainers.placement import TrainPlacement
 from areal_agents.trainers.policy import Policy
 from areal_agents.trainers.reference import ReferenceSpec
+from areal_agents.trainers.row_shards import RowShard
 from areal_agents.trainers.warm_start import warm_start_plan, warm_start_policy
-from areal_agents.trainers.worker_group import GroupReference, RowShard, WorkerGroupEngine
+from areal_agents.trainers.worker_group import GroupReference, WorkerGroupEngine
 
 pytestmark = [pytest.mark.multiprocess]
 
