@@ -123,7 +123,6 @@ def test_a_plan_without_shares_is_todays_bit_for_bit(monkeypatch):
     assert counts(rows_of(mixed), cut=40) == [(12, 4)] * 6  # 16 samples: batches of 16
 
 
-@pytest.mark.slow
 async def test_the_shared_base_warm_start_follows_the_shares(monkeypatch):
     """The trainer's shared warm start of adapter policies: by default the agents' demos
     concatenated and drawn alike (as before the option); with shares, 3:1 in every batch."""
