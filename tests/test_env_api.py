@@ -110,3 +110,27 @@ async def test_action_rng_is_reseeded_by_reset_seed_only():
         np_state = env.np_random.bit_generator.state
         env.action_rng.random()
         assert env.np_random.bit_generator.state == np_state
+
+
+async def test_action_rng_is_built_from_the_reset_seed_on_first_use():
+    """``reset(seed=s)`` does not build ``action_rng`` (most episodes never use it); the first
+    use gives ``random.Random(s)``'s stream, also after several seeded resets, and a reset
+    without a seed keeps the pending seed."""
+    import random
+
+    env = GenericTestEnv()
+    await env.reset(seed=3)
+    assert env._action_rng is None
+    await env.reset(seed=11)
+    await env.reset()
+    assert [env.action_rng.random() for _ in range(3)] == env_stream(11)
+    rng = env.action_rng
+    await env.reset(seed=5)  # built: reseeded in place, as before
+    assert env.action_rng is rng and env.action_rng.random() == random.Random(5).random()
+
+
+def env_stream(seed: int) -> list[float]:
+    import random
+
+    r = random.Random(seed)
+    return [r.random() for _ in range(3)]

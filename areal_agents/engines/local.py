@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # joining prompts are prefilled together while (rows x longest prompt) stays within this
 PREFILL_TOKEN_BUDGET = 8192
 MAX_STEPS_PER_HOP = 64  # decode steps one worker-thread hop may run (see LocalEngine._steps)
+TAIL_TEXTS = 65_536  # decoded stop-string windows remembered (_hit_stop_string); then forgotten
 
 
 @dataclass
@@ -164,6 +165,9 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
         self.exact_logprobs = all(p.dtype == torch.float32 for p in self.model.parameters()
                                   if p.is_floating_point())
         self.tokenizer = tokenizer
+        # decoded stop-string windows (_hit_stop_string) of this tokenizer; replacing or changing
+        # the tokenizer after serving needs .clear()
+        self._tail_texts: dict[tuple[int, ...], str] = {}
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -549,7 +553,13 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
 
     def _hit_stop_string(self, token_ids: list[int], stops: list[str]) -> bool:
         window = max(len(s.encode()) for s in stops) + 1  # a stop string spans at most this many
-        tail = self.tokenizer.decode(token_ids[-window:], skip_special_tokens=False)
+        ids = tuple(token_ids[-window:])
+        tail = self._tail_texts.get(ids)
+        if tail is None:  # decoding is deterministic: a remembered tail is the same text
+            if len(self._tail_texts) >= TAIL_TEXTS:
+                self._tail_texts.clear()
+            tail = self._tail_texts[ids] = self.tokenizer.decode(list(ids),
+                                                                 skip_special_tokens=False)
         return any(s and s in tail for s in stops)
 
     def _drop_finished(self) -> list[_Job]:
@@ -574,8 +584,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
         if (request.session_id is None or len(fed) > self._prefix_cache.max_tokens
                 or seq.finish_reason == "abort" or any(v != version for v in seq.versions)):
             return
-        keys, values = self._batch.row_kv(row)
-        assert keys[0].shape[-2] == len(fed), "cached row length != prompt + fed tokens"
+        keys, values = self._batch.row_kv(row, len(fed))  # its real positions: prompt + fed
         self._prefix_cache.put(_cache_key(request), fed, keys, values, version)
 
     def _publish(self, finished: list[_Job]) -> None:

@@ -251,11 +251,15 @@ class RunningBatch:
         self.positions = self.positions.index_select(0, index)
         self._padded = not bool(self.mask.all())
 
-    def row_kv(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def row_kv(self, row: int, length: int | None = None
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of row ``row``'s real (unpadded) keys and values, per layer
-        ``[1, kv_heads, length, head_dim]`` (its cached positions are the last ``length``)."""
+        ``[1, kv_heads, length, head_dim]`` (its cached positions are the last ``length``).
+        ``length``: the row's real positions when the caller knows them (the engine: prompt +
+        fed tokens), which spares summing its mask; None counts them."""
         assert self.cache is not None and self.mask is not None
-        length = int(self.mask[row].sum())
+        if length is None:
+            length = int(self.mask[row].sum())
         keys = [layer.keys[row : row + 1, :, -length:, :].clone() for layer in self.cache.layers]
         values = [layer.values[row : row + 1, :, -length:, :].clone()
                   for layer in self.cache.layers]

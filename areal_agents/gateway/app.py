@@ -278,8 +278,9 @@ class Gateway:
                           on_end=lambda s: router.forget(s.session_id))
         key = new_secret("aa-sess")
         self._sessions[session.session_id] = session
-        self._session_by_digest[digest(key)] = session.session_id
-        self._digest_by_session[session.session_id] = digest(key)
+        key_digest = digest(key)
+        self._session_by_digest[key_digest] = session.session_id
+        self._digest_by_session[session.session_id] = key_digest
         self.ledger.opened += 1
         return session.session_id, key
 

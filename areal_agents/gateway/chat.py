@@ -86,8 +86,28 @@ def _encode_cached(tokenizer: Any, text: str) -> tuple[int, ...]:
 
 
 def encode_cache_clear() -> None:
-    """Forget every memoised encoding (after changing a tokenizer's vocabulary in place)."""
+    """Forget every memoised encoding and decoding (after changing a tokenizer's vocabulary
+    in place)."""
     _encode_cached.cache_clear()
+    _decode_cached.cache_clear()
+
+
+DECODE_CACHE_IDS = 256  # longer id lists are decoded each time
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    """``tokenizer.decode(ids, skip_special_tokens=False)``, memoised for recent id lists of at
+    most ``DECODE_CACHE_IDS`` ids per tokenizer (short completions repeat: an RL batch's
+    answers are often the same tokens). Deterministic, so a hit is the text it would decode;
+    ``encode_cache_clear()`` forgets them too."""
+    if len(ids) > DECODE_CACHE_IDS or getattr(tokenizer, "__hash__", None) is None:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    return _decode_cached(tokenizer, tuple(ids))
+
+
+@lru_cache(maxsize=4096)
+def _decode_cached(tokenizer: Any, ids: tuple[int, ...]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
 def decode_completion(tokenizer: Any, token_ids: list[int], stop: list[str],
@@ -96,7 +116,7 @@ def decode_completion(tokenizer: Any, token_ids: list[int], stop: list[str],
     ids = list(token_ids)
     while ids and ids[-1] in stop_token_ids:
         ids.pop()
-    text = tokenizer.decode(ids, skip_special_tokens=False)
+    text = decode(tokenizer, ids)
     cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
     return text[:cut] if cut >= 0 else text
 

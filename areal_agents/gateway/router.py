@@ -48,7 +48,9 @@ class Router:
         if not live:
             raise EngineUnavailable(f"all {len(self.engines)} engine replicas of this policy "
                                     "are dead (their servers exited); see their logs")
-        index = min(live, key=lambda i: (self.load(i), self._pinned[i]))
+        # one live replica: it is the pick (no need to count every replica's pending rows)
+        index = live[0] if len(live) == 1 else min(
+            live, key=lambda i: (self.load(i), self._pinned[i]))
         if session_id is not None:
             self._sticky[session_id] = index
             self._pinned[index] += 1

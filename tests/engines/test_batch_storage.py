@@ -211,3 +211,49 @@ def test_the_4d_mask_is_the_one_the_model_builds(model_tok):
                                   attention_mask=torch.ones_like(mask), cache=cache,
                                   position_ids=torch.tensor([[4], [4], [4]]))
     assert unpadded is None  # so decode passes None when no row is padded
+
+
+def test_row_kv_with_the_known_length_equals_counting_the_mask(model_tok):
+    """``row_kv(row, length)`` (the engine passes prompt + fed tokens) returns the same copies
+    as ``row_kv(row)``, which counts the row's mask, for padded rows of several lengths."""
+    model, _ = model_tok
+    from areal_agents.engines.scheduler import prefill
+
+    batch = RunningBatch(rows=4)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+    batch.add(*prefill(model, prompts, [1, 2, 1], torch.device("cpu"))[:3])
+    batch.decode(model, [20, 21, 22, 23])
+    for row, length in enumerate([4, 8, 8, 6]):
+        keys, values = batch.row_kv(row, length)
+        want_keys, want_values = batch.row_kv(row)
+        assert keys[0].shape[-2] == length
+        assert all(torch.equal(a, b) for a, b in zip(keys + values, want_keys + want_values,
+                                                      strict=True))
+
+
+async def test_stop_strings_memo_gives_the_outputs_of_decoding_every_window(model_tok,
+                                                                            monkeypatch):
+    """The engine's remembered stop-string windows (``_hit_stop_string``) end the same
+    completions at the same tokens as decoding each window afresh."""
+    model, tok = model_tok
+
+    async def serve() -> tuple[list, int]:
+        async with LocalEngine(model, tok, max_batch_size=8) as engine:
+            stops = [tok.decode([t]) for t in (40, 41, 42, 60, 61)]  # frequent short pieces
+            requests = [GenerateRequest(list(range(5 + i, 20 + i)), SamplingParams(
+                max_tokens=30, temperature=1.0, seed=i, stop=stops[i % 3: i % 3 + 2]))
+                for i in range(12)]
+            results = await asyncio.gather(*(engine.generate(r) for r in requests))
+            return _flat(results), len(engine._tail_texts)
+
+    new, remembered = await serve()
+    assert remembered > 0  # the windows were decoded once and remembered
+
+    def fresh(self, token_ids, stops):
+        window = max(len(s.encode()) for s in stops) + 1
+        tail = self.tokenizer.decode(token_ids[-window:], skip_special_tokens=False)
+        return any(s and s in tail for s in stops)
+
+    monkeypatch.setattr(LocalEngine, "_hit_stop_string", fresh)
+    assert new == (await serve())[0]
+    assert any(o[4] == "stop" for o in new)  # some stop string ended a completion

@@ -82,3 +82,20 @@ def test_encode_unhashable_tokenizer_is_not_cached(tok):
     assert encode(t, "1 + 1") == encode(t, "1 + 1") == list(
         tok("1 + 1", add_special_tokens=False)["input_ids"])
     assert t.calls == 2
+
+
+def test_decode_is_memoised_with_the_tokenizer_s_text(tok):
+    """``decode`` returns ``tokenizer.decode(ids, skip_special_tokens=False)`` on a miss, a hit
+    and past ``DECODE_CACHE_IDS`` (not cached); ``encode_cache_clear`` forgets the texts."""
+    from areal_agents.gateway import chat
+
+    chat.encode_cache_clear()
+    ids = tok("Answer: 12", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    want = tok.decode(ids, skip_special_tokens=False)
+    assert chat.decode(tok, ids) == want and chat._decode_cached.cache_info().misses == 1
+    assert chat.decode(tok, list(ids)) == want and chat._decode_cached.cache_info().hits == 1
+    long = ids * (chat.DECODE_CACHE_IDS // len(ids) + 1)
+    assert chat.decode(tok, long) == tok.decode(long, skip_special_tokens=False)
+    assert chat._decode_cached.cache_info().currsize == 1  # the long list was not cached
+    chat.encode_cache_clear()
+    assert chat._decode_cached.cache_info().currsize == 0
