@@ -208,8 +208,10 @@ def chat_response(policy: ServedPolicy, call: ChatCall, outputs: list[Completion
     }, turns
 
 
-def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> list[int]:
-    """``prompt_ids`` if non-empty and inside the vocabulary ``[0, vocab_size)``.
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int | None) -> list[int]:
+    """``prompt_ids`` if non-empty and inside the vocabulary ``[0, vocab_size)`` (None: ids
+    the policy's tokenizer produced, in its vocabulary by construction; only emptiness is
+    checked).
 
     Raises:
         GatewayError: 400 naming the problem and the fix.
@@ -217,6 +219,8 @@ def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> list[int]:
     if not prompt_ids:
         raise bad_request("'prompt' is empty: it must hold at least one token (a non-empty "
                           "string or list of token ids)", param="prompt", code="empty_prompt")
+    if vocab_size is None:
+        return prompt_ids
     bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
     if bad:
         raise bad_request(f"'prompt' has {len(bad)} token id(s) outside the vocabulary "
@@ -238,14 +242,17 @@ async def text_completion(policy: ServedPolicy, body: dict[str, Any], session: S
         prompt = prompt[0]
     if isinstance(prompt, str):
         prompt_ids = await offload(lambda: encode(policy.tokenizer, prompt))
+        # the tokenizer's own ids are in its vocabulary: only emptiness is left to check
+        # (len(tokenizer) asks the backend for its vocabulary size: ~tens of us a request)
+        check_prompt_ids(prompt_ids, None)
     elif isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompt_ids = list(prompt)
+        check_prompt_ids(prompt_ids, len(policy.tokenizer))
     else:
         raise bad_request("'prompt' must be a string or a non-empty list of token ids "
                           "(batched prompts are not supported; send one request each)",
                           param="prompt")
-    check_prompt_ids(prompt_ids, len(policy.tokenizer))
     fields = sampling_fields(body, policy.max_n)
     outputs, timing = await generate(policy, prompt_ids, fields, session)
     response_id = f"cmpl-{new_id()}"

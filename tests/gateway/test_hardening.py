@@ -273,3 +273,25 @@ def test_startup_banner_shows_keys_and_the_flow(tok):
                                          "/end") if s in line] == [
         "/rl/sessions {", "/v1/chat/completions", "/reward", "/end"]
     assert "secret-admin" not in banner(gw, "127.0.0.1", 8123, show_key=False)
+
+
+async def test_string_prompts_skip_the_vocabulary_size_id_prompts_are_checked(tok,
+                                                                             monkeypatch):
+    """A string prompt's ids come from the policy's tokenizer, so ``/v1/completions`` does not
+    ask it for its vocabulary size (``len(tokenizer)``); a prompt of ids still is checked."""
+    gw = Gateway(admin_key="k")
+    gw.add_policy("tiny", [ScriptedEngine(["hi"], tokenizer=tok, max_context=512)], tok)
+    asked = []
+    monkeypatch.setattr(type(tok), "__len__", lambda self: asked.append(1) or 1024)
+    import httpx2
+
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw.app),
+                                  base_url="http://gateway",
+                                  headers={"Authorization": "Bearer k"}) as http:
+        r = await http.post("/v1/completions", json={"model": "tiny", "prompt": "2 + 3 = ?"})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("hi")
+        assert asked == []
+        r = await http.post("/v1/completions", json={"model": "tiny", "prompt": [5, 2000]})
+        assert_openai_error(r, 400, param="prompt", says="e.g. 2000")
+        assert asked == [1]
+    await gw.close()
