@@ -566,26 +566,32 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
         keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]
         if len(keep) == len(self._running):
             return []
-        for row, seq in enumerate(self._running):
-            if seq.finish_reason is not None:
-                self._remember(row, seq)
+        self._remember([(row, seq) for row, seq in enumerate(self._running)
+                        if seq.finish_reason is not None])
         done_jobs = {id(s.job): s.job for s in self._running if s.finish_reason is not None}
         self._running = [self._running[i] for i in keep]
         self._batch.keep(keep)
         still = {id(s.job) for s in self._running + self._parked}
         return [job for key, job in done_jobs.items() if key not in still]
 
-    def _remember(self, row: int, seq: _Seq) -> None:
-        """Put finished row ``row``'s keys/values in the prefix cache when its session may
-        reuse them: not aborted, every token computed at the current version."""
-        request = seq.job.request
-        version = self._version_of(seq.adapter)
-        fed = list(request.prompt_ids) + seq.token_ids[:-1]  # the last token was never fed
-        if (request.session_id is None or len(fed) > self._prefix_cache.max_tokens
-                or seq.finish_reason == "abort" or any(v != version for v in seq.versions)):
-            return
-        keys, values = self._batch.row_kv(row, len(fed))  # its real positions: prompt + fed
-        self._prefix_cache.put(_cache_key(request), fed, keys, values, version)
+    def _remember(self, finished: list[tuple[int, _Seq]]) -> None:
+        """Put the keys/values of finished ``(row, seq)`` in the prefix cache when their
+        session may reuse them: not aborted, every token computed at the current version.
+        Rows of one length are copied together (``RunningBatch.rows_kv``: one copy per layer
+        instead of one per row and layer; a GRPO group's rows often finish together)."""
+        by_length: dict[int, list[tuple[int, _Seq, list[int], int]]] = {}
+        for row, seq in finished:
+            request = seq.job.request
+            version = self._version_of(seq.adapter)
+            fed = list(request.prompt_ids) + seq.token_ids[:-1]  # the last token was never fed
+            if (request.session_id is None or len(fed) > self._prefix_cache.max_tokens
+                    or seq.finish_reason == "abort" or any(v != version for v in seq.versions)):
+                continue
+            by_length.setdefault(len(fed), []).append((row, seq, fed, version))
+        for length, group in by_length.items():  # real positions of a row: prompt + fed
+            copies = self._batch.rows_kv([row for row, *_ in group], length)
+            for (_, seq, fed, version), (keys, values) in zip(group, copies, strict=True):
+                self._prefix_cache.put(_cache_key(seq.job.request), fed, keys, values, version)
 
     def _publish(self, finished: list[_Job]) -> None:
         """Hand streaming jobs' new tokens to their ``on_tokens`` (on the event loop, after a

@@ -265,6 +265,24 @@ class RunningBatch:
                   for layer in self.cache.layers]
         return keys, values
 
+    def rows_kv(self, rows: list[int], length: int
+                ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """``row_kv(row, length)`` of each of ``rows``, all of real length ``length``, copied
+        together: one ``index_select`` per layer for the keys and one for the values, and
+        row ``i``'s tensors are its ``[1, kv_heads, length, head_dim]`` slices of those
+        copies (the same values; together they hold the group's copy, no more, until the
+        last of them is dropped). One row is ``row_kv``'s copy."""
+        assert self.cache is not None and self.mask is not None
+        if len(rows) == 1:
+            return [self.row_kv(rows[0], length)]
+        index = torch.tensor(rows, device=self.mask.device)
+        keys = [layer.keys[:, :, -length:, :].index_select(0, index)
+                for layer in self.cache.layers]
+        values = [layer.values[:, :, -length:, :].index_select(0, index)
+                  for layer in self.cache.layers]
+        return [([k[i : i + 1] for k in keys], [v[i : i + 1] for v in values])
+                for i in range(len(rows))]
+
     @torch.inference_mode()
     def decode(self, model: torch.nn.Module, input_ids: list[int]) -> torch.Tensor:
         """Feed one token per row; returns ``[batch, vocab]`` next-token logits.

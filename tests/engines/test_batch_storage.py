@@ -257,3 +257,22 @@ async def test_stop_strings_memo_gives_the_outputs_of_decoding_every_window(mode
     monkeypatch.setattr(LocalEngine, "_hit_stop_string", fresh)
     assert new == (await serve())[0]
     assert any(o[4] == "stop" for o in new)  # some stop string ended a completion
+
+
+def test_rows_kv_copies_rows_of_one_length_together(model_tok):
+    """``rows_kv(rows, length)`` gives each row exactly ``row_kv(row)``'s keys and values
+    (one copy per layer for the group; rows in any order; one row is row_kv's own copy)."""
+    model, _ = model_tok
+    from areal_agents.engines.scheduler import prefill
+
+    batch = RunningBatch(rows=6)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17]]
+    batch.add(*prefill(model, prompts, [2, 1, 3], torch.device("cpu"))[:3])
+    batch.decode(model, [20, 21, 22, 23, 24, 25])
+    for rows in ([0, 1], [5, 0, 3], [2]):  # rows 0-1 and 3-5: 6 real positions each
+        length = 4 if rows == [2] else 6
+        for row, (keys, values) in zip(rows, batch.rows_kv(rows, length), strict=True):
+            want_keys, want_values = batch.row_kv(row)
+            assert [k.shape for k in keys] == [w.shape for w in want_keys]
+            assert all(torch.equal(a, b) for a, b in zip(keys + values, want_keys + want_values,
+                                                          strict=True))
