@@ -210,8 +210,8 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
     replicas = trainer.gateway.policies[base].router.engines
     in_process = _in_process(base, replicas)
     shared: dict[str, SharedLoRABase] = trainer.lora_bases
-    if base not in shared and not in_process:  # fitted before its servers loaded it
-        served = trainer.served_bases[base]
+    if base not in shared and not in_process:  # fitted before its servers loaded it; the
+        served = trainer.served_bases.pop(base)  # train engine takes it (held once here)
     elif base not in shared:
         served = replicas[0].model  # the base weights, as served
         if resumed:
@@ -228,8 +228,9 @@ async def setup_adapter_policy(trainer: Trainer, name: str, demos: Demos | None 
     if base not in shared:
         with trainer.startup.phase(f"building the shared {policy.backend} LoRA engine of "
                                    f"{base}"):
-            engine = backend_factory(policy.backend)(_plain_copy(served), lr=policy.lr,
-                                                     lora=policy.lora, **policy.train_kwargs)
+            engine = backend_factory(policy.backend)(
+                _plain_copy(served) if in_process else served, lr=policy.lr,
+                lora=policy.lora, **policy.train_kwargs)
         shared[base] = SharedLoRABase(engine)
     view = shared[base].adapter(name, lr=policy.lr, seed=policy.seed + len(shared[base].views))
     trainer.train_engines[name] = view
@@ -298,7 +299,8 @@ async def prepare_served_base(trainer: Trainer, name: str, model: Any, demos: De
     """Before the vLLM servers of ``name``, a base of adapter policies, load ``model`` (the
     copy they serve): fit the shared warm start into it (untied first), or on resume load the
     one saved then, and keep it as the base of the adapters' train engine
-    (``trainer.served_bases``). A no-op for any other policy; an in-process base is fitted in
+    (``trainer.served_bases``, until ``setup_adapter_policy`` hands it to that engine: the
+    base is then held once on the train side). A no-op for any other policy; an in-process base is fitted in
     ``setup_adapter_policy`` instead (its replicas take the update)."""
     if serving_placement(trainer.policies, name).kind != "vllm" \
             or name not in adapter_bases(trainer.policies):

@@ -222,7 +222,7 @@ class Trainer:
         self.gateway: Any = None
         self.train_engines: dict[str, Any] = {}
         self.lora_bases: dict[str, Any] = {}  # base policy -> SharedLoRABase (lora_policies.py)
-        self.served_bases: dict[str, Any] = {}  # vLLM-served base -> the model its servers load
+        self.served_bases: dict[str, Any] = {}  # vLLM base -> its served copy, until trained on
         self.ref_engines: dict[str, Any] = {}  # frozen KL references (algorithm.needs_reference)
         self.critics: dict[str, CriticEngine] = {}  # learned values (Policy.critic, PPO)
         self.tokenizers: dict[str, Any] = {}
