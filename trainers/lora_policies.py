@@ -122,8 +122,8 @@ def check_adapter_policies(policies: dict[str, Policy]) -> None:
 
 
 def _check_vllm_base(base: str, policies: dict[str, Policy]) -> None:
-    """A vLLM-served base: no shared warm start, and LoRA ``server_args`` (where the user sets
-    them) large enough for its adapters."""
+    """A vLLM-served base: no shared warm start on servers it attaches to (``urls``), and LoRA
+    ``server_args`` (where the user sets them) large enough for its adapters."""
     bp = policies[base]
     if bp.sft_steps and bp.inference.urls:
         raise ConfigError(
@@ -300,17 +300,16 @@ async def prepare_served_base(trainer: Trainer, name: str, model: Any, demos: De
     copy they serve): fit the shared warm start into it (untied first), or on resume load the
     one saved then, and keep it as the base of the adapters' train engine
     (``trainer.served_bases``, until ``setup_adapter_policy`` hands it to that engine: the
-    base is then held once on the train side). A no-op for any other policy; an in-process base is fitted in
-    ``setup_adapter_policy`` instead (its replicas take the update)."""
-    if serving_placement(trainer.policies, name).kind != "vllm" \
-            or name not in adapter_bases(trainer.policies):
+    base is then held once on the train side). A no-op for any other policy; an in-process
+    base is fitted in ``setup_adapter_policy`` instead (its replicas take the update)."""
+    if (trainer.policies[name].inference.kind != "vllm"
+            or name not in adapter_bases(trainer.policies)):
         return
     trainer.served_bases[name] = model
     if resumed:
         state = _saved_base(trainer, name)
         if state is not None:
-            if any(n.endswith("lm_head.weight") for n in state):
-                untie_embeddings(model)
+            _untie_as_saved(model, state)
             copy_weights_into(model, state.items())
     elif trainer.policies[name].sft_steps and demos is not None:
         untie_embeddings(model)
@@ -364,6 +363,14 @@ def _saved_base(trainer: Trainer, base: str) -> dict[str, torch.Tensor] | None:
     return torch.load(path, weights_only=True)
 
 
+def _untie_as_saved(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Untie ``model`` when the saved base was untied (it holds its own ``lm_head``), so
+    loading ``state`` gives the head its own weights (``untie_embeddings``: a no-op when
+    ``model`` is untied already)."""
+    if any(n.endswith("lm_head.weight") for n in state):
+        untie_embeddings(model)
+
+
 async def _restore_base(trainer: Trainer, base: str, replicas: list[Any]) -> None:
     """On resume: load the warm-started base ``_save_base`` wrote into every replica (untied
     first when it was untied), so the adapters resume on the base they were trained over."""
@@ -372,10 +379,7 @@ async def _restore_base(trainer: Trainer, base: str, replicas: list[Any]) -> Non
         return
     with trainer.startup.phase(f"restoring the warm-started base {base}"):
         for replica in replicas:
-            head = replica.model.get_output_embeddings()
-            if head is not None and head.weight is replica.model.get_input_embeddings().weight \
-                    and any(n.endswith("lm_head.weight") for n in state):
-                untie_embeddings(replica.model)
+            _untie_as_saved(replica.model, state)
             await replica.update_weights(WeightUpdate(named_tensors=state.items(), version=0))
 
 
