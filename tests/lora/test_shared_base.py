@@ -150,13 +150,3 @@ def test_an_adapter_trains_exactly_as_a_lone_lora_engine_whatever_else_uses_the_
     gain = ((speaker.forward_logprobs(batch) - reference.forward_logprobs(batch))
             * batch.advantages).sum()
     assert gain > 0  # positive-advantage tokens gained log-prob over the base
-
-
-@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # peft's
-def test_an_lm_head_target_is_refused_instead_of_silently_never_trained():
-    # found for issue 21: with lm_head in target_modules its lora_B stayed exactly 0 (the
-    # log-prob path multiplies by the head's base weight), so the run equalled one without it
-    from areal_agents.trainers.fsdp import FSDPEngine
-
-    with pytest.raises(ConfigError, match=r"include the LM head.*drop lm_head from target_modules"):
-        FSDPEngine(make_model(0), lr=1e-3, lora={**LORA, "target_modules": ["q_proj", "lm_head"]})

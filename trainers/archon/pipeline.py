@@ -22,6 +22,7 @@ from torch import nn
 from areal_agents.errors import ConfigError
 from areal_agents.samples import TokenBatch
 from areal_agents.trainers.base import LossFn
+from areal_agents.trainers.lm_head import head_operands
 from areal_agents.trainers.logprobs import RowSampling, sequence_logprobs
 
 from .models.qwen3 import rope_cos_sin
@@ -223,7 +224,7 @@ class PipelineRunner:
     def _loss(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         ctx = self._ctx
         mb = _rows(ctx["batch"], idx)
-        weight = self.model.output.weight
+        hidden, weight = head_operands(self.model.output, hidden)
         lp, ent = _HeadOnce.apply(hidden, weight, mb.input_ids, mb.attention_mask,
                                   RowSampling.of(mb))
         loss, stats = ctx["loss_fn"](lp, ent, mb)
@@ -272,7 +273,8 @@ class PipelineRunner:
             if s < self.n_stages - 1 and self._owner(s + 1) != self.pp_rank:
                 dist.send(h.contiguous(), dst=dist.get_global_rank(self.group, self._owner(s + 1)), group=self.group)
         if self.has_last:
-            out, _ = sequence_logprobs(h, self.model.output.weight, batch.input_ids,
+            h, weight = head_operands(self.model.output, h)
+            out, _ = sequence_logprobs(h, weight, batch.input_ids,
                                        batch.attention_mask, RowSampling.of(batch))
         dist.broadcast(out, src=self.last_stage_rank, group=self.group)
         return out.cpu()

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from areal_agents.trainers.lm_head import head_operands
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling, sequence_logprobs
 from areal_agents.trainers.shared_prefix import PrefixPlan, assemble_hidden, suffix_attention_mask
 
@@ -43,9 +43,7 @@ class ArchonPolicyModule(nn.Module):
             h = _packed_backbone(model, input_ids, attention_mask)
         else:
             h = model.norm(_backbone(model, input_ids))
-        weight = model.output.weight
-        if isinstance(weight, DTensor):  # replicated head: use the local copy
-            weight = weight.to_local()
+        h, weight = head_operands(model.output, h)  # a replicated head: its local copy
         return sequence_logprobs(h, weight, input_ids, attention_mask, sampling, self.chunk_size,
                                  positions)
 

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from areal_agents.errors import ConfigError
 from areal_agents.samples import TokenBatch
 from areal_agents.trainers.base import LossFn, TrainEngine
+from areal_agents.trainers.lm_head import head_operands
 from areal_agents.trainers.logprobs import DEFAULT_CHUNK_SIZE, RowSampling, sequence_logprobs
 from areal_agents.trainers.microbatch import plan_microbatches
 from areal_agents.trainers.schedules import LRSchedule, check_lr_schedule, lr_lambda
@@ -70,11 +71,9 @@ class FSDPPolicyModule(nn.Module):
         else:
             hidden = backbone(input_ids=input_ids,
                               attention_mask=attention_mask.long()).last_hidden_state
-        head = base.get_output_embeddings()
-        if getattr(head, "bias", None) is not None:
-            raise ConfigError("LM heads with a bias are not supported by the chunked log-prob path")
+        hidden, weight = head_operands(base.get_output_embeddings(), hidden)  # LoRA on it too
         return sequence_logprobs(
-            hidden, head.weight, input_ids, attention_mask, sampling, self.chunk_size, positions
+            hidden, weight, input_ids, attention_mask, sampling, self.chunk_size, positions
         )
 
 
@@ -98,11 +97,6 @@ def _apply_lora(model: nn.Module, lora: Any) -> nn.Module:
     with warnings.catch_warnings():  # peft calls transformers' deprecated checkpointing query
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, cfg)
-    if hasattr(peft_model.get_base_model().get_output_embeddings(), "lora_A"):
-        # forward() multiplies by the head's weight directly: its adapter would never train
-        raise ConfigError(f"LoRA target_modules {sorted(cfg.target_modules or [])} include the "
-                          "LM head, which the log-prob path multiplies by its base weight only "
-                          "(its adapter would stay zero); drop lm_head from target_modules")
     return peft_model
 
 

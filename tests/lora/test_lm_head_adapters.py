@@ -1,0 +1,113 @@
+"""LoRA on the LM head (issue 21): the chunked log-prob path (``trainers/lm_head.py``) equals
+plain autograd over the model's own logits, trains the head adapter, and serves it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fsdp._helpers import make_batch, make_model, ppo_loss
+
+from areal_agents.errors import ConfigError
+from areal_agents.trainers.lm_head import head_operands
+from areal_agents.trainers.logprobs import full_logprobs
+
+TARGETS = ["q_proj", "v_proj", "lm_head"]
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS}
+HEAD_A = "base_model.model.lm_head.lora_A.weight"
+HEAD_B = "base_model.model.lm_head.lora_B.weight"
+
+
+def fsdp_engine(tie: bool = False, lora=LORA, **kw):
+    from areal_agents.trainers.fsdp import FSDPEngine
+
+    torch.set_num_threads(1)
+    return FSDPEngine(make_model(0, tie=tie), lr=1e-2, lora=lora, token_budget=64, **kw)
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
+    """Nonzero ``B`` everywhere (PEFT starts it at 0, where a missing head term is invisible)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def test_the_head_operands_multiply_to_the_head_output():
+    engine = fsdp_engine()
+    randomize_adapters(engine.model)
+    head = engine.module.base.get_output_embeddings()
+    hidden = torch.randn(3, 5, 64)
+    x, w = head_operands(head, hidden)
+    assert x.shape == (3, 5, 64 + 4) and w.shape == (96, 64 + 4)
+    torch.testing.assert_close(x @ w.t(), head(hidden), atol=1e-5, rtol=0)
+    plain = torch.nn.Linear(64, 96, bias=False)
+    assert head_operands(plain, hidden)[1] is plain.weight
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # peft's
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_adapter_gradients_equal_autograd_over_peft_logits(tie, temperature):
+    engine = fsdp_engine(tie=tie)
+    randomize_adapters(engine.model)
+    batch = make_batch(temperature=temperature)
+    params = {n: p for n, p in engine.trainable_parameters().items() if "lm_head" in n}
+    assert sorted(n.rsplit(".", 2)[0].rsplit(".", 1)[-1] for n in params) == ["lora_A", "lora_B"]
+
+    def grads(logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
+        engine.model.zero_grad()
+        (logprobs * batch.advantages).sum().backward()
+        return {n: p.grad.clone() for n, p in params.items()}
+
+    engine.module.eval()
+    chunked, _ = engine.module(batch.input_ids, batch.attention_mask, batch.temperature)
+    logits = engine.model(input_ids=batch.input_ids,
+                          attention_mask=batch.attention_mask.long()).logits
+    reference, _ = full_logprobs(logits, batch.input_ids, batch.attention_mask, batch.temperature)
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
+    got, want = grads(chunked), grads(reference)
+    for name in params:
+        assert want[name].abs().max() > 1e-4, name
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4)
+
+
+def test_head_dropout_is_applied_in_training_only():
+    engine = fsdp_engine(lora={**LORA, "lora_dropout": 0.5})
+    randomize_adapters(engine.model)
+    head = engine.module.base.get_output_embeddings()
+    hidden = torch.randn(4, 64)
+    head.eval()
+    torch.testing.assert_close(head_operands(head, hidden)[0], head_operands(head, hidden)[0])
+    head.train()
+    torch.manual_seed(0)
+    x, _ = head_operands(head, hidden)
+    torch.manual_seed(0)
+    torch.testing.assert_close(x[:, :64] @ head.base_layer.weight.t() + x[:, 64:]
+                               @ head.lora_B["default"].weight.t(), head(hidden))
+    assert not torch.allclose(x, head_operands(head, hidden)[0])  # a fresh mask
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # peft's
+def test_sft_and_rl_steps_move_the_head_adapter():
+    from areal_agents.trainers.sft import nll_loss
+
+    for loss in (ppo_loss, nll_loss):
+        engine = fsdp_engine()
+        batch = make_batch()
+        batch.old_logprobs = engine.forward_logprobs(batch)
+        before = {n: t.clone() for n, t in engine.export_weights(merge_lora=False)}
+        assert torch.count_nonzero(before[HEAD_B]) == 0  # PEFT: B = 0
+        for _ in range(2):
+            engine.train_step(batch, loss)
+        after = dict(engine.export_weights(merge_lora=False))
+        assert torch.count_nonzero(after[HEAD_B]) > 0, loss
+        assert not torch.equal(after[HEAD_A], before[HEAD_A]), loss  # A moves once B != 0
+
+
+def test_a_dora_head_is_refused_with_the_fix():
+    engine = fsdp_engine(lora={**LORA, "use_dora": True})
+    batch = make_batch()
+    with pytest.raises(ConfigError, match=r"variant \(e\.g\. DoRA\).*use_dora=False or drop "
+                                          r"lm_head from target_modules"):
+        engine.forward_logprobs(batch)
