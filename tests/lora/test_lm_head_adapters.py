@@ -111,3 +111,90 @@ def test_a_dora_head_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"variant \(e\.g\. DoRA\).*use_dora=False or drop "
                                           r"lm_head from target_modules"):
         engine.forward_logprobs(batch)
+
+
+def _trained_views(steps=(0, 1, 0)):
+    from areal_agents.trainers.lora_shared import SharedLoRABase
+
+    base = SharedLoRABase(fsdp_engine())
+    views = [base.adapter("speaker", lr=1e-2, seed=1), base.adapter("listener", lr=1e-2, seed=2)]
+    batch = make_batch()
+    for i in steps:
+        views[i].train_step(batch, ppo_loss)
+    return base, views
+
+
+def _recomputed(view, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """The train engine's log-probs of ``completion`` after ``prompt`` (temperature 1)."""
+    from areal_agents.samples import Sample, collate
+
+    n, k = len(prompt) + len(completion), len(completion)
+    batch = collate([Sample(prompt + completion, [0] * (n - k) + [1] * k, [0.0] * n,
+                            [-1] * (n - k) + [0] * k)], temperature=1.0)
+    return view.forward_logprobs(batch)[0, n - k:]
+
+
+async def test_shared_base_head_adapters_serve_what_they_train():
+    import asyncio
+
+    from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
+    from areal_agents.engines.local import LocalEngine
+    from areal_agents.engines.lora import MultiLoRALinear
+    from areal_agents.models.tiny import tiny_tokenizer
+
+    _, views = _trained_views()
+    exported = {v.name: dict(v.export_weights()) for v in views}
+    for tensors in exported.values():  # the head adapter is part of each slot, PEFT-named
+        assert HEAD_A in tensors and torch.count_nonzero(tensors[HEAD_B]) > 0
+    assert not torch.equal(exported["speaker"][HEAD_B], exported["listener"][HEAD_B])
+    prompt = make_batch().input_ids[0, :4].tolist()
+    async with LocalEngine(make_model(0, tie=False), tiny_tokenizer()) as engine:
+        served = {v.name: engine.add_adapter(v.name, rank=4, alpha=8, target_modules=TARGETS)
+                  for v in views}
+        for name, adapter in served.items():
+            await adapter.update_weights(WeightUpdate(named_tensors=exported[name].items()))
+        assert isinstance(engine.model.lm_head, MultiLoRALinear)
+        sampling = SamplingParams(max_tokens=8, temperature=1.0, seed=5)
+        # both adapters (and the base) decode in one batch, each row with its own head
+        outs = await asyncio.gather(*(served[v.name].generate(GenerateRequest(prompt, sampling))
+                                      for v in views),
+                                    engine.generate(GenerateRequest(prompt, sampling)))
+        for view, out in zip(views, outs, strict=False):
+            got = out.outputs[0]
+            torch.testing.assert_close(torch.tensor(got.logprobs),
+                                       _recomputed(view, prompt, got.token_ids),
+                                       atol=1e-5, rtol=0)
+        # without its head part the speaker's served log-probs differ: the head adapter is used
+        no_head = {n: (torch.zeros_like(t) if "lm_head" in n else t)
+                   for n, t in exported["speaker"].items()}
+        await served["speaker"].update_weights(WeightUpdate(named_tensors=no_head.items()))
+        got = (await served["speaker"].generate(GenerateRequest(prompt, sampling))).outputs[0]
+        assert not torch.allclose(torch.tensor(got.logprobs),
+                                  _recomputed(views[0], prompt, got.token_ids), atol=1e-3)
+
+
+def test_a_head_adapter_saves_and_resumes(tmp_path):
+    _, views = _trained_views()
+    views[0].save(str(tmp_path / "speaker"))
+    saved = dict(views[0].export_weights())
+    views[0].train_step(make_batch(), ppo_loss)
+    _, fresh = _trained_views(steps=())
+    fresh[0].load(str(tmp_path / "speaker"))
+    restored = dict(fresh[0].export_weights())
+    assert restored.keys() == saved.keys() and HEAD_B in restored
+    for name, t in saved.items():
+        torch.testing.assert_close(restored[name], t, rtol=0, atol=0)
+    assert fresh[0].step == 2
+
+
+def test_the_merged_export_carries_the_head_adapter():
+    engine = fsdp_engine()
+    randomize_adapters(engine.model)
+    merged = dict(engine.export_weights(merge_lora=True))
+    assert "lm_head.weight" in merged and not any("lora_" in n for n in merged)
+    plain = make_model(0, tie=False)
+    plain.load_state_dict(merged)
+    ids = make_batch().input_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, engine.model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
