@@ -113,10 +113,10 @@ def test_a_dora_head_is_refused_with_the_fix():
         engine.forward_logprobs(batch)
 
 
-def _trained_views(steps=(0, 1, 0)):
+def _trained_views(steps=(0, 1, 0), backend: str = "fsdp"):
     from areal_agents.trainers.lora_shared import SharedLoRABase
 
-    base = SharedLoRABase(fsdp_engine())
+    base = SharedLoRABase(fsdp_engine() if backend == "fsdp" else archon_engine())
     views = [base.adapter("speaker", lr=1e-2, seed=1), base.adapter("listener", lr=1e-2, seed=2)]
     batch = make_batch()
     for i in steps:
@@ -134,7 +134,8 @@ def _recomputed(view, prompt: list[int], completion: list[int]) -> torch.Tensor:
     return view.forward_logprobs(batch)[0, n - k:]
 
 
-async def test_shared_base_head_adapters_serve_what_they_train():
+@pytest.mark.parametrize("backend", ["fsdp", "archon"])
+async def test_shared_base_head_adapters_serve_what_they_train(backend):
     import asyncio
 
     from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
@@ -142,7 +143,7 @@ async def test_shared_base_head_adapters_serve_what_they_train():
     from areal_agents.engines.lora import MultiLoRALinear
     from areal_agents.models.tiny import tiny_tokenizer
 
-    _, views = _trained_views()
+    _, views = _trained_views(backend=backend)
     exported = {v.name: dict(v.export_weights()) for v in views}
     for tensors in exported.values():  # the head adapter is part of each slot, PEFT-named
         assert HEAD_A in tensors and torch.count_nonzero(tensors[HEAD_B]) > 0
@@ -198,3 +199,72 @@ def test_the_merged_export_carries_the_head_adapter():
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, engine.model(input_ids=ids).logits,
                                    atol=1e-5, rtol=0)
+
+
+def archon_engine(tie: bool = False):
+    from areal_agents.trainers.archon import ArchonEngine
+
+    torch.set_num_threads(1)
+    return ArchonEngine(make_model(0, tie=tie), lr=1e-2, lora=LORA)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_archon_head_logprobs_and_gradients_equal_autograd_over_its_logits(tie):
+    engine = archon_engine(tie)
+    randomize_adapters(engine.model)
+    head = engine.model.output
+    assert head.lora_A.requires_grad and head.lora_B.requires_grad
+    batch = make_batch(temperature=0.7)
+
+    def grads(logprobs: torch.Tensor) -> list[torch.Tensor]:
+        engine.model.zero_grad()
+        (logprobs * batch.advantages).sum().backward()
+        return [head.lora_A.grad.clone(), head.lora_B.grad.clone()]
+
+    chunked, _ = engine.module(batch.input_ids, batch.attention_mask, batch.temperature)
+    reference, _ = full_logprobs(engine.model(batch.input_ids), batch.input_ids,
+                                 batch.attention_mask, batch.temperature)
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
+    for got, want in zip(grads(chunked), grads(reference), strict=True):
+        assert want.abs().max() > 1e-4
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_archon_head_adapter_trains_and_exports_what_peft_loads():
+    from peft import PeftModel
+
+    from areal_agents.trainers.archon.lora import save_peft_adapter
+
+    engine = archon_engine()
+    batch = make_batch()
+    batch.old_logprobs = engine.forward_logprobs(batch)
+    for _ in range(2):
+        engine.train_step(batch, ppo_loss)
+    adapter = dict(engine.export_weights(merge_lora=False))
+    assert torch.count_nonzero(adapter[HEAD_B]) > 0 and HEAD_A in adapter
+    # PEFT loads the exported adapter (lm_head included) and computes the same log-probs
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as path:
+        save_peft_adapter(adapter.items(), engine.lora_config, path)
+        peft_model = PeftModel.from_pretrained(make_model(0, tie=False), path).eval()
+    assert hasattr(peft_model.get_base_model().lm_head, "lora_A")
+    with torch.no_grad():
+        logits = peft_model(input_ids=batch.input_ids,
+                            attention_mask=batch.attention_mask.long()).logits
+    reference, _ = full_logprobs(logits, batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(engine.forward_logprobs(batch), reference, atol=1e-5, rtol=0)
+    merged = dict(engine.export_weights(merge_lora=True))
+    plain = make_model(0, tie=False)
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=batch.input_ids, attention_mask=batch
+                                         .attention_mask.long()).logits, logits, atol=1e-5, rtol=0)
+
+
+def test_archon_refuses_merging_a_head_adapter_into_a_tied_head():
+    engine = archon_engine(tie=True)
+    assert "base_model.model.lm_head.lora_B.weight" in dict(engine.export_weights(merge_lora=False))
+    with pytest.raises(ValueError, match=r"LM head \(output\) into a head tied.*untie the model "
+                                         r"first.*or export merge_lora=False"):
+        list(engine.export_weights(merge_lora=True))

@@ -306,7 +306,8 @@ class ArchonEngine(TrainEngine):
         if self.lora_config is not None:
             from .lora import merged_state, peft_adapter_state
 
-            state = merged_state(state, self.lora_config) if merge_lora else peft_adapter_state(state)
+            state = (merged_state(state, self.lora_config, self.args.tie_embeddings)
+                     if merge_lora else peft_adapter_state(state))
             if not merge_lora:
                 for name, t in state:
                     if self.rank == 0:

@@ -143,9 +143,20 @@ def freeze_non_adapters(model: nn.Module) -> None:
         p.requires_grad_(".lora_" in name)
 
 
-def merged_state(state: Iterable[tuple[str, torch.Tensor]], cfg: LoRAConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full Archon state with ``W + scaling * B @ A`` merged and the adapter entries dropped."""
+def merged_state(state: Iterable[tuple[str, torch.Tensor]], cfg: LoRAConfig,
+                 tied_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full Archon state with ``W + scaling * B @ A`` merged and the adapter entries dropped.
+
+    Raises:
+        ValueError: an adapter on ``output`` while ``tied_head`` (the head is the input
+            embedding, exported once as ``embed_tokens``: one matrix cannot hold the adapted
+            head and the unadapted embedding).
+    """
     items = dict(state)
+    if tied_head and "output.lora_A" in items:
+        raise ValueError("cannot merge the LoRA adapter of the LM head (output) into a head tied "
+                         "to the input embedding: untie the model first (tie_word_embeddings="
+                         "False, lora_policies.untie_embeddings) or export merge_lora=False")
     for name, t in items.items():
         if ".lora_" in name:
             continue
@@ -157,11 +168,15 @@ def merged_state(state: Iterable[tuple[str, torch.Tensor]], cfg: LoRAConfig) -> 
 
 
 def peft_adapter_state(state: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Only the adapters, named as in PEFT's ``adapter_model.safetensors``."""
+    """Only the adapters, named as in PEFT's ``adapter_model.safetensors`` (the head's
+    ``output`` is HF's top-level ``lm_head``)."""
     for name, t in state:
         if ".lora_" not in name:
             continue
         module, kind = name.rsplit(".", 1)  # layers.0.attention.wq, lora_A
+        if module == "output":
+            yield f"base_model.model.lm_head.{kind}.weight", t
+            continue
         layer, rest = module.split(".", 2)[1], module.split(".", 2)[2]
         if rest not in _A2HF_MODULE:
             raise KeyError(f"no PEFT name for adapter {name!r}")
