@@ -69,7 +69,8 @@ class PolicyConfig(_Strict):
         "{kl_coef: 0.05} for one role only)")
     train: TrainPlacement = Field(
         default_factory=TrainPlacement, description="where the train engine runs: {world_size, "
-        "dp, tp, pp, ep, device, threads}; world_size 1 (default) trains in this process")
+        "dp, tp, pp, ep, device, threads, workers, cpus}; world_size 1 (default) trains in "
+        "this process")
     inference: InferencePlacement = Field(
         default_factory=InferencePlacement, description="how the policy is served: a kind "
         "(in_process, server, vllm, sglang) or {kind, replicas, device, transport, server_args, "
@@ -157,6 +158,8 @@ class TrainerConfig(_Strict):
                                          "checkpoints (None: all)")
     seed: int = Field(0, description="first task seed and RNG seed")
     torch_threads: int | None = Field(1, ge=1, description="torch.set_num_threads")
+    cpus: list[int] | None = Field(None, description="pin the controller process to these CPU "
+                                   "ids (Linux); train workers: policies.<p>.train.cpus")
     warm_start: dict[str, Any] | None = Field(
         None, description="{episodes: n, players: {agent: 'random' | player}, min_episodes: k}; "
         "failed demo episodes are skipped, fewer than k (default n/2) finished is an error")
@@ -277,7 +280,7 @@ class RunConfig(_Strict):
             max_concurrent=t.max_concurrent, eval_every=t.eval_every, eval_seeds=t.eval_seeds,
             checkpoint_every=t.checkpoint_every, run_dir=self.run_dir,
             resume=resume or self.resume, seed=t.seed,
-            warm_start=t.warm_start, torch_threads=t.torch_threads,
+            warm_start=t.warm_start, torch_threads=t.torch_threads, cpus=t.cpus,
             max_steps_per_episode=t.max_steps_per_episode, progress=self.logging.progress,
             generation_batch_size=t.generation_batch_size, record_samples=t.record_samples,
             partial_groups=t.partial_groups, clock=t.clock,

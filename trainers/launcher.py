@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from areal_agents.errors import TrainError
+
+from .affinity import pin_process
 
 
 def free_port() -> int:
@@ -192,7 +194,7 @@ def _get(queue: Any, procs: list, timeout: float) -> Any:
 
 
 def _serve(rank: int, world_size: int, port: int, threads: int, device: str | None, conn: Any,
-           parent_pid: int) -> None:
+           parent_pid: int, cpus: tuple[int, ...] | None = None) -> None:
     """A worker: build the engine, then answer ``(method, args, kwargs, stream)`` messages
     until ``None``. Replies are ``(ok, value)``; a streamed call sends ``(True, (True, item))``
     per item (rank 0 only; other ranks drain the generator, whose steps are collectives) and
@@ -200,6 +202,8 @@ def _serve(rank: int, world_size: int, port: int, threads: int, device: str | No
     try:
         _watch_parent(parent_pid)
         factory, args, kwargs = pickle.loads(conn.recv_bytes())  # _send_payload
+        if cpus is not None:  # before any torch thread pool starts; threads never exceed cpus
+            threads = pin_process(cpus, threads)
         _init(rank, world_size, port, threads, device)
         engine = factory(*args, **kwargs)
         _send(conn, (True, None))
@@ -251,6 +255,9 @@ class DistributedEngineGroup:
         timeout: seconds a call may take.
         grace: seconds the other ranks get to answer once a rank failed.
         start_timeout: seconds the workers may take to start and build their engines.
+        cpus: per rank, the CPU ids it pins itself to at start-up (``affinity.pin_process``;
+            its torch threads become ``min(threads, len(cpus))``), or ``None`` (not pinned);
+            ``None`` pins no rank.
 
     Example:
         >>> with DistributedEngineGroup(2, make_engine) as group:  # doctest: +SKIP
@@ -259,7 +266,11 @@ class DistributedEngineGroup:
 
     def __init__(self, num_processes: int, factory: Callable[..., Any], *args: Any,
                  threads: int = 1, device: str | None = None, timeout: float = 3600.0,
-                 grace: float = 10.0, start_timeout: float = 600.0, **kwargs: Any) -> None:
+                 grace: float = 10.0, start_timeout: float = 600.0,
+                 cpus: Sequence[tuple[int, ...] | None] | None = None, **kwargs: Any) -> None:
+        if cpus is not None and len(cpus) != num_processes:
+            raise ValueError(f"cpus: {len(cpus)} entries for {num_processes} ranks; give one "
+                             "per rank (None: that rank unpinned)")
         ctx = _spawn_context()
         port = free_port()
         self.timeout, self.grace = timeout, grace
@@ -270,7 +281,8 @@ class DistributedEngineGroup:
         for r in range(num_processes):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_serve, daemon=True, args=(
-                r, num_processes, port, threads, device, child, os.getpid()))
+                r, num_processes, port, threads, device, child, os.getpid(),
+                None if cpus is None else cpus[r]))
             p.start()
             child.close()  # the parent keeps only its end: a dead worker then reads as EOF
             self._conns.append(parent)

@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 from areal_agents.errors import ConfigError
 
@@ -106,13 +106,24 @@ class TrainPlacement:
         workers: train in worker processes even with ``world_size=1`` (a group of one rank),
             so training does not share the controller's Python process (and its GIL) with
             generation, the gateway and the episodes.
+        cpus: pin the worker ranks to these CPU ids (Linux ``sched_setaffinity``, applied by
+            each rank at start-up; ``trainers/affinity.py``): one list for every rank
+            (``[1]``), or one list per rank (``[[1], [2, 3]]``); each rank's torch threads are
+            then ``min(threads, len(its cpus))``. ``None`` (default): no pinning. Ids are
+            checked against the CPUs this process may use; only for worker processes
+            (``workers`` or ``world_size > 1``).
 
     Raises:
-        ConfigError: a degree < 1, or ``dp * tp * pp != world_size``.
+        ConfigError: a degree < 1, ``dp * tp * pp != world_size``, or ``cpus`` naming CPUs
+            this host does not offer, with a per-rank count other than ``world_size``, or
+            without worker processes.
 
     Example:
-        >>> TrainPlacement(world_size=2)
-        TrainPlacement(world_size=2, dp=2, tp=1, pp=1, ep=1, device=None, threads=1, workers=False)
+        >>> TrainPlacement(world_size=2)  # doctest: +NORMALIZE_WHITESPACE
+        TrainPlacement(world_size=2, dp=2, tp=1, pp=1, ep=1, device=None, threads=1,
+                       workers=False, cpus=None)
+        >>> TrainPlacement(world_size=2, cpus=[0]).rank_cpus(1)
+        (0,)
     """
 
     world_size: int = 1
@@ -123,6 +134,7 @@ class TrainPlacement:
     device: Device | None = None
     threads: int = 1
     workers: bool = False
+    cpus: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         owner = "Policy.train"
@@ -141,6 +153,36 @@ class TrainPlacement:
                               f"{self.dp * model_parallel} must equal world_size="
                               f"{self.world_size}; set world_size={self.dp * model_parallel} or "
                               "leave dp unset (derived)")
+        if self.cpus is not None:
+            object.__setattr__(self, "cpus", self._checked_cpus(self.cpus))
+
+    def _checked_cpus(self, cpus: Any) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+        """``cpus`` validated: one CPU list for every rank, or one list per rank."""
+        from .affinity import check_cpus
+
+        owner = "Policy.train.cpus"
+        if not self.distributed:
+            raise ConfigError(f"{owner} pins train worker processes, but this placement trains "
+                              "in the controller's process; set workers=True (or world_size > "
+                              "1), or pin the controller with the trainer's cpus")
+        if isinstance(cpus, (str, bytes)) or not isinstance(cpus, (list, tuple)):
+            raise ConfigError(f"{owner} must be a list of CPU ids or one such list per rank, got "
+                              f"{cpus!r}")
+        if cpus and all(isinstance(c, (list, tuple)) for c in cpus):
+            if len(cpus) != self.world_size:
+                raise ConfigError(f"{owner}: {len(cpus)} per-rank CPU lists for world_size="
+                                  f"{self.world_size}; give one list per rank, or one flat "
+                                  "list for every rank")
+            return tuple(check_cpus(f"{owner}[{r}]", c) for r, c in enumerate(cpus))
+        return check_cpus(owner, cpus)
+
+    def rank_cpus(self, rank: int) -> tuple[int, ...] | None:
+        """The CPU ids rank ``rank`` is pinned to (``None``: not pinned)."""
+        if self.cpus is None:
+            return None
+        if isinstance(self.cpus[0], tuple):  # one list per rank
+            return cast("tuple[int, ...]", self.cpus[rank])
+        return cast("tuple[int, ...]", self.cpus)
 
     @classmethod
     def of(cls, value: TrainPlacement | dict[str, Any]) -> TrainPlacement:

@@ -12,7 +12,7 @@ Where each part lives: ``trainer_setup.py`` (models, engines, gateway), ``rollou
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from areal_agents.metrics import Logger, Progress, Startup, make_logger
 from areal_agents.rewards.hooks import GroupRewardFn, RewardHooks
 from areal_agents.samples import Sample
 
+from .affinity import check_cpus
 from .checkpointing import TrainerState
 from .clocks import check_clock, run_independent, run_lockstep, stop_task
 from .critic import CriticEngine
@@ -102,6 +103,11 @@ class Trainer:
             env or player raises is skipped and counted (``warm_start/<policy>/failed_episodes``);
             fewer than ``"min_episodes"`` finished ones (default ``n / 2``) is a ``TrainError``.
         torch_threads: ``torch.set_num_threads`` for this process.
+        cpus: pin this (the controller's) process to these CPU ids at ``setup`` (Linux
+            ``sched_setaffinity`` on all its threads, ``trainers/affinity.py``; torch threads
+            then ``min(torch_threads, len(cpus))``). Threads and processes started later inherit
+            the set, as under ``taskset``, unless their placement names its own
+            (``Policy.train.cpus`` for train workers). ``None`` (default): not pinned.
         generation_batch_size: rows per batch of each policy's in-process inference engine
             (default ``max(32, max_concurrent)``). Batched CPU kernels round differently for
             different batch shapes, so behaviour log-probs of two runs differ by ~1e-7 (Adam
@@ -148,7 +154,8 @@ class Trainer:
                  group_reward_fns: list[GroupRewardFn] | None = None,
                  run_dir: str | Path | None = None, resume: bool = False, seed: int = 0,
                  warm_start: dict[str, Any] | None = None, env_kwargs: dict[str, Any] | None = None,
-                 torch_threads: int | None = 1, logger: Logger | None = None,
+                 torch_threads: int | None = 1, cpus: Sequence[int] | None = None,
+                 logger: Logger | None = None,
                  record_samples: int = 2,
                  progress: bool = True, max_steps_per_episode: int | None = None,
                  generation_batch_size: int | None = None, clock: str = "lockstep",
@@ -210,6 +217,7 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.warm_start, self.torch_threads = warm_start, torch_threads
+        self.cpus = None if cpus is None else check_cpus("cpus", cpus)
         self.max_steps_per_episode = max_steps_per_episode
         self.logger = logger if logger is not None else make_logger(self.run_dir)
         self.show_progress = progress

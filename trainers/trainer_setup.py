@@ -25,6 +25,7 @@ import torch
 
 from areal_agents.rollout import RolloutController
 
+from .affinity import pin_process
 from .checkpointing import latest_checkpoint
 from .clocks import control_of
 from .critic import build_critic
@@ -55,7 +56,9 @@ __all__ = ["load_skeleton", "setup_trainer"]
 async def setup_trainer(trainer: Trainer) -> None:
     """Build everything ``trainer`` trains and serves with (``Trainer.setup``; not idempotent
     itself: the caller checks ``trainer.gateway``)."""
-    if trainer.torch_threads:
+    if trainer.cpus is not None:  # before any worker or engine thread starts: they inherit it
+        pin_process(trainer.cpus, trainer.torch_threads)
+    elif trainer.torch_threads:
         torch.set_num_threads(trainer.torch_threads)
     from areal_agents.gateway import Gateway
 

@@ -320,12 +320,19 @@ class WorkerGroupEngine(TrainEngine):
             layout["device"] = "cpu"
         elif group is None:  # local ranks need this host's GPUs; a Ray group has its own
             _check_gpus(placement.world_size)
+        if placement.cpus is not None and group is not None:
+            raise ConfigError("Policy.train.cpus pins worker processes of this machine; a "
+                              "launcher's group (Ray) places its own ranks: drop cpus, or use "
+                              "launcher='local'")
+        pinned = (None if placement.cpus is None
+                  else [placement.rank_cpus(r) for r in range(placement.world_size)])
         kwargs = {"lr": lr, "lora": lora, **layout, **train_kwargs}
         warm_kwargs = None if warm_start is None else {"lr": warm_start.lr, **layout}
         self._group = (group or DistributedEngineGroup)(
             placement.world_size, _build_rank_engine, factory or backend_factory(backend),
             pickle.dumps(model), kwargs, warm_kwargs, reference, threads=placement.threads,
-            device=device, timeout=timeout, grace=grace)
+            device=device, timeout=timeout, grace=grace,
+            **({} if pinned is None else {"cpus": pinned}))
         self.reference = (None if reference is None
                           else GroupReference(self._group, placement))
         self.warm_start_losses: list[float] = []

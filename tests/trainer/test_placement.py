@@ -114,8 +114,9 @@ def test_policy_coerces_dicts_and_refuses_bad_layouts():
         Policy(train={"world_size": 2, "tp": 2})
     with pytest.raises(ConfigError) as info:
         Policy(train={"world_sze": 2})
-    assert str(info.value) == ("Policy.train: unknown field(s) ['world_sze']; known: ['device', "
-                               "'dp', 'ep', 'pp', 'threads', 'tp', 'workers', 'world_size']")
+    assert str(info.value) == ("Policy.train: unknown field(s) ['world_sze']; known: ['cpus', "
+                               "'device', 'dp', 'ep', 'pp', 'threads', 'tp', 'workers', "
+                               "'world_size']")
     with pytest.raises(ConfigError) as info:
         Policy(train=2)
     assert str(info.value) == "Policy.train must be a TrainPlacement or a dict of its fields, got int"
@@ -189,7 +190,7 @@ def test_yaml_spelling_round_trips_to_policy():
      "backend='archon' for tp=2"),
     ({"train": {"wrld_size": 2}},
      "policies.a.train: Value error, Policy.train: unknown field(s) ['wrld_size']; known: "
-     "['device', 'dp', 'ep', 'pp', 'threads', 'tp', 'workers', 'world_size']"),
+     "['cpus', 'device', 'dp', 'ep', 'pp', 'threads', 'tp', 'workers', 'world_size']"),
     ({"inference": "vlm"},
      "policies.a.inference: Value error, Policy.inference.kind='vlm'; choose one of "
      "['in_process', 'server', 'vllm', 'sglang'] (or omit it)"),
