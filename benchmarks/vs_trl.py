@@ -13,7 +13,9 @@ off, fp32, one torch thread, CPU.
 
 Arms: ours sync (``max_staleness=0``), ours async (``max_staleness=1``), ours async with
 training in a worker process (``train: {workers: true}``: the train step no longer shares the
-controller's GIL with the engine and the episodes), TRL. Each run is its
+controller's GIL with the engine and the episodes), the same with the controller pinned to the
+first usable CPU and the worker to the last (``Trainer(cpus=)``, ``train: {cpus: [...]}``;
+``ours_async_workers_pinned``), TRL. Each run is its
 own subprocess (fresh allocator and thread pools); per seed both orders run (ours first, then
 TRL first). Time per step is wall time between consecutive step ends (setup, model loading
 and evaluation excluded); held-out accuracy is greedy exact match on the example's 200
@@ -27,6 +29,8 @@ also holds this project (one process imports both)::
     .venv-trl/bin/pip install torch==2.13.0 trl==1.13.0 requests && .venv-trl/bin/pip install -e .
     OMP_NUM_THREADS=1 .venv-trl/bin/python benchmarks/vs_trl.py            # 200 steps, 3 seeds
     OMP_NUM_THREADS=1 .venv-trl/bin/python benchmarks/vs_trl.py --steps 30 --seeds 1 --orders ours
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --steps 30 --seeds 1 --orders ours \
+        --arms ours_async_workers,ours_async_workers_pinned  # an A/B of ours only, no TRL
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --profile 10  # ours only, cProfile
 
 Figures: README's benchmark table and ``docs/benchmarks_vs_trl.md``.
@@ -55,9 +59,10 @@ ENV_ID, ENV_KWARGS, AGENT = "Arithmetic-v0", {"digits": 1, "operations": "+-"}, 
 NUM_PROMPTS, GROUP_SIZE, LR, MAX_TOKENS, TEMPERATURE, CLIP_EPS = 8, 4, 3e-4, 6, 1.0, 0.2
 EVAL_SEEDS = list(range(2_000_000, 2_000_200))  # the example's held-out seeds
 ARMS = {"ours_sync": 0, "ours_async": 1, "ours_async_workers": 1,
-        "trl": None}  # arm -> our max_staleness
-TRAIN_WORKERS = {"ours_async_workers"}  # arms that train in a worker process
-OURS = ("ours_sync", "ours_async", "ours_async_workers")
+        "ours_async_workers_pinned": 1, "trl": None}  # arm -> our max_staleness
+TRAIN_WORKERS = {"ours_async_workers", "ours_async_workers_pinned"}  # train in a worker process
+PINNED = {"ours_async_workers_pinned"}  # controller on the first CPU, its train worker the last
+OURS = ("ours_sync", "ours_async", "ours_async_workers", "ours_async_workers_pinned")
 ORDERS = {"ours": (*OURS, "trl"), "trl": ("trl", *OURS)}
 OUR_SPLIT = ("wait_rollout", "train", "weight_sync")
 
@@ -66,23 +71,35 @@ def _sampling() -> dict[str, Any]:
     return {"temperature": TEMPERATURE, "max_tokens": MAX_TOKENS, "stop": ["<|im_end|>"]}
 
 
-def _policy(model: str, workers: bool = False) -> Any:
+def _cpus() -> tuple[list[int], list[int]]:
+    """The pinned arm's CPUs: the controller's (the first usable one) and its train worker's
+    (the last)."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        raise SystemExit("the pinned arm needs 2 usable CPUs; leave it out (--arms)")
+    return usable[:1], usable[-1:]
+
+
+def _policy(model: str, workers: bool = False, pinned: bool = False) -> Any:
     from areal_agents.trainers.policy import Policy
 
-    train = {"workers": True, "threads": 1} if workers else {}
+    train: dict[str, Any] = {"workers": True, "threads": 1} if workers else {}
+    if pinned:
+        train["cpus"] = _cpus()[1]
     return Policy(model=model, lr=LR, sampling=_sampling(), api="completions", train=train)
 
 
 def _trainer(model: str, seed: int, max_staleness: int, logger: Any = None,
-             workers: bool = False) -> Any:
+             workers: bool = False, pinned: bool = False) -> Any:
     from areal_agents.algorithms import GRPO
     from areal_agents.trainers.trainer import Trainer
 
-    return Trainer(env=ENV_ID, env_kwargs=dict(ENV_KWARGS), policies={"solver": _policy(model, workers)},
+    return Trainer(env=ENV_ID, env_kwargs=dict(ENV_KWARGS),
+                   policies={"solver": _policy(model, workers, pinned)},
                    policy_map={AGENT: "solver"}, algorithm=GRPO(clip_eps=CLIP_EPS),
                    batch_size=NUM_PROMPTS * GROUP_SIZE, group_size=GROUP_SIZE,
                    max_staleness=max_staleness, seed=seed, progress=False, torch_threads=1,
-                   logger=logger)
+                   logger=logger, cpus=_cpus()[0] if pinned else None)
 
 
 def build_checkpoint(path: Path) -> None:
@@ -146,11 +163,12 @@ def _children_cpu() -> float:
 
 
 def run_ours(ckpt: Path, out: Path, seed: int, steps: int, max_staleness: int,
-             workers: bool = False) -> dict[str, Any]:
+             workers: bool = False, pinned: bool = False) -> dict[str, Any]:
     """Train ``steps`` steps from ``ckpt``; save the final weights to ``out``; step times and
     the medians of where a step went (the Trainer's ``time/*`` metrics)."""
     clock = _StepClock()
-    trainer = _trainer(str(ckpt), seed, max_staleness, logger=clock, workers=workers)
+    trainer = _trainer(str(ckpt), seed, max_staleness, logger=clock, workers=workers,
+                       pinned=pinned)
 
     async def run() -> dict[str, Any]:
         try:
@@ -193,7 +211,7 @@ def profile_ours(ckpt: Path, steps: int, top: int = 25, dump: Path | None = None
     import threading
 
     trainer = _trainer(str(ckpt), seed=0, max_staleness=ARMS[arm] or 0,
-                       workers=arm in TRAIN_WORKERS)
+                       workers=arm in TRAIN_WORKERS, pinned=arm in PINNED)
     profiles: list[cProfile.Profile] = []
 
     def per_thread(*_: Any) -> None:  # threading.setprofile hook: one profile per new thread
@@ -308,7 +326,8 @@ def run_arm(arm: str, ckpt: Path, seed: int, steps: int) -> dict[str, Any]:
         if ARMS[arm] is None:
             result = run_trl(ckpt, out, seed, steps)
         else:
-            result = run_ours(ckpt, out, seed, steps, ARMS[arm], arm in TRAIN_WORKERS)
+            result = run_ours(ckpt, out, seed, steps, ARMS[arm], arm in TRAIN_WORKERS,
+                              arm in PINNED)
         accuracy = held_out_accuracy(out)
     start, stamps = result.pop("start"), result.pop("stamps")
     if len(stamps) != steps:
@@ -339,7 +358,8 @@ def report(runs: list[dict[str, Any]], steps: int) -> None:
            for a, rs in by_arm.items() if rs}
     total = {a: statistics.median(sum(r["step_times"]) for r in rs)
              for a, rs in by_arm.items() if rs}
-    print(f"\n{steps} steps x {NUM_PROMPTS * GROUP_SIZE} samples; medians over {len(by_arm['trl'])} "
+    runs_per_arm = max(len(rs) for rs in by_arm.values())
+    print(f"\n{steps} steps x {NUM_PROMPTS * GROUP_SIZE} samples; medians over {runs_per_arm} "
           f"run(s) per arm; accuracy = greedy exact match on {len(EVAL_SEEDS)} held-out seeds "
           f"(mean over runs, each run's value in brackets)")
     for arm, rs in by_arm.items():
@@ -377,7 +397,8 @@ def report(runs: list[dict[str, Any]], steps: int) -> None:
               + ", ".join(f"{a} {1e3 * v:.0f} ms" for a, v in cpu.items())
               + f"; on {cores} cores no arm's step can take less than its CPU / {cores}"
               + "".join(f"; {a} / TRL >= {cpu[a] / cores / med['trl']:.2f} here"
-                        for a in ("ours_async", "ours_async_workers") if a in cpu and "trl" in med))
+                        for a in ("ours_async", *sorted(TRAIN_WORKERS))
+                        if a in cpu and "trl" in med))
     for arm in TRAIN_WORKERS & cpu.keys():
         worker = statistics.median(r["worker_cpu_s"] / steps for r in by_arm[arm])
         controller = statistics.median((r["cpu_s"] - r["worker_cpu_s"]) / steps
@@ -387,7 +408,8 @@ def report(runs: list[dict[str, Any]], steps: int) -> None:
               f"the larger"
               + (f" ({max(controller, worker) / med['trl']:.2f}x TRL here)" if "trl" in med
                  else ""))
-    targets = {"ours_sync": 0.8, "ours_async": 0.5, "ours_async_workers": 0.5}
+    targets = {"ours_sync": 0.8, "ours_async": 0.5, "ours_async_workers": 0.5,
+               "ours_async_workers_pinned": 0.5}
     for arm, target in targets.items():
         if arm in med and "trl" in med:
             ratio = med[arm] / med["trl"]
@@ -405,12 +427,24 @@ def caveats(orders: list[str]) -> str:
             f"TRL's step includes its metric gathering, ours its episode bookkeeping")
 
 
+def _arms(text: str) -> tuple[str, ...]:
+    arms = tuple(a.strip() for a in text.split(",") if a.strip())
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    return arms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="train steps per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds (each runs every arm)")
     parser.add_argument("--orders", choices=("both", "ours", "trl"), default="both",
                         help="which goes first in a seed's runs: both orders, or one")
+    parser.add_argument("--arms", type=_arms, default=tuple(ARMS), metavar="A,B",
+                        help=f"the arms to run, comma-separated (default all: "
+                        f"{','.join(ARMS)}; they run in the --orders order); without trl: "
+                        f"no ratios, and no TRL needed")
     parser.add_argument("--ckpt", type=Path, default=REPO / "runs" / "vs_trl" / "sft",
                         help="the SFT'd checkpoint (built once when missing)")
     parser.add_argument("--profile", type=int, metavar="STEPS", default=0,
@@ -431,22 +465,26 @@ def main() -> None:
         profile_ours(args.ckpt, args.profile, dump=Path(tempfile.gettempdir()) / "vs_trl.prof",
                      arm=args.profile_arm)
         return
+    trl_version = "not run"
     try:
-        import trl
+        if "trl" in args.arms:
+            import trl
+
+            trl_version = trl.__version__
     except ImportError:
         sys.exit("vs_trl.py needs TRL, a benchmark-only dependency: run it with "
                  ".venv-trl/bin/python (see this file's docstring for how to build that venv)")
     if not (args.ckpt / "config.json").exists():
         print(f"building the SFT'd checkpoint at {args.ckpt} (the example's warm start) ...")
         build_checkpoint(args.ckpt)
-    print(f"TRL {trl.__version__}; before: load average {_load()}")
+    print(f"TRL {trl_version}; before: load average {_load()}")
     sft = held_out_accuracy(args.ckpt)
     print(f"SFT'd checkpoint (step 0): held-out accuracy {sft:.3f}")
     orders = ["ours", "trl"] if args.orders == "both" else [args.orders]
     runs = []
     for seed in range(args.seeds):
         for order in orders:
-            for arm in ORDERS[order]:
+            for arm in (a for a in ORDERS[order] if a in args.arms):
                 runs.append(_spawn(arm, args.ckpt, seed, args.steps))
                 r = runs[-1]
                 print(f"  seed {seed}, {order} first: {arm:10s} median step "
