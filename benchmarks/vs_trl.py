@@ -99,7 +99,10 @@ def _trainer(model: str, seed: int, max_staleness: int, logger: Any = None,
                    policy_map={AGENT: "solver"}, algorithm=GRPO(clip_eps=CLIP_EPS),
                    batch_size=NUM_PROMPTS * GROUP_SIZE, group_size=GROUP_SIZE,
                    max_staleness=max_staleness, seed=seed, progress=False, torch_threads=1,
-                   logger=logger, cpus=_cpus()[0] if pinned else None)
+                   logger=logger, cpus=_cpus()[0] if pinned else None,
+                   # Arithmetic ends after one step anyway; a limit of 1 also tells the engine
+                   # no session has a follow-up (no prefix-cache copy of finished rows)
+                   max_steps_per_episode=1)
 
 
 def build_checkpoint(path: Path) -> None:

@@ -211,14 +211,17 @@ class Seat:
 
 
 async def open_seat(gateway: Gateway, client: Any, policy: Policy, name: str, agent_id: str,
-                    greedy: bool = False, seed_key: str | None = None) -> Seat:
+                    greedy: bool = False, seed_key: str | None = None,
+                    single_turn: bool = False) -> Seat:
     """A ``Seat`` for ``agent_id`` acting with policy ``name``.
 
     In-process policies get a fresh recorded session on ``gateway`` (``client`` is the shared
     ``gateway.async_client()``; the agent uses it with the session's API key); ``endpoint``
     policies talk to the external server (key from ``OPENAI_API_KEY``) and record nothing.
     ``greedy`` sets temperature 0; ``seed_key`` (e.g. ``"<task seed>/<member>/<agent>"``)
-    makes sampling reproducible. Call ``take_samples`` or ``close`` when the episode is over.
+    makes sampling reproducible. ``single_turn``: the agent makes one completion call only
+    (its session is ``single_turn``: the engine keeps nothing for a follow-up). Call
+    ``take_samples`` or ``close`` when the episode is over.
     """
     sampling = dict(policy.sampling)
     if greedy:
@@ -231,7 +234,7 @@ async def open_seat(gateway: Gateway, client: Any, policy: Policy, name: str, ag
         agent = SessionAgent(client, str(policy.model or "default"), sampling, agent_id,
                              api=policy.api)
         return Seat(agent_id, name, agent)
-    key = await gateway.create_session(name, {"agent": agent_id})
+    key = await gateway.create_session(name, {"agent": agent_id}, single_turn=single_turn)
     direct = (functools.partial(complete_in_process, gateway, key)
               if policy.api == "completions" else None)  # no HTTP/SDK hop in process
     agent = SessionAgent(client, name, sampling, agent_id, api=policy.api, seed_key=seed_key,

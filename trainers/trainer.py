@@ -102,6 +102,10 @@ class Trainer:
             SFT for ``Policy.sft_steps`` steps before RL (None = off). A demo episode whose
             env or player raises is skipped and counted (``warm_start/<policy>/failed_episodes``);
             fewer than ``"min_episodes"`` finished ones (default ``n / 2``) is a ``TrainError``.
+        max_steps_per_episode: end an episode after this many env steps (None: when the env
+            ends it). ``1`` with ``api="completions"`` policies (no tool rounds) makes each
+            agent's session single-turn: its engine keeps no keys/values for a follow-up (the
+            prefix-cache copy is skipped; tokens and log-probs unchanged).
         torch_threads: ``torch.set_num_threads`` for this process.
         cpus: pin this (the controller's) process to these CPU ids at ``setup`` (Linux
             ``sched_setaffinity`` on all its threads, ``trainers/affinity.py``; torch threads
@@ -264,8 +268,12 @@ class Trainer:
 
     async def _open_seat(self, agent_id: str, policy: str, greedy: bool,
                          seed_key: str | None = None) -> Seat:
+        # one env step and raw-text completions (no tool rounds): each agent calls its LLM
+        # once, so its engine need not keep the keys/values for a follow-up
+        single_turn = (self.max_steps_per_episode == 1
+                       and self.policies[policy].api == "completions")
         return await open_seat(self.gateway, self._client, self.policies[policy], policy,
-                               agent_id, greedy, seed_key=seed_key)
+                               agent_id, greedy, seed_key=seed_key, single_turn=single_turn)
 
     async def _episode(self, seed: int, member: int) -> dict[str, list[Sample]]:
         """One training episode; agent ``a`` samples with seeds keyed by ``(self.seed, seed,

@@ -65,6 +65,10 @@ class GenerateRequest:
         session_id: sticky-routing key (same session -> same replica for prefix reuse).
         adapter: the LoRA adapter of the served base model to generate with (None: the base;
             engines that serve adapters: ``LocalEngine.add_adapter``).
+        last_turn: the caller's promise that no later request of this session continues this
+            one (a single-turn episode): an engine need not keep its keys/values for prefix
+            reuse (``LocalEngine`` then skips its prefix-cache copy). Never changes a token or
+            log-prob; a later request of the session still works, only without reuse.
     """
 
     prompt_ids: list[int]
@@ -72,6 +76,7 @@ class GenerateRequest:
     request_id: str = field(default_factory=new_id)
     session_id: str | None = None
     adapter: str | None = None
+    last_turn: bool = False
 
 
 @dataclass

@@ -576,15 +576,18 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
 
     def _remember(self, finished: list[tuple[int, _Seq]]) -> None:
         """Put the keys/values of finished ``(row, seq)`` in the prefix cache when their
-        session may reuse them: not aborted, every token computed at the current version.
-        Rows of one length are copied together (``RunningBatch.rows_kv``: one copy per layer
-        instead of one per row and layer; a GRPO group's rows often finish together)."""
+        session may reuse them: not its ``last_turn``, not aborted, every token computed at the
+        current version. Rows of one length are copied together (``RunningBatch.rows_kv``: one
+        copy per layer instead of one per row and layer; a GRPO group's rows often finish
+        together)."""
         by_length: dict[int, list[tuple[int, _Seq, list[int], int]]] = {}
         for row, seq in finished:
             request = seq.job.request
+            if request.session_id is None or request.last_turn:  # nothing could reuse it
+                continue
             version = self._version_of(seq.adapter)
             fed = list(request.prompt_ids) + seq.token_ids[:-1]  # the last token was never fed
-            if (request.session_id is None or len(fed) > self._prefix_cache.max_tokens
+            if (len(fed) > self._prefix_cache.max_tokens
                     or seq.finish_reason == "abort" or any(v != version for v in seq.versions)):
                 continue
             by_length.setdefault(len(fed), []).append((row, seq, fed, version))

@@ -12,7 +12,9 @@ Rules:
       when the cached tokens of all sessions exceed ``max_tokens``;
     * an entry is only used at the weight ``version`` that computed it; ``clear()`` on every
       weight update drops them all (a completion that spans an update is never cached);
-    * requests without a ``session_id`` neither use nor fill the cache.
+    * requests without a ``session_id`` neither use nor fill the cache; a request marked
+      ``last_turn`` (no follow-up will come: a single-turn episode) uses it but does not fill
+      it, which spares the copy of its rows' keys/values.
 
 Reused keys/values equal recomputed ones up to float32 rounding (a decode step and a prefill
 multiply differently shaped matrices), the same noise as a change of batch composition: token

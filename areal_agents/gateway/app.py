@@ -168,13 +168,15 @@ class Gateway:
         self.policies[name] = policy
         return policy
 
-    async def create_session(self, policy: str, metadata: dict[str, Any] | None = None) -> str:
-        """Open a recorded session for ``policy``; returns its API key.
+    async def create_session(self, policy: str, metadata: dict[str, Any] | None = None, *,
+                             single_turn: bool = False) -> str:
+        """Open a recorded session for ``policy``; returns its API key. ``single_turn``: the
+        caller will send one completion only (``Session.single_turn``).
 
         Raises:
             KeyError: unknown policy.
         """
-        return self._open_session(policy, metadata)[1]
+        return self._open_session(policy, metadata, single_turn)[1]
 
     def session(self, key: str) -> Session:
         """The session with API key or session id ``key``.
@@ -270,11 +272,12 @@ class Gateway:
                                                      thread_name_prefix="aa-tokenize")
         return self._tokenize_pool
 
-    def _open_session(self, policy: str, metadata: dict[str, Any] | None) -> tuple[str, str]:
+    def _open_session(self, policy: str, metadata: dict[str, Any] | None,
+                      single_turn: bool = False) -> tuple[str, str]:
         if policy not in self.policies:
             raise KeyError(f"unknown policy {policy!r}; known: {sorted(self.policies)}")
         router = self.policies[policy].router
-        session = Session(policy=policy, metadata=dict(metadata or {}),
+        session = Session(policy=policy, metadata=dict(metadata or {}), single_turn=single_turn,
                           on_end=lambda s: router.forget(s.session_id))
         key = new_secret("aa-sess")
         self._sessions[session.session_id] = session

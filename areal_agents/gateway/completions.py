@@ -69,7 +69,8 @@ async def generate(policy: ServedPolicy, prompt_ids: list[int], fields: dict[str
         raise GatewayError(503, str(exc), code="engine_unavailable") from exc
     start = time.time()
     try:
-        request = GenerateRequest(prompt_ids, sampling, session_id=session_id)
+        request = GenerateRequest(prompt_ids, sampling, session_id=session_id,
+                                  last_turn=session is not None and session.single_turn)
         result = await (engine.generate(request) if on_tokens is None
                         else engine.generate_streaming(request, on_tokens))
     except ContextLengthExceeded as exc:

@@ -73,6 +73,9 @@ class Session:
             ``rewards`` too).
         ended: whether ``POST /rl/sessions/{id}/end`` (or ``end()``) was called; an ended
             session rejects new completions.
+        single_turn: the client's promise of one completion only (a single-turn episode): its
+            requests go to the engine as ``last_turn``, which then keeps nothing for reuse by
+            a follow-up (same tokens and log-probs; a later request works, without reuse).
     """
 
     policy: str
@@ -82,6 +85,7 @@ class Session:
     rewards: list[float] = field(default_factory=list)
     turn_rewards: dict[int, float] = field(default_factory=dict)
     ended: bool = False
+    single_turn: bool = False
     created: float = field(default_factory=time.time)
     last_active: float | None = None
     """the gateway clock's reading at the session's last request (None: not yet seen; see
