@@ -74,7 +74,7 @@ class PolicyConfig(_Strict):
     inference: InferencePlacement = Field(
         default_factory=InferencePlacement, description="how the policy is served: a kind "
         "(in_process, server, vllm, sglang) or {kind, replicas, device, transport, server_args, "
-        "python, urls}")
+        "python, urls, shared_head_tokens}")
     tool_parser: str = Field(
         "auto", description="how tool calls are read from replies: auto, hermes, llama3_json, "
         "mistral, gpt_oss or response_template (areal_agents.gateway.tool_parsing)")

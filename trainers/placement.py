@@ -306,6 +306,10 @@ class InferencePlacement:
             (``trainers/colocate.py``; vLLM needs ``--enable-sleep-mode``, SGLang
             ``--enable-memory-saver``; engines on CPU only pause).
         offload_level: 1 (weights kept in CPU memory) or 2 (dropped; the update reloads them).
+        shared_head_tokens: ``in_process`` only: distinct prompts joining a decode step whose
+            first ``shared_head_tokens`` tokens agree prefill their common head once
+            (``LocalEngine(shared_head_tokens=)``, ``areal_agents.engines.shared_head``;
+            log-probs change by float rounding only); 0 (default): off.
 
     Raises:
         ConfigError: unknown kind/transport/device, a transport the kind cannot use,
@@ -331,6 +335,7 @@ class InferencePlacement:
     urls: tuple[str, ...] = ()
     colocate: bool = False
     offload_level: int = 1
+    shared_head_tokens: int = 0
 
     def __post_init__(self) -> None:
         owner = "Policy.inference"
@@ -341,6 +346,13 @@ class InferencePlacement:
         _choice(owner, "device", self.device, Device)
         _choice(owner, "transport", self.transport, Transport)
         _positive(owner, "replicas", self.replicas)
+        if (isinstance(self.shared_head_tokens, bool) or not isinstance(self.shared_head_tokens, int)
+                or self.shared_head_tokens < 0):
+            raise ConfigError(f"{owner}.shared_head_tokens must be an integer >= 0 (0: off), got "
+                              f"{self.shared_head_tokens!r}")
+        if self.shared_head_tokens and self.kind != "in_process":
+            raise ConfigError(f"{owner}.shared_head_tokens is for kind='in_process' (a "
+                              f"LocalEngine), not {self.kind!r}; remove it")
         if (isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float))
                 or not self.bucket_mb > 0):
             raise ConfigError(f"{owner}.bucket_mb must be a number > 0 (MiB per weight "

@@ -83,7 +83,8 @@ async def build_engines(name: str, placement: InferencePlacement, model: Any,
         from areal_agents.engines.local import LocalEngine
 
         return [LocalEngine(model, tokenizer, device=placement.resolved_device(),
-                            max_batch_size=max_batch_size)]
+                            max_batch_size=max_batch_size,
+                            shared_head_tokens=placement.shared_head_tokens)]
     if placement.kind in ("vllm", "sglang"):
         _check_http_servers(placement)
         if placement.urls:

@@ -29,6 +29,7 @@ from .lora import LoRAAdapters
 from .prefix_cache import CachedPrefix, PrefillCounts, PrefixCache
 from .sampling import sample
 from .scheduler import RunningBatch, prefill, prefill_cached
+from .shared_head import plan_heads
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,10 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             (back-pressure) until one frees, they do not fail.
         max_context: context window (default: ``config.max_position_embeddings``).
         prefix_cache_tokens: tokens the prefix cache holds over all sessions (0 disables it).
+        shared_head_tokens: distinct prompts joining in the same step whose first
+            ``shared_head_tokens`` tokens agree prefill their longest common prefix once
+            (``areal_agents.engines.shared_head``; ``prefill_counts.head``); 0 (default) turns
+            it off. Changes float rounding only (log-probs ~1e-7), not bit-identical to off.
         dtype: parameter dtype (default: keep the model's). With float32 parameters
             ``exact_logprobs`` is True (the trainer may then skip the proximal recompute).
 
@@ -146,7 +151,8 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
 
     def __init__(self, model_or_path: Any, tokenizer: Any = None, *, device: str = "cpu",
                  max_batch_size: int = 32, max_queue: int = 1024, max_context: int | None = None,
-                 dtype: torch.dtype | None = None, prefix_cache_tokens: int = 16384) -> None:
+                 dtype: torch.dtype | None = None, prefix_cache_tokens: int = 16384,
+                 shared_head_tokens: int = 0) -> None:
         if isinstance(model_or_path, (str, Path)):
             from ..models import load
 
@@ -159,6 +165,10 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
                              "or pass a checkpoint path / 'tiny' spec instead of a model object")
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        if shared_head_tokens < 0:
+            raise ValueError(f"shared_head_tokens must be >= 0 (0 turns head sharing off), got "
+                             f"{shared_head_tokens}")
+        self.shared_head_tokens = shared_head_tokens
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=dtype).eval()
         # float32 weights: log-probs equal a float32 train engine's up to rounding
@@ -456,6 +466,7 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             with self._rows([hit.job.request.adapter for hit in hits]):
                 prefilled = self._prefill_hits(hits)
             self._join([seq for hit in hits for seq in hit.job.seqs], prefilled)
+        misses = self._prefill_shared_heads(misses)
         for group in _prefill_groups(_same_prompts(misses), PREFILL_TOKEN_BUDGET):
             firsts = [same[0].request for same in group]
             self.prefill_counts.computed += sum(len(request.prompt_ids) for request in firsts)
@@ -522,6 +533,46 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             self.prefill_counts.computed += len(hit.prompt) - reuse
         return prefill_cached(self.model, prefixes, suffixes,
                               [hit.job.request.sampling.n for hit in hits], self.device)
+
+    def _prefill_shared_heads(self, misses: list[_Job]) -> list[_Job]:
+        """Prefill the distinct prompts of ``misses`` that begin with a shared head (each head
+        once, then every prompt's rest after it: ``shared_head.plan_heads``) and add their
+        rows; returns the jobs left to a plain prefill, in their order."""
+        if not self.shared_head_tokens or len(misses) < 2:
+            return misses
+        by_adapter: dict[str | None, list[list[_Job]]] = {}
+        for same in _same_prompts(misses):
+            by_adapter.setdefault(same[0].request.adapter, []).append(same)
+        done: set[int] = set()
+        for adapter, distinct in by_adapter.items():
+            plans, _ = plan_heads([same[0].request.prompt_ids for same in distinct],
+                                  self.shared_head_tokens, PREFILL_TOKEN_BUDGET)
+            heads: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for plan in plans:
+                if plan.head not in heads:
+                    with self._rows([adapter]):
+                        cache = prefill(self.model, [list(plan.head)], [1], self.device)[0]
+                    heads[plan.head] = ([layer.keys for layer in cache.layers],
+                                        [layer.values for layer in cache.layers])
+                    self.prefill_counts.computed += len(plan.head)
+                keys, values = heads[plan.head]
+                members = [distinct[i] for i in plan.members]
+                with self._rows([adapter] * len(members)):
+                    prefilled = prefill_cached(
+                        self.model, [([k[..., :r, :] for k in keys], [v[..., :r, :] for v in values])
+                                     for r in plan.reuse],
+                        [same[0].request.prompt_ids[r:] for same, r in zip(members, plan.reuse,
+                                                                           strict=True)],
+                        [sum(job.request.sampling.n for job in same) for same in members],
+                        self.device)
+                self.prefill_counts.computed += plan.width * len(members)
+                self.prefill_counts.head += sum(plan.reuse)
+                self.prefill_counts.shared += sum(len(job.request.prompt_ids)
+                                                  for same in members for job in same[1:])
+                jobs = [job for same in members for job in same]
+                done.update(id(job) for job in jobs)
+                self._join([seq for job in jobs for seq in job.seqs], prefilled)
+        return [job for job in misses if id(job) not in done]
 
     def _join(self, seqs: list[_Seq], prefilled: tuple) -> None:
         """Sample the first token of prefilled ``seqs`` and add their rows to the batch;

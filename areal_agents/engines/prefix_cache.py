@@ -59,11 +59,15 @@ class PrefillCounts:
     """Prompt tokens an engine prefilled: ``computed`` by a forward pass, ``reused`` from the
     prefix cache, ``shared`` from another request with the same prompt (and adapter) that
     joined the batch in the same step (a GRPO group's members: one prefill, every member's rows
-    copy its keys/values). A request's ``n`` samples share one prefill and count once."""
+    copy its keys/values), ``head`` from a head that distinct prompts joining in the same step
+    begin with, computed once (``LocalEngine(shared_head_tokens=)``,
+    ``areal_agents.engines.shared_head``). A request's ``n`` samples share one prefill and
+    count once."""
 
     computed: int = 0
     reused: int = 0
     shared: int = 0
+    head: int = 0
 
 
 class PrefixCache:
