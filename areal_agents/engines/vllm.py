@@ -57,7 +57,12 @@ from .base import CompletionOutput, GenerateRequest, GenerateResult, OnTokens, W
 from .http_engine import error_message
 from .server_engine import ServerEngine
 from .server_process import ServerProcess
-from .vllm_lora import RUNTIME_LORA_ENV, VLLMAdapterEngine, lora_server_args
+from .vllm_lora import (
+    BASE_WITH_HEAD_LORA,
+    RUNTIME_LORA_ENV,
+    VLLMAdapterEngine,
+    lora_server_args,
+)
 from .vllm_weights import (
     missing_head,
     nccl_init_info,
@@ -233,7 +238,8 @@ class VLLMEngine(ServerEngine):
             ContextLengthExceeded: ``len(prompt_ids) + max_tokens > max_context``.
             EngineTimeout: no answer within ``timeout_s``.
             EngineUnavailable: the server refuses connections or its process has exited.
-            EngineError: empty prompt, engine closed, the server failed the request.
+            EngineError: empty prompt, engine closed, the server failed the request, or
+                adapters with an lm_head LoRA are loaded (``vllm_lora.BASE_WITH_HEAD_LORA``).
         """
         return await self._generate(request, self.model)
 
@@ -260,6 +266,8 @@ class VLLMEngine(ServerEngine):
         ``adapter_version`` every token gets that version (the server's labels are the base's);
         with ``on_tokens``, streamed (``generate_streaming``)."""
         self._check_request(request)
+        if model == self.model:
+            self._check_base_servable()
         sent_at_version = self.version if adapter_version is None else adapter_version
         self._pending += 1
         try:
@@ -442,6 +450,13 @@ class VLLMEngine(ServerEngine):
         self.adapters[name] = VLLMAdapterEngine(self, name, rank=rank, alpha=alpha,
                                                 target_modules=target_modules)
         return self.adapters[name]
+
+    def _check_base_servable(self) -> None:
+        """Refuse a request for the base next to loaded lm_head adapters (``vllm_lora``'s
+        ``BASE_WITH_HEAD_LORA``: vLLM would answer it with an adapter's head)."""
+        heads = sorted(n for n, a in self.adapters.items() if a.adapts_head)
+        if heads:
+            raise EngineError(BASE_WITH_HEAD_LORA.format(names=heads))
 
     async def load_lora_adapter(self, name: str, path: str | Path) -> None:
         """``POST /v1/load_lora_adapter`` (in place): the server serves adapter ``name`` from

