@@ -76,9 +76,12 @@ def train_and_export(ckpt_dir: str | None = None, steps: int = 1, **kwargs):
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
-def train_lora_and_export(steps: int = 2):
-    """Worker: LoRA train steps; returns (losses, merged export, adapter export)."""
-    engine = make_engine(token_budget=24, lora=LORA, lr=1e-2)
+def train_lora_and_export(steps: int = 2, lora: dict | None = None, tie: bool = True):
+    """Worker: LoRA train steps (``lora``: default ``LORA``; ``tie``: tied embeddings);
+    returns (losses, merged export, adapter export)."""
+    from areal_agents.trainers.fsdp import FSDPEngine
+
+    engine = FSDPEngine(make_model(0, tie=tie), token_budget=24, lora=lora or LORA, lr=1e-2)
     batch = make_batch()
     losses = [engine.train_step(batch, ppo_loss)["loss"] for _ in range(steps)]
     merged = {n: t.clone() for n, t in engine.export_weights()}

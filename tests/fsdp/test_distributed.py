@@ -76,11 +76,18 @@ def test_engine_group_proxies_methods_to_all_ranks():
     assert single.train_step(batch, ppo_loss)["loss"] == pytest.approx(stats[0]["loss"], abs=1e-6)
 
 
-def test_two_process_lora_matches_single_process():
-    (losses, merged, adapter), (_, merged1, adapter1) = launch(2, train_lora_and_export, 2)
+HEAD_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}
+
+
+@pytest.mark.parametrize("lora, tie", [(None, True), (HEAD_LORA, False)], ids=["qv", "lm_head"])
+def test_two_process_lora_matches_single_process(lora, tie):
+    (losses, merged, adapter), (_, merged1, adapter1) = launch(2, train_lora_and_export, 2,
+                                                               lora, tie)
     assert merged1 == {} and adapter1 == {}
     torch.set_num_threads(1)
-    want_losses, want_merged, want_adapter = train_lora_and_export(2)
+    want_losses, want_merged, want_adapter = train_lora_and_export(2, lora, tie)
+    if lora is HEAD_LORA:  # the head adapter trains under FSDP2 too
+        assert torch.count_nonzero(adapter["base_model.model.lm_head.lora_B.weight"]) > 0
     assert losses == pytest.approx(want_losses, abs=1e-6)
     assert merged.keys() == want_merged.keys() and adapter.keys() == want_adapter.keys()
     for name, w in want_merged.items():
