@@ -111,7 +111,8 @@ class Trainer:
             ``sched_setaffinity`` on all its threads, ``trainers/affinity.py``; torch threads
             then ``min(torch_threads, len(cpus))``). Threads and processes started later inherit
             the set, as under ``taskset``, unless their placement names its own
-            (``Policy.train.cpus`` for train workers). ``None`` (default): not pinned.
+            (``Policy.train.cpus`` for train workers); the process stays pinned after
+            ``aclose``. ``None`` (default): not pinned.
         generation_batch_size: rows per batch of each policy's in-process inference engine
             (default ``max(32, max_concurrent)``). Batched CPU kernels round differently for
             different batch shapes, so behaviour log-probs of two runs differ by ~1e-7 (Adam
