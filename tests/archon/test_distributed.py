@@ -9,6 +9,7 @@ from .archon_helpers import assert_same_run, run_distributed, train_once
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["wq", "wv", "w2"]}
+HEAD_LORA = {**LORA, "target_modules": ["wq", "wv", "w2", "lm_head"]}  # the head's adapter too
 PARALLEL_KEYS = {"dp_shard", "tp", "pp", "ep", "sequence_parallel", "pp_schedule", "pp_microbatches",
                  "pp_stage_layers", "reshard_after_forward"}
 
@@ -22,8 +23,11 @@ PARALLEL_KEYS = {"dp_shard", "tp", "pp", "ep", "sequence_parallel", "pp_schedule
         {"tp": 2, "sequence_parallel": True},
         {"dp_shard": 2, "lora": LORA},
         {"tp": 2, "lora": LORA},
+        {"dp_shard": 2, "lora": HEAD_LORA},
+        {"tp": 2, "lora": HEAD_LORA},
     ],
-    ids=["fsdp2", "fsdp2-noreshard-compile", "tp2", "tp2-sp", "fsdp2-lora", "tp2-lora"],
+    ids=["fsdp2", "fsdp2-noreshard-compile", "tp2", "tp2-sp", "fsdp2-lora", "tp2-lora",
+         "fsdp2-lora-head", "tp2-lora-head"],
 )
 def test_two_process_equals_single(tmp_path, kwargs):
     single = train_once({k: v for k, v in kwargs.items() if k not in PARALLEL_KEYS})
@@ -42,6 +46,23 @@ def test_pipeline_two_stages_equal_single(tmp_path, schedule):
     assert_same_run(single, results[0])
     assert results[0]["stats"][1]["loss"] == results[1]["stats"][1]["loss"]
     assert (results[0]["logprobs"] == results[1]["logprobs"]).all()
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])
+def test_pipeline_with_a_head_adapter_equals_single(tmp_path, schedule):
+    model_args = {"n_layers": 4}
+    single = train_once({"model_args": model_args, "lora": HEAD_LORA}, steps=2)
+    kwargs = {"pp": 2, "pp_schedule": schedule, "model_args": model_args, "lora": HEAD_LORA}
+    results = run_distributed(train_once, 2, str(tmp_path), steps=2, engine_kwargs=kwargs)
+    assert_same_run(single, results[0])
+
+
+def test_zero_bubble_with_a_head_adapter_is_refused(tmp_path):
+    kwargs = {"pp": 2, "pp_schedule": "ZBVZeroBubble", "model_args": {"n_layers": 4},
+              "lora": HEAD_LORA}
+    with pytest.raises(Exception, match=r"LoRA adapter on the LM head .* zero-bubble schedule "
+                                        r"'ZBVZeroBubble'; use pp_schedule='1F1B'"):
+        run_distributed(train_once, 2, str(tmp_path), engine_kwargs=kwargs)
 
 
 def test_zbv_uneven_stage_layers_equal_single(tmp_path):
