@@ -68,6 +68,25 @@ def _adapters(head: nn.Module) -> tuple[nn.Module, list]:
     return head, []
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    Why: ``B``'s gradient out of ``cat(W, B)`` is a column slice of the stacked weight's
+    (non-contiguous). Autograd's gradient accumulation copies such a gradient into the
+    parameter's layout, but the zero-bubble pipeline schedules assign weight gradients
+    themselves, and a fused AdamW step then read the slice as if it were contiguous (half of
+    ``B``'s update had the wrong sign; ``tests/archon/test_distributed.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, t):  # type: ignore[override]
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.contiguous()
+
+
 def head_operands(head: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x [..., h + R], weight [vocab, h + R])`` with ``x @ weight.T == head(hidden)``.
 
@@ -96,5 +115,5 @@ def head_operands(head: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, 
     for a, b, scaling, dropout in adapters:
         a, b = _local(a), _local(b)
         xs.append(dropout(hidden).to(a.dtype) @ a.t() * scaling)  # [..., r]
-        ws.append(b.to(weight.dtype))
+        ws.append(_ContiguousGrad.apply(b.to(weight.dtype)))
     return torch.cat([x.to(hidden.dtype) for x in xs], -1), torch.cat(ws, 1)

@@ -155,8 +155,7 @@ class PipelineRunner:
     """Owns the stages and schedules of an ``ArchonEngine`` with ``pp > 1``.
 
     Raises:
-        ConfigError: unknown schedule, tied embeddings, MoE, PP combined with dp/tp, or a
-            LoRA adapter on the LM head under a zero-bubble schedule.
+        ConfigError: unknown schedule, tied embeddings, MoE, or PP combined with dp/tp.
     """
 
     def __init__(self, engine, schedule: str, n_microbatches: int | None = None, *,
@@ -172,13 +171,6 @@ class PipelineRunner:
                               "the first and last stage would have to share the embedding weight")
         if args.is_moe:
             raise ConfigError("pipeline parallelism is not implemented for MoE models")
-        if "ZeroBubble" in schedule and hasattr(engine.model.output, "lora_A"):
-            # found for issue 21: from the second step on, the head adapter's update differed
-            # from the single-process one (half its entries of opposite sign); not understood yet
-            raise ConfigError(f"a LoRA adapter on the LM head (lm_head/output in target_modules) "
-                              f"does not train correctly under the zero-bubble schedule "
-                              f"{schedule!r}; use pp_schedule='1F1B' or 'Interleaved1F1B', or "
-                              "drop lm_head from target_modules")
         mesh = dims.build_mesh(engine.device.type)
         self.group = mesh["pp"].get_group()
         self.pp, self.pp_rank = dims.pp, mesh["pp"].get_local_rank()
