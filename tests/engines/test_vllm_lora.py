@@ -131,7 +131,8 @@ async def test_adapter_errors_name_the_problem():
 
 def test_launch_flags_for_runtime_lora():
     assert lora_server_args(0, 16) == []
-    assert lora_server_args(3, 16) == ["--enable-lora", "--max-loras", "3",
+    # one slot more than the adapters, never filled: the base's (vllm_lora.BASE_SLOT)
+    assert lora_server_args(3, 16) == ["--enable-lora", "--max-loras", "4",
                                        "--max-lora-rank", "16"]
     # vLLM accepts only some ranks: a rank-4 adapter gets a server of rank 8, 17 one of 32
     assert [lora_server_args(1, r)[-1] for r in (1, 4, 8, 17, 512)] == ["1", "8", "8", "32",
