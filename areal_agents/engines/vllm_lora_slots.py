@@ -1,0 +1,88 @@
+"""The LoRA names one ``VLLMEngine`` has loaded on its vLLM server, against the server's slots.
+
+vLLM 0.32 keeps the adapters it has loaded in ``--max-loras`` slots (its worker's LRU cache of
+active adapters) and fills the first free one. The last slot must stay empty (``vllm_lora``'s
+``BASE_SLOT``: tokens without an adapter read the last slot). Two facts make that a matter of
+bookkeeping here:
+
+* ``POST /v1/unload_lora_adapter`` only forgets the name in the API server; the worker keeps
+  the adapter in its slot. The worker drops it on ``remove_lora(<its int id>)``
+  (``POST /collective_rpc``), and the int id is learnt by listing the worker's adapters
+  (``list_loras``) before and after a load.
+* a load never fails for lack of slots (the LRU evicts), so the slots are counted here: with
+  the count known (a server launched here, or ``attach(lora_slots=...)``) a load that would
+  take the last slot is refused with an ``EngineError`` naming the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable
+
+from ..errors import EngineError
+
+__all__ = ["LoRASlots", "parse_lora_ids"]
+
+
+class LoRASlots:
+    """LoRA names loaded through one engine, with the vLLM worker's int id of each.
+
+    Args:
+        slots: the server's ``--max-loras`` (``BASE_SLOT`` of them kept empty), or None when
+            unknown (an attached server): then nothing is refused here and the spare slot is
+            not guaranteed.
+        base_slot: slots kept empty at the end (``vllm_lora.BASE_SLOT``).
+
+    Example:
+        >>> slots = LoRASlots(3, base_slot=1)
+        >>> slots.add("a@1-v1", 5); slots.add("b@1-v1", None)
+        >>> try:
+        ...     slots.check_room("a@2-v2", "http://x")
+        ... except EngineError as exc:
+        ...     print(str(exc)[:60])
+        the vLLM server at http://x has 3 LoRA slots, 1 kept empty f
+    """
+
+    def __init__(self, slots: int | None, *, base_slot: int) -> None:
+        self.slots, self.base_slot = slots, base_slot
+        self.ids: dict[str, int | None] = {}  # loaded name -> the worker's id (None: unknown)
+        self.lock = asyncio.Lock()  # one load or unload at a time (ids are learnt by diff)
+
+    @property
+    def spare_kept(self) -> bool:
+        """Whether the server's last slot is known to stay empty (its count is known)."""
+        return self.slots is not None
+
+    def check_room(self, name: str, url: str) -> None:
+        """Refuse loading ``name`` when it would take a slot kept empty.
+
+        Raises:
+            EngineError: every usable slot holds a loaded name.
+        """
+        if self.slots is None or len(self.ids) < self.slots - self.base_slot:
+            return
+        raise EngineError(
+            f"the vLLM server at {url} has {self.slots} LoRA slots, {self.base_slot} kept "
+            f"empty for the base, and the others hold adapter versions still loaded "
+            f"{sorted(self.ids)} (an old version stays until the requests sent under it "
+            f"end), so {name!r} cannot load: launch with a larger max_loras (each adapter "
+            f"takes 2 slots: its version and the previous one) or let those requests finish")
+
+    def add(self, name: str, lora_id: int | None) -> None:
+        self.ids[name] = lora_id
+
+
+def parse_lora_ids(results: Iterable[object]) -> set[int] | None:
+    """The adapter ids of the first worker's ``list_loras`` answer (``POST /collective_rpc``
+    returns ``{"results": ["{1, 2}", ...]}``, one set per worker as text); None when the
+    answer is not that.
+
+    Example:
+        >>> parse_lora_ids(["{1, 7}"]), parse_lora_ids(["set()"]), parse_lora_ids([])
+        ({1, 7}, set(), None)
+    """
+    first = next(iter(results), None)
+    if not isinstance(first, str) or not re.fullmatch(r"set\(\)|\{[\d, ]*\}", first):
+        return None
+    return {int(i) for i in re.findall(r"\d+", first)}
