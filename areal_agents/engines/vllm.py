@@ -489,7 +489,9 @@ class VLLMEngine(ServerEngine):
                                   {"lora_name": name, "lora_path": str(path)})
             after = await self._lora_worker_ids()
             new = after - before if after is not None and before is not None else set()
-            self.lora.add(name, new.pop() if len(new) == 1 else None)
+            # vLLM numbers a new name one above every id before it: the largest new id is
+            # ours (another may be an old adapter the worker took back for a running request)
+            self.lora.add(name, max(new, default=None))
 
     async def unload_lora_adapter(self, name: str) -> None:
         """``POST /v1/unload_lora_adapter``, then the worker's ``remove_lora`` (the unload

@@ -75,14 +75,18 @@ class LoRASlots:
 
 def parse_lora_ids(results: Iterable[object]) -> set[int] | None:
     """The adapter ids of the first worker's ``list_loras`` answer (``POST /collective_rpc``
-    returns ``{"results": ["{1, 2}", ...]}``, one set per worker as text); None when the
-    answer is not that.
+    returns ``{"results": [...]}``, one per worker: a list of ids, or a set as text); None
+    when the answer is neither.
 
     Example:
-        >>> parse_lora_ids(["{1, 7}"]), parse_lora_ids(["set()"]), parse_lora_ids([])
-        ({1, 7}, set(), None)
+        >>> parse_lora_ids(["{1, 7}"]), parse_lora_ids([[3]]), parse_lora_ids(["set()"])
+        ({1, 7}, {3}, set())
+        >>> parse_lora_ids([]) is None
+        True
     """
     first = next(iter(results), None)
+    if isinstance(first, list) and all(isinstance(i, int) for i in first):
+        return set(first)
     if not isinstance(first, str) or not re.fullmatch(r"set\(\)|\{[\d, ]*\}", first):
         return None
     return {int(i) for i in re.findall(r"\d+", first)}
