@@ -520,9 +520,13 @@ class VLLMEngine(ServerEngine):
             raise self._http_error(response, what)
 
     async def _lora_worker_ids(self) -> set[int] | None:
-        """The worker's loaded adapter ids (``list_loras``); None if it does not say."""
-        data = await self._request("POST", "/collective_rpc", {"method": "list_loras"})
-        return parse_lora_ids(data.get("results") or [])
+        """The worker's loaded adapter ids (``list_loras``); None if it does not say (then the
+        adapter loaded next stays in its slot after its unload)."""
+        try:
+            data = await self._request("POST", "/collective_rpc", {"method": "list_loras"})
+        except EngineError:
+            return None
+        return parse_lora_ids(data.get("results") or [] if isinstance(data, dict) else [])
 
     async def _serve_version(self, target: int) -> None:
         """After new weights are in: drop the KV prefix cache computed with the old ones (also
