@@ -275,3 +275,58 @@ async def test_the_base_stays_itself_in_a_batch_with_adapter_requests(engine, mo
     assert overlapped, [len(r.outputs[0].token_ids) for r in results]
     assert mixed.token_ids == alone.token_ids
     assert max(abs(a - b) for a, b in zip(mixed.logprobs, alone.logprobs, strict=True)) < 1e-3
+
+
+def _adapter_tensors(model, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """A random rank-4 q/v adapter of ``model`` (PEFT names), large enough to move tokens."""
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    return [(f"base_model.model.{n}.lora_{k}.weight", torch.randn(*shape, generator=g) * 0.3)
+            for n in modules if n.endswith(("q_proj", "v_proj"))
+            for k, shape in (("A", (4, modules[n].in_features)),
+                             ("B", (modules[n].out_features, 4)))]
+
+
+def _teacher_forced(model, tensors, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Log-probs of ``tokens`` after ``prompt`` under ``model`` + the adapter (PEFT)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    adapted = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    set_peft_model_state_dict(adapted, dict(tensors))
+    with torch.no_grad():
+        logits = adapted(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    return logits.float().log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+async def test_an_update_under_a_running_request_leaves_each_on_its_labelled_version(engine,
+                                                                                     models):
+    # each adapter version has its own name on the server (vllm_lora): a request sent before
+    # an update decodes to its end on the old version next to requests of the new one, and
+    # every token's log-prob is the one of the version it is labelled with. With one name
+    # loaded in place, batched old and new requests shared one slot (one of them computed
+    # with the other version's weights)
+    (model, _), _ = models
+    v1, v2 = _adapter_tensors(model, seed=2), _adapter_tensors(model, seed=3)
+    view = engine.adapters.get("speaker") or engine.add_adapter("speaker", rank=4, alpha=8)
+    await view.update_weights(WeightUpdate(named_tensors=v1, version=view.version + 1))
+    first = view.version
+    decoding = asyncio.Event()
+    long = GenerateRequest(PROMPT, SamplingParams(max_tokens=600, temperature=0))
+    old = asyncio.create_task(view.generate_streaming(long, lambda _: decoding.set()))
+    await decoding.wait()
+    await view.update_weights(WeightUpdate(named_tensors=v2, version=first + 1))
+    new = await _greedy(view, PROMPT, max_tokens=40)
+    overlapped = not old.done()  # the new request decoded in one batch with the old one
+    old_out = (await old).outputs[0]
+    assert overlapped, len(old_out.token_ids)
+    assert old_out.versions == [first] * 600 and new.versions == [first + 1] * 40
+    [served_name] = view.served_names  # v1 unloaded once its request ended
+    assert served_name.endswith(f"-v{first + 1}")
+    for out, tensors, other in ((old_out, v1, v2), (new, v2, v1)):
+        served = torch.tensor(out.logprobs)
+        assert (served - _teacher_forced(model, tensors, PROMPT, out.token_ids)).abs().max() \
+            < 1e-3
+        assert (served - _teacher_forced(model, other, PROMPT, out.token_ids)).abs().max() \
+            > 1e-2  # the versions differ: the check above tells them apart
+
