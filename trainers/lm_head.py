@@ -9,7 +9,10 @@ as one product over stacked operands::
 
 so the chunked path gets ``cat(hidden, s * A h)`` and ``cat(W, B)`` and autograd reaches
 ``A`` (through ``s * A h``) and ``B`` (through the weight's gradient), exactly, with no
-``[vocab, h]`` delta built. Each active adapter adds its own ``r`` columns. Used by every
+``[vocab, h]`` delta built. ``B``'s gradient is a column slice of the stacked weight's
+(strided): autograd's accumulation copies it into ``B``'s layout, and after the zero-bubble
+pipeline schedules' weight pass, which assigns it as it is, ``archon.optim.contiguous_grads``
+does (the fused AdamW step reads gradients as contiguous). Each active adapter adds its own ``r`` columns. Used by every
 backend's log-prob path (``fsdp/engine.py``, ``archon/policy.py``, ``archon/pipeline.py``).
 """
 
@@ -68,25 +71,6 @@ def _adapters(head: nn.Module) -> tuple[nn.Module, list]:
     return head, []
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient.
-
-    Why: ``B``'s gradient out of ``cat(W, B)`` is a column slice of the stacked weight's
-    (non-contiguous). Autograd's gradient accumulation copies such a gradient into the
-    parameter's layout, but the zero-bubble pipeline schedules assign weight gradients
-    themselves, and a fused AdamW step then read the slice as if it were contiguous (half of
-    ``B``'s update had the wrong sign; ``tests/archon/test_distributed.py``).
-    """
-
-    @staticmethod
-    def forward(ctx, t):  # type: ignore[override]
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad.contiguous()
-
-
 def head_operands(head: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x [..., h + R], weight [vocab, h + R])`` with ``x @ weight.T == head(hidden)``.
 
@@ -115,5 +99,5 @@ def head_operands(head: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, 
     for a, b, scaling, dropout in adapters:
         a, b = _local(a), _local(b)
         xs.append(dropout(hidden).to(a.dtype) @ a.t() * scaling)  # [..., r]
-        ws.append(_ContiguousGrad.apply(b.to(weight.dtype)))
+        ws.append(b.to(weight.dtype))
     return torch.cat([x.to(hidden.dtype) for x in xs], -1), torch.cat(ws, 1)

@@ -52,7 +52,8 @@ def test_pipeline_two_stages_equal_single(tmp_path, schedule):
                                       "InterleavedZeroBubble"])
 def test_pipeline_with_a_head_adapter_equals_single(tmp_path, schedule):
     # zero-bubble schedules assign weight gradients themselves: B's gradient (a column slice
-    # of the stacked head weight's) must reach the fused AdamW contiguous (trainers/lm_head.py)
+    # of the stacked head weight's) must reach the fused AdamW contiguous
+    # (archon.optim.contiguous_grads, called by PipelineRunner.train_step)
     model_args = {"n_layers": 4}
     single = train_once({"model_args": model_args, "lora": HEAD_LORA}, steps=2)
     kwargs = {"pp": 2, "pp_schedule": schedule, "model_args": model_args, "lora": HEAD_LORA}

@@ -1,8 +1,10 @@
-"""Optimizer helpers for Archon: LR schedules and the global grad-norm over sharded gradients."""
+"""Optimizer helpers for Archon: LR schedules, the global grad-norm over sharded gradients and
+contiguous gradients for the fused optimizer step."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -10,12 +12,39 @@ from torch.distributed.tensor import DTensor
 
 from ..schedules import lr_lambda
 
-__all__ = ["full_tensor", "global_grad_sq", "lr_lambda"]
+__all__ = ["contiguous_grads", "full_tensor", "global_grad_sq", "lr_lambda"]
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The unsharded tensor (collective for a ``DTensor``: call on every rank)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def contiguous_grads(params: Iterable[torch.Tensor]) -> int:
+    """Replace every non-contiguous ``.grad`` of ``params`` by a contiguous copy (same values);
+    contiguous gradients are left as they are (the same tensor objects). Returns how many were
+    copied.
+
+    Why: autograd's accumulation copies a gradient into its parameter's layout, but the
+    zero-bubble pipeline schedules assign the weight pass's gradients to ``param.grad``
+    themselves, as autograd returned them, and a gradient that reaches a parameter through
+    ``cat`` (a column slice of the joined tensor's gradient) or a transpose is strided. The fused
+    AdamW step reads every gradient as if contiguous (such a gradient got another entry's update:
+    half of a LoRA LM-head ``B`` moved the wrong way). Call this between the last backward and
+    the optimizer step (``PipelineRunner.train_step``).
+
+    A ``DTensor`` gradient is checked and copied by its local tensor: its global strides can
+    read contiguous while the local shard the optimizer steps is not.
+    """
+    copied = 0
+    for p in params:
+        g = p.grad
+        if g is None or (g.to_local() if isinstance(g, DTensor) else g).is_contiguous():
+            continue
+        p.grad = torch.empty_like(g, memory_format=torch.contiguous_format).copy_(g)
+        copied += 1
+    return copied
 
 
 def _sum_sq(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

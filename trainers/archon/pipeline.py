@@ -26,6 +26,7 @@ from areal_agents.trainers.lm_head import head_operands
 from areal_agents.trainers.logprobs import RowSampling, sequence_logprobs
 
 from .models.qwen3 import rope_cos_sin
+from .optim import contiguous_grads
 from .parallelize import apply_ac, apply_compile
 
 SCHEDULES = {"1F1B": "single", "Interleaved1F1B": "loop", "ZBVZeroBubble": "v",
@@ -243,9 +244,15 @@ class PipelineRunner:
         return self._ctx
 
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
-        """Forward/backward of every micro-batch by the schedule; stats from the last stage."""
+        """Forward/backward of every micro-batch by the schedule; stats from the last stage.
+
+        Every gradient is contiguous on return (``optim.contiguous_grads``): the zero-bubble
+        schedules' weight pass assigns gradients as autograd made them, possibly strided, and
+        the fused AdamW step that follows would misread those."""
+        per_mb = self._run(batch, loss_fn)["per_mb"]
+        contiguous_grads(self.model.parameters())
         totals: dict[str, float] = defaultdict(float)
-        for stats in self._run(batch, loss_fn)["per_mb"].values():
+        for stats in per_mb.values():
             for k, v in stats.items():
                 totals[k] += v
         box = [dict(totals)]
