@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import logging
 import random
 from collections import deque
@@ -25,11 +24,12 @@ from .base import (
     WeightUpdate,
 )
 from .local_adapters import LocalAdapterServing
+from .local_weights import apply_weight_update
 from .lora import LoRAAdapters
 from .prefix_cache import CachedPrefix, PrefillCounts, PrefixCache
 from .sampling import sample
 from .scheduler import RunningBatch, prefill, prefill_cached
-from .shared_head import plan_heads
+from .shared_head import prefill_shared_heads
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,15 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             with self._rows([hit.job.request.adapter for hit in hits]):
                 prefilled = self._prefill_hits(hits)
             self._join([seq for hit in hits for seq in hit.job.seqs], prefilled)
-        misses = self._prefill_shared_heads(misses)
+        if self.shared_head_tokens and len(misses) > 1:  # distinct prompts with a common head
+            distinct = _same_prompts(misses)
+            joined = prefill_shared_heads(
+                self.model, self.device, [[job.request for job in jobs] for jobs in distinct],
+                self.shared_head_tokens, PREFILL_TOKEN_BUDGET, self.prefill_counts, self._rows,
+                lambda groups, prefilled: self._join(
+                    [seq for i in groups for job in distinct[i] for seq in job.seqs], prefilled))
+            done = {id(job) for i in joined for job in distinct[i]}
+            misses = [job for job in misses if id(job) not in done]
         for group in _prefill_groups(_same_prompts(misses), PREFILL_TOKEN_BUDGET):
             firsts = [same[0].request for same in group]
             self.prefill_counts.computed += sum(len(request.prompt_ids) for request in firsts)
@@ -533,46 +541,6 @@ class LocalEngine(LocalAdapterServing, InferenceEngine):
             self.prefill_counts.computed += len(hit.prompt) - reuse
         return prefill_cached(self.model, prefixes, suffixes,
                               [hit.job.request.sampling.n for hit in hits], self.device)
-
-    def _prefill_shared_heads(self, misses: list[_Job]) -> list[_Job]:
-        """Prefill the distinct prompts of ``misses`` that begin with a shared head (each head
-        once, then every prompt's rest after it: ``shared_head.plan_heads``) and add their
-        rows; returns the jobs left to a plain prefill, in their order."""
-        if not self.shared_head_tokens or len(misses) < 2:
-            return misses
-        by_adapter: dict[str | None, list[list[_Job]]] = {}
-        for same in _same_prompts(misses):
-            by_adapter.setdefault(same[0].request.adapter, []).append(same)
-        done: set[int] = set()
-        for adapter, distinct in by_adapter.items():
-            plans, _ = plan_heads([same[0].request.prompt_ids for same in distinct],
-                                  self.shared_head_tokens, PREFILL_TOKEN_BUDGET)
-            heads: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-            for plan in plans:
-                if plan.head not in heads:
-                    with self._rows([adapter]):
-                        cache = prefill(self.model, [list(plan.head)], [1], self.device)[0]
-                    heads[plan.head] = ([layer.keys for layer in cache.layers],
-                                        [layer.values for layer in cache.layers])
-                    self.prefill_counts.computed += len(plan.head)
-                keys, values = heads[plan.head]
-                members = [distinct[i] for i in plan.members]
-                with self._rows([adapter] * len(members)):
-                    prefilled = prefill_cached(
-                        self.model, [([k[..., :r, :] for k in keys], [v[..., :r, :] for v in values])
-                                     for r in plan.reuse],
-                        [same[0].request.prompt_ids[r:] for same, r in zip(members, plan.reuse,
-                                                                           strict=True)],
-                        [sum(job.request.sampling.n for job in same) for same in members],
-                        self.device)
-                self.prefill_counts.computed += plan.width * len(members)
-                self.prefill_counts.head += sum(plan.reuse)
-                self.prefill_counts.shared += sum(len(job.request.prompt_ids)
-                                                  for same in members for job in same[1:])
-                jobs = [job for same in members for job in same]
-                done.update(id(job) for job in jobs)
-                self._join([seq for job in jobs for seq in job.seqs], prefilled)
-        return [job for job in misses if id(job) not in done]
 
     def _join(self, seqs: list[_Seq], prefilled: tuple) -> None:
         """Sample the first token of prefilled ``seqs`` and add their rows to the batch;
@@ -692,58 +660,6 @@ def _cache_key(request: GenerateRequest) -> str | None:
     return f"{request.adapter}\x00{request.session_id}"
 
 
-def _apply_directory(model: torch.nn.Module, path: str | Path) -> int:
-    """``apply_weight_update`` of a safetensors directory, one tensor in memory at a time."""
-    from safetensors import safe_open
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {str(path)!r}")
-    targets = model.state_dict(keep_vars=True)
-    names: dict[str, Path] = {}
-    for file in files:  # headers only
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                _check_target(targets, name, tuple(f.get_slice(name).get_shape()))
-                names[name] = file
-    with torch.no_grad():
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118
-                    targets[name].copy_(f.get_tensor(name))
-    return len(names)
-
-
-def _check_target(targets: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> None:
-    if name not in targets:
-        close = difflib.get_close_matches(name, list(targets), n=3)
-        raise KeyError(f"update_weights: the model has no tensor {name!r}"
-                       + (f"; did you mean {close}?" if close else ""))
-    if tuple(targets[name].shape) != shape:
-        raise ValueError(f"update_weights: {name!r} has shape {shape}, the model "
-                         f"expects {tuple(targets[name].shape)}")
-
-
-def _read_tensors(update: WeightUpdate) -> dict[str, torch.Tensor]:
-    """The tensors of ``update``: its ``named_tensors`` or its directory's ``*.safetensors``.
-
-    Raises:
-        FileNotFoundError: ``update.path`` has no ``*.safetensors`` file.
-    """
-    if update.path is None:
-        assert update.named_tensors is not None
-        return dict(update.named_tensors)
-    from safetensors.torch import load_file
-
-    files = sorted(Path(update.path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {update.path!r}")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
-    return tensors
-
-
 def _same_prompts(jobs: list[_Job]) -> list[list[_Job]]:
     """``jobs`` gathered by identical (adapter, prompt ids), in order of first arrival.
 
@@ -772,33 +688,3 @@ def _prefill_groups(prompts: list[list[_Job]], budget: int) -> list[list[list[_J
             groups.append([same])
             width = length
     return groups
-
-
-def apply_weight_update(model: torch.nn.Module, update: WeightUpdate) -> int:
-    """Copy HF-named tensors (or a safetensors directory) into ``model``; returns the count.
-
-    All names are checked before any parameter changes. A directory is read one tensor at a
-    time (names and shapes from the files' headers first), so it never needs the whole update
-    in memory.
-
-    Raises:
-        KeyError: a name the model does not have (the message suggests close names).
-        ValueError: a tensor whose shape differs from the parameter's.
-        FileNotFoundError: ``update.path`` has no ``*.safetensors`` file.
-    """
-    if update.path is not None:
-        return _apply_directory(model, update.path)
-    tensors = _read_tensors(update)
-    targets = model.state_dict(keep_vars=True)
-    for name, tensor in tensors.items():
-        if name not in targets:
-            close = difflib.get_close_matches(name, list(targets), n=3)
-            raise KeyError(f"update_weights: the model has no tensor {name!r}"
-                           + (f"; did you mean {close}?" if close else ""))
-        if tuple(targets[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model "
-                             f"expects {tuple(targets[name].shape)}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            targets[name].copy_(tensor)
-    return len(tensors)

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import EngineError
 from .base import GenerateRequest, GenerateResult, InferenceEngine, OnTokens, WeightUpdate
+from .local_weights import read_tensors
 from .lora import AdapterSpec, LoRAAdapters
 from .scheduler import RunningBatch, prefill_cached
 
@@ -107,9 +108,7 @@ class LocalAdapterServing:
         name = update.adapter
         assert name is not None and self._lora is not None
         self._adapter_spec(name)
-        from .local import _read_tensors
-
-        tensors = _read_tensors(update)
+        tensors = read_tensors(update)
         if self._step_lock is None:
             self._lora.load(name, tensors.items())
         else:

@@ -23,9 +23,9 @@ update that fits in one of the sender's buckets is held in memory as it arrives;
 is written to a safetensors spool directory on disk (a temporary directory; one shard of the
 sender's bucket size pending at a time, so about two buckets besides the model). Either is
 loaded only once the stream ended normally, one tensor at a time after checking every name
-and shape (``local.apply_weight_update``). A failed stream leaves the model and version as they
-were. The price of a large update is one write and one read of it on the server's disk; a
-small one (a tiny model every step) skips the disk.
+and shape (``local_weights.apply_weight_update``). A failed stream leaves the model and
+version as they were. The price of a large update is one write and one read of it on the
+server's disk; a small one (a tiny model every step) skips the disk.
 
 ``/weights_group/join`` makes the server a rank of a standalone weight-update process group
 (``trainers.weight_nccl.join_group``: gloo on CPU, NCCL on GPU; it answers once every rank has
@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import uvicorn
 
-    from .local import LocalEngine, apply_weight_update
+    from .local import LocalEngine
+    from .local_weights import apply_weight_update
 
     torch.set_num_threads(args.threads)
     engine = LocalEngine(args.model, max_batch_size=args.max_batch_size)

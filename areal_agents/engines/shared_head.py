@@ -3,11 +3,11 @@ tokens (a task's instruction before each question) prefill that head once.
 
 ``plan_heads`` groups prompts by their first ``min_tokens`` tokens; a group of two or more
 shares its longest common prefix, the *head* (at most every prompt's length minus one: a
-prompt's last token is always computed, it yields the first logits). The engine computes the
-head's keys/values once (one row) and then each prompt's rest on top of them in one batch
-(``scheduler.prefill_cached``, whose rows all compute the same number of tokens: a prompt
-shorter than the group's longest takes fewer head tokens and recomputes the others). Prompts
-in no group are prefilled whole, as before.
+prompt's last token is always computed, it yields the first logits). ``prefill_shared_heads``
+computes the head's keys/values once (one row) and then each prompt's rest on top of them in
+one batch (``scheduler.prefill_cached``, whose rows all compute the same number of tokens: a
+prompt shorter than the group's longest takes fewer head tokens and recomputes the others).
+Prompts in no group are prefilled whole, as before.
 
 The keys/values of the head equal those a full prefill computes up to float32 rounding (a
 matmul of other shapes), so log-probs move by ~1e-7, like a change of batch composition: token
@@ -24,10 +24,24 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["HeadPlan", "common_prefix", "plan_heads"]
+from .scheduler import prefill, prefill_cached
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import DynamicCache
+
+    from .base import GenerateRequest
+    from .prefix_cache import PrefillCounts
+
+    # ``scheduler.prefill``'s (cache, mask, positions, logits)
+    Prefilled = tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]
+
+__all__ = ["HeadPlan", "common_prefix", "plan_heads", "prefill_shared_heads"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +131,64 @@ def _group_plans(group: list[Sequence[int]], members: list[int],
     if sum(len(plan.members) for plan in plans) < 2:  # a head no other prompt shares
         return [], members
     return plans, plain
+
+
+def prefill_shared_heads(
+        model: torch.nn.Module, device: torch.device, groups: Sequence[Sequence[GenerateRequest]],
+        min_tokens: int, budget: int, counts: PrefillCounts,
+        rows: Callable[[list[str | None]], AbstractContextManager[object]],
+        join: Callable[[list[int], Prefilled], None]) -> set[int]:
+    """Prefill the distinct prompts of ``groups`` that begin with a shared head: each head once
+    (one row), then every member's rest after it in one batch per ``plan_heads`` plan.
+
+    Args:
+        model: the engine's causal LM.
+        device: the device of ``model``.
+        groups: the requests joining in one step, gathered by identical (adapter, prompt ids)
+            in order of first arrival; a group is one distinct prompt (its first request's),
+            prefilled once for all its requests' ``sampling.n`` rows. Heads are planned per
+            adapter (a head's keys/values are its adapter's).
+        min_tokens: the shortest head worth sharing (``LocalEngine.shared_head_tokens``, >= 1).
+        budget: prompt tokens one prefill batch holds at most (members x longest prompt).
+        counts: updated in place: ``computed`` (each head once, each member's rest), ``head``
+            (head tokens members took instead of computing), ``shared`` (the prompt tokens of
+            a group's requests after its first).
+        rows: ``rows(adapters)`` is the context in which row ``i`` of a forward uses adapter
+            ``adapters[i]`` (None: the base), as ``LocalEngine._rows``.
+        join: called once per plan, in order, with the indices of the groups prefilled and
+            ``scheduler.prefill_cached``'s result, whose rows are those groups' requests' rows,
+            group by group, request by request (``n`` each): the caller samples their first
+            tokens and adds them to its batch.
+
+    Returns:
+        The indices of the ``groups`` prefilled here; the others are left to a plain prefill.
+    """
+    by_adapter: dict[str | None, list[int]] = {}
+    for i, same in enumerate(groups):
+        by_adapter.setdefault(same[0].adapter, []).append(i)
+    done: set[int] = set()
+    for adapter, distinct in by_adapter.items():
+        plans, _ = plan_heads([groups[i][0].prompt_ids for i in distinct], min_tokens, budget)
+        heads: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for plan in plans:
+            if plan.head not in heads:
+                with rows([adapter]):
+                    cache = prefill(model, [list(plan.head)], [1], device)[0]
+                heads[plan.head] = ([layer.keys for layer in cache.layers],
+                                    [layer.values for layer in cache.layers])
+                counts.computed += len(plan.head)
+            keys, values = heads[plan.head]
+            members = [distinct[i] for i in plan.members]
+            with rows([adapter] * len(members)):
+                prefilled = prefill_cached(
+                    model, [([k[..., :r, :] for k in keys], [v[..., :r, :] for v in values])
+                            for r in plan.reuse],
+                    [groups[i][0].prompt_ids[r:] for i, r in zip(members, plan.reuse, strict=True)],
+                    [sum(request.sampling.n for request in groups[i]) for i in members], device)
+            counts.computed += plan.width * len(members)
+            counts.head += sum(plan.reuse)
+            counts.shared += sum(len(request.prompt_ids) for i in members
+                                 for request in groups[i][1:])
+            done.update(members)
+            join(members, prefilled)
+    return done

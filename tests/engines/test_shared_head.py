@@ -5,6 +5,7 @@ the trainer's recompute of the behaviour log-probs stays within its 1e-5."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 
 import pytest
@@ -12,7 +13,14 @@ import torch
 
 from areal_agents.engines import GenerateRequest, SamplingParams
 from areal_agents.engines.local import LocalEngine
-from areal_agents.engines.shared_head import HeadPlan, common_prefix, plan_heads
+from areal_agents.engines.prefix_cache import PrefillCounts
+from areal_agents.engines.scheduler import prefill
+from areal_agents.engines.shared_head import (
+    HeadPlan,
+    common_prefix,
+    plan_heads,
+    prefill_shared_heads,
+)
 from areal_agents.gateway import Gateway
 from areal_agents.models import tiny
 from areal_agents.samples import collate
@@ -50,6 +58,31 @@ def test_plan_heads_splits_by_budget_and_leaves_too_short_members():
     assert common_prefix([[1, 2], [1, 3]]) == 1
     with pytest.raises(ValueError, match="min_tokens must be >= 1, got 0"):
         plan_heads(PROMPTS, min_tokens=0, budget=8192)
+
+
+def test_prefill_shared_heads_joins_each_plan_and_leaves_the_rest(model_tok):
+    model, _ = model_tok
+    requests = [GenerateRequest([*HEAD, 1, 2], SamplingParams(n=1)),
+                GenerateRequest([*HEAD, 1, 2], SamplingParams(n=2))]
+    groups = [requests, [GenerateRequest([*HEAD, 3])], [GenerateRequest([7, 8, 9])]]
+    counts, adapters_seen, joined = PrefillCounts(), [], []
+
+    def rows(adapters):
+        adapters_seen.append(adapters)
+        return contextlib.nullcontext()
+
+    done = prefill_shared_heads(model, torch.device("cpu"), groups, 16, 8192, counts, rows,
+                                lambda members, prefilled: joined.append((members, prefilled)))
+    assert done == {0, 1}  # [7, 8, 9] shares no head: left to the plain prefill
+    assert adapters_seen == [[None], [None, None]]  # the head's one row, then both prompts
+    # the 30-token head once, the 2-token rests; group 0's second request copies its prompt
+    assert (counts.computed, counts.head, counts.shared) == (30 + 2 * 2, 30 + 29, 32)
+    ((members, (_, _, positions, logits)),) = joined
+    assert members == [0, 1]
+    _, _, want_positions, want_logits = prefill(model, [[*HEAD, 1, 2], [*HEAD, 3]], [3, 1],
+                                                torch.device("cpu"))
+    assert positions.tolist() == want_positions.tolist() == [32, 32, 32, 31]
+    assert float((logits - want_logits).abs().max()) < 1e-4  # float rounding of the head
 
 
 async def _generate(engine: LocalEngine, temperature: float) -> list[tuple]:

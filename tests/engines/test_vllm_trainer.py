@@ -15,7 +15,8 @@ import pytest
 
 from areal_agents.agents import ScriptedAgent
 from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
-from areal_agents.engines.local import LocalEngine, apply_weight_update
+from areal_agents.engines.local import LocalEngine
+from areal_agents.engines.local_weights import apply_weight_update
 from areal_agents.engines.vllm import VLLM_PYTHON_ENV, VLLMEngine
 from areal_agents.models import tiny
 from areal_agents.trainers.policy import Policy
