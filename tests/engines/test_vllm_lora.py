@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class LoRAServer(FakeVLLM):
         self.adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]] = {}
         self.ids: dict[str, int] = {}  # the API server's names -> int ids
         self.worker: set[int] = set()  # the ids in the worker's slots
+        self.next_id = itertools.count(11)
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
@@ -51,7 +53,8 @@ class LoRAServer(FakeVLLM):
         folder = Path(body["lora_path"])
         config = json.loads((folder / "adapter_config.json").read_text())
         self.adapters[name] = (config, load_file(str(folder / "adapter_model.safetensors")))
-        self.ids.setdefault(name, 11 + len(self.ids) + len(self.worker))
+        if name not in self.ids:  # vLLM numbers each new name one above all before it
+            self.ids[name] = next(self.next_id)
         self.worker.add(self.ids[name])
         return httpx2.Response(200, text=f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -214,6 +217,54 @@ async def test_a_load_that_would_fill_the_spare_slot_is_refused_after_timeout_na
     assert speaker.version == 2 and len(loaded_paths(fake)) == 2
     held.release.set()
     running.cancel()
+    await engine.close()
+
+
+def remove_calls(fake: LoRAServer) -> list[int]:
+    return [c[3]["args"][0] for c in fake.calls if c[1] == "/collective_rpc" and
+            c[3]["method"] == "remove_lora"]
+
+
+async def test_an_adapter_the_worker_took_back_is_removed_again_before_the_next_load():
+    fake = LoRAServer()
+    engine = await attached(fake, lora_slots=3)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
+    v1_id = fake.ids["speaker@1-v1"]
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(2.0)))
+    assert remove_calls(fake) == [v1_id] and fake.worker == {fake.ids["speaker@2-v2"]}
+    # vLLM's worker takes v1 back from its directory when it schedules a request still
+    # running under it (one cancelled here that the server has not aborted yet)
+    fake.worker.add(v1_id)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(3.0)))
+    # removed again before v3 loaded (else v3 would take the slot kept empty for the base)
+    loads = [i for i, c in enumerate(fake.calls) if c[1] == "/v1/load_lora_adapter"]
+    again = [i for i, c in enumerate(fake.calls) if c[3] == {"method": "remove_lora",
+                                                            "args": [v1_id]}][1]
+    assert loads[1] < again < loads[2]
+    assert fake.worker == {fake.ids["speaker@3-v3"]} and engine.lora.stuck == set()
+    await engine.close()
+
+
+async def test_a_taken_back_adapter_whose_directory_is_gone_stays_and_takes_a_slot():
+    fake = LoRAServer()
+    engine = await attached(fake, lora_slots=3)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
+    v1_id = fake.ids["speaker@1-v1"]
+    for value in (2.0, 3.0):
+        await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(value)))
+    assert not loaded_paths(fake)[0].exists()  # v1's directory went after v3 loaded
+    fake.worker.add(v1_id)  # taken back for a request still running under it
+    # vLLM reloads a removed adapter from its directory if a request still uses it (and its
+    # engine core died on a missing one): not removed, and counted as taking a slot
+    with pytest.raises(EngineError, match=r"has 3 LoRA slots, 1 kept empty for the base, .* "
+                       r"\['speaker@3-v3'\] .* the worker took back adapter ids \[11\] "
+                       r"unloaded here for requests still running on them, whose "
+                       r"directories are gone .* restart the server"):
+        await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(4.0)))
+    assert remove_calls(fake).count(v1_id) == 1 and v1_id in fake.worker
+    assert speaker.version == 3 and len(loaded_paths(fake)) == 3
     await engine.close()
 
 
