@@ -323,8 +323,8 @@ async def _fit_base(trainer: Trainer, base: str, model: Any, demos: Demos) -> No
     ``warm_start_metrics``)."""
     policy = trainer.policies[base]
     adapters = set(adapter_bases(trainer.policies)[base])
-    transcripts = {a: demos.transcripts.get(a, []) for a, p in trainer.policy_of.items()
-                   if p in adapters}  # mixed in each batch as demos.shares says (default: alike)
+    # mixed in each batch as demos.shares says (default: alike)
+    transcripts = demos.of_agents_of(trainer.policy_of, adapters)
     factory = backend_factory(trainer.policies[sorted(adapters)[0]].backend)
     label = warm_start_label(policy.sft_steps, policy.sft_target_loss)
     with trainer.startup.phase(f"SFT warm start of the base {base} ({label})"):
@@ -388,8 +388,8 @@ async def _warm_start_adapter(trainer: Trainer, name: str, view: AdapterTrainEng
     """Adapter policy ``name``'s own SFT warm start on its agents' transcripts (logged as
     ``warm_start_metrics``)."""
     policy = trainer.policies[name]
-    transcripts = [t for a, p in trainer.policy_of.items() if p == name
-                   for t in demos.transcripts.get(a, [])]
+    transcripts = [t for ts in demos.of_agents_of(trainer.policy_of, {name}).values()
+                   for t in ts]
     plan = warm_start_plan(policy, trainer.tokenizers[policy.adapter_of], transcripts,
                            trainer.seed)
     if plan is None:

@@ -126,9 +126,9 @@ async def _setup_policy(trainer: Trainer, name: str, demos: Demos | None, *,
             if policy.sft_steps and demos is not None:
                 label = warm_start_label(policy.sft_steps, policy.sft_target_loss)
                 with trainer.startup.phase(f"SFT warm start of {name} ({label})"):
+                    transcripts = demos.of_agents_of(trainer.policy_of, {name})
                     losses = await warm_start_policy(policy, model, tokenizer, factory,
-                                                     _transcripts(trainer, name, demos),
-                                                     trainer.seed, demos.shares)
+                                                     transcripts, trainer.seed, demos.shares)
                     _log_warm_start(trainer, name, demos, losses)
             if reference is not None:
                 trainer.ref_engines[name] = build_reference(
@@ -203,11 +203,6 @@ def _write_from_rank0(engine: WorkerGroupEngine, skeleton: Any, bucket_bytes: in
         skeleton.generation_config.save_pretrained(directory)
 
 
-def _transcripts(trainer: Trainer, name: str, demos: Demos) -> dict[str, list[Any]]:
-    """The demo transcripts of each agent that policy ``name`` plays (``policy_of``'s order)."""
-    return {a: demos.transcripts.get(a, []) for a, p in trainer.policy_of.items() if p == name}
-
-
 async def _worker_group(trainer: Trainer, name: str, model: Any, tokenizer: Any, factory: Any,
                         demos: Demos | None, reference: ReferenceSpec | None
                         ) -> WorkerGroupEngine:
@@ -218,8 +213,8 @@ async def _worker_group(trainer: Trainer, name: str, model: Any, tokenizer: Any,
     policy = trainer.policies[name]
     demos = demos if policy.sft_steps else None
     plan = (None if demos is None else
-            warm_start_plan(policy, tokenizer, _transcripts(trainer, name, demos), trainer.seed,
-                            demos.shares))
+            warm_start_plan(policy, tokenizer, demos.of_agents_of(trainer.policy_of, {name}),
+                            trainer.seed, demos.shares))
     group = trainer.launcher.group_factory(name, policy.train)  # None: local processes
     engine = await asyncio.to_thread(  # the workers unpickle their own copies of `model`
         WorkerGroupEngine, model, policy.train, backend=policy.backend, factory=factory,

@@ -12,7 +12,7 @@ import importlib
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -89,6 +89,19 @@ class Demos:
     num_episodes: int = 0
     num_failed: int = 0
     shares: list[MixStage] | None = None
+
+    def of_agents_of(self, policy_of: Mapping[str, str],
+                     policies: Collection[str]) -> dict[str, list[Transcript]]:
+        """The transcripts of every agent ``policy_of`` maps to one of ``policies``, in
+        ``policy_of``'s order (an agent without demos gets an empty list).
+
+        Example:
+            >>> demos = Demos({"a": [[{"role": "user", "content": "hi"}]]})
+            >>> demos.of_agents_of({"a": "p", "b": "p", "c": "q"}, {"p"})
+            {'a': [[{'role': 'user', 'content': 'hi'}]], 'b': []}
+        """
+        return {agent: self.transcripts.get(agent, []) for agent, policy in policy_of.items()
+                if policy in policies}
 
 
 async def collect_demos(
