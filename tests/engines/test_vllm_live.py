@@ -13,6 +13,7 @@ import contextlib
 import copy
 import os
 
+import httpx2
 import pytest
 import pytest_asyncio
 import torch
@@ -21,6 +22,7 @@ from areal_agents.engines import GenerateRequest, SamplingParams, WeightUpdate
 from areal_agents.engines.base import TokenDelta
 from areal_agents.engines.local import LocalEngine
 from areal_agents.engines.vllm import VLLM_PYTHON_ENV, VLLMEngine
+from areal_agents.engines.vllm_lora_slots import parse_lora_ids
 from areal_agents.gateway import Gateway
 from areal_agents.models import tiny
 from areal_agents.samples import collate
@@ -358,3 +360,37 @@ async def test_an_update_under_a_running_request_leaves_each_on_its_labelled_ver
         assert (served - _teacher_forced(model, other, PROMPT, out.token_ids)).abs().max() \
             > 1e-2  # the versions differ: the check above tells them apart
 
+
+
+async def test_an_adapter_the_worker_took_back_for_a_running_request_is_removed(engine, models):
+    # a request still running on the server under a version's name after the name was
+    # unloaded and removed (one cancelled here that the server has not aborted yet) makes
+    # vLLM's worker take the adapter back from its directory; the next load removes it again,
+    # or the new version would take the slot kept empty for the base (vllm_lora_slots)
+    (model, _), _ = models
+    view = engine.adapters.get("speaker") or engine.add_adapter("speaker", rank=4, alpha=8)
+    async with httpx2.AsyncClient(base_url=engine.url, timeout=120) as client:
+        async def worker_ids() -> set[int] | None:
+            answer = await client.post("/collective_rpc", json={"method": "list_loras"})
+            return parse_lora_ids(answer.json()["results"])
+
+        for seed in range(OVERLAP_TRIES):
+            await view.update_weights(WeightUpdate(named_tensors=_adapter_tensors(model, seed),
+                                                   version=view.version + 1))
+            old = view.served_names[-1]
+            old_id = engine.lora.ids[old]
+            async with _paused(engine):  # queued on the server: scheduled after the resume
+                other = asyncio.create_task(client.post("/v1/completions", json={
+                    "model": old, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}))
+                await asyncio.sleep(0.5)  # at the server, under the old name
+                await view.update_weights(WeightUpdate(  # unloads and removes the old name
+                    named_tensors=_adapter_tensors(model, seed + 10), version=view.version + 1))
+                assert old not in engine.lora.ids and old_id not in await worker_ids()
+            if (await other).status_code == 200:  # else it came after the unload: again
+                break
+        else:
+            pytest.fail(f"a request under {old!r} never reached the server before its unload")
+        assert old_id in await worker_ids()  # taken back for the request, left there
+        await view.update_weights(WeightUpdate(named_tensors=_adapter_tensors(model, 20),
+                                               version=view.version + 1))
+        assert await worker_ids() == {engine.lora.ids[view.served_names[-1]]}
