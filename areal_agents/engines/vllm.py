@@ -65,7 +65,7 @@ from .vllm_lora import (
     lora_server_args,
     server_lora_slots,
 )
-from .vllm_lora_slots import LoRASlots, parse_lora_ids
+from .vllm_lora_slots import LoRASlots, parse_lora_ids, served_lora_slots
 from .vllm_weights import (
     missing_head,
     nccl_init_info,
@@ -99,9 +99,10 @@ class VLLMEngine(ServerEngine):
             must read the same path (default: a temporary directory removed by ``close``).
         tie_word_embeddings: the model ties ``lm_head`` to ``embed_tokens`` (updates then
             always carry ``lm_head.weight``; see the module docstring).
-        lora_slots: the server's ``--max-loras`` when known (``launch`` sets it): loads that
-            would fill its last slot, kept empty for the base (``vllm_lora.BASE_SLOT``), are
-            refused, and the base is served next to lm_head adapters. None: unknown.
+        lora_slots: the server's ``--max-loras`` when known (``launch`` sets it, ``attach``
+            reads it from the server): loads that would fill its last slot, kept empty for
+            the base (``vllm_lora.BASE_SLOT``), are refused, and the base is served next to
+            lm_head adapters. None: unknown.
 
     Example:
         >>> async def main():  # doctest: +SKIP
@@ -205,7 +206,8 @@ class VLLMEngine(ServerEngine):
         label that is not an integer, like vLLM's initial ``"default"``, is set to ``"0"``).
         ``tie_word_embeddings=None`` reads it from the served model's ``config.json`` when that
         directory exists on this machine (else False). ``lora_slots``: the server's
-        ``--max-loras`` if known and no other client loads adapters on it (see ``__init__``).
+        ``--max-loras``; None reads it from ``GET /server_info`` (``served_lora_slots``), and
+        stays unknown if the server does not report it (see ``__init__``).
 
         Raises:
             EngineError: the server cannot be reached, serves no (or not that) model, or runs
@@ -216,6 +218,10 @@ class VLLMEngine(ServerEngine):
                      lora_slots=lora_slots)
         try:
             await engine._discover(model)
+            if lora_slots is None:
+                info = await engine._http.get("/server_info", params={"config_format": "json"})
+                with contextlib.suppress(ValueError):  # not JSON: the count stays unknown
+                    engine.lora.slots = served_lora_slots(info.json())
         except BaseException:
             await engine._http.aclose()
             raise
@@ -458,9 +464,12 @@ class VLLMEngine(ServerEngine):
 
         Raises:
             ConfigError: the name is taken.
+            EngineError: the server's slots (when known) cannot serve one more adapter
+                (``LoRASlots.check_adapters``).
         """
         if name in self.adapters:
             raise ConfigError(f"adapter {name!r} already exists; adapters: {sorted(self.adapters)}")
+        self.lora.check_adapters(len(self.adapters) + 1, self.url)
         self.adapters[name] = VLLMAdapterEngine(self, name, rank=rank, alpha=alpha,
                                                 target_modules=target_modules)
         return self.adapters[name]
@@ -489,6 +498,8 @@ class VLLMEngine(ServerEngine):
             for lora_id in self.lora.leftovers(before) if before is not None else ():
                 await self._request("POST", "/collective_rpc",
                                     {"method": "remove_lora", "args": [lora_id]})
+            if before is not None:
+                self.lora.see(before)
             self.lora.check_room(name, self.url)
             await self._lora_call("/v1/load_lora_adapter",
                                   {"lora_name": name, "lora_path": str(path)})

