@@ -12,8 +12,9 @@ so the chunked path gets ``cat(hidden, s * A h)`` and ``cat(W, B)`` and autograd
 ``[vocab, h]`` delta built. ``B``'s gradient is a column slice of the stacked weight's
 (strided): autograd's accumulation copies it into ``B``'s layout, and after the zero-bubble
 pipeline schedules' weight pass, which assigns it as it is, ``archon.optim.contiguous_grads``
-does (the fused AdamW step reads gradients as contiguous). Each active adapter adds its own ``r`` columns. Used by every
-backend's log-prob path (``fsdp/engine.py``, ``archon/policy.py``, ``archon/pipeline.py``).
+does (the fused AdamW step reads gradients as contiguous). Each active adapter adds its own
+``r`` columns. Used by every backend's log-prob path (``fsdp/engine.py``,
+``archon/policy.py``, ``archon/pipeline.py``).
 """
 
 from __future__ import annotations
