@@ -51,12 +51,13 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ..errors import EngineError
 from .base import GenerateRequest, GenerateResult, InferenceEngine, OnTokens, WeightUpdate
+from .local_weights import read_tensors
 
 if TYPE_CHECKING:
     from .vllm import VLLMEngine
@@ -277,7 +278,7 @@ class VLLMAdapterEngine(InferenceEngine):
                              f"of adapter {self.name!r}")
         async with self._lock:
             target = update.version if update.version is not None else self.version + 1
-            tensors = _tensors(update)
+            tensors = list(read_tensors(update).items())
             targets = self.target_modules or sorted(
                 {n.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for n, _ in tensors})
             load = self._loads + 1
@@ -338,15 +339,3 @@ class VLLMAdapterEngine(InferenceEngine):
 def _is_head(name: str) -> bool:
     """Whether a PEFT adapter tensor name belongs to the LM head (``lm_head.lora_A.weight``)."""
     return name.removeprefix(_PREFIX).startswith("lm_head.lora_")
-
-
-def _tensors(update: WeightUpdate) -> list[tuple[str, Any]]:
-    if update.path is None:
-        assert update.named_tensors is not None
-        return list(update.named_tensors)
-    from safetensors.torch import load_file
-
-    files = sorted(Path(update.path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {update.path!r}")
-    return [item for file in files for item in load_file(str(file)).items()]

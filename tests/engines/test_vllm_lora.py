@@ -312,6 +312,22 @@ async def test_other_clients_adapters_take_slots_and_stay_untouched():
     await engine.close()
 
 
+async def test_an_adapter_update_from_a_directory_loads_its_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    fake = LoRAServer()
+    engine = await attached(fake)
+    speaker = engine.add_adapter("speaker", rank=4, alpha=8)
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors files in"):
+        await speaker.update_weights(WeightUpdate(path=str(tmp_path)))
+    save_file(dict(adapter_tensors(3.0)), str(tmp_path / "adapter.safetensors"))
+    await speaker.update_weights(WeightUpdate(path=str(tmp_path), version=4))
+    config, tensors = fake.adapters["speaker@1-v4"]
+    assert config["target_modules"] == ["q_proj"] and torch.equal(tensors[A],
+                                                                 torch.full((4, 8), 3.0))
+    await engine.close()
+
+
 async def test_requests_name_their_adapter_and_carry_its_version():
     fake = LoRAServer()
     engine = await attached(fake)
