@@ -13,6 +13,7 @@ signature as ``clipped_loss``) or backend and watch the per-rank numbers.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 
 import torch
@@ -70,6 +71,12 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump({"world_size": world, "losses": losses,
                        "checksums": [float(s) for s in sums]}, fh)
+    # the engine (its FSDP mesh holds the process group) goes before the group: left to the
+    # interpreter's exit, the group's teardown aborted 1 run in 12-24 ("terminate called
+    # without an active exception", SIGABRT) after all the work was done
+    del engine, model
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
